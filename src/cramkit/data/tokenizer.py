@@ -1,0 +1,155 @@
+"""Normalisation and tokenizer training with Hugging Face ``tokenizers``.
+
+The normaliser is stored inside ``tokenizer.json`` so fine-tuning and inference see exactly the
+text transformation used in pretraining. WordPiece (MLM) gets ``[PAD] [UNK] [CLS] [SEP] [MASK]``
+and a ``[CLS] A [SEP] (B [SEP])`` post-processor; byte-level BPE (CLM) gets ``<|endoftext|>``
+(the end-of-document token) and ``<|pad|>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers.processors import TemplateProcessing
+
+from ..errors import DataError
+from .config import PrepareConfig
+
+WORDPIECE_SPECIALS = {
+    "pad": "[PAD]",
+    "unk": "[UNK]",
+    "cls": "[CLS]",
+    "sep": "[SEP]",
+    "mask": "[MASK]",
+}
+BPE_SPECIALS = {"eod": "<|endoftext|>", "pad": "<|pad|>"}
+SPECIAL_ROLES = ("pad", "unk", "cls", "sep", "mask", "eod")
+VOCAB_MULTIPLE = 64
+
+
+def build_normalizer(cfg: PrepareConfig) -> normalizers.Normalizer | None:
+    """The configured normalisation as one ``tokenizers`` normaliser (None when all are off)."""
+    steps: list[normalizers.Normalizer] = []
+    if cfg.strip_accents and not cfg.ascii_only:
+        steps += [normalizers.NFD(), normalizers.StripAccents(), normalizers.NFC()]
+    if cfg.ascii_only:
+        # NFKD splits accents and compatibility forms off first, so 'é' folds to 'e', not ''.
+        steps += [
+            normalizers.NFKD(),
+            normalizers.StripAccents(),
+            normalizers.Replace(Regex(r"[^\x00-\x7F]"), ""),
+        ]
+    if cfg.lowercase:
+        steps.append(normalizers.Lowercase())
+    if cfg.collapse_whitespace:
+        steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else normalizers.Sequence(steps)
+
+
+def padded_vocab_size(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``n`` rounded up to a multiple of 64 (tensor-core friendly embedding rows)."""
+    return -(-n // multiple) * multiple
+
+
+def _bounded_sample(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text)
+        if seen >= max_bytes:
+            return
+
+
+def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
+    """Train the configured tokenizer on (at most ``tokenizer_sample_mb`` MB of) ``texts``.
+
+    ``texts`` should already be normalised; the normaliser is attached afterwards for users of
+    the saved file. Raises DataError when the corpus cannot support the requested vocabulary.
+    """
+    sample = _bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6))
+    kind = cfg.tokenizer_kind
+    if kind == "wordpiece":
+        specials = list(WORDPIECE_SPECIALS.values())
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=specials,
+            show_progress=False,
+        )
+    else:
+        specials = list(BPE_SPECIALS.values())
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    n_texts = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal n_texts
+        for t in sample:
+            n_texts += 1
+            yield t
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if n_texts == 0:
+        raise DataError("no documents left to train the tokenizer on (all filtered out?)")
+    got = tok.get_vocab_size()
+    if got < cfg.vocab_size:
+        raise DataError(
+            f"vocab_size={cfg.vocab_size} is larger than this corpus supports: training stopped "
+            f"at {got} tokens (from {n_texts} documents in the tokenizer sample); lower "
+            "vocab_size or min_frequency, or add text"
+        )
+    if kind == "wordpiece":
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+    norm = build_normalizer(cfg)
+    if norm is not None:
+        tok.normalizer = norm
+    return tok
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int | None]:
+    """Role -> id for pad/unk/cls/sep/mask/eod (None where the tokenizer has no such token)."""
+    out: dict[str, int | None] = {role: None for role in SPECIAL_ROLES}
+    for role in SPECIAL_ROLES:
+        for name in (WORDPIECE_SPECIALS.get(role), BPE_SPECIALS.get(role)):
+            if name is not None and tok.token_to_id(name) is not None:
+                out[role] = tok.token_to_id(name)
+                break
+    return out
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load a ``tokenizer.json`` with a DataError naming the file on failure."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for bad files
+        raise DataError(f"{path}: not a valid tokenizer.json ({exc})") from None
+
+
+def encoding_copy(tok: Tokenizer) -> Tokenizer:
+    """A copy for encoding already-normalised text: no normaliser (no double work), no
+    post-processor, and special-token strings in the text are encoded as plain text so a
+    document containing '[SEP]' cannot inject a separator."""
+    enc = Tokenizer.from_str(tok.to_str())
+    enc.normalizer = None
+    enc.post_processor = None
+    enc.encode_special_tokens = True
+    return enc

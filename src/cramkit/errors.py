@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero, never a traceback."""
+
+
+class CramkitError(Exception):
+    """A mistake the user can fix (bad input, bad config, missing file)."""
+
+
+class ConfigError(CramkitError, ValueError):
+    """An invalid configuration key or value."""
+
+
+class DataError(CramkitError, ValueError):
+    """A source, corpus or prepared dataset that cannot be used."""
+
+
+class CheckpointError(CramkitError):
+    """A checkpoint that is missing, truncated or does not match the run."""
+
+
+class TrainingError(CramkitError):
+    """Training cannot go on (for example too many non-finite losses in a row)."""

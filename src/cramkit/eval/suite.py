@@ -1,0 +1,179 @@
+"""Suites of downstream tasks (GLUE) run end to end, with Markdown/JSON reports in the run dir.
+
+Reports go to ``RUN_DIR/eval/<suite>.md|json`` (``<suite>-random.*`` for the random-init
+control). Metric values in reports are percentages; the average follows
+:func:`cramkit.eval.metrics.glue_average` (WNLI excluded, MNLI m and mm as two entries).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..configbase import did_you_mean
+from ..errors import DataError
+from ..utils import atomic_path, write_json
+from .finetune import Backbone, FinetuneConfig, finetune, load_backbone
+from .metrics import EXCLUDED_FROM_AVERAGE, glue_average, to_percent
+from .tasks import TaskSpec, get_task, glue_available, glue_tasks, load_task
+
+Log = Callable[[str], None]
+
+
+def select_glue_tasks(data_dir: str | Path, names: Sequence[str] | None = None) -> tuple[list[TaskSpec], dict[str, str]]:
+    """The GLUE tasks to run and ``{skipped task: reason}``.
+
+    Without ``names``: every registered GLUE task whose train and dev files are in ``data_dir``.
+    Named tasks that are unknown or whose files are missing are errors.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: GLUE data directory not found")
+    all_glue = glue_tasks()
+    if names:
+        chosen = []
+        for name in names:
+            spec = get_task(name)
+            if spec.source != "glue":
+                raise DataError(
+                    f"task '{name}' is not a GLUE task; GLUE tasks: "
+                    f"{', '.join(s.name for s in all_glue)}"
+                )
+            if not glue_available(spec, data_dir):
+                found = [s.name for s in all_glue if glue_available(s, data_dir)]
+                raise DataError(
+                    f"task '{spec.name}': train/dev files not found under {data_dir}/"
+                    f"{spec.glue_dir}; available there: {', '.join(found) or 'none'}"
+                )
+            chosen.append(spec)
+        return chosen, {}
+    chosen = [s for s in all_glue if glue_available(s, data_dir)]
+    skipped = {
+        s.name: f"train/dev files not in {data_dir / (s.glue_dir or s.name)}"
+        for s in all_glue if s not in chosen
+    }
+    if not chosen:
+        raise DataError(
+            f"{data_dir}: no GLUE task with both train and dev files (expected e.g. "
+            f"{data_dir}/CoLA/train.tsv and dev.tsv)"
+        )
+    return chosen, skipped
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-entry scores (percent) and the GLUE average over a list of :func:`finetune` results."""
+    entries: dict[str, dict[str, float]] = {}
+    for r in results:
+        entries.update(r["metrics"])
+    avg = glue_average(entries)
+    return {
+        "entries": {
+            e: {k: to_percent(v) for k, v in m.items()} for e, m in entries.items()
+        },
+        "scores": {e: to_percent(s) for r in results for e, s in r["scores"].items()},
+        "average": to_percent(avg),
+        "average_note": "mean of per-entry scores (mean of each task's metrics); WNLI excluded; "
+        "MNLI matched and mismatched count as two entries (as cramming reports it)",
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: a table per task, then a summary with the average."""
+    lines = [f"# {report['suite'].upper()} evaluation — {report['init']} init", ""]
+    lines.append(f"Run: `{report['run_dir']}`; seeds {report['seeds']} (median reported); "
+                 f"{report['seconds']:.0f} s.")
+    lines.append("")
+    for r in report["tasks"]:
+        lines += [f"## {r['task']}", "", "| entry | metric | median | min-max score |",
+                  "| --- | --- | ---: | --- |"]
+        for entry, metrics in r["metrics"].items():
+            spread = r["score_spread"][entry]
+            span = f"{to_percent(spread['min']):.2f}-{to_percent(spread['max']):.2f}"
+            for name, value in metrics.items():
+                lines.append(f"| {entry} | {name} | {to_percent(value):.2f} | {span} |")
+        lines += ["", f"{r['train_examples']} training examples, {r['steps']} steps per seed, "
+                  f"{r['parameters']['trainable']:,} trainable parameters.", ""]
+    summary = report["summary"]
+    lines += ["## Summary", "", "| entry | score |", "| --- | ---: |"]
+    for entry, score in summary["scores"].items():
+        mark = " (not averaged)" if entry in EXCLUDED_FROM_AVERAGE else ""
+        lines.append(f"| {entry}{mark} | {score:.2f} |")
+    avg = summary["average"]
+    lines.append(f"| **average** | **{avg:.2f}** |" if avg is not None else "| average | — |")
+    lines += ["", summary["average_note"] + "."]
+    if report.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write ``stem.json`` and ``stem.md`` atomically into ``out_dir``."""
+    out_dir = Path(out_dir)
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_json(js, report)
+    with atomic_path(md) as tmp:
+        tmp.write_text(render_markdown(report))
+    return js, md
+
+
+def evaluate_glue(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    tasks: Sequence[str] | None = None,
+    cfg: FinetuneConfig | None = None,
+    random_init: bool = False,
+    backbone: Backbone | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Fine-tune and score every selected GLUE task; write ``RUN_DIR/eval/glue[-random].md|json``.
+
+    Returns the report dict (also written as JSON); ``report["paths"]`` names the files.
+    """
+    cfg = cfg or FinetuneConfig()
+    specs, skipped = select_glue_tasks(data_dir, tasks)
+    backbone = backbone or load_backbone(run_dir, random_init=random_init)
+    start = time.perf_counter()
+    results = []
+    for spec in specs:
+        log(f"{spec.name}: fine-tuning ({len(cfg.seeds)} seeds)")
+        result = finetune(backbone, load_task(spec.name, data_dir), cfg)
+        results.append(result)
+        scores = ", ".join(f"{e} {to_percent(s):.2f}" for e, s in result["scores"].items())
+        log(f"{spec.name}: {scores} ({result['seconds']:.0f} s)")
+    report = {
+        "suite": "glue",
+        "run_dir": str(run_dir),
+        "init": "random" if backbone.random_init else "pretrained",
+        "data_dir": str(data_dir),
+        "seeds": list(cfg.seeds),
+        "seconds": round(time.perf_counter() - start, 1),
+        "skipped": skipped,
+        "tasks": results,
+        "summary": summarize(results),
+        "config": cfg.to_dict(),
+    }
+    stem = "glue-random" if backbone.random_init else "glue"
+    js, md = write_report(report, Path(run_dir) / "eval", stem)
+    report["paths"] = {"json": str(js), "markdown": str(md)}
+    return report
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read a JSON report written by :func:`evaluate_glue`."""
+    return json.loads(Path(path).read_text())
+
+
+SUITES: dict[str, Callable[..., dict[str, Any]]] = {"glue": evaluate_glue}
+
+
+def get_suite(name: str) -> Callable[..., dict[str, Any]]:
+    """The suite runner called ``name``."""
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise DataError(
+            f"unknown suite '{name}'{did_you_mean(name, SUITES)}; known: {', '.join(SUITES)}"
+        ) from None

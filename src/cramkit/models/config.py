@@ -1,0 +1,130 @@
+"""The model's architecture axes as one typed config.
+
+The defaults describe the crammed BERT of Geiping & Goldstein (2023); see ``presets.py`` for the
+other named shapes. Choices that are names (``arch``, ``norm``, ``ffn``, ``positions``,
+``activation``, ``init``) are looked up in registries, so a new variant is a registration, not a
+new branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ..configbase import Config, field
+from ..errors import ConfigError
+from .registry import ARCHITECTURES, INITS
+
+
+@dataclasses.dataclass
+class ModelConfig(Config):
+    """Architecture of a BERT-style encoder or GPT-style decoder language model."""
+
+    arch: str = field("bert", help="architecture: 'bert' (masked-LM encoder) or 'gpt' (causal decoder)")
+    vocab_size: int = field(32768, help="vocabulary size (rows of the token embedding and decoder)")
+    hidden: int = field(768, help="model width (hidden size)")
+    layers: int = field(16, help="number of transformer blocks")
+    heads: int = field(12, help="attention heads; hidden must be divisible by heads")
+    intermediate: int = field(
+        3072,
+        help="feed-forward up-projection width; with ffn=glu it is split into value and gate "
+        "halves, so the down-projection reads intermediate/2",
+    )
+    norm_position: Literal["pre", "post"] = field(
+        "pre", help="'pre': norm inside each residual branch (needs final_norm); 'post': BERT 2018"
+    )
+    norm: Literal["layernorm", "rmsnorm"] = field("layernorm", help="normalisation layer")
+    norm_eps: float = field(1e-12, help="epsilon of every norm (BERT 1e-12, GPT-2 1e-5)")
+    bias: bool = field(False, help="biases on all linear layers (except the decoder) and on norms")
+    ffn: Literal["gelu", "glu"] = field(
+        "glu", help="feed-forward: 'gelu' (up, act, down) or 'glu' (gated: act(gate) * value)"
+    )
+    activation: Literal["gelu", "gelu_tanh"] = field(
+        "gelu", help="GELU flavour: 'gelu' exact erf (BERT), 'gelu_tanh' tanh approximation (GPT-2)"
+    )
+    positions: Literal["learned", "sinusoidal", "rotary", "none"] = field(
+        "sinusoidal",
+        help="position information: learned table, scaled sinusoidal (fixed table times a learned "
+        "scalar), rotary on queries/keys, or none",
+    )
+    max_positions: int = field(512, help="longest sequence the position table / rotary cache covers")
+    rotary_base: float = field(10000.0, help="rotary frequency base (positions=rotary only)")
+    type_vocab_size: int = field(0, help="token-type (segment) embeddings; 0 = none, BERT-base 2")
+    embedding_norm: bool = field(True, help="norm after summing the embeddings")
+    final_norm: bool = field(True, help="norm after the last block (needed with pre-norm)")
+    tie_embeddings: bool = field(True, help="the decoder weight is the token embedding weight")
+    dropout: float = field(0.0, help="dropout on embeddings and on each residual branch output")
+    attention_dropout: float = field(0.0, help="dropout on attention probabilities")
+    head_transform: bool = field(
+        False, help="BERT 2018's dense + activation + norm before the decoder"
+    )
+    decoder_bias: bool = field(False, help="bias on the output (vocabulary) projection")
+    sparse_prediction: bool = field(
+        True,
+        help="run the LM head only on positions with labels != -100 (same loss, less compute); "
+        "logits are then returned for those positions only",
+    )
+    init: str = field(
+        "normal",
+        help="weight initialisation: 'normal' N(0, init_std), 'gpt2' (normal, residual "
+        "projections scaled by 1/sqrt(2*layers)), 'torch-default' (PyTorch's defaults)",
+    )
+    init_std: float = field(0.02, help="standard deviation of the normal initialisations")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden // self.heads
+
+    @property
+    def causal(self) -> bool:
+        """Whether attention is causal (taken from the architecture class)."""
+        return bool(ARCHITECTURES.get(self.arch).causal)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending field for impossible shapes or unknown names."""
+        from .layers import ACTIVATIONS, FFNS, NORMS, POSITIONS
+
+        ARCHITECTURES.get(self.arch)
+        INITS.get(self.init)
+        NORMS.get(self.norm)
+        FFNS.get(self.ffn)
+        POSITIONS.get(self.positions)
+        ACTIVATIONS.get(self.activation)
+        if self.norm_position not in ("pre", "post"):
+            raise ConfigError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+        for name in ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.hidden % self.heads:
+            raise ConfigError(
+                f"hidden ({self.hidden}) must be divisible by heads ({self.heads})"
+            )
+        if self.ffn == "glu" and self.intermediate % 2:
+            raise ConfigError(
+                f"ffn=glu splits intermediate into value and gate halves, so intermediate must be "
+                f"even, got {self.intermediate}"
+            )
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ConfigError(
+                f"positions=rotary rotates pairs of channels, so the head dim (hidden/heads = "
+                f"{self.head_dim}) must be even"
+            )
+        if self.positions == "rotary" and self.rotary_base <= 1:
+            raise ConfigError(f"rotary_base must be > 1, got {self.rotary_base}")
+        if self.positions == "sinusoidal" and self.hidden % 2:
+            raise ConfigError(
+                f"positions=sinusoidal pairs sine and cosine channels, so hidden must be even, "
+                f"got {self.hidden}"
+            )
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.init_std <= 0:
+            raise ConfigError(f"init_std must be positive, got {self.init_std}")

@@ -1,0 +1,111 @@
+"""Parameter counts and training FLOPs per token (REFERENCE.md's accounting).
+
+``flops_per_token`` is the *training* cost (forward + backward = 6 FLOPs per parameter-token):
+
+    6 * (non-embedding parameters + hidden * vocab * r) + 12 * layers * seq_len * hidden
+
+with ``r`` = the masking rate under sparse prediction and 1 otherwise. The last term is the
+attention score and value matmuls (2 * 2 * L * hidden per token forward, times 3). Causal models
+are charged the full L x L attention, not half of it: that is what REFERENCE.md's baseline numbers
+use and what the kernels roughly pay; MFU figures stay comparable between BERT and GPT.
+
+"Embedding parameters" are the token, position and token-type tables (and the sinusoidal scale),
+plus the decoder weight when it is not tied; the decoder's cost enters through its own term.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import ConfigError
+from .config import ModelConfig
+
+
+def _embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    embeddings = getattr(model, "embeddings", None)
+    head = getattr(model, "head", None)
+    if embeddings is None or head is None:
+        return [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+    params = []
+    for name in ("tokens", "positions", "token_types"):
+        sub = getattr(embeddings, name, None)
+        if sub is not None:
+            params.extend(sub.parameters())
+    params.append(head.decoder.weight)
+    return params
+
+
+def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
+    """Number of distinct parameters (a tied weight counts once).
+
+    With ``non_embedding=True``, leave out the embedding tables and the decoder weight.
+    """
+    seen = {id(p): p for p in model.parameters()}
+    if non_embedding:
+        for p in _embedding_parameters(model):
+            seen.pop(id(p), None)
+    return sum(p.numel() for p in seen.values())
+
+
+def _norm(cfg: ModelConfig) -> int:
+    # RMSNorm has no shift even when biases are on.
+    has_shift = cfg.bias and cfg.norm == "layernorm"
+    return cfg.hidden * (2 if has_shift else 1)
+
+
+def _linear(fan_in: int, fan_out: int, bias: bool) -> int:
+    return fan_in * fan_out + (fan_out if bias else 0)
+
+
+def _embedding_count(cfg: ModelConfig) -> int:
+    h = cfg.hidden
+    count = cfg.vocab_size * h + cfg.type_vocab_size * h
+    count += {"learned": cfg.max_positions * h, "sinusoidal": 1}.get(cfg.positions, 0)
+    if not cfg.tie_embeddings:
+        count += cfg.vocab_size * h
+    return count
+
+
+def count_parameters_from_config(cfg: ModelConfig, non_embedding: bool = False) -> int:
+    """The parameter count that ``cfg`` implies, computed without building the model."""
+    h, b = cfg.hidden, cfg.bias
+    ffn_inner = cfg.intermediate // 2 if cfg.ffn == "glu" else cfg.intermediate
+    block = (
+        _linear(h, 3 * h, b)
+        + _linear(h, h, b)
+        + _linear(h, cfg.intermediate, b)
+        + _linear(ffn_inner, h, b)
+        + 2 * _norm(cfg)
+    )
+    count = cfg.layers * block
+    count += _norm(cfg) * (int(cfg.embedding_norm) + int(cfg.final_norm))
+    if cfg.head_transform:
+        count += _linear(h, h, b) + _norm(cfg)
+    if cfg.decoder_bias:
+        count += cfg.vocab_size
+    if not non_embedding:
+        count += _embedding_count(cfg)
+    return count
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float | None = None) -> float:
+    """Training FLOPs (forward + backward) per input token at sequence length ``seq_len``.
+
+    ``mask_rate`` (the fraction of positions with a target) is required when
+    ``cfg.sparse_prediction`` is on, because the decoder then runs on that fraction only.
+    """
+    if seq_len <= 0:
+        raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    decoder = cfg.hidden * cfg.vocab_size
+    if cfg.sparse_prediction:
+        if mask_rate is None:
+            raise ConfigError(
+                "flops_per_token: the model uses sparse prediction, so pass mask_rate (the "
+                "fraction of positions with a target, e.g. the MLM masking rate)"
+            )
+        if not 0.0 <= mask_rate <= 1.0:
+            raise ConfigError(f"mask_rate must be in [0, 1], got {mask_rate}")
+        decoder *= mask_rate
+    dense = count_parameters_from_config(cfg, non_embedding=True) + decoder
+    attention = 12 * cfg.layers * seq_len * cfg.hidden
+    return float(6 * dense + attention)

@@ -1,0 +1,148 @@
+"""Training objectives: batches of packed token ids -> ``{"input_ids", "labels"}``.
+
+* ``mlm``: BERT masking. Each non-special position is selected with probability ``mask_rate``;
+  a selected position becomes ``[MASK]`` with probability ``mask_prob`` (0.8), a random token
+  with ``random_prob`` (0.1), else stays unchanged. ``labels`` hold the original id at selected
+  positions and -100 elsewhere, so the loss covers only selected positions. Random tokens are
+  drawn from the tokenizer's real, non-special vocabulary (never the padding rows added to reach
+  a multiple of 64).
+* ``clm``: ``input_ids = tokens``; ``labels[t] = tokens[t + 1]``, with -100 at the last position,
+  wherever the input token is the end-of-document separator (predicting the first token of the
+  next, unrelated document from the separator is not a learnable target), and at pad positions.
+  The last token of a document does predict the separator, so models learn to end documents.
+
+Both are deterministic given ``(seed, index)``: the random draws come from a ``torch.Generator``
+seeded from them, so resuming a run reproduces the masks exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+
+def _seed_from(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _special_set(special_ids: dict[str, int | None]) -> list[int]:
+    return sorted({int(v) for v in special_ids.values() if v is not None})
+
+
+class MaskedLM:
+    """BERT-style masking; see the module docstring. ``fixed=True`` is for validation: the
+    masks depend only on ``(seed, index)`` with a salt distinct from training, so evaluating the
+    same batches (``iterate_eval`` order, index = batch number) gives the same masks every time.
+    """
+
+    def __init__(
+        self,
+        special_ids: dict[str, int | None],
+        vocab_size: int,
+        *,
+        mask_rate: float = 0.15,
+        mask_prob: float = 0.8,
+        random_prob: float = 0.1,
+        seed: int = 0,
+        fixed: bool = False,
+    ):
+        if special_ids.get("mask") is None:
+            raise DataError("the dataset's tokenizer has no [MASK] token; mlm needs one")
+        if not 0.0 < mask_rate < 1.0:
+            raise ConfigError(f"mask_rate: {mask_rate} is not in (0, 1)")
+        if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1.0:
+            raise ConfigError(
+                f"mask_prob ({mask_prob}) + random_prob ({random_prob}) must be within [0, 1]"
+            )
+        self.mask_id = int(special_ids["mask"])
+        self.special = torch.tensor(_special_set(special_ids), dtype=torch.long)
+        keep = torch.ones(vocab_size, dtype=torch.bool)
+        keep[self.special] = False
+        self.random_pool = torch.nonzero(keep).flatten()
+        if len(self.random_pool) == 0:
+            raise DataError("no non-special tokens to draw random replacements from")
+        self.mask_rate, self.mask_prob, self.random_prob = mask_rate, mask_prob, random_prob
+        self.seed, self.fixed = seed, fixed
+
+    def __call__(self, tokens: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
+        tokens = tokens.long()
+        gen = torch.Generator().manual_seed(_seed_from("mlm", self.seed, self.fixed, int(index)))
+        candidate = ~torch.isin(tokens, self.special)
+        selected = (torch.rand(tokens.shape, generator=gen) < self.mask_rate) & candidate
+        action = torch.rand(tokens.shape, generator=gen)
+        to_mask = selected & (action < self.mask_prob)
+        to_random = (
+            selected & (action >= self.mask_prob) & (action < self.mask_prob + self.random_prob)
+        )
+        pick = torch.randint(len(self.random_pool), tokens.shape, generator=gen)
+        inputs = tokens.clone()
+        inputs[to_mask] = self.mask_id
+        inputs[to_random] = self.random_pool[pick[to_random]]
+        labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
+        return {"input_ids": inputs, "labels": labels}
+
+
+class CausalLM:
+    """Next-token labels that never cross a document boundary; see the module docstring."""
+
+    def __init__(self, special_ids: dict[str, int | None]):
+        eod = special_ids.get("eod")
+        if eod is None:
+            eod = special_ids.get("sep")
+        if eod is None:
+            raise DataError("the dataset's tokenizer has no end-of-document token; clm needs one")
+        self.eod = int(eod)
+        self.pad = special_ids.get("pad")
+
+    def __call__(self, tokens: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
+        tokens = tokens.long()
+        labels = torch.full_like(tokens, IGNORE_INDEX)
+        labels[:, :-1] = tokens[:, 1:]
+        no_target = tokens == self.eod
+        if self.pad is not None:
+            no_target |= tokens == self.pad
+            labels[labels == self.pad] = IGNORE_INDEX
+        labels[no_target] = IGNORE_INDEX
+        return {"input_ids": tokens, "labels": labels}
+
+
+def _mlm(dataset, **options: Any) -> MaskedLM:
+    vocab = getattr(dataset, "tokenizer_vocab_size", None) or dataset.vocab_size
+    return MaskedLM(dataset.special_ids, vocab, **options)
+
+
+def _clm(dataset, **options: Any) -> CausalLM:
+    if options:
+        raise ConfigError(f"clm takes no options, got {sorted(options)}")
+    return CausalLM(dataset.special_ids)
+
+
+#: Objective name -> builder ``(dataset, **options) -> callable(tokens, index)``.
+OBJECTIVES: dict[str, Callable[..., Any]] = {"mlm": _mlm, "clm": _clm}
+
+
+def build_objective(name: str, dataset, **options: Any) -> Callable[[torch.Tensor, int], dict]:
+    """The objective ``name`` for ``dataset`` (a TokenDataset or a path to one).
+
+    MLM options: ``mask_rate``, ``mask_prob``, ``random_prob``, ``seed``, ``fixed``.
+    """
+    from .configbase import did_you_mean
+
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{name}'{did_you_mean(name, OBJECTIVES)}")
+    if not hasattr(dataset, "special_ids"):
+        from .data.dataset import TokenDataset
+
+        dataset = TokenDataset.open(dataset)
+    try:
+        return OBJECTIVES[name](dataset, **options)
+    except TypeError as exc:
+        raise ConfigError(f"objective '{name}': {exc}") from None

@@ -1,0 +1,132 @@
+"""The technique interface: a few hooks the trainer calls, and a registry.
+
+A technique is one module holding a config dataclass, the pure functions that do the work, and a
+small :class:`Technique` subclass registered with :func:`register`. The trainer calls the hooks
+below in a fixed order and never names a technique; everything a technique needs to resume
+exactly goes through ``state_dict`` / ``load_state_dict`` into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..configbase import Config, did_you_mean
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..models.config import ModelConfig
+    from ..train.state import TrainState
+
+
+@dataclasses.dataclass
+class NoOptions(Config):
+    """A technique without options."""
+
+
+class Technique:
+    """Base class: every hook is a no-op, so a technique overrides only what it needs.
+
+    Class attributes:
+        name: registry key used in ``techniques=[...]``.
+        Options: its config dataclass (``technique.NAME.KEY=VALUE`` on the command line).
+        conflicts: names of techniques it cannot be combined with.
+        order: hooks run in ascending order (ties by name), so surgery composes predictably.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[Config]] = NoOptions
+    conflicts: ClassVar[tuple[str, ...]] = ()
+    order: ClassVar[int] = 100
+
+    def __init__(self, options: Config) -> None:
+        self.options = options
+
+    # -- architecture ------------------------------------------------------------------------
+    def configure_model(self, model_config: ModelConfig) -> ModelConfig:
+        """Change the architecture before the model is built (e.g. start shallow)."""
+        return model_config
+
+    def on_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Surgery on the built model, before checkpointing, compile and sharding.
+
+        Raise ConfigError here when the technique cannot apply to this model.
+        """
+        return model
+
+    # -- per step ----------------------------------------------------------------------------
+    def on_step_start(self, state: TrainState) -> None:
+        """Schedules and per-step decisions; read ``state.progress`` (0 → 1)."""
+
+    def on_batch(self, batch: dict[str, torch.Tensor], state: TrainState) -> dict[str, torch.Tensor]:
+        """Change a micro-batch before the forward pass (e.g. truncate the sequence)."""
+        return batch
+
+    def on_after_backward(self, model: torch.nn.Module, state: TrainState) -> None:
+        """Gradient-side work before the optimizer step (masks, extra passes)."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """Growth, pruning, stage changes. To replace the model, call
+        ``state.request_model(new_model, transfer)``: the trainer rebuilds the optimizer."""
+
+    def flops_per_token(self, base: float, state: TrainState) -> float:
+        """Training FLOPs per token of the current step, given the full model's ``base``."""
+        return base
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; called before the model is built so ``configure_model`` sees the state."""
+
+
+TECHNIQUES: dict[str, type[Technique]] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator adding a technique to the registry under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in TECHNIQUES and TECHNIQUES[cls.name] is not cls:
+        raise TypeError(f"technique '{cls.name}' is registered twice")
+    TECHNIQUES[cls.name] = cls
+    return cls
+
+
+def _lookup(name: str) -> type[Technique]:
+    try:
+        return TECHNIQUES[name]
+    except KeyError:
+        known = ", ".join(sorted(TECHNIQUES)) or "none"
+        raise ConfigError(f"unknown technique '{name}'{did_you_mean(name, TECHNIQUES)}; known: {known}") from None
+
+
+def validate_technique_options(names: list[str], options: dict[str, Any]) -> None:
+    """Check names, duplicates, conflicts and every option table, without building anything."""
+    if len(set(names)) != len(names):
+        raise ConfigError(f"techniques lists a technique twice: {names}")
+    for name in names:
+        cls = _lookup(name)
+        for other in names:
+            if other in cls.conflicts or name in _lookup(other).conflicts:
+                raise ConfigError(f"techniques '{name}' and '{other}' cannot be combined")
+    for name, table in options.items():
+        cls = _lookup(name)
+        if name not in names:
+            raise ConfigError(f"options given for technique '{name}', which is not enabled (add it to techniques)")
+        if not isinstance(table, dict):
+            raise ConfigError(f"technique.{name} must be a table of options")
+        cls.Options.from_dict(table, path=f"technique.{name}")
+
+
+def build_techniques(names: list[str], options: dict[str, Any]) -> list[Technique]:
+    """Instantiate enabled techniques in hook order."""
+    validate_technique_options(names, options)
+    built = []
+    for name in names:
+        cls = _lookup(name)
+        built.append(cls(cls.Options.from_dict(options.get(name, {}), path=f"technique.{name}")))
+    return sorted(built, key=lambda t: (t.order, t.name))

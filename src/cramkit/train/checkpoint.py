@@ -1,0 +1,168 @@
+"""Checkpoints: safetensors weights plus a weights-only state file, written atomically.
+
+Layout: ``RUN/checkpoints/step-NNNNNNNN/{model.safetensors, state.pt, meta.json}``. ``meta.json``
+is written last and records each file's size and sha256, so a checkpoint whose files are missing,
+truncated or altered is detected and skipped in favour of the previous good one. Loading never
+unpickles arbitrary objects: weights come from safetensors and state through
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..utils import sha256_file, write_json
+
+FILES = ("model.safetensors", "state.pt")
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Tied parameters share storage, which safetensors refuses: save each storage once and
+    # let load_state_dict(strict=False) re-tie through the module's own aliasing.
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint for ``step`` and prune older ones, keeping ``keep``.
+
+    ``meta`` (JSON) goes into ``meta.json``, e.g. the architecture the weights belong to.
+    """
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{time.time_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        save_file(_weights(model), str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
+        write_json(tmp / "meta.json", {"step": step, "files": files, "time": time.time(), **(meta or {})})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders (complete or not), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint at ``path`` is complete and intact, else the reason."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return "meta.json is missing (the write was interrupted)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        return f"meta.json is unreadable ({exc})"
+    for name, info in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["bytes"]:
+            return f"{name} is truncated ({f.stat().st_size} of {info['bytes']} bytes)"
+        if sha256_file(f) != info["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, warn=print) -> Path:
+    """The newest intact checkpoint; broken newer ones are reported through ``warn``."""
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        raise CheckpointError(f"{run_dir} has no checkpoints (was the run started with cramkit pretrain?)")
+    for path in reversed(candidates):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"warning: skipping checkpoint {path.name}: {problem}; falling back to the previous one")
+    raise CheckpointError(f"{run_dir} has no intact checkpoint (all {len(candidates)} are damaged)")
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load ``model.safetensors`` from a checkpoint folder into ``model`` (shapes must match)."""
+    try:
+        weights = load_file(str(Path(path) / "model.safetensors"))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read {path}/model.safetensors: {exc}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {n for n, t in model.state_dict().items() if n in missing and _is_tied(model, n)}
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    sd = model.state_dict()
+    ptr = sd[name].untyped_storage().data_ptr()
+    return any(other != name and t.untyped_storage().data_ptr() == ptr for other, t in sd.items())
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The training state of a checkpoint, loaded without unpickling arbitrary objects."""
+    try:
+        return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}/state.pt: {exc}") from None
+
+
+def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load the newest intact checkpoint of a pretraining run for fine-tuning or export.
+
+    Returns ``(model, model_config, info)`` where ``info`` has ``run_dir``, ``checkpoint``,
+    ``tokenizer_path`` and ``special_ids``.
+    """
+    from ..config import config_from_dict
+    from ..models import build_model
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
+    cfg = config_from_dict(json.loads(cfg_path.read_text()))
+    ckpt = latest_checkpoint(run_dir)
+    # Techniques may have changed the architecture; the checkpoint records the one it holds.
+    meta_model = json.loads((ckpt / "meta.json").read_text()).get("model_config")
+    model_cfg = type(cfg.model).from_dict(meta_model) if meta_model else cfg.model
+    model = build_model(model_cfg)
+    load_weights(model, ckpt)
+    model.to(device).eval()
+    manifest_path = run_dir / "data_manifest.json"
+    special = json.loads(manifest_path.read_text()).get("special_ids", {}) if manifest_path.is_file() else {}
+    info = {
+        "run_dir": run_dir,
+        "checkpoint": ckpt,
+        "tokenizer_path": run_dir / "tokenizer.json",
+        "special_ids": special,
+        "config": cfg,
+    }
+    return model, model_cfg, info

@@ -1,0 +1,93 @@
+"""CLI for pretraining: ``pretrain``, ``show-config``, ``recipes``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import load_config, recipe_names
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train a model from scratch under a budget",
+        description=(
+            "Train RECIPE (a shipped recipe name or a TOML file) under its budget. key=value "
+            "overrides use dotted paths, e.g. train.budget=10min model.layers=4 techniques=[pld]. "
+            "With --resume RUN_DIR, continue that run (overrides such as budget=2h extend it)."
+        ),
+    )
+    p.add_argument("recipe", nargs="?", help="recipe name or path (see `cramkit recipes`)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
+    p.set_defaults(func=run_pretrain)
+
+    s = sub.add_parser("show-config", help="print the resolved config of a recipe with overrides")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=run_show_config)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(func=run_recipes)
+
+
+def _split_overrides(args) -> tuple[str | None, list[str]]:
+    # `cramkit pretrain --resume RUN budget=2h`: argparse puts the first override in `recipe`.
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe and "=" in recipe:
+        overrides.insert(0, recipe)
+        recipe = None
+    overrides = [("train." + o) if o.startswith("budget=") else o for o in overrides]
+    return recipe, overrides
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from .run import pretrain, resume_config
+
+    recipe, overrides = _split_overrides(args)
+    if args.resume:
+        if recipe:
+            raise ConfigError("--resume takes the recipe from the run directory; give only key=value overrides")
+        cfg = resume_config(Path(args.resume), overrides)
+        summary = pretrain(cfg, run_dir=Path(args.resume), resume=True)
+    else:
+        if not recipe:
+            raise ConfigError("name a recipe (see `cramkit recipes`), e.g. `cramkit pretrain demo`")
+        cfg = load_config(recipe, overrides)
+        summary = pretrain(cfg)
+    _print_summary(summary)
+    if cfg.finetune_demo and summary.get("stop_reason") == "budget":
+        from ..eval.finetune import finetune_demo
+
+        print("fine-tuning on the embedded BBC News task (pretrained vs random init) ...")
+        result = finetune_demo(summary["run_dir"])
+        print(f"BBC News accuracy: pretrained {result['pretrained']:.3f}  random init {result['random']:.3f}")
+    return 0 if summary.get("stop_reason") == "budget" else 1
+
+
+def _print_summary(s: dict) -> None:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    print(f"run directory: {s['run_dir']}")
+    print(f"stopped by {s['stop_reason']} after {s['steps']} steps, {s['tokens']:,} tokens, "
+          f"{s['train_seconds']:.1f} s of training ({s['paused_seconds']:.1f} s paused for eval/checkpoints)")
+    print(f"train loss: start {fmt(s['first_train_loss'])}  end {fmt(s['last_train_loss'])}")
+    print(f"validation loss: start {fmt(s['initial_val_loss'])}  end {fmt(s['final_val_loss'])}")
+    print(f"throughput: {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}")
+
+
+def run_show_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, [("train." + o) if o.startswith("budget=") else o for o in args.overrides])
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    for name in recipe_names():
+        cfg = load_config(name)
+        print(f"{name:16s} {cfg.model.arch:5s} {cfg.train.budget:>8s}  {cfg.description}")
+    return 0

@@ -1,0 +1,109 @@
+"""Device, precision, peak throughput and automatic micro-batch sizing."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+
+import torch
+
+from ..errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` is bf16 on GPUs that support it, fp32 elsewhere (CPU autocast rarely pays off)."""
+    if name != "auto":
+        if name == "fp16" and device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def measure_peak_flops(device: torch.device, precision: str) -> float:
+    """FLOP/s of a large matmul in the training precision: the MFU denominator.
+
+    A measured peak is honest about what this device delivers (REFERENCE.md measured 794 TFLOP/s
+    for bf16 on the H100, below the datasheet's 989).
+    """
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16 if precision in ("bf16", "fp32") else torch.float16
+    else:
+        n, dtype = 512, torch.float32
+    # A private generator: measuring must not move the global RNG that dropout draws from.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak allocated device memory so far (GB); 0 on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return 0.0
+
+
+def auto_micro_batch(model, make_batch, device: torch.device, precision: str, cap: int, optimizer_bytes: int) -> int:
+    """Largest power-of-two micro-batch (<= ``cap``) whose forward+backward fits on the GPU.
+
+    ``make_batch(n)`` returns a device batch of ``n`` sequences; ``optimizer_bytes`` is reserved
+    for optimizer state not yet allocated. Cramming's pitfall — a small micro-batch silently
+    under-filling a big GPU — is why this runs by default on GPU.
+    """
+    total = torch.cuda.get_device_properties(device).total_memory
+    best, n = 0, 1
+    while n <= cap:
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            with autocast(device, precision):
+                out = model(**make_batch(n))
+            out.loss.backward()
+            peak = torch.cuda.max_memory_allocated(device)
+            model.zero_grad(set_to_none=True)
+            if peak + optimizer_bytes > 0.9 * total:
+                break
+            best = n
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            break
+        n *= 2
+    torch.cuda.empty_cache()
+    if best == 0:
+        warnings.warn("not even one sequence fits in GPU memory; trying micro_batch=1 anyway", stacklevel=2)
+        best = 1
+    return best

@@ -1,0 +1,93 @@
+"""What a run writes as it goes: metrics.jsonl, TensorBoard events, a live progress bar."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunLog:
+    """Appends metric records to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except Exception:  # tensorboard is an optional extra
+                self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            kind = record.get("type", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "type"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, record.get("step", 0))
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar over budget progress with loss, throughput, MFU and time left."""
+
+    def __init__(self, enabled: bool, description: str) -> None:
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=1000, desc=description, unit="‰", leave=True,
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(self, progress: float, **fields: Any) -> None:
+        if self._bar is None:
+            return
+        self._bar.n = int(progress * 1000)
+        self._bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in fields.items()), refresh=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions, device and git commit: what a reader needs to reproduce the run."""
+    versions = {}
+    for pkg in ("cramkit", "torch", "numpy", "tokenizers", "safetensors", "transformers"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    try:
+        repo = Path(__file__).resolve().parents[3]
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            env["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env

@@ -1,0 +1,65 @@
+"""The mutable state of a training run that hooks, logging and checkpoints read."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..budget import Usage
+
+# Called as transfer(old_model, new_model, old_optimizer, new_optimizer) after a model swap.
+Transfer = Callable[[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.optim.Optimizer], None]
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters and references shared with techniques.
+
+    ``progress`` is the budget fraction spent (0 → 1); schedules read it, never raw steps.
+    """
+
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    progress: float = 0.0
+    micro_batches: int = 0
+    accumulation: int = 1
+    lr: float = 0.0
+    loss: float = float("nan")
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    next_eval: float = 0.0
+    next_checkpoint: float = 0.0
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    pending_model: tuple[torch.nn.Module, Transfer | None] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return self.usage.steps
+
+    @property
+    def tokens(self) -> int:
+        return self.usage.tokens
+
+    def request_model(self, model: torch.nn.Module, transfer: Transfer | None = None) -> None:
+        """Ask the trainer to continue with ``model`` (it rebuilds the optimizer, then calls
+        ``transfer`` so a technique can carry optimizer state across)."""
+        self.pending_model = (model, transfer)
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "usage": dataclasses.asdict(self.usage),
+            "micro_batches": self.micro_batches,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "nonfinite_total": self.nonfinite_total,
+            "next_eval": self.next_eval,
+            "next_checkpoint": self.next_checkpoint,
+        }
+
+    def load_counters(self, data: dict[str, Any]) -> None:
+        self.usage = Usage(**data["usage"])
+        for key in ("micro_batches", "nonfinite_in_row", "nonfinite_total", "next_eval", "next_checkpoint"):
+            setattr(self, key, data[key])

@@ -1,0 +1,251 @@
+"""The training loop. It stays short and never names a technique: techniques act through hooks.
+
+One optimizer step = ``accumulation`` micro-batches. The loss of a step is the mean over every
+target token of all its micro-batches, so accumulating k micro-batches is exactly one k-times
+larger batch (up to float rounding) even when micro-batches hold different numbers of targets.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..budget import Budget, Clock, exhausted, progress
+from ..errors import TrainingError
+from ..schedules import accumulation_steps, lr_factor
+from .device import autocast, memory_gb
+from .state import TrainState
+
+Batch = dict[str, torch.Tensor]
+
+
+class Trainer:
+    """Runs optimizer steps until the budget is spent.
+
+    The pieces are built by :mod:`cramkit.train.run`; the trainer only orders them:
+    ``on_step_start → on_batch → forward/backward → on_after_backward → step → on_step_end``.
+    """
+
+    def __init__(
+        self,
+        *,
+        cfg,
+        model: torch.nn.Module,
+        optimizer_factory: Callable[[torch.nn.Module], torch.optim.Optimizer],
+        train_batches: Iterator[Batch],
+        evaluate: Callable[[torch.nn.Module], float],
+        checkpoint: Callable[[TrainState], None],
+        log: Callable[[dict[str, Any]], None],
+        techniques: list,
+        device: torch.device,
+        precision: str,
+        micro_batch: int,
+        seq_len: int,
+        flops_per_token: Callable[[torch.nn.Module], float],
+        peak_flops: float,
+        state: TrainState | None = None,
+        clock: Clock | None = None,
+        compile_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+        progress_bar=None,
+    ) -> None:
+        self.cfg = cfg
+        self.budget = Budget.parse(cfg.train.budget)
+        self.state = state or TrainState()
+        self.clock = clock or Clock()
+        self.techniques = techniques
+        self.device, self.precision = device, precision
+        self.micro_batch, self.seq_len = micro_batch, seq_len
+        self.batches = train_batches
+        self.evaluate, self.checkpoint, self.log = evaluate, checkpoint, log
+        self.optimizer_factory = optimizer_factory
+        self.flops_per_token_fn = flops_per_token
+        self.peak_flops = peak_flops
+        self.compile_model = compile_model
+        self.bar = progress_bar
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.stop_reason: str | None = None
+        self._adopt(model, self.state.optimizer)
+        self.state.usage.seconds = self.clock.elapsed
+
+    # ------------------------------------------------------------------ model and optimizer
+    def _adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.raw_model = model
+        self.model = self.compile_model(model)
+        self.state.model = model
+        self.state.optimizer = optimizer or self.optimizer_factory(model)
+        self._fpt = self.flops_per_token_fn(model)
+
+    def _swap_model_if_requested(self) -> None:
+        if self.state.pending_model is None:
+            return
+        new_model, transfer = self.state.pending_model
+        self.state.pending_model = None
+        old_model, old_opt = self.raw_model, self.state.optimizer
+        self._adopt(new_model.to(self.device), None)
+        if transfer is not None:
+            transfer(old_model, new_model, old_opt, self.state.optimizer)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batches: list[Batch]) -> float:
+        """Forward/backward over ``batches`` as one batch, then one optimizer step.
+
+        Returns the step's loss (mean over all target tokens). A non-finite loss skips the
+        update and is counted; too many in a row stop training with a clear error.
+        """
+        state, optimizer = self.state, self.state.optimizer
+        total_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+        total_targets = max(total_targets, 1)
+        loss_sum = torch.zeros((), device=self.device)
+        self.model.train()
+        for batch in batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with autocast(self.device, self.precision):
+                out = self.model(**batch)
+            # Weight each micro-batch by its share of targets: exact big-batch equivalence.
+            loss = out.loss.float() * (out.num_targets / total_targets)
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        for t in self.techniques:
+            t.on_after_backward(self.raw_model, state)
+        self.scaler.unscale_(optimizer)
+        if self.cfg.train.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.clip_grad)
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            state.nonfinite_in_row += 1
+            state.nonfinite_total += 1
+            if state.nonfinite_in_row >= self.cfg.train.max_nonfinite:
+                raise TrainingError(
+                    f"loss was not finite for {state.nonfinite_in_row} steps in a row (step {state.step}); "
+                    "lower optim.lr, enable train.clip_grad, or use bf16 instead of fp16"
+                )
+            return loss_value
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.nonfinite_in_row = 0
+        return loss_value
+
+    def _set_lr(self) -> None:
+        s = self.cfg.schedule
+        factor = lr_factor(s.name, self.state.progress, **s.options())
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", self.cfg.optim.lr) * factor
+        self.state.lr = self.cfg.optim.lr * factor
+
+    def _update_progress(self) -> None:
+        self.state.usage.seconds = self.clock.elapsed
+        self.state.progress = progress(self.budget, self.state.usage)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainState:
+        """Train until the budget is spent, a stop signal arrives, or training fails."""
+        state, cfg = self.state, self.cfg
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        window_tokens, window_time = 0, self.clock.elapsed
+        try:
+            self.clock.start()
+            while True:
+                self._update_progress()
+                if exhausted(self.budget, state.usage):
+                    self.stop_reason = self.stop_reason or "budget"
+                    break
+                if self.stop_reason:
+                    break
+                for t in self.techniques:
+                    t.on_step_start(state)
+                self._set_lr()
+                state.accumulation = accumulation_steps(
+                    state.progress, cfg.train.batch_size, self.micro_batch, cfg.train.batch_ramp
+                )
+                batches = []
+                for _ in range(state.accumulation):
+                    batch = next(self.batches)
+                    state.micro_batches += 1
+                    for t in self.techniques:
+                        batch = t.on_batch(batch, state)
+                    batches.append(batch)
+                state.loss = self.train_step(batches)
+                step_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+                fpt = self._fpt
+                for t in self.techniques:
+                    fpt = t.flops_per_token(fpt, state)
+                state.usage.steps += 1
+                state.usage.tokens += step_tokens
+                state.usage.flops += fpt * step_tokens
+                window_tokens += step_tokens
+                for t in self.techniques:
+                    t.on_step_end(state)
+                self._swap_model_if_requested()
+                self._update_progress()
+                if state.step % cfg.train.log_every == 0 or exhausted(self.budget, state.usage):
+                    window_time = self._log_train(window_tokens, window_time, fpt)
+                    window_tokens = 0
+                self._periodic()
+        finally:
+            self.clock.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return state
+
+    def _periodic(self) -> None:
+        state, cfg = self.state, self.cfg.train
+        done = exhausted(self.budget, state.usage)
+        if cfg.eval_every > 0 and state.progress >= state.next_eval and not done:
+            self.run_eval()
+            state.next_eval = (math.floor(state.progress / cfg.eval_every) + 1) * cfg.eval_every
+        if cfg.checkpoint_every > 0 and state.progress >= state.next_checkpoint and not done:
+            with self.clock.paused():
+                self.checkpoint(state)
+            state.next_checkpoint = (math.floor(state.progress / cfg.checkpoint_every) + 1) * cfg.checkpoint_every
+
+    def run_eval(self) -> float:
+        """Validation loss on the held-out split; not counted against the budget."""
+        with self.clock.paused():
+            self.model.eval()
+            with torch.no_grad(), autocast(self.device, self.precision):
+                loss = self.evaluate(self.model)
+            self.log({"type": "eval", "step": self.state.step, "tokens": self.state.tokens,
+                      "elapsed": round(self.clock.elapsed, 3), "val_loss": loss})
+        self.state.extra["val_loss"] = loss
+        return loss
+
+    def _log_train(self, window_tokens: int, window_start: float, fpt: float) -> float:
+        state = self.state
+        now = self.clock.elapsed
+        tps = window_tokens / max(now - window_start, 1e-9)
+        mfu = fpt * tps / self.peak_flops if self.peak_flops > 0 else 0.0
+        record = {
+            "type": "train", "step": state.step, "tokens": state.tokens, "elapsed": round(now, 3),
+            "progress": round(state.progress, 5), "loss": state.loss, "lr": state.lr,
+            "batch_size": state.accumulation * self.micro_batch, "tokens_per_s": round(tps, 1),
+            "mfu": round(mfu, 4), "memory_gb": round(memory_gb(self.device), 3),
+            "nonfinite_total": state.nonfinite_total,
+        }
+        self.log(record)
+        if self.bar is not None:
+            left = _time_left(self.budget, state, now)
+            self.bar.update(state.progress, loss=f"{state.loss:.3f}", tok_s=f"{tps:,.0f}",
+                            mfu=f"{mfu:.0%}", left=left)
+        return now
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_reason == "signal":  # a second ^C: stop now, the last checkpoint stands
+            raise KeyboardInterrupt
+        self.stop_reason = "signal"
+        warnings.warn(f"received {signal.Signals(signum).name}: finishing the step and writing a checkpoint",
+                      stacklevel=1)
+
+
+def _time_left(budget: Budget, state: TrainState, elapsed: float) -> str:
+    if state.progress <= 0:
+        return "?"
+    seconds = elapsed * (1 - state.progress) / state.progress
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

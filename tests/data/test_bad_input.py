@@ -1,0 +1,131 @@
+"""Every bad input gives one clear DataError/ConfigError naming the file (and line), and leaves
+nothing behind that a later run could take as a finished dataset."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from data_helpers import small_cfg, synthetic_docs, write_corpus
+
+from cramkit.data import prepare as prepare_mod
+from cramkit.data.config import PrepareConfig
+from cramkit.data.prepare import prepare
+from cramkit.errors import ConfigError, DataError
+
+
+def _nothing_left(tmp_path, out_name="out"):
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name == out_name or p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
+def _fails(tmp_path, cfg, match, exc=DataError):
+    with pytest.raises(exc, match=match):
+        prepare(cfg, tmp_path / "out", progress=False)
+    _nothing_left(tmp_path)
+
+
+def test_missing_path(tmp_path):
+    _fails(tmp_path, small_cfg([tmp_path / "nope.txt"]), r"nope\.txt': no such file")
+
+
+def test_empty_file_and_folder(tmp_path):
+    empty = tmp_path / "src" / "empty.txt"
+    empty.parent.mkdir()
+    empty.write_text("\n\n  \n")
+    _fails(tmp_path, small_cfg([empty]), r"empty\.txt' contains no documents")
+    (tmp_path / "emptydir").mkdir()
+    _fails(tmp_path, small_cfg([tmp_path / "emptydir"]), "emptydir': the folder is empty")
+
+
+def test_binary_file(tmp_path):
+    f = tmp_path / "src" / "blob.txt"
+    f.parent.mkdir()
+    f.write_bytes(b"fine first line\nsecond\x00\x01\x02 line\n")
+    _fails(tmp_path, small_cfg([f]), r"blob\.txt:2: NUL byte")
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+    docs = synthetic_docs(20)
+    f = tmp_path / "src" / "latin1.txt.gz"
+    f.parent.mkdir()
+    text = "\n\n".join(docs) + "\n\ncaf\xe9 au lait\n"
+    with gzip.open(f, "wb") as fh:
+        fh.write(text.encode("latin-1"))
+    line = text.count("\n")  # the bad line is the last one
+    _fails(tmp_path, small_cfg([f]), rf"latin1\.txt\.gz:{line}: not valid UTF-8")
+
+
+def test_jsonl_missing_field_and_invalid_json(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "rows.jsonl"
+    rows = [json.dumps({"text": d}) for d in synthetic_docs(10)]
+    f.write_text("\n".join(rows + [json.dumps({"body": "x"})]) + "\n")
+    _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:11: no field 'text' \(found \['body'\]\)")
+    f.write_text("\n".join(rows[:3] + ["{not json"]) + "\n")
+    _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:4: invalid JSON")
+
+
+def test_vocab_larger_than_corpus(tmp_path):
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(20))
+    _fails(
+        tmp_path, small_cfg([f], vocab_size=50_000), "vocab_size=50000 is larger than this corpus"
+    )
+
+
+@pytest.mark.parametrize("seq_len", [0, 3])
+def test_seq_len_too_small(seq_len):
+    with pytest.raises(ConfigError, match=f"seq_len: {seq_len} is too small"):
+        PrepareConfig.from_dict({"seq_len": seq_len})
+
+
+def test_config_errors_have_hints():
+    with pytest.raises(ConfigError, match="did you mean 'seq_len'"):
+        PrepareConfig.from_dict({"seqlen": 64})
+    with pytest.raises(ConfigError, match="ordering"):
+        PrepareConfig.from_dict({"ordering": "sorted"})
+    with pytest.raises(ConfigError, match="2 weights for 1 sources"):
+        PrepareConfig.from_dict({"weights": [1, 2]})
+
+
+def test_too_few_documents_for_a_split(tmp_path):
+    f = write_corpus(tmp_path / "src" / "c.txt", [" ".join(synthetic_docs(30))])
+    _fails(tmp_path, small_cfg([f], vocab_size=64, val_fraction=0.1), "no training documents")
+
+
+def test_corpus_shorter_than_one_sequence_when_dropping(tmp_path):
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    cfg = small_cfg([f], seq_len=100_000, last_sequence="drop", val_fraction=0.0)
+    _fails(tmp_path, cfg, "fewer than one sequence")
+
+
+def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(50))
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod.Packer, "finish", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(small_cfg([f]), tmp_path / "out", progress=False)
+    _nothing_left(tmp_path)
+    monkeypatch.undo()
+    out = prepare(small_cfg([f]), tmp_path / "out", progress=False)
+    assert (out / "manifest.json").is_file()
+
+
+def test_non_dataset_folder_is_not_overwritten(tmp_path):
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a cramkit dataset"):
+        prepare(small_cfg([f]), out, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_missing_tokenizer_file(tmp_path):
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(5))
+    _fails(tmp_path, small_cfg([f], tokenizer_file=str(tmp_path / "tok.json")), "no such file")

@@ -1,0 +1,94 @@
+"""``cramkit prepare`` through the data CLI's parser (the main cli.py may not exist yet)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from data_helpers import synthetic_docs, write_corpus
+
+from cramkit.data.cli import add_parser
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="cramkit")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_prepare_cli_flags_overrides_reuse_and_conflict(tmp_path, capsys):
+    src = write_corpus(tmp_path / "c.txt", synthetic_docs(80))
+    out = tmp_path / "data"
+    argv = [
+        "prepare",
+        str(src),
+        "--out",
+        str(out),
+        "--vocab-size",
+        "200",
+        "--seq-len",
+        "48",
+        "--val-fraction",
+        "0.1",
+        "--objective",
+        "clm",
+        "--tokenizer",
+        "bpe",
+        "min_frequency=1",
+        "ordering=source",
+        "--no-progress",
+    ]
+    args = _parse(argv)
+    assert args.func(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["seq_len"] == 48 and m["objective"] == "clm" and m["config"]["ordering"] == "source"
+    assert m["config"]["vocab_size"] == 200 and m["tokenizer_kind"] == "bpe"
+    capsys.readouterr()
+    args = _parse(argv)
+    assert args.func(args) == 0
+    assert "reusing" in capsys.readouterr().err
+    args = _parse([*argv, "seq_len=64"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--force" in err
+    args = _parse([*argv, "seq_len=64", "--force"])
+    assert args.func(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["seq_len"] == 64
+
+
+def test_prepare_cli_bad_key(tmp_path, capsys):
+    args = _parse(["prepare", "--out", str(tmp_path / "d"), "seqlen=3"])
+    assert args.func(args) == 2
+    assert "did you mean 'seq_len'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_prepare_cli_reuse_tokenizer_file(tmp_path):
+    src = write_corpus(tmp_path / "c.txt", synthetic_docs(40))
+    a = _parse(
+        [
+            "prepare",
+            str(src),
+            "--out",
+            str(tmp_path / "a"),
+            "--vocab-size",
+            "128",
+            "min_frequency=1",
+            "--no-progress",
+        ]
+    )
+    assert a.func(a) == 0
+    tok = tmp_path / "a" / "tokenizer.json"
+    b = _parse(
+        [
+            "prepare",
+            str(src),
+            "--out",
+            str(tmp_path / "b"),
+            "--tokenizer",
+            str(tok),
+            "--no-progress",
+        ]
+    )
+    assert b.func(b) == 0
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == tok.read_bytes()

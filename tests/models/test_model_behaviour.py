@@ -1,0 +1,179 @@
+"""Model semantics: causality, padding, sparse prediction, tying, rotary, gradients, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import VOCAB, mlm_batch, small_config
+
+from cramkit.models import build_model
+from cramkit.models.layers import Rotary
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpt_is_causal(positions, padded):
+    model = build_model(small_config("tiny-gpt", positions=positions)).eval()
+    ids, _ = mlm_batch(batch=2, seq_len=12)
+    mask = torch.ones_like(ids) if padded else None
+    before = model(ids, attention_mask=mask).logits
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % VOCAB
+    after = model(changed, attention_mask=mask).logits
+    torch.testing.assert_close(before[:, :7], after[:, :7])
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+def test_gpt_left_padding_gives_finite_outputs():
+    model = build_model(small_config("tiny-gpt")).eval()
+    ids, _ = mlm_batch(batch=2, seq_len=8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    assert torch.isfinite(model(ids, attention_mask=mask).logits).all()
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "rotary"])
+def test_bert_padding_is_invisible(positions):
+    model = build_model(small_config(positions=positions)).eval()
+    ids, _ = mlm_batch(batch=2, seq_len=10)
+    reference = model.encode(ids)
+    pad_a = torch.cat([ids, torch.randint(0, VOCAB, (2, 4))], dim=1)
+    pad_b = torch.cat([ids, torch.randint(0, VOCAB, (2, 4))], dim=1)
+    mask = torch.cat([torch.ones(2, 10), torch.zeros(2, 4)], dim=1).long()
+    out_a = model.encode(pad_a, attention_mask=mask)
+    out_b = model.encode(pad_b, attention_mask=mask)
+    torch.testing.assert_close(out_a[:, :10], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_b[:, :10], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_bert_sees_both_directions():
+    model = build_model(small_config()).eval()
+    ids, _ = mlm_batch(batch=1, seq_len=8)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % VOCAB
+    assert not torch.allclose(model.encode(ids)[0, 0], model.encode(changed)[0, 0])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "bert-base"])
+def test_sparse_and_dense_prediction_give_the_same_loss(preset):
+    sparse = build_model(small_config(preset, sparse_prediction=True, dropout=0.0,
+                                      attention_dropout=0.0))
+    dense = build_model(small_config(preset, sparse_prediction=False, dropout=0.0,
+                                     attention_dropout=0.0))
+    dense.load_state_dict(sparse.state_dict())
+    ids, labels = mlm_batch(batch=4, seq_len=16, rate=0.25)
+    out_sparse, out_dense = sparse(ids, labels=labels), dense(ids, labels=labels)
+    torch.testing.assert_close(out_sparse.loss, out_dense.loss)
+    assert out_sparse.logits.shape == (int((labels != -100).sum()), VOCAB)
+    assert out_dense.logits.shape == (4, 16, VOCAB)
+    torch.testing.assert_close(out_sparse.logits, out_dense.logits[labels != -100])
+    assert int(out_sparse.num_targets) == int(out_dense.num_targets)
+
+
+def test_loss_is_mean_cross_entropy_over_targets_without_shift():
+    model = build_model(small_config("tiny-gpt"))
+    ids, labels = mlm_batch(batch=2, seq_len=9, rate=0.5)
+    out = model(ids, labels=labels)
+    keep = labels != -100
+    expected = torch.nn.functional.cross_entropy(out.logits[keep], labels[keep])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_no_targets_gives_zero_loss():
+    model = build_model(small_config())
+    ids, _ = mlm_batch()
+    out = model(ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0 and int(out.num_targets) == 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt"])
+def test_tied_embeddings_share_storage(preset):
+    model = build_model(small_config(preset))
+    decoder, tokens = model.head.decoder.weight, model.embeddings.tokens.weight
+    assert decoder is tokens
+    assert decoder.data_ptr() == tokens.data_ptr()
+    untied = build_model(small_config(preset, tie_embeddings=False))
+    assert untied.head.decoder.weight.data_ptr() != untied.embeddings.tokens.weight.data_ptr()
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rotary = Rotary(head_dim=16, max_positions=64)
+    q = torch.randn(16).expand(1, 1, 40, 16)
+    k = torch.randn(16).expand(1, 1, 40, 16)
+    scores = (rotary(q) @ rotary(k).transpose(-1, -2))[0, 0]
+    # Same vectors at every position: score[i, j] must be a function of i - j only.
+    for shift in (1, 5, 17):
+        torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift],
+                                   atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores[0, 1], scores[0, 5])
+
+
+def test_rotary_attention_is_shift_invariant():
+    cfg = small_config("tiny", positions="rotary")
+    attn = build_model(cfg).layers[0].attn.eval()
+    x = torch.randn(2, 10, 32)
+    at_zero = attn(x)
+    # Move the same window to absolute positions 13..22 by shifting the rotary tables.
+    shift = 13
+    attn.rotary.cos = attn.rotary.cos[shift:].clone()
+    attn.rotary.sin = attn.rotary.sin[shift:].clone()
+    torch.testing.assert_close(attn(x), at_zero, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("tiny", {}),
+        ("tiny", {"positions": "rotary", "norm": "rmsnorm"}),
+        ("bert-base", {"dropout": 0.0, "attention_dropout": 0.0}),
+        ("tiny-gpt", {}),
+        ("tiny-gpt", {"tie_embeddings": False, "decoder_bias": True, "type_vocab_size": 1}),
+    ],
+)
+def test_gradient_reaches_every_parameter(preset, overrides):
+    model = build_model(small_config(preset, **overrides))
+    ids, labels = mlm_batch(batch=4, seq_len=16, rate=0.5)
+    model(ids, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt"])
+def test_tiny_presets_train(preset):
+    from cramkit.models.presets import preset_config
+
+    model = build_model(preset_config(preset))
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (8, 32), generator=gen)
+    labels = torch.where(torch.rand(8, 32, generator=gen) < 0.25, ids, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(ids, labels=labels).loss
+    first.backward()
+    opt.step()
+    opt.zero_grad()
+    second = model(ids, labels=labels).loss
+    assert second.item() < first.item()
+
+
+def test_dropout_only_in_training_mode():
+    model = build_model(small_config("bert-base", dropout=0.3, attention_dropout=0.3))
+    ids, _ = mlm_batch()
+    model.eval()
+    torch.testing.assert_close(model.encode(ids), model.encode(ids))
+    model.train()
+    assert not torch.allclose(model.encode(ids), model.encode(ids))
+
+
+def test_meta_build_then_materialise_matches_a_direct_build():
+    cfg = small_config(positions="sinusoidal")
+    direct = build_model(cfg)
+    with torch.device("meta"):
+        lazy = build_model(cfg)
+    lazy.to_empty(device="cpu")
+    lazy.init_weights()
+    lazy.load_state_dict(direct.state_dict())
+    ids, labels = mlm_batch()
+    torch.testing.assert_close(lazy(ids, labels=labels).loss, direct(ids, labels=labels).loss)
+    assert lazy.head.decoder.weight is lazy.embeddings.tokens.weight

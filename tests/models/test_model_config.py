@@ -1,0 +1,113 @@
+"""ModelConfig validation messages and the presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cramkit.errors import ConfigError
+from cramkit.models import ModelConfig, build_model
+from cramkit.models.presets import PRESETS, get_preset, preset_config
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden": 100, "heads": 12}, r"hidden \(100\) must be divisible by heads \(12\)"),
+        ({"ffn": "glu", "intermediate": 3071}, "intermediate must be even"),
+        ({"positions": "rotary", "hidden": 36, "heads": 12}, "head dim .* must be even"),
+        ({"layers": 0}, "layers must be a positive integer"),
+        ({"vocab_size": -5}, "vocab_size must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"attention_dropout": -0.1}, r"attention_dropout must be in \[0, 1\)"),
+        ({"arch": "brt"}, "unknown architecture 'brt' \\(did you mean 'bert'\\?\\)"),
+        ({"init": "gpt-2"}, "unknown init scheme 'gpt-2' \\(did you mean 'gpt2'\\?\\)"),
+        ({"norm": "rms"}, "norm: 'rms' is not one of"),
+        ({"positions": "rope"}, "positions: 'rope' is not one of"),
+        ({"type_vocab_size": -1}, "type_vocab_size must be >= 0"),
+        ({"norm_eps": 0.0}, "norm_eps must be positive"),
+        ({"init_std": 0.0}, "init_std must be positive"),
+        ({"hiden": 768}, "unknown config key 'hiden' \\(did you mean 'hidden'\\?\\)"),
+    ],
+)
+def test_validate_rejects_bad_configs(changes, message):
+    data = get_preset("crammed-bert")
+    data.update(changes)
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(data)
+
+
+def test_validate_runs_on_replace_and_build():
+    cfg = preset_config("tiny")
+    with pytest.raises(ConfigError, match="divisible"):
+        cfg.replace(heads=5)
+    bad = ModelConfig(hidden=64, heads=5)
+    with pytest.raises(ConfigError, match="divisible"):
+        build_model(bad)
+
+
+def test_defaults_are_crammed_bert():
+    assert ModelConfig().to_dict() == get_preset("crammed-bert")
+
+
+def test_config_round_trips_through_dict():
+    cfg = preset_config("gpt2-small")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert build_model(preset_config("tiny").to_dict()).config == preset_config("tiny")
+
+
+def test_unknown_preset_suggests_a_name():
+    with pytest.raises(ConfigError, match="did you mean 'crammed-bert'"):
+        get_preset("crammed_bert")
+
+
+def test_get_preset_returns_a_copy():
+    get_preset("tiny")["hidden"] = 1
+    assert PRESETS["tiny"]["hidden"] == 64
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name):
+    cfg = preset_config(name)
+    assert set(get_preset(name)) == set(ModelConfig().to_dict()), "presets list every field"
+    if name.startswith("tiny"):
+        model = build_model(cfg)
+    else:
+        with torch.device("meta"):
+            model = build_model(cfg)
+    assert len(model.layers) == cfg.layers
+    assert model.config.arch == cfg.arch
+
+
+def test_crammed_bert_is_the_reference_architecture():
+    cfg = preset_config("crammed-bert")
+    assert (cfg.arch, cfg.layers, cfg.hidden, cfg.heads) == ("bert", 16, 768, 12)
+    assert (cfg.ffn, cfg.intermediate) == ("glu", 3072)
+    assert (cfg.norm_position, cfg.final_norm, cfg.embedding_norm) == ("pre", True, True)
+    assert not cfg.bias and not cfg.decoder_bias and not cfg.head_transform
+    assert cfg.positions == "sinusoidal" and cfg.tie_embeddings and cfg.sparse_prediction
+    assert (cfg.vocab_size, cfg.dropout, cfg.attention_dropout, cfg.norm_eps) == (
+        32768, 0.0, 0.0, 1e-12)
+    assert cfg.type_vocab_size == 0 and cfg.init == "normal" and cfg.init_std == 0.02
+    with torch.device("meta"):
+        model = build_model(cfg)
+    block = model.layers[0]
+    assert tuple(block.ffn.up.weight.shape) == (3072, 768)
+    assert tuple(block.ffn.down.weight.shape) == (768, 1536)
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_hf_shaped_presets():
+    bert = preset_config("bert-base")
+    assert (bert.norm_position, bert.bias, bert.ffn, bert.activation) == (
+        "post", True, "gelu", "gelu")
+    assert (bert.positions, bert.max_positions, bert.type_vocab_size) == ("learned", 512, 2)
+    assert bert.head_transform and bert.decoder_bias and not bert.sparse_prediction
+    assert not bert.final_norm and bert.embedding_norm and bert.norm_eps == 1e-12
+    assert bert.dropout == bert.attention_dropout == 0.1
+    gpt = preset_config("gpt2-small")
+    assert (gpt.arch, gpt.vocab_size, gpt.max_positions, gpt.norm_eps) == (
+        "gpt", 50304, 1024, 1e-5)
+    assert (gpt.activation, gpt.init, gpt.norm_position, gpt.final_norm) == (
+        "gelu_tanh", "gpt2", "pre", True)
+    assert gpt.bias and gpt.tie_embeddings and not gpt.embedding_norm and gpt.dropout == 0.0

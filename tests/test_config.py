@@ -1,0 +1,127 @@
+"""Config loading: recipes, overrides, strict keys with hints, budgets and schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cramkit.budget import Budget, Clock, Usage, exhausted, progress
+from cramkit.config import load_config, recipe_names
+from cramkit.errors import ConfigError
+from cramkit.schedules import accumulation_steps, lr_factor
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipe_loads_and_validates(name):
+    cfg = load_config(name)
+    assert cfg.recipe == name
+    assert cfg.description
+    Budget.parse(cfg.train.budget)
+    cfg2 = type(cfg).from_dict(cfg.to_dict())  # the saved form round-trips
+    assert cfg2 == cfg
+
+
+def test_required_recipes_are_shipped():
+    assert {"demo", "crammed-bert", "bert-original", "gpt-small"} <= set(recipe_names())
+
+
+def test_crammed_recipe_matches_reference():
+    cfg = load_config("crammed-bert")
+    m = cfg.model
+    assert (m.layers, m.hidden, m.heads, m.intermediate) == (16, 768, 12, 3072)
+    assert m.norm_position == "pre" and not m.bias and m.ffn == "glu" and m.sparse_prediction
+    assert cfg.objective.mask_rate == 0.25
+    assert cfg.optim.lr == 1e-3 and tuple(cfg.optim.betas) == (0.9, 0.98) and cfg.optim.eps == 1e-12
+    assert cfg.train.clip_grad == 0.5 and cfg.train.batch_size == 8192 and cfg.train.batch_ramp == 0.6
+    assert cfg.schedule.name == "budget-triangle"
+
+
+def test_overrides_reach_nested_fields_and_presets():
+    cfg = load_config("demo", ["train.budget=20steps", "model.layers=3", "optim.betas=[0.8,0.9]"])
+    assert cfg.train.budget == "20steps"
+    assert cfg.model.layers == 3 and cfg.model.hidden == load_config("demo").model.hidden
+    assert tuple(cfg.optim.betas) == (0.8, 0.9)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.budjet=1h", "did you mean 'budget'"),
+        ("trian.budget=1h", "did you mean 'train'"),
+        ("train.batch_size=abc", "train.batch_size: expected an integer"),
+        ("train.budget=abc", "budget 'abc' is not understood"),
+        ("train.precision=fp8", "not one of"),
+        ("model.heads=5", "heads"),
+        ("schedule.name=cosin", "did you mean 'cosine'"),
+        ("techniques=[nope]", "unknown technique 'nope'"),
+    ],
+)
+def test_bad_config_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(ConfigError, match="unknown recipe 'crammed-bart'.*did you mean 'crammed-bert'"):
+        load_config("crammed-bart")
+
+
+@pytest.mark.parametrize(
+    "text, kind, limit",
+    [("90s", "seconds", 90), ("10min", "seconds", 600), ("2h", "seconds", 7200),
+     ("500steps", "steps", 500), ("20Mtok", "tokens", 20e6), ("1e15flops", "flops", 1e15),
+     ("1.5kstep", "steps", 1500)],
+)
+def test_budget_syntax(text, kind, limit):
+    b = Budget.parse(text)
+    assert (b.kind, b.limit) == (kind, limit)
+
+
+@pytest.mark.parametrize("text", ["abc", "10", "10parsecs", "-5s", "0steps"])
+def test_bad_budget(text):
+    with pytest.raises(ConfigError):
+        Budget.parse(text)
+
+
+def test_progress_and_exhaustion():
+    b = Budget.parse("100steps")
+    assert progress(b, Usage(steps=25)) == 0.25
+    assert not exhausted(b, Usage(steps=99)) and exhausted(b, Usage(steps=100))
+    assert progress(b, Usage(steps=500)) == 1.0
+
+
+def test_clock_pauses():
+    clock = Clock()
+    clock.start()
+    with clock.paused():
+        t = clock.elapsed
+        sum(range(200_000))
+        assert clock.elapsed == t  # frozen while paused
+    clock.stop()
+    state = clock.state_dict()
+    other = Clock()
+    other.load_state_dict(state)
+    assert other.elapsed == pytest.approx(clock.elapsed)
+
+
+def test_lr_schedules_are_pure_functions_of_progress():
+    # Cramming's triangle: 25 % of peak at the start, the peak at 75 %, zero at the end.
+    assert lr_factor("budget-triangle", 0.0) == pytest.approx(0.25)
+    assert lr_factor("budget-triangle", 0.75) == pytest.approx(1.0)
+    assert lr_factor("budget-triangle", 1.0) == pytest.approx(0.0)
+    assert lr_factor("cosine", 0.05, warmup=0.1) == pytest.approx(0.5)
+    assert lr_factor("cosine", 0.55, warmup=0.1) == pytest.approx(0.5)
+    assert lr_factor("linear", 1.0, warmup=0.1) == pytest.approx(0.0)
+    assert lr_factor("constant", 0.7) == 1.0
+    assert lr_factor("one-cycle", 0.3, peak_at=0.3) == pytest.approx(1.0)
+    for name in ("constant", "linear", "cosine", "one-cycle", "budget-triangle"):
+        values = [lr_factor(name, p / 100) for p in range(101)]
+        assert all(0.0 <= v <= 1.0 + 1e-9 and math.isfinite(v) for v in values)
+
+
+def test_batch_ramp_grows_accumulation():
+    steps = [accumulation_steps(p / 10, batch_size=256, micro_batch=32, ramp_fraction=0.6) for p in range(11)]
+    assert steps[0] == 1 and steps[-1] == 8 and steps[6] == 8
+    assert steps == sorted(steps)
+    assert accumulation_steps(0.0, 256, 32, 0.0) == 8

@@ -1,0 +1,224 @@
+"""End-to-end behaviour of the trainer on tiny CPU runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cramkit.errors import CheckpointError, ConfigError, CramkitError, TrainingError
+from cramkit.models import build_model
+from cramkit.train import checkpoint as ckpt
+from cramkit.train.run import pretrain, resume_config
+
+from .helpers import tiny_config
+
+
+def _weights(run_dir):
+    return load_file(str(ckpt.latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def _metrics(run_dir, kind="train"):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def test_run_directory_is_complete_and_loss_falls(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=30steps", "train.eval_every=0.5")
+    summary = pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    for name in ("config.json", "environment.json", "tokenizer.json", "data_manifest.json",
+                 "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    assert summary["steps"] == 30 and summary["stop_reason"] == "budget"
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    train = _metrics(run)
+    assert {"step", "tokens", "elapsed", "loss", "lr", "batch_size", "tokens_per_s", "mfu", "memory_gb"} <= set(train[0])
+    assert sum(r["loss"] for r in train[-5:]) < sum(r["loss"] for r in train[:5])
+    assert len(_metrics(run, "eval")) >= 2
+
+
+def test_resume_equals_uninterrupted_run(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=12steps", "train.checkpoint_every=0.5",
+                      "train.batch_ramp=0.5", "model.dropout=0.1", name="full")
+    pretrain(cfg, say=lambda *_: None)
+    full = tmp_path / "full"
+    # An interrupted copy: the same run, stopped after its step-6 checkpoint.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for path in ckpt.list_checkpoints(cut):
+        if path.name != "step-00000006":
+            shutil.rmtree(path)
+    (cut / "metrics.jsonl").write_text("")
+    resumed = resume_config(cut, [])
+    pretrain(resumed, run_dir=cut, resume=True, say=lambda *_: None)
+    a, b = _weights(full), _weights(cut)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert [r["loss"] for r in _metrics(cut)] == [r["loss"] for r in _metrics(full)][6:]
+
+
+def test_resume_with_larger_budget_continues_finished_run(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=4steps")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    with pytest.raises(CramkitError, match="already spent its budget"):
+        pretrain(resume_config(run, []), run_dir=run, resume=True, say=lambda *_: None)
+    summary = pretrain(resume_config(run, ["train.budget=7steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert summary["steps"] == 7
+
+
+def _fake_train_step_model(tiny_mlm_data):
+    from cramkit.data.dataset import TokenDataset
+    from cramkit.objectives import build_objective
+
+    ds = TokenDataset.open(tiny_mlm_data)
+    objective = build_objective("mlm", ds, seed=0, mask_rate=0.25)
+    tokens = torch.from_numpy(ds.sequences("train")[:16].astype("int64"))
+    return ds, objective, tokens
+
+
+def test_accumulation_equals_one_big_batch(tiny_mlm_data, tmp_path):
+
+    _, objective, tokens = _fake_train_step_model(tiny_mlm_data)
+    big = objective(tokens, 0)
+    micro = [{k: v[i:i + 4] for k, v in big.items()} for i in range(0, 16, 4)]
+    # Micro-batches must hold different numbers of targets for the test to mean anything.
+    assert len({int((m["labels"] != -100).sum()) for m in micro}) > 1
+    # SGD makes the update linear in the gradient; Adam's first step is ~lr*sign(g), which turns
+    # float rounding in near-zero gradients into lr-sized differences and would hide the signal.
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.clip_grad=0.5", "optim.name=sgd", "optim.lr=1.0")
+    results = []
+    for batches in ([big], micro):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        trainer = _bare_trainer(cfg, model)
+        trainer.train_step(batches)
+        results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _bare_trainer(cfg, model):
+    from cramkit.optim import build_optimizer
+    from cramkit.train.trainer import Trainer
+
+    return Trainer(
+        cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, torch.device("cpu")),
+        train_batches=iter(()), evaluate=lambda m: 0.0, checkpoint=lambda s: None, log=lambda r: None,
+        techniques=[], device=torch.device("cpu"), precision="fp32", micro_batch=4, seq_len=32,
+        flops_per_token=lambda m: 1.0, peak_flops=1.0,
+    )
+
+
+@pytest.mark.parametrize("budget", ["9steps", "1500tok", "2e8flops"])
+def test_budget_stops_within_one_step(tiny_mlm_data, tmp_path, budget):
+    from cramkit.budget import Budget
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path, f"train.budget={budget}", "train.batch_ramp=0.5")
+    summary = pretrain(cfg, say=lambda *_: None)
+    b = Budget.parse(budget)
+    used = {"steps": summary["steps"], "tokens": summary["tokens"], "flops": summary["flops"]}[b.kind]
+    train = _metrics(tmp_path / "run")
+    assert used >= b.limit
+    # One step fewer would not have reached the limit.
+    last_step = {"steps": 1, "tokens": train[-1]["tokens"] - train[-2]["tokens"],
+                 "flops": summary["flops"] / summary["tokens"] * (train[-1]["tokens"] - train[-2]["tokens"])}[b.kind]
+    assert used - last_step < b.limit
+
+
+def test_time_budget_stops_within_one_step(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2s")
+    summary = pretrain(cfg, say=lambda *_: None)
+    elapsed = [r["elapsed"] for r in _metrics(tmp_path / "run")]
+    assert elapsed[-1] >= 2.0 > elapsed[-2]
+    assert summary["train_seconds"] >= 2.0
+
+
+def test_vocab_mismatch_is_a_clear_error(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "model.vocab_size=1024")
+    with pytest.raises(ConfigError, match="vocabulary of 512.*model.vocab_size is 1024"):
+        pretrain(cfg, say=lambda *_: None)
+
+
+def test_objective_must_match_architecture(tiny_clm_data, tmp_path):
+    cfg = tiny_config(tiny_clm_data, tmp_path)  # a BERT on CLM data
+    with pytest.raises(ConfigError, match="mlm objective"):
+        pretrain(cfg, say=lambda *_: None)
+
+
+def test_gpt_trains_on_clm_data(tiny_clm_data, tmp_path):
+    cfg = tiny_config(tiny_clm_data, tmp_path, "train.budget=20steps", arch="gpt")
+    summary = pretrain(cfg, say=lambda *_: None)
+    assert summary["last_train_loss"] < summary["first_train_loss"]
+
+
+def test_truncated_checkpoint_falls_back_to_previous(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.25",
+                      "train.keep_checkpoints=3")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    kept = ckpt.list_checkpoints(run)
+    assert [p.name for p in kept] == ["step-00000004", "step-00000006", "step-00000008"]
+    newest = kept[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    messages = []
+    assert ckpt.latest_checkpoint(run, warn=messages.append) == kept[-2]
+    assert "truncated" in messages[0] and "falling back" in messages[0]
+    summary = pretrain(resume_config(run, ["train.budget=10steps"]), run_dir=run, resume=True, say=messages.append)
+    assert summary["steps"] == 10
+
+
+def test_no_intact_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "checkpoints" / "step-00000001").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        ckpt.latest_checkpoint(tmp_path, warn=lambda *_: None)
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tiny_mlm_data, tmp_path, monkeypatch):
+    import cramkit.train.run as run_module
+
+    calls = {"n": 0}
+    real_build = run_module.build_model
+
+    def build_poisoned(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls["n"] += 1
+            if model.training and calls["n"] in (3, 4):  # two bad steps, then healthy again
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(run_module, "build_model", build_poisoned)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=6steps", "train.micro_batch=8")
+    summary = pretrain(cfg, say=lambda *_: None)
+    assert summary["nonfinite_steps"] == 2 and summary["steps"] == 6
+
+    calls["n"] = -10_000  # from now on every step is poisoned
+    def always_nan(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+
+        def poisoned(*a, **k):
+            out = forward(*a, **k)
+            if model.training:
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(run_module, "build_model", always_nan)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.max_nonfinite=3", name="nan")
+    with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
+        pretrain(cfg, say=lambda *_: None)
