@@ -4,14 +4,14 @@ Usage (from the repo root):
 
     PYTHONPATH=src python benchmarks/prepare_throughput.py [--files 5] [--sample-mb 32]
 
-Runs, each ``prepare`` in its own subprocess so its peak RSS can be read with
-``getrusage(RUSAGE_CHILDREN)``:
+Runs, each ``prepare`` in its own subprocess so its peak RSS can be read (``os.wait4``):
 
 1. ``prepare`` of the first ``--files`` enwiki-2015 train shards (xz, decompressed on the fly),
    including WordPiece training on the first ``--sample-mb`` MB;
 2. the same with that tokenizer reused (``tokenizer_file``): the streaming pipeline alone
    (read, normalise, tokenize, filter, order, pack, write);
-3. in this process, ``Tokenizer.encode_batch_fast`` on the same documents, already in memory.
+3. the pipeline on the first shard only, to show peak memory does not grow with corpus size;
+4. in this process, ``Tokenizer.encode_batch_fast`` on the same documents, already in memory.
 
 Prints a Markdown table. Needs ../shared/data beside the checkout.
 """
@@ -23,7 +23,6 @@ import json
 import lzma
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,18 +44,27 @@ print(json.dumps({"seconds": time.perf_counter() - t}))
 
 
 def run_child(cfg: dict, out: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB of all children so far) for one prepare in a subprocess."""
+    """(seconds, peak RSS in MB) of one prepare in a subprocess.
+
+    ``os.wait4`` returns that child's own rusage; ``getrusage(RUSAGE_CHILDREN)`` would give the
+    maximum over every child so far.
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    res = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(cfg), str(out)],
         env=env,
-        check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    seconds = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
-    return seconds, peak_mb
+    stdout = proc.stdout.read()
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed:\n{stderr}")
+    seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+    return seconds, usage.ru_maxrss / 1024  # KiB on Linux
 
 
 def read_docs(files: list[Path]) -> list[str]:
@@ -101,7 +109,12 @@ def main() -> int:
         t_full, peak_full = run_child(base, tmp / "full")
         manifest = json.loads((tmp / "full" / "manifest.json").read_text())
         tok_file = tmp / "full" / "tokenizer.json"
-        t_pipe, peak_all = run_child({**base, "tokenizer_file": str(tok_file)}, tmp / "reuse")
+        reuse = {**base, "tokenizer_file": str(tok_file)}
+        t_pipe, peak_pipe = run_child(reuse, tmp / "reuse")
+        # The same pipeline on one shard: peak memory should not grow with corpus size.
+        one = {**reuse, "sources": base["sources"][:1]}
+        t_one, peak_one = run_child(one, tmp / "one")
+        one_mb = sum(len(d.encode("utf-8")) for d in read_docs(files[:1])) / 1e6
 
         docs = read_docs(files)
         raw_mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
@@ -118,7 +131,7 @@ def main() -> int:
     tokens = sum(manifest["splits"][s]["content_tokens"] for s in ("train", "val"))
     rows = [
         ("prepare, incl. tokenizer training", t_full, peak_full, tokens),
-        ("prepare, tokenizer reused (pipeline only)", t_pipe, peak_all, tokens),
+        ("prepare, tokenizer reused (pipeline only)", t_pipe, peak_pipe, tokens),
         ("raw tokenizers encode_batch_fast (in memory)", t_raw, None, n_tokens),
     ]
     print(f"# {len(files)} enwiki shards, {raw_mb:.1f} MB of UTF-8 text, {len(docs)} documents")
@@ -128,6 +141,10 @@ def main() -> int:
     for name, secs, peak, ntok in rows:
         peak_s = f"{peak:.0f}" if peak is not None else "-"
         print(f"| {name} | {secs:.1f} | {raw_mb / secs:.2f} | {ntok / secs:,.0f} | {peak_s} |")
+    print(
+        f"# memory vs corpus size: 1 shard ({one_mb:.1f} MB) pipeline-only peak RSS "
+        f"{peak_one:.0f} MB in {t_one:.1f} s; {len(files)} shards ({raw_mb:.1f} MB) {peak_pipe:.0f} MB"
+    )
     print(f"# tokens: prepare {tokens:,} (after normalisation), raw {n_tokens:,}")
     print(f"# filter stats: {json.dumps(manifest['filter_stats'])}")
     print(f"# splits: { {s: v['sequences'] for s, v in manifest['splits'].items()} } sequences")

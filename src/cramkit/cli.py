@@ -15,7 +15,7 @@ import warnings
 from .errors import CramkitError
 
 # Modules that register subcommands, in help order.
-COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli")
+COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli", "cramkit.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

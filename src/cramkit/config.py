@@ -16,6 +16,7 @@ import tomllib
 from .budget import Budget
 from .configbase import Config, apply_overrides, deep_merge, did_you_mean, field
 from .data.config import PrepareConfig
+from .distributed.config import MemoryConfig, ParallelConfig
 from .errors import ConfigError
 from .models.config import ModelConfig
 from .models.presets import get_preset
@@ -97,12 +98,36 @@ class OptimConfig(Config):
     momentum: float = field(0.9, help="SGD momentum")
     weight_decay: float = field(0.01, help="decoupled weight decay (never on norms and biases)")
     decay_embeddings: bool = field(True, help="apply weight decay to embedding matrices")
+    base: str = field("adamw", help="sam: the optimizer SAM wraps (any registered name but sam)")
+    sam_rho: float = field(0.05, help="sam: radius of the ascent step")
+    sam_every: int = field(1, help="sam: sharpness-aware step every k steps, plain base steps between")
+    sam_adaptive: bool = field(False, help="sam: adaptive SAM (ASAM), ascent scaled by w^2")
+    muon_lr: float = field(0.02, help="muon: peak learning rate of the hidden matrices (AdamW groups use lr)")
+    muon_momentum: float = field(0.95, help="muon: momentum of the orthogonalised update")
+    lars_trust: float = field(0.001, help="lars: trust coefficient eta of the layer-wise ratio")
+    lr_scaling: Literal["none", "linear", "sqrt"] = field(
+        "none", help="scale lr (and muon_lr) by batch_size/base_batch_size (linear) or its sqrt"
+    )
+    base_batch_size: int = field(256, help="the batch size at which lr was tuned (for lr_scaling)")
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        from .optim import OPTIMIZERS, get_factory
+
+        get_factory(self.name)
+        if self.name == "sam" and self.base == "sam":
+            raise ConfigError("optim.base=sam: SAM cannot wrap itself; choose e.g. optim.base=adamw")
+        if self.base not in OPTIMIZERS:
+            get_factory(self.base)
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise ConfigError(f"optim.lr and optim.muon_lr must be positive, got {self.lr}, {self.muon_lr}")
         if self.weight_decay < 0:
             raise ConfigError("optim.weight_decay must be >= 0")
+        if self.sam_rho < 0 or self.sam_every < 1:
+            raise ConfigError("optim.sam_rho must be >= 0 and optim.sam_every >= 1")
+        if self.lars_trust <= 0:
+            raise ConfigError(f"optim.lars_trust must be positive, got {self.lars_trust}")
+        if self.base_batch_size < 1:
+            raise ConfigError(f"optim.base_batch_size must be >= 1, got {self.base_batch_size}")
 
 
 @dataclasses.dataclass
@@ -142,6 +167,8 @@ class RunConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig, help="training loop")
     optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer")
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, help="learning-rate schedule")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, help="multi-process training under torchrun")
+    memory: MemoryConfig = field(default_factory=MemoryConfig, help="activation checkpointing and offloading")
     techniques: list[str] = field(default_factory=list, help="techniques to enable, e.g. [pld,vcycle]")
     technique: dict[str, Any] = field(default_factory=dict, help="per-technique options: technique.NAME.KEY=VALUE")
     finetune_demo: bool = field(False, help="after pretraining, fine-tune on the embedded BBC task (pretrained vs random)")

@@ -10,7 +10,6 @@ from data_helpers import small_cfg, synthetic_docs, write_corpus
 
 from cramkit.data.dataset import TokenDataset
 from cramkit.data.prepare import cached_prepare, prepare
-from cramkit.data.tokenizer import build_normalizer
 from cramkit.errors import DataError
 
 
@@ -27,16 +26,15 @@ def _content_stream(ds: TokenDataset, split: str) -> np.ndarray:
 def _check_reconstruction(ds: TokenDataset, cfg, docs: list[str]) -> None:
     """Every kept document appears exactly once, whole, in exactly one split, in source order."""
     tok = ds.load_tokenizer()
-    norm = build_normalizer(cfg)
-    seen, texts = set(), []
-    for d in docs:
-        text = norm.normalize_str(d) if norm else d
-        if len(text) < cfg.min_chars or text in seen:
-            continue
-        seen.add(text)
-        texts.append(text)
+    # Normalisation lives in the saved tokenizer, so encoding the raw text applies it.
+    assert (tok.normalizer is not None) == any(cfg.normalisation().values())
+    texts = [d for d in docs if len(d) >= cfg.min_chars]
     encoded = tok.encode_batch_fast(texts, add_special_tokens=False)
-    kept = [(text, np.asarray(enc.ids)) for text, enc in zip(texts, encoded)]
+    seen, kept = set(), []
+    for text, enc in zip(texts, encoded):
+        if tuple(enc.ids) not in seen:  # exact duplicates of the normalised, tokenized text
+            seen.add(tuple(enc.ids))
+            kept.append((text, np.asarray(enc.ids)))
     train, val = _content_stream(ds, "train"), _content_stream(ds, "val")
     assert len(train) + len(val) == sum(len(ids) for _, ids in kept)
     pos = {"train": 0, "val": 0}
@@ -229,3 +227,11 @@ def test_weights_repeat_into_train_only(tmp_path):
     assert 5 <= s["weight_zero"]["docs"] <= 25
     assert s["repeated"]["docs"] == 30
     assert ds.manifest["splits"]["train"]["docs"] == s["kept"]["docs"] + 30
+
+
+def test_progress_bar_on_request_only(tmp_path, synth_corpus, capsys):
+    prepare(small_cfg([synth_corpus]), tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "prepare:" in err and "docs=" in err and "B/s" in err
+    prepare(small_cfg([synth_corpus]), tmp_path / "b", progress=None)  # stderr is not a TTY
+    assert "docs=" not in capsys.readouterr().err

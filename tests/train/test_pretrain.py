@@ -222,3 +222,12 @@ def test_nonfinite_losses_are_skipped_then_stop(tiny_mlm_data, tmp_path, monkeyp
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.max_nonfinite=3", name="nan")
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
         pretrain(cfg, say=lambda *_: None)
+
+
+def test_training_continues_past_one_epoch(tiny_mlm_data, tmp_path):
+    from cramkit.data.dataset import TokenDataset
+
+    per_epoch = TokenDataset.open(tiny_mlm_data).num_sequences("train") // 256
+    cfg = tiny_config(tiny_mlm_data, tmp_path, f"train.budget={per_epoch + 3}steps",
+                      "train.micro_batch=256", "train.batch_size=256")
+    assert pretrain(cfg, say=lambda *_: None)["steps"] == per_epoch + 3

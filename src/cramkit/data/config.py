@@ -42,7 +42,9 @@ class PrepareConfig(Config):
     vocab_size: int = field(32768, help="tokenizer vocabulary size to train (before padding to 64)")
     min_frequency: int = field(2, help="minimum pair/word frequency for tokenizer training")
     tokenizer_sample_mb: float = field(
-        64.0, help="train the tokenizer on the first this-many MB of (normalised) documents"
+        64.0,
+        help="train the tokenizer on the first this-many million characters of documents "
+        "(bounds memory and time)",
     )
     seq_len: int = field(128, help="tokens per packed sequence (including [CLS]/[SEP] framing)")
     val_fraction: float = field(
@@ -56,8 +58,12 @@ class PrepareConfig(Config):
     collapse_whitespace: bool = field(
         False, help="replace every run of whitespace (newlines too) by one space and strip"
     )
-    dedup: bool = field(True, help="drop exact duplicates (hash of the normalised text)")
-    min_chars: int = field(1, help="drop documents shorter than this many normalised characters")
+    dedup: bool = field(
+        True, help="drop exact duplicates (8-byte hash of the normalised document's token ids)"
+    )
+    min_chars: int = field(
+        1, help="drop documents shorter than this many characters (of the source text)"
+    )
     max_token_ratio: float = field(
         0.0,
         help="cramming's compressibility filter: drop documents with tokens/characters above "

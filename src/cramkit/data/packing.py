@@ -5,7 +5,9 @@ Layout of a sequence:
 * CLM: documents concatenated, each followed by the end-of-document token, cut every ``seq_len``
   tokens (a document may continue in the next sequence).
 * MLM: documents concatenated with ``[SEP]`` between consecutive documents, cut every
-  ``seq_len - 2`` tokens, each piece framed ``[CLS] piece [SEP]``.
+  ``seq_len - 2`` tokens, each piece framed ``[CLS] piece [SEP]``. Long documents continue in
+  the next sequence; a between-documents ``[SEP]`` that falls on a cut starts the next piece
+  (``[CLS] [SEP] ...``), which keeps the stream, and so the token accounting, exact.
 
 The last partial sequence of a split is padded with the pad token (``last_sequence=pad``, the
 default, so no token is lost) or dropped (``drop``); both are counted in the split's stats.

@@ -1,10 +1,18 @@
 """``prepare``: text sources -> tokenizer + packed token shards + ``manifest.json``.
 
-One streaming pass (after a bounded pass that trains the tokenizer) reads documents, normalises
-them, tokenizes them in batches, filters (length floor, exact de-duplication, compressibility),
+One streaming pass (after a bounded pass that trains the tokenizer) reads documents, tokenizes
+them in batches (normalisation is part of the tokenizer, so it runs inside ``encode_batch`` on all
+cores), filters (length floor, exact de-duplication, compressibility),
 carves the validation split by document, orders the training documents and packs both splits into
 shards. Memory is bounded by ``batch_docs``, ``order_buffer_tokens`` and a set of 8-byte digests
 (one per distinct document).
+
+Filters, in order, each counted (documents, tokens, characters) in the manifest's
+``filter_stats``: ``weight_zero`` (a fractional source weight dropped it), ``too_short`` (fewer
+than ``min_chars`` characters of source text), ``duplicate`` (exact duplicate: the 8-byte
+blake2b digest of the normalised document's token ids was seen before, so documents whose
+normalised text is identical always match), ``compressibility`` (tokens / characters above
+``max_token_ratio``).
 
 Ordering (training split only; validation stays in source order):
 
@@ -26,10 +34,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +54,6 @@ from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
 from .tokenizer import (
-    build_normalizer,
     encoding_copy,
     load_tokenizer,
     padded_vocab_size,
@@ -146,17 +155,64 @@ def _difference(old: dict, cfg: PrepareConfig) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _normalised_texts(cfg: PrepareConfig, norm) -> Iterator[str]:
+def _sample_texts(cfg: PrepareConfig) -> Iterator[str]:
     for doc in iter_documents(cfg):
-        text = norm(doc.text) if norm else doc.text
-        if doc.repeat and len(text) >= cfg.min_chars:
-            yield text
+        if doc.repeat and len(doc.text) >= cfg.min_chars:
+            yield doc.text
 
 
-def _get_tokenizer(cfg: PrepareConfig, norm):
+def _get_tokenizer(cfg: PrepareConfig):
     if cfg.tokenizer_file:
         return load_tokenizer(cfg.tokenizer_file)
-    return train_tokenizer(_normalised_texts(cfg, norm), cfg)
+    return train_tokenizer(_sample_texts(cfg), cfg)
+
+
+def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
+    """Batches of documents read by a background thread.
+
+    Reading (decompression, line splitting, UTF-8 checks) is Python work that holds the GIL;
+    ``encode_batch`` releases it, so the next batch is read while the current one is encoded.
+    """
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            batch: list[Doc] = []
+            for doc in docs:
+                batch.append(doc)
+                if len(batch) >= size:
+                    if not put(batch):
+                        return
+                    batch = []
+            if put(batch):
+                put(None)
+        except BaseException as exc:  # re-raised in the consumer, with its message intact
+            put(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if item:
+                yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _sentence_key(text: str, n_tokens: int) -> float:
@@ -212,7 +268,7 @@ def _progress_bar(cfg: PrepareConfig, sources: list[Source], progress: bool | No
 
     enabled = sys.stderr.isatty() if progress is None else progress
     return tqdm(
-        total=total_bytes(sources),
+        total=None if cfg.max_docs else total_bytes(sources),
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
@@ -225,9 +281,7 @@ def _progress_bar(cfg: PrepareConfig, sources: list[Source], progress: bool | No
 
 def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progress) -> dict:
     t0 = time.time()
-    normalizer = build_normalizer(cfg)
-    norm = normalizer.normalize_str if normalizer is not None else None
-    tok = _get_tokenizer(cfg, norm)
+    tok = _get_tokenizer(cfg)
     tok.save(str(tmp / TOKENIZER))
     ids = special_ids(tok)
     _check_specials(cfg, ids)
@@ -263,10 +317,11 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             repeated["docs"] += repeat - 1
             repeated["tokens"] += (repeat - 1) * len(tokens)
 
-    def handle(batch: list[tuple[Doc, str]]) -> None:
-        encodings = encoder.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
-        for (doc, text), enc in zip(batch, encodings):
-            n = len(enc.ids)
+    def handle(batch: list[Doc]) -> None:
+        encodings = encoder.encode_batch_fast([doc.text for doc in batch], add_special_tokens=False)
+        for doc, enc in zip(batch, encodings):
+            text, ids_list = doc.text, enc.ids  # .ids builds a new list on every access
+            n = len(ids_list)
             _count(stats, "read", text, n)
             if doc.repeat == 0:
                 _count(stats, "weight_zero", text, n)
@@ -274,8 +329,9 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             if len(text) < cfg.min_chars:
                 _count(stats, "too_short", text, n)
                 continue
+            tokens = np.asarray(ids_list, dtype=np.uint32)
             if cfg.dedup:
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+                digest = hashlib.blake2b(tokens.tobytes(), digest_size=8).digest()
                 if digest in seen:
                     _count(stats, "duplicate", text, n)
                     continue
@@ -287,23 +343,16 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             to_val = bool(split_rng.random() < cfg.val_fraction)
             if pending:
                 dispatch(*pending.pop())
-            pending.append(((np.asarray(enc.ids, dtype=np.uint32), text, doc.repeat), to_val))
+            pending.append(((tokens, text, doc.repeat), to_val))
 
     bar = _progress_bar(cfg, sources, progress)
-    batch: list[tuple[Doc, str]] = []
     n_docs = 0
     try:
-        for doc in iter_documents(cfg, sources):
-            text = norm(doc.text) if norm else doc.text
-            batch.append((doc, text))
-            n_docs += 1
-            bar.update(doc.nbytes)
-            if len(batch) >= cfg.batch_docs:
-                handle(batch)
-                batch = []
-                bar.set_postfix(docs=n_docs, refresh=False)
-        if batch:
+        for batch in _batches(iter_documents(cfg, sources), cfg.batch_docs):
             handle(batch)
+            n_docs += len(batch)
+            bar.update(sum(doc.nbytes for doc in batch))
+            bar.set_postfix(docs=n_docs, refresh=False)
     finally:
         bar.close()
     if pending:

@@ -66,8 +66,10 @@ def _bounded_sample(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
     """Train the configured tokenizer on (at most ``tokenizer_sample_mb`` MB of) ``texts``.
 
-    ``texts`` should already be normalised; the normaliser is attached afterwards for users of
-    the saved file. Raises DataError when the corpus cannot support the requested vocabulary.
+    ``texts`` are raw: the configured normaliser is part of the tokenizer, so training, encoding
+    and every later user of the saved file see the same normalisation. Raises DataError when the
+    corpus cannot support the requested vocabulary. Byte-level BPE never has fewer than 256 + 2
+    tokens (its byte alphabet and special tokens), whatever ``vocab_size`` asks for.
     """
     sample = _bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6))
     kind = cfg.tokenizer_kind
@@ -94,6 +96,9 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
+    norm = build_normalizer(cfg)
+    if norm is not None:
+        tok.normalizer = norm
     n_texts = 0
 
     def counted() -> Iterator[str]:
@@ -119,9 +124,6 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
-    norm = build_normalizer(cfg)
-    if norm is not None:
-        tok.normalizer = norm
     return tok
 
 
@@ -145,11 +147,10 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def encoding_copy(tok: Tokenizer) -> Tokenizer:
-    """A copy for encoding already-normalised text: no normaliser (no double work), no
-    post-processor, and special-token strings in the text are encoded as plain text so a
-    document containing '[SEP]' cannot inject a separator."""
+    """A copy for packing: no post-processor (framing is the packer's job), and special-token
+    strings in the text are encoded as plain text so a document containing '[SEP]' cannot
+    inject a separator."""
     enc = Tokenizer.from_str(tok.to_str())
-    enc.normalizer = None
     enc.post_processor = None
     enc.encode_special_tokens = True
     return enc

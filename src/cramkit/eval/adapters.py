@@ -37,9 +37,7 @@ def _require_peft():
     try:
         import peft
     except ImportError:
-        raise ConfigError(
-            "PEFT needs the 'peft' package (pip install 'cramkit[hf]')"
-        ) from None
+        raise ConfigError("PEFT needs the 'peft' package (pip install 'cramkit[hf]')") from None
     return peft
 
 
@@ -66,15 +64,21 @@ def target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
 
 def _lora(peft, names: list[str], opts: PeftOptions):
     return peft.LoraConfig(
-        r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-        target_modules=names, modules_to_save=["classifier"],
+        r=opts.rank,
+        lora_alpha=opts.alpha,
+        lora_dropout=opts.dropout,
+        target_modules=names,
+        modules_to_save=["classifier"],
     )
 
 
 def _loha(peft, names: list[str], opts: PeftOptions):
     return peft.LoHaConfig(
-        r=opts.rank, alpha=opts.alpha, module_dropout=opts.dropout,
-        target_modules=names, modules_to_save=["classifier"],
+        r=opts.rank,
+        alpha=opts.alpha,
+        module_dropout=opts.dropout,
+        target_modules=names,
+        modules_to_save=["classifier"],
     )
 
 
@@ -83,7 +87,9 @@ def _ia3(peft, names: list[str], opts: PeftOptions):
     # down projection is the one whose input is the feed-forward activation.
     ff = [n for n in names if n.endswith("ffn.down")]
     return peft.IA3Config(
-        target_modules=names, feedforward_modules=ff, modules_to_save=["classifier"],
+        target_modules=names,
+        feedforward_modules=ff,
+        modules_to_save=["classifier"],
     )
 
 

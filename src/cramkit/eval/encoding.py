@@ -83,7 +83,9 @@ class TaskEncoder:
         if causal:
             end = special.eod if special.eod is not None else special.sep
             self.prefix: list[int] = []
-            self.middle = [special.sep if special.sep is not None else end] if end is not None else []
+            self.middle = (
+                [special.sep if special.sep is not None else end] if end is not None else []
+            )
             self.suffix = [end] if end is not None else []
         else:
             if special.cls is None or special.sep is None:
@@ -92,9 +94,7 @@ class TaskEncoder:
                     "names none); cannot build BERT-style inputs"
                 )
             self.prefix, self.middle, self.suffix = [special.cls], [special.sep], [special.sep]
-        self.pad_id = next(
-            (i for i in (special.pad, special.eod, 0) if i is not None), 0
-        )
+        self.pad_id = next((i for i in (special.pad, special.eod, 0) if i is not None), 0)
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]

@@ -258,18 +258,27 @@ def train_one(
     torch.manual_seed(seed)
     encoder_model = backbone.build(cfg.dropout, cfg.attention_dropout)
     model: nn.Module = SequenceClassifier(
-        encoder_model, backbone.model_config.hidden, spec.num_labels, cfg.pooling, cfg.dropout,
+        encoder_model,
+        backbone.model_config.hidden,
+        spec.num_labels,
+        cfg.pooling,
+        cfg.dropout,
         causal=backbone.model_config.causal,
     )
     if cfg.peft != "none":
-        opts = PeftOptions(cfg.peft, cfg.peft_rank, cfg.peft_alpha, cfg.peft_dropout,
-                           tuple(cfg.peft_targets))
+        opts = PeftOptions(
+            cfg.peft, cfg.peft_rank, cfg.peft_alpha, cfg.peft_dropout, tuple(cfg.peft_targets)
+        )
         model = apply_peft(model, opts)
     model.to(device)
     counts = parameter_counts(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        params,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
         fused=device.type == "cuda",
     )
     per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -367,9 +376,7 @@ def finetune(
     for i, seed in enumerate(cfg.seeds):
         target = Path(save_dir) / f"seed-{seed}" if (save_dir and cfg.save and i == 0) else None
         runs.append(train_one(backbone, encoder, train, evals, task, cfg, seed, device, target))
-    metrics = {
-        entry: median_metrics([r["metrics"][entry] for r in runs]) for entry in task.evals
-    }
+    metrics = {entry: median_metrics([r["metrics"][entry] for r in runs]) for entry in task.evals}
     return {
         "task": task.spec.name,
         "init": "random" if backbone.random_init else "pretrained",

@@ -105,7 +105,9 @@ def get_metric(name: str) -> MetricFn:
         ) from None
 
 
-def compute_metrics(names: Iterable[str], predictions: Sequence, labels: Sequence) -> dict[str, float]:
+def compute_metrics(
+    names: Iterable[str], predictions: Sequence, labels: Sequence
+) -> dict[str, float]:
     """Every named metric on one set of predictions."""
     return {name: get_metric(name)(predictions, labels) for name in names}
 

@@ -23,7 +23,9 @@ from .tasks import TaskSpec, get_task, glue_available, glue_tasks, load_task
 Log = Callable[[str], None]
 
 
-def select_glue_tasks(data_dir: str | Path, names: Sequence[str] | None = None) -> tuple[list[TaskSpec], dict[str, str]]:
+def select_glue_tasks(
+    data_dir: str | Path, names: Sequence[str] | None = None
+) -> tuple[list[TaskSpec], dict[str, str]]:
     """The GLUE tasks to run and ``{skipped task: reason}``.
 
     Without ``names``: every registered GLUE task whose train and dev files are in ``data_dir``.
@@ -53,7 +55,8 @@ def select_glue_tasks(data_dir: str | Path, names: Sequence[str] | None = None) 
     chosen = [s for s in all_glue if glue_available(s, data_dir)]
     skipped = {
         s.name: f"train/dev files not in {data_dir / (s.glue_dir or s.name)}"
-        for s in all_glue if s not in chosen
+        for s in all_glue
+        if s not in chosen
     }
     if not chosen:
         raise DataError(
@@ -70,9 +73,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         entries.update(r["metrics"])
     avg = glue_average(entries)
     return {
-        "entries": {
-            e: {k: to_percent(v) for k, v in m.items()} for e, m in entries.items()
-        },
+        "entries": {e: {k: to_percent(v) for k, v in m.items()} for e, m in entries.items()},
         "scores": {e: to_percent(s) for r in results for e, s in r["scores"].items()},
         "average": to_percent(avg),
         "average_note": "mean of per-entry scores (mean of each task's metrics); WNLI excluded; "
@@ -83,19 +84,28 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: a table per task, then a summary with the average."""
     lines = [f"# {report['suite'].upper()} evaluation — {report['init']} init", ""]
-    lines.append(f"Run: `{report['run_dir']}`; seeds {report['seeds']} (median reported); "
-                 f"{report['seconds']:.0f} s.")
+    lines.append(
+        f"Run: `{report['run_dir']}`; seeds {report['seeds']} (median reported); "
+        f"{report['seconds']:.0f} s."
+    )
     lines.append("")
     for r in report["tasks"]:
-        lines += [f"## {r['task']}", "", "| entry | metric | median | min-max score |",
-                  "| --- | --- | ---: | --- |"]
+        lines += [
+            f"## {r['task']}",
+            "",
+            "| entry | metric | median | per seed |",
+            "| --- | --- | ---: | --- |",
+        ]
         for entry, metrics in r["metrics"].items():
-            spread = r["score_spread"][entry]
-            span = f"{to_percent(spread['min']):.2f}-{to_percent(spread['max']):.2f}"
             for name, value in metrics.items():
-                lines.append(f"| {entry} | {name} | {to_percent(value):.2f} | {span} |")
-        lines += ["", f"{r['train_examples']} training examples, {r['steps']} steps per seed, "
-                  f"{r['parameters']['trainable']:,} trainable parameters.", ""]
+                seeds = ", ".join(f"{to_percent(s[entry][name]):.2f}" for s in r["per_seed"])
+                lines.append(f"| {entry} | {name} | {to_percent(value):.2f} | {seeds} |")
+        lines += [
+            "",
+            f"{r['train_examples']} training examples, {r['steps']} steps per seed, "
+            f"{r['parameters']['trainable']:,} trainable parameters.",
+            "",
+        ]
     summary = report["summary"]
     lines += ["## Summary", "", "| entry | score |", "| --- | ---: |"]
     for entry, score in summary["scores"].items():

@@ -101,7 +101,7 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 
 
 def register_loader(kind: str) -> Callable[[Callable[..., TaskData]], Callable[..., TaskData]]:
-    """Decorator: a function ``(spec, data_dir) -> TaskData`` for tasks of ``spec.source == kind``."""
+    """Decorator: register ``fn(spec, data_dir) -> TaskData`` for ``spec.source == kind``."""
 
     def deco(fn: Callable[..., TaskData]) -> Callable[..., TaskData]:
         LOADERS[kind] = fn
@@ -131,9 +131,15 @@ def glue_tasks() -> list[TaskSpec]:
 def _glue(name, folder, text, label, pair=None, labels=("0", "1"), metrics=("accuracy",), **kw):
     return register_task(
         TaskSpec(
-            name=name, glue_dir=folder, text_column=text, text_pair_column=pair,
-            label_column=label, labels=labels, metrics=metrics,
-            eval_splits=kw.pop("eval_splits", ((name, "dev"),)), hf_name=kw.pop("hf_name", name),
+            name=name,
+            glue_dir=folder,
+            text_column=text,
+            text_pair_column=pair,
+            label_column=label,
+            labels=labels,
+            metrics=metrics,
+            eval_splits=kw.pop("eval_splits", ((name, "dev"),)),
+            hf_name=kw.pop("hf_name", name),
             **kw,
         )
     )
@@ -141,31 +147,104 @@ def _glue(name, folder, text, label, pair=None, labels=("0", "1"), metrics=("acc
 
 _NLI = ("entailment", "not_entailment")
 # Label orders follow HF `datasets` GLUE so that HF's integer labels index the same classes.
-_glue("cola", "CoLA", 3, 1, has_header=False, metrics=("matthews",),
-      hf_columns=("sentence", None), description="grammatical acceptability")
-_glue("sst2", "SST-2", "sentence", "label", hf_columns=("sentence", None),
-      description="movie review sentiment")
-_glue("mrpc", "MRPC", "#1 String", "Quality", pair="#2 String", metrics=("f1", "accuracy"),
-      hf_columns=("sentence1", "sentence2"), description="paraphrase")
-_glue("stsb", "STS-B", "sentence1", "score", pair="sentence2", labels=None,
-      metrics=("pearson", "spearman"), is_regression=True,
-      hf_columns=("sentence1", "sentence2"), description="semantic similarity 0-5")
-_glue("qqp", "QQP", "question1", "is_duplicate", pair="question2", metrics=("f1", "accuracy"),
-      hf_columns=("question1", "question2"), description="question paraphrase")
-_glue("mnli", "MNLI", "sentence1", "gold_label", pair="sentence2",
-      labels=("entailment", "neutral", "contradiction"),
-      eval_splits=(("mnli-m", "dev_matched"), ("mnli-mm", "dev_mismatched")),
-      hf_columns=("premise", "hypothesis"), description="natural language inference")
-_glue("qnli", "QNLI", "question", "label", pair="sentence", labels=_NLI,
-      hf_columns=("question", "sentence"), description="question answering NLI")
-_glue("rte", "RTE", "sentence1", "label", pair="sentence2", labels=_NLI,
-      hf_columns=("sentence1", "sentence2"), description="textual entailment")
-_glue("wnli", "WNLI", "sentence1", "label", pair="sentence2",
-      hf_columns=("sentence1", "sentence2"), description="Winograd NLI (not averaged)")
+_glue(
+    "cola",
+    "CoLA",
+    3,
+    1,
+    has_header=False,
+    metrics=("matthews",),
+    hf_columns=("sentence", None),
+    description="grammatical acceptability",
+)
+_glue(
+    "sst2",
+    "SST-2",
+    "sentence",
+    "label",
+    hf_columns=("sentence", None),
+    description="movie review sentiment",
+)
+_glue(
+    "mrpc",
+    "MRPC",
+    "#1 String",
+    "Quality",
+    pair="#2 String",
+    metrics=("f1", "accuracy"),
+    hf_columns=("sentence1", "sentence2"),
+    description="paraphrase",
+)
+_glue(
+    "stsb",
+    "STS-B",
+    "sentence1",
+    "score",
+    pair="sentence2",
+    labels=None,
+    metrics=("pearson", "spearman"),
+    is_regression=True,
+    hf_columns=("sentence1", "sentence2"),
+    description="semantic similarity 0-5",
+)
+_glue(
+    "qqp",
+    "QQP",
+    "question1",
+    "is_duplicate",
+    pair="question2",
+    metrics=("f1", "accuracy"),
+    hf_columns=("question1", "question2"),
+    description="question paraphrase",
+)
+_glue(
+    "mnli",
+    "MNLI",
+    "sentence1",
+    "gold_label",
+    pair="sentence2",
+    labels=("entailment", "neutral", "contradiction"),
+    eval_splits=(("mnli-m", "dev_matched"), ("mnli-mm", "dev_mismatched")),
+    hf_columns=("premise", "hypothesis"),
+    description="natural language inference",
+)
+_glue(
+    "qnli",
+    "QNLI",
+    "question",
+    "label",
+    pair="sentence",
+    labels=_NLI,
+    hf_columns=("question", "sentence"),
+    description="question answering NLI",
+)
+_glue(
+    "rte",
+    "RTE",
+    "sentence1",
+    "label",
+    pair="sentence2",
+    labels=_NLI,
+    hf_columns=("sentence1", "sentence2"),
+    description="textual entailment",
+)
+_glue(
+    "wnli",
+    "WNLI",
+    "sentence1",
+    "label",
+    pair="sentence2",
+    hf_columns=("sentence1", "sentence2"),
+    description="Winograd NLI (not averaged)",
+)
 register_task(
     TaskSpec(
-        name="bbc", source="bbc", text_column="text", label_column="label",
-        metrics=("accuracy", "macro_f1"), eval_splits=(("bbc", "dev"),),
+        name="bbc",
+        source="bbc",
+        text_column="text",
+        label_column="label",
+        metrics=("accuracy", "macro_f1"),
+        eval_splits=(("bbc", "dev"),),
         description="BBC News topic, 5 classes; fixed stratified 80/20 split, seed 0",
     )
 )
@@ -217,9 +296,7 @@ def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, 
             reader = csv.reader(f)
             lines: Iterator[tuple[int, list[str]]] = ((reader.line_num, r) for r in reader)
         else:
-            lines = (
-                (n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1)
-            )
+            lines = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1))
         header: list[str] | None = None
         for lineno, fields in lines:
             if header is None and has_header:
@@ -231,17 +308,23 @@ def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, 
                 yield lineno, dict(enumerate(fields))
             else:
                 # Extra trailing fields (some GLUE rows have them) are ignored; missing ones
-                # surface as a missing column when the loader asks for them.
-                yield lineno, dict(zip(header, fields))
+                # are None so that the loader can tell a short row from a bad header.
+                yield lineno, dict(zip(header, fields + [None] * (len(header) - len(fields))))
 
 
 def _column_error(path: Path, lineno: int, column: Column, row: dict) -> DataError:
     if isinstance(column, int):
         return DataError(f"{path}:{lineno}: row has {len(row)} fields, column #{column} missing")
-    have = ", ".join(str(k) for k in row)
+    if column in row:
+        have = sum(v is not None for v in row.values())
+        return DataError(
+            f"{path}:{lineno}: missing column '{column}' (row has {have} of {len(row)} fields)"
+        )
+    names = [str(k) for k in row]
+    where = "1" if path.name.lower().removesuffix(".gz").endswith((".tsv", ".csv")) else lineno
     return DataError(
-        f"{path}:{lineno}: missing column '{column}'{did_you_mean(str(column), map(str, row))}"
-        f" (columns: {have})"
+        f"{path}:{where}: missing column '{column}'{did_you_mean(str(column), names)}"
+        f" (columns: {', '.join(names)})"
     )
 
 
@@ -351,12 +434,17 @@ def load_glue_hf(spec: TaskSpec) -> TaskData:
 
     def convert(split) -> list[Example]:
         return [
-            Example(r[a], r[b] if b else None, float(r["label"]) if spec.is_regression
-                    else int(r["label"]))
+            Example(
+                r[a],
+                r[b] if b else None,
+                float(r["label"]) if spec.is_regression else int(r["label"]),
+            )
             for r in split
         ]
 
-    evals = {entry: convert(ds[hf_splits.get(entry, "validation")]) for entry, _ in spec.eval_splits}
+    evals = {
+        entry: convert(ds[hf_splits.get(entry, "validation")]) for entry, _ in spec.eval_splits
+    }
     return TaskData(spec, convert(ds["train"]), evals)
 
 
@@ -390,7 +478,7 @@ def load_bbc(spec: TaskSpec, data_dir: str | Path | None = None, seed: int = 0) 
 
 
 def _default_dev(train: Path) -> Path | None:
-    suffix = train.name[len(train.name.split(".")[0]):]
+    suffix = train.name[len(train.name.split(".")[0]) :]
     for stem in ("dev", "validation", "valid", "test"):
         p = train.with_name(stem + suffix)
         if p.is_file() and p != train:
@@ -423,9 +511,13 @@ def file_task(
     if metrics is None:
         metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
     spec = TaskSpec(
-        name=name or train.parent.name or train.stem, source="file", text_column=text_column,
-        text_pair_column=text_pair_column, label_column=label_column,
-        labels=tuple(labels) if labels is not None else None, metrics=tuple(metrics),
+        name=name or train.parent.name or train.stem,
+        source="file",
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
+        labels=tuple(labels) if labels is not None else None,
+        metrics=tuple(metrics),
         is_regression=is_regression,
     )
     if not is_regression and spec.labels is None:
@@ -437,12 +529,12 @@ def file_task(
         if len(seen) < 2:
             raise DataError(f"{train}: fewer than two distinct labels in column '{label_column}'")
         spec = dataclasses.replace(spec, labels=tuple(sorted(seen)))
-    return TaskData(
-        spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)}
-    )
+    return TaskData(spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)})
 
 
-def load_task(name_or_path: str | Path, data_dir: str | Path | None = None, **file_options) -> TaskData:
+def load_task(
+    name_or_path: str | Path, data_dir: str | Path | None = None, **file_options
+) -> TaskData:
     """Load a task by registry name (``bbc``, GLUE names) or from a training-file path.
 
     GLUE tasks are read from ``data_dir`` when given, else from HF ``datasets`` if installed.

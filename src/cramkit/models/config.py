@@ -33,7 +33,9 @@ class ModelConfig(Config):
     norm_position: Literal["pre", "post"] = field(
         "pre", help="'pre': norm inside each residual branch (needs final_norm); 'post': BERT 2018"
     )
-    norm: Literal["layernorm", "rmsnorm"] = field("layernorm", help="normalisation layer")
+    norm: Literal["layernorm", "rmsnorm", "none"] = field(
+        "layernorm", help="normalisation layer; 'none' for inits that train without it (t-fixup, fixup, rezero)"
+    )
     norm_eps: float = field(1e-12, help="epsilon of every norm (BERT 1e-12, GPT-2 1e-5)")
     bias: bool = field(False, help="biases on all linear layers (except the decoder) and on norms")
     ffn: Literal["gelu", "glu"] = field(
@@ -64,10 +66,17 @@ class ModelConfig(Config):
         help="run the LM head only on positions with labels != -100 (same loss, less compute); "
         "logits are then returned for those positions only",
     )
+    residual_scale: Literal["none", "scalar"] = field(
+        "none",
+        help="'scalar': a learnable gain on each residual branch output (block.gain1/gain2), "
+        "set by the init (0 for rezero/skipinit, 1 otherwise)",
+    )
     init: str = field(
         "normal",
-        help="weight initialisation: 'normal' N(0, init_std), 'gpt2' (normal, residual "
-        "projections scaled by 1/sqrt(2*layers)), 'torch-default' (PyTorch's defaults)",
+        help="weight initialisation: 'normal' N(0, init_std) (BERT), 'gpt2' (normal, residual "
+        "projections scaled by 1/sqrt(2*layers)), 'torch-default' (PyTorch's defaults), 'fixup', "
+        "'t-fixup' (both need norm=none), 'rezero' (needs norm=none, residual_scale=scalar), "
+        "'skipinit' (needs residual_scale=scalar)",
     )
     init_std: float = field(0.02, help="standard deviation of the normal initialisations")
 
@@ -86,7 +95,10 @@ class ModelConfig(Config):
         from .layers import ACTIVATIONS, FFNS, NORMS, POSITIONS
 
         ARCHITECTURES.get(self.arch)
-        INITS.get(self.init)
+        # An init may need architecture options (e.g. no norms): it says so with a ``check``.
+        check = getattr(INITS.get(self.init), "check", None)
+        if check is not None:
+            check(self)
         NORMS.get(self.norm)
         FFNS.get(self.ffn)
         POSITIONS.get(self.positions)

@@ -48,6 +48,8 @@ def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
 
 
 def _norm(cfg: ModelConfig) -> int:
+    if cfg.norm == "none":
+        return 0
     # RMSNorm has no shift even when biases are on.
     has_shift = cfg.bias and cfg.norm == "layernorm"
     return cfg.hidden * (2 if has_shift else 1)
@@ -76,6 +78,7 @@ def count_parameters_from_config(cfg: ModelConfig, non_embedding: bool = False) 
         + _linear(h, cfg.intermediate, b)
         + _linear(ffn_inner, h, b)
         + 2 * _norm(cfg)
+        + (2 if cfg.residual_scale == "scalar" else 0)
     )
     count = cfg.layers * block
     count += _norm(cfg) * (int(cfg.embedding_norm) + int(cfg.final_norm))

@@ -40,8 +40,14 @@ def _rmsnorm(width: int, eps: float, bias: bool) -> nn.Module:
     return nn.RMSNorm(width, eps=eps)
 
 
+def _no_norm(width: int, eps: float, bias: bool) -> nn.Module:
+    # For inits that make normalisation unnecessary (T-Fixup, Fixup, ReZero).
+    return nn.Identity()
+
+
 NORMS.add("layernorm", _layernorm)
 NORMS.add("rmsnorm", _rmsnorm)
+NORMS.add("none", _no_norm)
 
 # The value says whether the feed-forward is gated.
 FFNS.add("gelu", False)
@@ -210,11 +216,37 @@ class FeedForward(nn.Module):
         return self.down(h)
 
 
+class ResidualGain(nn.Module):
+    """A learnable scalar multiplying a residual branch's output (ReZero, SkipInit, Fixup).
+
+    ``reset_parameters`` sets it to 1 (a plain residual); the init scheme sets its own value.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def reset_parameters(self) -> None:
+        """A neutral gain of 1."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def _residual_gain(cfg) -> nn.Module:
+    # Identity when off, so the default model's graph and parameters are unchanged.
+    return ResidualGain() if cfg.residual_scale == "scalar" else nn.Identity()
+
+
 class Block(nn.Module):
     """One transformer block: attention and feed-forward residual branches, pre- or post-norm.
 
     Techniques reach the branches as ``block.attn``, ``block.ffn``, ``block.norm1``,
-    ``block.norm2`` and the branch-output dropouts as ``block.drop1`` / ``block.drop2``.
+    ``block.norm2``, the branch-output dropouts as ``block.drop1`` / ``block.drop2`` and the
+    branch gains (``model.residual_scale=scalar``; Identity otherwise) as ``block.gain1`` /
+    ``block.gain2``.
     """
 
     def __init__(self, cfg, causal: bool) -> None:
@@ -226,13 +258,15 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.ffn = FeedForward(cfg)
         self.drop2 = _dropout(cfg.dropout)
+        self.gain1 = _residual_gain(cfg)
+        self.gain2 = _residual_gain(cfg)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.drop1(self.attn(self.norm1(x), attn_mask))
-            return x + self.drop2(self.ffn(self.norm2(x)))
-        x = self.norm1(x + self.drop1(self.attn(x, attn_mask)))
-        return self.norm2(x + self.drop2(self.ffn(x)))
+            x = x + self.gain1(self.drop1(self.attn(self.norm1(x), attn_mask)))
+            return x + self.gain2(self.drop2(self.ffn(self.norm2(x))))
+        x = self.norm1(x + self.gain1(self.drop1(self.attn(x, attn_mask))))
+        return self.norm2(x + self.gain2(self.drop2(self.ffn(x))))
 
 
 class Embeddings(nn.Module):

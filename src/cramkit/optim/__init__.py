@@ -1,11 +1,22 @@
-"""Optimizer registry and parameter groups.
+"""Optimizer registry, parameter groups and learning-rate scaling with the batch size.
 
 Parameter groups follow common practice: no weight decay on norms and biases (any parameter with
-fewer than two dimensions), optionally none on embeddings.
+fewer than two dimensions), optionally none on embeddings. Each group carries a ``kind`` tag —
+``hidden`` (2-D matrices inside the network), ``embedding`` (input embeddings and the output
+projection) or ``vector`` (norms, biases, scalar gains) — so that an optimizer that treats them
+differently (Muon orthogonalises only hidden matrices) needs no parameter names.
+
+A factory registered with :func:`register_optimizer` receives ``(groups, cfg, device)``. An
+optimizer whose update needs a second forward/backward (SAM) sets ``needs_closure = True``; the
+trainer then calls ``optimizer.step(closure)`` with a closure that recomputes the loss and
+gradients over the same micro-batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,9 +26,14 @@ from ..errors import ConfigError
 
 OptimizerFactory = Callable[[list[dict], "OptimConfig", torch.device], torch.optim.Optimizer]  # noqa: F821
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
+LR_SCALING = ("none", "linear", "sqrt")
+
+log = logging.getLogger("cramkit.optim")
 
 
 def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    """Decorator: make ``fn(groups, cfg, device) -> Optimizer`` available as ``optim.name=NAME``."""
+
     def deco(fn: OptimizerFactory) -> OptimizerFactory:
         OPTIMIZERS[name] = fn
         return fn
@@ -25,48 +41,117 @@ def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFacto
     return deco
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
-    """Split trainable parameters into decayed and non-decayed groups (tied weights counted once)."""
-    decay, no_decay, seen = [], [], set()
+def _output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    # The last Linear registered is the vocabulary (or classifier) projection in every model
+    # cramkit builds; a name-free rule keeps this usable for any nn.Module.
+    last = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            last = module
+    return last
+
+
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True
+) -> list[dict]:
+    """Split trainable parameters into tagged groups (tied weights counted once).
+
+    Returns up to three groups, empty ones dropped, each ``{"params", "weight_decay", "kind"}``:
+    ``hidden`` matrices (decayed), ``embedding`` (token/position embeddings and the output
+    projection; decayed unless ``decay_embeddings`` is false) and ``vector`` (never decayed).
+    """
     embedding_ids = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
     }
-    for _, p in model.named_parameters():
+    output = _output_layer(model)
+    if output is not None:
+        embedding_ids.add(id(output.weight))
+    kinds: dict[str, list[torch.nn.Parameter]] = {"hidden": [], "embedding": [], "vector": []}
+    seen: set[int] = set()
+    for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim < 2 or (not decay_embeddings and id(p) in embedding_ids):
-            no_decay.append(p)
+        if p.ndim < 2:
+            kinds["vector"].append(p)
+        elif id(p) in embedding_ids:
+            kinds["embedding"].append(p)
         else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            kinds["hidden"].append(p)
+    decay = {
+        "hidden": weight_decay,
+        "embedding": weight_decay if decay_embeddings else 0.0,
+        "vector": 0.0,
+    }
+    return [
+        {"params": params, "weight_decay": decay[kind], "kind": kind}
+        for kind, params in kinds.items()
+        if params
+    ]
 
 
-@register_optimizer("adamw")
-def _adamw(groups, cfg, device):
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+def lr_scale(rule: str, batch_size: int, base_batch_size: int) -> float:
+    """Multiplier of the learning rate for training at ``batch_size`` instead of the batch the
+    learning rate was tuned at: 1 (``none``), the ratio (``linear``, Goyal et al. 2017) or its
+    square root (``sqrt``, Krizhevsky 2014; the usual rule for Adam-type optimizers)."""
+    if rule not in LR_SCALING:
+        raise ConfigError(
+            f"optim.lr_scaling: unknown rule '{rule}'{did_you_mean(rule, LR_SCALING)}; "
+            f"choose from {', '.join(LR_SCALING)}"
+        )
+    if rule == "none":
+        return 1.0
+    if batch_size < 1 or base_batch_size < 1:
+        raise ConfigError(
+            f"optim.lr_scaling={rule} needs positive batch sizes, got batch {batch_size} and "
+            f"optim.base_batch_size {base_batch_size}"
+        )
+    ratio = batch_size / base_batch_size
+    return ratio if rule == "linear" else math.sqrt(ratio)
 
 
-@register_optimizer("sgd")
-def _sgd(groups, cfg, device):
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """Build the optimizer named in ``cfg.name`` over ``model``'s parameter groups."""
+def get_factory(name: str) -> OptimizerFactory:
+    """The registered factory for ``name``; ConfigError with a hint for unknown names."""
     try:
-        factory = OPTIMIZERS[cfg.name]
+        return OPTIMIZERS[name]
     except KeyError:
         raise ConfigError(
-            f"unknown optimizer '{cfg.name}'{did_you_mean(cfg.name, OPTIMIZERS)}; "
+            f"unknown optimizer '{name}'{did_you_mean(name, OPTIMIZERS)}; "
             f"known: {', '.join(sorted(OPTIMIZERS))}"
         ) from None
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg, device: torch.device, batch_size: int | None = None
+) -> torch.optim.Optimizer:
+    """Build the optimizer named in ``cfg.name`` over ``model``'s parameter groups.
+
+    With ``cfg.lr_scaling`` other than ``none``, every learning rate (``lr``, ``muon_lr``) is
+    scaled by :func:`lr_scale` for ``batch_size`` (the run's final global batch) relative to
+    ``cfg.base_batch_size``; the scaled peak is logged and kept as ``optimizer.peak_lr``. Each
+    group's ``initial_lr`` is its own peak, which the trainer's schedule multiplies.
+    """
+    factory = get_factory(cfg.name)
+    scale = 1.0
+    if cfg.lr_scaling != "none":
+        if batch_size is None:
+            raise ConfigError(
+                f"optim.lr_scaling={cfg.lr_scaling} needs the batch size; pass batch_size= to "
+                "build_optimizer"
+            )
+        scale = lr_scale(cfg.lr_scaling, batch_size, cfg.base_batch_size)
+        cfg = dataclasses.replace(cfg, lr=cfg.lr * scale, muon_lr=cfg.muon_lr * scale)
+        log.info(
+            "optim.lr_scaling=%s: batch %d vs base %d scales the learning rate by %.4g to %.4g",
+            cfg.lr_scaling, batch_size, cfg.base_batch_size, scale, cfg.lr,
+        )
     groups = parameter_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     optimizer = factory(groups, cfg, device)
     for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
+        group["initial_lr"] = group["lr"]
+    optimizer.peak_lr = cfg.lr
+    optimizer.lr_scale = scale
     return optimizer
+
+
+from . import optimizers, sam  # noqa: E402, F401  (registration)

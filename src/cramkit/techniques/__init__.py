@@ -3,6 +3,21 @@
 Importing this package registers every shipped technique.
 """
 
-from .base import TECHNIQUES, Technique, build_techniques, register, validate_technique_options
+from . import pld, seqwarmup, stacking, vcycle  # noqa: F401  (registration)
+from .base import (
+    TECHNIQUES,
+    ContractCases,
+    Technique,
+    build_techniques,
+    register,
+    validate_technique_options,
+)
 
-__all__ = ["TECHNIQUES", "Technique", "build_techniques", "register", "validate_technique_options"]
+__all__ = [
+    "TECHNIQUES",
+    "ContractCases",
+    "Technique",
+    "build_techniques",
+    "register",
+    "validate_technique_options",
+]

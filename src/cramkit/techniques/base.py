@@ -26,6 +26,24 @@ class NoOptions(Config):
     """A technique without options."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ContractCases:
+    """What the contract test (``tests/techniques/test_technique_contract.py``) needs from a
+    technique, as ``key=value`` run overrides on top of a tiny 12-step CPU config.
+
+    - ``acting``: the technique visibly acts within the run (a stage change, dropped layers...),
+      and preferably on both sides of the mid-run checkpoint, so resuming is really exercised.
+    - ``disabled``: the technique is enabled but must be a no-op: bit-identical to no technique.
+    - ``misapplied``: a combination the technique must refuse with a ConfigError.
+    - ``arch``: ``bert`` or ``gpt`` (which tiny preset and data the test uses).
+    """
+
+    acting: tuple[str, ...]
+    disabled: tuple[str, ...]
+    misapplied: tuple[str, ...]
+    arch: str = "bert"
+
+
 class Technique:
     """Base class: every hook is a no-op, so a technique overrides only what it needs.
 
@@ -34,6 +52,11 @@ class Technique:
         Options: its config dataclass (``technique.NAME.KEY=VALUE`` on the command line).
         conflicts: names of techniques it cannot be combined with.
         order: hooks run in ascending order (ties by name), so surgery composes predictably.
+            Convention: 10 data-side (``on_batch``), 30 architecture growth/shrinking, 50
+            per-block surgery (it then applies to whatever model growth produced).
+
+    ``on_model`` runs on the first model and again on every model a technique swaps in through
+    ``state.request_model``, so surgery must be idempotent.
     """
 
     name: ClassVar[str] = ""
@@ -43,6 +66,11 @@ class Technique:
 
     def __init__(self, options: Config) -> None:
         self.options = options
+
+    @classmethod
+    def contract_cases(cls) -> ContractCases | None:
+        """Overrides for the contract test; every registered technique should provide them."""
+        return None
 
     # -- architecture ------------------------------------------------------------------------
     def configure_model(self, model_config: ModelConfig) -> ModelConfig:

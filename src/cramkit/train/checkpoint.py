@@ -24,11 +24,15 @@ from ..utils import sha256_file, write_json
 FILES = ("model.safetensors", "state.pt")
 
 
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # Tied parameters share storage, which safetensors refuses: save each storage once and
-    # let load_state_dict(strict=False) re-tie through the module's own aliasing.
+def model_weights(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors to save, each shared storage once (tied embeddings).
+
+    safetensors refuses tensors that share storage; ``load_weights`` re-ties them through the
+    module's own aliasing.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     out, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key in seen:
             continue
@@ -38,7 +42,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2,
+    run_dir: Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2,
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint for ``step`` and prune older ones, keeping ``keep``.
@@ -50,7 +54,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:08d}-{time.time_ns()}"
     tmp.mkdir(parents=True)
     try:
-        save_file(_weights(model), str(tmp / "model.safetensors"))
+        save_file(model_weights(model), str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
         write_json(tmp / "meta.json", {"step": step, "files": files, "time": time.time(), **(meta or {})})

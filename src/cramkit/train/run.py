@@ -24,6 +24,14 @@ from ..configbase import apply_overrides
 from ..data.dataset import TokenDataset
 from ..data.loader import ShardLoader
 from ..data.prepare import cached_prepare
+from ..distributed import (
+    Parallel,
+    apply_activation_checkpointing,
+    estimate_memory,
+    init_parallel,
+    shard_model,
+)
+from ..distributed.memory import advise, offload_context
 from ..errors import CheckpointError, ConfigError, CramkitError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
@@ -32,7 +40,7 @@ from ..optim import build_optimizer
 from ..techniques import build_techniques
 from ..utils import write_json
 from . import checkpoint as ckpt
-from .device import auto_micro_batch, measure_peak_flops, resolve_device, resolve_precision
+from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
 from .runlog import Progress, RunLog, environment
 from .state import TrainState
 from .trainer import Trainer
@@ -124,22 +132,76 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
     return compile_model
 
 
+def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model):
+    """Activation checkpointing → compile → sharding, re-applied after every model swap."""
+
+    def prepare(model: torch.nn.Module) -> torch.nn.Module:
+        apply_activation_checkpointing(model, cfg.memory)
+        if par.strategy == "fsdp":
+            # FSDP2 shards the module in place; the compiled wrapper then runs the sharded module.
+            shard_model(model, par, cfg.parallel, precision, cfg.memory.offload_optimizer)
+            return compile_model(model)
+        return shard_model(compile_model(model), par, cfg.parallel, precision, cfg.memory.offload_optimizer)
+
+    return prepare
+
+
+def _full_state(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict, dict]:
+    """Unsharded weights and optimizer state (collective under FSDP2; cheap otherwise)."""
+    if par.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return ckpt.model_weights(model), optimizer.state_dict()
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer, state: dict, par: Parallel) -> None:
+    if par.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _shared_run_dir(cfg: RunConfig, par: Parallel, run_dir: Path | None) -> Path:
+    # Rank 0 names and creates the directory (its timestamp); the others use the same path.
+    if run_dir is None:
+        made = str(new_run_dir(cfg)) if par.is_main else None
+        run_dir = Path(par.gather(made)[0])
+    return Path(run_dir)
+
+
+def _shared_data(cfg: RunConfig, par: Parallel, say) -> Path:
+    # One rank prepares (and caches); the others then find the result ready.
+    if par.is_main:
+        path = prepare_data(cfg, say)
+    par.barrier()
+    return path if par.is_main else prepare_data(cfg, say)
+
+
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``cfg`` in ``run_dir`` (a new one unless ``resume``) and return the run summary."""
-    device = resolve_device(cfg.train.device)
+    """Train ``cfg`` in ``run_dir`` (a new one unless ``resume``) and return the run summary.
+
+    Under torchrun every rank calls this; rank 0 alone writes logs and checkpoints.
+    """
+    par = init_parallel(cfg.parallel, cfg.train.device)
+    if not par.is_main:
+        say = lambda *_: None  # noqa: E731
+    device = par.device
     precision = resolve_precision(cfg.train.precision, device)
-    data_dir = prepare_data(cfg, say)
+    data_dir = _shared_data(cfg, par, say)
     dataset = TokenDataset.open(data_dir)
     _check_vocab(cfg, dataset, data_dir)
     objective_name = _objective_name(cfg, dataset)
-
-    if run_dir is None:
-        run_dir = new_run_dir(cfg)
-    run_dir = Path(run_dir)
+    run_dir = _shared_run_dir(cfg, par, run_dir)
     resume_from = ckpt.latest_checkpoint(run_dir, warn=say) if resume else None
     saved = ckpt.load_state(resume_from) if resume_from else None
 
-    _seed_everything(cfg.seed)
+    _seed_everything(cfg.seed)  # the same initial weights on every rank
     techniques = build_techniques(cfg.techniques, cfg.technique)
     if saved:
         for t in techniques:
@@ -153,6 +215,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     if resume_from:
         ckpt.load_weights(model, resume_from)
     model.to(device)
+    if par.distributed:  # dropout differs between ranks, as it would across one big batch
+        torch.manual_seed(cfg.seed + 7919 * par.rank)
 
     objective = build_objective(objective_name, dataset, **_objective_options(cfg, objective_name))
     # Validation uses the same masks at every evaluation, so losses are comparable over time.
@@ -164,38 +228,44 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             tokens = tokens.repeat((n + tokens.shape[0] - 1) // tokens.shape[0], 1)[:n]
         return {k: v.to(device) for k, v in objective(tokens, 0).items()}
 
+    per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
     if saved:
         micro_batch = int(saved["micro_batch"])
     elif cfg.train.micro_batch:
-        micro_batch = min(cfg.train.micro_batch, cfg.train.batch_size)
+        micro_batch = min(cfg.train.micro_batch, per_rank_batch)
     elif device.type == "cuda":
-        params = count_parameters(model)
-        micro_batch = auto_micro_batch(model, make_batch, device, precision, cfg.train.batch_size, optimizer_bytes=8 * params)
+        micro_batch = auto_micro_batch(model, make_batch, device, precision, per_rank_batch,
+                                       optimizer_bytes=8 * count_parameters(model))
         say(f"auto micro-batch: {micro_batch} sequences")
     else:
-        micro_batch = min(32, cfg.train.batch_size)
+        micro_batch = min(32, per_rank_batch)
+    estimate = estimate_memory(model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
+                               world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory)
+    if device.type == "cuda":
+        advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9)
+        if advice:
+            say(f"warning: {advice}")
 
     def warm_up(compiled: torch.nn.Module) -> None:
         compiled.train()
-        from .device import autocast
-
         with autocast(device, precision):
             out = compiled(**make_batch(micro_batch))
         out.loss.backward()
         compiled.zero_grad(set_to_none=True)
 
-    optimizer_factory = lambda m: build_optimizer(m, cfg.optim, device)  # noqa: E731
     state = TrainState()
-    optimizer = optimizer_factory(model)
-    loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, transform=objective)
-    clock_state = None
+    loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
+                         epochs=None, transform=objective)
+    clock = Clock()
     if saved:
-        optimizer.load_state_dict(saved["optimizer"])
         state.load_counters(saved["counters"])
         loader.load_state_dict(saved["loader"])
-        clock_state = saved["clock"]
-        _set_rng_state(saved["rng"], device)
-    state.optimizer = optimizer
+        clock.load_state_dict(saved["clock"])
+        rng = saved["rng"]
+        _set_rng_state(rng[par.rank % len(rng)] if isinstance(rng, list) else rng, device)
+    else:  # the start is evaluated explicitly; periodic work begins one interval in
+        state.next_eval = cfg.train.eval_every
+        state.next_checkpoint = cfg.train.checkpoint_every
 
     seq_len = dataset.seq_len
     mask_rate = cfg.objective.mask_rate if objective_name == "mlm" else None
@@ -215,54 +285,57 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             count += int(out.num_targets)
         return total / max(count, 1)
 
-    if not resume:
+    if not resume and par.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "environment.json", environment(device))
+        write_json(run_dir / "environment.json", {**environment(device), "world_size": par.world_size,
+                                                  "strategy": par.strategy, "memory_estimate": estimate})
         shutil.copyfile(dataset.tokenizer_path, run_dir / "tokenizer.json")
         write_json(run_dir / "data_manifest.json", dataset.manifest)
-    log = RunLog(run_dir, tensorboard=cfg.train.tensorboard)
-    bar = Progress(cfg.train.progress_bar, cfg.recipe or "pretrain")
-
+    log = RunLog(run_dir, tensorboard=cfg.train.tensorboard) if par.is_main else None
+    bar = Progress(cfg.train.progress_bar and par.is_main, cfg.recipe or "pretrain")
     trainer_ref: list[Trainer] = []
 
     def save(st: TrainState) -> None:
         tr = trainer_ref[0]
-        payload = {
-            "optimizer": st.optimizer.state_dict(),
-            "counters": st.counters(),
-            "micro_batch": micro_batch,
-            "clock": tr.clock.state_dict(),
-            "loader": loader.state_dict(),
-            "rng": _rng_state(device),
-            "techniques": {t.name: t.state_dict() for t in techniques},
-            "scaler": tr.scaler.state_dict(),
-        }
-        ckpt.save_checkpoint(run_dir, st.step, tr.raw_model, payload, keep=cfg.train.keep_checkpoints,
-                             meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
+        weights, optim_state = _full_state(tr.raw_model, st.optimizer, par)
+        rng = par.gather(_rng_state(device))
+        if par.is_main:
+            payload = {
+                "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
+                "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
+                "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
+                "world_size": par.world_size,
+            }
+            ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
+                                 meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
+        par.barrier()
 
-    clock = Clock()
-    if clock_state:
-        clock.load_state_dict(clock_state)
     n_params = count_parameters(model)
     say(f"run: {run_dir}")
     say(f"model: {model_cfg.arch}, {n_params / 1e6:.2f} M parameters; device {device}, {precision}; "
-        f"micro-batch {micro_batch}, batch {cfg.train.batch_size}, seq {seq_len}; budget {cfg.train.budget}")
+        f"micro-batch {micro_batch} x {par.world_size} rank(s), batch {cfg.train.batch_size}, seq {seq_len}; "
+        f"budget {cfg.train.budget}; estimated memory {estimate['total_gb']:.2f} GB per device")
+    compile_model = _compiler(cfg.train.compile, warm_up)
     trainer = Trainer(
-        cfg=cfg, model=model, optimizer_factory=optimizer_factory, train_batches=iter(loader),
-        evaluate=evaluate, checkpoint=save, log=log.write, techniques=techniques, device=device,
+        cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, device),
+        train_batches=iter(loader), evaluate=evaluate, checkpoint=save,
+        log=log.write if log else (lambda record: None), techniques=techniques, device=device,
         precision=precision, micro_batch=micro_batch, seq_len=seq_len, flops_per_token=fpt,
-        peak_flops=peak, state=state, clock=clock,
-        compile_model=_compiler(cfg.train.compile, warm_up), progress_bar=bar,
+        peak_flops=peak, state=state, clock=clock, progress_bar=bar, parallel=par,
+        prepare_model=_model_preparer(cfg, par, precision, compile_model),
+        offload=lambda: offload_context(cfg.memory, device),
     )
     trainer_ref.append(trainer)
-    if resume and exhausted(trainer.budget, state.usage):
-        loader.close()
-        raise CramkitError(
-            f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
-            f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
-        )
-    if saved and "scaler" in saved:
-        trainer.scaler.load_state_dict(saved["scaler"])
+    if saved:
+        _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
+        if "scaler" in saved:
+            trainer.scaler.load_state_dict(saved["scaler"])
+        if exhausted(trainer.budget, state.usage):
+            loader.close()
+            raise CramkitError(
+                f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
+                f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
+            )
     first_loss = None
     try:
         if not resume:
@@ -274,10 +347,12 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             save(trainer.state)
         loader.close()
     val_loss = trainer.run_eval() if trainer.stop_reason == "budget" else trainer.state.extra.get("val_loss")
-    log.close()
-    summary = _summary(run_dir, trainer, first_loss, val_loss, n_params, peak)
-    write_json(run_dir / "summary.json", summary)
-    return summary
+    summary = None
+    if par.is_main:
+        log.close()
+        summary = _summary(run_dir, trainer, first_loss, val_loss, n_params, peak)
+        write_json(run_dir / "summary.json", summary)
+    return par.gather(summary)[0]
 
 
 def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: int, peak: float) -> dict[str, Any]:

@@ -26,6 +26,10 @@ class TrainState:
     micro_batches: int = 0
     accumulation: int = 1
     lr: float = 0.0
+    # Multiplies the scheduled learning rate. The trainer resets it to 1 before on_step_start and
+    # techniques multiply in their factor (e.g. a V-cycle's higher rate on a coarse level), so it
+    # needs no checkpointing.
+    lr_scale: float = 1.0
     loss: float = float("nan")
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0

@@ -7,6 +7,7 @@ larger batch (up to float rounding) even when micro-batches hold different numbe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import warnings
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Clock, exhausted, progress
-from ..errors import TrainingError
+from ..distributed.parallel import Parallel
+from ..errors import ConfigError, TrainingError
 from ..schedules import accumulation_steps, lr_factor
 from .device import autocast, memory_gb
 from .state import TrainState
@@ -50,8 +52,10 @@ class Trainer:
         peak_flops: float,
         state: TrainState | None = None,
         clock: Clock | None = None,
-        compile_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+        prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
         progress_bar=None,
+        parallel=None,
+        offload=None,
     ) -> None:
         self.cfg = cfg
         self.budget = Budget.parse(cfg.train.budget)
@@ -65,7 +69,9 @@ class Trainer:
         self.optimizer_factory = optimizer_factory
         self.flops_per_token_fn = flops_per_token
         self.peak_flops = peak_flops
-        self.compile_model = compile_model
+        self.prepare_model = prepare_model
+        self.par = parallel or Parallel()
+        self.offload = offload or contextlib.nullcontext
         self.bar = progress_bar
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.stop_reason: str | None = None
@@ -75,7 +81,9 @@ class Trainer:
     # ------------------------------------------------------------------ model and optimizer
     def _adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.raw_model = model
-        self.model = self.compile_model(model)
+        # Compilation warm-up is not training time, also when a technique swaps the model mid-run.
+        with self.clock.paused():
+            self.model = self.prepare_model(model)  # checkpointing → compile → sharding
         self.state.model = model
         self.state.optimizer = optimizer or self.optimizer_factory(model)
         self._fpt = self.flops_per_token_fn(model)
@@ -86,6 +94,9 @@ class Trainer:
         new_model, transfer = self.state.pending_model
         self.state.pending_model = None
         old_model, old_opt = self.raw_model, self.state.optimizer
+        # Every technique's surgery applies to the new model as it did to the first one.
+        for t in self.techniques:
+            new_model = t.on_model(new_model)
         self._adopt(new_model.to(self.device), None)
         if transfer is not None:
             transfer(old_model, new_model, old_opt, self.state.optimizer)
@@ -95,27 +106,17 @@ class Trainer:
         """Forward/backward over ``batches`` as one batch, then one optimizer step.
 
         Returns the step's loss (mean over all target tokens). A non-finite loss skips the
-        update and is counted; too many in a row stop training with a clear error.
+        update and is counted; too many in a row stop training with a clear error. An optimizer
+        with ``needs_closure`` (SAM) gets ``step(closure)``: the closure zeroes the gradients and
+        repeats forward/backward, hooks and clipping over the same micro-batches.
         """
-        state, optimizer = self.state, self.state.optimizer
-        total_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
-        total_targets = max(total_targets, 1)
-        loss_sum = torch.zeros((), device=self.device)
-        self.model.train()
-        for batch in batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with autocast(self.device, self.precision):
-                out = self.model(**batch)
-            # Weight each micro-batch by its share of targets: exact big-batch equivalence.
-            loss = out.loss.float() * (out.num_targets / total_targets)
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        for t in self.techniques:
-            t.on_after_backward(self.raw_model, state)
+        state, optimizer, par = self.state, self.state.optimizer, self.par
+        local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+        total_targets = max(par.all_sum([local_targets])[0], 1)  # over all micro-batches and ranks
+        loss_sum = self._forward_backward(batches, total_targets)
         self.scaler.unscale_(optimizer)
-        if self.cfg.train.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.clip_grad)
-        loss_value = float(loss_sum)
+        self._clip()
+        loss_value = par.all_sum([float(loss_sum)])[0]  # every rank skips or steps together
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -127,21 +128,60 @@ class Trainer:
                     "lower optim.lr, enable train.clip_grad, or use bf16 instead of fp16"
                 )
             return loss_value
-        self.scaler.step(optimizer)
+        if getattr(optimizer, "needs_closure", False):
+            if self.scaler.is_enabled():
+                raise ConfigError(
+                    f"optim.name={self.cfg.optim.name} recomputes gradients inside its step, which "
+                    "fp16 loss scaling cannot follow; use train.precision=bf16 or fp32"
+                )
+
+            def closure() -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                second = self._forward_backward(batches, total_targets)
+                self._clip()
+                return second
+
+            optimizer.step(closure)
+        else:
+            self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.nonfinite_in_row = 0
         return loss_value
 
+    def _forward_backward(self, batches: list[Batch], total_targets: float) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.device)
+        self.model.train()
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.par.accumulate(self.model, last=i == len(batches) - 1):
+                with self.offload(), autocast(self.device, self.precision):
+                    out = self.model(**batch)
+                # Weight each micro-batch by its share of all targets of the step, on every rank:
+                # exactly one big batch. DDP/FSDP average gradients over ranks, hence × W.
+                loss = out.loss.float() * (out.num_targets / total_targets)
+                self.scaler.scale(loss * self.par.world_size).backward()
+            loss_sum += loss.detach()
+        for t in self.techniques:
+            t.on_after_backward(self.raw_model, self.state)
+        return loss_sum
+
+    def _clip(self) -> None:
+        if self.cfg.train.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.clip_grad)
+
     def _set_lr(self) -> None:
         s = self.cfg.schedule
         factor = lr_factor(s.name, self.state.progress, **s.options())
         for group in self.state.optimizer.param_groups:
-            group["lr"] = group.get("initial_lr", self.cfg.optim.lr) * factor
-        self.state.lr = self.cfg.optim.lr * factor
+            group["lr"] = group.get("initial_lr", self.cfg.optim.lr) * factor * self.state.lr_scale
+        # peak_lr: the learning rate after batch-size scaling (optim.lr_scaling).
+        peak = getattr(self.state.optimizer, "peak_lr", self.cfg.optim.lr)
+        self.state.lr = peak * factor * self.state.lr_scale
 
     def _update_progress(self) -> None:
-        self.state.usage.seconds = self.clock.elapsed
+        # The slowest rank's clock: time budgets, schedules and periodic work stay in lockstep.
+        self.state.usage.seconds = self.par.all_max(self.clock.elapsed)
         self.state.progress = progress(self.budget, self.state.usage)
 
     # ------------------------------------------------------------------ the loop
@@ -154,16 +194,22 @@ class Trainer:
             self.clock.start()
             while True:
                 self._update_progress()
+                # Usage is agreed across ranks (see _update_progress), so every rank reaches the
+                # same decision at the same step; a signal on any rank stops all of them.
                 if exhausted(self.budget, state.usage):
-                    self.stop_reason = self.stop_reason or "budget"
+                    self.stop_reason = "budget"
                     break
-                if self.stop_reason:
+                if self.par.any(self.stop_reason == "signal"):
+                    self.stop_reason = "signal"
                     break
+                state.lr_scale = 1.0  # techniques multiply their factors in on_step_start
                 for t in self.techniques:
                     t.on_step_start(state)
                 self._set_lr()
+                # The global micro-batch is one micro-batch on every rank.
                 state.accumulation = accumulation_steps(
-                    state.progress, cfg.train.batch_size, self.micro_batch, cfg.train.batch_ramp
+                    state.progress, cfg.train.batch_size, self.micro_batch * self.par.world_size,
+                    cfg.train.batch_ramp,
                 )
                 batches = []
                 for _ in range(state.accumulation):
@@ -173,7 +219,7 @@ class Trainer:
                         batch = t.on_batch(batch, state)
                     batches.append(batch)
                 state.loss = self.train_step(batches)
-                step_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+                step_tokens = sum(int(b["input_ids"].numel()) for b in batches) * self.par.world_size
                 fpt = self._fpt
                 for t in self.techniques:
                     fpt = t.flops_per_token(fpt, state)
@@ -210,8 +256,11 @@ class Trainer:
         """Validation loss on the held-out split; not counted against the budget."""
         with self.clock.paused():
             self.model.eval()
+            # Optimizers that keep separate evaluation weights (Schedule-Free) switch to them.
+            getattr(self.state.optimizer, "eval", lambda: None)()
             with torch.no_grad(), autocast(self.device, self.precision):
                 loss = self.evaluate(self.model)
+            getattr(self.state.optimizer, "train", lambda: None)()
             self.log({"type": "eval", "step": self.state.step, "tokens": self.state.tokens,
                       "elapsed": round(self.clock.elapsed, 3), "val_loss": loss})
         self.state.extra["val_loss"] = loss
@@ -225,7 +274,7 @@ class Trainer:
         record = {
             "type": "train", "step": state.step, "tokens": state.tokens, "elapsed": round(now, 3),
             "progress": round(state.progress, 5), "loss": state.loss, "lr": state.lr,
-            "batch_size": state.accumulation * self.micro_batch, "tokens_per_s": round(tps, 1),
+            "batch_size": state.accumulation * self.micro_batch * self.par.world_size, "tokens_per_s": round(tps, 1),
             "mfu": round(mfu, 4), "memory_gb": round(memory_gb(self.device), 3),
             "nonfinite_total": state.nonfinite_total,
         }

@@ -1,0 +1,195 @@
+"""Training-step throughput of cramkit models next to Hugging Face equivalents, in one process.
+
+``cramkit bench`` builds each target at the same shape, runs warm-up steps (compilation
+included), then times training steps (forward, backward, fused AdamW step) with device events,
+and reports tokens/s, model TFLOP/s, MFU against a matmul peak measured in the same process, and
+peak memory. Targets are ``FAMILY:PRESET``: ``cramkit:crammed-bert`` is our model,
+``hf-bert:bert-base`` is ``transformers.BertForMaskedLM`` with that preset's dimensions and
+``hf-gpt2:gpt2-small`` is ``GPT2LMHeadModel``. FLOPs per token use one formula for every target
+(REFERENCE.md), so the ratio of tokens/s at equal shape is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .configbase import did_you_mean
+from .errors import ConfigError
+from .models import build_model
+from .models.config import ModelConfig
+from .models.flops import flops_per_token
+from .models.presets import get_preset
+from .train.device import autocast, measure_peak_flops, resolve_device, resolve_precision, sync
+
+# A built target: the module, loss(module, batch) (the module may be its compiled wrapper), and
+# training FLOPs per token.
+Built = tuple[torch.nn.Module, Callable[[torch.nn.Module, dict], torch.Tensor], float]
+FAMILIES: dict[str, Callable[[ModelConfig, int, float], Built]] = {}
+
+
+def family(name: str):
+    def deco(fn):
+        FAMILIES[name] = fn
+        return fn
+
+    return deco
+
+
+@family("cramkit")
+def _cramkit(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
+    model = build_model(cfg)
+    rate = mask_rate if cfg.arch == "bert" and cfg.sparse_prediction else None
+    return model, lambda m, b: m(**b).loss, flops_per_token(cfg, seq_len, rate)
+
+
+@family("hf-bert")
+def _hf_bert(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
+    from transformers import BertConfig, BertForMaskedLM
+
+    hf = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                    num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
+                    max_position_embeddings=max(cfg.max_positions, seq_len), type_vocab_size=2,
+                    attn_implementation="sdpa")
+    model = BertForMaskedLM(hf)
+    dense = cfg.replace(arch="bert", sparse_prediction=False, ffn="gelu", bias=True)
+    return model, lambda m, b: m(input_ids=b["input_ids"], labels=b["labels"]).loss, flops_per_token(dense, seq_len)
+
+
+@family("hf-gpt2")
+def _hf_gpt2(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
+                    n_inner=cfg.intermediate, n_positions=max(cfg.max_positions, seq_len),
+                    attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(hf)
+    # HF shifts labels itself; cramkit's objective shifts them beforehand.
+    return model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, flops_per_token(cfg, seq_len)
+
+
+@dataclass
+class Result:
+    target: str
+    params_m: float
+    batch: int
+    seq_len: int
+    tokens_per_s: float
+    tflops: float
+    mfu: float
+    memory_gb: float
+    step_ms: float
+    compiled: bool
+
+
+def _batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float, device, gen) -> dict:
+    tokens = torch.randint(5, vocab, (batch, seq_len), generator=gen).to(device)
+    if arch == "gpt":
+        labels = torch.roll(tokens, -1, dims=1)
+        labels[:, -1] = -100
+    else:
+        chosen = torch.rand(batch, seq_len, generator=gen).to(device) < mask_rate
+        labels = torch.where(chosen, tokens, torch.full_like(tokens, -100))
+    return {"input_ids": tokens, "labels": labels}
+
+
+def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
+                 precision: str, compile: bool, mask_rate: float, peak: float) -> Result:
+    """Time ``steps`` training steps of one target after ``warmup`` steps."""
+    fam, _, preset = target.partition(":")
+    if fam not in FAMILIES:
+        raise ConfigError(f"unknown bench family '{fam}'{did_you_mean(fam, FAMILIES)}; known: {', '.join(FAMILIES)}")
+    cfg = ModelConfig.from_dict(get_preset(preset or "tiny"))
+    torch.manual_seed(0)
+    model, loss_fn, fpt = FAMILIES[fam](cfg, seq_len, mask_rate)
+    model.to(device).train()
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    module = torch.compile(model) if compile else model
+    gen = torch.Generator().manual_seed(0)
+    batches = [_batch(cfg.arch, cfg.vocab_size, batch, seq_len, mask_rate, device, gen) for _ in range(4)]
+
+    def step(i: int) -> None:
+        with autocast(device, precision):
+            loss = loss_fn(module, batches[i % len(batches)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            step(i)
+        end.record()
+        sync(device)
+        seconds = start.elapsed_time(end) / 1e3
+        mem = torch.cuda.max_memory_allocated(device) / 1e9
+    else:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        seconds = time.perf_counter() - t0
+        mem = 0.0
+    tps = batch * seq_len * steps / seconds
+    return Result(target, round(params / 1e6, 2), batch, seq_len, round(tps, 1), round(fpt * tps / 1e12, 2),
+                  round(fpt * tps / peak, 4), round(mem, 2), round(seconds / steps * 1e3, 2), compile)
+
+
+def table(results: list[Result], peak: float, device_name: str) -> str:
+    """A Markdown table of results, with ratios to the first row of each sequence length."""
+    lines = [f"device: {device_name}; measured matmul peak {peak / 1e12:.0f} TFLOP/s", "",
+             "| target | params (M) | batch × seq | tokens/s | × first | model TFLOP/s | MFU | step ms | peak mem GB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = results[0].tokens_per_s if results else 1.0
+    for r in results:
+        lines.append(f"| {r.target}{' (compiled)' if r.compiled else ''} | {r.params_m} | {r.batch} × {r.seq_len} | "
+                     f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / base:.2f} | {r.tflops} | {r.mfu:.1%} | "
+                     f"{r.step_ms} | {r.memory_gb} |")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time training steps of cramkit and Hugging Face models side by side",
+                       description=__doc__)
+    p.add_argument("targets", nargs="*", default=["cramkit:tiny", "hf-bert:tiny"],
+                   help="FAMILY:PRESET targets (families: cramkit, hf-bert, hf-gpt2)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--mask-rate", type=float, default=0.15, help="MLM targets' share (sets the sparse decoder's work)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every target")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    peak = measure_peak_flops(device, precision)
+    results = []
+    for target in args.targets:
+        results.append(bench_target(target, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                                    warmup=args.warmup, device=device, precision=precision,
+                                    compile=args.compile, mask_rate=args.mask_rate, peak=peak))
+        print(f"{target}: {results[-1].tokens_per_s:,.0f} tokens/s", flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(table(results, peak, name))
+    if args.json:
+        from .utils import write_json
+
+        write_json(args.json, {"device": name, "peak_flops": peak, "precision": precision,
+                               "results": [asdict(r) for r in results]})
+    return 0

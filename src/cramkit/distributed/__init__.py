@@ -1,0 +1,16 @@
+"""Scaling out and fitting more: torchrun process groups, DDP / FSDP2, activation checkpointing,
+offloading, and a memory estimate.
+
+The same ``cramkit pretrain`` entry point runs single-process by default and, under ``torchrun``,
+joins the process group that torchrun's environment describes. Order of application (DESIGN.md):
+technique surgery → activation checkpointing → compile → sharding.
+"""
+
+from .config import MemoryConfig, ParallelConfig
+from .memory import apply_activation_checkpointing, estimate_memory
+from .parallel import Parallel, init_parallel, shard_model
+
+__all__ = [
+    "MemoryConfig", "ParallelConfig", "Parallel", "init_parallel", "shard_model",
+    "apply_activation_checkpointing", "estimate_memory",
+]

@@ -1,0 +1,145 @@
+"""Process groups from torchrun's environment, collectives the trainer needs, DDP / FSDP2."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from .config import ParallelConfig
+
+
+class Parallel:
+    """This process's place among data-parallel ranks, and the few collectives training needs.
+
+    With one process every method is a cheap identity, so the trainer has a single code path.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 strategy: str = "none", device: torch.device | None = None) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.strategy = strategy if world_size > 1 else "none"
+        self.device = device or torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (one small collective)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def all_max(self, value: float) -> float:
+        """The largest ``value`` over ranks."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any rank: stop decisions are taken together."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (on every rank)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def accumulate(self, model: torch.nn.Module, last: bool) -> Iterator[None]:
+        """Skip gradient synchronisation on all but the last micro-batch of a step."""
+        if not self.distributed or last:
+            yield
+            return
+        if self.strategy == "ddp":
+            with model.no_sync():
+                yield
+        else:  # FSDP2
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
+    """Join torchrun's process group when ``WORLD_SIZE`` > 1, else a single-process Parallel."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        from ..train.device import resolve_device
+
+        return Parallel(device=resolve_device(device_name))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if device_name.startswith("cuda:"):
+        raise ConfigError("under torchrun leave train.device=auto or cuda: each rank uses cuda:LOCAL_RANK")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10),
+                                **({"device_id": device} if use_cuda else {}))
+    return Parallel(rank, world, local, cfg.strategy, device)
+
+
+def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, precision: str,
+                offload_optimizer: bool = False) -> torch.nn.Module:
+    """Wrap for data parallelism: DDP, or FSDP2 ``fully_shard`` on each block then the root."""
+    if not par.distributed:
+        if offload_optimizer:
+            raise ConfigError("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
+                              "parallel.strategy=fsdp (one process is fine: torchrun --nproc-per-node 1)")
+        return model
+    if par.strategy == "ddp":
+        if offload_optimizer:
+            raise ConfigError("memory.offload_optimizer needs parallel.strategy=fsdp")
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [par.device.index] if par.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        cfg.fsdp_param_dtype if cfg.fsdp_param_dtype != "auto" else precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    kwargs: dict[str, Any] = {"mp_policy": policy, "reshard_after_forward": cfg.fsdp_reshard}
+    if offload_optimizer:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

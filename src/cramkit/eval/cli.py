@@ -1,0 +1,196 @@
+"""``cramkit finetune | evaluate | export`` subcommands.
+
+Each handler returns an exit code; user mistakes raise CramkitError, which ``cramkit.cli`` prints
+as one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+from ..configbase import apply_overrides
+from ..errors import ConfigError
+from ..utils import write_json
+
+
+def _config_epilog() -> str:
+    from .finetune import FinetuneConfig
+
+    lines = ["fine-tuning options (key=value overrides; defaults are cramming's GLUE-sane):"]
+    for f in dataclasses.fields(FinetuneConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name}={default}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _finetune_config(overrides: list[str]):
+    from .finetune import FinetuneConfig
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"unexpected argument '{bad[0]}' (options are key=value overrides)")
+    return FinetuneConfig.from_dict(apply_overrides({}, overrides), path="finetune")
+
+
+def _accept_late_overrides(parser: argparse.ArgumentParser) -> None:
+    """Let ``key=value`` overrides follow options (``RUN --task t lr=1e-4``).
+
+    Plain argparse binds a ``nargs="*"`` positional once, to the first run of positionals, and
+    rejects any that come after an option.
+    """
+
+    class Parser(type(parser)):
+        def parse_known_args(self, args=None, namespace=None):
+            ns, extras = super().parse_known_args(args, namespace)
+            late = [a for a in extras if "=" in a and not a.startswith("-")]
+            ns.overrides = list(getattr(ns, "overrides", None) or []) + late
+            return ns, [a for a in extras if a not in late]
+
+    parser.__class__ = Parser
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune one task (registry name or training file) and report the median over seeds."""
+    from .finetune import finetune, load_backbone
+    from .metrics import to_percent
+    from .tasks import load_task
+
+    cfg = _finetune_config(args.overrides)
+    options = {}
+    if Path(args.task).suffix or Path(args.task).is_file():
+        options = {
+            "dev": args.dev,
+            "text_column": args.text_column,
+            "text_pair_column": args.text_pair_column,
+            "label_column": args.label_column,
+            "labels": args.labels.split(",") if args.labels else None,
+            "is_regression": args.regression,
+            "metrics": args.metrics.split(",") if args.metrics else None,
+        }
+    task = load_task(args.task, args.data, **options)
+    backbone = load_backbone(args.run_dir, random_init=args.random_init)
+    suffix = "-random" if args.random_init else ""
+    name = _slug(task.spec.name)
+    save_dir = Path(args.run_dir) / "finetune" / f"{name}{suffix}" if cfg.save else None
+    result = finetune(backbone, task, cfg, save_dir=save_dir)
+    out = Path(args.run_dir) / "eval" / f"finetune-{name}{suffix}.json"
+    write_json(out, result)
+    init = result["init"]
+    print(
+        f"{task.spec.name} ({init} init, median of {len(cfg.seeds)} seeds, "
+        f"{result['parameters']['trainable']:,} trainable parameters):"
+    )
+    for entry, metrics in result["metrics"].items():
+        shown = ", ".join(f"{k} {to_percent(v):.2f}" for k, v in metrics.items())
+        print(f"  {entry}: {shown}")
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run a task suite (GLUE) and write Markdown + JSON into ``RUN_DIR/eval``."""
+    from .suite import get_suite, render_markdown
+
+    cfg = _finetune_config(args.overrides)
+    runner = get_suite(args.suite)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    report = runner(args.run_dir, args.data, tasks=tasks, cfg=cfg, random_init=args.random_init)
+    print(render_markdown(report))
+    print(f"written: {report['paths']['markdown']} and {report['paths']['json']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's newest checkpoint (transformers layout when exact)."""
+    from ..export import export
+
+    export(args.run_dir, args.out, format=args.format, overwrite=args.force)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``finetune``, ``evaluate`` and ``export`` on the ``cramkit`` parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a pretrained run on one downstream task",
+        description="Fine-tune RUN_DIR's newest checkpoint (or a random init of its shape) on "
+        "a task: a registered name (bbc, cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) "
+        "or a .tsv/.csv/.jsonl training file with named columns.",
+        epilog=_config_epilog(),
+        formatter_class=raw,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
+    p.add_argument("--task", required=True, help="task name or path to a training file")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="GLUE directory (original TSV layout); without it GLUE tasks come from HF datasets",
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="start from random weights of the same shape (no-pretraining control)",
+    )
+    p.add_argument(
+        "--dev",
+        default=None,
+        help="dev file for a file task (default: a sibling dev/validation/valid/test file)",
+    )
+    p.add_argument("--text-column", default="sentence", help="file tasks: first text column")
+    p.add_argument("--text-pair-column", default=None, help="file tasks: second text column")
+    p.add_argument("--label-column", default="label", help="file tasks: label column")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="file tasks: comma-separated label set "
+        "(default: the distinct labels of the training file)",
+    )
+    p.add_argument("--regression", action="store_true", help="file tasks: numeric target")
+    p.add_argument("--metrics", default=None, help="file tasks: comma-separated metric names")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fine-tuning options")
+    p.set_defaults(func=cmd_finetune)
+    _accept_late_overrides(p)
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="fine-tune and score a task suite (GLUE); writes RUN_DIR/eval/",
+        description="Fine-tune every available task of the suite found in --data and write a "
+        "table per task plus the average to RUN_DIR/eval/glue.md|json (glue-random.* with "
+        "--random-init). The average excludes WNLI and counts MNLI m/mm as two entries.",
+        epilog=_config_epilog(),
+        formatter_class=raw,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
+    p.add_argument("--suite", default="glue", help="task suite (default: glue)")
+    p.add_argument("--data", required=True, help="directory with the suite's task folders")
+    p.add_argument("--tasks", default=None, help="comma-separated subset, e.g. cola,sst2")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="start from random weights of the same shape (no-pretraining control)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fine-tuning options")
+    p.set_defaults(func=cmd_evaluate)
+    _accept_late_overrides(p)
+
+    p = subparsers.add_parser(
+        "export",
+        help="export a run for transformers (or cramkit's own format)",
+        description="Write RUN_DIR's newest checkpoint to --out. With --format hf, architectures "
+        "with an exact transformers counterpart (BertForMaskedLM, GPT2LMHeadModel) load with "
+        "Auto classes; others are written in cramkit's format (cramkit.export.load_exported).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
+    p.add_argument("--format", default="hf", choices=["hf", "cramkit"], help="output layout")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=cmd_export)

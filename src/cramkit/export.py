@@ -1,0 +1,438 @@
+"""Export a pretraining run: HF ``transformers`` layout when exact, cramkit's own otherwise.
+
+``export(run_dir, out)`` writes a directory atomically (temporary sibling + rename):
+
+- when the architecture has an exact HF counterpart — judged from the ModelConfig fields (norm
+  position, biases, learned positions, FFN kind, head transform, ...), never from a preset name —
+  a ``transformers`` model (``BertForMaskedLM`` for ``arch=bert``, ``GPT2LMHeadModel`` for
+  ``arch=gpt``) saved with ``save_pretrained`` plus a ``PreTrainedTokenizerFast``: it loads with
+  ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` and ``AutoTokenizer``;
+- otherwise (e.g. crammed BERT: pre-norm, gated FFN, no biases, scaled sinusoidal positions)
+  ``model.safetensors``, ``config.json`` (``{"format": "cramkit", "model": ModelConfig}``) and
+  ``tokenizer.json``, loadable with :func:`load_exported` — **not** by HF Auto classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configbase import did_you_mean
+from .errors import CheckpointError, ConfigError
+from .utils import write_json
+
+NATIVE_FORMAT = "cramkit"
+README_NATIVE = """# cramkit export (not loadable by HF Auto classes)
+
+This architecture has no exact `transformers` counterpart ({reasons}).
+
+Load it with cramkit:
+
+```python
+from cramkit.export import load_exported
+model, tokenizer = load_exported("{name}")   # cramkit model (eval mode), tokenizers.Tokenizer
+```
+
+Files: `model.safetensors` (weights; tied tensors stored once), `config.json`
+(`model` = cramkit ModelConfig), `tokenizer.json` (`tokenizers` format), `special_ids.json`.
+"""
+
+
+@dataclasses.dataclass
+class HFTarget:
+    """An HF architecture that reproduces a cramkit one exactly, given matching fields."""
+
+    hf_class: str
+    auto_class: str
+    requirements: dict[str, Callable[[Any], bool]]
+    explain: dict[str, str]
+    convert: Callable[[Any, dict[str, torch.Tensor]], tuple[Any, dict[str, torch.Tensor]]]
+
+    def mismatches(self, cfg) -> list[str]:
+        """Why ``cfg`` is not exactly this HF architecture (empty when it is)."""
+        return [
+            f"{name}={getattr(cfg, name)!r} ({self.explain[name]})"
+            for name, ok in self.requirements.items()
+            if not ok(getattr(cfg, name))
+        ]
+
+
+_ACT_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def _bert_convert(cfg, sd: dict[str, torch.Tensor]):
+    from transformers import BertConfig
+
+    h = cfg.hidden
+    hf = BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=h,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.intermediate,
+        hidden_act=_ACT_HF[cfg.activation],
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_positions,
+        # HF always adds a token-type embedding; one zero row is exactly "none".
+        type_vocab_size=max(cfg.type_vocab_size, 1),
+        layer_norm_eps=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+    types = sd.get("embeddings.token_types.weight", torch.zeros(1, h))
+    out = {
+        "bert.embeddings.word_embeddings.weight": sd["embeddings.tokens.weight"],
+        "bert.embeddings.position_embeddings.weight": sd["embeddings.positions.weight"],
+        "bert.embeddings.token_type_embeddings.weight": types,
+        "bert.embeddings.LayerNorm.weight": sd["embeddings.norm.weight"],
+        "bert.embeddings.LayerNorm.bias": sd["embeddings.norm.bias"],
+    }
+    for i in range(cfg.layers):
+        src, dst = f"layers.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = sd[f"{src}attn.qkv.{kind}"].chunk(3, dim=0)
+            out[f"{dst}attention.self.query.{kind}"] = q
+            out[f"{dst}attention.self.key.{kind}"] = k
+            out[f"{dst}attention.self.value.{kind}"] = v
+            out[f"{dst}attention.output.dense.{kind}"] = sd[f"{src}attn.out.{kind}"]
+            out[f"{dst}attention.output.LayerNorm.{kind}"] = sd[f"{src}norm1.{kind}"]
+            out[f"{dst}intermediate.dense.{kind}"] = sd[f"{src}ffn.up.{kind}"]
+            out[f"{dst}output.dense.{kind}"] = sd[f"{src}ffn.down.{kind}"]
+            out[f"{dst}output.LayerNorm.{kind}"] = sd[f"{src}norm2.{kind}"]
+            out[f"cls.predictions.transform.dense.{kind}"] = sd[f"head.transform.dense.{kind}"]
+            out[f"cls.predictions.transform.LayerNorm.{kind}"] = sd[f"head.transform.norm.{kind}"]
+    decoder_bias = sd.get("head.decoder.bias", torch.zeros(cfg.vocab_size))
+    out["cls.predictions.bias"] = decoder_bias
+    out["cls.predictions.decoder.bias"] = decoder_bias
+    out["cls.predictions.decoder.weight"] = sd["head.decoder.weight"]
+    return hf, {k: _t(v) for k, v in out.items()}
+
+
+def _gpt2_convert(cfg, sd: dict[str, torch.Tensor]):
+    from transformers import GPT2Config
+
+    hf = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_positions,
+        n_embd=cfg.hidden,
+        n_layer=cfg.layers,
+        n_head=cfg.heads,
+        n_inner=cfg.intermediate,
+        activation_function=_ACT_HF[cfg.activation],
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    out = {
+        "transformer.wte.weight": sd["embeddings.tokens.weight"],
+        "transformer.wpe.weight": sd["embeddings.positions.weight"],
+        "transformer.ln_f.weight": sd["final_norm.weight"],
+        "transformer.ln_f.bias": sd["final_norm.bias"],
+        "lm_head.weight": sd["head.decoder.weight"],
+    }
+    # GPT-2 keeps its linear layers as Conv1D with [in, out] weights: transpose ours.
+    pairs = {
+        "attn.qkv": "attn.c_attn",
+        "attn.out": "attn.c_proj",
+        "ffn.up": "mlp.c_fc",
+        "ffn.down": "mlp.c_proj",
+    }
+    for i in range(cfg.layers):
+        src, dst = f"layers.{i}.", f"transformer.h.{i}."
+        for ours, theirs in pairs.items():
+            out[f"{dst}{theirs}.weight"] = sd[f"{src}{ours}.weight"].t()
+            out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[f"{dst}{theirs}.weight"] = sd[f"{src}{ours}.weight"]
+            out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
+    return hf, {k: _t(v) for k, v in out.items()}
+
+
+def _is(value):
+    return lambda v: v == value
+
+
+_COMMON = {
+    "norm": (_is("layernorm"), "HF uses LayerNorm"),
+    "bias": (_is(True), "HF has biases on every linear layer and norm"),
+    "ffn": (_is("gelu"), "HF's feed-forward is not gated"),
+    "activation": (lambda v: v in _ACT_HF, "needs an HF activation"),
+    "positions": (_is("learned"), "HF uses a learned position table"),
+}
+_BERT = {
+    **_COMMON,
+    "norm_position": (_is("post"), "BertForMaskedLM is post-LN"),
+    "embedding_norm": (_is(True), "BERT normalises the embeddings"),
+    "final_norm": (_is(False), "BERT has no final norm"),
+    "head_transform": (_is(True), "BERT's MLM head has a dense + act + norm transform"),
+}
+_GPT2 = {
+    **_COMMON,
+    "norm_position": (_is("pre"), "GPT-2 is pre-LN"),
+    "embedding_norm": (_is(False), "GPT-2 does not normalise the embeddings"),
+    "final_norm": (_is(True), "GPT-2 has a final ln_f"),
+    "head_transform": (_is(False), "GPT-2's LM head is a single projection"),
+    "decoder_bias": (_is(False), "GPT-2's lm_head has no bias"),
+    "type_vocab_size": (_is(0), "GPT-2 has no segment embeddings"),
+}
+
+#: ``arch`` -> its exact HF counterpart (when the other fields match).
+HF_COUNTERPARTS: dict[str, HFTarget] = {
+    "bert": HFTarget(
+        "BertForMaskedLM",
+        "AutoModelForMaskedLM",
+        {k: v[0] for k, v in _BERT.items()},
+        {k: v[1] for k, v in _BERT.items()},
+        _bert_convert,
+    ),
+    "gpt": HFTarget(
+        "GPT2LMHeadModel",
+        "AutoModelForCausalLM",
+        {k: v[0] for k, v in _GPT2.items()},
+        {k: v[1] for k, v in _GPT2.items()},
+        _gpt2_convert,
+    ),
+}
+
+
+def hf_counterpart(cfg) -> tuple[HFTarget | None, list[str]]:
+    """The exact HF target for ModelConfig ``cfg``, or None and the reasons there is none."""
+    target = HF_COUNTERPARTS.get(cfg.arch)
+    if target is None:
+        return None, [f"arch={cfg.arch!r} has no HF counterpart"]
+    reasons = target.mismatches(cfg)
+    return (None, reasons) if reasons else (target, [])
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _special_tokens(tokenizer, special: dict[str, int | None]) -> dict[str, str]:
+    names = {
+        "pad": "pad_token",
+        "unk": "unk_token",
+        "cls": "cls_token",
+        "sep": "sep_token",
+        "mask": "mask_token",
+    }
+    out = {}
+    for key, hf_name in names.items():
+        idx = special.get(key)
+        if idx is not None and tokenizer.id_to_token(idx) is not None:
+            out[hf_name] = tokenizer.id_to_token(idx)
+    eod = special.get("eod")
+    if eod is not None and tokenizer.id_to_token(eod) is not None:
+        out["eos_token"] = out["bos_token"] = tokenizer.id_to_token(eod)
+    return out
+
+
+def save_hf_tokenizer(
+    tokenizer, special: dict[str, int | None], out: Path, causal: bool, max_len: int
+) -> None:
+    """Save ``tokenizer`` as a ``PreTrainedTokenizerFast`` (AutoTokenizer-loadable).
+
+    BERT-style tokenizers get a ``[CLS] a [SEP] b [SEP]`` post-processor so that HF pipelines
+    build the same inputs cramkit's fine-tuning does.
+    """
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tokens = _special_tokens(tok, special)
+    if not causal and "cls_token" in tokens and "sep_token" in tokens:
+        cls, sep = tokens["cls_token"], tokens["sep_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+        )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, **tokens)
+    fast.save_pretrained(str(out))
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def _dedup_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; tied tensors are saved once and re-tied on load.
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def _write_hf(target: HFTarget, model, cfg, tokenizer, special, tmp: Path) -> None:
+    import transformers
+
+    hf_cfg, weights = target.convert(cfg, model.state_dict())
+    hf_model = getattr(transformers, target.hf_class)(hf_cfg)
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"export to {target.hf_class}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    hf_model.eval()
+    hf_model.save_pretrained(str(tmp))
+    save_hf_tokenizer(tokenizer, special, tmp, cfg.causal, cfg.max_positions)
+
+
+def _write_native(model, cfg, tokenizer, special, tmp: Path, reasons: list[str], out: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_dedup_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    write_json(
+        tmp / "config.json",
+        {"format": NATIVE_FORMAT, "model": cfg.to_dict(), "special_ids": special},
+    )
+    write_json(tmp / "special_ids.json", special)
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    (tmp / "README.md").write_text(README_NATIVE.format(reasons="; ".join(reasons), name=out))
+
+
+FORMATS = ("hf", NATIVE_FORMAT)
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    format: str = "hf",
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export the newest complete checkpoint of ``run_dir`` to ``out``.
+
+    ``format="hf"`` writes a ``transformers`` directory when the architecture has an exact HF
+    counterpart and falls back to the cramkit layout (with a clear message) when not;
+    ``format="cramkit"`` always writes the cramkit layout. Returns ``{"out", "format",
+    "hf_class", "auto_class", "loadable_by_hf", "reasons"}``.
+    """
+    from tokenizers import Tokenizer
+
+    from .eval.encoding import SpecialIds
+    from .eval.finetune import check_vocab
+    from .train.checkpoint import load_pretrained
+
+    if format not in FORMATS:
+        raise ConfigError(
+            f"unknown export format '{format}'{did_you_mean(format, FORMATS)}; "
+            f"choose from {list(FORMATS)}"
+        )
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"{run_dir}: no tokenizer.json (not a finished cramkit run)")
+    model, cfg, info = load_pretrained(run_dir)
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    check_vocab(tokenizer, cfg, str(tok_path))
+    special = dataclasses.asdict(SpecialIds.for_run(run_dir, tokenizer))
+
+    target, reasons = hf_counterpart(cfg) if format == "hf" else (None, ["format=cramkit"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        if target is not None:
+            _write_hf(target, model, cfg, tokenizer, special, tmp)
+        else:
+            _write_native(model, cfg, tokenizer, special, tmp, reasons, out)
+        write_json(
+            tmp / "cramkit_export.json",
+            {
+                "source_run": str(run_dir.resolve()),
+                "checkpoint": str(info.get("checkpoint", "")),
+                "format": "hf" if target else NATIVE_FORMAT,
+                "hf_class": target.hf_class if target else None,
+                "model": cfg.to_dict(),
+            },
+        )
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{time.time_ns()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if target is not None:
+        log(
+            f"exported {run_dir} to {out} as transformers {target.hf_class} "
+            f"(load with {target.auto_class}.from_pretrained and AutoTokenizer)"
+        )
+    elif format == "hf":
+        log(f"NOTE: this architecture is NOT loadable by HF Auto classes: {'; '.join(reasons)}")
+        log(
+            f"exported {run_dir} to {out} in cramkit's format; load with "
+            f"cramkit.export.load_exported('{out}')"
+        )
+    else:
+        log(f"exported {run_dir} to {out} in cramkit's format (cramkit.export.load_exported)")
+    return {
+        "out": str(out),
+        "format": "hf" if target else NATIVE_FORMAT,
+        "hf_class": target.hf_class if target else None,
+        "auto_class": target.auto_class if target else None,
+        "loadable_by_hf": target is not None,
+        "reasons": reasons,
+    }
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a cramkit-format export: ``(model in eval mode, tokenizers.Tokenizer)``.
+
+    HF-format exports are loaded with ``transformers`` Auto classes instead.
+    """
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from .models import ModelConfig, build_model
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json (not a cramkit export)")
+    data = json.loads(cfg_path.read_text())
+    if data.get("format") != NATIVE_FORMAT:
+        raise CheckpointError(
+            f"{path} is a transformers export; load it with transformers Auto classes "
+            "(AutoModelForMaskedLM / AutoModelForCausalLM .from_pretrained)"
+        )
+    cfg = ModelConfig.from_dict(data["model"], path="model")
+    model = build_model(cfg)
+    weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"head.decoder.weight"} if cfg.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"{path}/model.safetensors does not match config.json: missing "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return model.to(device).eval(), tokenizer

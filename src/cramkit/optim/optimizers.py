@@ -1,0 +1,104 @@
+"""The registered optimizers. Update rules come from ``torch.optim`` and ``pytorch_optimizer``;
+cramkit only maps its config and tagged parameter groups onto them.
+
+| name | what | source |
+| --- | --- | --- |
+| ``adamw`` | AdamW, fused on CUDA | torch.optim |
+| ``sgd`` | SGD with Nesterov momentum | torch.optim |
+| ``lion`` | Lion (Chen et al. 2023), sign of interpolated momentum | pytorch_optimizer |
+| ``lamb`` | LAMB (You et al. 2020), Adam with layer-wise trust ratio | pytorch_optimizer |
+| ``lars`` | LARS (You et al. 2017), SGD with layer-wise trust ratio | pytorch_optimizer |
+| ``muon`` | Muon on hidden matrices + AdamW on embeddings, head and vectors | pytorch_optimizer |
+| ``schedulefree`` | Schedule-Free AdamW (Defazio et al. 2024) | pytorch_optimizer |
+| ``sam`` | SAM around any of the above (``optim.base``) | see :mod:`.sam` |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from . import register_optimizer
+
+
+@register_optimizer("adamw")
+def adamw(groups, cfg, device):
+    """AdamW; the fused kernel on CUDA (one launch for all parameters)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+@register_optimizer("sgd")
+def sgd(groups, cfg, device):
+    """SGD with Nesterov momentum (plain SGD when ``momentum`` is 0)."""
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+@register_optimizer("lion")
+def lion(groups, cfg, device):
+    """Lion with decoupled weight decay; uses ``optim.betas`` (paper default (0.9, 0.99)).
+
+    Its update has unit magnitude per coordinate, so its learning rate is typically 3-10x
+    smaller than AdamW's.
+    """
+    from pytorch_optimizer import Lion
+
+    return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decouple=True)
+
+
+@register_optimizer("lamb")
+def lamb(groups, cfg, device):
+    """LAMB: the Adam direction scaled per tensor by the trust ratio ||w|| / ||update||."""
+    from pytorch_optimizer import Lamb
+
+    return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decouple=True)
+
+
+@register_optimizer("lars")
+def lars(groups, cfg, device):
+    """LARS: momentum SGD whose step for each matrix is scaled by
+    ``lars_trust * ||w|| / (||g|| + weight_decay * ||w||)``; vectors take plain steps."""
+    from pytorch_optimizer import LARS
+
+    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coefficient=cfg.lars_trust,
+                nesterov=cfg.momentum > 0)
+
+
+@register_optimizer("muon")
+def muon(groups, cfg, device):
+    """Muon (orthogonalised momentum, Newton-Schulz) on the ``hidden`` groups at ``muon_lr``;
+    AdamW at ``lr`` on everything else. One optimizer object, so state and SAM work as usual.
+
+    A group may set ``use_muon`` itself; a Muon group holding a parameter that is not a matrix
+    is a ConfigError (orthogonalising a vector is meaningless).
+    """
+    from pytorch_optimizer import Muon
+
+    for group in groups:
+        use_muon = group.setdefault("use_muon", group.get("kind") == "hidden")
+        if use_muon:
+            bad = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
+            if bad:
+                raise ConfigError(
+                    f"Muon orthogonalises 2-D hidden matrices only, but its group "
+                    f"'{group.get('kind', '?')}' holds parameters of shape {bad[:3]}; put vectors "
+                    "(norms, biases, gains) and embeddings in an AdamW group (use_muon=False)"
+                )
+            group.setdefault("lr", cfg.muon_lr)
+            group.setdefault("momentum", cfg.muon_momentum)
+        else:
+            group.setdefault("lr", cfg.lr)
+            group.setdefault("betas", tuple(cfg.betas))
+            group.setdefault("eps", cfg.eps)
+    return Muon(groups, weight_decouple=True)
+
+
+@register_optimizer("schedulefree")
+def schedulefree(groups, cfg, device):
+    """Schedule-Free AdamW. Pair it with ``schedule.name=constant`` (and a short warm-up): the
+    averaging replaces the decay. It keeps two weight sequences; the trainer calls its
+    ``eval()`` / ``train()`` around validation so that the averaged weights are evaluated.
+    Checkpoints hold the training-mode weights, which is what makes resuming exact."""
+    from pytorch_optimizer import ScheduleFreeAdamW
+
+    return ScheduleFreeAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

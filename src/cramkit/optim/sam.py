@@ -1,0 +1,68 @@
+"""Sharpness-Aware Minimization (Foret et al. 2021) around any registered optimizer.
+
+``optim.name=sam optim.base=adamw``: the gradient g at w gives the ascent point
+``w + rho * g / ||g||`` (ASAM with ``sam_adaptive``: scaled by w² elementwise); the gradient
+there drives the base optimizer's update of w. The perturb/restore logic is pytorch_optimizer's
+``SAM``; cramkit adds a base optimizer built from its own registry (so Muon or LAMB work as
+bases) and ``sam_every``: the sharpness-aware step every k steps, a plain base step otherwise,
+which cuts SAM's ~2x cost to ~(1 + 1/k)x.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_optimizer import SAM as _LibrarySAM
+
+from ..errors import ConfigError
+from . import get_factory, register_optimizer
+
+
+class SAM(_LibrarySAM):
+    """SAM whose base optimizer comes from a factory, applied every ``every`` steps.
+
+    ``needs_closure`` tells the trainer to call ``step(closure)``; the closure must zero the
+    gradients and recompute loss and gradients over the same batch. The step counter lives in the
+    first parameter group (``sam_step``), so ``state_dict()`` carries it and resuming is exact.
+    """
+
+    needs_closure = True
+
+    def __init__(self, groups, base_factory, rho: float = 0.05, adaptive: bool = False,
+                 every: int = 1) -> None:
+        if every < 1:
+            raise ConfigError(f"optim.sam_every must be >= 1, got {every}")
+        self.every = every
+        super().__init__(groups, base_optimizer=base_factory, rho=rho, adaptive=adaptive)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update; the ascent step and the closure's second pass run every ``every``-th
+        call, otherwise the base optimizer steps on the gradients already present."""
+        group = self.param_groups[0]
+        count = group.get("sam_step", 0)
+        group["sam_step"] = count + 1
+        if count % self.every == 0:
+            return super().step(closure)
+        return self.base_optimizer.step()
+
+    def train(self) -> None:
+        """Forward a training-mode switch to a base that has one (Schedule-Free)."""
+        getattr(self.base_optimizer, "train", lambda: None)()
+
+    def eval(self) -> None:
+        """Forward an evaluation-mode switch to a base that has one (Schedule-Free)."""
+        getattr(self.base_optimizer, "eval", lambda: None)()
+
+
+@register_optimizer("sam")
+def sam(groups, cfg, device):
+    """SAM with radius ``sam_rho`` around ``optim.base`` (any registered optimizer but sam)."""
+    if cfg.base == "sam":
+        raise ConfigError("optim.base=sam: SAM cannot wrap itself; choose e.g. optim.base=adamw")
+    base = get_factory(cfg.base)
+
+    def build_base(param_groups):
+        return base(param_groups, cfg, device)
+
+    return SAM(groups, build_base, rho=cfg.sam_rho, adaptive=cfg.sam_adaptive,
+               every=cfg.sam_every)

@@ -1,0 +1,161 @@
+"""Progressive stacking (Gong et al., "Efficient Training of BERT by Progressively Stacking",
+ICML 2019).
+
+Training starts with ``final_layers / 2**doublings`` blocks. At each scheduled point of budget
+progress the depth doubles: the trained blocks ``0..d-1`` stay where they are and a copy of the
+whole stack is put on top (block ``d + i`` starts as block ``i``), as in the paper's 3 → 6 → 12.
+Embeddings, norms and head carry over unchanged.
+
+The optimizer state of the copied blocks is copied from their sources (``optimizer=copy``) or
+started fresh (``optimizer=reset``); the original blocks and everything else always keep theirs.
+The switch goes through the trainer (``state.request_model``), which rebuilds the optimizer and
+recomputes the FLOPs per token for the new depth. On resume, the saved depth decides what
+``configure_model`` builds, so the checkpoint's weights fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+
+from ..configbase import Config, field
+from ..errors import ConfigError
+from ..models.config import ModelConfig
+from .base import ContractCases, Technique, register
+from .common import materialize, model_device
+
+
+@dataclasses.dataclass
+class StackingOptions(Config):
+    """Progressive stacking."""
+
+    doublings: int = field(2, help="how many times the depth doubles (0 = off)")
+    at: list[float] = field(
+        default_factory=list,
+        help="budget fractions at which the depth doubles, one per doubling, increasing; "
+        "empty = evenly spaced (1/3, 2/3 for two doublings)",
+    )
+    optimizer: Literal["copy", "reset"] = field(
+        "copy", help="optimizer state of the copied blocks: copied from their sources, or fresh"
+    )
+
+    def validate(self) -> None:
+        if self.doublings < 0:
+            raise ConfigError(f"technique.stacking.doublings must be >= 0, got {self.doublings}")
+        if self.at:
+            if len(self.at) != self.doublings:
+                raise ConfigError(
+                    f"technique.stacking.at has {len(self.at)} fractions for {self.doublings} doublings"
+                )
+            if any(not 0.0 < a < 1.0 for a in self.at) or list(self.at) != sorted(set(self.at)):
+                raise ConfigError("technique.stacking.at must be increasing fractions in (0, 1)")
+
+    def schedule(self) -> list[float]:
+        """The progress at which each doubling happens."""
+        if self.at:
+            return list(self.at)
+        return [(i + 1) / (self.doublings + 1) for i in range(self.doublings)]
+
+
+def stack(model: torch.nn.Module) -> torch.nn.Module:
+    """A model twice as deep: blocks ``0..d-1`` as they are, then copies of them on top.
+
+    Pure: ``model`` is not changed; the new model lives on the same device.
+    """
+    cfg = model.config
+    depth = cfg.layers
+    new_cfg = dataclasses.replace(cfg, layers=2 * depth)
+    old = model.state_dict()
+    tensors = {}
+    for name in _names_of(new_cfg, model):
+        tensors[name] = old[source_name(name, depth)].detach().clone()
+    return materialize(new_cfg, tensors, model_device(model))
+
+
+def source_name(name: str, depth: int) -> str:
+    """The parameter of the shallow model (``depth`` blocks) that ``name`` is copied from."""
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"layers.{int(index) % depth}.{rest}"
+    return name
+
+
+def _names_of(cfg: ModelConfig, like: torch.nn.Module) -> list[str]:
+    """State-dict names of a model shaped like ``like`` but with ``cfg.layers`` blocks."""
+    names = []
+    for name in like.state_dict():
+        if not name.startswith("layers."):
+            names.append(name)
+        elif name.startswith("layers.0."):
+            rest = name[len("layers.0."):]
+            names.extend(f"layers.{i}.{rest}" for i in range(cfg.layers))
+    return names
+
+
+def transfer_optimizer_state(copy_sources: bool):
+    """A ``transfer`` callback for ``state.request_model`` after :func:`stack`."""
+
+    def transfer(old_model, new_model, old_opt, new_opt) -> None:
+        depth = old_model.config.layers
+        old_params = dict(old_model.named_parameters())
+        for name, param in new_model.named_parameters():
+            is_copy = name.startswith("layers.") and int(name.split(".")[1]) >= depth
+            if is_copy and not copy_sources:
+                continue
+            source = old_params[source_name(name, depth)]
+            saved = old_opt.state.get(source)
+            if saved:
+                new_opt.state[param] = {
+                    k: v.detach().clone() if torch.is_tensor(v) else v for k, v in saved.items()
+                }
+
+    return transfer
+
+
+@register
+class ProgressiveStacking(Technique):
+    """Train shallow, then double the depth by stacking copies of the trained blocks."""
+
+    name = "stacking"
+    Options = StackingOptions
+    conflicts = ("vcycle",)  # both own the depth
+    order = 30
+    options: StackingOptions
+
+    def __init__(self, options: StackingOptions) -> None:
+        super().__init__(options)
+        self.done = 0  # doublings performed so far
+
+    @classmethod
+    def contract_cases(cls) -> ContractCases:
+        return ContractCases(
+            acting=("model.layers=4", "technique.stacking.doublings=2",
+                    "technique.stacking.at=[0.25,0.75]"),
+            disabled=("technique.stacking.doublings=0",),
+            misapplied=("model.layers=6", "technique.stacking.doublings=2"),
+        )
+
+    def configure_model(self, model_config: ModelConfig) -> ModelConfig:
+        factor = 2 ** self.options.doublings
+        if model_config.layers % factor:
+            raise ConfigError(
+                f"stacking: model.layers={model_config.layers} cannot be reached by doubling "
+                f"{self.options.doublings} times; use a multiple of {factor}"
+            )
+        depth = model_config.layers // factor * 2 ** self.done
+        return dataclasses.replace(model_config, layers=depth)
+
+    def on_step_end(self, state) -> None:
+        schedule = self.options.schedule()
+        if self.done < len(schedule) and state.progress >= schedule[self.done]:
+            self.done += 1
+            new_model = stack(state.model)
+            state.request_model(new_model, transfer_optimizer_state(self.options.optimizer == "copy"))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = int(state.get("done", 0))

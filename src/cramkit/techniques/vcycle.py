@@ -1,0 +1,411 @@
+"""Multi-level V-cycle training (Zou, Zhang & Deng, "A Multi-Level Framework for Accelerating
+Training Transformer Models", ICLR 2024).
+
+Three operators on cramkit's BERT and GPT models, all pure (they return new models):
+
+- :func:`coalesce` — a smaller model. Width: groups of ``width`` adjacent units are merged —
+  attention heads (head ``j`` of the small model is heads ``k*j .. k*j+k-1``), feed-forward
+  neurons (the value and gate halves of a GLU separately) and hidden channels. On the output side
+  of a weight the merged rows are averaged; on the input side the merged columns are summed (the
+  paper's row-normalised F and its transpose), so a large model whose units come in identical
+  groups maps to a small one computing the same thing. Norm parameters are averaged. Depth:
+  small block ``j`` is the average of large blocks ``d*j .. d*j+d-1``.
+- :func:`decoalesce` — the inverse mapping: each merged unit is copied back to every unit it came
+  from (input-side columns divided by the group size), each small block to every block of its
+  group. Coalesce → de-coalesce → coalesce is exact for factors of 2.
+- :func:`interpolate` — ``(1 - alpha) * large + alpha * decoalesced``, which breaks the symmetry
+  that de-coalescing introduces.
+
+Embedding scaling. The token, position and token-type tables are averaged (coalesce) and
+duplicated (de-coalesce) like any output-side weight, so de-coalesced hidden states are exact
+copies of the small model's and every norm keeps its statistics. With tied input/output
+embeddings the decoder reads the hidden states through the same duplicated table, which would
+multiply the logits by the width factor ``k``; the norm that feeds the decoder
+(``head.transform.norm`` when there is a head transform, else ``final_norm``) therefore gets its
+parameters divided by ``k`` on de-coalescing and multiplied by ``k`` on coalescing. With that, a
+de-coalesced width-only model computes the same logits as the small model (up to float rounding),
+when positions are ``learned``, ``rotary`` or ``none``. With ``sinusoidal`` positions the fixed
+table is a function of the width, so the two widths see different (equally valid) position codes
+and the functions differ; the learned scale of the table is carried over unchanged.
+
+The V-cycle is a table of stages over the budget: levels 0, 1, .., L-1 on the way down, then
+L-2, .., 0 on the way up (2L-1 stages), each with its budget fraction; the learning rate is
+multiplied by ``lr_scale[level]`` through ``state.lr_scale``. A level change builds the new model
+and hands it to the trainer (``state.request_model``), which builds a fresh optimizer (Adam
+moments start over at each level) and recomputes the FLOPs per token for the new shape. The
+weights a level was entered from are kept (on the CPU, in the technique state that goes into
+every checkpoint) for the interpolation on the way back up, so a resumed run continues inside the
+right level with everything it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..configbase import Config, field
+from ..errors import ConfigError
+from ..models.config import ModelConfig
+from .base import ContractCases, Technique, register
+from .common import materialize, model_device
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """How one level coarsens: merge groups of ``width`` units and of ``depth`` blocks."""
+
+    width: int = 2
+    depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 1:
+            raise ConfigError(f"coalescing factors must be >= 1, got width={self.width}, depth={self.depth}")
+
+
+def coarse_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
+    """The architecture one level down; ConfigError when ``cfg`` cannot be coalesced so."""
+    k, d = scheme.width, scheme.depth
+    glu = cfg.ffn == "glu"
+    inner = cfg.intermediate // 2 if glu else cfg.intermediate
+    problems = [f"{name}={value} is not divisible by {factor}" for name, value, factor in (
+        ("hidden", cfg.hidden, k), ("heads", cfg.heads, k),
+        ("intermediate" + (" / 2 (GLU halves)" if glu else ""), inner, k), ("layers", cfg.layers, d),
+    ) if value % factor]
+    if problems:
+        raise ConfigError(f"cannot coalesce (width {k}, depth {d}): " + "; ".join(problems))
+    small = dataclasses.replace(cfg, hidden=cfg.hidden // k, heads=cfg.heads // k,
+                                intermediate=cfg.intermediate // k, layers=cfg.layers // d)
+    if cfg.tie_embeddings and k > 1 and not (cfg.head_transform or cfg.final_norm):
+        raise ConfigError("width coalescing with tied embeddings needs a final norm or head transform "
+                          "(it carries the decoder's scale)")
+    small.validate()
+    return small
+
+
+def fine_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
+    """The architecture one level up (the inverse of :func:`coarse_config`)."""
+    k, d = scheme.width, scheme.depth
+    return dataclasses.replace(cfg, hidden=cfg.hidden * k, heads=cfg.heads * k,
+                               intermediate=cfg.intermediate * k, layers=cfg.layers * d)
+
+
+# ---------------------------------------------------------------- unit maps (large → small index)
+
+
+def _hidden_map(cfg: ModelConfig, k: int) -> torch.Tensor:
+    return torch.arange(cfg.hidden) // k
+
+
+def _heads_map(cfg: ModelConfig, k: int) -> torch.Tensor:
+    # (head, d) → (head // k, d): whole heads merge, the head dimension is kept.
+    i = torch.arange(cfg.hidden)
+    hd = cfg.head_dim
+    return (i // hd) // k * hd + i % hd
+
+
+def _qkv_map(cfg: ModelConfig, k: int) -> torch.Tensor:
+    heads = _heads_map(cfg, k)
+    return torch.cat([part * (cfg.hidden // k) + heads for part in range(3)])
+
+
+def _up_map(cfg: ModelConfig, k: int) -> torch.Tensor:
+    if cfg.ffn != "glu":
+        return torch.arange(cfg.intermediate) // k
+    inner = cfg.intermediate // 2
+    # [value | gate]: neurons merge inside each half, so value j still pairs with gate j.
+    return torch.cat([half * (inner // k) + torch.arange(inner) // k for half in range(2)])
+
+
+def _inner_map(cfg: ModelConfig, k: int) -> torch.Tensor:
+    inner = cfg.intermediate // 2 if cfg.ffn == "glu" else cfg.intermediate
+    return torch.arange(inner) // k
+
+
+_MapFn = Callable[[ModelConfig, int], torch.Tensor]
+OUT, IN = "out", "in"
+
+
+def _rules(name: str, cfg: ModelConfig) -> list[tuple[int, _MapFn, str]]:
+    """(dimension, unit map, side) for each width-mapped dimension of parameter ``name``."""
+    leaf = name.rsplit(".", 1)[-1]
+    owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+    if name.startswith("embeddings.") and owner in ("tokens", "positions", "token_types") and leaf == "weight":
+        return [(1, _hidden_map, OUT)]
+    if name == "embeddings.positions.scale" or name == "head.decoder.bias":
+        return []
+    if owner.startswith("norm") or owner == "final_norm":
+        return [(0, _hidden_map, OUT)]
+    table = {
+        "qkv": [(0, _qkv_map, OUT), (1, _hidden_map, IN)],
+        "out": [(0, _hidden_map, OUT), (1, _heads_map, IN)],
+        "up": [(0, _up_map, OUT), (1, _hidden_map, IN)],
+        "down": [(0, _hidden_map, OUT), (1, _inner_map, IN)],
+        "dense": [(0, _hidden_map, OUT), (1, _hidden_map, IN)],
+        "decoder": [(1, _hidden_map, IN)],
+    }
+    if owner not in table:
+        raise ConfigError(f"coalescing does not know how to map parameter '{name}'")
+    rules = table[owner]
+    return rules if leaf == "weight" else [rules[0]]  # a bias follows its weight's output side
+
+
+def _decoder_norm(cfg: ModelConfig) -> str:
+    return "head.transform.norm." if cfg.head_transform else "final_norm."
+
+
+def _tied_name(cfg: ModelConfig) -> str | None:
+    return "head.decoder.weight" if cfg.tie_embeddings else None
+
+
+def _coalesce_width(tensors: dict[str, torch.Tensor], cfg: ModelConfig, k: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in tensors.items():
+        if name == _tied_name(cfg):
+            continue
+        for dim, map_fn, side in _rules(name, cfg):
+            index = map_fn(cfg, k).to(t.device)
+            shape = list(t.shape)
+            shape[dim] //= k
+            summed = torch.zeros(shape, dtype=t.dtype, device=t.device).index_add_(dim, index, t)
+            t = summed / k if side == OUT else summed
+        if cfg.tie_embeddings and k > 1 and name.startswith(_decoder_norm(cfg)):
+            t = t * k
+        out[name] = t
+    if cfg.tie_embeddings:
+        out["head.decoder.weight"] = out["embeddings.tokens.weight"]
+    return out
+
+
+def _decoalesce_width(tensors: dict[str, torch.Tensor], large: ModelConfig, k: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in tensors.items():
+        if name == _tied_name(large):
+            continue
+        for dim, map_fn, side in _rules(name, large):
+            t = t.index_select(dim, map_fn(large, k).to(t.device))
+            if side == IN:
+                t = t / k
+        if large.tie_embeddings and k > 1 and name.startswith(_decoder_norm(large)):
+            t = t / k
+        out[name] = t
+    if large.tie_embeddings:
+        out["head.decoder.weight"] = out["embeddings.tokens.weight"]
+    return out
+
+
+def _layer_split(name: str) -> tuple[int, str] | None:
+    if not name.startswith("layers."):
+        return None
+    _, index, rest = name.split(".", 2)
+    return int(index), rest
+
+
+def _coalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
+    if d == 1:
+        return dict(tensors)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        split = _layer_split(name)
+        if split is None:
+            out[name] = t
+            continue
+        index, rest = split
+        key = f"layers.{index // d}.{rest}"
+        out[key] = t.clone() if key not in out else out[key] + t
+    for name in out:
+        if name.startswith("layers."):
+            out[name] = out[name] / d
+    return out
+
+
+def _decoalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
+    if d == 1:
+        return dict(tensors)
+    out = {}
+    for name, t in tensors.items():
+        split = _layer_split(name)
+        if split is None:
+            out[name] = t
+            continue
+        index, rest = split
+        for i in range(index * d, index * d + d):
+            out[f"layers.{i}.{rest}"] = t.clone()
+    return out
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def coalesce(model: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
+    """The smaller model one level down (see the module docstring); ``model`` is unchanged."""
+    cfg = model.config
+    small = coarse_config(cfg, scheme)
+    tensors = _coalesce_depth(_tensors(model), scheme.depth)
+    tensors = _coalesce_width(tensors, dataclasses.replace(cfg, layers=small.layers), scheme.width)
+    return materialize(small, tensors, model_device(model))
+
+
+def decoalesce(small: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
+    """The large-shaped model one level up whose units are copies of ``small``'s."""
+    large = fine_config(small.config, scheme)
+    large.validate()
+    tensors = _decoalesce_width(_tensors(small), dataclasses.replace(large, layers=small.config.layers),
+                                scheme.width)
+    tensors = _decoalesce_depth(tensors, scheme.depth)
+    return materialize(large, tensors, model_device(small))
+
+
+def interpolate(large: torch.nn.Module, decoalesced: torch.nn.Module, alpha: float) -> torch.nn.Module:
+    """A new model with ``(1 - alpha) * large + alpha * decoalesced`` for every parameter."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"interpolation alpha must be in [0, 1], got {alpha}")
+    if large.config != decoalesced.config:
+        raise ConfigError("interpolate: the two models have different architectures")
+    a, b = _tensors(large), _tensors(decoalesced)
+    mixed = {name: (1.0 - alpha) * a[name] + alpha * b[name].to(a[name].device) for name in a}
+    return materialize(large.config, mixed, model_device(large))
+
+
+# ---------------------------------------------------------------- the V-cycle schedule
+
+
+def stage_levels(levels: int) -> list[int]:
+    """The level of each stage: down 0..L-1, then up to 0 (2L-1 stages)."""
+    return list(range(levels)) + list(range(levels - 2, -1, -1))
+
+
+def default_fractions(levels: int) -> list[float]:
+    """Budget per stage: 5 % per step down, 25 % on the coarsest level, 10 % per intermediate
+    level on the way up, the rest on the full model."""
+    if levels == 1:
+        return [1.0]
+    down = [0.05] * (levels - 1)
+    up = [0.1] * (levels - 2)
+    used = sum(down) + 0.25 + sum(up)
+    return down + [0.25] + up + [1.0 - used]
+
+
+def stage_at(progress: float, fractions: list[float]) -> int:
+    """Index of the stage that budget progress ``progress`` falls in."""
+    edge = 0.0
+    for i, f in enumerate(fractions):
+        edge += f
+        if progress < edge - 1e-12:
+            return i
+    return len(fractions) - 1
+
+
+@dataclasses.dataclass
+class VCycleOptions(Config):
+    """Multi-level V-cycle."""
+
+    levels: int = field(2, help="number of levels including the full model (1 = off)")
+    width: int = field(2, help="units merged per group at each level (heads, neurons, channels)")
+    depth: int = field(2, help="blocks merged per group at each level (1 = keep the depth)")
+    fractions: list[float] = field(
+        default_factory=list,
+        help="budget fraction of each of the 2*levels-1 stages (down, then up), summing to 1; "
+        "empty = 5 % per step down, 25 % coarsest, 10 % per step up, rest on the full model",
+    )
+    lr_scale: list[float] = field(
+        default_factory=list, help="learning-rate multiplier per level (empty = 2**level)"
+    )
+    alpha: float = field(0.5, help="interpolation weight of the de-coalesced model (paper 0.25-0.5)")
+
+    def validate(self) -> None:
+        if self.levels < 1:
+            raise ConfigError(f"technique.vcycle.levels must be >= 1, got {self.levels}")
+        Scheme(self.width, self.depth)
+        if self.fractions:
+            n = 2 * self.levels - 1
+            if len(self.fractions) != n:
+                raise ConfigError(f"technique.vcycle.fractions needs {n} stage fractions, got {len(self.fractions)}")
+            if any(f <= 0 for f in self.fractions) or not math.isclose(sum(self.fractions), 1.0, abs_tol=1e-6):
+                raise ConfigError("technique.vcycle.fractions must be positive and sum to 1")
+        if self.lr_scale and len(self.lr_scale) != self.levels:
+            raise ConfigError(f"technique.vcycle.lr_scale needs {self.levels} values, got {len(self.lr_scale)}")
+        if any(s <= 0 for s in self.lr_scale):
+            raise ConfigError("technique.vcycle.lr_scale values must be positive")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"technique.vcycle.alpha must be in [0, 1], got {self.alpha}")
+
+    def stage_fractions(self) -> list[float]:
+        return list(self.fractions) if self.fractions else default_fractions(self.levels)
+
+    def level_lr_scale(self, level: int) -> float:
+        return self.lr_scale[level] if self.lr_scale else float(2**level)
+
+
+@register
+class VCycle(Technique):
+    """Train large, coalesce, train small (faster), de-coalesce + interpolate, continue."""
+
+    name = "vcycle"
+    Options = VCycleOptions
+    conflicts = ("stacking",)
+    order = 30
+    options: VCycleOptions
+
+    def __init__(self, options: VCycleOptions) -> None:
+        super().__init__(options)
+        self.scheme = Scheme(options.width, options.depth)
+        self.levels = stage_levels(options.levels)
+        self.fractions = options.stage_fractions()
+        self.stage = 0
+        self.saved: list[dict[str, torch.Tensor]] = []  # finer levels' weights, coarsest last
+        self.base: ModelConfig | None = None
+
+    @classmethod
+    def contract_cases(cls) -> ContractCases:
+        return ContractCases(
+            acting=("technique.vcycle.fractions=[0.25,0.5,0.25]", "model.positions=learned"),
+            disabled=("technique.vcycle.levels=1",),
+            misapplied=("technique.vcycle.width=3",),
+        )
+
+    @property
+    def level(self) -> int:
+        return self.levels[self.stage]
+
+    def level_config(self, level: int) -> ModelConfig:
+        cfg = self.base
+        for _ in range(level):
+            cfg = coarse_config(cfg, self.scheme)
+        return cfg
+
+    def configure_model(self, model_config: ModelConfig) -> ModelConfig:
+        self.base = model_config
+        for level in range(self.options.levels):
+            self.level_config(level)  # refuse an impossible scheme before any training
+        return self.level_config(self.level)
+
+    def on_step_start(self, state) -> None:
+        state.lr_scale *= self.options.level_lr_scale(self.level)
+
+    def on_step_end(self, state) -> None:
+        target = stage_at(state.progress, self.fractions)
+        if target == self.stage:
+            return
+        model = state.model
+        while self.stage < target:
+            here, there = self.levels[self.stage], self.levels[self.stage + 1]
+            if there > here:
+                self.saved.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+                model = coalesce(model, self.scheme)
+            else:
+                large = materialize(self.level_config(there), self.saved.pop(), model_device(model))
+                model = interpolate(large, decoalesce(model, self.scheme), self.options.alpha)
+            self.stage += 1
+        state.request_model(model, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "saved": list(self.saved)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage = int(state.get("stage", 0))
+        self.saved = list(state.get("saved", []))

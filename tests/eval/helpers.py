@@ -1,0 +1,49 @@
+"""Helpers for evaluation tests: tokenizers and run directories built on the fly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+GLUE_DIR = SHARED / "glue"
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(texts, vocab_size: int = 1024):
+    """A lowercase WordPiece tokenizer trained on ``texts`` (specials get ids 0-4)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def make_run_dir(path: Path, model_cfg, tokenizer, special_ids: dict | None = None, model=None):
+    """A run directory as ``cramkit pretrain`` lays it out, holding ``model`` (or a fresh one)."""
+    import torch
+
+    from cramkit.models import build_model
+    from cramkit.train.checkpoint import save_checkpoint
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model": model_cfg.to_dict()}))
+    tokenizer.save(str(path / "tokenizer.json"))
+    if special_ids is None:
+        special_ids = {
+            n: tokenizer.token_to_id(s)
+            for n, s in zip(("pad", "unk", "cls", "sep", "mask"), SPECIALS)
+        }
+        special_ids["eod"] = None
+    (path / "data_manifest.json").write_text(json.dumps({"special_ids": special_ids}))
+    if model is None:
+        # Not seed 0: the random-init control starts from seed 0 and must differ from this.
+        torch.manual_seed(1234)
+        model = build_model(model_cfg)
+    save_checkpoint(path, 1, model, {"step": 1})
+    return path

@@ -1,0 +1,130 @@
+"""Export: exact HF counterparts give the same logits; others use cramkit's own format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cramkit.errors import CheckpointError, ConfigError
+from cramkit.export import export, hf_counterpart, load_exported
+
+from .helpers import make_run_dir, train_wordpiece
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = {
+    "vocab_size": 256,
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "intermediate": 64,
+    "max_positions": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    return train_wordpiece(
+        ["the quick brown fox jumps over the lazy dog"] * 5
+        + ["a second sentence about markets and films"],
+        vocab_size=200,
+    )
+
+
+def _run(tmp_path, preset, tokenizer, **overrides):
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    cfg = preset_config(preset, **{**SMALL, **overrides})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # move every weight off its init (norms at 1, biases at 0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return make_run_dir(tmp_path / preset, cfg, tokenizer, model=model.eval()), model
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(5, 256, (2, 24), generator=gen)
+    mask = torch.ones_like(x)
+    mask[1, 17:] = 0
+    return x, mask
+
+
+@pytest.mark.parametrize(
+    "preset, auto, hf_class",
+    [
+        ("bert-base", "AutoModelForMaskedLM", "BertForMaskedLM"),
+        ("gpt2-small", "AutoModelForCausalLM", "GPT2LMHeadModel"),
+    ],
+)
+def test_exact_export_matches_transformers_logits(
+    tmp_path, small_tokenizer, preset, auto, hf_class
+):
+    run, model = _run(tmp_path, preset, small_tokenizer)
+    out = tmp_path / "out"
+    info = export(run, out, log=lambda s: None)
+    assert info["loadable_by_hf"] and info["hf_class"] == hf_class
+    hf = getattr(transformers, auto).from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == hf_class
+    x, mask = _inputs()
+    with torch.no_grad():
+        ours = model(x, attention_mask=mask).logits
+        theirs = hf(input_ids=x, attention_mask=mask).logits
+    torch.testing.assert_close(theirs[0], ours[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(theirs[1, :17], ours[1, :17], atol=1e-4, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = tok("the quick fox")["input_ids"]
+    assert ids == small_tokenizer.encode("the quick fox", add_special_tokens=False).ids or (
+        ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    )
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_exactness_is_decided_by_fields_not_names():
+    from cramkit.models.presets import preset_config
+
+    assert hf_counterpart(preset_config("bert-base"))[0].hf_class == "BertForMaskedLM"
+    target, reasons = hf_counterpart(preset_config("bert-base", norm_position="pre"))
+    assert target is None and any("norm_position='pre'" in r for r in reasons)
+    target, reasons = hf_counterpart(preset_config("gpt2-small", positions="rotary"))
+    assert target is None and any("positions='rotary'" in r for r in reasons)
+    # A "tiny" preset reshaped to GPT-2's layout is exact, whatever its name.
+    assert hf_counterpart(preset_config("tiny-gpt"))[0].hf_class == "GPT2LMHeadModel"
+
+
+def test_crammed_export_uses_cramkit_format(tmp_path, small_tokenizer, capsys):
+    run, model = _run(tmp_path, "tiny", small_tokenizer)
+    info = export(run, tmp_path / "out")
+    assert not info["loadable_by_hf"] and info["format"] == "cramkit"
+    assert "NOT loadable by HF Auto classes" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["format"] == "cramkit" and cfg["model"]["ffn"] == "glu"
+    loaded, tok = load_exported(tmp_path / "out")
+    x, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits
+        )
+    assert tok.get_vocab_size() == small_tokenizer.get_vocab_size()
+    with pytest.raises(Exception):  # noqa: B017  (transformers' own error type varies)
+        transformers.AutoConfig.from_pretrained(str(tmp_path / "out"))
+
+
+def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
+    run, _ = _run(tmp_path, "tiny", small_tokenizer)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        export(run, tmp_path / "busy", log=lambda s: None)
+    export(run, tmp_path / "busy", overwrite=True, log=lambda s: None)
+    assert not (tmp_path / "busy" / "x").exists()
+    with pytest.raises(ConfigError, match="unknown export format 'onnx'"):
+        export(run, tmp_path / "o2", format="onnx")
+    with pytest.raises(CheckpointError, match="is a transformers export"):
+        hf_run, _ = _run(tmp_path, "bert-base", small_tokenizer)
+        export(hf_run, tmp_path / "hf", log=lambda s: None)
+        load_exported(tmp_path / "hf")

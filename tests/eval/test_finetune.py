@@ -1,0 +1,195 @@
+"""Fine-tuning end to end on CPU with tiny models, and the run-directory error paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cramkit.errors import CheckpointError, ConfigError
+from cramkit.eval.encoding import SpecialIds, TaskEncoder, truncate_pair
+from cramkit.eval.finetune import (
+    FinetuneConfig,
+    finetune,
+    load_backbone,
+    lr_multiplier,
+    majority_baseline,
+)
+from cramkit.eval.tasks import Example
+
+from .helpers import make_run_dir, train_wordpiece
+
+FAST = {"seeds": [0], "progress": False, "pooling": "mean", "lr": 3e-3}
+
+
+def test_config_defaults_are_glue_sane_and_overrides_strict():
+    cfg = FinetuneConfig()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay) == (
+        5,
+        16,
+        4e-5,
+        (0.9, 0.98),
+        1e-6,
+        0.0,
+    )
+    assert (cfg.schedule, cfg.warmup, cfg.seq_len, len(cfg.seeds)) == ("cosine", 0.1, 128, 5)
+    assert cfg.dropout > 0 and all(FinetuneConfig.help().values())
+    with pytest.raises(ConfigError, match="unknown config key 'finetune.lrr'.*did you mean 'lr'"):
+        FinetuneConfig.from_dict({"lrr": 1}, path="finetune")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total = 100
+    lrs = [lr_multiplier(s, total, 0.1, "cosine") for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_pair_encoding_layouts(bbc_tokenizer):
+    special = SpecialIds.from_vocab(bbc_tokenizer)
+    assert (special.pad, special.cls, special.sep) == (0, 2, 3)
+    enc = TaskEncoder(bbc_tokenizer, special, 16, causal=False)
+    long = " ".join(["government"] * 40)
+    (single, pair) = enc.encode([Example("the film", None, 0), Example(long, "short one", 1)])
+    assert single.ids[0] == 2 and single.ids[-1] == 3
+    assert len(pair.ids) == 16 and pair.ids[0] == 2 and pair.ids.count(3) == 2 and pair.ids[-1] == 3
+    assert truncate_pair([1] * 10, [2] * 3, 8) == ([1] * 5, [2] * 3)
+    gpt = TaskEncoder(bbc_tokenizer, SpecialIds(eod=3), 16, causal=True)
+    (g,) = gpt.encode([Example("a b", "c", 0)])
+    assert g.ids[-1] == 3 and g.ids.count(3) == 2
+    batch = enc.collate([single, pair], regression=False)
+    assert batch["input_ids"].shape == (2, 16) and batch["attention_mask"][0].sum() == len(
+        single.ids
+    )
+
+
+def test_finetune_tiny_beats_majority_on_bbc(tiny_run, bbc_task):
+    backbone = load_backbone(tiny_run, random_init=True)
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 2, "max_train_examples": 800})
+    result = finetune(backbone, bbc_task, cfg)
+    acc = result["metrics"]["bbc"]["accuracy"]
+    majority = majority_baseline(bbc_task)["bbc"]
+    assert majority == pytest.approx(0.23, abs=0.01)
+    assert acc > majority + 0.15, (acc, majority)
+    assert result["init"] == "random" and result["train_examples"] == 800
+    assert result["eval_examples"] == {"bbc": 445}
+
+
+def test_finetune_regression_and_gpt_pooling(tmp_path, bbc_tokenizer):
+    """A causal model, pooled on its last token, learns a pair-regression file task."""
+    from cramkit.models.presets import preset_config
+
+    rows = ["sentence1\tsentence2\tscore"]
+    words = ["market", "film", "match", "election", "phone", "music"]
+    for i in range(192):
+        a, b = words[i % 6], words[(i // 6) % 6]
+        # The target follows the first sentence's topic word; the pair only has to be read.
+        rows.append(f"the {a} news\tthe {b} story\t{float(i % 6)}")
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.tsv").write_text("\n".join(rows[:1] + rows[1:40]) + "\n")
+    cfg = preset_config("tiny-gpt", vocab_size=1024)
+    run = make_run_dir(
+        tmp_path / "gpt",
+        cfg,
+        bbc_tokenizer,
+        special_ids={"pad": 0, "unk": 1, "cls": None, "sep": 3, "mask": None, "eod": 3},
+    )
+    from cramkit.eval.tasks import load_task
+
+    task = load_task(
+        tmp_path / "train.tsv",
+        text_column="sentence1",
+        text_pair_column="sentence2",
+        label_column="score",
+        is_regression=True,
+    )
+    result = finetune(
+        load_backbone(run), task, FinetuneConfig.from_dict({**FAST, "pooling": "auto", "epochs": 8})
+    )
+    metrics = result["metrics"][task.spec.name]
+    assert set(metrics) == {"pearson", "spearman"}
+    assert metrics["pearson"] > 0.5, metrics
+
+
+def test_finetune_demo_returns_both_accuracies(tiny_run):
+    from cramkit.eval import finetune_demo
+
+    out = finetune_demo(tiny_run, progress=False, max_train_examples=64, epochs=1)
+    assert set(out) >= {"pretrained_accuracy", "random_init_accuracy", "majority_baseline"}
+    assert 0.0 <= out["pretrained_accuracy"] <= 1.0 and 0.0 <= out["random_init_accuracy"] <= 1.0
+
+
+def test_run_dir_without_finished_checkpoint(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / "meta.json").unlink()  # an interrupted write: no meta.json
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        load_backbone(run)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(CheckpointError, match="has no checkpoints"):
+        load_backbone(run)
+    with pytest.raises(CheckpointError, match="run directory not found"):
+        load_backbone(tmp_path / "nope")
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path, bbc_task):
+    from cramkit.models.presets import preset_config
+
+    big = train_wordpiece([e.text for e in bbc_task.train[:400]], vocab_size=2000)
+    assert big.get_vocab_size() > 1024
+    run = make_run_dir(tmp_path / "run", preset_config("tiny", vocab_size=1024), big)
+    with pytest.raises(
+        CheckpointError,
+        match=r"tokenizer.json has \d+ tokens but the model's "
+        r"vocabulary is 1024",
+    ):
+        load_backbone(run)
+
+
+def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
+    import argparse
+
+    from cramkit.eval import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    small = [
+        "seeds=[0,1]",
+        "max_train_examples=48",
+        "max_eval_examples=40",
+        "epochs=1",
+        "progress=false",
+    ]
+    args = parser.parse_args(
+        ["finetune", str(tiny_run), "--task", "mrpc", "--data", str(glue_dir), *small]
+    )
+    assert args.func(args) == 0
+    result = json.loads((tiny_run / "eval" / "finetune-mrpc.json").read_text())
+    assert set(result["metrics"]["mrpc"]) == {"f1", "accuracy"} and len(result["per_seed"]) == 2
+
+    args = parser.parse_args(
+        [
+            "evaluate",
+            str(tiny_run),
+            "--data",
+            str(glue_dir),
+            "--tasks",
+            "cola,wnli",
+            "--random-init",
+            *small,
+        ]
+    )
+    assert args.func(args) == 0
+    report = json.loads((tiny_run / "eval" / "glue-random.json").read_text())
+    assert report["init"] == "random" and set(report["summary"]["entries"]) == {"cola", "wnli"}
+    assert report["summary"]["average"] == report["summary"]["scores"]["cola"]  # WNLI excluded
+    md = (tiny_run / "eval" / "glue-random.md").read_text()
+    assert "## cola" in md and "matthews" in md and "**average**" in md
+
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        parser.parse_args(["finetune", str(tiny_run), "--task", "bbc", "epoch=1"]).func(
+            parser.parse_args(["finetune", str(tiny_run), "--task", "bbc", "epoch=1"])
+        )

@@ -1,0 +1,116 @@
+"""PEFT through peft on cramkit models: base weights untouched, only adapters saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from cramkit.errors import ConfigError
+from cramkit.eval.adapters import PeftOptions, apply_peft, parameter_counts, save_adapters
+from cramkit.eval.heads import SequenceClassifier
+
+pytest.importorskip("peft")
+
+
+def _classifier(preset="tiny"):
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    torch.manual_seed(0)
+    return SequenceClassifier(build_model(preset_config(preset)), 64, 3, "mean", 0.0)
+
+
+def _train(model, steps=5):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randint(5, 1000, (4, 12), generator=gen)
+        loss = F.cross_entropy(model(x, torch.ones_like(x)), torch.tensor([0, 1, 2, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_lora_leaves_base_weights_untouched_and_saves_only_adapters(tmp_path):
+    clf = _classifier()
+    base = {k: v.clone() for k, v in clf.encoder.state_dict().items()}
+    head_before = clf.classifier[1].weight.clone()
+    model = apply_peft(clf, PeftOptions("lora", rank=4, alpha=8))
+    counts = parameter_counts(model)
+    assert 0 < counts["trainable"] < counts["total"] / 4
+    _train(model)
+    # The wrapped encoder's own weights (base_layer under LoRA) did not move.
+    for name, module in clf.encoder.named_modules():
+        if hasattr(module, "base_layer"):
+            assert torch.equal(module.base_layer.weight, base[f"{name}.weight"]), name
+    untouched = {k: v for k, v in clf.encoder.state_dict().items() if "lora_" not in k}
+    for name, value in untouched.items():
+        assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+    # The adapters and the head did train.
+    assert any(
+        n.endswith("lora_B.default.weight") and p.abs().sum() > 0
+        for n, p in model.named_parameters()
+    )
+    assert not torch.equal(
+        model.base_model.model.classifier.modules_to_save.default[1].weight, head_before
+    )
+
+    out = save_adapters(model, tmp_path / "adapter")
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k or ".classifier." in k for k in saved), list(saved)
+    assert any("attn.qkv.lora_A" in k for k in saved) and any("ffn.up.lora_A" in k for k in saved)
+    saved_numel = sum(t.numel() for t in saved.values())
+    assert saved_numel == counts["trainable"]
+
+
+@pytest.mark.parametrize("method, marker", [("ia3", "ia3_l"), ("loha", "hada_")])
+def test_adapter_methods_train_only_their_parameters(method, marker, tmp_path):
+    clf = _classifier()
+    frozen = {k: v.clone() for k, v in clf.encoder.state_dict().items()}
+    model = apply_peft(clf, PeftOptions(method))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(marker in n or ".classifier." in n for n in trainable)
+    _train(model, steps=2)
+    after = {
+        k.replace(".base_layer", ""): v
+        for k, v in clf.encoder.state_dict().items()
+        if marker.split("_")[0] not in k
+    }
+    for name, value in after.items():
+        if name in frozen:
+            assert torch.equal(value, frozen[name]), name
+    saved = load_file(str(save_adapters(model, tmp_path / method) / "adapter_model.safetensors"))
+    assert all(marker.split("_")[0] in k or ".classifier." in k for k in saved)
+
+
+def test_gpt_model_and_bad_targets():
+    model = apply_peft(_classifier("tiny-gpt"), PeftOptions("lora"))
+    x = torch.randint(5, 1000, (2, 7))
+    assert model(x, torch.ones_like(x)).shape == (2, 3)
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        apply_peft(_classifier(), PeftOptions("lora", targets=("nope",)))
+    with pytest.raises(ConfigError, match="unknown peft method 'lorra'"):
+        apply_peft(_classifier(), PeftOptions("lorra"))
+
+
+def test_finetune_with_lora_reports_trainable_count(tiny_run, bbc_task, tmp_path):
+    from cramkit.eval.finetune import FinetuneConfig, finetune, load_backbone
+
+    cfg = FinetuneConfig.from_dict(
+        {
+            "seeds": [0],
+            "progress": False,
+            "epochs": 1,
+            "peft": "lora",
+            "max_train_examples": 32,
+            "max_eval_examples": 32,
+            "save": True,
+        }
+    )
+    result = finetune(load_backbone(tiny_run), bbc_task, cfg, save_dir=tmp_path / "ft")
+    counts = result["parameters"]
+    assert counts["trainable"] < counts["total"] / 4
+    assert (tmp_path / "ft" / "seed-0" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "ft" / "seed-0" / "model.safetensors").exists()

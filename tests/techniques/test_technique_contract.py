@@ -1,0 +1,98 @@
+"""The contract every registered technique keeps, on tiny 12-step CPU runs.
+
+It trains; it resumes from a mid-run checkpoint to the same weights as an uninterrupted run; it
+is bit-identical to no technique when its options disable it; it refuses a misapplication with a
+ConfigError. Each technique supplies the overrides through ``contract_cases()``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from technique_helpers import metrics, quiet, tiny_config, weights
+
+from cramkit.errors import ConfigError
+from cramkit.techniques import TECHNIQUES
+from cramkit.train import checkpoint as ckpt
+from cramkit.train.run import pretrain, resume_config
+
+NAMES = sorted(TECHNIQUES)
+STEPS = 12
+
+
+def _cases(name):
+    cases = TECHNIQUES[name].contract_cases()
+    assert cases is not None, f"technique '{name}' declares no contract_cases()"
+    return cases
+
+
+def _data(request, arch):
+    return request.getfixturevalue("tiny_mlm_data" if arch == "bert" else "tiny_clm_data")
+
+
+def _config(request, tmp_path, name, overrides, run_name, arch, technique=True):
+    enable = [f"techniques=[{name}]"] if technique else []
+    return tiny_config(_data(request, arch), tmp_path, f"train.budget={STEPS}steps", *enable,
+                       *overrides, name=run_name, arch=arch)
+
+
+def _assert_same_weights(a_dir, b_dir):
+    a, b = weights(a_dir), weights(b_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_every_technique_is_registered():
+    assert {"pld", "stacking", "vcycle", "seqwarmup"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_technique_trains(name, request, tmp_path):
+    cases = _cases(name)
+    cfg = _config(request, tmp_path, name, (*cases.acting, "train.eval_every=0.5"), "run", cases.arch)
+    summary = pretrain(cfg, say=quiet)
+    assert summary["steps"] == STEPS and summary["stop_reason"] == "budget"
+    assert math.isfinite(summary["final_val_loss"])
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_technique_resumes_to_identical_weights(name, request, tmp_path):
+    cases = _cases(name)
+    overrides = (*cases.acting, "train.checkpoint_every=0.5", "train.batch_ramp=0.5")
+    pretrain(_config(request, tmp_path, name, overrides, "full", cases.arch), say=quiet)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    shutil.copytree(full, cut)
+    middle = f"step-{STEPS // 2:08d}"
+    assert middle in [p.name for p in ckpt.list_checkpoints(cut)]
+    for path in ckpt.list_checkpoints(cut):
+        if path.name != middle:
+            shutil.rmtree(path)
+    (cut / "metrics.jsonl").write_text("")
+    pretrain(resume_config(cut, []), run_dir=cut, resume=True, say=quiet)
+    _assert_same_weights(full, cut)
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(full)][STEPS // 2:]
+    assert [r["tokens"] for r in metrics(cut)] == [r["tokens"] for r in metrics(full)][STEPS // 2:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_disabled_technique_is_bit_identical_to_none(name, request, tmp_path):
+    cases = _cases(name)
+    pretrain(_config(request, tmp_path, name, (), "base", cases.arch, technique=False), say=quiet)
+    pretrain(_config(request, tmp_path, name, cases.disabled, "off", cases.arch), say=quiet)
+    _assert_same_weights(tmp_path / "base", tmp_path / "off")
+    base, off = metrics(tmp_path / "base"), metrics(tmp_path / "off")
+    assert [(r["loss"], r["tokens"], r["lr"]) for r in base] == [(r["loss"], r["tokens"], r["lr"]) for r in off]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_misapplied_technique_fails_loudly(name, request, tmp_path):
+    cases = _cases(name)
+    with pytest.raises(ConfigError):
+        cfg = _config(request, tmp_path, name, cases.misapplied, "bad", cases.arch)
+        pretrain(cfg, say=quiet)

@@ -1,0 +1,72 @@
+"""Run under torchrun by test_distributed.py: several 2-rank scenarios in one launch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import tiny_config  # noqa: E402
+
+from cramkit.train import checkpoint as ckpt  # noqa: E402
+from cramkit.train.run import pretrain, resume_config  # noqa: E402
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+def main() -> None:
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    quiet = {"say": lambda *_: None}
+    common = ("train.budget=6steps", "train.micro_batch=0", "train.checkpoint_every=0.5", "train.keep_checkpoints=3")
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = tiny_config(data, out, *common, f"parallel.strategy={strategy}", name=strategy, arch="gpt")
+        summary = pretrain(cfg, **quiet)
+        results[strategy] = {"steps": summary["steps"], "tokens": summary["tokens"]}
+    rank = dist.get_rank()
+    if rank == 0:
+        results["ddp"]["losses"] = losses(out / "ddp")
+        results["fsdp"]["losses"] = losses(out / "fsdp")
+        # Resume from the 2-rank checkpoint at step 3 of the ddp run, in a copy.
+        shutil.copytree(out / "ddp", out / "cut")
+        for path in ckpt.list_checkpoints(out / "cut"):
+            if path.name != "step-00000003":
+                shutil.rmtree(path)
+        (out / "cut" / "metrics.jsonl").write_text("")
+    dist.barrier()
+    pretrain(resume_config(out / "cut", []), run_dir=out / "cut", resume=True, **quiet)
+    # FSDP resume: its state was gathered to full tensors and must scatter back.
+    if rank == 0:
+        shutil.copytree(out / "fsdp", out / "fsdp-cut")
+        for path in ckpt.list_checkpoints(out / "fsdp-cut"):
+            if path.name != "step-00000003":
+                shutil.rmtree(path)
+        (out / "fsdp-cut" / "metrics.jsonl").write_text("")
+    dist.barrier()
+    pretrain(resume_config(out / "fsdp-cut", []), run_dir=out / "fsdp-cut", resume=True, **quiet)
+    # A wall-clock budget: ranks' clocks differ, yet all must stop at the same step.
+    cfg = tiny_config(data, out, "train.budget=1.5s", "train.micro_batch=0", name="timed", arch="gpt")
+    summary = pretrain(cfg, **quiet)
+    steps = [None, None]
+    dist.all_gather_object(steps, summary["steps"])
+    if rank == 0:
+        results["timed_steps"] = steps
+        results["resumed_losses"] = losses(out / "cut")
+        results["fsdp_resumed_losses"] = losses(out / "fsdp-cut")
+        for name in ("cut", "ddp", "fsdp", "fsdp-cut"):
+            results[f"{name}_weights"] = str(ckpt.latest_checkpoint(out / name) / "model.safetensors")
+        (out / "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

@@ -1,0 +1,56 @@
+"""2-process torchrun on CPU (gloo): DDP and FSDP2 equal one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cramkit.train.run import pretrain
+
+from .helpers import tiny_config
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_one_process(tiny_clm_data, tmp_path):
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(Path(__file__).with_name("dist_worker.py")),
+           str(tiny_clm_data), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+
+    single = tiny_config(tiny_clm_data, tmp_path, "train.budget=6steps", "train.micro_batch=0",
+                         name="single", arch="gpt")
+    summary = pretrain(single, say=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    one = [r["loss"] for r in rows if r["type"] == "train"]
+
+    assert res["ddp"]["tokens"] == summary["tokens"]  # tokens count every rank's share
+    torch.testing.assert_close(torch.tensor(res["ddp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(res["fsdp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    # Resumed from a 2-rank checkpoint: the rest of the curve, and the same final weights.
+    assert res["resumed_losses"] == res["ddp"]["losses"][3:]
+    a, b = load_file(res["ddp_weights"]), load_file(res["cut_weights"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(res["fsdp_resumed_losses"]), torch.tensor(res["fsdp"]["losses"][3:]),
+                               rtol=1e-6, atol=1e-6)
+    # A wall-clock budget stops both ranks at the same step.
+    assert res["timed_steps"][0] == res["timed_steps"][1] > 0
