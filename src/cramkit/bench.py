@@ -12,10 +12,9 @@ peak memory. Targets are ``FAMILY:PRESET``: ``cramkit:crammed-bert`` is our mode
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 

@@ -58,6 +58,7 @@ class TrainConfig(Config):
     batch_ramp: float = field(0.0, help="fraction of the budget over which the batch grows linearly to batch_size")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field("auto", help="auto: bf16 on GPUs that support it, else fp32")
     compile: bool = field(False, help="torch.compile the model (falls back to eager with a warning)")
+    fp8: bool = field(False, help="FP8 linears via torchao where matrices are large enough to gain (GPU only)")
     clip_grad: float = field(0.0, help="max gradient norm; 0 disables clipping")
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
     log_every: int = field(10, help="optimizer steps between metric lines")

@@ -59,6 +59,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"{path}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
+        if value is None and "none" in choices:  # `key=none` on the command line parses to None
+            return "none"
         if value not in choices:
             hint = did_you_mean(str(value), [str(c) for c in choices])
             raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}{hint}")

@@ -128,3 +128,21 @@ def test_hf_without_datasets_is_a_clear_error(tmp_path):
     (tmp_path / "hf").mkdir()
     with pytest.raises(DataError, match=r"pip install 'cramkit\[hf\]'"):
         _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"]))
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, "Crème  Brûlée\nÆon ﬁ"),
+        ({"lowercase": True}, "crème  brûlée\næon ﬁ"),
+        ({"strip_accents": True}, "Creme  Brulee\nÆon ﬁ"),
+        ({"ascii_only": True, "lowercase": True}, "creme  brulee\non fi"),
+        ({"collapse_whitespace": True}, "Crème Brûlée Æon ﬁ"),
+    ],
+)
+def test_normalisation_options(tmp_path, options, expected):
+    from cramkit.data.tokenizer import build_normalizer
+
+    norm = build_normalizer(small_cfg([tmp_path], **options))
+    text = "Crème  Brûlée\nÆon ﬁ"
+    assert (norm.normalize_str(text) if norm else text) == expected

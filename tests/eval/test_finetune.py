@@ -20,7 +20,7 @@ from cramkit.eval.tasks import Example
 
 from .helpers import make_run_dir, train_wordpiece
 
-FAST = {"seeds": [0], "progress": False, "pooling": "mean", "lr": 3e-3}
+FAST = {"seeds": [0], "progress": False, "pooling": "mean", "lr": 3e-3, "device": "cpu"}
 
 
 def test_config_defaults_are_glue_sane_and_overrides_strict():
@@ -67,13 +67,13 @@ def test_pair_encoding_layouts(bbc_tokenizer):
 
 def test_finetune_tiny_beats_majority_on_bbc(tiny_run, bbc_task):
     backbone = load_backbone(tiny_run, random_init=True)
-    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 2, "max_train_examples": 800})
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 2, "seq_len": 64, "max_train_examples": 600})
     result = finetune(backbone, bbc_task, cfg)
     acc = result["metrics"]["bbc"]["accuracy"]
     majority = majority_baseline(bbc_task)["bbc"]
     assert majority == pytest.approx(0.23, abs=0.01)
     assert acc > majority + 0.15, (acc, majority)
-    assert result["init"] == "random" and result["train_examples"] == 800
+    assert result["init"] == "random" and result["train_examples"] == 600
     assert result["eval_examples"] == {"bbc": 445}
 
 
@@ -193,3 +193,14 @@ def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
         parser.parse_args(["finetune", str(tiny_run), "--task", "bbc", "epoch=1"]).func(
             parser.parse_args(["finetune", str(tiny_run), "--task", "bbc", "epoch=1"])
         )
+
+
+def test_cli_errors_are_one_line(tiny_run, capsys):
+    from cramkit.cli import main
+
+    assert main(["finetune", str(tiny_run), "--task", "nosuchtask"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown task 'nosuchtask'") and "\n" not in err
+    assert "bbc, cola" in err
+    assert main(["export", str(tiny_run.parent / "missing"), "--out", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -166,3 +166,29 @@ def test_missing_file_and_dev(tmp_path):
     (tmp_path / "only.tsv").write_text("sentence\tlabel\na\t1\nb\t0\n")
     with pytest.raises(DataError, match="no dev file given"):
         load_task(tmp_path / "only.tsv")
+
+
+def test_hf_datasets_source_is_optional(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails: not installed
+    with pytest.raises(DataError, match="HF 'datasets' is not installed.*--data DIR"):
+        load_task("rte")
+
+    calls = []
+
+    def load_dataset(name, config):
+        calls.append((name, config))
+        rows = [{"premise": "p", "hypothesis": "h", "label": 2}]
+        return {"train": rows * 3, "validation_matched": rows, "validation_mismatched": rows * 2}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    data = load_task("mnli")
+    assert calls == [("glue", "mnli")]
+    assert len(data.train) == 3 and {k: len(v) for k, v in data.evals.items()} == {
+        "mnli-m": 1,
+        "mnli-mm": 2,
+    }
+    assert data.spec.labels[data.train[0].label] == "contradiction"
+    assert data.train[0].text_pair == "h"

@@ -79,7 +79,7 @@ def test_state_dict_round_trip_through_a_weights_only_file(name, tmp_path):
 
     def steps(model, optimizer, batches):
         for x in batches:
-            def closure():
+            def closure(x=x):
                 optimizer.zero_grad(set_to_none=True)
                 loss = model(x, labels=x).loss
                 loss.backward()

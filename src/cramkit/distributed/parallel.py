@@ -22,9 +22,11 @@ class Parallel:
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 strategy: str = "none", device: torch.device | None = None) -> None:
+                 strategy: str = "none", device: torch.device | None = None, launched: bool = False) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.strategy = strategy if world_size > 1 else "none"
+        # Under torchrun even one process joins a group, so FSDP2 (e.g. its CPU offload) works.
+        self.launched = launched
+        self.strategy = strategy if launched else "none"
         self.device = device or torch.device("cpu")
 
     @property
@@ -33,7 +35,7 @@ class Parallel:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.launched
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -96,9 +98,9 @@ class Parallel:
 
 
 def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
-    """Join torchrun's process group when ``WORLD_SIZE`` > 1, else a single-process Parallel."""
+    """Join torchrun's process group when launched by torchrun, else a single-process Parallel."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "TORCHELASTIC_RUN_ID" not in os.environ and world <= 1:
         from ..train.device import resolve_device
 
         return Parallel(device=resolve_device(device_name))
@@ -113,7 +115,7 @@ def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10),
                                 **({"device_id": device} if use_cuda else {}))
-    return Parallel(rank, world, local, cfg.strategy, device)
+    return Parallel(rank, world, local, cfg.strategy, device, launched=True)
 
 
 def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, precision: str,
@@ -122,7 +124,7 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
     if not par.distributed:
         if offload_optimizer:
             raise ConfigError("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
-                              "parallel.strategy=fsdp (one process is fine: torchrun --nproc-per-node 1)")
+                              "parallel.strategy=fsdp (one process is fine: torchrun --nproc-per-node 1 ...)")
         return model
     if par.strategy == "ddp":
         if offload_optimizer:

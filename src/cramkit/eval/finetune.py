@@ -407,11 +407,11 @@ def _spread(values: list[float]) -> dict[str, float]:
 #: 4e-5 to move in two short epochs, and mean pooling learns faster than [CLS] from few steps.
 DEMO_SETTINGS: dict[str, Any] = {
     "epochs": 2.0,
-    "lr": 2e-3,
+    "lr": 3e-3,
     "pooling": "mean",
     "seeds": [0],
     "seq_len": 128,
-    "max_train_examples": 800,
+    "max_train_examples": 600,
 }
 
 

@@ -51,6 +51,7 @@ _CRAMMED: dict[str, Any] = {
     "head_transform": False,
     "decoder_bias": False,
     "sparse_prediction": True,
+    "residual_scale": "none",
     "init": "normal",
     "init_std": 0.02,
 }

@@ -48,10 +48,20 @@ def lion(groups, cfg, device):
 
 @register_optimizer("lamb")
 def lamb(groups, cfg, device):
-    """LAMB: the Adam direction scaled per tensor by the trust ratio ||w|| / ||update||."""
+    """LAMB: the direction r = m / (sqrt(v) + eps) + weight_decay * w, scaled per tensor by the
+    trust ratio ||w|| / ||r||.
+
+    The weight decay sits inside r (``weight_decouple=False``) as in You et al. 2020, Alg. 2.
+    pytorch_optimizer's LAMB does not bias-correct m and v inside r, and by default divides the
+    step by 1 - beta1^t, which makes the first steps up to 10x longer than the paper's
+    lr * ||w||; ``adam_debias`` turns that division off. The missing correction inside r only
+    shifts the balance between the Adam direction and the decay during the first steps.
+    """
     from pytorch_optimizer import Lamb
 
-    return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decouple=True)
+    for group in groups:
+        group.setdefault("adam_debias", True)
+    return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decouple=False)
 
 
 @register_optimizer("lars")

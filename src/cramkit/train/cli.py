@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..config import load_config, recipe_names
@@ -44,6 +45,16 @@ def _split_overrides(args) -> tuple[str | None, list[str]]:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    try:
+        return _pretrain(args)
+    finally:  # under torchrun, leave the process group cleanly whatever happened
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from .run import pretrain, resume_config
 
@@ -58,14 +69,19 @@ def run_pretrain(args: argparse.Namespace) -> int:
             raise ConfigError("name a recipe (see `cramkit recipes`), e.g. `cramkit pretrain demo`")
         cfg = load_config(recipe, overrides)
         summary = pretrain(cfg)
+    finished = summary.get("stop_reason") == "budget"
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if finished else 1
     _print_summary(summary)
-    if cfg.finetune_demo and summary.get("stop_reason") == "budget":
+    if cfg.finetune_demo and finished:
         from ..eval.finetune import finetune_demo
 
         print("fine-tuning on the embedded BBC News task (pretrained vs random init) ...")
-        result = finetune_demo(summary["run_dir"])
-        print(f"BBC News accuracy: pretrained {result['pretrained']:.3f}  random init {result['random']:.3f}")
-    return 0 if summary.get("stop_reason") == "budget" else 1
+        r = finetune_demo(summary["run_dir"])
+        print(f"BBC News topic accuracy after {r['seconds']:.0f} s of fine-tuning on {r['train_examples']} articles: "
+              f"pretrained {r['pretrained_accuracy']:.1%}, random init {r['random_init_accuracy']:.1%}, "
+              f"majority class {r['majority_baseline']:.1%}")
+    return 0 if finished else 1
 
 
 def _print_summary(s: dict) -> None:
@@ -78,6 +94,8 @@ def _print_summary(s: dict) -> None:
     print(f"train loss: start {fmt(s['first_train_loss'])}  end {fmt(s['last_train_loss'])}")
     print(f"validation loss: start {fmt(s['initial_val_loss'])}  end {fmt(s['final_val_loss'])}")
     print(f"throughput: {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}")
+    if s.get("energy_kwh") is not None:
+        print(f"GPU energy: {s['energy_kwh']:.4f} kWh ({s['kwh_per_billion_tokens']:.2f} kWh per billion tokens)")
 
 
 def run_show_config(args: argparse.Namespace) -> int:

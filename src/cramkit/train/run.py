@@ -41,6 +41,7 @@ from ..techniques import build_techniques
 from ..utils import write_json
 from . import checkpoint as ckpt
 from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
+from .energy import EnergyMeter
 from .runlog import Progress, RunLog, environment
 from .state import TrainState
 from .trainer import Trainer
@@ -136,6 +137,11 @@ def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model
     """Activation checkpointing → compile → sharding, re-applied after every model swap."""
 
     def prepare(model: torch.nn.Module) -> torch.nn.Module:
+        if cfg.train.fp8 and not getattr(model, "_cramkit_fp8", False):
+            from ..distributed.fp8 import convert_fp8
+
+            convert_fp8(model, par.device)
+            model._cramkit_fp8 = True
         apply_activation_checkpointing(model, cfg.memory)
         if par.strategy == "fsdp":
             # FSDP2 shards the module in place; the compiled wrapper then runs the sharded module.
@@ -317,7 +323,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         f"budget {cfg.train.budget}; estimated memory {estimate['total_gb']:.2f} GB per device")
     compile_model = _compiler(cfg.train.compile, warm_up)
     trainer = Trainer(
-        cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, device),
+        cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, device, cfg.train.batch_size),
         train_batches=iter(loader), evaluate=evaluate, checkpoint=save,
         log=log.write if log else (lambda record: None), techniques=techniques, device=device,
         precision=precision, micro_batch=micro_batch, seq_len=seq_len, flops_per_token=fpt,
@@ -336,6 +342,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                 f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
                 f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
             )
+    meter = EnergyMeter(device)
     first_loss = None
     try:
         if not resume:
@@ -351,6 +358,9 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     if par.is_main:
         log.close()
         summary = _summary(run_dir, trainer, first_loss, val_loss, n_params, peak)
+        kwh = meter.kwh()  # this process's GPU; under torchrun, rank 0's device only
+        summary["energy_kwh"] = kwh
+        summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
         write_json(run_dir / "summary.json", summary)
     return par.gather(summary)[0]
 

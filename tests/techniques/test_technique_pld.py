@@ -1,0 +1,143 @@
+"""Progressive layer dropping: schedule, statistics of the decisions, real skipping, FLOPs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from technique_helpers import metrics, quiet, tiny_config
+
+from cramkit.errors import ConfigError
+from cramkit.models import build_model
+from cramkit.models.presets import preset_config
+from cramkit.techniques.pld import (
+    PLDOptions,
+    ProgressiveLayerDropping,
+    block_flops_per_token,
+    expected_layers,
+    keep_probabilities,
+    sample_keep,
+    theta,
+)
+from cramkit.train.run import pretrain
+
+
+class _State:
+    def __init__(self, model, progress=0.0, step=0):
+        self.model, self.progress, self.usage_step = model, progress, step
+
+    @property
+    def step(self):
+        return self.usage_step
+
+
+def test_schedule_shape():
+    assert theta(0.0, 0.5, 100) == 1.0
+    assert theta(1.0, 0.5, 100) == pytest.approx(0.5)
+    probs = keep_probabilities(0.5, 4, 0.5, 2.0)
+    top = theta(0.5, 0.5, 2.0)
+    assert probs[-1] == pytest.approx(top)
+    assert probs == sorted(probs, reverse=True)
+    steps = [b - a for a, b in zip(probs, probs[1:])]
+    assert all(s == pytest.approx(steps[0]) for s in steps)  # linear in depth
+    assert keep_probabilities(0.3, 6, 1.0, 10.0) == [1.0] * 6
+
+
+@pytest.mark.parametrize("progress", [0.05, 0.5, 1.0])
+def test_executed_layers_match_the_schedule(progress):
+    layers, theta_bar, gamma, n = 8, 0.5, 5.0, 4000
+    probs = keep_probabilities(progress, layers, theta_bar, gamma)
+    counts = [sum(sample_keep(probs, seed=3, step=s)) for s in range(n)]
+    mean = sum(counts) / n
+    expected = expected_layers(progress, layers, theta_bar, gamma)
+    variance = sum(p * (1 - p) for p in probs)  # independent Bernoulli draws per block
+    assert abs(mean - expected) < 4 * math.sqrt(variance / n) + 1e-12
+    # Per block, too: the top block is kept at theta(t).
+    top = sum(sample_keep(probs, seed=3, step=s)[-1] for s in range(n)) / n
+    assert abs(top - probs[-1]) < 4 * math.sqrt(probs[-1] * (1 - probs[-1]) / n) + 1e-12
+
+
+def test_decisions_depend_only_on_seed_and_step():
+    probs = [0.5] * 6
+    assert sample_keep(probs, 1, 7) == sample_keep(probs, 1, 7)
+    assert len({tuple(sample_keep(probs, 1, s)) for s in range(20)}) > 5
+    state = torch.get_rng_state()
+    sample_keep(probs, 1, 7)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is not touched
+
+
+def test_dropped_blocks_do_no_compute_and_kept_branches_are_scaled():
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", layers=6))
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    tech = ProgressiveLayerDropping(PLDOptions.from_dict({"theta_bar": 0.2, "gamma": 50, "seed": 1}))
+    model = tech.on_model(model)
+    assert model.state_dict().keys() == reference.keys()  # surgery keeps names (checkpoints, export)
+    calls = [0] * 6
+    for i, block in enumerate(model.layers):
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.randint(5, 1000, (2, 16))
+    model.train()
+    for step in range(10):
+        before = list(calls)
+        tech.on_step_start(_State(model, progress=0.9, step=step))
+        model(ids, labels=ids)
+        ran = [c - b for c, b in zip(calls, before)]
+        assert ran == [int(k) for k in tech.keep]
+    assert sum(calls) < 60 and calls[0] > calls[-1]
+    # Evaluation runs every block, unscaled: the same function as the untouched model.
+    model.eval()
+    before = list(calls)
+    plain = build_model(preset_config("tiny", layers=6))
+    plain.load_state_dict(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
+    assert calls == [c + 1 for c in before]
+
+
+def test_kept_block_scales_its_branches_by_one_over_p():
+    torch.manual_seed(0)
+    model = ProgressiveLayerDropping(PLDOptions()).on_model(build_model(preset_config("tiny")))
+    block = model.layers[0]
+    x = torch.randn(1, 8, 64)
+    block.train()
+    block.pld_scale.fill_(1.0)
+    plain = block(x)
+    attn = block.attn(block.norm1(x))
+    block.pld_scale.fill_(2.0)
+    scaled = block(x)
+    mid = x + 2.0 * attn
+    expected = mid + 2.0 * block.ffn(block.norm2(mid))
+    torch.testing.assert_close(scaled, expected)
+    assert not torch.allclose(plain, scaled)
+
+
+def test_post_ln_model_is_refused():
+    model = build_model(preset_config("tiny", norm_position="post", final_norm=False))
+    with pytest.raises(ConfigError, match="pre-LN"):
+        ProgressiveLayerDropping(PLDOptions()).on_model(model)
+    with pytest.raises(ConfigError, match="theta_bar"):
+        PLDOptions.from_dict({"theta_bar": 0.0})
+
+
+def test_flops_count_executed_blocks(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=20steps", "train.batch_ramp=0",
+                      "model.layers=6", "techniques=[pld]", "technique.pld.theta_bar=0.2",
+                      "technique.pld.gamma=20")
+    summary = pretrain(cfg, say=quiet)
+    from cramkit.models.flops import flops_per_token
+
+    full = flops_per_token(cfg.model, 32, cfg.objective.mask_rate)
+    per_block = block_flops_per_token(cfg.model, 32)
+    opts = PLDOptions.from_dict(cfg.technique["pld"])
+    tokens = metrics(tmp_path / "run")[0]["tokens"]
+    expected = 0.0
+    for step in range(20):
+        probs = keep_probabilities(step / 20, 6, opts.theta_bar, opts.gamma)
+        kept = sum(sample_keep(probs, opts.seed, step))
+        expected += tokens * (full - (6 - kept) * per_block)
+    assert summary["flops"] == pytest.approx(expected, rel=1e-12)
+    assert summary["flops"] < 20 * tokens * full
+    # The block share of the model: dropping all blocks would leave the embeddings and head.
+    assert 6 * per_block < full

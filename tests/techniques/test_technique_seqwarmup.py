@@ -1,0 +1,59 @@
+"""Sequence-length warm-up: lengths follow the schedule, tokens and FLOPs count what was seen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from technique_helpers import metrics, quiet, tiny_config
+
+from cramkit.errors import ConfigError
+from cramkit.models.flops import flops_per_token
+from cramkit.techniques.seqwarmup import SeqWarmupOptions, truncate, warmup_length
+from cramkit.train.run import pretrain
+
+
+def test_length_schedule():
+    lengths = [warmup_length(p / 100, 128, 16, 0.5) for p in range(101)]
+    assert lengths[0] == 16 and lengths[50] == 128 and lengths[-1] == 128
+    assert lengths == sorted(lengths)
+    assert all(n % 8 == 0 for n in lengths)
+    assert warmup_length(0.25, 128, 16, 0.5) == 72  # 16 + 112 * 0.5 = 72
+    assert warmup_length(0.3, 128, 16, 0.0) == 128  # fraction 0 = off
+    assert warmup_length(0.0, 128, 12, 0.5) == 8  # start rounded down to the multiple
+
+
+def test_truncation_keeps_mlm_framing():
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 3], [2, 20, 21, 22, 23, 24, 25, 3]])
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = 99
+    out = truncate({"input_ids": ids, "labels": labels}, 4, sep_id=3)
+    assert out["input_ids"].tolist() == [[2, 10, 11, 3], [2, 20, 21, 3]]
+    assert out["labels"][:, -1].tolist() == [-100, -100]
+    assert ids[0, 3] == 12  # the original batch is not modified
+    plain = truncate({"input_ids": ids, "labels": labels}, 4)
+    assert plain["input_ids"].tolist() == [[2, 10, 11, 12], [2, 20, 21, 22]]
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="at least multiple"):
+        SeqWarmupOptions.from_dict({"start": 4})
+    with pytest.raises(ConfigError, match="fraction"):
+        SeqWarmupOptions.from_dict({"fraction": 1.5})
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt"])
+def test_run_lengths_tokens_and_flops(arch, tiny_mlm_data, tiny_clm_data, tmp_path):
+    data = tiny_mlm_data if arch == "bert" else tiny_clm_data
+    cfg = tiny_config(data, tmp_path, "train.budget=10steps", "train.batch_ramp=0",
+                      "techniques=[seqwarmup]", "technique.seqwarmup.start=8",
+                      "technique.seqwarmup.fraction=0.5", arch=arch)
+    summary = pretrain(cfg, say=quiet)
+    train = metrics(tmp_path / "run")
+    per_step = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + train, train)]
+    lengths = [warmup_length(s / 10, 32, 8, 0.5) for s in range(10)]
+    assert lengths[0] == 8 and lengths[-1] == 32
+    assert per_step == [8 * n for n in lengths]  # 8 sequences per step, truncated
+    assert summary["tokens"] == 8 * sum(lengths)
+    rate = cfg.objective.mask_rate if arch == "bert" else None
+    expected = sum(8 * n * flops_per_token(cfg.model, n, rate) for n in lengths)
+    assert summary["flops"] == pytest.approx(expected, rel=1e-12)

@@ -1,0 +1,93 @@
+"""Progressive stacking: depth doubling keeps trained blocks and (optionally) optimizer state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from technique_helpers import quiet, tiny_config, weights
+
+from cramkit.errors import ConfigError
+from cramkit.models import build_model
+from cramkit.models.presets import preset_config
+from cramkit.optim import parameter_groups
+from cramkit.techniques.stacking import (
+    ProgressiveStacking,
+    StackingOptions,
+    stack,
+    transfer_optimizer_state,
+)
+from cramkit.train.run import pretrain
+
+
+def _trained_model_and_optimizer(layers=2):
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", layers=layers))
+    opt = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-3)
+    ids = torch.randint(5, 1000, (2, 16))
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("mode", ["copy", "reset"])
+def test_stack_keeps_weights_and_optimizer_state(mode):
+    model, opt = _trained_model_and_optimizer()
+    big = stack(model)
+    assert big.config.layers == 4
+    old, new = model.state_dict(), big.state_dict()
+    for name, tensor in new.items():
+        if name.startswith("layers."):
+            index, rest = name.split(".", 2)[1:]
+            source = f"layers.{int(index) % 2}.{rest}"
+        else:
+            source = name
+        assert torch.equal(tensor, old[source]), name
+    assert big.head.decoder.weight is big.embeddings.tokens.weight  # still tied
+    new_opt = torch.optim.AdamW(parameter_groups(big, 0.01), lr=1e-3)
+    transfer_optimizer_state(mode == "copy")(model, big, opt, new_opt)
+    old_params = dict(model.named_parameters())
+    for name, param in big.named_parameters():
+        is_copy = name.startswith("layers.") and int(name.split(".")[1]) >= 2
+        if is_copy and mode == "reset":
+            assert param not in new_opt.state, name
+            continue
+        src = old_params[name if not is_copy else name.replace("layers.2.", "layers.0.").replace("layers.3.", "layers.1.")]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(new_opt.state[param][key], opt.state[src][key]), (name, key)
+        assert new_opt.state[param]["exp_avg"] is not opt.state[src]["exp_avg"]
+
+
+def test_schedule_and_configured_depth():
+    opts = StackingOptions.from_dict({"doublings": 2})
+    assert opts.schedule() == pytest.approx([1 / 3, 2 / 3])
+    tech = ProgressiveStacking(opts)
+    cfg = preset_config("tiny", layers=12)
+    assert tech.configure_model(cfg).layers == 3
+    tech.load_state_dict({"done": 1})  # resumed after the first doubling
+    assert tech.configure_model(cfg).layers == 6
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        tech.configure_model(preset_config("tiny", layers=6))
+    with pytest.raises(ConfigError, match="increasing"):
+        StackingOptions.from_dict({"doublings": 2, "at": [0.6, 0.3]})
+
+
+def test_run_grows_to_final_depth_and_counts_flops(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "model.layers=4", "train.batch_ramp=0",
+                      "techniques=[stacking]", "technique.stacking.doublings=2",
+                      "technique.stacking.at=[0.25,0.5]")
+    summary = pretrain(cfg, say=quiet)
+    w = weights(tmp_path / "run")
+    assert {int(k.split(".")[1]) for k in w if k.startswith("layers.")} == {0, 1, 2, 3}
+    # on_step_end sees the progress at the start of its step, so the doubling due at 25 % follows
+    # step 3: 3 steps at depth 1, 2 at depth 2, 3 at depth 4 (equal tokens per step).
+    import dataclasses
+
+    from cramkit.models.flops import flops_per_token
+
+    rate = cfg.objective.mask_rate
+    per = [flops_per_token(dataclasses.replace(cfg.model, layers=n), 32, rate) for n in (1, 2, 4)]
+    tokens_per_step = summary["tokens"] / 8
+    expected = tokens_per_step * (3 * per[0] + 2 * per[1] + 3 * per[2])
+    assert summary["flops"] == pytest.approx(expected, rel=1e-9)

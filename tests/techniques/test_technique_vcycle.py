@@ -1,0 +1,163 @@
+"""The V-cycle operators (coalesce, de-coalesce, interpolate) and its stage table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cramkit.errors import ConfigError
+from cramkit.models import build_model
+from cramkit.models.presets import preset_config
+from cramkit.techniques.vcycle import (
+    Scheme,
+    VCycle,
+    VCycleOptions,
+    coalesce,
+    decoalesce,
+    default_fractions,
+    interpolate,
+    stage_at,
+    stage_levels,
+)
+
+# Learned positions: the sinusoidal table is a function of the width (see the module docstring).
+MODELS = {
+    "bert": dict(preset="tiny", positions="learned"),
+    "bert-untied-gelu": dict(preset="tiny", positions="learned", tie_embeddings=False, ffn="gelu",
+                             bias=True),
+    "bert-2018-head": dict(preset="tiny", positions="learned", head_transform=True, final_norm=False,
+                           bias=True, type_vocab_size=2),
+    "gpt": dict(preset="tiny-gpt"),
+    "gpt-rotary": dict(preset="tiny-gpt", positions="rotary"),
+}
+SCHEMES = [Scheme(2, 1), Scheme(2, 2), Scheme(1, 2)]
+
+
+def _model(kind, seed=0):
+    spec = dict(MODELS[kind])
+    cfg = preset_config(spec.pop("preset"), **spec)
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_coalesce_decoalesce_coalesce_is_exact(kind, scheme):
+    model = _model(kind)
+    small = coalesce(model, scheme)
+    assert small.config.hidden == model.config.hidden // scheme.width
+    assert small.config.layers == model.config.layers // scheme.depth
+    assert small.config.heads == model.config.heads // scheme.width
+    large = decoalesce(small, scheme)
+    assert large.config == model.config
+    _same(coalesce(large, scheme), small)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_decoalesced_width_model_computes_the_small_models_function(kind):
+    small = coalesce(_model(kind), Scheme(2, 1))
+    # Train-like perturbation so the check does not rely on the initialisation's symmetry.
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    large = decoalesce(small, Scheme(2, 1)).eval()
+    ids = torch.randint(0, small.config.vocab_size, (2, 24))
+    torch.testing.assert_close(large(ids).logits, small(ids).logits, rtol=1e-4, atol=1e-4)
+    h_small, h_large = small.encode(ids), large.encode(ids)
+    if small.config.final_norm and not small.config.tie_embeddings:
+        # Hidden channels are exact copies: channel c of the large model is channel c // 2.
+        torch.testing.assert_close(h_large, h_small.repeat_interleave(2, dim=-1), rtol=1e-4, atol=1e-5)
+
+
+def test_coalescing_averages_pairs():
+    model = _model("bert")
+    small = coalesce(model, Scheme(2, 2))
+    big = model.state_dict()
+    # Depth then width: small block 0 = mean of blocks 0 and 1; channel pairs averaged.
+    norm = (big["layers.0.norm1.weight"] + big["layers.1.norm1.weight"]) / 2
+    torch.testing.assert_close(small.state_dict()["layers.0.norm1.weight"], norm.view(-1, 2).mean(1))
+    # Input side sums: the first small qkv column gathers large columns 0 and 1.
+    w = (big["layers.0.attn.qkv.weight"] + big["layers.1.attn.qkv.weight"]) / 2
+    got = small.state_dict()["layers.0.attn.qkv.weight"]
+    head_dim = model.config.head_dim
+    rows = torch.cat([w[:head_dim], w[head_dim:2 * head_dim]]).view(2, head_dim, -1).mean(0)
+    torch.testing.assert_close(got[:head_dim, 0], rows[:, 0] + rows[:, 1])
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt"])
+def test_interpolation_endpoints(kind):
+    a, b = _model(kind, seed=0), _model(kind, seed=1)
+    _same(interpolate(a, b, 0.0), a)
+    _same(interpolate(a, b, 1.0), b)
+    mid = interpolate(a, b, 0.25).state_dict()
+    key = "layers.0.ffn.up.weight"
+    torch.testing.assert_close(mid[key], 0.75 * a.state_dict()[key] + 0.25 * b.state_dict()[key])
+    # Pure: the inputs are unchanged, and the result shares no storage with them.
+    assert not torch.equal(a.state_dict()[key], mid[key])
+
+
+def test_interpolation_checks_its_inputs():
+    a = _model("bert")
+    with pytest.raises(ConfigError, match="alpha"):
+        interpolate(a, a, 1.5)
+    with pytest.raises(ConfigError, match="different architectures"):
+        interpolate(a, coalesce(a, Scheme(2, 1)), 0.5)
+
+
+def test_impossible_scheme_is_a_config_error():
+    with pytest.raises(ConfigError, match="not divisible by 3"):
+        coalesce(_model("bert"), Scheme(3, 1))
+    with pytest.raises(ConfigError, match="layers=2 is not divisible by 4"):
+        coalesce(_model("bert"), Scheme(1, 4))
+
+
+def test_stage_table():
+    assert stage_levels(1) == [0]
+    assert stage_levels(3) == [0, 1, 2, 1, 0]
+    fractions = default_fractions(3)
+    assert len(fractions) == 5 and abs(sum(fractions) - 1) < 1e-12
+    table = [0.1, 0.3, 0.6]
+    assert [stage_at(p, table) for p in (0.0, 0.099, 0.1, 0.39, 0.4, 1.0)] == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ConfigError, match="3 stage fractions"):
+        VCycleOptions.from_dict({"fractions": [0.5, 0.5]})
+
+
+def test_vcycle_levels_and_learning_rate_through_the_hooks():
+    """Drive the hooks by hand: down at 10 %, up at 40 %, lr x2 on the coarse level."""
+
+    class State:
+        def __init__(self, model):
+            self.model, self.progress, self.lr_scale, self.pending_model = model, 0.0, 1.0, None
+
+        def request_model(self, model, transfer=None):
+            self.pending_model = (model, transfer)
+
+    tech = VCycle(VCycleOptions.from_dict({"fractions": [0.1, 0.3, 0.6], "depth": 1}))
+    model = _model("bert")
+    cfg = tech.configure_model(model.config)
+    assert cfg == model.config
+    state = State(model)
+    state.progress = 0.1
+    tech.on_step_end(state)
+    small = state.pending_model[0]
+    assert small.config.hidden == 32 and tech.level == 1 and len(tech.saved) == 1
+    state.model, state.pending_model, state.lr_scale = small, None, 1.0
+    tech.on_step_start(state)
+    assert state.lr_scale == 2.0
+    # Resume inside the coarse level: the state says which model to build.
+    again = VCycle(tech.options)
+    again.load_state_dict(tech.state_dict())
+    assert again.configure_model(model.config) == small.config
+    state.progress = 0.45
+    tech.on_step_end(state)
+    back = state.pending_model[0]
+    assert back.config == model.config and tech.level == 0 and not tech.saved
+    expected = interpolate(model, decoalesce(small, tech.scheme), 0.5)
+    _same(back, expected)
