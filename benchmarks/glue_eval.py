@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per task")
     parser.add_argument("--skip-random", action="store_true", help="only the pretrained run")
     parser.add_argument("overrides", nargs="*", help="FinetuneConfig key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = FinetuneConfig.from_dict(
             apply_overrides({"seeds": list(range(args.seeds))}, args.overrides), path="finetune"

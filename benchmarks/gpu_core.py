@@ -4,11 +4,13 @@
 2. times training steps of cramkit's crammed-bert next to Hugging Face BertForMaskedLM
    (bert-base shape), both compiled, bf16, fused AdamW, in this process (``cramkit bench``);
 3. pretrains the crammed-bert recipe on those shards for a short wall-clock budget;
-4. fine-tunes the result and a randomly initialised twin on the GLUE tasks present (optional).
+4. pretrains the 2018 bert-original recipe for the same budget, and reports the time crammed-bert
+   needs to reach the 2018 recipe's final validation loss (both at 15 % fixed validation masks).
+GLUE fine-tuning of the crammed run follows with ``benchmarks/glue_eval.py`` (see BENCHMARKS.md).
 
 Run on the GPU machine from the repository root (data copied into the git-ignored ``.gpu/``):
 
-    PYTHONPATH=src python benchmarks/gpu_core.py --enwiki .gpu/enwiki-2015 --glue .gpu/glue
+    PYTHONPATH=src python benchmarks/gpu_core.py --enwiki .gpu/enwiki-2015 --stages throughput,crammed
 
 It prints Markdown tables last and writes JSON under $OUT (or ./gpu-results).
 """
@@ -110,120 +112,108 @@ def throughput(results: dict) -> str:
     return table(rows, peak, "cpu" if SMOKE else torch.cuda.get_device_name())
 
 
-@stage("pretrain crammed-bert on enwiki")
-def pretrain_crammed(data_dir: Path, runs: Path, seconds: int, results: dict) -> Path | None:
-    from cramkit.config import load_config
-    from cramkit.train.run import pretrain
-
-    # REFERENCE.md's 150-second comparison used batch 1024 without a ramp; a 8192 batch would
-    # leave a few-minute run with only dozens of optimizer steps.
-    cfg = load_config(
-        "crammed-bert",
-        [
-            f"data.dir={data_dir}",
-            f"out_dir={runs}",
-            "name=crammed",
-            f"train.budget={seconds}s",
-            "train.batch_size=1024",
-            "train.batch_ramp=0",
-            "train.eval_every=0.1",
-            "train.eval_batches=40",
-            "train.checkpoint_every=0",
-            "train.progress_bar=false",
-            "train.log_every=20",
-            *(
-                [
-                    "model.preset=tiny",
-                    "model.vocab_size=1024",
-                    "train.compile=false",
-                    "train.batch_size=16",
-                    "train.micro_batch=8",
-                    "train.eval_batches=2",
-                ]
-                if SMOKE
-                else []
-            ),
-        ],
-    )
-    summary = pretrain(cfg)
-    results["pretrain"] = summary
-    evals = [json.loads(x) for x in (runs / "crammed" / "metrics.jsonl").read_text().splitlines()]
-    results["pretrain_evals"] = [e for e in evals if e["type"] == "eval"]
-    return runs / "crammed"
+# REFERENCE.md's 150-second comparison: crammed at batch 1024 without a ramp (an 8192 batch
+# would leave a few-minute run with only dozens of optimizer steps); the 2018 recipe at 256.
+RECIPES = {
+    "crammed": ("crammed-bert", ["train.batch_size=1024", "train.batch_ramp=0"]),
+    "original": ("bert-original", ["train.batch_size=256"]),
+}
+SMOKE_OVERRIDES = ["model.preset=tiny", "model.vocab_size=1024", "train.compile=false",
+                   "train.batch_size=16", "train.micro_batch=8", "train.eval_batches=2"]
 
 
-@stage("GLUE: pretrained vs random init")
-def glue(run_dir: Path, glue_dir: str, results: dict) -> str:
-    from cramkit.eval.finetune import evaluate_suite  # provided by the evaluation module
+def pretrain_run(name: str, data_dir: Path, runs: Path, seconds: int, results: dict) -> Path | None:
+    @stage(f"pretrain {name} on enwiki for {seconds} s")
+    def run() -> Path:
+        import shutil
 
-    tables = []
-    for random_init in (False, True):
-        report = evaluate_suite(run_dir, glue_dir, random_init=random_init)
-        results["glue_random" if random_init else "glue"] = report["json"]
-        tables.append(report["markdown"])
-    return "\n\n".join(tables)
+        from cramkit.config import load_config
+        from cramkit.train.run import pretrain
+
+        recipe, extra = RECIPES[name]
+        shutil.rmtree(runs / name, ignore_errors=True)
+        cfg = load_config(recipe, [
+            f"data.dir={data_dir}", f"out_dir={runs}", f"name={name}", f"train.budget={seconds}s",
+            *extra, "train.eval_every=0.1", "train.eval_batches=40", "train.checkpoint_every=0",
+            "train.progress_bar=false", "train.log_every=20", *(SMOKE_OVERRIDES if SMOKE else []),
+        ])
+        summary = pretrain(cfg)
+        evals = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        results[f"pretrain_{name}"] = {"summary": summary, "evals": [e for e in evals if e["type"] == "eval"]}
+        return runs / name
+
+    return run()
+
+
+def time_to_loss(evals: list[dict], target: float) -> tuple[float, float] | None:
+    """(seconds, FLOPs) at which the validation loss first reaches ``target`` (interpolated)."""
+    for prev, cur in zip(evals, evals[1:]):
+        if cur["val_loss"] <= target:
+            span = prev["val_loss"] - cur["val_loss"]
+            f = (prev["val_loss"] - target) / span if span > 0 else 1.0
+            t = prev["elapsed"] + f * (cur["elapsed"] - prev["elapsed"])
+            fl = prev.get("flops", 0) + f * (cur.get("flops", 0) - prev.get("flops", 0))
+            return t, fl
+    return None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--enwiki", default=".gpu/enwiki-2015")
-    ap.add_argument("--glue", default=".gpu/glue")
     ap.add_argument("--work", default="/tmp/cramkit-gpu")
-    ap.add_argument(
-        "--seconds", type=int, default=150, help="pretraining budget (wall-clock, training only)"
-    )
-    ap.add_argument(
-        "--skip", default="", help="comma list of stages to skip: throughput,pretrain,glue"
-    )
-    ap.add_argument(
-        "--smoke", action="store_true", help="tiny sizes on the CPU: checks the script itself"
-    )
+    ap.add_argument("--seconds", type=int, default=150, help="pretraining budget (wall-clock, training only)")
+    ap.add_argument("--stages", default="throughput,crammed,original",
+                    help="comma list of: throughput, crammed, original (data preparation always runs, cached)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script itself")
     args = ap.parse_args()
     global SMOKE
     SMOKE = args.smoke
-    skip = set(filter(None, args.skip.split(",")))
+    stages = set(filter(None, args.stages.split(",")))
     out = Path(os.environ.get("OUT", "gpu-results"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    results: dict = {
-        "device": "cpu" if SMOKE else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "results.json"  # accumulates across calls on a warm machine
+    results: dict = json.loads(store.read_text()) if store.is_file() else {}
+    results.update({"device": "cpu" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     data = prepare_enwiki(args.enwiki, work / "enwiki")
     if data:
         manifest = json.loads((data / "manifest.json").read_text())
-        results["data"] = {
-            "splits": manifest.get("splits"),
-            "filter_stats": manifest.get("filter_stats"),
-            "prepare_seconds": manifest.get("seconds"),
-        }
-    tp = throughput(results) if "throughput" not in skip else None
-    run_dir = (
-        pretrain_crammed(data, work / "runs", args.seconds, results)
-        if data and "pretrain" not in skip
-        else None
-    )
-    glue_tables = glue(run_dir, args.glue, results) if run_dir and "glue" not in skip else None
-    (out / "gpu_core.json").write_text(json.dumps(results, indent=2, default=str))
+        results["data"] = {"splits": manifest.get("splits"), "filter_stats": manifest.get("filter_stats"),
+                           "prepare_seconds": manifest.get("seconds")}
+    def save() -> None:  # after every stage, so a cut-off call still returns what it measured
+        store.write_text(json.dumps(results, indent=2, default=str))
+        (out / "gpu_core.json").write_text(json.dumps(results, indent=2, default=str))
+
+    if "throughput" in stages:
+        results["throughput_table"] = throughput(results)
+        save()
+    for name in ("crammed", "original"):
+        if name in stages and data:
+            pretrain_run(name, data, work / "runs", args.seconds, results)
+            save()
     print("\n\n##### RESULTS #####")
-    print(json.dumps({k: results.get(k) for k in ("device", "torch", "date", "data")}, default=str))
-    if tp:
-        print(tp)
-    if "pretrain" in results:
-        s = results["pretrain"]
-        print(
-            f"\npretrain: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']} s, "
-            f"{s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}, val loss {s['initial_val_loss']:.3f} -> "
-            f"{s['final_val_loss']:.3f}"
-        )
+    print(json.dumps({k: results.get(k) for k in ("device", "torch", "date")}, default=str))
+    print(json.dumps(results.get("data", {}).get("splits"), default=str))
+    if results.get("throughput_table"):
+        print(results["throughput_table"])
+    runs = {k: results[f"pretrain_{k}"] for k in RECIPES if f"pretrain_{k}" in results}
+    for name, r in runs.items():
+        s = r["summary"]
+        print(f"\n{name}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']} s, "
+              f"{s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}, energy {s.get('energy_kwh')} kWh, "
+              f"val loss {s['initial_val_loss']:.3f} -> {s['final_val_loss']:.3f}")
         print("| elapsed s | tokens | val loss |\n| --- | --- | --- |")
-        for e in results["pretrain_evals"]:
+        for e in r["evals"]:
             print(f"| {e['elapsed']:.0f} | {e['tokens']:,} | {e['val_loss']:.3f} |")
-    if glue_tables:
-        print(glue_tables)
+    if len(runs) == 2:
+        target = runs["original"]["summary"]["final_val_loss"]
+        hit = time_to_loss(runs["crammed"]["evals"], target)
+        t_orig = runs["original"]["summary"]["train_seconds"]
+        print(f"\ntime to the 2018 recipe's final validation loss {target:.3f}: bert-original {t_orig:.0f} s; "
+              + (f"crammed-bert {hit[0]:.0f} s ({t_orig / hit[0]:.2f}x faster), {hit[1]:.3g} FLOPs"
+                 if hit else "crammed-bert did not reach it"))
 
 
 if __name__ == "__main__":

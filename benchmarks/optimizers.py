@@ -111,6 +111,8 @@ def run_grid(args) -> list[dict]:
                 "tokens": summary.get("tokens"), "train_seconds": summary.get("train_seconds"),
                 "wall_seconds": round(time.perf_counter() - start, 1), "curve": curve,
             })
+            # Saved after every run, so an interrupted sweep still leaves its results.
+            (Path(args.out) / "records.jsonl").open("a").write(json.dumps(records[-1]) + "\n")
             print(f"{name:>12} {spec['key']}={value:<8g} val {records[-1]['val_loss']} "
                   f"({records[-1]['wall_seconds']} s){' ' + error if error else ''}", flush=True)
     return records
@@ -174,6 +176,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated optimizers to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for tiny)")
+    parser.add_argument("--report", nargs="*", default=None,
+                        help="only print the table and plot from these records.jsonl files")
     parser.add_argument("--plot", default="", help="PNG path (default benchmarks/optim_loss_{cpu,gpu}.png)")
     args = parser.parse_args()
     if args.gpu and not args.data:
@@ -182,7 +186,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     started = time.time()
-    records = run_grid(args)
+    if args.report is not None:
+        records = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines()]
+    else:
+        records = run_grid(args)
     kind = "gpu" if args.gpu else "cpu"
     device = torch.cuda.get_device_name() if args.gpu else "CPU"
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "

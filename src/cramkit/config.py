@@ -40,10 +40,14 @@ class ObjectiveConfig(Config):
     mask_rate: float = field(0.15, help="MLM: fraction of tokens selected for prediction")
     mask_fraction: float = field(0.8, help="MLM: selected tokens replaced by [MASK]")
     random_fraction: float = field(0.1, help="MLM: selected tokens replaced by a random token")
+    eval_mask_rate: float = field(
+        0.15, help="MLM: masking rate of the fixed validation masks, shared by every recipe so that "
+        "validation losses of runs with different training mask rates compare")
 
     def validate(self) -> None:
-        if not 0.0 < self.mask_rate < 1.0:
-            raise ConfigError(f"objective.mask_rate must be in (0, 1), got {self.mask_rate}")
+        for name in ("mask_rate", "eval_mask_rate"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"objective.{name} must be in (0, 1), got {getattr(self, name)}")
         if self.mask_fraction < 0 or self.random_fraction < 0 or self.mask_fraction + self.random_fraction > 1:
             raise ConfigError("objective.mask_fraction + random_fraction must be within [0, 1]")
 

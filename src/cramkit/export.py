@@ -343,6 +343,8 @@ def export(
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{run_dir}: no tokenizer.json (not a finished cramkit run)")

@@ -203,4 +203,5 @@ def test_cli_errors_are_one_line(tiny_run, capsys):
     assert err.startswith("error: unknown task 'nosuchtask'") and "\n" not in err
     assert "bbc, cola" in err
     assert main(["export", str(tiny_run.parent / "missing"), "--out", "x"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "run directory not found" in err

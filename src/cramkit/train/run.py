@@ -86,8 +86,8 @@ def _objective_options(cfg: RunConfig, name: str, fixed: bool = False) -> dict[s
     if name != "mlm":  # CLM is a deterministic shift: nothing to configure or seed
         return {}
     o = cfg.objective
-    return {"mask_rate": o.mask_rate, "mask_prob": o.mask_fraction, "random_prob": o.random_fraction,
-            "seed": cfg.seed, "fixed": fixed}
+    return {"mask_rate": o.eval_mask_rate if fixed else o.mask_rate, "mask_prob": o.mask_fraction,
+            "random_prob": o.random_fraction, "seed": cfg.seed, "fixed": fixed}
 
 
 def _seed_everything(seed: int) -> None:
