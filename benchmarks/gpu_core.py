@@ -81,32 +81,23 @@ def throughput(results: dict) -> str:
     device = torch.device("cpu" if SMOKE else "cuda")
     precision = "fp32" if SMOKE else "bf16"
     peak = measure_peak_flops(device, precision)
-    size = "tiny" if SMOKE else None
+    # (target, MLM mask rate, batch, sequence): BERT shapes at REFERENCE.md's batch 256 × 128,
+    # GPT-2 at 32 × 1024; every target compiled, bf16, fused AdamW.
+    plan = [("hf-bert:bert-base", 0.15, 256, 128), ("cramkit:crammed-bert", 0.25, 256, 128),
+            ("hf-gpt2:gpt2-small", 0.0, 32, 1024), ("cramkit:gpt2-small", 0.0, 32, 1024)]
     rows = []
-    for target, rate in (
-        ("hf-bert:bert-base", 0.15),
-        ("cramkit:bert-base", 0.15),
-        ("cramkit:crammed-bert", 0.25),
-    ):
-        target = f"{target.split(':')[0]}:{size}" if size else target
+    for target, rate, batch, seq in plan:
+        if SMOKE:
+            target, batch, seq = target.split(":")[0] + (":tiny-gpt" if "gpt" in target else ":tiny"), 8, 64
         try:
-            r = bench_target(
-                target,
-                batch=8 if SMOKE else 256,
-                seq_len=128,
-                steps=2 if SMOKE else 30,
-                warmup=1 if SMOKE else 8,
-                device=device,
-                precision=precision,
-                compile=not SMOKE,
-                mask_rate=rate,
-                peak=peak,
-            )
+            r = bench_target(target, batch=batch, seq_len=seq, steps=2 if SMOKE else 25, warmup=1 if SMOKE else 8,
+                             device=device, precision=precision, compile=not SMOKE, mask_rate=rate, peak=peak)
             rows.append(r)
             print(r, flush=True)
         except Exception:
             traceback.print_exc()
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     results["throughput"] = [r.__dict__ for r in rows]
     results["peak_flops"] = peak
     return table(rows, peak, "cpu" if SMOKE else torch.cuda.get_device_name())

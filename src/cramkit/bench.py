@@ -145,14 +145,17 @@ def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: i
 
 
 def table(results: list[Result], peak: float, device_name: str) -> str:
-    """A Markdown table of results, with ratios to the first row of each sequence length."""
-    lines = [f"device: {device_name}; measured matmul peak {peak / 1e12:.0f} TFLOP/s", "",
-             "| target | params (M) | batch × seq | tokens/s | × first | model TFLOP/s | MFU | step ms | peak mem GB |",
+    """A Markdown table; "× ref" is tokens/s relative to the nearest Hugging Face row above
+    (or the first row), so each cramkit model is compared with its counterpart in one run."""
+    lines = [f"device: {device_name}; measured matmul peak {peak / 1e12:.3g} TFLOP/s", "",
+             "| target | params (M) | batch × seq | tokens/s | × ref | model TFLOP/s | MFU | step ms | peak mem GB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = results[0].tokens_per_s if results else 1.0
+    ref = results[0].tokens_per_s if results else 1.0
     for r in results:
+        if r.target.startswith("hf-"):
+            ref = r.tokens_per_s
         lines.append(f"| {r.target}{' (compiled)' if r.compiled else ''} | {r.params_m} | {r.batch} × {r.seq_len} | "
-                     f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / base:.2f} | {r.tflops} | {r.mfu:.1%} | "
+                     f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / ref:.2f} | {r.tflops} | {r.mfu:.1%} | "
                      f"{r.step_ms} | {r.memory_gb} |")
     return "\n".join(lines)
 
