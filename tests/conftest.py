@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Two cores in CI: keep intra-op threads bounded so tests don't oversubscribe.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models: thread start-up and contention cost far more than the parallelism gains (a tiny
+# step measured ~50x slower on 2 threads on a loaded 2-core machine), so tests run on one thread.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fixed_seed():
+    """Every test starts on one thread (a test that changes it cannot leak) from seed 0."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
 
 
 def shared_data(*parts: str) -> Path:

@@ -329,11 +329,8 @@ def export(
     ``format="cramkit"`` always writes the cramkit layout. Returns ``{"out", "format",
     "hf_class", "auto_class", "loadable_by_hf", "reasons"}``.
     """
-    from tokenizers import Tokenizer
-
     from .eval.encoding import SpecialIds
-    from .eval.finetune import check_vocab
-    from .train.checkpoint import load_pretrained
+    from .eval.finetune import open_run
 
     if format not in FORMATS:
         raise ConfigError(
@@ -343,14 +340,7 @@ def export(
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run directory not found")
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"{run_dir}: no tokenizer.json (not a finished cramkit run)")
-    model, cfg, info = load_pretrained(run_dir)
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    check_vocab(tokenizer, cfg, str(tok_path))
+    model, cfg, tokenizer, info = open_run(run_dir)
     special = dataclasses.asdict(SpecialIds.for_run(run_dir, tokenizer))
 
     target, reasons = hf_counterpart(cfg) if format == "hf" else (None, ["format=cramkit"])

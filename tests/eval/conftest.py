@@ -7,18 +7,6 @@ import pytest
 from .helpers import GLUE_DIR, make_run_dir, train_wordpiece
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    oversubscription costs 10x; restore the setting for other test packages."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def bbc_task():
     from cramkit.eval.tasks import load_task

