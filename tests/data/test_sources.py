@@ -118,13 +118,9 @@ def test_hf_disk_source(tmp_path):
     assert _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"])) == ["hello world", "second doc"]
 
 
-def test_hf_without_datasets_is_a_clear_error(tmp_path):
-    try:
-        import datasets  # noqa: F401
-
-        pytest.skip("datasets is installed")
-    except ImportError:
-        pass
+def test_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
+    # A None entry in sys.modules makes `import datasets` fail as if it were not installed.
+    monkeypatch.setitem(sys.modules, "datasets", None)
     (tmp_path / "hf").mkdir()
     with pytest.raises(DataError, match=r"pip install 'cramkit\[hf\]'"):
         _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"]))
