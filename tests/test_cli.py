@@ -1,0 +1,52 @@
+"""The command line: user mistakes are one `error:` line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cramkit.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "crammed-bart"], "unknown recipe 'crammed-bart'"),
+        (["pretrain", "demo", "train.budjet=1h"], "did you mean 'budget'"),
+        (["pretrain", "demo", "budget=abc"], "budget 'abc' is not understood"),
+        (["pretrain", "demo", "techniques=[pdl]"], "did you mean 'pld'"),
+        (["pretrain"], "name a recipe"),
+        (["pretrain", "--resume", "/nonexistent/run"], "not a cramkit run directory"),
+        (["show-config", "demo", "model.layers=two"], "model.layers: expected an integer"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_show_config_resolves_overrides(capsys):
+    assert main(["show-config", "crammed-bert", "budget=2h", "model.layers=4"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["budget"] == "2h" and cfg["model"]["layers"] == 4 and cfg["model"]["hidden"] == 768
+
+
+def test_recipes_lists_shipped_recipes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "crammed-bert", "bert-original", "gpt-small"):
+        assert name in out
+
+
+def test_pretrain_and_resume_through_the_cli(tiny_mlm_data, tmp_path, capsys):
+    base = [f"data.dir={tiny_mlm_data}", f"out_dir={tmp_path}", "name=cli", "model.vocab_size=512",
+            "train.budget=3steps", "train.micro_batch=4", "train.batch_size=4", "train.progress_bar=false",
+            "train.tensorboard=false", "finetune_demo=false", "train.eval_batches=1"]
+    assert main(["pretrain", "demo", *base]) == 0
+    out = capsys.readouterr().out
+    assert "stopped by budget after 3 steps" in out and "validation loss" in out
+    assert main(["pretrain", "--resume", str(tmp_path / "cli"), "budget=5steps"]) == 0
+    assert "after 5 steps" in capsys.readouterr().out
