@@ -35,13 +35,13 @@ def weights(run_dir: Path) -> dict:
     return load_file(str(ckpt.latest_checkpoint(run_dir) / "model.safetensors"))
 
 
-def train_and_resume(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[list[float], dict, dict]:
+def train_and_resume(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[dict, dict, dict]:
     """Train 10 steps with a checkpoint at step 6 (dropout on, so RNG state matters too), then
-    resume a copy cut back to that checkpoint. Returns the full run's losses and both runs'
-    final weights."""
+    resume a copy cut back to that checkpoint. Returns the full run's summary (with its training
+    losses under ``"losses"``) and both runs' final weights."""
     cfg = tiny_run_config(data_dir, tmp_path, "train.checkpoint_every=0.6", "model.dropout=0.1",
                           *overrides, name="full")
-    pretrain(cfg, say=lambda *_: None)
+    summary = pretrain(cfg, say=lambda *_: None)
     full, cut = tmp_path / "full", tmp_path / "cut"
     shutil.copytree(full, cut)
     for path in ckpt.list_checkpoints(cut):
@@ -49,4 +49,4 @@ def train_and_resume(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[l
             shutil.rmtree(path)
     (cut / "metrics.jsonl").write_text("")
     pretrain(resume_config(cut, []), run_dir=cut, resume=True, say=lambda *_: None)
-    return train_losses(full), weights(full), weights(cut)
+    return {**summary, "losses": train_losses(full)}, weights(full), weights(cut)

@@ -34,11 +34,12 @@ MISCONFIGURED = {
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizer_trains_and_resumes_exactly(name, tiny_mlm_data, tmp_path):
-    losses, full, resumed = train_and_resume(
+    summary, full, resumed = train_and_resume(
         tiny_mlm_data, tmp_path, f"optim.name={name}", *SETTINGS.get(name, [])
     )
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    assert all(torch.isfinite(torch.tensor(summary["losses"])))
+    # Training losses come from different batches; the fixed-mask validation loss does not.
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.01, summary
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(full[key], resumed[key], rtol=0, atol=0, msg=key)
