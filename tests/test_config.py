@@ -55,6 +55,8 @@ def test_overrides_reach_nested_fields_and_presets():
         ("model.heads=5", "heads"),
         ("schedule.name=cosin", "did you mean 'cosine'"),
         ("techniques=[nope]", "unknown technique 'nope'"),
+        ("train.device=gpu", "train.device must be auto, cpu, cuda"),
+        ("train.eval_batches=-1", "eval_batches must be >= 0"),
     ],
 )
 def test_bad_config_values_are_clear_errors(override, message):

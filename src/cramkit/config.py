@@ -90,6 +90,10 @@ class TrainConfig(Config):
             raise ConfigError("train.keep_checkpoints must be >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be >= 1")
+        if self.eval_batches < 0:
+            raise ConfigError("train.eval_batches must be >= 0 (0 = the whole validation split)")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ def losses(run: Path) -> list[float]:
 
 
 def main() -> None:
-    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    data, out, mlm_data = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     quiet = {"say": lambda *_: None}
     common = ("train.budget=6steps", "train.micro_batch=0", "train.checkpoint_every=0.5", "train.keep_checkpoints=3")
     results = {}
@@ -52,6 +52,10 @@ def main() -> None:
         (out / "fsdp-cut" / "metrics.jsonl").write_text("")
     dist.barrier()
     pretrain(resume_config(out / "fsdp-cut", []), run_dir=out / "fsdp-cut", resume=True, **quiet)
+    # FSDP2 on the crammed-style BERT (scaled sinusoidal positions: one-element parameters).
+    bert = tiny_config(mlm_data, out, "train.budget=2steps", "train.micro_batch=0", "parallel.strategy=fsdp",
+                       name="fsdp-bert", arch="bert")
+    results["fsdp_bert_steps"] = pretrain(bert, **quiet)["steps"]
     # A wall-clock budget: ranks' clocks differ, yet all must stop at the same step.
     cfg = tiny_config(data, out, "train.budget=1.5s", "train.micro_batch=0", name="timed", arch="gpt")
     summary = pretrain(cfg, **quiet)

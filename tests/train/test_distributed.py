@@ -26,12 +26,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_one_process(tiny_clm_data, tmp_path):
+def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     out = tmp_path / "dist"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), str(Path(__file__).with_name("dist_worker.py")),
-           str(tiny_clm_data), str(out)]
+           str(tiny_clm_data), str(out), str(tiny_mlm_data)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -52,5 +52,6 @@ def test_two_ranks_match_one_process(tiny_clm_data, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     torch.testing.assert_close(torch.tensor(res["fsdp_resumed_losses"]), torch.tensor(res["fsdp"]["losses"][3:]),
                                rtol=1e-6, atol=1e-6)
+    assert res["fsdp_bert_steps"] == 2
     # A wall-clock budget stops both ranks at the same step.
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0

@@ -231,3 +231,53 @@ def test_training_continues_past_one_epoch(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, f"train.budget={per_epoch + 3}steps",
                       "train.micro_batch=256", "train.batch_size=256")
     assert pretrain(cfg, say=lambda *_: None)["steps"] == per_epoch + 3
+
+
+def test_a_crash_leaves_the_last_periodic_checkpoint(tiny_mlm_data, tmp_path, monkeypatch):
+    from cramkit.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def failing(self, batches):
+        if self.state.step == 5:
+            raise RuntimeError("simulated failure in the middle of a step")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", failing)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.5")
+    with pytest.raises(RuntimeError, match="simulated"):
+        pretrain(cfg, say=lambda *_: None)
+    # Nothing was written after the failure: the step-4 checkpoint is the newest and intact.
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-00000004"]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    summary = pretrain(resume_config(tmp_path / "run", []), run_dir=tmp_path / "run", resume=True,
+                       say=lambda *_: None)
+    assert summary["steps"] == 8
+
+
+def test_failed_resume_leaves_the_config_unchanged(tiny_mlm_data, tmp_path):
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    before = (run / "config.json").read_text()
+    with pytest.raises(ConfigError, match="micro_batch=2 differs"):
+        pretrain(resume_config(run, ["train.budget=4steps", "train.micro_batch=2"]), run_dir=run,
+                 resume=True, say=lambda *_: None)
+    assert (run / "config.json").read_text() == before
+
+
+def test_resume_from_an_older_checkpoint_drops_the_abandoned_timeline(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.5")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    newest = ckpt.list_checkpoints(run)[-1] / "model.safetensors"
+    newest.write_bytes(b"damaged")
+    pretrain(resume_config(run, ["train.budget=6steps", "train.keep_checkpoints=1"]), run_dir=run,
+             resume=True, say=lambda *_: None)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000006"]
+    assert ckpt.verify(ckpt.list_checkpoints(run)[0]) is None
+
+
+def test_batch_size_must_be_a_multiple_of_the_micro_batch(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.batch_size=10", "train.micro_batch=4")
+    with pytest.raises(ConfigError, match="batch_size=10 is not a multiple of micro-batch 4"):
+        pretrain(cfg, say=lambda *_: None)

@@ -87,7 +87,8 @@ class ScaledSinusoidalPositions(nn.Module):
         self.max_positions = max_positions
         # 1/sqrt(hidden) makes the added position vector's norm about 1, small next to a
         # normalised token embedding but not negligible.
-        self.scale = nn.Parameter(torch.full((), 1.0 / math.sqrt(hidden)))
+        # Shape (1,), not a 0-d scalar: FSDP2's fully_shard refuses 0-d parameters.
+        self.scale = nn.Parameter(torch.full((1,), 1.0 / math.sqrt(hidden)))
         self.register_buffer("table", torch.empty(max_positions, hidden), persistent=False)
         self.reset_buffers()
 
@@ -224,7 +225,7 @@ class ResidualGain(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(()))
+        self.weight = nn.Parameter(torch.ones(1))  # (1,) rather than 0-d, for FSDP2
 
     def reset_parameters(self) -> None:
         """A neutral gain of 1."""

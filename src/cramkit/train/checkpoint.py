@@ -64,9 +64,22 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # Checkpoints after this step belong to a timeline that a resume abandoned; of the earlier
+    # ones keep the newest keep-1 beside the one just written (never that one itself).
+    for path in list_checkpoints(run_dir):
+        if _step_of(path) > step:
+            shutil.rmtree(path, ignore_errors=True)
+    earlier = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]
+    for old in earlier[: max(0, len(earlier) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -86,12 +99,17 @@ def verify(path: Path) -> str | None:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, OSError) as exc:
         return f"meta.json is unreadable ({exc})"
-    for name, info in meta.get("files", {}).items():
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or any(
+        not isinstance(i, dict) or "bytes" not in i or "sha256" not in i for i in files.values()
+    ):
+        return "meta.json does not list its files' sizes and checksums"
+    for name, info in files.items():
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != info["bytes"]:
-            return f"{name} is truncated ({f.stat().st_size} of {info['bytes']} bytes)"
+            return f"{name} has {f.stat().st_size} bytes, {info['bytes']} expected (truncated or altered)"
         if sha256_file(f) != info["sha256"]:
             return f"{name} does not match its checksum"
     return None

@@ -32,7 +32,7 @@ from ..distributed import (
     shard_model,
 )
 from ..distributed.memory import advise, offload_context
-from ..errors import CheckpointError, ConfigError, CramkitError
+from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
 from ..objectives import build_objective
@@ -107,6 +107,11 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _private_rng(device: torch.device):
+    """Random draws inside this block leave the global RNG (CPU and this GPU) untouched."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -237,14 +242,25 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
     if saved:
         micro_batch = int(saved["micro_batch"])
+        if cfg.train.micro_batch and cfg.train.micro_batch != micro_batch:
+            raise ConfigError(f"train.micro_batch={cfg.train.micro_batch} differs from the {micro_batch} this run "
+                              "was checkpointed with; the data position is counted in micro-batches")
+        if int(saved.get("world_size", 1)) != par.world_size:
+            raise ConfigError(f"{run_dir} was checkpointed with {saved.get('world_size', 1)} rank(s); resume it "
+                              f"with the same number (now {par.world_size})")
     elif cfg.train.micro_batch:
         micro_batch = min(cfg.train.micro_batch, per_rank_batch)
     elif device.type == "cuda":
-        micro_batch = auto_micro_batch(model, make_batch, device, precision, per_rank_batch,
-                                       optimizer_bytes=8 * count_parameters(model))
+        with _private_rng(device):
+            micro_batch = auto_micro_batch(model, make_batch, device, precision, per_rank_batch,
+                                           optimizer_bytes=8 * count_parameters(model))
         say(f"auto micro-batch: {micro_batch} sequences")
     else:
         micro_batch = min(32, per_rank_batch)
+    if cfg.train.batch_size % (micro_batch * par.world_size):
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
+            f"{par.world_size} rank(s); choose a batch size that is, or set train.micro_batch")
     estimate = estimate_memory(model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
                                world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory)
     if device.type == "cuda":
@@ -253,11 +269,13 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             say(f"warning: {advice}")
 
     def warm_up(compiled: torch.nn.Module) -> None:
-        compiled.train()
-        with autocast(device, precision):
-            out = compiled(**make_batch(micro_batch))
-        out.loss.backward()
-        compiled.zero_grad(set_to_none=True)
+        # Dropout in the warm-up pass must not consume the RNG that resume restored.
+        with _private_rng(device):
+            compiled.train()
+            with autocast(device, precision):
+                out = compiled(**make_batch(micro_batch))
+            out.loss.backward()
+            compiled.zero_grad(set_to_none=True)
 
     state = TrainState()
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
@@ -289,10 +307,11 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             out = m(**batch)
             total += float(out.loss) * int(out.num_targets)
             count += int(out.num_targets)
-        return total / max(count, 1)
+        if count == 0:
+            raise DataError(f"{data_dir}: the validation split has no sequences to evaluate")
+        return total / count
 
     if not resume and par.is_main:
-        write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "environment.json", {**environment(device), "world_size": par.world_size,
                                                   "strategy": par.strategy, "memory_estimate": estimate})
         shutil.copyfile(dataset.tokenizer_path, run_dir / "tokenizer.json")
@@ -342,17 +361,27 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                 f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
                 f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
             )
+    if par.is_main:  # on resume only now, when every piece of saved state has loaded
+        write_json(run_dir / "config.json", cfg.to_dict())
     meter = EnergyMeter(device)
     first_loss = None
     try:
         if not resume:
             first_loss = trainer.run_eval()
         trainer.fit()
-    finally:
+    except BaseException:
+        # No final checkpoint after a failure: the step in flight had taken batches from the
+        # loader without being counted, and under torchrun the healthy ranks would never join
+        # the save's collectives. The last periodic checkpoint stands.
         bar.close()
-        with trainer.clock.paused():
-            save(trainer.state)
         loader.close()
+        if log:
+            log.close()
+        raise
+    bar.close()
+    with trainer.clock.paused():
+        save(trainer.state)
+    loader.close()
     val_loss = trainer.run_eval() if trainer.stop_reason == "budget" else trainer.state.extra.get("val_loss")
     summary = None
     if par.is_main:
@@ -396,7 +425,5 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
     data = apply_overrides(json.loads(path.read_text()), overrides)
-    cfg = config_from_dict(data)
-    if overrides:
-        write_json(path, cfg.to_dict())
-    return cfg
+    # Not written back here: pretrain() records it once the resume has loaded successfully.
+    return config_from_dict(data)

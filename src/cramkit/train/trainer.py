@@ -248,9 +248,10 @@ class Trainer:
             self.run_eval()
             state.next_eval = (math.floor(state.progress / cfg.eval_every) + 1) * cfg.eval_every
         if cfg.checkpoint_every > 0 and state.progress >= state.next_checkpoint and not done:
+            # Advance first, so the checkpoint records where the next one is due.
+            state.next_checkpoint = (math.floor(state.progress / cfg.checkpoint_every) + 1) * cfg.checkpoint_every
             with self.clock.paused():
                 self.checkpoint(state)
-            state.next_checkpoint = (math.floor(state.progress / cfg.checkpoint_every) + 1) * cfg.checkpoint_every
 
     def run_eval(self) -> float:
         """Validation loss on the held-out split; not counted against the budget."""
@@ -287,7 +288,7 @@ class Trainer:
         return now
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_reason == "signal":  # a second ^C: stop now, the last checkpoint stands
+        if self.stop_reason == "signal":  # a second ^C: stop now; the last periodic checkpoint stands
             raise KeyboardInterrupt
         self.stop_reason = "signal"
         warnings.warn(f"received {signal.Signals(signum).name}: finishing the step and writing a checkpoint",
