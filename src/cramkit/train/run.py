@@ -357,6 +357,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             trainer.scaler.load_state_dict(saved["scaler"])
         if exhausted(trainer.budget, state.usage):
             loader.close()
+            if log:
+                log.close()
             raise CramkitError(
                 f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
                 f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
