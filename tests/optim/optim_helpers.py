@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file
+from train.helpers import interrupted_copy
 
 from cramkit.config import load_config
 from cramkit.train import checkpoint as ckpt
@@ -42,11 +42,7 @@ def train_and_resume(data_dir: Path, tmp_path: Path, *overrides: str) -> tuple[d
     cfg = tiny_run_config(data_dir, tmp_path, "train.checkpoint_every=0.6", "model.dropout=0.1",
                           *overrides, name="full")
     summary = pretrain(cfg, say=lambda *_: None)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    shutil.copytree(full, cut)
-    for path in ckpt.list_checkpoints(cut):
-        if path.name != "step-00000006":
-            shutil.rmtree(path)
-    (cut / "metrics.jsonl").write_text("")
+    full = tmp_path / "full"
+    cut = interrupted_copy(full, tmp_path / "cut", 6)
     pretrain(resume_config(cut, []), run_dir=cut, resume=True, say=lambda *_: None)
     return {**summary, "losses": train_losses(full)}, weights(full), weights(cut)

@@ -16,6 +16,7 @@ _spec = importlib.util.spec_from_file_location(
 _train_helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_train_helpers)
 tiny_config = _train_helpers.tiny_config
+interrupted_copy = _train_helpers.interrupted_copy
 
 
 def quiet(*_):

@@ -8,15 +8,13 @@ ConfigError. Each technique supplies the overrides through ``contract_cases()``.
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
-from technique_helpers import metrics, quiet, tiny_config, weights
+from technique_helpers import interrupted_copy, metrics, quiet, tiny_config, weights
 
 from cramkit.errors import ConfigError
 from cramkit.techniques import TECHNIQUES
-from cramkit.train import checkpoint as ckpt
 from cramkit.train.run import pretrain, resume_config
 
 NAMES = sorted(TECHNIQUES)
@@ -66,14 +64,8 @@ def test_technique_resumes_to_identical_weights(name, request, tmp_path):
     cases = _cases(name)
     overrides = (*cases.acting, "train.checkpoint_every=0.5", "train.batch_ramp=0.5")
     pretrain(_config(request, tmp_path, name, overrides, "full", cases.arch), say=quiet)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    shutil.copytree(full, cut)
-    middle = f"step-{STEPS // 2:08d}"
-    assert middle in [p.name for p in ckpt.list_checkpoints(cut)]
-    for path in ckpt.list_checkpoints(cut):
-        if path.name != middle:
-            shutil.rmtree(path)
-    (cut / "metrics.jsonl").write_text("")
+    full = tmp_path / "full"
+    cut = interrupted_copy(full, tmp_path / "cut", STEPS // 2)
     pretrain(resume_config(cut, []), run_dir=cut, resume=True, say=quiet)
     _assert_same_weights(full, cut)
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(full)][STEPS // 2:]

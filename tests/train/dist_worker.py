@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import tiny_config  # noqa: E402
+from helpers import interrupted_copy, tiny_config  # noqa: E402
 
 from cramkit.train import checkpoint as ckpt  # noqa: E402
 from cramkit.train.run import pretrain, resume_config  # noqa: E402
@@ -35,22 +34,12 @@ def main() -> None:
     if rank == 0:
         results["ddp"]["losses"] = losses(out / "ddp")
         results["fsdp"]["losses"] = losses(out / "fsdp")
-        # Resume from the 2-rank checkpoint at step 3 of the ddp run, in a copy.
-        shutil.copytree(out / "ddp", out / "cut")
-        for path in ckpt.list_checkpoints(out / "cut"):
-            if path.name != "step-00000003":
-                shutil.rmtree(path)
-        (out / "cut" / "metrics.jsonl").write_text("")
+        # Resume from the 2-rank checkpoints at step 3, in copies (FSDP2's state was gathered
+        # to full tensors and must scatter back).
+        interrupted_copy(out / "ddp", out / "cut", 3)
+        interrupted_copy(out / "fsdp", out / "fsdp-cut", 3)
     dist.barrier()
     pretrain(resume_config(out / "cut", []), run_dir=out / "cut", resume=True, **quiet)
-    # FSDP resume: its state was gathered to full tensors and must scatter back.
-    if rank == 0:
-        shutil.copytree(out / "fsdp", out / "fsdp-cut")
-        for path in ckpt.list_checkpoints(out / "fsdp-cut"):
-            if path.name != "step-00000003":
-                shutil.rmtree(path)
-        (out / "fsdp-cut" / "metrics.jsonl").write_text("")
-    dist.barrier()
     pretrain(resume_config(out / "fsdp-cut", []), run_dir=out / "fsdp-cut", resume=True, **quiet)
     # FSDP2 on the crammed-style BERT (scaled sinusoidal positions: one-element parameters).
     bert = tiny_config(mlm_data, out, "train.budget=2steps", "train.micro_batch=0", "parallel.strategy=fsdp",

@@ -17,3 +17,20 @@ def tiny_config(data_dir: Path, out_dir: Path, *overrides: str, name: str = "run
         "optim.lr=3e-3", "objective.name=auto",
     ]
     return load_config("demo", base + list(overrides))
+
+
+def interrupted_copy(run: Path, copy: Path, step: int) -> Path:
+    """A copy of ``run`` as if it had been stopped right after its step-``step`` checkpoint."""
+    import shutil
+
+    from cramkit.train import checkpoint as ckpt
+
+    shutil.copytree(run, copy)
+    kept = [p for p in ckpt.list_checkpoints(copy) if p.name == f"step-{step:08d}"]
+    if not kept:
+        raise AssertionError(f"{run} has no checkpoint at step {step}")
+    for path in ckpt.list_checkpoints(copy):
+        if path not in kept:
+            shutil.rmtree(path)
+    (copy / "metrics.jsonl").write_text("")
+    return copy

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from cramkit.models import build_model
 from cramkit.train import checkpoint as ckpt
 from cramkit.train.run import pretrain, resume_config
 
-from .helpers import tiny_config
+from .helpers import interrupted_copy, tiny_config
 
 
 def _weights(run_dir):
@@ -46,13 +45,7 @@ def test_resume_equals_uninterrupted_run(tiny_mlm_data, tmp_path):
                       "train.batch_ramp=0.5", "model.dropout=0.1", name="full")
     pretrain(cfg, say=lambda *_: None)
     full = tmp_path / "full"
-    # An interrupted copy: the same run, stopped after its step-6 checkpoint.
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    for path in ckpt.list_checkpoints(cut):
-        if path.name != "step-00000006":
-            shutil.rmtree(path)
-    (cut / "metrics.jsonl").write_text("")
+    cut = interrupted_copy(full, tmp_path / "cut", 6)
     resumed = resume_config(cut, [])
     pretrain(resumed, run_dir=cut, resume=True, say=lambda *_: None)
     a, b = _weights(full), _weights(cut)
