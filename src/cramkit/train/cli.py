@@ -11,10 +11,33 @@ from pathlib import Path
 from ..config import load_config, recipe_names
 
 
+def config_help() -> str:
+    """Every run-config key with its help text, for ``cramkit pretrain --help``."""
+    import dataclasses
+
+    from ..config import RunConfig
+    from ..configbase import Config
+
+    lines = ["config keys (key=value; `cramkit show-config RECIPE` prints a recipe's values):"]
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, Config):
+                walk(type(default), f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  {prefix}{f.name}: {f.metadata.get('help', '')}")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "pretrain",
         help="train a model from scratch under a budget",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Train RECIPE (a shipped recipe name or a TOML file) under its budget. key=value "
             "overrides use dotted paths, e.g. train.budget=10min model.layers=4 techniques=[pld]. "
