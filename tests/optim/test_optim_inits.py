@@ -121,16 +121,19 @@ def _adam_losses(init: str, steps: int, lr: float, data, seed: int = 0) -> list[
 
 def test_t_fixup_trains_without_norms_where_plain_init_blows_up(tiny_mlm_data):
     """8 blocks, no normalisation, Adam at 5e-3 without warm-up. One run is a coin toss at this
-    size (the tokenizer behind the fixture is not bit-reproducible), so the property is checked
-    over three seeds: N(0, 0.02) spikes above its starting loss in most of them, and T-Fixup's
-    worst excursion, averaged over seeds, stays clearly below plain init's."""
+    size (and the tokenizer behind the fixture is not bit-reproducible), so the property is
+    checked over five seeds with medians, which one outlier cannot move: N(0, 0.02) spikes above
+    its starting loss in most seeds, and T-Fixup's median worst excursion stays clearly below
+    plain init's. (Observed: T-Fixup medians 1.0-1.4 × the starting loss, plain 4-5 ×.)"""
+    import statistics
+
     def peak(losses: list[float]) -> float:
         return max(losses) / losses[0]
 
-    plain = [peak(_adam_losses("normal", 40, 5e-3, tiny_mlm_data, seed)) for seed in range(3)]
-    tfixup = [peak(_adam_losses("t-fixup", 40, 5e-3, tiny_mlm_data, seed)) for seed in range(3)]
-    assert sum(p > 1.1 for p in plain) >= 2, plain
-    assert sum(tfixup) / 3 < 0.8 * sum(plain) / 3, (tfixup, plain)
+    plain = [peak(_adam_losses("normal", 40, 5e-3, tiny_mlm_data, seed)) for seed in range(5)]
+    tfixup = [peak(_adam_losses("t-fixup", 40, 5e-3, tiny_mlm_data, seed)) for seed in range(5)]
+    assert sum(p > 1.1 for p in plain) >= 3, plain
+    assert statistics.median(tfixup) < 0.6 * statistics.median(plain), (tfixup, plain)
 
 
 def test_residual_gain_is_a_no_decay_scalar():
