@@ -274,3 +274,13 @@ def test_batch_size_must_be_a_multiple_of_the_micro_batch(tiny_mlm_data, tmp_pat
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.batch_size=10", "train.micro_batch=4")
     with pytest.raises(ConfigError, match="batch_size=10 is not a multiple of micro-batch 4"):
         pretrain(cfg, say=lambda *_: None)
+
+
+def test_extending_the_budget_keeps_periodic_evaluation(tiny_mlm_data, tmp_path):
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.eval_every=0.25")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    pretrain(resume_config(run, ["train.budget=16steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    # 25 % of the new budget: evaluations at steps 12 (and the final one at 16), not only at the end.
+    steps = [r["step"] for r in _metrics(run, "eval")]
+    assert 12 in steps and steps[-1] == 16

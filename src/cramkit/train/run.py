@@ -7,6 +7,7 @@ weights (on resume) → device → compile → optimizer (+ state on resume) →
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..budget import Clock, exhausted
+from ..budget import Budget, Clock, exhausted, progress
 from ..config import RunConfig, config_from_dict
 from ..configbase import apply_overrides
 from ..data.dataset import TokenDataset
@@ -107,6 +108,16 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _reschedule(state: TrainState, cfg: RunConfig) -> None:
+    """Periodic evaluation and checkpoints are due at fractions of the budget; after a resume
+    with a larger budget those fractions move, so recompute the next ones from the progress
+    under the new budget (for an unchanged budget this gives the saved values)."""
+    p = progress(Budget.parse(cfg.train.budget), state.usage)
+    for every, attr in ((cfg.train.eval_every, "next_eval"), (cfg.train.checkpoint_every, "next_checkpoint")):
+        if every > 0:
+            setattr(state, attr, (math.floor(p / every) + 1) * every)
 
 
 def _private_rng(device: torch.device):
@@ -283,6 +294,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     clock = Clock()
     if saved:
         state.load_counters(saved["counters"])
+        _reschedule(state, cfg)
         loader.load_state_dict(saved["loader"])
         clock.load_state_dict(saved["clock"])
         rng = saved["rng"]
