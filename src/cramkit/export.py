@@ -112,8 +112,9 @@ def _bert_convert(cfg, sd: dict[str, torch.Tensor]):
             out[f"{dst}intermediate.dense.{kind}"] = sd[f"{src}ffn.up.{kind}"]
             out[f"{dst}output.dense.{kind}"] = sd[f"{src}ffn.down.{kind}"]
             out[f"{dst}output.LayerNorm.{kind}"] = sd[f"{src}norm2.{kind}"]
-            out[f"cls.predictions.transform.dense.{kind}"] = sd[f"head.transform.dense.{kind}"]
-            out[f"cls.predictions.transform.LayerNorm.{kind}"] = sd[f"head.transform.norm.{kind}"]
+    for kind in ("weight", "bias"):
+        out[f"cls.predictions.transform.dense.{kind}"] = sd[f"head.transform.dense.{kind}"]
+        out[f"cls.predictions.transform.LayerNorm.{kind}"] = sd[f"head.transform.norm.{kind}"]
     decoder_bias = sd.get("head.decoder.bias", torch.zeros(cfg.vocab_size))
     out["cls.predictions.bias"] = decoder_bias
     out["cls.predictions.decoder.bias"] = decoder_bias
