@@ -274,17 +274,6 @@ def save_hf_tokenizer(
 # Export
 
 
-def _dedup_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage; tied tensors are saved once and re-tied on load.
-    seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            out[name] = t.detach().cpu().contiguous()
-    return out
-
-
 def _write_hf(target: HFTarget, model, cfg, tokenizer, special, tmp: Path) -> None:
     import transformers
 
@@ -303,7 +292,9 @@ def _write_hf(target: HFTarget, model, cfg, tokenizer, special, tmp: Path) -> No
 def _write_native(model, cfg, tokenizer, special, tmp: Path, reasons: list[str], out: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file(_dedup_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    from .train.checkpoint import model_weights
+
+    save_file(model_weights(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     write_json(
         tmp / "config.json",
         {"format": NATIVE_FORMAT, "model": cfg.to_dict(), "special_ids": special},

@@ -347,14 +347,9 @@ def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig) -> None:
     if cfg.peft != "none":
         save_adapters(model, out)
     else:
-        # Tied tensors share storage, which safetensors refuses; keep each storage once.
-        seen, weights = set(), {}
-        for name, t in model.state_dict().items():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-            if key not in seen:
-                seen.add(key)
-                weights[name] = t.detach().cpu().contiguous()
-        save_file(weights, str(out / "model.safetensors"))
+        from ..train.checkpoint import model_weights
+
+        save_file(model_weights(model), str(out / "model.safetensors"))
     write_json(out / "finetune_config.json", cfg.to_dict())
 
 
