@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="GLUE directory (original TSV layout)")
     parser.add_argument("--tasks", default=None, help="comma-separated subset")
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per task")
-    parser.add_argument("--skip-random", action="store_true", help="only the pretrained run")
+    parser.add_argument("--inits", default="pretrained,random",
+                        help="which initialisations to fine-tune: pretrained, random or both (comma list)")
     parser.add_argument("overrides", nargs="*", help="FinetuneConfig key=value overrides")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -38,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
             apply_overrides({"seeds": list(range(args.seeds))}, args.overrides), path="finetune"
         )
         tasks = args.tasks.split(",") if args.tasks else None
+        inits = {x.strip() for x in args.inits.split(",") if x.strip()}
+        if not inits or inits - {"pretrained", "random"}:
+            parser.error(f"--inits takes pretrained and/or random, not {args.inits!r}")
         backbone = load_backbone(args.run_dir)
         reports = {}
         for label, bb in (("pretrained", backbone), ("random", backbone.as_random())):
-            if label == "random" and args.skip_random:
+            if label not in inits:
                 continue
             start = time.perf_counter()
             reports[label] = evaluate_glue(args.run_dir, args.data, tasks, cfg, backbone=bb)

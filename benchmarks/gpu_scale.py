@@ -1,16 +1,19 @@
 """GPU benchmark for scaling switches (issue 8): what each switch costs and how far it reaches.
 
-    PYTHONPATH=src python benchmarks/gpu_scale.py            # everything, tables printed last
-    PYTHONPATH=src python benchmarks/gpu_scale.py --quick    # fewer sizes
+    PYTHONPATH=src python benchmarks/gpu_scale.py                    # both parts, tables last
+    PYTHONPATH=src python benchmarks/gpu_scale.py --parts largest    # one part (results accumulate
+                                                                     # in $OUT/gpu_scale.json)
+    PYTHONPATH=src python benchmarks/gpu_scale.py --smoke            # CPU check of the script
 
 Two tables on one GPU:
 1. tokens/s of crammed-bert (micro-batch 128, sequence 128, bf16, compiled off so that only the
    switch differs) with: nothing, full and selective activation checkpointing, activation
    offloading, optimizer offload (FSDP2 CPU offload, one process under torchrun), FP8 (torchao
    float8 linears, when torchao is installed), and FP8 vs bf16 at hidden 2048;
-2. the largest model (parameters) that completes training steps with: nothing, activation
-   checkpointing, optimizer offload, both — each probe in its own process so an OOM cannot
-   poison the next.
+2. the largest model (parameters) that completes two training steps (micro-batch 128 × 128) with:
+   nothing, activation checkpointing (binary search over depth at hidden 4096), optimizer offload,
+   both (a few depths, host memory being the bound) — each probe in its own process so an OOM
+   cannot poison the next.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -38,8 +43,17 @@ LARGEST = {
     "optimizer offload": ["memory.offload_optimizer=true", "parallel.strategy=fsdp"],
     "both": ["memory.activation_checkpointing=full", "memory.offload_optimizer=true", "parallel.strategy=fsdp"],
 }
-# (hidden, layers): about 12·L·h² parameters plus a 32768-token embedding.
-LADDER = [(2048, 24), (2560, 32), (3072, 32), (4096, 24), (4096, 32), (5120, 32), (5120, 40), (6144, 40), (6144, 48)]
+# The largest-model search varies depth at hidden 4096 (32 heads, GLU FFN: ~168 M parameters per
+# block) with micro-batch 128 × 128 tokens, where activations (~2.3 GB per block in bf16) and
+# training state (16 bytes per parameter, ~2.7 GB per block) are of the same order, so both
+# switches have something to save.
+HIDDEN, LARGEST_MICRO = 4096, 128
+DEPTHS = [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32]
+# With the optimizer on the CPU, each probe costs CPU Adam steps over billions of parameters, so
+# only a few depths are tried, smallest first: offload alone is bounded by the activations left
+# on the GPU (~30 blocks), offload plus checkpointing by host memory (16 bytes per parameter of
+# 128 GB: ~44 blocks).
+OFFLOAD_DEPTHS = {"optimizer offload": [24, 32], "both": [32, 40]}
 
 
 def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int) -> dict:
@@ -54,8 +68,9 @@ def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int)
     overrides = [s for s in switches if s != "fp8"]
     cfg = load_config("crammed-bert", [f"model.hidden={hidden}", f"model.layers={layers}",
                                        f"model.heads={max(1, hidden // 128)}", f"model.intermediate={4 * hidden}",
+                                       *(["model.vocab_size=512", "train.device=cpu"] if SMOKE else []),
                                        *overrides])
-    par = init_parallel(cfg.parallel, "auto")
+    par = init_parallel(cfg.parallel, cfg.train.device)
     device = par.device
     offload = cfg.memory.offload_optimizer
     with torch.device("meta"):
@@ -74,29 +89,43 @@ def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(5, cfg.model.vocab_size, (micro, 128), generator=gen).to(device)
     labels = torch.where(torch.rand(micro, 128, generator=gen).to(device) < 0.25, tokens, -100)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        with offload_context(cfg.memory, device), torch.autocast("cuda", dtype=torch.bfloat16):
+        with offload_context(cfg.memory, device), torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     step = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
     fpt = flops_per_token(cfg.model, 128, 0.25)
     return {"params": n, "tokens_per_s": micro * 128 / step, "tflops": fpt * micro * 128 / step / 1e12,
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "loss": float(loss)}
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
+            "host_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "loss": float(loss)}
+
+
+_PORT = [29533]
 
 
 def run_probe(hidden, layers, switches, micro, steps, timeout=240) -> dict:
+    """``probe`` in a child process (under a one-process torchrun for FSDP), so that an OOM or a
+    host-memory kill ends only that probe; the error comes back as ``{"error": ...}``."""
     args = [sys.executable, __file__, "--probe", json.dumps([hidden, layers, switches, micro, steps])]
+    if SMOKE:
+        args.append("--smoke")
     if any(s.startswith("parallel.strategy=fsdp") for s in switches):
-        args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29533",
-                *args[1:]]
+        _PORT[0] += 1  # a fresh rendezvous port per probe: the last one may still be in TIME_WAIT
+        args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+                str(_PORT[0]), *args[1:]]
+    if timeout <= 5:
+        return {"error": "skipped: out of time"}
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=os.environ)
     except subprocess.TimeoutExpired:
@@ -104,59 +133,129 @@ def run_probe(hidden, layers, switches, micro, steps, timeout=240) -> dict:
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("PROBE "):
             return json.loads(line[6:])
-    tail = (proc.stderr or proc.stdout)[-400:]
-    return {"error": "OOM" if "OutOfMemory" in tail or "out of memory" in tail else tail.strip().splitlines()[-1:]}
+    tail = (proc.stderr or "") + (proc.stdout or "")
+    if "OutOfMemory" in tail or "out of memory" in tail:
+        return {"error": "OOM"}
+    if proc.returncode in (-9, 137) or "SIGKILL" in tail:
+        return {"error": "killed (host memory)"}
+    # torchrun ends its output with a banner; the child's own exception line says more.
+    errors = [line for line in tail.splitlines() if re.search(r"\w+(Error|Exception): ", line)
+              and "ChildFailedError" not in line]
+    last = errors[-1:] or tail.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    return {"error": last[0].strip()[-300:]}
+
+
+def largest_gpu_only(switches: list[str], remaining) -> dict | None:
+    """Binary search over ``DEPTHS`` for the deepest model that trains two steps."""
+    lo, hi, best = -1, len(DEPTHS), None  # DEPTHS[lo] trained, DEPTHS[hi] did not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        r = run_probe(HIDDEN if not SMOKE else 64, DEPTHS[mid], switches, LARGEST_MICRO if not SMOKE else 4, 2,
+                      timeout=min(240, remaining()))
+        print("  ", switches, DEPTHS[mid], r, flush=True)
+        if "error" in r:
+            if r["error"].startswith("skipped"):
+                break
+            hi = mid
+        else:
+            lo, best = mid, {"hidden": HIDDEN, "layers": DEPTHS[mid], **r}
+    if best is not None and hi < len(DEPTHS):
+        best["next_failed"] = DEPTHS[hi]
+    return best
+
+
+def largest_offload(switches: list[str], remaining, depths: list[int]) -> dict | None:
+    """The deepest of ``depths`` that trains, trying them in order until one fails."""
+    best = None
+    for depth in depths if not SMOKE else [2]:
+        r = run_probe(HIDDEN if not SMOKE else 64, depth, switches, LARGEST_MICRO if not SMOKE else 4, 2,
+                      timeout=min(300, remaining()))
+        print("  ", switches, depth, r, flush=True)
+        if "error" in r:
+            if best is not None:
+                best["next_failed"] = depth
+            break
+        best = {"hidden": HIDDEN, "layers": depth, **r}
+    return best
+
+
+SMOKE = False
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--probe", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="costs,largest", help="comma list of: costs, largest")
+    ap.add_argument("--deadline", type=float, default=560,
+                    help="stop starting probes after this many seconds and print what was measured")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script itself")
     args = ap.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
     if args.probe:
         hidden, layers, switches, micro, steps = json.loads(args.probe)
         print("PROBE " + json.dumps(probe(hidden, layers, switches, micro, steps)), flush=True)
         return
+    t_end = time.perf_counter() + args.deadline
+
+    def remaining() -> float:
+        return t_end - time.perf_counter()
+
+    parts = set(args.parts.split(","))
     out = os.environ.get("OUT", "gpu-results")
     os.makedirs(out, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    cost = {}
-    for name, switches in SWITCHES.items():
-        cost[name] = run_probe(768, 16, switches, 128, 6)
-        print(name, cost[name], flush=True)
-    cost["bf16 hidden 2048"] = run_probe(2048, 8, [], 64, 6)
-    cost["fp8 hidden 2048"] = run_probe(2048, 8, ["fp8"], 64, 6)
-    print(cost, flush=True)
-    results["switch_cost"] = cost
-    largest = {}
-    ladder = LADDER[::2] if args.quick else LADDER
-    for name, switches in LARGEST.items():
-        best = None
-        for hidden, layers in ladder:
-            r = run_probe(hidden, layers, switches, 8, 3)
-            print(name, hidden, layers, r, flush=True)
-            if "error" in r:
-                break
-            best = {"hidden": hidden, "layers": layers, **r}
-        largest[name] = best
-    results["largest"] = largest
-    with open(os.path.join(out, "gpu_scale.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    path = os.path.join(out, "gpu_scale.json")
+    results: dict = json.load(open(path)) if os.path.isfile(path) else {}
+    results.update({"device": "cpu" if SMOKE else torch.cuda.get_device_name(),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+
+    def save() -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, path)
+
+    if "costs" in parts:
+        cost = results.setdefault("switch_cost", {})
+        plan = [(name, 768, 16, sw, 128) for name, sw in SWITCHES.items()]
+        plan += [("bf16 hidden 2048", 2048, 8, [], 64), ("fp8 hidden 2048", 2048, 8, ["fp8"], 64)]
+        for name, hidden, layers, switches, micro in plan:
+            if SMOKE:
+                if "fp8" in switches:
+                    continue
+                hidden, layers, micro = 64, 2, 4
+            cost[name] = run_probe(hidden, layers, switches, micro, 6, timeout=min(240, remaining()))
+            print(name, cost[name], flush=True)
+            save()
+    if "largest" in parts:
+        largest = results.setdefault("largest", {})
+        for name, switches in LARGEST.items():
+            if name in OFFLOAD_DEPTHS:
+                largest[name] = largest_offload(switches, remaining, OFFLOAD_DEPTHS[name])
+            else:
+                largest[name] = largest_gpu_only(switches, remaining)
+            save()
     print("\n##### RESULTS #####")
     print(f"device: {results['device']}, {results['date']}\n")
-    print("| crammed-bert switch | tokens/s | × none | peak GB |\n| --- | --- | --- | --- |")
-    base = cost["none"].get("tokens_per_s", 0) or 1
-    for name, r in cost.items():
-        if "error" in r:
-            print(f"| {name} | {r['error']} | | |")
-        else:
-            print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['peak_gb']:.1f} |")
-    print("\n| switches | largest model that trains | hidden × layers | tokens/s | peak GB |\n| --- | --- | --- | --- | --- |")
-    for name, r in largest.items():
-        if r:
-            print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['hidden']} × {r['layers']} | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.1f} |")
-        else:
-            print(f"| {name} | none of the ladder | | | |")
+    cost = results.get("switch_cost", {})
+    if cost:
+        print("| crammed-bert switch | tokens/s | × none | peak GB |\n| --- | --- | --- | --- |")
+        base = cost.get("none", {}).get("tokens_per_s", 0) or 1
+        for name, r in cost.items():
+            if "error" in r:
+                print(f"| {name} | {r['error']} | | |")
+            else:
+                print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['peak_gb']:.1f} |")
+    if results.get("largest"):
+        print("\n| switches | largest model that trains | hidden × layers | next tried (failed) | tokens/s "
+              "| GPU peak GB | host peak GB |\n| --- | --- | --- | --- | --- | --- | --- |")
+        for name, r in results["largest"].items():
+            if r:
+                print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['hidden']} × {r['layers']} | "
+                      f"{r.get('next_failed', '-')} layers | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.1f} | "
+                      f"{r.get('host_peak_gb', 0):.1f} |")
+            else:
+                print(f"| {name} | none of the sizes tried | | | | | |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ CPU smoke comparison (the tiny BERT on the embedded BBC corpus, minutes on a lap
 
     python benchmarks/optimizers.py --out /tmp/optim-bench
 
-GPU comparison for an H100 (crammed-bert on prepared enwiki shards; 8 runs x 45 s of training,
-eager, about 7-8 minutes of wall time in all):
+GPU comparison for an H100 (crammed-bert on prepared enwiki shards; 8 optimizers x 3 LRs x 15 s
+of training at batch 256, eager, about 8-9 minutes of wall time in all):
 
     python benchmarks/optimizers.py --gpu --data PREPARED_ENWIKI_DIR --out /tmp/optim-bench-gpu
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -36,12 +37,19 @@ CPU_GRID = {
     "sam": {"key": "optim.lr", "values": [1e-3, 3e-3, 1e-2],
             "extra": ["optim.base=adamw", "optim.sam_rho=0.05"]},
 }
-# 8 runs x 45 s: the optimizers most likely to matter for cramming, two LRs each.
+# Every optimizer at three LRs (24 runs x 15 s of training at batch 256, ~200 steps each): the
+# grids bracket each rule's usual value for a BERT-base-sized model at this batch.
 GPU_GRID = {
-    "adamw": {"key": "optim.lr", "values": [1e-3, 2e-3]},
-    "lion": {"key": "optim.lr", "values": [1e-4, 3e-4]},
-    "lamb": {"key": "optim.lr", "values": [2e-3, 5e-3]},
-    "muon": {"key": "optim.muon_lr", "values": [0.01, 0.02], "extra": ["optim.lr=1e-3"]},
+    "adamw": {"key": "optim.lr", "values": [1e-3, 2e-3, 4e-3]},
+    "sgd": {"key": "optim.lr", "values": [0.1, 0.3, 1.0]},
+    "lion": {"key": "optim.lr", "values": [1e-4, 3e-4, 1e-3]},
+    "lamb": {"key": "optim.lr", "values": [2e-3, 5e-3, 1e-2]},
+    "lars": {"key": "optim.lr", "values": [1.0, 3.0, 10.0], "extra": ["optim.lars_trust=0.01"]},
+    "muon": {"key": "optim.muon_lr", "values": [0.01, 0.02, 0.05], "extra": ["optim.lr=2e-3"]},
+    "schedulefree": {"key": "optim.lr", "values": [1e-3, 2e-3, 4e-3],
+                     "extra": ["schedule.name=constant", "schedule.warmup=0.1"]},
+    "sam": {"key": "optim.lr", "values": [1e-3, 2e-3, 4e-3],
+            "extra": ["optim.base=adamw", "optim.sam_rho=0.05"]},
 }
 
 
@@ -62,8 +70,8 @@ def _overrides(args, data: Path) -> list[str]:
               f"seed={args.seed}"]
     if args.gpu:
         return common + [
-            "model.preset=crammed-bert", f"train.budget={args.budget or '45s'}",
-            "train.batch_size=1024", "train.batch_ramp=0", "train.compile=false",
+            "model.preset=crammed-bert", f"train.budget={args.budget or '15s'}",
+            "train.batch_size=256", "train.micro_batch=256", "train.batch_ramp=0", "train.compile=false",
             "train.eval_batches=40", "train.log_every=5",
         ]
     return common + [
@@ -98,6 +106,8 @@ def run_grid(args) -> list[dict]:
                 error = None
             except Exception as exc:  # noqa: BLE001 - a diverged run is a result, not a crash
                 summary, error = {}, f"{type(exc).__name__}: {exc}"
+            if not args.keep_checkpoints:  # 24 crammed-bert runs would fill a small disk
+                shutil.rmtree(Path(args.out) / run / "checkpoints", ignore_errors=True)
             metrics = Path(args.out) / run / "metrics.jsonl"
             curve = []
             if metrics.is_file():
@@ -172,9 +182,11 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="crammed-bert on a GPU (needs --data)")
     parser.add_argument("--data", default="", help="prepared data directory (required with --gpu)")
     parser.add_argument("--out", default="/tmp/cramkit-optim-bench", help="run directories go here")
-    parser.add_argument("--budget", default="", help="per-run budget (default 150steps CPU, 45s GPU)")
+    parser.add_argument("--budget", default="", help="per-run budget (default 150steps CPU, 15s GPU)")
     parser.add_argument("--only", default="", help="comma-separated optimizers to run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each run's checkpoints (deleted by default: only metrics are needed)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for tiny)")
     parser.add_argument("--report", nargs="*", default=None,
                         help="only print the table and plot from these records.jsonl files")

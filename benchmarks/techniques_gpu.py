@@ -27,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -108,6 +109,7 @@ def run_one(name: str, overrides: list[str]) -> dict:
     summary = pretrain(cfg, say=lambda *a: print(*a, flush=True))
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     run_dir = Path(summary["run_dir"])
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only the metrics are needed
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     summary["evals"] = [r for r in map(json.loads, lines) if r.get("type") == "eval"]
     return summary
