@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+# The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
+from cramkit.report import reach
+
 
 def stage(name):
     def deco(fn):
@@ -136,18 +139,6 @@ def pretrain_run(name: str, data_dir: Path, runs: Path, seconds: int, results: d
     return run()
 
 
-def time_to_loss(evals: list[dict], target: float) -> tuple[float, float] | None:
-    """(seconds, FLOPs) at which the validation loss first reaches ``target`` (interpolated)."""
-    for prev, cur in zip(evals, evals[1:]):
-        if cur["val_loss"] <= target:
-            span = prev["val_loss"] - cur["val_loss"]
-            f = (prev["val_loss"] - target) / span if span > 0 else 1.0
-            t = prev["elapsed"] + f * (cur["elapsed"] - prev["elapsed"])
-            fl = prev.get("flops", 0) + f * (cur.get("flops", 0) - prev.get("flops", 0))
-            return t, fl
-    return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--enwiki", default=".gpu/enwiki-2015")
@@ -200,11 +191,12 @@ def main() -> None:
             print(f"| {e['elapsed']:.0f} | {e['tokens']:,} | {e['val_loss']:.3f} |")
     if len(runs) == 2:
         target = runs["original"]["summary"]["final_val_loss"]
-        hit = time_to_loss(runs["crammed"]["evals"], target)
+        evals = runs["crammed"]["evals"]
+        hit = reach(evals, target, "elapsed"), reach(evals, target, "flops")
         t_orig = runs["original"]["summary"]["train_seconds"]
         print(f"\ntime to the 2018 recipe's final validation loss {target:.3f}: bert-original {t_orig:.0f} s; "
               + (f"crammed-bert {hit[0]:.0f} s ({t_orig / hit[0]:.2f}x faster), {hit[1]:.3g} FLOPs"
-                 if hit else "crammed-bert did not reach it"))
+                 if hit[0] is not None else "crammed-bert did not reach it"))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ import time
 import traceback
 from pathlib import Path
 
+# The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
+from cramkit.report import reach
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RAW = "/work/shared/data/pretrain/enwiki-2015"
 
@@ -113,22 +116,6 @@ def run_one(name: str, overrides: list[str]) -> dict:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     summary["evals"] = [r for r in map(json.loads, lines) if r.get("type") == "eval"]
     return summary
-
-
-def reach(evals: list[dict], target: float, key: str) -> float | None:
-    """``key`` (elapsed or flops) at which the eval log first reaches ``target``, interpolated
-    linearly between the two evaluations around the crossing."""
-    previous = None
-    for record in evals:
-        if key not in record:
-            return None
-        if record["val_loss"] <= target:
-            if previous is None or previous["val_loss"] == record["val_loss"]:
-                return float(record[key])
-            frac = (previous["val_loss"] - target) / (previous["val_loss"] - record["val_loss"])
-            return float(previous[key] + frac * (record[key] - previous[key]))
-        previous = record
-    return None
 
 
 def table(results: dict[str, dict], target: float) -> str:

@@ -1,4 +1,5 @@
-"""The ``cramkit`` command line: prepare | pretrain | show-config | recipes | finetune | evaluate | export.
+"""The ``cramkit`` command line: prepare | pretrain | show-config | recipes | finetune | evaluate | export
+| bench | report.
 
 Every subcommand module exposes ``add_parser(subparsers)`` and sets ``func`` (returning an exit
 code); user mistakes surface as one ``error:`` line and exit status 2, never a traceback.
@@ -15,7 +16,8 @@ import warnings
 from .errors import CramkitError
 
 # Modules that register subcommands, in help order.
-COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli", "cramkit.bench")
+COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli", "cramkit.bench",
+                   "cramkit.report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,3 +19,7 @@ class CheckpointError(CramkitError):
 
 class TrainingError(CramkitError):
     """Training cannot go on (for example too many non-finite losses in a row)."""
+
+
+class RunError(CramkitError):
+    """A run directory (or its metrics log or summary) that cannot be read."""

@@ -1,0 +1,205 @@
+"""`cramkit report`: reach interpolation, tables and JSON from real tiny runs, plots, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+
+import pytest
+from train.helpers import tiny_config
+
+from cramkit.cli import main
+from cramkit.errors import RunError
+from cramkit.report import build_report, load_run, load_runs, markdown, reach, write_report
+
+# ------------------------------------------------------------------------------ interpolation
+
+LOG = [
+    {"val_loss": 8.0, "elapsed": 0.0, "tokens": 0, "flops": 0.0, "step": 0},
+    {"val_loss": 6.0, "elapsed": 10.0, "tokens": 1000, "flops": 100.0, "step": 10},
+    {"val_loss": 4.0, "elapsed": 20.0, "tokens": 3000, "flops": 300.0, "step": 20},
+]
+
+
+@pytest.mark.parametrize("key, expected", [("elapsed", 15.0), ("tokens", 2000.0), ("flops", 200.0),
+                                           ("step", 15.0)])
+def test_reach_interpolates_linearly_between_the_evaluations_around_the_crossing(key, expected):
+    assert reach(LOG, 5.0, key) == expected
+
+
+def test_reach_edge_cases():
+    assert reach(LOG, 6.0) == 10.0  # exactly at an evaluation
+    assert reach(LOG, 8.5) == 0.0  # already there at the first evaluation
+    assert reach(LOG, 3.0) is None  # never reached
+    assert reach([], 5.0) is None
+    # The first crossing counts, not a later one after the loss rose again.
+    bumpy = [{"val_loss": 8.0, "elapsed": 0.0}, {"val_loss": 5.5, "elapsed": 10.0},
+             {"val_loss": 6.5, "elapsed": 20.0}, {"val_loss": 4.0, "elapsed": 30.0}]
+    assert reach(bumpy, 6.0) == 8.0
+    # A log without the field (written before it existed) gives no answer rather than a guess.
+    assert reach([{"val_loss": 8.0, "elapsed": 0.0}, {"val_loss": 4.0, "elapsed": 1.0}], 5.0, "flops") is None
+    # No line to follow from a non-finite loss: the evaluation that reached the target counts.
+    assert reach([{"val_loss": math.nan, "elapsed": 0.0}, {"val_loss": 4.0, "elapsed": 7.0}], 5.0) == 7.0
+
+
+# ------------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_mlm_data, tmp_path_factory):
+    """Two finished 12-step runs at different learning rates, and an unfinished copy of one."""
+    from cramkit.train.run import pretrain
+
+    out = tmp_path_factory.mktemp("runs")
+    for name, lr in (("fast", "3e-3"), ("slow", "3e-4")):
+        cfg = tiny_config(tiny_mlm_data, out, "train.budget=12steps", "train.eval_every=0.25",
+                          f"optim.lr={lr}", name=name)
+        pretrain(cfg, say=lambda *_: None)
+    # As if killed after step 6: no summary, and the log stops mid-run.
+    shutil.copytree(out / "fast", out / "killed")
+    (out / "killed" / "summary.json").unlink()
+    metrics = out / "killed" / "metrics.jsonl"
+    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 6]
+    metrics.write_text("\n".join(kept) + "\n")
+    return out
+
+
+def test_table_and_json_from_two_real_runs(runs, tmp_path):
+    report = write_report([runs / "fast", runs / "slow"], tmp_path / "report")
+    fast, slow = report["runs"]
+    summaries = [json.loads((runs / n / "summary.json").read_text()) for n in ("fast", "slow")]
+    assert report["target_val_loss"] == max(s["final_val_loss"] for s in summaries)
+    for row, summary in zip((fast, slow), summaries):
+        assert row["status"] == "budget" and row["recipe"] == "demo"
+        assert row["steps"] == 12 and row["tokens"] == summary["tokens"]
+        assert row["parameters"] == summary["parameters"] and row["mfu"] == summary["mfu"]
+        assert row["final_val_loss"] == summary["final_val_loss"]
+        # The target is the worst final loss, so both runs reach it, within their budget.
+        assert 0 < row["to_target"]["tokens"] <= summary["tokens"]
+        assert 0 < row["to_target"]["flops"] <= summary["flops"]
+        assert 0 < row["to_target"]["time"] <= summary["train_seconds"]
+    assert json.loads((tmp_path / "report" / "report.json").read_text()) == report
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| fast | budget | demo |" in table and "| slow | budget | demo |" in table
+    assert f"Target validation loss {report['target_val_loss']:.4f}" in table
+    assert "energy kWh" not in table  # no run measured energy (no GPU)
+
+
+def test_a_target_no_run_reaches_and_an_unfinished_run(runs, tmp_path):
+    report = build_report(load_runs([runs / "fast", runs / "killed"]), target=0.5)
+    fast, killed = report["runs"]
+    assert fast["to_target"] == {"time": None, "tokens": None, "flops": None, "steps": None}
+    assert killed["status"] == "unfinished" and killed["steps"] == 6
+    assert killed["parameters"] is None  # only a summary records it
+    evals = [json.loads(line) for line in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert killed["final_val_loss"] == [e for e in evals if e["type"] == "eval"][-1]["val_loss"]
+    table = markdown({**report, "plots": [], "plots_skipped": None})
+    assert "| killed | unfinished |" in table and "not reached" in table
+
+
+def test_plots_are_written_with_matplotlib(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    report = write_report([runs / "fast", runs / "killed"], out, axes=["time", "flops", "steps"])
+    assert report["plots"] == ["loss-vs-time.png", "loss-vs-flops.png", "loss-vs-steps.png"]
+    assert report["plots_skipped"] is None
+    for name in report["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries behind
+
+
+def test_without_matplotlib_the_table_is_written_and_plots_are_skipped(runs, tmp_path, monkeypatch, capsys):
+    # A None entry in sys.modules makes the import fail, as if the extra were not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "report"
+    assert main(["report", str(runs / "fast"), str(runs / "slow"), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "plots skipped: matplotlib is not installed" in captured.err
+    assert "Traceback" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert "Plots skipped: matplotlib is not installed" in (out / "report.md").read_text()
+
+
+def test_cli_prints_the_table_or_the_json(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(runs / "fast"), str(runs / "slow"), "--out", str(out), "--x", "tokens"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("# cramkit run comparison") and "| fast |" in captured.out
+    assert str(out / "report.md") in captured.err
+    assert main(["report", str(runs / "fast"), str(runs / "slow"), "--out", str(out), "--format", "json",
+                 "--target", "7.0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["target_val_loss"] == 7.0 and printed["target_source"] == "given with --target"
+    assert printed == json.loads((out / "report.json").read_text())
+
+
+def test_same_named_runs_are_told_apart(runs, tmp_path):
+    shutil.copytree(runs / "fast", tmp_path / "other" / "fast")
+    names = [r.name for r in load_runs([runs / "fast", tmp_path / "other" / "fast", runs / "fast"])]
+    assert len(set(names)) == 3 and names[1] == "other/fast"
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def _broken_copy(runs, tmp_path, lines: list[str] | None = None):
+    run = tmp_path / "broken"
+    shutil.copytree(runs / "fast", run)
+    if lines is not None:
+        (run / "metrics.jsonl").write_text("".join(lines))
+    return run
+
+
+def test_bad_inputs_are_one_line_errors_naming_the_path_and_line(runs, tmp_path, capsys):
+    good = (runs / "fast" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cases = [
+        (tmp_path / "missing", "is not a cramkit run directory (no such directory)"),
+        (tmp_path, "is not a cramkit run directory (no config.json)"),
+        (_broken_copy(runs, tmp_path / "a", []), "metrics.jsonl: no training or evaluation records"),
+        (_broken_copy(runs, tmp_path / "b", good[:2] + ["{not json\n"] + good[2:]),
+         "metrics.jsonl line 3: not valid JSON"),
+        (_broken_copy(runs, tmp_path / "c", good[:1] + ['{"type": "eval", "step": 1}\n']),
+         "metrics.jsonl line 2: eval record without a numeric 'tokens'"),
+        (_broken_copy(runs, tmp_path / "d", good[:1] + ["[1, 2]\n"]),
+         "metrics.jsonl line 2: expected a JSON object, got list"),
+    ]
+    for path, message in cases:
+        assert main(["report", str(runs / "slow"), str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and str(path) in err, err
+        assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing is written when an input is bad
+    run = _broken_copy(runs, tmp_path / "e")
+    (run / "summary.json").write_text('{"steps": 12,\n "tokens": }')
+    with pytest.raises(RunError, match=r"summary.json line 2: not valid JSON"):
+        load_run(run)
+
+
+def test_a_truncated_last_line_of_a_killed_run_is_skipped_with_a_warning(runs, tmp_path):
+    good = (runs / "fast" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    run = _broken_copy(runs, tmp_path, good + ['{"type": "train", "st'])
+    with pytest.warns(UserWarning, match="ignoring a truncated last line"):
+        loaded = load_run(run)
+    assert len(loaded.train) + len(loaded.evals) == len(good)
+
+
+def test_a_resumed_log_keeps_the_latest_record_of_each_step(runs, tmp_path):
+    good = (runs / "fast" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    evals = [line for line in good if json.loads(line)["type"] == "eval"]
+    # Resumed from the step-6 checkpoint after logging up to step 12: steps 9 and 12 come again.
+    again = [json.dumps({**json.loads(line), "val_loss": 1.0}) + "\n"
+             for line in evals if json.loads(line)["step"] > 6]
+    run = _broken_copy(runs, tmp_path, good + again)
+    loaded = load_run(run)
+    steps = [e["step"] for e in loaded.evals]
+    assert steps == sorted(set(steps)) and loaded.evals[-1]["val_loss"] == 1.0
+
+
+def test_json_is_strict_even_for_a_diverged_run():
+    from cramkit.report import as_json
+
+    assert json.loads(as_json({"runs": [{"final_val_loss": math.nan, "to_target": {"time": 1.5}}]})) == {
+        "runs": [{"final_val_loss": None, "to_target": {"time": 1.5}}]}
