@@ -186,6 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     ap.add_argument("--parts", default="costs,largest", help="comma list of: costs, largest")
+    ap.add_argument("--largest", default=",".join(LARGEST),
+                    help=f"comma list of the largest-model searches to run (of: {', '.join(LARGEST)})")
     ap.add_argument("--deadline", type=float, default=560,
                     help="stop starting probes after this many seconds and print what was measured")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script itself")
@@ -229,7 +231,12 @@ def main() -> None:
             save()
     if "largest" in parts:
         largest = results.setdefault("largest", {})
-        for name, switches in LARGEST.items():
+        chosen = [x.strip() for x in args.largest.split(",") if x.strip()]
+        unknown = set(chosen) - set(LARGEST)
+        if unknown:
+            ap.error(f"--largest: unknown {sorted(unknown)}; choose from {', '.join(LARGEST)}")
+        for name in chosen:
+            switches = LARGEST[name]
             if name in OFFLOAD_DEPTHS:
                 largest[name] = largest_offload(switches, remaining, OFFLOAD_DEPTHS[name])
             else:

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Every GPU measurement behind BENCHMARKS.md, in three parts that each fit one 10-minute device
+# call on an H100 (run them back to back on one warm machine; each part also works alone, it
+# re-prepares the data in ~15 s when /tmp was lost).
+#
+#   bash benchmarks/gpu_all.sh 1   # issue 7: 8 optimizers x 3 learning rates on crammed-bert
+#   bash benchmarks/gpu_all.sh 2   # issue 6: techniques vs baseline; issue 8: cost of each switch
+#   bash benchmarks/gpu_all.sh 3   # issue 8: largest model per switch; issue 5: random-init GLUE
+#
+# Expects the enwiki shards in .gpu/enwiki-2015 and GLUE in .gpu/glue (copies of
+# ../shared/data/pretrain/enwiki-2015 and ../shared/data/glue), and optionally wheels in .whl/
+# (pytorch-optimizer, torchao) for packages the machine lacks. Logs and JSON go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: gpu_all.sh 1|2|3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-gpu-results}
+export OUT
+mkdir -p "$OUT"
+WORK=/tmp/cramkit-gpu
+DATA=$WORK/enwiki
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+start=$(date +%s)
+left() { echo $((${2:-585} - ($(date +%s) - start))); }
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader
+git log -1 --format='commit %h %s' 2>/dev/null || true
+# The same preparation as benchmarks/gpu_core.py (cramming's WordPiece 32768, sequence 128); a
+# second call with identical inputs reuses the output.
+python -m cramkit prepare .gpu/enwiki-2015/train-*.txt.xz --out "$DATA" vocab_size=32768 seq_len=128 \
+    val_fraction=0.02 lowercase=true strip_accents=true ascii_only=true seed=0 --no-progress || exit 1
+
+case $part in
+1)
+    timeout "$(left 1 575)" python benchmarks/optimizers.py --gpu --data "$DATA" --out $WORK/optim \
+        --plot "$OUT/optim_loss_gpu.png" 2>&1 | tee "$OUT/optimizers.log"
+    cp $WORK/optim/records.jsonl "$OUT/optim_records.jsonl"
+    ;;
+2)
+    timeout "$(left 2 405)" python benchmarks/techniques_gpu.py --data "$DATA" --budget 60s 2>&1 | tee "$OUT/techniques.log"
+    python benchmarks/gpu_scale.py --parts costs --deadline "$(left 2 570)" 2>&1 | tee "$OUT/gpu_scale_costs.log"
+    ;;
+3)
+    python benchmarks/gpu_scale.py --parts largest --largest "nothing,activation checkpointing" \
+        --deadline 200 2>&1 | tee "$OUT/gpu_scale_largest.log"
+    # The random-init GLUE control needs only the shape and tokenizer of a crammed-bert run on this
+    # data: a 2-step run provides them. It shares the GPU with the offload probes below, which
+    # mostly load the CPU; their tokens/s are therefore not comparable with the other rows.
+    python -m cramkit pretrain crammed-bert "data.dir=$DATA" out_dir=$WORK/runs name=shape train.budget=2steps \
+        train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false > "$OUT/shape.log" 2>&1
+    timeout "$(left 3 585)" python benchmarks/glue_eval.py $WORK/runs/shape --data .gpu/glue --tasks cola,mrpc,stsb,rte \
+        --seeds 1 --inits random progress=false > "$OUT/glue_random.log" 2>&1 &
+    glue=$!
+    python benchmarks/gpu_scale.py --parts largest --largest "optimizer offload,both" --deadline "$(left 3 560)" \
+        2>&1 | tee -a "$OUT/gpu_scale_largest.log"
+    wait $glue
+    cat "$OUT/glue_random.log"
+    ;;
+*) echo "unknown part $part" >&2; exit 2 ;;
+esac
+echo "part $part done in $(( $(date +%s) - start )) s"
