@@ -72,7 +72,7 @@ def _overrides(args, data: Path) -> list[str]:
         return common + [
             "model.preset=crammed-bert", f"train.budget={args.budget or '15s'}",
             "train.batch_size=256", "train.micro_batch=256", "train.batch_ramp=0", "train.compile=false",
-            "train.eval_batches=40", "train.log_every=5",
+            "train.eval_batches=40", "train.log_every=5", "train.peak_tflops=779",
         ]
     return common + [
         "model.preset=tiny", "model.vocab_size=1024", "model.max_positions=64",
@@ -89,42 +89,47 @@ def run_grid(args) -> list[dict]:
 
     data = Path(args.data) if args.data else _cpu_data(Path(args.out) / "data")
     grid = GPU_GRID if args.gpu else CPU_GRID
-    names = args.only.split(",") if args.only else list(grid)
+    # --only takes optimizer names, or name@lr for single grid points (to complete a cut sweep).
+    plan: list[tuple[str, float]] = []
+    for item in filter(None, args.only.split(",")) if args.only else grid:
+        name, _, lr = item.partition("@")
+        plan += [(name, float(lr))] if lr else [(name, v) for v in grid[name]["values"]]
     recipe = "crammed-bert" if args.gpu else "demo"
     records = []
-    for name in names:
+    records_path = Path(args.records or Path(args.out) / "records.jsonl")
+    for name, value in plan:
         spec = grid[name]
-        for value in spec["values"]:
-            run = f"{name}-{value:g}-{time.strftime('%H%M%S')}"
-            overrides = _overrides(args, data) + [f"optim.name={name}", f"{spec['key']}={value}",
-                                                  f"name={run}", *spec.get("extra", [])]
-            cfg = load_config(recipe, overrides)
-            torch.manual_seed(args.seed)
-            start = time.perf_counter()
-            try:
-                summary = pretrain(cfg, say=lambda *_: None)
-                error = None
-            except Exception as exc:  # noqa: BLE001 - a diverged run is a result, not a crash
-                summary, error = {}, f"{type(exc).__name__}: {exc}"
-            if not args.keep_checkpoints:  # 24 crammed-bert runs would fill a small disk
-                shutil.rmtree(Path(args.out) / run / "checkpoints", ignore_errors=True)
-            metrics = Path(args.out) / run / "metrics.jsonl"
-            curve = []
-            if metrics.is_file():
-                for line in metrics.read_text().splitlines():
-                    record = json.loads(line)
-                    if record.get("type") == "train":
-                        curve.append((record["elapsed"], record["loss"]))
-            records.append({
-                "optimizer": name, "lr_key": spec["key"], "lr": value, "error": error,
-                "val_loss": summary.get("final_val_loss"), "steps": summary.get("steps"),
-                "tokens": summary.get("tokens"), "train_seconds": summary.get("train_seconds"),
-                "wall_seconds": round(time.perf_counter() - start, 1), "curve": curve,
-            })
-            # Saved after every run, so an interrupted sweep still leaves its results.
-            (Path(args.out) / "records.jsonl").open("a").write(json.dumps(records[-1]) + "\n")
-            print(f"{name:>12} {spec['key']}={value:<8g} val {records[-1]['val_loss']} "
-                  f"({records[-1]['wall_seconds']} s){' ' + error if error else ''}", flush=True)
+        run = f"{name}-{value:g}-{time.strftime('%H%M%S')}"
+        overrides = _overrides(args, data) + [f"optim.name={name}", f"{spec['key']}={value}",
+                                              f"name={run}", *spec.get("extra", [])]
+        cfg = load_config(recipe, overrides)
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        try:
+            summary = pretrain(cfg, say=lambda *_: None)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - a diverged run is a result, not a crash
+            summary, error = {}, f"{type(exc).__name__}: {exc}"
+        if not args.keep_checkpoints:  # 24 crammed-bert runs would fill a small disk
+            shutil.rmtree(Path(args.out) / run / "checkpoints", ignore_errors=True)
+        metrics = Path(args.out) / run / "metrics.jsonl"
+        curve = []
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("type") == "train":
+                    curve.append((record["elapsed"], record["loss"]))
+        records.append({
+            "optimizer": name, "lr_key": spec["key"], "lr": value, "error": error,
+            "val_loss": summary.get("final_val_loss"), "steps": summary.get("steps"),
+            "tokens": summary.get("tokens"), "train_seconds": summary.get("train_seconds"),
+            "wall_seconds": round(time.perf_counter() - start, 1), "curve": curve,
+        })
+        # Saved after every run, so an interrupted sweep still leaves its results.
+        with records_path.open("a") as f:
+            f.write(json.dumps(records[-1]) + "\n")
+        print(f"{name:>12} {spec['key']}={value:<8g} val {records[-1]['val_loss']} "
+              f"({records[-1]['wall_seconds']} s){' ' + error if error else ''}", flush=True)
     return records
 
 
@@ -183,7 +188,8 @@ def main() -> None:
     parser.add_argument("--data", default="", help="prepared data directory (required with --gpu)")
     parser.add_argument("--out", default="/tmp/cramkit-optim-bench", help="run directories go here")
     parser.add_argument("--budget", default="", help="per-run budget (default 150steps CPU, 15s GPU)")
-    parser.add_argument("--only", default="", help="comma-separated optimizers to run")
+    parser.add_argument("--only", default="", help="comma-separated optimizers (or name@lr grid points) to run")
+    parser.add_argument("--records", default="", help="append run records here (default OUT/records.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each run's checkpoints (deleted by default: only metrics are needed)")
