@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for tiny)")
     parser.add_argument("--report", nargs="*", default=None,
                         help="only print the table and plot from these records.jsonl files")
+    parser.add_argument("--device", default="", help="device name for the table/plot title (with --report)")
     parser.add_argument("--plot", default="", help="PNG path (default benchmarks/optim_loss_{cpu,gpu}.png)")
     args = parser.parse_args()
     if args.gpu and not args.data:
@@ -209,7 +210,8 @@ def main() -> None:
     else:
         records = run_grid(args)
     kind = "gpu" if args.gpu else "cpu"
-    device = torch.cuda.get_device_name() if args.gpu else "CPU"
+    # --report on a machine without the GPU that produced the records: name it by --device.
+    device = args.device or (torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else "CPU")
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.time() - started:.0f} s in all\n")
     print(table(records))
