@@ -118,6 +118,9 @@ class OptimConfig(Config):
         "none", help="scale lr (and muon_lr) by batch_size/base_batch_size (linear) or its sqrt"
     )
     base_batch_size: int = field(256, help="the batch size at which lr was tuned (for lr_scaling)")
+    fused: Literal["auto", "on", "off"] = field(
+        "auto", help="adamw: the fused kernel (auto: on CUDA); it also skips a non-finite step on the device"
+    )
 
     def validate(self) -> None:
         from .optim import OPTIMIZERS, get_factory

@@ -33,6 +33,14 @@ def _seed_from(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions (into ``labels.reshape(-1)``) of the labelled tokens, in increasing order:
+    the ``target_index`` a sparse-prediction model accepts (``TransformerLM.forward``). Computed
+    from CPU labels it costs no host-device synchronisation; the trainer adds it to each
+    micro-batch after the techniques' ``on_batch`` hooks, so it always matches the labels."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def _special_set(special_ids: dict[str, int | None]) -> list[int]:
     return sorted({int(v) for v in special_ids.values() if v is not None})
 

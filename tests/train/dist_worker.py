@@ -30,10 +30,16 @@ def main() -> None:
         cfg = tiny_config(data, out, *common, f"parallel.strategy={strategy}", name=strategy, arch="gpt")
         summary = pretrain(cfg, **quiet)
         results[strategy] = {"steps": summary["steps"], "tokens": summary["tokens"]}
+    # Fused AdamW: non-finite skips decided on the device from the all-reduced loss.
+    for strategy in ("ddp", "fsdp"):
+        cfg = tiny_config(data, out, "train.budget=6steps", "train.micro_batch=0", "optim.fused=on",
+                          f"parallel.strategy={strategy}", name=f"{strategy}-fused", arch="gpt")
+        pretrain(cfg, **quiet)
     rank = dist.get_rank()
     if rank == 0:
         results["ddp"]["losses"] = losses(out / "ddp")
         results["fsdp"]["losses"] = losses(out / "fsdp")
+        results["fused_losses"] = {s: losses(out / f"{s}-fused") for s in ("ddp", "fsdp")}
         # Resume from the 2-rank checkpoints at step 3, in copies (FSDP2's state was gathered
         # to full tensors and must scatter back).
         interrupted_copy(out / "ddp", out / "cut", 3)

@@ -45,6 +45,8 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     assert res["ddp"]["tokens"] == summary["tokens"]  # tokens count every rank's share
     torch.testing.assert_close(torch.tensor(res["ddp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(res["fsdp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    for strategy, fused in res["fused_losses"].items():  # fused vs for-loop AdamW: rounding only
+        torch.testing.assert_close(torch.tensor(fused), torch.tensor(one), rtol=1e-4, atol=1e-5, msg=strategy)
     # Resumed from a 2-rank checkpoint: the rest of the curve, and the same final weights.
     assert res["resumed_losses"] == res["ddp"]["losses"][3:]
     a, b = load_file(res["ddp_weights"]), load_file(res["cut_weights"])

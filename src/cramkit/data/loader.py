@@ -85,6 +85,7 @@ class _Plan:
         self.seed, self.shuffle = loader.seed, loader.shuffle
         self.rank, self.world_size = loader.rank, loader.world_size
         self.batch_size, self.batches_per_epoch = loader.batch_size, loader.batches_per_epoch
+        self.pin_memory = loader.pin_memory
         self._cache: tuple[int, np.ndarray] | None = None
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
@@ -104,9 +105,19 @@ class _Plan:
         epoch, b = divmod(step, self.batches_per_epoch)
         idx = self.epoch_indices(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
         tokens = torch.from_numpy(self.view[idx].astype(np.int64))
-        if self.transform is None:
-            return tokens
-        return self.transform(tokens, step * self.world_size + self.rank)
+        out = tokens if self.transform is None else self.transform(tokens, step * self.world_size + self.rank)
+        return _pinned(out) if self.pin_memory else out
+
+
+def _pinned(batch: Any) -> Any:
+    # A copy to the GPU from ordinary (pageable) memory is staged through a driver buffer and can
+    # make the host wait for the device even with non_blocking=True; from page-locked memory it is
+    # a true asynchronous DMA. Pinning here runs in the producer thread, off the training loop.
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: _pinned(v) for k, v in batch.items()}
+    return batch
 
 
 class ShardLoader:
@@ -122,6 +133,8 @@ class ShardLoader:
         epochs: number of epochs, ``None`` for an infinite stream.
         prefetch: batches prepared ahead in a background thread (0 = none, synchronous).
         transform: ``(tokens, index) -> anything``, e.g. an objective from ``build_objective``.
+        pin_memory: hand out page-locked tensors (a tensor or a dict of them) for asynchronous
+            copies to a GPU; needs CUDA.
     """
 
     def __init__(
@@ -137,6 +150,7 @@ class ShardLoader:
         epochs: int | None = 1,
         prefetch: int = 2,
         transform: Callable[[torch.Tensor, int], Any] | None = None,
+        pin_memory: bool = False,
     ):
         if not isinstance(dataset, TokenDataset):
             dataset = TokenDataset.open(dataset)
@@ -154,6 +168,7 @@ class ShardLoader:
             prefetch,
             transform,
         )
+        self.pin_memory = pin_memory
         self.view = dataset.sequences(split)
         self.num_sequences = len(self.view)
         self.batches_per_epoch = (self.num_sequences // world_size) // batch_size

@@ -48,6 +48,16 @@ class Parallel:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a 0-d tensor over ranks, as a float64 tensor on ``t``'s device, without reading
+        it on the host (with NCCL the collective is queued on the device like any kernel; with
+        gloo and a CUDA tensor the copy to the CPU waits for the device)."""
+        if not self.distributed:
+            return t
+        buf = t.detach().to(self._comm_device(), torch.float64)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.to(t.device, non_blocking=True)
+
     def all_max(self, value: float) -> float:
         """The largest ``value`` over ranks."""
         if not self.distributed:

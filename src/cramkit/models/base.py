@@ -122,9 +122,17 @@ class TransformerLM(nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits and, given ``labels`` (already aligned: ``labels[t]`` is position t's target,
-        -100 = no loss), the mean cross-entropy over the labelled positions."""
+        -100 = no loss), the mean cross-entropy over the labelled positions.
+
+        ``target_index`` (optional, used only under sparse prediction) holds the flat positions
+        ``(labels.reshape(-1) != -100).nonzero()`` in increasing order, as the data pipeline
+        computes them on the CPU (:func:`cramkit.objectives.target_index`). Without it the model
+        finds them itself, which makes the host wait for the device (the gathered shape depends
+        on the data).
+        """
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         if labels is None:
             return ModelOutput(loss=None, logits=self.head(hidden), num_targets=None)
@@ -132,9 +140,9 @@ class TransformerLM(nn.Module):
         has_target = flat_labels != IGNORE_INDEX
         num_targets = has_target.sum()
         if self.config.sparse_prediction:
-            # nonzero() is this forward's only host-device sync: the number of masked positions
-            # decides the gathered shape.
-            index = has_target.nonzero().squeeze(1)
+            # nonzero() is a host-device sync: the number of masked positions decides the gathered
+            # shape. A supplied index (computed on the CPU) avoids it; the result is the same.
+            index = target_index if target_index is not None else has_target.nonzero().squeeze(1)
             states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
             targets = flat_labels.index_select(0, index)
             logits = self.head(states)

@@ -23,8 +23,12 @@ from . import register_optimizer
 
 @register_optimizer("adamw")
 def adamw(groups, cfg, device):
-    """AdamW; the fused kernel on CUDA (one launch for all parameters)."""
-    fused = device.type == "cuda"
+    """AdamW; the fused kernel on CUDA (one launch for all parameters), or as ``optim.fused`` says.
+
+    The fused kernel also takes the ``found_inf`` flag GradScaler uses, which lets the trainer
+    skip a step with a non-finite loss without reading the loss on the host.
+    """
+    fused = device.type == "cuda" if cfg.fused == "auto" else cfg.fused == "on"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 

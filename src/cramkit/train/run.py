@@ -45,7 +45,7 @@ from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_prec
 from .energy import EnergyMeter
 from .runlog import Progress, RunLog, environment
 from .state import TrainState
-from .trainer import Trainer
+from .trainer import Trainer, locate_targets
 
 OBJECTIVE_FOR_ARCH = {"bert": "mlm", "gpt": "clm"}
 
@@ -244,11 +244,13 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     # Validation uses the same masks at every evaluation, so losses are comparable over time.
     eval_objective = build_objective(objective_name, dataset, **_objective_options(cfg, objective_name, fixed=True))
 
-    def make_batch(n: int) -> dict[str, torch.Tensor]:
+    def make_batch(n: int, index: int = 0) -> dict[str, torch.Tensor]:
         tokens = torch.from_numpy(dataset.sequences("train")[:n].astype("int64"))
         if tokens.shape[0] < n:
             tokens = tokens.repeat((n + tokens.shape[0] - 1) // tokens.shape[0], 1)[:n]
-        return {k: v.to(device) for k, v in objective(tokens, 0).items()}
+        # As the trainer will hand it over, so that compiling sees the same inputs.
+        batch = locate_targets(objective(tokens, index), model)
+        return {k: v.to(device) for k, v in batch.items()}
 
     per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
     if saved:
@@ -283,14 +285,17 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         # Dropout in the warm-up pass must not consume the RNG that resume restored.
         with _private_rng(device):
             compiled.train()
-            with autocast(device, precision):
-                out = compiled(**make_batch(micro_batch))
-            out.loss.backward()
-            compiled.zero_grad(set_to_none=True)
+            # Two masks with different numbers of targets: the second makes the compiler generalise
+            # over that size (sparse prediction gathers it), so training meets no recompilation.
+            for index in (0, 1):
+                with autocast(device, precision):
+                    out = compiled(**make_batch(micro_batch, index))
+                out.loss.backward()
+                compiled.zero_grad(set_to_none=True)
 
     state = TrainState()
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
-                         epochs=None, transform=objective)
+                         epochs=None, transform=objective, pin_memory=device.type == "cuda")
     clock = Clock()
     if saved:
         state.load_counters(saved["counters"])

@@ -18,9 +18,11 @@ import torch
 
 from ..budget import Budget, Clock, exhausted, progress
 from ..distributed.parallel import Parallel
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError
+from ..objectives import target_index
 from ..schedules import accumulation_steps, lr_factor
 from .device import autocast, memory_gb
+from .nonfinite import NonfiniteCounter, check, skips_on_device, step_unless
 from .state import TrainState
 
 Batch = dict[str, torch.Tensor]
@@ -75,6 +77,8 @@ class Trainer:
         self.bar = progress_bar
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.stop_reason: str | None = None
+        self.nonfinite = NonfiniteCounter(cfg.train.max_nonfinite)
+        self._loss: torch.Tensor | None = None  # the last step's, read on the host when logged
         self._adopt(model, self.state.optimizer)
         self.state.usage.seconds = self.clock.elapsed
 
@@ -102,32 +106,41 @@ class Trainer:
             transfer(old_model, new_model, old_opt, self.state.optimizer)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batches: list[Batch]) -> float:
+    def train_step(self, batches: list[Batch]) -> torch.Tensor:
         """Forward/backward over ``batches`` as one batch, then one optimizer step.
 
-        Returns the step's loss (mean over all target tokens). A non-finite loss skips the
-        update and is counted; too many in a row stop training with a clear error. An optimizer
-        with ``needs_closure`` (SAM) gets ``step(closure)``: the closure zeroes the gradients and
-        repeats forward/backward, hooks and clipping over the same micro-batches.
+        Returns the step's loss (mean over all target tokens) as a 0-d tensor. A non-finite loss
+        skips the update and is counted; too many in a row stop training with a clear error. An
+        optimizer with ``needs_closure`` (SAM) gets ``step(closure)``: the closure zeroes the
+        gradients and repeats forward/backward, hooks and clipping over the same micro-batches.
+
+        When the optimizer can skip a step from a device flag (:mod:`.nonfinite`), nothing here
+        waits for the device: the loss stays there and the counts are read at the next log or
+        checkpoint. Otherwise the loss is read on the host to decide.
         """
         state, optimizer, par = self.state, self.state.optimizer, self.par
+        batches = [locate_targets(b, self.raw_model) for b in batches]
+        # Labels are still on the CPU (the copy happens per micro-batch below): no device wait.
         local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
         total_targets = max(par.all_sum([local_targets])[0], 1)  # over all micro-batches and ranks
         loss_sum = self._forward_backward(batches, total_targets)
         self.scaler.unscale_(optimizer)
         self._clip()
+        if skips_on_device(optimizer, self.scaler):
+            loss = par.reduce_sum(loss_sum)  # the same sum, hence the same decision, on every rank
+            finite = torch.isfinite(loss)
+            self.nonfinite.record(finite, state)
+            step_unless(optimizer, ~finite)
+            optimizer.zero_grad(set_to_none=True)
+            return loss
         loss_value = par.all_sum([float(loss_sum)])[0]  # every rank skips or steps together
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
             state.nonfinite_in_row += 1
             state.nonfinite_total += 1
-            if state.nonfinite_in_row >= self.cfg.train.max_nonfinite:
-                raise TrainingError(
-                    f"loss was not finite for {state.nonfinite_in_row} steps in a row (step {state.step}); "
-                    "lower optim.lr, enable train.clip_grad, or use bf16 instead of fp16"
-                )
-            return loss_value
+            check(state.nonfinite_in_row, self.cfg.train.max_nonfinite, state)
+            return torch.tensor(loss_value, dtype=torch.float64)
         if getattr(optimizer, "needs_closure", False):
             if self.scaler.is_enabled():
                 raise ConfigError(
@@ -147,7 +160,7 @@ class Trainer:
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.nonfinite_in_row = 0
-        return loss_value
+        return torch.tensor(loss_value, dtype=torch.float64)
 
     def _forward_backward(self, batches: list[Batch], total_targets: float) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
@@ -218,7 +231,7 @@ class Trainer:
                     for t in self.techniques:
                         batch = t.on_batch(batch, state)
                     batches.append(batch)
-                state.loss = self.train_step(batches)
+                self._loss = self.train_step(batches)
                 step_tokens = sum(int(b["input_ids"].numel()) for b in batches) * self.par.world_size
                 fpt = self._fpt
                 for t in self.techniques:
@@ -235,6 +248,7 @@ class Trainer:
                     window_time = self._log_train(window_tokens, window_time, fpt)
                     window_tokens = 0
                 self._periodic()
+            self.nonfinite.settle(state)  # the checkpoint written after training reads the counts
         finally:
             self.clock.stop()
             for sig, handler in previous.items():
@@ -248,6 +262,7 @@ class Trainer:
             self.run_eval()
             state.next_eval = (math.floor(state.progress / cfg.eval_every) + 1) * cfg.eval_every
         if cfg.checkpoint_every > 0 and state.progress >= state.next_checkpoint and not done:
+            self.nonfinite.settle(state)  # the counts go into the checkpoint; see run_eval
             # Advance first, so the checkpoint records where the next one is due.
             state.next_checkpoint = (math.floor(state.progress / cfg.checkpoint_every) + 1) * cfg.checkpoint_every
             with self.clock.paused():
@@ -255,6 +270,8 @@ class Trainer:
 
     def run_eval(self) -> float:
         """Validation loss on the held-out split; not counted against the budget."""
+        # Settling reads the device, so the steps still queued there finish on the training clock.
+        self.nonfinite.settle(self.state)
         with self.clock.paused():
             self.model.eval()
             # Optimizers that keep separate evaluation weights (Schedule-Free) switch to them.
@@ -270,6 +287,9 @@ class Trainer:
 
     def _log_train(self, window_tokens: int, window_start: float, fpt: float) -> float:
         state = self.state
+        # The only host reads of the training step: once per log_every steps.
+        self.nonfinite.settle(state)
+        state.loss = float(self._loss) if self._loss is not None else float("nan")
         now = self.clock.elapsed
         tps = window_tokens / max(now - window_start, 1e-9)
         mfu = fpt * tps / self.peak_flops if self.peak_flops > 0 else 0.0
@@ -293,6 +313,17 @@ class Trainer:
         self.stop_reason = "signal"
         warnings.warn(f"received {signal.Signals(signum).name}: finishing the step and writing a checkpoint",
                       stacklevel=1)
+
+
+def locate_targets(batch: Batch, model: torch.nn.Module) -> Batch:
+    """``batch`` with the flat positions of its targets when ``model`` gathers them (sparse
+    prediction), found here on the CPU so the model need not find them on the device (which makes
+    the host wait). Computed after every ``on_batch`` hook, so it matches the final labels."""
+    if not getattr(getattr(model, "config", None), "sparse_prediction", False) or "labels" not in batch:
+        return batch
+    index = target_index(batch["labels"])
+    # Pinned like the labels (the loader pins for a GPU), so its copy is asynchronous too.
+    return {**batch, "target_index": index.pin_memory() if batch["labels"].is_pinned() else index}
 
 
 def _time_left(budget: Budget, state: TrainState, elapsed: float) -> str:
