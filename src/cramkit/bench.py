@@ -7,6 +7,12 @@ peak memory. Targets are ``FAMILY:PRESET``: ``cramkit:crammed-bert`` is our mode
 ``hf-bert:bert-base`` is ``transformers.BertForMaskedLM`` with that preset's dimensions and
 ``hf-gpt2:gpt2-small`` is ``GPT2LMHeadModel``. FLOPs per token use one formula for every target
 (REFERENCE.md), so the ratio of tokens/s at equal shape is what matters.
+
+A target may carry ``,KEY=VALUE`` overrides: ``batch`` and ``seq_len`` set that target's shape,
+any other key is a model field, e.g. ``cramkit:gpt2-small,seq_len=1024,document_mask=true``.
+``--document-mask`` also times every cramkit target with ``document_mask=true`` right after it
+(its "× ref" is then against the unmasked run), and ``--doc-len N`` puts a document boundary
+after each token with probability 1/N, so documents are on average N tokens long.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .configbase import did_you_mean
+from .configbase import apply_overrides, did_you_mean
 from .errors import ConfigError
 from .models import build_model
 from .models.config import ModelConfig
@@ -72,6 +78,46 @@ def _hf_gpt2(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
     return model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, flops_per_token(cfg, seq_len)
 
 
+#: The boundary token of the random batches; random content tokens are drawn from 5 upwards.
+BENCH_BOUNDARY = 2
+#: Target keys that set the run's shape rather than a model field.
+_SHAPE_KEYS = ("batch", "seq_len")
+
+
+@dataclass
+class Target:
+    """A parsed ``FAMILY:PRESET[,KEY=VALUE...]`` target."""
+
+    spec: str
+    family: str
+    cfg: ModelConfig
+    batch: int
+    seq_len: int
+
+
+def parse_target(spec: str, *, batch: int, seq_len: int) -> Target:
+    """Parse ``spec``; ``batch`` and ``seq_len`` apply unless the spec overrides them."""
+    head, *items = [part.strip() for part in spec.split(",")]
+    fam, _, preset = head.partition(":")
+    if fam not in FAMILIES:
+        raise ConfigError(f"unknown bench family '{fam}'{did_you_mean(fam, FAMILIES)}; known: {', '.join(FAMILIES)}")
+    fields = apply_overrides({}, items)
+    known = [*_SHAPE_KEYS, *ModelConfig.help()]
+    for key in fields:
+        if key not in known:
+            raise ConfigError(f"bench target '{spec}': unknown key '{key}'{did_you_mean(key, known)}")
+    shape = {key: fields.pop(key) for key in _SHAPE_KEYS if key in fields}
+    for key, value in shape.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"bench target '{spec}': {key} must be a positive integer, got {value!r}")
+    data = get_preset(preset or "tiny")
+    data.update(fields)
+    cfg = ModelConfig.from_dict(data, path="model")
+    if cfg.document_mask and cfg.document_boundary_id is None:
+        cfg = cfg.replace(document_boundary_id=BENCH_BOUNDARY)
+    return Target(spec, fam, cfg, shape.get("batch", batch), shape.get("seq_len", seq_len))
+
+
 @dataclass
 class Result:
     target: str
@@ -84,34 +130,46 @@ class Result:
     memory_gb: float
     step_ms: float
     compiled: bool
+    baseline: str | None = None
 
 
-def _batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float, device, gen) -> dict:
-    tokens = torch.randint(5, vocab, (batch, seq_len), generator=gen).to(device)
+def _batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float, device, gen,
+           doc_len: float = 0.0) -> dict:
+    tokens = torch.randint(5, vocab, (batch, seq_len), generator=gen)
+    # No boundaries (and no extra draws) unless asked, so plain benchmarks keep their batches.
+    ends = torch.zeros(batch, seq_len, dtype=torch.bool)
+    if doc_len > 0:
+        ends = torch.rand(batch, seq_len, generator=gen) < 1.0 / doc_len
+        tokens[ends] = BENCH_BOUNDARY
+    tokens, ends = tokens.to(device), ends.to(device)
     if arch == "gpt":
         labels = torch.roll(tokens, -1, dims=1)
         labels[:, -1] = -100
+        labels[ends] = -100  # as the CLM objective: a boundary predicts nothing
     else:
-        chosen = torch.rand(batch, seq_len, generator=gen).to(device) < mask_rate
+        chosen = (torch.rand(batch, seq_len, generator=gen).to(device) < mask_rate) & ~ends
         labels = torch.where(chosen, tokens, torch.full_like(tokens, -100))
     return {"input_ids": tokens, "labels": labels}
 
 
 def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
-                 precision: str, compile: bool, mask_rate: float, peak: float) -> Result:
-    """Time ``steps`` training steps of one target after ``warmup`` steps."""
-    fam, _, preset = target.partition(":")
-    if fam not in FAMILIES:
-        raise ConfigError(f"unknown bench family '{fam}'{did_you_mean(fam, FAMILIES)}; known: {', '.join(FAMILIES)}")
-    cfg = ModelConfig.from_dict(get_preset(preset or "tiny"))
+                 precision: str, compile: bool, mask_rate: float, peak: float, doc_len: float = 0.0,
+                 baseline: str | None = None) -> Result:
+    """Time ``steps`` training steps of one target after ``warmup`` steps.
+
+    ``target`` is ``FAMILY:PRESET[,KEY=VALUE...]`` (see the module docstring); ``baseline``
+    names the target the table compares this one with.
+    """
+    parsed = parse_target(target, batch=batch, seq_len=seq_len)
+    cfg, batch, seq_len = parsed.cfg, parsed.batch, parsed.seq_len
     torch.manual_seed(0)
-    model, loss_fn, fpt = FAMILIES[fam](cfg, seq_len, mask_rate)
+    model, loss_fn, fpt = FAMILIES[parsed.family](cfg, seq_len, mask_rate)
     model.to(device).train()
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     module = torch.compile(model) if compile else model
     gen = torch.Generator().manual_seed(0)
-    batches = [_batch(cfg.arch, cfg.vocab_size, batch, seq_len, mask_rate, device, gen) for _ in range(4)]
+    batches = [_batch(cfg.arch, cfg.vocab_size, batch, seq_len, mask_rate, device, gen, doc_len) for _ in range(4)]
 
     def step(i: int) -> None:
         with autocast(device, precision):
@@ -141,21 +199,24 @@ def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: i
         mem = 0.0
     tps = batch * seq_len * steps / seconds
     return Result(target, round(params / 1e6, 2), batch, seq_len, round(tps, 1), round(fpt * tps / 1e12, 2),
-                  round(fpt * tps / peak, 4), round(mem, 2), round(seconds / steps * 1e3, 2), compile)
+                  round(fpt * tps / peak, 4), round(mem, 2), round(seconds / steps * 1e3, 2), compile, baseline)
 
 
 def table(results: list[Result], peak: float, device_name: str) -> str:
-    """A Markdown table; "× ref" is tokens/s relative to the nearest Hugging Face row above
-    (or the first row), so each cramkit model is compared with its counterpart in one run."""
+    """A Markdown table; "× ref" is tokens/s relative to the row named as the result's baseline,
+    else to the nearest Hugging Face row above (or the first row), so each cramkit model is
+    compared with its counterpart in one run."""
     lines = [f"device: {device_name}; measured matmul peak {peak / 1e12:.3g} TFLOP/s", "",
              "| target | params (M) | batch × seq | tokens/s | × ref | model TFLOP/s | MFU | step ms | peak mem GB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     ref = results[0].tokens_per_s if results else 1.0
+    by_target = {r.target: r.tokens_per_s for r in results}
     for r in results:
         if r.target.startswith("hf-"):
             ref = r.tokens_per_s
+        row_ref = by_target.get(r.baseline, ref) if r.baseline else ref
         lines.append(f"| {r.target}{' (compiled)' if r.compiled else ''} | {r.params_m} | {r.batch} × {r.seq_len} | "
-                     f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / ref:.2f} | {r.tflops} | {r.mfu:.1%} | "
+                     f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / row_ref:.2f} | {r.tflops} | {r.mfu:.1%} | "
                      f"{r.step_ms} | {r.memory_gb} |")
     return "\n".join(lines)
 
@@ -164,7 +225,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time training steps of cramkit and Hugging Face models side by side",
                        description=__doc__)
     p.add_argument("targets", nargs="*", default=["cramkit:tiny", "hf-bert:tiny"],
-                   help="FAMILY:PRESET targets (families: cramkit, hf-bert, hf-gpt2)")
+                   help="FAMILY:PRESET[,KEY=VALUE...] targets (families: cramkit, hf-bert, hf-gpt2; "
+                        "keys: batch, seq_len or a model field)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
@@ -173,19 +235,39 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every target")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--document-mask", action="store_true",
+                   help="also time each cramkit target with model.document_mask=true, right after it")
+    p.add_argument("--doc-len", type=float, default=0.0,
+                   help="mean document length in tokens of the random batches (boundary tokens "
+                        "at random positions); 0 = one document per sequence")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run_bench)
+
+
+def expand_targets(targets: list[str], document_mask: bool, *, batch: int, seq_len: int) -> list[tuple[str, str | None]]:
+    """``(target, baseline)`` pairs to time: every target (checked now, before any timing), and
+    with ``document_mask`` a document-masked twin after each cramkit target that lacks it."""
+    out: list[tuple[str, str | None]] = []
+    for spec in targets:
+        parsed = parse_target(spec, batch=batch, seq_len=seq_len)
+        out.append((spec, None))
+        if document_mask and parsed.family == "cramkit" and not parsed.cfg.document_mask:
+            out.append((f"{spec},document_mask=true", spec))
+    return out
 
 
 def run_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     peak = measure_peak_flops(device, precision)
+    if args.doc_len < 0:
+        raise ConfigError(f"--doc-len must be >= 0, got {args.doc_len}")
     results = []
-    for target in args.targets:
+    for target, baseline in expand_targets(args.targets, args.document_mask, batch=args.batch, seq_len=args.seq_len):
         results.append(bench_target(target, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
                                     warmup=args.warmup, device=device, precision=precision,
-                                    compile=args.compile, mask_rate=args.mask_rate, peak=peak))
+                                    compile=args.compile, mask_rate=args.mask_rate, peak=peak,
+                                    doc_len=args.doc_len, baseline=baseline))
         print(f"{target}: {results[-1].tokens_per_s:,.0f} tokens/s", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(table(results, peak, name))

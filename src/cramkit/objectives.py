@@ -45,6 +45,21 @@ def _special_set(special_ids: dict[str, int | None]) -> list[int]:
     return sorted({int(v) for v in special_ids.values() if v is not None})
 
 
+#: Objective name -> the special tokens that end a document in its packed data, first present
+#: wins (see cramkit.data.packing): MLM data separates documents with [SEP]; CLM data ends each
+#: with the end-of-document token, or [SEP] for a tokenizer that has none.
+BOUNDARY_TOKENS: dict[str, tuple[str, ...]] = {"mlm": ("sep",), "clm": ("eod", "sep")}
+
+
+def boundary_token_id(objective: str, special_ids: dict[str, int | None]) -> int | None:
+    """The id of the token that ends a document in ``objective``'s packed sequences, or None
+    when the tokenizer has none of the candidates."""
+    for name in BOUNDARY_TOKENS.get(objective, ()):
+        if special_ids.get(name) is not None:
+            return int(special_ids[name])
+    return None
+
+
 class MaskedLM:
     """BERT-style masking; see the module docstring. ``fixed=True`` is for validation: the
     masks depend only on ``(seed, index)`` with a salt distinct from training, so evaluating the
@@ -102,9 +117,7 @@ class CausalLM:
     """Next-token labels that never cross a document boundary; see the module docstring."""
 
     def __init__(self, special_ids: dict[str, int | None]):
-        eod = special_ids.get("eod")
-        if eod is None:
-            eod = special_ids.get("sep")
+        eod = boundary_token_id("clm", special_ids)
         if eod is None:
             raise DataError("the dataset's tokenizer has no end-of-document token; clm needs one")
         self.eod = int(eod)

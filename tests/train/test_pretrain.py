@@ -284,3 +284,35 @@ def test_extending_the_budget_keeps_periodic_evaluation(tiny_mlm_data, tmp_path)
     # 25 % of the new budget: evaluations at steps 12 (and the final one at 16), not only at the end.
     steps = [r["step"] for r in _metrics(run, "eval")]
     assert 12 in steps and steps[-1] == 16
+
+
+@pytest.mark.parametrize(("arch", "boundary"), [("bert", "sep"), ("gpt", "eod")])
+def test_document_mask_takes_its_boundary_token_from_the_data(arch, boundary, tiny_mlm_data, tiny_clm_data,
+                                                                tmp_path):
+    from cramkit.data.dataset import TokenDataset
+
+    data = tiny_mlm_data if arch == "bert" else tiny_clm_data
+    cfg = tiny_config(data, tmp_path, "model.document_mask=true", "train.budget=3steps", arch=arch)
+    assert cfg.model.document_boundary_id is None
+    summary = pretrain(cfg, say=lambda *_: None)
+    assert summary["steps"] == 3 and summary["final_val_loss"] < 100
+    expected = TokenDataset.open(data).special_ids[boundary]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert saved["document_mask"] is True and saved["document_boundary_id"] == expected
+    # The checkpoint loads back (for resume, fine-tuning, export) with the mask and its token.
+    _, model_cfg, _ = ckpt.load_pretrained(tmp_path / "run")
+    assert model_cfg.document_mask and model_cfg.document_boundary_id == expected
+
+
+def test_document_mask_needs_a_boundary_token_in_the_data(tiny_mlm_data, tmp_path):
+    from types import SimpleNamespace
+
+    from cramkit.train.run import _with_document_boundary
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "model.document_mask=true")
+    no_sep = SimpleNamespace(path=tmp_path, special_ids={"pad": 0, "cls": 1, "sep": None, "mask": 3})
+    with pytest.raises(ConfigError, match="no sep token to end documents"):
+        _with_document_boundary(cfg, no_sep, "mlm")
+    # An explicit id is the user's choice and is kept.
+    chosen = tiny_config(tiny_mlm_data, tmp_path, "model.document_mask=true", "model.document_boundary_id=5")
+    assert _with_document_boundary(chosen, no_sep, "mlm").model.document_boundary_id == 5

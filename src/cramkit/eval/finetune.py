@@ -160,7 +160,11 @@ class Backbone:
         """
         from ..models import build_model
 
-        cfg = self.model_config.replace(dropout=dropout, attention_dropout=attention_dropout)
+        # A fine-tuning input is one example, and the [SEP] between the two sentences of a pair
+        # task is no document boundary, so pretraining's document mask does not apply.
+        cfg = self.model_config.replace(
+            dropout=dropout, attention_dropout=attention_dropout, document_mask=False
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED + seed)
             model = build_model(cfg)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import ModelConfig
+from .docmask import build_document_mask
 from .layers import Block, Embeddings, LMHead, make_norm
 from .registry import INITS
 
@@ -46,6 +47,11 @@ class TransformerLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
+        if config.document_mask and config.document_boundary_id is None:
+            raise ConfigError(
+                "model.document_mask=true needs model.document_boundary_id, the token that ends "
+                "a document; `cramkit pretrain` fills it from the prepared data, elsewhere set it"
+            )
         self.config = config
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Block(config, self.causal) for _ in range(config.layers))
@@ -92,6 +98,19 @@ class TransformerLM(nn.Module):
         # A padded query row would otherwise have no key at all and give NaN; let it see itself.
         return (keys & causal) | torch.eye(seq_len, dtype=torch.bool, device=keys.device)
 
+    def document_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The mask that keeps attention inside each packed document of ``input_ids`` (and off
+        padding), for ``config.document_mask``; see :mod:`cramkit.models.docmask`."""
+        cfg = self.config
+        return build_document_mask(
+            input_ids,
+            cfg.document_boundary_id,
+            causal=self.causal,
+            kernel=cfg.document_mask_kernel,
+            attention_dropout=cfg.attention_dropout,
+            attention_mask=attention_mask,
+        )
+
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -108,7 +127,10 @@ class TransformerLM(nn.Module):
                 f"sequence length {seq_len} exceeds model.max_positions "
                 f"({self.config.max_positions})"
             )
-        mask = self.attention_mask(attention_mask, seq_len)
+        if self.config.document_mask:
+            mask = self.document_mask(input_ids, attention_mask)
+        else:
+            mask = self.attention_mask(attention_mask, seq_len)
         x = self.embeddings(input_ids, token_type_ids)
         for block in self.layers:
             x = block(x, mask)

@@ -2,8 +2,8 @@
 
 The defaults describe the crammed BERT of Geiping & Goldstein (2023); see ``presets.py`` for the
 other named shapes. Choices that are names (``arch``, ``norm``, ``ffn``, ``positions``,
-``activation``, ``init``) are looked up in registries, so a new variant is a registration, not a
-new branch.
+``activation``, ``init``, ``document_mask_kernel``) are looked up in registries, so a new variant
+is a registration, not a new branch.
 """
 
 from __future__ import annotations
@@ -79,6 +79,22 @@ class ModelConfig(Config):
         "'skipinit' (needs residual_scale=scalar)",
     )
     init_std: float = field(0.02, help="standard deviation of the normal initialisations")
+    document_mask: bool = field(
+        False,
+        help="attend only within each packed document (documents end at "
+        "document_boundary_id); positions still count from the start of the sequence",
+    )
+    document_boundary_id: int | None = field(
+        None,
+        help="token id that ends a document ([SEP] for bert data, end-of-document for gpt "
+        "data); pretraining fills it from the prepared data when document_mask is on",
+    )
+    document_mask_kernel: Literal["auto", "flex", "sdpa"] = field(
+        "auto",
+        help="document-mask attention: 'flex' (flex_attention, compiled on CUDA; no attention "
+        "dropout; training needs CUDA), 'sdpa' (dense boolean mask, any device), 'auto' (flex "
+        "on CUDA unless attention_dropout > 0, else sdpa)",
+    )
 
     @property
     def head_dim(self) -> int:
@@ -92,6 +108,7 @@ class ModelConfig(Config):
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending field for impossible shapes or unknown names."""
+        from .docmask import DOC_MASK_KERNELS
         from .layers import ACTIVATIONS, FFNS, NORMS, POSITIONS
 
         ARCHITECTURES.get(self.arch)
@@ -140,3 +157,15 @@ class ModelConfig(Config):
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.init_std <= 0:
             raise ConfigError(f"init_std must be positive, got {self.init_std}")
+        if self.document_mask_kernel != "auto":
+            DOC_MASK_KERNELS.get(self.document_mask_kernel)
+        if self.document_boundary_id is not None and not 0 <= self.document_boundary_id < self.vocab_size:
+            raise ConfigError(
+                f"document_boundary_id must be a token id in [0, vocab_size={self.vocab_size}), "
+                f"got {self.document_boundary_id}"
+            )
+        if self.document_mask_kernel == "flex" and self.attention_dropout > 0:
+            raise ConfigError(
+                "document_mask_kernel=flex has no attention dropout; set attention_dropout=0 or "
+                "use document_mask_kernel=sdpa"
+            )

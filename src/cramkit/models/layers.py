@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .docmask import flex_attention
 from .registry import Registry
 
 NORMS: Registry[Callable[..., nn.Module]] = Registry("norm")
@@ -161,8 +162,9 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused QKV projection and SDPA.
 
     ``attn_mask`` is ``None`` (no padding: lets SDPA pick its fastest kernel, with ``is_causal``
-    for causal models) or a boolean mask broadcastable to [B, heads, L, L], True = may attend,
-    that already includes causality when the model is causal.
+    for causal models), a boolean mask broadcastable to [B, heads, L, L], True = may attend,
+    that already includes causality when the model is causal, or a flex_attention ``BlockMask``
+    (document masking, see :mod:`cramkit.models.docmask`), which runs flex_attention instead.
     """
 
     def __init__(self, cfg, causal: bool) -> None:
@@ -185,14 +187,19 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=self.causal and attn_mask is None,
-        )
+        if attn_mask is None or isinstance(attn_mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                is_causal=self.causal and attn_mask is None,
+            )
+        else:
+            # A flex_attention BlockMask (model.document_mask with the flex kernel); it already
+            # holds causality, and the config refuses attention dropout for this kernel.
+            y = flex_attention(q, k, v, attn_mask)
         return self.out(y.transpose(1, 2).reshape(batch, seq_len, width))
 
 

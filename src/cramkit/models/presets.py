@@ -54,6 +54,9 @@ _CRAMMED: dict[str, Any] = {
     "residual_scale": "none",
     "init": "normal",
     "init_std": 0.02,
+    "document_mask": False,
+    "document_boundary_id": None,
+    "document_mask_kernel": "auto",
 }
 
 _BERT_BASE: dict[str, Any] = {

@@ -36,7 +36,7 @@ from ..distributed.memory import advise, offload_context
 from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
-from ..objectives import build_objective
+from ..objectives import BOUNDARY_TOKENS, boundary_token_id, build_objective
 from ..optim import build_optimizer
 from ..techniques import build_techniques
 from ..utils import write_json
@@ -81,6 +81,22 @@ def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
             f"model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size={dataset.vocab_size} "
             "or prepare data with a matching vocab_size"
         )
+
+
+def _with_document_boundary(cfg: RunConfig, dataset: TokenDataset, objective: str) -> RunConfig:
+    """Fill ``model.document_boundary_id`` from the data's special tokens when document masking
+    is on and the id is unset (the resolved config.json then records it for resume and
+    fine-tuning)."""
+    if not cfg.model.document_mask or cfg.model.document_boundary_id is not None:
+        return cfg
+    boundary = boundary_token_id(objective, dataset.special_ids)
+    if boundary is None:
+        wanted = " or ".join(BOUNDARY_TOKENS.get(objective, ()))
+        raise ConfigError(
+            f"model.document_mask=true, but the tokenizer of {dataset.path} has no {wanted} "
+            "token to end documents; set model.document_boundary_id or model.document_mask=false"
+        )
+    return cfg.replace(model=cfg.model.replace(document_boundary_id=boundary))
 
 
 def _objective_options(cfg: RunConfig, name: str, fixed: bool = False) -> dict[str, Any]:
@@ -219,6 +235,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     dataset = TokenDataset.open(data_dir)
     _check_vocab(cfg, dataset, data_dir)
     objective_name = _objective_name(cfg, dataset)
+    cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir)
     resume_from = ckpt.latest_checkpoint(run_dir, warn=say) if resume else None
     saved = ckpt.load_state(resume_from) if resume_from else None

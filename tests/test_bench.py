@@ -1,0 +1,57 @@
+"""`cramkit bench` on CPU: targets with overrides, and the document-mask twins."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cramkit.bench import BENCH_BOUNDARY, _batch, expand_targets, parse_target
+from cramkit.cli import main
+from cramkit.errors import ConfigError
+
+
+def test_bench_times_document_mask_twins_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "cramkit:tiny,seq_len=16,batch=2", "cramkit:tiny-gpt,seq_len=16,batch=2",
+            "--document-mask", "--doc-len", "4", "--steps", "1", "--warmup", "1", "--device", "cpu",
+            "--json", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["target"] for r in results] == [
+        "cramkit:tiny,seq_len=16,batch=2", "cramkit:tiny,seq_len=16,batch=2,document_mask=true",
+        "cramkit:tiny-gpt,seq_len=16,batch=2", "cramkit:tiny-gpt,seq_len=16,batch=2,document_mask=true",
+    ]
+    assert [r["baseline"] for r in results] == [None, results[0]["target"], None, results[2]["target"]]
+    assert all(r["tokens_per_s"] > 0 and r["batch"] == 2 and r["seq_len"] == 16 for r in results)
+    assert "document_mask=true" in capsys.readouterr().out
+
+
+def test_bench_targets_parse_shape_and_model_keys():
+    t = parse_target("cramkit:tiny-gpt,seq_len=32,document_mask=true", batch=4, seq_len=128)
+    assert (t.family, t.batch, t.seq_len) == ("cramkit", 4, 32)
+    assert t.cfg.document_mask and t.cfg.document_boundary_id == BENCH_BOUNDARY
+    # hf targets get no twin; a target that already masks gets none either.
+    pairs = expand_targets(["hf-bert:tiny", "cramkit:tiny,document_mask=true"], True, batch=2, seq_len=8)
+    assert [p[0] for p in pairs] == ["hf-bert:tiny", "cramkit:tiny,document_mask=true"]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("cramkit:tiny,seqlen=3", "did you mean 'seq_len'"),
+    ("cramkit:tiny,batch=0", "batch must be a positive integer"),
+    ("cramkit:tiny,document_mask_kernel=flexx", "document_mask_kernel"),
+])
+def test_bad_bench_targets_are_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_target(spec, batch=2, seq_len=8)
+
+
+def test_bench_batches_only_change_when_documents_are_asked_for():
+    def make(doc_len):
+        return _batch("gpt", 100, 2, 64, 0.15, torch.device("cpu"), torch.Generator().manual_seed(0), doc_len)
+
+    plain, docs = make(0.0), make(8.0)
+    assert not (plain["input_ids"] == BENCH_BOUNDARY).any()
+    ends = docs["input_ids"] == BENCH_BOUNDARY
+    assert ends.any() and (docs["labels"][ends] == -100).all()
