@@ -4,15 +4,17 @@
 # re-prepares the data in ~15 s when /tmp was lost).
 #
 #   bash benchmarks/gpu_all.sh 1   # issue 7: 8 optimizers x 3 learning rates on crammed-bert
-#   bash benchmarks/gpu_all.sh 2   # issue 6: techniques vs baseline; issue 8: cost of each switch
-#   bash benchmarks/gpu_all.sh 3   # issue 8: largest model per switch; issue 5: random-init GLUE
+#   bash benchmarks/gpu_all.sh 2   # issue 6: techniques vs baseline (5 runs x 60 s)
+#   bash benchmarks/gpu_all.sh 3   # issue 8: switch costs, largest model per switch; issue 5: GLUE control
+#   bash benchmarks/gpu_all.sh 4   # issue 9: step profile (syncs, time by kernel class), document-mask cost
+#   bash benchmarks/gpu_all.sh 5   # issue 9: time to quality, bert-original vs crammed-bert, 150 s each
 #
 # Expects the enwiki shards in .gpu/enwiki-2015 and GLUE in .gpu/glue (copies of
 # ../shared/data/pretrain/enwiki-2015 and ../shared/data/glue), and optionally wheels in .whl/
 # (pytorch-optimizer, torchao) for packages the machine lacks. Logs and JSON go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_all.sh 1|2|3}
+part=${1:?usage: gpu_all.sh 1|2|3|4|5}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-gpu-results}
 export OUT
@@ -40,8 +42,7 @@ case $part in
         2>&1 | tee "$OUT/optimizers.log"
     ;;
 2)
-    timeout "$(left 2 405)" python benchmarks/techniques_gpu.py --data "$DATA" --budget 60s 2>&1 | tee "$OUT/techniques.log"
-    python benchmarks/gpu_scale.py --parts costs --deadline "$(left 2 570)" 2>&1 | tee "$OUT/gpu_scale_costs.log"
+    timeout "$(left 2 575)" python benchmarks/techniques_gpu.py --data "$DATA" --budget 60s 2>&1 | tee "$OUT/techniques.log"
     ;;
 3)
     # Issue 8 in one call (LIMIT seconds, default 585): switch costs alone on the GPU first; then
@@ -62,6 +63,16 @@ case $part in
         2>&1 | tee -a "$OUT/gpu_scale_largest.log"
     wait $glue
     cat "$OUT/glue_random.log"
+    ;;
+4)
+    timeout 330 python benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.log"
+    timeout "$(left 4 575)" python -m cramkit bench cramkit:crammed-bert,seq_len=128,batch=256 \
+        cramkit:gpt2-small,seq_len=1024,batch=32 --document-mask --doc-len 256 --compile --steps 25 --warmup 8 \
+        --json "$OUT/docmask.json" 2>&1 | tee "$OUT/docmask.log"
+    ;;
+5)
+    timeout "$(left 5 580)" python benchmarks/gpu_core.py --enwiki .gpu/enwiki-2015 --stages original,crammed \
+        --seconds 150 2>&1 | tee "$OUT/time_to_quality.log"
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac
