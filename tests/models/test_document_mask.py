@@ -208,3 +208,17 @@ def test_finetuning_drops_the_document_mask():
     cfg = small_config(document_mask=True, document_boundary_id=SEP)
     model = Backbone(cfg, None, None, None).build(dropout=0.1, attention_dropout=0.1)
     assert model.config.document_mask is False
+
+
+def test_a_flex_pretrained_model_fine_tunes_with_attention_dropout():
+    """Fine-tuning turns the document mask off and adds attention dropout; the flex-only
+    restriction must not follow a kernel choice that no longer applies."""
+    from cramkit.eval.finetune import Backbone
+
+    cfg = small_config(document_mask=True, document_boundary_id=3, document_mask_kernel="flex")
+    model = build_model(cfg)
+    tuned = Backbone(cfg, model.state_dict(), None, None, None).build(dropout=0.1, attention_dropout=0.1)
+    assert not tuned.config.document_mask
+    with pytest.raises(ConfigError, match="flex has no attention dropout"):
+        build_model(small_config(document_mask=True, document_boundary_id=3, document_mask_kernel="flex",
+                                 attention_dropout=0.1))

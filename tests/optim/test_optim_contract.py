@@ -108,3 +108,9 @@ def test_state_dict_round_trip_through_a_weights_only_file(name, tmp_path):
     steps(twin, twin_opt, tokens[3:])
     for (key, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
+def test_fused_is_refused_where_it_would_be_ignored(tiny_mlm_data, tmp_path):
+    with pytest.raises(ConfigError, match="optim.fused=on applies to AdamW only"):
+        tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=lion", "optim.fused=on")
+    tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=sam", "optim.base=adamw", "optim.fused=off")

@@ -163,3 +163,16 @@ def test_a_run_of_nonfinite_steps_that_ended_before_the_read_still_stops(tiny_ml
                       "train.log_every=5")
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row \\(by step 5\\)"):
         pretrain(cfg, say=lambda *_: None)
+
+
+def test_device_skip_needs_the_parameters_on_the_flags_device():
+    """With FSDP2's CPU offload the fused step runs on the CPU while the loss (and so the skip
+    flag) is on the GPU; a non-blocking copy of the flag would race the kernel that reads it."""
+    from cramkit.train.nonfinite import skips_on_device
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param], fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert skips_on_device(optimizer, scaler, torch.device("cpu"))
+    assert not skips_on_device(optimizer, scaler, torch.device("cuda"))
+    assert not skips_on_device(torch.optim.AdamW([param], foreach=True), scaler, torch.device("cpu"))

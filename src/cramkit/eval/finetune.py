@@ -163,7 +163,8 @@ class Backbone:
         # A fine-tuning input is one example, and the [SEP] between the two sentences of a pair
         # task is no document boundary, so pretraining's document mask does not apply.
         cfg = self.model_config.replace(
-            dropout=dropout, attention_dropout=attention_dropout, document_mask=False
+            dropout=dropout, attention_dropout=attention_dropout, document_mask=False,
+            document_mask_kernel="auto",
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED + seed)

@@ -164,7 +164,7 @@ class ModelConfig(Config):
                 f"document_boundary_id must be a token id in [0, vocab_size={self.vocab_size}), "
                 f"got {self.document_boundary_id}"
             )
-        if self.document_mask_kernel == "flex" and self.attention_dropout > 0:
+        if self.document_mask and self.document_mask_kernel == "flex" and self.attention_dropout > 0:
             raise ConfigError(
                 "document_mask_kernel=flex has no attention dropout; set attention_dropout=0 or "
                 "use document_mask_kernel=sdpa"

@@ -20,14 +20,19 @@ import torch
 from ..errors import TrainingError
 
 
-def skips_on_device(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
-    """Whether ``optimizer`` can drop a step from a device flag (:func:`step_unless`).
+def skips_on_device(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    device: torch.device) -> bool:
+    """Whether ``optimizer`` can drop a step from a flag on ``device`` (:func:`step_unless`).
 
     ``_step_supports_amp_scaling`` is how torch marks the fused optimizers for GradScaler. fp16
     loss scaling keeps its own found-inf logic, and an optimizer that recomputes gradients in its
-    step (SAM) decides on the host.
+    step (SAM) decides on the host. Every parameter must live on the flag's device: with FSDP2's
+    CPU offload the fused kernel runs on the CPU and would read the flag through a non-blocking
+    device-to-host copy that nothing waits for, so such runs decide on the host.
     """
-    return (bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    same_device = all(p.device.type == device.type for group in optimizer.param_groups
+                      for p in group["params"])
+    return (bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and same_device
             and not getattr(optimizer, "needs_closure", False) and not scaler.is_enabled())
 
 

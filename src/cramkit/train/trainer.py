@@ -126,7 +126,7 @@ class Trainer:
         loss_sum = self._forward_backward(batches, total_targets)
         self.scaler.unscale_(optimizer)
         self._clip()
-        if skips_on_device(optimizer, self.scaler):
+        if skips_on_device(optimizer, self.scaler, self.device):
             loss = par.reduce_sum(loss_sum)  # the same sum, hence the same decision, on every rank
             finite = torch.isfinite(loss)
             self.nonfinite.record(finite, state)
