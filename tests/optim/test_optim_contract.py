@@ -26,6 +26,10 @@ SETTINGS = {
     "sam": ["optim.base=adamw", "optim.sam_rho=0.02", "optim.sam_every=2"],
 }
 
+# adamw8bit needs torchao (an optional extra) and compiles its update, so it has its own
+# compile-marked test below instead of joining the fast contract.
+CONTRACT = sorted(name for name in OPTIMIZERS if name != "adamw8bit")
+
 # One misconfiguration per optimizer that only it can make, with the message that must explain it.
 MISCONFIGURED = {
     "sam": (["optim.name=sam", "optim.base=sam"], "SAM cannot wrap itself"),
@@ -34,7 +38,7 @@ MISCONFIGURED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", CONTRACT)
 def test_optimizer_trains_and_resumes_exactly(name, tiny_mlm_data, tmp_path):
     summary, full, resumed = train_and_resume(
         tiny_mlm_data, tmp_path, f"optim.name={name}", *SETTINGS.get(name, [])
@@ -47,7 +51,7 @@ def test_optimizer_trains_and_resumes_exactly(name, tiny_mlm_data, tmp_path):
         torch.testing.assert_close(full[key], resumed[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", CONTRACT)
 def test_optimizer_misconfiguration_is_a_clear_error(name, tiny_mlm_data, tmp_path):
     with pytest.raises(ConfigError, match="optim.lr and optim.muon_lr must be positive"):
         tiny_run_config(tiny_mlm_data, tmp_path, f"optim.name={name}", "optim.lr=0")
@@ -72,7 +76,7 @@ def test_muon_refuses_a_vector_in_its_group():
         OPTIMIZERS["muon"](groups, OptimConfig(name="muon"), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", CONTRACT)
 def test_state_dict_round_trip_through_a_weights_only_file(name, tmp_path):
     """Saving after 3 steps and loading into a fresh model and optimizer continues exactly as
     the original does (the checkpoint reads state with ``weights_only=True``)."""
@@ -114,3 +118,18 @@ def test_fused_is_refused_where_it_would_be_ignored(tiny_mlm_data, tmp_path):
     with pytest.raises(ConfigError, match="optim.fused=on applies to AdamW only"):
         tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=lion", "optim.fused=on")
     tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=sam", "optim.base=adamw", "optim.fused=off")
+
+
+@pytest.mark.compile  # torchao compiles the 8-bit update on first use
+def test_adamw8bit_keeps_quantised_moments_and_resumes(tiny_mlm_data, tmp_path):
+    pytest.importorskip("torchao", reason="optim.name=adamw8bit needs torchao (the fp8 extra)")
+    summary, full, resumed = train_and_resume(tiny_mlm_data, tmp_path, "optim.name=adamw8bit", "optim.lr=3e-3")
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.01, summary
+    for key in full:
+        torch.testing.assert_close(full[key], resumed[key], rtol=0, atol=0, msg=key)
+    model = build_model({**get_preset("tiny"), "vocab_size": 512})
+    optimizer = build_optimizer(model, OptimConfig(name="adamw8bit"), torch.device("cpu"))
+    model(torch.randint(5, 512, (2, 16)), labels=torch.randint(5, 512, (2, 16))).loss.backward()
+    optimizer.step()
+    big = max((p for p in model.parameters()), key=lambda p: p.numel())
+    assert type(optimizer.state[big]["exp_avg"]).__name__ == "OptimState8bit"

@@ -43,7 +43,7 @@ def offload_context(cfg: MemoryConfig, device: torch.device):
 
 def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, precision: str,
                     world_size: int = 1, sharded: bool = False, cfg: MemoryConfig | None = None,
-                    optimizer_states: int = 2) -> dict[str, float]:
+                    optimizer_states: float = 2) -> dict[str, float]:
     """Bytes (as GB) a training step will need on each device, by category.
 
     Parameters and gradients in fp32, ``optimizer_states`` fp32 tensors per parameter (Adam: 2),

@@ -26,6 +26,10 @@ from ..errors import ConfigError
 
 OptimizerFactory = Callable[[list[dict], "OptimConfig", torch.device], torch.optim.Optimizer]  # noqa: F821
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
+
+#: Optimizer state per parameter in fp32-tensor equivalents, for the memory estimate before
+#: training (Adam-like rules keep two moments, the default; 8-bit moments are a quarter each).
+OPTIMIZER_STATES: dict[str, float] = {"sgd": 1, "lion": 1, "lars": 1, "adamw8bit": 0.5}
 LR_SCALING = ("none", "linear", "sqrt")
 
 log = logging.getLogger("cramkit.optim")

@@ -37,7 +37,7 @@ from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
 from ..objectives import BOUNDARY_TOKENS, boundary_token_id, build_objective
-from ..optim import build_optimizer
+from ..optim import OPTIMIZER_STATES, build_optimizer
 from ..techniques import build_techniques
 from ..utils import write_json
 from . import checkpoint as ckpt
@@ -292,7 +292,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
             f"{par.world_size} rank(s); choose a batch size that is, or set train.micro_batch")
     estimate = estimate_memory(model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
-                               world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory)
+                               world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
+                               optimizer_states=OPTIMIZER_STATES.get(cfg.optim.name, 2))
     if device.type == "cuda":
         advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9)
         if advice:
