@@ -26,7 +26,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 start=$(date +%s)
-left() { echo $((${2:-585} - ($(date +%s) - start))); }
+left() { echo $(($1 - ($(date +%s) - start))); }  # seconds until LIMIT ($1) since the part began
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader
 git log -1 --format='commit %h %s' 2>/dev/null || true
 # The same preparation as benchmarks/gpu_core.py (cramming's WordPiece 32768, sequence 128); a
@@ -37,12 +37,12 @@ python -m cramkit prepare .gpu/enwiki-2015/train-*.txt.xz --out "$DATA" vocab_si
 case $part in
 1)
     # ONLY (optional): a subset, e.g. "muon,sam,lars@3" to complete a sweep a call cut short.
-    timeout "$(left 1 575)" python benchmarks/optimizers.py --gpu --data "$DATA" --out $WORK/optim \
+    timeout "$(left 575)" python benchmarks/optimizers.py --gpu --data "$DATA" --out $WORK/optim \
         --records "$OUT/optim_records.jsonl" --plot "$OUT/optim_loss_gpu.png" ${ONLY:+--only "$ONLY"} \
         2>&1 | tee "$OUT/optimizers.log"
     ;;
 2)
-    timeout "$(left 2 575)" python benchmarks/techniques_gpu.py --data "$DATA" --budget 60s 2>&1 | tee "$OUT/techniques.log"
+    timeout "$(left 575)" python benchmarks/techniques_gpu.py --data "$DATA" --budget 60s 2>&1 | tee "$OUT/techniques.log"
     ;;
 3)
     # Issue 8 in one call (LIMIT seconds, default 585): switch costs alone on the GPU first; then
@@ -54,24 +54,24 @@ case $part in
     # A 2-step crammed-bert run on this data provides the control's shape and tokenizer.
     python -m cramkit pretrain crammed-bert "data.dir=$DATA" out_dir=$WORK/runs name=shape train.budget=2steps \
         train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false > "$OUT/shape.log" 2>&1
-    timeout "$(left 3 $((lim - 5)))" python benchmarks/glue_eval.py $WORK/runs/shape --data .gpu/glue \
+    timeout "$(left $((lim - 5)))" python benchmarks/glue_eval.py $WORK/runs/shape --data .gpu/glue \
         --tasks cola,mrpc,stsb,rte --seeds 1 --inits random progress=false > "$OUT/glue_random.log" 2>&1 &
     glue=$!
     python benchmarks/gpu_scale.py --parts largest --largest "nothing,activation checkpointing" \
-        --deadline $(( $(left 3 $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log"
-    python benchmarks/gpu_scale.py --parts largest --largest "optimizer offload,both" --deadline "$(left 3 $((lim - 10)))" \
+        --deadline $(( $(left $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log"
+    python benchmarks/gpu_scale.py --parts largest --largest "optimizer offload,both" --deadline "$(left $((lim - 10)))" \
         2>&1 | tee -a "$OUT/gpu_scale_largest.log"
     wait $glue
     cat "$OUT/glue_random.log"
     ;;
 4)
     timeout 330 python benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.log"
-    timeout "$(left 4 575)" python -m cramkit bench cramkit:crammed-bert,seq_len=128,batch=256 \
+    timeout "$(left 575)" python -m cramkit bench cramkit:crammed-bert,seq_len=128,batch=256 \
         cramkit:gpt2-small,seq_len=1024,batch=32 --document-mask --doc-len 256 --compile --steps 25 --warmup 8 \
         --json "$OUT/docmask.json" 2>&1 | tee "$OUT/docmask.log"
     ;;
 5)
-    timeout "$(left 5 580)" python benchmarks/gpu_core.py --enwiki .gpu/enwiki-2015 --stages original,crammed \
+    timeout "$(left 580)" python benchmarks/gpu_core.py --enwiki .gpu/enwiki-2015 --stages original,crammed \
         --seconds 150 2>&1 | tee "$OUT/time_to_quality.log"
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 # The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
-from cramkit.report import reach
+from cramkit.report import reach, read_metrics
 
 
 def stage(name):
@@ -132,8 +132,7 @@ def pretrain_run(name: str, data_dir: Path, runs: Path, seconds: int, results: d
             "train.progress_bar=false", "train.log_every=20", *(SMOKE_OVERRIDES if SMOKE else []),
         ])
         summary = pretrain(cfg)
-        evals = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
-        results[f"pretrain_{name}"] = {"summary": summary, "evals": [e for e in evals if e["type"] == "eval"]}
+        results[f"pretrain_{name}"] = {"summary": summary, "evals": read_metrics(runs / name / "metrics.jsonl")[1]}
         return runs / name
 
     return run()

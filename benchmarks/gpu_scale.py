@@ -145,14 +145,19 @@ def run_probe(hidden, layers, switches, micro, steps, timeout=240) -> dict:
     return {"error": last[0].strip()[-300:]}
 
 
+def _largest_probe(depth: int, switches: list[str], timeout: float) -> dict:
+    """Two training steps of the largest-model shape at ``depth`` (tiny under --smoke)."""
+    r = run_probe(64 if SMOKE else HIDDEN, depth, switches, 4 if SMOKE else LARGEST_MICRO, 2, timeout=timeout)
+    print("  ", switches, depth, r, flush=True)
+    return r
+
+
 def largest_gpu_only(switches: list[str], remaining) -> dict | None:
     """Binary search over ``DEPTHS`` for the deepest model that trains two steps."""
     lo, hi, best = -1, len(DEPTHS), None  # DEPTHS[lo] trained, DEPTHS[hi] did not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        r = run_probe(HIDDEN if not SMOKE else 64, DEPTHS[mid], switches, LARGEST_MICRO if not SMOKE else 4, 2,
-                      timeout=min(240, remaining()))
-        print("  ", switches, DEPTHS[mid], r, flush=True)
+        r = _largest_probe(DEPTHS[mid], switches, min(240, remaining()))
         if "error" in r:
             if r["error"].startswith("skipped"):
                 break
@@ -168,9 +173,7 @@ def largest_offload(switches: list[str], remaining, depths: list[int]) -> dict |
     """The deepest of ``depths`` that trains, trying them in order until one fails."""
     best = None
     for depth in depths if not SMOKE else [2]:
-        r = run_probe(HIDDEN if not SMOKE else 64, depth, switches, LARGEST_MICRO if not SMOKE else 4, 2,
-                      timeout=min(300, remaining()))
-        print("  ", switches, depth, r, flush=True)
+        r = _largest_probe(depth, switches, min(300, remaining()))
         if "error" in r:
             if best is not None:
                 best["next_failed"] = depth

@@ -85,6 +85,8 @@ def _overrides(args, data: Path) -> list[str]:
 def run_grid(args) -> list[dict]:
     """Train every (optimizer, LR) of the grid; return one record per run."""
     from cramkit.config import load_config
+    from cramkit.errors import RunError
+    from cramkit.report import read_metrics
     from cramkit.train.run import pretrain
 
     data = Path(args.data) if args.data else _cpu_data(Path(args.out) / "data")
@@ -115,10 +117,10 @@ def run_grid(args) -> list[dict]:
         metrics = Path(args.out) / run / "metrics.jsonl"
         curve = []
         if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("type") == "train":
-                    curve.append((record["elapsed"], record["loss"]))
+            try:
+                curve = [(r["elapsed"], r["loss"]) for r in read_metrics(metrics)[0]]
+            except RunError:  # a run that failed before its first record: no curve
+                pass
         records.append({
             "optimizer": name, "lr_key": spec["key"], "lr": value, "error": error,
             "val_loss": summary.get("final_val_loss"), "steps": summary.get("steps"),

@@ -34,7 +34,7 @@ import traceback
 from pathlib import Path
 
 # The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
-from cramkit.report import reach
+from cramkit.report import reach, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RAW = "/work/shared/data/pretrain/enwiki-2015"
@@ -115,8 +115,7 @@ def run_one(name: str, overrides: list[str]) -> dict:
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     run_dir = Path(summary["run_dir"])
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only the metrics are needed
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    summary["evals"] = [r for r in map(json.loads, lines) if r.get("type") == "eval"]
+    summary["evals"] = read_metrics(run_dir / "metrics.jsonl")[1]
     return summary
 
 
