@@ -352,6 +352,7 @@ def export(
                 "format": "hf" if target else NATIVE_FORMAT,
                 "hf_class": target.hf_class if target else None,
                 "model": cfg.to_dict(),
+                "pretrained_with_document_mask": info["document_mask"],
             },
         )
         if out.exists():
@@ -378,6 +379,9 @@ def export(
         )
     else:
         log(f"exported {run_dir} to {out} in cramkit's format (cramkit.export.load_exported)")
+    if info["document_mask"]:
+        log("NOTE: pretraining masked attention between packed documents; the export attends "
+            "over the whole input (one example per input, as in fine-tuning)")
     return {
         "out": str(out),
         "format": "hf" if target else NATIVE_FORMAT,

@@ -128,3 +128,33 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
         hf_run, _ = _run(tmp_path, "bert-base", small_tokenizer)
         export(hf_run, tmp_path / "hf", log=lambda s: None)
         load_exported(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "bert-base"])
+def test_export_of_a_document_masked_run_attends_over_the_whole_input(tmp_path, small_tokenizer, preset):
+    """Pretraining's document mask is about how sequences were packed: in an exported model a
+    pair input's middle [SEP] is no boundary, so the export matches the unmasked model (as
+    fine-tuning does), in both formats, and says so."""
+    sep = small_tokenizer.token_to_id("[SEP]")
+    run, model = _run(tmp_path, preset, small_tokenizer, document_mask=True, document_boundary_id=sep)
+    said = []
+    info = export(run, tmp_path / "out", log=said.append)
+    assert any("masked attention between packed documents" in line for line in said)
+    record = json.loads((tmp_path / "out" / "cramkit_export.json").read_text())
+    assert record["pretrained_with_document_mask"] is True and record["model"]["document_mask"] is False
+    x, mask = _inputs()
+    x[:, 8] = sep  # a pair input: [SEP] in the middle
+    unmasked = type(model)(model.config.for_single_inputs()).eval()
+    unmasked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = unmasked(x, attention_mask=mask).logits
+        assert not torch.allclose(model(x, attention_mask=mask).logits, want, atol=1e-3)  # the mask mattered
+        if info["loadable_by_hf"]:
+            hf = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "out")).eval()
+            got = hf(input_ids=x, attention_mask=mask).logits
+        else:
+            loaded, _ = load_exported(tmp_path / "out")
+            assert loaded.config.document_mask is False
+            got = loaded(x, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)

@@ -160,11 +160,8 @@ class Backbone:
         """
         from ..models import build_model
 
-        # A fine-tuning input is one example, and the [SEP] between the two sentences of a pair
-        # task is no document boundary, so pretraining's document mask does not apply.
-        cfg = self.model_config.replace(
-            dropout=dropout, attention_dropout=attention_dropout, document_mask=False,
-            document_mask_kernel="auto",
+        cfg = self.model_config.for_single_inputs().replace(
+            dropout=dropout, attention_dropout=attention_dropout
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED + seed)
@@ -187,7 +184,11 @@ def check_vocab(tokenizer, model_config, where: str = "") -> None:
 def open_run(run_dir: str | Path):
     """The newest intact model of a pretraining run, its config and its tokenizer, checked
     against each other: ``(model, model_config, tokenizer, info)`` (``info`` as from
-    :func:`~cramkit.train.checkpoint.load_pretrained`)."""
+    :func:`~cramkit.train.checkpoint.load_pretrained`, plus ``document_mask``: whether
+    pretraining masked attention across packed documents).
+
+    The model and config are set up for single inputs (fine-tuning, export): see
+    :meth:`~cramkit.models.ModelConfig.for_single_inputs`."""
     from tokenizers import Tokenizer
 
     from ..train.checkpoint import load_pretrained
@@ -199,6 +200,8 @@ def open_run(run_dir: str | Path):
     if not tok_path.is_file():
         raise CheckpointError(f"{run_dir}: no tokenizer.json (not a finished cramkit run)")
     model, model_config, info = load_pretrained(run_dir)
+    info["document_mask"] = model_config.document_mask
+    model_config = model.config = model_config.for_single_inputs()
     try:
         tokenizer = Tokenizer.from_file(str(tok_path))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files

@@ -101,6 +101,17 @@ class ModelConfig(Config):
         """Width of one attention head."""
         return self.hidden // self.heads
 
+    def for_single_inputs(self) -> ModelConfig:
+        """This architecture for inputs that hold one example each (fine-tuning, export).
+
+        The document mask describes how pretraining packed its sequences, not the model: in a
+        downstream input the ``[SEP]`` between a pair's two sentences is no document boundary,
+        so the mask is turned off (and its kernel choice with it). The weights are unaffected.
+        """
+        if not self.document_mask and self.document_mask_kernel == "auto":
+            return self
+        return self.replace(document_mask=False, document_mask_kernel="auto")
+
     @property
     def causal(self) -> bool:
         """Whether attention is causal (taken from the architecture class)."""
