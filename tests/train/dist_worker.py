@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import interrupted_copy, tiny_config  # noqa: E402
+from helpers import interrupted_copy, signal_at, tiny_config  # noqa: E402
 
+from cramkit.distributed.parallel import leave_process_group  # noqa: E402
 from cramkit.train import checkpoint as ckpt  # noqa: E402
 from cramkit.train.run import pretrain, resume_config  # noqa: E402
 
@@ -51,6 +54,13 @@ def main() -> None:
     bert = tiny_config(mlm_data, out, "train.budget=2steps", "train.micro_batch=0", "parallel.strategy=fsdp",
                        name="fsdp-bert", arch="bert")
     results["fsdp_bert_steps"] = pretrain(bert, **quiet)["steps"]
+    # A stop signal that reaches one rank only (rank 1, after step 3): every rank stops at the
+    # same step, with no rank left waiting in a collective.
+    cfg = tiny_config(data, out, "train.budget=10steps", "train.micro_batch=0", name="signalled", arch="gpt")
+    with signal_at(3, signal.SIGTERM, rank=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        signalled = pretrain(cfg, **quiet)
+    results["signalled"] = [signalled["stop_reason"], signalled["steps"]]
     # A wall-clock budget: ranks' clocks differ, yet all must stop at the same step.
     cfg = tiny_config(data, out, "train.budget=1.5s", "train.micro_batch=0", name="timed", arch="gpt")
     summary = pretrain(cfg, **quiet)
@@ -58,12 +68,13 @@ def main() -> None:
     dist.all_gather_object(steps, summary["steps"])
     if rank == 0:
         results["timed_steps"] = steps
+        results["signalled_checkpoint"] = ckpt.latest_checkpoint(out / "signalled").name
         results["resumed_losses"] = losses(out / "cut")
         results["fsdp_resumed_losses"] = losses(out / "fsdp-cut")
         for name in ("cut", "ddp", "fsdp", "fsdp-cut"):
             results[f"{name}_weights"] = str(ckpt.latest_checkpoint(out / name) / "model.safetensors")
         (out / "results.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    leave_process_group(clean=True)  # what `cramkit pretrain` does on exit
 
 
 if __name__ == "__main__":

@@ -34,3 +34,26 @@ def interrupted_copy(run: Path, copy: Path, step: int) -> Path:
             shutil.rmtree(path)
     (copy / "metrics.jsonl").write_text("")
     return copy
+
+
+def signal_at(step: int, sig: int, rank: int | None = None):
+    """A context in which this process sends itself ``sig`` right after logging step ``step``
+    (on ``rank`` only, under torchrun), as a user's ^C or a scheduler's SIGTERM would arrive
+    mid-run. Needs ``train.log_every=1``."""
+    import os
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from cramkit.train.trainer import Trainer
+
+    original = Trainer._log_train
+
+    def log_then_signal(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        here = rank is None or (dist.is_initialized() and dist.get_rank() == rank)
+        if self.state.step == step and here:
+            os.kill(os.getpid(), sig)
+        return out
+
+    return mock.patch.object(Trainer, "_log_train", log_then_signal)

@@ -55,5 +55,7 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     torch.testing.assert_close(torch.tensor(res["fsdp_resumed_losses"]), torch.tensor(res["fsdp"]["losses"][3:]),
                                rtol=1e-6, atol=1e-6)
     assert res["fsdp_bert_steps"] == 2
+    # A signal to one rank stops both (the summary is rank 0's), a step later, with a checkpoint.
+    assert res["signalled"] == ["signal", 4] and res["signalled_checkpoint"] == "step-00000004"
     # A wall-clock budget stops both ranks at the same step.
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from cramkit.models import build_model
 from cramkit.train import checkpoint as ckpt
 from cramkit.train.run import pretrain, resume_config
 
-from .helpers import interrupted_copy, tiny_config
+from .helpers import interrupted_copy, signal_at, tiny_config
 
 
 def _weights(run_dir):
@@ -53,6 +54,24 @@ def test_resume_equals_uninterrupted_run(tiny_mlm_data, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert [r["loss"] for r in _metrics(cut)] == [r["loss"] for r in _metrics(full)][6:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_resumes(tiny_mlm_data, tmp_path, sig):
+    """^C (or a scheduler's SIGTERM) mid-run: the run stops within a step of the signal, with a
+    checkpoint of the step it stopped at, and resuming it reproduces the uninterrupted run."""
+    common = ("train.budget=10steps", "train.checkpoint_every=0")
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, *common, name="full"), say=lambda *_: None)
+    before = signal.getsignal(sig)
+    with signal_at(3, sig), pytest.warns(UserWarning, match="finishing the step and writing a checkpoint"):
+        summary = pretrain(tiny_config(tiny_mlm_data, tmp_path, *common, name="cut"), say=lambda *_: None)
+    assert summary["stop_reason"] == "signal" and summary["steps"] == 4
+    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
+    assert signal.getsignal(sig) is before  # the trainer's handler is gone after the run
+    pretrain(resume_config(tmp_path / "cut", []), run_dir=tmp_path / "cut", resume=True, say=lambda *_: None)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def test_resume_with_larger_budget_continues_finished_run(tiny_mlm_data, tmp_path):

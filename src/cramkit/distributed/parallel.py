@@ -19,15 +19,22 @@ class Parallel:
     """This process's place among data-parallel ranks, and the few collectives training needs.
 
     With one process every method is a cheap identity, so the trainer has a single code path.
+
+    Host numbers (target counts, clocks, stop flags, objects) are agreed over ``control``, a gloo
+    group on the CPU: under NCCL, reading the result of a collective on a device tensor would
+    make the host wait for every kernel queued before it, once per step. Device tensors (the
+    loss) go over the default group and stay on the device.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 strategy: str = "none", device: torch.device | None = None, launched: bool = False) -> None:
+                 strategy: str = "none", device: torch.device | None = None, launched: bool = False,
+                 control: Any = None) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         # Under torchrun even one process joins a group, so FSDP2 (e.g. its CPU offload) works.
         self.launched = launched
         self.strategy = strategy if launched else "none"
         self.device = device or torch.device("cpu")
+        self.control = control
 
     @property
     def is_main(self) -> bool:
@@ -37,16 +44,18 @@ class Parallel:
     def distributed(self) -> bool:
         return self.launched
 
-    def _comm_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    def _host_reduce(self, values: list[float], op) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=op, group=self.control)
+        return t.tolist()
 
     def all_sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (one small collective)."""
-        if not self.distributed:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        """Element-wise sum over ranks (one small collective on the CPU)."""
+        return self._host_reduce(values, dist.ReduceOp.SUM) if self.distributed else list(values)
+
+    def all_max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks (one small collective on the CPU)."""
+        return self._host_reduce(values, dist.ReduceOp.MAX) if self.distributed else list(values)
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of a 0-d tensor over ranks, as a float64 tensor on ``t``'s device, without reading
@@ -54,32 +63,17 @@ class Parallel:
         gloo and a CUDA tensor the copy to the CPU waits for the device)."""
         if not self.distributed:
             return t
-        buf = t.detach().to(self._comm_device(), torch.float64)
+        comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        buf = t.detach().to(comm, torch.float64)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf.to(t.device, non_blocking=True)
-
-    def all_max(self, value: float) -> float:
-        """The largest ``value`` over ranks."""
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is true on any rank: stop decisions are taken together."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (on every rank)."""
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.control)
         return out
 
     def barrier(self) -> None:
@@ -102,10 +96,6 @@ class Parallel:
             finally:
                 model.set_requires_gradient_sync(True)
 
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
     """Join torchrun's process group when launched by torchrun, else a single-process Parallel."""
@@ -122,10 +112,12 @@ def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
     if use_cuda:
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    timeout = datetime.timedelta(minutes=10)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10),
-                                **({"device_id": device} if use_cuda else {}))
-    return Parallel(rank, world, local, cfg.strategy, device, launched=True)
+        dist.init_process_group(backend=backend, timeout=timeout, **({"device_id": device} if use_cuda else {}))
+    # A group of its own even when the default one is gloo already: one code path, tested on CPU.
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    return Parallel(rank, world, local, cfg.strategy, device, launched=True, control=control)
 
 
 def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, precision: str,
@@ -155,3 +147,20 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def leave_process_group(clean: bool) -> None:
+    """Leave torchrun's process group, if this process joined one.
+
+    After a clean run every rank meets at a barrier first. Gloo's worker threads release a
+    finished collective's tensors a moment after the caller sees it complete, and that release
+    takes the GIL; a rank that went straight on to interpreter shutdown could lose that race and
+    abort (SIGABRT, "terminate called without an active exception") after a successful run.
+    Waiting at the barrier hands them the GIL. After a failure there is no barrier: the other
+    ranks may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()

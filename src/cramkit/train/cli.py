@@ -69,13 +69,15 @@ def _split_overrides(args) -> tuple[str | None, list[str]]:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    try:
-        return _pretrain(args)
-    finally:  # under torchrun, leave the process group cleanly whatever happened
-        import torch.distributed as dist
+    from ..distributed.parallel import leave_process_group
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    clean = False
+    try:
+        code = _pretrain(args)
+        clean = True
+        return code
+    finally:  # under torchrun, leave the process group whatever happened
+        leave_process_group(clean)
 
 
 def _pretrain(args: argparse.Namespace) -> int:

@@ -77,6 +77,7 @@ class Trainer:
         self.bar = progress_bar
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.stop_reason: str | None = None
+        self._signalled = False  # set by the signal handler, agreed across ranks per step
         self.nonfinite = NonfiniteCounter(cfg.train.max_nonfinite)
         self._loss: torch.Tensor | None = None  # the last step's, read on the host when logged
         self._adopt(model, self.state.optimizer)
@@ -193,9 +194,15 @@ class Trainer:
         self.state.lr = peak * factor * self.state.lr_scale
 
     def _update_progress(self) -> None:
-        # The slowest rank's clock: time budgets, schedules and periodic work stay in lockstep.
-        self.state.usage.seconds = self.par.all_max(self.clock.elapsed)
+        # The slowest rank's clock: time budgets, schedules and periodic work stay in lockstep;
+        # a stop signal on any rank stops all of them. One collective on the host, per step.
+        # The signal handler only sets the local flag; stop_reason changes here, where all ranks
+        # agree, so no rank leaves the loop alone.
+        seconds, signalled = self.par.all_max([self.clock.elapsed, float(self._signalled)])
+        self.state.usage.seconds = seconds
         self.state.progress = progress(self.budget, self.state.usage)
+        if signalled:
+            self.stop_reason = "signal"
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -205,15 +212,15 @@ class Trainer:
         window_tokens, window_time = 0, self.clock.elapsed
         try:
             self.clock.start()
+            self._update_progress()
             while True:
-                self._update_progress()
-                # Usage is agreed across ranks (see _update_progress), so every rank reaches the
-                # same decision at the same step; a signal on any rank stops all of them.
+                # Usage and the stop flag were agreed across ranks by the last _update_progress
+                # (the clock stands still during evaluation and checkpoints since), so every rank
+                # reaches the same decision at the same step.
                 if exhausted(self.budget, state.usage):
                     self.stop_reason = "budget"
                     break
-                if self.par.any(self.stop_reason == "signal"):
-                    self.stop_reason = "signal"
+                if self.stop_reason == "signal":
                     break
                 state.lr_scale = 1.0  # techniques multiply their factors in on_step_start
                 for t in self.techniques:
@@ -308,9 +315,9 @@ class Trainer:
         return now
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_reason == "signal":  # a second ^C: stop now; the last periodic checkpoint stands
+        if self._signalled:  # a second ^C: stop now; the last periodic checkpoint stands
             raise KeyboardInterrupt
-        self.stop_reason = "signal"
+        self._signalled = True
         warnings.warn(f"received {signal.Signals(signum).name}: finishing the step and writing a checkpoint",
                       stacklevel=1)
 
