@@ -252,7 +252,10 @@ def save_hf_tokenizer(
     """Save ``tokenizer`` as a ``PreTrainedTokenizerFast`` (AutoTokenizer-loadable).
 
     BERT-style tokenizers get a ``[CLS] a [SEP] b [SEP]`` post-processor so that HF pipelines
-    build the same inputs cramkit's fine-tuning does.
+    build the same inputs cramkit's fine-tuning does, segment ids included: cramkit never feeds
+    token types (pretraining and fine-tuning use segment 0 throughout), so the second text is
+    segment 0 too. Segment 1 would index an untrained row of the token-type table, or a row
+    that does not exist when the model has none (``type_vocab_size=0`` exports as one row).
     """
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
@@ -263,7 +266,7 @@ def save_hf_tokenizer(
         cls, sep = tokens["cls_token"], tokens["sep_token"]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{cls} $A {sep}",
-            pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            pair=f"{cls} $A {sep} $B {sep}",
             special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
         )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, **tokens)

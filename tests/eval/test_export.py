@@ -158,3 +158,28 @@ def test_export_of_a_document_masked_run_attends_over_the_whole_input(tmp_path, 
             got = loaded(x, attention_mask=mask).logits
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("type_vocab_size", [0, 2])
+def test_exported_tokenizer_builds_cramkit_pair_inputs(tmp_path, small_tokenizer, type_vocab_size):
+    """A sentence pair through the exported tokenizer and model gives cramkit's logits for the
+    pair as cramkit's fine-tuning encodes it: same ids and segment 0 throughout (cramkit never
+    feeds token types). Segment 1 for the second text crashed a model without a token-type
+    table and read an untrained row otherwise."""
+    from cramkit.eval.encoding import SpecialIds, TaskEncoder
+    from cramkit.eval.tasks import Example
+
+    run, model = _run(tmp_path, "bert-base", small_tokenizer, type_vocab_size=type_vocab_size)
+    export(run, tmp_path / "out", log=lambda s: None)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "out")).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    # Ask for token types explicitly: transformers 4.x returns them by default, 5.x on request.
+    enc = tok("the quick fox", "the lazy dog", return_tensors="pt", return_token_type_ids=True)
+    encoder = TaskEncoder(small_tokenizer, SpecialIds.from_vocab(small_tokenizer), 64, causal=False)
+    (ours,) = encoder.encode([Example("the quick fox", "the lazy dog", 0)])
+    assert enc["input_ids"][0].tolist() == ours.ids
+    assert enc["token_type_ids"].eq(0).all()
+    with torch.no_grad():
+        want = model(torch.tensor([ours.ids])).logits
+        got = hf(**enc).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
