@@ -177,6 +177,8 @@ _COMMON = {
     "ffn": (_is("gelu"), "HF's feed-forward is not gated"),
     "activation": (lambda v: v in _ACT_HF, "needs an HF activation"),
     "positions": (_is("learned"), "HF uses a learned position table"),
+    # The gains are trained parameters that HF has no place for: dropping them changes the output.
+    "residual_scale": (_is("none"), "HF has no gain on the residual branches"),
 }
 _BERT = {
     **_COMMON,

@@ -92,6 +92,10 @@ def test_exactness_is_decided_by_fields_not_names():
     assert target is None and any("norm_position='pre'" in r for r in reasons)
     target, reasons = hf_counterpart(preset_config("gpt2-small", positions="rotary"))
     assert target is None and any("positions='rotary'" in r for r in reasons)
+    # Learnable residual-branch gains have no HF counterpart (they would be dropped on export).
+    for preset in ("bert-base", "gpt2-small"):
+        target, reasons = hf_counterpart(preset_config(preset, residual_scale="scalar"))
+        assert target is None and any("residual_scale='scalar'" in r for r in reasons)
     # A "tiny" preset reshaped to GPT-2's layout is exact, whatever its name.
     assert hf_counterpart(preset_config("tiny-gpt"))[0].hf_class == "GPT2LMHeadModel"
 
@@ -183,3 +187,17 @@ def test_exported_tokenizer_builds_cramkit_pair_inputs(tmp_path, small_tokenizer
         want = model(torch.tensor([ours.ids])).logits
         got = hf(**enc).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_residual_gains_export_in_cramkit_format(tmp_path, small_tokenizer):
+    """A post-LN BERT with trained residual-branch gains was written as BertForMaskedLM without
+    them (logits 7e-3 off); it is now written in cramkit's format, which keeps them."""
+    run, model = _run(tmp_path, "bert-base", small_tokenizer, residual_scale="scalar")
+    info = export(run, tmp_path / "out", log=lambda s: None)
+    assert not info["loadable_by_hf"] and any("residual_scale" in r for r in info["reasons"])
+    loaded, _ = load_exported(tmp_path / "out")
+    x, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits
+        )
