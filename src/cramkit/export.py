@@ -335,13 +335,19 @@ def export(
             f"choose from {list(FORMATS)}"
         )
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        # Not even --force: an export is a directory, and replacing a file is not what it means.
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
     model, cfg, tokenizer, info = open_run(run_dir)
     special = dataclasses.asdict(SpecialIds.for_run(run_dir, tokenizer))
 
     target, reasons = hf_counterpart(cfg) if format == "hf" else (None, ["format=cramkit"])
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent directory should be, no permission, ...
+        raise ConfigError(f"{out}: cannot create {out.parent} ({exc.strerror})") from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     try:

@@ -126,6 +126,14 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
         export(run, tmp_path / "busy", log=lambda s: None)
     export(run, tmp_path / "busy", overwrite=True, log=lambda s: None)
     assert not (tmp_path / "busy" / "x").exists()
+    # A file where the output (or its parent) directory should be: one-line errors, file kept.
+    (tmp_path / "afile").write_text("x")
+    for force in (False, True):
+        with pytest.raises(ConfigError, match="afile exists and is not a directory"):
+            export(run, tmp_path / "afile", overwrite=force, log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"afile/sub: cannot create .*afile \("):
+        export(run, tmp_path / "afile" / "sub", log=lambda s: None)
+    assert (tmp_path / "afile").read_text() == "x"
     with pytest.raises(ConfigError, match="unknown export format 'onnx'"):
         export(run, tmp_path / "o2", format="onnx")
     with pytest.raises(CheckpointError, match="is a transformers export"):
