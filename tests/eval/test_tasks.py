@@ -15,6 +15,7 @@ from cramkit.eval.tasks import (
     find_split,
     get_task,
     glue_available,
+    iter_rows,
     load_task,
 )
 
@@ -192,3 +193,49 @@ def test_hf_datasets_source_is_optional(monkeypatch):
     }
     assert data.spec.labels[data.train[0].label] == "contradiction"
     assert data.train[0].text_pair == "h"
+
+
+def test_unreadable_files_are_one_line_errors_naming_file_and_line(tmp_path):
+    """Malformed CSV, text that is not UTF-8 and a .gz that is not gzip were tracebacks
+    (csv.Error, UnicodeDecodeError, BadGzipFile, EOFError); they are DataErrors naming the
+    file, and the line where there is one."""
+    (tmp_path / "dev.csv").write_text("text,label\nok,1\nfine,0\n")
+    # An unbalanced quote on line 3 swallows the rest of the file into one field.
+    rows = ["text,label", "good,1", '"open quote,0'] + [f"row {i} {'x' * 300},1" for i in range(500)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"train.csv:3: malformed CSV \(field larger.*quote left open"):
+        file_task(tmp_path / "train.csv", text_column="text")
+
+    # Latin-1 bytes early (line 3) and far beyond the decoder's first read-ahead block.
+    early = ["sentence\tlabel", "plain\t1", "caf\xe9\t0"] + ["a\t1"] * 5000
+    late = ["sentence\tlabel"] + ["a\t1"] * 5000 + ["caf\xe9\t0"]
+    for name, lines, lineno in (("early.tsv", early, 3), ("late.tsv", late, 5002)):
+        (tmp_path / name).write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+        with pytest.raises(DataError, match=rf"{name}:{lineno}: not UTF-8 text"):
+            count_rows(tmp_path / name)
+    jsonl = b'{"sentence": "a", "label": 1}\n' * 5000 + b'{"sentence": "caf\xe9", "label": 0}\n'
+    (tmp_path / "late.jsonl").write_bytes(jsonl)
+    with pytest.raises(DataError, match=r"late.jsonl:5001: not UTF-8 text"):
+        count_rows(tmp_path / "late.jsonl")
+
+    (tmp_path / "plain.tsv.gz").write_text("sentence\tlabel\nok\t1\n")  # named .gz, not gzip'd
+    with pytest.raises(DataError, match=r"plain.tsv.gz: not a readable gzip file"):
+        count_rows(tmp_path / "plain.tsv.gz")
+    with gzip.open(tmp_path / "cut.tsv.gz", "wt") as f:
+        f.write("sentence\tlabel\n" + "".join(f"text {i}\t1\n" for i in range(5000)))
+    data = (tmp_path / "cut.tsv.gz").read_bytes()
+    (tmp_path / "cut.tsv.gz").write_bytes(data[: len(data) // 2])  # a truncated download
+    with pytest.raises(DataError, match=r"cut.tsv.gz: not a readable gzip file"):
+        count_rows(tmp_path / "cut.tsv.gz")
+
+    # UTF-8 with a BOM and non-ASCII text reads as before.
+    (tmp_path / "ok.tsv").write_text("\ufeffsentence\tlabel\ncafé ☕\t1\n", encoding="utf-8")
+    assert [r for _, r in iter_rows(tmp_path / "ok.tsv")] == [{"sentence": "café ☕", "label": "1"}]
+
+
+def test_csv_rows_are_numbered_by_their_first_line(tmp_path):
+    (tmp_path / "train.csv").write_text('text,label\n"two\nlines",1\nbad\n')
+    (tmp_path / "dev.csv").write_text("text,label\nok,1\n")
+    assert [n for n, _ in iter_rows(tmp_path / "train.csv")] == [2, 4]
+    with pytest.raises(DataError, match=r"train.csv:4: missing column 'label'"):
+        file_task(tmp_path / "train.csv", text_column="text")

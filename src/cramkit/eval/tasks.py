@@ -18,6 +18,8 @@ import gzip
 import io
 import json
 import random
+import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -255,10 +257,22 @@ register_task(
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    # utf-8-sig drops the BOM that some GLUE headers (MRPC) carry.
+    # utf-8-sig drops the BOM that some GLUE headers (MRPC) carry. Undecodable bytes become lone
+    # surrogates instead of failing inside a read-ahead block, so that _lines can name the line.
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of non-UTF-8 bytes
+
+
+def _lines(path: Path, f) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of an open text file; a line that is not UTF-8 is a DataError."""
+    for lineno, line in enumerate(f, 1):
+        if not line.isascii() and _UNDECODABLE.search(line):
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (save the file as UTF-8)")
+        yield lineno, line
 
 
 def _format(path: Path) -> str:
@@ -279,9 +293,34 @@ def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, 
     fmt = _format(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    try:
+        yield from _iter_rows(path, fmt, has_header)
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip: not a gzip file (BadGzipFile is an OSError), truncated (EOFError), corrupt.
+        what = "not a readable gzip file" if path.name.endswith(".gz") else "cannot be read"
+        raise DataError(f"{path}: {what} ({exc})") from None
+
+
+def _csv_rows(path: Path, f) -> Iterator[tuple[int, list[str]]]:
+    # A row is named by the line it starts on (a quoted field may span lines). An unbalanced
+    # quote swallows the lines after it until csv's field size limit stops it.
+    reader = csv.reader(line for _, line in _lines(path, f))
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            hint = "; is a quote left open?" if "field limit" in str(exc) else ""
+            raise DataError(f"{path}:{start}: malformed CSV ({exc}){hint}") from None
+        yield start, fields
+
+
+def _iter_rows(path: Path, fmt: str, has_header: bool) -> Iterator[tuple[int, dict[Column, Any]]]:
     with _open_text(path) as f:
         if fmt == "jsonl":
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in _lines(path, f):
                 if not line.strip():
                     continue
                 try:
@@ -293,10 +332,9 @@ def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, 
                 yield lineno, row
             return
         if fmt == "csv":
-            reader = csv.reader(f)
-            lines: Iterator[tuple[int, list[str]]] = ((reader.line_num, r) for r in reader)
+            lines: Iterator[tuple[int, list[str]]] = _csv_rows(path, f)
         else:
-            lines = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1))
+            lines = ((n, line.rstrip("\r\n").split("\t")) for n, line in _lines(path, f))
         header: list[str] | None = None
         for lineno, fields in lines:
             if header is None and has_header:
