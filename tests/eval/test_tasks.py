@@ -239,3 +239,11 @@ def test_csv_rows_are_numbered_by_their_first_line(tmp_path):
     assert [n for n, _ in iter_rows(tmp_path / "train.csv")] == [2, 4]
     with pytest.raises(DataError, match=r"train.csv:4: missing column 'label'"):
         file_task(tmp_path / "train.csv", text_column="text")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-Infinity"])
+def test_regression_labels_must_be_finite(tmp_path, bad):
+    (tmp_path / "train.tsv").write_text(f"sentence\tscore\na\t1.5\nb\t{bad}\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tscore\nc\t2\n")
+    with pytest.raises(DataError, match=rf"train.tsv:3: label '{bad}' is not a finite number"):
+        file_task(tmp_path / "train.tsv", label_column="score", is_regression=True)

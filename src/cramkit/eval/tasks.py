@@ -17,6 +17,7 @@ import dataclasses
 import gzip
 import io
 import json
+import math
 import random
 import re
 import zlib
@@ -395,6 +396,10 @@ def read_examples(
                 label: int | float = float(raw)
             except ValueError:
                 raise DataError(f"{path}:{lineno}: label {raw!r} is not a number") from None
+            # float() accepts 'nan' and 'inf': one such target makes the MSE loss nan, and the
+            # correlations then score the run 0 ("no signal") without a word.
+            if not math.isfinite(label):
+                raise DataError(f"{path}:{lineno}: label {raw!r} is not a finite number")
         else:
             if index is None:
                 raise DataError(f"task '{spec.name}': no label set given")
