@@ -247,3 +247,33 @@ def test_regression_labels_must_be_finite(tmp_path, bad):
     (tmp_path / "dev.tsv").write_text("sentence\tscore\nc\t2\n")
     with pytest.raises(DataError, match=rf"train.tsv:3: label '{bad}' is not a finite number"):
         file_task(tmp_path / "train.tsv", label_column="score", is_regression=True)
+
+
+def test_file_task_metrics_are_checked_when_the_task_is_loaded(tmp_path):
+    """Metrics are computed after fine-tuning: an unknown name, binary F1 on three classes or
+    accuracy on a regression target used to fail only then (the last one as scikit-learn's
+    traceback). file_task refuses them up front."""
+    from cramkit.errors import ConfigError
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tx\nb\ty\nc\tz\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nd\tx\n")
+    with pytest.raises(ConfigError, match=r"unknown metric 'acuracy' \(did you mean 'accuracy'"):
+        file_task(tmp_path / "train.tsv", metrics=["acuracy"])
+    with pytest.raises(ConfigError, match=r"metrics f1: binary .* the task has 3 labels \(use macro_f1\)"):
+        file_task(tmp_path / "train.tsv", metrics=["accuracy", "f1"])
+    assert file_task(tmp_path / "train.tsv", metrics=["macro_f1", "matthews"]).spec.metrics == (
+        "macro_f1",
+        "matthews",
+    )
+    (tmp_path / "two.tsv").write_text("sentence\tlabel\na\tx\nb\ty\n")
+    assert file_task(tmp_path / "two.tsv", tmp_path / "dev.tsv", metrics=["f1"]).spec.labels == (
+        "x",
+        "y",
+    )
+    (tmp_path / "r.tsv").write_text("sentence\tscore\na\t0.5\nb\t1\n")
+    (tmp_path / "rdev.tsv").write_text("sentence\tscore\nc\t2\n")
+    with pytest.raises(ConfigError, match=r"metrics accuracy: .* not a regression task \(use pearson, spearman\)"):
+        file_task(tmp_path / "r.tsv", tmp_path / "rdev.tsv", label_column="score",
+                  is_regression=True, metrics=["accuracy"])
+    with pytest.raises(ConfigError, match="at least one metric"):
+        file_task(tmp_path / "train.tsv", metrics=[])

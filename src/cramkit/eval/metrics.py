@@ -105,6 +105,38 @@ def get_metric(name: str) -> MetricFn:
         ) from None
 
 
+#: Metrics of class predictions (scikit-learn refuses them on real-valued regression targets).
+CLASSIFICATION_METRICS = frozenset({"accuracy", "f1", "macro_f1", "matthews"})
+#: Metrics defined for two classes only (``f1`` scores the positive class, label index 1).
+BINARY_METRICS = frozenset({"f1"})
+
+
+def check_metrics(names: Sequence[str], is_regression: bool, num_labels: int | None) -> None:
+    """Refuse metric names that are unknown or do not fit the task, before any training.
+
+    Metrics are computed only after fine-tuning; a name that cannot be computed would otherwise
+    surface as an error (or scikit-learn's traceback) once all the training time is spent.
+    """
+    if not names:
+        raise ConfigError("a task needs at least one metric")
+    for name in names:
+        get_metric(name)
+    if is_regression:
+        bad = [n for n in names if n in CLASSIFICATION_METRICS]
+        if bad:
+            raise ConfigError(
+                f"metrics {', '.join(bad)}: they score class predictions, not a regression "
+                "task (use pearson, spearman)"
+            )
+    elif num_labels != 2:
+        bad = [n for n in names if n in BINARY_METRICS]
+        if bad:
+            raise ConfigError(
+                f"metrics {', '.join(bad)}: binary (F1 of label index 1), but the task has "
+                f"{num_labels} labels (use macro_f1)"
+            )
+
+
 def compute_metrics(
     names: Iterable[str], predictions: Sequence, labels: Sequence
 ) -> dict[str, float]:

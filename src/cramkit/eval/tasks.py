@@ -27,6 +27,7 @@ from typing import Any
 
 from ..configbase import did_you_mean
 from ..errors import DataError
+from .metrics import check_metrics
 
 Column = str | int  # a header name, or a 0-based position for files without a header
 
@@ -572,6 +573,7 @@ def file_task(
         if len(seen) < 2:
             raise DataError(f"{train}: fewer than two distinct labels in column '{label_column}'")
         spec = dataclasses.replace(spec, labels=tuple(sorted(seen)))
+    check_metrics(spec.metrics, is_regression, None if is_regression else len(spec.labels))
     return TaskData(spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)})
 
 
