@@ -208,6 +208,19 @@ def test_cli_errors_are_one_line(tiny_run, capsys):
     assert err.startswith("error: ") and "run directory not found" in err
 
 
+def test_cli_label_and_metric_lists_may_have_spaces(tmp_path, capsys):
+    """--labels "neg, pos" made the label ' pos', which no (stripped) file value can match."""
+    from cramkit.cli import main
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\tpos\n")
+    args = ["--task", str(tmp_path / "train.tsv"), "--labels", "neg, pos", "--metrics", "f1, accuracy"]
+    # The task loads (before the run directory is opened), so the error is about the run.
+    assert main(["finetune", str(tmp_path / "no-run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "run directory not found" in err and "label set" not in err, err
+
+
 def test_random_init_control_is_not_the_pretraining_init(tmp_path, bbc_tokenizer):
     """A run pretrained from seed 0 must not be reproduced by the control's seed-0 draw."""
     from cramkit.models import build_model

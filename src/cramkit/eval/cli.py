@@ -52,6 +52,17 @@ def _accept_late_overrides(parser: argparse.ArgumentParser) -> None:
     parser.__class__ = Parser
 
 
+def _comma_list(text: str | None) -> list[str] | None:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (None when not given).
+
+    Items are stripped: labels are compared with the stripped values of the file, so " pos"
+    could never match, and metric names have no spaces.
+    """
+    if not text:
+        return None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
 
@@ -70,9 +81,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "text_column": args.text_column,
             "text_pair_column": args.text_pair_column,
             "label_column": args.label_column,
-            "labels": args.labels.split(",") if args.labels else None,
+            "labels": _comma_list(args.labels),
             "is_regression": args.regression,
-            "metrics": args.metrics.split(",") if args.metrics else None,
+            "metrics": _comma_list(args.metrics),
         }
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
