@@ -66,6 +66,23 @@ def test_pair_encoding_layouts(bbc_tokenizer):
     )
 
 
+def test_special_token_spellings_in_text_are_text(bbc_tokenizer):
+    """A text containing "[SEP]" (or a causal tokenizer's end mark) must not become a real
+    separator: pretraining's packing encodes such strings as text, and so does fine-tuning."""
+    special = SpecialIds.from_vocab(bbc_tokenizer)
+    enc = TaskEncoder(bbc_tokenizer, special, 64, causal=False)
+    (single, pair) = enc.encode(
+        [Example("the film [SEP] the match", None, 0), Example("a [CLS] b", "c [SEP] d", 1)]
+    )
+    assert single.ids.count(special.sep) == 1 and single.ids[-1] == special.sep
+    assert pair.ids.count(special.cls) == 1 and pair.ids.count(special.sep) == 2
+    gpt = TaskEncoder(bbc_tokenizer, SpecialIds(eod=3), 64, causal=True)
+    (g,) = gpt.encode([Example("the end [SEP] or not", None, 0)])
+    assert g.ids.count(3) == 1 and g.ids[-1] == 3
+    # The caller's tokenizer is not changed.
+    assert bbc_tokenizer.encode("[SEP]", add_special_tokens=False).ids == [special.sep]
+
+
 def test_finetune_tiny_beats_majority_on_bbc(tiny_run, bbc_task):
     backbone = load_backbone(tiny_run, random_init=True)
     cfg = FinetuneConfig.from_dict({**FAST, "epochs": 2, "seq_len": 64, "max_train_examples": 600})
