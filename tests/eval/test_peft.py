@@ -114,3 +114,36 @@ def test_finetune_with_lora_reports_trainable_count(tiny_run, bbc_task, tmp_path
     assert counts["trainable"] < counts["total"] / 4
     assert (tmp_path / "ft" / "seed-0" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "ft" / "seed-0" / "model.safetensors").exists()
+
+
+def test_saving_again_replaces_the_seed_directory(tiny_run, bbc_task, tmp_path, monkeypatch):
+    """A LoRA save into the directory of an earlier full save left the full model.safetensors
+    beside the adapter (and a finetune_config.json saying peft=lora); a failed save left a
+    half-written directory. The seed directory is now replaced as a whole, or not at all."""
+    import json
+
+    from cramkit.eval import adapters
+    from cramkit.eval.finetune import FinetuneConfig, finetune, load_backbone
+
+    small = {"seeds": [0], "progress": False, "epochs": 1, "max_train_examples": 16,
+             "max_eval_examples": 16, "save": True}
+    backbone = load_backbone(tiny_run)
+    seed_dir = tmp_path / "ft" / "seed-0"
+    finetune(backbone, bbc_task, FinetuneConfig.from_dict(small), save_dir=tmp_path / "ft")
+    assert (seed_dir / "model.safetensors").is_file()
+    finetune(backbone, bbc_task, FinetuneConfig.from_dict({**small, "peft": "lora"}),
+             save_dir=tmp_path / "ft")
+    assert (seed_dir / "adapter_model.safetensors").is_file()
+    assert not (seed_dir / "model.safetensors").exists()
+    assert json.loads((seed_dir / "finetune_config.json").read_text())["peft"] == "lora"
+
+    def broken(model, out):
+        (out / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapters, "save_adapters", broken)
+    with pytest.raises(OSError, match="disk full"):
+        finetune(backbone, bbc_task, FinetuneConfig.from_dict({**small, "peft": "lora"}),
+                 save_dir=tmp_path / "ft2")
+    assert not (tmp_path / "ft2" / "seed-0").exists()
+    assert [p.name for p in (tmp_path / "ft2").iterdir()] == []

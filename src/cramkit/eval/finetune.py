@@ -348,17 +348,20 @@ def train_one(
 def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig) -> None:
     from safetensors.torch import save_file
 
-    from ..utils import write_json
+    from ..utils import atomic_dir, write_json
     from .adapters import save_adapters
 
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.peft != "none":
-        save_adapters(model, out)
-    else:
-        from ..train.checkpoint import model_weights
+    # The directory is replaced as a whole: a failed save leaves no half-written weights, and
+    # an earlier save's files (say a full model.safetensors beside a new LoRA adapter) cannot
+    # linger next to a finetune_config.json that no longer describes them.
+    with atomic_dir(out) as tmp:
+        if cfg.peft != "none":
+            save_adapters(model, tmp)
+        else:
+            from ..train.checkpoint import model_weights
 
-        save_file(model_weights(model), str(out / "model.safetensors"))
-    write_json(out / "finetune_config.json", cfg.to_dict())
+            save_file(model_weights(model), str(tmp / "model.safetensors"))
+        write_json(tmp / "finetune_config.json", cfg.to_dict())
 
 
 def finetune(
