@@ -167,6 +167,43 @@ def test_tokenizer_larger_than_model_vocab(tmp_path, bbc_task):
         load_backbone(run)
 
 
+def test_tokenizer_swapped_for_another_of_the_same_size(tmp_path, bbc_task):
+    """Another run's tokenizer.json of no larger vocabulary passed the size check and was used
+    silently; the data manifest's tokenizer_sha256 (written by pretrain) catches it."""
+    from cramkit.models.presets import preset_config
+    from cramkit.utils import sha256_file
+
+    texts = [e.text for e in bbc_task.train[:200]]
+    ours, other = train_wordpiece(texts, vocab_size=600), train_wordpiece(texts[::-1][:50], 600)
+    run = make_run_dir(tmp_path / "run", preset_config("tiny", vocab_size=1024), ours)
+    manifest = json.loads((run / "data_manifest.json").read_text())
+    manifest["tokenizer_sha256"] = sha256_file(run / "tokenizer.json")
+    (run / "data_manifest.json").write_text(json.dumps(manifest))
+    load_backbone(run)  # the run's own tokenizer is fine
+    other.save(str(run / "tokenizer.json"))
+    assert other.get_vocab_size() <= 1024
+    with pytest.raises(CheckpointError, match=r"tokenizer.json is not the tokenizer this run was"):
+        load_backbone(run)
+    from cramkit.export import export
+
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        export(run, tmp_path / "out", log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pretrained_run_passes_the_tokenizer_check(tiny_mlm_data, tmp_path, capsys):
+    """The check above on a run as cramkit pretrain writes it (not a hand-made run dir)."""
+    from cramkit.cli import main
+
+    args = [f"data.dir={tiny_mlm_data}", f"out_dir={tmp_path}", "name=run", "model.vocab_size=512",
+            "train.budget=2steps", "train.micro_batch=4", "train.batch_size=4", "train.device=cpu",
+            "train.progress_bar=false", "train.tensorboard=false", "finetune_demo=false",
+            "train.eval_batches=1"]
+    assert main(["pretrain", "demo", *args]) == 0
+    assert json.loads((tmp_path / "run" / "data_manifest.json").read_text())["tokenizer_sha256"]
+    assert load_backbone(tmp_path / "run").tokenizer.get_vocab_size() <= 512
+
+
 def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
     import argparse
 

@@ -207,7 +207,32 @@ def open_run(run_dir: str | Path):
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise CheckpointError(f"{tok_path}: cannot read tokenizer ({exc})") from None
     check_vocab(tokenizer, model_config, str(tok_path))
+    check_tokenizer_file(run_dir, tok_path)
     return model, model_config, tokenizer, info
+
+
+def check_tokenizer_file(run_dir: Path, tok_path: Path) -> None:
+    """``tokenizer.json`` must be the file pretraining copied in, as the data manifest records.
+
+    The vocabulary-size check cannot see a tokenizer swapped for another one of the same or a
+    smaller size (another run's): every id would still be in range, every input misread.
+    """
+    import json
+
+    from ..utils import sha256_file
+
+    manifest = run_dir / "data_manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        want = json.loads(manifest.read_text()).get("tokenizer_sha256")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{manifest}: invalid JSON ({exc.msg})") from None
+    if want and sha256_file(tok_path) != want:
+        raise CheckpointError(
+            f"{tok_path} is not the tokenizer this run was trained with (its sha256 differs from "
+            f"tokenizer_sha256 in {manifest.name}): tokenizer and model do not belong together"
+        )
 
 
 def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:
