@@ -204,6 +204,28 @@ def test_a_pretrained_run_passes_the_tokenizer_check(tiny_mlm_data, tmp_path, ca
     assert load_backbone(tmp_path / "run").tokenizer.get_vocab_size() <= 512
 
 
+def test_evaluate_saves_fine_tuned_weights_when_asked(tiny_run, tmp_path):
+    """save=true was accepted by `cramkit evaluate` and silently ignored."""
+    import shutil
+
+    from cramkit.eval.suite import evaluate_glue
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rte = tmp_path / "glue" / "RTE"
+    rte.mkdir(parents=True)
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [
+        f"{i}\tthe film {i}\tthe match\t{'entailment' if i % 2 else 'not_entailment'}"
+        for i in range(12)
+    ]
+    (rte / "train.tsv").write_text("\n".join(rows) + "\n")
+    (rte / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 1, "save": True})
+    for random_init, name in ((False, "rte"), (True, "rte-random")):
+        evaluate_glue(run, tmp_path / "glue", cfg=cfg, random_init=random_init, log=lambda s: None)
+        assert (run / "finetune" / name / "seed-0" / "model.safetensors").is_file(), name
+
+
 def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
     import argparse
 

@@ -147,9 +147,12 @@ def evaluate_glue(
     backbone = backbone or load_backbone(run_dir, random_init=random_init)
     start = time.perf_counter()
     results = []
+    suffix = "-random" if backbone.random_init else ""
     for spec in specs:
         log(f"{spec.name}: fine-tuning ({len(cfg.seeds)} seeds)")
-        result = finetune(backbone, load_task(spec.name, data_dir), cfg)
+        # finetune.save=true: where `cramkit finetune` puts them (it was silently ignored here).
+        save_dir = Path(run_dir) / "finetune" / f"{spec.name}{suffix}" if cfg.save else None
+        result = finetune(backbone, load_task(spec.name, data_dir), cfg, save_dir=save_dir)
         results.append(result)
         scores = ", ".join(f"{e} {to_percent(s):.2f}" for e, s in result["scores"].items())
         log(f"{spec.name}: {scores} ({result['seconds']:.0f} s)")
