@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ import torch
 
 from .configbase import did_you_mean
 from .errors import CheckpointError, ConfigError
-from .utils import write_json
+from .utils import atomic_dir, write_json
 
 NATIVE_FORMAT = "cramkit"
 README_NATIVE = """# cramkit export (not loadable by HF Auto classes)
@@ -348,9 +345,7 @@ def export(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where a parent directory should be, no permission, ...
         raise ConfigError(f"{out}: cannot create {out.parent} ({exc.strerror})") from None
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:  # a failed export leaves --out as it was
         if target is not None:
             _write_hf(target, model, cfg, tokenizer, special, tmp)
         else:
@@ -366,16 +361,6 @@ def export(
                 "pretrained_with_document_mask": info["document_mask"],
             },
         )
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{time.time_ns()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
     if target is not None:
         log(

@@ -36,9 +36,7 @@ import json
 import os
 import queue
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,7 +47,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
-from ..utils import sha256_file, write_json
+from ..utils import atomic_dir, sha256_file, write_json
 from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
@@ -117,21 +115,9 @@ def prepare(
         raise DataError(
             f"{out_dir} exists and is not a cramkit dataset; use --force or another --out"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # the manifest last, the whole directory at once
         manifest = _build(cfg, sources, tmp, fp, progress)
         write_json(tmp / MANIFEST, manifest)
-        if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     _log(_summary(manifest, out_dir))
     return out_dir
 

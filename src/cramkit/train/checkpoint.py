@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..utils import sha256_file, write_json
+from ..utils import atomic_dir, sha256_file, write_json
 
 FILES = ("model.safetensors", "state.pt")
 
@@ -49,21 +49,13 @@ def save_checkpoint(
 
     ``meta`` (JSON) goes into ``meta.json``, e.g. the architecture the weights belong to.
     """
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{time.time_ns()}"
-    tmp.mkdir(parents=True)
-    try:
+    final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    # Built under a dot-name that list_checkpoints ignores, renamed into place when complete.
+    with atomic_dir(final) as tmp:
         save_file(model_weights(model), str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
         write_json(tmp / "meta.json", {"step": step, "files": files, "time": time.time(), **(meta or {})})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     # Checkpoints after this step belong to a timeline that a resume abandoned; of the earlier
     # ones keep the newest keep-1 beside the one just written (never that one itself).
     for path in list_checkpoints(run_dir):
