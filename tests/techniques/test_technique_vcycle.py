@@ -29,6 +29,7 @@ MODELS = {
                            bias=True, type_vocab_size=2),
     "gpt": dict(preset="tiny-gpt"),
     "gpt-rotary": dict(preset="tiny-gpt", positions="rotary"),
+    "bert-gains": dict(preset="tiny", positions="learned", residual_scale="scalar"),
 }
 SCHEMES = [Scheme(2, 1), Scheme(2, 2), Scheme(1, 2)]
 
@@ -89,6 +90,17 @@ def test_coalescing_averages_pairs():
     head_dim = model.config.head_dim
     rows = torch.cat([w[:head_dim], w[head_dim:2 * head_dim]]).view(2, head_dim, -1).mean(0)
     torch.testing.assert_close(got[:head_dim, 0], rows[:, 0] + rows[:, 1])
+
+
+def test_branch_gains_average_over_merged_blocks():
+    model = _model("bert-gains")
+    with torch.no_grad():
+        model.layers[0].gain1.weight.fill_(0.5)
+        model.layers[1].gain1.weight.fill_(1.5)
+    small = coalesce(model, Scheme(2, 2))
+    assert small.state_dict()["layers.0.gain1.weight"].item() == 1.0
+    large = decoalesce(small, Scheme(2, 2))
+    assert [b.gain1.weight.item() for b in large.layers] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt"])

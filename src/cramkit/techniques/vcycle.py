@@ -137,6 +137,8 @@ def _rules(name: str, cfg: ModelConfig) -> list[tuple[int, _MapFn, str]]:
         return [(1, _hidden_map, OUT)]
     if name == "embeddings.positions.scale" or name == "head.decoder.bias":
         return []
+    if owner in ("gain1", "gain2"):
+        return []  # a branch gain (residual_scale=scalar) is one scalar: no width, blocks average
     if owner.startswith("norm") or owner == "final_norm":
         return [(0, _hidden_map, OUT)]
     table = {
