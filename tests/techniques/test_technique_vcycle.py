@@ -130,6 +130,16 @@ def test_impossible_scheme_is_a_config_error():
         coalesce(_model("bert"), Scheme(1, 4))
 
 
+def test_width_coalescing_of_tied_embeddings_without_norm_parameters_is_refused():
+    # norm=none leaves the decoder's scale nowhere to go: the logits would change by the factor.
+    cfg = preset_config("tiny", positions="learned", norm="none", embedding_norm=False, init="t-fixup")
+    with pytest.raises(ConfigError, match="tied embeddings"):
+        VCycle(VCycleOptions.from_dict({"depth": 1})).configure_model(cfg)
+    # Untied, or depth only, there is no scale to carry.
+    VCycle(VCycleOptions.from_dict({"depth": 1})).configure_model(cfg.replace(tie_embeddings=False))
+    VCycle(VCycleOptions.from_dict({"width": 1})).configure_model(cfg)
+
+
 def test_stage_table():
     assert stage_levels(1) == [0]
     assert stage_levels(3) == [0, 1, 2, 1, 0]

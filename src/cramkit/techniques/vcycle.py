@@ -79,9 +79,11 @@ def coarse_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
         raise ConfigError(f"cannot coalesce (width {k}, depth {d}): " + "; ".join(problems))
     small = dataclasses.replace(cfg, hidden=cfg.hidden // k, heads=cfg.heads // k,
                                 intermediate=cfg.intermediate // k, layers=cfg.layers // d)
-    if cfg.tie_embeddings and k > 1 and not (cfg.head_transform or cfg.final_norm):
+    # With norm=none the final norm (and the head transform's) is an Identity: no parameter to
+    # carry the factor k, and the logits would silently change by k at every level change.
+    if cfg.tie_embeddings and k > 1 and (cfg.norm == "none" or not (cfg.head_transform or cfg.final_norm)):
         raise ConfigError("width coalescing with tied embeddings needs a final norm or head transform "
-                          "(it carries the decoder's scale)")
+                          "with parameters (model.norm other than none; it carries the decoder's scale)")
     small.validate()
     return small
 
