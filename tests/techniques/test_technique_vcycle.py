@@ -183,3 +183,8 @@ def test_vcycle_levels_and_learning_rate_through_the_hooks():
     assert back.config == model.config and tech.level == 0 and not tech.saved
     expected = interpolate(model, decoalesce(small, tech.scheme), 0.5)
     _same(back, expected)
+    # A larger budget on resume lowers the progress: the cycle does not go back, and the model
+    # (with its optimizer) is not swapped for itself.
+    state.model, state.pending_model, state.progress = back, None, 0.05
+    tech.on_step_end(state)
+    assert state.pending_model is None and tech.stage == 2

@@ -393,7 +393,10 @@ class VCycle(Technique):
 
     def on_step_end(self, state) -> None:
         target = stage_at(state.progress, self.fractions)
-        if target == self.stage:
+        # The cycle only moves forward. A resume with a larger budget lowers the progress and can
+        # put a finished stage ahead again; requesting the unchanged model then would rebuild the
+        # optimizer (and recompile) at every step.
+        if target <= self.stage:
             return
         model = state.model
         while self.stage < target:
