@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import interrupted_copy, signal_at, tiny_config  # noqa: E402
+from helpers import PLD, interrupted_copy, signal_at, tiny_config  # noqa: E402
 
 from cramkit.distributed.parallel import leave_process_group  # noqa: E402
 from cramkit.train import checkpoint as ckpt  # noqa: E402
@@ -38,8 +38,14 @@ def main() -> None:
         cfg = tiny_config(data, out, "train.budget=6steps", "train.micro_batch=0", "optim.fused=on",
                           f"parallel.strategy={strategy}", name=f"{strategy}-fused", arch="gpt")
         pretrain(cfg, **quiet)
+    # Progressive layer dropping leaves the dropped blocks' parameters out of a step.
+    for strategy in ("ddp", "fsdp"):
+        cfg = tiny_config(data, out, "train.budget=6steps", "train.micro_batch=0", *PLD,
+                          f"parallel.strategy={strategy}", name=f"{strategy}-pld", arch="gpt")
+        pretrain(cfg, **quiet)
     rank = dist.get_rank()
     if rank == 0:
+        results["pld_losses"] = {s: losses(out / f"{s}-pld") for s in ("ddp", "fsdp")}
         results["ddp"]["losses"] = losses(out / "ddp")
         results["fsdp"]["losses"] = losses(out / "fsdp")
         results["fused_losses"] = {s: losses(out / f"{s}-fused") for s in ("ddp", "fsdp")}

@@ -19,6 +19,10 @@ def tiny_config(data_dir: Path, out_dir: Path, *overrides: str, name: str = "run
     return load_config("demo", base + list(overrides))
 
 
+# Progressive layer dropping that drops blocks from the second step on (theta(0) = 1 keeps all).
+PLD = ("model.layers=4", "techniques=[pld]", "technique.pld.theta_bar=0.2", "technique.pld.gamma=20")
+
+
 def interrupted_copy(run: Path, copy: Path, step: int) -> Path:
     """A copy of ``run`` as if it had been stopped right after its step-``step`` checkpoint."""
     import shutil

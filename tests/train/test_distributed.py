@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cramkit.train.run import pretrain
 
-from .helpers import tiny_config
+from .helpers import PLD, tiny_config
 
 pytestmark = pytest.mark.multiprocess
 
@@ -47,6 +47,13 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     torch.testing.assert_close(torch.tensor(res["fsdp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
     for strategy, fused in res["fused_losses"].items():  # fused vs for-loop AdamW: rounding only
         torch.testing.assert_close(torch.tensor(fused), torch.tensor(one), rtol=1e-4, atol=1e-5, msg=strategy)
+    # PLD under DDP (which must be told of the skipped blocks' unused parameters) and FSDP2.
+    pretrain(tiny_config(tiny_clm_data, tmp_path, "train.budget=6steps", "train.micro_batch=0", *PLD,
+                         name="single-pld", arch="gpt"), say=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "single-pld" / "metrics.jsonl").read_text().splitlines()]
+    one_pld = [r["loss"] for r in rows if r["type"] == "train"]
+    for strategy, pld in res["pld_losses"].items():
+        torch.testing.assert_close(torch.tensor(pld), torch.tensor(one_pld), rtol=1e-4, atol=1e-5, msg=strategy)
     # Resumed from a 2-rank checkpoint: the rest of the curve, and the same final weights.
     assert res["resumed_losses"] == res["ddp"]["losses"][3:]
     a, b = load_file(res["ddp_weights"]), load_file(res["cut_weights"])

@@ -133,6 +133,7 @@ class ProgressiveLayerDropping(Technique):
     name = "pld"
     Options = PLDOptions
     order = 50  # after growth (stacking, V-cycle), so it applies to the grown model
+    unused_parameters = True  # a dropped block's parameters get no gradient in that step
     options: PLDOptions
 
     def __init__(self, options: PLDOptions) -> None:

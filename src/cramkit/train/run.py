@@ -165,8 +165,12 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
     return compile_model
 
 
-def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model):
-    """Activation checkpointing → compile → sharding, re-applied after every model swap."""
+def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model, unused_parameters: bool = False):
+    """Activation checkpointing → compile → sharding, re-applied after every model swap.
+
+    ``unused_parameters``: some technique may leave parameters out of a step (see
+    ``Technique.unused_parameters``), which DDP has to be told.
+    """
 
     def prepare(model: torch.nn.Module) -> torch.nn.Module:
         if cfg.train.fp8 and not getattr(model, "_cramkit_fp8", False):
@@ -179,7 +183,8 @@ def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model
             # FSDP2 shards the module in place; the compiled wrapper then runs the sharded module.
             shard_model(model, par, cfg.parallel, precision, cfg.memory.offload_optimizer)
             return compile_model(model)
-        return shard_model(compile_model(model), par, cfg.parallel, precision, cfg.memory.offload_optimizer)
+        return shard_model(compile_model(model), par, cfg.parallel, precision, cfg.memory.offload_optimizer,
+                           unused_parameters)
 
     return prepare
 
@@ -394,7 +399,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         log=log.write if log else (lambda record: None), techniques=techniques, device=device,
         precision=precision, micro_batch=micro_batch, seq_len=seq_len, flops_per_token=fpt,
         peak_flops=peak, state=state, clock=clock, progress_bar=bar, parallel=par,
-        prepare_model=_model_preparer(cfg, par, precision, compile_model),
+        prepare_model=_model_preparer(cfg, par, precision, compile_model,
+                                      any(t.unused_parameters for t in techniques)),
         offload=lambda: offload_context(cfg.memory, device),
     )
     trainer_ref.append(trainer)
