@@ -51,7 +51,7 @@ from ..configbase import Config, field
 from ..errors import ConfigError
 from ..models.config import ModelConfig
 from .base import ContractCases, Technique, register
-from .common import materialize, model_device
+from .common import full_state_dict, materialize, model_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +242,7 @@ def _decoalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, tor
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return full_state_dict(model)
 
 
 def coalesce(model: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
@@ -402,7 +402,7 @@ class VCycle(Technique):
         while self.stage < target:
             here, there = self.levels[self.stage], self.levels[self.stage + 1]
             if there > here:
-                self.saved.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+                self.saved.append({k: v.to("cpu", copy=True) for k, v in full_state_dict(model).items()})
                 model = coalesce(model, self.scheme)
             else:
                 large = materialize(self.level_config(there), self.saved.pop(), model_device(model))
