@@ -149,6 +149,11 @@ def test_stage_table():
     assert [stage_at(p, table) for p in (0.0, 0.099, 0.1, 0.39, 0.4, 1.0)] == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ConfigError, match="3 stage fractions"):
         VCycleOptions.from_dict({"fractions": [0.5, 0.5]})
+    # From 7 levels on the default table has no budget left for the full model.
+    assert all(f > 0 for f in VCycleOptions.from_dict({"levels": 6}).stage_fractions())
+    with pytest.raises(ConfigError, match="no budget for the full model"):
+        VCycleOptions.from_dict({"levels": 7})
+    VCycleOptions.from_dict({"levels": 7, "fractions": [1 / 13] * 13})
 
 
 def test_vcycle_levels_and_learning_rate_through_the_hooks():

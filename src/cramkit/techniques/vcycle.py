@@ -331,6 +331,14 @@ class VCycleOptions(Config):
                 raise ConfigError(f"technique.vcycle.fractions needs {n} stage fractions, got {len(self.fractions)}")
             if any(f <= 0 for f in self.fractions) or not math.isclose(sum(self.fractions), 1.0, abs_tol=1e-6):
                 raise ConfigError("technique.vcycle.fractions must be positive and sum to 1")
+        elif default_fractions(self.levels)[-1] <= 0:
+            # The defaults' down and up stages alone take the whole budget from 7 levels on: the
+            # run would end on a coarse level and never return to the full model.
+            raise ConfigError(
+                f"technique.vcycle.levels={self.levels} leaves no budget for the full model with the "
+                "default fractions (5 % per step down, 25 % coarsest, 10 % per step up); give "
+                f"technique.vcycle.fractions ({2 * self.levels - 1} values)"
+            )
         if self.lr_scale and len(self.lr_scale) != self.levels:
             raise ConfigError(f"technique.vcycle.lr_scale needs {self.levels} values, got {len(self.lr_scale)}")
         if any(s <= 0 for s in self.lr_scale):
