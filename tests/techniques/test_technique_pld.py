@@ -113,6 +113,30 @@ def test_kept_block_scales_its_branches_by_one_over_p():
     assert not torch.allclose(plain, scaled)
 
 
+def test_branch_gains_are_kept():
+    """With model.residual_scale=scalar the switchable block still applies the branch gains: in
+    evaluation it is the plain model's function, in training the gains learn."""
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", layers=3, residual_scale="scalar", init="skipinit")
+    plain = build_model(cfg)
+    with torch.no_grad():  # non-trivial gains (skipinit starts them at 0)
+        for i, block in enumerate(plain.layers):
+            block.gain1.weight.fill_(0.5 + i)
+            block.gain2.weight.fill_(-0.25 * (i + 1))
+    model = build_model(cfg)
+    model.load_state_dict(plain.state_dict())
+    tech = ProgressiveLayerDropping(PLDOptions.from_dict({"theta_bar": 1.0}))
+    model = tech.on_model(model)
+    ids = torch.randint(5, 1000, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
+    model.train()
+    tech.on_step_start(_State(model, progress=0.5, step=0))  # theta_bar=1: every block kept, 1/p = 1
+    model(ids, labels=ids).loss.backward()
+    for block in model.layers:
+        assert block.gain1.weight.grad is not None and block.gain2.weight.grad is not None
+
+
 def test_post_ln_model_is_refused():
     model = build_model(preset_config("tiny", norm_position="post", final_norm=False))
     with pytest.raises(ConfigError, match="pre-LN"):

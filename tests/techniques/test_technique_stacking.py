@@ -91,3 +91,13 @@ def test_run_grows_to_final_depth_and_counts_flops(tiny_mlm_data, tmp_path):
     tokens_per_step = summary["tokens"] / 8
     expected = tokens_per_step * (3 * per[0] + 2 * per[1] + 3 * per[2])
     assert summary["flops"] == pytest.approx(expected, rel=1e-9)
+    # The run starts at depth 1 but trains depth 4: memory is estimated (and on a GPU the
+    # micro-batch sized) for depth 4, and the summary counts the model the run ended with.
+    import json
+
+    from cramkit.models.flops import count_parameters
+
+    full = count_parameters(build_model(cfg.model))
+    assert summary["parameters"] == full
+    estimate = json.loads((tmp_path / "run" / "environment.json").read_text())["memory_estimate"]
+    assert estimate["parameters_gb"] == pytest.approx(4 * full / 1e9, rel=1e-12)

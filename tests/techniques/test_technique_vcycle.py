@@ -29,6 +29,7 @@ MODELS = {
                            bias=True, type_vocab_size=2),
     "gpt": dict(preset="tiny-gpt"),
     "gpt-rotary": dict(preset="tiny-gpt", positions="rotary"),
+    "bert-gains": dict(preset="tiny", positions="learned", residual_scale="scalar"),
 }
 SCHEMES = [Scheme(2, 1), Scheme(2, 2), Scheme(1, 2)]
 
@@ -91,6 +92,17 @@ def test_coalescing_averages_pairs():
     torch.testing.assert_close(got[:head_dim, 0], rows[:, 0] + rows[:, 1])
 
 
+def test_branch_gains_average_over_merged_blocks():
+    model = _model("bert-gains")
+    with torch.no_grad():
+        model.layers[0].gain1.weight.fill_(0.5)
+        model.layers[1].gain1.weight.fill_(1.5)
+    small = coalesce(model, Scheme(2, 2))
+    assert small.state_dict()["layers.0.gain1.weight"].item() == 1.0
+    large = decoalesce(small, Scheme(2, 2))
+    assert [b.gain1.weight.item() for b in large.layers] == [1.0, 1.0]
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt"])
 def test_interpolation_endpoints(kind):
     a, b = _model(kind, seed=0), _model(kind, seed=1)
@@ -118,6 +130,16 @@ def test_impossible_scheme_is_a_config_error():
         coalesce(_model("bert"), Scheme(1, 4))
 
 
+def test_width_coalescing_of_tied_embeddings_without_norm_parameters_is_refused():
+    # norm=none leaves the decoder's scale nowhere to go: the logits would change by the factor.
+    cfg = preset_config("tiny", positions="learned", norm="none", embedding_norm=False, init="t-fixup")
+    with pytest.raises(ConfigError, match="tied embeddings"):
+        VCycle(VCycleOptions.from_dict({"depth": 1})).configure_model(cfg)
+    # Untied, or depth only, there is no scale to carry.
+    VCycle(VCycleOptions.from_dict({"depth": 1})).configure_model(cfg.replace(tie_embeddings=False))
+    VCycle(VCycleOptions.from_dict({"width": 1})).configure_model(cfg)
+
+
 def test_stage_table():
     assert stage_levels(1) == [0]
     assert stage_levels(3) == [0, 1, 2, 1, 0]
@@ -127,6 +149,11 @@ def test_stage_table():
     assert [stage_at(p, table) for p in (0.0, 0.099, 0.1, 0.39, 0.4, 1.0)] == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ConfigError, match="3 stage fractions"):
         VCycleOptions.from_dict({"fractions": [0.5, 0.5]})
+    # From 7 levels on the default table has no budget left for the full model.
+    assert all(f > 0 for f in VCycleOptions.from_dict({"levels": 6}).stage_fractions())
+    with pytest.raises(ConfigError, match="no budget for the full model"):
+        VCycleOptions.from_dict({"levels": 7})
+    VCycleOptions.from_dict({"levels": 7, "fractions": [1 / 13] * 13})
 
 
 def test_vcycle_levels_and_learning_rate_through_the_hooks():
@@ -161,3 +188,8 @@ def test_vcycle_levels_and_learning_rate_through_the_hooks():
     assert back.config == model.config and tech.level == 0 and not tech.saved
     expected = interpolate(model, decoalesce(small, tech.scheme), 0.5)
     _same(back, expected)
+    # A larger budget on resume lowers the progress: the cycle does not go back, and the model
+    # (with its optimizer) is not swapped for itself.
+    state.model, state.pending_model, state.progress = back, None, 0.05
+    tech.on_step_end(state)
+    assert state.pending_model is None and tech.stage == 2

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import interrupted_copy, signal_at, tiny_config  # noqa: E402
+from helpers import TECHNIQUE_RUNS, interrupted_copy, signal_at, tiny_config  # noqa: E402
 
 from cramkit.distributed.parallel import leave_process_group  # noqa: E402
 from cramkit.train import checkpoint as ckpt  # noqa: E402
@@ -38,8 +38,16 @@ def main() -> None:
         cfg = tiny_config(data, out, "train.budget=6steps", "train.micro_batch=0", "optim.fused=on",
                           f"parallel.strategy={strategy}", name=f"{strategy}-fused", arch="gpt")
         pretrain(cfg, **quiet)
+    # Progressive layer dropping leaves the dropped blocks' parameters out of a step (DDP must be
+    # told); stacking and the V-cycle build new models from FSDP2's sharded ones.
+    technique_runs = [("pld", "ddp"), ("pld", "fsdp"), ("stacking", "fsdp"), ("vcycle", "fsdp")]
+    for technique, strategy in technique_runs:
+        cfg = tiny_config(data, out, "train.budget=6steps", "train.micro_batch=0", *TECHNIQUE_RUNS[technique],
+                          f"parallel.strategy={strategy}", name=f"{strategy}-{technique}", arch="gpt")
+        pretrain(cfg, **quiet)
     rank = dist.get_rank()
     if rank == 0:
+        results["technique_losses"] = {f"{t} {s}": losses(out / f"{s}-{t}") for t, s in technique_runs}
         results["ddp"]["losses"] = losses(out / "ddp")
         results["fsdp"]["losses"] = losses(out / "fsdp")
         results["fused_losses"] = {s: losses(out / f"{s}-fused") for s in ("ddp", "fsdp")}

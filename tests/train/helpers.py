@@ -19,6 +19,15 @@ def tiny_config(data_dir: Path, out_dir: Path, *overrides: str, name: str = "run
     return load_config("demo", base + list(overrides))
 
 
+# Techniques acting within a 6-step run, for the multi-process tests: layer dropping from the
+# second step on (theta(0) = 1 keeps all blocks), a depth doubling, a V-cycle down and up.
+TECHNIQUE_RUNS = {
+    "pld": ("model.layers=4", "techniques=[pld]", "technique.pld.theta_bar=0.2", "technique.pld.gamma=20"),
+    "stacking": ("model.layers=4", "techniques=[stacking]", "technique.stacking.at=[0.3,0.6]"),
+    "vcycle": ("techniques=[vcycle]", "technique.vcycle.fractions=[0.25,0.5,0.25]"),
+}
+
+
 def interrupted_copy(run: Path, copy: Path, step: int) -> Path:
     """A copy of ``run`` as if it had been stopped right after its step-``step`` checkpoint."""
     import shutil

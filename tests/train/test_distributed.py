@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cramkit.train.run import pretrain
 
-from .helpers import tiny_config
+from .helpers import TECHNIQUE_RUNS, tiny_config
 
 pytestmark = pytest.mark.multiprocess
 
@@ -47,6 +47,19 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     torch.testing.assert_close(torch.tensor(res["fsdp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
     for strategy, fused in res["fused_losses"].items():  # fused vs for-loop AdamW: rounding only
         torch.testing.assert_close(torch.tensor(fused), torch.tensor(one), rtol=1e-4, atol=1e-5, msg=strategy)
+    # Techniques under DDP / FSDP2 (PLD's skipped blocks leave parameters unused; stacking and
+    # the V-cycle build their new models from sharded ones) follow the one-process curve.
+    single_runs = {}
+    for key, two in res["technique_losses"].items():
+        technique = key.split()[0]
+        if technique not in single_runs:
+            run = f"single-{technique}"
+            pretrain(tiny_config(tiny_clm_data, tmp_path, "train.budget=6steps", "train.micro_batch=0",
+                                 *TECHNIQUE_RUNS[technique], name=run, arch="gpt"), say=lambda *_: None)
+            rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            single_runs[technique] = [r["loss"] for r in rows if r["type"] == "train"]
+        torch.testing.assert_close(torch.tensor(two), torch.tensor(single_runs[technique]), rtol=1e-4, atol=1e-5,
+                                   msg=key)
     # Resumed from a 2-rank checkpoint: the rest of the curve, and the same final weights.
     assert res["resumed_losses"] == res["ddp"]["losses"][3:]
     a, b = load_file(res["ddp_weights"]), load_file(res["cut_weights"])

@@ -121,8 +121,12 @@ def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
 
 
 def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, precision: str,
-                offload_optimizer: bool = False) -> torch.nn.Module:
-    """Wrap for data parallelism: DDP, or FSDP2 ``fully_shard`` on each block then the root."""
+                offload_optimizer: bool = False, unused_parameters: bool = False) -> torch.nn.Module:
+    """Wrap for data parallelism: DDP, or FSDP2 ``fully_shard`` on each block then the root.
+
+    ``unused_parameters``: a step may leave some parameters out of the forward pass (a technique
+    skipping blocks); DDP must then look for them every step or it fails at the next one.
+    """
     if not par.distributed:
         if offload_optimizer:
             raise ConfigError("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
@@ -134,7 +138,7 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [par.device.index] if par.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(

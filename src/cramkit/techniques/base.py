@@ -54,6 +54,9 @@ class Technique:
         order: hooks run in ascending order (ties by name), so surgery composes predictably.
             Convention: 10 data-side (``on_batch``), 30 architecture growth/shrinking, 50
             per-block surgery (it then applies to whatever model growth produced).
+        unused_parameters: a training step may leave some parameters out of the forward pass
+            (pld skips whole blocks); DDP is then told to look for them
+            (``find_unused_parameters``), without which its next step fails.
 
     ``on_model`` runs on the first model and again on every model a technique swaps in through
     ``state.request_model``, so surgery must be idempotent.
@@ -63,6 +66,7 @@ class Technique:
     Options: ClassVar[type[Config]] = NoOptions
     conflicts: ClassVar[tuple[str, ...]] = ()
     order: ClassVar[int] = 100
+    unused_parameters: ClassVar[bool] = False
 
     def __init__(self, options: Config) -> None:
         self.options = options

@@ -28,6 +28,21 @@ def materialize(config: ModelConfig, tensors: Mapping[str, torch.Tensor],
     return model
 
 
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` (detached) with every tensor whole.
+
+    Under ``parallel.strategy=fsdp`` the trained model's parameters are DTensor shards; a new
+    model is built from the full tensors (and sharded again by the trainer). Gathering is a
+    collective, so every rank calls this at the same step, in the same state-dict order.
+    """
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    if not torch.distributed.is_available():  # a build without torch.distributed has no DTensor
+        return state
+    from torch.distributed.tensor import DTensor
+
+    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in state.items()}
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device

@@ -100,9 +100,12 @@ class SwitchableBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         scale = self.pld_scale if self.training else None
-        y = self.drop1(self.attn(self.norm1(x), attn_mask))
+        # The branch gains (model.residual_scale=scalar; Identity otherwise) are part of the
+        # branch, as in Block.forward: leaving them out would train and evaluate another function
+        # than the plain model that loads the checkpoint (skipinit's zero gains, never learned).
+        y = self.gain1(self.drop1(self.attn(self.norm1(x), attn_mask)))
         x = x + (y if scale is None else y * scale)
-        y = self.drop2(self.ffn(self.norm2(x)))
+        y = self.gain2(self.drop2(self.ffn(self.norm2(x))))
         return x + (y if scale is None else y * scale)
 
 
@@ -130,6 +133,7 @@ class ProgressiveLayerDropping(Technique):
     name = "pld"
     Options = PLDOptions
     order = 50  # after growth (stacking, V-cycle), so it applies to the grown model
+    unused_parameters = True  # a dropped block's parameters get no gradient in that step
     options: PLDOptions
 
     def __init__(self, options: PLDOptions) -> None:

@@ -24,7 +24,7 @@ from ..configbase import Config, field
 from ..errors import ConfigError
 from ..models.config import ModelConfig
 from .base import ContractCases, Technique, register
-from .common import materialize, model_device
+from .common import full_state_dict, materialize, model_device
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ def stack(model: torch.nn.Module) -> torch.nn.Module:
     cfg = model.config
     depth = cfg.layers
     new_cfg = dataclasses.replace(cfg, layers=2 * depth)
-    old = model.state_dict()
+    old = full_state_dict(model)
     tensors = {}
     for name in _names_of(new_cfg, model):
         tensors[name] = old[source_name(name, depth)].detach().clone()

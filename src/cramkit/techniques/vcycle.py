@@ -51,7 +51,7 @@ from ..configbase import Config, field
 from ..errors import ConfigError
 from ..models.config import ModelConfig
 from .base import ContractCases, Technique, register
-from .common import materialize, model_device
+from .common import full_state_dict, materialize, model_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +79,11 @@ def coarse_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
         raise ConfigError(f"cannot coalesce (width {k}, depth {d}): " + "; ".join(problems))
     small = dataclasses.replace(cfg, hidden=cfg.hidden // k, heads=cfg.heads // k,
                                 intermediate=cfg.intermediate // k, layers=cfg.layers // d)
-    if cfg.tie_embeddings and k > 1 and not (cfg.head_transform or cfg.final_norm):
+    # With norm=none the final norm (and the head transform's) is an Identity: no parameter to
+    # carry the factor k, and the logits would silently change by k at every level change.
+    if cfg.tie_embeddings and k > 1 and (cfg.norm == "none" or not (cfg.head_transform or cfg.final_norm)):
         raise ConfigError("width coalescing with tied embeddings needs a final norm or head transform "
-                          "(it carries the decoder's scale)")
+                          "with parameters (model.norm other than none; it carries the decoder's scale)")
     small.validate()
     return small
 
@@ -137,6 +139,8 @@ def _rules(name: str, cfg: ModelConfig) -> list[tuple[int, _MapFn, str]]:
         return [(1, _hidden_map, OUT)]
     if name == "embeddings.positions.scale" or name == "head.decoder.bias":
         return []
+    if owner in ("gain1", "gain2"):
+        return []  # a branch gain (residual_scale=scalar) is one scalar: no width, blocks average
     if owner.startswith("norm") or owner == "final_norm":
         return [(0, _hidden_map, OUT)]
     table = {
@@ -238,7 +242,7 @@ def _decoalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, tor
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return full_state_dict(model)
 
 
 def coalesce(model: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
@@ -327,6 +331,14 @@ class VCycleOptions(Config):
                 raise ConfigError(f"technique.vcycle.fractions needs {n} stage fractions, got {len(self.fractions)}")
             if any(f <= 0 for f in self.fractions) or not math.isclose(sum(self.fractions), 1.0, abs_tol=1e-6):
                 raise ConfigError("technique.vcycle.fractions must be positive and sum to 1")
+        elif default_fractions(self.levels)[-1] <= 0:
+            # The defaults' down and up stages alone take the whole budget from 7 levels on: the
+            # run would end on a coarse level and never return to the full model.
+            raise ConfigError(
+                f"technique.vcycle.levels={self.levels} leaves no budget for the full model with the "
+                "default fractions (5 % per step down, 25 % coarsest, 10 % per step up); give "
+                f"technique.vcycle.fractions ({2 * self.levels - 1} values)"
+            )
         if self.lr_scale and len(self.lr_scale) != self.levels:
             raise ConfigError(f"technique.vcycle.lr_scale needs {self.levels} values, got {len(self.lr_scale)}")
         if any(s <= 0 for s in self.lr_scale):
@@ -389,13 +401,16 @@ class VCycle(Technique):
 
     def on_step_end(self, state) -> None:
         target = stage_at(state.progress, self.fractions)
-        if target == self.stage:
+        # The cycle only moves forward. A resume with a larger budget lowers the progress and can
+        # put a finished stage ahead again; requesting the unchanged model then would rebuild the
+        # optimizer (and recompile) at every step.
+        if target <= self.stage:
             return
         model = state.model
         while self.stage < target:
             here, there = self.levels[self.stage], self.levels[self.stage + 1]
             if there > here:
-                self.saved.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+                self.saved.append({k: v.to("cpu", copy=True) for k, v in full_state_dict(model).items()})
                 model = coalesce(model, self.scheme)
             else:
                 large = materialize(self.level_config(there), self.saved.pop(), model_device(model))

@@ -165,8 +165,12 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
     return compile_model
 
 
-def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model):
-    """Activation checkpointing → compile → sharding, re-applied after every model swap."""
+def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model, unused_parameters: bool = False):
+    """Activation checkpointing → compile → sharding, re-applied after every model swap.
+
+    ``unused_parameters``: some technique may leave parameters out of a step (see
+    ``Technique.unused_parameters``), which DDP has to be told.
+    """
 
     def prepare(model: torch.nn.Module) -> torch.nn.Module:
         if cfg.train.fp8 and not getattr(model, "_cramkit_fp8", False):
@@ -179,7 +183,8 @@ def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model
             # FSDP2 shards the module in place; the compiled wrapper then runs the sharded module.
             shard_model(model, par, cfg.parallel, precision, cfg.memory.offload_optimizer)
             return compile_model(model)
-        return shard_model(compile_model(model), par, cfg.parallel, precision, cfg.memory.offload_optimizer)
+        return shard_model(compile_model(model), par, cfg.parallel, precision, cfg.memory.offload_optimizer,
+                           unused_parameters)
 
     return prepare
 
@@ -269,6 +274,16 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         batch = locate_targets(objective(tokens, index), model)
         return {k: v.to(device) for k, v in batch.items()}
 
+    # Techniques may start from a smaller architecture than model.* (stacking starts shallow and
+    # grows into it; a V-cycle resumed on a coarse level returns to it). Memory is sized for
+    # model.*, the largest the run trains: a micro-batch that fits the first model would run out
+    # of memory once the model has grown. Built on the meta device (no memory, no RNG) to count.
+    if model_cfg == cfg.model:
+        full_model = model
+    else:
+        with torch.device("meta"):
+            full_model = build_model(cfg.model)
+
     per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
     if saved:
         micro_batch = int(saved["micro_batch"])
@@ -282,8 +297,10 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         micro_batch = min(cfg.train.micro_batch, per_rank_batch)
     elif device.type == "cuda":
         with _private_rng(device):
-            micro_batch = auto_micro_batch(model, make_batch, device, precision, per_rank_batch,
-                                           optimizer_bytes=8 * count_parameters(model))
+            probe = model if full_model is model else build_model(cfg.model).to(device)
+            micro_batch = auto_micro_batch(probe, make_batch, device, precision, per_rank_batch,
+                                           optimizer_bytes=8 * count_parameters(probe))
+            del probe
         say(f"auto micro-batch: {micro_batch} sequences")
     else:
         micro_batch = min(32, per_rank_batch)
@@ -291,7 +308,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
             f"{par.world_size} rank(s); choose a batch size that is, or set train.micro_batch")
-    estimate = estimate_memory(model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
+    estimate = estimate_memory(full_model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
                                world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
                                optimizer_states=OPTIMIZER_STATES.get(cfg.optim.name, 2))
     if device.type == "cuda":
@@ -370,7 +387,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                                  meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
         par.barrier()
 
-    n_params = count_parameters(model)
+    n_params = count_parameters(full_model)
     say(f"run: {run_dir}")
     say(f"model: {model_cfg.arch}, {n_params / 1e6:.2f} M parameters; device {device}, {precision}; "
         f"micro-batch {micro_batch} x {par.world_size} rank(s), batch {cfg.train.batch_size}, seq {seq_len}; "
@@ -382,7 +399,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         log=log.write if log else (lambda record: None), techniques=techniques, device=device,
         precision=precision, micro_batch=micro_batch, seq_len=seq_len, flops_per_token=fpt,
         peak_flops=peak, state=state, clock=clock, progress_bar=bar, parallel=par,
-        prepare_model=_model_preparer(cfg, par, precision, compile_model),
+        prepare_model=_model_preparer(cfg, par, precision, compile_model,
+                                      any(t.unused_parameters for t in techniques)),
         offload=lambda: offload_context(cfg.memory, device),
     )
     trainer_ref.append(trainer)
@@ -423,7 +441,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     summary = None
     if par.is_main:
         log.close()
-        summary = _summary(run_dir, trainer, first_loss, val_loss, n_params, peak)
+        # The model trained last (the one the final checkpoint holds), not the first one.
+        summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak)
         kwh = meter.kwh()  # this process's GPU; under torchrun, rank 0's device only
         summary["energy_kwh"] = kwh
         summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
