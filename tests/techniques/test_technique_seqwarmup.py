@@ -57,3 +57,38 @@ def test_run_lengths_tokens_and_flops(arch, tiny_mlm_data, tiny_clm_data, tmp_pa
     rate = cfg.objective.mask_rate if arch == "bert" else None
     expected = sum(8 * n * flops_per_token(cfg.model, n, rate) for n in lengths)
     assert summary["flops"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", ["bert", "gpt"])
+def test_compiled_run_meets_no_recompilation_while_lengths_grow(arch, tiny_mlm_data, tiny_clm_data, tmp_path,
+                                                                monkeypatch):
+    """The compile warm-up (outside the budget) also runs a warm-up-length batch, so that the
+    growing lengths of training reuse one graph instead of compiling inside the budget. The
+    backend is aot_eager (cheap on a CPU); the guards and recompilations are dynamo's, the same
+    for every backend."""
+    from torch._dynamo.utils import counters
+
+    from cramkit.train.trainer import Trainer
+
+    real_compile, real_fit = torch.compile, Trainer.fit
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager", **kw))
+    graphs = {}
+
+    def fit(self):  # graphs compiled before training (warm-up, first evaluation) and after it
+        graphs["before"] = counters["stats"]["unique_graphs"]
+        state = real_fit(self)
+        graphs["after"] = counters["stats"]["unique_graphs"]
+        return state
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    torch._dynamo.reset()
+    counters.clear()
+    data = tiny_mlm_data if arch == "bert" else tiny_clm_data
+    cfg = tiny_config(data, tmp_path, "train.budget=8steps", "train.compile=true", "techniques=[seqwarmup]",
+                      "technique.seqwarmup.start=8", "technique.seqwarmup.fraction=0.8", arch=arch)
+    pretrain(cfg, say=quiet)
+    torch._dynamo.reset()
+    lengths = {warmup_length(s / 8, 32, 8, 0.8) for s in range(8)}
+    assert len(lengths) >= 4  # training did see several lengths
+    assert graphs["after"] == graphs["before"] > 0

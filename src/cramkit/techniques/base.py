@@ -96,6 +96,13 @@ class Technique:
         """Change a micro-batch before the forward pass (e.g. truncate the sequence)."""
         return batch
 
+    def warm_up_batches(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+        """Micro-batches for the compile warm-up (outside the budget) beyond the full-size ones
+        it runs anyway: shaped as this technique will shape training batches (from the full-size
+        ``batch``), so that training meets no recompilation. The compiler generalises over a
+        size it has seen change, so one example of a changed shape is enough."""
+        return []
+
     def on_after_backward(self, model: torch.nn.Module, state: TrainState) -> None:
         """Gradient-side work before the optimizer step (masks, extra passes)."""
 

@@ -71,6 +71,16 @@ def truncate(batch: dict[str, torch.Tensor], length: int, sep_id: int | None = N
     return out
 
 
+def _framing_sep(batch: dict[str, torch.Tensor], model: torch.nn.Module | None) -> int | None:
+    """The ``[SEP]`` id that ends every row of an MLM batch, or None (CLM, or no common end)."""
+    if model is None or model.config.causal:
+        return None
+    # Packed MLM rows all end in [SEP]; reading it off the batch avoids needing the tokenizer
+    # here. Without a common last token there is no framing to restore.
+    last = batch["input_ids"][:, -1]
+    return int(last[0]) if bool((last == last[0]).all()) else None
+
+
 @register
 class SequenceLengthWarmup(Technique):
     """Train on short sequences first, growing to the full length."""
@@ -106,15 +116,14 @@ class SequenceLengthWarmup(Technique):
         self.length = warmup_length(state.progress, full, o.start, o.fraction, o.multiple)
         if self.length >= full:
             return batch
-        model = state.model
-        sep = None
-        if model is not None and not model.config.causal:
-            # Packed MLM rows all end in [SEP]; reading it off the batch avoids needing the
-            # tokenizer here. Without a common last token there is no framing to restore.
-            last = ids[:, -1]
-            if bool((last == last[0]).all()):
-                sep = int(last[0])
-        return truncate(batch, self.length, sep)
+        return truncate(batch, self.length, _framing_sep(batch, state.model))
+
+    def warm_up_batches(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+        # Every length from start to full would otherwise recompile once inside the budget (the
+        # second length seen makes the sequence dimension dynamic); the shortest one does it here.
+        full, o = int(batch["input_ids"].shape[1]), self.options
+        length = warmup_length(0.0, full, o.start, o.fraction, o.multiple)
+        return [truncate(batch, length, _framing_sep(batch, model))] if length < full else []
 
     def flops_per_token(self, base: float, state) -> float:
         if self.full is None or self.length is None or self.length >= self.full:

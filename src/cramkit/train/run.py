@@ -322,9 +322,14 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
             compiled.train()
             # Two masks with different numbers of targets: the second makes the compiler generalise
             # over that size (sparse prediction gathers it), so training meets no recompilation.
-            for index in (0, 1):
+            batches = [make_batch(micro_batch, index) for index in (0, 1)]
+            # Then the shapes techniques give training batches (a shorter sequence, say), with
+            # target positions found anew for the changed labels.
+            batches += [locate_targets({k: v for k, v in b.items() if k != "target_index"}, model)
+                        for t in techniques for b in t.warm_up_batches(batches[0], model)]
+            for batch in batches:
                 with autocast(device, precision):
-                    out = compiled(**make_batch(micro_batch, index))
+                    out = compiled(**batch)
                 out.loss.backward()
                 compiled.zero_grad(set_to_none=True)
 
