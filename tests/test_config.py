@@ -57,6 +57,13 @@ def test_overrides_reach_nested_fields_and_presets():
         ("techniques=[nope]", "unknown technique 'nope'"),
         ("train.device=gpu", "train.device must be auto, cpu, cuda"),
         ("train.eval_batches=-1", "eval_batches must be >= 0"),
+        # NaN passes every range check, so each of these used to fail only inside training.
+        ("optim.lr=nan", "optim.lr: expected a finite number, got 'nan'"),
+        ("model.init_std=nan", "model.init_std: expected a finite number"),
+        ("train.clip_grad=inf", "train.clip_grad: expected a finite number"),
+        ("data.prepare.tokenizer_sample_mb=nan", "tokenizer_sample_mb: expected a finite number"),
+        ("optim.weight_decay=1e400", "optim.weight_decay: expected a finite number"),
+        ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
     ],
 )
 def test_bad_config_values_are_clear_errors(override, message):
@@ -80,7 +87,7 @@ def test_budget_syntax(text, kind, limit):
     assert (b.kind, b.limit) == (kind, limit)
 
 
-@pytest.mark.parametrize("text", ["abc", "10", "10parsecs", "-5s", "0steps"])
+@pytest.mark.parametrize("text", ["abc", "10", "10parsecs", "-5s", "0steps", "1e400steps"])
 def test_bad_budget(text):
     with pytest.raises(ConfigError):
         Budget.parse(text)

@@ -92,6 +92,8 @@ class TrainConfig(Config):
             raise ConfigError("train.log_every must be >= 1")
         if self.eval_batches < 0:
             raise ConfigError("train.eval_batches must be >= 0 (0 = the whole validation split)")
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops must be >= 0 (0 = measure it), got {self.peak_tflops}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
 
