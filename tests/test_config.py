@@ -71,6 +71,45 @@ def test_bad_config_values_are_clear_errors(override, message):
         load_config("demo", [override])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.preset=3", "model.preset must be a preset name, got 3"),
+        ("model.preset=[tiny]", r"model.preset must be a preset name, got \['tiny'\]"),
+    ],
+)
+def test_ill_typed_preset_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'base = 3\n', "base must be a recipe name or path, got 3"),
+        (b'base = ["demo"]\n', "base must be a recipe name or path"),
+        (b'base = "demo"\n[model]\npreset = 3\n', "model.preset must be a preset name, got 3"),
+        (b'base = "demo"\ntrain = 3\n', "train: expected a table of TrainConfig options"),
+        (b"\xff\xfe\x00binary", r"bad\.toml line 1: not UTF-8 text"),
+    ],
+)
+def test_ill_formed_recipe_file_is_a_clear_error(tmp_path, content, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(recipe))
+
+
+def test_config_that_is_not_a_table_is_a_clear_error():
+    from cramkit.config import config_from_dict
+    from cramkit.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="run config must be a table of options, got list"):
+        config_from_dict([1, 2])  # e.g. a damaged config.json
+    with pytest.raises(ConfigError, match="model: expected a table of options, got list"):
+        ModelConfig.from_dict([1], path="model")  # e.g. a checkpoint's model_config
+
+
 def test_unknown_recipe_lists_known_ones():
     with pytest.raises(ConfigError, match="unknown recipe 'crammed-bart'.*did you mean 'crammed-bert'"):
         load_config("crammed-bart")

@@ -142,6 +142,8 @@ class Config:
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
         """Build from a (possibly partial) dict; unknown keys are errors with a hint."""
+        if data is not None and not isinstance(data, dict):  # e.g. a damaged config.json
+            raise ConfigError(f"{path or cls.__name__}: expected a table of options, got {type(data).__name__}")
         data = dict(data or {})
         hints = get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls) if f.init]
