@@ -129,3 +129,26 @@ def test_non_dataset_folder_is_not_overwritten(tmp_path):
 def test_missing_tokenizer_file(tmp_path):
     f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(5))
     _fails(tmp_path, small_cfg([f], tokenizer_file=str(tmp_path / "tok.json")), "no such file")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: [1, 2], r"manifest\.json: expected a JSON object, got list"),
+        (lambda m: {k: v for k, v in m.items() if k != "seq_len"}, r"damaged manifest \(no seq_len\)"),
+    ],
+)
+def test_damaged_manifest_is_a_data_error(tmp_path, damage, message):
+    """A manifest that is JSON but not a dataset's used to be an AttributeError or KeyError
+    traceback, from pretraining on it and from preparing into its folder."""
+    from cramkit.data.dataset import TokenDataset
+
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    out = prepare(small_cfg([f]), tmp_path / "out", progress=False)
+    manifest = out / "manifest.json"
+    manifest.write_text(json.dumps(damage(json.loads(manifest.read_text()))))
+    with pytest.raises(DataError, match=message):
+        TokenDataset.open(out)
+    if isinstance(damage({}), list):
+        with pytest.raises(DataError, match="unreadable manifest: .*; use --force"):
+            prepare(small_cfg([f]), out, progress=False)

@@ -49,7 +49,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
-from ..utils import sha256_file, write_json
+from ..utils import read_json, sha256_file, write_json
 from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
@@ -103,9 +103,9 @@ def prepare(
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists() and not force:
         try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{manifest_path}: unreadable manifest ({exc}); use --force") from None
+            old = read_json(manifest_path, DataError)
+        except DataError as exc:
+            raise DataError(f"unreadable manifest: {exc}; use --force") from None
         if old.get("fingerprint") == fp:
             _log(f"reusing {out_dir} (same inputs and options)")
             return out_dir

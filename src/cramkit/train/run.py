@@ -39,7 +39,7 @@ from ..models.flops import count_parameters, flops_per_token
 from ..objectives import BOUNDARY_TOKENS, boundary_token_id, build_objective
 from ..optim import OPTIMIZER_STATES, build_optimizer
 from ..techniques import build_techniques
-from ..utils import write_json
+from ..utils import read_json, write_json
 from . import checkpoint as ckpt
 from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
 from .energy import EnergyMeter
@@ -461,6 +461,10 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
-    data = apply_overrides(json.loads(path.read_text()), overrides)
+    saved = read_json(path, CheckpointError)
+    try:  # the file alone first, so that a damaged or edited one is named as the culprit
+        config_from_dict(saved)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     # Not written back here: pretrain() records it once the resume has loaded successfully.
-    return config_from_dict(data)
+    return config_from_dict(apply_overrides(saved, overrides))
