@@ -330,6 +330,8 @@ def export(
             f"choose from {list(FORMATS)}"
         )
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():  # --force replaces an export, never some other file
+        raise ConfigError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
     model, cfg, tokenizer, info = open_run(run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     An interrupted write never leaves a file at ``path`` that looks complete.
     """
     path = Path(path)
+    if path.is_dir():  # else os.replace fails naming the temporary file, not the user's path
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -122,6 +122,11 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
         export(run, tmp_path / "busy", log=lambda s: None)
     export(run, tmp_path / "busy", overwrite=True, log=lambda s: None)
     assert not (tmp_path / "busy" / "x").exists()
+    (tmp_path / "notes.txt").write_text("precious")
+    for overwrite in (False, True):  # --force replaces an export, never a file
+        with pytest.raises(ConfigError, match="notes.txt exists and is not a directory"):
+            export(run, tmp_path / "notes.txt", overwrite=overwrite, log=lambda s: None)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
     with pytest.raises(ConfigError, match="unknown export format 'onnx'"):
         export(run, tmp_path / "o2", format="onnx")
     with pytest.raises(CheckpointError, match="is a transformers export"):
