@@ -152,3 +152,20 @@ def test_damaged_manifest_is_a_data_error(tmp_path, damage, message):
     if isinstance(damage({}), list):
         with pytest.raises(DataError, match="unreadable manifest: .*; use --force"):
             prepare(small_cfg([f]), out, progress=False)
+
+
+def test_force_never_replaces_a_source_or_a_file(tmp_path):
+    """`prepare corpus --out corpus` answers "not a cramkit dataset; use --force", and --force
+    then replaced the folder, sources and all, with the dataset (a file --out likewise)."""
+    corpus = tmp_path / "corpus"
+    f = write_corpus(corpus / "c.txt", synthetic_docs(30))
+    text = f.read_text()
+    for source, out in ((corpus, corpus), (f, corpus), (corpus, corpus / "prepared")):
+        with pytest.raises(DataError, match=f"--out {out} overlaps the source '{source}'"):
+            prepare(small_cfg([source]), out, force=True, progress=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    with pytest.raises(DataError, match="notes.txt exists and is not a directory"):
+        prepare(small_cfg([f]), notes, force=True, progress=False)
+    assert f.read_text() == text and notes.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "notes.txt"]

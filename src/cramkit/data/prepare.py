@@ -99,6 +99,7 @@ def prepare(
     if cfg.tokenizer_file and not Path(cfg.tokenizer_file).is_file():
         raise DataError(f"tokenizer_file '{cfg.tokenizer_file}': no such file")
     sources = open_sources(cfg)
+    _check_out_dir(out_dir, sources)
     fp = fingerprint(cfg, sources)
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists() and not force:
@@ -134,6 +135,24 @@ def prepare(
             shutil.rmtree(tmp, ignore_errors=True)
     _log(_summary(manifest, out_dir))
     return out_dir
+
+
+def _check_out_dir(out_dir: Path, sources: list[Source]) -> None:
+    """Refuse an ``out_dir`` that ``force`` would destroy user data by replacing: a file, or a
+    folder that holds (or lies inside) a source. "Exists and is not a cramkit dataset; use
+    --force" is what such a folder first gets, and following that advice must not delete the
+    corpus."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} exists and is not a directory; choose another --out")
+    out = out_dir.resolve()
+    for source in sources:
+        for path in source.paths():
+            path = path.resolve()
+            if out == path or out in path.parents or path in out.parents:
+                raise DataError(
+                    f"--out {out_dir} overlaps the source '{source.spec}'; choose an --out "
+                    "outside the sources"
+                )
 
 
 def cached_prepare(cfg: PrepareConfig, cache_root: str | os.PathLike, **kwargs: Any) -> Path:

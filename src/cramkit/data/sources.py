@@ -50,6 +50,10 @@ class Source:
         """Bytes on disk the stream will read (for the progress bar), or None if unknown."""
         return None
 
+    def paths(self) -> list[Path]:
+        """Local files or folders the stream reads (so that an output never replaces them)."""
+        return []
+
 
 # --------------------------------------------------------------------------------------------
 # files
@@ -212,6 +216,7 @@ class PathSource(Source):
                 raise DataError(f"source '{spec}': the folder is empty")
         else:
             self.files = [path]
+        self.path = path
 
     def documents(self) -> Iterator[Doc]:
         for f in self.files:
@@ -222,6 +227,9 @@ class PathSource(Source):
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +336,9 @@ class HFDiskSource(Source):
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
 
 class HFHubSource(Source):
