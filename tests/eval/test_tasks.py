@@ -160,6 +160,29 @@ def test_label_outside_label_set_names_file_and_line(tmp_path, glue_dir):
         load_task("rte", tmp_path / "glue")
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("train.tsv", b"sentence\tlabel\ngood\t1\ncaf\xe9\t0\n",
+         r"train.tsv:3: not valid UTF-8 \(invalid continuation byte\)"),
+        ("train.tsv", b"sentence\tlabel\n\x93\x01\x00\x00PK\x03\x04",
+         r"train.tsv:2: NUL byte found; this looks like a binary file"),
+        ("train.tsv.gz", gzip.compress(b"sentence\tlabel\ngood\t1\n" * 50)[:40],
+         r"train.tsv.gz: cannot read \(Compressed file ended"),
+        ("train.tsv.gz", b"sentence\tlabel\ngood\t1\n", r"train.tsv.gz: cannot read \(Not a gzipped file"),
+        ("train.csv", b'sentence,label\ngood,1\n"unclosed quote,0\n' + b"more text,1\n" * 20_000,
+         r"train.csv:\d+: malformed CSV \(field larger than field limit"),
+    ],
+)
+def test_unreadable_task_file_names_file_and_line(tmp_path, name, content, message):
+    """A binary, non-UTF-8, truncated or mis-quoted task file used to be a UnicodeDecodeError,
+    EOFError, BadGzipFile or csv.Error traceback."""
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / name.replace("train", "dev")).write_bytes(b"sentence\tlabel\nok\t1\n")
+    with pytest.raises(DataError, match=message):
+        load_task(tmp_path / name)
+
+
 def test_missing_file_and_dev(tmp_path):
     with pytest.raises(DataError, match="nothere.tsv: file not found"):
         load_task(tmp_path / "nothere.tsv")

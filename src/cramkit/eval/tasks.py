@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import random
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -255,10 +256,29 @@ register_task(
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    # utf-8-sig drops the BOM that some GLUE headers (MRPC) carry.
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+    """The file's text (``.gz`` decompressed) as a stream; a damaged, binary or non-UTF-8 file
+    is a DataError naming the line.
+
+    Read and decoded whole (task files are loaded into memory anyway): a text-mode stream fails
+    on a bad byte a buffer ahead, where the line is no longer known. newline="" as csv needs.
+    """
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip: bad header, truncated stream
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if b"\x00" in data:
+        line = data.count(b"\n", 0, data.index(b"\x00")) + 1
+        raise DataError(f"{path}:{line}: NUL byte found; this looks like a binary file")
+    try:
+        text = data.decode("utf-8-sig")  # -sig drops the BOM that some GLUE headers (MRPC) carry
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason}); convert the file to UTF-8") from None
+    return io.StringIO(text, newline="")
 
 
 def _format(path: Path) -> str:
@@ -294,7 +314,7 @@ def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, 
             return
         if fmt == "csv":
             reader = csv.reader(f)
-            lines: Iterator[tuple[int, list[str]]] = ((reader.line_num, r) for r in reader)
+            lines: Iterator[tuple[int, list[str]]] = _csv_rows(path, reader)
         else:
             lines = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1))
         header: list[str] | None = None
@@ -310,6 +330,14 @@ def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, 
                 # Extra trailing fields (some GLUE rows have them) are ignored; missing ones
                 # are None so that the loader can tell a short row from a bad header.
                 yield lineno, dict(zip(header, fields + [None] * (len(header) - len(fields))))
+
+
+def _csv_rows(path: Path, reader) -> Iterator[tuple[int, list[str]]]:
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as exc:  # e.g. a stray quote that swallows the rest of the file
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
 def _column_error(path: Path, lineno: int, column: Column, row: dict) -> DataError:
