@@ -295,6 +295,49 @@ def test_batch_size_must_be_a_multiple_of_the_micro_batch(tiny_mlm_data, tmp_pat
         pretrain(cfg, say=lambda *_: None)
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tiny_mlm_data, tmp_path, monkeypatch):
+    """^C during the first evaluation left config.json and no checkpoint: a directory that
+    `--resume` rejects ("no checkpoints") and a new run may not reuse ("already exists")."""
+    from cramkit.train.trainer import Trainer
+
+    real_eval = Trainer.run_eval
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run_eval", interrupted)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, say=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # a folder the user made for the run stays, emptied
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, say=lambda *_: None)
+    assert list((tmp_path / "run").iterdir()) == []
+    monkeypatch.setattr(Trainer, "run_eval", real_eval)
+    assert pretrain(cfg, say=lambda *_: None)["steps"] == 2  # the name is free again
+
+
+def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_data, tmp_path):
+    """A data directory whose tokenizer.json was swapped trained happily and copied the wrong
+    tokenizer into the run (fine-tuning then encoded with it); a missing one was a
+    FileNotFoundError traceback after the run directory had been made."""
+    import shutil
+
+    from cramkit.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mlm_data, data)
+    shutil.copyfile(tiny_clm_data / "tokenizer.json", data / "tokenizer.json")
+    cfg = tiny_config(data, tmp_path / "runs")
+    with pytest.raises(DataError, match="is not the tokenizer this data was encoded with"):
+        pretrain(cfg, say=lambda *_: None)
+    (data / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match=r"tokenizer.json: missing"):
+        pretrain(cfg, say=lambda *_: None)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_extending_the_budget_keeps_periodic_evaluation(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.eval_every=0.25")
     pretrain(cfg, say=lambda *_: None)

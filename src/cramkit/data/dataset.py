@@ -141,6 +141,21 @@ class TokenDataset:
 
         return load_tokenizer(self.tokenizer_path)
 
+    def check_tokenizer(self) -> None:
+        """The tokenizer file exists and is the one the shards were encoded with (its sha256 as
+        the manifest records it), so a swapped or damaged tokenizer.json is caught before use."""
+        path = self.tokenizer_path
+        if not path.is_file():
+            raise DataError(f"{path}: missing (the dataset's tokenizer); prepare the data again")
+        from ..utils import sha256_file
+
+        recorded = self.manifest.get("tokenizer_sha256")
+        if recorded and sha256_file(path) != recorded:
+            raise DataError(
+                f"{path} is not the tokenizer this data was encoded with (its sha256 differs from "
+                f"{self.path / MANIFEST}'s); restore it or prepare the data again"
+            )
+
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (slow on big data)."""
         from ..utils import sha256_file
