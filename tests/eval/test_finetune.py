@@ -267,6 +267,44 @@ def test_damaged_checkpoint_meta_and_data_manifest_are_checkpoint_errors(tmp_pat
         load_backbone(run)
 
 
+@pytest.mark.parametrize("key", ["max_train_examples", "max_eval_examples"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_example_limits_must_be_positive(key, value):
+    # Were a ValueError traceback from max() / random.sample after the backbone had loaded.
+    with pytest.raises(ConfigError, match=f"finetune.{key} must be at least 1"):
+        FinetuneConfig.from_dict({key: value}, path="finetune")
+
+
+def test_saved_weights_replace_the_previous_ones_atomically(tmp_path, tiny_run, monkeypatch):
+    """save=true wrote model.safetensors in place: ^C mid-write left a truncated file where
+    the previous run's weights had been."""
+    import safetensors.torch
+
+    from cramkit.eval.tasks import load_task
+
+    task = load_task(_file_task(tmp_path / "task"))
+    cfg = FinetuneConfig.from_dict({**FAST, "save": True, "epochs": 1})
+    backbone = load_backbone(tiny_run)
+    finetune(backbone, task, cfg, save_dir=tmp_path / "ft")
+    saved = tmp_path / "ft" / "seed-0"
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    assert set(before) == {"model.safetensors", "finetune_config.json"}
+    real = safetensors.torch.save_file
+
+    def half_then_interrupt(tensors, filename, metadata=None):
+        real(tensors, filename, metadata)
+        data = open(filename, "rb").read()
+        open(filename, "wb").write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(backbone, task, FinetuneConfig.from_dict({**FAST, "save": True, "epochs": 2}),
+                 save_dir=tmp_path / "ft")
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert [p.name for p in (tmp_path / "ft").iterdir()] == ["seed-0"]  # no temporary left
+
+
 def test_random_init_control_is_not_the_pretraining_init(tmp_path, bbc_tokenizer):
     """A run pretrained from seed 0 must not be reproduced by the control's seed-0 draw."""
     from cramkit.models import build_model

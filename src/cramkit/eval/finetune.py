@@ -97,6 +97,9 @@ class FinetuneConfig(Config):
             raise ConfigError("finetune.seeds must name at least one seed")
         if self.seq_len < 4:
             raise ConfigError(f"finetune.seq_len must be at least 4, got {self.seq_len}")
+        for name in ("max_train_examples", "max_eval_examples"):  # None = all
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"finetune.{name} must be at least 1 (or none), got {getattr(self, name)}")
         if self.pooling != "auto" and self.pooling not in POOLERS:
             raise ConfigError(f"finetune.pooling: unknown '{self.pooling}'")
 
@@ -348,17 +351,19 @@ def train_one(
 def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig) -> None:
     from safetensors.torch import save_file
 
-    from ..utils import write_json
+    from ..utils import atomic_dir, write_json
     from .adapters import save_adapters
 
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.peft != "none":
-        save_adapters(model, out)
-    else:
-        from ..train.checkpoint import model_weights
+    # The whole folder at once: an interrupted save (or one that replaces an earlier run's)
+    # must not leave half-written weights, or new weights beside an old config.
+    with atomic_dir(out) as tmp:
+        if cfg.peft != "none":
+            save_adapters(model, tmp)
+        else:
+            from ..train.checkpoint import model_weights
 
-        save_file(model_weights(model), str(out / "model.safetensors"))
-    write_json(out / "finetune_config.json", cfg.to_dict())
+            save_file(model_weights(model), str(tmp / "model.safetensors"))
+        write_json(tmp / "finetune_config.json", cfg.to_dict())
 
 
 def finetune(
