@@ -338,6 +338,24 @@ def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_da
     assert not (tmp_path / "runs").exists()
 
 
+def test_resuming_a_run_killed_while_logging_keeps_the_log_readable(tiny_mlm_data, tmp_path):
+    """A kill in mid-write leaves metrics.jsonl ending in half a line (the report skips it);
+    the resumed run appended its records onto that line, then failed in a JSONDecodeError
+    traceback while writing its summary, and the report refused the log for good."""
+    from cramkit.report import read_metrics
+
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    log = run / "metrics.jsonl"
+    log.write_text(log.read_text()[:-20])
+    with pytest.warns(UserWarning, match="dropping a truncated last line"):
+        summary = pretrain(resume_config(run, ["train.budget=4steps"]), run_dir=run, resume=True,
+                           say=lambda *_: None)
+    assert summary["steps"] == 4 and (run / "summary.json").is_file()
+    train, evals = read_metrics(log)  # every line is whole again
+    assert [r["step"] for r in train][-1] == 4 and evals[-1]["step"] == 4
+
+
 def test_extending_the_budget_keeps_periodic_evaluation(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.eval_every=0.25")
     pretrain(cfg, say=lambda *_: None)
