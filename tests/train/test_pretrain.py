@@ -356,6 +356,35 @@ def test_resuming_a_run_killed_while_logging_keeps_the_log_readable(tiny_mlm_dat
     assert [r["step"] for r in train][-1] == 4 and evals[-1]["step"] == 4
 
 
+def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
+    """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
+    loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    before = (run / "config.json").read_text()
+    with pytest.raises(CheckpointError, match=r"does not match the model: size mismatch for "):
+        pretrain(resume_config(run, ["train.budget=4steps", "model.hidden=128", "model.intermediate=256"]),
+                 run_dir=run, resume=True, say=lambda *_: None)
+    with pytest.raises(ConfigError, match="trained with optim.name=adamw, not sgd"):
+        pretrain(resume_config(run, ["train.budget=4steps", "optim.name=sgd"]), run_dir=run, resume=True,
+                 say=lambda *_: None)
+    assert (run / "config.json").read_text() == before
+
+
+def test_optimizer_mismatch_in_checkpoints_that_do_not_record_the_optimizer(tiny_mlm_data, tmp_path):
+    from cramkit.optim import build_optimizer
+    from cramkit.train.run import _optimizer_mismatch
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path)
+    model = build_model(cfg.model)
+    adamw = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    saved = {"optimizer": adamw.state_dict()}  # as written before checkpoints named the optimizer
+    assert _optimizer_mismatch(cfg, saved, build_optimizer(model, cfg.optim, torch.device("cpu"))) is None
+    sgd_cfg = cfg.replace(optim=cfg.optim.replace(name="sgd"))
+    sgd = build_optimizer(model, sgd_cfg.optim, torch.device("cpu"))
+    assert "not one of optim.name=sgd" in _optimizer_mismatch(sgd_cfg, saved, sgd)
+
+
 def test_extending_the_budget_keeps_periodic_evaluation(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.eval_every=0.25")
     pretrain(cfg, say=lambda *_: None)

@@ -228,6 +228,28 @@ def _load_optimizer(model: torch.nn.Module, optimizer, state: dict, par: Paralle
         optimizer.load_state_dict(state)
 
 
+def _optimizer_name(cfg: RunConfig) -> str:
+    return f"sam({cfg.optim.base})" if cfg.optim.name == "sam" else cfg.optim.name
+
+
+def _optimizer_mismatch(cfg: RunConfig, saved: dict[str, Any], optimizer) -> str | None:
+    """Why the checkpoint's optimizer state cannot go on under ``cfg.optim``, or None.
+
+    load_state_dict() accepts another optimizer's state (it takes the saved hyperparameters as
+    they are) and the first step then fails, e.g. KeyError 'momentum' for adamw's state under
+    sgd, after config.json had been rewritten with the new optimizer. Checkpoints record the
+    optimizer; for older ones, each of the new optimizer's group settings must be in the saved
+    groups (steps only ever add settings).
+    """
+    trained, now = saved.get("optim_name"), _optimizer_name(cfg)
+    if trained is not None:
+        return None if trained == now else f"it was trained with optim.name={trained}, not {now}"
+    groups = saved["optimizer"].get("param_groups", [])
+    fits = len(groups) == len(optimizer.param_groups) and all(
+        set(new) - {"params"} <= set(old) for old, new in zip(groups, optimizer.param_groups))
+    return None if fits else f"its optimizer state is not one of optim.name={now}"
+
+
 def _shared_run_dir(cfg: RunConfig, par: Parallel, run_dir: Path | None, made: dict[str, Any]) -> Path:
     # Rank 0 names and creates the directory (its timestamp); the others use the same path.
     if run_dir is None:
@@ -400,7 +422,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
                 "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
                 "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
-                "world_size": par.world_size,
+                "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
             }
             ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
                                  meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
@@ -423,6 +445,12 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     )
     trainer_ref.append(trainer)
     if saved:
+        problem = _optimizer_mismatch(cfg, saved, state.optimizer)
+        if problem:
+            loader.close()
+            if log:
+                log.close()
+            raise ConfigError(f"{run_dir}: {problem}; resume without changing optim.name (or optim.base)")
         _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
         if "scaler" in saved:
             trainer.scaler.load_state_dict(saved["scaler"])
