@@ -68,6 +68,19 @@ def test_jsonl_missing_field_and_invalid_json(tmp_path):
     _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:4: invalid JSON")
 
 
+def test_parquet_column_that_is_not_text(tmp_path):
+    # Numbers were a TypeError traceback from tokenizer training; lists were taken as text.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"text": list(range(10))}), src / "ints.parquet")
+    _fails(tmp_path, small_cfg([src / "ints.parquet"]), r"ints\.parquet: column 'text' holds int64, not text")
+    pq.write_table(pa.table({"text": [["a", "b"]] * 10}), src / "lists.parquet")
+    _fails(tmp_path, small_cfg([src / "lists.parquet"]), r"lists\.parquet: column 'text' holds list")
+
+
 def test_vocab_larger_than_corpus(tmp_path):
     f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(20))
     _fails(

@@ -157,6 +157,7 @@ def read_jsonl_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
 
 def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
     """One document per row, text in column ``cfg.text_field``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -166,6 +167,11 @@ def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
     names = pf.schema_arrow.names
     if cfg.text_field not in names:
         raise DataError(f"{path}: no column '{cfg.text_field}' (columns: {names})")
+    kind = pf.schema_arrow.field(cfg.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        # As for JSON Lines: numbers or lists are no text (and failed deep in tokenisation).
+        raise DataError(f"{path}: column '{cfg.text_field}' holds {kind}, not text; set text_field=...")
     size = path.stat().st_size
     nrows = max(1, pf.metadata.num_rows)
     row = 0
