@@ -332,6 +332,12 @@ def export(
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():  # --force replaces an export, never some other file
         raise ConfigError(f"--out {out} exists and is not a directory")
+    # "exists and is not empty (pass --force to replace it)" must not lead to deleting the run
+    # being exported (or a folder of runs holding it), or another run.
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise ConfigError(f"--out {out} is or contains the run directory {run_dir}; choose another --out")
+    if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
+        raise ConfigError(f"--out {out} is a cramkit run directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
     model, cfg, tokenizer, info = open_run(run_dir)
