@@ -134,8 +134,9 @@ def test_non_dataset_folder_is_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a cramkit dataset"):
-        prepare(small_cfg([f]), out, progress=False)
+    for force in (False, True):  # --force rebuilds a dataset; it used to delete this folder
+        with pytest.raises(DataError, match="not a cramkit dataset"):
+            prepare(small_cfg([f]), out, force=force, progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
 
 

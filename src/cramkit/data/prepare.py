@@ -114,9 +114,12 @@ def prepare(
             f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
             "--force to rebuild it or choose another --out"
         )
-    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    # Not even with force: a folder without a manifest is someone's data, not a dataset to
+    # rebuild (this message used to suggest --force, which then deleted the folder).
+    if out_dir.exists() and not manifest_path.exists() and any(out_dir.iterdir()):
         raise DataError(
-            f"{out_dir} exists and is not a cramkit dataset; use --force or another --out"
+            f"{out_dir} exists, is not empty and is not a cramkit dataset; choose another --out "
+            "(--force only rebuilds a dataset)"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
