@@ -41,10 +41,25 @@ def test_bench_targets_parse_shape_and_model_keys():
     ("cramkit:tiny,seqlen=3", "did you mean 'seq_len'"),
     ("cramkit:tiny,batch=0", "batch must be a positive integer"),
     ("cramkit:tiny,document_mask_kernel=flexx", "document_mask_kernel"),
+    ("cramkit:tiny,vocab_size=3", "vocab_size must be above 5"),  # was a torch RuntimeError
 ])
 def test_bad_bench_targets_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         parse_target(spec, batch=2, seq_len=8)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),  # was a ZeroDivisionError
+    (["--steps", "-1"], "--steps must be >= 1, got -1"),  # printed a negative step time
+    (["--batch", "0"], "--batch must be >= 1, got 0"),  # was a ZeroDivisionError
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--doc-len", "nan"], "--doc-len must be a finite number >= 0, got nan"),  # was ignored
+    (["--device", "tpu"], "device 'tpu' is not understood; use auto, cpu, cuda or cuda:N"),  # a RuntimeError
+    (["--device", "cuda:x"], "device 'cuda:x' is not understood; use auto, cpu, cuda or cuda:N"),
+])
+def test_bad_bench_flags_are_one_line_errors(flags, message, capsys):
+    assert main(["bench", "cramkit:tiny,seq_len=8,batch=1", *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_bench_batches_only_change_when_documents_are_asked_for():

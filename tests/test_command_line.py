@@ -50,3 +50,26 @@ def test_pretrain_and_resume_through_the_cli(tiny_mlm_data, tmp_path, capsys):
     assert "stopped by budget after 3 steps" in out and "validation loss" in out
     assert main(["pretrain", "--resume", str(tmp_path / "cli"), "budget=5steps"]) == 0
     assert "after 5 steps" in capsys.readouterr().out
+
+
+def test_unusable_paths_are_one_line_errors(tiny_mlm_data, tmp_path, capsys):
+    """An OSError about a path the user gave (a file where a folder must be, a folder where a
+    file must be) used to be a FileExistsError / NotADirectoryError / IsADirectoryError
+    traceback."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n")
+    cases = [
+        (["prepare", str(corpus), "--out", str(a_file / "data"), "--no-progress"],
+         f"{a_file}: exists and is not a directory"),
+        (["pretrain", "demo", f"data.dir={tiny_mlm_data}", "model.vocab_size=512", f"out_dir={a_file}",
+          "name=r", "train.budget=1steps", "finetune_demo=false"], f"{a_file / 'r'}: Not a directory"),
+        (["bench", "cramkit:tiny", "--steps", "1", "--warmup", "0", "--batch", "1", "--seq-len", "8",
+          "--json", str(tmp_path)], f"{tmp_path}: Is a directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {message}\n", (argv, err)
+    assert a_file.read_text() == "precious\n"

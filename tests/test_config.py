@@ -57,11 +57,57 @@ def test_overrides_reach_nested_fields_and_presets():
         ("techniques=[nope]", "unknown technique 'nope'"),
         ("train.device=gpu", "train.device must be auto, cpu, cuda"),
         ("train.eval_batches=-1", "eval_batches must be >= 0"),
+        # NaN passes every range check, so each of these used to fail only inside training.
+        ("optim.lr=nan", "optim.lr: expected a finite number, got 'nan'"),
+        ("model.init_std=nan", "model.init_std: expected a finite number"),
+        ("train.clip_grad=inf", "train.clip_grad: expected a finite number"),
+        ("data.prepare.tokenizer_sample_mb=nan", "tokenizer_sample_mb: expected a finite number"),
+        ("optim.weight_decay=1e400", "optim.weight_decay: expected a finite number"),
+        ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
     ],
 )
 def test_bad_config_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.preset=3", "model.preset must be a preset name, got 3"),
+        ("model.preset=[tiny]", r"model.preset must be a preset name, got \['tiny'\]"),
+    ],
+)
+def test_ill_typed_preset_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'base = 3\n', "base must be a recipe name or path, got 3"),
+        (b'base = ["demo"]\n', "base must be a recipe name or path"),
+        (b'base = "demo"\n[model]\npreset = 3\n', "model.preset must be a preset name, got 3"),
+        (b'base = "demo"\ntrain = 3\n', "train: expected a table of TrainConfig options"),
+        (b"\xff\xfe\x00binary", r"bad\.toml line 1: not UTF-8 text"),
+    ],
+)
+def test_ill_formed_recipe_file_is_a_clear_error(tmp_path, content, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(recipe))
+
+
+def test_config_that_is_not_a_table_is_a_clear_error():
+    from cramkit.config import config_from_dict
+    from cramkit.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="run config must be a table of options, got list"):
+        config_from_dict([1, 2])  # e.g. a damaged config.json
+    with pytest.raises(ConfigError, match="model: expected a table of options, got list"):
+        ModelConfig.from_dict([1], path="model")  # e.g. a checkpoint's model_config
 
 
 def test_unknown_recipe_lists_known_ones():
@@ -80,7 +126,7 @@ def test_budget_syntax(text, kind, limit):
     assert (b.kind, b.limit) == (kind, limit)
 
 
-@pytest.mark.parametrize("text", ["abc", "10", "10parsecs", "-5s", "0steps"])
+@pytest.mark.parametrize("text", ["abc", "10", "10parsecs", "-5s", "0steps", "1e400steps"])
 def test_bad_budget(text):
     with pytest.raises(ConfigError):
         Budget.parse(text)

@@ -178,6 +178,16 @@ def test_bad_inputs_are_one_line_errors_naming_the_path_and_line(runs, tmp_path,
         load_run(run)
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json", "summary.json"])
+def test_a_binary_run_file_is_a_one_line_error(runs, tmp_path, capsys, name):
+    run = _broken_copy(runs, tmp_path / "run")
+    (run / name).write_bytes(b'{"type": "train"}\n\xff\xfe\x00\x01')  # e.g. a disk error
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {run / name} line 2: not UTF-8 text (the file is damaged or binary)\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_truncated_last_line_of_a_killed_run_is_skipped_with_a_warning(runs, tmp_path):
     good = (runs / "fast" / "metrics.jsonl").read_text().splitlines(keepends=True)
     run = _broken_copy(runs, tmp_path, good + ['{"type": "train", "st'])

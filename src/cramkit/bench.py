@@ -18,6 +18,7 @@ after each token with probability 1/N, so documents are on average N tokens long
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -80,6 +81,7 @@ def _hf_gpt2(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
 
 #: The boundary token of the random batches; random content tokens are drawn from 5 upwards.
 BENCH_BOUNDARY = 2
+_FIRST_CONTENT_ID = 5
 #: Target keys that set the run's shape rather than a model field.
 _SHAPE_KEYS = ("batch", "seq_len")
 
@@ -113,6 +115,9 @@ def parse_target(spec: str, *, batch: int, seq_len: int) -> Target:
     data = get_preset(preset or "tiny")
     data.update(fields)
     cfg = ModelConfig.from_dict(data, path="model")
+    if cfg.vocab_size <= _FIRST_CONTENT_ID:
+        raise ConfigError(f"bench target '{spec}': vocab_size must be above {_FIRST_CONTENT_ID} "
+                          f"(random tokens are drawn from id {_FIRST_CONTENT_ID} up), got {cfg.vocab_size}")
     if cfg.document_mask and cfg.document_boundary_id is None:
         cfg = cfg.replace(document_boundary_id=BENCH_BOUNDARY)
     return Target(spec, fam, cfg, shape.get("batch", batch), shape.get("seq_len", seq_len))
@@ -135,7 +140,7 @@ class Result:
 
 def _batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float, device, gen,
            doc_len: float = 0.0) -> dict:
-    tokens = torch.randint(5, vocab, (batch, seq_len), generator=gen)
+    tokens = torch.randint(_FIRST_CONTENT_ID, vocab, (batch, seq_len), generator=gen)
     # No boundaries (and no extra draws) unless asked, so plain benchmarks keep their batches.
     ends = torch.zeros(batch, seq_len, dtype=torch.bool)
     if doc_len > 0:
@@ -257,11 +262,15 @@ def expand_targets(targets: list[str], document_mask: bool, *, batch: int, seq_l
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    # Checked before any timing: --steps 0 and --batch 0 used to divide by zero at the end.
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if not (math.isfinite(args.doc_len) and args.doc_len >= 0):
+        raise ConfigError(f"--doc-len must be a finite number >= 0, got {args.doc_len}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     peak = measure_peak_flops(device, precision)
-    if args.doc_len < 0:
-        raise ConfigError(f"--doc-len must be >= 0, got {args.doc_len}")
     results = []
     for target, baseline in expand_targets(args.targets, args.document_mask, batch=args.batch, seq_len=args.seq_len):
         results.append(bench_target(target, batch=args.batch, seq_len=args.seq_len, steps=args.steps,

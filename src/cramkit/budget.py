@@ -7,6 +7,7 @@ laptop and on an H100.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -49,6 +50,8 @@ class Budget:
             raise ConfigError(f"budget '{text}' has an unknown unit '{unit}'; use e.g. {_EXAMPLES}")
         if limit <= 0:
             raise ConfigError(f"budget '{text}' must be positive")
+        if not math.isfinite(limit):  # 1e400steps overflows to inf: a run that never stops
+            raise ConfigError(f"budget '{text}' is too large")
         return cls(kind, limit)
 
     def __str__(self) -> str:

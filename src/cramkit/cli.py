@@ -46,9 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     except CramkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A path given on the command line that cannot be used (a file where a folder must be,
+        # no permission, a full disk) is a user's mistake as well: one line, naming the path.
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError, e.g. ``runs/x.txt/run: Not a directory``."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    # Every mkdir here passes exist_ok=True, so EEXIST means a file stands where a folder must.
+    reason = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+    reason = reason or str(exc)
+    return f"{paths}: {reason}" if paths else reason
 
 
 def print_json(data) -> None:

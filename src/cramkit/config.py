@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .models.config import ModelConfig
 from .models.presets import get_preset
 from .schedules import LR_SCHEDULES
+from .utils import read_text
 
 
 @dataclasses.dataclass
@@ -92,6 +93,8 @@ class TrainConfig(Config):
             raise ConfigError("train.log_every must be >= 1")
         if self.eval_batches < 0:
             raise ConfigError("train.eval_batches must be >= 0 (0 = the whole validation split)")
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops must be >= 0 (0 = measure it), got {self.peak_tflops}")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
 
@@ -209,7 +212,7 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
     if name_or_path.endswith(".toml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"recipe file '{name_or_path}' does not exist")
-        text = path.read_text()
+        text = read_text(path, ConfigError)
         name = path.stem
     else:
         names = recipe_names()
@@ -227,6 +230,8 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"recipe '{name_or_path}' is not valid TOML: {exc}") from None
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"recipe '{name_or_path}': base must be a recipe name or path, got {base!r}")
     if base:
         data = deep_merge(_read_recipe(base, seen + (name,)), data)
     data["recipe"] = name
@@ -236,6 +241,8 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
 def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
     section = dict(section)
     preset = section.pop("preset", None)
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"model.preset must be a preset name, got {preset!r}")
     return {**get_preset(preset), **section} if preset else section
 
 
@@ -248,6 +255,8 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Run
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a (recipe or saved) dict, resolving a model preset."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a run config must be a table of options, got {type(data).__name__}")
     data = dict(data)
     if "model" in data:
         if not isinstance(data["model"], dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -110,14 +111,21 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        # `lr=nan` parses as a float, but NaN slips past every range check (all comparisons are
+        # false) and infinity is no setting of any field: both would only fail deep in training.
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -134,6 +142,8 @@ class Config:
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
         """Build from a (possibly partial) dict; unknown keys are errors with a hint."""
+        if data is not None and not isinstance(data, dict):  # e.g. a damaged config.json
+            raise ConfigError(f"{path or cls.__name__}: expected a table of options, got {type(data).__name__}")
         data = dict(data or {})
         hints = get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls) if f.init]

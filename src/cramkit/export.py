@@ -335,6 +335,12 @@ def export(
     if out.exists() and not out.is_dir():
         # Not even --force: an export is a directory, and replacing a file is not what it means.
         raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    # "exists and is not empty (pass --force to replace it)" must not lead to deleting the run
+    # being exported (or a folder of runs holding it), or another run.
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise ConfigError(f"--out {out} is or contains the run directory {run_dir}; choose another --out")
+    if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
+        raise ConfigError(f"--out {out} is a cramkit run directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
     model, cfg, tokenizer, info = open_run(run_dir)

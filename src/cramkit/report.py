@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, RunError
-from .utils import atomic_path
+from .utils import atomic_path, read_json, read_text
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,8 @@ class Run:
         return self.summary is not None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    except OSError as exc:
-        raise RunError(f"{path}: cannot be read ({exc.strerror})") from None
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json(path, RunError)
 
 
 def _is_number(value: Any) -> bool:
@@ -136,11 +131,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     A malformed line is a RunError naming the file and line, except a final line without its
     newline: a run killed in mid-write leaves one, and the rest of its log is still good.
     """
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RunError(f"{path}: cannot be read ({exc.strerror})") from None
-    lines = text.split("\n")
+    lines = read_text(path, RunError).split("\n")
     kept: dict[str, list[dict[str, Any]]] = {kind: [] for kind in REQUIRED_FIELDS}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -175,11 +166,7 @@ def load_run(path: str | Path) -> Run:
         if not (path / required).is_file():
             raise RunError(f"{path} is not a cramkit run directory (no {required})")
     config = _read_json(path / "config.json")
-    if not isinstance(config, dict):
-        raise RunError(f"{path / 'config.json'}: expected a JSON object")
     summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
-    if summary is not None and not isinstance(summary, dict):
-        raise RunError(f"{path / 'summary.json'}: expected a JSON object")
     train, evals = read_metrics(path / "metrics.jsonl")
     return Run(path.resolve().name, path, config, summary, train, evals)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import CramkitError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -21,6 +24,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     An interrupted write never leaves a file at ``path`` that looks complete.
     """
     path = Path(path)
+    if path.is_dir():  # else os.replace fails naming the temporary file, not the user's path
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -58,6 +63,35 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_text(path: str | os.PathLike, error: type[CramkitError]) -> str:
+    """A UTF-8 text file; ``error`` names the file (and line) when it cannot be read or decoded.
+
+    A damaged or binary file must be a one-line error, not a UnicodeDecodeError traceback.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(f"{path} line {line}: not UTF-8 text (the file is damaged or binary)") from None
+
+
+def read_json(path: str | os.PathLike, error: type[CramkitError]) -> dict[str, Any]:
+    """A JSON object from ``path``; ``error`` (a CramkitError subclass) names the file and line
+    when the file is unreadable, not JSON (e.g. truncated) or not an object."""
+    text = read_text(path, error)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

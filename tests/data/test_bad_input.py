@@ -68,6 +68,19 @@ def test_jsonl_missing_field_and_invalid_json(tmp_path):
     _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:4: invalid JSON")
 
 
+def test_parquet_column_that_is_not_text(tmp_path):
+    # Numbers were a TypeError traceback from tokenizer training; lists were taken as text.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"text": list(range(10))}), src / "ints.parquet")
+    _fails(tmp_path, small_cfg([src / "ints.parquet"]), r"ints\.parquet: column 'text' holds int64, not text")
+    pq.write_table(pa.table({"text": [["a", "b"]] * 10}), src / "lists.parquet")
+    _fails(tmp_path, small_cfg([src / "lists.parquet"]), r"lists\.parquet: column 'text' holds list")
+
+
 def test_vocab_larger_than_corpus(tmp_path):
     f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(20))
     _fails(
@@ -121,11 +134,52 @@ def test_non_dataset_folder_is_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a cramkit dataset"):
-        prepare(small_cfg([f]), out, progress=False)
+    for force in (False, True):  # --force rebuilds a dataset; it used to delete this folder
+        with pytest.raises(DataError, match="not a cramkit dataset"):
+            prepare(small_cfg([f]), out, force=force, progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
 
 
 def test_missing_tokenizer_file(tmp_path):
     f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(5))
     _fails(tmp_path, small_cfg([f], tokenizer_file=str(tmp_path / "tok.json")), "no such file")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: [1, 2], r"manifest\.json: expected a JSON object, got list"),
+        (lambda m: {k: v for k, v in m.items() if k != "seq_len"}, r"damaged manifest \(no seq_len\)"),
+    ],
+)
+def test_damaged_manifest_is_a_data_error(tmp_path, damage, message):
+    """A manifest that is JSON but not a dataset's used to be an AttributeError or KeyError
+    traceback, from pretraining on it and from preparing into its folder."""
+    from cramkit.data.dataset import TokenDataset
+
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    out = prepare(small_cfg([f]), tmp_path / "out", progress=False)
+    manifest = out / "manifest.json"
+    manifest.write_text(json.dumps(damage(json.loads(manifest.read_text()))))
+    with pytest.raises(DataError, match=message):
+        TokenDataset.open(out)
+    if isinstance(damage({}), list):
+        with pytest.raises(DataError, match="unreadable manifest: .*; use --force"):
+            prepare(small_cfg([f]), out, progress=False)
+
+
+def test_force_never_replaces_a_source_or_a_file(tmp_path):
+    """`prepare corpus --out corpus` answers "not a cramkit dataset; use --force", and --force
+    then replaced the folder, sources and all, with the dataset (a file --out likewise)."""
+    corpus = tmp_path / "corpus"
+    f = write_corpus(corpus / "c.txt", synthetic_docs(30))
+    text = f.read_text()
+    for source, out in ((corpus, corpus), (f, corpus), (corpus, corpus / "prepared")):
+        with pytest.raises(DataError, match=f"--out {out} overlaps the source '{source}'"):
+            prepare(small_cfg([source]), out, force=True, progress=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    with pytest.raises(DataError, match="notes.txt exists and is not a directory"):
+        prepare(small_cfg([f]), notes, force=True, progress=False)
+    assert f.read_text() == text and notes.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "notes.txt"]

@@ -134,6 +134,13 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
     with pytest.raises(ConfigError, match=r"afile/sub: cannot create .*afile \("):
         export(run, tmp_path / "afile" / "sub", log=lambda s: None)
     assert (tmp_path / "afile").read_text() == "x"
+    # --force replaced the run itself, the folder holding it, or another run with the export.
+    other, _ = _run(tmp_path / "other", "tiny", small_tokenizer)
+    for out, message in ((run, "is or contains the run directory"), (run.parent, "is or contains the run"),
+                         (other, "is a cramkit run directory")):
+        with pytest.raises(ConfigError, match=message):
+            export(run, out, overwrite=True, log=lambda s: None)
+    assert (run / "checkpoints").is_dir() and (other / "checkpoints").is_dir()
     with pytest.raises(ConfigError, match="unknown export format 'onnx'"):
         export(run, tmp_path / "o2", format="onnx")
     with pytest.raises(CheckpointError, match="is a transformers export"):

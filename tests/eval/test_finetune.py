@@ -297,6 +297,103 @@ def test_cli_label_and_metric_lists_may_have_spaces(tmp_path, capsys):
     assert "run directory not found" in err and "label set" not in err, err
 
 
+def _file_task(folder):
+    folder.mkdir()
+    rows = "".join(f"text number {i}\t{i % 2}\n" for i in range(8))
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("sentence\tlabel\n" + rows)
+    return folder / "train.tsv"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"model": {"hidden": 6', r"config.json line 1: not valid JSON"),
+        (b"\xff\xfe\x00\x01", r"config.json line 1: not UTF-8 text"),
+        (b"[1, 2]", r"config.json: expected a JSON object, got list"),
+        (b'{"modle": {}}', r"config.json: unknown config key 'modle' \(did you mean 'model'\?\)"),
+    ],
+)
+def test_damaged_run_config_is_a_one_line_error_for_every_command(tmp_path, tiny_run, capsys,
+                                                                  content, message):
+    """A truncated, binary or edited config.json used to be a JSONDecodeError, UnicodeDecodeError
+    or TypeError traceback from resume, export and fine-tuning alike."""
+    import re
+
+    from cramkit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval"))  # other tests' results
+    (run / "config.json").write_bytes(content)
+    task = _file_task(tmp_path / "task")
+    for argv in (["pretrain", "--resume", str(run), "budget=9steps"],
+                 ["export", str(run), "--out", str(tmp_path / "out")],
+                 ["finetune", str(run), "--task", str(task), "seeds=[0]", "progress=false"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {run}") and re.search(message, err), (argv, err)
+        assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (run / "eval").exists()
+
+
+def test_damaged_checkpoint_meta_and_data_manifest_are_checkpoint_errors(tmp_path, tiny_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    meta = next((run / "checkpoints").iterdir()) / "meta.json"
+    good = json.loads(meta.read_text())
+    meta.write_bytes(b"\xff\xfe\x00")  # not UTF-8: a damaged checkpoint, skipped
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        load_backbone(run)
+    meta.write_text(json.dumps({**good, "model_config": [1]}))  # the files still verify
+    with pytest.raises(CheckpointError, match=r"meta.json: model_config: expected a table of options"):
+        load_backbone(run)
+    meta.write_text(json.dumps(good))
+    (run / "data_manifest.json").write_text('{"special_ids": ')
+    with pytest.raises(CheckpointError, match=r"data_manifest.json line 1: not valid JSON"):
+        load_backbone(run)
+    (run / "data_manifest.json").write_text('{"special_ids": [1, 2]}')
+    with pytest.raises(CheckpointError, match=r"data_manifest.json: special_ids is not a table"):
+        load_backbone(run)
+
+
+@pytest.mark.parametrize("key", ["max_train_examples", "max_eval_examples"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_example_limits_must_be_positive(key, value):
+    # Were a ValueError traceback from max() / random.sample after the backbone had loaded.
+    with pytest.raises(ConfigError, match=f"finetune.{key} must be at least 1"):
+        FinetuneConfig.from_dict({key: value}, path="finetune")
+
+
+def test_saved_weights_replace_the_previous_ones_atomically(tmp_path, tiny_run, monkeypatch):
+    """save=true wrote model.safetensors in place: ^C mid-write left a truncated file where
+    the previous run's weights had been."""
+    import safetensors.torch
+
+    from cramkit.eval.tasks import load_task
+
+    task = load_task(_file_task(tmp_path / "task"))
+    cfg = FinetuneConfig.from_dict({**FAST, "save": True, "epochs": 1})
+    backbone = load_backbone(tiny_run)
+    finetune(backbone, task, cfg, save_dir=tmp_path / "ft")
+    saved = tmp_path / "ft" / "seed-0"
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    assert set(before) == {"model.safetensors", "finetune_config.json"}
+    real = safetensors.torch.save_file
+
+    def half_then_interrupt(tensors, filename, metadata=None):
+        real(tensors, filename, metadata)
+        data = open(filename, "rb").read()
+        open(filename, "wb").write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(backbone, task, FinetuneConfig.from_dict({**FAST, "save": True, "epochs": 2}),
+                 save_dir=tmp_path / "ft")
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert [p.name for p in (tmp_path / "ft").iterdir()] == ["seed-0"]  # no temporary left
+
+
 def test_random_init_control_is_not_the_pretraining_init(tmp_path, bbc_tokenizer):
     """A run pretrained from seed 0 must not be reproduced by the control's seed-0 draw."""
     from cramkit.models import build_model

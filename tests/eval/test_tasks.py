@@ -218,6 +218,10 @@ def test_unreadable_files_are_one_line_errors_naming_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"late.jsonl:5001: not UTF-8 text"):
         count_rows(tmp_path / "late.jsonl")
 
+    (tmp_path / "binary.tsv").write_bytes(b"sentence\tlabel\n\x01\x00\x00PK\x03\x04\t1\n")  # decodes, yet binary
+    with pytest.raises(DataError, match=r"binary.tsv:2: NUL byte found; this looks like a binary file"):
+        count_rows(tmp_path / "binary.tsv")
+
     (tmp_path / "plain.tsv.gz").write_text("sentence\tlabel\nok\t1\n")  # named .gz, not gzip'd
     with pytest.raises(DataError, match=r"plain.tsv.gz: not a readable gzip file"):
         count_rows(tmp_path / "plain.tsv.gz")

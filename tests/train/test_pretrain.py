@@ -295,6 +295,96 @@ def test_batch_size_must_be_a_multiple_of_the_micro_batch(tiny_mlm_data, tmp_pat
         pretrain(cfg, say=lambda *_: None)
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tiny_mlm_data, tmp_path, monkeypatch):
+    """^C during the first evaluation left config.json and no checkpoint: a directory that
+    `--resume` rejects ("no checkpoints") and a new run may not reuse ("already exists")."""
+    from cramkit.train.trainer import Trainer
+
+    real_eval = Trainer.run_eval
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run_eval", interrupted)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, say=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # a folder the user made for the run stays, emptied
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, say=lambda *_: None)
+    assert list((tmp_path / "run").iterdir()) == []
+    monkeypatch.setattr(Trainer, "run_eval", real_eval)
+    assert pretrain(cfg, say=lambda *_: None)["steps"] == 2  # the name is free again
+
+
+def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_data, tmp_path):
+    """A data directory whose tokenizer.json was swapped trained happily and copied the wrong
+    tokenizer into the run (fine-tuning then encoded with it); a missing one was a
+    FileNotFoundError traceback after the run directory had been made."""
+    import shutil
+
+    from cramkit.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mlm_data, data)
+    shutil.copyfile(tiny_clm_data / "tokenizer.json", data / "tokenizer.json")
+    cfg = tiny_config(data, tmp_path / "runs")
+    with pytest.raises(DataError, match="is not the tokenizer this data was encoded with"):
+        pretrain(cfg, say=lambda *_: None)
+    (data / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match=r"tokenizer.json: missing"):
+        pretrain(cfg, say=lambda *_: None)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_a_run_killed_while_logging_keeps_the_log_readable(tiny_mlm_data, tmp_path):
+    """A kill in mid-write leaves metrics.jsonl ending in half a line (the report skips it);
+    the resumed run appended its records onto that line, then failed in a JSONDecodeError
+    traceback while writing its summary, and the report refused the log for good."""
+    from cramkit.report import read_metrics
+
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    log = run / "metrics.jsonl"
+    log.write_text(log.read_text()[:-20])
+    with pytest.warns(UserWarning, match="dropping a truncated last line"):
+        summary = pretrain(resume_config(run, ["train.budget=4steps"]), run_dir=run, resume=True,
+                           say=lambda *_: None)
+    assert summary["steps"] == 4 and (run / "summary.json").is_file()
+    train, evals = read_metrics(log)  # every line is whole again
+    assert [r["step"] for r in train][-1] == 4 and evals[-1]["step"] == 4
+
+
+def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
+    """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
+    loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    before = (run / "config.json").read_text()
+    with pytest.raises(CheckpointError, match=r"does not match the model: size mismatch for "):
+        pretrain(resume_config(run, ["train.budget=4steps", "model.hidden=128", "model.intermediate=256"]),
+                 run_dir=run, resume=True, say=lambda *_: None)
+    with pytest.raises(ConfigError, match="trained with optim.name=adamw, not sgd"):
+        pretrain(resume_config(run, ["train.budget=4steps", "optim.name=sgd"]), run_dir=run, resume=True,
+                 say=lambda *_: None)
+    assert (run / "config.json").read_text() == before
+
+
+def test_optimizer_mismatch_in_checkpoints_that_do_not_record_the_optimizer(tiny_mlm_data, tmp_path):
+    from cramkit.optim import build_optimizer
+    from cramkit.train.run import _optimizer_mismatch
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path)
+    model = build_model(cfg.model)
+    adamw = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    saved = {"optimizer": adamw.state_dict()}  # as written before checkpoints named the optimizer
+    assert _optimizer_mismatch(cfg, saved, build_optimizer(model, cfg.optim, torch.device("cpu"))) is None
+    sgd_cfg = cfg.replace(optim=cfg.optim.replace(name="sgd"))
+    sgd = build_optimizer(model, sgd_cfg.optim, torch.device("cpu"))
+    assert "not one of optim.name=sgd" in _optimizer_mismatch(sgd_cfg, saved, sgd)
+
+
 def test_extending_the_budget_keeps_periodic_evaluation(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.eval_every=0.25")
     pretrain(cfg, say=lambda *_: None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..utils import read_json
 from .prepare import MANIFEST
+
+_MANIFEST_KEYS = ("objective", "seq_len", "dtype", "vocab_size", "tokenizer_vocab_size", "special_ids",
+                  "tokenizer_file", "splits")
 
 
 class SequenceView:
@@ -75,12 +78,13 @@ class TokenDataset:
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise DataError(f"{path}: not a prepared dataset (no {MANIFEST}; run cramkit prepare)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except ValueError as exc:
-            raise DataError(f"{mpath}: invalid JSON ({exc})") from None
+        manifest = read_json(mpath, DataError)
         if manifest.get("format") != "cramkit-tokens":
             raise DataError(f"{mpath}: not a cramkit token dataset manifest")
+        # Every property below reads one of these; a KeyError later would be a traceback.
+        missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise DataError(f"{mpath}: damaged manifest (no {', '.join(missing)}); prepare the data again")
         return cls(path, manifest)
 
     @property
@@ -136,6 +140,21 @@ class TokenDataset:
         from .tokenizer import load_tokenizer
 
         return load_tokenizer(self.tokenizer_path)
+
+    def check_tokenizer(self) -> None:
+        """The tokenizer file exists and is the one the shards were encoded with (its sha256 as
+        the manifest records it), so a swapped or damaged tokenizer.json is caught before use."""
+        path = self.tokenizer_path
+        if not path.is_file():
+            raise DataError(f"{path}: missing (the dataset's tokenizer); prepare the data again")
+        from ..utils import sha256_file
+
+        recorded = self.manifest.get("tokenizer_sha256")
+        if recorded and sha256_file(path) != recorded:
+            raise DataError(
+                f"{path} is not the tokenizer this data was encoded with (its sha256 differs from "
+                f"{self.path / MANIFEST}'s); restore it or prepare the data again"
+            )
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (slow on big data)."""

@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
-from ..utils import atomic_dir, sha256_file, write_json
+from ..utils import atomic_dir, read_json, sha256_file, write_json
 from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
@@ -97,13 +97,14 @@ def prepare(
     if cfg.tokenizer_file and not Path(cfg.tokenizer_file).is_file():
         raise DataError(f"tokenizer_file '{cfg.tokenizer_file}': no such file")
     sources = open_sources(cfg)
+    _check_out_dir(out_dir, sources)
     fp = fingerprint(cfg, sources)
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists() and not force:
         try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{manifest_path}: unreadable manifest ({exc}); use --force") from None
+            old = read_json(manifest_path, DataError)
+        except DataError as exc:
+            raise DataError(f"unreadable manifest: {exc}; use --force") from None
         if old.get("fingerprint") == fp:
             _log(f"reusing {out_dir} (same inputs and options)")
             return out_dir
@@ -111,15 +112,36 @@ def prepare(
             f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
             "--force to rebuild it or choose another --out"
         )
-    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    # Not even with force: a folder without a manifest is someone's data, not a dataset to
+    # rebuild (this message used to suggest --force, which then deleted the folder).
+    if out_dir.exists() and not manifest_path.exists() and any(out_dir.iterdir()):
         raise DataError(
-            f"{out_dir} exists and is not a cramkit dataset; use --force or another --out"
+            f"{out_dir} exists, is not empty and is not a cramkit dataset; choose another --out "
+            "(--force only rebuilds a dataset)"
         )
     with atomic_dir(out_dir) as tmp:  # the manifest last, the whole directory at once
         manifest = _build(cfg, sources, tmp, fp, progress)
         write_json(tmp / MANIFEST, manifest)
     _log(_summary(manifest, out_dir))
     return out_dir
+
+
+def _check_out_dir(out_dir: Path, sources: list[Source]) -> None:
+    """Refuse an ``out_dir`` that ``force`` would destroy user data by replacing: a file, or a
+    folder that holds (or lies inside) a source. "Exists and is not a cramkit dataset; use
+    --force" is what such a folder first gets, and following that advice must not delete the
+    corpus."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} exists and is not a directory; choose another --out")
+    out = out_dir.resolve()
+    for source in sources:
+        for path in source.paths():
+            path = path.resolve()
+            if out == path or out in path.parents or path in out.parents:
+                raise DataError(
+                    f"--out {out_dir} overlaps the source '{source.spec}'; choose an --out "
+                    "outside the sources"
+                )
 
 
 def cached_prepare(cfg: PrepareConfig, cache_root: str | os.PathLike, **kwargs: Any) -> Path:

@@ -50,6 +50,10 @@ class Source:
         """Bytes on disk the stream will read (for the progress bar), or None if unknown."""
         return None
 
+    def paths(self) -> list[Path]:
+        """Local files or folders the stream reads (so that an output never replaces them)."""
+        return []
+
 
 # --------------------------------------------------------------------------------------------
 # files
@@ -153,6 +157,7 @@ def read_jsonl_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
 
 def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
     """One document per row, text in column ``cfg.text_field``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -162,6 +167,11 @@ def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
     names = pf.schema_arrow.names
     if cfg.text_field not in names:
         raise DataError(f"{path}: no column '{cfg.text_field}' (columns: {names})")
+    kind = pf.schema_arrow.field(cfg.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        # As for JSON Lines: numbers or lists are no text (and failed deep in tokenisation).
+        raise DataError(f"{path}: column '{cfg.text_field}' holds {kind}, not text; set text_field=...")
     size = path.stat().st_size
     nrows = max(1, pf.metadata.num_rows)
     row = 0
@@ -212,6 +222,7 @@ class PathSource(Source):
                 raise DataError(f"source '{spec}': the folder is empty")
         else:
             self.files = [path]
+        self.path = path
 
     def documents(self) -> Iterator[Doc]:
         for f in self.files:
@@ -222,6 +233,9 @@ class PathSource(Source):
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +342,9 @@ class HFDiskSource(Source):
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
 
 class HFHubSource(Source):

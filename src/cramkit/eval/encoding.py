@@ -10,13 +10,13 @@ causal tokenizers, with or without a post-processor, produce the same layouts:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, DataError
+from ..utils import read_json
 
 # Vocabulary spellings tried when a run has no data manifest (first match wins).
 _SPECIAL_SPELLINGS: dict[str, tuple[str, ...]] = {
@@ -55,10 +55,9 @@ class SpecialIds:
         """From ``run_dir/data_manifest.json`` → ``special_ids``, else from the vocabulary."""
         manifest = Path(run_dir) / "data_manifest.json"
         if manifest.is_file():
-            try:
-                ids = json.loads(manifest.read_text()).get("special_ids") or {}
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{manifest}: invalid JSON ({exc.msg})") from None
+            ids = read_json(manifest, CheckpointError).get("special_ids") or {}
+            if not isinstance(ids, dict):
+                raise CheckpointError(f"{manifest}: special_ids is not a table of token ids")
             known = {f.name for f in dataclasses.fields(cls)}
             if ids:
                 return cls(**{k: v for k, v in ids.items() if k in known})

@@ -97,6 +97,9 @@ class FinetuneConfig(Config):
             raise ConfigError("finetune.seeds must name at least one seed")
         if self.seq_len < 4:
             raise ConfigError(f"finetune.seq_len must be at least 4, got {self.seq_len}")
+        for name in ("max_train_examples", "max_eval_examples"):  # None = all
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"finetune.{name} must be at least 1 (or none), got {getattr(self, name)}")
         if self.pooling != "auto" and self.pooling not in POOLERS:
             raise ConfigError(f"finetune.pooling: unknown '{self.pooling}'")
 
@@ -217,17 +220,12 @@ def check_tokenizer_file(run_dir: Path, tok_path: Path) -> None:
     The vocabulary-size check cannot see a tokenizer swapped for another one of the same or a
     smaller size (another run's): every id would still be in range, every input misread.
     """
-    import json
-
-    from ..utils import sha256_file
+    from ..utils import read_json, sha256_file
 
     manifest = run_dir / "data_manifest.json"
     if not manifest.is_file():
         return
-    try:
-        want = json.loads(manifest.read_text()).get("tokenizer_sha256")
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest}: invalid JSON ({exc.msg})") from None
+    want = read_json(manifest, CheckpointError).get("tokenizer_sha256")
     if want and sha256_file(tok_path) != want:
         raise CheckpointError(
             f"{tok_path} is not the tokenizer this run was trained with (its sha256 differs from "

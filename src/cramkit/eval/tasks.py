@@ -270,10 +270,13 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of no
 
 
 def _lines(path: Path, f) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of an open text file; a line that is not UTF-8 is a DataError."""
+    """``(line number, line)`` of an open text file; a line that is not UTF-8 is a DataError, and
+    so is a NUL byte (no text file holds one: a binary file that happens to decode)."""
     for lineno, line in enumerate(f, 1):
         if not line.isascii() and _UNDECODABLE.search(line):
             raise DataError(f"{path}:{lineno}: not UTF-8 text (save the file as UTF-8)")
+        if "\x00" in line:
+            raise DataError(f"{path}:{lineno}: NUL byte found; this looks like a binary file")
         yield lineno, line
 
 

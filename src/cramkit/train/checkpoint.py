@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
-from ..utils import atomic_dir, sha256_file, write_json
+from ..errors import CheckpointError, ConfigError
+from ..utils import atomic_dir, read_json, sha256_file, write_json
 
 FILES = ("model.safetensors", "state.pt")
 
@@ -89,7 +89,7 @@ def verify(path: Path) -> str | None:
         return "meta.json is missing (the write was interrupted)"
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ValueError: bad JSON, and bytes that are not UTF-8
         return f"meta.json is unreadable ({exc})"
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict) or any(
@@ -126,7 +126,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         weights = load_file(str(Path(path) / "model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"cannot read {path}/model.safetensors: {exc}") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes differ, e.g. model.hidden changed on resume
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise CheckpointError(f"checkpoint {path} does not match the model: {first}") from None
     tied = {n for n, t in model.state_dict().items() if n in missing and _is_tied(model, n)}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
@@ -162,16 +166,23 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
-    cfg = config_from_dict(json.loads(cfg_path.read_text()))
+    try:
+        cfg = config_from_dict(read_json(cfg_path, CheckpointError))
+    except ConfigError as exc:  # a damaged or edited config.json: say which file is wrong
+        raise CheckpointError(f"{cfg_path}: {exc}") from None
     ckpt = latest_checkpoint(run_dir)
     # Techniques may have changed the architecture; the checkpoint records the one it holds.
-    meta_model = json.loads((ckpt / "meta.json").read_text()).get("model_config")
-    model_cfg = type(cfg.model).from_dict(meta_model) if meta_model else cfg.model
+    meta_path = ckpt / "meta.json"
+    meta_model = read_json(meta_path, CheckpointError).get("model_config")
+    try:
+        model_cfg = type(cfg.model).from_dict(meta_model, path="model_config") if meta_model else cfg.model
+    except ConfigError as exc:
+        raise CheckpointError(f"{meta_path}: {exc}") from None
     model = build_model(model_cfg)
     load_weights(model, ckpt)
     model.to(device).eval()
     manifest_path = run_dir / "data_manifest.json"
-    special = json.loads(manifest_path.read_text()).get("special_ids", {}) if manifest_path.is_file() else {}
+    special = read_json(manifest_path, CheckpointError).get("special_ids", {}) if manifest_path.is_file() else {}
     info = {
         "run_dir": run_dir,
         "checkpoint": ckpt,

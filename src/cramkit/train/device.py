@@ -15,9 +15,13 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:  # torch's own message lists twenty device types, most not ours
+        raise ConfigError(f"device '{name}' is not understood; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available")
+        # Not "train.device": fine-tuning (device=) and bench (--device) come here too.
+        raise ConfigError(f"device '{name}' needs CUDA, but no CUDA device is available")
     return dev
 
 

@@ -39,7 +39,7 @@ from ..models.flops import count_parameters, flops_per_token
 from ..objectives import BOUNDARY_TOKENS, boundary_token_id, build_objective
 from ..optim import OPTIMIZER_STATES, build_optimizer
 from ..techniques import build_techniques
-from ..utils import write_json
+from ..utils import atomic_path, read_json, write_json
 from . import checkpoint as ckpt
 from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
 from .energy import EnergyMeter
@@ -141,13 +141,36 @@ def _private_rng(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def new_run_dir(cfg: RunConfig) -> Path:
+def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
+    """Create the run directory of a new run; ``made`` records it for :func:`_discard_untrained`."""
     name = cfg.name or f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
+    if made is not None:
+        made.update(dir=run_dir, existed=run_dir.exists())
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _discard_untrained(made: dict[str, Any]) -> None:
+    """Remove what a new run that failed before its first optimizer step wrote.
+
+    Such a directory (config.json, no checkpoint) could neither be resumed ("no checkpoints")
+    nor reused ("already exists"), and holds nothing worth keeping. A run that took steps keeps
+    its directory: its metrics.jsonl shows what went wrong.
+    """
+    run_dir, state = made.get("dir"), made.get("state")
+    if run_dir is None or (state is not None and state.usage.steps > 0):
+        return
+    if not made["existed"]:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():  # an empty folder the user made: leave it empty
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
@@ -210,11 +233,33 @@ def _load_optimizer(model: torch.nn.Module, optimizer, state: dict, par: Paralle
         optimizer.load_state_dict(state)
 
 
-def _shared_run_dir(cfg: RunConfig, par: Parallel, run_dir: Path | None) -> Path:
+def _optimizer_name(cfg: RunConfig) -> str:
+    return f"sam({cfg.optim.base})" if cfg.optim.name == "sam" else cfg.optim.name
+
+
+def _optimizer_mismatch(cfg: RunConfig, saved: dict[str, Any], optimizer) -> str | None:
+    """Why the checkpoint's optimizer state cannot go on under ``cfg.optim``, or None.
+
+    load_state_dict() accepts another optimizer's state (it takes the saved hyperparameters as
+    they are) and the first step then fails, e.g. KeyError 'momentum' for adamw's state under
+    sgd, after config.json had been rewritten with the new optimizer. Checkpoints record the
+    optimizer; for older ones, each of the new optimizer's group settings must be in the saved
+    groups (steps only ever add settings).
+    """
+    trained, now = saved.get("optim_name"), _optimizer_name(cfg)
+    if trained is not None:
+        return None if trained == now else f"it was trained with optim.name={trained}, not {now}"
+    groups = saved["optimizer"].get("param_groups", [])
+    fits = len(groups) == len(optimizer.param_groups) and all(
+        set(new) - {"params"} <= set(old) for old, new in zip(groups, optimizer.param_groups))
+    return None if fits else f"its optimizer state is not one of optim.name={now}"
+
+
+def _shared_run_dir(cfg: RunConfig, par: Parallel, run_dir: Path | None, made: dict[str, Any]) -> Path:
     # Rank 0 names and creates the directory (its timestamp); the others use the same path.
     if run_dir is None:
-        made = str(new_run_dir(cfg)) if par.is_main else None
-        run_dir = Path(par.gather(made)[0])
+        path = str(new_run_dir(cfg, made)) if par.is_main else None
+        run_dir = Path(par.gather(path)[0])
     return Path(run_dir)
 
 
@@ -229,8 +274,19 @@ def _shared_data(cfg: RunConfig, par: Parallel, say) -> Path:
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir`` (a new one unless ``resume``) and return the run summary.
 
-    Under torchrun every rank calls this; rank 0 alone writes logs and checkpoints.
+    Under torchrun every rank calls this; rank 0 alone writes logs and checkpoints. A new run
+    that fails (or is interrupted) before its first optimizer step leaves no directory behind.
     """
+    made: dict[str, Any] = {}  # the new run directory and its TrainState, once they exist
+    try:
+        return _pretrain(cfg, run_dir, resume, say, made)
+    except BaseException:
+        _discard_untrained(made)
+        raise
+
+
+def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[[str], None],
+              made: dict[str, Any]) -> dict[str, Any]:
     par = init_parallel(cfg.parallel, cfg.train.device)
     if not par.is_main:
         say = lambda *_: None  # noqa: E731
@@ -238,10 +294,11 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     precision = resolve_precision(cfg.train.precision, device)
     data_dir = _shared_data(cfg, par, say)
     dataset = TokenDataset.open(data_dir)
+    dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
     _check_vocab(cfg, dataset, data_dir)
     objective_name = _objective_name(cfg, dataset)
     cfg = _with_document_boundary(cfg, dataset, objective_name)
-    run_dir = _shared_run_dir(cfg, par, run_dir)
+    run_dir = _shared_run_dir(cfg, par, run_dir, made)
     resume_from = ckpt.latest_checkpoint(run_dir, warn=say) if resume else None
     saved = ckpt.load_state(resume_from) if resume_from else None
 
@@ -333,7 +390,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                 out.loss.backward()
                 compiled.zero_grad(set_to_none=True)
 
-    state = TrainState()
+    state = made["state"] = TrainState()
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
                          epochs=None, transform=objective, pin_memory=device.type == "cuda")
     clock = Clock()
@@ -371,7 +428,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     if not resume and par.is_main:
         write_json(run_dir / "environment.json", {**environment(device), "world_size": par.world_size,
                                                   "strategy": par.strategy, "memory_estimate": estimate})
-        shutil.copyfile(dataset.tokenizer_path, run_dir / "tokenizer.json")
+        with atomic_path(run_dir / "tokenizer.json") as tmp:
+            shutil.copyfile(dataset.tokenizer_path, tmp)
         write_json(run_dir / "data_manifest.json", dataset.manifest)
     log = RunLog(run_dir, tensorboard=cfg.train.tensorboard) if par.is_main else None
     bar = Progress(cfg.train.progress_bar and par.is_main, cfg.recipe or "pretrain")
@@ -386,7 +444,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
                 "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
                 "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
                 "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
-                "world_size": par.world_size,
+                "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
             }
             ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
                                  meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
@@ -410,6 +468,12 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     )
     trainer_ref.append(trainer)
     if saved:
+        problem = _optimizer_mismatch(cfg, saved, state.optimizer)
+        if problem:
+            loader.close()
+            if log:
+                log.close()
+            raise ConfigError(f"{run_dir}: {problem}; resume without changing optim.name (or optim.base)")
         _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
         if "scaler" in saved:
             trainer.scaler.load_state_dict(saved["scaler"])
@@ -485,6 +549,10 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
-    data = apply_overrides(json.loads(path.read_text()), overrides)
+    saved = read_json(path, CheckpointError)
+    try:  # the file alone first, so that a damaged or edited one is named as the culprit
+        config_from_dict(saved)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     # Not written back here: pretrain() records it once the resume has loaded successfully.
-    return config_from_dict(data)
+    return config_from_dict(apply_overrides(saved, overrides))

@@ -6,6 +6,7 @@ import json
 import platform
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ class RunLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        _drop_partial_last_line(self.path)
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -41,6 +43,25 @@ class RunLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut off a last line without its newline, which a run killed in mid-write leaves.
+
+    Appended to, it would glue the resumed run's first record onto it: one unreadable line in
+    the middle of the log, which ``cramkit report`` (rightly) refuses and the summary at the
+    end of the resumed run failed on. The cut-off record was incomplete anyway.
+    """
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    warnings.warn(f"{path}: dropping a truncated last line (the run was stopped while writing it)",
+                  stacklevel=3)
+    with path.open("r+b") as f:
+        f.truncate(keep)
 
 
 class Progress:
