@@ -39,6 +39,9 @@ def test_run_directory_is_complete_and_loss_falls(tiny_mlm_data, tmp_path):
     assert {"step", "tokens", "elapsed", "loss", "lr", "batch_size", "tokens_per_s", "mfu", "memory_gb"} <= set(train[0])
     assert sum(r["loss"] for r in train[-5:]) < sum(r["loss"] for r in train[:5])
     assert len(_metrics(run, "eval")) >= 2
+    # Training seconds are the clock when training stopped: the final evaluation, which runs
+    # afterwards with the clock paused, records exactly that time, never more.
+    assert _metrics(run, "eval")[-1]["elapsed"] == summary["train_seconds"]
 
 
 def test_resume_equals_uninterrupted_run(tiny_mlm_data, tmp_path):

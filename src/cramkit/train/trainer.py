@@ -256,8 +256,13 @@ class Trainer:
                     window_tokens = 0
                 self._periodic()
             self.nonfinite.settle(state)  # the checkpoint written after training reads the counts
-        finally:
+            # The training time is the clock when training stopped (the queued device work and
+            # the last log line included), agreed across ranks, so no time measured afterwards
+            # (the final evaluation's record, say) exceeds the run's training seconds.
             self.clock.stop()
+            state.usage.seconds = self.par.all_max([self.clock.elapsed])[0]
+        finally:
+            self.clock.stop()  # after a failure too; stopping a stopped clock changes nothing
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return state
@@ -297,7 +302,9 @@ class Trainer:
         # The only host reads of the training step: once per log_every steps.
         self.nonfinite.settle(state)
         state.loss = float(self._loss) if self._loss is not None else float("nan")
-        now = self.clock.elapsed
+        # The time the step's budget decision was taken on (agreed across ranks), not a later
+        # clock read: a record at or past the budget is then always the run's last.
+        now = state.usage.seconds
         tps = window_tokens / max(now - window_start, 1e-9)
         mfu = fpt * tps / self.peak_flops if self.peak_flops > 0 else 0.0
         record = {
