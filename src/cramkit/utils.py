@@ -7,8 +7,8 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +27,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():  # else os.replace fails naming the temporary file, not the user's path
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # A fresh name that the block creates (not mkstemp's file, which is mode 0600 and would
+    # leave run files unreadable to the group): the file gets the umask's permissions.
+    tmp_path = path.parent / f".{path.name}.{os.getpid()}-{time.time_ns()}-{secrets.token_hex(4)}.tmp"
     try:
         yield tmp_path
         os.replace(tmp_path, path)
