@@ -173,3 +173,17 @@ def test_batch_ramp_grows_accumulation():
     assert steps[0] == 1 and steps[-1] == 8 and steps[6] == 8
     assert steps == sorted(steps)
     assert accumulation_steps(0.0, 256, 32, 0.0) == 8
+
+
+def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):
+    """A recipe's relative `base` path is the file beside it, from any working directory."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "parent.toml").write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
+    (folder / "child.toml").write_text('base = "parent.toml"\n[optim]\nlr = 0.002\n')
+    monkeypatch.chdir(tmp_path)  # not the recipes folder
+    cfg = load_config(str(folder / "child.toml"))
+    assert cfg.train.budget == "7steps" and cfg.optim.lr == 0.002 and cfg.recipe == "child"
+    (tmp_path / "cwd.toml").write_text('base = "demo"\n[train]\nbudget = "9steps"\n')
+    (folder / "other.toml").write_text('base = "cwd.toml"\n')  # not beside it: the cwd path, as before
+    assert load_config(str(folder / "other.toml")).train.budget == "9steps"

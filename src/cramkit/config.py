@@ -209,7 +209,8 @@ def recipe_names() -> list[str]:
 
 def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.is_file():
+    from_file = name_or_path.endswith(".toml") or path.is_file()
+    if from_file:
         if not path.is_file():
             raise ConfigError(f"recipe file '{name_or_path}' does not exist")
         text = read_text(path, ConfigError)
@@ -232,6 +233,12 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
     base = data.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"recipe '{name_or_path}': base must be a recipe name or path, got {base!r}")
+    if base and from_file and not Path(base).is_absolute():
+        # A relative base path in a recipe file means a file beside it (as includes do), so the
+        # recipe works from any working directory; a shipped name or a cwd path still works.
+        beside = path.parent / base
+        if beside.is_file():
+            base = str(beside)
     if base:
         data = deep_merge(_read_recipe(base, seen + (name,)), data)
     data["recipe"] = name
