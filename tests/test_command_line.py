@@ -73,3 +73,21 @@ def test_unusable_paths_are_one_line_errors(tiny_mlm_data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err == f"error: {message}\n", (argv, err)
     assert a_file.read_text() == "precious\n"
+
+
+def test_pretrain_leaves_the_process_group_before_rank_0_alone_works_on(tiny_mlm_data, tmp_path, monkeypatch):
+    """Under torchrun the other ranks leave as soon as training is done; had the exit barrier
+    come after rank 0's fine-tuning demo, they would wait for all of it (and fail with it)."""
+    import importlib
+
+    parallel = importlib.import_module("cramkit.distributed.parallel")
+    finetune = importlib.import_module("cramkit.eval.finetune")  # the module, not eval's function
+    calls = []
+    monkeypatch.setattr(parallel, "leave_process_group", lambda clean: calls.append(("leave", clean)))
+    monkeypatch.setattr(finetune, "finetune_demo", lambda *a, **k: calls.append(("demo",)) or {
+        "train_examples": 1, "seconds": 0, "pretrained_accuracy": 1, "random_init_accuracy": 0, "majority_baseline": 0})
+    argv = ["pretrain", "demo", f"data.dir={tiny_mlm_data}", "model.vocab_size=512", f"out_dir={tmp_path}",
+            "name=r", "train.budget=2steps", "train.progress_bar=false", "train.tensorboard=false",
+            "train.eval_batches=1"]
+    assert main(argv) == 0
+    assert calls[:2] == [("leave", True), ("demo",)]

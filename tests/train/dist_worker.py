@@ -14,7 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import TECHNIQUE_RUNS, interrupted_copy, signal_at, tiny_config  # noqa: E402
 
-from cramkit.distributed.parallel import leave_process_group  # noqa: E402
+from cramkit.distributed.parallel import init_parallel, leave_process_group  # noqa: E402
 from cramkit.train import checkpoint as ckpt  # noqa: E402
 from cramkit.train.run import pretrain, resume_config  # noqa: E402
 
@@ -45,6 +45,9 @@ def main() -> None:
         cfg = tiny_config(data, out, "train.budget=6steps", "train.micro_batch=0", *TECHNIQUE_RUNS[technique],
                           f"parallel.strategy={strategy}", name=f"{strategy}-{technique}", arch="gpt")
         pretrain(cfg, **quiet)
+    # Many pretrain() calls in one process share one control group (each group holds sockets
+    # and threads of its own).
+    results["control_reused"] = init_parallel(cfg.parallel, "cpu").control is init_parallel(cfg.parallel, "cpu").control
     rank = dist.get_rank()
     if rank == 0:
         results["technique_losses"] = {f"{t} {s}": losses(out / f"{s}-{t}") for t, s in technique_runs}

@@ -70,5 +70,6 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     assert res["fsdp_bert_steps"] == 2
     # A signal to one rank stops both (the summary is rank 0's), a step later, with a checkpoint.
     assert res["signalled"] == ["signal", 4] and res["signalled_checkpoint"] == "step-00000004"
+    assert res["control_reused"]
     # A wall-clock budget stops both ranks at the same step.
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0

@@ -115,9 +115,20 @@ def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
     timeout = datetime.timedelta(minutes=10)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout, **({"device_id": device} if use_cuda else {}))
-    # A group of its own even when the default one is gloo already: one code path, tested on CPU.
-    control = dist.new_group(backend="gloo", timeout=timeout)
-    return Parallel(rank, world, local, cfg.strategy, device, launched=True, control=control)
+    return Parallel(rank, world, local, cfg.strategy, device, launched=True, control=_control_group(timeout))
+
+
+_CONTROL: list[Any] = []  # [default group, its gloo control group], once made
+
+
+def _control_group(timeout: datetime.timedelta):
+    """The gloo group for host numbers, made once per default process group: every new group
+    holds sockets and threads of its own, and a process may call ``pretrain`` many times. A group
+    of its own even when the default one is gloo already: one code path, tested on CPU."""
+    world = dist.group.WORLD
+    if not _CONTROL or _CONTROL[0] is not world:  # none yet, or the default group was remade
+        _CONTROL[:] = [world, dist.new_group(backend="gloo", timeout=timeout)]
+    return _CONTROL[1]
 
 
 def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, precision: str,
@@ -168,3 +179,4 @@ def leave_process_group(clean: bool) -> None:
     if clean:
         dist.barrier()
     dist.destroy_process_group()
+    _CONTROL.clear()

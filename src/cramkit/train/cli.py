@@ -71,16 +71,14 @@ def _split_overrides(args) -> tuple[str | None, list[str]]:
 def run_pretrain(args: argparse.Namespace) -> int:
     from ..distributed.parallel import leave_process_group
 
-    clean = False
     try:
-        code = _pretrain(args)
-        clean = True
-        return code
-    finally:  # under torchrun, leave the process group whatever happened
-        leave_process_group(clean)
+        return _pretrain(args)
+    finally:  # under torchrun, leave the process group after a failure too (no barrier then)
+        leave_process_group(clean=False)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from ..distributed.parallel import leave_process_group
     from ..errors import ConfigError
     from .run import pretrain, resume_config
 
@@ -95,6 +93,10 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise ConfigError("name a recipe (see `cramkit recipes`), e.g. `cramkit pretrain demo`")
         cfg = load_config(recipe, overrides)
         summary = pretrain(cfg)
+    # Every rank leaves together now, before rank 0's own work (the summary, the fine-tuning
+    # demo): the other ranks would otherwise wait at the exit barrier for all of it, and fail
+    # with rank 0 if it failed or outlasted the group's timeout.
+    leave_process_group(clean=True)
     finished = summary.get("stop_reason") == "budget"
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if finished else 1

@@ -302,13 +302,15 @@ class Trainer:
         # The only host reads of the training step: once per log_every steps.
         self.nonfinite.settle(state)
         state.loss = float(self._loss) if self._loss is not None else float("nan")
-        # The time the step's budget decision was taken on (agreed across ranks), not a later
-        # clock read: a record at or past the budget is then always the run's last.
-        now = state.usage.seconds
+        # Throughput from the clock read after those reads, when the device has finished the
+        # window's steps (the host may run ahead of it between log steps).
+        now = self.clock.elapsed
         tps = window_tokens / max(now - window_start, 1e-9)
         mfu = fpt * tps / self.peak_flops if self.peak_flops > 0 else 0.0
         record = {
-            "type": "train", "step": state.step, "tokens": state.tokens, "elapsed": round(now, 3),
+            # The time the step's budget decision was taken on (agreed across ranks), not a later
+            # clock read: a record at or past the budget is then always the run's last.
+            "type": "train", "step": state.step, "tokens": state.tokens, "elapsed": round(state.usage.seconds, 3),
             "progress": round(state.progress, 5), "loss": state.loss, "lr": state.lr,
             "batch_size": state.accumulation * self.micro_batch * self.par.world_size, "tokens_per_s": round(tps, 1),
             "mfu": round(mfu, 4), "memory_gb": round(memory_gb(self.device), 3),
