@@ -65,6 +65,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` (resolved, so links and ``..`` count) are the same path or one
+    lies inside the other: replacing either as a whole would destroy (part of) the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def read_text(path: str | os.PathLike, error: type[CramkitError]) -> str:
     """A UTF-8 text file; ``error`` names the file (and line) when it cannot be read or decoded.
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
-from ..utils import atomic_dir, read_json, sha256_file, write_json
+from ..utils import atomic_dir, paths_overlap, read_json, sha256_file, write_json
 from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
@@ -148,11 +148,9 @@ def _check_out_dir(out_dir: Path, sources: list[Source]) -> None:
     corpus."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} exists and is not a directory; choose another --out")
-    out = out_dir.resolve()
     for source in sources:
         for path in source.paths():
-            path = path.resolve()
-            if out == path or out in path.parents or path in out.parents:
+            if paths_overlap(out_dir, path):
                 raise DataError(
                     f"--out {out_dir} overlaps the source '{source.spec}'; choose an --out "
                     "outside the sources"

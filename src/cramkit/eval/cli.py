@@ -203,5 +203,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
     p.add_argument("--format", default="hf", choices=["hf", "cramkit"], help="output layout")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--force", action="store_true", help="replace a previous export at --out")
     p.set_defaults(func=cmd_export)
