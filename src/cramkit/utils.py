@@ -56,7 +56,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                # Else ``path`` would be missing, its previous version hidden under ``old``.
+                old.rename(path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
