@@ -321,6 +321,32 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tiny_mlm_dat
     assert pretrain(cfg, say=lambda *_: None)["steps"] == 2  # the name is free again
 
 
+def test_runs_started_in_the_same_second_get_their_own_directories(tiny_mlm_data, tmp_path, monkeypatch):
+    """The default name has one-second resolution: a second run took the first one's (still
+    empty) directory, and its early failure then deleted what the first had written there."""
+    from cramkit.train import run as run_mod
+    from cramkit.train.trainer import Trainer
+
+    monkeypatch.setattr(run_mod.time, "strftime", lambda fmt, *a: "20240101-120000")
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", name="")
+    first = run_mod.new_run_dir(cfg)  # another run, just started: its directory still empty
+    assert first == tmp_path / "demo-20240101-120000" and list(first.iterdir()) == []
+    second = run_mod.new_run_dir(cfg)
+    assert second == tmp_path / "demo-20240101-120000-2"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run_eval", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # fails before its first step: removes its own dir
+        pretrain(cfg, say=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-20240101-120000", "demo-20240101-120000-2"]
+    # An explicit name stays the user's choice: an existing run under it is an error.
+    (second / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already exists"):
+        run_mod.new_run_dir(cfg.replace(name=second.name))
+
+
 def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_data, tmp_path):
     """A data directory whose tokenizer.json was swapped trained happily and copied the wrong
     tokenizer into the run (fine-tuning then encoded with it); a missing one was a

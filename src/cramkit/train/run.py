@@ -6,6 +6,7 @@ weights (on resume) → device → compile → optimizer (+ state on resume) →
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -142,14 +143,40 @@ def _private_rng(device: torch.device):
 
 
 def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
-    """Create the run directory of a new run; ``made`` records it for :func:`_discard_untrained`."""
-    name = cfg.name or f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
+    """Create the run directory of a new run; ``made`` records it for :func:`_discard_untrained`.
+
+    The directory is created exclusively: a run that fails early removes its directory, so two
+    runs must never share one. The default name (one-second timestamp) gets a ``-2``, ``-3``...
+    suffix when taken; an explicit ``name=`` may only be a new or empty folder.
+    """
+    out_dir = Path(cfg.out_dir)
+    if not cfg.name:
+        base = f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in itertools.count(1):
+            run_dir = out_dir / (base if n == 1 else f"{base}-{n}")
+            try:
+                run_dir.mkdir(parents=True)  # exist_ok=False: the exclusive step
+            except FileExistsError:
+                if run_dir.exists():  # another run's (even while still empty), or a file
+                    continue
+                raise  # a parent folder is a file: no other name would do better
+            break
+        existed = False
+    else:
+        run_dir = out_dir / cfg.name
+        taken = ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
+        existed = run_dir.is_dir()
+        if existed and any(run_dir.iterdir()):
+            raise taken
+        if not existed:
+            try:
+                run_dir.mkdir(parents=True)
+            except FileExistsError:  # made by another run since the check above
+                if run_dir.is_dir():
+                    raise taken from None
+                raise
     if made is not None:
-        made.update(dir=run_dir, existed=run_dir.exists())
-    run_dir.mkdir(parents=True, exist_ok=True)
+        made.update(dir=run_dir, existed=existed)
     return run_dir
 
 
