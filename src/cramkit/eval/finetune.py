@@ -220,13 +220,13 @@ def check_tokenizer_file(run_dir: Path, tok_path: Path) -> None:
     The vocabulary-size check cannot see a tokenizer swapped for another one of the same or a
     smaller size (another run's): every id would still be in range, every input misread.
     """
-    from ..utils import read_json, sha256_file
+    from ..data.dataset import tokenizer_matches
+    from ..utils import read_json
 
     manifest = run_dir / "data_manifest.json"
     if not manifest.is_file():
         return
-    want = read_json(manifest, CheckpointError).get("tokenizer_sha256")
-    if want and sha256_file(tok_path) != want:
+    if not tokenizer_matches(tok_path, read_json(manifest, CheckpointError)):
         raise CheckpointError(
             f"{tok_path} is not the tokenizer this run was trained with (its sha256 differs from "
             f"tokenizer_sha256 in {manifest.name}): tokenizer and model do not belong together"
