@@ -347,6 +347,46 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tiny_mlm_data
         run_mod.new_run_dir(cfg.replace(name=second.name))
 
 
+def test_the_loader_and_the_log_are_closed_however_the_run_ends(tiny_mlm_data, tmp_path, monkeypatch):
+    """Each early exit closed them by hand, and one that none covered (the final checkpoint
+    failing, a full disk) left metrics.jsonl open and the prefetch thread running."""
+    from cramkit.data.loader import ShardLoader
+    from cramkit.train import run as run_mod
+    from cramkit.train.runlog import RunLog
+
+    made = []
+    for cls in (ShardLoader, RunLog):
+        def init(self, *args, _real=cls.__init__, **kwargs):
+            _real(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", init)
+
+    def all_closed():
+        closed = [obj._file.closed if isinstance(obj, RunLog) else obj._producer is None for obj in made]
+        made.clear()
+        return len(closed) == 2 and all(closed)
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps")
+    pretrain(cfg, say=lambda *_: None)
+    assert all_closed()
+    with pytest.raises(CramkitError, match="already spent its budget"):
+        pretrain(resume_config(tmp_path / "run", []), run_dir=tmp_path / "run", resume=True, say=lambda *_: None)
+    assert all_closed()
+    real_save = ckpt.save_checkpoint
+
+    def full_disk(run_dir, step, *args, **kwargs):
+        if step == 4:  # the final checkpoint
+            raise OSError(28, "No space left on device")
+        return real_save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(run_mod.ckpt, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(resume_config(tmp_path / "run", ["train.budget=4steps"]), run_dir=tmp_path / "run",
+                 resume=True, say=lambda *_: None)
+    assert all_closed()
+
+
 def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_data, tmp_path):
     """A data directory whose tokenizer.json was swapped trained happily and copied the wrong
     tokenizer into the run (fine-tuning then encoded with it); a missing one was a
