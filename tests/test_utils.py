@@ -47,3 +47,27 @@ def test_atomic_dir_replaces_the_whole_directory_or_nothing(tmp_path):
         (tmp / "both.txt").write_text("3")
     assert {p.name: p.read_text() for p in target.iterdir()} == {"both.txt": "3"}  # nothing old lingers
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old copy left beside it
+
+
+def test_atomic_dir_restores_the_old_version_when_the_final_rename_fails(tmp_path, monkeypatch):
+    """The old version is moved aside before the new one is renamed into place; when that
+    second rename failed, ``path`` was absent and the old version hidden as .out.old-*."""
+    from pathlib import Path
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, dest):
+        if self.name.startswith(".out.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("new")
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

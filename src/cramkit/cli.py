@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 def describe_os_error(exc: OSError) -> str:
     """``PATH: reason`` for an OSError, e.g. ``runs/x.txt/run: Not a directory``."""
     paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    # Every mkdir here passes exist_ok=True, so EEXIST means a file stands where a folder must.
+    # EEXIST means a file stands where a folder must: cramkit's mkdirs pass exist_ok=True, or
+    # create a fresh unique name (atomic_dir's temporary folder), or catch EEXIST for a folder
+    # that exists and re-raise it only for a file (new_run_dir).
     reason = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
     reason = reason or str(exc)
     return f"{paths}: {reason}" if paths else reason

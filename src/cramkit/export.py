@@ -24,9 +24,11 @@ import torch
 
 from .configbase import did_you_mean
 from .errors import CheckpointError, ConfigError
-from .utils import atomic_dir, write_json
+from .utils import atomic_dir, paths_overlap, write_json
 
 NATIVE_FORMAT = "cramkit"
+# Written into every export; a folder holding it is one that --force may replace.
+EXPORT_META = "cramkit_export.json"
 README_NATIVE = """# cramkit export (not loadable by HF Auto classes)
 
 This architecture has no exact `transformers` counterpart ({reasons}).
@@ -335,14 +337,20 @@ def export(
     if out.exists() and not out.is_dir():
         # Not even --force: an export is a directory, and replacing a file is not what it means.
         raise ConfigError(f"{out} exists and is not a directory; choose another --out")
-    # "exists and is not empty (pass --force to replace it)" must not lead to deleting the run
-    # being exported (or a folder of runs holding it), or another run.
-    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
-        raise ConfigError(f"--out {out} is or contains the run directory {run_dir}; choose another --out")
-    if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
-        raise ConfigError(f"--out {out} is a cramkit run directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
+    # Not even --force: the export would replace the run (or the folder holding it), or be
+    # written inside it and then replace a part of it (its checkpoints).
+    if paths_overlap(out, run_dir):
+        raise ConfigError(f"--out {out} overlaps the run directory {run_dir}; choose another --out")
+    # --force replaces only what export itself wrote: whatever else is in a folder (another
+    # run, a folder of runs, someone's files) is not ours to delete.
+    if out.exists() and any(out.iterdir()):
+        if not (out / EXPORT_META).is_file():
+            raise ConfigError(
+                f"{out} exists, is not empty and is not a cramkit export; choose another --out "
+                "(--force only replaces a previous export)"
+            )
+        if not overwrite:
+            raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
     model, cfg, tokenizer, info = open_run(run_dir)
     special = dataclasses.asdict(SpecialIds.for_run(run_dir, tokenizer))
 
@@ -357,7 +365,7 @@ def export(
         else:
             _write_native(model, cfg, tokenizer, special, tmp, reasons, out)
         write_json(
-            tmp / "cramkit_export.json",
+            tmp / EXPORT_META,
             {
                 "source_run": str(run_dir.resolve()),
                 "checkpoint": str(info.get("checkpoint", "")),

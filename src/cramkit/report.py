@@ -109,10 +109,6 @@ class Run:
         return self.summary is not None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return read_json(path, RunError)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -165,8 +161,8 @@ def load_run(path: str | Path) -> Run:
     for required in ("config.json", "metrics.jsonl"):
         if not (path / required).is_file():
             raise RunError(f"{path} is not a cramkit run directory (no {required})")
-    config = _read_json(path / "config.json")
-    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
+    config = read_json(path / "config.json", RunError)
+    summary = read_json(path / "summary.json", RunError) if (path / "summary.json").is_file() else None
     train, evals = read_metrics(path / "metrics.jsonl")
     return Run(path.resolve().name, path, config, summary, train, evals)
 

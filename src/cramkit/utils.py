@@ -56,13 +56,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                # Else ``path`` would be missing, its previous version hidden under ``old``.
+                old.rename(path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` (resolved, so links and ``..`` count) are the same path or one
+    lies inside the other: replacing either as a whole would destroy (part of) the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def read_text(path: str | os.PathLike, error: type[CramkitError]) -> str:

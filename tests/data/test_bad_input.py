@@ -140,6 +140,27 @@ def test_non_dataset_folder_is_not_overwritten(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    [b'{"name": "my app"}', b'{"format": "cramkit-tokens-v9"}', b"\xff\xfe\x00binary", b"{trunc"],
+)
+def test_folder_with_a_foreign_manifest_is_not_overwritten(tmp_path, manifest):
+    """A web app's (or any other tool's) manifest.json made the folder "a dataset", and --force
+    then replaced it, index.html and all; only a cramkit-tokens manifest marks a dataset."""
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    out = tmp_path / "app"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(manifest)
+    (out / "index.html").write_text("<html></html>")
+    for force in (False, True):
+        with pytest.raises(DataError, match="not a cramkit dataset") as exc:
+            prepare(small_cfg([f]), out, force=force, progress=False)
+        assert "use --force" not in str(exc.value)
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert (out / "index.html").read_text() == "<html></html>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app", "src"]
+
+
 def test_missing_tokenizer_file(tmp_path):
     f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(5))
     _fails(tmp_path, small_cfg([f], tokenizer_file=str(tmp_path / "tok.json")), "no such file")
@@ -164,8 +185,13 @@ def test_damaged_manifest_is_a_data_error(tmp_path, damage, message):
     with pytest.raises(DataError, match=message):
         TokenDataset.open(out)
     if isinstance(damage({}), list):
-        with pytest.raises(DataError, match="unreadable manifest: .*; use --force"):
-            prepare(small_cfg([f]), out, progress=False)
+        # Not a cramkit manifest (any more): --force must not be what the answer suggests, and
+        # it must not replace the folder either.
+        for force in (False, True):
+            with pytest.raises(DataError, match="expected a JSON object") as exc:
+                prepare(small_cfg([f]), out, force=force, progress=False)
+            assert "use --force" not in str(exc.value)
+        assert (out / "manifest.json").read_text() == "[1, 2]"
 
 
 def test_force_never_replaces_a_source_or_a_file(tmp_path):

@@ -122,10 +122,20 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
     run, _ = _run(tmp_path, "tiny", small_tokenizer)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
-    with pytest.raises(ConfigError, match="exists and is not empty"):
-        export(run, tmp_path / "busy", log=lambda s: None)
-    export(run, tmp_path / "busy", overwrite=True, log=lambda s: None)
-    assert not (tmp_path / "busy" / "x").exists()
+    # --force replaces an empty folder or a previous export, never someone's other files.
+    for force in (False, True):
+        with pytest.raises(ConfigError, match="busy exists, is not empty and is not a cramkit export") as exc:
+            export(run, tmp_path / "busy", overwrite=force, log=lambda s: None)
+        assert "pass --force" not in str(exc.value)
+    assert (tmp_path / "busy" / "x").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    export(run, tmp_path / "empty", overwrite=True, log=lambda s: None)
+    (tmp_path / "empty" / "stale").write_text("from the previous export")
+    with pytest.raises(ConfigError, match="exists and is not empty .pass --force to replace it."):
+        export(run, tmp_path / "empty", log=lambda s: None)
+    export(run, tmp_path / "empty", overwrite=True, log=lambda s: None)
+    assert (tmp_path / "empty" / "cramkit_export.json").is_file()
+    assert not (tmp_path / "empty" / "stale").exists()
     # A file where the output (or its parent) directory should be: one-line errors, file kept.
     (tmp_path / "afile").write_text("x")
     for force in (False, True):
@@ -134,13 +144,18 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
     with pytest.raises(ConfigError, match=r"afile/sub: cannot create .*afile \("):
         export(run, tmp_path / "afile" / "sub", log=lambda s: None)
     assert (tmp_path / "afile").read_text() == "x"
-    # --force replaced the run itself, the folder holding it, or another run with the export.
+    # --force replaced the run itself, a folder inside it (its checkpoints), the folder holding
+    # it, another run, or a folder of other runs with the export.
     other, _ = _run(tmp_path / "other", "tiny", small_tokenizer)
-    for out, message in ((run, "is or contains the run directory"), (run.parent, "is or contains the run"),
-                         (other, "is a cramkit run directory")):
-        with pytest.raises(ConfigError, match=message):
-            export(run, out, overwrite=True, log=lambda s: None)
+    overlap = "overlaps the run directory"
+    for out, message in ((run, overlap), (run / "checkpoints", overlap), (run / "new", overlap),
+                         (run.parent, overlap), (other, "is not a cramkit export"),
+                         (other.parent, "is not a cramkit export")):
+        for force in (False, True):
+            with pytest.raises(ConfigError, match=message):
+                export(run, out, overwrite=force, log=lambda s: None)
     assert (run / "checkpoints").is_dir() and (other / "checkpoints").is_dir()
+    assert not (run / "new").exists()
     with pytest.raises(ConfigError, match="unknown export format 'onnx'"):
         export(run, tmp_path / "o2", format="onnx")
     with pytest.raises(CheckpointError, match="is a transformers export"):

@@ -321,6 +321,72 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tiny_mlm_dat
     assert pretrain(cfg, say=lambda *_: None)["steps"] == 2  # the name is free again
 
 
+def test_runs_started_in_the_same_second_get_their_own_directories(tiny_mlm_data, tmp_path, monkeypatch):
+    """The default name has one-second resolution: a second run took the first one's (still
+    empty) directory, and its early failure then deleted what the first had written there."""
+    from cramkit.train import run as run_mod
+    from cramkit.train.trainer import Trainer
+
+    monkeypatch.setattr(run_mod.time, "strftime", lambda fmt, *a: "20240101-120000")
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", name="")
+    first = run_mod.new_run_dir(cfg)  # another run, just started: its directory still empty
+    assert first == tmp_path / "demo-20240101-120000" and list(first.iterdir()) == []
+    second = run_mod.new_run_dir(cfg)
+    assert second == tmp_path / "demo-20240101-120000-2"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run_eval", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # fails before its first step: removes its own dir
+        pretrain(cfg, say=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-20240101-120000", "demo-20240101-120000-2"]
+    # An explicit name stays the user's choice: an existing run under it is an error.
+    (second / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already exists"):
+        run_mod.new_run_dir(cfg.replace(name=second.name))
+
+
+def test_the_loader_and_the_log_are_closed_however_the_run_ends(tiny_mlm_data, tmp_path, monkeypatch):
+    """Each early exit closed them by hand, and one that none covered (the final checkpoint
+    failing, a full disk) left metrics.jsonl open and the prefetch thread running."""
+    from cramkit.data.loader import ShardLoader
+    from cramkit.train import run as run_mod
+    from cramkit.train.runlog import RunLog
+
+    made = []
+    for cls in (ShardLoader, RunLog):
+        def init(self, *args, _real=cls.__init__, **kwargs):
+            _real(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", init)
+
+    def all_closed():
+        closed = [obj._file.closed if isinstance(obj, RunLog) else obj._producer is None for obj in made]
+        made.clear()
+        return len(closed) == 2 and all(closed)
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps")
+    pretrain(cfg, say=lambda *_: None)
+    assert all_closed()
+    with pytest.raises(CramkitError, match="already spent its budget"):
+        pretrain(resume_config(tmp_path / "run", []), run_dir=tmp_path / "run", resume=True, say=lambda *_: None)
+    assert all_closed()
+    real_save = ckpt.save_checkpoint
+
+    def full_disk(run_dir, step, *args, **kwargs):
+        if step == 4:  # the final checkpoint
+            raise OSError(28, "No space left on device")
+        return real_save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(run_mod.ckpt, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(resume_config(tmp_path / "run", ["train.budget=4steps"]), run_dir=tmp_path / "run",
+                 resume=True, say=lambda *_: None)
+    assert all_closed()
+
+
 def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_data, tmp_path):
     """A data directory whose tokenizer.json was swapped trained happily and copied the wrong
     tokenizer into the run (fine-tuning then encoded with it); a missing one was a

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..utils import read_json
+from ..utils import read_json, sha256_file
 from .prepare import MANIFEST
 
 _MANIFEST_KEYS = ("objective", "seq_len", "dtype", "vocab_size", "tokenizer_vocab_size", "special_ids",
@@ -61,6 +61,16 @@ class SequenceView:
             sel = shard_of == s
             out[sel] = self._maps[s][idx[sel] - self._starts[s]]
         return out
+
+
+def tokenizer_matches(path: str | os.PathLike, manifest: dict[str, Any]) -> bool:
+    """Whether the tokenizer file at ``path`` has the sha256 that ``manifest`` records
+    (``tokenizer_sha256``: a dataset's manifest, or the copy a run keeps as data_manifest.json).
+
+    A manifest that records none (older data) cannot tell a swapped tokenizer, so it passes.
+    """
+    recorded = manifest.get("tokenizer_sha256")
+    return not recorded or sha256_file(path) == recorded
 
 
 class TokenDataset:
@@ -147,10 +157,7 @@ class TokenDataset:
         path = self.tokenizer_path
         if not path.is_file():
             raise DataError(f"{path}: missing (the dataset's tokenizer); prepare the data again")
-        from ..utils import sha256_file
-
-        recorded = self.manifest.get("tokenizer_sha256")
-        if recorded and sha256_file(path) != recorded:
+        if not tokenizer_matches(path, self.manifest):
             raise DataError(
                 f"{path} is not the tokenizer this data was encoded with (its sha256 differs from "
                 f"{self.path / MANIFEST}'s); restore it or prepare the data again"
@@ -158,8 +165,6 @@ class TokenDataset:
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (slow on big data)."""
-        from ..utils import sha256_file
-
         for split in self.splits:
             for shard in self._split(split)["shards"]:
                 if sha256_file(self.path / shard["file"]) != shard["sha256"]:

@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
-from ..utils import atomic_dir, read_json, sha256_file, write_json
+from ..utils import atomic_dir, paths_overlap, read_json, sha256_file, write_json
 from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
@@ -99,12 +99,8 @@ def prepare(
     sources = open_sources(cfg)
     _check_out_dir(out_dir, sources)
     fp = fingerprint(cfg, sources)
-    manifest_path = out_dir / MANIFEST
-    if manifest_path.exists() and not force:
-        try:
-            old = read_json(manifest_path, DataError)
-        except DataError as exc:
-            raise DataError(f"unreadable manifest: {exc}; use --force") from None
+    old = _existing_dataset(out_dir)
+    if old is not None and not force:
         if old.get("fingerprint") == fp:
             _log(f"reusing {out_dir} (same inputs and options)")
             return out_dir
@@ -112,18 +108,37 @@ def prepare(
             f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
             "--force to rebuild it or choose another --out"
         )
-    # Not even with force: a folder without a manifest is someone's data, not a dataset to
-    # rebuild (this message used to suggest --force, which then deleted the folder).
-    if out_dir.exists() and not manifest_path.exists() and any(out_dir.iterdir()):
-        raise DataError(
-            f"{out_dir} exists, is not empty and is not a cramkit dataset; choose another --out "
-            "(--force only rebuilds a dataset)"
-        )
     with atomic_dir(out_dir) as tmp:  # the manifest last, the whole directory at once
         manifest = _build(cfg, sources, tmp, fp, progress)
         write_json(tmp / MANIFEST, manifest)
     _log(_summary(manifest, out_dir))
     return out_dir
+
+
+def _existing_dataset(out_dir: Path) -> dict | None:
+    """The manifest of the cramkit dataset in ``out_dir``; None for an absent or empty folder.
+
+    Anything else is refused, with or without ``force``: a folder without a manifest, or whose
+    ``manifest.json`` is not a cramkit-tokens object (a web app's, a binary or damaged file), is
+    someone's data, not a dataset to rebuild, so the message does not suggest --force (it used
+    to, and --force then deleted the folder)."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return None
+    manifest_path = out_dir / MANIFEST
+    refuse = "choose another --out (--force only rebuilds a dataset)"
+    if not manifest_path.exists():
+        raise DataError(f"{out_dir} exists, is not empty and is not a cramkit dataset; {refuse}")
+    try:
+        manifest = read_json(manifest_path, DataError)
+    except DataError as exc:
+        raise DataError(f"{out_dir} is not a cramkit dataset ({exc}); {refuse}") from None
+    # The same test TokenDataset.open makes: only this marks the folder as prepare's.
+    if manifest.get("format") != "cramkit-tokens":
+        raise DataError(
+            f"{out_dir} is not a cramkit dataset ({manifest_path} is not a cramkit-tokens "
+            f"manifest); {refuse}"
+        )
+    return manifest
 
 
 def _check_out_dir(out_dir: Path, sources: list[Source]) -> None:
@@ -133,11 +148,9 @@ def _check_out_dir(out_dir: Path, sources: list[Source]) -> None:
     corpus."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} exists and is not a directory; choose another --out")
-    out = out_dir.resolve()
     for source in sources:
         for path in source.paths():
-            path = path.resolve()
-            if out == path or out in path.parents or path in out.parents:
+            if paths_overlap(out_dir, path):
                 raise DataError(
                     f"--out {out_dir} overlaps the source '{source.spec}'; choose an --out "
                     "outside the sources"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from pathlib import Path
 
 from ..configbase import apply_overrides
@@ -63,13 +62,9 @@ def _comma_list(text: str | None) -> list[str] | None:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one task (registry name or training file) and report the median over seeds."""
-    from .finetune import finetune, load_backbone
+    from .finetune import finetune, finetune_name, finetune_save_dir, load_backbone
     from .metrics import to_percent
     from .tasks import load_task
 
@@ -87,11 +82,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         }
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
-    suffix = "-random" if args.random_init else ""
-    name = _slug(task.spec.name)
-    save_dir = Path(args.run_dir) / "finetune" / f"{name}{suffix}" if cfg.save else None
+    save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init) if cfg.save else None
     result = finetune(backbone, task, cfg, save_dir=save_dir)
-    out = Path(args.run_dir) / "eval" / f"finetune-{name}{suffix}.json"
+    out = Path(args.run_dir) / "eval" / f"finetune-{finetune_name(task.spec.name, args.random_init)}.json"
     write_json(out, result)
     init = result["init"]
     print(
@@ -203,5 +196,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
     p.add_argument("--format", default="hf", choices=["hf", "cramkit"], help="output layout")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--force", action="store_true", help="replace a previous export at --out")
     p.set_defaults(func=cmd_export)

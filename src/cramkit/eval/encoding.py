@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.tokenizer import encoding_copy
 from ..errors import CheckpointError, DataError
 from ..utils import read_json
 
@@ -76,11 +77,11 @@ class TaskEncoder:
     """Encodes (text, text_pair) with a ``tokenizers.Tokenizer`` into truncated id sequences."""
 
     def __init__(self, tokenizer, special: SpecialIds, seq_len: int, causal: bool) -> None:
-        # Special-token spellings inside a text ("[SEP]", or "</s>" in scraped HTML) are text,
-        # as in pretraining's packing (cramkit.data.tokenizer.encoding_copy): matched as tokens
-        # they would add separators or end marks that the layout below does not have. A copy,
-        # so that the caller's tokenizer is left as it is.
-        self.tokenizer = _text_only_copy(tokenizer)
+        # Pretraining's packing copy: special-token spellings inside a text ("[SEP]", or "</s>"
+        # in scraped HTML) are text, since matched as tokens they would add separators or end
+        # marks that the layout below does not have; the framing is added here, not by a
+        # post-processor. A copy, so that the caller's tokenizer is left as it is.
+        self.tokenizer = encoding_copy(tokenizer)
         self.seq_len = seq_len
         self.causal = causal
         if causal:
@@ -132,15 +133,6 @@ class TaskEncoder:
         dtype = torch.float32 if regression else torch.long
         labels = torch.tensor([e.label for e in batch], dtype=dtype)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _text_only_copy(tokenizer):
-    """A copy of a ``tokenizers.Tokenizer`` that encodes special-token strings as plain text."""
-    from tokenizers import Tokenizer
-
-    copy = Tokenizer.from_str(tokenizer.to_str())
-    copy.encode_special_tokens = True
-    return copy
 
 
 def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:

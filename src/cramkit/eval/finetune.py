@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -220,17 +221,30 @@ def check_tokenizer_file(run_dir: Path, tok_path: Path) -> None:
     The vocabulary-size check cannot see a tokenizer swapped for another one of the same or a
     smaller size (another run's): every id would still be in range, every input misread.
     """
-    from ..utils import read_json, sha256_file
+    from ..data.dataset import tokenizer_matches
+    from ..utils import read_json
 
     manifest = run_dir / "data_manifest.json"
     if not manifest.is_file():
         return
-    want = read_json(manifest, CheckpointError).get("tokenizer_sha256")
-    if want and sha256_file(tok_path) != want:
+    if not tokenizer_matches(tok_path, read_json(manifest, CheckpointError)):
         raise CheckpointError(
             f"{tok_path} is not the tokenizer this run was trained with (its sha256 differs from "
             f"tokenizer_sha256 in {manifest.name}): tokenizer and model do not belong together"
         )
+
+
+def finetune_name(task_name: str, random_init: bool) -> str:
+    """The file-name stem of a task's fine-tuning outputs: the name made safe for a path, and
+    ``-random`` for the no-pretraining control (so the two never overwrite each other)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", task_name).strip("-") or "task"
+    return f"{slug}-random" if random_init else slug
+
+
+def finetune_save_dir(run_dir: str | Path, task_name: str, random_init: bool) -> Path:
+    """Where fine-tuned weights go (``finetune.save=true``), for `cramkit finetune` and
+    `cramkit evaluate` alike: ``RUN/finetune/<finetune_name>``."""
+    return Path(run_dir) / "finetune" / finetune_name(task_name, random_init)
 
 
 def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:

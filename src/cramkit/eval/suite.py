@@ -16,7 +16,7 @@ from typing import Any
 from ..configbase import did_you_mean
 from ..errors import DataError
 from ..utils import atomic_path, write_json
-from .finetune import Backbone, FinetuneConfig, finetune, load_backbone
+from .finetune import Backbone, FinetuneConfig, finetune, finetune_save_dir, load_backbone
 from .metrics import EXCLUDED_FROM_AVERAGE, glue_average, to_percent
 from .tasks import TaskSpec, get_task, glue_available, glue_tasks, load_task
 
@@ -147,11 +147,10 @@ def evaluate_glue(
     backbone = backbone or load_backbone(run_dir, random_init=random_init)
     start = time.perf_counter()
     results = []
-    suffix = "-random" if backbone.random_init else ""
     for spec in specs:
         log(f"{spec.name}: fine-tuning ({len(cfg.seeds)} seeds)")
         # finetune.save=true: where `cramkit finetune` puts them (it was silently ignored here).
-        save_dir = Path(run_dir) / "finetune" / f"{spec.name}{suffix}" if cfg.save else None
+        save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init) if cfg.save else None
         result = finetune(backbone, load_task(spec.name, data_dir), cfg, save_dir=save_dir)
         results.append(result)
         scores = ", ".join(f"{e} {to_percent(s):.2f}" for e, s in result["scores"].items())

@@ -62,7 +62,10 @@ def truncate(batch: dict[str, torch.Tensor], length: int, sep_id: int | None = N
     """The first ``length`` positions of every [B, L] tensor; with ``sep_id``, MLM framing is
     restored by writing ``[SEP]`` (and no label) into the last kept position."""
     full = batch["input_ids"].shape[1]
-    out = {k: (v[:, :length].contiguous() if v.ndim >= 2 and v.shape[1] == full else v)
+    # A copy, not .contiguous(): with one row the slice is already contiguous, so contiguous()
+    # would return a view and the [SEP]/-100 writes below would change the caller's batch.
+    out = {k: (v[:, :length].clone(memory_format=torch.contiguous_format)
+               if v.ndim >= 2 and v.shape[1] == full else v)
            for k, v in batch.items()}
     if sep_id is not None and length < full:
         out["input_ids"][:, -1] = sep_id

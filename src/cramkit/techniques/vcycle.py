@@ -241,15 +241,11 @@ def _decoalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, tor
     return out
 
 
-def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return full_state_dict(model)
-
-
 def coalesce(model: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
     """The smaller model one level down (see the module docstring); ``model`` is unchanged."""
     cfg = model.config
     small = coarse_config(cfg, scheme)
-    tensors = _coalesce_depth(_tensors(model), scheme.depth)
+    tensors = _coalesce_depth(full_state_dict(model), scheme.depth)
     tensors = _coalesce_width(tensors, dataclasses.replace(cfg, layers=small.layers), scheme.width)
     return materialize(small, tensors, model_device(model))
 
@@ -258,7 +254,7 @@ def decoalesce(small: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
     """The large-shaped model one level up whose units are copies of ``small``'s."""
     large = fine_config(small.config, scheme)
     large.validate()
-    tensors = _decoalesce_width(_tensors(small), dataclasses.replace(large, layers=small.config.layers),
+    tensors = _decoalesce_width(full_state_dict(small), dataclasses.replace(large, layers=small.config.layers),
                                 scheme.width)
     tensors = _decoalesce_depth(tensors, scheme.depth)
     return materialize(large, tensors, model_device(small))
@@ -270,7 +266,7 @@ def interpolate(large: torch.nn.Module, decoalesced: torch.nn.Module, alpha: flo
         raise ConfigError(f"interpolation alpha must be in [0, 1], got {alpha}")
     if large.config != decoalesced.config:
         raise ConfigError("interpolate: the two models have different architectures")
-    a, b = _tensors(large), _tensors(decoalesced)
+    a, b = full_state_dict(large), full_state_dict(decoalesced)
     mixed = {name: (1.0 - alpha) * a[name] + alpha * b[name].to(a[name].device) for name in a}
     return materialize(large.config, mixed, model_device(large))
 

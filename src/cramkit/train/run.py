@@ -6,6 +6,7 @@ weights (on resume) → device → compile → optimizer (+ state on resume) →
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -142,14 +143,40 @@ def _private_rng(device: torch.device):
 
 
 def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
-    """Create the run directory of a new run; ``made`` records it for :func:`_discard_untrained`."""
-    name = cfg.name or f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
+    """Create the run directory of a new run; ``made`` records it for :func:`_discard_untrained`.
+
+    The directory is created exclusively: a run that fails early removes its directory, so two
+    runs must never share one. The default name (one-second timestamp) gets a ``-2``, ``-3``...
+    suffix when taken; an explicit ``name=`` may only be a new or empty folder.
+    """
+    out_dir = Path(cfg.out_dir)
+    if not cfg.name:
+        base = f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in itertools.count(1):
+            run_dir = out_dir / (base if n == 1 else f"{base}-{n}")
+            try:
+                run_dir.mkdir(parents=True)  # exist_ok=False: the exclusive step
+            except FileExistsError:
+                if run_dir.exists():  # another run's (even while still empty), or a file
+                    continue
+                raise  # a parent folder is a file: no other name would do better
+            break
+        existed = False
+    else:
+        run_dir = out_dir / cfg.name
+        taken = ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
+        existed = run_dir.is_dir()
+        if existed and any(run_dir.iterdir()):
+            raise taken
+        if not existed:
+            try:
+                run_dir.mkdir(parents=True)
+            except FileExistsError:  # made by another run since the check above
+                if run_dir.is_dir():
+                    raise taken from None
+                raise
     if made is not None:
-        made.update(dir=run_dir, existed=run_dir.exists())
-    run_dir.mkdir(parents=True, exist_ok=True)
+        made.update(dir=run_dir, existed=existed)
     return run_dir
 
 
@@ -433,90 +460,87 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         write_json(run_dir / "data_manifest.json", dataset.manifest)
     log = RunLog(run_dir, tensorboard=cfg.train.tensorboard) if par.is_main else None
     bar = Progress(cfg.train.progress_bar and par.is_main, cfg.recipe or "pretrain")
-    trainer_ref: list[Trainer] = []
-
-    def save(st: TrainState) -> None:
-        tr = trainer_ref[0]
-        weights, optim_state = _full_state(tr.raw_model, st.optimizer, par)
-        rng = par.gather(_rng_state(device))
-        if par.is_main:
-            payload = {
-                "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
-                "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
-                "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
-                "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
-            }
-            ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
-                                 meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
-        par.barrier()
-
-    n_params = count_parameters(full_model)
-    say(f"run: {run_dir}")
-    say(f"model: {model_cfg.arch}, {n_params / 1e6:.2f} M parameters; device {device}, {precision}; "
-        f"micro-batch {micro_batch} x {par.world_size} rank(s), batch {cfg.train.batch_size}, seq {seq_len}; "
-        f"budget {cfg.train.budget}; estimated memory {estimate['total_gb']:.2f} GB per device")
-    compile_model = _compiler(cfg.train.compile, warm_up)
-    trainer = Trainer(
-        cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, device, cfg.train.batch_size),
-        train_batches=iter(loader), evaluate=evaluate, checkpoint=save,
-        log=log.write if log else (lambda record: None), techniques=techniques, device=device,
-        precision=precision, micro_batch=micro_batch, seq_len=seq_len, flops_per_token=fpt,
-        peak_flops=peak, state=state, clock=clock, progress_bar=bar, parallel=par,
-        prepare_model=_model_preparer(cfg, par, precision, compile_model,
-                                      any(t.unused_parameters for t in techniques)),
-        offload=lambda: offload_context(cfg.memory, device),
-    )
-    trainer_ref.append(trainer)
-    if saved:
-        problem = _optimizer_mismatch(cfg, saved, state.optimizer)
-        if problem:
-            loader.close()
-            if log:
-                log.close()
-            raise ConfigError(f"{run_dir}: {problem}; resume without changing optim.name (or optim.base)")
-        _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
-        if "scaler" in saved:
-            trainer.scaler.load_state_dict(saved["scaler"])
-        if exhausted(trainer.budget, state.usage):
-            loader.close()
-            if log:
-                log.close()
-            raise CramkitError(
-                f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
-                f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
-            )
-    if par.is_main:  # on resume only now, when every piece of saved state has loaded
-        write_json(run_dir / "config.json", cfg.to_dict())
-    meter = EnergyMeter(device)
-    first_loss = None
+    # Whatever ends the run (an error, ^C, the budget), the loader's thread, the log's files and
+    # the bar are closed here; each close is idempotent, so the normal path may close them
+    # earlier, in the order it needs (the loader before the final evaluation, the log before the
+    # summary reads it).
     try:
+        trainer_ref: list[Trainer] = []
+
+        def save(st: TrainState) -> None:
+            tr = trainer_ref[0]
+            weights, optim_state = _full_state(tr.raw_model, st.optimizer, par)
+            rng = par.gather(_rng_state(device))
+            if par.is_main:
+                payload = {
+                    "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
+                    "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
+                    "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
+                    "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
+                }
+                ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
+                                     meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
+            par.barrier()
+
+        n_params = count_parameters(full_model)
+        say(f"run: {run_dir}")
+        say(f"model: {model_cfg.arch}, {n_params / 1e6:.2f} M parameters; device {device}, {precision}; "
+            f"micro-batch {micro_batch} x {par.world_size} rank(s), batch {cfg.train.batch_size}, seq {seq_len}; "
+            f"budget {cfg.train.budget}; estimated memory {estimate['total_gb']:.2f} GB per device")
+        compile_model = _compiler(cfg.train.compile, warm_up)
+        trainer = Trainer(
+            cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, device, cfg.train.batch_size),
+            train_batches=iter(loader), evaluate=evaluate, checkpoint=save,
+            log=log.write if log else (lambda record: None), techniques=techniques, device=device,
+            precision=precision, micro_batch=micro_batch, seq_len=seq_len, flops_per_token=fpt,
+            peak_flops=peak, state=state, clock=clock, progress_bar=bar, parallel=par,
+            prepare_model=_model_preparer(cfg, par, precision, compile_model,
+                                          any(t.unused_parameters for t in techniques)),
+            offload=lambda: offload_context(cfg.memory, device),
+        )
+        trainer_ref.append(trainer)
+        if saved:
+            problem = _optimizer_mismatch(cfg, saved, state.optimizer)
+            if problem:
+                raise ConfigError(f"{run_dir}: {problem}; resume without changing optim.name (or optim.base)")
+            _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
+            if "scaler" in saved:
+                trainer.scaler.load_state_dict(saved["scaler"])
+            if exhausted(trainer.budget, state.usage):
+                raise CramkitError(
+                    f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
+                    f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
+                )
+        if par.is_main:  # on resume only now, when every piece of saved state has loaded
+            write_json(run_dir / "config.json", cfg.to_dict())
+        meter = EnergyMeter(device)
+        first_loss = None
         if not resume:
             first_loss = trainer.run_eval()
+        # No final checkpoint after a failure (an exception skips the save below): the step in
+        # flight had taken batches from the loader without being counted, and under torchrun the
+        # healthy ranks would never join the save's collectives. The last periodic checkpoint stands.
         trainer.fit()
-    except BaseException:
-        # No final checkpoint after a failure: the step in flight had taken batches from the
-        # loader without being counted, and under torchrun the healthy ranks would never join
-        # the save's collectives. The last periodic checkpoint stands.
+        bar.close()
+        with trainer.clock.paused():
+            save(trainer.state)
+        loader.close()
+        val_loss = trainer.run_eval() if trainer.stop_reason == "budget" else trainer.state.extra.get("val_loss")
+        summary = None
+        if par.is_main:
+            log.close()
+            # The model trained last (the one the final checkpoint holds), not the first one.
+            summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak)
+            kwh = meter.kwh()  # this process's GPU; under torchrun, rank 0's device only
+            summary["energy_kwh"] = kwh
+            summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
+            write_json(run_dir / "summary.json", summary)
+        return par.gather(summary)[0]
+    finally:
         bar.close()
         loader.close()
         if log:
             log.close()
-        raise
-    bar.close()
-    with trainer.clock.paused():
-        save(trainer.state)
-    loader.close()
-    val_loss = trainer.run_eval() if trainer.stop_reason == "budget" else trainer.state.extra.get("val_loss")
-    summary = None
-    if par.is_main:
-        log.close()
-        # The model trained last (the one the final checkpoint holds), not the first one.
-        summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak)
-        kwh = meter.kwh()  # this process's GPU; under torchrun, rank 0's device only
-        summary["energy_kwh"] = kwh
-        summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
-        write_json(run_dir / "summary.json", summary)
-    return par.gather(summary)[0]
 
 
 def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: int, peak: float) -> dict[str, Any]:
