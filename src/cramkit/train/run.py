@@ -408,9 +408,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             # over that size (sparse prediction gathers it), so training meets no recompilation.
             batches = [make_batch(micro_batch, index) for index in (0, 1)]
             # Then the shapes techniques give training batches (a shorter sequence, say), with
-            # target positions found anew for the changed labels.
-            batches += [locate_targets({k: v for k, v in b.items() if k != "target_index"}, model)
-                        for t in techniques for b in t.warm_up_batches(batches[0], model)]
+            # target positions found anew for the changed labels (locate_targets replaces them).
+            batches += [locate_targets(b, model) for t in techniques for b in t.warm_up_batches(batches[0], model)]
             for batch in batches:
                 with autocast(device, precision):
                     out = compiled(**batch)
