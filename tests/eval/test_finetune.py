@@ -226,6 +226,27 @@ def test_evaluate_saves_fine_tuned_weights_when_asked(tiny_run, tmp_path):
         assert (run / "finetune" / name / "seed-0" / "model.safetensors").is_file(), name
 
 
+def test_evaluate_checks_every_task_file_before_fine_tuning(tiny_run, tmp_path, monkeypatch):
+    """A malformed later task used to surface only after the earlier tasks had trained."""
+    from cramkit.errors import DataError
+    from cramkit.eval import suite
+
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [
+        f"{i}\tthe film {i}\tthe match\t{'entailment' if i % 2 else 'not_entailment'}"
+        for i in range(6)
+    ]
+    for task, body in (("RTE", rows), ("WNLI", [rows[0], "0\ta\tb\t7"])):
+        (tmp_path / "glue" / task).mkdir(parents=True)
+        for split in ("train", "dev"):
+            (tmp_path / "glue" / task / f"{split}.tsv").write_text("\n".join(body) + "\n")
+    trained = []
+    monkeypatch.setattr(suite, "finetune", lambda *a, **k: trained.append(a) or {})
+    with pytest.raises(DataError, match=r"WNLI/\w+\.tsv:2: label .7."):
+        suite.evaluate_glue(tiny_run, tmp_path / "glue", cfg=FinetuneConfig.from_dict(FAST),
+                            log=lambda s: None)
+    assert trained == []
+
+
 def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
     import argparse
 

@@ -145,13 +145,16 @@ def evaluate_glue(
     cfg = cfg or FinetuneConfig()
     specs, skipped = select_glue_tasks(data_dir, tasks)
     backbone = backbone or load_backbone(run_dir, random_init=random_init)
+    # Every task file is read (and validated) before the first fine-tune: a malformed last task
+    # must fail in seconds, not after hours spent on the ones before it.
+    loaded = [(spec, load_task(spec.name, data_dir)) for spec in specs]
     start = time.perf_counter()
     results = []
-    for spec in specs:
+    for spec, task in loaded:
         log(f"{spec.name}: fine-tuning ({len(cfg.seeds)} seeds)")
         # finetune.save=true: where `cramkit finetune` puts them (it was silently ignored here).
         save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init) if cfg.save else None
-        result = finetune(backbone, load_task(spec.name, data_dir), cfg, save_dir=save_dir)
+        result = finetune(backbone, task, cfg, save_dir=save_dir)
         results.append(result)
         scores = ", ".join(f"{e} {to_percent(s):.2f}" for e, s in result["scores"].items())
         log(f"{spec.name}: {scores} ({result['seconds']:.0f} s)")
