@@ -73,3 +73,30 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     assert res["control_reused"]
     # A wall-clock budget stops both ranks at the same step.
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0
+
+
+def test_fsdp_root_keeps_its_parameters_gathered_for_backward():
+    """Blocks reshard after forward (fsdp_reshard); the root must not: its head and embeddings
+    are needed again at once in backward. An explicit reshard_after_forward=True on the root
+    crashed the first backward on torch 2.11, the GPU image's version."""
+    import torch.distributed as dist
+
+    from cramkit.distributed.config import ParallelConfig
+    from cramkit.distributed.parallel import Parallel, shard_model
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = build_model(preset_config("tiny-gpt", vocab_size=512, max_positions=64))
+        par = Parallel(0, 1, 0, "fsdp", torch.device("cpu"), launched=True)
+        shard_model(model, par, ParallelConfig(strategy="fsdp", fsdp_reshard=True), "fp32")
+        x = torch.randint(0, 512, (2, 16))
+        out = model(input_ids=x, labels=torch.roll(x, -1, 1))
+        sharded = lambda p: type(p).__name__ == "DTensor"  # noqa: E731
+        assert sharded(model.layers[0].attn.qkv.weight)  # a block: freed after its forward
+        assert not sharded(model.head.decoder.weight)  # the root: still gathered
+        out.loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()

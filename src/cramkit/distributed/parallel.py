@@ -160,7 +160,10 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in model.layers:
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root keeps FSDP's own default: its parameters stay gathered after forward, since the
+    # head and embeddings are needed again at once in backward. Passing reshard_after_forward=True
+    # to the root crashes the first backward on torch 2.11 ("setStorage ... storage of size 0").
+    fully_shard(model, **{k: v for k, v in kwargs.items() if k != "reshard_after_forward"})
     return model
 
 
