@@ -177,3 +177,16 @@ def test_meta_build_then_materialise_matches_a_direct_build():
     ids, labels = mlm_batch()
     torch.testing.assert_close(lazy(ids, labels=labels).loss, direct(ids, labels=labels).loss)
     assert lazy.head.decoder.weight is lazy.embeddings.tokens.weight
+
+
+def test_model_output_is_a_pytree_whose_leaves_are_its_tensors():
+    """FSDP2/DDP hook backward on the output tensors they find by flattening the output."""
+    from torch.utils import _pytree as pytree
+
+    from cramkit.models.base import ModelOutput
+
+    loss, logits, count = torch.tensor(1.0), torch.zeros(2, 3), torch.tensor(4)
+    leaves, spec = pytree.tree_flatten(ModelOutput(loss=loss, logits=logits, num_targets=count))
+    assert [id(x) for x in leaves] == [id(loss), id(logits), id(count)]
+    assert pytree.tree_unflatten(leaves, spec) == ModelOutput(loss, logits, count)
+    assert pytree.tree_flatten(ModelOutput(loss=None, logits=logits, num_targets=None))[0] == [logits]

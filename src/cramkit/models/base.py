@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..errors import ConfigError
 from .config import ModelConfig
@@ -33,6 +34,13 @@ class ModelOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
     num_targets: torch.Tensor | None
+
+
+# FSDP2 (and DDP) find a forward's output tensors by flattening the output as a pytree, to hook
+# the root module's backward there. An unregistered dataclass hides them: on torch 2.11, a step in
+# which no sharded block ran (PLD dropping every block) never resharded the root, so its
+# gradients missed that optimizer step and leaked into the next one.
+pytree.register_dataclass(ModelOutput)
 
 
 class TransformerLM(nn.Module):
