@@ -183,6 +183,10 @@ def main() -> None:
         if name in stages and data:
             pretrain_run(name, data, work / "runs", args.seconds, results)
             save()
+            if results.get(f"pretrain_{name}", {}).get("summary", {}).get("stop_reason") == "signal":
+                # SIGTERM (a time limit's `timeout`) stopped the run cleanly: start no other one.
+                print(f"{name} stopped by a signal (time limit): cut short; no further runs", flush=True)
+                break
     print("\n\n##### RESULTS #####")
     print(json.dumps({k: results.get(k) for k in ("device", "torch", "date")}, default=str))
     print(json.dumps(results.get("data", {}).get("splits"), default=str))

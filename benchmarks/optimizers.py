@@ -146,12 +146,18 @@ def run_grid(args) -> list[dict]:
             "val_loss": summary.get("final_val_loss"), "steps": summary.get("steps"),
             "tokens": summary.get("tokens"), "train_seconds": summary.get("train_seconds"),
             "wall_seconds": round(time.perf_counter() - start, 1), "curve": curve,
+            "stop_reason": summary.get("stop_reason"),
         })
         # Saved after every run, so an interrupted sweep still leaves its results.
         with records_path.open("a") as f:
             f.write(json.dumps(records[-1]) + "\n")
         print(f"{name:>12} {spec['key']}={value:<8g} val {records[-1]['val_loss']} "
               f"({records[-1]['wall_seconds']} s){' ' + error if error else ''}", flush=True)
+        if summary.get("stop_reason") == "signal":
+            # The trainer turns SIGTERM (a time limit's `timeout`) into a clean stop of the run;
+            # the sweep must stop too, not start the next run past the limit.
+            print("stopped by a signal (time limit): no further runs; this run is cut short", flush=True)
+            break
     return records
 
 

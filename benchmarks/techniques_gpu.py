@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
             with records.open("a") as f:
                 f.write(json.dumps({"run": name, **results[name]}, default=str) + "\n")
         save(final=False)
+        if results[name].get("stop_reason") == "signal":
+            # The trainer turns SIGTERM (a time limit's `timeout`) into a clean stop of the run;
+            # the benchmark must stop too, not start the next run past the limit.
+            print(f"{name} stopped by a signal (time limit): cut short; no further runs", flush=True)
+            break
     base = results.get("baseline", {})
     target = base.get("final_val_loss")
     print("\n## Techniques: time and FLOPs to the baseline's final validation loss\n")

@@ -65,3 +65,20 @@ def test_table_prints_a_run_without_figures_instead_of_crashing():
     base = {"evals": evals, "final_val_loss": 6.0, "tokens_per_s": 100.0, "tokens": 1000}
     text = bench.table({"baseline": base, "pld": {"evals": evals, "final_val_loss": None}}, 6.0)
     assert "| pld | 10.0 | 9.000e+00 | 1.00x / 1.00x | - | - | - |" in text
+
+
+def test_a_run_stopped_by_sigterm_ends_the_benchmark(tiny_mlm_data, tmp_path, monkeypatch):
+    # The trainer turns SIGTERM (gpu_all.sh's `timeout`) into a clean stop of the run; the
+    # benchmark used to go on with the next run, past the device call's limit.
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    started = []
+
+    def fake(name, overrides):
+        started.append(name)
+        return {"final_val_loss": 7.0, "evals": [], "stop_reason": "signal"}
+
+    monkeypatch.setattr(bench, "run_one", fake)
+    report = bench.main(["--smoke", "--data", str(tiny_mlm_data), "--work", str(tmp_path)])
+    assert len(started) == 1 and list(report["runs"]) == ["baseline"]
+    line = json.loads((tmp_path / "out" / "techniques_records.jsonl").read_text())
+    assert line["stop_reason"] == "signal"
