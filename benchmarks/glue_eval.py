@@ -15,13 +15,23 @@ On a GPU the fine-tuning runs under bf16 autocast. Only tasks with train and dev
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from cramkit.configbase import apply_overrides
 from cramkit.errors import CramkitError
 from cramkit.eval.finetune import FinetuneConfig, load_backbone
 from cramkit.eval.suite import evaluate_glue, render_markdown
+
+
+def _record(path: str, init: str, entry: dict) -> None:
+    """Append ``entry`` (tagged with its init) as one JSON line to ``path`` (none when empty)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"init": init, **entry}, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per task")
     parser.add_argument("--inits", default="pretrained,random",
                         help="which initialisations to fine-tune: pretrained, random or both (comma list)")
+    parser.add_argument("--records", default="",
+                        help="append one JSON line per scored task (and per finished init) to this file, "
+                             "as each ends: a run cut short keeps what it scored")
     parser.add_argument("overrides", nargs="*", help="FinetuneConfig key=value overrides")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -48,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             if label not in inits:
                 continue
             start = time.perf_counter()
-            reports[label] = evaluate_glue(args.run_dir, args.data, tasks, cfg, backbone=bb)
+            reports[label] = evaluate_glue(args.run_dir, args.data, tasks, cfg, backbone=bb,
+                                           on_result=lambda r, label=label: _record(args.records, label, r))
+            _record(args.records, label, {"summary": reports[label]["summary"],
+                                          "seconds": round(time.perf_counter() - start, 1)})
             print(render_markdown(reports[label]))
             print(
                 f"[{label}] {time.perf_counter() - start:.0f} s; files: {reports[label]['paths']}\n"

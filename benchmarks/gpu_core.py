@@ -55,12 +55,20 @@ SMOKE = False
 
 @stage("prepare enwiki")
 def prepare_enwiki(src: str, out: Path) -> Path:
+    """``src`` itself when it is a prepared dataset (``manifest.json``), else its raw
+    ``train-*.txt.xz`` shards prepared into ``out`` (reused when the options match)."""
     from cramkit.data.config import PrepareConfig
     from cramkit.data.prepare import prepare
 
+    if (Path(src) / "manifest.json").is_file():
+        print(f"using the prepared dataset {src}", flush=True)
+        return Path(src)
+    shards = sorted(glob.glob(f"{src}/train-*.txt.xz"))
+    if not shards:
+        raise FileNotFoundError(f"{src} has neither manifest.json nor train-*.txt.xz shards")
     cfg = PrepareConfig.from_dict(
         {
-            "sources": sorted(glob.glob(f"{src}/train-*.txt.xz")),
+            "sources": shards,
             "objective": "mlm",
             "tokenizer": "wordpiece",
             "vocab_size": 32768,
@@ -140,7 +148,8 @@ def pretrain_run(name: str, data_dir: Path, runs: Path, seconds: int, results: d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--enwiki", default=".gpu/enwiki-2015")
+    ap.add_argument("--enwiki", default=".gpu/enwiki-2015",
+                    help="folder of raw train-*.txt.xz shards, or a dataset `cramkit prepare` made")
     ap.add_argument("--work", default="/tmp/cramkit-gpu")
     ap.add_argument("--seconds", type=int, default=150, help="pretraining budget (wall-clock, training only)")
     ap.add_argument("--stages", default="throughput,crammed,original",
@@ -174,6 +183,10 @@ def main() -> None:
         if name in stages and data:
             pretrain_run(name, data, work / "runs", args.seconds, results)
             save()
+            if results.get(f"pretrain_{name}", {}).get("summary", {}).get("stop_reason") == "signal":
+                # SIGTERM (a time limit's `timeout`) stopped the run cleanly: start no other one.
+                print(f"{name} stopped by a signal (time limit): cut short; no further runs", flush=True)
+                break
     print("\n\n##### RESULTS #####")
     print(json.dumps({k: results.get(k) for k in ("device", "torch", "date")}, default=str))
     print(json.dumps(results.get("data", {}).get("splits"), default=str))

@@ -152,24 +152,35 @@ def _largest_probe(depth: int, switches: list[str], timeout: float) -> dict:
     return r
 
 
-def largest_gpu_only(switches: list[str], remaining) -> dict | None:
-    """Binary search over ``DEPTHS`` for the deepest model that trains two steps."""
-    lo, hi, best = -1, len(DEPTHS), None  # DEPTHS[lo] trained, DEPTHS[hi] did not
+def _no_report(best: dict | None, depth: int, r: dict) -> None:
+    pass
+
+
+def largest_gpu_only(switches: list[str], remaining, report=_no_report) -> dict | None:
+    """Binary search over ``DEPTHS`` for the deepest model that trains two steps.
+
+    ``report(best_so_far, depth, probe_result)`` is called after every probe (to save it)."""
+    depths = DEPTHS[:2] if SMOKE else DEPTHS
+    hidden = 64 if SMOKE else HIDDEN
+    lo, hi, best = -1, len(depths), None  # depths[lo] trained, depths[hi] did not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        r = _largest_probe(DEPTHS[mid], switches, min(240, remaining()))
+        r = _largest_probe(depths[mid], switches, min(240, remaining()))
         if "error" in r:
             if r["error"].startswith("skipped"):
                 break
             hi = mid
+            if best is not None:
+                best["next_failed"] = depths[hi]
         else:
-            lo, best = mid, {"hidden": HIDDEN, "layers": DEPTHS[mid], **r}
-    if best is not None and hi < len(DEPTHS):
-        best["next_failed"] = DEPTHS[hi]
+            lo, best = mid, {"hidden": hidden, "layers": depths[mid], **r}
+            if hi < len(depths):
+                best["next_failed"] = depths[hi]
+        report(best, depths[mid], r)
     return best
 
 
-def largest_offload(switches: list[str], remaining, depths: list[int]) -> dict | None:
+def largest_offload(switches: list[str], remaining, depths: list[int], report=_no_report) -> dict | None:
     """The deepest of ``depths`` that trains, trying them in order until one fails."""
     best = None
     for depth in depths if not SMOKE else [2]:
@@ -177,8 +188,10 @@ def largest_offload(switches: list[str], remaining, depths: list[int]) -> dict |
         if "error" in r:
             if best is not None:
                 best["next_failed"] = depth
+            report(best, depth, r)
             break
-        best = {"hidden": HIDDEN, "layers": depth, **r}
+        best = {"hidden": 64 if SMOKE else HIDDEN, "layers": depth, **r}
+        report(best, depth, r)
     return best
 
 
@@ -238,12 +251,20 @@ def main() -> None:
         unknown = set(chosen) - set(LARGEST)
         if unknown:
             ap.error(f"--largest: unknown {sorted(unknown)}; choose from {', '.join(LARGEST)}")
+        probes = results.setdefault("largest_probes", {})
         for name in chosen:
             switches = LARGEST[name]
+            probes[name] = []
+
+            def report(best, depth, r, name=name):  # saved after every probe: a cut call keeps them
+                largest[name] = best
+                probes[name].append({"layers": depth, **r})
+                save()
+
             if name in OFFLOAD_DEPTHS:
-                largest[name] = largest_offload(switches, remaining, OFFLOAD_DEPTHS[name])
+                largest[name] = largest_offload(switches, remaining, OFFLOAD_DEPTHS[name], report)
             else:
-                largest[name] = largest_gpu_only(switches, remaining)
+                largest[name] = largest_gpu_only(switches, remaining, report)
             save()
     print("\n##### RESULTS #####")
     print(f"device: {results['device']}, {results['date']}\n")

@@ -16,8 +16,10 @@ loss-vs-training-time plot of each optimizer's best run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +70,15 @@ def _overrides(args, data: Path) -> list[str]:
     common = [f"data.dir={data}", f"out_dir={args.out}", "train.progress_bar=false",
               "train.tensorboard=false", "train.eval_every=0", "finetune_demo=false",
               f"seed={args.seed}"]
+    if args.gpu and args.smoke:  # the GPU sweep's recipe and data at a tiny size, on the CPU
+        from cramkit.data.dataset import TokenDataset
+
+        return common + [
+            "model.preset=tiny", f"model.vocab_size={TokenDataset.open(data).vocab_size}",
+            f"train.budget={args.budget or '2steps'}", "train.batch_size=8",
+            "train.micro_batch=8", "train.batch_ramp=0", "train.compile=false", "train.device=cpu",
+            "train.precision=fp32", "train.eval_batches=2", "train.log_every=1", "train.peak_tflops=1",
+        ]
     if args.gpu:
         return common + [
             "model.preset=crammed-bert", f"train.budget={args.budget or '15s'}",
@@ -94,24 +105,33 @@ def run_grid(args) -> list[dict]:
     # --only takes optimizer names, or name@lr for single grid points (to complete a cut sweep).
     plan: list[tuple[str, float]] = []
     for item in filter(None, args.only.split(",")) if args.only else grid:
-        name, _, lr = item.partition("@")
-        plan += [(name, float(lr))] if lr else [(name, v) for v in grid[name]["values"]]
+        name, _, lr = item.strip().partition("@")
+        if name not in grid:
+            raise SystemExit(f"error: --only: unknown optimizer {name!r}; choose from {', '.join(grid)}")
+        values = grid[name]["values"]
+        if args.smoke and not lr:  # one (the middle) grid point per optimizer
+            values = values[len(values) // 2:][:1]
+        plan += [(name, float(lr))] if lr else [(name, v) for v in values]
     recipe = "crammed-bert" if args.gpu else "demo"
     records = []
     records_path = Path(args.records or Path(args.out) / "records.jsonl")
+    records_path.parent.mkdir(parents=True, exist_ok=True)
     for name, value in plan:
         spec = grid[name]
         run = f"{name}-{value:g}-{time.strftime('%H%M%S')}"
         overrides = _overrides(args, data) + [f"optim.name={name}", f"{spec['key']}={value}",
                                               f"name={run}", *spec.get("extra", [])]
-        cfg = load_config(recipe, overrides)
         torch.manual_seed(args.seed)
         start = time.perf_counter()
         try:
-            summary = pretrain(cfg, say=lambda *_: None)
+            summary = pretrain(load_config(recipe, overrides), say=lambda *_: None)
             error = None
-        except Exception as exc:  # noqa: BLE001 - a diverged run is a result, not a crash
-            summary, error = {}, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a diverged (or OOM) run is a result, not a crash
+            summary, error = {}, f"{type(exc).__name__}: {str(exc)[:500]}"
+        finally:  # an OOM's tensors must not crowd out the next run
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if not args.keep_checkpoints:  # 24 crammed-bert runs would fill a small disk
             shutil.rmtree(Path(args.out) / run / "checkpoints", ignore_errors=True)
         metrics = Path(args.out) / run / "metrics.jsonl"
@@ -126,12 +146,18 @@ def run_grid(args) -> list[dict]:
             "val_loss": summary.get("final_val_loss"), "steps": summary.get("steps"),
             "tokens": summary.get("tokens"), "train_seconds": summary.get("train_seconds"),
             "wall_seconds": round(time.perf_counter() - start, 1), "curve": curve,
+            "stop_reason": summary.get("stop_reason"),
         })
         # Saved after every run, so an interrupted sweep still leaves its results.
         with records_path.open("a") as f:
             f.write(json.dumps(records[-1]) + "\n")
         print(f"{name:>12} {spec['key']}={value:<8g} val {records[-1]['val_loss']} "
               f"({records[-1]['wall_seconds']} s){' ' + error if error else ''}", flush=True)
+        if summary.get("stop_reason") == "signal":
+            # The trainer turns SIGTERM (a time limit's `timeout`) into a clean stop of the run;
+            # the sweep must stop too, not start the next run past the limit.
+            print("stopped by a signal (time limit): no further runs; this run is cut short", flush=True)
+            break
     return records
 
 
@@ -187,6 +213,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="crammed-bert on a GPU (needs --data)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --gpu: the same sweep at the tiny preset on the CPU, 2 steps, one LR "
+                             "per optimizer (checks the script in seconds)")
     parser.add_argument("--data", default="", help="prepared data directory (required with --gpu)")
     parser.add_argument("--out", default="/tmp/cramkit-optim-bench", help="run directories go here")
     parser.add_argument("--budget", default="", help="per-run budget (default 150steps CPU, 15s GPU)")
@@ -203,7 +232,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.gpu and not args.data:
         parser.error("--gpu needs --data PREPARED_DIR (e.g. enwiki shards from `cramkit prepare`)")
-    if not args.gpu:
+    if not args.gpu or args.smoke:
         torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -217,10 +246,13 @@ def main() -> None:
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.time() - started:.0f} s in all\n")
     print(table(records))
-    out_plot = Path(args.plot or Path(__file__).parent / f"optim_loss_{kind}.png")
-    plot(records, out_plot, f"best LR per optimizer ({device}, same budget)")
     (Path(args.out) / f"results_{kind}.json").write_text(json.dumps(records, indent=1))
-    print(f"\nplot: {out_plot}")
+    out_plot = Path(args.plot or Path(__file__).parent / f"optim_loss_{kind}.png")
+    try:  # the records are already saved: a plotting failure must not lose the table
+        plot(records, out_plot, f"best LR per optimizer ({device}, same budget)")
+        print(f"\nplot: {out_plot}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"\nno plot: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

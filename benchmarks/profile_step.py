@@ -26,6 +26,7 @@ summary) and ``trace-<model>.json.gz`` (open in https://ui.perfetto.dev or chrom
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -33,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -368,17 +370,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA device; use --smoke to check the script on the CPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in names:  # all checked before the first model runs
         if name not in RECIPES:
             p.error(f"unknown model {name}; choose from {', '.join(RECIPES)}")
-        results.append(profile_model(name, args, out, device))
-    (out / "profile-summary.json").write_text(json.dumps(results, indent=2))
+    results, failed = [], []
+    for name in names:
+        try:
+            results.append(profile_model(name, args, out, device))
+        except Exception as exc:  # noqa: BLE001 - one model's OOM or compile error ends only that model
+            traceback.print_exc()
+            failed.append({"model": name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        # Rewritten after every model: a call cut short keeps the models that finished.
+        (out / "profile-summary.json").write_text(json.dumps(results + failed, indent=2))
     bad = [r["model"] for r in results if r["syncs"]["measurable"] and r["syncs"]["steady_state_total"]]
     if bad:
         print(f"host-device syncs in steady-state steps of: {', '.join(bad)} (see syncs.sources)", file=sys.stderr)
-        return 1
-    return 0
+    if failed:
+        print(f"failed: {', '.join(f['model'] for f in failed)}", file=sys.stderr)
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":

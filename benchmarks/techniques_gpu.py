@@ -24,6 +24,7 @@ Check it on a CPU in seconds with ``--smoke`` (tiny preset, 8 steps per run).
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -32,6 +33,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+import torch
 
 # The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
 from cramkit.report import reach, read_metrics
@@ -119,6 +122,12 @@ def run_one(name: str, overrides: list[str]) -> dict:
     return summary
 
 
+def _num(r: dict, key: str, spec: str) -> str:
+    """``r[key]`` formatted, or "-" when the run has no such figure (not a crash)."""
+    value = r.get(key)
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
 def table(results: dict[str, dict], target: float) -> str:
     base = results.get("baseline")
     rows = [
@@ -135,10 +144,11 @@ def table(results: dict[str, dict], target: float) -> str:
         t, f = reach(r["evals"], target, "elapsed"), reach(r["evals"], target, "flops")
         speed = (f"{base_t / t:.2f}x / {base_f / f:.2f}x"
                  if t and f and base_t and base_f else "-")
+
         rows.append(
             f"| {name} | {f'{t:.1f}' if t is not None else 'not reached'} | "
             f"{f'{f:.3e}' if f is not None else 'not reached'} | {speed} | "
-            f"{r['final_val_loss']:.4f} | {r['tokens_per_s']:,.0f} | {r['tokens']:,} |"
+            f"{_num(r, 'final_val_loss', '.4f')} | {_num(r, 'tokens_per_s', ',.0f')} | {_num(r, 'tokens', ',')} |"
         )
     return "\n".join(rows)
 
@@ -153,23 +163,40 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default="", help="scratch folder (default /tmp/cramkit-techniques)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every run")
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, seconds")
+    ap.add_argument("--records", default="",
+                    help="append one JSON line per finished run here (default $OUT/techniques_records.jsonl)")
     args = ap.parse_args(argv)
     args.budget = args.budget or ("8steps" if args.smoke else "60s")
     work = Path(args.work or "/tmp/cramkit-techniques")
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        import torch
-
         torch.set_num_threads(1)
     source = args.data or (str(REPO / ".gpu" / "enwiki") if (REPO / ".gpu" / "enwiki").is_dir()
                            else DEFAULT_RAW)
     data_dir = prepare_data(source, work, args.smoke)
     common = base_overrides(data_dir, work, args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    results: dict[str, dict] = {}
-    for name in [n.strip() for n in args.runs.split(",") if n.strip()]:
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    for name in names:  # all checked before the first run
         if name != "baseline" and name not in TECHNIQUE_RUNS:
             sys.exit(f"error: unknown run '{name}'; choose from baseline, {', '.join(TECHNIQUE_RUNS)}")
+    out = os.environ.get("OUT")
+    records = Path(args.records) if args.records else (Path(out) / "techniques_records.jsonl" if out else None)
+    results: dict[str, dict] = {}
+
+    def save(final: bool) -> dict:
+        """techniques.json as it stands, rewritten after every run so a cut call keeps it."""
+        base = results.get("baseline", {})
+        report = {"budget": args.budget, "compile": args.compile, "data": str(data_dir),
+                  "target_val_loss": base.get("final_val_loss"), "complete": final, "runs": results}
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            tmp = Path(out) / "techniques.json.tmp"
+            tmp.write_text(json.dumps(report, indent=1, default=str))
+            os.replace(tmp, Path(out) / "techniques.json")
+        return report
+
+    for name in names:
         extra = TECHNIQUE_RUNS.get(name, [])
         if args.smoke:
             extra = smoke_adjust(name, extra)
@@ -182,20 +209,29 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = run_one(f"{name}-{stamp}", common + extra)
         except Exception as exc:  # keep going: the other runs still report
             traceback.print_exc()
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        finally:  # an OOM's tensors must not crowd out the next run
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if records:  # one line per finished run, appended at once
+            records.parent.mkdir(parents=True, exist_ok=True)
+            with records.open("a") as f:
+                f.write(json.dumps({"run": name, **results[name]}, default=str) + "\n")
+        save(final=False)
+        if results[name].get("stop_reason") == "signal":
+            # The trainer turns SIGTERM (a time limit's `timeout`) into a clean stop of the run;
+            # the benchmark must stop too, not start the next run past the limit.
+            print(f"{name} stopped by a signal (time limit): cut short; no further runs", flush=True)
+            break
     base = results.get("baseline", {})
     target = base.get("final_val_loss")
     print("\n## Techniques: time and FLOPs to the baseline's final validation loss\n")
     print(f"budget {args.budget} per run, {'compiled' if args.compile else 'eager'}, data {data_dir}, "
           f"target = baseline final val loss {target if target is None else f'{target:.4f}'}\n")
+    report = save(final=True)
     if target is not None:
         print(table(results, target))
-    report = {"budget": args.budget, "compile": args.compile, "data": str(data_dir),
-              "target_val_loss": target, "runs": results}
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "techniques.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
 

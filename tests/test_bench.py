@@ -70,3 +70,33 @@ def test_bench_batches_only_change_when_documents_are_asked_for():
     assert not (plain["input_ids"] == BENCH_BOUNDARY).any()
     ends = docs["input_ids"] == BENCH_BOUNDARY
     assert ends.any() and (docs["labels"][ends] == -100).all()
+
+
+def test_a_failing_bench_target_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    # One target's OOM or compile error must not lose the others (a GPU call has one try).
+    import cramkit.bench as bench
+
+    real = bench.bench_target
+
+    def flaky(target, **kwargs):
+        if "document_mask=true" in target:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(target, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_target", flaky)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "cramkit:tiny,seq_len=16,batch=2", "cramkit:tiny-gpt,seq_len=16,batch=2",
+            "--document-mask", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 1
+    saved = json.loads(out.read_text())
+    assert [r["target"] for r in saved["results"]] == ["cramkit:tiny,seq_len=16,batch=2",
+                                                       "cramkit:tiny-gpt,seq_len=16,batch=2"]
+    assert [f["error"] for f in saved["failed"]] == ["RuntimeError: CUDA out of memory (simulated)"] * 2
+    assert "failed: RuntimeError" in capsys.readouterr().err
+
+
+def test_gpu_all_bench_targets_parse():
+    # The targets benchmarks/gpu_all.sh part 4 times on the GPU (parsed only: nothing is built).
+    pairs = expand_targets(["cramkit:crammed-bert,seq_len=128,batch=256", "cramkit:gpt2-small,seq_len=1024,batch=32"],
+                           True, batch=8, seq_len=128)
+    assert [p[1] is not None for p in pairs] == [False, True, False, True]

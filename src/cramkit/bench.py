@@ -18,7 +18,9 @@ after each token with probability 1/N, so documents are on average N tokens long
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -271,18 +273,36 @@ def run_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     peak = measure_peak_flops(device, precision)
-    results = []
-    for target, baseline in expand_targets(args.targets, args.document_mask, batch=args.batch, seq_len=args.seq_len):
-        results.append(bench_target(target, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
-                                    warmup=args.warmup, device=device, precision=precision,
-                                    compile=args.compile, mask_rate=args.mask_rate, peak=peak,
-                                    doc_len=args.doc_len, baseline=baseline))
-        print(f"{target}: {results[-1].tokens_per_s:,.0f} tokens/s", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(table(results, peak, name))
-    if args.json:
-        from .utils import write_json
+    results: list[Result] = []
+    failed: list[dict] = []
 
-        write_json(args.json, {"device": name, "peak_flops": peak, "precision": precision,
-                               "results": [asdict(r) for r in results]})
-    return 0
+    def save() -> None:  # after every target, so a run cut short keeps what it timed
+        if args.json:
+            from .utils import write_json
+
+            write_json(args.json, {"device": name, "peak_flops": peak, "precision": precision,
+                                   "results": [asdict(r) for r in results], "failed": failed})
+
+    for target, baseline in expand_targets(args.targets, args.document_mask, batch=args.batch, seq_len=args.seq_len):
+        try:
+            results.append(bench_target(target, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                                        warmup=args.warmup, device=device, precision=precision,
+                                        compile=args.compile, mask_rate=args.mask_rate, peak=peak,
+                                        doc_len=args.doc_len, baseline=baseline))
+            print(f"{target}: {results[-1].tokens_per_s:,.0f} tokens/s", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one target's OOM or compile error ends only that target
+            failed.append({"target": target, "baseline": baseline, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+            print(f"{target}: failed: {failed[-1]['error']}", file=sys.stderr, flush=True)
+        finally:  # the next target starts from an empty cache, and its own compiled graphs
+            gc.collect()
+            if args.compile:
+                torch.compiler.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        save()
+    print(table(results, peak, name))
+    for f in failed:
+        print(f"| {f['target']} | failed: {f['error']} |")
+    save()
+    return 1 if failed else 0

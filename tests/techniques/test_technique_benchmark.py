@@ -34,3 +34,51 @@ def test_smoke_run_prints_a_table_and_writes_json(tiny_mlm_data, tmp_path, monke
     assert "| baseline |" in text and "| vcycle |" in text
     saved = json.loads((tmp_path / "out" / "techniques.json").read_text())
     assert saved["target_val_loss"] == report["runs"]["baseline"]["final_val_loss"]
+    assert saved["complete"]
+    # One line per run, appended as each ends (a call cut at its time limit keeps them).
+    lines = (tmp_path / "out" / "techniques_records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["run"] for line in lines] == list(report["runs"])
+
+
+def test_a_failing_run_is_saved_at_once_and_the_rest_go_on(tiny_mlm_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    seen = []
+
+    def fake(name, overrides):
+        # Each earlier run is already on disk when the next one starts.
+        seen.append(len((tmp_path / "out" / "techniques_records.jsonl").read_text().splitlines())
+                    if (tmp_path / "out" / "techniques_records.jsonl").exists() else 0)
+        if name.startswith("pld"):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return {"final_val_loss": None, "evals": [], "tokens_per_s": None, "tokens": None}
+
+    monkeypatch.setattr(bench, "run_one", fake)
+    report = bench.main(["--smoke", "--data", str(tiny_mlm_data), "--work", str(tmp_path),
+                         "--runs", "pld,baseline,vcycle"])
+    assert seen == [0, 1, 2]
+    assert report["runs"]["pld"] == {"error": "RuntimeError: CUDA out of memory (simulated)"}
+    assert set(report["runs"]) == {"pld", "baseline", "vcycle"}
+
+
+def test_table_prints_a_run_without_figures_instead_of_crashing():
+    evals = [{"val_loss": 8.0, "elapsed": 0.0, "flops": 0.0}, {"val_loss": 6.0, "elapsed": 10.0, "flops": 9.0}]
+    base = {"evals": evals, "final_val_loss": 6.0, "tokens_per_s": 100.0, "tokens": 1000}
+    text = bench.table({"baseline": base, "pld": {"evals": evals, "final_val_loss": None}}, 6.0)
+    assert "| pld | 10.0 | 9.000e+00 | 1.00x / 1.00x | - | - | - |" in text
+
+
+def test_a_run_stopped_by_sigterm_ends_the_benchmark(tiny_mlm_data, tmp_path, monkeypatch):
+    # The trainer turns SIGTERM (gpu_all.sh's `timeout`) into a clean stop of the run; the
+    # benchmark used to go on with the next run, past the device call's limit.
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    started = []
+
+    def fake(name, overrides):
+        started.append(name)
+        return {"final_val_loss": 7.0, "evals": [], "stop_reason": "signal"}
+
+    monkeypatch.setattr(bench, "run_one", fake)
+    report = bench.main(["--smoke", "--data", str(tiny_mlm_data), "--work", str(tmp_path)])
+    assert len(started) == 1 and list(report["runs"]) == ["baseline"]
+    line = json.loads((tmp_path / "out" / "techniques_records.jsonl").read_text())
+    assert line["stop_reason"] == "signal"

@@ -49,3 +49,18 @@ def test_kernel_categories():
     assert ps.category("void at::native::(anonymous namespace)::fused_adamw_kernel") == "optimizer+clip"
     assert ps.category("Memcpy HtoD (Pinned -> Device)") == "copies"
     assert ps.category("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+
+
+def test_a_failing_model_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
+    ps = _script()
+
+    def fake(name, args, out, device):
+        if name == "crammed-bert":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return {"model": name, "syncs": {"measurable": False, "steady_state_total": 0}}
+
+    monkeypatch.setattr(ps, "profile_model", fake)
+    assert ps.main(["--smoke", "--models", "crammed-bert,gpt-small", "--out", str(tmp_path)]) == 1
+    saved = json.loads((tmp_path / "profile-summary.json").read_text())
+    assert saved == [{"model": "gpt-small", "syncs": {"measurable": False, "steady_state_total": 0}},
+                     {"model": "crammed-bert", "error": "RuntimeError: CUDA out of memory (simulated)"}]

@@ -157,7 +157,8 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     kwargs: dict[str, Any] = {"mp_policy": policy, "reshard_after_forward": cfg.fsdp_reshard}
     if offload_optimizer:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host copies need an accelerator: without one (CPU runs, tests) pinning raises.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=par.device.type == "cuda")
     for block in model.layers:
         fully_shard(block, **kwargs)
     # The root keeps FSDP's own default: its parameters stay gathered after forward, since the

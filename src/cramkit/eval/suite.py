@@ -137,10 +137,12 @@ def evaluate_glue(
     random_init: bool = False,
     backbone: Backbone | None = None,
     log: Log = print,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and score every selected GLUE task; write ``RUN_DIR/eval/glue[-random].md|json``.
 
     Returns the report dict (also written as JSON); ``report["paths"]`` names the files.
+    ``on_result`` gets each task's result as soon as it is scored (to save it at once).
     """
     cfg = cfg or FinetuneConfig()
     specs, skipped = select_glue_tasks(data_dir, tasks)
@@ -156,6 +158,8 @@ def evaluate_glue(
         save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init) if cfg.save else None
         result = finetune(backbone, task, cfg, save_dir=save_dir)
         results.append(result)
+        if on_result is not None:
+            on_result(result)
         scores = ", ".join(f"{e} {to_percent(s):.2f}" for e, s in result["scores"].items())
         log(f"{spec.name}: {scores} ({result['seconds']:.0f} s)")
     report = {

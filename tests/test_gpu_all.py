@@ -1,0 +1,77 @@
+"""benchmarks/gpu_all.sh in SMOKE=1 mode: every part's commands, flags and paths on the CPU.
+
+A GPU lease is one short try; a wrong flag or path in the shell script would waste it, so each
+part runs here end to end at tiny sizes (the same command lines, each script in --smoke mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared datasets are not beside this checkout)")
+    return path
+
+# What each part must leave in $OUT (the device tool returns at most 8 files, plainly named).
+EXPECTED = {
+    1: {"optimizers.log", "optim_records.jsonl", "optim_loss_gpu.png"},
+    2: {"techniques.log", "techniques.json", "techniques_records.jsonl"},
+    3: {"gpu_scale_costs.log", "shape.log", "glue_random.log", "glue_random.jsonl",
+        "gpu_scale_largest.log", "gpu_scale.json"},
+    4: {"profile_step.log", "profile-crammed-bert.json", "trace-crammed-bert.json.gz",
+        "profile-summary.json", "docmask.log", "docmask.json"},
+    5: {"time_to_quality.log", "gpu_core.json", "metrics-crammed.jsonl", "metrics-original.jsonl"},
+}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gpu-all-work")  # shared: the data is prepared once
+
+
+def _run_part(part: int, out: Path, work: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable,
+           "ENWIKI": str(shared_data("pretrain", "enwiki-2015")), "GLUE": str(shared_data("glue")),
+           "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), str(part)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("part", [
+    1, 2, 4, 5, pytest.param(3, marks=pytest.mark.multiprocess),  # 3 starts torchrun probes (~2 min)
+])
+def test_gpu_all_part_runs_in_smoke_mode(part, tmp_path, work):
+    out = tmp_path / "out"
+    proc = _run_part(part, out, work)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"part {part} done" in proc.stdout, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    files = {p.name for p in out.iterdir()}
+    assert EXPECTED[part] <= files, (files, log[-2000:])
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
+    for name in files:  # every JSON / JSONL record file parses
+        text = (out / name).read_text() if name.endswith((".json", ".jsonl")) else ""
+        for line in (text.splitlines() if name.endswith(".jsonl") else [text] if text else []):
+            json.loads(line)
+
+
+def test_gpu_all_rejects_missing_data(tmp_path):
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "w"),
+           "PYTHON": sys.executable, "ENWIKI": str(tmp_path / "nothing"), "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "2"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "train-*.txt.xz" in proc.stderr
