@@ -494,3 +494,10 @@ def test_document_mask_needs_a_boundary_token_in_the_data(tiny_mlm_data, tmp_pat
     # An explicit id is the user's choice and is kept.
     chosen = tiny_config(tiny_mlm_data, tmp_path, "model.document_mask=true", "model.document_boundary_id=5")
     assert _with_document_boundary(chosen, no_sep, "mlm").model.document_boundary_id == 5
+
+
+def test_logged_times_are_cut_to_milliseconds_never_rounded_up():
+    """Rounding showed 1.9996 s as 2.0: a step before the one that reached a 2 s budget."""
+    from cramkit.train.trainer import _in_ms
+
+    assert _in_ms(1.9996) == 1.999 and _in_ms(2.0) == 2.0 and _in_ms(2.0004) == 2.0
