@@ -165,8 +165,8 @@ def test_compiled_model_with_flex_is_one_graph_that_moving_boundaries_do_not_rec
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[0], graphs  # later steps reuse the first step's graphs
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 11):
-        # torch 2.9/2.10 break the graph inside create_block_mask (dynamo cannot trace id() of
-        # the mask function): still correct, still no recompiles, a few graphs instead of one.
+        # torch 2.9 breaks the graph inside create_block_mask (dynamo cannot trace id() of the
+        # mask function): still correct, still no recompiles, a few graphs instead of one.
         assert graphs[0] == 1 and not counters["graph_break"]
     torch._dynamo.reset()
 
