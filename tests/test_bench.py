@@ -70,3 +70,27 @@ def test_bench_batches_only_change_when_documents_are_asked_for():
     assert not (plain["input_ids"] == BENCH_BOUNDARY).any()
     ends = docs["input_ids"] == BENCH_BOUNDARY
     assert ends.any() and (docs["labels"][ends] == -100).all()
+
+
+def _row(target, tokens_per_s, baseline=None):
+    from cramkit.bench import Result
+
+    return Result(target, 1.0, 2, 8, tokens_per_s, 0.0, 0.0, 0.0, 1.0, False, baseline)
+
+
+def _ratios(rows):
+    from cramkit.bench import table
+
+    body = table(rows, 1e12, "cpu").splitlines()[4:]
+    return [float(line.split("|")[5]) for line in body]
+
+
+def test_bench_compares_cramkit_with_its_hf_counterpart_in_either_order():
+    # The README's order (cramkit first) used to compare each row with itself: 1.00 and 1.00.
+    assert _ratios([_row("cramkit:crammed-bert", 300.0), _row("hf-bert:bert-base", 200.0)]) == [1.5, 1.0]
+    assert _ratios([_row("hf-bert:bert-base", 200.0), _row("cramkit:crammed-bert", 300.0)]) == [1.0, 1.5]
+    # Each model against the HF row of its own architecture, not the nearest HF row above.
+    rows = [_row("hf-bert:bert-base", 200.0), _row("hf-gpt2:gpt2-small", 100.0),
+            _row("cramkit:crammed-bert", 300.0), _row("cramkit:gpt2-small", 150.0),
+            _row("cramkit:crammed-bert,document_mask=true", 150.0, baseline="cramkit:crammed-bert")]
+    assert _ratios(rows) == [1.0, 1.0, 1.5, 1.5, 0.5]
