@@ -49,7 +49,15 @@ def test_pretrain_and_resume_through_the_cli(tiny_mlm_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stopped by budget after 3 steps" in out and "validation loss" in out
     assert main(["pretrain", "--resume", str(tmp_path / "cli"), "budget=5steps"]) == 0
-    assert "after 5 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "after 5 steps" in out
+    # The resumed summary still knows where the run started.
+    assert "validation loss: start n/a" not in out
+    # A spent budget is one error line, not announced as a run first ("run: ...", "model: ...").
+    assert main(["pretrain", "--resume", str(tmp_path / "cli")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and "already spent its budget of 5steps at step 5" in captured.err
 
 
 def test_unusable_paths_are_one_line_errors(tiny_mlm_data, tmp_path, capsys):

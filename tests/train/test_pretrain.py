@@ -83,8 +83,12 @@ def test_resume_with_larger_budget_continues_finished_run(tiny_mlm_data, tmp_pat
     run = tmp_path / "run"
     with pytest.raises(CramkitError, match="already spent its budget"):
         pretrain(resume_config(run, []), run_dir=run, resume=True, say=lambda *_: None)
+    first = json.loads((run / "summary.json").read_text())
     summary = pretrain(resume_config(run, ["train.budget=7steps"]), run_dir=run, resume=True, say=lambda *_: None)
     assert summary["steps"] == 7
+    # The resumed summary keeps the start of the run (it printed "validation loss: start n/a").
+    assert summary["initial_val_loss"] == first["initial_val_loss"] is not None
+    assert summary["first_train_loss"] == first["first_train_loss"]
 
 
 def _fake_train_step_model(tiny_mlm_data):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..budget import Budget, Clock, exhausted, progress
+from ..budget import Budget, Clock, Usage, exhausted, progress
 from ..config import RunConfig, config_from_dict
 from ..configbase import apply_overrides
 from ..data.dataset import TokenDataset
@@ -328,6 +328,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
     resume_from = ckpt.latest_checkpoint(run_dir, warn=say) if resume else None
     saved = ckpt.load_state(resume_from) if resume_from else None
+    if saved:  # before the model is built and the run is announced (checked again on the clock below)
+        _check_budget_left(cfg, Usage(**saved["counters"]["usage"]), run_dir)
 
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     techniques = build_techniques(cfg.techniques, cfg.technique)
@@ -505,11 +507,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
             if "scaler" in saved:
                 trainer.scaler.load_state_dict(saved["scaler"])
-            if exhausted(trainer.budget, state.usage):
-                raise CramkitError(
-                    f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
-                    f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
-                )
+            _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.to_dict())
         meter = EnergyMeter(device)
@@ -542,10 +540,20 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             log.close()
 
 
+def _check_budget_left(cfg: RunConfig, usage: Usage, run_dir: Path) -> None:
+    if exhausted(Budget.parse(cfg.train.budget), usage):
+        raise CramkitError(
+            f"{run_dir} already spent its budget of {cfg.train.budget} at step {usage.steps}; "
+            f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
+        )
+
+
 def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: int, peak: float) -> dict[str, Any]:
     st = trainer.state
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("type") == "train"]
+    if first_loss is None:  # a resumed run: its start was evaluated (and logged) by the first session
+        first_loss = next((r.get("val_loss") for r in records if r.get("type") == "eval" and r.get("step") == 0), None)
     seconds = max(st.usage.seconds, 1e-9)
     return {
         "run_dir": str(run_dir),
