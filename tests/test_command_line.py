@@ -99,3 +99,21 @@ def test_pretrain_leaves_the_process_group_before_rank_0_alone_works_on(tiny_mlm
             "train.eval_batches=1"]
     assert main(argv) == 0
     assert calls[:2] == [("leave", True), ("demo",)]
+
+
+def test_warnings_are_one_line_on_the_command_line(tmp_path):
+    """A warning (a stop signal, a compile fallback) reads ``warning: MESSAGE``, not Python's
+    ``/path/trainer.py:330: UserWarning: ...`` followed by the line of source that raised it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, warnings; import cramkit.train.cli as t; "
+            "t.run_recipes = lambda args: warnings.warn('received SIGINT: finishing the step', stacklevel=1) or 0; "
+            "from cramkit.cli import main; sys.exit(main(['recipes']))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: received SIGINT: finishing the step\n"
