@@ -39,6 +39,9 @@ def test_recipes_lists_shipped_recipes(capsys):
     out = capsys.readouterr().out
     for name in ("demo", "crammed-bert", "bert-original", "gpt-small"):
         assert name in out
+    # One column each: the architecture starts at the same place on every line.
+    lines = out.splitlines()
+    assert len({line.index(" bert ") if " bert " in line else line.index(" gpt ") for line in lines}) == 1
 
 
 def test_pretrain_and_resume_through_the_cli(tiny_mlm_data, tmp_path, capsys):

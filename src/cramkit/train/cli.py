@@ -49,9 +49,11 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
     p.set_defaults(func=run_pretrain)
 
-    s = sub.add_parser("show-config", help="print the resolved config of a recipe with overrides")
-    s.add_argument("recipe")
-    s.add_argument("overrides", nargs="*")
+    s = sub.add_parser("show-config", help="print the resolved config of a recipe with overrides",
+                       description="Print RECIPE's resolved run config as JSON, with key=value overrides "
+                                   "applied (the keys are listed in `cramkit pretrain --help`).")
+    s.add_argument("recipe", help="recipe name or path (see `cramkit recipes`)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.budget=2h model.layers=4")
     s.set_defaults(func=run_show_config)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
@@ -133,7 +135,9 @@ def run_show_config(args: argparse.Namespace) -> int:
 
 
 def run_recipes(args: argparse.Namespace) -> int:
-    for name in recipe_names():
+    names = recipe_names()
+    width = max(map(len, names), default=0)  # crammed-bert-lamb is longer than a fixed 16
+    for name in names:
         cfg = load_config(name)
-        print(f"{name:16s} {cfg.model.arch:5s} {cfg.train.budget:>8s}  {cfg.description}")
+        print(f"{name:{width}s} {cfg.model.arch:5s} {cfg.train.budget:>8s}  {cfg.description}")
     return 0
