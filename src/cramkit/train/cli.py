@@ -120,7 +120,8 @@ def _print_summary(s: dict) -> None:
 
     print(f"run directory: {s['run_dir']}")
     print(f"stopped by {s['stop_reason']} after {s['steps']} steps, {s['tokens']:,} tokens, "
-          f"{s['train_seconds']:.1f} s of training ({s['paused_seconds']:.1f} s paused for eval/checkpoints)")
+          f"{s['train_seconds']:.1f} s of training ({s['paused_seconds']:.1f} s paused for evaluation, "
+          "checkpoints and compilation)")
     print(f"train loss: start {fmt(s['first_train_loss'])}  end {fmt(s['last_train_loss'])}")
     print(f"validation loss: start {fmt(s['initial_val_loss'])}  end {fmt(s['final_val_loss'])}")
     print(f"throughput: {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}")
