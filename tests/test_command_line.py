@@ -120,3 +120,18 @@ def test_warnings_are_one_line_on_the_command_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "warning: received SIGINT: finishing the step\n"
+
+
+def test_pretrain_help_lists_every_technique_option(capsys):
+    """technique.NAME.KEY=VALUE options were nowhere on the command line (only in docs/)."""
+    import dataclasses
+
+    from cramkit.techniques import TECHNIQUES
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    for name, cls in TECHNIQUES.items():
+        for f in dataclasses.fields(cls.Options):
+            assert f"technique.{name}.{f.name}=" in out
+    assert "technique.pld.theta_bar=0.5: " in out

@@ -29,6 +29,13 @@ def config_help() -> str:
                 lines.append(f"  {prefix}{f.name}: {f.metadata.get('help', '')}")
 
     walk(RunConfig, "")
+    from ..techniques import TECHNIQUES
+
+    lines.append("technique options (technique.NAME.KEY=VALUE, with NAME in techniques=[...]):")
+    for name, cls in TECHNIQUES.items():
+        for f in dataclasses.fields(cls.Options):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  technique.{name}.{f.name}={default}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
