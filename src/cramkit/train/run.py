@@ -326,6 +326,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     objective_name = _objective_name(cfg, dataset)
     cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
+    if resume:
+        _check_same_data(run_dir, dataset, data_dir)
     resume_from = ckpt.latest_checkpoint(run_dir, warn=say) if resume else None
     saved = ckpt.load_state(resume_from) if resume_from else None
     if saved:  # before the model is built and the run is announced (checked again on the clock below)
@@ -538,6 +540,30 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         loader.close()
         if log:
             log.close()
+
+
+def _check_same_data(run_dir: Path, dataset: TokenDataset, data_dir: Path) -> None:
+    """A resumed run must read the data it was trained on (``data_manifest.json`` records it).
+
+    Other data with a tokenizer of the same size trains on silently (the run's tokenizer.json
+    would then no longer be the one its tokens came from), or fails in the loader with
+    "num_sequences=... in the state"; say what is wrong instead.
+    """
+    path = run_dir / "data_manifest.json"
+    if not path.is_file():
+        return
+    trained, now = read_json(path, CheckpointError), dataset.manifest
+
+    def identity(manifest: dict) -> tuple:
+        splits = manifest.get("splits") or {}
+        return (manifest.get("tokenizer_sha256"),
+                *((splits.get(s) or {}).get("sequences") for s in ("train", "val")))
+
+    if identity(trained) != identity(now):
+        raise ConfigError(
+            f"{data_dir} is not the data {run_dir} was trained on (its tokenizer or sequences differ "
+            f"from {path.name}); resume with that data, or start a new run"
+        )
 
 
 def _check_budget_left(cfg: RunConfig, usage: Usage, run_dir: Path) -> None:
