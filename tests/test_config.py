@@ -187,3 +187,12 @@ def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):
     (tmp_path / "cwd.toml").write_text('base = "demo"\n[train]\nbudget = "9steps"\n')
     (folder / "other.toml").write_text('base = "cwd.toml"\n')  # not beside it: the cwd path, as before
     assert load_config(str(folder / "other.toml")).train.budget == "9steps"
+
+
+def test_a_list_split_by_the_shell_says_to_drop_the_spaces():
+    # `techniques=[pld, seqwarmup]` reaches the program as two arguments.
+    with pytest.raises(ConfigError, match=r"override 'seqwarmup\]' is not of the form key=value: write lists "
+                                          r"without spaces \(techniques=\[pld,seqwarmup\]\) or quote them"):
+        load_config("demo", ["techniques=[pld,", "seqwarmup]"])
+    with pytest.raises(ConfigError, match=r"^override 'oops' is not of the form key=value$"):
+        load_config("demo", ["train.budget=2h", "oops"])
