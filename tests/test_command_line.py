@@ -135,3 +135,16 @@ def test_pretrain_help_lists_every_technique_option(capsys):
         for f in dataclasses.fields(cls.Options):
             assert f"technique.{name}.{f.name}=" in out
     assert "technique.pld.theta_bar=0.5: " in out
+
+
+def test_sequences_longer_than_the_position_table_are_refused_before_the_run_starts(tiny_mlm_data, tmp_path,
+                                                                                      capsys):
+    # Was found at the first evaluation, after "run: ..." and "model: ..." had been printed.
+    argv = ["pretrain", "demo", f"data.dir={tiny_mlm_data}", "model.vocab_size=512", "model.max_positions=16",
+            f"out_dir={tmp_path}", "train.budget=1steps", "finetune_demo=false"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: the sequences in {tiny_mlm_data} are 32 tokens long, but model.max_positions "
+                            "is 16; set model.max_positions=32 or prepare data with a shorter seq_len\n")
+    assert list(tmp_path.iterdir()) == []

@@ -84,6 +84,16 @@ def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
         )
 
 
+def _check_positions(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
+    # Found here, not at the first forward pass (after the run directory was made and announced).
+    if cfg.model.positions != "none" and dataset.seq_len > cfg.model.max_positions:
+        raise ConfigError(
+            f"the sequences in {data_dir} are {dataset.seq_len} tokens long, but model.max_positions is "
+            f"{cfg.model.max_positions}; set model.max_positions={dataset.seq_len} or prepare data with a "
+            "shorter seq_len"
+        )
+
+
 def _with_document_boundary(cfg: RunConfig, dataset: TokenDataset, objective: str) -> RunConfig:
     """Fill ``model.document_boundary_id`` from the data's special tokens when document masking
     is on and the id is unset (the resolved config.json then records it for resume and
@@ -323,6 +333,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     dataset = TokenDataset.open(data_dir)
     dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
     _check_vocab(cfg, dataset, data_dir)
+    _check_positions(cfg, dataset, data_dir)
     objective_name = _objective_name(cfg, dataset)
     cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
