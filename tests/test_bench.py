@@ -100,3 +100,27 @@ def test_gpu_all_bench_targets_parse():
     pairs = expand_targets(["cramkit:crammed-bert,seq_len=128,batch=256", "cramkit:gpt2-small,seq_len=1024,batch=32"],
                            True, batch=8, seq_len=128)
     assert [p[1] is not None for p in pairs] == [False, True, False, True]
+
+
+def _row(target, tokens_per_s, baseline=None):
+    from cramkit.bench import Result
+
+    return Result(target, 1.0, 2, 8, tokens_per_s, 0.0, 0.0, 0.0, 1.0, False, baseline)
+
+
+def _ratios(rows):
+    from cramkit.bench import table
+
+    body = table(rows, 1e12, "cpu").splitlines()[4:]
+    return [float(line.split("|")[5]) for line in body]
+
+
+def test_bench_compares_cramkit_with_its_hf_counterpart_in_either_order():
+    # The README's order (cramkit first) used to compare each row with itself: 1.00 and 1.00.
+    assert _ratios([_row("cramkit:crammed-bert", 300.0), _row("hf-bert:bert-base", 200.0)]) == [1.5, 1.0]
+    assert _ratios([_row("hf-bert:bert-base", 200.0), _row("cramkit:crammed-bert", 300.0)]) == [1.0, 1.5]
+    # Each model against the HF row of its own architecture, not the nearest HF row above.
+    rows = [_row("hf-bert:bert-base", 200.0), _row("hf-gpt2:gpt2-small", 100.0),
+            _row("cramkit:crammed-bert", 300.0), _row("cramkit:gpt2-small", 150.0),
+            _row("cramkit:crammed-bert,document_mask=true", 150.0, baseline="cramkit:crammed-bert")]
+    assert _ratios(rows) == [1.0, 1.0, 1.5, 1.5, 0.5]

@@ -39,6 +39,9 @@ def test_recipes_lists_shipped_recipes(capsys):
     out = capsys.readouterr().out
     for name in ("demo", "crammed-bert", "bert-original", "gpt-small"):
         assert name in out
+    # One column each: the architecture starts at the same place on every line.
+    lines = out.splitlines()
+    assert len({line.index(" bert ") if " bert " in line else line.index(" gpt ") for line in lines}) == 1
 
 
 def test_pretrain_and_resume_through_the_cli(tiny_mlm_data, tmp_path, capsys):
@@ -49,7 +52,15 @@ def test_pretrain_and_resume_through_the_cli(tiny_mlm_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stopped by budget after 3 steps" in out and "validation loss" in out
     assert main(["pretrain", "--resume", str(tmp_path / "cli"), "budget=5steps"]) == 0
-    assert "after 5 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "after 5 steps" in out
+    # The resumed summary still knows where the run started.
+    assert "validation loss: start n/a" not in out
+    # A spent budget is one error line, not announced as a run first ("run: ...", "model: ...").
+    assert main(["pretrain", "--resume", str(tmp_path / "cli")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and "already spent its budget of 5steps at step 5" in captured.err
 
 
 def test_unusable_paths_are_one_line_errors(tiny_mlm_data, tmp_path, capsys):
@@ -91,3 +102,49 @@ def test_pretrain_leaves_the_process_group_before_rank_0_alone_works_on(tiny_mlm
             "train.eval_batches=1"]
     assert main(argv) == 0
     assert calls[:2] == [("leave", True), ("demo",)]
+
+
+def test_warnings_are_one_line_on_the_command_line(tmp_path):
+    """A warning (a stop signal, a compile fallback) reads ``warning: MESSAGE``, not Python's
+    ``/path/trainer.py:330: UserWarning: ...`` followed by the line of source that raised it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, warnings; import cramkit.train.cli as t; "
+            "t.run_recipes = lambda args: warnings.warn('received SIGINT: finishing the step', stacklevel=1) or 0; "
+            "from cramkit.cli import main; sys.exit(main(['recipes']))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: received SIGINT: finishing the step\n"
+
+
+def test_pretrain_help_lists_every_technique_option(capsys):
+    """technique.NAME.KEY=VALUE options were nowhere on the command line (only in docs/)."""
+    import dataclasses
+
+    from cramkit.techniques import TECHNIQUES
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    for name, cls in TECHNIQUES.items():
+        for f in dataclasses.fields(cls.Options):
+            assert f"technique.{name}.{f.name}=" in out
+    assert "technique.pld.theta_bar=0.5: " in out
+
+
+def test_sequences_longer_than_the_position_table_are_refused_before_the_run_starts(tiny_mlm_data, tmp_path,
+                                                                                      capsys):
+    # Was found at the first evaluation, after "run: ..." and "model: ..." had been printed.
+    argv = ["pretrain", "demo", f"data.dir={tiny_mlm_data}", "model.vocab_size=512", "model.max_positions=16",
+            f"out_dir={tmp_path}", "train.budget=1steps", "finetune_demo=false"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: the sequences in {tiny_mlm_data} are 32 tokens long, but model.max_positions "
+                            "is 16; set model.max_positions=32 or prepare data with a shorter seq_len\n")
+    assert list(tmp_path.iterdir()) == []

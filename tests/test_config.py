@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -187,3 +188,31 @@ def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):
     (tmp_path / "cwd.toml").write_text('base = "demo"\n[train]\nbudget = "9steps"\n')
     (folder / "other.toml").write_text('base = "cwd.toml"\n')  # not beside it: the cwd path, as before
     assert load_config(str(folder / "other.toml")).train.budget == "9steps"
+
+
+def test_a_list_split_by_the_shell_says_to_drop_the_spaces():
+    # `techniques=[pld, seqwarmup]` reaches the program as two arguments.
+    with pytest.raises(ConfigError, match=r"override 'seqwarmup\]' is not of the form key=value: write lists "
+                                          r"without spaces \(techniques=\[pld,seqwarmup\]\) or quote them"):
+        load_config("demo", ["techniques=[pld,", "seqwarmup]"])
+    with pytest.raises(ConfigError, match=r"^override 'oops' is not of the form key=value$"):
+        load_config("demo", ["train.budget=2h", "oops"])
+
+
+def test_every_shipped_recipe_prepares_its_default_data_offline(tmp_path):
+    """The recipes' default data is the embedded BBC corpus "so the recipe runs offline"; with
+    min_frequency=2 it cannot fill 32768 WordPiece or 50257 BPE tokens, so `cramkit pretrain
+    crammed-bert` (and bert-original, crammed-bert-lamb, gpt-small) failed at once."""
+    from cramkit.data.dataset import TokenDataset
+    from cramkit.data.prepare import cached_prepare
+
+    configs = {}
+    for name in recipe_names():
+        cfg = load_config(name)
+        if not cfg.data.dir:
+            configs[json.dumps(cfg.data.prepare.to_dict(), sort_keys=True)] = cfg
+    assert len(configs) >= 2  # WordPiece 32768 (BERT recipes) and BPE 50257 (GPT)
+    for cfg in configs.values():
+        data = TokenDataset.open(cached_prepare(cfg.data.prepare, tmp_path, progress=False))
+        assert data.vocab_size == cfg.model.vocab_size
+        assert data.num_sequences("train") > 0 and data.num_sequences("val") > 0

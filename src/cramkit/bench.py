@@ -75,7 +75,9 @@ def _hf_gpt2(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
 
     hf = GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
                     n_inner=cfg.intermediate, n_positions=max(cfg.max_positions, seq_len),
-                    attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                    attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    # GPT-2's token 50256 is outside a smaller vocabulary (transformers warns).
+                    bos_token_id=None, eos_token_id=None)
     model = GPT2LMHeadModel(hf)
     # HF shifts labels itself; cramkit's objective shifts them beforehand.
     return model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, flops_per_token(cfg, seq_len)
@@ -209,19 +211,46 @@ def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: i
                   round(fpt * tps / peak, 4), round(mem, 2), round(seconds / steps * 1e3, 2), compile, baseline)
 
 
+#: The architecture each Hugging Face family builds, to pair a cramkit target with its counterpart.
+HF_ARCH = {"hf-bert": "bert", "hf-gpt2": "gpt"}
+
+
+def _reference(results: list[Result], i: int) -> float:
+    """tokens/s of the row that row ``i``'s "× ref" compares with.
+
+    The row named as its baseline; a Hugging Face row is its own reference; a cramkit row is
+    compared with the Hugging Face row of its architecture (the nearest above, else the nearest
+    below), so ``cramkit:crammed-bert hf-bert:bert-base`` compares the two in either order. Without
+    one, the nearest Hugging Face row above, or the first row.
+    """
+    r = results[i]
+    if r.baseline:
+        for other in results:
+            if other.target == r.baseline:
+                return other.tokens_per_s
+    families = [other.target.split(":", 1)[0] for other in results]
+    if families[i] in HF_ARCH:
+        return r.tokens_per_s
+    try:
+        arch = parse_target(r.target, batch=1, seq_len=1).cfg.arch
+    except ConfigError:
+        arch = None
+    above = [j for j in range(i - 1, -1, -1) if families[j] in HF_ARCH]
+    below = [j for j in range(i + 1, len(results)) if families[j] in HF_ARCH]
+    for j in above + below:
+        if HF_ARCH[families[j]] == arch:
+            return results[j].tokens_per_s
+    return results[above[0]].tokens_per_s if above else results[0].tokens_per_s
+
+
 def table(results: list[Result], peak: float, device_name: str) -> str:
-    """A Markdown table; "× ref" is tokens/s relative to the row named as the result's baseline,
-    else to the nearest Hugging Face row above (or the first row), so each cramkit model is
-    compared with its counterpart in one run."""
+    """A Markdown table; "× ref" is tokens/s relative to :func:`_reference`'s row, so each cramkit
+    model is compared with its Hugging Face counterpart in one run."""
     lines = [f"device: {device_name}; measured matmul peak {peak / 1e12:.3g} TFLOP/s", "",
              "| target | params (M) | batch × seq | tokens/s | × ref | model TFLOP/s | MFU | step ms | peak mem GB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    ref = results[0].tokens_per_s if results else 1.0
-    by_target = {r.target: r.tokens_per_s for r in results}
-    for r in results:
-        if r.target.startswith("hf-"):
-            ref = r.tokens_per_s
-        row_ref = by_target.get(r.baseline, ref) if r.baseline else ref
+    for i, r in enumerate(results):
+        row_ref = _reference(results, i)
         lines.append(f"| {r.target}{' (compiled)' if r.compiled else ''} | {r.params_m} | {r.batch} × {r.seq_len} | "
                      f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / row_ref:.2f} | {r.tflops} | {r.mfu:.1%} | "
                      f"{r.step_ms} | {r.memory_gb} |")
@@ -234,13 +263,13 @@ def add_parser(sub) -> None:
     p.add_argument("targets", nargs="*", default=["cramkit:tiny", "hf-bert:tiny"],
                    help="FAMILY:PRESET[,KEY=VALUE...] targets (families: cramkit, hf-bert, hf-gpt2; "
                         "keys: batch, seq_len or a model field)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default: 2)")
     p.add_argument("--mask-rate", type=float, default=0.15, help="MLM targets' share (sets the sparse decoder's work)")
     p.add_argument("--compile", action="store_true", help="torch.compile every target")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--document-mask", action="store_true",
                    help="also time each cramkit target with model.document_mask=true, right after it")

@@ -37,8 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command line shows it: ``warning: MESSAGE``, one line.
+
+    Python's default format names cramkit's own source file and line and then prints that line
+    of code (``trainer.py:330: UserWarning: received SIGINT ...`` + ``warnings.warn(...)``),
+    which tells a user nothing.
+    """
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cramkit`` console script."""
+    previous_format, warnings.formatwarning = warnings.formatwarning, format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = previous_format
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

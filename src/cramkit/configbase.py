@@ -237,8 +237,12 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
     import copy
 
     out = copy.deepcopy(data)
-    for item in overrides:
+    for i, item in enumerate(overrides):
         if "=" not in item:
+            before = overrides[i - 1] if i else ""
+            if before.count("[") > before.count("]"):  # the shell split `key=[a, b]` at the space
+                raise ConfigError(f"override '{item}' is not of the form key=value: write lists "
+                                  f"without spaces ({before}{item}) or quote them")
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, value = item.split("=", 1)
         key = key.strip()

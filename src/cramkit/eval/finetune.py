@@ -79,7 +79,8 @@ class FinetuneConfig(Config):
     )
     save: bool = field(
         False,
-        help="save the fine-tuned weights of the first seed (only adapter + head with peft)",
+        help="save the fine-tuned weights of the first seed (only adapter + head with peft) "
+        "to RUN_DIR/finetune/TASK[-random]/seed-N/",
     )
     progress: bool = field(True, help="show tqdm progress bars")
 

@@ -533,6 +533,24 @@ def _default_dev(train: Path) -> Path | None:
     return None
 
 
+#: Training-file stems that name a split, not a task: such a file is named after its folder.
+_SPLIT_STEMS = ("train", "training")
+
+
+def file_task_name(train: str | Path) -> str:
+    """The task name of a training file: its stem (``data/reviews.tsv`` -> ``reviews``), or its
+    folder's name when the stem only names the split (``sst/train.tsv.gz`` -> ``sst``).
+
+    Results are written under this name (``eval/finetune-NAME.json``): two task files side by side
+    in one folder must not share it.
+    """
+    train = Path(train)
+    stem = train.name.split(".")[0]
+    if stem.lower() in _SPLIT_STEMS:
+        return train.resolve().parent.name or stem
+    return stem or train.name
+
+
 def file_task(
     train: str | Path,
     dev: str | Path | None = None,
@@ -558,7 +576,7 @@ def file_task(
     if metrics is None:
         metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
     spec = TaskSpec(
-        name=name or train.parent.name or train.stem,
+        name=name or file_task_name(train),
         source="file",
         text_column=text_column,
         text_pair_column=text_pair_column,

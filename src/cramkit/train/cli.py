@@ -29,6 +29,13 @@ def config_help() -> str:
                 lines.append(f"  {prefix}{f.name}: {f.metadata.get('help', '')}")
 
     walk(RunConfig, "")
+    from ..techniques import TECHNIQUES
+
+    lines.append("technique options (technique.NAME.KEY=VALUE, with NAME in techniques=[...]):")
+    for name, cls in TECHNIQUES.items():
+        for f in dataclasses.fields(cls.Options):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  technique.{name}.{f.name}={default}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -49,9 +56,11 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
     p.set_defaults(func=run_pretrain)
 
-    s = sub.add_parser("show-config", help="print the resolved config of a recipe with overrides")
-    s.add_argument("recipe")
-    s.add_argument("overrides", nargs="*")
+    s = sub.add_parser("show-config", help="print the resolved config of a recipe with overrides",
+                       description="Print RECIPE's resolved run config as JSON, with key=value overrides "
+                                   "applied (the keys are listed in `cramkit pretrain --help`).")
+    s.add_argument("recipe", help="recipe name or path (see `cramkit recipes`)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.budget=2h model.layers=4")
     s.set_defaults(func=run_show_config)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
@@ -118,7 +127,8 @@ def _print_summary(s: dict) -> None:
 
     print(f"run directory: {s['run_dir']}")
     print(f"stopped by {s['stop_reason']} after {s['steps']} steps, {s['tokens']:,} tokens, "
-          f"{s['train_seconds']:.1f} s of training ({s['paused_seconds']:.1f} s paused for eval/checkpoints)")
+          f"{s['train_seconds']:.1f} s of training ({s['paused_seconds']:.1f} s paused for evaluation, "
+          "checkpoints and compilation)")
     print(f"train loss: start {fmt(s['first_train_loss'])}  end {fmt(s['last_train_loss'])}")
     print(f"validation loss: start {fmt(s['initial_val_loss'])}  end {fmt(s['final_val_loss'])}")
     print(f"throughput: {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}")
@@ -133,7 +143,9 @@ def run_show_config(args: argparse.Namespace) -> int:
 
 
 def run_recipes(args: argparse.Namespace) -> int:
-    for name in recipe_names():
+    names = recipe_names()
+    width = max(map(len, names), default=0)  # crammed-bert-lamb is longer than a fixed 16
+    for name in names:
         cfg = load_config(name)
-        print(f"{name:16s} {cfg.model.arch:5s} {cfg.train.budget:>8s}  {cfg.description}")
+        print(f"{name:{width}s} {cfg.model.arch:5s} {cfg.train.budget:>8s}  {cfg.description}")
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..budget import Budget, Clock, exhausted, progress
+from ..budget import Budget, Clock, Usage, exhausted, progress
 from ..config import RunConfig, config_from_dict
 from ..configbase import apply_overrides
 from ..data.dataset import TokenDataset
@@ -81,6 +81,16 @@ def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
             f"the tokenizer in {data_dir} has a (padded) vocabulary of {dataset.vocab_size}, but "
             f"model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size={dataset.vocab_size} "
             "or prepare data with a matching vocab_size"
+        )
+
+
+def _check_positions(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
+    # Found here, not at the first forward pass (after the run directory was made and announced).
+    if cfg.model.positions != "none" and dataset.seq_len > cfg.model.max_positions:
+        raise ConfigError(
+            f"the sequences in {data_dir} are {dataset.seq_len} tokens long, but model.max_positions is "
+            f"{cfg.model.max_positions}; set model.max_positions={dataset.seq_len} or prepare data with a "
+            "shorter seq_len"
         )
 
 
@@ -323,11 +333,16 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     dataset = TokenDataset.open(data_dir)
     dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
     _check_vocab(cfg, dataset, data_dir)
+    _check_positions(cfg, dataset, data_dir)
     objective_name = _objective_name(cfg, dataset)
     cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
+    if resume:
+        _check_same_data(run_dir, dataset, data_dir)
     resume_from = ckpt.latest_checkpoint(run_dir, warn=say) if resume else None
     saved = ckpt.load_state(resume_from) if resume_from else None
+    if saved:  # before the model is built and the run is announced (checked again on the clock below)
+        _check_budget_left(cfg, Usage(**saved["counters"]["usage"]), run_dir)
 
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     techniques = build_techniques(cfg.techniques, cfg.technique)
@@ -505,11 +520,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
             if "scaler" in saved:
                 trainer.scaler.load_state_dict(saved["scaler"])
-            if exhausted(trainer.budget, state.usage):
-                raise CramkitError(
-                    f"{run_dir} already spent its budget of {cfg.train.budget} at step {state.step}; "
-                    f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
-                )
+            _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.to_dict())
         meter = EnergyMeter(device)
@@ -542,10 +553,44 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             log.close()
 
 
+def _check_same_data(run_dir: Path, dataset: TokenDataset, data_dir: Path) -> None:
+    """A resumed run must read the data it was trained on (``data_manifest.json`` records it).
+
+    Other data with a tokenizer of the same size trains on silently (the run's tokenizer.json
+    would then no longer be the one its tokens came from), or fails in the loader with
+    "num_sequences=... in the state"; say what is wrong instead.
+    """
+    path = run_dir / "data_manifest.json"
+    if not path.is_file():
+        return
+    trained, now = read_json(path, CheckpointError), dataset.manifest
+
+    def identity(manifest: dict) -> tuple:
+        splits = manifest.get("splits") or {}
+        return (manifest.get("tokenizer_sha256"),
+                *((splits.get(s) or {}).get("sequences") for s in ("train", "val")))
+
+    if identity(trained) != identity(now):
+        raise ConfigError(
+            f"{data_dir} is not the data {run_dir} was trained on (its tokenizer or sequences differ "
+            f"from {path.name}); resume with that data, or start a new run"
+        )
+
+
+def _check_budget_left(cfg: RunConfig, usage: Usage, run_dir: Path) -> None:
+    if exhausted(Budget.parse(cfg.train.budget), usage):
+        raise CramkitError(
+            f"{run_dir} already spent its budget of {cfg.train.budget} at step {usage.steps}; "
+            f"continue with a larger one, e.g. cramkit pretrain --resume {run_dir} budget=..."
+        )
+
+
 def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: int, peak: float) -> dict[str, Any]:
     st = trainer.state
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("type") == "train"]
+    if first_loss is None:  # a resumed run: its start was evaluated (and logged) by the first session
+        first_loss = next((r.get("val_loss") for r in records if r.get("type") == "eval" and r.get("step") == 0), None)
     seconds = max(st.usage.seconds, 1e-9)
     return {
         "run_dir": str(run_dir),

@@ -1,0 +1,47 @@
+"""The commands the README and docs/ show resolve to valid configs (a user copies them)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from cramkit.config import load_config
+from cramkit.train.cli import _split_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _commands(path: Path) -> list[str]:
+    """``cramkit pretrain|show-config RECIPE ...`` lines inside the fenced code blocks of ``path``
+    (torchrun's ``-m cramkit.cli pretrain`` too, continuation lines joined), without --resume."""
+    text = path.read_text()
+    out = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            m = re.search(r"(?:^cramkit|-m cramkit\.cli) (pretrain|show-config) (.*)$", line)
+            if m and "--resume" not in m.group(2):
+                out.append(m.group(2))
+    return out
+
+
+CASES = [(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd in _commands(path)]
+
+
+def test_the_docs_show_pretrain_commands():
+    assert any("rezero" in cmd for _, cmd in CASES)  # the parser finds the README's examples
+    assert any(where.startswith("docs/") for where, _ in CASES)
+
+
+@pytest.mark.parametrize(("where", "command"), CASES)
+def test_documented_pretrain_commands_resolve(where, command):
+    args = shlex.split(command)
+    # $NODE_RANK and friends are shell variables in the torchrun example; they are not overrides.
+    args = [a for a in args if "$" not in a]
+    recipe, overrides = _split_overrides(argparse.Namespace(recipe=args[0], overrides=args[1:]))
+    load_config(recipe, overrides)  # raises ConfigError for an invalid combination
