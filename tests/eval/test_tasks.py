@@ -299,3 +299,19 @@ def test_file_tasks_are_named_after_the_file_unless_it_only_names_the_split(tmp_
     assert file_task(sst / "train.tsv").spec.name == "sst"
     monkeypatch.chdir(sst)  # `--task train.tsv` in the task's folder: still the folder's name
     assert file_task("train.tsv").spec.name == "sst"
+
+
+def test_a_task_folder_is_read_through_its_training_file(tmp_path):
+    """`--task DIR` said "file not found" for an existing folder holding train/dev files."""
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    with pytest.raises(DataError, match="is a folder with no training file"):
+        load_task(folder)
+    rows = "sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(6))
+    (folder / "train.tsv").write_text(rows)
+    (folder / "dev.tsv").write_text(rows[: rows.index("text 2")])
+    task = load_task(folder)
+    assert task.spec.name == "reviews" and len(task.train) == 6 and len(task.evals["reviews"]) == 2
+    (folder / "train.csv").write_text(rows.replace("\t", ","))
+    with pytest.raises(DataError, match="more than one training file.*train.tsv, train.csv"):
+        load_task(folder)

@@ -440,7 +440,7 @@ def _summary(manifest: dict, out_dir: Path) -> str:
     s = manifest["splits"]
     f = manifest["filter_stats"]
     removed = ", ".join(
-        f"{step} -{f[step]['docs']} docs/-{f[step]['tokens']} tokens"
+        f"{step} {f[step]['docs']} docs / {f[step]['tokens']} tokens"
         for step in ("weight_zero", "too_short", "duplicate", "compressibility")
         if f[step]["docs"]
     )

@@ -133,7 +133,7 @@ def add_parser(subparsers) -> None:
         formatter_class=raw,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
-    p.add_argument("--task", required=True, help="task name or path to a training file")
+    p.add_argument("--task", required=True, help="task name, path to a training file, or a folder holding one train.{tsv,csv,jsonl}[.gz] (dev file beside it)")
     p.add_argument(
         "--data",
         default=None,

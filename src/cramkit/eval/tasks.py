@@ -598,6 +598,18 @@ def file_task(
     return TaskData(spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)})
 
 
+def _training_file_in(folder: Path) -> Path:
+    """The one ``train.{tsv,csv,jsonl}[.gz]`` in ``folder`` (a task given as its folder)."""
+    found = [folder / f"{stem}{suffix}{gz}" for stem in _SPLIT_STEMS for suffix in (".tsv", ".csv", ".jsonl")
+             for gz in ("", ".gz") if (folder / f"{stem}{suffix}{gz}").is_file()]
+    if len(found) != 1:
+        what = "no" if not found else "more than one"
+        raise DataError(f"{folder} is a folder with {what} training file (train.tsv, .csv or .jsonl, "
+                        f"optionally .gz){': ' + ', '.join(p.name for p in found) if found else ''}; "
+                        "give the training file's path")
+    return found[0]
+
+
 def load_task(
     name_or_path: str | Path, data_dir: str | Path | None = None, **file_options
 ) -> TaskData:
@@ -607,6 +619,8 @@ def load_task(
     ``file_options`` go to :func:`file_task` for paths.
     """
     text = str(name_or_path)
+    if Path(text).is_dir() and _key(text) not in TASKS:
+        text = str(_training_file_in(Path(text)))
     if Path(text).suffix or Path(text).exists():
         if Path(text).is_file():
             return file_task(text, **file_options)
