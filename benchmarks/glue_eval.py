@@ -7,7 +7,8 @@ Usage::
 
 Runs ``cramkit evaluate`` twice — the run's checkpoint and a random initialisation of the same
 shape (the "no pretraining" control) — with cramming's GLUE-sane fine-tuning recipe, writes
-``RUN_DIR/eval/glue.md|json`` and ``glue-random.md|json``, and prints both tables plus the gap.
+``RUN_DIR/eval/glue.md|json`` and ``glue-random.md|json`` (with ``--tasks``, the names are in
+the file names: ``glue-cola-rte.md``), and prints both tables plus the gap.
 On a GPU the fine-tuning runs under bf16 autocast. Only tasks with train and dev files in
 ``--data`` are run (the shared copy has no MNLI/QQP, and QNLI has no train split).
 """

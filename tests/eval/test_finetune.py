@@ -281,10 +281,12 @@ def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
         ]
     )
     assert args.func(args) == 0
-    report = json.loads((tiny_run / "eval" / "glue-random.json").read_text())
+    # A named subset has its own report: it never replaces the full suite's glue-random.*.
+    assert not (tiny_run / "eval" / "glue-random.json").exists()
+    report = json.loads((tiny_run / "eval" / "glue-cola-wnli-random.json").read_text())
     assert report["init"] == "random" and set(report["summary"]["entries"]) == {"cola", "wnli"}
     assert report["summary"]["average"] == report["summary"]["scores"]["cola"]  # WNLI excluded
-    md = (tiny_run / "eval" / "glue-random.md").read_text()
+    md = (tiny_run / "eval" / "glue-cola-wnli-random.md").read_text()
     assert "## cola" in md and "matthews" in md and "**average**" in md
 
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):

@@ -169,7 +169,7 @@ def add_parser(subparsers) -> None:
         help="fine-tune and score a task suite (GLUE); writes RUN_DIR/eval/",
         description="Fine-tune every available task of the suite found in --data and write a "
         "table per task plus the average to RUN_DIR/eval/glue.md|json (glue-random.* with "
-        "--random-init). The average excludes WNLI and counts MNLI m/mm as two entries.",
+        "--random-init; with --tasks the names are added, e.g. glue-cola-rte.md). The average excludes WNLI and counts MNLI m/mm as two entries.",
         epilog=_config_epilog(),
         formatter_class=raw,
     )

@@ -1,8 +1,9 @@
 """Suites of downstream tasks (GLUE) run end to end, with Markdown/JSON reports in the run dir.
 
 Reports go to ``RUN_DIR/eval/<suite>.md|json`` (``<suite>-random.*`` for the random-init
-control). Metric values in reports are percentages; the average follows
-:func:`cramkit.eval.metrics.glue_average` (WNLI excluded, MNLI m and mm as two entries).
+control; a named subset of tasks adds their names: ``glue-cola-rte.*``). Metric values in
+reports are percentages; the average follows :func:`cramkit.eval.metrics.glue_average` (WNLI
+excluded, MNLI m and mm as two entries).
 """
 
 from __future__ import annotations
@@ -174,7 +175,9 @@ def evaluate_glue(
         "summary": summarize(results),
         "config": cfg.to_dict(),
     }
-    stem = "glue-random" if backbone.random_init else "glue"
+    # A named subset gets a report of its own: `--tasks cola` after a full evaluation must not
+    # replace the full report with a one-task one.
+    stem = "glue" + "".join(f"-{s.name}" for s in specs if tasks) + ("-random" if backbone.random_init else "")
     js, md = write_report(report, Path(run_dir) / "eval", stem)
     report["paths"] = {"json": str(js), "markdown": str(md)}
     return report
