@@ -315,3 +315,15 @@ def test_a_task_folder_is_read_through_its_training_file(tmp_path):
     (folder / "train.csv").write_text(rows.replace("\t", ","))
     with pytest.raises(DataError, match="more than one training file.*train.tsv, train.csv"):
         load_task(folder)
+
+
+def test_file_task_names_keep_every_dot_but_the_file_type(tmp_path):
+    # Cut at the first dot, reviews.v1.tsv and reviews.v2.tsv were both "reviews": the second
+    # one's eval/finetune-reviews.json replaced the first one's.
+    from cramkit.eval.tasks import file_task_name
+
+    assert file_task_name(tmp_path / "reviews.v1.tsv") == "reviews.v1"
+    assert file_task_name(tmp_path / "reviews.v2.TSV.GZ") == "reviews.v2"
+    assert file_task_name(tmp_path / "my.data.jsonl") == "my.data"
+    assert file_task_name(tmp_path / "reviews.tsv") == "reviews"
+    assert file_task_name(tmp_path / "sst" / "train.tsv.gz") == "sst"

@@ -548,7 +548,14 @@ def file_task_name(train: str | Path) -> str:
     stem = train.name.split(".")[0]
     if stem.lower() in _SPLIT_STEMS:
         return train.resolve().parent.name or stem
-    return stem or train.name
+    # Only the file type comes off (``reviews.v1.tsv`` -> ``reviews.v1``): cutting at the first
+    # dot named ``reviews.v1.tsv`` and ``reviews.v2.tsv`` both ``reviews``.
+    name = train.name[:-3] if train.name.lower().endswith(".gz") else train.name
+    for suffix in (".tsv", ".csv", ".jsonl"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name or train.name
 
 
 def file_task(
