@@ -505,6 +505,7 @@ def test_logged_times_are_cut_to_milliseconds_never_rounded_up():
     from cramkit.train.trainer import _in_ms
 
     assert _in_ms(1.9996) == 1.999 and _in_ms(2.0) == 2.0 and _in_ms(2.0004) == 2.0
+    assert all(_in_ms(ms / 1000) == ms / 1000 for ms in range(200_000))  # whole ms stay exact
 
 
 def test_resume_on_other_data_is_refused_with_a_clear_error(tiny_mlm_data, tmp_path):

@@ -177,7 +177,8 @@ def evaluate_glue(
     }
     # A named subset gets a report of its own: `--tasks cola` after a full evaluation must not
     # replace the full report with a one-task one.
-    stem = "glue" + "".join(f"-{s.name}" for s in specs if tasks) + ("-random" if backbone.random_init else "")
+    named = [s.name for s in glue_tasks() if s in specs] if tasks else []  # registry order: one name per set
+    stem = "glue" + "".join(f"-{name}" for name in named) + ("-random" if backbone.random_init else "")
     js, md = write_report(report, Path(run_dir) / "eval", stem)
     report["paths"] = {"json": str(js), "markdown": str(md)}
     return report

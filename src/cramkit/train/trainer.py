@@ -31,7 +31,8 @@ Batch = dict[str, torch.Tensor]
 def _in_ms(seconds: float) -> float:
     """Seconds cut, not rounded, to milliseconds for the log: a record never shows a time budget
     as reached (1.9996 s as 2.0) at a step before the one that reached it."""
-    return math.floor(seconds * 1000) / 1000
+    # Rounded to nanoseconds first: 1.001 * 1000 is 1000.9999999999999 in floating point.
+    return math.floor(round(seconds * 1000, 6)) / 1000
 
 
 class Trainer:
