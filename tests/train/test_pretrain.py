@@ -502,10 +502,10 @@ def test_document_mask_needs_a_boundary_token_in_the_data(tiny_mlm_data, tmp_pat
 
 def test_logged_times_are_cut_to_milliseconds_never_rounded_up():
     """Rounding showed 1.9996 s as 2.0: a step before the one that reached a 2 s budget."""
-    from cramkit.train.trainer import _in_ms
+    from cramkit.train.trainer import in_ms
 
-    assert _in_ms(1.9996) == 1.999 and _in_ms(2.0) == 2.0 and _in_ms(2.0004) == 2.0
-    assert all(_in_ms(ms / 1000) == ms / 1000 for ms in range(200_000))  # whole ms stay exact
+    assert in_ms(1.9996) == 1.999 and in_ms(2.0) == 2.0 and in_ms(2.0004) == 2.0
+    assert all(in_ms(ms / 1000) == ms / 1000 for ms in range(200_000))  # whole ms stay exact
 
 
 def test_resume_on_other_data_is_refused_with_a_clear_error(tiny_mlm_data, tmp_path):

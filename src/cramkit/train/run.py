@@ -46,7 +46,7 @@ from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_prec
 from .energy import EnergyMeter
 from .runlog import Progress, RunLog, environment
 from .state import TrainState
-from .trainer import Trainer, locate_targets
+from .trainer import Trainer, in_ms, locate_targets
 
 OBJECTIVE_FOR_ARCH = {"bert": "mlm", "gpt": "clm"}
 
@@ -597,7 +597,7 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
         "stop_reason": trainer.stop_reason,
         "steps": st.step,
         "tokens": st.tokens,
-        "train_seconds": round(st.usage.seconds, 3),
+        "train_seconds": in_ms(st.usage.seconds),  # as the log records it
         "paused_seconds": round(trainer.clock.paused_seconds, 3),
         "flops": st.usage.flops,
         "tokens_per_s": round(st.tokens / seconds, 1),

@@ -28,7 +28,7 @@ from .state import TrainState
 Batch = dict[str, torch.Tensor]
 
 
-def _in_ms(seconds: float) -> float:
+def in_ms(seconds: float) -> float:
     """Seconds cut, not rounded, to milliseconds for the log: a record never shows a time budget
     as reached (1.9996 s as 2.0) at a step before the one that reached it."""
     # Rounded to nanoseconds first: 1.001 * 1000 is 1000.9999999999999 in floating point.
@@ -299,7 +299,7 @@ class Trainer:
                 loss = self.evaluate(self.model)
             getattr(self.state.optimizer, "train", lambda: None)()
             self.log({"type": "eval", "step": self.state.step, "tokens": self.state.tokens,
-                      "flops": self.state.usage.flops, "elapsed": _in_ms(self.clock.elapsed),
+                      "flops": self.state.usage.flops, "elapsed": in_ms(self.clock.elapsed),
                       "val_loss": loss})
         self.state.extra["val_loss"] = loss
         return loss
@@ -317,7 +317,7 @@ class Trainer:
         record = {
             # The time the step's budget decision was taken on (agreed across ranks), not a later
             # clock read: a record at or past the budget is then always the run's last.
-            "type": "train", "step": state.step, "tokens": state.tokens, "elapsed": _in_ms(state.usage.seconds),
+            "type": "train", "step": state.step, "tokens": state.tokens, "elapsed": in_ms(state.usage.seconds),
             "progress": round(state.progress, 5), "loss": state.loss, "lr": state.lr,
             "batch_size": state.accumulation * self.micro_batch * self.par.world_size, "tokens_per_s": round(tps, 1),
             "mfu": round(mfu, 4), "memory_gb": round(memory_gb(self.device), 3),
