@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..utils import read_json, sha256_file
-from .prepare import MANIFEST
+from .prepare import MANIFEST, MANIFEST_FORMAT
 
 _MANIFEST_KEYS = ("objective", "seq_len", "dtype", "vocab_size", "tokenizer_vocab_size", "special_ids",
                   "tokenizer_file", "splits")
@@ -89,7 +89,7 @@ class TokenDataset:
         if not mpath.is_file():
             raise DataError(f"{path}: not a prepared dataset (no {MANIFEST}; run cramkit prepare)")
         manifest = read_json(mpath, DataError)
-        if manifest.get("format") != "cramkit-tokens":
+        if manifest.get("format") != MANIFEST_FORMAT:
             raise DataError(f"{mpath}: not a cramkit token dataset manifest")
         # Every property below reads one of these; a KeyError later would be a traceback.
         missing = [key for key in _MANIFEST_KEYS if key not in manifest]

@@ -61,6 +61,8 @@ from .tokenizer import (
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The manifest's ``format``: it alone marks a folder as a dataset prepare wrote.
+MANIFEST_FORMAT = "cramkit-tokens"
 TOKENIZER = "tokenizer.json"
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 
@@ -133,9 +135,9 @@ def _existing_dataset(out_dir: Path) -> dict | None:
     except DataError as exc:
         raise DataError(f"{out_dir} is not a cramkit dataset ({exc}); {refuse}") from None
     # The same test TokenDataset.open makes: only this marks the folder as prepare's.
-    if manifest.get("format") != "cramkit-tokens":
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(
-            f"{out_dir} is not a cramkit dataset ({manifest_path} is not a cramkit-tokens "
+            f"{out_dir} is not a cramkit dataset ({manifest_path} is not a {MANIFEST_FORMAT} "
             f"manifest); {refuse}"
         )
     return manifest
@@ -397,7 +399,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
     import tokenizers
 
     return {
-        "format": "cramkit-tokens",
+        "format": MANIFEST_FORMAT,
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
         "objective": cfg.objective,

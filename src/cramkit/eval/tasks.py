@@ -280,12 +280,25 @@ def _lines(path: Path, f) -> Iterator[tuple[int, str]]:
         yield lineno, line
 
 
+#: File types a task file may have (each optionally ``.gz``-compressed).
+_FILE_TYPES = (".tsv", ".csv", ".jsonl")
+
+
+def _split_type(name: str) -> tuple[str, str | None]:
+    """``(name without its file type, the type)``, any letter case: ``reviews.v1.TSV.gz`` ->
+    ``("reviews.v1", "tsv")``; the type is None when the name has none of :data:`_FILE_TYPES`."""
+    base = name[:-3] if name.lower().endswith(".gz") else name
+    for suffix in _FILE_TYPES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)], suffix[1:]
+    return base, None
+
+
 def _format(path: Path) -> str:
-    name = path.name.lower().removesuffix(".gz")
-    for suffix in (".tsv", ".csv", ".jsonl"):
-        if name.endswith(suffix):
-            return suffix[1:]
-    raise DataError(f"{path}: unsupported file type (use .tsv, .csv or .jsonl, optionally .gz)")
+    fmt = _split_type(path.name)[1]
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type (use .tsv, .csv or .jsonl, optionally .gz)")
+    return fmt
 
 
 def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, dict[Column, Any]]]:
@@ -550,12 +563,7 @@ def file_task_name(train: str | Path) -> str:
         return train.resolve().parent.name or stem
     # Only the file type comes off (``reviews.v1.tsv`` -> ``reviews.v1``): cutting at the first
     # dot named ``reviews.v1.tsv`` and ``reviews.v2.tsv`` both ``reviews``.
-    name = train.name[:-3] if train.name.lower().endswith(".gz") else train.name
-    for suffix in (".tsv", ".csv", ".jsonl"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name or train.name
+    return _split_type(train.name)[0] or train.name
 
 
 def file_task(
@@ -607,7 +615,7 @@ def file_task(
 
 def _training_file_in(folder: Path) -> Path:
     """The one ``train.{tsv,csv,jsonl}[.gz]`` in ``folder`` (a task given as its folder)."""
-    found = [folder / f"{stem}{suffix}{gz}" for stem in _SPLIT_STEMS for suffix in (".tsv", ".csv", ".jsonl")
+    found = [folder / f"{stem}{suffix}{gz}" for stem in _SPLIT_STEMS for suffix in _FILE_TYPES
              for gz in ("", ".gz") if (folder / f"{stem}{suffix}{gz}").is_file()]
     if len(found) != 1:
         what = "no" if not found else "more than one"
