@@ -16,23 +16,20 @@ On a GPU the fine-tuning runs under bf16 autocast. Only tasks with train and dev
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from cramkit.configbase import apply_overrides
 from cramkit.errors import CramkitError
 from cramkit.eval.finetune import FinetuneConfig, load_backbone
 from cramkit.eval.suite import evaluate_glue, render_markdown
+from cramkit.utils import append_jsonl
 
 
 def _record(path: str, init: str, entry: dict) -> None:
     """Append ``entry`` (tagged with its init) as one JSON line to ``path`` (none when empty)."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps({"init": init, **entry}, default=str) + "\n")
+        append_jsonl(path, {"init": init, **entry}, default=str)
 
 
 def main(argv: list[str] | None = None) -> int:

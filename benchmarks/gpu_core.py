@@ -29,6 +29,7 @@ import torch
 
 # The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
 from cramkit.report import reach, read_metrics
+from cramkit.utils import write_json
 
 
 def stage(name):
@@ -173,8 +174,8 @@ def main() -> None:
         results["data"] = {"splits": manifest.get("splits"), "filter_stats": manifest.get("filter_stats"),
                            "prepare_seconds": manifest.get("seconds")}
     def save() -> None:  # after every stage, so a cut-off call still returns what it measured
-        store.write_text(json.dumps(results, indent=2, default=str))
-        (out / "gpu_core.json").write_text(json.dumps(results, indent=2, default=str))
+        write_json(store, results, default=str)
+        write_json(out / "gpu_core.json", results, default=str)
 
     if "throughput" in stages:
         results["throughput_table"] = throughput(results)

@@ -228,10 +228,9 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
 
     def save() -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
+        from cramkit.utils import write_json
+
+        write_json(path, results)
 
     if "costs" in parts:
         cost = results.setdefault("switch_cost", {})

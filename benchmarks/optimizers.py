@@ -99,6 +99,7 @@ def run_grid(args) -> list[dict]:
     from cramkit.errors import RunError
     from cramkit.report import read_metrics
     from cramkit.train.run import pretrain
+    from cramkit.utils import append_jsonl
 
     data = Path(args.data) if args.data else _cpu_data(Path(args.out) / "data")
     grid = GPU_GRID if args.gpu else CPU_GRID
@@ -149,8 +150,7 @@ def run_grid(args) -> list[dict]:
             "stop_reason": summary.get("stop_reason"),
         })
         # Saved after every run, so an interrupted sweep still leaves its results.
-        with records_path.open("a") as f:
-            f.write(json.dumps(records[-1]) + "\n")
+        append_jsonl(records_path, records[-1])
         print(f"{name:>12} {spec['key']}={value:<8g} val {records[-1]['val_loss']} "
               f"({records[-1]['wall_seconds']} s){' ' + error if error else ''}", flush=True)
         if summary.get("stop_reason") == "signal":

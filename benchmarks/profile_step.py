@@ -45,6 +45,7 @@ import torch
 import cramkit.train.run as run_module
 from cramkit.config import load_config
 from cramkit.train.trainer import Trainer
+from cramkit.utils import write_json
 
 SYNC_WARNING = "called a synchronizing CUDA operation"
 # Runtime calls that block the host until the device (or a stream) catches up.
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         # Rewritten after every model: a call cut short keeps the models that finished.
-        (out / "profile-summary.json").write_text(json.dumps(results + failed, indent=2))
+        write_json(out / "profile-summary.json", results + failed)
     bad = [r["model"] for r in results if r["syncs"]["measurable"] and r["syncs"]["steady_state_total"]]
     if bad:
         print(f"host-device syncs in steady-state steps of: {', '.join(bad)} (see syncs.sources)", file=sys.stderr)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import glob
-import json
 import os
 import shutil
 import sys
@@ -38,6 +37,7 @@ import torch
 
 # The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
 from cramkit.report import reach, read_metrics
+from cramkit.utils import append_jsonl, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RAW = "/work/shared/data/pretrain/enwiki-2015"
@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = {"budget": args.budget, "compile": args.compile, "data": str(data_dir),
                   "target_val_loss": base.get("final_val_loss"), "complete": final, "runs": results}
         if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            tmp = Path(out) / "techniques.json.tmp"
-            tmp.write_text(json.dumps(report, indent=1, default=str))
-            os.replace(tmp, Path(out) / "techniques.json")
+            write_json(Path(out) / "techniques.json", report, default=str)
         return report
 
     for name in names:
@@ -215,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if records:  # one line per finished run, appended at once
-            records.parent.mkdir(parents=True, exist_ok=True)
-            with records.open("a") as f:
-                f.write(json.dumps({"run": name, **results[name]}, default=str) + "\n")
+            append_jsonl(records, {"run": name, **results[name]}, default=str)
         save(final=False)
         if results[name].get("stop_reason") == "signal":
             # The trainer turns SIGTERM (a time limit's `timeout`) into a clean stop of the run;

@@ -106,10 +106,20 @@ def read_json(path: str | os.PathLike, error: type[CramkitError]) -> dict[str, A
     return data
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically."""
+def write_json(path: str | os.PathLike, data: Any, default: Any = None) -> None:
+    """Write JSON atomically (``default`` is json.dumps's, for values JSON has no type for)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=default) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: Any, default: Any = None) -> None:
+    """Append ``record`` to ``path`` as one JSON line (the folder is made if needed): records
+    saved as each run ends, so that a process cut short keeps what finished. ``default`` is
+    json.dumps's, for values JSON has no type for."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=default) + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
