@@ -40,6 +40,10 @@ left() { local s=$(($1 - ($(date +%s) - start))); echo $((s > 1 ? s : 1)); }
 # limit LIMIT CMD...: CMD, stopped when LIMIT seconds of the part are up: TERM (the trainer then ends
 # its run cleanly and the benchmark scripts start no other), KILL 10 s later if still running.
 limit() { local t; t=$(left "$1"); shift; timeout -k 10 "$t" "$@"; }
+# The part's exit status: the last failing step's (124: a step reached its time limit). Every
+# step still runs and keeps what it wrote; the status only says that something is missing.
+rc=0
+failed() { rc=$1; echo "step failed with status $1: $2" >&2; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -59,11 +63,12 @@ case $part in
     # ONLY (optional): a subset, e.g. "muon,sam,lars@3" to complete a sweep a call cut short.
     limit 575 "$PY" benchmarks/optimizers.py --gpu ${SMOKE:+--smoke} --data "$DATA" --out "$WORK/optim" \
         --records "$OUT/optim_records.jsonl" --plot "$OUT/optim_loss_gpu.png" ${ONLY:+--only "$ONLY"} \
-        2>&1 | tee "$OUT/optimizers.log"
+        2>&1 | tee "$OUT/optimizers.log" || failed $? optimizers
     ;;
 2)
     limit 575 "$PY" benchmarks/techniques_gpu.py --data "$DATA" --work "$WORK/techniques" \
-        ${SMOKE:+--smoke} --budget "$([ -n "$SMOKE" ] && echo 3steps || echo 60s)" 2>&1 | tee "$OUT/techniques.log"
+        ${SMOKE:+--smoke} --budget "$([ -n "$SMOKE" ] && echo 3steps || echo 60s)" 2>&1 | tee "$OUT/techniques.log" \
+        || failed $? techniques
     ;;
 3)
     # Issue 8 in one call (LIMIT seconds, default 585): switch costs alone on the GPU first; then
@@ -72,7 +77,7 @@ case $part in
     # (2 blocks) earlier than on an idle GPU, and the offload probes' tokens/s share the CPU.
     lim=${LIMIT:-585}
     limit $((lim - 10)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts costs --deadline 150 \
-        2>&1 | tee "$OUT/gpu_scale_costs.log"
+        2>&1 | tee "$OUT/gpu_scale_costs.log" || failed $? "switch costs"
     # A 2-step crammed-bert run on this data provides the control's shape and tokenizer.
     rm -rf "$WORK/runs/shape"
     glue=
@@ -86,18 +91,22 @@ case $part in
         glue=$!
     else
         echo "the shape run failed (see shape.log): no GLUE control" | tee -a "$OUT/shape.log"
+        rc=1
     fi
     limit $((lim - 10)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
-        --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log"
+        --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log" \
+        || failed $? "largest models without offload"
     limit $((lim - 5)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
-        --largest "optimizer offload,both" --deadline "$(left $((lim - 20)))" 2>&1 | tee -a "$OUT/gpu_scale_largest.log"
+        --largest "optimizer offload,both" --deadline "$(left $((lim - 20)))" 2>&1 | tee -a "$OUT/gpu_scale_largest.log" \
+        || failed $? "largest models with offload"
     if [ -n "$glue" ]; then
-        wait "$glue"
+        wait "$glue" || failed $? "GLUE control (see glue_random.log)"
         cat "$OUT/glue_random.log"
     fi
     ;;
 4)
-    limit 330 "$PY" benchmarks/profile_step.py ${SMOKE:+--smoke} 2>&1 | tee "$OUT/profile_step.log"
+    limit 330 "$PY" benchmarks/profile_step.py ${SMOKE:+--smoke} 2>&1 | tee "$OUT/profile_step.log" \
+        || failed $? "step profile"
     if [ -n "$SMOKE" ]; then
         targets=(cramkit:tiny,seq_len=64,batch=2 cramkit:tiny-gpt,seq_len=64,batch=2)
         flags=(--steps 1 --warmup 1 --device cpu)
@@ -106,12 +115,13 @@ case $part in
         flags=(--compile --steps 25 --warmup 8)
     fi
     limit 575 "$PY" -m cramkit bench "${targets[@]}" --document-mask --doc-len 256 "${flags[@]}" \
-        --json "$OUT/docmask.json" 2>&1 | tee "$OUT/docmask.log"
+        --json "$OUT/docmask.json" 2>&1 | tee "$OUT/docmask.log" || failed $? "document-mask bench"
     ;;
 5)
     rm -f "$WORK"/runs/{crammed,original}/metrics.jsonl  # none left from an earlier call on this machine
     limit 575 "$PY" benchmarks/gpu_core.py --enwiki "$DATA" --work "$WORK" --stages original,crammed \
-        ${SMOKE:+--smoke} --seconds "$([ -n "$SMOKE" ] && echo 3 || echo 150)" 2>&1 | tee "$OUT/time_to_quality.log"
+        ${SMOKE:+--smoke} --seconds "$([ -n "$SMOKE" ] && echo 3 || echo 150)" 2>&1 | tee "$OUT/time_to_quality.log" \
+        || failed $? "time to quality"
     # Each run's log (evaluations included), also when the limit cut a run short.
     for run in crammed original; do
         [ -f "$WORK/runs/$run/metrics.jsonl" ] && cp "$WORK/runs/$run/metrics.jsonl" "$OUT/metrics-$run.jsonl"
@@ -119,4 +129,5 @@ case $part in
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac
-echo "part $part done in $(( $(date +%s) - start )) s"
+echo "part $part done in $(( $(date +%s) - start )) s$([ "$rc" = 0 ] || echo ", a step failed (status $rc)")"
+exit $rc

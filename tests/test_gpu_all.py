@@ -89,3 +89,22 @@ def test_gpu_all_rejects_missing_data(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "2"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "train-*.txt.xz" in proc.stderr
+
+
+@pytest.mark.shared_data
+def test_gpu_all_exits_nonzero_when_a_step_fails_but_runs_the_rest(tmp_path, work):
+    """A part whose steps failed used to end "done", exit 0: a session reading only the status
+    took missing measurements for complete ones."""
+    python = tmp_path / "python"  # the real interpreter for `cramkit prepare`, a failure otherwise
+    python.write_text(f'#!/bin/sh\ncase "$*" in *"cramkit prepare"*) exec {sys.executable} "$@";; esac\n'
+                      'echo "probe failed" >&2; exit 3\n')
+    python.chmod(0o755)
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "WORK": str(work),
+           "PYTHON": str(python), "ENWIKI": str(shared_data("pretrain", "enwiki-2015")),
+           "GLUE": str(shared_data("glue")), "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "4"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "step failed with status 3: step profile" in proc.stderr  # both steps ran
+    assert "step failed with status 3: document-mask bench" in proc.stderr
+    assert "part 4 done in" in proc.stdout and "a step failed (status 3)" in proc.stdout

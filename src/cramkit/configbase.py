@@ -232,6 +232,26 @@ def _split_top(s: str) -> list[str]:
     return [p for p in (p.strip() for p in parts) if p]
 
 
+def _shell_split_list(overrides: typing.Sequence[str], i: int) -> str | None:
+    """The whole ``key=[a,b,...]`` when the shell split it at spaces and ``overrides[i]`` is one of
+    the pieces after the first; None when ``overrides[i]`` is not such a piece."""
+    start = i - 1
+    while start >= 0 and "=" not in overrides[start]:
+        start -= 1
+    if start < 0:
+        return None
+    head = "".join(overrides[start:i])
+    if head.count("[") <= head.count("]"):
+        return None
+    end = i
+    while end + 1 < len(overrides) and "=" not in overrides[end + 1]:
+        joined = "".join(overrides[start : end + 1])
+        if joined.count("[") <= joined.count("]"):
+            break
+        end += 1
+    return "".join(overrides[start : end + 1])
+
+
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides to a nested dict (in a copy) and return it."""
     import copy
@@ -239,10 +259,10 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
     out = copy.deepcopy(data)
     for i, item in enumerate(overrides):
         if "=" not in item:
-            before = overrides[i - 1] if i else ""
-            if before.count("[") > before.count("]"):  # the shell split `key=[a, b]` at the space
+            whole = _shell_split_list(overrides, i)
+            if whole is not None:
                 raise ConfigError(f"override '{item}' is not of the form key=value: write lists "
-                                  f"without spaces ({before}{item}) or quote them")
+                                  f"without spaces ({whole}) or quote them")
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, value = item.split("=", 1)
         key = key.strip()

@@ -625,16 +625,31 @@ def _training_file_in(folder: Path) -> Path:
     return found[0]
 
 
+def _glue_task_in(folder: Path) -> TaskSpec | None:
+    """The GLUE task whose original folder ``folder`` is (``glue/CoLA``, with its splits), so
+    that ``--task glue/CoLA`` scores CoLA with its own columns, labels and metric instead of
+    reading ``train.tsv`` as a generic file task."""
+    name = folder.resolve().name.lower()
+    for spec in glue_tasks():
+        if (spec.glue_dir or spec.name).lower() == name and glue_available(spec, folder.resolve().parent):
+            return spec
+    return None
+
+
 def load_task(
     name_or_path: str | Path, data_dir: str | Path | None = None, **file_options
 ) -> TaskData:
     """Load a task by registry name (``bbc``, GLUE names) or from a training-file path.
 
-    GLUE tasks are read from ``data_dir`` when given, else from HF ``datasets`` if installed.
+    GLUE tasks are read from ``data_dir`` when given, else from HF ``datasets`` if installed; a
+    path to a GLUE task's own folder (``glue/CoLA``) loads that GLUE task from it.
     ``file_options`` go to :func:`file_task` for paths.
     """
     text = str(name_or_path)
     if Path(text).is_dir() and _key(text) not in TASKS:
+        glue = _glue_task_in(Path(text))
+        if glue is not None:
+            return load_glue_local(glue, Path(text).parent)
         text = str(_training_file_in(Path(text)))
     if Path(text).suffix or Path(text).exists():
         if Path(text).is_file():
