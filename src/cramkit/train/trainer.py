@@ -317,7 +317,8 @@ class Trainer:
         record = {
             # The time the step's budget decision was taken on (agreed across ranks), not a later
             # clock read: a record at or past the budget is then always the run's last.
-            "type": "train", "step": state.step, "tokens": state.tokens, "elapsed": in_ms(state.usage.seconds),
+            "type": "train", "step": state.step, "tokens": state.tokens, "flops": state.usage.flops,
+            "elapsed": in_ms(state.usage.seconds),
             "progress": round(state.progress, 5), "loss": state.loss, "lr": state.lr,
             "batch_size": state.accumulation * self.micro_batch * self.par.world_size, "tokens_per_s": round(tps, 1),
             "mfu": round(mfu, 4), "memory_gb": round(memory_gb(self.device), 3),
