@@ -56,20 +56,37 @@ DEPTHS = [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32]
 OFFLOAD_DEPTHS = {"optimizer offload": [24, 32], "both": [32, 40]}
 
 
+def _probe_config(hidden: int, layers: int, switches: list[str]):
+    from cramkit.config import load_config
+
+    return load_config("crammed-bert", [f"model.hidden={hidden}", f"model.layers={layers}",
+                                        f"model.heads={max(1, hidden // 128)}", f"model.intermediate={4 * hidden}",
+                                        *(["model.vocab_size=512", "train.device=cpu"] if SMOKE else []),
+                                        *[s for s in switches if s != "fp8"]])
+
+
+def estimate_gb(hidden: int, layers: int, switches: list[str], micro: int) -> float:
+    """cramkit's memory estimate (what `cramkit pretrain` prints) for a probe's model, switches
+    and micro-batch: recorded beside the measured peak, for the fits and the OOMs alike."""
+    from cramkit.distributed.memory import estimate_memory
+    from cramkit.models import build_model
+
+    cfg = _probe_config(hidden, layers, switches)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    return estimate_memory(model, micro_batch=micro, seq_len=128, precision="bf16",
+                           sharded=cfg.parallel.strategy == "fsdp", cfg=cfg.memory)["total_gb"]
+
+
 def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int) -> dict:
     """Build, train ``steps`` steps, report tokens/s and peak memory (run in a child process)."""
-    from cramkit.config import load_config
     from cramkit.distributed import apply_activation_checkpointing, init_parallel, shard_model
     from cramkit.distributed.memory import offload_context
     from cramkit.models import build_model
     from cramkit.models.flops import count_parameters, flops_per_token
 
     fp8 = "fp8" in switches
-    overrides = [s for s in switches if s != "fp8"]
-    cfg = load_config("crammed-bert", [f"model.hidden={hidden}", f"model.layers={layers}",
-                                       f"model.heads={max(1, hidden // 128)}", f"model.intermediate={4 * hidden}",
-                                       *(["model.vocab_size=512", "train.device=cpu"] if SMOKE else []),
-                                       *overrides])
+    cfg = _probe_config(hidden, layers, switches)
     par = init_parallel(cfg.parallel, cfg.train.device)
     device = par.device
     offload = cfg.memory.offload_optimizer
@@ -116,7 +133,13 @@ _PORT = [29533]
 
 def run_probe(hidden, layers, switches, micro, steps, timeout=240) -> dict:
     """``probe`` in a child process (under a one-process torchrun for FSDP), so that an OOM or a
-    host-memory kill ends only that probe; the error comes back as ``{"error": ...}``."""
+    host-memory kill ends only that probe; the error comes back as ``{"error": ...}``. Either way
+    the result carries cramkit's memory estimate, ``estimate_gb``."""
+    return {**_run_probe(hidden, layers, switches, micro, steps, timeout),
+            "estimate_gb": round(estimate_gb(hidden, layers, switches, micro), 2)}
+
+
+def _run_probe(hidden, layers, switches, micro, steps, timeout) -> dict:
     args = [sys.executable, __file__, "--probe", json.dumps([hidden, layers, switches, micro, steps])]
     if SMOKE:
         args.append("--smoke")
@@ -269,23 +292,30 @@ def main() -> None:
     print(f"device: {results['device']}, {results['date']}\n")
     cost = results.get("switch_cost", {})
     if cost:
-        print("| crammed-bert switch | tokens/s | × none | peak GB |\n| --- | --- | --- | --- |")
+        print("| crammed-bert switch | tokens/s | × none | peak GB | estimated GB |\n| --- | --- | --- | --- | --- |")
         base = cost.get("none", {}).get("tokens_per_s", 0) or 1
         for name, r in cost.items():
             if "error" in r:
-                print(f"| {name} | {r['error']} | | |")
+                print(f"| {name} | {r['error']} | | | {r.get('estimate_gb', '-')} |")
             else:
-                print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['peak_gb']:.1f} |")
+                print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['peak_gb']:.1f} "
+                      f"| {r.get('estimate_gb', '-')} |")
     if results.get("largest"):
         print("\n| switches | largest model that trains | hidden × layers | next tried (failed) | tokens/s "
-              "| GPU peak GB | host peak GB |\n| --- | --- | --- | --- | --- | --- | --- |")
+              "| GPU peak GB | estimated GB | host peak GB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, r in results["largest"].items():
             if r:
                 print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['hidden']} × {r['layers']} | "
                       f"{r.get('next_failed', '-')} layers | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.1f} | "
-                      f"{r.get('host_peak_gb', 0):.1f} |")
+                      f"{r.get('estimate_gb', '-')} | {r.get('host_peak_gb', 0):.1f} |")
             else:
-                print(f"| {name} | none of the sizes tried | | | | | |")
+                print(f"| {name} | none of the sizes tried | | | | | | |")
+        # Every probe, the failed ones too: does the estimate say which sizes fit?
+        print("\n| switches | layers | estimated GB | outcome |\n| --- | --- | --- | --- |")
+        for name, rows in results.get("largest_probes", {}).items():
+            for r in rows:
+                outcome = r["error"] if "error" in r else f"trained, peak {r['peak_gb']:.1f} GB"
+                print(f"| {name} | {r['layers']} | {r.get('estimate_gb', '-')} | {outcome} |")
 
 
 if __name__ == "__main__":

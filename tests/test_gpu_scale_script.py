@@ -30,3 +30,12 @@ def test_offload_search_reports_the_failure_that_ends_it(monkeypatch):
     best = gpu_scale.largest_offload([], lambda: 100.0, [24, 32], lambda b, d, r: seen.append((d, r)))
     assert (best["layers"], best["next_failed"]) == (24, 32)
     assert [d for d, _ in seen] == [24, 32] and seen[-1][1] == {"error": "killed (host memory)"}
+
+
+def test_every_probe_carries_the_memory_estimate_even_when_it_fails(monkeypatch):
+    monkeypatch.setattr(gpu_scale, "_run_probe", lambda *a, **k: {"error": "OOM"})
+    at_4, at_8 = (gpu_scale.run_probe(1024, n, ["memory.activation_checkpointing=full"], 16, 2) for n in (4, 8))
+    assert at_4["error"] == "OOM" and 0 < at_4["estimate_gb"] < at_8["estimate_gb"]
+    offload = ["memory.offload_optimizer=true", "parallel.strategy=fsdp"]
+    # Offloading moves parameters, gradients and optimizer state to the host: far less estimated.
+    assert gpu_scale.run_probe(1024, 8, offload, 16, 2)["estimate_gb"] < at_8["estimate_gb"] / 2

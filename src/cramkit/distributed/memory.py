@@ -41,37 +41,96 @@ def offload_context(cfg: MemoryConfig, device: torch.device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
+# Bytes each block keeps for backward, per token and unit of width, as measured by counting the
+# tensors autograd saves (tests/train/test_memory.py checks the estimate against that count):
+# 16 values of width h for every block cramkit builds (pre- or post-LN, GLU or GELU, with or
+# without biases), in fp32 (64 bytes) or under half-precision autocast (36 bytes: matmul inputs
+# in half, norm inputs and the residual stream in fp32).
+_BLOCK_BYTES = {"full": 64, "half": 36}
+# A checkpointed block keeps only its input, which autocast leaves in fp32.
+_CHECKPOINTED_BYTES = 4
+# Attention dropout needs the L x L probabilities (the fused kernels take no dropout): three
+# fp32-sized values per score, plus a few half-precision copies of the block's inputs.
+_SCORE_BYTES = 12
+
+
+def _block_activations(mc, tokens: int, seq_len: int, half: bool) -> float:
+    per_token = mc.hidden * _BLOCK_BYTES["half" if half else "full"]
+    if mc.dropout > 0:  # two residual-branch dropout masks
+        per_token += 2 * mc.hidden * (2 if half else 4)
+    if mc.attention_dropout > 0:
+        per_token += mc.heads * seq_len * _SCORE_BYTES + (6 * mc.hidden if half else 0)
+    return tokens * per_token
+
+
+def _outside_blocks(mc, tokens: int, mask_rate: float) -> float:
+    # fp32 values of width h: the head's input and the final norm's (2), two more for a norm of
+    # the embeddings and two for a head transform; then the log-probabilities the loss keeps,
+    # fp32 for every predicted position (a mask_rate share under sparse prediction).
+    predicted = tokens * (mask_rate if getattr(mc, "sparse_prediction", False) else 1.0)
+    width = 2 + 2 * bool(getattr(mc, "embedding_norm", False)) + 2 * bool(getattr(mc, "head_transform", False))
+    return tokens * mc.hidden * 4 * width + predicted * mc.vocab_size * 4
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _linear_weights(module: torch.nn.Module) -> int:
+    return sum(w.numel() for w in {id(m.weight): m.weight for m in module.modules()
+                                   if isinstance(m, torch.nn.Linear)}.values())
+
+
 def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, precision: str,
                     world_size: int = 1, sharded: bool = False, cfg: MemoryConfig | None = None,
-                    optimizer_states: float = 2) -> dict[str, float]:
-    """Bytes (as GB) a training step will need on each device, by category.
+                    optimizer_states: float = 2, mask_rate: float = 0.25) -> dict[str, float]:
+    """GB a training step will need on each device, by category.
 
-    Parameters and gradients in fp32, ``optimizer_states`` fp32 tensors per parameter (Adam: 2),
-    and activations per micro-batch from a per-layer rule of thumb for transformer blocks
-    (~34·s·b·h bytes plus 5·a·s²·b for attention scores in half precision, halved once SDPA's
-    fused kernels avoid materialising the scores). Sharding divides the first three by the world
-    size; checkpointing keeps one block's activations plus each block's input.
+    - parameters and gradients in fp32, ``optimizer_states`` fp32 tensors per parameter (Adam: 2;
+      torchao's 8-bit states: 0.5); FSDP divides all three by the world size, and its CPU
+      offload (``memory.offload_optimizer``) moves them to the host, leaving the gradients of
+      what is gathered;
+    - the half-precision copies of the linear weights that autocast keeps for backward (bf16 and
+      fp16); under FSDP the gathered parameters of the root and of two blocks (one computing,
+      one prefetched) instead, in half precision or fp32;
+    - activations of one micro-batch: each block's saved tensors (measured per token, see
+      ``_BLOCK_BYTES``), what the embeddings, head and loss keep (``mask_rate``: the share of
+      positions with a target under sparse prediction). Checkpointing keeps a checkpointed
+      block's input and adds one block's activations, recomputed in backward; offloading keeps
+      them in host memory.
     """
     cfg = cfg or MemoryConfig()
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    params = _count(model)
     mc = model.config
-    per_elem = 2 if precision in ("bf16", "fp16") else 4
+    half = precision in ("bf16", "fp16")
     shard = world_size if sharded else 1
     weights = 4 * params / shard
     grads = 4 * params / shard
-    optim = 0.0 if cfg.offload_optimizer else optimizer_states * 4 * params / shard
-    block_act = micro_batch * seq_len * mc.hidden * (34 * per_elem / 2) + micro_batch * mc.heads * seq_len * per_elem
+    optim = optimizer_states * 4 * params / shard
+    copies = 2.0 * _linear_weights(model) if half else 0.0
+    if sharded or cfg.offload_optimizer:
+        # FSDP gathers the root's parameters and a block's at a time (plus one prefetched), in
+        # the mixed-precision policy's dtype; autocast then makes no copies of its own.
+        blocks = list(model.layers)
+        gathered = _count(model) - sum(_count(b) for b in blocks) + 2 * max(map(_count, blocks), default=0)
+        copies = (2 if half else 4) * gathered
+        if cfg.offload_optimizer:
+            # FSDP2's CPU offload keeps the sharded parameters, their gradients and the optimizer
+            # on the host; the device holds what is gathered and its gradients before reduction.
+            weights, grads, optim = 0.0, 4.0 * gathered, 0.0
+    tokens = micro_batch * seq_len
+    block_act = _block_activations(mc, tokens, seq_len, half)
     if cfg.activation_checkpointing == "none":
         stored = mc.layers * block_act
     else:
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every
-        kept = mc.layers - mc.layers // every
-        stored = kept * block_act + (mc.layers // every) * micro_batch * seq_len * mc.hidden * per_elem + block_act
-    logits = micro_batch * seq_len * mc.vocab_size * 4 * (0.25 if getattr(mc, "sparse_prediction", False) else 1)
-    activations = 0.0 if cfg.offload_activations else stored + logits
+        checkpointed = mc.layers // every
+        stored = ((mc.layers - checkpointed) * block_act + checkpointed * tokens * mc.hidden * _CHECKPOINTED_BYTES
+                  + block_act)
+    activations = 0.0 if cfg.offload_activations else stored + _outside_blocks(mc, tokens, mask_rate)
     gb = 1e9
     out = {"parameters_gb": weights / gb, "gradients_gb": grads / gb, "optimizer_gb": optim / gb,
-           "activations_gb": activations / gb}
+           "weight_copies_gb": copies / gb, "activations_gb": activations / gb}
     out["total_gb"] = sum(out.values())
     return out
 
