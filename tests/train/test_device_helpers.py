@@ -1,0 +1,166 @@
+"""GPU-side helpers tested on CPU with the CUDA calls stood in for: automatic micro-batch
+sizing, FP8 layer selection, the NVML energy meter."""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from cramkit.distributed import fp8
+from cramkit.errors import ConfigError
+from cramkit.models import build_model
+from cramkit.models.presets import preset_config
+from cramkit.train import device as device_mod
+from cramkit.train.energy import EnergyMeter
+
+CUDA = torch.device("cuda", 0)  # only a name here: nothing runs on it
+
+
+class _FakeGPU:
+    """torch.cuda's memory calls, with the peak a function of the micro-batch last built."""
+
+    def __init__(self, monkeypatch, total: float, per_sequence: float, oom_from: int | None = None):
+        self.total, self.per_sequence, self.oom_from, self.sizes = total, per_sequence, oom_from, []
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=total))
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: self.sizes[-1] * per_sequence)
+
+    def make_batch(self, n: int) -> dict[str, torch.Tensor]:
+        self.sizes.append(n)
+        if self.oom_from is not None and n >= self.oom_from:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        ids = torch.randint(5, 256, (n, 8))
+        return {"input_ids": ids, "labels": ids}
+
+
+def _model():
+    return build_model(preset_config("tiny-gpt", vocab_size=256, max_positions=16))
+
+
+def test_auto_micro_batch_takes_the_largest_power_of_two_that_fits_with_the_optimizer(monkeypatch):
+    gpu = _FakeGPU(monkeypatch, total=100, per_sequence=10)
+    model = _model()
+    # 90 % of 100 usable; 20 reserved for optimizer state: 4 sequences (60) fit, 8 (100) do not.
+    assert device_mod.auto_micro_batch(model, gpu.make_batch, CUDA, "fp32", cap=64, optimizer_bytes=20) == 4
+    assert gpu.sizes == [1, 2, 4, 8]
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
+    gpu.sizes.clear()
+    assert device_mod.auto_micro_batch(model, gpu.make_batch, CUDA, "fp32", cap=2, optimizer_bytes=0) == 2
+    assert gpu.sizes == [1, 2]  # never beyond the per-rank batch
+
+
+def test_auto_micro_batch_stops_at_the_first_out_of_memory(monkeypatch):
+    gpu = _FakeGPU(monkeypatch, total=1e12, per_sequence=1, oom_from=16)
+    model = _model()
+    assert device_mod.auto_micro_batch(model, gpu.make_batch, CUDA, "fp32", cap=1024, optimizer_bytes=0) == 8
+    assert gpu.sizes[-1] == 16 and all(p.grad is None for p in model.parameters())
+
+
+def test_auto_micro_batch_warns_and_tries_one_when_nothing_fits(monkeypatch):
+    gpu = _FakeGPU(monkeypatch, total=100, per_sequence=1000)
+    with pytest.warns(UserWarning, match="not even one sequence fits"):
+        assert device_mod.auto_micro_batch(_model(), gpu.make_batch, CUDA, "fp32", cap=8, optimizer_bytes=0) == 1
+
+
+def test_fp8_takes_only_linears_large_enough_to_gain():
+    assert fp8.worth_fp8(torch.nn.Linear(2048, 8192))
+    assert not fp8.worth_fp8(torch.nn.Linear(768, 3072))  # crammed-bert's width: bf16 is faster
+    assert not fp8.worth_fp8(torch.nn.Linear(2048, 2056))  # FP8 kernels need multiples of 16
+    assert not fp8.worth_fp8(torch.nn.LayerNorm(4096))
+    assert fp8.worth_fp8(torch.nn.Linear(768, 768), min_dim=0)
+
+
+def test_fp8_refuses_a_device_without_fp8_tensor_cores(monkeypatch):
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU with FP8"):
+        fp8.convert_fp8(_model(), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU with FP8"):
+        fp8.convert_fp8(_model(), CUDA)
+
+
+def test_fp8_converts_the_qualifying_block_linears_never_the_head(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    converted = []
+
+    def convert_to_float8_training(model, module_filter_fn):
+        converted.extend(n for n, m in model.named_modules() if module_filter_fn(m, n))
+        return model
+
+    float8 = types.ModuleType("torchao.float8")
+    float8.convert_to_float8_training = convert_to_float8_training
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
+    with torch.device("meta"):
+        wide = build_model(preset_config("tiny", hidden=2048, heads=16, intermediate=8192, layers=1, vocab_size=4096))
+    fp8.convert_fp8(wide, CUDA)
+    assert converted and all(n.startswith("layers.") for n in converted)
+    assert all(fp8.worth_fp8(wide.get_submodule(n)) for n in converted)
+    # A model with nothing worth converting stays as it is, and says so.
+    converted.clear()
+    with pytest.warns(UserWarning, match="FP8 would slow this model down"):
+        fp8.convert_fp8(_model(), CUDA)
+    assert converted == []
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # torchao not installed
+    with pytest.raises(ConfigError, match="pip install 'cramkit\\[fp8\\]'"):
+        fp8.convert_fp8(wide, CUDA)
+
+
+def _fake_nvml(monkeypatch, readings: list[int], fail: bool = False):
+    nvml = types.ModuleType("pynvml")
+
+    def init():
+        if fail:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    nvml.nvmlInit = init
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: f"gpu{i}"
+    nvml.nvmlDeviceGetTotalEnergyConsumption = lambda handle: readings.pop(0)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+
+def test_energy_is_the_nvml_counter_difference_in_kwh(monkeypatch):
+    _fake_nvml(monkeypatch, [5_000, 5_000 + 7_200_000_000])  # millijoules: 7.2 MJ = 2 kWh
+    meter = EnergyMeter(CUDA)
+    assert meter.available and meter.kwh() == pytest.approx(2.0)
+
+
+def test_energy_is_unavailable_without_nvml_or_a_gpu(monkeypatch):
+    _fake_nvml(monkeypatch, [1, 2], fail=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently unavailable: the summary says "not measured"
+        assert EnergyMeter(CUDA).kwh() is None
+    assert not EnergyMeter(torch.device("cpu")).available
+
+
+class _Meter:
+    """Stands in for the NVML meter: every process segment of a run uses 0.25 kWh."""
+
+    def __init__(self, device):
+        pass
+
+    def kwh(self):
+        return 0.25
+
+
+def test_energy_of_a_resumed_run_covers_the_whole_run(monkeypatch, tiny_mlm_data, tmp_path):
+    """kWh per billion tokens divided the resumed segment's energy by the whole run's tokens."""
+    from cramkit.train import run as run_mod
+    from cramkit.train.run import pretrain, resume_config
+
+    from .helpers import interrupted_copy, tiny_config
+
+    monkeypatch.setattr(run_mod, "EnergyMeter", _Meter)
+    quiet = lambda *_: None  # noqa: E731
+    full = pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.checkpoint_every=0.5", name="full"), say=quiet)
+    assert full["energy_kwh"] == 0.25
+    assert full["kwh_per_billion_tokens"] == pytest.approx(0.25 / (full["tokens"] / 1e9))
+    cut = interrupted_copy(tmp_path / "full", tmp_path / "cut", 4)
+    resumed = pretrain(resume_config(cut, []), run_dir=cut, resume=True, say=quiet)
+    assert resumed["tokens"] == full["tokens"]
+    assert resumed["energy_kwh"] == 0.5  # the first segment's, from the checkpoint, and this one's
+    assert resumed["kwh_per_billion_tokens"] == pytest.approx(0.5 / (full["tokens"] / 1e9))
