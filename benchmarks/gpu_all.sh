@@ -40,10 +40,12 @@ left() { local s=$(($1 - ($(date +%s) - start))); echo $((s > 1 ? s : 1)); }
 # limit LIMIT CMD...: CMD, stopped when LIMIT seconds of the part are up: TERM (the trainer then ends
 # its run cleanly and the benchmark scripts start no other), KILL 10 s later if still running.
 limit() { local t; t=$(left "$1"); shift; timeout -k 10 "$t" "$@"; }
-# The part's exit status: the last failing step's (124: a step reached its time limit). Every
-# step still runs and keeps what it wrote; the status only says that something is missing.
+# The part's exit status: 1 when a step failed (each failure is printed with its own status,
+# 124 for a step that reached its time limit), else 0. Not the step's own status: the device
+# tool reads 124 and 137 as the whole call cut at its limit. Every step still runs and keeps
+# what it wrote; the status only says that something is missing.
 rc=0
-failed() { rc=$1; echo "step failed with status $1: $2" >&2; }
+failed() { rc=1; echo "step failed with status $1: $2" >&2; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -90,8 +92,7 @@ case $part in
             ${SMOKE:+max_train_examples=16 max_eval_examples=16 epochs=1 batch_size=8} > "$OUT/glue_random.log" 2>&1 &
         glue=$!
     else
-        echo "the shape run failed (see shape.log): no GLUE control" | tee -a "$OUT/shape.log"
-        rc=1
+        failed $? "the shape run (see shape.log): no GLUE control"
     fi
     limit $((lim - 10)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
         --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log" \
@@ -129,5 +130,5 @@ case $part in
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac
-echo "part $part done in $(( $(date +%s) - start )) s$([ "$rc" = 0 ] || echo ", a step failed (status $rc)")"
+echo "part $part done in $(( $(date +%s) - start )) s$([ "$rc" = 0 ] || echo ", with failed steps (see above)")"
 exit $rc

@@ -195,7 +195,9 @@ def test_a_list_split_by_the_shell_says_to_drop_the_spaces():
     with pytest.raises(ConfigError, match=r"override 'seqwarmup\]' is not of the form key=value: write lists "
                                           r"without spaces \(techniques=\[pld,seqwarmup\]\) or quote them"):
         load_config("demo", ["techniques=[pld,", "seqwarmup]"])
-    # Three pieces: the hint is the whole list, whichever piece is reported.
+    # Three pieces: the hint is the whole list; a list never closed is closed in the hint.
+    with pytest.raises(ConfigError, match=r"\(techniques=\[pld,seqwarmup\]\) or quote"):
+        load_config("demo", ["techniques=[pld,", "seqwarmup"])
     with pytest.raises(ConfigError, match=r"\(techniques=\[pld,seqwarmup,vcycle\]\) or quote"):
         load_config("demo", ["techniques=[pld,", "seqwarmup,", "vcycle]", "train.budget=2h"])
     with pytest.raises(ConfigError, match=r"^override 'oops\]' is not of the form key=value$"):

@@ -104,7 +104,9 @@ def test_gpu_all_exits_nonzero_when_a_step_fails_but_runs_the_rest(tmp_path, wor
            "GLUE": str(shared_data("glue")), "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "4"], env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # 1, not the step's own status: a 124 from a step's time limit would read as the whole
+    # device call cut at its limit.
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "step failed with status 3: step profile" in proc.stderr  # both steps ran
     assert "step failed with status 3: document-mask bench" in proc.stderr
-    assert "part 4 done in" in proc.stdout and "a step failed (status 3)" in proc.stdout
+    assert "part 4 done in" in proc.stdout and "with failed steps" in proc.stdout

@@ -233,23 +233,19 @@ def _split_top(s: str) -> list[str]:
 
 
 def _shell_split_list(overrides: typing.Sequence[str], i: int) -> str | None:
-    """The whole ``key=[a,b,...]`` when the shell split it at spaces and ``overrides[i]`` is one of
-    the pieces after the first; None when ``overrides[i]`` is not such a piece."""
-    start = i - 1
-    while start >= 0 and "=" not in overrides[start]:
-        start -= 1
-    if start < 0:
-        return None
-    head = "".join(overrides[start:i])
-    if head.count("[") <= head.count("]"):
+    """The whole ``key=[a,b,...]`` when the shell split it at spaces and ``overrides[i]`` is its
+    second piece (the first piece without ``=`` is reported); None otherwise."""
+    head = overrides[i - 1] if i else ""
+    if "=" not in head or head.count("[") <= head.count("]"):
         return None
     end = i
     while end + 1 < len(overrides) and "=" not in overrides[end + 1]:
-        joined = "".join(overrides[start : end + 1])
+        joined = "".join(overrides[i - 1 : end + 1])
         if joined.count("[") <= joined.count("]"):
             break
         end += 1
-    return "".join(overrides[start : end + 1])
+    whole = "".join(overrides[i - 1 : end + 1])
+    return whole + "]" * (whole.count("[") - whole.count("]"))  # a list the user never closed
 
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:

@@ -330,17 +330,24 @@ def test_file_task_names_keep_every_dot_but_the_file_type(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_a_glue_task_folder_loads_as_that_glue_task(glue_dir, tmp_path):
+def test_a_glue_task_folder_loads_as_that_glue_task(glue_dir, tmp_path, monkeypatch):
     """`--task glue/CoLA` read CoLA's header-less train.tsv as a generic file task: its first
     sentence became a column name and the metric was accuracy instead of Matthews."""
     task = load_task(glue_dir / "CoLA")
     assert task.spec.name == "cola" and task.spec.metrics == ("matthews",)
     assert len(task.train) == GLUE_ROWS["CoLA"]["train"]
-    # A folder named like a GLUE task is read in GLUE's layout; rows in another layout are a
-    # one-line error naming file and line, not a silently different task.
-    folder = tmp_path / "CoLA"
+    # However it is reached: the folder itself (`--task .`), a link to it, another case.
+    (tmp_path / "mycola").symlink_to(glue_dir / "CoLA")
+    assert load_task(tmp_path / "mycola").spec.name == "cola"
+    monkeypatch.chdir(glue_dir / "CoLA")
+    assert load_task(".").spec.name == "cola"
+    # A folder named like a GLUE task is read in GLUE's layout; a missing split or rows in
+    # another layout are a one-line error naming the file, not a silently different task.
+    folder = tmp_path / "cola"
     folder.mkdir()
     (folder / "train.tsv").write_text("sentence\tlabel\nhello\t1\n")
+    with pytest.raises(DataError, match=r"task 'cola': no dev.tsv\[.gz\] in .*cola"):
+        load_task(folder)
     (folder / "dev.tsv").write_text("sentence\tlabel\nhello\t1\n")
-    with pytest.raises(DataError, match=r"CoLA/dev.tsv:1: .*column #3 missing"):
+    with pytest.raises(DataError, match=r"cola/dev.tsv:1: .*column #3 missing"):
         load_task(folder)

@@ -129,6 +129,12 @@ def test_energy_is_the_nvml_counter_difference_in_kwh(monkeypatch):
     assert meter.available and meter.kwh() == pytest.approx(2.0)
 
 
+def test_a_failed_energy_read_is_not_measured_and_does_not_end_the_run(monkeypatch):
+    _fake_nvml(monkeypatch, [5_000])  # the second read finds no reading left: it raises
+    meter = EnergyMeter(CUDA)
+    assert meter.available and meter.kwh() is None and not meter.available
+
+
 def test_energy_is_unavailable_without_nvml_or_a_gpu(monkeypatch):
     _fake_nvml(monkeypatch, [1, 2], fail=True)
     with warnings.catch_warnings():

@@ -119,31 +119,73 @@ def test_selective_checkpointing_recomputes_every_kth_block():
         model.eval()(**_batch(model.config, 2, 16))
 
 
-def test_activation_offload_keeps_gradients_and_saves_through_host_copies():
+def test_activation_offload_keeps_gradients_and_saves_through_host_copies(monkeypatch):
     model = _model()
     batch = _batch(model.config, 4, 32)
     want = _gradients(model, batch)
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", _CountingSaveOnCpu)
+    _CountingSaveOnCpu.packed = []
+    with offload_context(_memory(), torch.device("cpu")):
+        _gradients(model, batch)
+    assert _CountingSaveOnCpu.packed == []  # switched off: nothing goes through host copies
     with offload_context(_memory(offload=True), torch.device("cpu")):
         got = _gradients(model, batch)
+    assert len(_CountingSaveOnCpu.packed) >= 4 * len(model.layers)  # several tensors per block
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
-    assert offload_context(_memory(), torch.device("cpu")).__class__.__name__ == "nullcontext"
-    assert isinstance(offload_context(_memory(offload=True), torch.device("cpu")),
-                      torch.autograd.graph.save_on_cpu)
+
+
+class _CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+    """save_on_cpu that counts the tensors it moves to the host."""
+
+    packed: list[torch.device] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        pack = self.pack_hook
+
+        def counting(tensor):
+            packed = pack(tensor)
+            _CountingSaveOnCpu.packed.append(packed[1].device if isinstance(packed, tuple) else packed.device)
+            return packed
+
+        self.pack_hook = counting
 
 
 @pytest.mark.parametrize("switch", ["memory.activation_checkpointing=full",
                                     "memory.activation_checkpointing=selective",
                                     "memory.offload_activations=true"])
-def test_a_memory_switch_leaves_the_training_run_unchanged(switch, tiny_mlm_data, tmp_path):
+def test_a_memory_switch_takes_effect_in_a_run_and_leaves_it_unchanged(switch, tiny_mlm_data, tmp_path, monkeypatch):
     import json
 
+    from cramkit.distributed import memory as memory_mod
+
+    recomputed = []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        recomputed.append(1)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(memory_mod, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", _CountingSaveOnCpu)
+    _CountingSaveOnCpu.packed = []
+
     def losses(name, *extra):
-        pretrain(tiny_config(tiny_mlm_data, tmp_path, "model.layers=4", *extra, name=name), say=lambda *_: None)
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "model.layers=4", "train.budget=4steps", *extra, name=name),
+                 say=lambda *_: None)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
 
-    assert losses("switched", switch) == losses("plain")
+    plain = losses("plain")
+    assert not recomputed and not _CountingSaveOnCpu.packed
+    assert losses("switched", switch) == plain
+    # Each training forward pass went through the switch (4 steps x 2 micro-batches).
+    if "offload" in switch:
+        assert len(_CountingSaveOnCpu.packed) > 0 and not recomputed
+        assert all(d.type == "cpu" for d in _CountingSaveOnCpu.packed)
+    else:
+        blocks = 4 if switch.endswith("full") else 2
+        assert len(recomputed) == 4 * 2 * blocks and not _CountingSaveOnCpu.packed
 
 
 # The estimate counts per token what each kind of block and head saves (measured once, written
@@ -155,14 +197,15 @@ def test_a_memory_switch_leaves_the_training_run_unchanged(switch, tiny_mlm_data
 SHAPES = {"crammed-bert": 128, "bert-base": 128, "gpt2-small": 128}  # preset -> sequence length
 
 
-def _stored(name: str, precision: str, mode: str, **changes) -> tuple[dict, dict]:
+def _stored(name: str, precision: str, mode: str, every: int = 2, **changes) -> tuple[dict, dict]:
     cfg = dataclasses.replace(preset_config(name), layers=4, vocab_size=8192, **changes)
     torch.manual_seed(0)
     model = build_model(cfg)
-    memory = _memory(mode)
+    memory = _memory(mode, every)
     apply_activation_checkpointing(model, memory)
     measured = saved_bytes(model, _batch(cfg, 2, SHAPES[name]), memory, autocast=precision == "bf16")
-    estimate = estimate_memory(model, micro_batch=2, seq_len=SHAPES[name], precision=precision, cfg=memory)
+    estimate = estimate_memory(model, micro_batch=2, seq_len=SHAPES[name], precision=precision, cfg=memory,
+                               device_type="cpu")
     return measured, estimate
 
 
@@ -178,11 +221,32 @@ def test_memory_estimate_matches_what_the_forward_pass_stores(name, precision):
     assert estimate["weight_copies_gb"] * 1e9 == pytest.approx(plain["weight_copies"], rel=1e-6)
 
 
-@pytest.mark.parametrize("changes", [{"dropout": 0.1}, {"attention_dropout": 0.1}], ids=str)
+@pytest.mark.parametrize("changes", [{"dropout": 0.1}, {"attention_dropout": 0.1}, {"intermediate": 1536},
+                                     {"intermediate": 6144}], ids=str)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_memory_estimate_counts_dropout_masks_and_attention_probabilities(changes, precision):
+def test_memory_estimate_follows_dropout_and_the_feed_forward_width(changes, precision):
     measured, estimate = _stored("crammed-bert", precision, "none", **changes)
     assert estimate["activations_gb"] * 1e9 == pytest.approx(measured["activations"], rel=0.1)
+
+
+def test_memory_estimate_of_selective_checkpointing():
+    plain, none = _stored("crammed-bert", "fp32", "none")
+    checked, estimate = _stored("crammed-bert", "fp32", "selective", every=2)  # blocks 1 and 3
+    recomputed = (plain["activations"] - checked["activations"]) / 2
+    assert estimate["activations_gb"] * 1e9 == pytest.approx(checked["activations"] + recomputed, rel=0.1)
+    # Every 8th of 4 blocks: none is checkpointed, and none is recomputed either.
+    _, none_checked = _stored("crammed-bert", "fp32", "selective", every=8)
+    assert none_checked["activations_gb"] == none["activations_gb"]
+
+
+def test_attention_dropout_keeps_scores_only_off_cuda():
+    model = _model("crammed-bert", layers=2, vocab_size=8192, attention_dropout=0.1)
+    at = {d: estimate_memory(model, micro_batch=2, seq_len=512, precision="bf16", device_type=d)["activations_gb"]
+          for d in ("cpu", "cuda")}
+    # CUDA's fused kernels apply the dropout themselves: no L x L probabilities are kept there.
+    plain = estimate_memory(_model("crammed-bert", layers=2, vocab_size=8192), micro_batch=2, seq_len=512,
+                            precision="bf16")["activations_gb"]
+    assert at["cuda"] == plain < at["cpu"]
 
 
 def test_memory_estimate_counts_training_state_and_what_each_switch_removes():

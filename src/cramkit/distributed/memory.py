@@ -41,24 +41,27 @@ def offload_context(cfg: MemoryConfig, device: torch.device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
-# Bytes each block keeps for backward, per token and unit of width, as measured by counting the
-# tensors autograd saves (tests/train/test_memory.py checks the estimate against that count):
-# 16 values of width h for every block cramkit builds (pre- or post-LN, GLU or GELU, with or
-# without biases), in fp32 (64 bytes) or under half-precision autocast (36 bytes: matmul inputs
-# in half, norm inputs and the residual stream in fp32).
-_BLOCK_BYTES = {"full": 64, "half": 36}
+# Bytes each block keeps for backward per token, per unit of width (h) and of feed-forward width
+# (intermediate), as measured by counting the tensors autograd saves (tests/train/test_memory.py
+# checks the estimate against that count at two feed-forward widths): the same for every block
+# cramkit builds (pre- or post-LN, GLU or GELU, with or without biases). fp32: 8 values of width
+# h, 2 of width intermediate. Half-precision autocast: matmul inputs in half, norm inputs and the
+# residual stream in fp32. Plus the attention's fp32 log-sum-exp, one value per head.
+_BLOCK_BYTES = {"full": (32, 8), "half": (20, 4)}
 # A checkpointed block keeps only its input, which autocast leaves in fp32.
 _CHECKPOINTED_BYTES = 4
-# Attention dropout needs the L x L probabilities (the fused kernels take no dropout): three
-# fp32-sized values per score, plus a few half-precision copies of the block's inputs.
+# Attention dropout off CUDA runs the math kernel, which keeps the L x L probabilities: three
+# fp32-sized values per score, plus a few half-precision copies of the block's inputs. CUDA's
+# flash and memory-efficient kernels take the dropout themselves and keep no scores.
 _SCORE_BYTES = 12
 
 
-def _block_activations(mc, tokens: int, seq_len: int, half: bool) -> float:
-    per_token = mc.hidden * _BLOCK_BYTES["half" if half else "full"]
+def _block_activations(mc, tokens: int, seq_len: int, half: bool, cuda: bool) -> float:
+    per_h, per_intermediate = _BLOCK_BYTES["half" if half else "full"]
+    per_token = mc.hidden * per_h + mc.intermediate * per_intermediate + 4 * mc.heads
     if mc.dropout > 0:  # two residual-branch dropout masks
         per_token += 2 * mc.hidden * (2 if half else 4)
-    if mc.attention_dropout > 0:
+    if mc.attention_dropout > 0 and not cuda:
         per_token += mc.heads * seq_len * _SCORE_BYTES + (6 * mc.hidden if half else 0)
     return tokens * per_token
 
@@ -83,7 +86,8 @@ def _linear_weights(module: torch.nn.Module) -> int:
 
 def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, precision: str,
                     world_size: int = 1, sharded: bool = False, cfg: MemoryConfig | None = None,
-                    optimizer_states: float = 2, mask_rate: float = 0.25) -> dict[str, float]:
+                    optimizer_states: float = 2, mask_rate: float = 0.25,
+                    device_type: str = "cuda") -> dict[str, float]:
     """GB a training step will need on each device, by category.
 
     - parameters and gradients in fp32, ``optimizer_states`` fp32 tensors per parameter (Adam: 2;
@@ -92,12 +96,15 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
       what is gathered;
     - the half-precision copies of the linear weights that autocast keeps for backward (bf16 and
       fp16); under FSDP the gathered parameters of the root and of two blocks (one computing,
-      one prefetched) instead, in half precision or fp32;
+      one prefetched) instead, in the training precision;
     - activations of one micro-batch: each block's saved tensors (measured per token, see
       ``_BLOCK_BYTES``), what the embeddings, head and loss keep (``mask_rate``: the share of
       positions with a target under sparse prediction). Checkpointing keeps a checkpointed
       block's input and adds one block's activations, recomputed in backward; offloading keeps
-      them in host memory.
+      them in host memory. ``device_type`` decides whether attention dropout keeps its scores.
+
+    FSDP is assumed with its defaults here (blocks resharded after forward, parameters gathered
+    in the training precision): ``parallel.fsdp_reshard=false`` keeps every block gathered.
     """
     cfg = cfg or MemoryConfig()
     params = _count(model)
@@ -119,14 +126,15 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
             # on the host; the device holds what is gathered and its gradients before reduction.
             weights, grads, optim = 0.0, 4.0 * gathered, 0.0
     tokens = micro_batch * seq_len
-    block_act = _block_activations(mc, tokens, seq_len, half)
+    block_act = _block_activations(mc, tokens, seq_len, half, device_type == "cuda")
     if cfg.activation_checkpointing == "none":
         stored = mc.layers * block_act
     else:
         every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every
         checkpointed = mc.layers // every
-        stored = ((mc.layers - checkpointed) * block_act + checkpointed * tokens * mc.hidden * _CHECKPOINTED_BYTES
-                  + block_act)
+        stored = (mc.layers - checkpointed) * block_act + checkpointed * tokens * mc.hidden * _CHECKPOINTED_BYTES
+        if checkpointed:  # backward recomputes one checkpointed block at a time
+            stored += block_act
     activations = 0.0 if cfg.offload_activations else stored + _outside_blocks(mc, tokens, mask_rate)
     gb = 1e9
     out = {"parameters_gb": weights / gb, "gradients_gb": grads / gb, "optimizer_gb": optim / gb,

@@ -455,7 +455,10 @@ def count_rows(path: str | Path, has_header: bool = True) -> int:
 @register_loader("glue")
 def load_glue_local(spec: TaskSpec, data_dir: str | Path) -> TaskData:
     """A GLUE task from ``data_dir/<Task>/{train,dev...}.tsv[.gz]`` (original layout)."""
-    folder = Path(data_dir) / (spec.glue_dir or spec.name)
+    return _load_glue_folder(spec, Path(data_dir) / (spec.glue_dir or spec.name))
+
+
+def _load_glue_folder(spec: TaskSpec, folder: Path) -> TaskData:
     if not folder.is_dir():
         raise DataError(f"task '{spec.name}': no folder {folder}")
     train_path = find_split(folder, spec.train_stem)
@@ -626,14 +629,11 @@ def _training_file_in(folder: Path) -> Path:
 
 
 def _glue_task_in(folder: Path) -> TaskSpec | None:
-    """The GLUE task whose original folder ``folder`` is (``glue/CoLA``, with its splits), so
-    that ``--task glue/CoLA`` scores CoLA with its own columns, labels and metric instead of
-    reading ``train.tsv`` as a generic file task."""
+    """The GLUE task whose folder ``folder`` is named after (``glue/CoLA``, any case), so that
+    ``--task glue/CoLA`` scores CoLA with its own columns, labels and metric instead of reading
+    its header-less ``train.tsv`` as a generic file task."""
     name = folder.resolve().name.lower()
-    for spec in glue_tasks():
-        if (spec.glue_dir or spec.name).lower() == name and glue_available(spec, folder.resolve().parent):
-            return spec
-    return None
+    return next((spec for spec in glue_tasks() if (spec.glue_dir or spec.name).lower() == name), None)
 
 
 def load_task(
@@ -649,7 +649,7 @@ def load_task(
     if Path(text).is_dir() and _key(text) not in TASKS:
         glue = _glue_task_in(Path(text))
         if glue is not None:
-            return load_glue_local(glue, Path(text).parent)
+            return _load_glue_folder(glue, Path(text))
         text = str(_training_file_in(Path(text)))
     if Path(text).suffix or Path(text).exists():
         if Path(text).is_file():

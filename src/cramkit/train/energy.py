@@ -33,9 +33,15 @@ class EnergyMeter:
         return self._handle is not None
 
     def kwh(self) -> float | None:
+        """kWh since construction; None when unavailable. Read at every checkpoint, so a driver
+        hiccup must not end the run: a failed read is "not measured", and stays so."""
         if self._handle is None:
             return None
-        import pynvml
+        try:
+            import pynvml
 
-        millijoules = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._start
+            millijoules = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._start
+        except Exception:
+            self._handle = None
+            return None
         return millijoules / 3.6e9

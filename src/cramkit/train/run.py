@@ -410,7 +410,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     estimate = estimate_memory(full_model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
                                world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
                                optimizer_states=OPTIMIZER_STATES.get(cfg.optim.name, 2),
-                               mask_rate=cfg.objective.mask_rate if objective_name == "mlm" else 1.0)
+                               mask_rate=cfg.objective.mask_rate if objective_name == "mlm" else 1.0,
+                               device_type=device.type)
     if device.type == "cuda":
         advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9)
         if advice:
