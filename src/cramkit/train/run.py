@@ -487,13 +487,14 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             tr = trainer_ref[0]
             weights, optim_state = _full_state(tr.raw_model, st.optimizer, par)
             rng = par.gather(_rng_state(device))
+            energy = energy_so_far()
             if par.is_main:
                 payload = {
                     "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
                     "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
                     "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
                     "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
-                    "energy_kwh": energy_so_far(),
+                    "energy_kwh": energy,
                 }
                 ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
                                      meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
@@ -527,14 +528,17 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.to_dict())
         meter = EnergyMeter(device)
-        # The energy of the segments before a resume comes from the checkpoint, so that energy and
-        # tokens (both then for the whole run) give an honest kWh per billion tokens. Unknown
-        # (None) when this GPU cannot be metered, or an earlier segment was not.
+        # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
+        # and tokens then both cover the whole run, for an honest kWh per billion tokens.
+        # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
+        # collective: every rank calls it.
         energy_before = saved.get("energy_kwh") if saved else 0.0
 
         def energy_so_far() -> float | None:
-            now = meter.kwh()
-            return None if now is None or energy_before is None else energy_before + now
+            per_rank = par.gather(meter.kwh())
+            if energy_before is None or any(kwh is None for kwh in per_rank):
+                return None
+            return energy_before + sum(per_rank)
 
         first_loss = None
         if not resume:
@@ -548,12 +552,12 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             save(trainer.state)
         loader.close()
         val_loss = trainer.run_eval() if trainer.stop_reason == "budget" else trainer.state.extra.get("val_loss")
+        kwh = energy_so_far()
         summary = None
         if par.is_main:
             log.close()
             # The model trained last (the one the final checkpoint holds), not the first one.
             summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak)
-            kwh = energy_so_far()  # this process's GPU; under torchrun, rank 0's device only
             summary["energy_kwh"] = kwh
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
             write_json(run_dir / "summary.json", summary)
