@@ -96,6 +96,18 @@ def test_dropped_blocks_do_no_compute_and_kept_branches_are_scaled():
     assert calls == [c + 1 for c in before]
 
 
+def test_each_step_sets_every_blocks_scale_to_one_over_its_keep_probability():
+    model = build_model(preset_config("tiny", layers=6))
+    tech = ProgressiveLayerDropping(PLDOptions.from_dict({"theta_bar": 0.3, "gamma": 5}))
+    model = tech.on_model(model)
+    for progress in (0.0, 0.4, 0.9):
+        tech.on_step_start(_State(model, progress=progress, step=3))
+        want = [1.0 / p for p in keep_probabilities(progress, 6, 0.3, 5.0)]
+        # By index: iterating the blocks in training mode yields only the kept ones.
+        assert [float(model.layers[i].pld_scale) for i in range(6)] == pytest.approx(want, rel=1e-6)
+    assert float(model.layers[5].pld_scale) > float(model.layers[0].pld_scale) > 1.0  # deep: scaled most
+
+
 def test_kept_block_scales_its_branches_by_one_over_p():
     torch.manual_seed(0)
     model = ProgressiveLayerDropping(PLDOptions()).on_model(build_model(preset_config("tiny")))

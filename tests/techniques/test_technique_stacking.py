@@ -101,3 +101,36 @@ def test_run_grows_to_final_depth_and_counts_flops(tiny_mlm_data, tmp_path):
     assert summary["parameters"] == full
     estimate = json.loads((tmp_path / "run" / "environment.json").read_text())["memory_estimate"]
     assert estimate["parameters_gb"] == pytest.approx(4 * full / 1e9, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["copy", "reset"])
+def test_a_run_carries_optimizer_state_across_each_doubling(mode, tiny_mlm_data, tmp_path, monkeypatch):
+    """Through the trainer, not just the transfer function: the rebuilt optimizer must hold the
+    original blocks' state, and the copied blocks' state copied from their sources or fresh."""
+    from cramkit.train.trainer import Trainer
+
+    swap, checked = Trainer._swap_model_if_requested, []
+
+    def checking_swap(self):
+        if self.state.pending_model is None:
+            return swap(self)
+        old, old_opt = self.raw_model, self.state.optimizer
+        before = {n: old_opt.state[p]["exp_avg"].clone() for n, p in old.named_parameters() if p in old_opt.state}
+        depth = len(old.layers)
+        swap(self)
+        opt = self.state.optimizer
+        for i in range(depth):
+            for name, p in self.raw_model.layers[i].named_parameters():  # the originals keep theirs
+                torch.testing.assert_close(opt.state[p]["exp_avg"], before[f"layers.{i}.{name}"], rtol=0, atol=0)
+            for name, p in self.raw_model.layers[depth + i].named_parameters():
+                if mode == "copy":
+                    torch.testing.assert_close(opt.state[p]["exp_avg"], before[f"layers.{i}.{name}"], rtol=0, atol=0)
+                else:
+                    assert "exp_avg" not in opt.state.get(p, {})
+        checked.append(depth)
+
+    monkeypatch.setattr(Trainer, "_swap_model_if_requested", checking_swap)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "model.layers=4", "techniques=[stacking]", "train.budget=8steps",
+                      "technique.stacking.at=[0.3,0.6]", f"technique.stacking.optimizer={mode}")
+    pretrain(cfg, say=quiet)
+    assert checked == [1, 2]  # both doublings went through the check

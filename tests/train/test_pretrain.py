@@ -533,3 +533,94 @@ def test_resume_on_other_data_is_refused_with_a_clear_error(tiny_mlm_data, tmp_p
     summary = pretrain(resume_config(run, ["train.budget=4steps", f"data.dir={copy}"]), run_dir=run, resume=True,
                        say=lambda *_: None)
     assert summary["steps"] == 4
+
+
+def test_the_scheduled_learning_rate_is_the_one_the_optimizer_steps_with(tiny_mlm_data, tmp_path, monkeypatch):
+    """The logged lr is computed beside the optimizer's; a trainer that logged the schedule but
+    stepped at the peak rate would pass every test that reads the log."""
+    from cramkit.train.trainer import Trainer
+
+    used, step = [], Trainer.train_step
+
+    def recording_step(self, batches):
+        used.append({g["lr"] for g in self.state.optimizer.param_groups})
+        return step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=10steps", "schedule.name=budget-triangle")
+    pretrain(cfg, say=lambda *_: None)
+    logged = [r["lr"] for r in _metrics(tmp_path / "run")]
+    assert all(len(rates) == 1 for rates in used)  # one rate for every parameter group
+    assert [rates.pop() for rates in used] == pytest.approx(logged, rel=1e-12)
+    assert len(set(logged)) > 5  # the schedule did move
+
+
+def test_gradient_clipping_bounds_the_update(tiny_mlm_data, tmp_path):
+    # Plain SGD at lr 1 (no momentum, no decay): the update is the (clipped) gradient itself.
+    _, objective, tokens = _fake_train_step_model(tiny_mlm_data)
+    norms = {}
+    for clip in (1e-3, 0.0):
+        cfg = tiny_config(tiny_mlm_data, tmp_path, f"train.clip_grad={clip}", "optim.name=sgd", "optim.lr=1.0",
+                          "optim.momentum=0", "optim.weight_decay=0")
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        before = [p.detach().clone() for p in model.parameters()]
+        _bare_trainer(cfg, model).train_step([objective(tokens, 0)])
+        norms[clip] = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(b - p.detach()) for b, p in zip(before, model.parameters())])))
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
+    assert norms[0.0] > 100 * norms[1e-3]  # the gradient was far above the limit: clipping acted
+
+
+def test_the_nonfinite_limit_counts_steps_in_a_row_not_in_all(tiny_mlm_data, tmp_path, monkeypatch):
+    import cramkit.train.run as run_module
+
+    calls, real_build = {"n": 0}, run_module.build_model
+
+    def build_poisoned(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] in (1, 3, 5):  # bad, good, bad, good, bad: never two in a row
+                    out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(run_module, "build_model", build_poisoned)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=6steps", "train.micro_batch=8", "train.max_nonfinite=2")
+    summary = pretrain(cfg, say=lambda *_: None)
+    assert summary["nonfinite_steps"] == 3 and summary["steps"] == 6
+
+
+def test_a_model_swap_mid_run_prepares_the_new_model_off_the_clock(tiny_mlm_data, tmp_path, monkeypatch):
+    """Recompiling a grown model is warm-up, not training: a time budget must not pay for it."""
+    import types
+
+    import cramkit.budget as budget_module
+    import cramkit.train.run as run_module
+
+    offset = [0.0]
+    real_clock, real_compiler = budget_module.time.perf_counter, run_module._compiler
+    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: real_clock() + offset[0]))
+
+    def slow_compiler(enabled, warm_up):
+        compile_model = real_compiler(enabled, warm_up)
+
+        def compile_slowly(model):
+            offset[0] += 100.0  # a hundred seconds of "compilation", on the clock's time
+            return compile_model(model)
+
+        return compile_slowly
+
+    monkeypatch.setattr(run_module, "_compiler", slow_compiler)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "model.layers=4", "techniques=[stacking]",
+                      "technique.stacking.at=[0.3,0.6]")
+    summary = pretrain(cfg, say=lambda *_: None)
+    assert summary["train_seconds"] < 100  # two swaps, 200 s of preparation, none of it trained
+    assert summary["paused_seconds"] >= 200
