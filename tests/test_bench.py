@@ -28,6 +28,22 @@ def test_bench_times_document_mask_twins_on_cpu(tmp_path, capsys):
     assert "document_mask=true" in capsys.readouterr().out
 
 
+def test_bench_rates_follow_from_the_timed_seconds(monkeypatch):
+    """tokens/s counts every timed step's tokens, and MFU is model FLOP/s over the peak."""
+    import types
+
+    import cramkit.bench as bench
+
+    clock = iter([10.0, 12.5])  # the timed loop's start and end on CPU: 2.5 s
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(bench, "flops_per_token", lambda *a, **k: 1e6)
+    r = bench.bench_target("cramkit:tiny", batch=2, seq_len=16, steps=2, warmup=0, device=torch.device("cpu"),
+                           precision="fp32", compile=False, mask_rate=0.15, peak=1e8)
+    assert r.tokens_per_s == 2 * 16 * 2 / 2.5 == 25.6
+    assert r.mfu == pytest.approx(1e6 * 25.6 / 1e8)  # 0.256
+    assert r.step_ms == 1250.0
+
+
 def test_bench_targets_parse_shape_and_model_keys():
     t = parse_target("cramkit:tiny-gpt,seq_len=32,document_mask=true", batch=4, seq_len=128)
     assert (t.family, t.batch, t.seq_len) == ("cramkit", 4, 32)

@@ -164,6 +164,13 @@ def test_lr_schedules_are_pure_functions_of_progress():
     assert lr_factor("linear", 1.0, warmup=0.1) == pytest.approx(0.0)
     assert lr_factor("constant", 0.7) == 1.0
     assert lr_factor("one-cycle", 0.3, peak_at=0.3) == pytest.approx(1.0)
+    # Decay ends at `final` x peak, not at zero; half-way through the decay the cosine sits at
+    # the midpoint of peak and final, and the linear decay a quarter in has gone a quarter down.
+    assert lr_factor("cosine", 1.0, final=0.1) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0.55, warmup=0.1, final=0.1) == pytest.approx(0.55)
+    assert lr_factor("linear", 0.325, warmup=0.1) == pytest.approx(0.75)
+    assert lr_factor("linear", 0.55, warmup=0.1, final=0.2) == pytest.approx(0.6)
+    assert lr_factor("linear", 1.0, warmup=0.1, final=0.2) == pytest.approx(0.2)
     for name in ("constant", "linear", "cosine", "one-cycle", "budget-triangle"):
         values = [lr_factor(name, p / 100) for p in range(101)]
         assert all(0.0 <= v <= 1.0 + 1e-9 and math.isfinite(v) for v in values)
@@ -174,6 +181,10 @@ def test_batch_ramp_grows_accumulation():
     assert steps[0] == 1 and steps[-1] == 8 and steps[6] == 8
     assert steps == sorted(steps)
     assert accumulation_steps(0.0, 256, 32, 0.0) == 8
+    # Nearest whole number of micro-batches on the ramp 1 + 7 p / 0.9 (no ties at these points):
+    # 1, 1.78, 2.56, 3.33, 4.11, 4.89, 5.67, 6.44, 7.22, 8, 8.
+    steps = [accumulation_steps(p / 10, batch_size=256, micro_batch=32, ramp_fraction=0.9) for p in range(11)]
+    assert steps == [1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 8]
 
 
 def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):

@@ -61,6 +61,16 @@ def test_mlm_deterministic_per_index_and_fixed_mode(synth_mlm):
     assert not torch.equal(fixed(tokens, 0)["labels"], mlm(tokens, 0)["labels"])
 
 
+def test_mlm_masks_follow_the_seed(synth_mlm):
+    # Two runs with different seeds must not mask the same positions of the same batch, and a
+    # rebuilt objective with the same seed (a resumed run) must reproduce the masks exactly.
+    ds = TokenDataset.open(synth_mlm)
+    tokens = torch.from_numpy(ds.sequences("train")[[0, 1, 2, 3]].astype("int64"))
+    one, again, two = (build_objective("mlm", ds, seed=s)(tokens, 5) for s in (1, 1, 2))
+    assert torch.equal(one["labels"], again["labels"]) and torch.equal(one["input_ids"], again["input_ids"])
+    assert not torch.equal(one["labels"], two["labels"])
+
+
 def test_mlm_option_errors(synth_mlm):
     with pytest.raises(ConfigError, match="mask_rate"):
         build_objective("mlm", synth_mlm, mask_rate=0.0)
@@ -82,6 +92,10 @@ def test_clm_labels_do_not_cross_documents():
     out = clm(tokens, 0)
     assert torch.equal(out["input_ids"], tokens)
     assert out["labels"].tolist() == [[6, 1, -100, 8, 1, -100, -100, -100]]
+    # A row cut mid-document and padded has no end-of-document token: the last real token's
+    # target is a pad, which is no target either.
+    out = clm(torch.tensor([[5, 6, 7, 0, 0]]), 0)
+    assert out["labels"].tolist() == [[6, 7, -100, -100, -100]]
 
 
 def test_clm_on_prepared_data_and_mlm_needs_mask(tmp_path, synth_corpus):

@@ -112,6 +112,12 @@ def test_mlm_framing_and_clm_separators(tmp_path, synth_corpus):
     seqs = ds.sequences("train")[np.arange(ds.num_sequences("train"))]
     assert (seqs[:, 0] == ids["cls"]).all() and (seqs[:, -1] == ids["sep"]).all()
     assert ids["eod"] is None and ids["mask"] is not None
+    # [SEP] only *between* documents: none before the first, so the [SEP]s are one per
+    # sequence's frame plus docs - 1 separators.
+    train = ds.manifest["splits"]["train"]
+    assert seqs[0, 1] != ids["sep"]
+    assert train["separator_tokens"] == train["docs"] - 1
+    assert int((seqs == ids["sep"]).sum()) == len(seqs) + train["docs"] - 1
     cfg = small_cfg([synth_corpus], objective="clm")
     ds = TokenDataset.open(prepare(cfg, tmp_path / "c", progress=False))
     seqs = ds.sequences("train")[np.arange(ds.num_sequences("train"))]

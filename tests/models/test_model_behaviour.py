@@ -120,6 +120,18 @@ def test_rotary_attention_is_shift_invariant():
     torch.testing.assert_close(attn(x), at_zero, atol=1e-5, rtol=1e-4)
 
 
+def test_glu_gates_with_the_second_half_of_up():
+    # down(gelu(gate) * value) with up = [value | gate]: with the halves swapped the same
+    # saved weights would compute a different function.
+    from torch.nn.functional import gelu, linear
+
+    ffn = build_model(small_config("tiny", ffn="glu", activation="gelu", bias=True)).layers[0].ffn
+    x = torch.randn(2, 5, 32)
+    (w_value, w_gate), (b_value, b_gate) = ffn.up.weight.chunk(2), ffn.up.bias.chunk(2)
+    expected = ffn.down(gelu(linear(x, w_gate, b_gate)) * linear(x, w_value, b_value))
+    torch.testing.assert_close(ffn(x), expected)
+
+
 @pytest.mark.parametrize(
     ("preset", "overrides"),
     [
