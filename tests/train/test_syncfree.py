@@ -84,6 +84,38 @@ def test_supplied_target_index_gives_the_same_loss_and_gradients(tiny_mlm_data, 
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_the_model_predicts_at_the_supplied_index_and_the_trainer_supplies_it(tiny_mlm_data, tmp_path,
+                                                                             monkeypatch):
+    """Same results with and without the index (above) would also hold if the model ignored it
+    and synchronised anyway: here it must follow an index that differs from its own."""
+    from cramkit.data.dataset import TokenDataset
+    from cramkit.objectives import build_objective
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path)
+    ds = TokenDataset.open(tiny_mlm_data)
+    batch = build_objective("mlm", ds, seed=0)(torch.from_numpy(ds.sequences("train")[:8].astype("int64")), 3)
+    index = target_index(batch["labels"])
+    out = build_model(cfg.model)(**batch, target_index=index[::2])
+    assert out.logits.shape[0] == len(index[::2]) < len(index)
+    supplied, real_build = [], run_module.build_model
+
+    def build(model_cfg):
+        model = real_build(model_cfg)
+        forward = model.forward
+
+        def recording(*args, **kwargs):
+            if model.training:
+                supplied.append(kwargs.get("target_index") is not None)
+            return forward(*args, **kwargs)
+
+        model.forward = recording
+        return model
+
+    monkeypatch.setattr(run_module, "build_model", build)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", name="supplied"), say=lambda *_: None)
+    assert supplied and all(supplied)  # every training micro-batch came with its index
+
+
 def test_sync_free_step_equals_the_host_decided_step(tiny_mlm_data, tmp_path, monkeypatch):
     common = (FUSED, "train.budget=8steps", "train.batch_ramp=0.5", "model.dropout=0.1", "train.clip_grad=0.5")
     pretrain(tiny_config(tiny_mlm_data, tmp_path, *common, name="new"), say=lambda *_: None)
