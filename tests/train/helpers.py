@@ -66,3 +66,29 @@ def signal_at(step: int, sig: int, rank: int | None = None):
         return out
 
     return mock.patch.object(Trainer, "_log_train", log_then_signal)
+
+
+def poison_training_loss(monkeypatch, bad) -> None:
+    """Make ``pretrain``'s models return a NaN training loss on the forward calls ``n`` (1, 2, ...,
+    counting training calls only) for which ``bad(n)`` is true."""
+    import cramkit.train.run as run_module
+    from cramkit.models import build_model as real_build  # not an earlier call's poisoned one
+
+    calls = {"n": 0}
+
+    def build(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if model.training:
+                calls["n"] += 1
+                if bad(calls["n"]):
+                    out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(run_module, "build_model", build)

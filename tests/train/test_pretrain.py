@@ -14,7 +14,7 @@ from cramkit.models import build_model
 from cramkit.train import checkpoint as ckpt
 from cramkit.train.run import pretrain, resume_config
 
-from .helpers import interrupted_copy, signal_at, tiny_config
+from .helpers import interrupted_copy, poison_training_loss, signal_at, tiny_config
 
 
 def _weights(run_dir):
@@ -199,45 +199,12 @@ def test_no_intact_checkpoint_is_an_error(tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tiny_mlm_data, tmp_path, monkeypatch):
-    import cramkit.train.run as run_module
-
-    calls = {"n": 0}
-    real_build = run_module.build_model
-
-    def build_poisoned(cfg):
-        model = real_build(cfg)
-        forward = model.forward
-
-        def poisoned(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            calls["n"] += 1
-            if model.training and calls["n"] in (3, 4):  # two bad steps, then healthy again
-                out.loss = out.loss * float("nan")
-            return out
-
-        model.forward = poisoned
-        return model
-
-    monkeypatch.setattr(run_module, "build_model", build_poisoned)
+    poison_training_loss(monkeypatch, lambda n: n in (1, 2))  # two bad steps, then healthy again
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=6steps", "train.micro_batch=8")
     summary = pretrain(cfg, say=lambda *_: None)
     assert summary["nonfinite_steps"] == 2 and summary["steps"] == 6
 
-    calls["n"] = -10_000  # from now on every step is poisoned
-    def always_nan(cfg):
-        model = real_build(cfg)
-        forward = model.forward
-
-        def poisoned(*a, **k):
-            out = forward(*a, **k)
-            if model.training:
-                out.loss = out.loss * float("nan")
-            return out
-
-        model.forward = poisoned
-        return model
-
-    monkeypatch.setattr(run_module, "build_model", always_nan)
+    poison_training_loss(monkeypatch, lambda n: True)  # from now on every step is poisoned
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.max_nonfinite=3", name="nan")
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
         pretrain(cfg, say=lambda *_: None)
@@ -573,26 +540,7 @@ def test_gradient_clipping_bounds_the_update(tiny_mlm_data, tmp_path):
 
 
 def test_the_nonfinite_limit_counts_steps_in_a_row_not_in_all(tiny_mlm_data, tmp_path, monkeypatch):
-    import cramkit.train.run as run_module
-
-    calls, real_build = {"n": 0}, run_module.build_model
-
-    def build_poisoned(cfg):
-        model = real_build(cfg)
-        forward = model.forward
-
-        def poisoned(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            if model.training:
-                calls["n"] += 1
-                if calls["n"] in (1, 3, 5):  # bad, good, bad, good, bad: never two in a row
-                    out.loss = out.loss * float("nan")
-            return out
-
-        model.forward = poisoned
-        return model
-
-    monkeypatch.setattr(run_module, "build_model", build_poisoned)
+    poison_training_loss(monkeypatch, lambda n: n in (1, 3, 5))  # bad, good, bad, good, bad
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=6steps", "train.micro_batch=8", "train.max_nonfinite=2")
     summary = pretrain(cfg, say=lambda *_: None)
     assert summary["nonfinite_steps"] == 3 and summary["steps"] == 6

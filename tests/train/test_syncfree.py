@@ -22,7 +22,7 @@ from cramkit.objectives import target_index
 from cramkit.train import checkpoint as ckpt
 from cramkit.train.run import pretrain
 
-from .helpers import tiny_config
+from .helpers import poison_training_loss, tiny_config
 
 FUSED = "optim.fused=on"
 
@@ -41,25 +41,7 @@ def _host_decided(monkeypatch):
 
 def _poison(monkeypatch, bad):
     """Models whose training loss is NaN on the forward calls for which ``bad(n)`` is true."""
-    real_build = run_module.build_model
-    calls = {"n": 0}
-
-    def build(cfg):
-        model = real_build(cfg)
-        forward = model.forward
-
-        def poisoned(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            if model.training:
-                calls["n"] += 1
-                if bad(calls["n"]):
-                    out.loss = out.loss * float("nan")
-            return out
-
-        model.forward = poisoned
-        return model
-
-    monkeypatch.setattr(run_module, "build_model", build)
+    poison_training_loss(monkeypatch, bad)
 
 
 def test_supplied_target_index_gives_the_same_loss_and_gradients(tiny_mlm_data, tmp_path):
