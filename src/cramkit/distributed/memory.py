@@ -8,6 +8,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..models.flops import count_parameters
 from .config import MemoryConfig
 
 
@@ -70,13 +71,9 @@ def _outside_blocks(mc, tokens: int, mask_rate: float) -> float:
     # fp32 values of width h: the head's input and the final norm's (2), two more for a norm of
     # the embeddings and two for a head transform; then the log-probabilities the loss keeps,
     # fp32 for every predicted position (a mask_rate share under sparse prediction).
-    predicted = tokens * (mask_rate if getattr(mc, "sparse_prediction", False) else 1.0)
-    width = 2 + 2 * bool(getattr(mc, "embedding_norm", False)) + 2 * bool(getattr(mc, "head_transform", False))
+    predicted = tokens * (mask_rate if mc.sparse_prediction else 1.0)
+    width = 2 + 2 * mc.embedding_norm + 2 * mc.head_transform
     return tokens * mc.hidden * 4 * width + predicted * mc.vocab_size * 4
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
 def _linear_weights(module: torch.nn.Module) -> int:
@@ -107,7 +104,7 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     in the training precision): ``parallel.fsdp_reshard=false`` keeps every block gathered.
     """
     cfg = cfg or MemoryConfig()
-    params = _count(model)
+    params = count_parameters(model)
     mc = model.config
     half = precision in ("bf16", "fp16")
     shard = world_size if sharded else 1
@@ -119,7 +116,8 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
         # FSDP gathers the root's parameters and a block's at a time (plus one prefetched), in
         # the mixed-precision policy's dtype; autocast then makes no copies of its own.
         blocks = list(model.layers)
-        gathered = _count(model) - sum(_count(b) for b in blocks) + 2 * max(map(_count, blocks), default=0)
+        gathered = (params - sum(count_parameters(b) for b in blocks)
+                    + 2 * max(map(count_parameters, blocks), default=0))
         copies = (2 if half else 4) * gathered
         if cfg.offload_optimizer:
             # FSDP2's CPU offload keeps the sharded parameters, their gradients and the optimizer
