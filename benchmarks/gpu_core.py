@@ -88,7 +88,7 @@ def prepare_enwiki(src: str, out: Path) -> Path:
 @stage("throughput: cramkit vs Hugging Face")
 def throughput(results: dict) -> str:
     from cramkit.bench import bench_target, table
-    from cramkit.train.device import measure_peak_flops
+    from cramkit.train.device import measure_peak_flops, release_memory
 
     device = torch.device("cpu" if SMOKE else "cuda")
     precision = "fp32" if SMOKE else "bf16"
@@ -108,8 +108,7 @@ def throughput(results: dict) -> str:
             print(r, flush=True)
         except Exception:
             traceback.print_exc()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()
     results["throughput"] = [r.__dict__ for r in rows]
     results["peak_flops"] = peak
     return table(rows, peak, "cpu" if SMOKE else torch.cuda.get_device_name())

@@ -16,7 +16,6 @@ loss-vs-training-time plot of each optimizer's best run.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import sys
@@ -98,6 +97,7 @@ def run_grid(args) -> list[dict]:
     from cramkit.config import load_config
     from cramkit.errors import RunError
     from cramkit.report import read_metrics
+    from cramkit.train.device import release_memory
     from cramkit.train.run import pretrain
     from cramkit.utils import append_jsonl
 
@@ -130,9 +130,7 @@ def run_grid(args) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - a diverged (or OOM) run is a result, not a crash
             summary, error = {}, f"{type(exc).__name__}: {str(exc)[:500]}"
         finally:  # an OOM's tensors must not crowd out the next run
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
         if not args.keep_checkpoints:  # 24 crammed-bert runs would fill a small disk
             shutil.rmtree(Path(args.out) / run / "checkpoints", ignore_errors=True)
         metrics = Path(args.out) / run / "metrics.jsonl"

@@ -26,7 +26,6 @@ summary) and ``trace-<model>.json.gz`` (open in https://ui.perfetto.dev or chrom
 from __future__ import annotations
 
 import argparse
-import gc
 import gzip
 import json
 import os
@@ -44,6 +43,7 @@ import torch
 
 import cramkit.train.run as run_module
 from cramkit.config import load_config
+from cramkit.train.device import release_memory
 from cramkit.train.trainer import Trainer
 from cramkit.utils import write_json
 
@@ -383,9 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append({"model": name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
         finally:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory()
         # Rewritten after every model: a call cut short keeps the models that finished.
         write_json(out / "profile-summary.json", results + failed)
     bad = [r["model"] for r in results if r["syncs"]["measurable"] and r["syncs"]["steady_state_total"]]

@@ -24,7 +24,6 @@ Check it on a CPU in seconds with ``--smoke`` (tiny preset, 8 steps per run).
 from __future__ import annotations
 
 import argparse
-import gc
 import glob
 import os
 import shutil
@@ -37,6 +36,7 @@ import torch
 
 # The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
 from cramkit.report import reach, read_metrics
+from cramkit.train.device import release_memory
 from cramkit.utils import append_jsonl, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         finally:  # an OOM's tensors must not crowd out the next run
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
         if records:  # one line per finished run, appended at once
             append_jsonl(records, {"run": name, **results[name]}, default=str)
         save(final=False)

@@ -18,7 +18,6 @@ after each token with probability 1/N, so documents are on average N tokens long
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 import time
@@ -33,7 +32,14 @@ from .models import build_model
 from .models.config import ModelConfig
 from .models.flops import flops_per_token
 from .models.presets import get_preset
-from .train.device import autocast, measure_peak_flops, resolve_device, resolve_precision, sync
+from .train.device import (
+    autocast,
+    measure_peak_flops,
+    release_memory,
+    resolve_device,
+    resolve_precision,
+    sync,
+)
 
 # A built target: the module, loss(module, batch) (the module may be its compiled wrapper), and
 # training FLOPs per token.
@@ -324,11 +330,9 @@ def run_bench(args: argparse.Namespace) -> int:
             failed.append({"target": target, "baseline": baseline, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
             print(f"{target}: failed: {failed[-1]['error']}", file=sys.stderr, flush=True)
         finally:  # the next target starts from an empty cache, and its own compiled graphs
-            gc.collect()
             if args.compile:
                 torch.compiler.reset()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory()
         save()
     print(table(results, peak, name))
     for f in failed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 import warnings
 
@@ -117,3 +118,12 @@ def auto_micro_batch(model, make_batch, device: torch.device, precision: str, ca
         warnings.warn("not even one sequence fits in GPU memory; trying micro_batch=1 anyway", stacklevel=2)
         best = 1
     return best
+
+
+def release_memory() -> None:
+    """Free what a finished or failed run left behind before the next one in the same process:
+    unreachable tensors (an out-of-memory error's traceback holds on to them), then the CUDA
+    cache, so the next run starts from an empty device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
