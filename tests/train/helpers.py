@@ -68,11 +68,11 @@ def signal_at(step: int, sig: int, rank: int | None = None):
     return mock.patch.object(Trainer, "_log_train", log_then_signal)
 
 
-def poison_training_loss(monkeypatch, bad) -> None:
-    """Make ``pretrain``'s models return a NaN training loss on the forward calls ``n`` (1, 2, ...,
-    counting training calls only) for which ``bad(n)`` is true."""
+def on_training_forward(monkeypatch, hook) -> None:
+    """Make ``pretrain``'s models call ``hook(n, kwargs, out)`` after each training forward pass
+    (``n`` = 1, 2, ... counts training calls only); the output passes on as ``hook`` leaves it."""
     import cramkit.train.run as run_module
-    from cramkit.models import build_model as real_build  # not an earlier call's poisoned one
+    from cramkit.models import build_model as real_build  # not an earlier call's wrapped one
 
     calls = {"n": 0}
 
@@ -80,15 +80,25 @@ def poison_training_loss(monkeypatch, bad) -> None:
         model = real_build(cfg)
         forward = model.forward
 
-        def poisoned(*args, **kwargs):
+        def wrapped(*args, **kwargs):
             out = forward(*args, **kwargs)
             if model.training:
                 calls["n"] += 1
-                if bad(calls["n"]):
-                    out.loss = out.loss * float("nan")
+                hook(calls["n"], kwargs, out)
             return out
 
-        model.forward = poisoned
+        model.forward = wrapped
         return model
 
     monkeypatch.setattr(run_module, "build_model", build)
+
+
+def poison_training_loss(monkeypatch, bad) -> None:
+    """Make ``pretrain``'s models return a NaN training loss on the forward calls ``n`` (1, 2, ...,
+    counting training calls only) for which ``bad(n)`` is true."""
+
+    def poison(n, kwargs, out):
+        if bad(n):
+            out.loss = out.loss * float("nan")
+
+    on_training_forward(monkeypatch, poison)

@@ -22,7 +22,7 @@ from cramkit.objectives import target_index
 from cramkit.train import checkpoint as ckpt
 from cramkit.train.run import pretrain
 
-from .helpers import poison_training_loss, tiny_config
+from .helpers import on_training_forward, poison_training_loss, tiny_config
 
 FUSED = "optim.fused=on"
 
@@ -79,21 +79,8 @@ def test_the_model_predicts_at_the_supplied_index_and_the_trainer_supplies_it(ti
     index = target_index(batch["labels"])
     out = build_model(cfg.model)(**batch, target_index=index[::2])
     assert out.logits.shape[0] == len(index[::2]) < len(index)
-    supplied, real_build = [], run_module.build_model
-
-    def build(model_cfg):
-        model = real_build(model_cfg)
-        forward = model.forward
-
-        def recording(*args, **kwargs):
-            if model.training:
-                supplied.append(kwargs.get("target_index") is not None)
-            return forward(*args, **kwargs)
-
-        model.forward = recording
-        return model
-
-    monkeypatch.setattr(run_module, "build_model", build)
+    supplied = []
+    on_training_forward(monkeypatch, lambda n, kwargs, out: supplied.append(kwargs.get("target_index") is not None))
     pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", name="supplied"), say=lambda *_: None)
     assert supplied and all(supplied)  # every training micro-batch came with its index
 
