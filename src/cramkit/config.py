@@ -7,11 +7,10 @@ recipe to extend, and its ``[model]`` table may name a ``preset`` whose fields i
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from .budget import Budget
 from .configbase import Config, apply_overrides, deep_merge, did_you_mean, field
@@ -30,7 +29,18 @@ class DataSection(Config):
 
     dir: str = field("", help="a prepared data directory (from `cramkit prepare`); empty: prepare from `prepare`")
     prepare: PrepareConfig = field(default_factory=PrepareConfig, help="how to prepare data when `dir` is empty")
-    cache_dir: str = field("", help="where prepared data is cached (default: $CRAMKIT_CACHE or ~/.cache/cramkit)")
+    cache_dir: str = field("", help="where prepared data is cached (default: $CRAMKIT_CACHE/data or ~/.cache/cramkit/data)")
+    shuffle: Literal["auto", "on", "off"] = field(
+        "auto",
+        help="permute training sequences every epoch; auto: on unless the data was prepared with "
+        "ordering=curriculum or ordering=source, whose order training then keeps",
+    )
+
+    def shuffles(self, manifest: dict) -> bool:
+        """Whether the training loader permutes sequences, for data prepared as ``manifest`` says."""
+        if self.shuffle != "auto":
+            return self.shuffle == "on"
+        return manifest.get("config", {}).get("ordering", "random") == "random"
 
 
 @dataclasses.dataclass
@@ -67,12 +77,12 @@ class TrainConfig(Config):
     clip_grad: float = field(0.0, help="max gradient norm; 0 disables clipping")
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
     log_every: int = field(10, help="optimizer steps between metric lines")
-    eval_every: float = field(0.25, help="validation every this fraction of the budget (0 = only at the end)")
+    eval_every: float = field(0.25, help="validation every this fraction of the budget (0 = only at the end); a new run also evaluates at step 0")
     eval_batches: int = field(20, help="validation micro-batches per evaluation (0 = the whole split)")
     checkpoint_every: float = field(0.0, help="checkpoint every this fraction of the budget (0 = only at the end)")
     keep_checkpoints: int = field(2, help="complete checkpoints kept on disk")
     max_nonfinite: int = field(5, help="stop after this many non-finite losses in a row (each is skipped)")
-    peak_tflops: float = field(0.0, help="device peak for MFU; 0 = known value for the GPU, or a measured matmul")
+    peak_tflops: float = field(0.0, help="device peak for MFU in TFLOP/s; 0 = measured at start-up (bf16 matmul on CUDA, fp16 under fp16, fp32 on CPU)")
     progress_bar: bool = field(True, help="show a live progress bar (only on a terminal)")
     tensorboard: bool = field(True, help="write TensorBoard events when tensorboard is installed")
 
@@ -108,7 +118,8 @@ class OptimConfig(Config):
     betas: tuple[float, float] = field((0.9, 0.98), help="Adam betas")
     eps: float = field(1e-12, help="Adam epsilon")
     momentum: float = field(0.9, help="SGD momentum")
-    weight_decay: float = field(0.01, help="decoupled weight decay (never on norms and biases)")
+    weight_decay: float = field(0.01, help="weight decay, never on norms and biases: decoupled for adamw, lion, muon, schedulefree "
+                                "and adamw8bit; L2 in the gradient for sgd and lars; inside lamb's trust ratio")
     decay_embeddings: bool = field(True, help="apply weight decay to embedding matrices")
     base: str = field("adamw", help="sam: the optimizer SAM wraps (any registered name but sam)")
     sam_rho: float = field(0.05, help="sam: radius of the ascent step")

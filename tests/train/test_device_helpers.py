@@ -170,3 +170,33 @@ def test_energy_of_a_resumed_run_covers_the_whole_run(monkeypatch, tiny_mlm_data
     assert resumed["tokens"] == full["tokens"]
     assert resumed["energy_kwh"] == 0.5  # the first segment's, from the checkpoint, and this one's
     assert resumed["kwh_per_billion_tokens"] == pytest.approx(0.5 / (full["tokens"] / 1e9))
+
+
+def test_the_energy_meter_runs_through_the_compile_warm_up(monkeypatch, tiny_mlm_data, tmp_path):
+    """Compiling (and micro-batch probing) is GPU work the run pays for: the meter must start
+    before it, not once the trainer is ready."""
+    from cramkit.train import run as run_mod
+    from cramkit.train.run import pretrain
+
+    from .helpers import tiny_config
+
+    events = []
+    real_compiler = run_mod._compiler
+
+    class Meter(_Meter):
+        def __init__(self, device):
+            events.append("meter")
+
+    def compiler(enabled, warm_up):
+        compile_model = real_compiler(enabled, warm_up)
+
+        def recorded(model):
+            events.append("compile")
+            return compile_model(model)
+
+        return recorded
+
+    monkeypatch.setattr(run_mod, "EnergyMeter", Meter)
+    monkeypatch.setattr(run_mod, "_compiler", compiler)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=1steps"), say=lambda *_: None)
+    assert events[:2] == ["meter", "compile"]

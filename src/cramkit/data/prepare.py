@@ -22,8 +22,9 @@ Ordering (training split only; validation stays in source order):
 * ``curriculum``: within each buffer, documents sorted by ascending mean tokens per sentence
   (sentences = runs ending in ``.``, ``!`` or ``?``), in the spirit of cramming's
   sentence-length curriculum. Sorting within bounded buffers keeps memory bounded; the result is
-  one ascending run per buffer (a single run when the corpus fits in one buffer). Use it with
-  ``ShardLoader(shuffle=False)``.
+  one ascending run per buffer (a single run when the corpus fits in one buffer). ``cramkit
+  pretrain`` keeps this order (and ``source``'s) unless ``data.shuffle=on``; a ``ShardLoader`` of
+  your own needs ``shuffle=False`` for it.
 
 The output is built in a hidden temporary folder beside ``out_dir`` and renamed into place at the
 end, with the manifest written last, so an interrupted run never leaves something that looks done.

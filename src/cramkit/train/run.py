@@ -1,7 +1,9 @@
 """Setting up, running and resuming a pretraining run: the glue around :class:`Trainer`.
 
-Order of construction (DESIGN.md): technique states → configure_model → build → on_model →
-weights (on resume) → device → compile → optimizer (+ state on resume) → loader → trainer.
+Order of construction: technique states → configure_model → build → on_model → weights (on
+resume) → device → micro-batch → loader → trainer, whose ``prepare_model`` applies FP8,
+activation checkpointing, compile and sharding and then builds the optimizer → optimizer state
+(on resume) → first evaluation → training.
 """
 
 from __future__ import annotations
@@ -226,7 +228,9 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
 
 
 def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model, unused_parameters: bool = False):
-    """Activation checkpointing → compile → sharding, re-applied after every model swap.
+    """FP8 conversion → activation checkpointing → compile → DDP, re-applied after every model
+    swap. Under FSDP2, sharding comes before compiling: ``fully_shard`` changes the module in
+    place, and the compiled wrapper then runs the sharded module.
 
     ``unused_parameters``: some technique may leave parameters out of a step (see
     ``Technique.unused_parameters``), which DDP has to be told.
@@ -383,6 +387,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         with torch.device("meta"):
             full_model = build_model(cfg.model)
 
+    # From here on the GPU works for this run: micro-batch probing and compile warm-up cost energy
+    # too, so the meter starts before them.
+    meter = EnergyMeter(device)
     per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
     if saved:
         micro_batch = int(saved["micro_batch"])
@@ -435,7 +442,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
 
     state = made["state"] = TrainState()
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
-                         epochs=None, transform=objective, pin_memory=device.type == "cuda")
+                         shuffle=cfg.data.shuffles(dataset.manifest), epochs=None, transform=objective,
+                         pin_memory=device.type == "cuda")
     clock = Clock()
     if saved:
         state.load_counters(saved["counters"])
@@ -527,7 +535,6 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.to_dict())
-        meter = EnergyMeter(device)
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
         # and tokens then both cover the whole run, for an honest kWh per billion tokens.
         # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
