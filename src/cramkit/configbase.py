@@ -127,6 +127,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return number
     if tp is str:
+        if value is None:  # `key=none` on the command line parses to None; as a name it is "none"
+            return "none"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cramkit.config import load_config
 from cramkit.errors import ConfigError
 from cramkit.models import ModelConfig, build_model
 from cramkit.models.presets import PRESETS, get_preset, preset_config
@@ -22,8 +23,10 @@ from cramkit.models.presets import PRESETS, get_preset, preset_config
         ({"attention_dropout": -0.1}, r"attention_dropout must be in \[0, 1\)"),
         ({"arch": "brt"}, "unknown architecture 'brt' \\(did you mean 'bert'\\?\\)"),
         ({"init": "gpt-2"}, "unknown init scheme 'gpt-2' \\(did you mean 'gpt2'\\?\\)"),
-        ({"norm": "rms"}, "norm: 'rms' is not one of"),
-        ({"positions": "rope"}, "positions: 'rope' is not one of"),
+        ({"norm": "rms"}, "unknown norm 'rms' \\(did you mean 'rmsnorm'\\?\\)"),
+        ({"positions": "rope"}, "unknown positions 'rope'; choose from"),
+        ({"activation": "relu"}, "unknown activation 'relu'"),
+        ({"document_mask_kernel": "flash"}, "unknown document mask kernel 'flash'"),
         ({"type_vocab_size": -1}, "type_vocab_size must be >= 0"),
         ({"norm_eps": 0.0}, "norm_eps must be positive"),
         ({"init_std": 0.0}, "init_std must be positive"),
@@ -111,3 +114,29 @@ def test_hf_shaped_presets():
     assert (gpt.activation, gpt.init, gpt.norm_position, gpt.final_norm) == (
         "gelu_tanh", "gpt2", "pre", True)
     assert gpt.bias and gpt.tie_embeddings and not gpt.embedding_norm and gpt.dropout == 0.0
+
+
+def test_a_registered_variant_is_selectable_by_config_and_used(monkeypatch):
+    """A new norm is one registration: the config accepts its name and every block builds it."""
+    from torch import nn
+
+    from cramkit.models.layers import NORMS
+
+    class Scale(nn.Module):
+        def __init__(self, width, eps, bias):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x):
+            return x * self.weight
+
+    monkeypatch.setitem(NORMS._items, "scale", Scale)
+    cfg = ModelConfig.from_dict({**get_preset("tiny"), "norm": "scale"})
+    model = build_model(cfg)
+    assert all(isinstance(block.norm1, Scale) and isinstance(block.norm2, Scale) for block in model.layers)
+    assert model(torch.randint(0, cfg.vocab_size, (1, 8))).logits.isfinite().all()
+
+
+def test_none_on_the_command_line_names_the_none_variant():
+    cfg = load_config("demo", ["model.norm=none", "model.init=t-fixup", "model.positions=none"])
+    assert cfg.model.norm == "none" and cfg.model.positions == "none"

@@ -2,8 +2,9 @@
 
 The defaults describe the crammed BERT of Geiping & Goldstein (2023); see ``presets.py`` for the
 other named shapes. Choices that are names (``arch``, ``norm``, ``ffn``, ``positions``,
-``activation``, ``init``, ``document_mask_kernel``) are looked up in registries, so a new variant
-is a registration, not a new branch.
+``activation``, ``init``, ``document_mask_kernel``) are plain strings checked against registries
+(``cramkit.models.layers.NORMS`` and its neighbours), so a new variant is a registration, not a
+new branch or a new type.
 """
 
 from __future__ import annotations
@@ -33,18 +34,18 @@ class ModelConfig(Config):
     norm_position: Literal["pre", "post"] = field(
         "pre", help="'pre': norm inside each residual branch (needs final_norm); 'post': BERT 2018"
     )
-    norm: Literal["layernorm", "rmsnorm", "none"] = field(
+    norm: str = field(
         "layernorm", help="normalisation layer; 'none' for inits that train without it (t-fixup, fixup, rezero)"
     )
     norm_eps: float = field(1e-12, help="epsilon of every norm (BERT 1e-12, GPT-2 1e-5)")
     bias: bool = field(False, help="biases on all linear layers (except the decoder) and on norms")
-    ffn: Literal["gelu", "glu"] = field(
+    ffn: str = field(
         "glu", help="feed-forward: 'gelu' (up, act, down) or 'glu' (gated: act(gate) * value)"
     )
-    activation: Literal["gelu", "gelu_tanh"] = field(
+    activation: str = field(
         "gelu", help="GELU flavour: 'gelu' exact erf (BERT), 'gelu_tanh' tanh approximation (GPT-2)"
     )
-    positions: Literal["learned", "sinusoidal", "rotary", "none"] = field(
+    positions: str = field(
         "sinusoidal",
         help="position information: learned table, scaled sinusoidal (fixed table times a learned "
         "scalar), rotary on queries/keys, or none",
@@ -89,7 +90,7 @@ class ModelConfig(Config):
         help="token id that ends a document ([SEP] for bert data, end-of-document for gpt "
         "data); pretraining fills it from the prepared data when document_mask is on",
     )
-    document_mask_kernel: Literal["auto", "flex", "sdpa"] = field(
+    document_mask_kernel: str = field(
         "auto",
         help="document-mask attention: 'flex' (flex_attention, compiled on CUDA; no attention "
         "dropout; training needs CUDA), 'sdpa' (dense boolean mask, any device), 'auto' (flex "
