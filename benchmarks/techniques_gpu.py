@@ -11,7 +11,7 @@ Run on the GPU machine from the repository root (the shards copied into the git-
 ``.gpu/``); ``--data`` takes either a prepared directory (with ``manifest.json``) or a folder of
 raw ``train-*.txt.xz`` shards, which are prepared first (WordPiece 32768, sequence 128):
 
-    PYTHONPATH=src python benchmarks/techniques_gpu.py --data .gpu/enwiki
+    PYTHONPATH=src python benchmarks/techniques_gpu.py --data .gpu/enwiki-2015
 
 Five runs of 60 s of training each (plus start-up and evaluations, ~75 s of wall time each),
 eager, fit in about 7 minutes on an H100 once the data is prepared (prepared data is cached under
@@ -40,7 +40,7 @@ from cramkit.train.device import release_memory
 from cramkit.utils import append_jsonl, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RAW = "/work/shared/data/pretrain/enwiki-2015"
+DEFAULT_RAW = str(REPO.parent / "shared" / "data" / "pretrain" / "enwiki-2015")
 
 # Options per technique for a ~60 s run of a 16-layer model (a few hundred steps). PLD's gamma is
 # per unit of budget progress: the paper's 0.001/step would barely move theta in so few steps, so
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="", help="prepared dir or folder of raw enwiki shards")
-    ap.add_argument("--budget", default="", help="training budget per run (default 60s; smoke 6steps)")
+    ap.add_argument("--budget", default="", help="training budget per run (default 60s; smoke 8steps)")
     ap.add_argument("--runs", default="baseline,pld,stacking,vcycle,seqwarmup",
                     help="comma-separated subset of runs")
     ap.add_argument("--work", default="", help="scratch folder (default /tmp/cramkit-techniques)")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         torch.set_num_threads(1)
-    source = args.data or (str(REPO / ".gpu" / "enwiki") if (REPO / ".gpu" / "enwiki").is_dir()
+    source = args.data or (str(REPO / ".gpu" / "enwiki-2015") if (REPO / ".gpu" / "enwiki-2015").is_dir()
                            else DEFAULT_RAW)
     data_dir = prepare_data(source, work, args.smoke)
     common = base_overrides(data_dir, work, args)

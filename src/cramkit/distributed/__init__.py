@@ -3,7 +3,8 @@ offloading, and a memory estimate.
 
 The same ``cramkit pretrain`` entry point runs single-process by default and, under ``torchrun``,
 joins the process group that torchrun's environment describes. Order of application (DESIGN.md):
-technique surgery → activation checkpointing → compile → sharding.
+technique surgery → (FP8 conversion →) activation checkpointing → compile → DDP; FSDP2 shards
+before compiling (``fully_shard`` works in place; the compiled wrapper runs the sharded module).
 """
 
 from .config import MemoryConfig, ParallelConfig

@@ -487,7 +487,7 @@ def finetune_demo(run_dir: str | Path, progress: bool = True, **overrides: Any) 
 
     Meant as the last step of ``cramkit pretrain demo`` (well under a minute on 2 CPU cores for
     the tiny preset). Returns ``{"task", "pretrained_accuracy", "random_init_accuracy",
-    "majority_baseline", "seconds", "config"}`` (accuracies 0-1).
+    "majority_baseline", "train_examples", "seconds", "config"}`` (accuracies 0-1).
     """
     from .tasks import load_task
 
