@@ -125,3 +125,20 @@ def progress(budget: Budget, usage: Usage) -> float:
 
 def exhausted(budget: Budget, usage: Usage) -> bool:
     return usage.of(budget.kind) >= budget.limit
+
+
+# Periodic work is due at multiples of a fraction of the budget. Those multiples are rounded
+# floats (3 * 0.1 = 0.30000000000000004 > 6/20), so without a tolerance an evaluation due at
+# step 6 of 20 slipped to step 7, and floor(0.3 / 0.1) = 2 made the same point due again.
+_DUE_TOLERANCE = 1e-9
+
+
+def next_due(progress_now: float, every: float) -> float:
+    """The first multiple of ``every`` after ``progress_now`` (which is itself a due point, or
+    past one, when it is within rounding of a multiple)."""
+    return (math.floor(progress_now / every + _DUE_TOLERANCE) + 1) * every
+
+
+def is_due(progress_now: float, due: float) -> bool:
+    """Whether the point ``due`` (from :func:`next_due`) has been reached, up to rounding."""
+    return progress_now >= due - _DUE_TOLERANCE

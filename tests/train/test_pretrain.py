@@ -599,3 +599,14 @@ def test_training_reads_a_curriculum_in_its_prepared_order(ordering, shuffle, st
     pretrain(tiny_config(data, tmp_path / "runs", "train.budget=3steps", f"data.shuffle={shuffle}", arch="gpt"))
     stored = TokenDataset.open(data).sequences("train")[np.arange(24)].astype(np.int64)
     assert np.array_equal(np.concatenate(seen), stored) == stored_order
+
+
+def test_periodic_evaluation_and_checkpoints_land_on_every_due_step(tiny_mlm_data, tmp_path):
+    """eval_every=0.1 of 20 steps is every 2 steps. The due points are rounded floats (3 * 0.1 >
+    6/20), and evaluations at steps 6, 12 and 14 slipped a step (7, 13, 15) or vanished."""
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=20steps", "train.eval_every=0.1",
+                      "train.checkpoint_every=0.1", "train.keep_checkpoints=20")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    assert [r["step"] for r in _metrics(run, "eval")] == list(range(0, 21, 2))
+    assert [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(run)] == list(range(2, 21, 2))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import random
 import shutil
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..budget import Budget, Clock, Usage, exhausted, progress
+from ..budget import Budget, Clock, Usage, exhausted, next_due, progress
 from ..config import RunConfig, config_from_dict
 from ..configbase import apply_overrides
 from ..data.dataset import TokenDataset
@@ -146,7 +145,7 @@ def _reschedule(state: TrainState, cfg: RunConfig) -> None:
     p = progress(Budget.parse(cfg.train.budget), state.usage)
     for every, attr in ((cfg.train.eval_every, "next_eval"), (cfg.train.checkpoint_every, "next_checkpoint")):
         if every > 0:
-            setattr(state, attr, (math.floor(p / every) + 1) * every)
+            setattr(state, attr, next_due(p, every))
 
 
 def _private_rng(device: torch.device):

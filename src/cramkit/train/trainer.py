@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..budget import Budget, Clock, exhausted, progress
+from ..budget import Budget, Clock, exhausted, is_due, next_due, progress
 from ..distributed.parallel import Parallel
 from ..errors import ConfigError
 from ..objectives import target_index
@@ -277,13 +277,13 @@ class Trainer:
     def _periodic(self) -> None:
         state, cfg = self.state, self.cfg.train
         done = exhausted(self.budget, state.usage)
-        if cfg.eval_every > 0 and state.progress >= state.next_eval and not done:
+        if cfg.eval_every > 0 and is_due(state.progress, state.next_eval) and not done:
             self.run_eval()
-            state.next_eval = (math.floor(state.progress / cfg.eval_every) + 1) * cfg.eval_every
-        if cfg.checkpoint_every > 0 and state.progress >= state.next_checkpoint and not done:
+            state.next_eval = next_due(state.progress, cfg.eval_every)
+        if cfg.checkpoint_every > 0 and is_due(state.progress, state.next_checkpoint) and not done:
             self.nonfinite.settle(state)  # the counts go into the checkpoint; see run_eval
             # Advance first, so the checkpoint records where the next one is due.
-            state.next_checkpoint = (math.floor(state.progress / cfg.checkpoint_every) + 1) * cfg.checkpoint_every
+            state.next_checkpoint = next_due(state.progress, cfg.checkpoint_every)
             with self.clock.paused():
                 self.checkpoint(state)
 
