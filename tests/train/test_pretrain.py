@@ -257,8 +257,9 @@ def test_resume_from_an_older_checkpoint_drops_the_abandoned_timeline(tiny_mlm_d
     run = tmp_path / "run"
     newest = ckpt.list_checkpoints(run)[-1] / "model.safetensors"
     newest.write_bytes(b"damaged")
-    pretrain(resume_config(run, ["train.budget=6steps", "train.keep_checkpoints=1"]), run_dir=run,
-             resume=True, say=lambda *_: None)
+    with pytest.warns(UserWarning, match="dropping .* records after step 4"):
+        pretrain(resume_config(run, ["train.budget=6steps", "train.keep_checkpoints=1"]), run_dir=run,
+                 resume=True, say=lambda *_: None)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000006"]
     assert ckpt.verify(ckpt.list_checkpoints(run)[0]) is None
 
@@ -610,3 +611,21 @@ def test_periodic_evaluation_and_checkpoints_land_on_every_due_step(tiny_mlm_dat
     run = tmp_path / "run"
     assert [r["step"] for r in _metrics(run, "eval")] == list(range(0, 21, 2))
     assert [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(run)] == list(range(2, 21, 2))
+
+
+def test_a_resume_from_an_earlier_checkpoint_rewinds_the_log_to_it(tiny_mlm_data, tmp_path):
+    """A run killed after its last checkpoint (or whose newest checkpoint is damaged) resumes from
+    an earlier step; the records it logged past that step were kept, so the resumed log held steps
+    5-8 twice and report/plots read a non-monotonic history."""
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.5",
+                      "train.eval_every=0.25")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    first = _metrics(run, "train")
+    (ckpt.list_checkpoints(run)[-1] / "model.safetensors").write_bytes(b"damaged")  # back to step 4
+    with pytest.warns(UserWarning, match="dropping .* records after step 4"):
+        pretrain(resume_config(run, []), run_dir=run, resume=True, say=lambda *_: None)
+    train = _metrics(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["loss"] for r in train] == [r["loss"] for r in first]  # the same run, replayed
+    assert [r["step"] for r in _metrics(run, "eval")] == [0, 2, 4, 6, 8]

@@ -481,7 +481,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         with atomic_path(run_dir / "tokenizer.json") as tmp:
             shutil.copyfile(dataset.tokenizer_path, tmp)
         write_json(run_dir / "data_manifest.json", dataset.manifest)
-    log = RunLog(run_dir, tensorboard=cfg.train.tensorboard) if par.is_main else None
+    log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, resume_step=state.step if saved else None) \
+        if par.is_main else None
     bar = Progress(cfg.train.progress_bar and par.is_main, cfg.recipe or "pretrain")
     # Whatever ends the run (an error, ^C, the budget), the loader's thread, the log's files and
     # the bar are closed here; each close is idempotent, so the normal path may close them

@@ -13,13 +13,23 @@ from typing import Any
 
 import torch
 
+from ..utils import atomic_path
+
 
 class RunLog:
-    """Appends metric records to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends metric records to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    ``resume_step``: the step of the checkpoint a resumed run continues from. Records of later
+    steps belong to the timeline the resume abandons (a run killed after its last checkpoint, or
+    one whose newest checkpoint was damaged); they are dropped, so that the log holds each step
+    once and ``cramkit report`` reads the run that the checkpoints hold.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         _drop_partial_last_line(self.path)
+        if resume_step is not None:
+            _drop_records_after(self.path, resume_step)
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -62,6 +72,26 @@ def _drop_partial_last_line(path: Path) -> None:
                   stacklevel=3)
     with path.open("r+b") as f:
         f.truncate(keep)
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    def later(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError):  # not a record of ours: not ours to drop
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not later(line)]
+    if len(kept) == len(lines):
+        return
+    warnings.warn(f"{path}: dropping {len(lines) - len(kept)} records after step {step}, the checkpoint "
+                  "this run resumes from (they were logged by the part of the run that it repeats)",
+                  stacklevel=3)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 class Progress:
