@@ -19,6 +19,10 @@ from cramkit.cli import main
         (["pretrain"], "name a recipe"),
         (["pretrain", "--resume", "/nonexistent/run"], "not a cramkit run directory"),
         (["show-config", "demo", "model.layers=two"], "model.layers: expected an integer"),
+        (["show-config", "demo", "budget=1.5steps"], "not a whole number of steps"),
+        (["evaluate", "runs/none", "--data", "glue", "--tasks", ","], "--tasks names no task"),
+        (["pretrain", "demo", "train.device=cpu", "model.document_mask=true", "model.document_mask_kernel=flex"],
+         "document_mask_kernel=flex trains only on CUDA"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(argv, message, capsys):
@@ -148,3 +152,29 @@ def test_sequences_longer_than_the_position_table_are_refused_before_the_run_sta
     assert captured.err == (f"error: the sequences in {tiny_mlm_data} are 32 tokens long, but model.max_positions "
                             "is 16; set model.max_positions=32 or prepare data with a shorter seq_len\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_cannot_rename_the_run(tiny_mlm_data, tmp_path, capsys):
+    from train.helpers import tiny_config
+
+    from cramkit.train.run import pretrain
+
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    before = (tmp_path / "run" / "config.json").read_text()
+    assert main(["pretrain", "--resume", str(tmp_path / "run"), "budget=4steps", "name=other"]) == 2
+    assert "name cannot change on resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_a_stopped_run_exits_130(monkeypatch, capsys):
+    """^C ends a pretraining run cleanly (checkpoint, evaluation, summary) but unfinished: 130,
+    as everywhere else in cramkit, so that a script can tell it from a finished run."""
+
+    summary = {"run_dir": "r", "stop_reason": "signal", "steps": 3, "tokens": 96, "train_seconds": 1.0,
+               "paused_seconds": 0.0, "first_train_loss": 7.0, "last_train_loss": 6.0,
+               "initial_val_loss": 7.1, "final_val_loss": 6.1, "tokens_per_s": 96.0, "mfu": 0.1}
+    monkeypatch.setattr("cramkit.train.run.pretrain", lambda cfg: dict(summary))
+    assert main(["pretrain", "demo", "finetune_demo=false"]) == 130
+    summary["stop_reason"] = "budget"
+    assert main(["pretrain", "demo", "finetune_demo=false"]) == 0
+    assert "validation loss: start 7.1000  end 6.1000" in capsys.readouterr().out

@@ -172,7 +172,8 @@ def test_run_dir_without_finished_checkpoint(tmp_path, tiny_run):
     shutil.copytree(tiny_run, run)
     for ckpt in (run / "checkpoints").iterdir():
         (ckpt / "meta.json").unlink()  # an interrupted write: no meta.json
-    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+    with pytest.raises(CheckpointError, match="no intact checkpoint"), \
+            pytest.warns(UserWarning, match="skipping checkpoint step-00000001: meta.json is missing"):
         load_backbone(run)
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(CheckpointError, match="has no checkpoints"):
@@ -393,7 +394,8 @@ def test_damaged_checkpoint_meta_and_data_manifest_are_checkpoint_errors(tmp_pat
     meta = next((run / "checkpoints").iterdir()) / "meta.json"
     good = json.loads(meta.read_text())
     meta.write_bytes(b"\xff\xfe\x00")  # not UTF-8: a damaged checkpoint, skipped
-    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+    with pytest.raises(CheckpointError, match="no intact checkpoint"), \
+            pytest.warns(UserWarning, match="meta.json is unreadable"):
         load_backbone(run)
     meta.write_text(json.dumps({**good, "model_config": [1]}))  # the files still verify
     with pytest.raises(CheckpointError, match=r"meta.json: model_config: expected a table of options"):

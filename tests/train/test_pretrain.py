@@ -17,6 +17,12 @@ from cramkit.train.run import pretrain, resume_config
 from .helpers import interrupted_copy, poison_training_loss, signal_at, tiny_config
 
 
+def assert_warned(caught, *parts: str) -> None:
+    """Each of ``parts`` is in one of the warnings ``caught`` (and nothing else was warned)."""
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == len(parts) and all(any(p in m for m in messages) for p in parts), messages
+
+
 def _weights(run_dir):
     return load_file(str(ckpt.latest_checkpoint(run_dir) / "model.safetensors"))
 
@@ -70,6 +76,10 @@ def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_resumes(tiny_ml
         summary = pretrain(tiny_config(tiny_mlm_data, tmp_path, *common, name="cut"), say=lambda *_: None)
     assert summary["stop_reason"] == "signal" and summary["steps"] == 4
     assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-00000004"
+    # The final validation loss is the stopped model's (it was step 0's: no evaluation since).
+    evals = _metrics(tmp_path / "cut", "eval")
+    assert [r["step"] for r in evals] == [0, 4] and summary["final_val_loss"] == evals[-1]["val_loss"]
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
     assert signal.getsignal(sig) is before  # the trainer's handler is gone after the run
     pretrain(resume_config(tmp_path / "cut", []), run_dir=tmp_path / "cut", resume=True, say=lambda *_: None)
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
@@ -188,7 +198,10 @@ def test_truncated_checkpoint_falls_back_to_previous(tiny_mlm_data, tmp_path):
     messages = []
     assert ckpt.latest_checkpoint(run, warn=messages.append) == kept[-2]
     assert "truncated" in messages[0] and "falling back" in messages[0]
-    summary = pretrain(resume_config(run, ["train.budget=10steps"]), run_dir=run, resume=True, say=messages.append)
+    with pytest.warns(UserWarning) as caught:
+        summary = pretrain(resume_config(run, ["train.budget=10steps"]), run_dir=run, resume=True,
+                           say=messages.append)
+    assert_warned(caught, "skipping checkpoint step-00000008: model.safetensors", "dropping 3 records after step 6")
     assert summary["steps"] == 10
 
 
@@ -236,9 +249,12 @@ def test_a_crash_leaves_the_last_periodic_checkpoint(tiny_mlm_data, tmp_path, mo
     # Nothing was written after the failure: the step-4 checkpoint is the newest and intact.
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-00000004"]
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    summary = pretrain(resume_config(tmp_path / "run", []), run_dir=tmp_path / "run", resume=True,
-                       say=lambda *_: None)
+    with pytest.warns(UserWarning) as caught:  # step 5 was logged after the step-4 checkpoint
+        summary = pretrain(resume_config(tmp_path / "run", []), run_dir=tmp_path / "run", resume=True,
+                           say=lambda *_: None)
+    assert_warned(caught, "dropping 1 record after step 4")
     assert summary["steps"] == 8
+    assert [r["step"] for r in _metrics(tmp_path / "run", "train")] == list(range(1, 9))
 
 
 def test_failed_resume_leaves_the_config_unchanged(tiny_mlm_data, tmp_path):
@@ -257,9 +273,10 @@ def test_resume_from_an_older_checkpoint_drops_the_abandoned_timeline(tiny_mlm_d
     run = tmp_path / "run"
     newest = ckpt.list_checkpoints(run)[-1] / "model.safetensors"
     newest.write_bytes(b"damaged")
-    with pytest.warns(UserWarning, match="dropping .* records after step 4"):
+    with pytest.warns(UserWarning) as caught:
         pretrain(resume_config(run, ["train.budget=6steps", "train.keep_checkpoints=1"]), run_dir=run,
                  resume=True, say=lambda *_: None)
+    assert_warned(caught, "skipping checkpoint step-00000008", "dropping 5 records after step 4")
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000006"]
     assert ckpt.verify(ckpt.list_checkpoints(run)[0]) is None
 
@@ -623,9 +640,19 @@ def test_a_resume_from_an_earlier_checkpoint_rewinds_the_log_to_it(tiny_mlm_data
     run = tmp_path / "run"
     first = _metrics(run, "train")
     (ckpt.list_checkpoints(run)[-1] / "model.safetensors").write_bytes(b"damaged")  # back to step 4
-    with pytest.warns(UserWarning, match="dropping .* records after step 4"):
+    with pytest.warns(UserWarning) as caught:
         pretrain(resume_config(run, []), run_dir=run, resume=True, say=lambda *_: None)
+    assert_warned(caught, "skipping checkpoint step-00000008", "dropping 6 records after step 4")
     train = _metrics(run, "train")
     assert [r["step"] for r in train] == list(range(1, 9))
     assert [r["loss"] for r in train] == [r["loss"] for r in first]  # the same run, replayed
     assert [r["step"] for r in _metrics(run, "eval")] == [0, 2, 4, 6, 8]
+
+
+def test_an_mfu_above_100_percent_warns_once_that_the_peak_is_too_low(tiny_mlm_data, tmp_path):
+    """On a busy CPU the start-up peak can come out several times too low (a run printed MFU
+    235 %); such a figure must not pass silently."""
+    with pytest.warns(UserWarning) as caught:
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.peak_tflops=1e-9"), say=lambda *_: None)
+    assert_warned(caught, "understates this device")
+    assert all(r["mfu"] > 1 for r in _metrics(tmp_path / "run", "train"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,13 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(run_dir: Path, warn=print) -> Path:
-    """The newest intact checkpoint; broken newer ones are reported through ``warn``."""
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def latest_checkpoint(run_dir: Path, warn=_warn) -> Path:
+    """The newest intact checkpoint; broken newer ones are reported through ``warn`` (a Python
+    warning by default: the command line prints it as ``warning: ...`` on stderr)."""
     candidates = list_checkpoints(run_dir)
     if not candidates:
         raise CheckpointError(f"{run_dir} has no checkpoints (was the run started with cramkit pretrain?)")
@@ -116,7 +122,7 @@ def latest_checkpoint(run_dir: Path, warn=print) -> Path:
         problem = verify(path)
         if problem is None:
             return path
-        warn(f"warning: skipping checkpoint {path.name}: {problem}; falling back to the previous one")
+        warn(f"skipping checkpoint {path.name}: {problem}; falling back to the previous one")
     raise CheckpointError(f"{run_dir} has no intact checkpoint (all {len(candidates)} are damaged)")
 
 

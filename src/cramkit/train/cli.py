@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("recipe", nargs="?", help="recipe name or path (see `cramkit recipes`)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
     p.set_defaults(func=run_pretrain)
 
@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
                        description="Print RECIPE's resolved run config as JSON, with key=value overrides "
                                    "applied (the keys are listed in `cramkit pretrain --help`).")
     s.add_argument("recipe", help="recipe name or path (see `cramkit recipes`)")
-    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.budget=2h model.layers=4")
+    s.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. train.budget=2h model.layers=4")
     s.set_defaults(func=run_show_config)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
@@ -107,8 +107,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     # with rank 0 if it failed or outlasted the group's timeout.
     leave_process_group(clean=True)
     finished = summary.get("stop_reason") == "budget"
+    # A stop signal ends the run cleanly (checkpoint, final evaluation, summary), but it did not
+    # finish: 130, as for ^C anywhere else in cramkit, so that scripts can tell.
+    status = 0 if finished else 130
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0 if finished else 1
+        return status
     _print_summary(summary)
     if cfg.finetune_demo and finished:
         from ..eval.finetune import finetune_demo
@@ -118,7 +121,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"BBC News topic accuracy (median of 3 fine-tunes on {r['train_examples']} articles, {r['seconds']:.0f} s): "
               f"pretrained {r['pretrained_accuracy']:.1%}, random init {r['random_init_accuracy']:.1%}, "
               f"majority class {r['majority_baseline']:.1%}")
-    return 0 if finished else 1
+    return status
 
 
 def _print_summary(s: dict) -> None:

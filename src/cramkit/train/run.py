@@ -332,6 +332,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         say = lambda *_: None  # noqa: E731
     device = par.device
     precision = resolve_precision(cfg.train.precision, device)
+    if cfg.model.document_mask and cfg.model.document_mask_kernel == "flex" and device.type != "cuda":
+        raise ConfigError(f"model.document_mask_kernel=flex trains only on CUDA (flex_attention has no "
+                          f"backward on {device.type}); use document_mask_kernel=auto or sdpa here")
     data_dir = _shared_data(cfg, par, say)
     dataset = TokenDataset.open(data_dir)
     dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
@@ -342,7 +345,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
     if resume:
         _check_same_data(run_dir, dataset, data_dir)
-    resume_from = ckpt.latest_checkpoint(run_dir, warn=say) if resume else None
+    # Rank 0 alone reports a damaged checkpoint (every rank looks for the newest intact one).
+    resume_from = ckpt.latest_checkpoint(run_dir, **({} if par.is_main else {"warn": lambda _: None})) \
+        if resume else None
     saved = ckpt.load_state(resume_from) if resume_from else None
     if saved:  # before the model is built and the run is announced (checked again on the clock below)
         _check_budget_left(cfg, Usage(**saved["counters"]["usage"]), run_dir)
@@ -420,8 +425,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                                device_type=device.type)
     if device.type == "cuda":
         advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9)
-        if advice:
-            say(f"warning: {advice}")
+        if advice and par.is_main:
+            warnings.warn(advice, stacklevel=2)
 
     def warm_up(compiled: torch.nn.Module) -> None:
         # Dropout in the warm-up pass must not consume the RNG that resume restored.
@@ -558,7 +563,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         with trainer.clock.paused():
             save(trainer.state)
         loader.close()
-        val_loss = trainer.run_eval() if trainer.stop_reason == "budget" else trainer.state.extra.get("val_loss")
+        # Also after a stop signal: the checkpoint is written, and the summary's final loss must be
+        # the model's, not the last periodic evaluation's (for a run stopped early, step 0's).
+        val_loss = trainer.run_eval()
         kwh = energy_so_far()
         summary = None
         if par.is_main:
@@ -640,6 +647,10 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
+    fixed = [o.partition("=")[0] for o in overrides if o.partition("=")[0].strip() in ("name", "out_dir")]
+    if fixed:  # the run directory is where it is; a new name would only mislabel its config.json
+        raise ConfigError(f"{fixed[0]} cannot change on resume ({run_dir} is the run); copy the directory "
+                          "to continue it under another name")
     saved = read_json(path, CheckpointError)
     try:  # the file alone first, so that a damaged or edited one is named as the culprit
         config_from_dict(saved)

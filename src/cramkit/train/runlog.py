@@ -87,7 +87,8 @@ def _drop_records_after(path: Path, step: int) -> None:
     kept = [line for line in lines if not later(line)]
     if len(kept) == len(lines):
         return
-    warnings.warn(f"{path}: dropping {len(lines) - len(kept)} records after step {step}, the checkpoint "
+    dropped = len(lines) - len(kept)
+    warnings.warn(f"{path}: dropping {dropped} record{'s' * (dropped != 1)} after step {step}, the checkpoint "
                   "this run resumes from (they were logged by the part of the run that it repeats)",
                   stacklevel=3)
     with atomic_path(path) as tmp:

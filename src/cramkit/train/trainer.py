@@ -78,6 +78,7 @@ class Trainer:
         self.optimizer_factory = optimizer_factory
         self.flops_per_token_fn = flops_per_token
         self.peak_flops = peak_flops
+        self._mfu_warned = False
         self.prepare_model = prepare_model
         self.par = parallel or Parallel()
         self.offload = offload or contextlib.nullcontext
@@ -314,6 +315,12 @@ class Trainer:
         now = self.clock.elapsed
         tps = window_tokens / max(now - window_start, 1e-9)
         mfu = fpt * tps / self.peak_flops if self.peak_flops > 0 else 0.0
+        if mfu > 1 and not self._mfu_warned and self.par.is_main:
+            self._mfu_warned = True
+            warnings.warn(f"MFU {mfu:.0%}: the peak of {self.peak_flops / 1e12:.3g} TFLOP/s understates this "
+                          "device (measured at start-up while it was busy, most likely, or set too low); "
+                          "every MFU of this run is too high by the same factor. Set train.peak_tflops to "
+                          "the device's peak", stacklevel=2)
         record = {
             # The time the step's budget decision was taken on (agreed across ranks), not a later
             # clock read: a record at or past the budget is then always the run's last.
