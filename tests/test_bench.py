@@ -70,6 +70,7 @@ def test_bad_bench_targets_are_config_errors(spec, message):
     (["--batch", "0"], "--batch must be >= 1, got 0"),  # was a ZeroDivisionError
     (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
     (["--doc-len", "nan"], "--doc-len must be a finite number >= 0, got nan"),  # was ignored
+    (["--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),  # each target failed alone
     (["--device", "tpu"], "device 'tpu' is not understood; use auto, cpu, cuda or cuda:N"),  # a RuntimeError
     (["--device", "cuda:x"], "device 'cuda:x' is not understood; use auto, cpu, cuda or cuda:N"),
 ])

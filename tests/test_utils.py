@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from cramkit.utils import atomic_dir, atomic_path, write_json
 
@@ -71,3 +72,22 @@ def test_atomic_dir_restores_the_old_version_when_the_final_rename_fails(tmp_pat
     monkeypatch.undo()
     assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "old"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_files_written_into_an_atomic_dir_get_the_umasks_permissions(tmp_path):
+    """safetensors writes its file 0600: checkpoints and exports were unreadable to the group."""
+    import os
+
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "note.txt").write_text("x")
+            (tmp / "sub" / "note.txt").chmod(0o600)
+    finally:
+        os.umask(umask)
+    for name in ("model.safetensors", "sub/note.txt"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name

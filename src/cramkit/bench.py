@@ -305,6 +305,9 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     if not (math.isfinite(args.doc_len) and args.doc_len >= 0):
         raise ConfigError(f"--doc-len must be a finite number >= 0, got {args.doc_len}")
+    # A flag that every target reads is the user's mistake, not one target's failure.
+    if not 0 < args.mask_rate <= 1:
+        raise ConfigError(f"--mask-rate must be in (0, 1], got {args.mask_rate}")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     peak = measure_peak_flops(device, precision)

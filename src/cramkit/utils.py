@@ -53,6 +53,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _umask_modes(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
             path.rename(old)
@@ -68,6 +69,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    # Files get the umask's permissions, as any file the user writes would: safetensors' save_file
+    # (checkpoints, exports) creates its file 0600, which left a run's weights unreadable to the
+    # group that can read everything else in it.
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~umask)
 
 
 def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:

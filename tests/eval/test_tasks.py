@@ -141,6 +141,17 @@ def test_missing_column_names_file_and_line(tmp_path):
         file_task(train, text_column="text")
 
 
+@pytest.mark.parametrize(("row", "message"), [("some text\t", "train.tsv:4: empty label in column 'label'"),
+                                            ("some text", "train.tsv:4: missing column 'label'")])
+def test_an_inferred_label_set_refuses_empty_and_missing_labels(tmp_path, row, message):
+    """With the labels read off the training file, an empty one became a class of its own (and a
+    short row's missing one the class 'None'); with --labels given it was refused. Both are errors."""
+    (tmp_path / "train.tsv").write_text(f"sentence\tlabel\ngood\t1\nbad\t0\n{row}\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    with pytest.raises(DataError, match=message):
+        file_task(tmp_path / "train.tsv")
+
+
 def test_label_outside_label_set_names_file_and_line(tmp_path, glue_dir):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\nodd\t7\n")

@@ -88,7 +88,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     write_json(out, result)
     init = result["init"]
     print(
-        f"{task.spec.name} ({init} init, median of {len(cfg.seeds)} seeds, "
+        f"{task.spec.name} ({init} init, "
+        f"{f'median of {len(cfg.seeds)} seeds' if len(cfg.seeds) > 1 else f'seed {cfg.seeds[0]}'}, "
         f"{result['parameters']['trainable']:,} trainable parameters):"
     )
     for entry, metrics in result["metrics"].items():
@@ -104,7 +105,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _finetune_config(args.overrides)
     runner = get_suite(args.suite)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    tasks = None
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:  # an empty list would run, and overwrite, the whole suite's report
+            raise ConfigError("--tasks names no task; give a comma-separated list, or leave it out for all")
     report = runner(args.run_dir, args.data, tasks=tasks, cfg=cfg, random_init=args.random_init)
     print(render_markdown(report))
     print(f"written: {report['paths']['markdown']} and {report['paths']['json']}")
@@ -160,7 +165,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--regression", action="store_true", help="file tasks: numeric target")
     p.add_argument("--metrics", default=None, help="file tasks: comma-separated metric names")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fine-tuning options")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning options")
     p.set_defaults(func=cmd_finetune)
     _accept_late_overrides(p)
 
@@ -182,7 +187,7 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="start from random weights of the same shape (no-pretraining control)",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fine-tuning options")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning options")
     p.set_defaults(func=cmd_evaluate)
     _accept_late_overrides(p)
 

@@ -19,7 +19,7 @@ from ..errors import DataError
 from ..utils import atomic_path, write_json
 from .finetune import Backbone, FinetuneConfig, finetune, finetune_save_dir, load_backbone
 from .metrics import EXCLUDED_FROM_AVERAGE, glue_average, to_percent
-from .tasks import TaskSpec, get_task, glue_available, glue_tasks, load_task
+from .tasks import TaskSpec, get_task, glue_available, glue_missing, glue_tasks, load_task
 
 Log = Callable[[str], None]
 
@@ -48,14 +48,14 @@ def select_glue_tasks(
             if not glue_available(spec, data_dir):
                 found = [s.name for s in all_glue if glue_available(s, data_dir)]
                 raise DataError(
-                    f"task '{spec.name}': train/dev files not found under {data_dir}/"
+                    f"task '{spec.name}': no {'/'.join(glue_missing(spec, data_dir))} file under {data_dir}/"
                     f"{spec.glue_dir}; available there: {', '.join(found) or 'none'}"
                 )
             chosen.append(spec)
         return chosen, {}
     chosen = [s for s in all_glue if glue_available(s, data_dir)]
     skipped = {
-        s.name: f"train/dev files not in {data_dir / (s.glue_dir or s.name)}"
+        s.name: f"no {'/'.join(glue_missing(s, data_dir))} file in {data_dir / (s.glue_dir or s.name)}"
         for s in all_glue
         if s not in chosen
     }

@@ -473,11 +473,16 @@ def _load_glue_folder(spec: TaskSpec, folder: Path) -> TaskData:
     return TaskData(spec, read_examples(train_path, spec), evals)
 
 
-def glue_available(spec: TaskSpec, data_dir: str | Path) -> bool:
-    """Whether ``data_dir`` has both the train and every evaluation split of ``spec``."""
+def glue_missing(spec: TaskSpec, data_dir: str | Path) -> list[str]:
+    """The split files of ``spec`` (train, then each evaluation split) that ``data_dir`` lacks."""
     folder = Path(data_dir) / (spec.glue_dir or spec.name)
     stems = [spec.train_stem] + [stem for _, stem in spec.eval_splits]
-    return all(find_split(folder, stem) is not None for stem in stems)
+    return [stem for stem in stems if find_split(folder, stem) is None]
+
+
+def glue_available(spec: TaskSpec, data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` has both the train and every evaluation split of ``spec``."""
+    return not glue_missing(spec, data_dir)
 
 
 def load_glue_hf(spec: TaskSpec) -> TaskData:
@@ -594,9 +599,12 @@ def file_task(
     if not is_regression and spec.labels is None:
         seen = set()
         for lineno, row in iter_rows(train):
-            if label_column not in row:
+            if row.get(label_column) is None:  # absent, or a short row's missing field
                 raise _column_error(train, lineno, label_column, row)
-            seen.add(str(row[label_column]).strip())
+            label = str(row[label_column]).strip()
+            if not label:  # it would become a class of its own
+                raise DataError(f"{train}:{lineno}: empty label in column '{label_column}'")
+            seen.add(label)
         if len(seen) < 2:
             raise DataError(f"{train}: fewer than two distinct labels in column '{label_column}'")
         spec = dataclasses.replace(spec, labels=tuple(sorted(seen)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..configbase import Config, field
+from ..configbase import Config, did_you_mean, field
 from ..errors import ConfigError
 from .registry import ARCHITECTURES, INITS
 
@@ -123,15 +123,21 @@ class ModelConfig(Config):
         from .docmask import DOC_MASK_KERNELS
         from .layers import ACTIVATIONS, FFNS, NORMS, POSITIONS
 
-        ARCHITECTURES.get(self.arch)
+        def known(name: str, registry, *also: str) -> None:
+            value = getattr(self, name)
+            if value not in registry and value not in also:
+                choices = [*also, *registry.names()]
+                raise ConfigError(f"{name}: unknown {registry.kind} {value!r}{did_you_mean(str(value), choices)}; "
+                                  f"choose from {choices}")
+
+        for name, registry in (("arch", ARCHITECTURES), ("init", INITS), ("norm", NORMS), ("ffn", FFNS),
+                               ("positions", POSITIONS), ("activation", ACTIVATIONS)):
+            known(name, registry)
+        known("document_mask_kernel", DOC_MASK_KERNELS, "auto")
         # An init may need architecture options (e.g. no norms): it says so with a ``check``.
         check = getattr(INITS.get(self.init), "check", None)
         if check is not None:
             check(self)
-        NORMS.get(self.norm)
-        FFNS.get(self.ffn)
-        POSITIONS.get(self.positions)
-        ACTIVATIONS.get(self.activation)
         if self.norm_position not in ("pre", "post"):
             raise ConfigError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
         for name in ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_positions"):
@@ -169,8 +175,6 @@ class ModelConfig(Config):
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.init_std <= 0:
             raise ConfigError(f"init_std must be positive, got {self.init_std}")
-        if self.document_mask_kernel != "auto":
-            DOC_MASK_KERNELS.get(self.document_mask_kernel)
         if self.document_boundary_id is not None and not 0 <= self.document_boundary_id < self.vocab_size:
             raise ConfigError(
                 f"document_boundary_id must be a token id in [0, vocab_size={self.vocab_size}), "
