@@ -153,7 +153,8 @@ class Config:
         for key, value in data.items():
             full = f"{path}.{key}" if path else key
             if key not in names:
-                raise ConfigError(f"unknown config key '{full}'{did_you_mean(key, names)}")
+                hint = did_you_mean(key, names) or cls._in_a_section(key, hints, path)
+                raise ConfigError(f"unknown config key '{full}'{hint}")
             kwargs[key] = coerce(value, hints[key], full)
         try:
             obj = cls(**kwargs)
@@ -161,6 +162,16 @@ class Config:
             raise ConfigError(f"{path or cls.__name__}: {exc}") from None
         obj.validate()
         return obj
+
+    @classmethod
+    def _in_a_section(cls, key: str, hints: dict[str, Any], path: str) -> str:
+        # `hidden=32` at the top level: the user meant the section's field, `model.hidden`.
+        homes = [name for name, tp in hints.items()
+                 if isinstance(tp, type) and issubclass(tp, Config) and key in {f.name for f in dataclasses.fields(tp)}]
+        if not homes:
+            return ""
+        prefix = f"{path}." if path else ""
+        return f" (did you mean {' or '.join(repr(prefix + h + '.' + key) for h in homes)}?)"
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict (tuples become lists)."""

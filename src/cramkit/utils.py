@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -145,3 +146,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def accept_late_overrides(parser: argparse.ArgumentParser) -> None:
+    """Let ``key=value`` overrides follow options (``RUN --task t lr=1e-4``, ``pretrain --resume RUN
+    budget=2h``) into ``overrides``.
+
+    Plain argparse binds a ``nargs="*"`` positional once, to the first run of positionals, and
+    rejects any that come after an option.
+    """
+
+    class Parser(type(parser)):
+        def parse_known_args(self, args=None, namespace=None):
+            ns, extras = super().parse_known_args(args, namespace)
+            late = [a for a in extras if "=" in a and not a.startswith("-")]
+            ns.overrides = list(getattr(ns, "overrides", None) or []) + late
+            return ns, [a for a in extras if a not in late]
+
+    parser.__class__ = Parser

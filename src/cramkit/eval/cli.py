@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..configbase import apply_overrides
 from ..errors import ConfigError
-from ..utils import write_json
+from ..utils import accept_late_overrides, write_json
 
 
 def _config_epilog() -> str:
@@ -32,23 +32,6 @@ def _finetune_config(overrides: list[str]):
     if bad:
         raise ConfigError(f"unexpected argument '{bad[0]}' (options are key=value overrides)")
     return FinetuneConfig.from_dict(apply_overrides({}, overrides), path="finetune")
-
-
-def _accept_late_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let ``key=value`` overrides follow options (``RUN --task t lr=1e-4``).
-
-    Plain argparse binds a ``nargs="*"`` positional once, to the first run of positionals, and
-    rejects any that come after an option.
-    """
-
-    class Parser(type(parser)):
-        def parse_known_args(self, args=None, namespace=None):
-            ns, extras = super().parse_known_args(args, namespace)
-            late = [a for a in extras if "=" in a and not a.startswith("-")]
-            ns.overrides = list(getattr(ns, "overrides", None) or []) + late
-            return ns, [a for a in extras if a not in late]
-
-    parser.__class__ = Parser
 
 
 def _comma_list(text: str | None) -> list[str] | None:
@@ -167,7 +150,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--metrics", default=None, help="file tasks: comma-separated metric names")
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning options")
     p.set_defaults(func=cmd_finetune)
-    _accept_late_overrides(p)
+    accept_late_overrides(p)
 
     p = subparsers.add_parser(
         "evaluate",
@@ -189,7 +172,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning options")
     p.set_defaults(func=cmd_evaluate)
-    _accept_late_overrides(p)
+    accept_late_overrides(p)
 
     p = subparsers.add_parser(
         "export",

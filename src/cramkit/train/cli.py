@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import load_config, recipe_names
+from ..utils import accept_late_overrides
 
 
 def config_help() -> str:
@@ -55,6 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest intact checkpoint")
     p.set_defaults(func=run_pretrain)
+    accept_late_overrides(p)
 
     s = sub.add_parser("show-config", help="print the resolved config of a recipe with overrides",
                        description="Print RECIPE's resolved run config as JSON, with key=value overrides "
