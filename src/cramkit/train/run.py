@@ -445,9 +445,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 compiled.zero_grad(set_to_none=True)
 
     state = made["state"] = TrainState()
+    shuffle = cfg.data.shuffles(dataset.manifest)
+    if saved and cfg.data.shuffle == "auto":  # a resumed run keeps its order (checkpoints from
+        shuffle = bool(saved["loader"].get("shuffle", shuffle))  # before data.shuffle shuffled always)
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
-                         shuffle=cfg.data.shuffles(dataset.manifest), epochs=None, transform=objective,
-                         pin_memory=device.type == "cuda")
+                         shuffle=shuffle, epochs=None, transform=objective, pin_memory=device.type == "cuda")
     clock = Clock()
     if saved:
         state.load_counters(saved["counters"])
