@@ -85,6 +85,21 @@ def test_table_and_json_from_two_real_runs(runs, tmp_path):
     assert "| fast | budget | demo |" in table and "| slow | budget | demo |" in table
     assert f"Target validation loss {report['target_val_loss']:.4f}" in table
     assert "energy kWh" not in table  # no run measured energy (no GPU)
+    assert report["notes"] == [] and "**Note:**" not in table  # one objective, one tokenizer
+
+
+def test_runs_whose_losses_are_not_comparable_say_so(runs, tiny_clm_data, tmp_path):
+    """A masked-LM loss next to a causal-LM one (or over another vocabulary) made a common target
+    and 'time to target' without a word of warning."""
+    from cramkit.train.run import pretrain
+
+    pretrain(tiny_config(tiny_clm_data, tmp_path, "train.budget=4steps", name="gpt", arch="gpt"),
+             say=lambda *_: None)
+    report = write_report([runs / "fast", tmp_path / "gpt"], tmp_path / "report", axes=[])
+    assert len(report["notes"]) == 2
+    assert "different objectives (clm, mlm)" in report["notes"][0]
+    assert "different tokenizers" in report["notes"][1]
+    assert "**Note:** the runs train different objectives" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_a_target_no_run_reaches_and_an_unfinished_run(runs, tmp_path):

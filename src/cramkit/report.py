@@ -103,6 +103,9 @@ class Run:
     summary: dict[str, Any] | None
     train: list[dict[str, Any]]
     evals: list[dict[str, Any]]
+    #: What a validation loss is measured in: ``(objective, tokenizer sha256)`` from the run's copy
+    #: of the data manifest (None for either that it does not record).
+    loss_scale: tuple[str | None, str | None] = (None, None)
 
     @property
     def finished(self) -> bool:
@@ -164,7 +167,9 @@ def load_run(path: str | Path) -> Run:
     config = read_json(path / "config.json", RunError)
     summary = read_json(path / "summary.json", RunError) if (path / "summary.json").is_file() else None
     train, evals = read_metrics(path / "metrics.jsonl")
-    return Run(path.resolve().name, path, config, summary, train, evals)
+    manifest = read_json(path / "data_manifest.json", RunError) if (path / "data_manifest.json").is_file() else {}
+    scale = (manifest.get("objective"), manifest.get("tokenizer_sha256")) if isinstance(manifest, dict) else (None, None)
+    return Run(path.resolve().name, path, config, summary, train, evals, scale)
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -238,7 +243,23 @@ def build_report(runs: Sequence[Run], target: float | None = None) -> dict[str, 
         "target_val_loss": target,
         "target_source": source,
         "runs": [run_row(run, target) for run in runs],
+        "notes": comparability_notes(runs),
     }
+
+
+def comparability_notes(runs: Sequence[Run]) -> list[str]:
+    """Why the runs' losses may not be comparable: a masked-LM loss is not a causal-LM loss, and
+    losses over different vocabularies are in different units."""
+    notes = []
+    objectives = {r.loss_scale[0] for r in runs} - {None}
+    if len(objectives) > 1:
+        notes.append(f"the runs train different objectives ({', '.join(sorted(objectives))}): their "
+                      "validation losses, and the common target, are not comparable")
+    tokenizers = {r.loss_scale[1] for r in runs} - {None}
+    if len(tokenizers) > 1:
+        notes.append("the runs use different tokenizers: a loss per token of one vocabulary is not a "
+                     "loss per token of another")
+    return notes
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -276,7 +297,9 @@ def markdown(report: dict[str, Any]) -> str:
     intro = (f"Target validation loss {target:.4f} ({report['target_source']}); the time, tokens and "
              "FLOPs to reach it are interpolated linearly between evaluations."
              if target is not None else "No run has a validation loss, so there is no target loss.")
-    out = ["# cramkit run comparison", "", intro, "", *lines, ""]
+    out = ["# cramkit run comparison", "", intro, ""]
+    out += [f"**Note:** {note}." for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
+    out += [*lines, ""]
     if report.get("plots"):
         out += ["Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"]), ""]
     if report.get("plots_skipped"):
