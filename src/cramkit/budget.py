@@ -50,10 +50,10 @@ class Budget:
             raise ConfigError(f"budget '{text}' has an unknown unit '{unit}'; use e.g. {_EXAMPLES}")
         if limit <= 0:
             raise ConfigError(f"budget '{text}' must be positive")
-        if kind == "steps" and not limit.is_integer():  # 1.5steps would silently run 2
-            raise ConfigError(f"budget '{text}' is not a whole number of steps")
         if not math.isfinite(limit):  # 1e400steps overflows to inf: a run that never stops
             raise ConfigError(f"budget '{text}' is too large")
+        if kind == "steps" and not limit.is_integer():  # 1.5steps would silently run 2
+            raise ConfigError(f"budget '{text}' is not a whole number of steps")
         return cls(kind, limit)
 
     def __str__(self) -> str:

@@ -33,7 +33,8 @@ class DataSection(Config):
     shuffle: Literal["auto", "on", "off"] = field(
         "auto",
         help="permute training sequences every epoch; auto: on unless the data was prepared with "
-        "ordering=curriculum or ordering=source, whose order training then keeps",
+        "ordering=curriculum or ordering=source, whose order training then keeps (a resumed run "
+        "keeps the order it was checkpointed with)",
     )
 
     def shuffles(self, manifest: dict) -> bool:

@@ -40,6 +40,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+#: A field whose value is a registered name (``model.norm``, ``model.positions``): a string, for
+#: which ``key=none`` means the variant called "none" rather than no value.
+Name = typing.NewType("Name", str)
+
+
 def coerce(value: Any, tp: Any, path: str) -> Any:
     """Convert ``value`` to type ``tp`` or raise a ConfigError that names ``path``."""
     origin = get_origin(tp)
@@ -126,9 +131,11 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return number
-    if tp is str:
+    if tp is Name:
         if value is None:  # `key=none` on the command line parses to None; as a name it is "none"
             return "none"
+        tp = str
+    if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):

@@ -72,12 +72,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _current_umask() -> int:
+    # Read, not set: os.umask(0) and back would leave a moment in which other threads' new files
+    # are world-writable. /proc has it on Linux; elsewhere the set-and-restore is the only way.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _umask_modes(folder: Path) -> None:
     # Files get the umask's permissions, as any file the user writes would: safetensors' save_file
     # (checkpoints, exports) creates its file 0600, which left a run's weights unreadable to the
     # group that can read everything else in it.
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _current_umask()
     for f in folder.rglob("*"):
         if f.is_file() and not f.is_symlink():
             f.chmod(0o666 & ~umask)

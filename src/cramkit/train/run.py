@@ -351,6 +351,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     saved = ckpt.load_state(resume_from) if resume_from else None
     if saved:  # before the model is built and the run is announced (checked again on the clock below)
         _check_budget_left(cfg, Usage(**saved["counters"]["usage"]), run_dir)
+        was = saved["loader"].get("shuffle")
+        if cfg.data.shuffle != "auto" and was is not None and was != (cfg.data.shuffle == "on"):
+            raise ConfigError(f"data.shuffle={cfg.data.shuffle}: {run_dir} was checkpointed "
+                              f"{'with' if was else 'without'} shuffling, and its data position counts in that "
+                              "order; resume with data.shuffle=auto (which keeps it)")
 
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     techniques = build_techniques(cfg.techniques, cfg.technique)
@@ -649,14 +654,15 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
-    fixed = [o.partition("=")[0] for o in overrides if o.partition("=")[0].strip() in ("name", "out_dir")]
-    if fixed:  # the run directory is where it is; a new name would only mislabel its config.json
-        raise ConfigError(f"{fixed[0]} cannot change on resume ({run_dir} is the run); copy the directory "
-                          "to continue it under another name")
     saved = read_json(path, CheckpointError)
     try:  # the file alone first, so that a damaged or edited one is named as the culprit
         config_from_dict(saved)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    for key in ("name", "out_dir"):  # the run directory is where it is: a new name would mislabel it
+        given = apply_overrides({}, [o for o in overrides if o.partition("=")[0].strip() == key]).get(key)
+        if given is not None and str(given) != str(saved.get(key)):
+            raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
+                              "copy the directory to continue it under another name")
     # Not written back here: pretrain() records it once the resume has loaded successfully.
     return config_from_dict(apply_overrides(saved, overrides))

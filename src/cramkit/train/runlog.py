@@ -36,7 +36,9 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                # purge_step: TensorBoard hides the abandoned timeline's events too.
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"),
+                                         purge_step=None if resume_step is None else resume_step + 1)
             except Exception:  # tensorboard is an optional extra
                 self._tb = None
 

@@ -277,7 +277,9 @@ class Trainer:
 
     def _periodic(self) -> None:
         state, cfg = self.state, self.cfg.train
-        done = exhausted(self.budget, state.usage)
+        # A stopping run (budget spent, or a stop signal agreed on) gets its checkpoint and its
+        # evaluation once, from pretrain, after the loop: none here on the same step.
+        done = exhausted(self.budget, state.usage) or self.stop_reason == "signal"
         if cfg.eval_every > 0 and is_due(state.progress, state.next_eval) and not done:
             self.run_eval()
             state.next_eval = next_due(state.progress, cfg.eval_every)
