@@ -705,3 +705,17 @@ def test_a_stop_signal_on_a_due_step_evaluates_and_checkpoints_it_once(tiny_mlm_
     assert summary["steps"] == 4
     assert [r["step"] for r in _metrics(tmp_path / "run", "eval")] == [0, 4]
     assert writes == [4]
+
+
+def test_a_rewinding_resume_rewinds_tensorboard_too(tiny_mlm_data, tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.5",
+                      "train.tensorboard=true")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    (ckpt.list_checkpoints(run)[-1] / "model.safetensors").write_bytes(b"damaged")  # back to step 4
+    with pytest.warns(UserWarning):
+        pretrain(resume_config(run, []), run_dir=run, resume=True, say=lambda *_: None)
+    events = accumulator.EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
