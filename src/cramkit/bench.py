@@ -3,9 +3,10 @@
 ``cramkit bench`` builds each target at the same shape, runs warm-up steps (compilation
 included), then times training steps (forward, backward, AdamW step: fused and timed with CUDA
 events on a GPU, plain and timed by the wall clock on a CPU), and reports tokens/s, model
-TFLOP/s, MFU against a matmul peak measured in the same process, and peak memory. Targets are ``FAMILY:PRESET``: ``cramkit:crammed-bert`` is our model,
-``hf-bert:bert-base`` is ``transformers.BertForMaskedLM`` with that preset's dimensions and
-``hf-gpt2:gpt2-small`` is ``GPT2LMHeadModel``. FLOPs per token use one formula for every target
+TFLOP/s, MFU against a matmul peak measured in the same process, and peak memory. Targets are
+``FAMILY:PRESET``: ``cramkit:crammed-bert`` is our model, ``hf-bert:bert-base`` is
+``transformers.BertForMaskedLM`` with that preset's dimensions and ``hf-gpt2:gpt2-small`` is
+``GPT2LMHeadModel``. FLOPs per token use one formula for every target
 (REFERENCE.md), so the ratio of tokens/s at equal shape is what matters.
 
 A target may carry ``,KEY=VALUE`` overrides: ``batch`` and ``seq_len`` set that target's shape,

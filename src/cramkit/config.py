@@ -37,11 +37,23 @@ class DataSection(Config):
         "keeps the order it was checkpointed with)",
     )
 
-    def shuffles(self, manifest: dict) -> bool:
-        """Whether the training loader permutes sequences, for data prepared as ``manifest`` says."""
-        if self.shuffle != "auto":
-            return self.shuffle == "on"
-        return manifest.get("config", {}).get("ordering", "random") == "random"
+    def shuffles(self, manifest: dict, checkpointed: bool | None = None) -> bool:
+        """Whether the training loader permutes sequences, for data prepared as ``manifest`` says.
+
+        ``checkpointed``: what a resumed run's loader was saved with (None for a new run, or a
+        checkpoint that does not say). ``auto`` keeps it; an explicit ``on``/``off`` that differs
+        is an error, since the data position counts in the saved order.
+        """
+        if self.shuffle == "auto":
+            if checkpointed is not None:
+                return checkpointed
+            return manifest.get("config", {}).get("ordering", "random") == "random"
+        wanted = self.shuffle == "on"
+        if checkpointed is not None and checkpointed != wanted:
+            raise ConfigError(f"data.shuffle={self.shuffle}: this run was checkpointed "
+                              f"{'with' if checkpointed else 'without'} shuffling, and its data position counts "
+                              "in that order; resume with data.shuffle=auto (which keeps it)")
+        return wanted
 
 
 @dataclasses.dataclass

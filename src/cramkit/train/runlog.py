@@ -79,6 +79,7 @@ def _drop_partial_last_line(path: Path) -> None:
 def _drop_records_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
+
     def later(line: str) -> bool:
         try:
             return json.loads(line).get("step", 0) > step
