@@ -53,7 +53,12 @@ def test_overrides_reach_nested_fields_and_presets():
         ("train.batch_size=abc", "train.batch_size: expected an integer"),
         ("train.budget=abc", "budget 'abc' is not understood"),
         ("train.precision=fp8", "not one of"),
-        ("model.heads=5", "heads"),
+        ("model.heads=5", r"^model\.hidden \(\d+\) must be divisible by heads \(5\)"),
+        # A section's own checks name the field with its section, as type errors do.
+        ("model.norm=rms", r"^model\.norm: unknown norm 'rms' \(did you mean 'rmsnorm'\?\)"),
+        ("model.hidden=-1", r"^model\.hidden must be a positive integer"),
+        ("data.prepare.seq_len=3", r"^data\.prepare\.seq_len: 3 is too small"),
+        ("optim.lr=-1", r"^optim\.lr and optim\.muon_lr must be positive"),
         ("schedule.name=cosin", "did you mean 'cosine'"),
         ("techniques=[nope]", "unknown technique 'nope'"),
         ("train.device=gpu", "train.device must be auto, cpu, cuda"),

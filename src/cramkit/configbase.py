@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -144,6 +145,15 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def _under(path: str, message: str, fields: list[str]) -> str:
+    """``message`` from a section's ``validate`` with the section's dotted path in front, so that
+    ``norm: unknown norm`` reads ``model.norm: ...`` (sections are validated without knowing it)."""
+    if not path or message.startswith(path.split(".")[0]):
+        return message
+    first = re.match(r"\w+", message)
+    return f"{path}.{message}" if first and first.group() in fields else f"{path}: {message}"
+
+
 @dataclasses.dataclass
 class Config:
     """Base of every cramkit config: strict ``from_dict``, ``to_dict`` and a ``validate`` hook."""
@@ -167,7 +177,10 @@ class Config:
             obj = cls(**kwargs)
         except TypeError as exc:  # a required field is missing
             raise ConfigError(f"{path or cls.__name__}: {exc}") from None
-        obj.validate()
+        try:
+            obj.validate()
+        except ConfigError as exc:
+            raise ConfigError(_under(path, str(exc), names)) from None
         return obj
 
     @classmethod

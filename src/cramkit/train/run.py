@@ -365,7 +365,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     for t in techniques:
         model = t.on_model(model)
     if resume_from:
-        ckpt.load_weights(model, resume_from)
+        _load_resumed_weights(model, model_cfg, resume_from)
     model.to(device)
     if par.distributed:  # dropout differs between ranks, as it would across one big batch
         torch.manual_seed(cfg.seed + 7919 * par.rank)
@@ -640,6 +640,21 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
         "final_val_loss": val_loss,
         "nonfinite_steps": st.nonfinite_total,
     }
+
+
+def _load_resumed_weights(model: torch.nn.Module, model_cfg, checkpoint: Path) -> None:
+    """Load a checkpoint's weights; when shapes differ, name the ``model.*`` settings that changed
+    (torch's message names a tensor, which tells a user little about which override caused it)."""
+    try:
+        ckpt.load_weights(model, checkpoint)
+    except CheckpointError as exc:
+        saved = read_json(checkpoint / "meta.json", CheckpointError).get("model_config") or {}
+        now = model_cfg.to_dict()
+        changed = [f"model.{k}={now.get(k)} (checkpoint: {v})" for k, v in saved.items() if now.get(k) != v]
+        if not changed:
+            raise
+        raise CheckpointError(f"{exc}; this run changed {', '.join(changed)}: resume without changing "
+                              "the model's shape, or start a new run") from None
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
