@@ -136,6 +136,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shapes differ, e.g. model.hidden changed on resume
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        first = first.rstrip(".")
         raise CheckpointError(f"checkpoint {path} does not match the model: {first}") from None
     tied = {n for n, t in model.state_dict().items() if n in missing and _is_tied(model, n)}
     missing = [m for m in missing if m not in tied]
