@@ -3,11 +3,13 @@
 # an H100 or H200 (with a 15-minute lease, one part per lease; each part works alone on a fresh
 # machine: it re-prepares the data in ~15 s when /tmp was lost).
 #
-#   bash benchmarks/gpu_all.sh 1   # issue 7: 8 optimizers x 3 learning rates on crammed-bert
+#   bash benchmarks/gpu_all.sh 1   # issue 7: the optimizer curves the H100 sweep lacks (ONLY="" for
+#                                  #   the whole 24-run grid: ~16 minutes, two calls)
 #   bash benchmarks/gpu_all.sh 2   # issue 6: techniques vs baseline (5 runs x 60 s)
-#   bash benchmarks/gpu_all.sh 3   # issue 8: switch costs, largest model per switch; issue 5: GLUE control
+#   bash benchmarks/gpu_all.sh 3   # issue 8: tokens/s cost of each memory switch; FP8 vs bf16, compiled
 #   bash benchmarks/gpu_all.sh 4   # issue 9: step profile (syncs, time by kernel class), document-mask cost
 #   bash benchmarks/gpu_all.sh 5   # issue 9: time to quality, bert-original vs crammed-bert, 150 s each
+#   bash benchmarks/gpu_all.sh 6   # issue 8: largest model per switch; issue 5: random-init GLUE control
 #
 # Expects the enwiki shards in .gpu/enwiki-2015 and GLUE in .gpu/glue (copies of
 # ../shared/data/pretrain/enwiki-2015 and ../shared/data/glue), and wheels in .whl/ for the
@@ -23,7 +25,7 @@
 set -uo pipefail
 start=$(date +%s)  # first: the device's 10-minute limit counts from the command's start
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_all.sh 1|2|3|4|5}
+part=${1:?usage: gpu_all.sh 1|2|3|4|5|6}
 SMOKE=${SMOKE:-0}
 [ "$SMOKE" = 1 ] || SMOKE=
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -62,7 +64,10 @@ limit 120 "$PY" -m cramkit prepare "$ENWIKI"/train-*.txt.xz --out "$DATA" --toke
 
 case $part in
 1)
-    # ONLY (optional): a subset, e.g. "muon,sam,lars@3" to complete a sweep a call cut short.
+    # ONLY: grid points, e.g. "muon,sam,lars@3". By default the four best runs whose curves the
+    # H100 sweep did not bring back, and AdamW's best as the anchor that ties this GPU to that
+    # one (records name their device; the report keeps devices apart). ONLY="" runs all 24.
+    ONLY=${ONLY-lion@0.0001,lamb@0.01,sgd@0.1,lars@1,adamw@0.001}
     limit 575 "$PY" benchmarks/optimizers.py --gpu ${SMOKE:+--smoke} --data "$DATA" --out "$WORK/optim" \
         --records "$OUT/optim_records.jsonl" --plot "$OUT/optim_loss_gpu.png" ${ONLY:+--only "$ONLY"} \
         2>&1 | tee "$OUT/optimizers.log" || failed $? optimizers
@@ -73,37 +78,9 @@ case $part in
         || failed $? techniques
     ;;
 3)
-    # Issue 8 in one call (LIMIT seconds, default 585): switch costs alone on the GPU first; then
-    # the random-init GLUE control (issue 5) in the background while the largest-model probes
-    # run. GLUE holds a few GB of GPU memory, so the GPU-only searches may stop one depth step
-    # (2 blocks) earlier than on an idle GPU, and the offload probes' tokens/s share the CPU.
-    lim=${LIMIT:-585}
-    limit $((lim - 10)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts costs --deadline 150 \
+    # Eager probes of each switch, then FP8 and bf16 compiled (torchao from .whl/), one process each.
+    limit 565 "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts costs --deadline 540 \
         2>&1 | tee "$OUT/gpu_scale_costs.log" || failed $? "switch costs"
-    # A 2-step crammed-bert run on this data provides the control's shape and tokenizer.
-    rm -rf "$WORK/runs/shape"
-    glue=
-    if limit 200 "$PY" -m cramkit pretrain crammed-bert "data.dir=$DATA" "out_dir=$WORK/runs" name=shape \
-        train.budget=2steps train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false \
-        ${SMOKE:+model.preset=tiny train.device=cpu train.batch_size=8 train.micro_batch=8 train.eval_batches=1} \
-        > "$OUT/shape.log" 2>&1; then
-        limit $((lim - 5)) "$PY" benchmarks/glue_eval.py "$WORK/runs/shape" --data "$GLUE" \
-            --tasks cola,mrpc,stsb,rte --seeds 1 --inits random --records "$OUT/glue_random.jsonl" progress=false \
-            ${SMOKE:+max_train_examples=16 max_eval_examples=16 epochs=1 batch_size=8} > "$OUT/glue_random.log" 2>&1 &
-        glue=$!
-    else
-        failed $? "the shape run (see shape.log): no GLUE control"
-    fi
-    limit $((lim - 10)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
-        --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 3 )) 2>&1 | tee "$OUT/gpu_scale_largest.log" \
-        || failed $? "largest models without offload"
-    limit $((lim - 5)) "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
-        --largest "optimizer offload,both" --deadline "$(left $((lim - 20)))" 2>&1 | tee -a "$OUT/gpu_scale_largest.log" \
-        || failed $? "largest models with offload"
-    if [ -n "$glue" ]; then
-        wait "$glue" || failed $? "GLUE control (see glue_random.log)"
-        cat "$OUT/glue_random.log"
-    fi
     ;;
 4)
     limit 330 "$PY" benchmarks/profile_step.py ${SMOKE:+--smoke} 2>&1 | tee "$OUT/profile_step.log" \
@@ -127,6 +104,41 @@ case $part in
     for run in crammed original; do
         [ -f "$WORK/runs/$run/metrics.jsonl" ] && cp "$WORK/runs/$run/metrics.jsonl" "$OUT/metrics-$run.jsonl"
     done
+    ;;
+6)
+    # The largest-model searches, with the random-init GLUE control (issue 5) in the background.
+    # GLUE holds a few GB of GPU memory, so a GPU-only search may stop one depth step earlier than
+    # on an idle GPU, and the offload probes' tokens/s share the CPU. LIMIT: the part's seconds.
+    lim=${LIMIT:-565}
+    # A 2-step crammed-bert run on this data provides the control's shape and tokenizer (the
+    # batch does not change either: a small one keeps this run short).
+    rm -rf "$WORK/runs/shape"
+    glue=
+    if limit 120 "$PY" -m cramkit pretrain crammed-bert "data.dir=$DATA" "out_dir=$WORK/runs" name=shape \
+        train.budget=2steps train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false \
+        train.batch_size=64 train.micro_batch=64 train.batch_ramp=0 train.eval_batches=2 \
+        ${SMOKE:+model.preset=tiny train.device=cpu train.batch_size=8 train.micro_batch=8 train.eval_batches=1} \
+        > "$OUT/shape.log" 2>&1; then
+        limit "$lim" "$PY" benchmarks/glue_eval.py "$WORK/runs/shape" --data "$GLUE" \
+            --tasks cola,mrpc,stsb,rte --seeds 1 --inits random --records "$OUT/glue_random.jsonl" progress=false \
+            ${SMOKE:+max_train_examples=16 max_eval_examples=16 epochs=1 batch_size=8} > "$OUT/glue_random.log" 2>&1 &
+        glue=$!
+    else
+        failed $? "the shape run (see shape.log): no GLUE control"
+    fi
+    # Half of what is left for the two GPU-only searches (~4 probes of ~30 s each), the rest for
+    # the offload probes (CPU Adam over billions of parameters: ~1-2 minutes each).
+    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
+        --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 2 )) 2>&1 | tee "$OUT/gpu_scale_largest.log" \
+        || failed $? "largest models without offload"
+    # 137 GB = the H200 machine's 128 GiB (KINDS.md): its MemTotal starts lower and grows on demand.
+    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest --host-gb "${HOST_GB:-137}" \
+        --largest "optimizer offload,both" --deadline "$(left $((lim - 15)))" 2>&1 | tee -a "$OUT/gpu_scale_largest.log" \
+        || failed $? "largest models with offload"
+    if [ -n "$glue" ]; then
+        wait "$glue" || failed $? "GLUE control (see glue_random.log)"
+        cat "$OUT/glue_random.log"
+    fi
     ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac

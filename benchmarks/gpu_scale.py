@@ -6,14 +6,17 @@
     PYTHONPATH=src python benchmarks/gpu_scale.py --smoke            # CPU check of the script
 
 Two tables on one GPU:
-1. tokens/s of crammed-bert (micro-batch 128, sequence 128, bf16, compiled off so that only the
-   switch differs) with: nothing, full and selective activation checkpointing, activation
-   offloading, optimizer offload (FSDP2 CPU offload, one process under torchrun), FP8 (torchao
-   float8 linears, when torchao is installed), and FP8 vs bf16 at hidden 2048;
+1. tokens/s of crammed-bert (micro-batch 128, sequence 128, bf16, eager so that only the switch
+   differs) with: nothing, full and selective activation checkpointing, activation offloading,
+   optimizer offload (FSDP2 CPU offload, a one-rank process group); then FP8 (torchao float8
+   linears, when torchao is installed) against bf16, both compiled (torchao's float8 linears are
+   slower than bf16 without compile, pytorch/ao#685, so an eager comparison would say nothing), at
+   hidden 768 and 2048;
 2. the largest model (parameters) that completes two training steps (micro-batch 128 × 128) with:
    nothing, activation checkpointing (binary search over depth at hidden 4096), optimizer offload,
    both (a few depths, host memory being the bound) — each probe in its own process so an OOM
-   cannot poison the next.
+   cannot poison the next. A search that reaches the end of its list says so (the model may
+   fit deeper); one cut by time says that instead: neither is reported as a size that failed.
 """
 
 from __future__ import annotations
@@ -35,8 +38,15 @@ SWITCHES = {
     "ac-selective-2": ["memory.activation_checkpointing=selective", "memory.checkpoint_every=2"],
     "offload-activations": ["memory.offload_activations=true"],
     "offload-optimizer": ["memory.offload_optimizer=true", "parallel.strategy=fsdp"],
-    "fp8": ["fp8"],
 }
+# (name, hidden, layers, switches, micro-batch): "compile" and "fp8" are the probe's own switches.
+FP8_PAIRS = [
+    ("bf16 compiled", 768, 16, ["compile"], 128),
+    ("fp8 compiled", 768, 16, ["fp8", "compile"], 128),
+    ("bf16 hidden 2048 compiled", 2048, 8, ["compile"], 64),
+    ("fp8 hidden 2048 compiled", 2048, 8, ["fp8", "compile"], 64),
+]
+_OWN = ("fp8", "compile")
 LARGEST = {
     "nothing": [],
     "activation checkpointing": ["memory.activation_checkpointing=full"],
@@ -46,14 +56,18 @@ LARGEST = {
 # The largest-model search varies depth at hidden 4096 (32 heads, GLU FFN: ~168 M parameters per
 # block) with micro-batch 128 × 128 tokens, where activations (~2.3 GB per block in bf16) and
 # training state (16 bytes per parameter, ~2.7 GB per block) are of the same order, so both
-# switches have something to save.
+# switches have something to save. The list reaches past what cramkit's estimate fits on a
+# 141 GB H200 (nothing: ~26 blocks, checkpointing: ~42), so the search ends on a size that failed.
 HIDDEN, LARGEST_MICRO = 4096, 128
-DEPTHS = [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32]
+DEPTHS = [2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 56, 64]
 # With the optimizer on the CPU, each probe costs CPU Adam steps over billions of parameters, so
-# only a few depths are tried, smallest first: offload alone is bounded by the activations left
-# on the GPU (~30 blocks), offload plus checkpointing by host memory (16 bytes per parameter of
-# 128 GB: ~44 blocks).
-OFFLOAD_DEPTHS = {"optimizer offload": [24, 32], "both": [32, 40]}
+# only a few depths are tried, smallest first. Both searches are bounded by host memory (16 bytes
+# per parameter: 88 GB at 32 blocks, 110 GB at 40; the H200 machine has 128 GiB) before the GPU
+# (offload alone: ~100 GB at 40 blocks). A depth whose host state would not fit is not started
+# (see ``--host-gb``): a host out of memory can take more than the probe down with it.
+OFFLOAD_DEPTHS = {"optimizer offload": [32, 40], "both": [40, 48]}
+# Seconds a probe needs at least: none is started with less left (a cut probe measures nothing).
+MIN_START = {"gpu": 30.0, "offload": 120.0}
 
 
 def _probe_config(hidden: int, layers: int, switches: list[str]):
@@ -62,7 +76,7 @@ def _probe_config(hidden: int, layers: int, switches: list[str]):
     return load_config("crammed-bert", [f"model.hidden={hidden}", f"model.layers={layers}",
                                         f"model.heads={max(1, hidden // 128)}", f"model.intermediate={4 * hidden}",
                                         *(["model.vocab_size=512", "train.device=cpu"] if SMOKE else []),
-                                        *[s for s in switches if s != "fp8"]])
+                                        *[s for s in switches if s not in _OWN]])
 
 
 def estimate_gb(hidden: int, layers: int, switches: list[str], micro: int) -> float:
@@ -85,7 +99,7 @@ def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int)
     from cramkit.models import build_model
     from cramkit.models.flops import count_parameters, flops_per_token
 
-    fp8 = "fp8" in switches
+    fp8, compiled = "fp8" in switches, "compile" in switches
     cfg = _probe_config(hidden, layers, switches)
     par = init_parallel(cfg.parallel, cfg.train.device)
     device = par.device
@@ -101,12 +115,16 @@ def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int)
         # min_dim=0: also measure FP8 where the size rule would refuse it (the 768-wide model).
         convert_fp8(model, device, min_dim=0)
     apply_activation_checkpointing(model, cfg.memory)
-    model = shard_model(model, par, cfg.parallel, "bf16", offload)
+    cuda = device.type == "cuda"
+    # bf16 on the GPU. The --smoke check runs in fp32: CPU autocast leaves layer_norm in bf16,
+    # which fails on FSDP's bf16 parameters ("mixed dtype (CPU)"); CUDA autocast runs it in fp32.
+    model = shard_model(model, par, cfg.parallel, "bf16" if cuda else "fp32", offload)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not offload)
+    if compiled:  # the first step compiles; the median below leaves it out
+        model = torch.compile(model)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(5, cfg.model.vocab_size, (micro, 128), generator=gen).to(device)
     labels = torch.where(torch.rand(micro, 128, generator=gen).to(device) < 0.25, tokens, -100)
-    cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -114,7 +132,7 @@ def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int)
     for _ in range(steps):
         sync()
         t0 = time.perf_counter()
-        with offload_context(cfg.memory, device), torch.autocast(device.type, dtype=torch.bfloat16):
+        with offload_context(cfg.memory, device), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(input_ids=tokens, labels=labels).loss
         loss.backward()
         opt.step()
@@ -132,7 +150,7 @@ _PORT = [29533]
 
 
 def run_probe(hidden, layers, switches, micro, steps, timeout=240) -> dict:
-    """``probe`` in a child process (under a one-process torchrun for FSDP), so that an OOM or a
+    """``probe`` in a child process (for FSDP, in a one-rank process group), so that an OOM or a
     host-memory kill ends only that probe; the error comes back as ``{"error": ...}``. Either way
     the result carries cramkit's memory estimate, ``estimate_gb``."""
     return {**_run_probe(hidden, layers, switches, micro, steps, timeout),
@@ -143,16 +161,20 @@ def _run_probe(hidden, layers, switches, micro, steps, timeout) -> dict:
     args = [sys.executable, __file__, "--probe", json.dumps([hidden, layers, switches, micro, steps])]
     if SMOKE:
         args.append("--smoke")
+    env = dict(os.environ)
     if any(s.startswith("parallel.strategy=fsdp") for s in switches):
+        # The variables torchrun would set, without torchrun: its worker runs in a session of its
+        # own, which a timeout here (or the part's `timeout`) would leave running, holding GPU
+        # and pinned host memory. The probe is this process's child, so it is killed with it.
         _PORT[0] += 1  # a fresh rendezvous port per probe: the last one may still be in TIME_WAIT
-        args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
-                str(_PORT[0]), *args[1:]]
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(_PORT[0]), TORCHELASTIC_RUN_ID="gpu-scale-probe")
     if timeout <= 5:
         return {"error": "skipped: out of time"}
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=os.environ)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
+        return {"error": f"timeout after {timeout:.0f} s"}
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("PROBE "):
             return json.loads(line[6:])
@@ -168,11 +190,31 @@ def _run_probe(hidden, layers, switches, micro, steps, timeout) -> dict:
     return {"error": last[0].strip()[-300:]}
 
 
-def _largest_probe(depth: int, switches: list[str], timeout: float) -> dict:
-    """Two training steps of the largest-model shape at ``depth`` (tiny under --smoke)."""
-    r = run_probe(64 if SMOKE else HIDDEN, depth, switches, 4 if SMOKE else LARGEST_MICRO, 2, timeout=timeout)
+def _largest_probe(depth: int, switches: list[str], timeout: float, min_start: float = 0.0) -> dict:
+    """Two training steps of the largest-model shape at ``depth`` (tiny under --smoke); not
+    started with less than ``min_start`` seconds left."""
+    if timeout < min_start and not SMOKE:
+        r = {"error": f"skipped: out of time ({timeout:.0f} s left, {min_start:.0f} s needed)"}
+    else:
+        r = run_probe(64 if SMOKE else HIDDEN, depth, switches, 4 if SMOKE else LARGEST_MICRO, 2, timeout=timeout)
     print("  ", switches, depth, r, flush=True)
     return r
+
+
+def _cut(result: dict) -> bool:
+    """Whether a probe ended for want of time (says nothing about whether the size fits)."""
+    return result.get("error", "").startswith(("skipped", "timeout"))
+
+
+def host_state_gb(depth: int) -> float:
+    """Host memory the offloaded training state of a largest-model probe takes: fp32 parameters,
+    gradients and two Adam moments, 16 bytes per parameter."""
+    from cramkit.models import build_model
+    from cramkit.models.flops import count_parameters
+
+    with torch.device("meta"):
+        model = build_model(_probe_config(64 if SMOKE else HIDDEN, depth, []).model)
+    return 16 * count_parameters(model) / 1e9
 
 
 def _no_report(best: dict | None, depth: int, r: dict) -> None:
@@ -188,9 +230,12 @@ def largest_gpu_only(switches: list[str], remaining, report=_no_report) -> dict 
     lo, hi, best = -1, len(depths), None  # depths[lo] trained, depths[hi] did not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        r = _largest_probe(depths[mid], switches, min(240, remaining()))
+        r = _largest_probe(depths[mid], switches, min(240, remaining()), MIN_START["gpu"])
         if "error" in r:
-            if r["error"].startswith("skipped"):
+            if _cut(r):  # out of time: the search ends here, and hi stays what it was
+                if best is not None:
+                    best["stopped"] = "out of time"
+                report(best, depths[mid], r)
                 break
             hi = mid
             if best is not None:
@@ -199,26 +244,54 @@ def largest_gpu_only(switches: list[str], remaining, report=_no_report) -> dict 
             lo, best = mid, {"hidden": hidden, "layers": depths[mid], **r}
             if hi < len(depths):
                 best["next_failed"] = depths[hi]
+            elif lo == len(depths) - 1:
+                best["stopped"] = "end of the list"
         report(best, depths[mid], r)
     return best
 
 
-def largest_offload(switches: list[str], remaining, depths: list[int], report=_no_report) -> dict | None:
-    """The deepest of ``depths`` that trains, trying them in order until one fails."""
+def largest_offload(switches: list[str], remaining, depths: list[int], report=_no_report,
+                    host_gb: float = float("inf")) -> dict | None:
+    """The deepest of ``depths`` that trains, trying them in order until one fails; a depth whose
+    offloaded state (:func:`host_state_gb`) exceeds 90 % of ``host_gb`` is not started."""
     best = None
-    for depth in depths if not SMOKE else [2]:
-        r = _largest_probe(depth, switches, min(300, remaining()))
+    depths = depths if not SMOKE else [2]
+    for i, depth in enumerate(depths):
+        need = host_state_gb(depth)
+        if need > 0.9 * host_gb:
+            r = {"error": f"not started: host memory (state {need:.0f} GB of {host_gb:.0f} GB)",
+                 "estimate_gb": round(estimate_gb(HIDDEN, depth, switches, LARGEST_MICRO), 2)}
+            print("  ", switches, depth, r, flush=True)
+        else:
+            r = _largest_probe(depth, switches, min(300, remaining()), MIN_START["offload"])
         if "error" in r:
-            if best is not None:
+            if best is not None and _cut(r):
+                best["stopped"] = "out of time"
+            elif best is not None and r["error"].startswith("not started"):
+                best["stopped"] = f"{depth} layers not started: host memory"
+            elif best is not None:
                 best["next_failed"] = depth
             report(best, depth, r)
             break
         best = {"hidden": 64 if SMOKE else HIDDEN, "layers": depth, **r}
+        if i == len(depths) - 1:
+            best["stopped"] = "end of the list"
         report(best, depth, r)
     return best
 
 
 SMOKE = False
+
+
+def _mem_total_gb() -> float:
+    """MemTotal of /proc/meminfo in GB (inf where there is none)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return float("inf")
 
 
 def main() -> None:
@@ -229,6 +302,9 @@ def main() -> None:
                     help=f"comma list of the largest-model searches to run (of: {', '.join(LARGEST)})")
     ap.add_argument("--deadline", type=float, default=560,
                     help="stop starting probes after this many seconds and print what was measured")
+    ap.add_argument("--host-gb", type=float, default=0,
+                    help="host memory in GB for the offload searches (default: MemTotal; give it where the "
+                         "machine's memory grows on demand, as on the H200 machine: 137 = 128 GiB)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script itself")
     args = ap.parse_args()
     global SMOKE
@@ -257,14 +333,14 @@ def main() -> None:
 
     if "costs" in parts:
         cost = results.setdefault("switch_cost", {})
-        plan = [(name, 768, 16, sw, 128) for name, sw in SWITCHES.items()]
-        plan += [("bf16 hidden 2048", 2048, 8, [], 64), ("fp8 hidden 2048", 2048, 8, ["fp8"], 64)]
+        plan = [(name, 768, 16, sw, 128) for name, sw in SWITCHES.items()] + FP8_PAIRS
         for name, hidden, layers, switches, micro in plan:
-            if SMOKE:
+            if SMOKE:  # no FP8 on the CPU, and no compiling in a check of the script
                 if "fp8" in switches:
                     continue
-                hidden, layers, micro = 64, 2, 4
-            cost[name] = run_probe(hidden, layers, switches, micro, 6, timeout=min(240, remaining()))
+                hidden, layers, micro, switches = 64, 2, 4, [s for s in switches if s != "compile"]
+            steps = 8 if "compile" in switches else 6
+            cost[name] = run_probe(hidden, layers, switches, micro, steps, timeout=min(240, remaining()))
             print(name, cost[name], flush=True)
             save()
     if "largest" in parts:
@@ -284,7 +360,8 @@ def main() -> None:
                 save()
 
             if name in OFFLOAD_DEPTHS:
-                largest[name] = largest_offload(switches, remaining, OFFLOAD_DEPTHS[name], report)
+                largest[name] = largest_offload(switches, remaining, OFFLOAD_DEPTHS[name], report,
+                                                host_gb=args.host_gb or _mem_total_gb())
             else:
                 largest[name] = largest_gpu_only(switches, remaining, report)
             save()
@@ -305,8 +382,11 @@ def main() -> None:
               "| GPU peak GB | estimated GB | host peak GB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, r in results["largest"].items():
             if r:
-                print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['hidden']} × {r['layers']} | "
-                      f"{r.get('next_failed', '-')} layers | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.1f} | "
+                # No failed size above it: the true largest is at least this (list end, or time).
+                nxt = f"{r['next_failed']} layers" if "next_failed" in r else f"none ({r.get('stopped', '-')})"
+                size = f"{r['params'] / 1e9:.2f} B" if "next_failed" in r else f"≥ {r['params'] / 1e9:.2f} B"
+                print(f"| {name} | {size} | {r['hidden']} × {r['layers']} | "
+                      f"{nxt} | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.1f} | "
                       f"{r.get('estimate_gb', '-')} | {r.get('host_peak_gb', 0):.1f} |")
             else:
                 print(f"| {name} | none of the sizes tried | | | | | | |")

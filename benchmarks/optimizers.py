@@ -4,8 +4,9 @@ CPU smoke comparison (the tiny BERT on the embedded BBC corpus, minutes on a lap
 
     python benchmarks/optimizers.py --out /tmp/optim-bench
 
-GPU comparison for an H100 (crammed-bert on prepared enwiki shards; 8 optimizers x 3 LRs x 15 s
-of training at batch 256, eager, about 8-9 minutes of wall time in all):
+GPU comparison (crammed-bert on prepared enwiki shards; 8 optimizers x 3 LRs x 15 s of training
+at batch 256, eager; about 40 s of wall time per run on an H100, 16 minutes for the whole grid,
+so more than one 10-minute device call: --only picks grid points):
 
     python benchmarks/optimizers.py --gpu --data PREPARED_ENWIKI_DIR --out /tmp/optim-bench-gpu
 
@@ -65,6 +66,22 @@ def _cpu_data(cache: Path) -> Path:
     return cached_prepare(cfg, cache)
 
 
+_PEAK: list[float] = []
+
+
+def _gpu_peak_tflops() -> float:
+    """This GPU's bf16 matmul rate, measured once per sweep (each run would otherwise measure it)."""
+    if not _PEAK:
+        from cramkit.train.device import measure_peak_flops
+
+        _PEAK.append(round(measure_peak_flops(torch.device("cuda"), "bf16") / 1e12, 1))
+    return _PEAK[0]
+
+
+def _device_name(args) -> str:
+    return torch.cuda.get_device_name() if args.gpu and not args.smoke and torch.cuda.is_available() else "CPU"
+
+
 def _overrides(args, data: Path) -> list[str]:
     common = [f"data.dir={data}", f"out_dir={args.out}", "train.progress_bar=false",
               "train.tensorboard=false", "train.eval_every=0", "finetune_demo=false",
@@ -82,7 +99,7 @@ def _overrides(args, data: Path) -> list[str]:
         return common + [
             "model.preset=crammed-bert", f"train.budget={args.budget or '15s'}",
             "train.batch_size=256", "train.micro_batch=256", "train.batch_ramp=0", "train.compile=false",
-            "train.eval_batches=40", "train.log_every=5", "train.peak_tflops=779",
+            "train.eval_batches=40", "train.log_every=5", f"train.peak_tflops={_gpu_peak_tflops()}",
         ]
     return common + [
         "model.preset=tiny", "model.vocab_size=1024", "model.max_positions=64",
@@ -146,6 +163,8 @@ def run_grid(args) -> list[dict]:
             "tokens": summary.get("tokens"), "train_seconds": summary.get("train_seconds"),
             "wall_seconds": round(time.perf_counter() - start, 1), "curve": curve,
             "stop_reason": summary.get("stop_reason"),
+            # Sweeps finished on another GPU must not be read as one: every record names its own.
+            "device": _device_name(args), "torch": torch.__version__,
         })
         # Saved after every run, so an interrupted sweep still leaves its results.
         append_jsonl(records_path, records[-1])
@@ -159,14 +178,21 @@ def run_grid(args) -> list[dict]:
     return records
 
 
+def _label(r: dict, records: list[dict]) -> str:
+    """The optimizer's name, with its record's device where the records span several devices."""
+    several = len({x.get("device") for x in records}) > 1
+    return f"{r['optimizer']} [{r.get('device') or 'device not recorded'}]" if several else r["optimizer"]
+
+
 def best_per_optimizer(records: list[dict]) -> list[dict]:
-    """Each optimizer's run with the lowest finite final validation loss (or its failure)."""
+    """Each optimizer's run (per device) with the lowest finite final validation loss (or its failure)."""
     best: dict[str, dict] = {}
     for r in records:
         ok = r["val_loss"] is not None and r["val_loss"] == r["val_loss"]
-        current = best.get(r["optimizer"])
+        key = _label(r, records)
+        current = best.get(key)
         if current is None or (ok and (current["val_loss"] is None or r["val_loss"] < current["val_loss"])):
-            best[r["optimizer"]] = r
+            best[key] = r
     return sorted(best.values(), key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
 
 
@@ -175,13 +201,13 @@ def table(records: list[dict]) -> str:
     lines = ["| optimizer | best LR | final val loss | all LRs (val loss) | steps | tokens | train s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for b in best_per_optimizer(records):
-        runs = [r for r in records if r["optimizer"] == b["optimizer"]]
+        runs = [r for r in records if _label(r, records) == _label(b, records)]
         sweep = ", ".join(
             f"{r['lr']:g}: {r['val_loss']:.3f}" if r["val_loss"] is not None else f"{r['lr']:g}: failed"
             for r in runs
         )
         loss = f"{b['val_loss']:.3f}" if b["val_loss"] is not None else "failed"
-        lines.append(f"| {b['optimizer']} | {b['lr_key'].split('.')[-1]}={b['lr']:g} | {loss} | "
+        lines.append(f"| {_label(b, records)} | {b['lr_key'].split('.')[-1]}={b['lr']:g} | {loss} | "
                      f"{sweep} | {b['steps']} | {b['tokens']} | {b['train_seconds']} |")
     return "\n".join(lines)
 
@@ -197,7 +223,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     for b in best_per_optimizer(records):
         if b["curve"]:
             t, loss = zip(*b["curve"])
-            ax.plot(t, loss, label=f"{b['optimizer']} ({b['lr_key'].split('.')[-1]}={b['lr']:g})")
+            ax.plot(t, loss, label=f"{_label(b, records)} ({b['lr_key'].split('.')[-1]}={b['lr']:g})")
     ax.set_xlabel("training time (s, evaluation excluded)")
     ax.set_ylabel("training loss (MLM)")
     ax.set_title(title)
@@ -225,7 +251,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for tiny)")
     parser.add_argument("--report", nargs="*", default=None,
                         help="only print the table and plot from these records.jsonl files")
-    parser.add_argument("--device", default="", help="device name for the table/plot title (with --report)")
+    parser.add_argument("--device", default="", help="with --report: the device of records that do not name one (older records), "
+                             "for the table, plot labels and title")
     parser.add_argument("--plot", default="", help="PNG path (default benchmarks/optim_loss_{cpu,gpu}.png)")
     args = parser.parse_args()
     if args.gpu and not args.data:
@@ -236,11 +263,16 @@ def main() -> None:
     started = time.time()
     if args.report is not None:
         records = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines()]
+        for r in records:  # records from before they named their device: the one --device names
+            r.setdefault("device", args.device or None)
     else:
         records = run_grid(args)
     kind = "gpu" if args.gpu else "cpu"
     # --report on a machine without the GPU that produced the records: name it by --device.
     device = args.device or (torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else "CPU")
+    devices = sorted({r["device"] for r in records if r.get("device")})
+    if len(devices) > 1:  # each row and curve names its own
+        device = " + ".join(devices)
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.time() - started:.0f} s in all\n")
     print(table(records))
