@@ -4,7 +4,8 @@
 # machine: it re-prepares the data in ~15 s when /tmp was lost).
 #
 #   bash benchmarks/gpu_all.sh 1   # issue 7: the optimizer curves the H100 sweep lacks (ONLY="" for
-#                                  #   the whole 24-run grid: ~16 minutes, two calls)
+#                                  #   the whole 24-run grid: ~16 minutes, so a second call with
+#                                  #   ONLY= set to the grid points the first did not reach)
 #   bash benchmarks/gpu_all.sh 2   # issue 6: techniques vs baseline (5 runs x 60 s)
 #   bash benchmarks/gpu_all.sh 3   # issue 8: tokens/s cost of each memory switch; FP8 vs bf16, compiled
 #   bash benchmarks/gpu_all.sh 4   # issue 9: step profile (syncs, time by kernel class), document-mask cost
@@ -54,7 +55,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader
-git log -1 --format='commit %h %s' 2>/dev/null || true
+# The GPU machine's copy of the checkout has no .git: the command passes the commit in, and every
+# result file records it (cramkit's environment.json too).
+export CRAMKIT_COMMIT=${CRAMKIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "commit $CRAMKIT_COMMIT"
+[ "$CRAMKIT_COMMIT" = unknown ] && echo "warning: no commit known: pass CRAMKIT_COMMIT=<hash> (gpu_prepare.sh prints the command)" >&2
 compgen -G "$ENWIKI/train-*.txt.xz" >/dev/null || { echo "error: no $ENWIKI/train-*.txt.xz (run benchmarks/gpu_prepare.sh and carry .gpu)" >&2; exit 2; }
 # cramming's WordPiece 32768, sequence 128; a second call with identical inputs reuses the output.
 # Every part reads this one prepared folder (gpu_core.py and techniques_gpu.py take it as is).
@@ -79,7 +84,8 @@ case $part in
     ;;
 3)
     # Eager probes of each switch, then FP8 and bf16 compiled (torchao from .whl/), one process each.
-    limit 565 "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts costs --deadline 540 \
+    # The deadline counts from the script's start, the limit from the part's (after data prepare).
+    limit 565 "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts costs --deadline "$(left 550)" \
         2>&1 | tee "$OUT/gpu_scale_costs.log" || failed $? "switch costs"
     ;;
 4)
@@ -131,8 +137,11 @@ case $part in
     limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
         --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 2 )) 2>&1 | tee "$OUT/gpu_scale_largest.log" \
         || failed $? "largest models without offload"
-    # 137 GB = the H200 machine's 128 GiB (KINDS.md): its MemTotal starts lower and grows on demand.
-    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest --host-gb "${HOST_GB:-137}" \
+    # Host memory for the offload searches: MemTotal, except on the H200 machine, whose memory
+    # starts small and grows on demand to 128 GiB = 137 GB (the device tool's KINDS.md / H200.md).
+    host=${HOST_GB:-0}
+    [ "$host" = 0 ] && [ -z "$SMOKE" ] && nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && host=137
+    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest --host-gb "$host" \
         --largest "optimizer offload,both" --deadline "$(left $((lim - 15)))" 2>&1 | tee -a "$OUT/gpu_scale_largest.log" \
         || failed $? "largest models with offload"
     if [ -n "$glue" ]; then

@@ -7,7 +7,9 @@
 #   .whl/                         wheels of the dependencies that machine lacks, for its Python 3.12
 #
 # Then every GPU part is one device call with carry [".gpu", ".whl"], e.g.
-#   command: bash benchmarks/gpu_all.sh 4      timeout_s: 600
+#   command: CRAMKIT_COMMIT=<commit> bash benchmarks/gpu_all.sh 4      timeout_s: 600
+# (the copy on the GPU machine has no .git: CRAMKIT_COMMIT is how its results name the commit;
+# the last line this script prints is that command with the commit filled in)
 # (the parts and what each measures are listed at the top of gpu_all.sh; each fits one call).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,3 +39,5 @@ total=$(( $(git ls-files -z | xargs -0 cat | wc -c) + $(du -sb .gpu .whl | awk '
 echo "ready: .gpu ($(du -sh .gpu | cut -f1)), .whl ($(ls .whl | tr '\n' ' '))"
 echo "working tree + carry: $((total / 1048576)) MiB of the device tool's 64 MiB"
 [ "$total" -lt $((64 * 1048576)) ] || { echo "error: too large to travel" >&2; exit 2; }
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src benchmarks || echo "+uncommitted")
+echo "device command: CRAMKIT_COMMIT=$commit bash benchmarks/gpu_all.sh N"

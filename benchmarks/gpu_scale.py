@@ -280,6 +280,16 @@ def largest_offload(switches: list[str], remaining, depths: list[int], report=_n
     return best
 
 
+def largest_cells(best: dict) -> tuple[str, str]:
+    """The "largest model" and "above it" cells of a search's result. Exact only when the size
+    just above failed; a search that stopped (list end, time, host memory) leaves sizes between
+    unmeasured, so the true largest is at least the one shown."""
+    exact = "next_failed" in best and "stopped" not in best
+    above = "; ".join(filter(None, [f"{best['next_failed']} layers failed" if "next_failed" in best else "",
+                                    f"stopped: {best['stopped']}" if "stopped" in best else ""]))
+    return f"{'' if exact else '≥ '}{best['params'] / 1e9:.2f} B", above or "-"
+
+
 SMOKE = False
 
 
@@ -324,6 +334,7 @@ def main() -> None:
     path = os.path.join(out, "gpu_scale.json")
     results: dict = json.load(open(path)) if os.path.isfile(path) else {}
     results.update({"device": "cpu" if SMOKE else torch.cuda.get_device_name(),
+                    "commit": os.environ.get("CRAMKIT_COMMIT"), "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
 
     def save() -> None:
@@ -340,7 +351,11 @@ def main() -> None:
                     continue
                 hidden, layers, micro, switches = 64, 2, 4, [s for s in switches if s != "compile"]
             steps = 8 if "compile" in switches else 6
-            cost[name] = run_probe(hidden, layers, switches, micro, steps, timeout=min(240, remaining()))
+            need = 0 if SMOKE else 90 if "compile" in switches else MIN_START["gpu"]
+            if remaining() < need:  # a probe cut by the part's limit would measure nothing
+                cost[name] = {"error": f"skipped: out of time ({remaining():.0f} s left, {need} s needed)"}
+            else:
+                cost[name] = run_probe(hidden, layers, switches, micro, steps, timeout=min(240, remaining()))
             print(name, cost[name], flush=True)
             save()
     if "largest" in parts:
@@ -378,13 +393,11 @@ def main() -> None:
                 print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['peak_gb']:.1f} "
                       f"| {r.get('estimate_gb', '-')} |")
     if results.get("largest"):
-        print("\n| switches | largest model that trains | hidden × layers | next tried (failed) | tokens/s "
+        print("\n| switches | largest model that trains | hidden × layers | above it | tokens/s "
               "| GPU peak GB | estimated GB | host peak GB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, r in results["largest"].items():
             if r:
-                # No failed size above it: the true largest is at least this (list end, or time).
-                nxt = f"{r['next_failed']} layers" if "next_failed" in r else f"none ({r.get('stopped', '-')})"
-                size = f"{r['params'] / 1e9:.2f} B" if "next_failed" in r else f"≥ {r['params'] / 1e9:.2f} B"
+                size, nxt = largest_cells(r)
                 print(f"| {name} | {size} | {r['hidden']} × {r['layers']} | "
                       f"{nxt} | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.1f} | "
                       f"{r.get('estimate_gb', '-')} | {r.get('host_peak_gb', 0):.1f} |")

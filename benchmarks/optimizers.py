@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -165,6 +166,7 @@ def run_grid(args) -> list[dict]:
             "stop_reason": summary.get("stop_reason"),
             # Sweeps finished on another GPU must not be read as one: every record names its own.
             "device": _device_name(args), "torch": torch.__version__,
+            "commit": os.environ.get("CRAMKIT_COMMIT"),
         })
         # Saved after every run, so an interrupted sweep still leaves its results.
         append_jsonl(records_path, records[-1])
@@ -271,7 +273,7 @@ def main() -> None:
     # --report on a machine without the GPU that produced the records: name it by --device.
     device = args.device or (torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else "CPU")
     devices = sorted({r["device"] for r in records if r.get("device")})
-    if len(devices) > 1:  # each row and curve names its own
+    if devices:  # the records' own (rows and curves name theirs when there are several)
         device = " + ".join(devices)
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.time() - started:.0f} s in all\n")

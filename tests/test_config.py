@@ -58,6 +58,7 @@ def test_overrides_reach_nested_fields_and_presets():
         ("model.norm=rms", r"^model\.norm: unknown norm 'rms' \(did you mean 'rmsnorm'\?\)"),
         ("model.hidden=-1", r"^model\.hidden must be a positive integer"),
         ("data.prepare.seq_len=3", r"^data\.prepare\.seq_len: 3 is too small"),
+        ("data.prepare.min_chars=-1", r"^data\.prepare: min_chars, max_docs and min_frequency must be >= 0"),
         ("optim.lr=-1", r"^optim\.lr and optim\.muon_lr must be positive"),
         ("schedule.name=cosin", "did you mean 'cosine'"),
         ("techniques=[nope]", "unknown technique 'nope'"),

@@ -96,3 +96,13 @@ def test_the_one_rank_fsdp_probe_is_a_direct_child_not_a_torchrun_worker(monkeyp
     assert r == {"error": "timeout after 60 s"}
     assert "torch.distributed.run" not in seen["args"] and seen["args"][1].endswith("gpu_scale.py")
     assert seen["env"]["WORLD_SIZE"] == "1" and seen["env"]["RANK"] == "0" and "MASTER_PORT" in seen["env"]
+
+
+def test_the_table_gives_an_exact_size_only_when_the_next_one_failed():
+    """A search that found a failure, then ran out of time between, read "largest 16, next 64
+    failed" although 32 was never measured."""
+    cells = gpu_scale.largest_cells
+    assert cells({"params": 4e9, "layers": 24, "next_failed": 28}) == ("4.00 B", "28 layers failed")
+    assert cells({"params": 4e9, "next_failed": 64, "stopped": "out of time"}) == (
+        "≥ 4.00 B", "64 layers failed; stopped: out of time")
+    assert cells({"params": 4e9, "stopped": "end of the list"}) == ("≥ 4.00 B", "stopped: end of the list")

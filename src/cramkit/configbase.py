@@ -148,10 +148,13 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
 def _under(path: str, message: str, fields: list[str]) -> str:
     """``message`` from a section's ``validate`` with the section's dotted path in front, so that
     ``norm: unknown norm`` reads ``model.norm: ...`` (sections are validated without knowing it)."""
-    if not path or message.startswith(path.split(".")[0]):
+    root = path.split(".")[0]
+    if not path or re.match(rf"{re.escape(root)}\b", message):  # named already ("optim.lr ...")
         return message
-    first = re.match(r"\w+", message)
-    return f"{path}.{message}" if first and first.group() in fields else f"{path}: {message}"
+    # "norm: unknown ..." names one field; "min_chars, max_docs and ..." several: the section then.
+    first = re.match(r"(\w+)(,?)", message)
+    one = first is not None and first.group(1) in fields and not first.group(2)
+    return f"{path}.{message}" if one else f"{path}: {message}"
 
 
 @dataclasses.dataclass

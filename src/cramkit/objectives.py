@@ -61,9 +61,11 @@ def boundary_token_id(objective: str, special_ids: dict[str, int | None]) -> int
 
 
 class MaskedLM:
-    """BERT-style masking; see the module docstring. ``fixed=True`` is for validation: the
-    masks depend only on ``(seed, index)`` with a salt distinct from training, so evaluating the
-    same batches (``iterate_eval`` order, index = batch number) gives the same masks every time.
+    """BERT-style masking; see the module docstring. ``fixed=True`` is for validation: ``index``
+    is then the position of the batch's first sequence in the split, and each sequence's mask
+    depends only on ``(seed, its position)``, with a salt distinct from training. Every evaluation
+    scores the same masks, and so do runs that evaluate with other batch sizes (a mask drawn over
+    the whole batch would differ between a micro-batch of 256 and one of 1024).
     """
 
     def __init__(
@@ -97,20 +99,28 @@ class MaskedLM:
 
     def __call__(self, tokens: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
         tokens = tokens.long()
-        gen = torch.Generator().manual_seed(_seed_from("mlm", self.seed, self.fixed, int(index)))
+        if self.fixed and len(tokens):
+            rows = [self._draws(tokens.shape[1:], int(index) + r) for r in range(len(tokens))]
+            select, action, pick = (torch.stack(d) for d in zip(*rows))
+        else:
+            select, action, pick = self._draws(tokens.shape, int(index))
         candidate = ~torch.isin(tokens, self.special)
-        selected = (torch.rand(tokens.shape, generator=gen) < self.mask_rate) & candidate
-        action = torch.rand(tokens.shape, generator=gen)
+        selected = (select < self.mask_rate) & candidate
         to_mask = selected & (action < self.mask_prob)
         to_random = (
             selected & (action >= self.mask_prob) & (action < self.mask_prob + self.random_prob)
         )
-        pick = torch.randint(len(self.random_pool), tokens.shape, generator=gen)
         inputs = tokens.clone()
         inputs[to_mask] = self.mask_id
         inputs[to_random] = self.random_pool[pick[to_random]]
         labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
         return {"input_ids": inputs, "labels": labels}
+
+    def _draws(self, shape: torch.Size, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uniforms that select positions, uniforms that pick the action, random-token picks."""
+        gen = torch.Generator().manual_seed(_seed_from("mlm", self.seed, self.fixed, index))
+        return (torch.rand(shape, generator=gen), torch.rand(shape, generator=gen),
+                torch.randint(len(self.random_pool), shape, generator=gen))
 
 
 class CausalLM:

@@ -61,6 +61,19 @@ def test_mlm_deterministic_per_index_and_fixed_mode(synth_mlm):
     assert not torch.equal(fixed(tokens, 0)["labels"], mlm(tokens, 0)["labels"])
 
 
+def test_validation_masks_follow_the_sequence_not_the_batch_it_is_evaluated_in(synth_mlm):
+    """Fixed masks were drawn over a whole batch, so runs evaluating with micro-batches 256 and
+    1024 scored the same validation split under different masks."""
+    ds = TokenDataset.open(synth_mlm)
+    tokens = torch.from_numpy(ds.sequences("train")[:8].astype("int64"))
+    fixed = build_objective("mlm", ds, seed=7, fixed=True)
+    whole = fixed(tokens, 0)
+    halves = [fixed(tokens[:4], 0), fixed(tokens[4:], 4)]  # index: the first sequence's position
+    for key in ("labels", "input_ids"):
+        assert torch.equal(whole[key], torch.cat([h[key] for h in halves]))
+    assert not torch.equal(fixed(tokens[4:], 4)["labels"], fixed(tokens[4:], 0)["labels"])
+
+
 def test_mlm_masks_follow_the_seed(synth_mlm):
     # Two runs with different seeds must not mask the same positions of the same batch, and a
     # rebuilt objective with the same seed (a resumed run) must reproduce the masks exactly.

@@ -82,3 +82,13 @@ def test_a_run_stopped_by_sigterm_ends_the_benchmark(tiny_mlm_data, tmp_path, mo
     assert len(started) == 1 and list(report["runs"]) == ["baseline"]
     line = json.loads((tmp_path / "out" / "techniques_records.jsonl").read_text())
     assert line["stop_reason"] == "signal"
+
+
+def test_a_run_cut_by_the_time_limit_is_marked_in_the_table():
+    """A cut run read as a full one: "not reached" or a final loss from a shorter run."""
+    evals = [{"val_loss": 8.0, "elapsed": 0.0, "flops": 0.0}, {"val_loss": 6.0, "elapsed": 10.0, "flops": 9.0}]
+    base = {"evals": evals, "final_val_loss": 6.0, "stop_reason": "budget"}
+    cut = {"evals": evals[:1], "final_val_loss": 8.0, "stop_reason": "signal", "train_seconds": 4.0}
+    text = bench.table({"baseline": base, "vcycle": cut}, 6.0)
+    assert "| vcycle (cut by signal at 4 s) | not reached |" in text
+    assert "| baseline | 10.0 |" in text

@@ -200,3 +200,21 @@ def test_the_energy_meter_runs_through_the_compile_warm_up(monkeypatch, tiny_mlm
     monkeypatch.setattr(run_mod, "_compiler", compiler)
     pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=1steps"), say=lambda *_: None)
     assert events[:2] == ["meter", "compile"]
+
+
+def test_environment_names_the_commit_of_a_checkout_copied_without_git(monkeypatch):
+    """The GPU machine gets the working tree without .git: its runs recorded no commit at all."""
+    import subprocess
+
+    from cramkit.train import runlog
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(runlog.subprocess, "run", no_git)
+    monkeypatch.delenv("CRAMKIT_COMMIT", raising=False)
+    assert "git_commit" not in runlog.environment(torch.device("cpu"))
+    monkeypatch.setenv("CRAMKIT_COMMIT", "abc1234")
+    assert runlog.environment(torch.device("cpu"))["git_commit"] == "abc1234"
+    monkeypatch.setattr(runlog.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "f00d\n", ""))
+    assert runlog.environment(torch.device("cpu"))["git_commit"] == "f00d"  # git, where there is one, wins

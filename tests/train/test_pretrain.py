@@ -421,13 +421,26 @@ def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_da
     run = tmp_path / "run"
     before = (run / "config.json").read_text()
     with pytest.raises(CheckpointError, match=r"does not match the model: size mismatch for .*"
-                       r"\]\); this run changed model.hidden=128 \(checkpoint: 64\): resume without"):
+                       r"\]\); this run changed model.hidden=128 \(was 64\): resume without"):
         pretrain(resume_config(run, ["train.budget=4steps", "model.hidden=128", "model.intermediate=256"]),
                  run_dir=run, resume=True, say=lambda *_: None)
     with pytest.raises(ConfigError, match="trained with optim.name=adamw, not sgd"):
         pretrain(resume_config(run, ["train.budget=4steps", "optim.name=sgd"]), run_dir=run, resume=True,
                  say=lambda *_: None)
     assert (run / "config.json").read_text() == before
+
+
+def test_resume_whose_technique_builds_another_shape_names_the_technique_not_the_model(tiny_mlm_data, tmp_path):
+    """Stacking starts shallow: model.layers is unchanged, yet the model built now is not the
+    checkpoint's. The hint named model.layers, a setting the user had not touched."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "model.layers=4", "techniques=[stacking]",
+                         "technique.stacking.doublings=1"), say=lambda *_: None)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"this run changed technique=\{'stacking': \{'doublings': 2\}\} "
+                                              r"\(was \{'stacking': \{'doublings': 1\}\}\)") as err:
+        pretrain(resume_config(run, ["train.budget=4steps", "technique.stacking.doublings=2"]), run_dir=run,
+                 resume=True, say=lambda *_: None)
+    assert "model." not in str(err.value).split("this run changed")[1]
 
 
 def test_optimizer_mismatch_in_checkpoints_that_do_not_record_the_optimizer(tiny_mlm_data, tmp_path):

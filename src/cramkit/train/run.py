@@ -365,7 +365,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     for t in techniques:
         model = t.on_model(model)
     if resume_from:
-        _load_resumed_weights(model, model_cfg, resume_from)
+        _load_resumed_weights(model, cfg, run_dir, resume_from)
     model.to(device)
     if par.distributed:  # dropout differs between ranks, as it would across one big batch
         torch.manual_seed(cfg.seed + 7919 * par.rank)
@@ -470,9 +470,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         seqs = dataset.sequences("val")
         n = len(seqs)
         limit = cfg.train.eval_batches * micro_batch if cfg.train.eval_batches else n
-        for i, start in enumerate(range(0, min(n, limit), micro_batch)):
+        for start in range(0, min(n, limit), micro_batch):  # masks follow the sequence, not the batch
             tokens = torch.from_numpy(seqs[start:start + micro_batch].astype("int64"))
-            batch = {k: v.to(device) for k, v in eval_objective(tokens, i).items()}
+            batch = {k: v.to(device) for k, v in eval_objective(tokens, start).items()}
             out = m(**batch)
             total += float(out.loss) * int(out.num_targets)
             count += int(out.num_targets)
@@ -642,19 +642,25 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
     }
 
 
-def _load_resumed_weights(model: torch.nn.Module, model_cfg, checkpoint: Path) -> None:
-    """Load a checkpoint's weights; when shapes differ, name the ``model.*`` settings that changed
-    (torch's message names a tensor, which tells a user little about which override caused it)."""
+def _load_resumed_weights(model: torch.nn.Module, cfg: RunConfig, run_dir: Path, checkpoint: Path) -> None:
+    """Load a checkpoint's weights; when the model's tensors differ from the checkpoint's, say which
+    of the user's settings changed since the run was saved (torch names a tensor, which tells a
+    user little about which override caused it)."""
     try:
         ckpt.load_weights(model, checkpoint)
     except CheckpointError as exc:
-        saved = read_json(checkpoint / "meta.json", CheckpointError).get("model_config") or {}
-        now = model_cfg.to_dict()
-        changed = [f"model.{k}={now.get(k)} (checkpoint: {v})" for k, v in saved.items() if now.get(k) != v]
-        if not changed:
+        if "does not match the model" not in str(exc):  # unreadable, not mismatched: nothing to add
             raise
-        raise CheckpointError(f"{exc}; this run changed {', '.join(changed)}: resume without changing "
-                              "the model's shape, or start a new run") from None
+        saved = read_json(run_dir / "config.json", CheckpointError)
+        now = cfg.to_dict()
+        changed = [f"model.{k}={v} (was {saved.get('model', {}).get(k)})"
+                   for k, v in now["model"].items() if saved.get("model", {}).get(k) != v]
+        changed += [f"{k}={now[k]} (was {saved.get(k)})" for k in ("techniques", "technique")
+                    if saved.get(k) != now[k]]
+        hint = (f"this run changed {', '.join(changed)}" if changed else
+                "the settings are those the run was saved with, so a technique builds another shape now")
+        raise CheckpointError(f"{exc}; {hint}: resume without changing the model's shape, or start a new run") \
+            from None
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -145,4 +146,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             env["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    if "git_commit" not in env and os.environ.get("CRAMKIT_COMMIT"):
+        # A copy of the checkout without .git (a borrowed GPU machine): the launcher names it.
+        env["git_commit"] = os.environ["CRAMKIT_COMMIT"]
     return env

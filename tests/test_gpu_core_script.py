@@ -1,0 +1,38 @@
+"""benchmarks/gpu_core.py's time-to-quality line (issue 9): what it compares, and when it refuses."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_core.py"
+_spec = importlib.util.spec_from_file_location("gpu_core", _path)
+gpu_core = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_core)
+
+
+def _run(curve, stop="budget"):
+    evals = [{"elapsed": t, "val_loss": loss, "flops": t * 1e15} for t, loss in curve]
+    return {"summary": {"final_val_loss": curve[-1][1], "train_seconds": curve[-1][0], "stop_reason": stop},
+            "evals": evals}
+
+
+def test_both_runs_are_timed_off_their_evaluation_grids_with_the_bracketing_evaluations():
+    original = _run([(0, 9.0), (75, 7.5), (150, 7.0)])
+    crammed = _run([(0, 9.0), (30, 7.5), (45, 6.5), (150, 4.0)])
+    line = gpu_core.time_to_target(original, crammed)
+    assert "bert-original 150 s (between evaluations at 75-150 s)" in line
+    assert "crammed-bert 38 s (between evaluations at 30-45 s)" in line  # 30 + 15 * 0.5 / 1.0
+    assert line.endswith(f"crammed-bert {150 / 37.5:.2f}x faster")
+
+
+def test_a_2018_run_cut_short_sets_no_target():
+    """The cut run's loss became the target and its shortened time the baseline: a "4x faster"
+    from a run that never used its budget."""
+    line = gpu_core.time_to_target(_run([(0, 9.0), (40, 8.0)], stop="signal"), _run([(0, 9.0), (150, 4.0)]))
+    assert line.startswith("no time-to-quality comparison: bert-original stopped by signal at 40 s")
+
+
+def test_a_crammed_run_that_misses_the_target_says_so_and_whether_it_was_cut():
+    line = gpu_core.time_to_target(_run([(0, 9.0), (150, 7.0)]), _run([(0, 9.0), (60, 7.5)], stop="signal"))
+    assert "crammed-bert not reached in 60 s (stopped by signal)" in line and "faster" not in line
