@@ -50,15 +50,17 @@ from cramkit.utils import write_json
 SYNC_WARNING = "called a synchronizing CUDA operation"
 # Runtime calls that block the host until the device (or a stream) catches up.
 SYNC_APIS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
-# First match wins; names are lower-cased kernel names (or aten op names in --smoke).
+# First match wins; names are lower-cased kernel names (or aten op names in --smoke). Inductor
+# names a fused kernel after the aten ops it absorbs (triton_poi_fused__to_copy_add_0), so the
+# Triton class comes before copies; its matmul templates (triton_tem_) are caught as matmul first.
 CATEGORIES = [
     ("communication", ("nccl", "gloo", "all_reduce", "allreduce")),
     ("optimizer+clip", ("adam", "multi_tensor_apply", "foreach", "lpnorm", "clip_grad")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "mha")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "triton_tem", "sm90_", "sm80_", "ampere_",
                 "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")),
-    ("copies", ("memcpy", "memset", "copy", "aten::to", "aten::_to_copy", "fill")),
     ("triton-fused", ("triton_",)),
+    ("copies", ("memcpy", "memset", "copy", "aten::to", "aten::_to_copy", "fill")),
     ("other kernels", ("",)),
 ]
 # Optional second model: the GPT recipe (CLM data).
