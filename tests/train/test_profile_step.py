@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import warnings
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_step.py"
 
@@ -26,6 +29,40 @@ def test_smoke_mode_writes_trace_and_summary(tmp_path):
     assert prof["steps"] == 2 and prof["step_ms_wall"] > 0 and prof["top_kernels"]
     assert result["fused_optimizer"] and not result["syncs"]["measurable"]
     assert len(result["syncs"]["per_step"]) == 4  # every sync-counting step was closed
+    with gzip.open(tmp_path / "trace-crammed-bert.json.gz", "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "cpu_op"]
+    # Training steps only: the final evaluation's forward (and the checkpoint) used to land in the
+    # window, which stayed open until the run returned.
+    forward = sum(e["name"] == "aten::_log_softmax" for e in events)
+    backward = sum(e["name"] == "aten::_log_softmax_backward_data" for e in events)
+    assert forward == backward == prof["steps"] * result["accumulation"]
+    # The window holds no logging step, whose loss read would count as a host sync.
+    window = result["profile_window"]
+    assert len(window["steps"]) == prof["steps"] and not window["logging_steps"]
+    assert all((s + 1) % window["log_every"] for s in window["steps"])
+
+
+def test_profile_window_lies_between_logging_steps():
+    ps = _script()
+    # gpu_all.sh's defaults: syncs counted up to step 28, 5 profiled steps, a log every 10 steps
+    # (steps 29, 39, ... read the loss). 29..33 would include step 29; 30..34 is the first clean run.
+    assert ps.profile_window(28, 5, 10) == 30
+    assert ps.profile_window(20, 9, 10) == 30  # 9 fit only in 30..38
+    assert ps.profile_window(6, 2, 3) == 9  # --smoke: steps 8 and 11 log
+    with pytest.raises(ValueError, match="--profile-steps"):
+        ps.profile_window(28, 10, 10)
+
+
+def test_the_probes_own_drain_is_not_counted_as_a_step_sync():
+    ps = _script()
+    kernel = {"cat": "kernel", "name": "sm90_xmma_gemm", "ts": 0, "dur": 900}
+    steps = [{"cat": "user_annotation", "name": f"ProfilerStep#{i}", "ts": 1000 * (i - 1), "dur": 1000}
+             for i in (1, 2)]
+    drain = {"cat": "user_annotation", "name": ps.DRAIN, "ts": 1900, "dur": 100}
+    syncs = [{"cat": "cuda_runtime", "name": "cudaDeviceSynchronize", "ts": 1910, "dur": 80},  # the drain's
+             {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 500, "dur": 10}]  # a step's own
+    s = ps.summarize({"traceEvents": [kernel, *steps, drain, *syncs]}, 2, 16, 1.0, 1.0)
+    assert s["sync_api_calls_per_step"] == 0.5
 
 
 def test_sync_counting_separates_logging_steps():
