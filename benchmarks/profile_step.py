@@ -17,7 +17,10 @@ the ``Trainer`` class is swapped for a subclass that marks step boundaries:
 3. ``--profile-steps`` steps under ``torch.profiler``: CUDA time by category (matmul, attention,
    inductor-fused triton kernels, other kernels, optimizer and clipping, copies, communication),
    idle gaps (the device span minus the time any kernel ran), the 15 longest kernels, and what
-   removing each kind of overhead would give in MFU.
+   removing each kind of overhead would give in MFU. The window is the first run of steps after
+   the sync-counting ones that holds no logging step (so ``--profile-steps`` must be below
+   ``--log-every``), starts and ends with the device drained, and closes one step before the run
+   ends: the final evaluation and checkpoint stay outside it.
 
 Written under ``--out`` (default ``$OUT``, else ``./profile-out``): ``profile-<model>.json`` (the
 summary) and ``trace-<model>.json.gz`` (open in https://ui.perfetto.dev or chrome://tracing).
@@ -48,17 +51,21 @@ from cramkit.train.trainer import Trainer
 from cramkit.utils import write_json
 
 SYNC_WARNING = "called a synchronizing CUDA operation"
+# The probe's own waits for the device at the window's edges; not the training step's syncs.
+DRAIN = "profile_step: drain the device"
 # Runtime calls that block the host until the device (or a stream) catches up.
 SYNC_APIS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
-# First match wins; names are lower-cased kernel names (or aten op names in --smoke).
+# First match wins; names are lower-cased kernel names (or aten op names in --smoke). Inductor
+# names a fused kernel after the aten ops it absorbs (triton_poi_fused__to_copy_add_0), so the
+# Triton class comes before copies; its matmul templates (triton_tem_) are caught as matmul first.
 CATEGORIES = [
     ("communication", ("nccl", "gloo", "all_reduce", "allreduce")),
     ("optimizer+clip", ("adam", "multi_tensor_apply", "foreach", "lpnorm", "clip_grad")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "mha")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "triton_tem", "sm90_", "sm80_", "ampere_",
                 "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")),
-    ("copies", ("memcpy", "memset", "copy", "aten::to", "aten::_to_copy", "fill")),
     ("triton-fused", ("triton_",)),
+    ("copies", ("memcpy", "memset", "copy", "aten::to", "aten::_to_copy", "fill")),
     ("other kernels", ("",)),
 ]
 # Optional second model: the GPT recipe (CLM data).
@@ -105,25 +112,50 @@ def synthetic_dataset(folder: Path, objective: str, seq_len: int, vocab: int, tr
 
 
 # ----------------------------------------------------------------------------------- phases
+def is_logging_step(step: int, log_every: int) -> bool:
+    """Whether the step with index ``step`` ends in a log record (its loss is read on the host)."""
+    return (step + 1) % log_every == 0
+
+
+def profile_window(after: int, steps: int, log_every: int) -> int:
+    """The first step of the earliest ``steps`` consecutive steps, each past ``after``, none of
+    them a logging step: a logging step's loss read would show as a sync of every step."""
+    if steps >= log_every:
+        raise ValueError(f"--profile-steps ({steps}) must be below --log-every ({log_every}): "
+                         "a longer window always holds a logging step")
+    first = after + 1  # the step before the window is the profiler's warm-up
+    while any(is_logging_step(s, log_every) for s in range(first, first + steps)):
+        first += 1
+    return first
+
+
 class Probe:
     """Step boundaries (at each ``train_step`` entry): sync counting, then profiling."""
 
-    def __init__(self, warmup: int, sync_steps: int, profile_steps: int, device: torch.device,
+    def __init__(self, warmup: int, sync_steps: int, profile_steps: int, log_every: int, device: torch.device,
                  caught: list, trace_path: Path) -> None:
         self.sync_start, self.sync_end = warmup, warmup + sync_steps
-        self.prof_start, self.prof_end = self.sync_end, self.sync_end + 1 + profile_steps  # 1 profiler warm-up
-        self.profile_steps = profile_steps
+        self.first = profile_window(self.sync_end, profile_steps, log_every)
+        # The profiler starts one step early (its warm-up); the window closes at the prof.step()
+        # on entering step `close`, which must therefore run.
+        self.prof_start, self.close = self.first - 1, self.first + profile_steps
+        self.profile_steps, self.log_every = profile_steps, log_every
         self.device, self.caught, self.trace_path = device, caught, trace_path
         self.per_step: list[list] = []
         self.mark = 0
         self.prof = None
+        self.closing = False
         self.trainer: Trainer | None = None
-        self.step_wall: list[float] = []
-        self._t = None
 
     @property
     def total_steps(self) -> int:
-        return self.prof_end
+        return self.close + 1
+
+    @property
+    def window(self) -> dict:
+        steps = list(range(self.first, self.close))
+        return {"steps": steps, "log_every": self.log_every,
+                "logging_steps": [s for s in steps if is_logging_step(s, self.log_every)]}
 
     def before_step(self, step: int) -> None:
         if self.sync_start < step <= self.sync_end:  # close the previous step's window
@@ -134,29 +166,41 @@ class Probe:
             torch.cuda.set_sync_debug_mode("warn")
         if step == self.sync_end and self.device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-        if self._t is not None:
-            self.step_wall.append(time.perf_counter() - self._t)
-        self._t = time.perf_counter() if self.prof_start < step <= self.prof_end else None
         if step == self.prof_start:
             acts = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(
-                activities=acts, schedule=torch.profiler.schedule(wait=0, warmup=1, active=self.profile_steps),
-                on_trace_ready=self._save)
+                activities=acts, on_trace_ready=self._save,
+                schedule=torch.profiler.schedule(wait=0, warmup=1, active=self.profile_steps, repeat=1))
             self.prof.start()
-        elif self.prof is not None and step <= self.prof_end:
+        elif self.prof is not None and step in (self.first, self.close):
+            # ProfilerStep ranges are host time, which runs ahead of the device: the window
+            # starts with no earlier step's kernels queued and its last step ends when they ran.
+            self._drain()
+            self.closing = step == self.close
             self.prof.step()
+            if self.closing:
+                self.prof.stop()
+                self.prof = None
+        elif self.prof is not None:
+            self.prof.step()
+
+    def _drain(self) -> None:
+        if self.device.type == "cuda":
+            with torch.profiler.record_function(DRAIN):
+                torch.cuda.synchronize(self.device)
 
     def finish(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-        if self.prof is not None:
+        if self.prof is not None:  # the run stopped inside the window: no trace is written
             self.prof.stop()
             self.prof = None
 
     def _save(self, prof) -> None:
-        prof.export_chrome_trace(str(self.trace_path))
+        if self.closing:
+            prof.export_chrome_trace(str(self.trace_path))
 
 
 def probed_trainer(probe: Probe) -> type[Trainer]:
@@ -212,7 +256,9 @@ def summarize(trace: dict, steps: int, tokens_per_step: int, flops_per_token: fl
         row = by_name.setdefault(e["name"], [0, 0.0])
         row[0] += 1
         row[1] += ms
-    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    drains = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == DRAIN and "dur" in e]
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime"
+               and not any(s <= e["ts"] <= end for s, end in drains)]
     sync_calls = sum(1 for e in runtime if e.get("name") in SYNC_APIS)
     pageable = sum(1 for e in kernels if "pageable" in str(e.get("name", "")).lower())
     step_ms = wall / steps
@@ -240,14 +286,18 @@ def summarize(trace: dict, steps: int, tokens_per_step: int, flops_per_token: fl
     }
 
 
-def report(name: str, s: dict, syncs: dict) -> str:
-    lines = [f"## {name}: {s['source']}, {s['steps']} profiled steps of {s['tokens_per_step']:,} tokens", "",
+def report(name: str, s: dict, syncs: dict, window: dict) -> str:
+    steps = window["steps"]
+    kind = ("none of them a logging step" if not window["logging_steps"]
+            else f"logging steps among them: {window['logging_steps']}")
+    lines = [f"## {name}: {s['source']}, {s['steps']} profiled steps of {s['tokens_per_step']:,} tokens "
+             f"(steps {steps[0]}-{steps[-1]}, {kind}; log every {window['log_every']})", "",
              f"step {s['step_ms_wall']} ms wall, device span {s['device_span_ms_per_step']} ms, busy "
              f"{s['device_busy_ms_per_step']} ms, idle gaps {s['idle_gap_ms_per_step']} ms; "
              f"{s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} (no idle: {s['mfu_if_no_idle']:.1%}; "
              f"matmul+attention only: {s['mfu_if_only_matmul_and_attention']:.1%})",
-             f"host syncs: {syncs['summary']}; sync API calls in the trace {s['sync_api_calls_per_step']}/step, "
-             f"pageable copies {s['pageable_copies_per_step']}/step", "",
+             f"host syncs: {syncs['summary']}; sync API calls in the trace {s['sync_api_calls_per_step']}/step "
+             f"({kind}), pageable copies {s['pageable_copies_per_step']}/step", "",
              "| category | ms / step | share of step |", "| --- | --- | --- |"]
     step = s["step_ms_wall"] or 1.0
     for cat, ms in s["by_category_ms_per_step"].items():
@@ -265,8 +315,7 @@ def report(name: str, s: dict, syncs: dict) -> str:
 
 def sync_summary(per_step: list[list], first_step: int, log_every: int, measurable: bool) -> dict:
     counts = [len(w) for w in per_step]
-    # The step with index i ends in a log record when (i + 1) % log_every == 0.
-    logged = [i for i in range(len(counts)) if (first_step + i + 1) % log_every == 0]
+    logged = [i for i in range(len(counts)) if is_logging_step(first_step + i, log_every)]
     steady = [c for i, c in enumerate(counts) if i not in logged]
     where: dict[str, int] = {}
     for ws in per_step:
@@ -296,7 +345,7 @@ def profile_model(name: str, args, out: Path, device: torch.device) -> dict:
         warm = args.warmup_steps
         trace_path = work / f"trace-{name}.json"
         caught: list = []
-        probe = Probe(warm, args.sync_steps, args.profile_steps, device, caught, trace_path)
+        probe = Probe(warm, args.sync_steps, args.profile_steps, args.log_every, device, caught, trace_path)
         rows = max(mb, 1) * acc * 16
         data = synthetic_dataset(work / "data", objective, seq_len, vocab, rows, max(mb, 1) * 2)
         overrides += [f"data.dir={data}", f"out_dir={work}", "name=run", f"train.budget={probe.total_steps}steps",
@@ -307,6 +356,8 @@ def profile_model(name: str, args, out: Path, device: torch.device) -> dict:
         if args.peak_tflops:
             overrides.append(f"train.peak_tflops={args.peak_tflops}")
         cfg = load_config(recipe, overrides + list(args.set))
+        if cfg.train.log_every != args.log_every:  # the window was placed between --log-every's steps
+            raise ValueError("set the logging interval with --log-every, not --set train.log_every")
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught_now, mock.patch.object(run_module, "Trainer",
                                                                                    probed_trainer(probe)):
@@ -321,6 +372,8 @@ def profile_model(name: str, args, out: Path, device: torch.device) -> dict:
                 print(f"warning from the run: {w.category.__name__}: {str(w.message)[:300]}", file=sys.stderr)
         trainer = probe.trainer
         tokens_per_step = max(mb, 1) * acc * seq_len
+        if not trace_path.exists():
+            raise RuntimeError(f"the run stopped before step {probe.close}, inside the profiled window")
         trace = json.loads(trace_path.read_text())
         s = summarize(trace, args.profile_steps, tokens_per_step, trainer._fpt, trainer.peak_flops)
         syncs = sync_summary(probe.per_step, probe.sync_start, args.log_every, device.type == "cuda")
@@ -331,11 +384,11 @@ def profile_model(name: str, args, out: Path, device: torch.device) -> dict:
                   "fused_optimizer": bool(getattr(trainer.state.optimizer, "_step_supports_amp_scaling", False)),
                   "peak_tflops": round(trainer.peak_flops / 1e12, 1), "flops_per_token": trainer._fpt,
                   "seconds_total": round(time.perf_counter() - t0, 1), "run_mfu": summary.get("mfu"),
-                  "syncs": syncs, "profile": s}
+                  "syncs": syncs, "profile_window": probe.window, "profile": s}
         with open(trace_path, "rb") as src, gzip.open(out / f"trace-{name}.json.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         (out / f"profile-{name}.json").write_text(json.dumps(result, indent=2))
-        print(report(name, s, syncs), flush=True)
+        print(report(name, s, syncs, probe.window), flush=True)
         print(f"\n{name}: {result['seconds_total']} s in all (compile, eval and checkpoint included); "
               f"compiled={result['compiled']}, {result['optimizer']} fused={result['fused_optimizer']}\n", flush=True)
         return result
@@ -365,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.micro_batch, args.accumulation = min(args.micro_batch, 4), min(args.accumulation, 2)
         args.warmup_steps, args.sync_steps, args.profile_steps = 2, 4, 2
-        args.log_every, args.peak_tflops = 2, args.peak_tflops or 1.0
+        # 3, not 2: a window of 2 steps fits between logging steps only then.
+        args.log_every, args.peak_tflops = 3, args.peak_tflops or 1.0
+    if args.profile_steps >= args.log_every:  # checked before any model is built
+        p.error(f"--profile-steps ({args.profile_steps}) must be below --log-every ({args.log_every}): "
+                "a longer window always holds a logging step")
     device = torch.device("cpu") if args.smoke else torch.device("cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device; use --smoke to check the script on the CPU")

@@ -141,3 +141,17 @@ def test_bench_compares_cramkit_with_its_hf_counterpart_in_either_order():
             _row("cramkit:crammed-bert", 300.0), _row("cramkit:gpt2-small", 150.0),
             _row("cramkit:crammed-bert,document_mask=true", 150.0, baseline="cramkit:crammed-bert")]
     assert _ratios(rows) == [1.0, 1.0, 1.5, 1.5, 0.5]
+
+
+def test_rows_without_a_like_for_like_baseline_show_a_dash():
+    from cramkit.bench import table
+
+    # Without an HF row, gpt2-small used to be divided by crammed-bert's tokens/s (0.80 here).
+    rows = [_row("cramkit:crammed-bert", 250.0), _row("cramkit:gpt2-small", 200.0)]
+    body = table(rows, 1e12, "cpu").splitlines()[4:]
+    assert [line.split("|")[5].strip() for line in body] == ["—", "—"]
+    # An HF row of the other architecture is no reference either; a named baseline still is.
+    rows = [_row("hf-bert:bert-base", 200.0), _row("cramkit:gpt2-small", 150.0),
+            _row("cramkit:gpt2-small,document_mask=true", 75.0, baseline="cramkit:gpt2-small")]
+    body = table(rows, 1e12, "cpu").splitlines()[4:]
+    assert [line.split("|")[5].strip() for line in body] == ["1.00", "—", "0.50"]

@@ -222,13 +222,13 @@ def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: i
 HF_ARCH = {"hf-bert": "bert", "hf-gpt2": "gpt"}
 
 
-def _reference(results: list[Result], i: int) -> float:
-    """tokens/s of the row that row ``i``'s "× ref" compares with.
+def _reference(results: list[Result], i: int) -> float | None:
+    """tokens/s of the row that row ``i``'s "× ref" compares with, or None when it has none.
 
     The row named as its baseline; a Hugging Face row is its own reference; a cramkit row is
     compared with the Hugging Face row of its architecture (the nearest above, else the nearest
-    below), so ``cramkit:crammed-bert hf-bert:bert-base`` compares the two in either order. Without
-    one, the nearest Hugging Face row above, or the first row.
+    below), so ``cramkit:crammed-bert hf-bert:bert-base`` compares the two in either order.
+    Nothing else is like for like: another model's tokens/s would make a ratio of two shapes.
     """
     r = results[i]
     if r.baseline:
@@ -247,19 +247,20 @@ def _reference(results: list[Result], i: int) -> float:
     for j in above + below:
         if HF_ARCH[families[j]] == arch:
             return results[j].tokens_per_s
-    return results[above[0]].tokens_per_s if above else results[0].tokens_per_s
+    return None
 
 
 def table(results: list[Result], peak: float, device_name: str) -> str:
     """A Markdown table; "× ref" is tokens/s relative to :func:`_reference`'s row, so each cramkit
-    model is compared with its Hugging Face counterpart in one run."""
+    model is compared with its Hugging Face counterpart in one run ("—" where it has none)."""
     lines = [f"device: {device_name}; measured matmul peak {peak / 1e12:.3g} TFLOP/s", "",
              "| target | params (M) | batch × seq | tokens/s | × ref | model TFLOP/s | MFU | step ms | peak mem GB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, r in enumerate(results):
         row_ref = _reference(results, i)
+        ratio = f"{r.tokens_per_s / row_ref:.2f}" if row_ref else "—"
         lines.append(f"| {r.target}{' (compiled)' if r.compiled else ''} | {r.params_m} | {r.batch} × {r.seq_len} | "
-                     f"{r.tokens_per_s:,.0f} | {r.tokens_per_s / row_ref:.2f} | {r.tflops} | {r.mfu:.1%} | "
+                     f"{r.tokens_per_s:,.0f} | {ratio} | {r.tflops} | {r.mfu:.1%} | "
                      f"{r.step_ms} | {r.memory_gb} |")
     return "\n".join(lines)
 
