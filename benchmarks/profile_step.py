@@ -378,6 +378,7 @@ def profile_model(name: str, args, out: Path, device: torch.device) -> dict:
         s = summarize(trace, args.profile_steps, tokens_per_step, trainer._fpt, trainer.peak_flops)
         syncs = sync_summary(probe.per_step, probe.sync_start, args.log_every, device.type == "cuda")
         result = {"model": name, "recipe": recipe, "device": _device_name(device), "torch": torch.__version__,
+                  "commit": os.environ.get("CRAMKIT_COMMIT"),
                   "precision": trainer.precision, "compiled": hasattr(trainer.model, "_orig_mod"),
                   "micro_batch": mb, "accumulation": acc, "seq_len": seq_len, "vocab": vocab,
                   "optimizer": type(trainer.state.optimizer).__name__,

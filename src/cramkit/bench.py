@@ -316,13 +316,19 @@ def run_bench(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: list[Result] = []
     failed: list[dict] = []
+    env: dict = {}
+    if args.json:
+        from .train.runlog import environment
+
+        env = environment(device)
 
     def save() -> None:  # after every target, so a run cut short keeps what it timed
         if args.json:
             from .utils import write_json
 
+            # Versions and commit with the numbers: a result file is read long after the run.
             write_json(args.json, {"device": name, "peak_flops": peak, "precision": precision,
-                                   "results": [asdict(r) for r in results], "failed": failed})
+                                   "environment": env, "results": [asdict(r) for r in results], "failed": failed})
 
     for target, baseline in expand_targets(args.targets, args.document_mask, batch=args.batch, seq_len=args.seq_len):
         try:
