@@ -26,6 +26,8 @@ import torch
 from .errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
+# Validation masks are drawn for this many consecutive sequences at a time (see MaskedLM).
+_FIXED_BLOCK = 64
 
 
 def _seed_from(*parts: Any) -> int:
@@ -100,8 +102,12 @@ class MaskedLM:
     def __call__(self, tokens: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
         tokens = tokens.long()
         if self.fixed and len(tokens):
-            rows = [self._draws(tokens.shape[1:], int(index) + r) for r in range(len(tokens))]
-            select, action, pick = (torch.stack(d) for d in zip(*rows))
+            # Draws per block of _FIXED_BLOCK sequences at fixed positions of the split, sliced to
+            # this batch: a sequence's mask is the same in any batch, at one generator per block.
+            first, start = divmod(int(index), _FIXED_BLOCK)
+            last = (int(index) + len(tokens) - 1) // _FIXED_BLOCK
+            blocks = [self._draws((_FIXED_BLOCK, *tokens.shape[1:]), b) for b in range(first, last + 1)]
+            select, action, pick = (torch.cat(d)[start:start + len(tokens)] for d in zip(*blocks))
         else:
             select, action, pick = self._draws(tokens.shape, int(index))
         candidate = ~torch.isin(tokens, self.special)

@@ -65,13 +65,15 @@ def test_validation_masks_follow_the_sequence_not_the_batch_it_is_evaluated_in(s
     """Fixed masks were drawn over a whole batch, so runs evaluating with micro-batches 256 and
     1024 scored the same validation split under different masks."""
     ds = TokenDataset.open(synth_mlm)
-    tokens = torch.from_numpy(ds.sequences("train")[:8].astype("int64"))
+    rows = ds.sequences("train")
+    tokens = torch.from_numpy(rows[torch.arange(150) % len(rows)].astype("int64"))  # > two draw blocks
     fixed = build_objective("mlm", ds, seed=7, fixed=True)
     whole = fixed(tokens, 0)
-    halves = [fixed(tokens[:4], 0), fixed(tokens[4:], 4)]  # index: the first sequence's position
+    cuts = [0, 37, 100, 150]  # batches that straddle the blocks; index: the first sequence's position
+    parts = [fixed(tokens[a:b], a) for a, b in zip(cuts, cuts[1:])]
     for key in ("labels", "input_ids"):
-        assert torch.equal(whole[key], torch.cat([h[key] for h in halves]))
-    assert not torch.equal(fixed(tokens[4:], 4)["labels"], fixed(tokens[4:], 0)["labels"])
+        assert torch.equal(whole[key], torch.cat([p[key] for p in parts]))
+    assert not torch.equal(fixed(tokens[4:8], 4)["labels"], fixed(tokens[4:8], 0)["labels"])
 
 
 def test_mlm_masks_follow_the_seed(synth_mlm):
