@@ -102,6 +102,20 @@ def test_runs_whose_losses_are_not_comparable_say_so(runs, tiny_clm_data, tmp_pa
     assert "**Note:** the runs train different objectives" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_runs_that_average_validation_over_different_sequences_say_so(tiny_mlm_data, tmp_path):
+    """train.eval_batches counts micro-batches: two runs of the same recipe with micro-batches 2
+    and 4 averaged their losses over different prefixes of the validation split, silently."""
+    from cramkit.train.run import pretrain
+
+    for name, micro in (("small", 2), ("large", 4)):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", f"train.micro_batch={micro}",
+                             "train.eval_batches=1", name=name), say=lambda *_: None)
+    report = build_report(load_runs([tmp_path / "small", tmp_path / "large"]))
+    assert report["notes"] == ["the runs average their validation losses over different numbers of sequences "
+                               "(2, 4: train.eval_batches counts micro-batches); train.eval_batches=0 "
+                               "evaluates the whole split in every run"]
+
+
 def test_a_target_no_run_reaches_and_an_unfinished_run(runs, tmp_path):
     report = build_report(load_runs([runs / "fast", runs / "killed"]), target=0.5)
     fast, killed = report["runs"]

@@ -255,6 +255,11 @@ def comparability_notes(runs: Sequence[Run]) -> list[str]:
     if len(objectives) > 1:
         notes.append(f"the runs train different objectives ({', '.join(sorted(objectives))}): their "
                       "validation losses, and the common target, are not comparable")
+    sizes = {r.summary.get("val_sequences") for r in runs if r.summary} - {None}
+    if len(sizes) > 1:
+        notes.append(f"the runs average their validation losses over different numbers of sequences "
+                     f"({', '.join(f'{n:,}' for n in sorted(sizes))}: train.eval_batches counts micro-batches); "
+                     "train.eval_batches=0 evaluates the whole split in every run")
     tokenizers = {r.loss_scale[1] for r in runs} - {None}
     if len(tokenizers) > 1:
         notes.append("the runs use different tokenizers: a loss per token of one vocabulary is not a "

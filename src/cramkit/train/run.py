@@ -572,6 +572,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             log.close()
             # The model trained last (the one the final checkpoint holds), not the first one.
             summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak)
+            # How many validation sequences each loss averages: eval_batches counts micro-batches,
+            # so runs with other micro-batches may average other prefixes (`report` says so).
+            n_val = len(dataset.sequences("val"))
+            summary["val_sequences"] = min(n_val, cfg.train.eval_batches * micro_batch) if cfg.train.eval_batches \
+                else n_val
             summary["energy_kwh"] = kwh
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
             write_json(run_dir / "summary.json", summary)
