@@ -57,9 +57,13 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader
 # The GPU machine's copy of the checkout has no .git: the command passes the commit in, and every
 # result file records it (cramkit's environment.json too).
-export CRAMKIT_COMMIT=${CRAMKIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-echo "commit $CRAMKIT_COMMIT"
-[ "$CRAMKIT_COMMIT" = unknown ] && echo "warning: no commit known: pass CRAMKIT_COMMIT=<hash> (gpu_prepare.sh prints the command)" >&2
+CRAMKIT_COMMIT=${CRAMKIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+if [ -n "$CRAMKIT_COMMIT" ]; then
+    export CRAMKIT_COMMIT
+    echo "commit $CRAMKIT_COMMIT"
+else  # recorded as absent, not as a made-up value
+    echo "warning: no commit known: pass CRAMKIT_COMMIT=<hash> (gpu_prepare.sh prints the command)" >&2
+fi
 compgen -G "$ENWIKI/train-*.txt.xz" >/dev/null || { echo "error: no $ENWIKI/train-*.txt.xz (run benchmarks/gpu_prepare.sh and carry .gpu)" >&2; exit 2; }
 # cramming's WordPiece 32768, sequence 128; a second call with identical inputs reuses the output.
 # Every part reads this one prepared folder (gpu_core.py and techniques_gpu.py take it as is).

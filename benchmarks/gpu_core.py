@@ -145,7 +145,9 @@ def pretrain_run(name: str, data_dir: Path, runs: Path, seconds: int, results: d
             "train.progress_bar=false", "train.log_every=20", *(SMOKE_OVERRIDES if SMOKE else []),
         ])
         summary = pretrain(cfg)
-        results[f"pretrain_{name}"] = {"summary": summary, "evals": read_metrics(runs / name / "metrics.jsonl")[1]}
+        # Per run: results.json accumulates across calls, so each run names its own commit.
+        results[f"pretrain_{name}"] = {"summary": summary, "evals": read_metrics(runs / name / "metrics.jsonl")[1],
+                                       "commit": os.environ.get("CRAMKIT_COMMIT")}
         return runs / name
 
     return run()

@@ -39,5 +39,6 @@ total=$(( $(git ls-files -z | xargs -0 cat | wc -c) + $(du -sb .gpu .whl | awk '
 echo "ready: .gpu ($(du -sh .gpu | cut -f1)), .whl ($(ls .whl | tr '\n' ' '))"
 echo "working tree + carry: $((total / 1048576)) MiB of the device tool's 64 MiB"
 [ "$total" -lt $((64 * 1048576)) ] || { echo "error: too large to travel" >&2; exit 2; }
-commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src benchmarks || echo "+uncommitted")
+# Untracked files travel to the device too, so they count as uncommitted changes.
+commit=$(git rev-parse --short HEAD)$([ -z "$(git status --porcelain -- src benchmarks)" ] || echo "+uncommitted")
 echo "device command: CRAMKIT_COMMIT=$commit bash benchmarks/gpu_all.sh N"

@@ -191,10 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
     def save(final: bool) -> dict:
         """techniques.json as it stands, rewritten after every run so a cut call keeps it."""
         base = results.get("baseline", {})
+        full = base.get("stop_reason") in (None, "budget")  # a cut baseline sets no target
         report = {"budget": args.budget, "compile": args.compile, "data": str(data_dir),
                   "commit": os.environ.get("CRAMKIT_COMMIT"),
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  "target_val_loss": base.get("final_val_loss"), "complete": final, "runs": results}
+                  "target_val_loss": base.get("final_val_loss") if full else None, "complete": final,
+                  "runs": results}
         if out:
             write_json(Path(out) / "techniques.json", report, default=str)
         return report

@@ -112,8 +112,14 @@ def test_runs_that_average_validation_over_different_sequences_say_so(tiny_mlm_d
                              "train.eval_batches=1", name=name), say=lambda *_: None)
     report = build_report(load_runs([tmp_path / "small", tmp_path / "large"]))
     assert report["notes"] == ["the runs average their validation losses over different numbers of sequences "
-                               "(2, 4: train.eval_batches counts micro-batches); train.eval_batches=0 "
-                               "evaluates the whole split in every run"]
+                               "(2, 4; train.eval_batches counts micro-batches: on the same data, "
+                               "train.eval_batches=0 evaluates the whole split in every run)"]
+    # A run from before summaries recorded the mask scheme: its losses used other masks.
+    summary = json.loads((tmp_path / "small" / "summary.json").read_text())
+    del summary["val_masks"], summary["val_sequences"]
+    (tmp_path / "small" / "summary.json").write_text(json.dumps(summary))
+    notes = build_report(load_runs([tmp_path / "small", tmp_path / "large"]))["notes"]
+    assert len(notes) == 1 and notes[0].startswith("the runs drew their validation masks differently")
 
 
 def test_a_target_no_run_reaches_and_an_unfinished_run(runs, tmp_path):

@@ -28,6 +28,9 @@ from .errors import ConfigError, DataError
 IGNORE_INDEX = -100
 # Validation masks are drawn for this many consecutive sequences at a time (see MaskedLM).
 _FIXED_BLOCK = 64
+#: How validation masks are drawn, recorded in each run's summary: ``cramkit report`` notes runs
+#: scored under another scheme (before it: one draw per batch, with the run's seed).
+VAL_MASKS = "per-sequence, seed 0"
 
 
 def _seed_from(*parts: Any) -> int:

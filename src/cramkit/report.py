@@ -258,8 +258,13 @@ def comparability_notes(runs: Sequence[Run]) -> list[str]:
     sizes = {r.summary.get("val_sequences") for r in runs if r.summary} - {None}
     if len(sizes) > 1:
         notes.append(f"the runs average their validation losses over different numbers of sequences "
-                     f"({', '.join(f'{n:,}' for n in sorted(sizes))}: train.eval_batches counts micro-batches); "
-                     "train.eval_batches=0 evaluates the whole split in every run")
+                     f"({', '.join(f'{n:,}' for n in sorted(sizes))}; train.eval_batches counts micro-batches: "
+                     "on the same data, train.eval_batches=0 evaluates the whole split in every run)")
+    schemes = {r.summary.get("val_masks") for r in runs if r.summary}
+    if len(schemes) > 1:
+        notes.append("the runs drew their validation masks differently (runs from before cramkit recorded "
+                     "summary.json's val_masks drew them per batch, with the run's seed): their validation "
+                     "losses differ by mask sampling as well")
     tokenizers = {r.loss_scale[1] for r in runs} - {None}
     if len(tokenizers) > 1:
         notes.append("the runs use different tokenizers: a loss per token of one vocabulary is not a "

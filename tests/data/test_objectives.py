@@ -76,6 +76,36 @@ def test_validation_masks_follow_the_sequence_not_the_batch_it_is_evaluated_in(s
     assert not torch.equal(fixed(tokens[4:8], 4)["labels"], fixed(tokens[4:8], 0)["labels"])
 
 
+def test_training_masks_are_the_ones_earlier_versions_drew():
+    """Pinned: a change to the training draws would silently change every run's data, and what a
+    resumed run sees after an upgrade (the validation path changed; this one must not)."""
+    import hashlib
+
+    from cramkit.objectives import MaskedLM
+
+    tokens = torch.arange(6 * 40).reshape(6, 40) % 500 + 5
+    out = MaskedLM({"mask": 4, "pad": 0, "cls": 1, "sep": 2, "unk": 3}, 512, seed=1)(tokens, 5)
+    digest = hashlib.sha256(out["input_ids"].numpy().tobytes() + out["labels"].numpy().tobytes()).hexdigest()
+    assert digest[:16] == "c1711842069f7163" and int((out["labels"] != -100).sum()) == 34
+
+
+def test_validation_masks_do_not_follow_the_runs_seed(tiny_mlm_data, tmp_path):
+    """Runs with other seeds scored the same validation split under different masks."""
+    from train.helpers import tiny_config
+
+    from cramkit.train.run import _objective_options
+
+    ds = TokenDataset.open(tiny_mlm_data)
+    tokens = torch.from_numpy(ds.sequences("val")[:4].astype("int64"))
+    masks = [build_objective("mlm", ds, **_objective_options(tiny_config(tiny_mlm_data, tmp_path, f"seed={seed}"),
+                                                             "mlm", fixed=True))(tokens, 0)["labels"]
+             for seed in (1, 2)]
+    assert torch.equal(*masks)
+    train = [build_objective("mlm", ds, **_objective_options(tiny_config(tiny_mlm_data, tmp_path, f"seed={seed}"),
+                                                             "mlm"))(tokens, 0)["labels"] for seed in (1, 2)]
+    assert not torch.equal(*train)  # training masks do follow it
+
+
 def test_mlm_masks_follow_the_seed(synth_mlm):
     # Two runs with different seeds must not mask the same positions of the same batch, and a
     # rebuilt objective with the same seed (a resumed run) must reproduce the masks exactly.

@@ -126,6 +126,10 @@ def latest_checkpoint(run_dir: Path, warn=_warn) -> Path:
     raise CheckpointError(f"{run_dir} has no intact checkpoint (all {len(candidates)} are damaged)")
 
 
+class ShapeMismatch(CheckpointError):
+    """The checkpoint is readable but holds other tensors (names or shapes) than the model."""
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load ``model.safetensors`` from a checkpoint folder into ``model`` (shapes must match)."""
     try:
@@ -137,11 +141,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except RuntimeError as exc:  # shapes differ, e.g. model.hidden changed on resume
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
         first = first.rstrip(".")
-        raise CheckpointError(f"checkpoint {path} does not match the model: {first}") from None
+        raise ShapeMismatch(f"checkpoint {path} does not match the model: {first}") from None
     tied = {n for n, t in model.state_dict().items() if n in missing and _is_tied(model, n)}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
-        raise CheckpointError(
+        raise ShapeMismatch(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
         )
 

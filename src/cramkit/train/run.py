@@ -38,7 +38,7 @@ from ..distributed.memory import advise, offload_context
 from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
-from ..objectives import BOUNDARY_TOKENS, boundary_token_id, build_objective
+from ..objectives import BOUNDARY_TOKENS, VAL_MASKS, boundary_token_id, build_objective
 from ..optim import OPTIMIZER_STATES, build_optimizer
 from ..techniques import build_techniques
 from ..utils import atomic_path, read_json, write_json
@@ -115,8 +115,9 @@ def _objective_options(cfg: RunConfig, name: str, fixed: bool = False) -> dict[s
     if name != "mlm":  # CLM is a deterministic shift: nothing to configure or seed
         return {}
     o = cfg.objective
+    # Validation masks do not follow the run's seed: runs with other seeds score the same masks.
     return {"mask_rate": o.eval_mask_rate if fixed else o.mask_rate, "mask_prob": o.mask_fraction,
-            "random_prob": o.random_fraction, "seed": cfg.seed, "fixed": fixed}
+            "random_prob": o.random_fraction, "seed": 0 if fixed else cfg.seed, "fixed": fixed}
 
 
 def _seed_everything(seed: int) -> None:
@@ -577,6 +578,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             n_val = len(dataset.sequences("val"))
             summary["val_sequences"] = min(n_val, cfg.train.eval_batches * micro_batch) if cfg.train.eval_batches \
                 else n_val
+            summary["val_masks"] = VAL_MASKS
             summary["energy_kwh"] = kwh
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
             write_json(run_dir / "summary.json", summary)
@@ -653,9 +655,7 @@ def _load_resumed_weights(model: torch.nn.Module, cfg: RunConfig, run_dir: Path,
     user little about which override caused it)."""
     try:
         ckpt.load_weights(model, checkpoint)
-    except CheckpointError as exc:
-        if "does not match the model" not in str(exc):  # unreadable, not mismatched: nothing to add
-            raise
+    except ckpt.ShapeMismatch as exc:
         saved = read_json(run_dir / "config.json", CheckpointError)
         now = cfg.to_dict()
         changed = [f"model.{k}={v} (was {saved.get('model', {}).get(k)})"
