@@ -3,8 +3,9 @@
 # an H100 or H200 (with a 15-minute lease, one part per lease; each part works alone on a fresh
 # machine: it re-prepares the data in ~15 s when /tmp was lost).
 #
-#   bash benchmarks/gpu_all.sh 1   # issue 7: the optimizer curves the H100 sweep lacks (ONLY="" for
-#                                  #   the whole 24-run grid: ~16 minutes, so a second call with
+#   bash benchmarks/gpu_all.sh 1   # issue 9: cramkit vs Hugging Face tokens/s (crammed-bert, GPT-2),
+#                                  #   then issue 7: the optimizer curves the H100 sweep lacks (ONLY=""
+#                                  #   for the whole 24-run grid: ~16 minutes, so a second call with
 #                                  #   ONLY= set to the grid points the first did not reach)
 #   bash benchmarks/gpu_all.sh 2   # issue 6: techniques vs baseline (5 runs x 60 s)
 #   bash benchmarks/gpu_all.sh 3   # issue 8: tokens/s cost of each memory switch; FP8 vs bf16, compiled
@@ -77,6 +78,10 @@ case $part in
     # H100 sweep did not bring back, and AdamW's best as the anchor that ties this GPU to that
     # one (records name their device; the report keeps devices apart). ONLY="" runs all 24.
     ONLY=${ONLY-lion@0.0001,lamb@0.01,sgd@0.1,lars@1,adamw@0.001}
+    # First the throughput table (four compiled targets, ~3-4 minutes): #9's headline, last
+    # measured before the trainer's step (and now the bench's) stopped syncing to find targets.
+    limit 330 "$PY" benchmarks/gpu_core.py --enwiki "$DATA" --work "$WORK" --stages throughput ${SMOKE:+--smoke} \
+        2>&1 | tee "$OUT/throughput.log" || failed $? throughput
     limit 575 "$PY" benchmarks/optimizers.py --gpu ${SMOKE:+--smoke} --data "$DATA" --out "$WORK/optim" \
         --records "$OUT/optim_records.jsonl" --plot "$OUT/optim_loss_gpu.png" ${ONLY:+--only "$ONLY"} \
         2>&1 | tee "$OUT/optimizers.log" || failed $? optimizers

@@ -157,3 +157,23 @@ def test_rows_without_a_like_for_like_baseline_show_a_dash():
             _row("cramkit:gpt2-small,document_mask=true", 75.0, baseline="cramkit:gpt2-small")]
     body = table(rows, 1e12, "cpu").splitlines()[4:]
     assert [line.split("|")[5].strip() for line in body] == ["1.00", "—", "0.50"]
+
+
+def test_the_timed_step_is_the_trainers_no_search_for_targets_on_the_device(monkeypatch):
+    """The bench let crammed-bert find its masked positions with nonzero() every step (a
+    host-device sync the trainer's step avoids), so it timed a slower step than training runs."""
+    import cramkit.bench as bench
+    from cramkit.models.base import TransformerLM
+
+    seen = []
+    forward = TransformerLM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("target_index"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransformerLM, "forward", spy)
+    for family in ("cramkit:tiny", "hf-bert:tiny"):
+        bench.bench_target(family, batch=2, seq_len=16, steps=1, warmup=1, device=torch.device("cpu"),
+                           precision="fp32", compile=False, mask_rate=0.25, peak=1e8)
+    assert len(seen) == 2 and all(index is not None and index.dim() == 1 for index in seen)

@@ -27,7 +27,7 @@ def shared_data(*parts: str) -> Path:
 
 # What each part must leave in $OUT (the device tool returns at most 8 files, plainly named).
 EXPECTED = {
-    1: {"optimizers.log", "optim_records.jsonl", "optim_loss_gpu.png"},
+    1: {"throughput.log", "gpu_core.json", "optimizers.log", "optim_records.jsonl", "optim_loss_gpu.png"},
     2: {"techniques.log", "techniques.json", "techniques_records.jsonl"},
     3: {"gpu_scale_costs.log", "gpu_scale.json"},
     4: {"profile_step.log", "profile-crammed-bert.json", "trace-crammed-bert.json.gz",
