@@ -67,7 +67,7 @@ DEPTHS = [2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 56, 64]
 # (see ``--host-gb``): a host out of memory can take more than the probe down with it.
 OFFLOAD_DEPTHS = {"optimizer offload": [32, 40], "both": [40, 48]}
 # Seconds a probe needs at least: none is started with less left (a cut probe measures nothing).
-MIN_START = {"gpu": 30.0, "offload": 120.0}
+MIN_START = {"gpu": 30.0, "compile": 90.0, "offload": 120.0}
 
 
 def _probe_config(hidden: int, layers: int, switches: list[str]):
@@ -190,13 +190,19 @@ def _run_probe(hidden, layers, switches, micro, steps, timeout) -> dict:
     return {"error": last[0].strip()[-300:]}
 
 
+def _out_of_time(left: float, need: float) -> dict | None:
+    """The result of a probe not started because fewer than ``need`` seconds are ``left`` (a
+    probe cut by the part's limit would measure nothing), or None when it may start."""
+    if left < need and not SMOKE:
+        return {"error": f"skipped: out of time ({left:.0f} s left, {need:.0f} s needed)"}
+    return None
+
+
 def _largest_probe(depth: int, switches: list[str], timeout: float, min_start: float = 0.0) -> dict:
     """Two training steps of the largest-model shape at ``depth`` (tiny under --smoke); not
     started with less than ``min_start`` seconds left."""
-    if timeout < min_start and not SMOKE:
-        r = {"error": f"skipped: out of time ({timeout:.0f} s left, {min_start:.0f} s needed)"}
-    else:
-        r = run_probe(64 if SMOKE else HIDDEN, depth, switches, 4 if SMOKE else LARGEST_MICRO, 2, timeout=timeout)
+    r = _out_of_time(timeout, min_start) or run_probe(
+        64 if SMOKE else HIDDEN, depth, switches, 4 if SMOKE else LARGEST_MICRO, 2, timeout=timeout)
     print("  ", switches, depth, r, flush=True)
     return r
 
@@ -351,11 +357,9 @@ def main() -> None:
                     continue
                 hidden, layers, micro, switches = 64, 2, 4, [s for s in switches if s != "compile"]
             steps = 8 if "compile" in switches else 6
-            need = 0 if SMOKE else 90 if "compile" in switches else MIN_START["gpu"]
-            if remaining() < need:  # a probe cut by the part's limit would measure nothing
-                cost[name] = {"error": f"skipped: out of time ({remaining():.0f} s left, {need} s needed)"}
-            else:
-                cost[name] = run_probe(hidden, layers, switches, micro, steps, timeout=min(240, remaining()))
+            need = MIN_START["compile"] if "compile" in switches else MIN_START["gpu"]
+            cost[name] = _out_of_time(remaining(), need) or run_probe(
+                hidden, layers, switches, micro, steps, timeout=min(240, remaining()))
             print(name, cost[name], flush=True)
             save()
     if "largest" in parts:

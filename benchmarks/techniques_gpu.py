@@ -124,6 +124,11 @@ def run_one(name: str, overrides: list[str]) -> dict:
     return summary
 
 
+def _cut_short(r: dict) -> bool:
+    """Whether a run stopped before its budget (a time limit's SIGTERM): not a full run."""
+    return r.get("stop_reason") not in (None, "budget")
+
+
 def _num(r: dict, key: str, spec: str) -> str:
     """``r[key]`` formatted, or "-" when the run has no such figure (not a crash)."""
     value = r.get(key)
@@ -143,7 +148,7 @@ def table(results: dict[str, dict], target: float) -> str:
         if "error" in r:
             rows.append(f"| {name} | failed: {r['error']} | | | | | |")
             continue
-        if r.get("stop_reason") not in (None, "budget"):  # a time limit's SIGTERM: not a full run
+        if _cut_short(r):
             name = f"{name} (cut by {r['stop_reason']} at {_num(r, 'train_seconds', '.0f')} s)"
         t, f = reach(r["evals"], target, "elapsed"), reach(r["evals"], target, "flops")
         speed = (f"{base_t / t:.2f}x / {base_f / f:.2f}x"
@@ -191,11 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
     def save(final: bool) -> dict:
         """techniques.json as it stands, rewritten after every run so a cut call keeps it."""
         base = results.get("baseline", {})
-        full = base.get("stop_reason") in (None, "budget")  # a cut baseline sets no target
         report = {"budget": args.budget, "compile": args.compile, "data": str(data_dir),
                   "commit": os.environ.get("CRAMKIT_COMMIT"),
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                  "target_val_loss": base.get("final_val_loss") if full else None, "complete": final,
+                  "target_val_loss": None if _cut_short(base) else base.get("final_val_loss"), "complete": final,
                   "runs": results}
         if out:
             write_json(Path(out) / "techniques.json", report, default=str)
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"budget {args.budget} per run, {'compiled' if args.compile else 'eager'}, data {data_dir}, "
           f"target = baseline final val loss {target if target is None else f'{target:.4f}'}\n")
     report = save(final=True)
-    if base.get("stop_reason") not in (None, "budget"):
+    if _cut_short(base):
         print(f"no comparison: the baseline stopped by {base['stop_reason']} before its budget, so its loss "
               "is no target")
     elif target is not None:

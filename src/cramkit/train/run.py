@@ -466,12 +466,15 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     fpt = lambda m: flops_per_token(m.config, seq_len, mask_rate)  # noqa: E731
     peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, precision)
 
+    # How many validation sequences each loss averages (the summary records it): eval_batches
+    # counts micro-batches, so runs with other micro-batches may average other prefixes.
+    n_val = len(dataset.sequences("val"))
+    val_sequences = min(n_val, cfg.train.eval_batches * micro_batch) if cfg.train.eval_batches else n_val
+
     def evaluate(m: torch.nn.Module) -> float:
         total, count = 0.0, 0
         seqs = dataset.sequences("val")
-        n = len(seqs)
-        limit = cfg.train.eval_batches * micro_batch if cfg.train.eval_batches else n
-        for start in range(0, min(n, limit), micro_batch):  # masks follow the sequence, not the batch
+        for start in range(0, val_sequences, micro_batch):  # masks follow the sequence, not the batch
             tokens = torch.from_numpy(seqs[start:start + micro_batch].astype("int64"))
             batch = {k: v.to(device) for k, v in eval_objective(tokens, start).items()}
             out = m(**batch)
@@ -573,11 +576,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             log.close()
             # The model trained last (the one the final checkpoint holds), not the first one.
             summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak)
-            # How many validation sequences each loss averages: eval_batches counts micro-batches,
-            # so runs with other micro-batches may average other prefixes (`report` says so).
-            n_val = len(dataset.sequences("val"))
-            summary["val_sequences"] = min(n_val, cfg.train.eval_batches * micro_batch) if cfg.train.eval_batches \
-                else n_val
+            summary["val_sequences"] = val_sequences  # `report` notes runs that differ
             summary["val_masks"] = VAL_MASKS
             summary["energy_kwh"] = kwh
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
