@@ -63,8 +63,14 @@ def test_glue_average_excludes_wnli_and_counts_mnli_twice():
     assert M.glue_average({"wnli": {"accuracy": 1.0}}) is None
 
 
-def test_task_score_is_mean_of_metrics_and_median_over_seeds():
-    assert M.task_score({"f1": 0.9, "accuracy": 0.8}) == pytest.approx(0.85)
+def test_task_score_is_the_target_metric_and_median_over_seeds():
+    # cramming's target_metrics: MRPC/QQP F1, STS-B Pearson; the rest is reported, not averaged.
+    assert M.task_score({"f1": 0.9, "accuracy": 0.8}) == pytest.approx(0.9)
+    assert M.task_score({"pearson": 0.5, "spearman": 0.7}) == pytest.approx(0.5)
+    assert M.metrics_mean({"f1": 0.9, "accuracy": 0.8}) == pytest.approx(0.85)
+    both = {"mrpc": {"f1": 0.9, "accuracy": 0.8}, "cola": {"matthews": 0.3}}
+    assert M.glue_average(both) == pytest.approx(0.6)
+    assert M.glue_average(both, M.metrics_mean) == pytest.approx(0.575)
     runs = [
         {"accuracy": 0.1, "f1": 0.5},
         {"accuracy": 0.3, "f1": 0.2},

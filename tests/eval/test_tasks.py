@@ -362,3 +362,10 @@ def test_a_glue_task_folder_loads_as_that_glue_task(glue_dir, tmp_path, monkeypa
     (folder / "dev.tsv").write_text("sentence\tlabel\nhello\t1\n")
     with pytest.raises(DataError, match=r"cola/dev.tsv:1: .*column #3 missing"):
         load_task(folder)
+
+
+def test_each_glue_task_lists_cramming_target_metric_first():
+    # The GLUE average scores an entry by its first metric (cramming's target_metrics).
+    target = {"cola": "matthews", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}
+    for name in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"):
+        assert get_task(name).metrics[0] == target.get(name, "accuracy"), name

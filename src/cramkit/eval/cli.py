@@ -147,7 +147,12 @@ def add_parser(subparsers) -> None:
         "(default: the distinct labels of the training file)",
     )
     p.add_argument("--regression", action="store_true", help="file tasks: numeric target")
-    p.add_argument("--metrics", default=None, help="file tasks: comma-separated metric names")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="file tasks: comma-separated metric names; the first is the task's score "
+        "(default: accuracy, or pearson,spearman for regression)",
+    )
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning options")
     p.set_defaults(func=cmd_finetune)
     accept_late_overrides(p)

@@ -1,12 +1,16 @@
 """Downstream metrics, computed by scikit-learn / scipy, and the GLUE average.
 
-Conventions (GLUE, as the cramming paper reports it):
+Conventions (cramming's evaluation code: ``eval.py`` and the ``target_metrics`` of its
+``config/eval/tasks/*.yaml``):
 
-- a task's score is the mean of its metrics (MRPC/QQP: F1 and accuracy; STS-B: Pearson and
-  Spearman; CoLA: Matthews correlation; every other task: accuracy);
+- a task entry's score is its *target metric*, the first metric it lists: CoLA Matthews
+  correlation, MRPC and QQP F1, STS-B Pearson, every other GLUE task accuracy (the other metrics,
+  e.g. MRPC accuracy or STS-B Spearman, are reported but not averaged);
 - the GLUE average is the mean over task entries, WNLI excluded, with MNLI matched and mismatched
   counted as **two entries** (``mnli-m`` and ``mnli-mm``). This reproduces cramming's reported
-  80.7 from its per-task numbers (averaging m/mm into one MNLI entry would give 80.3).
+  80.7 from its per-task numbers (averaging m/mm into one MNLI entry would give 80.3);
+- :func:`metrics_mean` is the GLUE leaderboard's per-task convention instead (the mean of a task's
+  metrics, e.g. MRPC (F1 + accuracy) / 2); reports give the average under it as a second number.
 
 All values are on a 0-100 scale in reports; the functions here return the raw 0-1 (or -1..1)
 value and :func:`to_percent` converts.
@@ -145,20 +149,31 @@ def compute_metrics(
 
 
 def task_score(metrics: Mapping[str, float]) -> float:
-    """One number per task: the mean of its metrics (GLUE's convention for MRPC, QQP, STS-B)."""
+    """One number per task entry: its target metric, the first in ``metrics`` (cramming's
+    ``target_metrics``: MRPC/QQP F1, STS-B Pearson, CoLA Matthews, others accuracy)."""
     if not metrics:
         raise ValueError("task_score of no metrics")
+    return float(next(iter(metrics.values())))
+
+
+def metrics_mean(metrics: Mapping[str, float]) -> float:
+    """The mean of an entry's metrics (the GLUE leaderboard's score for MRPC, QQP, STS-B)."""
+    if not metrics:
+        raise ValueError("metrics_mean of no metrics")
     return float(statistics.fmean(metrics.values()))
 
 
-def glue_average(results: Mapping[str, Mapping[str, float]]) -> float | None:
-    """The GLUE average of ``{entry: {metric: value}}``.
+def glue_average(
+    results: Mapping[str, Mapping[str, float]],
+    score: Callable[[Mapping[str, float]], float] = task_score,
+) -> float | None:
+    """The GLUE average of ``{entry: {metric: value}}``, each entry scored by ``score``.
 
     Entries are task names, except MNLI which appears as ``mnli-m`` and ``mnli-mm`` (two entries,
     as cramming counts them). WNLI is excluded. Returns None when nothing is left to average.
     """
     scores = [
-        task_score(metrics)
+        score(metrics)
         for entry, metrics in results.items()
         if entry.lower() not in EXCLUDED_FROM_AVERAGE and metrics
     ]
