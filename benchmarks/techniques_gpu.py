@@ -42,13 +42,15 @@ from cramkit.utils import append_jsonl, write_json
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RAW = str(REPO.parent / "shared" / "data" / "pretrain" / "enwiki-2015")
 
-# Options per technique for a ~60 s run of a 16-layer model (a few hundred steps). PLD's gamma is
-# per unit of budget progress: the paper's 0.001/step would barely move theta in so few steps, so
-# theta reaches its limit after ~15 % of the budget instead.
+# Options per technique for a ~60 s run of a 16-layer model (a few hundred steps), each the
+# reference recipe's where it has one. PLD: theta_bar 0.5 and DeepSpeed's gamma scaled to the
+# budget (0.001/step x 200k steps = 200 per unit of progress; 0.001/step over this run's few
+# hundred steps would barely move theta). Stacking: Gong et al.'s 3 -> 6 -> 12 schedule as
+# fractions of compute (the budget is time), 4 -> 8 -> 16 here.
 TECHNIQUE_RUNS: dict[str, list[str]] = {
-    "pld": ["techniques=[pld]", "technique.pld.theta_bar=0.5", "technique.pld.gamma=20"],
+    "pld": ["techniques=[pld]", "technique.pld.theta_bar=0.5", "technique.pld.gamma=200"],
     "stacking": ["techniques=[stacking]", "technique.stacking.doublings=2",
-                 "technique.stacking.at=[0.15,0.4]"],
+                 "technique.stacking.at=[0.04,0.15]"],
     "vcycle": ["techniques=[vcycle]", "technique.vcycle.levels=2", "technique.vcycle.width=2",
                "technique.vcycle.depth=2", "technique.vcycle.fractions=[0.05,0.3,0.65]",
                "technique.vcycle.alpha=0.5"],

@@ -60,8 +60,12 @@ def test_stack_keeps_weights_and_optimizer_state(mode):
 
 
 def test_schedule_and_configured_depth():
+    # Two doublings default to Gong et al.'s compute split (3 -> 6 -> 12 for 50k/70k/280k steps).
     opts = StackingOptions.from_dict({"doublings": 2})
-    assert opts.schedule() == pytest.approx([1 / 3, 2 / 3])
+    layer_steps = [50 * 3, 70 * 6, 280 * 12]
+    authors = [layer_steps[0] / sum(layer_steps), sum(layer_steps[:2]) / sum(layer_steps)]
+    assert opts.schedule() == pytest.approx(authors, abs=0.005)
+    assert StackingOptions.from_dict({"doublings": 3}).schedule() == pytest.approx([0.25, 0.5, 0.75])
     tech = ProgressiveStacking(opts)
     cfg = preset_config("tiny", layers=12)
     assert tech.configure_model(cfg).layers == 3
@@ -103,7 +107,7 @@ def test_run_grows_to_final_depth_and_counts_flops(tiny_mlm_data, tmp_path):
     assert estimate["parameters_gb"] == pytest.approx(4 * full / 1e9, rel=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["copy", "reset"])
+@pytest.mark.parametrize("mode", ["copy", "reset", "reset_all"])
 def test_a_run_carries_optimizer_state_across_each_doubling(mode, tiny_mlm_data, tmp_path, monkeypatch):
     """Through the trainer, not just the transfer function: the rebuilt optimizer must hold the
     original blocks' state, and the copied blocks' state copied from their sources or fresh."""
@@ -119,6 +123,10 @@ def test_a_run_carries_optimizer_state_across_each_doubling(mode, tiny_mlm_data,
         depth = len(old.layers)
         swap(self)
         opt = self.state.optimizer
+        if mode == "reset_all":  # the authors' recipe: nothing carries over, not even the originals
+            assert not any(opt.state.get(p) for p in self.raw_model.parameters())
+            checked.append(depth)
+            return
         for i in range(depth):
             for name, p in self.raw_model.layers[i].named_parameters():  # the originals keep theirs
                 torch.testing.assert_close(opt.state[p]["exp_avg"], before[f"layers.{i}.{name}"], rtol=0, atol=0)

@@ -12,14 +12,20 @@ Schedules are functions of budget progress t in [0, 1]:
 - keep probability of block l (1-based, L blocks) = 1 - (l / L) * (1 - theta(t)), the paper's
   linear-in-depth rule: the bottom block is almost always kept, the top one with theta(t).
 
-``gamma`` is per unit of progress. The paper's gamma = 0.001 is per optimizer step; a run of T
-steps has gamma_progress = 0.001 * T (e.g. 100 for 100k steps, the default here). Because a
-time budget's step count is unknown in advance, estimate T from a short run's steps per second.
+DeepSpeed's reference model (DeepSpeedExamples ``bing_bert``) indexes the rule from 0 instead:
+its bottom block is always kept and its top one with theta + (1 - theta)/L; cramkit follows the
+paper's 1-based formula (16 blocks at theta 0.5: 11.75 expected blocks here, 12.25 there).
+
+``gamma`` is per unit of progress. DeepSpeed's PLD recipe uses gamma = 0.001 per optimizer step
+over 200k steps; per unit of progress that is 0.001 * 200k = 200, the default here, which brings
+theta within 1 % of theta_bar by 2.3 % of the budget. For another run length T (in steps) the
+same per-step rate is gamma = 0.001 * T.
 
 Decisions are per batch: one draw per block per optimizer step, shared by every sequence and
-every micro-batch of that step (the paper's and DeepSpeed's granularity; it is what makes a step
-cheaper). The draws come from a generator seeded by ``(seed, step)``, so a resumed run makes the
-same decisions, and the global RNG (dropout, masking) is untouched.
+every micro-batch of that step. DeepSpeed draws per forward pass, i.e. per micro-batch; one draw
+per step keeps gradient accumulation equal to the big batch (every micro-batch trains the same
+network) and a step's FLOPs exact. The draws come from a generator seeded by ``(seed, step)``, so
+a resumed run makes the same decisions, and the global RNG (dropout, masking) is untouched.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ class PLDOptions(Config):
 
     theta_bar: float = field(0.5, help="limit of the keep probability of the top block (1 = off)")
     gamma: float = field(
-        100.0, help="decay rate per unit of budget progress (paper: 0.001 per step x steps)"
+        200.0,
+        help="decay rate per unit of budget progress (DeepSpeed's recipe: 0.001 per step x 200k "
+        "steps)",
     )
     seed: int = field(0, help="seed of the drop decisions (combined with the step number)")
     compile_blocks: bool = field(

@@ -7,7 +7,14 @@ whole stack is put on top (block ``d + i`` starts as block ``i``), as in the pap
 Embeddings, norms and head carry over unchanged.
 
 The optimizer state of the copied blocks is copied from their sources (``optimizer=copy``) or
-started fresh (``optimizer=reset``); the original blocks and everything else always keep theirs.
+started fresh (``optimizer=reset``), while the original blocks and everything else keep theirs;
+``optimizer=reset_all`` starts every parameter's state fresh, as the authors' recipe does
+(``reproduce_bert.sh`` trains each stage with fairseq's ``--reset-optimizer``).
+
+The default schedule is the authors' (StackingBERT ``reproduce_bert.sh``): 50k updates at 3
+layers, 70k at 6, 280k at 12. In compute (a step costs in proportion to depth) the doublings fall
+at 3.8 % and 14.5 %, which is what a time or FLOP budget's progress measures: hence 0.04 and 0.15.
+For a step or token budget their step split is ``at=[0.125,0.3]``.
 The switch goes through the trainer (``state.request_model``), which rebuilds the optimizer and
 recomputes the FLOPs per token for the new depth. On resume, the saved depth decides what
 ``configure_model`` builds, so the checkpoint's weights fit.
@@ -26,6 +33,10 @@ from ..models.config import ModelConfig
 from .base import ContractCases, Technique, register
 from .common import full_state_dict, materialize, model_device
 
+#: Gong et al.'s 3 -> 6 -> 12 recipe as fractions of compute: (50k x 3) and (50k x 3 + 70k x 6)
+#: layer-updates out of 50k x 3 + 70k x 6 + 280k x 12.
+AUTHORS_SCHEDULE = (0.04, 0.15)
+
 
 @dataclasses.dataclass
 class StackingOptions(Config):
@@ -35,10 +46,13 @@ class StackingOptions(Config):
     at: list[float] = field(
         default_factory=list,
         help="budget fractions at which the depth doubles, one per doubling, increasing; "
-        "empty = evenly spaced (1/3, 2/3 for two doublings)",
+        "empty = the authors' compute split for two doublings (0.04, 0.15), evenly spaced "
+        "for any other count",
     )
-    optimizer: Literal["copy", "reset"] = field(
-        "copy", help="optimizer state of the copied blocks: copied from their sources, or fresh"
+    optimizer: Literal["copy", "reset", "reset_all"] = field(
+        "copy",
+        help="optimizer state at a doubling: copy (the copies get their sources' state), reset "
+        "(the copies start fresh) or reset_all (every parameter starts fresh, as the authors do)",
     )
 
     def validate(self) -> None:
@@ -56,6 +70,8 @@ class StackingOptions(Config):
         """The progress at which each doubling happens."""
         if self.at:
             return list(self.at)
+        if self.doublings == len(AUTHORS_SCHEDULE):
+            return list(AUTHORS_SCHEDULE)
         return [(i + 1) / (self.doublings + 1) for i in range(self.doublings)]
 
 
@@ -94,10 +110,15 @@ def _names_of(cfg: ModelConfig, like: torch.nn.Module) -> list[str]:
     return names
 
 
-def transfer_optimizer_state(copy_sources: bool):
-    """A ``transfer`` callback for ``state.request_model`` after :func:`stack`."""
+def transfer_optimizer_state(copy_sources: bool, keep: bool = True):
+    """A ``transfer`` callback for ``state.request_model`` after :func:`stack`.
+
+    ``keep=False`` transfers nothing: the rebuilt optimizer starts fresh for every parameter.
+    """
 
     def transfer(old_model, new_model, old_opt, new_opt) -> None:
+        if not keep:
+            return
         depth = old_model.config.layers
         old_params = dict(old_model.named_parameters())
         for name, param in new_model.named_parameters():
@@ -152,7 +173,10 @@ class ProgressiveStacking(Technique):
         if self.done < len(schedule) and state.progress >= schedule[self.done]:
             self.done += 1
             new_model = stack(state.model)
-            state.request_model(new_model, transfer_optimizer_state(self.options.optimizer == "copy"))
+            mode = self.options.optimizer
+            state.request_model(
+                new_model, transfer_optimizer_state(mode == "copy", keep=mode != "reset_all")
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done}
