@@ -172,7 +172,8 @@ def _is(value):
 
 _COMMON = {
     "norm": (_is("layernorm"), "HF uses LayerNorm"),
-    "bias": (_is(True), "HF has biases on every linear layer and norm"),
+    "bias": (_is(True), "HF has biases on every linear layer"),
+    "norm_bias": (_is(True), "HF's LayerNorms have a bias"),
     "ffn": (_is("gelu"), "HF's feed-forward is not gated"),
     "activation": (lambda v: v in _ACT_HF, "needs an HF activation"),
     "positions": (_is("learned"), "HF uses a learned position table"),

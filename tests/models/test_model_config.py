@@ -8,6 +8,7 @@ import torch
 from cramkit.config import load_config
 from cramkit.errors import ConfigError
 from cramkit.models import ModelConfig, build_model
+from cramkit.models.flops import count_parameters
 from cramkit.models.presets import PRESETS, get_preset, preset_config
 
 
@@ -97,7 +98,13 @@ def test_crammed_bert_is_the_reference_architecture():
     block = model.layers[0]
     assert tuple(block.ffn.up.weight.shape) == (3072, 768)
     assert tuple(block.ffn.down.weight.shape) == (768, 1536)
-    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+    # No linear layer has a bias; the LayerNorms keep theirs, as cramming's torch.nn.LayerNorm do.
+    biases = [name for name, _ in model.named_parameters() if name.endswith("bias")]
+    assert biases and all(".norm" in n or n.startswith("final_norm") for n in biases), biases
+    assert len(biases) == 2 * 16 + 2  # norm1 and norm2 per block, the embedding and final norms
+    # cramming's crammed_bert.py counted layer by layer (vocabulary 32768, tied decoder, the
+    # sinusoid's one learned scale): 25,165,824 + 1 + 1,536 + 16 x 5,901,312 + 1,536.
+    assert count_parameters(model) == 119_589_889
 
 
 def test_hf_shaped_presets():

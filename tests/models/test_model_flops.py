@@ -14,14 +14,14 @@ from cramkit.models.presets import PRESETS, preset_config
 V, H, LAYERS, FFN_UP, FFN_DOWN_IN = 32768, 768, 16, 3072, 1536
 TOKEN_EMBEDDING = V * H
 SINUSOID_SCALE = 1
-NORM = H  # LayerNorm without bias: weight only
+NORM = 2 * H  # LayerNorm weight and bias (cramming: torch.nn.LayerNorm; no bias on linear layers)
 PER_LAYER = (H * 3 * H) + (H * H) + (H * FFN_UP) + (FFN_DOWN_IN * H) + 2 * NORM
 CRAMMED_NON_EMBEDDING = NORM + LAYERS * PER_LAYER + NORM  # embedding norm, blocks, final norm
 CRAMMED_TOTAL = TOKEN_EMBEDDING + SINUSOID_SCALE + CRAMMED_NON_EMBEDDING  # tied decoder, no bias
 
 
 def test_crammed_bert_parameter_count():
-    assert CRAMMED_TOTAL == 119_563_777
+    assert CRAMMED_TOTAL == 119_589_889
     cfg = preset_config("crammed-bert")
     assert count_parameters_from_config(cfg) == CRAMMED_TOTAL
     assert count_parameters_from_config(cfg, non_embedding=True) == CRAMMED_NON_EMBEDDING
@@ -55,7 +55,7 @@ def test_crammed_bert_flops_per_token():
     decoder = H * V * mask_rate
     attention = 12 * LAYERS * seq_len * H
     expected = 6 * (CRAMMED_NON_EMBEDDING + decoder) + attention
-    assert expected == 623_010_816
+    assert expected == 623_167_488
     assert flops_per_token(preset_config("crammed-bert"), seq_len, mask_rate) == expected
 
 

@@ -38,7 +38,12 @@ class ModelConfig(Config):
         "layernorm", help="normalisation layer; 'none' for inits that train without it (t-fixup, fixup, rezero)"
     )
     norm_eps: float = field(1e-12, help="epsilon of every norm (BERT 1e-12, GPT-2 1e-5)")
-    bias: bool = field(False, help="biases on all linear layers (except the decoder) and on norms")
+    bias: bool = field(False, help="biases on all linear layers (except the decoder)")
+    norm_bias: bool = field(
+        True,
+        help="a shift (bias) on every LayerNorm, as in torch's default and in cramming's "
+        "otherwise bias-free crammed BERT (RMSNorm has none)",
+    )
     ffn: Name = field(
         "glu", help="feed-forward: 'gelu' (up, act, down) or 'glu' (gated: act(gate) * value)"
     )

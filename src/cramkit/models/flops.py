@@ -50,8 +50,8 @@ def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
 def _norm(cfg: ModelConfig) -> int:
     if cfg.norm == "none":
         return 0
-    # RMSNorm has no shift even when biases are on.
-    has_shift = cfg.bias and cfg.norm == "layernorm"
+    # RMSNorm has no shift even when norm_bias is on.
+    has_shift = cfg.norm_bias and cfg.norm == "layernorm"
     return cfg.hidden * (2 if has_shift else 1)
 
 

@@ -60,7 +60,7 @@ ACTIVATIONS.add("gelu_tanh", lambda: nn.GELU(approximate="tanh"))
 
 def make_norm(cfg) -> nn.Module:
     """The norm layer ``cfg`` asks for, of width ``cfg.hidden``."""
-    return NORMS.get(cfg.norm)(cfg.hidden, cfg.norm_eps, cfg.bias)
+    return NORMS.get(cfg.norm)(cfg.hidden, cfg.norm_eps, cfg.norm_bias)
 
 
 def _dropout(p: float) -> nn.Module:

@@ -4,7 +4,7 @@
 | --- | --- |
 | ``tiny`` | crammed-style BERT, hidden 64, 2 layers (CPU tests, demos) |
 | ``tiny-gpt`` | GPT-2-style decoder, hidden 64, 2 layers |
-| ``crammed-bert`` | Geiping & Goldstein 2023, exactly as in REFERENCE.md |
+| ``crammed-bert`` | Geiping & Goldstein 2023, as in REFERENCE.md and cramming's code |
 | ``bert-base`` | Devlin et al. 2018 BERT-base (post-LN, dropout 0.1, full-vocabulary head) |
 | ``gpt2-small`` | GPT-2 124M (pre-LN, learned positions, tied) |
 
@@ -12,6 +12,11 @@
 same prepared data as ``crammed-bert`` (override ``vocab_size`` for the original WordPiece).
 ``gpt2-small`` pads GPT-2's 50257 tokens to 50304 (a multiple of 64, for fast matmuls) and uses no
 dropout by default (GPT-2 used 0.1; under a short budget dropout only slows learning).
+
+``crammed-bert`` has no bias on any linear layer, but its LayerNorms keep their shift: cramming
+builds them as plain ``torch.nn.LayerNorm`` (``architectures/crammed_bert.py``), and its
+``use_bias: False`` reaches only the linear layers (REFERENCE.md's "no biases anywhere" lists
+attention, FFN and decoder).
 
 ``bert-base`` and ``gpt2-small`` keep exactly the parameters of HF ``BertForMaskedLM`` and
 ``GPT2LMHeadModel`` (same norms, biases, eps and GELU flavour), so they export one-to-one.
@@ -37,6 +42,7 @@ _CRAMMED: dict[str, Any] = {
     "norm": "layernorm",
     "norm_eps": 1e-12,
     "bias": False,
+    "norm_bias": True,
     "ffn": "glu",
     "activation": "gelu",
     "positions": "sinusoidal",
@@ -64,6 +70,7 @@ _BERT_BASE: dict[str, Any] = {
     "layers": 12,
     "norm_position": "post",
     "bias": True,
+    "norm_bias": True,
     "ffn": "gelu",
     "positions": "learned",
     "max_positions": 512,
@@ -83,6 +90,7 @@ _GPT2_SMALL: dict[str, Any] = {
     "layers": 12,
     "norm_eps": 1e-5,
     "bias": True,
+    "norm_bias": True,
     "ffn": "gelu",
     "activation": "gelu_tanh",
     "positions": "learned",
