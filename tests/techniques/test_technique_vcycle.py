@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from technique_helpers import interrupted_copy, metrics, quiet, tiny_config, weights
 
 from cramkit.errors import ConfigError
 from cramkit.models import build_model
 from cramkit.models.presets import preset_config
+from cramkit.schedules import linear
 from cramkit.techniques.vcycle import (
+    PAIRINGS,
     Scheme,
     VCycle,
     VCycleOptions,
@@ -19,6 +24,7 @@ from cramkit.techniques.vcycle import (
     stage_at,
     stage_levels,
 )
+from cramkit.train.run import pretrain, resume_config
 
 # Learned positions: the sinusoidal table is a function of the width (see the module docstring).
 MODELS = {
@@ -30,8 +36,10 @@ MODELS = {
     "gpt": dict(preset="tiny-gpt"),
     "gpt-rotary": dict(preset="tiny-gpt", positions="rotary"),
     "bert-gains": dict(preset="tiny", positions="learned", residual_scale="scalar"),
+    # Four blocks: with two, adjacent and strided depth pairings are the same grouping.
+    "gpt-4-layers": dict(preset="tiny-gpt", layers=4),
 }
-SCHEMES = [Scheme(2, 1), Scheme(2, 2), Scheme(1, 2)]
+SCHEMES = [Scheme(w, d, pairing) for w, d in ((2, 1), (2, 2), (1, 2)) for pairing in sorted(PAIRINGS)]
 
 
 def _model(kind, seed=0):
@@ -62,19 +70,23 @@ def test_coalesce_decoalesce_coalesce_is_exact(kind, scheme):
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_decoalesced_width_model_computes_the_small_models_function(kind):
-    small = coalesce(_model(kind), Scheme(2, 1))
+@pytest.mark.parametrize("pairing", sorted(PAIRINGS))
+def test_decoalesced_width_model_computes_the_small_models_function(kind, pairing):
+    scheme = Scheme(2, 1, pairing)
+    small = coalesce(_model(kind), scheme)
     # Train-like perturbation so the check does not rely on the initialisation's symmetry.
     with torch.no_grad():
         for p in small.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    large = decoalesce(small, Scheme(2, 1)).eval()
+    large = decoalesce(small, scheme).eval()
     ids = torch.randint(0, small.config.vocab_size, (2, 24))
     torch.testing.assert_close(large(ids).logits, small(ids).logits, rtol=1e-4, atol=1e-4)
     h_small, h_large = small.encode(ids), large.encode(ids)
     if small.config.final_norm and not small.config.tie_embeddings:
-        # Hidden channels are exact copies: channel c of the large model is channel c // 2.
-        torch.testing.assert_close(h_large, h_small.repeat_interleave(2, dim=-1), rtol=1e-4, atol=1e-5)
+        # Hidden channels are exact copies: channel c of the large model is channel c // 2
+        # (adjacent) or c mod hidden/2 (strided).
+        copies = h_small[..., PAIRINGS[pairing](large.config.hidden, 2)]
+        torch.testing.assert_close(h_large, copies, rtol=1e-4, atol=1e-5)
 
 
 def test_coalescing_averages_pairs():
@@ -90,6 +102,40 @@ def test_coalescing_averages_pairs():
     head_dim = model.config.head_dim
     rows = torch.cat([w[:head_dim], w[head_dim:2 * head_dim]]).view(2, head_dim, -1).mean(0)
     torch.testing.assert_close(got[:head_dim, 0], rows[:, 0] + rows[:, 1])
+
+
+def test_strided_pairing_merges_unit_j_with_unit_j_plus_half():
+    model = _model("gpt-4-layers")
+    big = model.state_dict()
+    half_layers, half_hidden = model.config.layers // 2, model.config.hidden // 2
+    deep = coalesce(model, Scheme(1, 2, "strided")).state_dict()
+    # Small block 0 = mean(large 0, large L/2), not mean(large 0, large 1).
+    for rest in ("norm1.weight", "attn.qkv.weight", "ffn.down.weight"):
+        torch.testing.assert_close(deep[f"layers.0.{rest}"],
+                                   (big[f"layers.0.{rest}"] + big[f"layers.{half_layers}.{rest}"]) / 2)
+    # Width: channel c merges with c + hidden/2; head j with head j + heads/2.
+    wide = coalesce(model, Scheme(2, 1, "strided")).state_dict()
+    norm = big["layers.0.norm1.weight"]
+    torch.testing.assert_close(wide["layers.0.norm1.weight"], (norm[:half_hidden] + norm[half_hidden:]) / 2)
+    out = big["layers.0.attn.out.weight"]  # input side: columns of merged heads are summed
+    torch.testing.assert_close(wide["layers.0.attn.out.weight"],
+                               (out[:half_hidden, :half_hidden] + out[half_hidden:, :half_hidden]) / 2
+                               + (out[:half_hidden, half_hidden:] + out[half_hidden:, half_hidden:]) / 2)
+    # De-coalescing stacks the small blocks 0 .. L/2-1 twice.
+    small = coalesce(model, Scheme(1, 2, "strided"))
+    large = decoalesce(small, Scheme(1, 2, "strided")).state_dict()
+    for i in range(model.config.layers):
+        assert torch.equal(large[f"layers.{i}.attn.qkv.weight"],
+                           small.state_dict()[f"layers.{i % half_layers}.attn.qkv.weight"])
+
+
+def test_unknown_pairing_and_schedule_are_config_errors():
+    with pytest.raises(ConfigError, match="did you mean 'strided'"):
+        VCycleOptions.from_dict({"pairing": "stride"})
+    with pytest.raises(ConfigError, match="did you mean 'per_stage'"):
+        VCycleOptions.from_dict({"schedule": "per-stage"})
+    with pytest.raises(ConfigError, match="unknown pairing"):
+        Scheme(2, 1, "random")
 
 
 def test_branch_gains_average_over_merged_blocks():
@@ -162,6 +208,7 @@ def test_vcycle_levels_and_learning_rate_through_the_hooks():
     class State:
         def __init__(self, model):
             self.model, self.progress, self.lr_scale, self.pending_model = model, 0.0, 1.0, None
+            self.lr_progress = 0.0
 
         def request_model(self, model, transfer=None):
             self.pending_model = (model, transfer)
@@ -194,3 +241,52 @@ def test_vcycle_levels_and_learning_rate_through_the_hooks():
     state.model, state.pending_model, state.progress = back, None, 0.05
     tech.on_step_end(state)
     assert state.pending_model is None and tech.stage == 2
+
+
+# 12 steps, stages [0.25, 0.5, 0.25]: a step starts at progress (k - 1) / 12 and a stage change
+# takes effect after the first step that starts at or past its edge, so steps 1-4 run the full
+# model, 5-10 the small one (lr x2), 11-12 the full one again.
+VCYCLE_RUN = ("techniques=[vcycle]", "technique.vcycle.fractions=[0.25,0.5,0.25]", "model.positions=learned",
+              "train.budget=12steps", "schedule.name=linear", "schedule.warmup=0", "schedule.final=0.1")
+STAGE_OF_STEP = [0] * 4 + [1] * 6 + [2] * 2
+STAGE_WINDOWS = [(0.0, 0.25), (0.25, 0.5), (0.75, 0.25)]  # (start, length)
+LEVEL_SCALE = [1.0, 2.0, 1.0]
+
+
+def _lr_relative_to_first_step(request, tmp_path, *overrides):
+    cfg = tiny_config(request.getfixturevalue("tiny_mlm_data"), tmp_path, *VCYCLE_RUN, *overrides)
+    pretrain(cfg, say=quiet)
+    lrs = [r["lr"] for r in metrics(tmp_path / "run")]
+    assert len(lrs) == 12
+    return [lr / lrs[0] for lr in lrs]
+
+
+def test_global_schedule_runs_once_over_the_budget(request, tmp_path):
+    """The default, as before: one linear decay over the whole budget, times 2 on the small level."""
+    got = _lr_relative_to_first_step(request, tmp_path)
+    expected = [LEVEL_SCALE[s] * linear((k - 1) / 12, final=0.1) for k, s in enumerate(STAGE_OF_STEP, 1)]
+    assert all(math.isclose(g, e, rel_tol=1e-9) for g, e in zip(got, expected, strict=True)), got
+
+
+def test_per_stage_schedule_restarts_in_every_stage(request, tmp_path):
+    got = _lr_relative_to_first_step(request, tmp_path, "technique.vcycle.schedule=per_stage")
+    expected = []
+    for k, s in enumerate(STAGE_OF_STEP, 1):
+        start, length = STAGE_WINDOWS[s]
+        local = min(1.0, ((k - 1) / 12 - start) / length)
+        expected.append(LEVEL_SCALE[s] * linear(local, final=0.1))
+    assert all(math.isclose(g, e, rel_tol=1e-9) for g, e in zip(got, expected, strict=True)), got
+    # The small model's last step runs at the schedule's end value (x2), fully annealed; the
+    # full model then starts again near its peak.
+    assert math.isclose(got[9], 2 * 0.1) and got[10] > 0.5
+
+
+def test_per_stage_schedule_resumes_to_identical_weights(request, tmp_path):
+    run = (*VCYCLE_RUN, "technique.vcycle.schedule=per_stage", "train.checkpoint_every=0.5")
+    pretrain(tiny_config(request.getfixturevalue("tiny_mlm_data"), tmp_path, *run, name="full"), say=quiet)
+    full = tmp_path / "full"
+    cut = interrupted_copy(full, tmp_path / "cut", 6)  # inside the small level's stage
+    pretrain(resume_config(cut, []), run_dir=cut, resume=True, say=quiet)
+    a, b = weights(full), weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["lr"] for r in metrics(cut)] == [r["lr"] for r in metrics(full)][6:]

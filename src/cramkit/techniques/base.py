@@ -90,7 +90,9 @@ class Technique:
 
     # -- per step ----------------------------------------------------------------------------
     def on_step_start(self, state: TrainState) -> None:
-        """Schedules and per-step decisions; read ``state.progress`` (0 → 1)."""
+        """Schedules and per-step decisions; read ``state.progress`` (0 → 1). The learning rate
+        is set after this hook: multiply a factor into ``state.lr_scale``, or move
+        ``state.lr_progress`` (where the schedule is read; ``state.progress`` until moved)."""
 
     def on_batch(self, batch: dict[str, torch.Tensor], state: TrainState) -> dict[str, torch.Tensor]:
         """Change a micro-batch before the forward pass (e.g. truncate the sequence)."""

@@ -3,13 +3,16 @@ Training Transformer Models", ICLR 2024).
 
 Three operators on cramkit's BERT and GPT models, all pure (they return new models):
 
-- :func:`coalesce` — a smaller model. Width: groups of ``width`` adjacent units are merged —
-  attention heads (head ``j`` of the small model is heads ``k*j .. k*j+k-1``), feed-forward
-  neurons (the value and gate halves of a GLU separately) and hidden channels. On the output side
-  of a weight the merged rows are averaged; on the input side the merged columns are summed (the
-  paper's row-normalised F and its transpose), so a large model whose units come in identical
-  groups maps to a small one computing the same thing. Norm parameters are averaged. Depth:
-  small block ``j`` is the average of large blocks ``d*j .. d*j+d-1``.
+- :func:`coalesce` — a smaller model. Width: groups of ``width`` units are merged — attention
+  heads, feed-forward neurons (the value and gate halves of a GLU separately) and hidden
+  channels. On the output side of a weight the merged rows are averaged; on the input side the
+  merged columns are summed (the paper's row-normalised F and its transpose), so a large model
+  whose units come in identical groups maps to a small one computing the same thing. Norm
+  parameters are averaged. Depth: each small block is the average of a group of ``depth`` large
+  blocks. Which units form a group is the scheme's pairing (:data:`PAIRINGS`): ``adjacent``
+  (small unit ``j`` = large units ``k*j .. k*j+k-1``, the default) or ``strided`` (``j``,
+  ``j + n/k``, ...: the official code's width template, and the depth scheme its GPT-2 example
+  ships, layer ``i`` with layer ``i + L/2``).
 - :func:`decoalesce` — the inverse mapping: each merged unit is copied back to every unit it came
   from (input-side columns divided by the group size), each small block to every block of its
   group. Coalesce → de-coalesce → coalesce is exact for factors of 2.
@@ -27,15 +30,22 @@ de-coalesced width-only model computes the same logits as the small model (up to
 when positions are ``learned``, ``rotary`` or ``none``. With ``sinusoidal`` positions the fixed
 table is a function of the width, so the two widths see different (equally valid) position codes
 and the functions differ; the learned scale of the table is carried over unchanged.
+The official code (Photooon/Multi-Level-Training-Framework) instead multiplies the token,
+position and token-type tables by ``k`` on coalescing and by ``1/k`` on de-coalescing; with
+pre-LN blocks that changes the residual stream's scale relative to the branches, so it does not
+preserve the function (docs/techniques.md gives the measurement).
 
-The V-cycle is a table of stages over the budget: levels 0, 1, .., L-1 on the way down, then
-L-2, .., 0 on the way up (2L-1 stages), each with its budget fraction; the learning rate is
-multiplied by ``lr_scale[level]`` through ``state.lr_scale``. A level change builds the new model
-and hands it to the trainer (``state.request_model``), which builds a fresh optimizer (Adam
-moments start over at each level) and recomputes the FLOPs per token for the new shape. The
-weights a level was entered from are kept (on the CPU, in the technique state that goes into
-every checkpoint) for the interpolation on the way back up, so a resumed run continues inside the
-right level with everything it needs.
+The V-cycle is a table of stages over the budget: levels 0, 1, .., L-1 on the way down, then L-2,
+.., 0 on the way up (2L-1 stages), each with its budget fraction; the learning rate is multiplied
+by ``lr_scale[level]`` through ``state.lr_scale``. The run's schedule is read either over the whole
+budget (``schedule=global``) or restarted in each stage over the stage's own budget window
+(``per_stage``, through ``state.lr_progress``), as the official GPT-2 example restarts a linear
+decay in each stage so every level is annealed before it is left. A level change builds the new
+model and hands it to the trainer (``state.request_model``), which builds a fresh optimizer (Adam
+moments start over at each level) and recomputes the FLOPs per token for the new shape. The weights
+a level was entered from are kept (on the CPU, in the technique state that goes into every
+checkpoint) for the interpolation on the way back up, so a resumed run continues inside the right
+level with everything it needs.
 """
 
 from __future__ import annotations
@@ -47,23 +57,57 @@ from typing import Any
 
 import torch
 
-from ..configbase import Config, field
+from ..configbase import Config, did_you_mean, field
 from ..errors import ConfigError
 from ..models.config import ModelConfig
 from .base import ContractCases, Technique, register
 from .common import full_state_dict, materialize, model_device
 
+# ---------------------------------------------------------------- pairings (which units merge)
+
+# A pairing maps each of ``units`` large units to the small unit it merges into, for groups of
+# ``factor``; every small unit gets exactly ``factor`` large ones.
+Pairing = Callable[[int, int], torch.Tensor]
+
+
+def adjacent(units: int, factor: int) -> torch.Tensor:
+    """Neighbours merge: large units ``factor*j .. factor*j+factor-1`` become small unit ``j``."""
+    return torch.arange(units) // factor
+
+
+def strided(units: int, factor: int) -> torch.Tensor:
+    """Unit ``j`` merges with ``j + n/factor``, ``j + 2n/factor``, ... (n units): the official
+    code's width template and its shipped GPT-2 depth scheme (layer ``i`` with ``i + L/2``), so
+    de-coalescing stacks the small model's blocks ``0 .. L/2-1`` twice."""
+    return torch.arange(units) % (units // factor)
+
+
+PAIRINGS: dict[str, Pairing] = {"adjacent": adjacent, "strided": strided}
+
+
+def _check_pairing(name: str, path: str = "pairing") -> None:
+    if name not in PAIRINGS:
+        raise ConfigError(f"{path}: unknown pairing '{name}'{did_you_mean(name, PAIRINGS)}; "
+                          f"known: {', '.join(sorted(PAIRINGS))}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
-    """How one level coarsens: merge groups of ``width`` units and of ``depth`` blocks."""
+    """How one level coarsens: merge groups of ``width`` units and of ``depth`` blocks, the
+    members of a group chosen by ``pairing`` (a key of :data:`PAIRINGS`)."""
 
     width: int = 2
     depth: int = 1
+    pairing: str = "adjacent"
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 1:
             raise ConfigError(f"coalescing factors must be >= 1, got width={self.width}, depth={self.depth}")
+        _check_pairing(self.pairing)
+
+    @property
+    def unit(self) -> Pairing:
+        return PAIRINGS[self.pairing]
 
 
 def coarse_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
@@ -98,36 +142,36 @@ def fine_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
 # ---------------------------------------------------------------- unit maps (large → small index)
 
 
-def _hidden_map(cfg: ModelConfig, k: int) -> torch.Tensor:
-    return torch.arange(cfg.hidden) // k
+def _hidden_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
+    return unit(cfg.hidden, k)
 
 
-def _heads_map(cfg: ModelConfig, k: int) -> torch.Tensor:
-    # (head, d) → (head // k, d): whole heads merge, the head dimension is kept.
+def _heads_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
+    # (head, d) → (small head, d): whole heads merge, the head dimension is kept.
     i = torch.arange(cfg.hidden)
     hd = cfg.head_dim
-    return (i // hd) // k * hd + i % hd
+    return unit(cfg.heads, k)[i // hd] * hd + i % hd
 
 
-def _qkv_map(cfg: ModelConfig, k: int) -> torch.Tensor:
-    heads = _heads_map(cfg, k)
+def _qkv_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
+    heads = _heads_map(cfg, k, unit)
     return torch.cat([part * (cfg.hidden // k) + heads for part in range(3)])
 
 
-def _up_map(cfg: ModelConfig, k: int) -> torch.Tensor:
+def _up_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
     if cfg.ffn != "glu":
-        return torch.arange(cfg.intermediate) // k
+        return unit(cfg.intermediate, k)
     inner = cfg.intermediate // 2
     # [value | gate]: neurons merge inside each half, so value j still pairs with gate j.
-    return torch.cat([half * (inner // k) + torch.arange(inner) // k for half in range(2)])
+    return torch.cat([half * (inner // k) + unit(inner, k) for half in range(2)])
 
 
-def _inner_map(cfg: ModelConfig, k: int) -> torch.Tensor:
+def _inner_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
     inner = cfg.intermediate // 2 if cfg.ffn == "glu" else cfg.intermediate
-    return torch.arange(inner) // k
+    return unit(inner, k)
 
 
-_MapFn = Callable[[ModelConfig, int], torch.Tensor]
+_MapFn = Callable[[ModelConfig, int, Pairing], torch.Tensor]
 OUT, IN = "out", "in"
 
 
@@ -165,13 +209,14 @@ def _tied_name(cfg: ModelConfig) -> str | None:
     return "head.decoder.weight" if cfg.tie_embeddings else None
 
 
-def _coalesce_width(tensors: dict[str, torch.Tensor], cfg: ModelConfig, k: int) -> dict[str, torch.Tensor]:
+def _coalesce_width(tensors: dict[str, torch.Tensor], cfg: ModelConfig, k: int,
+                    unit: Pairing) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         if name == _tied_name(cfg):
             continue
         for dim, map_fn, side in _rules(name, cfg):
-            index = map_fn(cfg, k).to(t.device)
+            index = map_fn(cfg, k, unit).to(t.device)
             shape = list(t.shape)
             shape[dim] //= k
             summed = torch.zeros(shape, dtype=t.dtype, device=t.device).index_add_(dim, index, t)
@@ -184,13 +229,14 @@ def _coalesce_width(tensors: dict[str, torch.Tensor], cfg: ModelConfig, k: int) 
     return out
 
 
-def _decoalesce_width(tensors: dict[str, torch.Tensor], large: ModelConfig, k: int) -> dict[str, torch.Tensor]:
+def _decoalesce_width(tensors: dict[str, torch.Tensor], large: ModelConfig, k: int,
+                      unit: Pairing) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         if name == _tied_name(large):
             continue
         for dim, map_fn, side in _rules(name, large):
-            t = t.index_select(dim, map_fn(large, k).to(t.device))
+            t = t.index_select(dim, map_fn(large, k, unit).to(t.device))
             if side == IN:
                 t = t / k
         if large.tie_embeddings and k > 1 and name.startswith(_decoder_norm(large)):
@@ -208,9 +254,11 @@ def _layer_split(name: str) -> tuple[int, str] | None:
     return int(index), rest
 
 
-def _coalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
+def _coalesce_depth(tensors: dict[str, torch.Tensor], d: int, layers: int,
+                    unit: Pairing) -> dict[str, torch.Tensor]:
     if d == 1:
         return dict(tensors)
+    small_of = unit(layers, d).tolist()
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         split = _layer_split(name)
@@ -218,7 +266,7 @@ def _coalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, torch
             out[name] = t
             continue
         index, rest = split
-        key = f"layers.{index // d}.{rest}"
+        key = f"layers.{small_of[index]}.{rest}"
         out[key] = t.clone() if key not in out else out[key] + t
     for name in out:
         if name.startswith("layers."):
@@ -226,9 +274,12 @@ def _coalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, torch
     return out
 
 
-def _decoalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
+def _decoalesce_depth(tensors: dict[str, torch.Tensor], d: int, layers: int,
+                      unit: Pairing) -> dict[str, torch.Tensor]:
+    """``layers``: the large model's depth."""
     if d == 1:
         return dict(tensors)
+    small_of = unit(layers, d).tolist()
     out = {}
     for name, t in tensors.items():
         split = _layer_split(name)
@@ -236,7 +287,7 @@ def _decoalesce_depth(tensors: dict[str, torch.Tensor], d: int) -> dict[str, tor
             out[name] = t
             continue
         index, rest = split
-        for i in range(index * d, index * d + d):
+        for i in (i for i, j in enumerate(small_of) if j == index):
             out[f"layers.{i}.{rest}"] = t.clone()
     return out
 
@@ -245,8 +296,8 @@ def coalesce(model: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
     """The smaller model one level down (see the module docstring); ``model`` is unchanged."""
     cfg = model.config
     small = coarse_config(cfg, scheme)
-    tensors = _coalesce_depth(full_state_dict(model), scheme.depth)
-    tensors = _coalesce_width(tensors, dataclasses.replace(cfg, layers=small.layers), scheme.width)
+    tensors = _coalesce_depth(full_state_dict(model), scheme.depth, cfg.layers, scheme.unit)
+    tensors = _coalesce_width(tensors, dataclasses.replace(cfg, layers=small.layers), scheme.width, scheme.unit)
     return materialize(small, tensors, model_device(model))
 
 
@@ -255,8 +306,8 @@ def decoalesce(small: torch.nn.Module, scheme: Scheme) -> torch.nn.Module:
     large = fine_config(small.config, scheme)
     large.validate()
     tensors = _decoalesce_width(full_state_dict(small), dataclasses.replace(large, layers=small.config.layers),
-                                scheme.width)
-    tensors = _decoalesce_depth(tensors, scheme.depth)
+                                scheme.width, scheme.unit)
+    tensors = _decoalesce_depth(tensors, scheme.depth, large.layers, scheme.unit)
     return materialize(large, tensors, model_device(small))
 
 
@@ -290,6 +341,30 @@ def default_fractions(levels: int) -> list[float]:
     return down + [0.25] + up + [1.0 - used]
 
 
+def stage_starts(fractions: list[float]) -> list[float]:
+    """Budget progress at which each stage begins."""
+    return [sum(fractions[:i]) for i in range(len(fractions))]
+
+
+# Where a stage reads the run's learning-rate schedule: the schedule position (the budget
+# progress) given the stage's start and length, both in budget progress.
+StageSchedule = Callable[[float, float, float], float]
+
+
+def global_schedule(p: float, start: float, length: float) -> float:
+    """One schedule over the whole budget; each level only multiplies it by its ``lr_scale``."""
+    return p
+
+
+def per_stage_schedule(p: float, start: float, length: float) -> float:
+    """The schedule restarts in every stage and runs over the stage's own window: it is read at
+    ``(p - start) / length``, so a decaying schedule anneals each level before it is left."""
+    return min(1.0, max(0.0, (p - start) / length))
+
+
+STAGE_SCHEDULES: dict[str, StageSchedule] = {"global": global_schedule, "per_stage": per_stage_schedule}
+
+
 def stage_at(progress: float, fractions: list[float]) -> int:
     """Index of the stage that budget progress ``progress`` falls in."""
     edge = 0.0
@@ -316,6 +391,15 @@ class VCycleOptions(Config):
         default_factory=list, help="learning-rate multiplier per level (empty = 2**level)"
     )
     alpha: float = field(0.5, help="interpolation weight of the de-coalesced model (paper 0.25-0.5)")
+    schedule: str = field(
+        "global", help="global: one lr schedule over the whole budget, times lr_scale | per_stage: "
+        "the schedule restarts in each stage, over the stage's own budget window (as the official "
+        "GPT-2 example restarts a linear decay per stage)",
+    )
+    pairing: str = field(
+        "adjacent", help="which units merge: adjacent (2j with 2j+1) | strided (j with j+n/2, the "
+        "official code's width template and its GPT-2 depth scheme)",
+    )
 
     def validate(self) -> None:
         if self.levels < 1:
@@ -341,6 +425,11 @@ class VCycleOptions(Config):
             raise ConfigError("technique.vcycle.lr_scale values must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"technique.vcycle.alpha must be in [0, 1], got {self.alpha}")
+        if self.schedule not in STAGE_SCHEDULES:
+            raise ConfigError(f"technique.vcycle.schedule: unknown schedule '{self.schedule}'"
+                              f"{did_you_mean(self.schedule, STAGE_SCHEDULES)}; known: "
+                              f"{', '.join(sorted(STAGE_SCHEDULES))}")
+        _check_pairing(self.pairing, "technique.vcycle.pairing")
 
     def stage_fractions(self) -> list[float]:
         return list(self.fractions) if self.fractions else default_fractions(self.levels)
@@ -361,9 +450,11 @@ class VCycle(Technique):
 
     def __init__(self, options: VCycleOptions) -> None:
         super().__init__(options)
-        self.scheme = Scheme(options.width, options.depth)
+        self.scheme = Scheme(options.width, options.depth, options.pairing)
         self.levels = stage_levels(options.levels)
         self.fractions = options.stage_fractions()
+        self.starts = stage_starts(self.fractions)
+        self.stage_schedule = STAGE_SCHEDULES[options.schedule]
         self.stage = 0
         self.saved: list[dict[str, torch.Tensor]] = []  # finer levels' weights, coarsest last
         self.base: ModelConfig | None = None
@@ -394,6 +485,10 @@ class VCycle(Technique):
 
     def on_step_start(self, state) -> None:
         state.lr_scale *= self.options.level_lr_scale(self.level)
+        # Read from the stage index in the technique state and the budget progress, both restored
+        # on resume, so a resumed run sets the same learning rates.
+        state.lr_progress = self.stage_schedule(state.lr_progress, self.starts[self.stage],
+                                                self.fractions[self.stage])
 
     def on_step_end(self, state) -> None:
         target = stage_at(state.progress, self.fractions)

@@ -30,6 +30,10 @@ class TrainState:
     # techniques multiply in their factor (e.g. a V-cycle's higher rate on a coarse level), so it
     # needs no checkpointing.
     lr_scale: float = 1.0
+    # Where the learning-rate schedule is read. The trainer sets it to ``progress`` before
+    # on_step_start and a technique may move it (a V-cycle restarting the schedule in each stage);
+    # recomputed every step from checkpointed state, so it needs no checkpointing either.
+    lr_progress: float = 0.0
     loss: float = float("nan")
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0

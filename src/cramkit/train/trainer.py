@@ -194,7 +194,7 @@ class Trainer:
 
     def _set_lr(self) -> None:
         s = self.cfg.schedule
-        factor = lr_factor(s.name, self.state.progress, **s.options())
+        factor = lr_factor(s.name, self.state.lr_progress, **s.options())
         for group in self.state.optimizer.param_groups:
             group["lr"] = group.get("initial_lr", self.cfg.optim.lr) * factor * self.state.lr_scale
         # peak_lr: the learning rate after batch-size scaling (optim.lr_scaling).
@@ -231,6 +231,7 @@ class Trainer:
                 if self.stop_reason == "signal":
                     break
                 state.lr_scale = 1.0  # techniques multiply their factors in on_step_start
+                state.lr_progress = state.progress  # ... and may move where the schedule is read
                 for t in self.techniques:
                     t.on_step_start(state)
                 self._set_lr()
