@@ -68,6 +68,10 @@ fi
 compgen -G "$ENWIKI/train-*.txt.xz" >/dev/null || { echo "error: no $ENWIKI/train-*.txt.xz (run benchmarks/gpu_prepare.sh and carry .gpu)" >&2; exit 2; }
 # cramming's WordPiece 32768, sequence 128; a second call with identical inputs reuses the output.
 # Every part reads this one prepared folder (gpu_core.py and techniques_gpu.py take it as is).
+# Explicit options, not a recipe's [data.prepare]: every run gets data.dir=$DATA, so part 5's
+# crammed-bert and bert-original read the same shards and validation split. They are prepared
+# without cramming's compressibility filter and curriculum (the crammed-bert recipe's own data
+# steps), in random order, which both runs reshuffle every epoch (data.shuffle=auto).
 limit 120 "$PY" -m cramkit prepare "$ENWIKI"/train-*.txt.xz --out "$DATA" --tokenizer wordpiece \
     vocab_size=32768 seq_len=128 val_fraction=0.02 lowercase=true strip_accents=true ascii_only=true seed=0 \
     ${SMOKE:+vocab_size=1024 max_docs=60} --no-progress || exit 1

@@ -38,6 +38,17 @@ def test_crammed_recipe_matches_reference():
     assert cfg.schedule.name == "budget-triangle"
 
 
+def test_only_the_cramming_recipes_take_crammings_data_steps():
+    """REFERENCE.md's data recipe: compressibility filter at 0.25 and the sentence-length
+    curriculum; the 2018 recipe trained on shuffled, unfiltered data."""
+    for name in ("crammed-bert", "crammed-bert-lamb"):
+        prep = load_config(name).data.prepare
+        assert (prep.max_token_ratio, prep.ordering) == (0.25, "curriculum"), name
+        assert prep.ascii_only and prep.lowercase and prep.strip_accents
+    prep = load_config("bert-original").data.prepare
+    assert (prep.max_token_ratio, prep.ordering) == (0.0, "random")
+
+
 def test_overrides_reach_nested_fields_and_presets():
     cfg = load_config("demo", ["train.budget=20steps", "model.layers=3", "optim.betas=[0.8,0.9]"])
     assert cfg.train.budget == "20steps"

@@ -170,6 +170,18 @@ def test_changed_input_is_detected(tmp_path):
         prepare(small_cfg([src]), out, progress=False)
 
 
+def test_data_of_an_older_format_is_named_as_such(tmp_path, synth_corpus):
+    """Same options, older cramkit: the fingerprint differs (what the options produce changed),
+    and the refusal must say so rather than blame the input files."""
+    cfg = small_cfg([synth_corpus])
+    out = prepare(cfg, tmp_path / "d", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(format_version=1, fingerprint="0" * 64)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="older cramkit .data format 1, now 2"):
+        prepare(cfg, out, progress=False)
+
+
 def test_cached_prepare_keys_by_fingerprint(tmp_path, synth_corpus):
     a = cached_prepare(small_cfg([synth_corpus]), tmp_path, progress=False)
     b = cached_prepare(small_cfg([synth_corpus]), tmp_path, progress=False)
@@ -190,30 +202,109 @@ def test_filters_dedup_min_chars_and_compressibility(tmp_path):
     assert s["kept"]["docs"] == 84 - 2 - 1 - s["compressibility"]["docs"]
 
 
-def test_orderings(tmp_path, synth_corpus):
+def test_compressibility_counts_characters_of_the_normalised_text(tmp_path):
+    """Under ascii_only a Chinese article folds to a few digits and commas: a handful of tokens
+    over 340 raw characters looked compressible (0.03) and was kept, although cramming's
+    tokenizer-on-raw-text ratio drops it. Over the normalised characters it is dropped; one that
+    folds to nothing has no tokens and is dropped as empty. min_chars still counts source text."""
+    chinese = "".join(chr(0x4E00 + (i * 37) % 2000) for i in range(325))
+    junk = f"2015年{chinese[:100]}，12月{chinese[100:200]}，第3{chinese[200:]}。"
+    blank_a, blank_b = chinese, chinese[::-1]  # nothing ASCII at all; distinct documents
+    docs = synthetic_docs(60) + [junk, blank_a, blank_b]
+    src = write_corpus(tmp_path / "c.txt", docs)
+    cfg = small_cfg([src], ascii_only=True, min_chars=20, max_token_ratio=0.25, val_fraction=0.0,
+                    vocab_size=640)
+    ds = TokenDataset.open(prepare(cfg, tmp_path / "d", progress=False))
+    s = ds.manifest["filter_stats"]
+    assert s["compressibility"]["docs"] == 1 and s["compressibility"]["chars"] == len(junk)
+    assert s["empty"]["docs"] == 2 and s["empty"]["tokens"] == 0
+    assert s["too_short"]["docs"] == 0  # 340 source characters, though only ~15 survive folding
+    assert s["kept"]["docs"] == 60
+    # Junk so filtered also leaves no trace in the shards: no document of digits and commas.
+    tok = ds.load_tokenizer()
+    assert "2015" not in tok.decode(_train_rows(ds).ravel().tolist())
+
+
+def test_empty_documents_are_dropped_without_the_filter(tmp_path, capsys):
+    src = write_corpus(tmp_path / "c.txt", synthetic_docs(20) + ["日本語の文書", "中文文档"])
+    cfg = small_cfg([src], ascii_only=True, val_fraction=0.0)
+    ds = TokenDataset.open(prepare(cfg, tmp_path / "d", progress=False))
+    assert ds.manifest["filter_stats"]["empty"]["docs"] == 2
+    assert ds.manifest["splits"]["train"]["docs"] == 20
+    assert "removed: empty 2 docs / 0 tokens" in capsys.readouterr().err
+
+
+def test_random_ordering_permutes_documents(tmp_path, synth_corpus):
     def train_stream(ordering):
         cfg = small_cfg([synth_corpus], ordering=ordering, val_fraction=0.0, objective="clm")
-        ds = TokenDataset.open(prepare(cfg, tmp_path / ordering, progress=False))
-        return ds, _content_stream(ds, "train")
+        return _content_stream(TokenDataset.open(prepare(cfg, tmp_path / ordering, progress=False)), "train")
 
-    ds_src, src = train_stream("source")
-    _, rnd = train_stream("random")
-    ds_cur, cur = train_stream("curriculum")
-    assert len(src) == len(rnd) == len(cur)
+    src, rnd = train_stream("source"), train_stream("random")
+    assert len(src) == len(rnd)
     assert not np.array_equal(src, rnd) and np.array_equal(np.sort(src), np.sort(rnd))
-    # Curriculum: documents by ascending tokens per sentence.
-    tok = ds_cur.load_tokenizer()
-    eod = ds_cur.special_ids["eod"]
-    seqs = ds_cur.sequences("train")[np.arange(ds_cur.num_sequences("train"))].ravel()
-    keys = []
-    for piece in np.split(seqs, np.flatnonzero(seqs == eod) + 1):
-        piece = piece[piece != eod]
-        piece = piece[piece != ds_cur.special_ids["pad"]]
-        if len(piece):
-            text = tok.decode(piece.tolist())
-            ends = sum(text.count(c) for c in ".!?")
-            keys.append(len(piece) / max(1, ends))
-    assert keys == sorted(keys)
+
+
+def _train_rows(ds: TokenDataset, split: str = "train") -> np.ndarray:
+    return ds.sequences(split)[np.arange(ds.num_sequences(split))]
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_curriculum_sorts_all_training_sequences_globally(tmp_path, objective, monkeypatch):
+    """cramming's sentence-length curriculum: every packed training sequence, across shards and
+    far more tokens than order_buffer_tokens, by descending count of '.' tokens (ties in packed
+    order); the same sequences as the unsorted preparation, the validation split untouched."""
+    from cramkit.data import curriculum
+
+    monkeypatch.setattr(curriculum, "_BLOCK_ROWS", 7)  # several blocks on a tiny corpus
+    src = write_corpus(tmp_path / "c.txt", synthetic_docs(300))
+    base = dict(objective=objective, shard_tokens=600, order_buffer_tokens=200)
+    plain = prepare(small_cfg([src], ordering="source", **base), tmp_path / "source", progress=False)
+    tok_file = str(plain / "tokenizer.json")  # WordPiece training is not reproducible: share it
+    plain = prepare(small_cfg([src], ordering="source", tokenizer_file=tok_file, **base),
+                    tmp_path / "source2", progress=False)
+    sorted_dir = prepare(small_cfg([src], ordering="curriculum", tokenizer_file=tok_file, **base),
+                         tmp_path / "curriculum", progress=False)
+    ds_plain, ds = TokenDataset.open(plain), TokenDataset.open(sorted_dir)
+    ds.verify()
+    _check_accounting(ds)
+    assert len(ds.manifest["splits"]["train"]["shards"]) > 2
+    assert not any(p.name.startswith("unsorted") for p in sorted_dir.iterdir())
+
+    dot = ds.load_tokenizer().token_to_id(".")
+    rows, plain_rows = _train_rows(ds), _train_rows(ds_plain)
+    keys, plain_keys = (rows == dot).sum(axis=1), (plain_rows == dot).sum(axis=1)
+    assert len(set(keys.tolist())) > 2  # a corpus with something to sort
+    assert (np.diff(keys) <= 0).all(), "not one descending run over the whole split"
+    # Exactly the stable descending permutation of the packed order.
+    expected = plain_rows[np.argsort(-plain_keys, kind="stable")]
+    assert np.array_equal(rows, expected)
+    assert np.array_equal(_train_rows(ds, "val"), _train_rows(ds_plain, "val"))
+    order = ds.manifest["train_order"]
+    assert order["ordering"] == "curriculum" and order["key_first"] == keys.max()
+    assert "curriculum_sorting.py" in order["reference"]
+
+
+def test_failed_curriculum_sort_leaves_nothing(tmp_path, synth_corpus, monkeypatch):
+    from cramkit.data import curriculum
+
+    class Failing(curriculum.SequenceView):
+        calls = 0
+
+        def __getitem__(self, index):
+            Failing.calls += 1
+            if Failing.calls > 2:
+                raise OSError("No space left on device")
+            return super().__getitem__(index)
+
+    monkeypatch.setattr(curriculum, "_BLOCK_ROWS", 5)
+    monkeypatch.setattr(curriculum, "SequenceView", Failing)
+    corpus = tmp_path / "in" / "c.txt"
+    corpus.parent.mkdir()
+    corpus.write_bytes(synth_corpus.read_bytes())
+    with pytest.raises(OSError, match="No space"):
+        prepare(small_cfg([corpus], ordering="curriculum"), tmp_path / "out" / "d", progress=False)
+    assert Failing.calls == 3  # it failed part-way through writing the sorted shards
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_val_split_at_least_one_document(tmp_path):

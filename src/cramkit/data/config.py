@@ -68,17 +68,22 @@ class PrepareConfig(Config):
     )
     max_token_ratio: float = field(
         0.0,
-        help="cramming's compressibility filter: drop documents with tokens/characters above "
-        "this (e.g. 0.25); 0 = off",
+        help="cramming's compressibility filter: drop documents with more tokens (of the corpus's "
+        "own tokenizer; cramming asks albert-base-v2) per character of the normalised text than "
+        "this (e.g. 0.25); 0 = off. Documents with no tokens left are always dropped (empty)",
     )
     ordering: Literal["source", "random", "curriculum"] = field(
         "random",
-        help="training document order: source, random (seeded shuffle within a bounded buffer) "
-        "or curriculum (ascending tokens-per-sentence within a bounded buffer); pretraining keeps "
-        "source and curriculum order (data.shuffle=auto)",
+        help="training order: source; random (seeded shuffle of documents within a bounded "
+        "buffer); curriculum (cramming's sentence-length curriculum, "
+        "cramming/data/curriculum_sorting.py: all packed training sequences sorted globally by "
+        "descending count of '.' tokens, ties in packed order). Pretraining keeps source and "
+        "curriculum order (data.shuffle=auto)",
     )
     order_buffer_tokens: int = field(
-        8_000_000, help="tokens held in memory for random/curriculum ordering (bounds memory)"
+        8_000_000,
+        help="tokens held in memory for ordering=random's shuffle (bounds memory; the other "
+        "orderings ignore it)",
     )
     last_sequence: Literal["pad", "drop"] = field(
         "pad", help="the final partial sequence of each split: pad it with [PAD] or drop it"

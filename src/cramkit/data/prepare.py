@@ -4,27 +4,36 @@ One streaming pass (after a bounded pass that trains the tokenizer) reads docume
 them in batches (normalisation is part of the tokenizer, so it runs inside ``encode_batch`` on all
 cores), filters (length floor, exact de-duplication, compressibility),
 carves the validation split by document, orders the training documents and packs both splits into
-shards. Memory is bounded by ``batch_docs``, ``order_buffer_tokens`` and a set of 8-byte digests
-(one per distinct document).
+shards (a curriculum then re-sorts the packed training sequences). Memory is bounded by
+``batch_docs``, ``order_buffer_tokens`` (random ordering), a set of 8-byte digests (one per
+distinct document) and, for a curriculum, 12 bytes per training sequence.
 
 Filters, in order, each counted (documents, tokens, characters) in the manifest's
 ``filter_stats``: ``weight_zero`` (a fractional source weight dropped it), ``too_short`` (fewer
-than ``min_chars`` characters of source text), ``duplicate`` (exact duplicate: the 8-byte
-blake2b digest of the normalised document's token ids was seen before, so documents whose
-normalised text is identical always match), ``compressibility`` (tokens / characters above
-``max_token_ratio``).
+than ``min_chars`` characters of source text), ``empty`` (no tokens: the normalisation left
+nothing but whitespace, e.g. a Chinese article under ``ascii_only``), ``duplicate`` (exact
+duplicate: the 8-byte blake2b digest of the normalised document's token ids was seen before, so
+documents whose normalised text is identical always match), ``compressibility`` (tokens /
+characters of the normalised text above ``max_token_ratio``).
+
+The compressibility filter is cramming's ``remove_trash`` (``cramming/data/
+pretraining_preparation.py``, ``len(tokens) < trash_cutoff * len(text)`` kept), with two
+differences: the tokens are the corpus's own tokenizer's (cramming's default asks albert-base-v2;
+its ``remove_trash: self`` option uses the corpus's own, as here), and the characters are those
+of the normalised text, so that text ``ascii_only`` deletes does not dilute the ratio (325
+Chinese characters that fold to a few commas and digits would otherwise pass at 0.03).
 
 Ordering (training split only; validation stays in source order):
 
 * ``source``: as read.
 * ``random``: seeded shuffle of documents within buffers of ``order_buffer_tokens`` tokens; the
   loader additionally shuffles sequences per epoch.
-* ``curriculum``: within each buffer, documents sorted by ascending mean tokens per sentence
-  (sentences = runs ending in ``.``, ``!`` or ``?``), in the spirit of cramming's
-  sentence-length curriculum. Sorting within bounded buffers keeps memory bounded; the result is
-  one ascending run per buffer (a single run when the corpus fits in one buffer). ``cramkit
-  pretrain`` keeps this order (and ``source``'s) unless ``data.shuffle=on``; a ``ShardLoader`` of
-  your own needs ``shuffle=False`` for it.
+* ``curriculum``: cramming's sentence-length curriculum (``cramming/data/curriculum_sorting.py``,
+  see :mod:`cramkit.data.curriculum`): documents are packed in source order, then *all* packed
+  training sequences are sorted once, globally, by descending count of ``"."`` tokens (ties in
+  packed order) and the training shards rewritten in that order. ``cramkit pretrain`` keeps this
+  order (and ``source``'s) unless ``data.shuffle=on``; a ``ShardLoader`` of your own needs
+  ``shuffle=False`` for it.
 
 The output is built in a hidden temporary folder beside ``out_dir`` and renamed into place at the
 end, with the manifest written last, so an interrupted run never leaves something that looks done.
@@ -32,15 +41,15 @@ end, with the manifest written last, so an interrupted run never leaves somethin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import queue
-import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +69,14 @@ from .tokenizer import (
     train_tokenizer,
 )
 
-FORMAT_VERSION = 1
+# In the fingerprint, so a change of what the same options produce rebuilds cached data. 2: the
+# global sequence-level curriculum, the compressibility ratio over normalised characters and the
+# "empty" filter.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 #: The manifest's ``format``: it alone marks a folder as a dataset prepare wrote.
 MANIFEST_FORMAT = "cramkit-tokens"
 TOKENIZER = "tokenizer.json"
-_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 
 
 def fingerprint(cfg: PrepareConfig, sources: list[Source] | None = None) -> str:
@@ -173,6 +184,9 @@ def _difference(old: dict, cfg: PrepareConfig) -> str:
     if keys:
         shown = ", ".join(f"{k}={old_cfg.get(k)!r} (now {new_cfg.get(k)!r})" for k in keys[:5])
         return f"other options: {shown}"
+    if old.get("format_version") != FORMAT_VERSION:
+        return (f"the same options by an older cramkit (data format {old.get('format_version')}, "
+                f"now {FORMAT_VERSION}: filters or ordering changed)")
     return "other input files (sizes or modification times changed)"
 
 
@@ -239,25 +253,22 @@ def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
         thread.join()
 
 
-def _sentence_key(text: str, n_tokens: int) -> float:
-    return n_tokens / max(1, len(_SENTENCE_END.findall(text)))
-
-
 class _Orderer:
-    """Feeds training documents to the packer in the configured order, a bounded buffer at a time."""
+    """Feeds training documents to the packer: as read, or (``random``) shuffled a bounded
+    buffer of ``order_buffer_tokens`` tokens at a time."""
 
     def __init__(self, cfg: PrepareConfig, packer: Packer):
         self.cfg, self.packer = cfg, packer
-        self.buffer: list[tuple[float, np.ndarray]] = []
+        self.shuffle = _ORDERINGS[cfg.ordering].shuffle_documents
+        self.buffer: list[np.ndarray] = []
         self.tokens = 0
         self.flushes = 0
 
-    def add(self, tokens: np.ndarray, text: str) -> None:
-        if self.cfg.ordering == "source":
+    def add(self, tokens: np.ndarray) -> None:
+        if not self.shuffle:
             self.packer.add(tokens)
             return
-        key = _sentence_key(text, len(tokens)) if self.cfg.ordering == "curriculum" else 0.0
-        self.buffer.append((key, tokens))
+        self.buffer.append(tokens)
         self.tokens += len(tokens)
         if self.tokens >= self.cfg.order_buffer_tokens:
             self.flush()
@@ -265,19 +276,61 @@ class _Orderer:
     def flush(self) -> None:
         if not self.buffer:
             return
-        if self.cfg.ordering == "random":
-            rng = np.random.default_rng((self.cfg.seed, 2, self.flushes))
-            order = rng.permutation(len(self.buffer))
-        else:
-            order = sorted(range(len(self.buffer)), key=lambda i: self.buffer[i][0])
-        for i in order:
-            self.packer.add(self.buffer[i][1])
+        rng = np.random.default_rng((self.cfg.seed, 2, self.flushes))
+        for i in rng.permutation(len(self.buffer)):
+            self.packer.add(self.buffer[i])
         self.buffer, self.tokens = [], 0
         self.flushes += 1
 
 
+def _curriculum(tmp: Path, info: dict, writer: ShardWriter, encoder) -> dict:
+    """Sort the packed training split as cramming's sentence-length curriculum does."""
+    # Imported here: curriculum reads shards through dataset, which imports this module.
+    from .curriculum import (
+        SENTENCE_TOKEN,
+        curriculum_order,
+        sentence_token_id,
+        sequence_keys,
+        sort_split,
+    )
+    from .dataset import SequenceView
+
+    token_id = sentence_token_id(encoder)
+    keys = sequence_keys(SequenceView(tmp, info["shards"], writer.seq_len, writer.dtype), token_id)
+    order = curriculum_order(keys)
+    info["shards"] = sort_split(tmp, info["shards"], order, writer)
+    return {
+        "key": f"count of the token '{SENTENCE_TOKEN}' (id {token_id}) per packed sequence",
+        "direction": "descending (most first), ties in packed order",
+        "reference": "cramming/data/curriculum_sorting.py (_sort_tokenized_dataset_by_token)",
+        "key_first": int(keys[order[0]]),
+        "key_last": int(keys[order[-1]]),
+        "key_mean": round(float(keys.mean()), 3),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ordering:
+    """How one ``ordering`` value orders the training split."""
+
+    description: str
+    shuffle_documents: bool = False
+    #: Re-sorts the packed split (tmp, split info, a writer for the new shards, encoder) and
+    #: returns what the manifest records about it; None: the packed order stays.
+    sort_sequences: Callable[[Path, dict, ShardWriter, Any], dict] | None = None
+
+
+_ORDERINGS: dict[str, _Ordering] = {
+    "source": _Ordering("documents in source order"),
+    "random": _Ordering("documents shuffled within buffers of order_buffer_tokens tokens",
+                        shuffle_documents=True),
+    "curriculum": _Ordering("packed sequences sorted globally (sentence-length curriculum)",
+                            sort_sequences=_curriculum),
+}
+
+
 def _new_stats() -> dict[str, dict[str, int]]:
-    steps = ("read", "weight_zero", "too_short", "duplicate", "compressibility", "kept")
+    steps = ("read", "weight_zero", "too_short", "empty", "duplicate", "compressibility", "kept")
     return {s: {"docs": 0, "tokens": 0, "chars": 0} for s in steps}
 
 
@@ -315,11 +368,18 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
     encoder = encoding_copy(tok)
     seqs_per_shard = max(1, cfg.shard_tokens // cfg.seq_len)
 
-    def packer(split: str) -> Packer:
-        writer = ShardWriter(tmp, split, cfg.seq_len, dtype, seqs_per_shard)
-        return Packer(writer, cfg.seq_len, cfg.objective, ids, cfg.last_sequence)
+    def writer(split: str) -> ShardWriter:
+        return ShardWriter(tmp, split, cfg.seq_len, dtype, seqs_per_shard)
 
-    train, val = packer("train"), packer("val")
+    def packer(split: str) -> Packer:
+        return Packer(writer(split), cfg.seq_len, cfg.objective, ids, cfg.last_sequence)
+
+    ordering = _ORDERINGS[cfg.ordering]
+    # A split that is re-sorted after packing is packed under another name first, so the final
+    # train-NNNNN.bin files are only ever the sorted ones.
+    train = packer("unsorted-train" if ordering.sort_sequences else "train")
+    val = packer("val")
+    normalizer = encoder.normalizer
     orderer = _Orderer(cfg, train)
     stats = _new_stats()
     seen: set[bytes] = set()
@@ -336,7 +396,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             n_val += 1
             return
         for _ in range(repeat):
-            orderer.add(tokens, text)
+            orderer.add(tokens)
         if repeat > 1:
             repeated["docs"] += repeat - 1
             repeated["tokens"] += (repeat - 1) * len(tokens)
@@ -353,6 +413,9 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             if len(text) < cfg.min_chars:
                 _count(stats, "too_short", text, n)
                 continue
+            if n == 0:
+                _count(stats, "empty", text, n)
+                continue
             tokens = np.asarray(ids_list, dtype=np.uint32)
             if cfg.dedup:
                 digest = hashlib.blake2b(tokens.tobytes(), digest_size=8).digest()
@@ -360,9 +423,14 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
                     _count(stats, "duplicate", text, n)
                     continue
                 seen.add(digest)
-            if cfg.max_token_ratio and n > cfg.max_token_ratio * len(text):
-                _count(stats, "compressibility", text, n)
-                continue
+            if cfg.max_token_ratio:
+                # The normalised text's characters: the tokens were counted on it, and raw
+                # characters that normalisation deletes (non-ASCII under ascii_only) would
+                # make junk look compressible.
+                n_chars = len(normalizer.normalize_str(text)) if normalizer else len(text)
+                if n > cfg.max_token_ratio * n_chars:
+                    _count(stats, "compressibility", text, n)
+                    continue
             _count(stats, "kept", text, n)
             to_val = bool(split_rng.random() < cfg.val_fraction)
             if pending:
@@ -396,6 +464,9 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             f"the training split has {train.stats['content_tokens']} tokens, fewer than one "
             f"sequence of seq_len={cfg.seq_len} (last_sequence=drop); lower seq_len or add text"
         )
+    train_order: dict[str, Any] = {"ordering": cfg.ordering, "description": ordering.description}
+    if ordering.sort_sequences:
+        train_order.update(ordering.sort_sequences(tmp, splits["train"], writer("train"), encoder))
     stats["repeated"] = repeated
     import tokenizers
 
@@ -414,6 +485,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
         "tokenizer_sha256": sha256_file(tmp / TOKENIZER),
         "splits": splits,
         "filter_stats": stats,
+        "train_order": train_order,
         "config": cfg.to_dict(),
         "inputs": sources_fingerprint(sources),
         "seconds": round(time.time() - t0, 3),
@@ -444,7 +516,7 @@ def _summary(manifest: dict, out_dir: Path) -> str:
     f = manifest["filter_stats"]
     removed = ", ".join(
         f"{step} {f[step]['docs']} docs / {f[step]['tokens']} tokens"
-        for step in ("weight_zero", "too_short", "duplicate", "compressibility")
+        for step in ("weight_zero", "too_short", "empty", "duplicate", "compressibility")
         if f[step]["docs"]
     )
     return (
