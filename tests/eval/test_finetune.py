@@ -468,3 +468,21 @@ def test_random_init_control_is_not_the_pretraining_init(tmp_path, bbc_tokenizer
     torch.manual_seed(5)
     control.build(0.0, 0.0, seed=3)
     assert torch.equal(torch.rand(3), after_pretrained)
+
+
+def test_head_width_sets_the_dense_layer_and_nothing_drops_out_before_it():
+    """finetune.head_width=1024 is cramming's crammed-BERT head; 0 is BERT's hidden-size pooler.
+    Neither reference drops out the pooled state before the dense layer."""
+    from cramkit.eval.heads import SequenceClassifier
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    encoder = build_model(preset_config("tiny"))
+    for width, expected in ((0, 64), (1024, 1024)):
+        clf = SequenceClassifier(encoder, 64, 3, "cls", 0.1, head_width=width)
+        dense, out = clf.classifier[0], clf.classifier[-1]
+        assert dense.weight.shape == (expected, 64)
+        assert out.weight.shape == (3, expected)
+        assert [type(m).__name__ for m in clf.classifier] == ["Linear", "Tanh", "Dropout", "Linear"]
+    with pytest.raises(ConfigError, match="head_width"):
+        FinetuneConfig.from_dict({"head_width": -1})

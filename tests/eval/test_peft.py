@@ -36,7 +36,7 @@ def _train(model, steps=5):
 def test_lora_leaves_base_weights_untouched_and_saves_only_adapters(tmp_path):
     clf = _classifier()
     base = {k: v.clone() for k, v in clf.encoder.state_dict().items()}
-    head_before = clf.classifier[1].weight.clone()
+    head_before = clf.classifier[0].weight.clone()
     model = apply_peft(clf, PeftOptions("lora", rank=4, alpha=8))
     counts = parameter_counts(model)
     assert 0 < counts["trainable"] < counts["total"] / 4
@@ -54,7 +54,7 @@ def test_lora_leaves_base_weights_untouched_and_saves_only_adapters(tmp_path):
         for n, p in model.named_parameters()
     )
     assert not torch.equal(
-        model.base_model.model.classifier.modules_to_save.default[1].weight, head_before
+        model.base_model.model.classifier.modules_to_save.default[0].weight, head_before
     )
 
     out = save_adapters(model, tmp_path / "adapter")

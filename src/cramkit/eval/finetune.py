@@ -53,6 +53,11 @@ class FinetuneConfig(Config):
     pooling: Literal["auto", "cls", "mean", "last"] = field(
         "auto", help="sequence summary: 'auto' = cls for BERT-style, last token for GPT-style"
     )
+    head_width: int = field(
+        0,
+        help="width of the head's dense + tanh layer; 0 = the model's hidden size (BERT's "
+        "pooler), 1024 = cramming's crammed-BERT head",
+    )
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2, 3, 4],
         help="one fine-tuning run per seed; reports the per-metric median",
@@ -99,6 +104,8 @@ class FinetuneConfig(Config):
             raise ConfigError("finetune.seeds must name at least one seed")
         if self.seq_len < 4:
             raise ConfigError(f"finetune.seq_len must be at least 4, got {self.seq_len}")
+        if self.head_width < 0:
+            raise ConfigError(f"finetune.head_width must be >= 0 (0 = hidden), got {self.head_width}")
         for name in ("max_train_examples", "max_eval_examples"):  # None = all
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"finetune.{name} must be at least 1 (or none), got {getattr(self, name)}")
@@ -322,6 +329,7 @@ def train_one(
         cfg.pooling,
         cfg.dropout,
         causal=backbone.model_config.causal,
+        head_width=cfg.head_width,
     )
     if cfg.peft != "none":
         opts = PeftOptions(

@@ -51,11 +51,12 @@ def get_pooler(name: str, causal: bool) -> Pooler:
 
 
 class SequenceClassifier(nn.Module):
-    """``encoder.encode`` → pool → dropout → dense → tanh → dropout → linear to ``num_labels``.
+    """``encoder.encode`` → pool → dense → tanh → dropout → linear to ``num_labels``.
 
-    The dense + tanh "pooler" matches BERT's classification setup. The head is named
-    ``classifier`` (not ``head``) so that PEFT's ``modules_to_save`` does not also catch the
-    language model's own ``head``.
+    The dense + tanh "pooler" is BERT's classification setup (width ``hidden``) and cramming's
+    (``head_width`` 1024 for its crammed BERT, ``architectures/components.py``); neither drops
+    out before the dense layer. The head is named ``classifier`` (not ``head``) so that PEFT's
+    ``modules_to_save`` does not also catch the language model's own ``head``.
     """
 
     def __init__(
@@ -66,17 +67,18 @@ class SequenceClassifier(nn.Module):
         pooling: str = "auto",
         dropout: float = 0.1,
         causal: bool = False,
+        head_width: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
         self.pool = get_pooler(pooling, causal)
+        width = head_width or hidden
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, width),
             nn.Tanh(),
             nn.Dropout(dropout),
-            nn.Linear(hidden, num_labels),
+            nn.Linear(width, num_labels),
         )
         std = getattr(getattr(encoder, "config", None), "init_std", 0.02)
         for module in self.classifier:
