@@ -205,3 +205,32 @@ def test_parameter_groups_keep_norms_biases_and_optionally_embeddings_undecayed(
     assert model.embeddings.tokens.weight in groups["embedding"]["params"]
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len({id(p) for p in model.parameters()})  # the tied decoder counted once
+
+
+def test_schedule_free_checkpoints_the_averaged_weights_for_users_and_resumes_from_its_own(
+    tiny_mlm_data, tmp_path
+):
+    """model.safetensors (what fine-tuning and export load) holds the evaluated x, as the
+    reference says to checkpoint; state.pt keeps the training y for an exact resume."""
+    from safetensors.torch import load_file
+
+    from cramkit.train.checkpoint import latest_checkpoint, load_pretrained, load_state
+    from cramkit.train.run import pretrain
+
+    cfg = tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=schedulefree", "train.budget=4steps")
+    pretrain(cfg, say=lambda *a, **k: None)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    x, state = load_file(str(ckpt / "model.safetensors")), load_state(ckpt)
+    y = state["train_weights"]
+    name = "layers.0.attn.qkv.weight"
+    assert not torch.allclose(x[name], y[name])
+    # The optimizer state's z, through a fresh optimizer over the same model.
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"), cfg.train.batch_size)
+    opt.load_state_dict(state["optimizer"])
+    param = dict(model.named_parameters())[name]
+    group = next(g for g in opt.param_groups if any(q is param for q in g["params"]))
+    z = opt.state[param]["z"]
+    torch.testing.assert_close(x[name], torch.lerp(y[name], z, 1.0 - 1.0 / group["betas"][0]))
+    loaded, _, _ = load_pretrained(tmp_path / "run")
+    torch.testing.assert_close(loaded.state_dict()[name], x[name], rtol=0, atol=0)

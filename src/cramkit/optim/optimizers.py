@@ -128,7 +128,9 @@ def schedulefree(groups, cfg, device):
     """Schedule-Free AdamW. Pair it with ``schedule.name=constant`` (and a short warm-up): the
     averaging replaces the decay. It keeps two weight sequences; the trainer calls its
     ``eval()`` / ``train()`` around validation so that the averaged weights are evaluated.
-    Checkpoints hold the training-mode weights, which is what makes resuming exact."""
+    A checkpoint's ``model.safetensors`` holds the averaged weights too (what fine-tuning and
+    export read; the reference says to checkpoint in eval mode); the training-mode weights go
+    into its ``state.pt``, which is what makes resuming exact."""
     from pytorch_optimizer import ScheduleFreeAdamW
 
     return ScheduleFreeAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -136,17 +136,23 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         weights = load_file(str(Path(path) / "model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"cannot read {path}/model.safetensors: {exc}") from None
+    apply_weights(model, weights, path)
+
+
+def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Load ``weights`` (tied tensors stored once) into ``model``; ``where`` names their file in
+    errors. Raises :class:`ShapeMismatch` when they do not fit."""
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shapes differ, e.g. model.hidden changed on resume
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
         first = first.rstrip(".")
-        raise ShapeMismatch(f"checkpoint {path} does not match the model: {first}") from None
+        raise ShapeMismatch(f"checkpoint {where} does not match the model: {first}") from None
     tied = {n for n, t in model.state_dict().items() if n in missing and _is_tied(model, n)}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
         raise ShapeMismatch(
-            f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+            f"checkpoint {where} does not match the model: missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
         )
 
 

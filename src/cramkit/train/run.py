@@ -262,6 +262,29 @@ def _full_state(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict,
     return ckpt.model_weights(model), optimizer.state_dict()
 
 
+def _checkpoint_weights(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict, dict | None, dict]:
+    """``(weights, train_weights, optimizer_state)`` for a checkpoint.
+
+    ``weights`` (``model.safetensors``, what fine-tuning, export and evaluation read) are the
+    weights the run is evaluated with. An optimizer that keeps separate evaluation weights
+    (Schedule-Free: its ``eval()`` switches the parameters to the averaged x) trains other ones
+    (y); those go into ``train_weights`` so that a resume continues exactly. They are taken after
+    the ``eval()`` / ``train()`` round trip, as every evaluation leaves them, so a resumed run
+    equals an uninterrupted one bit for bit. ``train_weights`` is None for every other optimizer.
+    """
+    to_eval = getattr(optimizer, "eval", None)
+    if to_eval is None:
+        weights, optim_state = _full_state(model, optimizer, par)
+        return weights, None, optim_state
+    to_eval()
+    eval_weights, _ = _full_state(model, optimizer, par)
+    # On a CPU device those tensors are the parameters themselves, which train() is about to move.
+    eval_weights = {k: v.clone() for k, v in eval_weights.items()}
+    optimizer.train()
+    weights, optim_state = _full_state(model, optimizer, par)
+    return eval_weights, weights, optim_state
+
+
 def _load_optimizer(model: torch.nn.Module, optimizer, state: dict, par: Parallel) -> None:
     if par.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import (
@@ -367,6 +390,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         model = t.on_model(model)
     if resume_from:
         _load_resumed_weights(model, cfg, run_dir, resume_from)
+        if "train_weights" in saved:  # the optimizer's training weights, beside the evaluated ones
+            ckpt.apply_weights(model, saved["train_weights"], f"{resume_from}/state.pt")
     model.to(device)
     if par.distributed:  # dropout differs between ranks, as it would across one big batch
         torch.manual_seed(cfg.seed + 7919 * par.rank)
@@ -502,7 +527,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
 
         def save(st: TrainState) -> None:
             tr = trainer_ref[0]
-            weights, optim_state = _full_state(tr.raw_model, st.optimizer, par)
+            weights, train_weights, optim_state = _checkpoint_weights(tr.raw_model, st.optimizer, par)
             rng = par.gather(_rng_state(device))
             energy = energy_so_far()
             if par.is_main:
@@ -513,6 +538,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                     "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
                     "energy_kwh": energy,
                 }
+                if train_weights is not None:
+                    payload["train_weights"] = train_weights
                 ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
                                      meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
             par.barrier()
