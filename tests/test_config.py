@@ -6,10 +6,12 @@ import json
 import math
 
 import pytest
+import torch
 
 from cramkit.budget import Budget, Clock, Usage, exhausted, progress
 from cramkit.config import load_config, recipe_names
 from cramkit.errors import ConfigError
+from cramkit.optim import build_optimizer
 from cramkit.schedules import accumulation_steps, lr_factor
 
 
@@ -33,7 +35,10 @@ def test_crammed_recipe_matches_reference():
     assert (m.layers, m.hidden, m.heads, m.intermediate) == (16, 768, 12, 3072)
     assert m.norm_position == "pre" and not m.bias and m.ffn == "glu" and m.sparse_prediction
     assert cfg.objective.mask_rate == 0.25
-    assert cfg.optim.lr == 1e-3 and tuple(cfg.optim.betas) == (0.9, 0.98) and cfg.optim.eps == 1e-12
+    assert cfg.optim.lr == 1e-3 and cfg.optim.eps == 1e-12
+    # cramming's AdamW betas, as AdamW's own default (so that optim.name=lion gets Lion's).
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg.optim, torch.device("cpu"))
+    assert cfg.optim.betas is None and opt.param_groups[0]["betas"] == (0.9, 0.98)
     assert cfg.train.clip_grad == 0.5 and cfg.train.batch_size == 8192 and cfg.train.batch_ramp == 0.6
     assert cfg.schedule.name == "budget-triangle"
 

@@ -128,9 +128,15 @@ class OptimConfig(Config):
 
     name: str = field("adamw", help="optimizer name (see cramkit.optim.OPTIMIZERS)")
     lr: float = field(1e-3, help="peak learning rate")
-    betas: tuple[float, float] = field((0.9, 0.98), help="Adam betas")
+    betas: tuple[float, float] | None = field(
+        None, help="Adam/Lion betas; none: the optimizer's own, (0.9, 0.98) for the Adam-type rules, "
+        "(0.9, 0.99) for lion"
+    )
     eps: float = field(1e-12, help="Adam epsilon")
-    momentum: float = field(0.9, help="SGD momentum")
+    momentum: float = field(0.9, help="SGD momentum (sgd, lars)")
+    nesterov: bool | None = field(
+        None, help="Nesterov momentum; none: the optimizer's own, on for sgd and muon, heavy-ball for lars"
+    )
     weight_decay: float = field(0.01, help="weight decay, never on norms and biases: decoupled for adamw, lion, muon, schedulefree "
                                 "and adamw8bit; L2 in the gradient for sgd and lars; inside lamb's trust ratio")
     decay_embeddings: bool = field(True, help="apply weight decay to embedding matrices")
@@ -157,6 +163,8 @@ class OptimConfig(Config):
             raise ConfigError("optim.base=sam: SAM cannot wrap itself; choose e.g. optim.base=adamw")
         if self.base not in OPTIMIZERS:
             get_factory(self.base)
+        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
         if self.lr <= 0 or self.muon_lr <= 0:
             raise ConfigError(f"optim.lr and optim.muon_lr must be positive, got {self.lr}, {self.muon_lr}")
         if self.weight_decay < 0:

@@ -43,16 +43,86 @@ def test_lion_step_is_the_sign_of_the_interpolated_momentum():
     torch.testing.assert_close(new, expected)
 
 
-def test_lamb_step_uses_the_layerwise_trust_ratio():
-    w, g = _tensors()
+def _reference_lamb(params, grads_per_step, lr, wd, b1, b2, eps, adapt):
+    """tensorflow_addons/optimizers/lamb.py, _resource_apply_dense: bias-corrected moments, no
+    cap on ||w||, plain Adam steps for the tensors excluded from layer adaptation."""
+    ws = [p.clone() for p in params]
+    ms, vs = [torch.zeros_like(w) for w in ws], [torch.zeros_like(w) for w in ws]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, (w, g) in enumerate(zip(ws, grads)):
+            ms[i] = b1 * ms[i] + (1 - b1) * g
+            vs[i] = b2 * vs[i] + (1 - b2) * g * g
+            r = (ms[i] / (1 - b1**t)) / ((vs[i] / (1 - b2**t)).sqrt() + eps) + wd[i] * w
+            ratio = w.norm() / r.norm() if adapt[i] and w.norm() > 0 and r.norm() > 0 else 1.0
+            ws[i] = w - ratio * lr * r
+    return ws
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lamb_matches_the_reference_implementation_over_several_steps(foreach, monkeypatch):
+    """You et al. 2020 as in the TF reference: bias correction, no clamp of ||w|| (the matrix
+    here has ||w|| ~ 40, the library caps it at 10), and the vector group (no weight decay)
+    without trust ratio. Both library code paths: per tensor (CPU) and batched (CUDA's)."""
+    if foreach:
+        from cramkit.optim.optimizers import ReferenceLamb
+
+        monkeypatch.setattr(ReferenceLamb, "_can_use_foreach", lambda self, group: True)
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.nn.Parameter(torch.randn(8, 8, generator=g) * 5)
+    vector = torch.nn.Parameter(torch.randn(8, generator=g))
     lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-6
-    new = _one_step("lamb", w, g, lr=lr, weight_decay=wd, betas=(b1, b2), eps=eps)
-    # You et al. 2020, Alg. 2, first step: r = Adam direction + decay, rescaled to ||w|| / ||r||
-    # per tensor. The library leaves m and v without bias correction (see optimizers.lamb).
-    m, v = (1 - b1) * g, (1 - b2) * g * g
-    r = m / (v.sqrt() + eps) + wd * w
-    expected = w - lr * (w.norm() / r.norm()) * r
-    torch.testing.assert_close(new, expected, rtol=1e-4, atol=1e-6)
+    groups = [{"params": [matrix], "weight_decay": wd, "kind": "hidden"},
+              {"params": [vector], "weight_decay": 0.0, "kind": "vector"}]
+    w0 = [matrix.detach().clone(), vector.detach().clone()]
+    opt = OPTIMIZERS["lamb"](groups, OptimConfig(name="lamb", lr=lr, betas=(b1, b2), eps=eps), CPU)
+    steps = [[torch.randn(8, 8, generator=g), torch.randn(8, generator=g)] for _ in range(5)]
+    for grads in steps:
+        matrix.grad, vector.grad = grads[0].clone(), grads[1].clone()
+        opt.step()
+    expected = _reference_lamb(w0, steps, lr, [wd, 0.0], b1, b2, eps, adapt=[True, False])
+    torch.testing.assert_close(matrix.detach(), expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vector.detach(), expected[1], rtol=1e-5, atol=1e-6)
+    # The folded-in correction does not leak into the configured hyperparameters.
+    assert [(gr["lr"], gr["eps"], gr["weight_decay"]) for gr in opt.param_groups] == [
+        (lr, eps, wd), (lr, eps, 0.0)]
+
+
+class _GainBlock(torch.nn.Module):
+    """A residual branch behind a zero-initialised gain (ReZero) and a zero-initialised bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(16, 16)
+        torch.nn.init.zeros_(self.inner.bias)
+        self.gain = torch.nn.Parameter(torch.zeros(1))
+        self.head = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        return self.head(x + self.gain * self.inner(x))
+
+
+def test_lamb_moves_zero_initialised_gains_and_biases_like_adam():
+    """With a trust ratio, a tensor at 0 would move by lr * ||w|| ~ lr^2 per step after its first
+    and never train; LAMB's vectors must take the same steps as Adam's. The matrices are frozen
+    so that both optimizers see the same gradients for the vectors."""
+    trajectories = {}
+    for name in ("lamb", "adamw"):
+        torch.manual_seed(0)
+        model = _GainBlock()
+        model.inner.weight.requires_grad_(False)
+        model.head.weight.requires_grad_(False)
+        cfg = OptimConfig(name=name, lr=2e-3, betas=(0.9, 0.999), eps=1e-6)
+        opt = build_optimizer(model, cfg, CPU)
+        g = torch.Generator().manual_seed(1)
+        target = torch.randn(16, 16, generator=g)
+        for _ in range(30):
+            x = torch.randn(32, 16, generator=g)
+            opt.zero_grad()
+            ((model(x) - x @ target) ** 2).mean().backward()
+            opt.step()
+        trajectories[name] = (model.gain.detach().clone(), model.inner.bias.detach().clone())
+    assert trajectories["adamw"][0].abs() > 4 * cfg.lr  # Adam moves it by several steps of ~lr
+    torch.testing.assert_close(trajectories["lamb"], trajectories["adamw"], rtol=1e-4, atol=1e-6)
 
 
 def test_lars_step_uses_the_layerwise_trust_ratio():
@@ -66,6 +136,105 @@ def test_lars_step_uses_the_layerwise_trust_ratio():
     v, gv = torch.randn(5), torch.randn(5)
     torch.testing.assert_close(_one_step("lars", v, gv, kind="vector", lr=lr, momentum=0.0),
                                v - lr * gv)
+
+
+def test_lars_momentum_is_heavy_ball_unless_nesterov_is_asked_for():
+    """You et al. 2017, Alg. 1: v = m * v + local_lr * (g + wd * w); w = w - v (the TF reference
+    defaults to use_nesterov=False). With momentum 0.9 the first step already tells them apart."""
+    w0, g1 = _tensors()
+    _, g2 = _tensors(1)
+    lr, eta, mom = 0.5, 0.001, 0.9
+
+    def two_steps(**cfg):
+        w = torch.nn.Parameter(w0.clone())
+        opt = OPTIMIZERS["lars"]([{"params": [w], "weight_decay": 0.0, "kind": "hidden"}],
+                                 OptimConfig(name="lars", lr=lr, lars_trust=eta, momentum=mom,
+                                             **cfg), CPU)
+        for grad in (g1, g2):
+            w.grad = grad.clone()
+            opt.step()
+        return w.detach()
+
+    u1 = eta * w0.norm() / g1.norm() * g1
+    w1 = w0 - lr * u1
+    u2 = eta * w1.norm() / g2.norm() * g2
+    torch.testing.assert_close(two_steps(), w1 - lr * (mom * u1 + u2))
+    nesterov_w1 = w0 - lr * (u1 + mom * u1)
+    nesterov_u2 = eta * nesterov_w1.norm() / g2.norm() * g2
+    buf = mom * u1 + nesterov_u2
+    torch.testing.assert_close(two_steps(nesterov=True), nesterov_w1 - lr * (nesterov_u2 + mom * buf))
+
+
+def _group_option(opt, key):
+    return {group.get("kind"): group.get(key) for group in opt.param_groups}
+
+
+def test_unset_betas_and_nesterov_mean_each_optimizers_own_default():
+    """optim.betas / optim.nesterov unset: Lion gets its paper's (0.9, 0.99), the Adam-type rules
+    keep cramkit's (0.9, 0.98), SGD and Muon Nesterov, LARS heavy-ball; a set value wins."""
+    torch.manual_seed(0)
+    model = build_model(tiny_run_config("unused", "unused").model)
+    adam = (0.9, 0.98)
+    for name in ("adamw", "lamb", "schedulefree"):
+        opt = build_optimizer(model, OptimConfig(name=name), CPU)
+        assert set(map(tuple, _group_option(opt, "betas").values())) == {adam}, name
+    sam = build_optimizer(model, OptimConfig(name="sam", base="adamw"), CPU)
+    assert set(map(tuple, _group_option(sam, "betas").values())) == {adam}
+    muon = build_optimizer(model, OptimConfig(name="muon"), CPU)
+    assert tuple(_group_option(muon, "betas")["vector"]) == adam
+    assert set(_group_option(muon, "nesterov").values()) - {None} == {True}  # its Muon groups
+    assert set(map(tuple, _group_option(build_optimizer(model, OptimConfig(name="lion"), CPU),
+                                        "betas").values())) == {(0.9, 0.99)}
+    explicit = build_optimizer(model, OptimConfig(name="lion", betas=(0.9, 0.98)), CPU)
+    assert set(map(tuple, _group_option(explicit, "betas").values())) == {adam}
+    assert set(_group_option(build_optimizer(model, OptimConfig(name="sgd"), CPU), "nesterov").values()) == {True}
+    assert set(_group_option(build_optimizer(model, OptimConfig(name="lars"), CPU), "nesterov").values()) == {False}
+    with pytest.raises(ConfigError, match="optim.betas"):
+        OptimConfig(name="lion", betas=(0.9, 1.0)).validate()
+
+
+def _muon_update(layer_weights, grads, cfg):
+    """Muon's first update (w0 - w1) / muon_lr of each Linear in ``layer_weights``, built through
+    build_optimizer; each weight is (tensor, stacked_matrices)."""
+    model = torch.nn.Module()
+    for i, (w, stacked) in enumerate(layer_weights):
+        layer = torch.nn.Linear(w.size(1), w.size(0), bias=False)
+        layer.weight.data.copy_(w)
+        layer.stacked_matrices = stacked
+        model.add_module(f"l{i}", layer)
+    model.add_module("head", torch.nn.Linear(4, 4, bias=False))  # the output layer: AdamW
+    opt = build_optimizer(model, cfg, CPU)
+    layers = [m for name, m in model.named_children() if name != "head"]
+    for layer, grad in zip(layers, grads):
+        layer.weight.grad = grad.clone()
+    model.head.weight.grad = torch.zeros(4, 4)
+    opt.step()
+    return [(w - layer.weight.detach()) / cfg.muon_lr for (w, _), layer in zip(layer_weights, layers)]
+
+
+def test_muon_orthogonalises_the_parts_of_fused_matrices_separately():
+    """A fused qkv's update equals its three parts' updates as separate matrices (as Q, K and V
+    are in modded-nanogpt), shape factor included; a GLU's [value | gate] likewise in halves."""
+    g = torch.Generator().manual_seed(0)
+    d, ff = 8, 12
+    qkv, qkv_grad = torch.randn(3 * d, d, generator=g) * 0.1, torch.randn(3 * d, d, generator=g)
+    up, up_grad = torch.randn(2 * ff, d, generator=g) * 0.1, torch.randn(2 * ff, d, generator=g)
+    cfg = OptimConfig(name="muon", muon_lr=0.02, weight_decay=0.0)
+    fused = _muon_update([(qkv, 3), (up, 2)], [qkv_grad, up_grad], cfg)
+    separate = _muon_update(
+        [(part, 1) for part in (*qkv.chunk(3), *up.chunk(2))],
+        [*qkv_grad.chunk(3), *up_grad.chunk(2)], cfg)
+    # Newton-Schulz runs in bf16 (relative precision 2^-8), batched or not: equal to that.
+    torch.testing.assert_close(fused[0], torch.cat(separate[:3]), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fused[1], torch.cat(separate[3:]), rtol=1e-2, atol=1e-2)
+    # The models declare their fused matrices: the tiny preset has a fused qkv and a GLU.
+    torch.manual_seed(0)
+    model = build_model(tiny_run_config("unused", "unused").model)
+    hidden = next(gr for gr in build_optimizer(model, OptimConfig(name="muon"), CPU).param_groups
+                  if gr.get("blocks") == 3)
+    assert model.layers[0].attn.qkv.weight in hidden["params"]
+    assert {gr.get("blocks") for gr in build_optimizer(model, OptimConfig(name="muon"), CPU)
+            .param_groups} == {1, 2, 3, None}
 
 
 def test_muon_orthogonalises_hidden_matrices_and_adamw_steps_the_rest():
@@ -112,6 +281,24 @@ def test_sam_step_uses_the_gradient_at_the_ascent_point_and_every_k():
     torch.testing.assert_close(w.detach(), w1 - lr * grad(w1))
 
 
+def test_sam_leaves_the_weights_alone_when_the_ascent_point_loss_is_not_finite():
+    w0, c = _tensors()
+    w = torch.nn.Parameter(w0.clone())
+    cfg = OptimConfig(name="sam", base="adamw", lr=0.1, sam_rho=0.05)
+    opt = OPTIMIZERS["sam"]([{"params": [w], "weight_decay": 0.0, "kind": "hidden"}], cfg, CPU)
+
+    def closure():
+        opt.zero_grad()
+        loss = _cubic(w, c) * float("nan")
+        loss.backward()
+        return loss.detach()
+
+    w.grad = w0**2 + c
+    assert not math.isfinite(float(opt.step(closure)))
+    torch.testing.assert_close(w.detach(), w0, rtol=0, atol=0)
+    assert not opt.base_optimizer.state[w] and opt.param_groups[0]["sam_step"] == 0
+
+
 def _bare_trainer(cfg, model):
     return Trainer(
         cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, CPU),
@@ -145,6 +332,31 @@ def test_trainer_second_pass_recomputes_the_same_micro_batches(tiny_mlm_data, tm
         results.append({k: v.clone() for k, v in model.state_dict().items()})
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_trainer_skips_a_step_whose_second_pass_is_not_finite(tiny_mlm_data, tmp_path):
+    """The first pass is finite, the pass at SAM's ascent point is not: the step is skipped and
+    counted, and no NaN reaches the weights."""
+    cfg = tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=sam", "optim.base=adamw")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward, calls = model.forward, []
+
+    def second_pass_overflows(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > 3:  # the three micro-batches of the first pass are finite
+            out.loss = out.loss * float("inf")
+        return out
+
+    model.forward = second_pass_overflows
+    trainer = _bare_trainer(cfg, model)
+    loss = trainer.train_step(_micro_batches(tiny_mlm_data))
+    assert len(calls) == 6 and math.isfinite(float(loss))
+    assert (trainer.state.nonfinite_total, trainer.state.nonfinite_in_row) == (1, 1)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
 
 
 def test_schedule_free_is_evaluated_at_its_averaged_weights(tiny_mlm_data, tmp_path):

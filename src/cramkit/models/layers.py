@@ -174,6 +174,7 @@ class Attention(nn.Module):
         self.causal = causal
         self.attention_dropout = cfg.attention_dropout
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=cfg.bias)
+        self.qkv.stacked_matrices = 3  # [q | k | v]: Muon orthogonalises each (cramkit.optim)
         self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
         self.rotary = (
             Rotary(self.head_dim, cfg.max_positions, cfg.rotary_base)
@@ -211,6 +212,7 @@ class FeedForward(nn.Module):
         self.gated = FFNS.get(cfg.ffn)
         inner = cfg.intermediate // 2 if self.gated else cfg.intermediate
         self.up = nn.Linear(cfg.hidden, cfg.intermediate, bias=cfg.bias)
+        self.up.stacked_matrices = 2 if self.gated else 1  # [value | gate]
         self.act = ACTIVATIONS.get(cfg.activation)()
         self.down = nn.Linear(inner, cfg.hidden, bias=cfg.bias)
 

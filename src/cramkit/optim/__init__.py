@@ -4,12 +4,17 @@ Parameter groups follow common practice: no weight decay on norms and biases (an
 fewer than two dimensions), optionally none on embeddings. Each group carries a ``kind`` tag —
 ``hidden`` (2-D matrices inside the network), ``embedding`` (input embeddings and the output
 projection) or ``vector`` (norms, biases, scalar gains) — so that an optimizer that treats them
-differently (Muon orthogonalises only hidden matrices) needs no parameter names.
+differently (Muon orthogonalises only hidden matrices) needs no parameter names. A module whose
+weight fuses several matrices by rows declares it with a ``stacked_matrices`` attribute (the fused
+``attn.qkv`` has 3, a GLU's ``ffn.up`` 2); the ``hidden`` group lists the count per parameter
+under ``stacked``, for an optimizer that treats the parts separately (Muon).
 
 A factory registered with :func:`register_optimizer` receives ``(groups, cfg, device)``. An
 optimizer whose update needs a second forward/backward (SAM) sets ``needs_closure = True``; the
 trainer then calls ``optimizer.step(closure)`` with a closure that recomputes the loss and
-gradients over the same micro-batches.
+gradients over the same micro-batches. Its ``step(closure)`` returns the closure's loss when it
+ran the closure, and where that loss is not finite it leaves the weights and its state as they
+were: the trainer then counts a skipped step, as for a non-finite loss of the first pass.
 """
 
 from __future__ import annotations
@@ -63,9 +68,15 @@ def parameter_groups(
     Returns up to three groups, empty ones dropped, each ``{"params", "weight_decay", "kind"}``:
     ``hidden`` matrices (decayed), ``embedding`` (token/position embeddings and the output
     projection; decayed unless ``decay_embeddings`` is false) and ``vector`` (never decayed).
+    The ``hidden`` group also has ``stacked``: per parameter, how many matrices its rows stack
+    (the owning module's ``stacked_matrices``, 1 where it declares none).
     """
     embedding_ids = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+    }
+    stacked = {
+        id(m.weight): int(m.stacked_matrices) for m in model.modules()
+        if getattr(m, "stacked_matrices", 1) > 1 and isinstance(getattr(m, "weight", None), torch.Tensor)
     }
     output = _output_layer(model)
     if output is not None:
@@ -87,11 +98,15 @@ def parameter_groups(
         "embedding": weight_decay if decay_embeddings else 0.0,
         "vector": 0.0,
     }
-    return [
+    groups = [
         {"params": params, "weight_decay": decay[kind], "kind": kind}
         for kind, params in kinds.items()
         if params
     ]
+    for group in groups:
+        if group["kind"] == "hidden":
+            group["stacked"] = [stacked.get(id(p), 1) for p in group["params"]]
+    return groups
 
 
 def lr_scale(rule: str, batch_size: int, base_batch_size: int) -> float:

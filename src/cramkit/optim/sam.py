@@ -6,12 +6,20 @@ there drives the base optimizer's update of w. The perturb/restore logic is pyto
 ``SAM``; cramkit adds a base optimizer built from its own registry (so Muon or LAMB work as
 bases) and ``sam_every``: the sharpness-aware step every k steps, a plain base step otherwise,
 which cuts SAM's ~2x cost to ~(1 + 1/k)x.
+
+Under data parallelism (DDP, FSDP) the first pass's gradient is already averaged over all ranks
+when the ascent point is computed, so the perturbation is the same on every rank and measures the
+sharpness of the global batch. The paper's m-sharpness (each device perturbing with its own
+micro-batch's gradient, m = the per-device batch) would need the first pass without gradient
+synchronisation; cramkit does not do that, so ``sam_rho`` tuned per device in the paper's
+setting may not transfer.
 """
 
 from __future__ import annotations
 
 import torch
 from pytorch_optimizer import SAM as _LibrarySAM
+from pytorch_optimizer.base.exception import NoClosureError
 
 from ..errors import ConfigError
 from . import get_factory, register_optimizer
@@ -23,6 +31,10 @@ class SAM(_LibrarySAM):
     ``needs_closure`` tells the trainer to call ``step(closure)``; the closure must zero the
     gradients and recompute loss and gradients over the same batch. The step counter lives in the
     first parameter group (``sam_step``), so ``state_dict()`` carries it and resuming is exact.
+
+    A non-finite loss at the ascent point (the closure's) would put NaN or inf into the update,
+    so the step then restores the weights and leaves the base optimizer and the counter
+    untouched, and returns that loss for the trainer to count as a skipped step.
     """
 
     needs_closure = True
@@ -41,9 +53,28 @@ class SAM(_LibrarySAM):
         group = self.param_groups[0]
         count = group.get("sam_step", 0)
         group["sam_step"] = count + 1
-        if count % self.every == 0:
-            return super().step(closure)
-        return self.base_optimizer.step()
+        if count % self.every:
+            return self.base_optimizer.step()
+        if closure is None:
+            raise NoClosureError(str(self))
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            loss = closure()
+        if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            self._restore()
+            group["sam_step"] = count  # a skipped step, as if it had not been taken
+            return loss
+        self.second_step()  # restores w and steps the base optimizer
+        return loss
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """Put back the weights saved before the ascent step, without an update."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                old = self.state[p].pop("old_p", None)
+                if old is not None:
+                    p.copy_(old)
 
     def train(self) -> None:
         """Forward a training-mode switch to a base that has one (Schedule-Free)."""

@@ -121,7 +121,9 @@ class Trainer:
         Returns the step's loss (mean over all target tokens) as a 0-d tensor. A non-finite loss
         skips the update and is counted; too many in a row stop training with a clear error. An
         optimizer with ``needs_closure`` (SAM) gets ``step(closure)``: the closure zeroes the
-        gradients and repeats forward/backward, hooks and clipping over the same micro-batches.
+        gradients and repeats forward/backward, hooks and clipping over the same micro-batches;
+        a non-finite loss of that second pass is a skipped step too (the optimizer left the
+        weights as they were, see :mod:`cramkit.optim`).
 
         When the optimizer can skip a step from a device flag (:mod:`.nonfinite`), nothing here
         waits for the device: the loss stays there and the counts are read at the next log or
@@ -144,12 +146,7 @@ class Trainer:
             return loss
         loss_value = par.all_sum([float(loss_sum)])[0]  # every rank skips or steps together
         if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-            state.nonfinite_in_row += 1
-            state.nonfinite_total += 1
-            check(state.nonfinite_in_row, self.cfg.train.max_nonfinite, state)
-            return torch.tensor(loss_value, dtype=torch.float64)
+            return self._skip_step(loss_value)
         if getattr(optimizer, "needs_closure", False):
             if self.scaler.is_enabled():
                 raise ConfigError(
@@ -161,14 +158,27 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 second = self._forward_backward(batches, total_targets)
                 self._clip()
-                return second
+                return par.reduce_sum(second)  # summed over ranks: all decide alike on it
 
-            optimizer.step(closure)
+            second = optimizer.step(closure)
+            # The optimizer left the weights alone where its second pass was not finite.
+            if second is not None and not math.isfinite(float(second)):
+                return self._skip_step(loss_value)
         else:
             self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.nonfinite_in_row = 0
+        return torch.tensor(loss_value, dtype=torch.float64)
+
+    def _skip_step(self, loss_value: float) -> torch.Tensor:
+        """Count a step whose update was not applied (a non-finite loss) and drop its gradients."""
+        state = self.state
+        state.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        check(state.nonfinite_in_row, self.cfg.train.max_nonfinite, state)
         return torch.tensor(loss_value, dtype=torch.float64)
 
     def _forward_backward(self, batches: list[Batch], total_targets: float) -> torch.Tensor:
