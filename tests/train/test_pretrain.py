@@ -730,3 +730,26 @@ def test_a_rewinding_resume_rewinds_tensorboard_too(tiny_mlm_data, tmp_path):
     events = accumulator.EventAccumulator(str(run / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_resume_whose_optimizer_state_another_version_wrote_is_a_clear_error(tiny_mlm_data, tmp_path):
+    """An optimizer state with other parameter groups (e.g. Muon's before it split fused
+    matrices) made load_state_dict raise a bare ValueError traceback."""
+    import json
+
+    from cramkit.train.checkpoint import latest_checkpoint
+    from cramkit.utils import sha256_file
+
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    ckpt = latest_checkpoint(run)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    groups[0]["params"] += groups.pop()["params"]  # one group fewer, as an older layout would have
+    torch.save(state, ckpt / "state.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())  # a consistent checkpoint, not a damaged one
+    meta["files"]["state.pt"] = {"bytes": (ckpt / "state.pt").stat().st_size,
+                                 "sha256": sha256_file(ckpt / "state.pt")}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="optimizer state does not fit optim.name=adamw .*another version"):
+        pretrain(resume_config(run, ["train.budget=4steps"]), run_dir=run, resume=True, say=lambda *_: None)

@@ -565,7 +565,13 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             problem = _optimizer_mismatch(cfg, saved, state.optimizer)
             if problem:
                 raise ConfigError(f"{run_dir}: {problem}; resume without changing optim.name (or optim.base)")
-            _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
+            try:
+                _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
+            except (ValueError, KeyError) as exc:  # e.g. another number of parameter groups
+                raise CheckpointError(
+                    f"{resume_from}: its optimizer state does not fit optim.name={_optimizer_name(cfg)} as "
+                    f"this cramkit builds it ({exc}); it was probably saved by another version: start a "
+                    "new run, or resume with the version that wrote it") from None
             if "scaler" in saved:
                 trainer.scaler.load_state_dict(saved["scaler"])
             _check_budget_left(cfg, state.usage, run_dir)
