@@ -179,6 +179,7 @@ _COMMON = {
     "positions": (_is("learned"), "HF uses a learned position table"),
     # The gains are trained parameters that HF has no place for: dropping them changes the output.
     "residual_scale": (_is("none"), "HF has no gain on the residual branches"),
+    "embedding_scale": (_is("none"), "HF does not scale the token embedding"),
 }
 _BERT = {
     **_COMMON,

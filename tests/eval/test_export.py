@@ -96,6 +96,9 @@ def test_exactness_is_decided_by_fields_not_names():
     for preset in ("bert-base", "gpt2-small"):
         target, reasons = hf_counterpart(preset_config(preset, residual_scale="scalar"))
         assert target is None and any("residual_scale='scalar'" in r for r in reasons)
+        # HF's embeddings are not multiplied by sqrt(hidden): the logits would change.
+        target, reasons = hf_counterpart(preset_config(preset, embedding_scale="sqrt_hidden"))
+        assert target is None and any("embedding_scale='sqrt_hidden'" in r for r in reasons)
     # A "tiny" preset reshaped to GPT-2's layout is exact, whatever its name.
     assert hf_counterpart(preset_config("tiny-gpt"))[0].hf_class == "GPT2LMHeadModel"
 

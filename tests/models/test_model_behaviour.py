@@ -132,6 +132,30 @@ def test_glu_gates_with_the_second_half_of_up():
     torch.testing.assert_close(ffn(x), expected)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "bert-base", "tiny-gpt"])
+def test_embedding_scale_multiplies_only_the_token_embedding(preset):
+    # fairseq's embed_scale: sqrt(hidden) on the token lookup; positions and token types are
+    # added unscaled, and a tied decoder reads the table itself.
+    cfg = small_config(preset, embedding_scale="sqrt_hidden", embedding_norm=False, dropout=0.0,
+                       attention_dropout=0.0)
+    model = build_model(cfg).eval()
+    emb = model.embeddings
+    ids = torch.randint(0, VOCAB, (2, 7))
+    tokens, rest = emb.tokens.weight[ids], torch.zeros(7, cfg.hidden)
+    if emb.positions is not None:
+        rest = rest + emb.positions(7)
+    if emb.token_types is not None:
+        rest = rest + emb.token_types.weight[0]
+    torch.testing.assert_close(emb(ids), tokens * cfg.hidden ** 0.5 + rest)
+    if cfg.tie_embeddings and not (cfg.head_transform or cfg.decoder_bias):
+        assert model.head.decoder.weight is emb.tokens.weight
+        torch.testing.assert_close(model(ids).logits, model.encode(ids) @ emb.tokens.weight.T)
+    # The default leaves the lookup as it is.
+    plain = build_model(cfg.replace(embedding_scale="none")).embeddings
+    plain.load_state_dict(emb.state_dict())
+    torch.testing.assert_close(plain(ids), tokens + rest)
+
+
 @pytest.mark.parametrize(
     ("preset", "overrides"),
     [

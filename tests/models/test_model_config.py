@@ -28,6 +28,7 @@ from cramkit.models.presets import PRESETS, get_preset, preset_config
         ({"positions": "rope"}, "unknown positions 'rope'; choose from"),
         ({"activation": "relu"}, "unknown activation 'relu'"),
         ({"document_mask_kernel": "flash"}, "unknown document mask kernel 'flash'"),
+        ({"embedding_scale": "sqrt"}, "unknown embedding scale 'sqrt'; choose from"),
         ({"type_vocab_size": -1}, "type_vocab_size must be >= 0"),
         ({"norm_eps": 0.0}, "norm_eps must be positive"),
         ({"init_std": 0.0}, "init_std must be positive"),
@@ -145,5 +146,6 @@ def test_a_registered_variant_is_selectable_by_config_and_used(monkeypatch):
 
 
 def test_none_on_the_command_line_names_the_none_variant():
-    cfg = load_config("demo", ["model.norm=none", "model.init=t-fixup", "model.positions=none"])
+    cfg = load_config("demo", ["model.norm=none", "model.init=t-fixup", "model.positions=none",
+                               "model.embedding_scale=sqrt_hidden", "model.ffn=gelu"])
     assert cfg.model.norm == "none" and cfg.model.positions == "none"

@@ -2,9 +2,9 @@
 
 The defaults describe the crammed BERT of Geiping & Goldstein (2023); see ``presets.py`` for the
 other named shapes. Choices that are names (``arch``, ``norm``, ``ffn``, ``positions``,
-``activation``, ``init``, ``document_mask_kernel``) are plain strings checked against registries
-(``cramkit.models.layers.NORMS`` and its neighbours), so a new variant is a registration, not a
-new branch or a new type.
+``activation``, ``init``, ``embedding_scale``, ``document_mask_kernel``) are plain strings checked
+against registries (``cramkit.models.layers.NORMS`` and its neighbours), so a new variant is a
+registration, not a new branch or a new type.
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ class ModelConfig(Config):
     )
     max_positions: int = field(512, help="longest sequence the position table / rotary cache covers")
     rotary_base: float = field(10000.0, help="rotary frequency base (positions=rotary only)")
+    embedding_scale: Name = field(
+        "none",
+        help="factor on the token embedding's output (not on the tied decoder, nor on position "
+        "and token-type embeddings): 'none' (1) or 'sqrt_hidden' (sqrt(hidden), fairseq's "
+        "embed_scale, which t-fixup needs)",
+    )
     type_vocab_size: int = field(0, help="token-type (segment) embeddings; 0 = none, BERT-base 2")
     embedding_norm: bool = field(True, help="norm after summing the embeddings")
     final_norm: bool = field(True, help="norm after the last block (needed with pre-norm)")
@@ -75,13 +81,14 @@ class ModelConfig(Config):
     residual_scale: Literal["none", "scalar"] = field(
         "none",
         help="'scalar': a learnable gain on each residual branch output (block.gain1/gain2), "
-        "set by the init (0 for rezero/skipinit, 1 otherwise)",
+        "set by the init (0 for rezero/skipinit, 1 otherwise; fixup's per-branch multiplier)",
     )
     init: str = field(
         "normal",
         help="weight initialisation: 'normal' N(0, init_std) (BERT), 'gpt2' (normal, residual "
-        "projections scaled by 1/sqrt(2*layers)), 'torch-default' (PyTorch's defaults), 'fixup', "
-        "'t-fixup' (both need norm=none), 'rezero' (needs norm=none, residual_scale=scalar), "
+        "projections scaled by 1/sqrt(2*layers)), 'torch-default' (PyTorch's defaults), 'fixup' "
+        "(needs norm=none, residual_scale=scalar), 't-fixup' (needs norm=none, "
+        "embedding_scale=sqrt_hidden), 'rezero' (needs norm=none, residual_scale=scalar), "
         "'skipinit' (needs residual_scale=scalar)",
     )
     init_std: float = field(0.02, help="standard deviation of the normal initialisations")
@@ -126,7 +133,7 @@ class ModelConfig(Config):
     def validate(self) -> None:
         """Raise ConfigError naming the offending field for impossible shapes or unknown names."""
         from .docmask import DOC_MASK_KERNELS
-        from .layers import ACTIVATIONS, FFNS, NORMS, POSITIONS
+        from .layers import ACTIVATIONS, EMBEDDING_SCALES, FFNS, NORMS, POSITIONS
 
         def known(name: str, registry, *also: str) -> None:
             value = getattr(self, name)
@@ -136,7 +143,8 @@ class ModelConfig(Config):
                                   f"choose from {choices}")
 
         for name, registry in (("arch", ARCHITECTURES), ("init", INITS), ("norm", NORMS), ("ffn", FFNS),
-                               ("positions", POSITIONS), ("activation", ACTIVATIONS)):
+                               ("positions", POSITIONS), ("activation", ACTIVATIONS),
+                               ("embedding_scale", EMBEDDING_SCALES)):
             known(name, registry)
         known("document_mask_kernel", DOC_MASK_KERNELS, "auto")
         # An init may need architecture options (e.g. no norms): it says so with a ``check``.

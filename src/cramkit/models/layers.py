@@ -30,6 +30,8 @@ NORMS: Registry[Callable[..., nn.Module]] = Registry("norm")
 FFNS: Registry[bool] = Registry("ffn")
 ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("activation")
 POSITIONS: Registry[Callable[..., nn.Module | None]] = Registry("positions")
+#: ``embedding_scale`` → ``fn(hidden) -> float``, the factor on the token embedding's output.
+EMBEDDING_SCALES: Registry[Callable[[int], float]] = Registry("embedding scale")
 
 
 def _layernorm(width: int, eps: float, bias: bool) -> nn.Module:
@@ -56,6 +58,17 @@ FFNS.add("glu", True)
 
 ACTIVATIONS.add("gelu", lambda: nn.GELU(approximate="none"))
 ACTIVATIONS.add("gelu_tanh", lambda: nn.GELU(approximate="tanh"))
+
+
+EMBEDDING_SCALES.add("none", lambda hidden: 1.0)
+# fairseq's Transformer multiplies the token embedding by sqrt(d) (``embed_scale``), and T-Fixup's
+# init (Huang et al. 2020, built on fairseq) is stated for that effective embedding.
+EMBEDDING_SCALES.add("sqrt_hidden", math.sqrt)
+
+
+def token_embedding_scale(cfg) -> float:
+    """The factor ``cfg.embedding_scale`` puts on the token embedding in the forward pass."""
+    return float(EMBEDDING_SCALES.get(cfg.embedding_scale)(cfg.hidden))
 
 
 def make_norm(cfg) -> nn.Module:
@@ -284,11 +297,16 @@ class Embeddings(nn.Module):
 
     Parameters: ``tokens.weight`` [vocab, hidden], ``positions.weight`` (learned) or
     ``positions.scale`` (scaled sinusoidal), ``token_types.weight`` [types, hidden], ``norm``.
+    The token embedding's output (only it, as in fairseq) is multiplied by ``token_scale``
+    (``model.embedding_scale``); a tied decoder reads the unscaled table.
     """
 
     def __init__(self, cfg) -> None:
         super().__init__()
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        # A forward-time factor, not a larger table: the tied decoder shares the table, and
+        # scaling it would scale the logits too.
+        self.token_scale = token_embedding_scale(cfg)
         self.positions = POSITIONS.get(cfg.positions)(cfg)
         self.token_types = (
             nn.Embedding(cfg.type_vocab_size, cfg.hidden) if cfg.type_vocab_size > 0 else None
@@ -300,6 +318,8 @@ class Embeddings(nn.Module):
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         x = self.tokens(input_ids)
+        if self.token_scale != 1.0:  # skipped at 1, so the default graph is unchanged
+            x = x * self.token_scale
         if self.positions is not None:
             x = x + self.positions(input_ids.shape[1])
         if self.token_types is not None:

@@ -48,6 +48,7 @@ _CRAMMED: dict[str, Any] = {
     "positions": "sinusoidal",
     "max_positions": 512,
     "rotary_base": 10000.0,
+    "embedding_scale": "none",
     "type_vocab_size": 0,
     "embedding_norm": True,
     "final_norm": True,

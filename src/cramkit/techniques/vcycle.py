@@ -15,7 +15,8 @@ Three operators on cramkit's BERT and GPT models, all pure (they return new mode
   ships, layer ``i`` with layer ``i + L/2``).
 - :func:`decoalesce` — the inverse mapping: each merged unit is copied back to every unit it came
   from (input-side columns divided by the group size), each small block to every block of its
-  group. Coalesce → de-coalesce → coalesce is exact for factors of 2.
+  group. Coalesce → de-coalesce → coalesce is exact for factors of 2 (up to float rounding
+  with ``model.embedding_scale=sqrt_hidden``, whose width ratio is sqrt(2)).
 - :func:`interpolate` — ``(1 - alpha) * large + alpha * decoalesced``, which breaks the symmetry
   that de-coalescing introduces.
 
@@ -25,7 +26,10 @@ copies of the small model's and every norm keeps its statistics. With tied input
 embeddings the decoder reads the hidden states through the same duplicated table, which would
 multiply the logits by the width factor ``k``; the norm that feeds the decoder
 (``head.transform.norm`` when there is a head transform, else ``final_norm``) therefore gets its
-parameters divided by ``k`` on de-coalescing and multiplied by ``k`` on coalescing. With that, a
+parameters divided by ``k`` on de-coalescing and multiplied by ``k`` on coalescing. A token
+embedding scaled with the width (``model.embedding_scale=sqrt_hidden``) is kept exact the same way:
+the token table is multiplied by the ratio ``r`` of the two widths' factors on coalescing (divided
+on de-coalescing), and the decoder's norm then carries ``k / r``. With that, a
 de-coalesced width-only model computes the same logits as the small model (up to float rounding),
 when positions are ``learned``, ``rotary`` or ``none``. With ``sinusoidal`` positions the fixed
 table is a function of the width, so the two widths see different (equally valid) position codes
@@ -60,6 +64,7 @@ import torch
 from ..configbase import Config, did_you_mean, field
 from ..errors import ConfigError
 from ..models.config import ModelConfig
+from ..models.layers import token_embedding_scale
 from .base import ContractCases, Technique, register
 from .common import full_state_dict, materialize, model_device
 
@@ -209,9 +214,35 @@ def _tied_name(cfg: ModelConfig) -> str | None:
     return "head.decoder.weight" if cfg.tie_embeddings else None
 
 
+def _token_scale_ratio(large: ModelConfig, k: int) -> float:
+    """The large width's token-embedding factor over the small one's (``model.embedding_scale``;
+    1 for ``none``, sqrt(k) for ``sqrt_hidden``)."""
+    return token_embedding_scale(large) / token_embedding_scale(
+        dataclasses.replace(large, hidden=large.hidden // k))
+
+
+def _width_factors(cfg: ModelConfig, k: int) -> dict[str, float]:
+    """Parameter-name prefix → factor that coalescing multiplies by (de-coalescing divides).
+
+    The token table carries the ratio r of the two widths' embedding scales, so the scaled
+    embedding the blocks see is averaged / copied exactly; a tied decoder then reads a table r
+    times larger, so the norm feeding it carries k / r instead of k.
+    """
+    ratio = _token_scale_ratio(cfg, k)
+    factors = {"embeddings.tokens.weight": ratio}
+    if cfg.tie_embeddings and k > 1:
+        factors[_decoder_norm(cfg)] = k / ratio
+    return {name: f for name, f in factors.items() if f != 1.0}
+
+
+def _factor(name: str, factors: dict[str, float]) -> float:
+    return next((f for prefix, f in factors.items() if name.startswith(prefix)), 1.0)
+
+
 def _coalesce_width(tensors: dict[str, torch.Tensor], cfg: ModelConfig, k: int,
                     unit: Pairing) -> dict[str, torch.Tensor]:
     out = {}
+    factors = _width_factors(cfg, k)
     for name, t in tensors.items():
         if name == _tied_name(cfg):
             continue
@@ -221,8 +252,9 @@ def _coalesce_width(tensors: dict[str, torch.Tensor], cfg: ModelConfig, k: int,
             shape[dim] //= k
             summed = torch.zeros(shape, dtype=t.dtype, device=t.device).index_add_(dim, index, t)
             t = summed / k if side == OUT else summed
-        if cfg.tie_embeddings and k > 1 and name.startswith(_decoder_norm(cfg)):
-            t = t * k
+        factor = _factor(name, factors)
+        if factor != 1.0:
+            t = t * factor
         out[name] = t
     if cfg.tie_embeddings:
         out["head.decoder.weight"] = out["embeddings.tokens.weight"]
@@ -232,6 +264,7 @@ def _coalesce_width(tensors: dict[str, torch.Tensor], cfg: ModelConfig, k: int,
 def _decoalesce_width(tensors: dict[str, torch.Tensor], large: ModelConfig, k: int,
                       unit: Pairing) -> dict[str, torch.Tensor]:
     out = {}
+    factors = _width_factors(large, k)
     for name, t in tensors.items():
         if name == _tied_name(large):
             continue
@@ -239,8 +272,9 @@ def _decoalesce_width(tensors: dict[str, torch.Tensor], large: ModelConfig, k: i
             t = t.index_select(dim, map_fn(large, k, unit).to(t.device))
             if side == IN:
                 t = t / k
-        if large.tie_embeddings and k > 1 and name.startswith(_decoder_norm(large)):
-            t = t / k
+        factor = _factor(name, factors)
+        if factor != 1.0:
+            t = t / factor
         out[name] = t
     if large.tie_embeddings:
         out["head.decoder.weight"] = out["embeddings.tokens.weight"]
