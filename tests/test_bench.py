@@ -177,3 +177,15 @@ def test_the_timed_step_is_the_trainers_no_search_for_targets_on_the_device(monk
         bench.bench_target(family, batch=2, seq_len=16, steps=1, warmup=1, device=torch.device("cpu"),
                            precision="fp32", compile=False, mask_rate=0.25, peak=1e8)
     assert len(seen) == 2 and all(index is not None and index.dim() == 1 for index in seen)
+
+
+def test_hf_bert_target_takes_the_presets_dropout_and_norm_settings():
+    """HF's BertConfig defaults (dropout 0.1) ran under a dropout-free target: the "× HF" ratio
+    then compared two training regimes, not two implementations."""
+    from cramkit.bench import FAMILIES
+
+    for spec, dropout in (("hf-bert:bert-base", 0.1), ("hf-bert:bert-base,dropout=0,attention_dropout=0", 0.0)):
+        t = parse_target(spec, batch=1, seq_len=8)
+        hf = FAMILIES["hf-bert"](t.cfg.replace(layers=1), 8, 0.15)[0].config
+        assert hf.hidden_dropout_prob == hf.attention_probs_dropout_prob == dropout
+        assert hf.layer_norm_eps == t.cfg.norm_eps and hf.hidden_act == "gelu"

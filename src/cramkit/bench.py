@@ -68,9 +68,15 @@ def _cramkit(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
 def _hf_bert(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
     from transformers import BertConfig, BertForMaskedLM
 
+    from .export import HF_ACTIVATIONS
+
+    # The preset's dropout and norm eps, not HF's defaults (0.1, 1e-12): a target names its
+    # regime, and `hf-bert:bert-base,dropout=0,attention_dropout=0` is dropout-free like crammed-bert.
     hf = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
                     num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
                     max_position_embeddings=max(cfg.max_positions, seq_len), type_vocab_size=2,
+                    hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.attention_dropout,
+                    layer_norm_eps=cfg.norm_eps, hidden_act=HF_ACTIVATIONS[cfg.activation],
                     attn_implementation="sdpa")
     model = BertForMaskedLM(hf)
     dense = cfg.replace(arch="bert", sparse_prediction=False, ffn="gelu", bias=True)

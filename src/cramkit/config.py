@@ -95,7 +95,7 @@ class TrainConfig(Config):
     checkpoint_every: float = field(0.0, help="checkpoint every this fraction of the budget (0 = only at the end)")
     keep_checkpoints: int = field(2, help="complete checkpoints kept on disk")
     max_nonfinite: int = field(5, help="stop after this many non-finite losses in a row (each is skipped)")
-    peak_tflops: float = field(0.0, help="device peak for MFU in TFLOP/s; 0 = measured at start-up (bf16 matmul on CUDA, fp16 under fp16, fp32 on CPU)")
+    peak_tflops: float = field(0.0, help="one device's peak for MFU in TFLOP/s (MFU divides by it times the number of ranks); 0 = measured at start-up (bf16 matmul on CUDA, fp16 under fp16, fp32 on CPU)")
     progress_bar: bool = field(True, help="show a live progress bar (only on a terminal)")
     tensorboard: bool = field(True, help="write TensorBoard events when tensorboard is installed")
 

@@ -64,7 +64,8 @@ class HFTarget:
         ]
 
 
-_ACT_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+#: cramkit's activation names -> transformers' ``hidden_act`` / ``activation_function``.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def _bert_convert(cfg, sd: dict[str, torch.Tensor]):
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
         intermediate_size=cfg.intermediate,
-        hidden_act=_ACT_HF[cfg.activation],
+        hidden_act=HF_ACTIVATIONS[cfg.activation],
         hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.attention_dropout,
         max_position_embeddings=cfg.max_positions,
@@ -131,7 +132,7 @@ def _gpt2_convert(cfg, sd: dict[str, torch.Tensor]):
         n_layer=cfg.layers,
         n_head=cfg.heads,
         n_inner=cfg.intermediate,
-        activation_function=_ACT_HF[cfg.activation],
+        activation_function=HF_ACTIVATIONS[cfg.activation],
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.attention_dropout,
@@ -175,7 +176,7 @@ _COMMON = {
     "bias": (_is(True), "HF has biases on every linear layer"),
     "norm_bias": (_is(True), "HF's LayerNorms have a bias"),
     "ffn": (_is("gelu"), "HF's feed-forward is not gated"),
-    "activation": (lambda v: v in _ACT_HF, "needs an HF activation"),
+    "activation": (lambda v: v in HF_ACTIVATIONS, "needs an HF activation"),
     "positions": (_is("learned"), "HF uses a learned position table"),
     # The gains are trained parameters that HF has no place for: dropping them changes the output.
     "residual_scale": (_is("none"), "HF has no gain on the residual branches"),

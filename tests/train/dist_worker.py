@@ -27,12 +27,14 @@ def losses(run: Path) -> list[float]:
 def main() -> None:
     data, out, mlm_data = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     quiet = {"say": lambda *_: None}
-    common = ("train.budget=6steps", "train.micro_batch=0", "train.checkpoint_every=0.5", "train.keep_checkpoints=3")
+    common = ("train.budget=6steps", "train.micro_batch=0", "train.checkpoint_every=0.5", "train.keep_checkpoints=3",
+              "train.peak_tflops=0.1")
     results = {}
     for strategy in ("ddp", "fsdp"):
         cfg = tiny_config(data, out, *common, f"parallel.strategy={strategy}", name=strategy, arch="gpt")
         summary = pretrain(cfg, **quiet)
-        results[strategy] = {"steps": summary["steps"], "tokens": summary["tokens"]}
+        results[strategy] = {"steps": summary["steps"], "tokens": summary["tokens"], "mfu": summary["mfu"],
+                             "flops": summary["flops"], "train_seconds": summary["train_seconds"]}
     # Fused AdamW: non-finite skips decided on the device from the all-reduced loss.
     for strategy in ("ddp", "fsdp"):
         cfg = tiny_config(data, out, "train.budget=6steps", "train.micro_batch=0", "optim.fused=on",

@@ -54,6 +54,13 @@ def test_auto_micro_batch_takes_the_largest_power_of_two_that_fits_with_the_opti
     assert gpu.sizes == [1, 2]  # never beyond the per-rank batch
 
 
+def test_auto_micro_batch_divides_the_per_rank_batch(monkeypatch):
+    # A per-rank batch of 96: 64 fits in memory but does not divide it (the run would refuse it).
+    gpu = _FakeGPU(monkeypatch, total=1e12, per_sequence=1)
+    assert device_mod.auto_micro_batch(_model(), gpu.make_batch, CUDA, "fp32", cap=96, optimizer_bytes=0) == 32
+    assert gpu.sizes == [1, 2, 4, 8, 16, 32]
+
+
 def test_auto_micro_batch_stops_at_the_first_out_of_memory(monkeypatch):
     gpu = _FakeGPU(monkeypatch, total=1e12, per_sequence=1, oom_from=16)
     model = _model()
@@ -127,6 +134,13 @@ def test_energy_is_the_nvml_counter_difference_in_kwh(monkeypatch):
     _fake_nvml(monkeypatch, [5_000, 5_000 + 7_200_000_000])  # millijoules: 7.2 MJ = 2 kWh
     meter = EnergyMeter(CUDA)
     assert meter.available and meter.kwh() == pytest.approx(2.0)
+
+
+def test_energy_meters_the_gpu_cuda_visible_devices_names(monkeypatch):
+    # NVML ignores CUDA_VISIBLE_DEVICES: the process's cuda:0 is the machine's GPU 3 here.
+    _fake_nvml(monkeypatch, [0, 3_600_000])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert EnergyMeter(CUDA)._handle == "gpu3"
 
 
 def test_a_failed_energy_read_is_not_measured_and_does_not_end_the_run(monkeypatch):

@@ -43,6 +43,11 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     one = [r["loss"] for r in rows if r["type"] == "train"]
 
     assert res["ddp"]["tokens"] == summary["tokens"]  # tokens count every rank's share
+    # ... and so MFU divides by both ranks' peak (train.peak_tflops=0.1 each), not one device's.
+    for strategy in ("ddp", "fsdp"):
+        r = res[strategy]
+        expected = r["flops"] / r["train_seconds"] / 0.2e12
+        assert r["mfu"] == pytest.approx(expected, rel=0.02, abs=1e-4), strategy
     torch.testing.assert_close(torch.tensor(res["ddp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(res["fsdp"]["losses"]), torch.tensor(one), rtol=1e-4, atol=1e-5)
     for strategy, fused in res["fused_losses"].items():  # fused vs for-loop AdamW: rounding only

@@ -177,3 +177,28 @@ def test_device_skip_needs_the_parameters_on_the_flags_device():
     assert skips_on_device(optimizer, scaler, torch.device("cpu"))
     assert not skips_on_device(optimizer, scaler, torch.device("cuda"))
     assert not skips_on_device(torch.optim.AdamW([param], foreach=True), scaler, torch.device("cpu"))
+
+
+def test_the_sync_free_step_copies_no_host_value_to_the_device(tiny_mlm_data, tmp_path, monkeypatch):
+    """torch.tensor(python_value, device=...) copies from the host and waits: on a GPU it is a
+    sync. None may run inside a training step (the counts' start after each read was one)."""
+    calls, inside = [], []
+    real_tensor, real_step = torch.tensor, trainer_module.Trainer.train_step
+
+    def recording_tensor(*args, **kwargs):
+        if inside and kwargs.get("device") is not None:
+            calls.append((args, kwargs))
+        return real_tensor(*args, **kwargs)
+
+    def step(self, batches):
+        inside.append(True)
+        try:
+            return real_step(self, batches)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(torch, "tensor", recording_tensor)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=6steps", "train.log_every=2", FUSED),
+             say=lambda *_: None)
+    assert calls == []

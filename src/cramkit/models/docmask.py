@@ -141,5 +141,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             return fa.flex_attention(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(fa.flex_attention, dynamic=False)
+        # dynamic=None (automatic dynamic shapes): with dynamic=False every new batch size is a
+        # recompile, and the micro-batch probe's 11 sizes pass dynamo's recompile limit (8), after
+        # which flex_attention runs uncompiled, materialising the scores. On the CPU (inductor)
+        # sizes 1..1024 compile two graphs this way, the static first one and a dynamic one.
+        _compiled_flex = torch.compile(fa.flex_attention, dynamic=None)
     return _compiled_flex(q, k, v, block_mask=block_mask)

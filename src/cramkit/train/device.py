@@ -90,7 +90,8 @@ def memory_gb(device: torch.device) -> float:
 
 
 def auto_micro_batch(model, make_batch, device: torch.device, precision: str, cap: int, optimizer_bytes: int) -> int:
-    """Largest power-of-two micro-batch (<= ``cap``) whose forward+backward fits on the GPU.
+    """Largest power-of-two micro-batch that divides ``cap`` (the per-rank batch, which the
+    micro-batch must divide) and whose forward+backward fits on the GPU.
 
     ``make_batch(n)`` returns a device batch of ``n`` sequences; ``optimizer_bytes`` is reserved
     for optimizer state not yet allocated. Cramming's pitfall — a small micro-batch silently
@@ -98,7 +99,8 @@ def auto_micro_batch(model, make_batch, device: torch.device, precision: str, ca
     """
     total = torch.cuda.get_device_properties(device).total_memory
     best, n = 0, 1
-    while n <= cap:
+    while n <= cap and cap % n == 0:
+        out = None
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -106,15 +108,19 @@ def auto_micro_batch(model, make_batch, device: torch.device, precision: str, ca
                 out = model(**make_batch(n))
             out.loss.backward()
             peak = torch.cuda.max_memory_allocated(device)
+            del out  # the next trial's peak must not hold this one's logits
             model.zero_grad(set_to_none=True)
             if peak + optimizer_bytes > 0.9 * total:
                 break
             best = n
         except torch.OutOfMemoryError:
+            del out
             model.zero_grad(set_to_none=True)
             break
         n *= 2
     torch.cuda.empty_cache()
+    # The run's logged peak memory starts here, not at the probe's largest (maybe failed) trial.
+    torch.cuda.reset_peak_memory_stats(device)
     if best == 0:
         warnings.warn("not even one sequence fits in GPU memory; trying micro_batch=1 anyway", stacklevel=2)
         best = 1

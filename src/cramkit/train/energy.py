@@ -7,7 +7,22 @@ the ``nvidia-ml-py`` package; then the run summary says so instead of inventing 
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def _nvml_index(cuda_index: int) -> int:
+    """NVML's index of CUDA device ``cuda_index``. NVML numbers every GPU of the machine and
+    ignores ``CUDA_VISIBLE_DEVICES``: under ``CUDA_VISIBLE_DEVICES=3`` (a Slurm job's GPU) CUDA's
+    device 0 is NVML's 3, and reading NVML's 0 would meter another job's GPU."""
+    try:  # torch maps it (integer lists, UUIDs, MIG); private, hence the fallback
+        return int(torch.cuda._get_nvml_device_index(torch.device("cuda", cuda_index)))
+    except Exception:
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if cuda_index < len(visible) and visible[cuda_index].isdigit():
+            return int(visible[cuda_index])
+        return cuda_index
 
 
 class EnergyMeter:
@@ -23,7 +38,7 @@ class EnergyMeter:
 
             pynvml.nvmlInit()
             index = device.index if device.index is not None else torch.cuda.current_device()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(index))
             self._start = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
         except Exception:  # no NVML, an old GPU, or a container without the counter
             self._handle = None

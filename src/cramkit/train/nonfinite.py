@@ -60,7 +60,9 @@ class NonfiniteCounter:
     def record(self, finite: torch.Tensor, state) -> None:
         """Count one step whose loss was ``finite`` (a 0-d bool tensor); no host read."""
         if self._pending is None:
-            start = torch.tensor(state.nonfinite_in_row, device=finite.device)
+            # torch.full, not torch.tensor(int, device=...): the latter copies a host value to
+            # the device and waits for it, the one sync this step would otherwise have.
+            start = torch.full((), state.nonfinite_in_row, dtype=torch.long, device=finite.device)
             self._pending = (torch.zeros_like(start), start, start.clone())
         new, in_row, worst = self._pending
         bad = (~finite).long()

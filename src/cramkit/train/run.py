@@ -438,6 +438,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             micro_batch = auto_micro_batch(probe, make_batch, device, precision, per_rank_batch,
                                            optimizer_bytes=8 * count_parameters(probe))
             del probe
+        # The smallest over the ranks: a rank with less free memory must not run another
+        # accumulation count than the others (their collectives would no longer pair up).
+        micro_batch = -int(par.all_max([-float(micro_batch)])[0])
         say(f"auto micro-batch: {micro_batch} sequences")
     else:
         micro_batch = min(32, per_rank_batch)
@@ -489,7 +492,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     seq_len = dataset.seq_len
     mask_rate = cfg.objective.mask_rate if objective_name == "mlm" else None
     fpt = lambda m: flops_per_token(m.config, seq_len, mask_rate)  # noqa: E731
-    peak = cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, precision)
+    # MFU is the whole system's: the tokens (and FLOPs) counted are every rank's, so the peak is
+    # one device's times the number of ranks (PaLM's definition, appendix B).
+    peak = (cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, precision)) * par.world_size
 
     # How many validation sequences each loss averages (the summary records it): eval_batches
     # counts micro-batches, so runs with other micro-batches may average other prefixes.
