@@ -112,8 +112,8 @@ def probe(hidden: int, layers: int, switches: list[str], micro: int, steps: int)
     if fp8:
         from cramkit.distributed.fp8 import convert_fp8
 
-        # min_dim=0: also measure FP8 where the size rule would refuse it (the 768-wide model).
-        convert_fp8(model, device, min_dim=0)
+        # Every linear, also where the size rule would keep bf16 (most of the 768-wide model).
+        convert_fp8(model, device, everything=True)
     apply_activation_checkpointing(model, cfg.memory)
     cuda = device.type == "cuda"
     # bf16 on the GPU. The --smoke check runs in fp32: CPU autocast leaves layer_norm in bf16,

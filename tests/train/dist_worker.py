@@ -27,7 +27,9 @@ def losses(run: Path) -> list[float]:
 def main() -> None:
     data, out, mlm_data = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     quiet = {"say": lambda *_: None}
-    common = ("train.budget=6steps", "train.micro_batch=0", "train.checkpoint_every=0.5", "train.keep_checkpoints=3",
+    # Micro-batch 2 of each rank's 4 sequences: gradient accumulation under DDP (no_sync) and
+    # FSDP2 (a reduce-scatter per micro-batch) must still equal one process's single batch.
+    common = ("train.budget=6steps", "train.micro_batch=2", "train.checkpoint_every=0.5", "train.keep_checkpoints=3",
               "train.peak_tflops=0.1")
     results = {}
     for strategy in ("ddp", "fsdp"):

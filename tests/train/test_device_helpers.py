@@ -75,11 +75,15 @@ def test_auto_micro_batch_warns_and_tries_one_when_nothing_fits(monkeypatch):
 
 
 def test_fp8_takes_only_linears_large_enough_to_gain():
+    # torchao's tensorwise rule: skip when out_features <= 4096 and in_features <= 1024.
     assert fp8.worth_fp8(torch.nn.Linear(2048, 8192))
-    assert not fp8.worth_fp8(torch.nn.Linear(768, 3072))  # crammed-bert's width: bf16 is faster
+    assert not fp8.worth_fp8(torch.nn.Linear(768, 3072))  # crammed-bert's up-projection: bf16 wins
+    assert not fp8.worth_fp8(torch.nn.Linear(768, 2304))  # ... and its fused qkv
+    assert fp8.worth_fp8(torch.nn.Linear(1536, 768))  # its down-projection reads 1536 > 1024
+    assert fp8.worth_fp8(torch.nn.Linear(768, 8192))  # out_features > 4096
     assert not fp8.worth_fp8(torch.nn.Linear(2048, 2056))  # FP8 kernels need multiples of 16
     assert not fp8.worth_fp8(torch.nn.LayerNorm(4096))
-    assert fp8.worth_fp8(torch.nn.Linear(768, 768), min_dim=0)
+    assert fp8.worth_fp8(torch.nn.Linear(768, 768), everything=True)
 
 
 def test_fp8_refuses_a_device_without_fp8_tensor_cores(monkeypatch):

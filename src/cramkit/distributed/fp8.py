@@ -1,9 +1,14 @@
 """FP8 training through torchao's float8 linear conversion, only where it pays off.
 
 FP8 matmuls gain over bf16 only when the matrices are large enough for the saved tensor-core
-time to exceed the cost of computing scales and casting; on H100 that is roughly when both
-dimensions of a linear layer are at least ~2048 (torchao's own guidance and our measurements in
-BENCHMARKS.md). Smaller layers stay in bf16, and the user is warned when nothing qualifies.
+time to exceed the cost of computing scales and casting. Which layers qualify follows the rule
+torchao derives from its H100 microbenchmarks for its default (tensorwise) recipe
+(``torchao/float8/float8_linear_utils.py``, ``_auto_filter_for_tensorwise``): both dimensions
+multiples of 16 (the FP8 kernels need it), and not both ``out_features <= 4096`` and
+``in_features <= 1024``. In crammed-bert (hidden 768) only the feed-forward down-projection
+(1536 -> 768) qualifies. The decoder head never converts; the user is warned when nothing
+qualifies. FP8 also needs ``train.compile=true`` to be fast (torchao's training docs;
+pytorch/ao#685): eager float8 linears are slower than bf16, and the run warns.
 """
 
 from __future__ import annotations
@@ -14,27 +19,31 @@ import torch
 
 from ..errors import ConfigError
 
-MIN_DIM = 2048
+
+def worth_fp8(module: torch.nn.Module, everything: bool = False) -> bool:
+    """A linear layer whose shape lets FP8 beat bf16 (``everything``: any the kernels accept)."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    out_features, in_features = module.weight.shape
+    if out_features % 16 or in_features % 16:
+        return False
+    return everything or not (out_features <= 4096 and in_features <= 1024)
 
 
-def worth_fp8(module: torch.nn.Module, min_dim: int = MIN_DIM) -> bool:
-    """A linear layer whose shape lets FP8 beat bf16 (and that FP8 kernels accept)."""
-    return (isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0
-            and module.out_features % 16 == 0 and min(module.in_features, module.out_features) >= min_dim)
-
-
-def convert_fp8(model: torch.nn.Module, device: torch.device, min_dim: int = MIN_DIM) -> torch.nn.Module:
-    """Swap qualifying linears (not the decoder head) for torchao's float8 training linears."""
+def convert_fp8(model: torch.nn.Module, device: torch.device, everything: bool = False) -> torch.nn.Module:
+    """Swap qualifying linears (not the decoder head) for torchao's float8 training linears
+    (``everything``: every linear the kernels accept, to measure FP8 where the rule says no)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError("train.fp8 needs an NVIDIA GPU with FP8 tensor cores (Ada/Hopper or newer)")
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
         raise ConfigError("train.fp8 needs torchao: pip install 'cramkit[fp8]'") from None
-    eligible = [n for n, m in model.named_modules() if worth_fp8(m, min_dim) and not n.startswith("head")]
+    eligible = [n for n, m in model.named_modules() if worth_fp8(m, everything) and not n.startswith("head")]
     if not eligible:
-        warnings.warn(f"train.fp8: no linear layer has both dimensions >= {min_dim}; FP8 would slow this model "
-                      "down, so it stays in bf16", stacklevel=2)
+        warnings.warn("train.fp8: no linear layer is large enough for FP8 to beat bf16 (torchao's rule: "
+                      "out_features > 4096 or in_features > 1024); FP8 would slow this model down, so it "
+                      "stays in bf16", stacklevel=2)
         return model
     chosen = set(eligible)
     convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn in chosen)

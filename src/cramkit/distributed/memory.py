@@ -84,7 +84,7 @@ def _linear_weights(module: torch.nn.Module) -> int:
 def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, precision: str,
                     world_size: int = 1, sharded: bool = False, cfg: MemoryConfig | None = None,
                     optimizer_states: float = 2, mask_rate: float = 0.25,
-                    device_type: str = "cuda") -> dict[str, float]:
+                    device_type: str = "cuda", compiled: bool = False) -> dict[str, float]:
     """GB a training step will need on each device, by category.
 
     - parameters and gradients in fp32, ``optimizer_states`` fp32 tensors per parameter (Adam: 2;
@@ -133,7 +133,10 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
         stored = (mc.layers - checkpointed) * block_act + checkpointed * tokens * mc.hidden * _CHECKPOINTED_BYTES
         if checkpointed:  # backward recomputes one checkpointed block at a time
             stored += block_act
-    activations = 0.0 if cfg.offload_activations else stored + _outside_blocks(mc, tokens, mask_rate)
+    # Offloaded activations come back one block at a time in eager backward; a compiled backward
+    # unpacks every saved tensor at its start (pytorch/pytorch#148222), so they all return at once.
+    offloaded = cfg.offload_activations and not compiled
+    activations = 0.0 if offloaded else stored + _outside_blocks(mc, tokens, mask_rate)
     gb = 1e9
     out = {"parameters_gb": weights / gb, "gradients_gb": grads / gb, "optimizer_gb": optim / gb,
            "weight_copies_gb": copies / gb, "activations_gb": activations / gb}

@@ -89,16 +89,20 @@ class Parallel:
         if self.strategy == "ddp":
             with model.no_sync():
                 yield
-        else:  # FSDP2
-            model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(True)
+        else:
+            # FSDP2 reduce-scatters every micro-batch: with set_requires_gradient_sync(False) it
+            # would hold each gradient unsharded (and upcast to fp32) until the last one, i.e. a
+            # whole model's fp32 gradients per GPU, which is what sharding is meant to avoid.
+            yield
 
 
-def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
-    """Join torchrun's process group when launched by torchrun, else a single-process Parallel."""
+def init_parallel(cfg: ParallelConfig, device_name: str, cpu_collectives: bool = False) -> Parallel:
+    """Join torchrun's process group when launched by torchrun, else a single-process Parallel.
+
+    ``cpu_collectives``: some collectives run on host tensors (FSDP2's CPU offload keeps the
+    gradients on the host, so clipping all-reduces a CPU tensor), which NCCL cannot do: the auto
+    backend on CUDA is then ``cpu:gloo,cuda:nccl``.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if "TORCHELASTIC_RUN_ID" not in os.environ and world <= 1:
         from ..train.device import resolve_device
@@ -111,7 +115,8 @@ def init_parallel(cfg: ParallelConfig, device_name: str) -> Parallel:
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    auto = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if use_cuda else "gloo"
+    backend = cfg.backend if cfg.backend != "auto" else auto
     timeout = datetime.timedelta(minutes=10)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout, **({"device_id": device} if use_cuda else {}))
@@ -149,10 +154,14 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [par.device.index] if par.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
+        # Gradients as views of DDP's buckets: no second copy of every gradient (4 bytes per
+        # parameter). No buffer broadcast: cramkit's buffers are fixed tables (sinusoids, rotary
+        # caches), identical on every rank, and broadcasting them costs a collective per forward.
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters,
+                                       gradient_as_bucket_view=True, broadcast_buffers=False)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         cfg.fsdp_param_dtype if cfg.fsdp_param_dtype != "auto" else precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     kwargs: dict[str, Any] = {"mp_policy": policy, "reshard_after_forward": cfg.fsdp_reshard}

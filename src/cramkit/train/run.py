@@ -228,9 +228,12 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
 
 
 def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model, unused_parameters: bool = False):
-    """FP8 conversion → activation checkpointing → compile → DDP, re-applied after every model
-    swap. Under FSDP2, sharding comes before compiling: ``fully_shard`` changes the module in
-    place, and the compiled wrapper then runs the sharded module.
+    """FP8 conversion → activation checkpointing → data-parallel wrapper → compile, re-applied
+    after every model swap. The wrapper comes before compiling, as PyTorch documents for both:
+    ``fully_shard`` changes the module in place and the compiled wrapper runs the sharded module;
+    compiling a DDP-wrapped module lets dynamo split the graph at DDP's bucket boundaries
+    (DDPOptimizer), so each bucket's all-reduce overlaps the rest of the backward. Compiled first
+    and wrapped after, every all-reduce would wait for the whole compiled backward.
 
     ``unused_parameters``: some technique may leave parameters out of a step (see
     ``Technique.unused_parameters``), which DDP has to be told.
@@ -243,12 +246,9 @@ def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model
             convert_fp8(model, par.device)
             model._cramkit_fp8 = True
         apply_activation_checkpointing(model, cfg.memory)
-        if par.strategy == "fsdp":
-            # FSDP2 shards the module in place; the compiled wrapper then runs the sharded module.
-            shard_model(model, par, cfg.parallel, precision, cfg.memory.offload_optimizer)
-            return compile_model(model)
-        return shard_model(compile_model(model), par, cfg.parallel, precision, cfg.memory.offload_optimizer,
-                           unused_parameters)
+        wrapped = shard_model(model, par, cfg.parallel, precision, cfg.memory.offload_optimizer,
+                              unused_parameters)
+        return compile_model(wrapped)
 
     return prepare
 
@@ -351,7 +351,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[[str], None],
               made: dict[str, Any]) -> dict[str, Any]:
-    par = init_parallel(cfg.parallel, cfg.train.device)
+    par = init_parallel(cfg.parallel, cfg.train.device, cpu_collectives=cfg.memory.offload_optimizer)
     if not par.is_main:
         say = lambda *_: None  # noqa: E731
     device = par.device
@@ -452,7 +452,15 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                                world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
                                optimizer_states=OPTIMIZER_STATES.get(cfg.optim.name, 2),
                                mask_rate=cfg.objective.mask_rate if objective_name == "mlm" else 1.0,
-                               device_type=device.type)
+                               device_type=device.type, compiled=cfg.train.compile)
+    if cfg.train.fp8 and not cfg.train.compile and par.is_main:
+        warnings.warn("train.fp8 without train.compile=true: torchao's float8 linears are slower than bf16 in "
+                      "eager mode (pytorch/ao#685); set train.compile=true", stacklevel=2)
+    if cfg.memory.offload_activations and cfg.train.compile and par.is_main:
+        warnings.warn("memory.offload_activations with train.compile=true saves little peak memory: a "
+                      "compiled backward brings every offloaded activation back at its start "
+                      "(pytorch/pytorch#148222); train eager, or use memory.activation_checkpointing",
+                      stacklevel=2)
     if device.type == "cuda":
         advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9)
         if advice and par.is_main:
