@@ -255,6 +255,32 @@ def test_evaluate_saves_fine_tuned_weights_when_asked(tiny_run, tmp_path):
         assert (run / "finetune" / name / "seed-0" / "model.safetensors").is_file(), name
 
 
+def test_evaluate_runs_qqp_whose_release_has_malformed_rows(tiny_run, tmp_path):
+    """`cramkit evaluate --suite glue` stopped at the original QQP release's rows broken by a
+    newline ("missing column 'question2'"); they are skipped, and the report counts them."""
+    from pathlib import Path
+
+    from cramkit.eval.suite import evaluate_glue
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    qqp = tmp_path / "glue" / "QQP"
+    qqp.mkdir(parents=True)
+    rows = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"] + [
+        f"{i}\t{2 * i}\t{2 * i + 1}\twhat is film {i}?\twhat is a match?\t{i % 2}" for i in range(12)
+    ]
+    (qqp / "train.tsv").write_text("\n".join(rows + ["99\t1\t2\tHow do I\nlearn?\tHow?\t0"]) + "\n")
+    (qqp / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 1})
+    with pytest.warns(UserWarning, match=r"QQP/train.tsv: skipped 2 malformed rows"):
+        report = evaluate_glue(run, tmp_path / "glue", cfg=cfg, log=lambda s: None)
+    (result,) = report["tasks"]
+    assert result["train_examples"] == 12
+    assert result["skipped_rows"] == {str(qqp / "train.tsv"): 2}
+    md = Path(report["paths"]["markdown"]).read_text()
+    assert f"Skipped 2 malformed rows of `{qqp / 'train.tsv'}`." in md
+
+
 def test_evaluate_checks_every_task_file_before_fine_tuning(tiny_run, tmp_path, monkeypatch):
     """A malformed later task used to surface only after the earlier tasks had trained."""
     from cramkit.errors import DataError

@@ -419,8 +419,8 @@ def finetune(
     """Fine-tune once per seed and report the per-metric median over seeds.
 
     Returns ``{"task", "init", "metrics": {entry: {metric: median}}, "scores": {entry: score},
-    "per_seed": [...], "train_examples", "eval_examples", "parameters", "steps", "seconds",
-    "config"}`` (metric values on a 0-1 scale).
+    "per_seed": [...], "train_examples", "eval_examples", "skipped_rows", "parameters", "steps",
+    "seconds", "config"}`` (metric values on a 0-1 scale).
     """
     cfg = cfg or FinetuneConfig()
     device = resolve_device(cfg.device)
@@ -452,6 +452,8 @@ def finetune(
         "per_seed": [{"seed": s, **r["metrics"]} for s, r in zip(cfg.seeds, runs)],
         "train_examples": len(train),
         "eval_examples": {entry: len(data) for entry, data in evals.items()},
+        # Malformed rows of GLUE files left out when loading (QQP's): {file: count}.
+        "skipped_rows": dict(task.skipped_rows),
         "parameters": runs[0]["parameters"],
         "steps": runs[0]["steps"],
         "seconds": round(time.perf_counter() - start, 2),
