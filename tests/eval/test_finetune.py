@@ -375,6 +375,33 @@ def test_cli_label_and_metric_lists_may_have_spaces(tmp_path, capsys):
     assert "run directory not found" in err and "label set" not in err, err
 
 
+def test_file_task_options_in_the_help_say_what_f1_scores_and_how_tsv_is_read(capsys):
+    from cramkit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "f1 scores the second one, index 1" in text and "--positive-label LABEL" in text
+    assert "f1 is binary F1 of label index 1" in text
+    assert "no quote handling" in text and "keeps its quotes" in text
+    from cramkit.eval.adapters import PEFT_METHODS
+
+    # The peft_targets help lists each method's own default targets (adapters.PEFT_METHODS).
+    for name, method in PEFT_METHODS.items():
+        assert f"{name} {','.join(method.default_targets)}" in text, name
+
+
+def test_cli_positive_label_reaches_the_file_task(tmp_path, capsys):
+    from cramkit.cli import main
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\tduplicate\nbad\tnot_duplicate\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\tduplicate\n")
+    args = ["--task", str(tmp_path / "train.tsv"), "--metrics", "f1"]
+    assert main(["finetune", str(tmp_path / "no-run"), *args, "--positive-label", "dup"]) == 2
+    assert "error: --positive-label 'dup' is not a label" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "no-run"), *args, "--positive-label", "duplicate"]) == 2
+    assert "run directory not found" in capsys.readouterr().err  # the task loaded
+
 def _file_task(folder):
     folder.mkdir()
     rows = "".join(f"text number {i}\t{i % 2}\n" for i in range(8))

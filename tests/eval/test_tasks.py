@@ -409,3 +409,24 @@ def test_malformed_rows_of_a_user_file_stay_an_error(tmp_path):
     with pytest.raises(DataError, match=r"train.tsv:3: missing column 'question2' \(row has 1 of 3"):
         file_task(tmp_path / "train.tsv", text_column="question1", text_pair_column="question2",
                   labels=["0", "1"])
+
+
+def test_positive_label_is_the_class_f1_scores(tmp_path):
+    """F1 scores label index 1; with sorted labels duplicate/not_duplicate that is the negative
+    class, and only an error text said so. --positive-label names the class to score."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tduplicate\nb\tnot_duplicate\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nc\tduplicate\n")
+    train = tmp_path / "train.tsv"
+    assert file_task(train, metrics=["f1"]).spec.labels == ("duplicate", "not_duplicate")
+    data = file_task(train, metrics=["f1"], positive_label="duplicate")
+    assert data.spec.labels == ("not_duplicate", "duplicate")
+    assert [e.label for e in data.train] == [1, 0] and data.evals[data.spec.name][0].label == 1
+    given = file_task(train, labels=["duplicate", "not_duplicate"], positive_label=" duplicate")
+    assert given.spec.labels == ("not_duplicate", "duplicate")
+    with pytest.raises(DataError, match=r"--positive-label 'dup' is not a label of the task "
+                                        r"\(duplicate, not_duplicate\)"):
+        file_task(train, positive_label="dup")
+    (tmp_path / "three.tsv").write_text("sentence\tlabel\na\tx\nb\ty\nc\tz\n")
+    with pytest.raises(DataError, match="--positive-label needs a task with two labels, this one has 3"):
+        file_task(tmp_path / "three.tsv", dev=tmp_path / "dev.tsv", positive_label="x")
+

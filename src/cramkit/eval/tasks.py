@@ -7,11 +7,12 @@ indices into ``spec.labels`` (classification) or floats (regression).
 
 GLUE files are read in their original layout: tab-separated, no quoting (the text contains
 bare ``"``), UTF-8 with an optional BOM, ``.tsv`` or ``.tsv.gz``; CoLA has no header, so its
-columns are given by position. User TSV files are read the same way, so a quoted field
-(``"a, b"`` as pandas writes it) keeps its quotes. The original QQP release has malformed rows (a
-question split by a newline, so one row becomes two short ones); rows of a GLUE file that lack a
-text or label field are skipped with one warning per file, as GLUE's baselines and transformers'
-processors skip them. Files given by a user stay strict: such a row is an error.
+columns are given by position. User TSV files are read the same way, so a field that pandas
+quoted (``"a ""b"" c"``) keeps its quotes; CSV files are read with quoting. The original QQP
+release has malformed rows (a question split by a newline, so one row becomes two short ones);
+rows of a GLUE file that lack a text or label field are skipped with one warning per file, as
+GLUE's baselines and transformers' processors skip them. Files given by a user stay strict: such
+a row is an error.
 """
 
 from __future__ import annotations
@@ -615,12 +616,15 @@ def file_task(
     is_regression: bool = False,
     metrics: Sequence[str] | None = None,
     name: str | None = None,
+    positive_label: str | None = None,
 ) -> TaskData:
     """Any single- or pair-sentence classification/regression task from TSV/CSV/JSONL files.
 
-    The label set is ``labels`` or, when None, the sorted distinct labels of the training file.
-    ``dev`` defaults to a sibling ``dev``/``validation``/``valid``/``test`` file with the same
-    extension.
+    The label set is ``labels`` or, when None, the sorted distinct labels of the training file;
+    a label's class index is its position. The ``f1`` metric scores index 1, the second label:
+    for ``duplicate``/``not_duplicate`` that is the negative class, so ``positive_label`` names
+    the one to score (the set must have two labels; it becomes index 1). ``dev`` defaults to a
+    sibling ``dev``/``validation``/``valid``/``test`` file with the same extension.
     """
     train = Path(train)
     dev_path = Path(dev) if dev is not None else _default_dev(train)
@@ -650,8 +654,23 @@ def file_task(
         if len(seen) < 2:
             raise DataError(f"{train}: fewer than two distinct labels in column '{label_column}'")
         spec = dataclasses.replace(spec, labels=tuple(sorted(seen)))
+    if positive_label is not None:
+        spec = dataclasses.replace(spec, labels=_with_positive_last(spec, positive_label.strip()))
     check_metrics(spec.metrics, is_regression, None if is_regression else len(spec.labels))
     return TaskData(spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)})
+
+
+def _with_positive_last(spec: TaskSpec, positive: str) -> tuple[str, ...]:
+    """``spec.labels`` reordered so that ``positive`` is index 1, the class binary F1 scores."""
+    if spec.is_regression:
+        raise DataError("--positive-label: a regression task has no classes")
+    labels = spec.labels or ()
+    if positive not in labels:
+        raise DataError(f"--positive-label {positive!r} is not a label of the task ({', '.join(labels)})")
+    if len(labels) != 2:
+        raise DataError(f"--positive-label needs a task with two labels, this one has {len(labels)} "
+                        f"({', '.join(labels)}); macro_f1 weighs every class alike")
+    return tuple(lab for lab in labels if lab != positive) + (positive,)
 
 
 def _training_file_in(folder: Path) -> Path:
