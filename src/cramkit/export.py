@@ -53,7 +53,10 @@ class HFTarget:
     auto_class: str
     requirements: dict[str, Callable[[Any], bool]]
     explain: dict[str, str]
-    convert: Callable[[Any, dict[str, torch.Tensor]], tuple[Any, dict[str, torch.Tensor]]]
+    #: ``(ModelConfig, state dict, special ids) -> (HF config, HF state dict)``.
+    convert: Callable[
+        [Any, dict[str, torch.Tensor], dict[str, int | None]], tuple[Any, dict[str, torch.Tensor]]
+    ]
 
     def mismatches(self, cfg) -> list[str]:
         """Why ``cfg`` is not exactly this HF architecture (empty when it is)."""
@@ -72,7 +75,7 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to("cpu", torch.float32).contiguous()
 
 
-def _bert_convert(cfg, sd: dict[str, torch.Tensor]):
+def _bert_convert(cfg, sd: dict[str, torch.Tensor], special: dict[str, int | None]):
     from transformers import BertConfig
 
     h = cfg.hidden
@@ -91,6 +94,8 @@ def _bert_convert(cfg, sd: dict[str, torch.Tensor]):
         layer_norm_eps=cfg.norm_eps,
         initializer_range=cfg.init_std,
         tie_word_embeddings=cfg.tie_embeddings,
+        # HF's default is 0, which is [PAD] only when the tokenizer put it first.
+        pad_token_id=special.get("pad"),
     )
     types = sd.get("embeddings.token_types.weight", torch.zeros(1, h))
     out = {
@@ -122,8 +127,14 @@ def _bert_convert(cfg, sd: dict[str, torch.Tensor]):
     return hf, {k: _t(v) for k, v in out.items()}
 
 
-def _gpt2_convert(cfg, sd: dict[str, torch.Tensor]):
+def _gpt2_convert(cfg, sd: dict[str, torch.Tensor], special: dict[str, int | None]):
     from transformers import GPT2Config
+
+    # GPT-2's convention: the end-of-document token is bos and eos (generate() stops at it), and
+    # pads when the vocabulary has no pad token; GPT2ForSequenceClassification needs a pad id to
+    # find each row's last real token, and refuses batches above 1 without one.
+    eod = special.get("eod")
+    pad = special.get("pad")
 
     hf = GPT2Config(
         vocab_size=cfg.vocab_size,
@@ -139,8 +150,9 @@ def _gpt2_convert(cfg, sd: dict[str, torch.Tensor]):
         layer_norm_epsilon=cfg.norm_eps,
         initializer_range=cfg.init_std,
         tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=None,
-        eos_token_id=None,
+        bos_token_id=eod,
+        eos_token_id=eod,
+        pad_token_id=pad if pad is not None else eod,
     )
     out = {
         "transformer.wte.weight": sd["embeddings.tokens.weight"],
@@ -266,6 +278,10 @@ def save_hf_tokenizer(
 
     tok = Tokenizer.from_str(tokenizer.to_str())
     tokens = _special_tokens(tok, special)
+    if causal and "pad_token" not in tokens and "eos_token" in tokens:
+        # The pad id the GPT-2 config falls back to: tokenizer(..., padding=True) then works and
+        # pads with the id the model skips.
+        tokens["pad_token"] = tokens["eos_token"]
     if not causal and "cls_token" in tokens and "sep_token" in tokens:
         cls, sep = tokens["cls_token"], tokens["sep_token"]
         tok.post_processor = processors.TemplateProcessing(
@@ -284,7 +300,7 @@ def save_hf_tokenizer(
 def _write_hf(target: HFTarget, model, cfg, tokenizer, special, tmp: Path) -> None:
     import transformers
 
-    hf_cfg, weights = target.convert(cfg, model.state_dict())
+    hf_cfg, weights = target.convert(cfg, model.state_dict(), special)
     hf_model = getattr(transformers, target.hf_class)(hf_cfg)
     missing, unexpected = hf_model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -234,3 +234,65 @@ def test_residual_gains_export_in_cramkit_format(tmp_path, small_tokenizer):
         torch.testing.assert_close(
             loaded(x, attention_mask=mask).logits, model(x, attention_mask=mask).logits
         )
+
+
+def _bpe_tokenizer(specials):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        ["the quick brown fox jumps over the lazy dog"] * 5 + ["a second sentence about films"],
+        trainers.BpeTrainer(vocab_size=120, special_tokens=specials),
+    )
+    return tok
+
+
+def test_bert_export_pads_with_the_runs_pad_id(tmp_path):
+    """BertConfig.pad_token_id was HF's default 0 whatever the run's [PAD] id."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "[PAD]"]  # [PAD] last: id 4, not 0
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 5,
+                            trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
+    run, _ = _run(tmp_path, "bert-base", tok)  # the run's data manifest records pad = 4
+    export(run, tmp_path / "out", log=lambda s: None)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path / "out"))
+    assert hf_tok.pad_token_id == 4 == config.pad_token_id
+
+
+@pytest.mark.parametrize("has_pad", [True, False])
+def test_gpt2_export_has_special_ids_and_classifies_padded_batches(tmp_path, has_pad):
+    """GPT2Config had no bos/eos/pad ids though the exported tokenizer had them: generate()
+    never stopped at <|endoftext|>, and AutoModelForSequenceClassification refused batches
+    above 1 ("no padding token is defined"). Without a pad token, the end of document pads."""
+    tok = _bpe_tokenizer(["<|endoftext|>", "<|pad|>"] if has_pad else ["<|endoftext|>"])
+    eod, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    run, _ = _run(tmp_path, "gpt2-small", tok)
+    special = {"pad": pad, "unk": None, "cls": None, "sep": None, "mask": None, "eod": eod}
+    (run / "data_manifest.json").write_text(json.dumps({"special_ids": special}))
+    out = tmp_path / "out"
+    export(run, out, log=lambda s: None)
+
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    assert config.bos_token_id == config.eos_token_id == eod
+    assert config.pad_token_id == (pad if has_pad else eod)
+    assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == eod
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok.pad_token_id == config.pad_token_id and hf_tok.eos_token_id == eod
+
+    clf = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), num_labels=2)
+    clf.eval()
+    texts = ["the quick brown fox jumps", "a dog"]
+    batch = hf_tok(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 2 and not batch["attention_mask"].all()
+    with torch.no_grad():
+        logits = clf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = clf(**hf_tok(texts[1:], return_tensors="pt")).logits
+    assert logits.shape == (2, 2)
+    # The padded row is scored at its last real token, as it is alone.
+    torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=0)

@@ -255,6 +255,32 @@ def test_evaluate_saves_fine_tuned_weights_when_asked(tiny_run, tmp_path):
         assert (run / "finetune" / name / "seed-0" / "model.safetensors").is_file(), name
 
 
+def test_evaluate_runs_qqp_whose_release_has_malformed_rows(tiny_run, tmp_path):
+    """`cramkit evaluate --suite glue` stopped at the original QQP release's rows broken by a
+    newline ("missing column 'question2'"); they are skipped, and the report counts them."""
+    from pathlib import Path
+
+    from cramkit.eval.suite import evaluate_glue
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    qqp = tmp_path / "glue" / "QQP"
+    qqp.mkdir(parents=True)
+    rows = ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"] + [
+        f"{i}\t{2 * i}\t{2 * i + 1}\twhat is film {i}?\twhat is a match?\t{i % 2}" for i in range(12)
+    ]
+    (qqp / "train.tsv").write_text("\n".join(rows + ["99\t1\t2\tHow do I\nlearn?\tHow?\t0"]) + "\n")
+    (qqp / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 1})
+    with pytest.warns(UserWarning, match=r"QQP/train.tsv: skipped 2 malformed rows"):
+        report = evaluate_glue(run, tmp_path / "glue", cfg=cfg, log=lambda s: None)
+    (result,) = report["tasks"]
+    assert result["train_examples"] == 12
+    assert result["skipped_rows"] == {str(qqp / "train.tsv"): 2}
+    md = Path(report["paths"]["markdown"]).read_text()
+    assert f"Skipped 2 malformed rows of `{qqp / 'train.tsv'}`." in md
+
+
 def test_evaluate_checks_every_task_file_before_fine_tuning(tiny_run, tmp_path, monkeypatch):
     """A malformed later task used to surface only after the earlier tasks had trained."""
     from cramkit.errors import DataError
@@ -348,6 +374,33 @@ def test_cli_label_and_metric_lists_may_have_spaces(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "run directory not found" in err and "label set" not in err, err
 
+
+def test_file_task_options_in_the_help_say_what_f1_scores_and_how_tsv_is_read(capsys):
+    from cramkit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "f1 scores the second one, index 1" in text and "--positive-label LABEL" in text
+    assert "f1 is binary F1 of label index 1" in text
+    assert "no quote handling" in text and "keeps its quotes" in text
+    from cramkit.eval.adapters import PEFT_METHODS
+
+    # The peft_targets help lists each method's own default targets (adapters.PEFT_METHODS).
+    for name, method in PEFT_METHODS.items():
+        assert f"{name} {','.join(method.default_targets)}" in text, name
+
+
+def test_cli_positive_label_reaches_the_file_task(tmp_path, capsys):
+    from cramkit.cli import main
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\tduplicate\nbad\tnot_duplicate\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\tduplicate\n")
+    args = ["--task", str(tmp_path / "train.tsv"), "--metrics", "f1"]
+    assert main(["finetune", str(tmp_path / "no-run"), *args, "--positive-label", "dup"]) == 2
+    assert "error: --positive-label 'dup' is not a label" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "no-run"), *args, "--positive-label", "duplicate"]) == 2
+    assert "run directory not found" in capsys.readouterr().err  # the task loaded
 
 def _file_task(folder):
     folder.mkdir()

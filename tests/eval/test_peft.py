@@ -54,7 +54,7 @@ def test_lora_leaves_base_weights_untouched_and_saves_only_adapters(tmp_path):
         for n, p in model.named_parameters()
     )
     assert not torch.equal(
-        model.base_model.model.classifier.modules_to_save.default[0].weight, head_before
+        model.base_model.model.classifier[0].modules_to_save.default.weight, head_before
     )
 
     out = save_adapters(model, tmp_path / "adapter")
@@ -147,3 +147,102 @@ def test_saving_again_replaces_the_seed_directory(tiny_run, bbc_task, tmp_path, 
                  save_dir=tmp_path / "ft2")
     assert not (tmp_path / "ft2" / "seed-0").exists()
     assert [p.name for p in (tmp_path / "ft2").iterdir()] == []
+
+
+def _perturb_adapters(model):
+    """Move every trainable tensor off its init (LoRA's B and IA3's vectors start as a no-op)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("preset", ["crammed-bert", "tiny-gpt"])
+@pytest.mark.parametrize("method", ["lora", "loha", "ia3"])
+def test_merge_and_unload_gives_the_unmerged_outputs(method, preset):
+    """With modules_to_save=["classifier"] peft wrapped the nn.Sequential head, and
+    merge_and_unload() failed for IA3 and LoHa ("'Sequential' object has no attribute
+    'weight'"). The head's linear layers are saved by name instead."""
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    cfg = preset_config(preset, vocab_size=256, hidden=32, layers=2, heads=4, intermediate=64,
+                        max_positions=64)
+    torch.manual_seed(0)
+    clf = SequenceClassifier(build_model(cfg), 32, 3, dropout=0.0, causal=cfg.causal)
+    model = apply_peft(clf, PeftOptions(method))
+    head = model.peft_config["default"].modules_to_save
+    _perturb_adapters(model)
+    model.eval()
+    x = torch.randint(5, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        before = model(x, mask)
+        merged = model.merge_and_unload()
+        after = merged(x, mask)
+    assert type(merged) is SequenceClassifier
+    nn = torch.nn
+    assert [type(m) for m in merged.classifier] == [nn.Linear, nn.Tanh, nn.Dropout, nn.Linear]
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    assert head == ["classifier.0", "classifier.3"]
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "ia3"])
+def test_saved_adapters_and_head_reload(method, tmp_path):
+    """Saving names the head's linear layers; peft's from_pretrained on a fresh base model of
+    the same weights gives back the fine-tuned outputs."""
+    import peft
+
+    clf = _classifier()
+    base = {k: v.clone() for k, v in clf.state_dict().items()}
+    model = apply_peft(clf, PeftOptions(method))
+    _perturb_adapters(model)
+    model.eval()
+    x = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x, torch.ones_like(x))
+    saved = load_file(str(save_adapters(model, tmp_path / method) / "adapter_model.safetensors"))
+    assert {k for k in saved if ".classifier." in k} == {
+        f"base_model.model.classifier.{i}.{kind}" for i in (0, 3) for kind in ("weight", "bias")
+    }
+    fresh = _classifier()
+    fresh.load_state_dict(base)
+    reloaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / method)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, torch.ones_like(x)), want)
+
+
+def test_ia3_scales_keys_values_and_the_ffn_intermediate_once():
+    """IA3 used LoRA's target list: it scaled attn.out and the FFN intermediate twice (ffn.up's
+    output and ffn.down's input). Its default is now the paper's (and peft's BERT default):
+    the fused qkv's output and ffn.down's input; an explicit target list still wins."""
+    from cramkit.eval.adapters import IA3_TARGETS, PEFT_METHODS
+
+    assert IA3_TARGETS == ("attn.qkv", "ffn.down")
+    assert PEFT_METHODS["lora"].default_targets == PEFT_METHODS["loha"].default_targets == (
+        "attn.qkv", "attn.out", "ffn.up", "ffn.down")
+    config = apply_peft(_classifier(), PeftOptions("ia3")).peft_config["default"]
+    layers = range(len(_classifier().encoder.layers))
+    assert set(config.target_modules) == {
+        f"encoder.layers.{i}.{t}" for i in layers for t in ("attn.qkv", "ffn.down")
+    }
+    assert set(config.feedforward_modules) == {f"encoder.layers.{i}.ffn.down" for i in layers}
+    lora = apply_peft(_classifier(), PeftOptions("lora")).peft_config["default"]
+    assert {n.split(".", 3)[3] for n in lora.target_modules} == {
+        "attn.qkv", "attn.out", "ffn.up", "ffn.down"}
+    chosen = apply_peft(_classifier(), PeftOptions("ia3", targets=("attn.qkv", "attn.out", "ffn.down")))
+    config = chosen.peft_config["default"]
+    assert {n.split(".", 3)[3] for n in config.target_modules} == {"attn.qkv", "attn.out", "ffn.down"}
+    assert {n.split(".", 3)[3] for n in config.feedforward_modules} == {"ffn.down"}
+
+
+def test_finetune_peft_targets_default_to_the_methods_own():
+    from cramkit.configbase import apply_overrides
+    from cramkit.eval.finetune import FinetuneConfig
+
+    assert FinetuneConfig().peft_targets is None
+    assert FinetuneConfig.from_dict(apply_overrides({}, ["peft_targets=none"])).peft_targets is None
+    assert FinetuneConfig.from_dict(apply_overrides({}, ["peft_targets=attn.qkv,ffn.up"])).peft_targets == [
+        "attn.qkv", "ffn.up"]

@@ -197,7 +197,7 @@ def test_hf_datasets_source_is_optional(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     data = load_task("mnli")
-    assert calls == [("glue", "mnli")]
+    assert calls == [("nyu-mll/glue", "mnli")]  # the Hub id itself, not the redirected "glue"
     assert len(data.train) == 3 and {k: len(v) for k, v in data.evals.items()} == {
         "mnli-m": 1,
         "mnli-mm": 2,
@@ -369,3 +369,64 @@ def test_each_glue_task_lists_cramming_target_metric_first():
     target = {"cola": "matthews", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}
     for name in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"):
         assert get_task(name).metrics[0] == target.get(name, "accuracy"), name
+
+
+_QQP_HEADER = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+
+
+def test_malformed_rows_of_a_glue_release_are_skipped_with_one_warning(tmp_path):
+    """The original QQP release has rows broken by a newline inside a question (GLUE-baselines
+    issue #5): one row becomes a 4-field and a 3-field line. The loader stopped at the first with
+    "missing column 'question2'", so `cramkit evaluate --suite glue` could not run QQP; GLUE's
+    own loaders skip such rows."""
+    qqp = tmp_path / "glue" / "QQP"
+    qqp.mkdir(parents=True)
+    (qqp / "train.tsv").write_text(
+        _QQP_HEADER
+        + '1\t1\t2\tWhat is "x"?\tWhat\'s x?\t1\n'
+        + "2\t3\t4\tHow do I\nlearn?\tHow to learn?\t0\n"  # one row, split in two lines
+        + "3\t5\t6\tq\tr\t0\n"
+    )
+    (qqp / "dev.tsv").write_text(_QQP_HEADER + "1\t1\t2\ta\tb\t1\n3\t5\t6\tq\tr\t0\n")
+    with pytest.warns(UserWarning) as record:
+        data = load_task("qqp", tmp_path / "glue")
+    assert [(e.text, e.text_pair, e.label) for e in data.train] == [
+        ('What is "x"?', "What's x?", 1),
+        ("q", "r", 0),
+    ]
+    assert len(data.evals["qqp"]) == 2
+    messages = [str(w.message) for w in record]
+    assert messages == [f"{qqp / 'train.tsv'}: skipped 2 malformed rows (a text or label field "
+                        "missing, e.g. a question split by a newline)"]
+    assert data.skipped_rows == {str(qqp / "train.tsv"): 2}
+
+
+def test_malformed_rows_of_a_user_file_stay_an_error(tmp_path):
+    (tmp_path / "train.tsv").write_text(
+        "question1\tquestion2\tlabel\nwhat\tWhat?\t1\nHow do I\nlearn?\tHow to learn?\t0\nq\tr\t0\n"
+    )
+    (tmp_path / "dev.tsv").write_text("question1\tquestion2\tlabel\na\tb\t1\n")
+    with pytest.raises(DataError, match=r"train.tsv:3: missing column 'question2' \(row has 1 of 3"):
+        file_task(tmp_path / "train.tsv", text_column="question1", text_pair_column="question2",
+                  labels=["0", "1"])
+
+
+def test_positive_label_is_the_class_f1_scores(tmp_path):
+    """F1 scores label index 1; with sorted labels duplicate/not_duplicate that is the negative
+    class, and only an error text said so. --positive-label names the class to score."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tduplicate\nb\tnot_duplicate\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nc\tduplicate\n")
+    train = tmp_path / "train.tsv"
+    assert file_task(train, metrics=["f1"]).spec.labels == ("duplicate", "not_duplicate")
+    data = file_task(train, metrics=["f1"], positive_label="duplicate")
+    assert data.spec.labels == ("not_duplicate", "duplicate")
+    assert [e.label for e in data.train] == [1, 0] and data.evals[data.spec.name][0].label == 1
+    given = file_task(train, labels=["duplicate", "not_duplicate"], positive_label=" duplicate")
+    assert given.spec.labels == ("not_duplicate", "duplicate")
+    with pytest.raises(DataError, match=r"--positive-label 'dup' is not a label of the task "
+                                        r"\(duplicate, not_duplicate\)"):
+        file_task(train, positive_label="dup")
+    (tmp_path / "three.tsv").write_text("sentence\tlabel\na\tx\nb\ty\nc\tz\n")
+    with pytest.raises(DataError, match="--positive-label needs a task with two labels, this one has 3"):
+        file_task(tmp_path / "three.tsv", dev=tmp_path / "dev.tsv", positive_label="x")
+

@@ -1,10 +1,15 @@
 """Parameter-efficient fine-tuning of cramkit models through HF ``peft``.
 
-Methods are a registry of ``(config builder)``; each targets cramkit's linear layers by module
-name: the fused attention projection ``attn.qkv``, ``attn.out`` and the feed-forward
-``ffn.up`` / ``ffn.down`` inside ``encoder.layers``. The classification head (``classifier``) is
-trained in full and saved with the adapters (peft's ``modules_to_save``); base weights stay
-frozen and are not saved.
+Methods are a registry of :class:`PeftMethod` (config builder + default targets); each targets
+cramkit's linear layers by module name: the fused attention projection ``attn.qkv``,
+``attn.out`` and the feed-forward ``ffn.up`` / ``ffn.down`` inside ``encoder.layers``. LoRA and
+LoHa adapt all four by default. IA3 scales keys, values and the feed-forward intermediate, as in
+its paper and peft's BERT default: the output of ``attn.qkv`` and the input of ``ffn.down``.
+cramkit's ``attn.qkv`` is fused, so IA3 scales the queries too (one vector over q, k and v).
+
+The classification head's linear layers (``classifier.0`` and ``classifier.3``) are trained in
+full and saved with the adapters (peft's ``modules_to_save``); base weights stay frozen and are
+not saved.
 """
 
 from __future__ import annotations
@@ -18,19 +23,25 @@ from torch import nn
 from ..configbase import did_you_mean
 from ..errors import ConfigError
 
-#: Default module-name suffixes adapted by every method.
+#: Every linear layer of a block: what LoRA and LoHa adapt by default.
 DEFAULT_TARGETS = ("attn.qkv", "attn.out", "ffn.up", "ffn.down")
+#: IA3's default: (q,) k, v from the fused projection, and the feed-forward intermediate once,
+#: at ffn.down's input; adding ffn.up (LoRA's list) scaled the intermediate a second time, before
+#: the activation, and attn.out's output, which the paper leaves alone.
+IA3_TARGETS = ("attn.qkv", "ffn.down")
+#: Targets whose *input* IA3 scales (peft's ``feedforward_modules``); the others' output.
+IA3_FEEDFORWARD = ("ffn.down",)
 
 
 @dataclasses.dataclass
 class PeftOptions:
-    """What to adapt and how (LoRA/LoHa rank and scaling, IA3 feed-forward modules)."""
+    """What to adapt and how (LoRA/LoHa rank and scaling); ``targets`` None = the method's own."""
 
     method: str = "lora"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: Sequence[str] = DEFAULT_TARGETS
+    targets: Sequence[str] | None = None
 
 
 def _require_peft():
@@ -62,38 +73,62 @@ def target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return names
 
 
-def _lora(peft, names: list[str], opts: PeftOptions):
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the linear layers of ``model.classifier`` (``classifier.0``, ``classifier.3``).
+
+    peft's ``modules_to_save`` gets these rather than ``classifier`` itself: wrapped whole, the
+    ``nn.Sequential`` head made ``merge_and_unload()`` fail for IA3 and LoHa in peft 0.21
+    ("'Sequential' object has no attribute 'weight'"). The head's other layers (tanh, dropout)
+    have no parameters, so training and saving are unchanged.
+    """
+    return [
+        f"classifier.{name}"
+        for name, module in model.classifier.named_children()
+        if isinstance(module, nn.Linear)
+    ]
+
+
+def _lora(peft, names: list[str], head: list[str], opts: PeftOptions):
     return peft.LoraConfig(
         r=opts.rank,
         lora_alpha=opts.alpha,
         lora_dropout=opts.dropout,
         target_modules=names,
-        modules_to_save=["classifier"],
+        modules_to_save=head,
     )
 
 
-def _loha(peft, names: list[str], opts: PeftOptions):
+def _loha(peft, names: list[str], head: list[str], opts: PeftOptions):
     return peft.LoHaConfig(
         r=opts.rank,
         alpha=opts.alpha,
         module_dropout=opts.dropout,
         target_modules=names,
-        modules_to_save=["classifier"],
+        modules_to_save=head,
     )
 
 
-def _ia3(peft, names: list[str], opts: PeftOptions):
+def _ia3(peft, names: list[str], head: list[str], opts: PeftOptions):
     # IA3 scales the *input* of feed-forward modules and the *output* of the others; the FFN's
     # down projection is the one whose input is the feed-forward activation.
-    ff = [n for n in names if n.endswith("ffn.down")]
-    return peft.IA3Config(
-        target_modules=names,
-        feedforward_modules=ff,
-        modules_to_save=["classifier"],
-    )
+    ff = [n for n in names if n.endswith(IA3_FEEDFORWARD)]
+    return peft.IA3Config(target_modules=names, feedforward_modules=ff, modules_to_save=head)
 
 
-PEFT_METHODS: dict[str, Callable] = {"lora": _lora, "loha": _loha, "ia3": _ia3}
+@dataclasses.dataclass(frozen=True)
+class PeftMethod:
+    """A peft method: ``build(peft, target names, head names, options)`` -> peft config, and the
+    module-name suffixes it adapts when ``finetune.peft_targets`` is not set."""
+
+    build: Callable
+    default_targets: tuple[str, ...]
+
+
+PEFT_METHODS: dict[str, PeftMethod] = {
+    "lora": PeftMethod(_lora, DEFAULT_TARGETS),
+    "loha": PeftMethod(_loha, DEFAULT_TARGETS),
+    "ia3": PeftMethod(_ia3, IA3_TARGETS),
+}
 
 
 def apply_peft(model: nn.Module, opts: PeftOptions) -> nn.Module:
@@ -102,15 +137,21 @@ def apply_peft(model: nn.Module, opts: PeftOptions) -> nn.Module:
     Only adapter parameters and the classifier head stay trainable.
     """
     peft = _require_peft()
+    method = get_peft_method(opts.method)
+    targets = method.default_targets if opts.targets is None else opts.targets
+    config = method.build(peft, target_modules(model, targets), head_modules(model), opts)
+    return peft.get_peft_model(model, config)
+
+
+def get_peft_method(name: str) -> PeftMethod:
+    """The registered method called ``name``; unknown names list the known ones."""
     try:
-        build = PEFT_METHODS[opts.method]
+        return PEFT_METHODS[name]
     except KeyError:
         raise ConfigError(
-            f"unknown peft method '{opts.method}'{did_you_mean(opts.method, PEFT_METHODS)}; "
+            f"unknown peft method '{name}'{did_you_mean(name, PEFT_METHODS)}; "
             f"choose from {sorted(PEFT_METHODS)}"
         ) from None
-    config = build(peft, target_modules(model, opts.targets), opts)
-    return peft.get_peft_model(model, config)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

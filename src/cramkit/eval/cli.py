@@ -62,6 +62,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "labels": _comma_list(args.labels),
             "is_regression": args.regression,
             "metrics": _comma_list(args.metrics),
+            "positive_label": args.positive_label,
         }
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
@@ -109,6 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``finetune``, ``evaluate`` and ``export`` on the ``cramkit`` parser."""
+    from .metrics import METRICS  # light (numpy); the help lists the registry, not a copy of it
+
     raw = argparse.RawDescriptionHelpFormatter
 
     p = subparsers.add_parser(
@@ -121,7 +124,14 @@ def add_parser(subparsers) -> None:
         formatter_class=raw,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
-    p.add_argument("--task", required=True, help="task name, path to a training file, or a folder holding one train.{tsv,csv,jsonl}[.gz] (dev file beside it)")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="task name, path to a training file, or a folder holding one "
+        "train.{tsv,csv,jsonl}[.gz] (dev file beside it); .tsv is split on tabs with no quote "
+        "handling, as GLUE needs, so a field that pandas' to_csv(sep='\\t') quoted (one holding "
+        "a \") keeps its quotes: write TSVs with quoting=csv.QUOTE_NONE, or use .csv",
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -143,15 +153,25 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--labels",
         default=None,
-        help="file tasks: comma-separated label set "
-        "(default: the distinct labels of the training file)",
+        help="file tasks: comma-separated label set in class-index order (default: the "
+        "distinct labels of the training file, sorted); f1 scores the second one, index 1 "
+        "(see --positive-label)",
+    )
+    p.add_argument(
+        "--positive-label",
+        default=None,
+        metavar="LABEL",
+        help="file tasks with two labels: the class f1 scores (it becomes index 1); without it "
+        "f1 scores the second label, which for sorted duplicate/not_duplicate is the negative class",
     )
     p.add_argument("--regression", action="store_true", help="file tasks: numeric target")
     p.add_argument(
         "--metrics",
         default=None,
-        help="file tasks: comma-separated metric names; the first is the task's score "
-        "(default: accuracy, or pearson,spearman for regression)",
+        help=f"file tasks: comma-separated metric names ({', '.join(METRICS)}); the first is "
+        "the task's score (default: accuracy, or "
+        "pearson,spearman for regression); f1 is binary F1 of label index 1 (see --labels, "
+        "--positive-label)",
     )
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning options")
     p.set_defaults(func=cmd_finetune)

@@ -24,7 +24,7 @@ from torch import nn
 from ..configbase import Config, did_you_mean, field
 from ..errors import CheckpointError, ConfigError
 from ..train.device import autocast, resolve_device, resolve_precision
-from .adapters import PeftOptions, apply_peft, parameter_counts
+from .adapters import PEFT_METHODS, PeftOptions, apply_peft, parameter_counts
 from .encoding import Encoded, SpecialIds, TaskEncoder
 from .heads import POOLERS, SequenceClassifier
 from .metrics import compute_metrics, median_metrics, task_score
@@ -78,9 +78,13 @@ class FinetuneConfig(Config):
     peft_rank: int = field(8, help="LoRA / LoHa rank")
     peft_alpha: float = field(16.0, help="LoRA / LoHa scaling alpha")
     peft_dropout: float = field(0.0, help="LoRA dropout / LoHa module dropout")
-    peft_targets: list[str] = field(
-        default_factory=lambda: ["attn.qkv", "attn.out", "ffn.up", "ffn.down"],
-        help="name suffixes of the linear layers inside the blocks that get adapters",
+    peft_targets: list[str] | None = field(
+        None,
+        help="name suffixes of the linear layers inside the blocks that get adapters; none = "
+        "the method's own: "
+        + "; ".join(f"{name} {','.join(m.default_targets)}" for name, m in PEFT_METHODS.items())
+        + " (IA3 scales the output of attn.qkv, fused: keys, values and queries too; and the "
+        "input of ffn.down, the feed-forward intermediate)",
     )
     save: bool = field(
         False,
@@ -332,9 +336,8 @@ def train_one(
         head_width=cfg.head_width,
     )
     if cfg.peft != "none":
-        opts = PeftOptions(
-            cfg.peft, cfg.peft_rank, cfg.peft_alpha, cfg.peft_dropout, tuple(cfg.peft_targets)
-        )
+        targets = None if cfg.peft_targets is None else tuple(cfg.peft_targets)
+        opts = PeftOptions(cfg.peft, cfg.peft_rank, cfg.peft_alpha, cfg.peft_dropout, targets)
         model = apply_peft(model, opts)
     model.to(device)
     counts = parameter_counts(model)
@@ -419,8 +422,8 @@ def finetune(
     """Fine-tune once per seed and report the per-metric median over seeds.
 
     Returns ``{"task", "init", "metrics": {entry: {metric: median}}, "scores": {entry: score},
-    "per_seed": [...], "train_examples", "eval_examples", "parameters", "steps", "seconds",
-    "config"}`` (metric values on a 0-1 scale).
+    "per_seed": [...], "train_examples", "eval_examples", "skipped_rows", "parameters", "steps",
+    "seconds", "config"}`` (metric values on a 0-1 scale).
     """
     cfg = cfg or FinetuneConfig()
     device = resolve_device(cfg.device)
@@ -452,6 +455,8 @@ def finetune(
         "per_seed": [{"seed": s, **r["metrics"]} for s, r in zip(cfg.seeds, runs)],
         "train_examples": len(train),
         "eval_examples": {entry: len(data) for entry, data in evals.items()},
+        # Malformed rows of GLUE files left out when loading (QQP's): {file: count}.
+        "skipped_rows": dict(task.skipped_rows),
         "parameters": runs[0]["parameters"],
         "steps": runs[0]["steps"],
         "seconds": round(time.perf_counter() - start, 2),

@@ -108,6 +108,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{r['parameters']['trainable']:,} trainable parameters.",
             "",
         ]
+        # .get: reports written before the count was recorded have no such key.
+        for path, n in (r.get("skipped_rows") or {}).items():
+            lines += [f"Skipped {n} malformed row{'s' * (n != 1)} of `{path}`.", ""]
     summary = report["summary"]
     lines += ["## Summary", "", "| entry | score |", "| --- | ---: |"]
     for entry, score in summary["scores"].items():

@@ -7,7 +7,12 @@ indices into ``spec.labels`` (classification) or floats (regression).
 
 GLUE files are read in their original layout: tab-separated, no quoting (the text contains
 bare ``"``), UTF-8 with an optional BOM, ``.tsv`` or ``.tsv.gz``; CoLA has no header, so its
-columns are given by position.
+columns are given by position. User TSV files are read the same way, so a field that pandas
+quoted (``"a ""b"" c"``) keeps its quotes; CSV files are read with quoting. The original QQP
+release has malformed rows (a question split by a newline, so one row becomes two short ones);
+rows of a GLUE file that lack a text or label field are skipped with one warning per file, as
+GLUE's baselines and transformers' processors skip them. Files given by a user stay strict: such
+a row is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import math
 import random
 import re
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -88,9 +94,13 @@ class TaskData:
     spec: TaskSpec
     train: list[Example]
     evals: dict[str, list[Example]]
+    #: ``{file: rows skipped}`` for GLUE files with malformed rows (empty when none were).
+    skipped_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 TASKS: dict[str, TaskSpec] = {}
+#: Hub id of GLUE for HF ``datasets`` (tasks without ``--data``).
+HF_GLUE_DATASET = "nyu-mll/glue"
 LOADERS: dict[str, Callable[..., TaskData]] = {}
 
 
@@ -393,21 +403,49 @@ def read_examples(
     """Read a labelled split of ``spec`` from ``path``; file and line are named on any error.
 
     ``labels`` overrides ``spec.labels`` (for tasks whose label set comes from the train file).
+    A row without one of the task's fields is an error; :func:`read_glue_examples` skips it.
     """
+    return _read_examples(Path(path), spec, labels, limit, skip_short_rows=False)[0]
+
+
+def read_glue_examples(path: str | Path, spec: TaskSpec) -> tuple[list[Example], int]:
+    """Like :func:`read_examples` for a file of the GLUE release, whose malformed rows (QQP's
+    questions split by a newline) are skipped, as GLUE's own loaders skip them; returns the
+    examples and the number of rows skipped, and warns once naming the file when any were."""
     path = Path(path)
+    out, skipped = _read_examples(path, spec, None, None, skip_short_rows=True)
+    if skipped:
+        warnings.warn(
+            f"{path}: skipped {skipped} malformed row{'s' * (skipped != 1)} (a text or label "
+            "field missing, e.g. a question split by a newline)",
+            stacklevel=2,
+        )
+    return out, skipped
+
+
+def _read_examples(
+    path: Path,
+    spec: TaskSpec,
+    labels: Sequence[str] | None,
+    limit: int | None,
+    skip_short_rows: bool,
+) -> tuple[list[Example], int]:
     label_set = tuple(labels) if labels is not None else spec.labels
     index = {lab: i for i, lab in enumerate(label_set)} if label_set is not None else None
     out: list[Example] = []
+    skipped, first_short = 0, None
+    columns = (spec.text_column, spec.text_pair_column, spec.label_column)
     for lineno, row in iter_rows(path, spec.has_header):
-        values = []
-        for column in (spec.text_column, spec.text_pair_column, spec.label_column):
-            if column is None:
-                values.append(None)
+        short = [c for c in columns if c is not None and row.get(c) is None]
+        if short:
+            # Only a short row is skipped: a column the header lacks is still an error (it
+            # would skip every row).
+            if skip_short_rows and all(isinstance(c, int) or c in row for c in short):
+                skipped += 1
+                first_short = first_short or _column_error(path, lineno, short[0], row)
                 continue
-            if column not in row or row[column] is None:
-                raise _column_error(path, lineno, column, row)
-            values.append(str(row[column]).strip())
-        text, pair, raw = values
+            raise _column_error(path, lineno, short[0], row)
+        text, pair, raw = (None if c is None else str(row[c]).strip() for c in columns)
         if spec.is_regression:
             try:
                 label: int | float = float(raw)
@@ -430,8 +468,10 @@ def read_examples(
         if limit is not None and len(out) >= limit:
             break
     if not out:
-        raise DataError(f"{path}: no examples")
-    return out
+        # Not one whole row: the file is in another layout (a CoLA folder holding a
+        # sentence/label file), not a release with a few broken rows; say what is missing.
+        raise first_short or DataError(f"{path}: no examples")
+    return out, skipped
 
 
 def find_split(directory: str | Path, stem: str) -> Path | None:
@@ -464,13 +504,14 @@ def _load_glue_folder(spec: TaskSpec, folder: Path) -> TaskData:
     train_path = find_split(folder, spec.train_stem)
     if train_path is None:
         raise DataError(f"task '{spec.name}': no {spec.train_stem}.tsv[.gz] in {folder}")
-    evals = {}
+    evals, skipped = {}, {}
     for entry, stem in spec.eval_splits:
         p = find_split(folder, stem)
         if p is None:
             raise DataError(f"task '{spec.name}': no {stem}.tsv[.gz] in {folder}")
-        evals[entry] = read_examples(p, spec)
-    return TaskData(spec, read_examples(train_path, spec), evals)
+        evals[entry], skipped[str(p)] = read_glue_examples(p, spec)
+    train, skipped[str(train_path)] = read_glue_examples(train_path, spec)
+    return TaskData(spec, train, evals, {path: n for path, n in skipped.items() if n})
 
 
 def glue_missing(spec: TaskSpec, data_dir: str | Path) -> list[str]:
@@ -486,7 +527,8 @@ def glue_available(spec: TaskSpec, data_dir: str | Path) -> bool:
 
 
 def load_glue_hf(spec: TaskSpec) -> TaskData:
-    """A GLUE task from HF ``datasets`` (``load_dataset("glue", name)``); needs it installed."""
+    """A GLUE task from HF ``datasets`` (``load_dataset("nyu-mll/glue", name)``); needs it
+    installed."""
     try:
         import datasets
     except ImportError:
@@ -497,7 +539,8 @@ def load_glue_hf(spec: TaskSpec) -> TaskData:
     if spec.hf_name is None or spec.hf_columns is None:
         raise DataError(f"task '{spec.name}' has no HF datasets counterpart")
     hf_splits = {"mnli-m": "validation_matched", "mnli-mm": "validation_mismatched"}
-    ds = datasets.load_dataset("glue", spec.hf_name)
+    # The canonical Hub id: the bare "glue" only resolves through a redirect of the Hub's.
+    ds = datasets.load_dataset(HF_GLUE_DATASET, spec.hf_name)
     a, b = spec.hf_columns
 
     def convert(split) -> list[Example]:
@@ -573,12 +616,15 @@ def file_task(
     is_regression: bool = False,
     metrics: Sequence[str] | None = None,
     name: str | None = None,
+    positive_label: str | None = None,
 ) -> TaskData:
     """Any single- or pair-sentence classification/regression task from TSV/CSV/JSONL files.
 
-    The label set is ``labels`` or, when None, the sorted distinct labels of the training file.
-    ``dev`` defaults to a sibling ``dev``/``validation``/``valid``/``test`` file with the same
-    extension.
+    The label set is ``labels`` or, when None, the sorted distinct labels of the training file;
+    a label's class index is its position. The ``f1`` metric scores index 1, the second label:
+    for ``duplicate``/``not_duplicate`` that is the negative class, so ``positive_label`` names
+    the one to score (the set must have two labels; it becomes index 1). ``dev`` defaults to a
+    sibling ``dev``/``validation``/``valid``/``test`` file with the same extension.
     """
     train = Path(train)
     dev_path = Path(dev) if dev is not None else _default_dev(train)
@@ -608,8 +654,23 @@ def file_task(
         if len(seen) < 2:
             raise DataError(f"{train}: fewer than two distinct labels in column '{label_column}'")
         spec = dataclasses.replace(spec, labels=tuple(sorted(seen)))
+    if positive_label is not None:
+        spec = dataclasses.replace(spec, labels=_with_positive_last(spec, positive_label.strip()))
     check_metrics(spec.metrics, is_regression, None if is_regression else len(spec.labels))
     return TaskData(spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)})
+
+
+def _with_positive_last(spec: TaskSpec, positive: str) -> tuple[str, ...]:
+    """``spec.labels`` reordered so that ``positive`` is index 1, the class binary F1 scores."""
+    if spec.is_regression:
+        raise DataError("--positive-label: a regression task has no classes")
+    labels = spec.labels or ()
+    if positive not in labels:
+        raise DataError(f"--positive-label {positive!r} is not a label of the task ({', '.join(labels)})")
+    if len(labels) != 2:
+        raise DataError(f"--positive-label needs a task with two labels, this one has {len(labels)} "
+                        f"({', '.join(labels)}); macro_f1 weighs every class alike")
+    return tuple(lab for lab in labels if lab != positive) + (positive,)
 
 
 def _training_file_in(folder: Path) -> Path:
