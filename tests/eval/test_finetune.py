@@ -401,6 +401,12 @@ def test_cli_positive_label_reaches_the_file_task(tmp_path, capsys):
     assert "error: --positive-label 'dup' is not a label" in capsys.readouterr().err
     assert main(["finetune", str(tmp_path / "no-run"), *args, "--positive-label", "duplicate"]) == 2
     assert "run directory not found" in capsys.readouterr().err  # the task loaded
+    # A registered task has its own columns and labels: file-task flags there were silently lost.
+    assert main(["finetune", str(tmp_path / "no-run"), "--task", "rte", "--positive-label", "x",
+                 "--text-column", "question"]) == 2
+    err = capsys.readouterr().err
+    assert "--text-column, --positive-label apply to a task given as a file; 'rte' is a registered" in err
+
 
 def _file_task(folder):
     folder.mkdir()

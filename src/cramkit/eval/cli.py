@@ -52,6 +52,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .tasks import load_task
 
     cfg = _finetune_config(args.overrides)
+    flags = {
+        "--dev": args.dev,
+        "--text-column": args.text_column,
+        "--text-pair-column": args.text_pair_column,
+        "--label-column": args.label_column,
+        "--labels": args.labels,
+        "--regression": args.regression,
+        "--metrics": args.metrics,
+        "--positive-label": args.positive_label,
+    }
     options = {}
     if Path(args.task).suffix or Path(args.task).is_file():
         options = {
@@ -64,6 +74,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "metrics": _comma_list(args.metrics),
             "positive_label": args.positive_label,
         }
+    else:  # a registered task: its columns, labels and metrics are fixed, the flags would be lost
+        defaults = {"--text-column": "sentence", "--label-column": "label"}  # as add_argument says
+        given = [flag for flag, value in flags.items()
+                 if value not in (None, False, "") and value != defaults.get(flag)]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} apply to a task given as a file; '{args.task}' is a registered "
+                "task with its own columns, labels and metrics"
+            )
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
     save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init) if cfg.save else None
