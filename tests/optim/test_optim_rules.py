@@ -446,3 +446,12 @@ def test_schedule_free_checkpoints_the_averaged_weights_for_users_and_resumes_fr
     torch.testing.assert_close(x[name], torch.lerp(y[name], z, 1.0 - 1.0 / group["betas"][0]))
     loaded, _, _ = load_pretrained(tmp_path / "run")
     torch.testing.assert_close(loaded.state_dict()[name], x[name], rtol=0, atol=0)
+
+
+def test_memory_estimate_counts_sams_weight_copy_on_top_of_its_base():
+    from cramkit.optim import optimizer_states
+
+    assert optimizer_states(OptimConfig(name="adamw")) == 2
+    assert optimizer_states(OptimConfig(name="sgd")) == 1
+    assert optimizer_states(OptimConfig(name="sam", base="adamw")) == 3  # two moments + old_p
+    assert optimizer_states(OptimConfig(name="sam", base="sgd")) == 2

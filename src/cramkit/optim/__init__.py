@@ -34,7 +34,16 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {}
 
 #: Optimizer state per parameter in fp32-tensor equivalents, for the memory estimate before
 #: training (Adam-like rules keep two moments, the default; 8-bit moments are a quarter each).
+#: Muon counts as 2, an upper bound: its matrices keep one momentum, its AdamW groups two.
 OPTIMIZER_STATES: dict[str, float] = {"sgd": 1, "lion": 1, "lars": 1, "adamw8bit": 0.5}
+
+
+def optimizer_states(cfg: OptimConfig) -> float:  # noqa: F821 - config imports this module
+    """fp32 tensors per parameter that ``cfg``'s optimizer holds (see :data:`OPTIMIZER_STATES`).
+    SAM holds its base optimizer's state and a copy of the weights to restore after its ascent."""
+    if cfg.name == "sam":
+        return OPTIMIZER_STATES.get(cfg.base, 2) + 1
+    return OPTIMIZER_STATES.get(cfg.name, 2)
 LR_SCALING = ("none", "linear", "sqrt")
 
 log = logging.getLogger("cramkit.optim")

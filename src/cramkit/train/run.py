@@ -39,7 +39,7 @@ from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
 from ..objectives import BOUNDARY_TOKENS, VAL_MASKS, boundary_token_id, build_objective
-from ..optim import OPTIMIZER_STATES, build_optimizer
+from ..optim import build_optimizer, optimizer_states
 from ..techniques import build_techniques
 from ..utils import atomic_path, read_json, write_json
 from . import checkpoint as ckpt
@@ -450,7 +450,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             f"{par.world_size} rank(s); choose a batch size that is, or set train.micro_batch")
     estimate = estimate_memory(full_model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
                                world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
-                               optimizer_states=OPTIMIZER_STATES.get(cfg.optim.name, 2),
+                               optimizer_states=optimizer_states(cfg.optim),
                                mask_rate=cfg.objective.mask_rate if objective_name == "mlm" else 1.0,
                                device_type=device.type, compiled=cfg.train.compile)
     if cfg.train.fp8 and not cfg.train.compile and par.is_main:
