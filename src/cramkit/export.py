@@ -186,7 +186,7 @@ def _is(value):
 _COMMON = {
     "norm": (_is("layernorm"), "HF uses LayerNorm"),
     "bias": (_is(True), "HF has biases on every linear layer"),
-    "norm_bias": (_is(True), "HF's LayerNorms have a bias"),
+    "norm_bias": (lambda v: v is not False, "HF's LayerNorms have a bias"),
     "ffn": (_is("gelu"), "HF's feed-forward is not gated"),
     "activation": (lambda v: v in HF_ACTIVATIONS, "needs an HF activation"),
     "positions": (_is("learned"), "HF uses a learned position table"),

@@ -52,7 +52,9 @@ def test_validate_runs_on_replace_and_build():
 
 
 def test_defaults_are_crammed_bert():
-    assert ModelConfig().to_dict() == get_preset("crammed-bert")
+    # All but norm_bias: its default (none: follow model.bias) keeps configs saved before it
+    # existed building what they trained; the preset sets cramming's shift explicitly.
+    assert ModelConfig().to_dict() == {**get_preset("crammed-bert"), "norm_bias": None}
 
 
 def test_config_round_trips_through_dict():
@@ -149,3 +151,16 @@ def test_none_on_the_command_line_names_the_none_variant():
     cfg = load_config("demo", ["model.norm=none", "model.init=t-fixup", "model.positions=none",
                                "model.embedding_scale=sqrt_hidden", "model.ffn=gelu"])
     assert cfg.model.norm == "none" and cfg.model.positions == "none"
+
+
+def test_a_model_config_saved_before_norm_bias_builds_the_model_it_trained():
+    """Runs saved before model.norm_bias existed tied the norm shift to model.bias; their saved
+    config has no norm_bias key, and must still build the checkpoint's shapes (export, finetune,
+    resume of every older crammed-style run)."""
+    saved = get_preset("crammed-bert")
+    del saved["norm_bias"]
+    with torch.device("meta"):
+        old = build_model(ModelConfig.from_dict({**saved, "layers": 1}))
+        new = build_model(preset_config("crammed-bert", layers=1))
+    assert not any(n.endswith("norm1.bias") for n, _ in old.named_parameters())
+    assert any(n.endswith("norm1.bias") for n, _ in new.named_parameters())

@@ -1,6 +1,7 @@
 """The model's architecture axes as one typed config.
 
-The defaults describe the crammed BERT of Geiping & Goldstein (2023); see ``presets.py`` for the
+The defaults describe the crammed BERT of Geiping & Goldstein (2023) but for ``norm_bias`` (unset:
+it follows ``bias``, as configs saved before it existed did; the preset sets it); see ``presets.py`` for the
 other named shapes. Choices that are names (``arch``, ``norm``, ``ffn``, ``positions``,
 ``activation``, ``init``, ``embedding_scale``, ``document_mask_kernel``) are plain strings checked
 against registries (``cramkit.models.layers.NORMS`` and its neighbours), so a new variant is a
@@ -39,10 +40,11 @@ class ModelConfig(Config):
     )
     norm_eps: float = field(1e-12, help="epsilon of every norm (BERT 1e-12, GPT-2 1e-5)")
     bias: bool = field(False, help="biases on all linear layers (except the decoder)")
-    norm_bias: bool = field(
-        True,
-        help="a shift (bias) on every LayerNorm, as in torch's default and in cramming's "
-        "otherwise bias-free crammed BERT (RMSNorm has none)",
+    norm_bias: bool | None = field(
+        None,
+        help="a shift (bias) on every LayerNorm (RMSNorm has none); none: as model.bias. The "
+        "crammed-bert and tiny presets set true, as cramming's otherwise bias-free crammed BERT "
+        "has (runs saved before this setting existed load as they were trained)",
     )
     ffn: Name = field(
         "glu", help="feed-forward: 'gelu' (up, act, down) or 'glu' (gated: act(gate) * value)"
@@ -129,6 +131,11 @@ class ModelConfig(Config):
     def causal(self) -> bool:
         """Whether attention is causal (taken from the architecture class)."""
         return bool(ARCHITECTURES.get(self.arch).causal)
+
+    @property
+    def norm_shift(self) -> bool:
+        """Whether LayerNorms have a shift: ``norm_bias``, or ``bias`` when that is unset."""
+        return self.bias if self.norm_bias is None else self.norm_bias
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending field for impossible shapes or unknown names."""

@@ -51,7 +51,7 @@ def _norm(cfg: ModelConfig) -> int:
     if cfg.norm == "none":
         return 0
     # RMSNorm has no shift even when norm_bias is on.
-    has_shift = cfg.norm_bias and cfg.norm == "layernorm"
+    has_shift = cfg.norm_shift and cfg.norm == "layernorm"
     return cfg.hidden * (2 if has_shift else 1)
 
 

@@ -73,7 +73,7 @@ def token_embedding_scale(cfg) -> float:
 
 def make_norm(cfg) -> nn.Module:
     """The norm layer ``cfg`` asks for, of width ``cfg.hidden``."""
-    return NORMS.get(cfg.norm)(cfg.hidden, cfg.norm_eps, cfg.norm_bias)
+    return NORMS.get(cfg.norm)(cfg.hidden, cfg.norm_eps, cfg.norm_shift)
 
 
 def _dropout(p: float) -> nn.Module:
