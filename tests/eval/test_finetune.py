@@ -406,6 +406,13 @@ def test_cli_positive_label_reaches_the_file_task(tmp_path, capsys):
                  "--text-column", "question"]) == 2
     err = capsys.readouterr().err
     assert "--text-column, --positive-label apply to a task given as a file; 'rte' is a registered" in err
+    # A folder holding the files is a file task too, and its flags reach it.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
+    (folder / "dev.tsv").write_text("text\tlabel\nfine\t1\n")
+    assert main(["finetune", str(tmp_path / "no-run"), "--task", str(folder), "--text-column", "text"]) == 2
+    assert "run directory not found" in capsys.readouterr().err  # the task loaded
 
 
 def _file_task(folder):

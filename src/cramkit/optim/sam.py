@@ -76,6 +76,11 @@ class SAM(_LibrarySAM):
                 if old is not None:
                     p.copy_(old)
 
+    @property
+    def keeps_evaluation_weights(self) -> bool:
+        """True when the base optimizer evaluates other weights than it trains (Schedule-Free)."""
+        return callable(getattr(self.base_optimizer, "eval", None))
+
     def train(self) -> None:
         """Forward a training-mode switch to a base that has one (Schedule-Free)."""
         getattr(self.base_optimizer, "train", lambda: None)()

@@ -39,7 +39,7 @@ from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
 from ..objectives import BOUNDARY_TOKENS, VAL_MASKS, boundary_token_id, build_objective
-from ..optim import build_optimizer, optimizer_states
+from ..optim import build_optimizer, evaluation_weights, keeps_evaluation_weights, optimizer_states
 from ..techniques import build_techniques
 from ..utils import atomic_path, read_json, write_json
 from . import checkpoint as ckpt
@@ -268,19 +268,17 @@ def _checkpoint_weights(model: torch.nn.Module, optimizer, par: Parallel) -> tup
     ``weights`` (``model.safetensors``, what fine-tuning, export and evaluation read) are the
     weights the run is evaluated with. An optimizer that keeps separate evaluation weights
     (Schedule-Free: its ``eval()`` switches the parameters to the averaged x) trains other ones
-    (y); those go into ``train_weights`` so that a resume continues exactly. They are taken after
-    the ``eval()`` / ``train()`` round trip, as every evaluation leaves them, so a resumed run
-    equals an uninterrupted one bit for bit. ``train_weights`` is None for every other optimizer.
+    (y); those go into ``train_weights`` so that a resume continues exactly, and
+    :func:`~cramkit.optim.evaluation_weights` puts y back bit for bit, so a run with checkpoints
+    equals one without. ``train_weights`` is None for every other optimizer.
     """
-    to_eval = getattr(optimizer, "eval", None)
-    if to_eval is None:
+    if not keeps_evaluation_weights(optimizer):
         weights, optim_state = _full_state(model, optimizer, par)
         return weights, None, optim_state
-    to_eval()
-    eval_weights, _ = _full_state(model, optimizer, par)
-    # On a CPU device those tensors are the parameters themselves, which train() is about to move.
-    eval_weights = {k: v.clone() for k, v in eval_weights.items()}
-    optimizer.train()
+    with evaluation_weights(optimizer, model):
+        eval_weights, _ = _full_state(model, optimizer, par)
+        # On a CPU device those tensors are the parameters themselves, which are about to move.
+        eval_weights = {k: v.clone() for k, v in eval_weights.items()}
     weights, optim_state = _full_state(model, optimizer, par)
     return eval_weights, weights, optim_state
 
@@ -653,9 +651,16 @@ def _check_same_data(run_dir: Path, dataset: TokenDataset, data_dir: Path) -> No
                 *((splits.get(s) or {}).get("sequences") for s in ("train", "val")))
 
     if identity(trained) != identity(now):
+        # The run's own data may still sit in the cache beside this folder, under its own
+        # fingerprint (another cramkit's data format, say, prepares the same options anew).
+        fp, objective = str(trained.get("fingerprint", "")), (trained.get("config") or {}).get("objective")
+        cached = data_dir.parent / f"{objective}-{fp[:16]}"
+        hint = (f"its data is still at {cached}: resume with data.dir={cached}"
+                if fp and objective and cached.is_dir() and cached.resolve() != data_dir.resolve()
+                else "resume with that data, or start a new run")
         raise ConfigError(
             f"{data_dir} is not the data {run_dir} was trained on (its tokenizer or sequences differ "
-            f"from {path.name}); resume with that data, or start a new run"
+            f"from {path.name}); {hint}"
         )
 
 

@@ -20,6 +20,7 @@ from ..budget import Budget, Clock, exhausted, is_due, next_due, progress
 from ..distributed.parallel import Parallel
 from ..errors import ConfigError
 from ..objectives import target_index
+from ..optim import evaluation_weights
 from ..schedules import accumulation_steps, lr_factor
 from .device import autocast, memory_gb
 from .nonfinite import NonfiniteCounter, check, skips_on_device, step_unless
@@ -307,11 +308,11 @@ class Trainer:
         self.nonfinite.settle(self.state)
         with self.clock.paused():
             self.model.eval()
-            # Optimizers that keep separate evaluation weights (Schedule-Free) switch to them.
-            getattr(self.state.optimizer, "eval", lambda: None)()
-            with torch.no_grad(), autocast(self.device, self.precision):
+            # Optimizers that keep separate evaluation weights (Schedule-Free) switch to them,
+            # and the training weights come back exactly afterwards.
+            with evaluation_weights(self.state.optimizer, self.raw_model), torch.no_grad(), \
+                    autocast(self.device, self.precision):
                 loss = self.evaluate(self.model)
-            getattr(self.state.optimizer, "train", lambda: None)()
             self.log({"type": "eval", "step": self.state.step, "tokens": self.state.tokens,
                       "flops": self.state.usage.flops, "elapsed": in_ms(self.clock.elapsed),
                       "val_loss": loss})
