@@ -262,6 +262,15 @@ def _full_state(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict,
     return ckpt.model_weights(model), optimizer.state_dict()
 
 
+def _resolved_config(cfg: RunConfig, techniques: list) -> dict[str, Any]:
+    """``cfg`` as ``config.json`` keeps it, with every enabled technique's options written out,
+    defaults included: a later cramkit with other defaults then resumes the run as it was
+    configured (a technique's defaults once moved a resumed stacking run's doublings)."""
+    data = cfg.to_dict()
+    data["technique"] = {**data.get("technique", {}), **{t.name: t.options.to_dict() for t in techniques}}
+    return data
+
+
 def _checkpoint_weights(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict, dict | None, dict]:
     """``(weights, train_weights, optimizer_state)`` for a checkpoint.
 
@@ -587,7 +596,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 trainer.scaler.load_state_dict(saved["scaler"])
             _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
-            write_json(run_dir / "config.json", cfg.to_dict())
+            write_json(run_dir / "config.json", _resolved_config(cfg, techniques))
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
         # and tokens then both cover the whole run, for an honest kWh per billion tokens.
         # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
@@ -710,8 +719,13 @@ def _load_resumed_weights(model: torch.nn.Module, cfg: RunConfig, run_dir: Path,
         now = cfg.to_dict()
         changed = [f"model.{k}={v} (was {saved.get('model', {}).get(k)})"
                    for k, v in now["model"].items() if saved.get("model", {}).get(k) != v]
-        changed += [f"{k}={now[k]} (was {saved.get(k)})" for k in ("techniques", "technique")
-                    if saved.get(k) != now[k]]
+        if saved.get("techniques") != now["techniques"]:
+            changed.append(f"techniques={now['techniques']} (was {saved.get('techniques')})")
+        was, new = saved.get("technique") or {}, now["technique"]
+        changed += [f"technique.{name}.{key}={new.get(name, {}).get(key)} (was {was.get(name, {}).get(key)})"
+                    for name in sorted(set(was) | set(new))
+                    for key in sorted(set(was.get(name, {})) | set(new.get(name, {})))
+                    if was.get(name, {}).get(key) != new.get(name, {}).get(key)]
         hint = (f"this run changed {', '.join(changed)}" if changed else
                 "the settings are those the run was saved with, so a technique builds another shape now")
         raise CheckpointError(f"{exc}; {hint}: resume without changing the model's shape, or start a new run") \
