@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from ..configbase import apply_overrides
@@ -45,6 +46,21 @@ def _comma_list(text: str | None) -> list[str] | None:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+#: ``finetune``'s file-task flags (argparse dest) -> the :func:`~cramkit.eval.tasks.file_task`
+#: keyword each sets and how its text becomes the value. Unset flags are not passed, so the
+#: defaults are file_task's own.
+_FILE_TASK_OPTIONS: dict[str, tuple[str, Callable]] = {
+    "dev": ("dev", str),
+    "text_column": ("text_column", str),
+    "text_pair_column": ("text_pair_column", str),
+    "label_column": ("label_column", str),
+    "labels": ("labels", _comma_list),
+    "regression": ("is_regression", bool),
+    "metrics": ("metrics", _comma_list),
+    "positive_label": ("positive_label", str),
+}
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one task (registry name or training file) and report the median over seeds."""
     from .finetune import finetune, finetune_name, finetune_save_dir, load_backbone
@@ -52,38 +68,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .tasks import load_task
 
     cfg = _finetune_config(args.overrides)
-    flags = {
-        "--dev": args.dev,
-        "--text-column": args.text_column,
-        "--text-pair-column": args.text_pair_column,
-        "--label-column": args.label_column,
-        "--labels": args.labels,
-        "--regression": args.regression,
-        "--metrics": args.metrics,
-        "--positive-label": args.positive_label,
-    }
+    given = {dest: getattr(args, dest) for dest in _FILE_TASK_OPTIONS if getattr(args, dest) not in (None, False)}
     options = {}
     # A training file, or a folder holding one: file tasks, which the flags describe.
     if Path(args.task).suffix or Path(args.task).exists():
-        options = {
-            "dev": args.dev,
-            "text_column": args.text_column,
-            "text_pair_column": args.text_pair_column,
-            "label_column": args.label_column,
-            "labels": _comma_list(args.labels),
-            "is_regression": args.regression,
-            "metrics": _comma_list(args.metrics),
-            "positive_label": args.positive_label,
-        }
-    else:  # a registered task: its columns, labels and metrics are fixed, the flags would be lost
-        defaults = {"--text-column": "sentence", "--label-column": "label"}  # as add_argument says
-        given = [flag for flag, value in flags.items()
-                 if value not in (None, False, "") and value != defaults.get(flag)]
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} apply to a task given as a file; '{args.task}' is a registered "
-                "task with its own columns, labels and metrics"
-            )
+        options = {kw: convert(given[dest]) for dest, (kw, convert) in _FILE_TASK_OPTIONS.items() if dest in given}
+    elif given:  # a registered task: its columns, labels and metrics are fixed, the flags would be lost
+        flags = ", ".join("--" + dest.replace("_", "-") for dest in given)
+        raise ConfigError(
+            f"{flags} apply to a task given as a file; '{args.task}' is a registered "
+            "task with its own columns, labels and metrics"
+        )
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
     save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init) if cfg.save else None
@@ -167,9 +162,9 @@ def add_parser(subparsers) -> None:
         default=None,
         help="dev file for a file task (default: a sibling dev/validation/valid/test file)",
     )
-    p.add_argument("--text-column", default="sentence", help="file tasks: first text column")
+    p.add_argument("--text-column", default=None, help="file tasks: first text column (default: sentence)")
     p.add_argument("--text-pair-column", default=None, help="file tasks: second text column")
-    p.add_argument("--label-column", default="label", help="file tasks: label column")
+    p.add_argument("--label-column", default=None, help="file tasks: label column (default: label)")
     p.add_argument(
         "--labels",
         default=None,
