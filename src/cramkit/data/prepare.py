@@ -171,10 +171,14 @@ def _check_out_dir(out_dir: Path, sources: list[Source]) -> None:
                 )
 
 
+def cache_folder(cache_root: str | os.PathLike, objective: str, fp: str) -> Path:
+    """Where :func:`cached_prepare` keeps the data of ``objective`` with fingerprint ``fp``."""
+    return Path(cache_root) / f"{objective}-{fp[:16]}"
+
+
 def cached_prepare(cfg: PrepareConfig, cache_root: str | os.PathLike, **kwargs: Any) -> Path:
     """``prepare`` into ``cache_root/<objective>-<fingerprint[:16]>`` (reused when present)."""
-    fp = fingerprint(cfg)
-    return prepare(cfg, Path(cache_root) / f"{cfg.objective}-{fp[:16]}", **kwargs)
+    return prepare(cfg, cache_folder(cache_root, cfg.objective, fingerprint(cfg)), **kwargs)
 
 
 def _difference(old: dict, cfg: PrepareConfig) -> str:

@@ -22,7 +22,7 @@ from pytorch_optimizer import SAM as _LibrarySAM
 from pytorch_optimizer.base.exception import NoClosureError
 
 from ..errors import ConfigError
-from . import get_factory, register_optimizer
+from . import get_factory, keeps_evaluation_weights, register_optimizer
 
 
 class SAM(_LibrarySAM):
@@ -79,7 +79,7 @@ class SAM(_LibrarySAM):
     @property
     def keeps_evaluation_weights(self) -> bool:
         """True when the base optimizer evaluates other weights than it trains (Schedule-Free)."""
-        return callable(getattr(self.base_optimizer, "eval", None))
+        return keeps_evaluation_weights(self.base_optimizer)
 
     def train(self) -> None:
         """Forward a training-mode switch to a base that has one (Schedule-Free)."""

@@ -26,7 +26,7 @@ from ..config import RunConfig, config_from_dict
 from ..configbase import apply_overrides
 from ..data.dataset import TokenDataset
 from ..data.loader import ShardLoader
-from ..data.prepare import cached_prepare
+from ..data.prepare import cache_folder, cached_prepare
 from ..distributed import (
     Parallel,
     apply_activation_checkpointing,
@@ -262,6 +262,15 @@ def _full_state(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict,
     return ckpt.model_weights(model), optimizer.state_dict()
 
 
+def _full_weights(model: torch.nn.Module, par: Parallel) -> dict:
+    """Unsharded weights alone (collective under FSDP2), without gathering optimizer state."""
+    if par.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return ckpt.model_weights(model)
+
+
 def _resolved_config(cfg: RunConfig, techniques: list) -> dict[str, Any]:
     """``cfg`` as ``config.json`` keeps it, with every enabled technique's options written out,
     defaults included: a later cramkit with other defaults then resumes the run as it was
@@ -285,7 +294,7 @@ def _checkpoint_weights(model: torch.nn.Module, optimizer, par: Parallel) -> tup
         weights, optim_state = _full_state(model, optimizer, par)
         return weights, None, optim_state
     with evaluation_weights(optimizer, model):
-        eval_weights, _ = _full_state(model, optimizer, par)
+        eval_weights = _full_weights(model, par)
         # On a CPU device those tensors are the parameters themselves, which are about to move.
         eval_weights = {k: v.clone() for k, v in eval_weights.items()}
     weights, optim_state = _full_state(model, optimizer, par)
@@ -663,7 +672,7 @@ def _check_same_data(run_dir: Path, dataset: TokenDataset, data_dir: Path) -> No
         # The run's own data may still sit in the cache beside this folder, under its own
         # fingerprint (another cramkit's data format, say, prepares the same options anew).
         fp, objective = str(trained.get("fingerprint", "")), (trained.get("config") or {}).get("objective")
-        cached = data_dir.parent / f"{objective}-{fp[:16]}"
+        cached = cache_folder(data_dir.parent, str(objective), fp)
         hint = (f"its data is still at {cached}: resume with data.dir={cached}"
                 if fp and objective and cached.is_dir() and cached.resolve() != data_dir.resolve()
                 else "resume with that data, or start a new run")
