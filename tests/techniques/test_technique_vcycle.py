@@ -94,7 +94,7 @@ def test_decoalesced_width_model_computes_the_small_models_function(kind, pairin
     if small.config.final_norm and not small.config.tie_embeddings:
         # Hidden channels are exact copies: channel c of the large model is channel c // 2
         # (adjacent) or c mod hidden/2 (strided).
-        copies = h_small[..., PAIRINGS[pairing](large.config.hidden, 2)]
+        copies = h_small[..., PAIRINGS.get(pairing)(large.config.hidden, 2)]
         torch.testing.assert_close(h_large, copies, rtol=1e-4, atol=1e-5)
 
 

@@ -61,10 +61,11 @@ from typing import Any
 
 import torch
 
-from ..configbase import Config, did_you_mean, field
+from ..configbase import Config, field
 from ..errors import ConfigError
 from ..models.config import ModelConfig
 from ..models.layers import token_embedding_scale
+from ..models.registry import Registry
 from .base import ContractCases, Technique, register
 from .common import full_state_dict, materialize, model_device
 
@@ -87,13 +88,17 @@ def strided(units: int, factor: int) -> torch.Tensor:
     return torch.arange(units) % (units // factor)
 
 
-PAIRINGS: dict[str, Pairing] = {"adjacent": adjacent, "strided": strided}
+PAIRINGS: Registry[Pairing] = Registry("pairing")
+PAIRINGS.add("adjacent", adjacent)
+PAIRINGS.add("strided", strided)
 
 
-def _check_pairing(name: str, path: str = "pairing") -> None:
-    if name not in PAIRINGS:
-        raise ConfigError(f"{path}: unknown pairing '{name}'{did_you_mean(name, PAIRINGS)}; "
-                          f"known: {', '.join(sorted(PAIRINGS))}")
+def _known(registry: Registry, name: str, path: str):
+    """``registry.get(name)`` with the option's dotted ``path`` in front of an error."""
+    try:
+        return registry.get(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +113,11 @@ class Scheme:
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 1:
             raise ConfigError(f"coalescing factors must be >= 1, got width={self.width}, depth={self.depth}")
-        _check_pairing(self.pairing)
+        _known(PAIRINGS, self.pairing, "pairing")
 
     @property
     def unit(self) -> Pairing:
-        return PAIRINGS[self.pairing]
+        return PAIRINGS.get(self.pairing)
 
 
 def coarse_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
@@ -396,7 +401,9 @@ def per_stage_schedule(p: float, start: float, length: float) -> float:
     return min(1.0, max(0.0, (p - start) / length))
 
 
-STAGE_SCHEDULES: dict[str, StageSchedule] = {"global": global_schedule, "per_stage": per_stage_schedule}
+STAGE_SCHEDULES: Registry[StageSchedule] = Registry("stage schedule")
+STAGE_SCHEDULES.add("global", global_schedule)
+STAGE_SCHEDULES.add("per_stage", per_stage_schedule)
 
 
 def stage_at(progress: float, fractions: list[float]) -> int:
@@ -459,11 +466,8 @@ class VCycleOptions(Config):
             raise ConfigError("technique.vcycle.lr_scale values must be positive")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"technique.vcycle.alpha must be in [0, 1], got {self.alpha}")
-        if self.schedule not in STAGE_SCHEDULES:
-            raise ConfigError(f"technique.vcycle.schedule: unknown schedule '{self.schedule}'"
-                              f"{did_you_mean(self.schedule, STAGE_SCHEDULES)}; known: "
-                              f"{', '.join(sorted(STAGE_SCHEDULES))}")
-        _check_pairing(self.pairing, "technique.vcycle.pairing")
+        _known(STAGE_SCHEDULES, self.schedule, "technique.vcycle.schedule")
+        _known(PAIRINGS, self.pairing, "technique.vcycle.pairing")
 
     def stage_fractions(self) -> list[float]:
         return list(self.fractions) if self.fractions else default_fractions(self.levels)
@@ -488,7 +492,7 @@ class VCycle(Technique):
         self.levels = stage_levels(options.levels)
         self.fractions = options.stage_fractions()
         self.starts = stage_starts(self.fractions)
-        self.stage_schedule = STAGE_SCHEDULES[options.schedule]
+        self.stage_schedule = STAGE_SCHEDULES.get(options.schedule)
         self.stage = 0
         self.saved: list[dict[str, torch.Tensor]] = []  # finer levels' weights, coarsest last
         self.base: ModelConfig | None = None
