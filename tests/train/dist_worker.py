@@ -24,6 +24,28 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows if r["type"] == "train"]
 
 
+def sharded_overflow_agrees() -> list[float]:
+    """fp16 under FSDP2 uses torch's plain GradScaler (trainer.py): an overflow in one rank's
+    gradient shard must make every rank skip the step and halve its scale alike, else the ranks'
+    shards and scales drift apart. torch's DTensor dispatch max-reduces ``found_inf`` over the
+    mesh; this checks that it still does, with a CPU scaler standing in for the CUDA one."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4, bias=False)
+    fully_shard(layer)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(layer(torch.ones(2, 4)).sum()).backward()
+    if dist.get_rank() == 0:
+        layer.weight.grad.to_local()[0, 0] = float("inf")
+    before = layer.weight.full_tensor().clone()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    return [float(torch.equal(before, layer.weight.full_tensor())), scaler.get_scale()]
+
+
 def main() -> None:
     data, out, mlm_data = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     quiet = {"say": lambda *_: None}
@@ -81,8 +103,11 @@ def main() -> None:
     summary = pretrain(cfg, **quiet)
     steps = [None, None]
     dist.all_gather_object(steps, summary["steps"])
+    overflow = [None, None]
+    dist.all_gather_object(overflow, sharded_overflow_agrees())
     if rank == 0:
         results["timed_steps"] = steps
+        results["sharded_overflow"] = overflow
         results["signalled_checkpoint"] = ckpt.latest_checkpoint(out / "signalled").name
         results["resumed_losses"] = losses(out / "cut")
         results["fsdp_resumed_losses"] = losses(out / "fsdp-cut")

@@ -78,6 +78,8 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     assert res["control_reused"]
     # A wall-clock budget stops both ranks at the same step.
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0
+    # An inf in rank 0's gradient shard only: both ranks skip (weights unchanged), both halve.
+    assert res["sharded_overflow"] == [[1.0, 512.0], [1.0, 512.0]]
 
 
 def test_fsdp_root_keeps_its_parameters_gathered_for_backward():
