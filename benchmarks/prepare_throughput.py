@@ -11,7 +11,10 @@ Runs, each ``prepare`` in its own subprocess so its peak RSS can be read (``os.w
 2. the same with that tokenizer reused (``tokenizer_file``): the streaming pipeline alone
    (read, normalise, tokenize, filter, order, pack, write);
 3. the pipeline on the first shard only, to show peak memory does not grow with corpus size;
-4. in this process, ``Tokenizer.encode_batch_fast`` on the same documents, already in memory.
+4. in this process, ``Tokenizer.encode_batch_fast`` on the same documents, already in memory;
+5. in this process, what the compressibility filter (``max_token_ratio``) adds: normalising every
+   document a second time to count its characters, against the ASCII floor
+   (``cramkit.data.tokenizer.normalised_length``) that settles most documents without it.
 
 Prints a Markdown table. Needs ../shared/data beside the checkout.
 """
@@ -83,6 +86,22 @@ def read_docs(files: list[Path]) -> list[str]:
     return docs
 
 
+def time_normalised_length(tok, options: dict, docs: list[str]) -> tuple[float, float]:
+    """Seconds to count every document's normalised characters exactly, and by the floor."""
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.tokenizer import normalised_length
+
+    cfg = PrepareConfig.from_dict(options)
+    floor, exact = normalised_length(tok.normalizer, cfg)
+    seconds = []
+    for count in (exact, floor):
+        t = time.perf_counter()
+        for doc in docs:
+            count(doc)
+        seconds.append(time.perf_counter() - t)
+    return seconds[0], seconds[1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=5, help="enwiki train shards to use (1-6)")
@@ -127,6 +146,7 @@ def main() -> int:
             enc = tok.encode_batch_fast(docs[i : i + 256], add_special_tokens=False)
             n_tokens += sum(len(e.ids) for e in enc)
         t_raw = time.perf_counter() - t
+        t_exact, t_floor = time_normalised_length(tok, base, docs)
 
     tokens = sum(manifest["splits"][s]["content_tokens"] for s in ("train", "val"))
     rows = [
@@ -145,6 +165,8 @@ def main() -> int:
         f"# memory vs corpus size: 1 shard ({one_mb:.1f} MB) pipeline-only peak RSS "
         f"{peak_one:.0f} MB in {t_one:.1f} s; {len(files)} shards ({raw_mb:.1f} MB) {peak_pipe:.0f} MB"
     )
+    print(f"# compressibility filter's character count over the same documents, one core: "
+          f"normalising again {t_exact:.2f} s, ASCII floor {t_floor:.3f} s")
     print(f"# tokens: prepare {tokens:,} (after normalisation), raw {n_tokens:,}")
     print(f"# filter stats: {json.dumps(manifest['filter_stats'])}")
     print(f"# splits: { {s: v['sequences'] for s, v in manifest['splits'].items()} } sequences")

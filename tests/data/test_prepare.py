@@ -332,3 +332,16 @@ def test_progress_bar_on_request_only(tmp_path, synth_corpus, capsys):
     assert "prepare:" in err and "docs=" in err and "B/s" in err
     prepare(small_cfg([synth_corpus]), tmp_path / "b", progress=None)  # stderr is not a TTY
     assert "docs=" not in capsys.readouterr().err
+
+
+def test_compressibility_floor_applies_to_the_tokenizer_prepare_trains(tmp_path, synth_corpus):
+    """The cheap floor (data.tokenizer.normalised_length) is only used for cramkit's own
+    normalisers; the tokenizer prepare trains and saves must still be recognised as one, or every
+    document is normalised a second time."""
+    from cramkit.data.tokenizer import encoding_copy, load_tokenizer, normalised_length
+
+    cfg = small_cfg([synth_corpus], lowercase=True, ascii_only=True)
+    out = prepare(cfg, tmp_path / "d", progress=False)
+    encoder = encoding_copy(load_tokenizer(str(out / "tokenizer.json")))
+    floor, exact = normalised_length(encoder.normalizer, cfg)
+    assert floor("Fine Text") == exact("Fine Text") == 9

@@ -165,3 +165,44 @@ def test_normalisation_options(tmp_path, options, expected):
     norm = build_normalizer(small_cfg([tmp_path], **options))
     text = "Crème  Brûlée\nÆon ﬁ"
     assert (norm.normalize_str(text) if norm else text) == expected
+
+
+# Characters that normalisation changes in length: accents (precomposed and combining), a
+# ligature, a dotted capital that lowercases to two characters, CJK, Hangul, emoji, odd spaces.
+_TRICKY = "aZ09 .,\n\téÉüñçÆæßﬁİıǅ\u0301\u0308\u00a0\u2003中文한국어😀Ωω"
+
+
+@pytest.mark.parametrize("options", [
+    {"lowercase": True}, {"strip_accents": True}, {"ascii_only": True},
+    {"ascii_only": True, "lowercase": True}, {"strip_accents": True, "lowercase": True},
+])
+def test_normalised_length_floor_never_exceeds_the_length(tmp_path, options):
+    """prepare's compressibility filter keeps a document on the floor alone when its tokens fit
+    under it: a floor above the true length would keep junk the exact count drops."""
+    import random
+
+    from cramkit.data.tokenizer import build_normalizer, normalised_length
+
+    cfg = small_cfg([tmp_path], **options)
+    floor, exact = normalised_length(build_normalizer(cfg), cfg)
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(_TRICKY) for _ in range(rng.randint(1, 40)))
+        assert floor(text) <= exact(text), repr(text)
+    ascii_text = "Plain ASCII, With CAPS and\ttabs.\n"
+    assert floor(ascii_text) == exact(ascii_text) == len(ascii_text)
+
+
+def test_normalised_length_floor_is_zero_for_a_normaliser_it_does_not_know(tmp_path):
+    from tokenizers import normalizers
+
+    from cramkit.data.tokenizer import build_normalizer, normalised_length
+
+    cfg = small_cfg([tmp_path], lowercase=True, collapse_whitespace=True)
+    floor, exact = normalised_length(build_normalizer(cfg), cfg)  # whitespace runs shrink
+    assert floor("a  b") == 0 and exact("a  b") == 3
+    cfg = small_cfg([tmp_path], lowercase=True)
+    bert = normalizers.BertNormalizer()  # e.g. a tokenizer file's: drops control characters
+    floor, exact = normalised_length(bert, cfg)
+    assert floor("a\x01b") == 0 and exact("a\x01b") == 2
+    assert normalised_length(None, cfg)[0]("héllo") == 5

@@ -64,6 +64,7 @@ from .sources import Doc, Source, iter_documents, open_sources, sources_fingerpr
 from .tokenizer import (
     encoding_copy,
     load_tokenizer,
+    normalised_length,
     padded_vocab_size,
     special_ids,
     train_tokenizer,
@@ -383,7 +384,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
     # train-NNNNN.bin files are only ever the sorted ones.
     train = packer("unsorted-train" if ordering.sort_sequences else "train")
     val = packer("val")
-    normalizer = encoder.normalizer
+    chars_floor, chars = normalised_length(encoder.normalizer, cfg)
     orderer = _Orderer(cfg, train)
     stats = _new_stats()
     seen: set[bytes] = set()
@@ -430,9 +431,10 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             if cfg.max_token_ratio:
                 # The normalised text's characters: the tokens were counted on it, and raw
                 # characters that normalisation deletes (non-ASCII under ascii_only) would
-                # make junk look compressible.
-                n_chars = len(normalizer.normalize_str(text)) if normalizer else len(text)
-                if n > cfg.max_token_ratio * n_chars:
+                # make junk look compressible. The floor settles most documents without
+                # normalising them a second time.
+                limit = cfg.max_token_ratio
+                if n > limit * chars_floor(text) and n > limit * chars(text):
                     _count(stats, "compressibility", text, n)
                     continue
             _count(stats, "kept", text, n)

@@ -8,7 +8,7 @@ and a ``[CLS] A [SEP] (B [SEP])`` post-processor; byte-level BPE (CLM) gets ``<|
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
@@ -47,6 +47,31 @@ def build_normalizer(cfg: PrepareConfig) -> normalizers.Normalizer | None:
     if not steps:
         return None
     return steps[0] if len(steps) == 1 else normalizers.Sequence(steps)
+
+
+def normalised_length(normalizer: normalizers.Normalizer | None,
+                      cfg: PrepareConfig) -> tuple[Callable[[str], int], Callable[[str], int]]:
+    """``(floor, exact)``: a cheap lower bound on the normalised text's length, and the length.
+
+    ``exact`` normalises the text again, in Python on one core, a cost next to tokenizing it on
+    all cores (BENCHMARKS.md, prepare). ``floor`` lets a caller that only needs "is the length
+    at least x" skip that for most documents. For a normaliser :func:`build_normalizer` builds
+    without ``collapse_whitespace`` it counts ASCII characters: NFD/NFKD leave them as they are,
+    accent stripping and the non-ASCII deletion touch only other characters, Lowercase maps ASCII
+    to ASCII, and NFC can at most compose one with a following mark into one character. So it is
+    exact for ASCII text. Any other normaliser (a tokenizer file's, or one collapsing whitespace)
+    gets the floor 0.
+    """
+    if normalizer is None:
+        return len, len
+
+    def exact(text: str) -> int:
+        return len(normalizer.normalize_str(text))
+
+    own = build_normalizer(cfg)
+    if cfg.collapse_whitespace or own is None or own.__getstate__() != normalizer.__getstate__():
+        return (lambda text: 0), exact
+    return (lambda text: len(text) if text.isascii() else len(text.encode("ascii", "ignore"))), exact
 
 
 def padded_vocab_size(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
