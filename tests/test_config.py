@@ -176,6 +176,23 @@ def test_clock_pauses():
     assert other.elapsed == pytest.approx(clock.elapsed)
 
 
+def test_schedule_config_leaves_each_schedule_its_own_shape():
+    """schedule.peak_at / schedule.start unset: one-cycle peaks at 0.3 from 4 %, the budget
+    triangle at 0.75 from 25 % (a shared default once made them the same schedule); set, they
+    apply to either."""
+    from cramkit.config import ScheduleConfig
+
+    def curve(**fields):
+        cfg = ScheduleConfig.from_dict(fields)
+        return [lr_factor(cfg.name, p, **cfg.options()) for p in (0.0, 0.3, 0.75)]
+
+    assert curve(name="one-cycle") == pytest.approx([0.04, 1.0, 1 - 0.45 / 0.7])
+    assert curve(name="budget-triangle") == pytest.approx([0.25, 0.25 + 0.75 * 0.4, 1.0])
+    assert curve(name="one-cycle", peak_at=0.75, start=0.25) == curve(name="budget-triangle")
+    with pytest.raises(ConfigError, match="schedule.peak_at in"):
+        ScheduleConfig.from_dict({"peak_at": 0.0})
+
+
 def test_lr_schedules_are_pure_functions_of_progress():
     # Cramming's triangle: 25 % of peak at the start, the peak at 75 %, zero at the end.
     assert lr_factor("budget-triangle", 0.0) == pytest.approx(0.25)

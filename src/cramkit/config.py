@@ -187,8 +187,14 @@ class ScheduleConfig(Config):
 
     name: str = field("budget-triangle", help="constant | linear | cosine | one-cycle | budget-triangle")
     warmup: float = field(0.0, help="warm-up fraction of the budget (linear, cosine, constant)")
-    peak_at: float = field(0.75, help="where the peak is (one-cycle, budget-triangle)")
-    start: float = field(0.25, help="starting multiplier of the peak (one-cycle, budget-triangle)")
+    # None leaves each schedule its own default: one fixed number here would make one-cycle
+    # (0.3, 0.04) and budget-triangle (0.75, 0.25) the same schedule.
+    peak_at: float | None = field(
+        None, help="where the peak is (one-cycle, budget-triangle); unset = the schedule's own: one-cycle 0.3, budget-triangle 0.75"
+    )
+    start: float | None = field(
+        None, help="starting multiplier of the peak (one-cycle, budget-triangle); unset = one-cycle 0.04, budget-triangle 0.25"
+    )
     final: float = field(0.0, help="final multiplier of the peak")
 
     def validate(self) -> None:
@@ -196,11 +202,13 @@ class ScheduleConfig(Config):
             raise ConfigError(
                 f"schedule.name: unknown schedule '{self.name}'{did_you_mean(self.name, LR_SCHEDULES)}"
             )
-        if not 0.0 <= self.warmup < 1.0 or not 0.0 < self.peak_at <= 1.0:
+        if not 0.0 <= self.warmup < 1.0 or not (self.peak_at is None or 0.0 < self.peak_at <= 1.0):
             raise ConfigError("schedule.warmup must be in [0, 1) and schedule.peak_at in (0, 1]")
 
     def options(self) -> dict[str, float]:
-        return {"warmup": self.warmup, "peak_at": self.peak_at, "start": self.start, "final": self.final}
+        """Keyword arguments for the schedule function; unset fields keep its defaults."""
+        given = {"warmup": self.warmup, "peak_at": self.peak_at, "start": self.start, "final": self.final}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclasses.dataclass
