@@ -181,3 +181,42 @@ def test_a_stopped_run_exits_130(monkeypatch, capsys):
     summary["stop_reason"] = "budget"
     assert main(["pretrain", "demo", "finetune_demo=false"]) == 0
     assert "validation loss: start 7.1000  end 6.1000" in capsys.readouterr().out
+
+
+def test_sigterm_during_prepare_removes_the_half_written_data(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM (a time limit) used to end `cramkit prepare` on the spot, no
+    `finally` run, leaving its hidden temporary folder (the size of the corpus) behind. It now
+    unwinds like ^C: nothing half-written stays, status 130, one line."""
+    import os
+    import signal
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "data"))
+    from data_helpers import synthetic_docs, write_corpus
+
+    import cramkit.data.prepare as prep
+
+    src = write_corpus(tmp_path / "c.txt", synthetic_docs(60))
+    real_count, calls, unhandled = prep._count, [], []
+
+    def count_then_terminate(*args):
+        calls.append(1)
+        if len(calls) == 5:  # half-way through the documents, the temporary folder written to
+            assert [p for p in tmp_path.iterdir() if p.name.startswith(".data.tmp-")]
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_count(*args)
+
+    monkeypatch.setattr(prep, "_count", count_then_terminate)
+    # Stands in for the default action (which would end pytest too) should main() not take over.
+    def stand_in(*_):
+        unhandled.append(1)
+
+    original = signal.signal(signal.SIGTERM, stand_in)
+    try:
+        argv = ["prepare", str(src), "--out", str(tmp_path / "data"), "--vocab-size", "200", "--no-progress"]
+        assert main(argv) == 130
+        assert not unhandled and signal.getsignal(signal.SIGTERM) is stand_in  # main() restored it
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert capsys.readouterr().err.splitlines()[-1] == "terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]

@@ -91,3 +91,40 @@ def test_files_written_into_an_atomic_dir_get_the_umasks_permissions(tmp_path):
         os.umask(umask)
     for name in ("model.safetensors", "sub/note.txt"):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_atomic_dir_clears_what_killed_writers_left(tmp_path):
+    """SIGKILL (the OOM killer) leaves a temporary folder no finally removed, gigabytes for a
+    half-prepared corpus. The next write into the folder removes a dead writer's temporary
+    folder, restores an old version a writer moved aside and died before replacing, and leaves
+    a live writer's and another host's entries alone."""
+    import socket
+
+    host, dead = socket.gethostname(), _dead_pid()
+    stale = tmp_path / f".data.tmp-{dead}-1@{host}"
+    (stale / "shards").mkdir(parents=True)
+    (stale / "shards" / "train-00000.bin").write_bytes(b"\0" * 64)
+    moved = tmp_path / f".ckpt.old-{dead}-2@{host}"  # died between its two renames
+    moved.mkdir()
+    (moved / "meta.json").write_text("{}")
+    superseded = tmp_path / f".runs.old-{dead}-3@{host}"  # new version already in place
+    superseded.mkdir()
+    (tmp_path / "runs").mkdir()
+    live = tmp_path / f".other.tmp-{os.getpid()}-4@{host}"
+    remote = tmp_path / f".data.tmp-{dead}-5@elsewhere-{host}"
+    live.mkdir()
+    remote.mkdir()
+    with atomic_dir(tmp_path / "new") as tmp:
+        (tmp / "x").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "new", "runs", live.name, remote.name])
+    assert (tmp_path / "ckpt" / "meta.json").read_text() == "{}"

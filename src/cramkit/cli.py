@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 import warnings
 
@@ -56,9 +57,27 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = previous_format
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which stops cleanly on its own, see the trainer).
+
+    Python's default for SIGTERM ends the process on the spot: no ``finally`` runs, so a
+    ``prepare`` stopped by a scheduler's time limit left its half-written temporary folder, and a
+    run stopped during set-up its half-made directory. Raised as an interrupt, it takes the
+    same way out as ^C: everything half-written is removed, status 130.
+    """
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding program's worker): leave it be
+        previous = None
     try:
         return int(args.func(args) or 0)
     except CramkitError as exc:
@@ -69,9 +88,12 @@ def _main(argv: list[str] | None) -> int:
         # no permission, a full disk) is a user's mistake as well: one line, naming the path.
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -8,8 +8,10 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,14 +51,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_abandoned(path.parent)
     # mkdir, not mkdtemp: the directory keeps the umask's permissions (mkdtemp's are 0700).
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp = path.parent / f".{path.name}.tmp-{_owner()}"
     tmp.mkdir()
     try:
         yield tmp
         _umask_modes(tmp)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
+            old = path.parent / f".{path.name}.old-{_owner()}"
             path.rename(old)
             try:
                 tmp.rename(path)
@@ -70,6 +73,51 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ``.NAME.tmp-PID-NS@HOST`` / ``.NAME.old-PID-NS@HOST``: the writer's process and host, so
+# that a later writer can tell a dead writer's leftovers from a live one's work in progress.
+_ABANDONED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-\d+@(?P<host>.+)$")
+
+
+def _owner() -> str:
+    return f"{os.getpid()}-{time.time_ns()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clear_abandoned(folder: Path) -> None:
+    """Remove what :func:`atomic_dir` writers on this host left in ``folder`` when they were
+    killed (SIGKILL, the OOM killer, a power cut), where no ``finally`` could clean up.
+
+    A temporary folder of a dead writer can be gigabytes (a half-prepared corpus) and nothing
+    else would ever delete it. A moved-aside old version is deleted only if the new one is in
+    place; if the writer died between the two renames, the old version is renamed back. Entries
+    of live processes, and of other hosts (a shared filesystem), are left alone.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    host = socket.gethostname()
+    for entry in entries:
+        m = _ABANDONED.match(entry.name)
+        if m is None or m["host"] != host or _alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        if m["kind"] == "old" and not target.exists():
+            with contextlib.suppress(OSError):  # failing that, the old version stays as it is
+                entry.rename(target)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _current_umask() -> int:
