@@ -96,7 +96,7 @@ def throughput(results: dict) -> str:
     device = torch.device("cpu" if SMOKE else "cuda")
     precision = "fp32" if SMOKE else "bf16"
     peak = measure_peak_flops(device, precision)
-    # (target, MLM mask rate, batch, sequence): BERT shapes at REFERENCE.md's batch 256 × 128,
+    # (target, MLM mask rate, batch, sequence): BERT shapes at docs/references.md's batch 256 × 128,
     # GPT-2 at 32 × 1024; every target compiled, bf16, fused AdamW.
     # HF's BERT without dropout, as crammed-bert trains: the ratio compares the same regime.
     plan = [("hf-bert:bert-base,dropout=0,attention_dropout=0", 0.15, 256, 128),
@@ -119,7 +119,7 @@ def throughput(results: dict) -> str:
     return table(rows, peak, "cpu" if SMOKE else torch.cuda.get_device_name())
 
 
-# REFERENCE.md's 150-second comparison: crammed at batch 1024 without a ramp (an 8192 batch
+# docs/references.md's 150-second comparison: crammed at batch 1024 without a ramp (an 8192 batch
 # would leave a few-minute run with only dozens of optimizer steps); the 2018 recipe at 256.
 # Both get the same data.dir, which overrides each recipe's [data.prepare] (crammed-bert's sets
 # cramming's filter and curriculum, bert-original's does not): the time to the 2018 recipe's

@@ -44,7 +44,7 @@ def test_crammed_recipe_matches_reference():
 
 
 def test_only_the_cramming_recipes_take_crammings_data_steps():
-    """REFERENCE.md's data recipe: compressibility filter at 0.25 and the sentence-length
+    """docs/references.md's data recipe: compressibility filter at 0.25 and the sentence-length
     curriculum; the 2018 recipe trained on shuffled, unfiltered data."""
     for name in ("crammed-bert", "crammed-bert-lamb"):
         prep = load_config(name).data.prepare

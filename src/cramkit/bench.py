@@ -7,7 +7,7 @@ TFLOP/s, MFU against a matmul peak measured in the same process, and peak memory
 ``FAMILY:PRESET``: ``cramkit:crammed-bert`` is our model, ``hf-bert:bert-base`` is
 ``transformers.BertForMaskedLM`` with that preset's dimensions and ``hf-gpt2:gpt2-small`` is
 ``GPT2LMHeadModel``. FLOPs per token use one formula for every target
-(REFERENCE.md), so the ratio of tokens/s at equal shape is what matters.
+(docs/references.md), so the ratio of tokens/s at equal shape is what matters.
 
 A target may carry ``,KEY=VALUE`` overrides: ``batch`` and ``seq_len`` set that target's shape,
 any other key is a model field, e.g. ``cramkit:gpt2-small,seq_len=1024,document_mask=true``.

@@ -10,7 +10,7 @@ from cramkit.models import build_model
 from cramkit.models.flops import count_parameters, count_parameters_from_config, flops_per_token
 from cramkit.models.presets import PRESETS, preset_config
 
-# crammed BERT from REFERENCE.md, written out from the architecture numbers alone.
+# crammed BERT from docs/references.md, written out from the architecture numbers alone.
 V, H, LAYERS, FFN_UP, FFN_DOWN_IN = 32768, 768, 16, 3072, 1536
 TOKEN_EMBEDDING = V * H
 SINUSOID_SCALE = 1

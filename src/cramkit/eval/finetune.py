@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained (or randomly initialised) cramkit model on a downstream task.
 
-Defaults are cramming's "GLUE-sane" recipe (REFERENCE.md): 5 epochs, batch 16, AdamW lr 4e-5,
+Defaults are cramming's "GLUE-sane" recipe (docs/references.md): 5 epochs, batch 16, AdamW lr 4e-5,
 betas (0.9, 0.98), eps 1e-6, no weight decay, cosine decay after 10 % warmup, sequence length
 128, dropout 0.1 during fine-tuning, several seeds with the per-metric median reported.
 """

@@ -1,4 +1,4 @@
-"""Parameter counts and training FLOPs per token (REFERENCE.md's accounting).
+"""Parameter counts and training FLOPs per token (docs/references.md's accounting).
 
 ``flops_per_token`` is the *training* cost (forward + backward = 6 FLOPs per parameter-token):
 
@@ -6,7 +6,7 @@
 
 with ``r`` = the masking rate under sparse prediction and 1 otherwise. The last term is the
 attention score and value matmuls (2 * 2 * L * hidden per token forward, times 3). Causal models
-are charged the full L x L attention, not half of it: that is what REFERENCE.md's baseline numbers
+are charged the full L x L attention, not half of it: that is what docs/references.md's baseline numbers
 use and what the kernels roughly pay; MFU figures stay comparable between BERT and GPT.
 
 "Embedding parameters" are the token, position and token-type tables (and the sinusoidal scale),

@@ -1,6 +1,6 @@
 """Weight initialisation schemes (registered in ``INITS``; ``ModelConfig.init`` picks one).
 
-Initialisation decides a lot under a short budget: REFERENCE.md measured the same crammed model at
+Initialisation decides a lot under a short budget: docs/references.md measured the same crammed model at
 validation loss 3.95 with N(0, 0.02) and 6.91 with PyTorch's default N(0, 1) embeddings.
 
 ``fixup``, ``t-fixup`` and ``rezero`` follow their authors' code (hongyi-zhang/Fixup,

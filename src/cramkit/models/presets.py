@@ -4,7 +4,7 @@
 | --- | --- |
 | ``tiny`` | crammed-style BERT, hidden 64, 2 layers (CPU tests, demos) |
 | ``tiny-gpt`` | GPT-2-style decoder, hidden 64, 2 layers |
-| ``crammed-bert`` | Geiping & Goldstein 2023, as in REFERENCE.md and cramming's code |
+| ``crammed-bert`` | Geiping & Goldstein 2023, as in docs/references.md and cramming's code |
 | ``bert-base`` | Devlin et al. 2018 BERT-base (post-LN, dropout 0.1, full-vocabulary head) |
 | ``gpt2-small`` | GPT-2 124M (pre-LN, learned positions, tied) |
 
@@ -15,7 +15,7 @@ dropout by default (GPT-2 used 0.1; under a short budget dropout only slows lear
 
 ``crammed-bert`` has no bias on any linear layer, but its LayerNorms keep their shift: cramming
 builds them as plain ``torch.nn.LayerNorm`` (``architectures/crammed_bert.py``), and its
-``use_bias: False`` reaches only the linear layers (REFERENCE.md's "no biases anywhere" lists
+``use_bias: False`` reaches only the linear layers (docs/references.md's "no biases anywhere" lists
 attention, FFN and decoder).
 
 ``bert-base`` and ``gpt2-small`` keep exactly the parameters of HF ``BertForMaskedLM`` and

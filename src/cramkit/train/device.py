@@ -49,7 +49,7 @@ def measure_peak_flops(device: torch.device, precision: str) -> float:
     """FLOP/s of a large matmul: the MFU denominator. On CUDA an 8192³ bf16 matmul (also for
     fp32 runs, so that MFU is against the usual bf16 peak) or fp16 under fp16; on a CPU 512³ fp32.
 
-    A measured peak is honest about what this device delivers (REFERENCE.md measured 794 TFLOP/s
+    A measured peak is honest about what this device delivers (docs/references.md measured 794 TFLOP/s
     for bf16 on the H100, below the datasheet's 989).
     """
     if device.type == "cuda":
