@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -158,8 +159,12 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
         # Gradients as views of DDP's buckets: no second copy of every gradient (4 bytes per
         # parameter). No buffer broadcast: cramkit's buffers are fixed tables (sinusoids, rotary
         # caches), identical on every rank, and broadcasting them costs a collective per forward.
+        # torch 2.13 renamed the switch (the old name warns on every rank); its one sync at
+        # wrap time, which broadcast_buffers=False skipped, is harmless for such buffers.
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters,
-                                       gradient_as_bucket_view=True, broadcast_buffers=False)
+                                       gradient_as_bucket_view=True, **no_sync)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
