@@ -103,7 +103,7 @@ def test_pretrain_leaves_the_process_group_before_rank_0_alone_works_on(tiny_mlm
     calls = []
     monkeypatch.setattr(parallel, "leave_process_group", lambda clean: calls.append(("leave", clean)))
     monkeypatch.setattr(finetune, "finetune_demo", lambda *a, **k: calls.append(("demo",)) or {
-        "train_examples": 1, "seconds": 0, "pretrained_accuracy": 1, "random_init_accuracy": 0, "majority_baseline": 0})
+        "train_examples": 1, "eval_examples": 1, "seconds": 0, "pretrained_accuracy": 1, "random_init_accuracy": 0, "majority_baseline": 0})
     argv = ["pretrain", "demo", f"data.dir={tiny_mlm_data}", "model.vocab_size=512", f"out_dir={tmp_path}",
             "name=r", "train.budget=2steps", "train.progress_bar=false", "train.tensorboard=false",
             "train.eval_batches=1"]

@@ -164,6 +164,7 @@ def test_finetune_demo_returns_both_accuracies(tiny_run):
 
     out = finetune_demo(tiny_run, progress=False, max_train_examples=64, epochs=1)
     assert set(out) >= {"pretrained_accuracy", "random_init_accuracy", "majority_baseline"}
+    assert out["eval_examples"] == 425  # the fixed stratified dev split the README quotes
     assert 0.0 <= out["pretrained_accuracy"] <= 1.0 and 0.0 <= out["random_init_accuracy"] <= 1.0
 
 

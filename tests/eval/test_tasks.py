@@ -176,8 +176,13 @@ def test_missing_file_and_dev(tmp_path):
     with pytest.raises(DataError, match="nothere.tsv: file not found"):
         load_task(tmp_path / "nothere.tsv")
     (tmp_path / "only.tsv").write_text("sentence\tlabel\na\t1\nb\t0\n")
-    with pytest.raises(DataError, match="no dev file given"):
+    with pytest.raises(DataError, match=r"only.tsv: no dev file to score on: pass --dev FILE, or put dev.tsv "
+                                        r"\(or validation.tsv, valid.tsv, test.tsv\) beside it"):
         load_task(tmp_path / "only.tsv")
+    # The file type is checked first: a dev file would not make a .txt readable.
+    (tmp_path / "notes.txt").write_text("a\t1\n")
+    with pytest.raises(DataError, match="notes.txt: unsupported file type"):
+        load_task(tmp_path / "notes.txt")
 
 
 def test_hf_datasets_source_is_optional(monkeypatch):

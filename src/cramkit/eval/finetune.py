@@ -500,7 +500,8 @@ def finetune_demo(run_dir: str | Path, progress: bool = True, **overrides: Any) 
 
     Meant as the last step of ``cramkit pretrain demo`` (well under a minute on 2 CPU cores for
     the tiny preset). Returns ``{"task", "pretrained_accuracy", "random_init_accuracy",
-    "majority_baseline", "train_examples", "seconds", "config"}`` (accuracies 0-1).
+    "majority_baseline", "train_examples", "eval_examples", "seconds", "config"}`` (accuracies
+    0-1, on ``eval_examples`` dev articles).
     """
     from .tasks import load_task
 
@@ -516,6 +517,7 @@ def finetune_demo(run_dir: str | Path, progress: bool = True, **overrides: Any) 
         "random_init_accuracy": rnd["metrics"]["bbc"]["accuracy"],
         "majority_baseline": majority_baseline(task)["bbc"],
         "train_examples": pre["train_examples"],
+        "eval_examples": len(task.evals["bbc"]),
         "seconds": round(time.perf_counter() - start, 1),
         "config": cfg.to_dict(),
     }

@@ -627,9 +627,12 @@ def file_task(
     sibling ``dev``/``validation``/``valid``/``test`` file with the same extension.
     """
     train = Path(train)
+    _format(train)  # an unsupported file says so, whatever else is missing
     dev_path = Path(dev) if dev is not None else _default_dev(train)
     if dev_path is None:
-        raise DataError(f"{train}: no dev file given and no dev/validation file beside it")
+        suffix = train.name[len(train.name.split(".")[0]):]
+        raise DataError(f"{train}: no dev file to score on: pass --dev FILE, or put dev{suffix} (or "
+                        f"validation{suffix}, valid{suffix}, test{suffix}) beside it")
     if metrics is None:
         metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
     spec = TaskSpec(

@@ -120,7 +120,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         print("fine-tuning on the embedded BBC News task (pretrained vs random init) ...")
         r = finetune_demo(summary["run_dir"], progress=sys.stderr.isatty())
-        print(f"BBC News topic accuracy (median of 3 fine-tunes on {r['train_examples']} articles, {r['seconds']:.0f} s): "
+        print(f"BBC News topic accuracy on {r['eval_examples']} dev articles (median of 3 fine-tunes on "
+              f"{r['train_examples']} training articles, {r['seconds']:.0f} s): "
               f"pretrained {r['pretrained_accuracy']:.1%}, random init {r['random_init_accuracy']:.1%}, "
               f"majority class {r['majority_baseline']:.1%}")
     return status
