@@ -82,10 +82,19 @@ def test_parquet_column_that_is_not_text(tmp_path):
 
 
 def test_vocab_larger_than_corpus(tmp_path):
+    """The error says what would fit: the size training reached, and min_frequency=1 where a
+    pair seen once could not merge."""
     f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(20))
-    _fails(
-        tmp_path, small_cfg([f], vocab_size=50_000), "vocab_size=50000 is larger than this corpus"
-    )
+    _fails(tmp_path, small_cfg([f], vocab_size=50_000, min_frequency=2),
+           r"vocab_size=50000 is larger than this corpus supports: training stopped at \d+ tokens .*; "
+           r"set vocab_size to \d+ or less, or min_frequency=1 \(now 2\), or add text")
+    _fails(tmp_path, small_cfg([f], vocab_size=50_000, min_frequency=1), r"or less, or add text")
+
+
+def test_compressibility_filter_that_drops_everything_says_why(tmp_path):
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(20))
+    _fails(tmp_path, small_cfg([f], max_token_ratio=0.01),
+           r"compressibility: 20 docs .*raise max_token_ratio \(0 = off\) or vocab_size")
 
 
 @pytest.mark.parametrize("seq_len", [0, 3])

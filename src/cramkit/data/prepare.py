@@ -458,7 +458,14 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
         dispatch(item, to_val or (cfg.val_fraction > 0 and n_val == 0))
     orderer.flush()
     if stats["kept"]["docs"] == 0:
-        raise DataError(f"no documents left after filtering ({_filter_line(stats)})")
+        hint = ""
+        if stats["compressibility"]["docs"]:
+            # Tokens per character grow as the vocabulary shrinks: 0.25 is cramming's cut-off
+            # for a 32768 WordPiece vocabulary.
+            hint = (f"; max_token_ratio={cfg.max_token_ratio} dropped each document with more tokens "
+                    "per character than that, and a smaller vocabulary makes more tokens per character: "
+                    "raise max_token_ratio (0 = off) or vocab_size")
+        raise DataError(f"no documents left after filtering ({_filter_line(stats)}){hint}")
     if train.stats["docs"] == 0:
         raise DataError(
             f"no training documents left: only {stats['kept']['docs']} document(s) after "

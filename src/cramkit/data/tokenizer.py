@@ -49,6 +49,12 @@ def build_normalizer(cfg: PrepareConfig) -> normalizers.Normalizer | None:
     return steps[0] if len(steps) == 1 else normalizers.Sequence(steps)
 
 
+def _fewer_merges_hint(cfg: PrepareConfig) -> str:
+    # A pair seen once may not merge at min_frequency 2 (cramming's): on a small corpus that is
+    # what ends training early, and 1 lifts it.
+    return f", or min_frequency=1 (now {cfg.min_frequency})" if cfg.min_frequency > 1 else ""
+
+
 def normalised_length(normalizer: normalizers.Normalizer | None,
                       cfg: PrepareConfig) -> tuple[Callable[[str], int], Callable[[str], int]]:
     """``(floor, exact)``: a cheap lower bound on the normalised text's length, and the length.
@@ -139,8 +145,8 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
     if got < cfg.vocab_size:
         raise DataError(
             f"vocab_size={cfg.vocab_size} is larger than this corpus supports: training stopped "
-            f"at {got} tokens (from {n_texts} documents in the tokenizer sample); lower "
-            "vocab_size or min_frequency, or add text"
+            f"at {got} tokens (from {n_texts} documents in the tokenizer sample); set vocab_size "
+            f"to {got} or less{_fewer_merges_hint(cfg)}, or add text"
         )
     if kind == "wordpiece":
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
