@@ -323,6 +323,18 @@ def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
     assert args.func(args) == 0
     result = json.loads((tiny_run / "eval" / "finetune-mrpc.json").read_text())
     assert set(result["metrics"]["mrpc"]) == {"f1", "accuracy"} and len(result["per_seed"]) == 2
+    # The same task again with other settings replaces the file, and says so.
+    capsys.readouterr()
+    args = parser.parse_args(["finetune", str(tiny_run), "--task", "mrpc", "--data", str(glue_dir), *small[1:],
+                              "seeds=[0]"])
+    assert args.func(args) == 0
+    assert "note: replaced the result there written with other settings (seeds differed)" in capsys.readouterr().out
+    # PEFT results and the control have files (and weight folders) of their own.
+    from cramkit.eval.finetune import finetune_name, finetune_save_dir
+
+    assert [finetune_name("mrpc", r, p) for r, p in ((False, "none"), (False, "lora"), (True, "ia3"))] == [
+        "mrpc", "mrpc-lora", "mrpc-ia3-random"]
+    assert finetune_save_dir(tiny_run, "mrpc", False, "lora").name == "mrpc-lora"
 
     args = parser.parse_args(
         [

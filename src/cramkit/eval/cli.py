@@ -63,7 +63,13 @@ _FILE_TASK_OPTIONS: dict[str, tuple[str, Callable]] = {
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one task (registry name or training file) and report the median over seeds."""
-    from .finetune import finetune, finetune_name, finetune_save_dir, load_backbone
+    from .finetune import (
+        changed_settings,
+        finetune,
+        finetune_name,
+        finetune_save_dir,
+        load_backbone,
+    )
     from .metrics import to_percent
     from .tasks import load_task
 
@@ -81,9 +87,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
-    save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init) if cfg.save else None
+    name = finetune_name(task.spec.name, args.random_init, cfg.peft)
+    save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init, cfg.peft) if cfg.save else None
     result = finetune(backbone, task, cfg, save_dir=save_dir)
-    out = Path(args.run_dir) / "eval" / f"finetune-{finetune_name(task.spec.name, args.random_init)}.json"
+    out = Path(args.run_dir) / "eval" / f"finetune-{name}.json"
+    changed = changed_settings(out, result["config"])
     write_json(out, result)
     init = result["init"]
     print(
@@ -95,6 +103,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {to_percent(v):.2f}" for k, v in metrics.items())
         print(f"  {entry}: {shown}")
     print(f"results: {out}")
+    if changed:
+        print(f"note: replaced the result there written with other settings ({', '.join(changed)} differed)")
     return 0
 
 
@@ -134,7 +144,8 @@ def add_parser(subparsers) -> None:
         help="fine-tune a pretrained run on one downstream task",
         description="Fine-tune RUN_DIR's newest checkpoint (or a random init of its shape) on "
         "a task: a registered name (bbc, cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) "
-        "or a .tsv/.csv/.jsonl training file with named columns.",
+        "or a .tsv/.csv/.jsonl training file with named columns. The result goes to "
+        "RUN_DIR/eval/finetune-TASK[-PEFT][-random].json; one with other settings there is replaced, with a note.",
         epilog=_config_epilog(),
         formatter_class=raw,
     )
@@ -197,7 +208,8 @@ def add_parser(subparsers) -> None:
         help="fine-tune and score a task suite (GLUE); writes RUN_DIR/eval/",
         description="Fine-tune every available task of the suite found in --data and write a "
         "table per task plus the average to RUN_DIR/eval/glue.md|json (glue-random.* with "
-        "--random-init; with --tasks the names are added, e.g. glue-cola-rte.md). The average excludes WNLI and counts MNLI m/mm as two entries.",
+        "--random-init, glue-lora.* with peft=lora; with --tasks the names are added, e.g. glue-cola-rte.md). "
+        "The average excludes WNLI and counts MNLI m/mm as two entries.",
         epilog=_config_epilog(),
         formatter_class=raw,
     )

@@ -8,6 +8,7 @@ betas (0.9, 0.98), eps 1e-6, no weight decay, cosine decay after 10 % warmup, se
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import re
@@ -246,17 +247,28 @@ def check_tokenizer_file(run_dir: Path, tok_path: Path) -> None:
         )
 
 
-def finetune_name(task_name: str, random_init: bool) -> str:
-    """The file-name stem of a task's fine-tuning outputs: the name made safe for a path, and
-    ``-random`` for the no-pretraining control (so the two never overwrite each other)."""
+def finetune_name(task_name: str, random_init: bool, peft: str = "none") -> str:
+    """The file-name stem of a task's fine-tuning outputs: the name made safe for a path, the
+    PEFT method, and ``-random`` for the no-pretraining control, so that a LoRA result, a full
+    fine-tune and the control never overwrite each other (nor adapter and full weights)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", task_name).strip("-") or "task"
-    return f"{slug}-random" if random_init else slug
+    return slug + ("" if peft == "none" else f"-{peft}") + ("-random" if random_init else "")
 
 
-def finetune_save_dir(run_dir: str | Path, task_name: str, random_init: bool) -> Path:
+def finetune_save_dir(run_dir: str | Path, task_name: str, random_init: bool, peft: str = "none") -> Path:
     """Where fine-tuned weights go (``finetune.save=true``), for `cramkit finetune` and
     `cramkit evaluate` alike: ``RUN/finetune/<finetune_name>``."""
-    return Path(run_dir) / "finetune" / finetune_name(task_name, random_init)
+    return Path(run_dir) / "finetune" / finetune_name(task_name, random_init, peft)
+
+
+def changed_settings(path: Path, config: dict[str, Any]) -> list[str]:
+    """The settings in which the result already at ``path`` differs from ``config`` (empty when
+    there is none, or it was written with the same), so a replaced result does not go unseen."""
+    try:
+        previous = json.loads(path.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
 
 
 def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:

@@ -17,7 +17,14 @@ from typing import Any
 from ..configbase import did_you_mean
 from ..errors import DataError
 from ..utils import atomic_path, write_json
-from .finetune import Backbone, FinetuneConfig, finetune, finetune_save_dir, load_backbone
+from .finetune import (
+    Backbone,
+    FinetuneConfig,
+    finetune,
+    finetune_name,
+    finetune_save_dir,
+    load_backbone,
+)
 from .metrics import EXCLUDED_FROM_AVERAGE, glue_average, metrics_mean, to_percent
 from .tasks import TaskSpec, get_task, glue_available, glue_missing, glue_tasks, load_task
 
@@ -150,7 +157,7 @@ def evaluate_glue(
     log: Log = print,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune and score every selected GLUE task; write ``RUN_DIR/eval/glue[-random].md|json``.
+    """Fine-tune and score every selected GLUE task; write ``RUN_DIR/eval/glue[-PEFT][-random].md|json``.
 
     Returns the report dict (also written as JSON); ``report["paths"]`` names the files.
     ``on_result`` gets each task's result as soon as it is scored (to save it at once).
@@ -166,7 +173,7 @@ def evaluate_glue(
     for spec, task in loaded:
         log(f"{spec.name}: fine-tuning ({len(cfg.seeds)} seeds)")
         # finetune.save=true: where `cramkit finetune` puts them (it was silently ignored here).
-        save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init) if cfg.save else None
+        save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init, cfg.peft) if cfg.save else None
         result = finetune(backbone, task, cfg, save_dir=save_dir)
         results.append(result)
         if on_result is not None:
@@ -188,7 +195,7 @@ def evaluate_glue(
     # A named subset gets a report of its own: `--tasks cola` after a full evaluation must not
     # replace the full report with a one-task one.
     named = [s.name for s in glue_tasks() if s in specs] if tasks else []  # registry order: one name per set
-    stem = "glue" + "".join(f"-{name}" for name in named) + ("-random" if backbone.random_init else "")
+    stem = finetune_name("glue" + "".join(f"-{name}" for name in named), backbone.random_init, cfg.peft)
     js, md = write_report(report, Path(run_dir) / "eval", stem)
     report["paths"] = {"json": str(js), "markdown": str(md)}
     return report
