@@ -235,6 +235,11 @@ class RunConfig(Config):
     def validate(self) -> None:
         from .techniques import validate_technique_options
 
+        # One folder inside out_dir: a name with a path in it ('../x', 'a/b', '/tmp/x') would put
+        # the run elsewhere than out_dir says; out_dir is the switch for where runs go.
+        if self.name and (self.name in (".", "..") or any(sep in self.name for sep in "/\\")):
+            raise ConfigError(f"name={self.name!r}: a run name is one folder name inside out_dir "
+                              "(no '/', '\\', '.' or '..'); set out_dir= for another place")
         validate_technique_options(self.techniques, self.technique)
 
 
