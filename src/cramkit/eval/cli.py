@@ -234,7 +234,7 @@ def add_parser(subparsers) -> None:
         "Auto classes; others are written in cramkit's format (cramkit.export.load_exported).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
-    p.add_argument("--format", default="hf", choices=["hf", "cramkit"], help="output layout")
+    p.add_argument("--format", default="hf", choices=["hf", "cramkit"], help="output layout (default: hf; architectures without a Hugging Face counterpart are written as cramkit)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace a previous export at --out")
     p.set_defaults(func=cmd_export)

@@ -30,7 +30,11 @@ def config_help() -> str:
                 lines.append(f"  {prefix}{f.name}: {f.metadata.get('help', '')}")
 
     walk(RunConfig, "")
+    from ..models.presets import PRESETS
     from ..techniques import TECHNIQUES
+
+    lines.append("  budget: short for train.budget (e.g. budget=2h, budget=500steps, budget=20Mtok)")
+    lines.append(f"  model.preset: a model preset ({', '.join(PRESETS)}) whose fields the other model.* keys override")
 
     lines.append("technique options (technique.NAME.KEY=VALUE, with NAME in techniques=[...]):")
     for name, cls in TECHNIQUES.items():
@@ -75,8 +79,12 @@ def _split_overrides(args) -> tuple[str | None, list[str]]:
     if recipe and "=" in recipe:
         overrides.insert(0, recipe)
         recipe = None
-    overrides = [("train." + o) if o.startswith("budget=") else o for o in overrides]
-    return recipe, overrides
+    return recipe, _expand(overrides)
+
+
+def _expand(overrides: list[str]) -> list[str]:
+    """``budget=2h`` is short for ``train.budget=2h``."""
+    return [("train." + o) if o.startswith("budget=") else o for o in overrides]
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -143,7 +151,7 @@ def _print_summary(s: dict) -> None:
 
 
 def run_show_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, [("train." + o) if o.startswith("budget=") else o for o in args.overrides])
+    cfg = load_config(args.recipe, _expand(args.overrides))
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
