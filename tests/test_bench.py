@@ -121,10 +121,10 @@ def test_gpu_all_bench_targets_parse():
     assert [p[1] is not None for p in pairs] == [False, True, False, True]
 
 
-def _row(target, tokens_per_s, baseline=None):
+def _row(target, tokens_per_s, baseline=None, seq_len=8):
     from cramkit.bench import Result
 
-    return Result(target, 1.0, 2, 8, tokens_per_s, 0.0, 0.0, 0.0, 1.0, False, baseline)
+    return Result(target, 1.0, 2, seq_len, tokens_per_s, 0.0, 0.0, 0.0, 1.0, False, baseline)
 
 
 def _ratios(rows):
@@ -157,6 +157,12 @@ def test_rows_without_a_like_for_like_baseline_show_a_dash():
             _row("cramkit:gpt2-small,document_mask=true", 75.0, baseline="cramkit:gpt2-small")]
     body = table(rows, 1e12, "cpu").splitlines()[4:]
     assert [line.split("|")[5].strip() for line in body] == ["1.00", "—", "0.50"]
+    # Nor is an HF row of another sequence length: it times another workload. The same length's is.
+    rows = [_row("hf-bert:bert-base", 200.0), _row("cramkit:crammed-bert,seq_len=16", 150.0, seq_len=16),
+            _row("hf-bert:bert-base,seq_len=16", 100.0, seq_len=16)]
+    assert _ratios(rows) == [1.0, 1.5, 1.0]
+    body = table(rows[:2], 1e12, "cpu").splitlines()[4:]
+    assert [line.split("|")[5].strip() for line in body] == ["1.00", "—"]
 
 
 def test_the_timed_step_is_the_trainers_no_search_for_targets_on_the_device(monkeypatch):

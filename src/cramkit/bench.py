@@ -237,9 +237,10 @@ def _reference(results: list[Result], i: int) -> float | None:
     """tokens/s of the row that row ``i``'s "× ref" compares with, or None when it has none.
 
     The row named as its baseline; a Hugging Face row is its own reference; a cramkit row is
-    compared with the Hugging Face row of its architecture (the nearest above, else the nearest
-    below), so ``cramkit:crammed-bert hf-bert:bert-base`` compares the two in either order.
-    Nothing else is like for like: another model's tokens/s would make a ratio of two shapes.
+    compared with the Hugging Face row of its architecture and of its batch × sequence shape
+    (the nearest above, else the nearest below), so ``cramkit:crammed-bert hf-bert:bert-base``
+    compares the two in either order. Nothing else is like for like: another model's tokens/s,
+    or the same model's at another sequence length, would make a ratio of two workloads.
     """
     r = results[i]
     if r.baseline:
@@ -256,7 +257,7 @@ def _reference(results: list[Result], i: int) -> float | None:
     above = [j for j in range(i - 1, -1, -1) if families[j] in HF_ARCH]
     below = [j for j in range(i + 1, len(results)) if families[j] in HF_ARCH]
     for j in above + below:
-        if HF_ARCH[families[j]] == arch:
+        if HF_ARCH[families[j]] == arch and (results[j].batch, results[j].seq_len) == (r.batch, r.seq_len):
             return results[j].tokens_per_s
     return None
 
