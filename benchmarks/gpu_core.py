@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import time
 import traceback
@@ -166,6 +167,8 @@ def time_to_target(original: dict, crammed: dict) -> str:
     if original["summary"].get("stop_reason") != "budget":
         return (f"no time-to-quality comparison: bert-original stopped by {original['summary'].get('stop_reason')} "
                 f"at {original['summary']['train_seconds']:.0f} s, short of its budget (its loss is no target)")
+    if not isinstance(target, (int, float)) or not math.isfinite(target):  # null in JSON: it diverged
+        return f"no time-to-quality comparison: bert-original's final validation loss is {target} (no target)"
 
     def when(run: dict) -> str:
         evals = run["evals"]

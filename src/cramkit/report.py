@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, RunError
-from .utils import atomic_path, read_json, read_text
+from .utils import atomic_path, read_json, read_text, strict_json
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "train": ("step", "tokens", "elapsed", "loss"),
     "eval": ("step", "tokens", "elapsed", "val_loss"),
 }
+#: Losses: a diverged step's is NaN, which metrics.jsonl holds as null.
+NULLABLE_FIELDS = ("loss", "val_loss")
 
 
 @dataclass
@@ -147,6 +149,9 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
         kind = record.get("type", "train")
         if kind not in REQUIRED_FIELDS:  # record types the report does not use
             continue
+        for f in NULLABLE_FIELDS:  # written as null when not finite (strict JSON has no NaN)
+            if f in record and record[f] is None:
+                record[f] = math.nan
         missing = [f for f in REQUIRED_FIELDS[kind] if not _is_number(record.get(f))]
         if missing:
             raise RunError(f"{path} line {number}: {kind} record without a numeric '{missing[0]}'")
@@ -317,20 +322,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities (a diverged run's loss) as None: strict JSON has neither."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def as_json(report: dict[str, Any]) -> str:
     """The report as strict JSON text."""
-    return json.dumps(_finite(report), indent=2, allow_nan=False) + "\n"
+    return strict_json(report, indent=2) + "\n"
 
 
 # Renderers by --format name; every one is also written to the output folder.

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -180,10 +181,29 @@ def read_json(path: str | os.PathLike, error: type[CramkitError]) -> dict[str, A
     return data
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with NaN and infinities (a diverged run's loss) as None, in nested dicts and
+    lists too: strict JSON has neither, and strict readers (jq, JavaScript) reject Python's
+    bare ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(data: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`finite_or_none` of ``data``: text every JSON reader accepts."""
+    return json.dumps(finite_or_none(data), allow_nan=False, **kwargs)
+
+
 def write_json(path: str | os.PathLike, data: Any, default: Any = None) -> None:
-    """Write JSON atomically (``default`` is json.dumps's, for values JSON has no type for)."""
+    """Write strict JSON atomically (``default`` is json.dumps's, for values JSON has no type
+    for; non-finite numbers become null)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=default) + "\n")
+        tmp.write_text(strict_json(data, indent=2, sort_keys=False, default=default) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, record: Any, default: Any = None) -> None:
@@ -193,7 +213,7 @@ def append_jsonl(path: str | os.PathLike, record: Any, default: Any = None) -> N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps(record, default=default) + "\n")
+        f.write(strict_json(record, default=default) + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

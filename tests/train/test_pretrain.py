@@ -218,9 +218,24 @@ def test_nonfinite_losses_are_skipped_then_stop(tiny_mlm_data, tmp_path, monkeyp
     assert summary["nonfinite_steps"] == 2 and summary["steps"] == 6
 
     poison_training_loss(monkeypatch, lambda n: True)  # from now on every step is poisoned
-    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.max_nonfinite=3", name="nan")
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.max_nonfinite=3", "train.log_every=1", name="nan")
     with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
         pretrain(cfg, say=lambda *_: None)
+    # Its log is strict JSON (a bare NaN is rejected by jq and JavaScript): null stands for the
+    # non-finite loss, and the report reads it back as NaN.
+    import json
+    import math
+
+    from cramkit.report import read_metrics
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in metrics.jsonl")
+
+    text = (tmp_path / "nan" / "metrics.jsonl").read_text()
+    rows = [json.loads(line, parse_constant=no_constants) for line in text.splitlines()]
+    assert any(r.get("type") == "train" and r["loss"] is None for r in rows)
+    train, _ = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert train and all(math.isnan(r["loss"]) for r in train)
 
 
 def test_training_continues_past_one_epoch(tiny_mlm_data, tmp_path):

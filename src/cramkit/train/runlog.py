@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_path
+from ..utils import atomic_path, strict_json
 
 
 class RunLog:
@@ -44,7 +44,7 @@ class RunLog:
                 self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(strict_json(record) + "\n")  # a non-finite loss as null
         self._file.flush()
         if self._tb is not None:
             kind = record.get("type", "train")
