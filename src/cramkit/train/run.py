@@ -565,7 +565,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                     "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
                     "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
                     "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
-                    "energy_kwh": energy,
+                    "energy_kwh": energy, "peak_flop_seconds": peak_flop_seconds(st),
                 }
                 if train_weights is not None:
                     payload["train_weights"] = train_weights
@@ -618,6 +618,15 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 return None
             return energy_before + sum(per_rank)
 
+        # The run's MFU divides its FLOPs by each segment's peak times that segment's seconds: a
+        # run resumed on another GPU (or after a noisy peak probe) is not judged by the last one.
+        # Checkpoints from before this was saved count their seconds at this segment's peak.
+        seconds_before = state.usage.seconds
+        peak_before = saved.get("peak_flop_seconds", seconds_before * peak) if saved else 0.0
+
+        def peak_flop_seconds(st: TrainState) -> float:
+            return peak_before + (st.usage.seconds - seconds_before) * peak
+
         first_loss = None
         if not resume:
             first_loss = trainer.run_eval()
@@ -637,7 +646,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         if par.is_main:
             log.close()
             # The model trained last (the one the final checkpoint holds), not the first one.
-            summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak)
+            summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak,
+                               peak_flop_seconds(trainer.state))
             summary["val_sequences"] = val_sequences  # `report` notes runs that differ
             summary["val_masks"] = VAL_MASKS
             summary["energy_kwh"] = kwh
@@ -690,7 +700,8 @@ def _check_budget_left(cfg: RunConfig, usage: Usage, run_dir: Path) -> None:
         )
 
 
-def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: int, peak: float) -> dict[str, Any]:
+def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: int, peak: float,
+             peak_seconds: float) -> dict[str, Any]:
     st = trainer.state
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("type") == "train"]
@@ -706,7 +717,7 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
         "paused_seconds": round(trainer.clock.paused_seconds, 3),
         "flops": st.usage.flops,
         "tokens_per_s": round(st.tokens / seconds, 1),
-        "mfu": round(st.usage.flops / seconds / peak, 4) if peak else 0.0,
+        "mfu": round(st.usage.flops / peak_seconds, 4) if peak_seconds > 0 else 0.0,
         "peak_flops": peak,
         "parameters": n_params,
         "first_train_loss": train[0]["loss"] if train else None,
