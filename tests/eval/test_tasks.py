@@ -435,3 +435,16 @@ def test_positive_label_is_the_class_f1_scores(tmp_path):
     with pytest.raises(DataError, match="--positive-label needs a task with two labels, this one has 3"):
         file_task(tmp_path / "three.tsv", dev=tmp_path / "dev.tsv", positive_label="x")
 
+
+
+def test_a_row_with_more_fields_than_the_header_is_an_error_in_a_task_file(tmp_path):
+    """A tab inside a TSV's text shifts the label column: the label read is a piece of text,
+    which a training file's label set would take as a class of its own. GLUE's files keep their
+    leniency (some of their rows carry extra fields)."""
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood film\tpos\nbad\tfilm, really\tneg\nfine\tpos\t\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\tpos\nmeh\tneg\n")
+    with pytest.raises(DataError, match=r"train.tsv:3: row has 3 fields, the header 2 \(a tab inside a text field"):
+        load_task(train)
+    train.write_text("sentence\tlabel\ngood film\tpos\nbad\tneg\nfine\tpos\t\n")  # an empty trailing field is fine
+    assert len(load_task(train).train) == 3

@@ -311,18 +311,20 @@ def _format(path: Path) -> str:
     return fmt
 
 
-def iter_rows(path: str | Path, has_header: bool = True) -> Iterator[tuple[int, dict[Column, Any]]]:
+def iter_rows(path: str | Path, has_header: bool = True,
+              extra_fields: bool = True) -> Iterator[tuple[int, dict[Column, Any]]]:
     """Yield ``(line number, row)`` from a TSV/CSV/JSONL file (``.gz`` allowed).
 
     Rows are dicts keyed by header name, or by position when ``has_header`` is False. TSV is
-    split on tabs with no quote handling, as GLUE's files need.
+    split on tabs with no quote handling, as GLUE's files need. Non-empty fields beyond the
+    header are ignored (some GLUE rows have them) or, with ``extra_fields=False``, an error.
     """
     path = Path(path)
     fmt = _format(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        yield from _iter_rows(path, fmt, has_header)
+        yield from _iter_rows(path, fmt, has_header, extra_fields)
     except (OSError, EOFError, zlib.error) as exc:
         # gzip: not a gzip file (BadGzipFile is an OSError), truncated (EOFError), corrupt.
         what = "not a readable gzip file" if path.name.endswith(".gz") else "cannot be read"
@@ -345,7 +347,8 @@ def _csv_rows(path: Path, f) -> Iterator[tuple[int, list[str]]]:
         yield start, fields
 
 
-def _iter_rows(path: Path, fmt: str, has_header: bool) -> Iterator[tuple[int, dict[Column, Any]]]:
+def _iter_rows(path: Path, fmt: str, has_header: bool,
+               extra_fields: bool) -> Iterator[tuple[int, dict[Column, Any]]]:
     with _open_text(path) as f:
         if fmt == "jsonl":
             for lineno, line in _lines(path, f):
@@ -375,6 +378,13 @@ def _iter_rows(path: Path, fmt: str, has_header: bool) -> Iterator[tuple[int, di
             else:
                 # Extra trailing fields (some GLUE rows have them) are ignored; missing ones
                 # are None so that the loader can tell a short row from a bad header.
+                if not extra_fields and any(x.strip() for x in fields[len(header):]):
+                    # A tab inside a TSV's text shifts every later column: the label read
+                    # would be a piece of text (and, from a training file, a class of its own).
+                    hint = "a tab inside a text field? .tsv is read without quoting" if fmt == "tsv" else \
+                        "a comma in an unquoted field?"
+                    raise DataError(f"{path}:{lineno}: row has {len(fields)} fields, the header "
+                                    f"{len(header)} ({hint})")
                 yield lineno, dict(zip(header, fields + [None] * (len(header) - len(fields))))
 
 
@@ -435,7 +445,8 @@ def _read_examples(
     out: list[Example] = []
     skipped, first_short = 0, None
     columns = (spec.text_column, spec.text_pair_column, spec.label_column)
-    for lineno, row in iter_rows(path, spec.has_header):
+    # A user's own file must have as many fields per row as its header; GLUE's may have more.
+    for lineno, row in iter_rows(path, spec.has_header, extra_fields=spec.source != "file"):
         short = [c for c in columns if c is not None and row.get(c) is None]
         if short:
             # Only a short row is skipped: a column the header lacks is still an error (it
@@ -647,7 +658,7 @@ def file_task(
     )
     if not is_regression and spec.labels is None:
         seen = set()
-        for lineno, row in iter_rows(train):
+        for lineno, row in iter_rows(train, extra_fields=False):
             if row.get(label_column) is None:  # absent, or a short row's missing field
                 raise _column_error(train, lineno, label_column, row)
             label = str(row[label_column]).strip()
