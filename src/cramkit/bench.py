@@ -41,7 +41,6 @@ from .train.device import (
     resolve_precision,
     sync,
 )
-from .train.trainer import locate_targets
 
 # A built target: the module, loss(module, batch) (the module may be its compiled wrapper), and
 # training FLOPs per token.
@@ -196,6 +195,10 @@ def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: i
     # As the trainer hands batches over: a sparse-prediction model gets its targets' positions
     # with the batch, so the step does not stop to find them (nonzero() is a host-device sync).
     # Found once here, before the clock; Hugging Face models take no such input and get none.
+    # Here, not at import: the trainer brings in the optimizers (pytorch_optimizer, transformers),
+    # over a second of start-up for every cramkit command that builds the parser.
+    from .train.trainer import locate_targets
+
     batches = [locate_targets(b, model) for b in batches]
 
     def step(i: int) -> None:

@@ -123,15 +123,27 @@ class SkippableLayers(nn.ModuleList):
 
     pld_keep: list[bool] | None = None
 
-    @torch.compiler.disable
-    def _kept(self) -> list[nn.Module]:
+    def _kept_blocks(self) -> list[nn.Module]:
         modules = list(self._modules.values())
         if not self.training or self.pld_keep is None:
             return modules
         return [m for m, keep in zip(modules, self.pld_keep) if keep]
 
+    # _kept_blocks outside torch.compile's graph (the choice changes every step). Made by
+    # _skippable, not at import: torch.compiler.disable imports dynamo, over a second of
+    # start-up for every cramkit command, `--help` included.
+    _kept: Any = None
+
     def __iter__(self):
         return iter(self._kept())
+
+
+def _skippable(layers: nn.ModuleList) -> None:
+    """Turn ``layers`` into :class:`SkippableLayers` in place (every parameter, its name and its
+    optimizer slot stay)."""
+    if SkippableLayers._kept is None:
+        SkippableLayers._kept = torch.compiler.disable(SkippableLayers._kept_blocks)
+    layers.__class__ = SkippableLayers
 
 
 @register
@@ -167,8 +179,7 @@ class ProgressiveLayerDropping(Technique):
             )
         layers = model.layers
         if not isinstance(layers, SkippableLayers):
-            # Swapping classes in place keeps every parameter, its name and its optimizer slot.
-            layers.__class__ = SkippableLayers
+            _skippable(layers)
         for block in layers._modules.values():
             if not isinstance(block, Block):
                 raise ConfigError(f"pld: unexpected block type {type(block).__name__}")
