@@ -93,38 +93,41 @@ def test_files_written_into_an_atomic_dir_get_the_umasks_permissions(tmp_path):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
 
 
-def _dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", ""])
-    proc.wait()
-    return proc.pid
-
-
 def test_atomic_dir_clears_what_killed_writers_left(tmp_path):
     """SIGKILL (the OOM killer) leaves a temporary folder no finally removed, gigabytes for a
-    half-prepared corpus. The next write into the folder removes a dead writer's temporary
-    folder, restores an old version a writer moved aside and died before replacing, and leaves
-    a live writer's and another host's entries alone."""
-    import socket
+    half-prepared corpus. The next write of the same path removes a dead writer's temporary
+    folder and restores a previous version it moved aside and died before replacing. A live
+    writer (its folder's lock held, whatever its PID namespace), another host's entries, other
+    paths' entries and symlinks are left alone."""
+    from cramkit.utils import _held, _host
 
-    host, dead = socket.gethostname(), _dead_pid()
-    stale = tmp_path / f".data.tmp-{dead}-1@{host}"
+    host = _host()
+    stale = tmp_path / f".data.tmp-1-1-{host}"
     (stale / "shards").mkdir(parents=True)
     (stale / "shards" / "train-00000.bin").write_bytes(b"\0" * 64)
-    moved = tmp_path / f".ckpt.old-{dead}-2@{host}"  # died between its two renames
+    live = tmp_path / f".data.tmp-999999999-2-{host}"  # no such PID here: another namespace
+    remote = tmp_path / ".data.tmp-1-3-0badf00d"
+    other = tmp_path / f".other.tmp-1-4-{host}"
+    for d in (live, remote, other):
+        d.mkdir()
+    link = tmp_path / f".data.tmp-1-5-{host}"
+    link.symlink_to(other)
+    with _held(live):  # a writer at work: its lock is what says so, not its PID
+        with atomic_dir(tmp_path / "data") as tmp:
+            (tmp / "x").write_text("1")
+    left = {live.name, remote.name, other.name, link.name, "data"}
+    assert {p.name for p in tmp_path.iterdir()} == left
+    # Died between its two renames: the previous version is hidden, the new one unfinished.
+    moved = tmp_path / f".ckpt.old-9-6-{host}"
     moved.mkdir()
     (moved / "meta.json").write_text("{}")
-    superseded = tmp_path / f".runs.old-{dead}-3@{host}"  # new version already in place
-    superseded.mkdir()
-    (tmp_path / "runs").mkdir()
-    live = tmp_path / f".other.tmp-{os.getpid()}-4@{host}"
-    remote = tmp_path / f".data.tmp-{dead}-5@elsewhere-{host}"
-    live.mkdir()
-    remote.mkdir()
-    with atomic_dir(tmp_path / "new") as tmp:
-        (tmp / "x").write_text("1")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "new", "runs", live.name, remote.name])
+    (tmp_path / f".ckpt.tmp-9-6-{host}").mkdir()
+    with atomic_dir(tmp_path / "ckpt-2"):  # another path: nothing of ckpt's is touched
+        pass
+    assert moved.exists()
+    # The next write of ckpt finds its previous version restored, then replaces it as usual.
+    from cramkit.utils import clear_abandoned
+
+    clear_abandoned(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "meta.json").read_text() == "{}"
+    assert {p.name for p in tmp_path.iterdir()} == left | {"ckpt", "ckpt-2"}

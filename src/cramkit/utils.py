@@ -48,77 +48,130 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     if there is one, with everything in it) only if the block succeeds.
 
     A failed write leaves ``path`` as it was (absent, or the previous version), and no file of
-    a previous version survives next to the new ones.
+    a previous version survives next to the new ones. What a killed writer of ``path`` left
+    beside it is cleared first (:func:`clear_abandoned`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_abandoned(path.parent)
+    clear_abandoned(path)
+    token = _token()
     # mkdir, not mkdtemp: the directory keeps the umask's permissions (mkdtemp's are 0700).
-    tmp = path.parent / f".{path.name}.tmp-{_owner()}"
+    tmp = path.parent / f".{path.name}.tmp-{token}"
     tmp.mkdir()
     try:
-        yield tmp
-        _umask_modes(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{_owner()}"
-            path.rename(old)
-            try:
+        with _held(tmp):
+            yield tmp
+            _umask_modes(tmp)
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{token}"
+                path.rename(old)
+                try:
+                    tmp.rename(path)
+                except BaseException:
+                    # Else ``path`` would be missing, its previous version hidden under ``old``.
+                    old.rename(path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 tmp.rename(path)
-            except BaseException:
-                # Else ``path`` would be missing, its previous version hidden under ``old``.
-                old.rename(path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ``.NAME.tmp-PID-NS@HOST`` / ``.NAME.old-PID-NS@HOST``: the writer's process and host, so
-# that a later writer can tell a dead writer's leftovers from a live one's work in progress.
-_ABANDONED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-\d+@(?P<host>.+)$")
+# ``.NAME.tmp-TOKEN`` and ``.NAME.old-TOKEN`` (the previous version, moved aside), TOKEN =
+# PID-NANOSECONDS-HOST (8 hex digits of the host name's hash: short, whatever the name).
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<token>\d+-\d+-(?P<host>[0-9a-f]{8}))$")
 
 
-def _owner() -> str:
-    return f"{os.getpid()}-{time.time_ns()}@{socket.gethostname()}"
+def _host() -> str:
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
-def _alive(pid: int) -> bool:
+def _token() -> str:
+    return f"{os.getpid()}-{time.time_ns()}-{_host()}"
+
+
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` while the block runs. The kernel drops it when the
+    process ends, however it ends (SIGKILL, the OOM killer), so a held lock marks a live writer,
+    in any PID namespace and whatever PID a restarted process got; a process id could not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock here: writes work, nothing is ever cleared
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a folder just made: nobody else holds it
+        yield
+    finally:
+        os.close(fd)
 
 
-def clear_abandoned(folder: Path) -> None:
-    """Remove what :func:`atomic_dir` writers on this host left in ``folder`` when they were
-    killed (SIGKILL, the OOM killer, a power cut), where no ``finally`` could clean up.
+@contextlib.contextmanager
+def _if_abandoned(entry: Path) -> Iterator[bool]:
+    """True (and the entry's lock held for the block) only when ``entry`` is a real directory
+    whose lock nobody holds; False where that cannot be told (no flock, a symlink, a file)."""
+    try:
+        import fcntl
 
-    A temporary folder of a dead writer can be gigabytes (a half-prepared corpus) and nothing
-    else would ever delete it. A moved-aside old version is deleted only if the new one is in
-    place; if the writer died between the two renames, the old version is renamed back. Entries
-    of live processes, and of other hosts (a shared filesystem), are left alone.
+        if entry.is_symlink() or not entry.is_dir():
+            raise OSError
+        fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live writer, or locks unsupported on this filesystem
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def clear_abandoned(path: Path) -> None:
+    """Clear what killed :func:`atomic_dir` writers of ``path`` left beside it.
+
+    SIGKILL, the OOM killer or a power cut leave no ``finally`` to remove a temporary folder,
+    which can be gigabytes (a half-prepared corpus) that nothing else would ever delete. Only
+    entries for ``path`` itself, written on this host, and whose writer's lock (:func:`_held`)
+    nobody holds are touched. A temporary folder is deleted. A previous version its writer moved
+    aside is deleted when a version of ``path`` is in place, and renamed back when there is none
+    (the writer died between its two renames) and no live writer of ``path`` is at work.
     """
+    folder, host = path.parent, _host()
     try:
-        entries = list(folder.iterdir())
+        entries = [(e, m) for e in folder.iterdir() if (m := _LEFTOVER.match(e.name))
+                   and m["name"] == path.name and m["host"] == host]
     except OSError:
         return
-    host = socket.gethostname()
-    for entry in entries:
-        m = _ABANDONED.match(entry.name)
-        if m is None or m["host"] != host or _alive(int(m["pid"])):
+    live = False
+    for entry, m in entries:
+        if m["kind"] != "tmp":
             continue
-        target = folder / m["name"]
-        if m["kind"] == "old" and not target.exists():
-            with contextlib.suppress(OSError):  # failing that, the old version stays as it is
-                entry.rename(target)
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
+        with _if_abandoned(entry) as abandoned:
+            if abandoned:
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                live = live or entry.exists()
+    for entry, m in entries:
+        if m["kind"] != "old" or (folder / f".{path.name}.tmp-{m['token']}").exists():
+            continue  # its writer is still between its renames (or could not be told dead)
+        with _if_abandoned(entry) as abandoned:
+            if not abandoned:
+                continue
+            if path.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif not live:
+                with contextlib.suppress(OSError):  # failing that, the old version stays as it is
+                    entry.rename(path)
 
 
 def _current_umask() -> int:
