@@ -22,7 +22,7 @@ from cramkit.cli import main
         (["show-config", "demo", "budget=1.5steps"], "not a whole number of steps"),
         (["show-config", "demo", "out_dir=none"], "out_dir: expected a string, got None"),
         (["pretrain", "demo", "name=../../etc/x"], "name='../../etc/x': a run name is one folder name inside out_dir"),
-        (["show-config", "demo", "name=.."], "no '/', '\\', '.' or '..'"),
+        (["pretrain", "demo", "name=.."], "(no '/' or '\\', not '.' or '..')"),
         (["show-config", "demo", "hidden=32"], "unknown config key 'hidden' (did you mean 'model.hidden'?)"),
         (["pretrain", "demo", "--resume", "runs/x", "budget=5steps"], "--resume takes the recipe from the run"),
         (["evaluate", "runs/none", "--data", "glue", "--tasks", ","], "--tasks names no task"),

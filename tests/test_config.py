@@ -273,3 +273,14 @@ def test_every_shipped_recipe_prepares_its_default_data_offline(tmp_path):
         data = TokenDataset.open(cached_prepare(cfg.data.prepare, tmp_path, progress=False))
         assert data.vocab_size == cfg.model.vocab_size
         assert data.num_sequences("train") > 0 and data.num_sequences("val") > 0
+
+
+def test_a_path_in_a_run_name_is_refused_for_new_runs_only():
+    """`name=../x` would put a new run outside out_dir; a run an older cramkit named `exp/run1`
+    must still load (resume, fine-tune, export read its config.json)."""
+    from cramkit.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="a run name is one folder name inside out_dir"):
+        load_config("demo", ["name=exp/run1"])
+    saved = load_config("demo").to_dict()
+    assert config_from_dict({**saved, "name": "exp/run1"}).name == "exp/run1"

@@ -235,11 +235,6 @@ class RunConfig(Config):
     def validate(self) -> None:
         from .techniques import validate_technique_options
 
-        # One folder inside out_dir: a name with a path in it ('../x', 'a/b', '/tmp/x') would put
-        # the run elsewhere than out_dir says; out_dir is the switch for where runs go.
-        if self.name and (self.name in (".", "..") or any(sep in self.name for sep in "/\\")):
-            raise ConfigError(f"name={self.name!r}: a run name is one folder name inside out_dir "
-                              "(no '/', '\\', '.' or '..'); set out_dir= for another place")
         validate_technique_options(self.techniques, self.technique)
 
 
@@ -302,7 +297,18 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Run
     """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides, validate."""
     data = _read_recipe(recipe)
     data = apply_overrides(data, list(overrides))
-    return config_from_dict(data)
+    cfg = config_from_dict(data)
+    check_run_name(cfg.name)  # before data preparation can take minutes
+    return cfg
+
+
+def check_run_name(name: str) -> None:
+    """A new run's name must be one folder inside out_dir: one with a path in it ('../x', 'a/b',
+    '/tmp/x') would put the run elsewhere than out_dir says. Not part of RunConfig.validate, so
+    that runs an older cramkit named so still resume, fine-tune and export."""
+    if name in (".", "..") or any(sep in name for sep in "/\\"):
+        raise ConfigError(f"name={name!r}: a run name is one folder name inside out_dir (no '/' or "
+                          "'\\', not '.' or '..'); set out_dir= to put runs elsewhere")
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Clock, Usage, exhausted, next_due, progress
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig, check_run_name, config_from_dict
 from ..configbase import apply_overrides
 from ..data.dataset import TokenDataset
 from ..data.loader import ShardLoader
@@ -175,6 +175,7 @@ def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
             break
         existed = False
     else:
+        check_run_name(cfg.name)
         run_dir = out_dir / cfg.name
         taken = ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
         existed = run_dir.is_dir()
