@@ -191,6 +191,10 @@ def test_schedule_config_leaves_each_schedule_its_own_shape():
     assert curve(name="one-cycle", peak_at=0.75, start=0.25) == curve(name="budget-triangle")
     with pytest.raises(ConfigError, match="schedule.peak_at in"):
         ScheduleConfig.from_dict({"peak_at": 0.0})
+    # config.json keeps the values the run used, so a later default cannot move a resumed run.
+    resolved = ScheduleConfig.from_dict({"name": "one-cycle"}).resolved()
+    assert (resolved["peak_at"], resolved["start"]) == (0.3, 0.04)
+    assert ScheduleConfig.from_dict({"name": "cosine"}).resolved()["peak_at"] is None  # it has none
 
 
 def test_lr_schedules_are_pure_functions_of_progress():

@@ -210,6 +210,18 @@ class ScheduleConfig(Config):
         given = {"warmup": self.warmup, "peak_at": self.peak_at, "start": self.start, "final": self.final}
         return {k: v for k, v in given.items() if v is not None}
 
+    def resolved(self) -> dict[str, Any]:
+        """``to_dict()`` with each unset field replaced by the schedule's own default, as
+        ``config.json`` keeps it: a later change of that default cannot move a resumed run."""
+        import inspect
+
+        params = inspect.signature(LR_SCHEDULES[self.name]).parameters
+        data = self.to_dict()
+        for key, value in data.items():
+            if value is None and key in params and params[key].default is not inspect.Parameter.empty:
+                data[key] = params[key].default
+        return data
+
 
 @dataclasses.dataclass
 class RunConfig(Config):

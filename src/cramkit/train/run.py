@@ -275,8 +275,10 @@ def _full_weights(model: torch.nn.Module, par: Parallel) -> dict:
 def _resolved_config(cfg: RunConfig, techniques: list) -> dict[str, Any]:
     """``cfg`` as ``config.json`` keeps it, with every enabled technique's options written out,
     defaults included: a later cramkit with other defaults then resumes the run as it was
-    configured (a technique's defaults once moved a resumed stacking run's doublings)."""
+    configured (a technique's defaults once moved a resumed stacking run's doublings). So are
+    the schedule's."""
     data = cfg.to_dict()
+    data["schedule"] = cfg.schedule.resolved()
     data["technique"] = {**data.get("technique", {}), **{t.name: t.options.to_dict() for t in techniques}}
     return data
 
