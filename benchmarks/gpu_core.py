@@ -191,6 +191,24 @@ def time_to_target(original: dict, crammed: dict) -> str:
     return line
 
 
+_LOSSES = ("initial_val_loss", "final_val_loss", "first_train_loss", "last_train_loss")
+
+
+def _nan_losses(results: dict) -> dict:
+    """Stored results with a diverged run's losses NaN again (strict JSON holds them as null),
+    so reloaded runs format and compare as they did in the call that ran them."""
+    for key, r in results.items():
+        if key.startswith("pretrain_") and isinstance(r, dict):
+            summary = r.get("summary") or {}
+            for k in _LOSSES:
+                if k in summary and summary[k] is None:
+                    summary[k] = math.nan
+            for e in r.get("evals") or []:
+                if e.get("val_loss") is None:
+                    e["val_loss"] = math.nan
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--enwiki", default=".gpu/enwiki-2015",
@@ -209,7 +227,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "results.json"  # accumulates across calls on a warm machine
-    results: dict = json.loads(store.read_text()) if store.is_file() else {}
+    results: dict = _nan_losses(json.loads(store.read_text())) if store.is_file() else {}
     results.update({"device": "cpu" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
                     "commit": os.environ.get("CRAMKIT_COMMIT"),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})

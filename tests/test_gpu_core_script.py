@@ -36,3 +36,21 @@ def test_a_2018_run_cut_short_sets_no_target():
 def test_a_crammed_run_that_misses_the_target_says_so_and_whether_it_was_cut():
     line = gpu_core.time_to_target(_run([(0, 9.0), (150, 7.0)]), _run([(0, 9.0), (60, 7.5)], stop="signal"))
     assert "crammed-bert not reached in 60 s (stopped by signal)" in line and "faster" not in line
+
+
+def test_a_diverged_run_reloaded_from_the_store_still_formats():
+    """The store is strict JSON: a diverged run's losses come back as null, and the next call
+    on a warm machine printed its table with them (f"{None:.3f}" is a TypeError)."""
+    import json
+    import math
+
+    original = _run([(0, 7.0), (150, 6.4)])
+    crammed = _run([(0, 7.0), (60, float("nan")), (150, float("nan"))])
+    from cramkit.utils import strict_json
+
+    stored = json.loads(strict_json({"pretrain_original": original, "pretrain_crammed": crammed}))
+    assert stored["pretrain_crammed"]["summary"]["final_val_loss"] is None
+    back = gpu_core._nan_losses(stored)
+    assert math.isnan(back["pretrain_crammed"]["summary"]["final_val_loss"])
+    assert f"{back['pretrain_crammed']['evals'][1]['val_loss']:.3f}" == "nan"
+    assert "crammed-bert not reached" in gpu_core.time_to_target(back["pretrain_original"], back["pretrain_crammed"])

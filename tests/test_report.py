@@ -248,3 +248,14 @@ def test_json_is_strict_even_for_a_diverged_run():
 
     assert json.loads(as_json({"runs": [{"final_val_loss": math.nan, "to_target": {"time": 1.5}}]})) == {
         "runs": [{"final_val_loss": None, "to_target": {"time": 1.5}}]}
+
+
+def test_reach_reads_a_null_loss_as_not_finite():
+    """metrics.jsonl and benchmark stores hold a diverged evaluation's loss as null (strict JSON)."""
+    from cramkit.report import reach
+
+    evals = [{"elapsed": 0.0, "val_loss": None}, {"elapsed": 10.0, "val_loss": 5.0},
+             {"elapsed": 20.0, "val_loss": None}, {"elapsed": 30.0, "val_loss": 3.0}]
+    assert reach(evals, 5.5) == 10.0  # no line from a null loss: the evaluation that reached it
+    assert reach(evals, 4.0) == 30.0
+    assert reach(evals[:3], 4.0) is None

@@ -66,19 +66,21 @@ def reach(evals: Sequence[Mapping[str, Any]], target: float, key: str = "elapsed
     on its first evaluation reaches it there. None also when a record up to the crossing lacks
     ``key`` (a log from before that field existed), rather than guessing.
     """
-    previous = None
+    previous, previous_loss = None, math.nan
     for record in evals:
         if key not in record:
             return None
         loss = record["val_loss"]
+        if loss is None:  # strict JSON's stand-in for a non-finite loss
+            loss = math.nan
         if loss <= target:
             # previous is above target (or it would have returned), so the span is positive; a
             # non-finite previous loss leaves no line to follow: take the evaluation that reached it.
-            if previous is None or not math.isfinite(previous["val_loss"]):
+            if previous is None or not math.isfinite(previous_loss):
                 return float(record[key])
-            frac = (previous["val_loss"] - target) / (previous["val_loss"] - loss)
+            frac = (previous_loss - target) / (previous_loss - loss)
             return float(previous[key] + frac * (record[key] - previous[key]))
-        previous = record
+        previous, previous_loss = record, loss
     return None
 
 
