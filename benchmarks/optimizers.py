@@ -278,7 +278,9 @@ def main() -> None:
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.time() - started:.0f} s in all\n")
     print(table(records))
-    (Path(args.out) / f"results_{kind}.json").write_text(json.dumps(records, indent=1))
+    from cramkit.utils import strict_json
+
+    (Path(args.out) / f"results_{kind}.json").write_text(strict_json(records, indent=1))
     out_plot = Path(args.plot or Path(__file__).parent / f"optim_loss_{kind}.png")
     try:  # the records are already saved: a plotting failure must not lose the table
         plot(records, out_plot, f"best LR per optimizer ({device}, same budget)")

@@ -48,7 +48,7 @@ import cramkit.train.run as run_module
 from cramkit.config import load_config
 from cramkit.train.device import release_memory
 from cramkit.train.trainer import Trainer
-from cramkit.utils import write_json
+from cramkit.utils import strict_json, write_json
 
 SYNC_WARNING = "called a synchronizing CUDA operation"
 # The probe's own waits for the device at the window's edges; not the training step's syncs.
@@ -388,7 +388,7 @@ def profile_model(name: str, args, out: Path, device: torch.device) -> dict:
                   "syncs": syncs, "profile_window": probe.window, "profile": s}
         with open(trace_path, "rb") as src, gzip.open(out / f"trace-{name}.json.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
-        (out / f"profile-{name}.json").write_text(json.dumps(result, indent=2))
+        (out / f"profile-{name}.json").write_text(strict_json(result, indent=2))
         print(report(name, s, syncs, probe.window), flush=True)
         print(f"\n{name}: {result['seconds_total']} s in all (compile, eval and checkpoint included); "
               f"compiled={result['compiled']}, {result['optimizer']} fused={result['fused_optimizer']}\n", flush=True)

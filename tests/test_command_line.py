@@ -222,3 +222,11 @@ def test_sigterm_during_prepare_removes_the_half_written_data(tmp_path, monkeypa
         signal.signal(signal.SIGTERM, original)
     assert capsys.readouterr().err.splitlines()[-1] == "terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+    # A parent that has its children ignore SIGTERM (nohup-like wrappers) is obeyed.
+    calls.clear()
+    original = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert main(argv) == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert (tmp_path / "data" / "manifest.json").is_file()

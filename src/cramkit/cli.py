@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import signal
 import sys
 import warnings
 
-from .errors import CramkitError
+from .errors import CramkitError, Terminated
+from .utils import strict_json
 
 # Modules that register subcommands, in help order.
 COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli", "cramkit.bench",
@@ -57,27 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = previous_format
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the training loop (which stops cleanly on its own, see the trainer).
-
-    Python's default for SIGTERM ends the process on the spot: no ``finally`` runs, so a
-    ``prepare`` stopped by a scheduler's time limit left its half-written temporary folder, and a
-    run stopped during set-up its half-made directory. Raised as an interrupt, it takes the
-    same way out as ^C: everything half-written is removed, status 130.
-    """
-
-
 def _terminate(signum, frame) -> None:
+    # Python's default for SIGTERM ends the process on the spot: no ``finally`` runs, so a
+    # ``prepare`` stopped by a scheduler's time limit left its half-written temporary folder,
+    # and a run stopped during set-up its half-made directory. As an interrupt it takes the way
+    # out ^C takes: what was half-written is removed, status 130.
     raise Terminated
 
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (an embedding program's worker): leave it be
-        previous = None
+    previous = signal.getsignal(signal.SIGTERM)
+    installed = False
+    if previous is not signal.SIG_IGN:  # a parent that has us ignore SIGTERM keeps it so
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+            installed = True
+        except ValueError:  # not the main thread (an embedding program's worker): leave it be
+            pass
     try:
         return int(args.func(args) or 0)
     except CramkitError as exc:
@@ -92,8 +90,8 @@ def _main(argv: list[str] | None) -> int:
         print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:  # None: a handler not set from Python, which getsignal cannot return
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -108,7 +106,7 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def print_json(data) -> None:
-    print(json.dumps(data, indent=2))
+    print(strict_json(data, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover

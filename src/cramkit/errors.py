@@ -23,3 +23,8 @@ class TrainingError(CramkitError):
 
 class RunError(CramkitError):
     """A run directory (or its metrics log or summary) that cannot be read."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that it unwinds like ^C (the command line's handler
+    outside the training loop; the trainer's for a second signal inside it)."""

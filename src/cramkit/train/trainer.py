@@ -18,7 +18,7 @@ import torch
 
 from ..budget import Budget, Clock, exhausted, is_due, next_due, progress
 from ..distributed.parallel import Parallel
-from ..errors import ConfigError
+from ..errors import ConfigError, Terminated
 from ..objectives import target_index
 from ..optim import evaluation_weights
 from ..schedules import accumulation_steps, lr_factor
@@ -354,7 +354,7 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         if self._signalled:  # a second ^C: stop now; the last periodic checkpoint stands
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self._signalled = True
         warnings.warn(f"received {signal.Signals(signum).name}: finishing the step and writing a checkpoint",
                       stacklevel=1)
