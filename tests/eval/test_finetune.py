@@ -356,6 +356,11 @@ def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
     assert report["summary"]["average"] == report["summary"]["scores"]["cola"]  # WNLI excluded
     md = (tiny_run / "eval" / "glue-cola-wnli-random.md").read_text()
     assert "## cola" in md and "matthews" in md and "**average**" in md
+    capsys.readouterr()
+    args = parser.parse_args(["evaluate", str(tiny_run), "--data", str(glue_dir), "--tasks", "cola,wnli",
+                              "--random-init", *small[1:], "seeds=[0]"])
+    assert args.func(args) == 0
+    assert "note: replaced the report there written with other settings (seeds differed)" in capsys.readouterr().out
 
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         parser.parse_args(["finetune", str(tiny_run), "--task", "bbc", "epoch=1"]).func(

@@ -122,6 +122,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = runner(args.run_dir, args.data, tasks=tasks, cfg=cfg, random_init=args.random_init)
     print(render_markdown(report))
     print(f"written: {report['paths']['markdown']} and {report['paths']['json']}")
+    if report.get("replaced_settings"):
+        print(f"note: replaced the report there written with other settings "
+              f"({', '.join(report['replaced_settings'])} differed)")
     return 0
 
 
@@ -145,7 +148,8 @@ def add_parser(subparsers) -> None:
         description="Fine-tune RUN_DIR's newest checkpoint (or a random init of its shape) on "
         "a task: a registered name (bbc, cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) "
         "or a .tsv/.csv/.jsonl training file with named columns. The result goes to "
-        "RUN_DIR/eval/finetune-TASK[-PEFT][-random].json; one with other settings there is replaced, with a note.",
+        "RUN_DIR/eval/finetune-TASK[-PEFT][-random].json; a result there written with other settings is "
+        "replaced, with a note.",
         epilog=_config_epilog(),
         formatter_class=raw,
     )

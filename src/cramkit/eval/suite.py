@@ -20,6 +20,7 @@ from ..utils import atomic_path, write_json
 from .finetune import (
     Backbone,
     FinetuneConfig,
+    changed_settings,
     finetune,
     finetune_name,
     finetune_save_dir,
@@ -196,8 +197,10 @@ def evaluate_glue(
     # replace the full report with a one-task one.
     named = [s.name for s in glue_tasks() if s in specs] if tasks else []  # registry order: one name per set
     stem = finetune_name("glue" + "".join(f"-{name}" for name in named), backbone.random_init, cfg.peft)
+    changed = changed_settings(Path(run_dir) / "eval" / f"{stem}.json", report["config"])
     js, md = write_report(report, Path(run_dir) / "eval", stem)
     report["paths"] = {"json": str(js), "markdown": str(md)}
+    report["replaced_settings"] = changed  # a report written with other settings was replaced
     return report
 
 
