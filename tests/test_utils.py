@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -93,13 +94,26 @@ def test_files_written_into_an_atomic_dir_get_the_umasks_permissions(tmp_path):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
 
 
+@contextlib.contextmanager
+def _locked(folder):
+    """What a live writer holds on its temporary folder."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def test_atomic_dir_clears_what_killed_writers_left(tmp_path):
     """SIGKILL (the OOM killer) leaves a temporary folder no finally removed, gigabytes for a
     half-prepared corpus. The next write of the same path removes a dead writer's temporary
     folder and restores a previous version it moved aside and died before replacing. A live
-    writer (its folder's lock held, whatever its PID namespace), another host's entries, other
+    writer (its folder's lock held, whatever its PID namespace), another machine's entries, other
     paths' entries and symlinks are left alone."""
-    from cramkit.utils import _held, _host
+    from cramkit.utils import _host, clear_abandoned
 
     host = _host()
     stale = tmp_path / f".data.tmp-1-1-{host}"
@@ -112,9 +126,12 @@ def test_atomic_dir_clears_what_killed_writers_left(tmp_path):
         d.mkdir()
     link = tmp_path / f".data.tmp-1-5-{host}"
     link.symlink_to(other)
-    with _held(live):  # a writer at work: its lock is what says so, not its PID
+    with _locked(live):  # a writer at work: its lock is what says so, not its PID
         with atomic_dir(tmp_path / "data") as tmp:
             (tmp / "x").write_text("1")
+            # The writer's own folder is locked from the moment it is visible under its name.
+            clear_abandoned(tmp_path / "data")
+            assert tmp.is_dir()
     left = {live.name, remote.name, other.name, link.name, "data"}
     assert {p.name for p in tmp_path.iterdir()} == left
     # Died between its two renames: the previous version is hidden, the new one unfinished.
@@ -125,9 +142,36 @@ def test_atomic_dir_clears_what_killed_writers_left(tmp_path):
     with atomic_dir(tmp_path / "ckpt-2"):  # another path: nothing of ckpt's is touched
         pass
     assert moved.exists()
-    # The next write of ckpt finds its previous version restored, then replaces it as usual.
-    from cramkit.utils import clear_abandoned
-
     clear_abandoned(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "meta.json").read_text() == "{}"
     assert {p.name for p in tmp_path.iterdir()} == left | {"ckpt", "ckpt-2"}
+    # A folder cramkit alone writes into (checkpoints) is swept for every name; the writer of
+    # `live` has let go of its lock by now, so its folder goes too.
+    with atomic_dir(tmp_path / "ckpt-3", clear_folder=True):
+        pass
+    assert {p.name for p in tmp_path.iterdir()} == {remote.name, link.name, "data", "ckpt", "ckpt-2", "ckpt-3"}
+
+
+def test_an_interrupt_between_the_two_renames_keeps_the_previous_version(tmp_path, monkeypatch):
+    """A signal's KeyboardInterrupt can arrive inside Path.rename, after the system call: the
+    previous version was moved aside, the new one not yet in place, and the folder was missing."""
+    from pathlib import Path
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, dest):
+        result = real_rename(self, dest)
+        if self == target:  # the previous version has just been moved aside
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("new")
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -69,13 +69,12 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = signal.getsignal(signal.SIGTERM)
-    installed = False
-    if previous is not signal.SIG_IGN:  # a parent that has us ignore SIGTERM keeps it so
-        try:
+    installed = previous is not signal.SIG_IGN  # a parent that has us ignore SIGTERM keeps it so
+    try:
+        if installed:
             signal.signal(signal.SIGTERM, _terminate)
-            installed = True
-        except ValueError:  # not the main thread (an embedding program's worker): leave it be
-            pass
+    except ValueError:  # not the main thread (an embedding program's worker): leave it be
+        installed = False
     try:
         return int(args.func(args) or 0)
     except CramkitError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -43,49 +44,65 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, clear_folder: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path``; it replaces ``path`` (a directory,
     if there is one, with everything in it) only if the block succeeds.
 
-    A failed write leaves ``path`` as it was (absent, or the previous version), and no file of
-    a previous version survives next to the new ones. What a killed writer of ``path`` left
-    beside it is cleared first (:func:`clear_abandoned`).
+    A failed or interrupted write leaves ``path`` as it was (absent, or the previous version),
+    and no file of a previous version survives next to the new ones. What killed writers of
+    ``path`` left beside it is cleared first (:func:`clear_abandoned`); with ``clear_folder``,
+    what they left for any name in its folder (a folder cramkit alone writes into, such as a
+    run's checkpoints, whose next write has another name).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_abandoned(path)
+    clear_abandoned(path, every_name=clear_folder)
     token = _token()
-    # mkdir, not mkdtemp: the directory keeps the umask's permissions (mkdtemp's are 0700).
     tmp = path.parent / f".{path.name}.tmp-{token}"
-    tmp.mkdir()
-    try:
-        with _held(tmp):
+    with _new_locked_dir(path.parent / f".{path.name}.new-{token}", tmp):
+        try:
             yield tmp
             _umask_modes(tmp)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{token}"
-                path.rename(old)
-                try:
-                    tmp.rename(path)
-                except BaseException:
-                    # Else ``path`` would be missing, its previous version hidden under ``old``.
-                    old.rename(path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _swap_in(tmp, path, path.parent / f".{path.name}.old-{token}")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ``.NAME.tmp-TOKEN`` and ``.NAME.old-TOKEN`` (the previous version, moved aside), TOKEN =
-# PID-NANOSECONDS-HOST (8 hex digits of the host name's hash: short, whatever the name).
+def _swap_in(tmp: Path, path: Path, old: Path) -> None:
+    """Rename ``tmp`` to ``path``, moving a previous version aside to ``old`` and deleting it.
+
+    An exception anywhere in between (a signal's interrupt can arrive inside ``rename``, after
+    the system call) puts the previous version back unless the new one is already in place.
+    """
+    if not path.exists():
+        tmp.rename(path)
+        return
+    try:
+        path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ``.NAME.tmp-TOKEN`` (locked while written) and ``.NAME.old-TOKEN`` (the previous version,
+# moved aside), TOKEN = PID-NANOSECONDS-MACHINE. MACHINE: 8 hex digits of a hash of the host name
+# and the running kernel's boot id, short whatever the name; flock on a network filesystem's
+# directories is local to each client, so only this machine's own entries can be judged.
+# ``.NAME.new-TOKEN`` is a folder not yet locked: never judged at all.
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<token>\d+-\d+-(?P<host>[0-9a-f]{8}))$")
 
 
+@functools.cache
 def _host() -> str:
-    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return hashlib.blake2b(f"{socket.gethostname()}/{boot}".encode(), digest_size=4).hexdigest()
 
 
 def _token() -> str:
@@ -93,23 +110,35 @@ def _token() -> str:
 
 
 @contextlib.contextmanager
-def _held(folder: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``folder`` while the block runs. The kernel drops it when the
-    process ends, however it ends (SIGKILL, the OOM killer), so a held lock marks a live writer,
-    in any PID namespace and whatever PID a restarted process got; a process id could not."""
-    try:
-        import fcntl
+def _new_locked_dir(new: Path, name: Path) -> Iterator[None]:
+    """Make the folder ``name`` and hold an exclusive ``flock`` on it while the block runs.
 
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):  # no flock here: writes work, nothing is ever cleared
-        yield
-        return
+    The kernel drops the lock when the process ends, however it ends (SIGKILL, the OOM killer),
+    so a held lock marks a live writer, in any PID namespace and whatever PID a restarted
+    process got; a process id could not. The folder is made as ``new`` (a name no clean-up
+    reads), locked, and only then renamed to ``name``, so no other writer ever sees it unlocked.
+    """
+    new.mkdir()  # mkdir, not mkdtemp: the umask's permissions (mkdtemp's are 0700)
+    fd = None
     try:
-        with contextlib.suppress(OSError):
+        try:
+            import fcntl
+
+            fd = os.open(new, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX)  # a folder just made: nobody else holds it
+        except (ImportError, OSError):  # no flock here: writes work, nothing is ever cleared
+            pass
+        new.rename(name)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+        raise
+    try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -136,42 +165,44 @@ def _if_abandoned(entry: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def clear_abandoned(path: Path) -> None:
-    """Clear what killed :func:`atomic_dir` writers of ``path`` left beside it.
+def clear_abandoned(path: Path, every_name: bool = False) -> None:
+    """Clear what killed :func:`atomic_dir` writers of ``path`` (with ``every_name``, of any
+    name in its folder) left beside it.
 
     SIGKILL, the OOM killer or a power cut leave no ``finally`` to remove a temporary folder,
     which can be gigabytes (a half-prepared corpus) that nothing else would ever delete. Only
-    entries for ``path`` itself, written on this host, and whose writer's lock (:func:`_held`)
-    nobody holds are touched. A temporary folder is deleted. A previous version its writer moved
-    aside is deleted when a version of ``path`` is in place, and renamed back when there is none
-    (the writer died between its two renames) and no live writer of ``path`` is at work.
+    entries written on this machine since it booted, and whose writer's lock nobody holds, are
+    touched. A temporary folder is deleted. A previous version its writer moved aside is deleted
+    when a version of its path is in place, and renamed back when there is none (the writer died
+    between its two renames) and no live writer of that path is at work.
     """
     folder, host = path.parent, _host()
     try:
         entries = [(e, m) for e in folder.iterdir() if (m := _LEFTOVER.match(e.name))
-                   and m["name"] == path.name and m["host"] == host]
+                   and (every_name or m["name"] == path.name) and m["host"] == host]
     except OSError:
         return
-    live = False
+    live: set[str] = set()  # names a live writer is writing
     for entry, m in entries:
         if m["kind"] != "tmp":
             continue
         with _if_abandoned(entry) as abandoned:
             if abandoned:
                 shutil.rmtree(entry, ignore_errors=True)
-            else:
-                live = live or entry.exists()
+            elif entry.exists():
+                live.add(m["name"])
     for entry, m in entries:
-        if m["kind"] != "old" or (folder / f".{path.name}.tmp-{m['token']}").exists():
+        if m["kind"] != "old" or (folder / f".{m['name']}.tmp-{m['token']}").exists():
             continue  # its writer is still between its renames (or could not be told dead)
+        target = folder / m["name"]
         with _if_abandoned(entry) as abandoned:
             if not abandoned:
                 continue
-            if path.exists():
+            if target.exists():
                 shutil.rmtree(entry, ignore_errors=True)
-            elif not live:
+            elif m["name"] not in live:
                 with contextlib.suppress(OSError):  # failing that, the old version stays as it is
-                    entry.rename(path)
+                    entry.rename(target)
 
 
 def _current_umask() -> int:

@@ -52,7 +52,9 @@ def save_checkpoint(
     """
     final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
     # Built under a dot-name that list_checkpoints ignores, renamed into place when complete.
-    with atomic_dir(final) as tmp:
+    # clear_folder: a checkpoint killed mid-write (SIGKILL after a grace period) has a step the
+    # next saves will not reuse, so its leftovers would otherwise never be cleared.
+    with atomic_dir(final, clear_folder=True) as tmp:
         save_file(model_weights(model), str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}

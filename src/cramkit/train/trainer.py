@@ -227,7 +227,9 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until the budget is spent, a stop signal arrives, or training fails."""
         state, cfg = self.state, self.cfg
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # A signal the parent has us ignore (nohup, `cmd &` in a script) stays ignored.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
         window_tokens, window_time = 0, self.clock.elapsed
         try:
             self.clock.start()
