@@ -345,3 +345,39 @@ def test_compressibility_floor_applies_to_the_tokenizer_prepare_trains(tmp_path,
     encoder = encoding_copy(load_tokenizer(str(out / "tokenizer.json")))
     floor, exact = normalised_length(encoder.normalizer, cfg)
     assert floor("Fine Text") == exact("Fine Text") == 9
+
+
+def test_runs_that_need_the_same_cached_data_at_once_prepare_it_once(tmp_path, synth_corpus, monkeypatch):
+    """A sweep's runs start together: without a lock each prepared the same data, and all but
+    one then failed at the final rename. The second waits (and says so), then reuses it."""
+    import threading
+
+    import cramkit.data.prepare as prep
+
+    cfg = small_cfg([synth_corpus])
+    waiting, builds, results = threading.Event(), [], {}
+    real_build, real_log = prep._build, prep._log
+
+    def log(msg):
+        if msg.startswith("waiting for another process preparing"):
+            waiting.set()
+        real_log(msg)
+
+    def second():
+        results["second"] = cached_prepare(cfg, tmp_path, progress=False)
+
+    def build(*args, **kwargs):
+        builds.append(1)
+        if len(builds) == 1:  # the first, holding the lock, lets the second run into it
+            threading.Thread(target=second).start()
+            assert waiting.wait(60), "the second caller did not wait for the lock"
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "_log", log)
+    monkeypatch.setattr(prep, "_build", build)
+    results["first"] = cached_prepare(cfg, tmp_path, progress=False)
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and t.name.startswith("Thread"):
+            t.join(60)
+    assert builds == [1] and results["second"] == results["first"]
+    assert TokenDataset.open(results["second"]).manifest["fingerprint"]

@@ -41,6 +41,7 @@ end, with the manifest written last, so an interrupted run never leaves somethin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -178,8 +179,39 @@ def cache_folder(cache_root: str | os.PathLike, objective: str, fp: str) -> Path
 
 
 def cached_prepare(cfg: PrepareConfig, cache_root: str | os.PathLike, **kwargs: Any) -> Path:
-    """``prepare`` into ``cache_root/<objective>-<fingerprint[:16]>`` (reused when present)."""
-    return prepare(cfg, cache_folder(cache_root, cfg.objective, fingerprint(cfg)), **kwargs)
+    """``prepare`` into ``cache_root/<objective>-<fingerprint[:16]>`` (reused when present).
+
+    Runs that start together (a sweep) and need the same data would each prepare it and then
+    fail each other's final rename; under a lock on the cache entry the first prepares it and
+    the others wait, then reuse it.
+    """
+    out = cache_folder(cache_root, cfg.objective, fingerprint(cfg))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out.parent / f".{out.name}.lock", out):
+        return prepare(cfg, out, **kwargs)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path, out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_file`` for the block (none where flock is unavailable)."""
+    try:
+        import fcntl
+
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process preparing {out} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # locks unsupported on this filesystem: prepare unlocked, as before
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _difference(old: dict, cfg: PrepareConfig) -> str:
