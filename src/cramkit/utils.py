@@ -265,6 +265,12 @@ def read_json(path: str | os.PathLike, error: type[CramkitError]) -> dict[str, A
     return data
 
 
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys, sorted, whose values differ between ``old`` and ``new`` (a key one lacks counts
+    as None there): what changed between a saved configuration and the current one."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def finite_or_none(value: Any) -> Any:
     """``value`` with NaN and infinities (a diverged run's loss) as None, in nested dicts and
     lists too: strict JSON has neither, and strict readers (jq, JavaScript) reject Python's

@@ -58,7 +58,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
-from ..utils import atomic_dir, paths_overlap, read_json, sha256_file, write_json
+from ..utils import atomic_dir, changed_keys, paths_overlap, read_json, sha256_file, write_json
 from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
@@ -217,7 +217,7 @@ def _exclusive(lock_file: Path, out: Path) -> Iterator[None]:
 def _difference(old: dict, cfg: PrepareConfig) -> str:
     old_cfg = old.get("config", {})
     new_cfg = cfg.to_dict()
-    keys = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    keys = changed_keys(old_cfg, new_cfg)
     if keys:
         shown = ", ".join(f"{k}={old_cfg.get(k)!r} (now {new_cfg.get(k)!r})" for k in keys[:5])
         return f"other options: {shown}"

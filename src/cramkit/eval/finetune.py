@@ -25,6 +25,7 @@ from torch import nn
 from ..configbase import Config, did_you_mean, field
 from ..errors import CheckpointError, ConfigError
 from ..train.device import autocast, resolve_device, resolve_precision
+from ..utils import changed_keys
 from .adapters import PEFT_METHODS, PeftOptions, apply_peft, parameter_counts
 from .encoding import Encoded, SpecialIds, TaskEncoder
 from .heads import POOLERS, SequenceClassifier
@@ -268,7 +269,7 @@ def changed_settings(path: Path, config: dict[str, Any]) -> list[str]:
         previous = json.loads(path.read_text()).get("config", {})
     except (OSError, ValueError, AttributeError):
         return []
-    return sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+    return changed_keys(previous, config)
 
 
 def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:

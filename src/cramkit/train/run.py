@@ -41,7 +41,7 @@ from ..models.flops import count_parameters, flops_per_token
 from ..objectives import BOUNDARY_TOKENS, VAL_MASKS, boundary_token_id, build_objective
 from ..optim import build_optimizer, evaluation_weights, keeps_evaluation_weights, optimizer_states
 from ..techniques import build_techniques
-from ..utils import atomic_path, read_json, write_json
+from ..utils import atomic_path, changed_keys, read_json, write_json
 from . import checkpoint as ckpt
 from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
 from .energy import EnergyMeter
@@ -747,8 +747,7 @@ def _load_resumed_weights(model: torch.nn.Module, cfg: RunConfig, run_dir: Path,
         was, new = saved.get("technique") or {}, now["technique"]
         changed += [f"technique.{name}.{key}={new.get(name, {}).get(key)} (was {was.get(name, {}).get(key)})"
                     for name in sorted(set(was) | set(new))
-                    for key in sorted(set(was.get(name, {})) | set(new.get(name, {})))
-                    if was.get(name, {}).get(key) != new.get(name, {}).get(key)]
+                    for key in changed_keys(was.get(name, {}), new.get(name, {}))]
         hint = (f"this run changed {', '.join(changed)}" if changed else
                 "the settings are those the run was saved with, so a technique builds another shape now")
         raise CheckpointError(f"{exc}; {hint}: resume without changing the model's shape, or start a new run") \
