@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 # The one "when does the eval log first reach loss X"; `cramkit report` reads runs with it too.
-from cramkit.report import reach, read_metrics
+from cramkit.report import nan_for_null, reach, read_metrics
 from cramkit.utils import write_json
 
 
@@ -199,13 +199,9 @@ def _nan_losses(results: dict) -> dict:
     so reloaded runs format and compare as they did in the call that ran them."""
     for key, r in results.items():
         if key.startswith("pretrain_") and isinstance(r, dict):
-            summary = r.get("summary") or {}
-            for k in _LOSSES:
-                if k in summary and summary[k] is None:
-                    summary[k] = math.nan
+            nan_for_null(r.get("summary") or {}, _LOSSES)
             for e in r.get("evals") or []:
-                if e.get("val_loss") is None:
-                    e["val_loss"] = math.nan
+                nan_for_null(e)
     return results
 
 

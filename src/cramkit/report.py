@@ -96,6 +96,15 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 NULLABLE_FIELDS = ("loss", "val_loss")
 
 
+def nan_for_null(record: dict[str, Any], fields: Sequence[str] = NULLABLE_FIELDS) -> dict[str, Any]:
+    """``record``, changed in place: each of ``fields`` that is null (strict JSON's stand-in for
+    a non-finite number) is NaN again, so it compares and formats as the number it was."""
+    for f in fields:
+        if f in record and record[f] is None:
+            record[f] = math.nan
+    return record
+
+
 @dataclass
 class Run:
     """One run directory as the report sees it: its config, summary (None when unfinished) and the
@@ -151,9 +160,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
         kind = record.get("type", "train")
         if kind not in REQUIRED_FIELDS:  # record types the report does not use
             continue
-        for f in NULLABLE_FIELDS:  # written as null when not finite (strict JSON has no NaN)
-            if f in record and record[f] is None:
-                record[f] = math.nan
+        nan_for_null(record)
         missing = [f for f in REQUIRED_FIELDS[kind] if not _is_number(record.get(f))]
         if missing:
             raise RunError(f"{path} line {number}: {kind} record without a numeric '{missing[0]}'")
