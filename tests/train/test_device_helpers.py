@@ -3,6 +3,7 @@ sizing, FP8 layer selection, the NVML energy meter."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 import warnings
@@ -10,11 +11,13 @@ import warnings
 import pytest
 import torch
 
+from cramkit.config import config_from_dict
 from cramkit.distributed import fp8
 from cramkit.errors import ConfigError
 from cramkit.models import build_model
 from cramkit.models.presets import preset_config
 from cramkit.train import device as device_mod
+from cramkit.train import run as run_mod
 from cramkit.train.energy import EnergyMeter
 
 CUDA = torch.device("cuda", 0)  # only a name here: nothing runs on it
@@ -72,6 +75,70 @@ def test_auto_micro_batch_warns_and_tries_one_when_nothing_fits(monkeypatch):
     gpu = _FakeGPU(monkeypatch, total=100, per_sequence=1000)
     with pytest.warns(UserWarning, match="not even one sequence fits"):
         assert device_mod.auto_micro_batch(_model(), gpu.make_batch, CUDA, "fp32", cap=8, optimizer_bytes=0) == 1
+
+
+class _SavedBytesGPU:
+    """torch.cuda's memory calls, with the peak the bytes autograd saved from one peak reset to
+    the next reading: what checkpointing and activation offloading keep off the device."""
+
+    def __init__(self, monkeypatch, total: float):
+        self.saved: list[int] = []
+        self.hooks = contextlib.ExitStack()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=total))
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: self.reset())
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: self.read())
+
+    def reset(self) -> None:
+        # Entered before the probe's forward context: checkpointing's and save_on_cpu's own
+        # hooks, inside, take precedence, so what they keep off the device is never counted.
+        self.hooks.close()
+        self.saved.clear()
+        self.hooks.enter_context(torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t))
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.saved.append(t.numel() * t.element_size())
+        return t
+
+    def read(self) -> int:
+        self.hooks.close()
+        return sum(self.saved)
+
+    @staticmethod
+    def make_batch(n: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(5, 256, (n, 16), generator=torch.Generator().manual_seed(n))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_auto_micro_batch_runs_each_forward_in_the_given_context(monkeypatch):
+    gpu, entered = _FakeGPU(monkeypatch, total=1e12, per_sequence=1), []
+
+    @contextlib.contextmanager
+    def context():
+        entered.append(len(gpu.sizes))
+        yield
+
+    device_mod.auto_micro_batch(_model(), gpu.make_batch, CUDA, "fp32", cap=4, optimizer_bytes=0, forward_context=context)
+    assert entered == [0, 1, 2]  # one per trial, entered before its batch was made and run
+
+
+@pytest.mark.parametrize("switch", ["memory.activation_checkpointing=full", "memory.offload_activations=true"])
+def test_the_micro_batch_probe_trains_with_the_runs_memory_switches(monkeypatch, switch):
+    # What the switch takes off the device must buy a larger micro-batch: sized without it, a
+    # user who turned on checkpointing to fit more sequences would get the micro-batch as before.
+    model_section = {"preset": "tiny-gpt", "vocab_size": 256, "max_positions": 16}
+    cfg = config_from_dict({"model": model_section})
+    model = _model()
+    gpu = _SavedBytesGPU(monkeypatch, total=0)
+    torch.cuda.reset_peak_memory_stats()
+    model(**gpu.make_batch(8)).loss.backward()
+    eight = torch.cuda.max_memory_allocated()  # bytes saved by an unswitched forward of 8 sequences
+    model.zero_grad(set_to_none=True)
+    gpu = _SavedBytesGPU(monkeypatch, total=1.05 * eight / 0.9)  # 8 fit unswitched, 16 do not
+    assert run_mod.probe_micro_batch(cfg, model, gpu.make_batch, CUDA, "fp32", 1024, 0) == 8
+    key, value = switch.removeprefix("memory.").split("=")
+    switched = config_from_dict({"model": model_section, "memory": {key: {"true": True}.get(value, value)}})
+    assert run_mod.probe_micro_batch(switched, _model(), gpu.make_batch, CUDA, "fp32", 1024, 0) > 8
 
 
 def test_fp8_takes_only_linears_large_enough_to_gain():

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -89,13 +90,15 @@ def memory_gb(device: torch.device) -> float:
     return 0.0
 
 
-def auto_micro_batch(model, make_batch, device: torch.device, precision: str, cap: int, optimizer_bytes: int) -> int:
+def auto_micro_batch(model, make_batch, device: torch.device, precision: str, cap: int, optimizer_bytes: float,
+                     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> int:
     """Largest power-of-two micro-batch that divides ``cap`` (the per-rank batch, which the
     micro-batch must divide) and whose forward+backward fits on the GPU.
 
     ``make_batch(n)`` returns a device batch of ``n`` sequences; ``optimizer_bytes`` is reserved
-    for optimizer state not yet allocated. Cramming's pitfall — a small micro-batch silently
-    under-filling a big GPU — is why this runs by default on GPU.
+    for optimizer state not yet allocated; each forward runs inside ``forward_context()`` (the
+    run's activation offloading, say), as training will. Cramming's pitfall — a small
+    micro-batch silently under-filling a big GPU — is why this runs by default on GPU.
     """
     total = torch.cuda.get_device_properties(device).total_memory
     best, n = 0, 1
@@ -104,7 +107,7 @@ def auto_micro_batch(model, make_batch, device: torch.device, precision: str, ca
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            with autocast(device, precision):
+            with forward_context(), autocast(device, precision):
                 out = model(**make_batch(n))
             out.loss.backward()
             peak = torch.cuda.max_memory_allocated(device)

@@ -228,6 +228,21 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
     return compile_model
 
 
+def probe_micro_batch(cfg: RunConfig, model: torch.nn.Module | None, make_batch, device: torch.device,
+                      precision: str, cap: int, optimizer_bytes: float) -> int:
+    """The largest micro-batch that trains ``cfg.model`` on the GPU (:func:`auto_micro_batch`),
+    probed on ``model`` (or, when None, on a fresh one: the run starts smaller than it grows).
+
+    The probe trains as the run will, with checkpointed blocks and offloaded activations: a
+    larger micro-batch is what a user turns them on for. Checkpointing stays on ``model``; the
+    trainer re-applies it, and it leaves checkpointed blocks as they are.
+    """
+    probe = model if model is not None else build_model(cfg.model).to(device)
+    apply_activation_checkpointing(probe, cfg.memory)
+    return auto_micro_batch(probe, make_batch, device, precision, cap, optimizer_bytes,
+                            forward_context=lambda: offload_context(cfg.memory, device))
+
+
 def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model, unused_parameters: bool = False):
     """FP8 conversion → activation checkpointing → data-parallel wrapper → compile, re-applied
     after every model swap. The wrapper comes before compiling, as PyTorch documents for both:
@@ -437,6 +452,13 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         with torch.device("meta"):
             full_model = build_model(cfg.model)
 
+    def estimate_for(n: int) -> dict[str, float]:
+        return estimate_memory(full_model, micro_batch=n, seq_len=dataset.seq_len, precision=precision,
+                               world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
+                               optimizer_states=optimizer_states(cfg.optim),
+                               mask_rate=cfg.objective.mask_rate if objective_name == "mlm" else 1.0,
+                               device_type=device.type, compiled=cfg.train.compile)
+
     # From here on the GPU works for this run: micro-batch probing and compile warm-up cost energy
     # too, so the meter starts before them.
     meter = EnergyMeter(device)
@@ -453,10 +475,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         micro_batch = min(cfg.train.micro_batch, per_rank_batch)
     elif device.type == "cuda":
         with _private_rng(device):
-            probe = model if full_model is model else build_model(cfg.model).to(device)
-            micro_batch = auto_micro_batch(probe, make_batch, device, precision, per_rank_batch,
-                                           optimizer_bytes=8 * count_parameters(probe))
-            del probe
+            # The optimizer's own states per device (fewer for Lion or 8-bit states, none on the
+            # device with offloading), as the memory estimate counts them.
+            micro_batch = probe_micro_batch(cfg, model if full_model is model else None, make_batch, device,
+                                            precision, per_rank_batch, estimate_for(1)["optimizer_gb"] * 1e9)
         # The smallest over the ranks: a rank with less free memory must not run another
         # accumulation count than the others (their collectives would no longer pair up).
         micro_batch = -int(par.all_max([-float(micro_batch)])[0])
@@ -467,11 +489,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
             f"{par.world_size} rank(s); choose a batch size that is, or set train.micro_batch")
-    estimate = estimate_memory(full_model, micro_batch=micro_batch, seq_len=dataset.seq_len, precision=precision,
-                               world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
-                               optimizer_states=optimizer_states(cfg.optim),
-                               mask_rate=cfg.objective.mask_rate if objective_name == "mlm" else 1.0,
-                               device_type=device.type, compiled=cfg.train.compile)
+    estimate = estimate_for(micro_batch)
     if cfg.train.fp8 and not cfg.train.compile and par.is_main:
         warnings.warn("train.fp8 without train.compile=true: torchao's float8 linears are slower than bf16 in "
                       "eager mode (pytorch/ao#685); set train.compile=true", stacklevel=2)
