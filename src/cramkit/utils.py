@@ -65,19 +65,37 @@ def atomic_dir(path: str | os.PathLike, *, clear_folder: bool = False) -> Iterat
             _umask_modes(tmp)
             _swap_in(tmp, path, path.parent / f".{path.name}.old-{token}")
         finally:
-            if tmp.exists():
+            if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp.exists() or tmp.is_symlink():  # a file the swap found at ``path``
+                tmp.unlink()
 
 
 def _swap_in(tmp: Path, path: Path, old: Path) -> None:
-    """Rename ``tmp`` to ``path``, moving a previous version aside to ``old`` and deleting it.
+    """Put ``tmp`` in place of ``path``; the previous version, if any, ends up deleted.
 
-    An exception anywhere in between (a signal's interrupt can arrive inside ``rename``, after
-    the system call) puts the previous version back unless the new one is already in place.
+    Where the kernel can swap two names in one step (Linux's ``renameat2``), ``path`` always
+    names a complete version, and writers of the same path at the same time never fail each
+    other: the last to swap wins (the previous version lands at ``tmp``, which the caller
+    deletes). Elsewhere the previous version is moved aside to ``old`` first; an exception in
+    between (a signal's interrupt can arrive inside ``rename``, after the system call) puts it
+    back unless the new one is already in place.
     """
-    if not path.exists():
-        tmp.rename(path)
-        return
+    for _ in range(100):  # each retry follows another writer's swap, which this one then undoes
+        if not path.exists():
+            try:
+                tmp.rename(path)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue  # another writer's version arrived meanwhile: swap with it
+        try:
+            if _exchange(tmp, path):
+                return
+        except FileNotFoundError:
+            continue  # another writer moved it aside meanwhile
+        break  # no atomic swap here
     try:
         path.rename(old)
         tmp.rename(path)
@@ -86,6 +104,38 @@ def _swap_in(tmp: Path, path: Path, old: Path) -> None:
             old.rename(path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@functools.cache
+def _renameat2():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28 and later, musl 1.2.3 and later
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` (both must exist) in one step; False where this system or
+    filesystem cannot (not Linux, an old kernel or C library, some network filesystems)."""
+    import ctypes
+
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 # ``.NAME.tmp-TOKEN`` (locked while written) and ``.NAME.old-TOKEN`` (the previous version,
