@@ -570,3 +570,33 @@ def test_head_width_sets_the_dense_layer_and_nothing_drops_out_before_it():
         assert [type(m).__name__ for m in clf.classifier] == ["Linear", "Tanh", "Dropout", "Linear"]
     with pytest.raises(ConfigError, match="head_width"):
         FinetuneConfig.from_dict({"head_width": -1})
+
+
+def test_a_fine_tune_never_replaces_another_tasks_result_of_the_same_name(tiny_run, tmp_path, capsys, monkeypatch):
+    """``reviews-lora.tsv`` fine-tuned fully and ``reviews.tsv`` with LoRA both write
+    eval/finetune-reviews-lora.json (and one weights folder): the second replaced the first."""
+    import importlib
+
+    from cramkit.cli import main
+
+    finetune_mod = importlib.import_module("cramkit.eval.finetune")  # the package's finetune is the function
+    for stem in ("reviews", "reviews-lora", "my reviews"):
+        (tmp_path / f"{stem}.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+        (tmp_path / f"{stem}.dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    taken = tiny_run / "eval" / "finetune-reviews-lora.json"
+    taken.parent.mkdir(exist_ok=True)
+    taken.write_text(json.dumps({"task": "reviews", "init": "pretrained", "config": {"peft": "lora"}}))
+    trained = []
+    monkeypatch.setattr(finetune_mod, "finetune", lambda *a, **k: trained.append(a) or {})
+    assert main(["finetune", str(tiny_run), "--task", str(tmp_path / "reviews-lora.tsv"),
+                 "--dev", str(tmp_path / "reviews-lora.dev.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the result of task 'reviews' (pretrained init, lora)" in err
+    assert "task 'reviews-lora' (pretrained init, full fine-tune)" in err and "\n" not in err.strip()
+    assert trained == [] and json.loads(taken.read_text())["task"] == "reviews"  # nothing ran, nothing lost
+    # Names made safe for a path meet too; the owner of a result may write it again.
+    (tiny_run / "eval" / "finetune-my-reviews.json").write_text(
+        json.dumps({"task": "my-reviews", "init": "pretrained", "config": {"peft": "none"}}))
+    assert finetune_mod.name_clash(tiny_run / "eval" / "finetune-my-reviews.json", "my reviews", False)
+    assert finetune_mod.name_clash(taken, "reviews", False, "lora") is None
+    assert finetune_mod.name_clash(tiny_run / "eval" / "absent.json", "reviews", False) is None

@@ -69,6 +69,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         finetune_name,
         finetune_save_dir,
         load_backbone,
+        name_clash,
     )
     from .metrics import to_percent
     from .tasks import load_task
@@ -88,9 +89,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
     name = finetune_name(task.spec.name, args.random_init, cfg.peft)
+    out = Path(args.run_dir) / "eval" / f"finetune-{name}.json"
+    clash = name_clash(out, task.spec.name, args.random_init, cfg.peft)
+    if clash:
+        raise ConfigError(clash)
     save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init, cfg.peft) if cfg.save else None
     result = finetune(backbone, task, cfg, save_dir=save_dir)
-    out = Path(args.run_dir) / "eval" / f"finetune-{name}.json"
     changed = changed_settings(out, result["config"])
     write_json(out, result)
     init = result["init"]
@@ -149,7 +153,8 @@ def add_parser(subparsers) -> None:
         "a task: a registered name (bbc, cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) "
         "or a .tsv/.csv/.jsonl training file with named columns. The result goes to "
         "RUN_DIR/eval/finetune-TASK[-PEFT][-random].json; a result there written with other settings is "
-        "replaced, with a note.",
+        "replaced, with a note; one of another task whose name comes out the same (reviews-lora.tsv "
+        "against reviews.tsv with peft=lora) is refused before fine-tuning.",
         epilog=_config_epilog(),
         formatter_class=raw,
     )

@@ -272,6 +272,29 @@ def changed_settings(path: Path, config: dict[str, Any]) -> list[str]:
     return changed_keys(previous, config)
 
 
+def name_clash(path: Path, task_name: str, random_init: bool, peft: str = "none") -> str | None:
+    """Why this fine-tune must not write ``path`` (None when it may): the result there belongs to
+    another task, init or PEFT method whose outputs got the same name (:func:`finetune_name`).
+
+    A task file ``reviews-lora.tsv`` fine-tuned fully and ``reviews.tsv`` with LoRA are both
+    ``reviews-lora``, as are ``my reviews.tsv`` and ``my-reviews.tsv``: the second would replace
+    the first's result and saved weights. Checked before fine-tuning, so no work is lost."""
+    try:
+        previous = json.loads(path.read_text())
+        owner = (previous["task"], previous["init"], previous["config"].get("peft", "none"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    this = (task_name, "random" if random_init else "pretrained", peft)
+    if owner == this:
+        return None
+
+    def describe(task: str, init: str, method: str) -> str:
+        return f"task '{task}' ({init} init, {'full fine-tune' if method == 'none' else method})"
+
+    return (f"{path} holds the result of {describe(*owner)}, whose outputs have the same name as "
+            f"those of {describe(*this)}: rename one of the task files, or move {path} away")
+
+
 def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:
     """Load a pretraining run for fine-tuning (``load_pretrained`` + ``tokenizer.json``).
 
