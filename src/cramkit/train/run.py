@@ -787,5 +787,24 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         if str(merged.get(key)) != str(saved.get(key)):
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
                               "copy the directory to continue it under another name")
+    cfg = config_from_dict(merged)
+    unset = _unset_keys(merged, cfg.to_dict())
+    if unset and int(os.environ.get("RANK", "0")) == 0:
+        shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in unset)
+        warnings.warn(f"{path} does not set {shown} (an earlier cramkit wrote it): the run continues with "
+                      "this version's defaults, which that one may not have had; give key=value to choose",
+                      stacklevel=2)
     # Not written back here: pretrain() records it once the resume has loaded successfully.
-    return config_from_dict(merged)
+    return cfg
+
+
+def _unset_keys(given: dict[str, Any], full: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """The settings of ``full`` (dotted, with their values) that ``given`` does not name: fields
+    added since an older cramkit wrote a run's config.json, which a resume fills with defaults."""
+    out = []
+    for key, value in full.items():
+        if isinstance(value, dict) and isinstance(given.get(key, {}), dict):  # a section: its fields
+            out += _unset_keys(given.get(key, {}), value, f"{prefix}{key}.")
+        elif key not in given:
+            out.append((prefix + key, value))
+    return out
