@@ -141,6 +141,44 @@ def test_hf_disk_source(tmp_path):
     assert _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"])) == ["hello world", "second doc"]
 
 
+def test_hf_hub_source_offline_fails_at_once_and_streams_when_reachable(monkeypatch):
+    """Offline, the hub client retried for half a minute, printing each retry, before failing: a
+    streamed dataset has no cached copy to fall back on. One connection attempt says so."""
+    import socket
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split, streaming: calls.append((name, split, streaming)) or [
+        {"text": "first doc"}, {"text": "second doc"}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                 "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    tried = []
+
+    def unreachable(address, timeout):
+        tried.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(DataError, match=r"'hf:org/corpus': cannot reach the Hugging Face Hub \(huggingface.co:443: "
+                                        r"Network is unreachable\).*hf-disk:PATH"):
+        _texts(small_cfg(["hf:org/corpus"]))
+    assert calls == [] and tried == [("huggingface.co", 443)]
+    # A mirror set with HF_ENDPOINT is the host probed.
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.internal:8080")
+    with pytest.raises(DataError, match="hub.internal:8080"):
+        _texts(small_cfg(["hf:org/corpus"]))
+    # Behind a proxy a direct connection proves nothing: the client is left to it.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert _texts(small_cfg(["hf:org/corpus:validation"])) == ["first doc", "second doc"]
+    assert calls == [("org/corpus", "validation", True)]
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: types.SimpleNamespace(close=lambda: None))
+    assert _texts(small_cfg(["hf:org/corpus"])) == ["first doc", "second doc"]
+
+
 def test_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     # A None entry in sys.modules makes `import datasets` fail as if it were not installed.
     monkeypatch.setitem(sys.modules, "datasets", None)

@@ -411,11 +411,42 @@ class HFHubSource(Source):
             raise DataError(f"source '{spec}': expected hf:NAME[:SPLIT]")
 
     def documents(self) -> Iterator[Doc]:
-        ds = _import_datasets().load_dataset(self.name, split=self.split, streaming=True)
+        datasets = _import_datasets()
+        problem = _hub_unreachable()
+        if problem:
+            raise DataError(
+                f"source '{self.spec}': cannot reach the Hugging Face Hub ({problem}); hf: sources stream "
+                "from it. Give local files, or hf-disk:PATH for a dataset saved with save_to_disk")
+        ds = datasets.load_dataset(self.name, split=self.split, streaming=True)
         yield from _hf_rows(ds, self.cfg.text_field, self.spec)
 
     def fingerprint(self) -> list[Any]:
         return [self.name, self.split]
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hub's host cannot be connected to, or None when it can (or cannot be told).
+
+    Offline, the hub client retries each request for half a minute, printing every retry,
+    before it fails; a streamed dataset has no cached copy to fall back on. One connection
+    attempt tells the same in seconds. Behind a proxy (or with HF_HUB_OFFLINE set) the client
+    knows better than a direct connection would: nothing is probed."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(name) for name in (*proxies, "HF_HUB_OFFLINE")):
+        return None
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    if not url.hostname:
+        return None
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def _hf_rows(ds, field: str, where: str) -> Iterator[Doc]:
