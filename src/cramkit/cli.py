@@ -66,6 +66,13 @@ def _terminate(signum, frame) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    from .plugins import load_plugins
+
+    try:  # before the parser: --help lists the options of the techniques plugins register
+        load_plugins()
+    except CramkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = signal.getsignal(signal.SIGTERM)

@@ -182,8 +182,8 @@ class Config:
             raise ConfigError(f"{path or cls.__name__}: {exc}") from None
         try:
             obj.validate()
-        except ConfigError as exc:
-            raise ConfigError(_under(path, str(exc), names)) from None
+        except ConfigError as exc:  # its kind kept (UnknownName): a reader may pass over that one
+            raise type(exc)(_under(path, str(exc), names)) from None
         return obj
 
     @classmethod

@@ -9,6 +9,11 @@ class ConfigError(CramkitError, ValueError):
     """An invalid configuration key or value."""
 
 
+class UnknownName(ConfigError):
+    """A name that no registry holds: a misspelling, or a technique / optimizer / schedule from a
+    plugin that is not loaded (which a run's readers that do not need it may pass over)."""
+
+
 class DataError(CramkitError, ValueError):
     """A source, corpus or prepared dataset that cannot be used."""
 

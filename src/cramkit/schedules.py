@@ -10,16 +10,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .configbase import did_you_mean
-from .errors import ConfigError
+from .errors import UnknownName
+from .plugins import unknown_hint
+from .utils import add_unique
 
 LRSchedule = Callable[..., float]
 LR_SCHEDULES: dict[str, LRSchedule] = {}
 
 
 def register_lr(name: str) -> Callable[[LRSchedule], LRSchedule]:
+    """Decorator: make ``fn(p, **options) -> multiplier of the peak`` available as
+    ``schedule.name=NAME``; ``p`` is budget progress in [0, 1], and ``options`` are those of
+    ``schedule.warmup/peak_at/start/final`` that are set (give each a default: an unset one is
+    not passed, and config.json records the default as the run's value)."""
+
     def deco(fn: LRSchedule) -> LRSchedule:
-        LR_SCHEDULES[name] = fn
+        add_unique(LR_SCHEDULES, name, fn, "schedule")
         return fn
 
     return deco
@@ -77,8 +83,8 @@ def lr_factor(name: str, p: float, **options: float) -> float:
     try:
         fn = LR_SCHEDULES[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown lr schedule '{name}'{did_you_mean(name, LR_SCHEDULES)}; "
+        raise UnknownName(
+            f"unknown lr schedule '{name}'{unknown_hint(name, LR_SCHEDULES)}; "
             f"known: {', '.join(sorted(LR_SCHEDULES))}"
         ) from None
     return fn(min(1.0, max(0.0, p)), **options)

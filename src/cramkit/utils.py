@@ -315,6 +315,22 @@ def read_json(path: str | os.PathLike, error: type[CramkitError]) -> dict[str, A
     return data
 
 
+def add_unique(table: dict[str, Any], name: str, obj: Any, kind: str) -> None:
+    """``table[name] = obj``, refusing a second, different object under one name: a plugin that
+    picked a shipped name would otherwise replace it silently, in one registry and not another.
+    The same definition imported again (its module reloaded) replaces the first."""
+    old = table.get(name)
+    same = old is obj or (old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None))
+                          == (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)))
+    if old is not None and not same:
+        raise TypeError(f"{kind} '{name}' is registered twice ({_where(old)} and {_where(obj)})")
+    table[name] = obj
+
+
+def _where(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The keys, sorted, whose values differ between ``old`` and ``new`` (a key one lacks counts
     as None there): what changed between a saved configuration and the current one."""

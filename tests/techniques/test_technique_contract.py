@@ -1,8 +1,10 @@
 """The contract every registered technique keeps, on tiny 12-step CPU runs.
 
-It trains; it resumes from a mid-run checkpoint to the same weights as an uninterrupted run; it
-is bit-identical to no technique when its options disable it; it refuses a misapplication with a
-ConfigError. Each technique supplies the overrides through ``contract_cases()``.
+It trains; its acting case changes the run; it resumes from a mid-run checkpoint to the same
+weights as an uninterrupted run; it is bit-identical to no technique when its options disable
+it; it refuses a misapplication (a valid config) with a ConfigError of its own. Each technique
+supplies the overrides through ``contract_cases()``. A plugin's technique is tested too when
+``CRAMKIT_PLUGINS`` names its module (``CRAMKIT_PLUGINS=plugins/mine.py pytest tests/techniques``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import torch
 from technique_helpers import interrupted_copy, metrics, quiet, tiny_config, weights
 
 from cramkit.errors import ConfigError
+from cramkit.plugins import load_plugins
 from cramkit.techniques import TECHNIQUES
 from cramkit.train.run import pretrain, resume_config
 
+load_plugins()
 NAMES = sorted(TECHNIQUES)
 STEPS = 12
 
@@ -60,6 +64,19 @@ def test_technique_trains(name, request, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_acting_technique_changes_the_run(name, request, tmp_path):
+    """The acting case must act: overrides that leave the technique idle (or an option misspelt
+    into a no-op) would let every other test here pass on a run without it."""
+    cases = _cases(name)
+    shared = tuple(o for o in cases.acting if not o.startswith(f"technique.{name}."))
+    pretrain(_config(request, tmp_path, name, shared, "base", cases.arch, technique=False), say=quiet)
+    pretrain(_config(request, tmp_path, name, cases.acting, "acting", cases.arch), say=quiet)
+    base, acting = weights(tmp_path / "base"), weights(tmp_path / "acting")
+    assert base.keys() != acting.keys() or any(not torch.equal(base[k], acting[k]) for k in base), \
+        f"technique '{name}' left the run as it was with contract_cases().acting"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_technique_resumes_to_identical_weights(name, request, tmp_path):
     cases = _cases(name)
     overrides = (*cases.acting, "train.checkpoint_every=0.5", "train.batch_ramp=0.5")
@@ -85,6 +102,9 @@ def test_disabled_technique_is_bit_identical_to_none(name, request, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_misapplied_technique_fails_loudly(name, request, tmp_path):
     cases = _cases(name)
-    with pytest.raises(ConfigError):
-        cfg = _config(request, tmp_path, name, cases.misapplied, "bad", cases.arch)
+    # A valid config (so a misspelt key, refused as unknown, cannot pass for a misapplication)
+    # that the technique itself refuses once it meets the run.
+    cfg = _config(request, tmp_path, name, cases.misapplied, "bad", cases.arch)
+    with pytest.raises(ConfigError) as refused:
         pretrain(cfg, say=quiet)
+    assert not (tmp_path / "bad").exists(), refused.value  # nothing half-made left behind

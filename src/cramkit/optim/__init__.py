@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..configbase import did_you_mean
-from ..errors import ConfigError
+from ..errors import ConfigError, UnknownName
+from ..plugins import unknown_hint
+from ..utils import add_unique
 
 OptimizerFactory = Callable[[list[dict], "OptimConfig", torch.device], torch.optim.Optimizer]  # noqa: F821
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
@@ -79,10 +81,20 @@ log = logging.getLogger("cramkit.optim")
 
 
 def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
-    """Decorator: make ``fn(groups, cfg, device) -> Optimizer`` available as ``optim.name=NAME``."""
+    """Decorator: make ``fn(groups, cfg, device) -> Optimizer`` available as ``optim.name=NAME``.
+
+    ``groups`` are :func:`parameter_groups`' (each with its ``weight_decay`` and ``kind`` set);
+    ``cfg`` is the run's ``OptimConfig``, whose ``lr`` the trainer rescales every step through
+    each group's ``lr``. ``cfg.betas`` and ``cfg.nesterov`` are None unless the user set them:
+    the optimizer's own default is then meant. There is no room for options of a new
+    optimizer's own (``OptimConfig`` is closed): read the fields that fit, or fix the rest in
+    the factory. For the memory estimate before training, set ``OPTIMIZER_STATES[NAME]`` to the
+    fp32 tensors it keeps per parameter (2, Adam's, when unset). A name already registered is
+    a TypeError: a plugin cannot replace a shipped optimizer unseen.
+    """
 
     def deco(fn: OptimizerFactory) -> OptimizerFactory:
-        OPTIMIZERS[name] = fn
+        add_unique(OPTIMIZERS, name, fn, "optimizer")
         return fn
 
     return deco
@@ -172,8 +184,8 @@ def get_factory(name: str) -> OptimizerFactory:
     try:
         return OPTIMIZERS[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown optimizer '{name}'{did_you_mean(name, OPTIMIZERS)}; "
+        raise UnknownName(
+            f"unknown optimizer '{name}'{unknown_hint(name, OPTIMIZERS)}; "
             f"known: {', '.join(sorted(OPTIMIZERS))}"
         ) from None
 

@@ -1,9 +1,13 @@
 """Techniques that plug into the trainer through hooks; see :mod:`cramkit.techniques.base`.
 
-Importing this package registers every shipped technique.
+Importing this package registers every technique module in it: a new module dropped into this
+folder needs no list to be added to. (One outside the package is a plugin: see
+:mod:`cramkit.plugins`.)
 """
 
-from . import pld, seqwarmup, stacking, vcycle  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from .base import (
     TECHNIQUES,
     ContractCases,
@@ -12,6 +16,12 @@ from .base import (
     register,
     validate_technique_options,
 )
+
+# After the names above: a technique module may import them from this package as well as from
+# ``.base``, while the package is still being initialised.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "common"):  # the interface and shared helpers register nothing
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "TECHNIQUES",

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..configbase import Config, did_you_mean
-from ..errors import ConfigError
+from ..configbase import Config
+from ..errors import ConfigError, UnknownName
+from ..plugins import unknown_hint
+from ..utils import add_unique
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -33,15 +35,25 @@ class ContractCases:
 
     - ``acting``: the technique visibly acts within the run (a stage change, dropped layers...),
       and preferably on both sides of the mid-run checkpoint, so resuming is really exercised.
+      The run must end with other weights than the same overrides without the technique (the
+      ``technique.NAME.*`` ones left out).
     - ``disabled``: the technique is enabled but must be a no-op: bit-identical to no technique.
-    - ``misapplied``: a combination the technique must refuse with a ConfigError.
+    - ``misapplied``: a valid config (it loads) that the technique must refuse with a
+      ConfigError once it meets the run (``configure_model``, ``on_model``), before any run
+      directory is made.
     - ``arch``: ``bert`` or ``gpt`` (which tiny preset and data the test uses).
+    - ``changes_flops``: whether acting changes the training FLOPs per token (dropped layers,
+      growth, shorter sequences). ``tests/techniques/test_technique_flops.py`` checks each
+      step's charge against a count of the FLOPs it ran, and that the cost per token varies
+      within the acting run when this is true, or stays constant when it is false (a technique
+      that freezes weights or reweights the loss).
     """
 
     acting: tuple[str, ...]
     disabled: tuple[str, ...]
     misapplied: tuple[str, ...]
     arch: str = "bert"
+    changes_flops: bool = True
 
 
 class Technique:
@@ -106,7 +118,12 @@ class Technique:
         return []
 
     def on_after_backward(self, model: torch.nn.Module, state: TrainState) -> None:
-        """Gradient-side work before the optimizer step (masks, extra passes)."""
+        """Gradient-side work before clipping and the optimizer step (masks, extra passes).
+
+        Called once per forward/backward pass over a step's micro-batches, after gradient
+        accumulation, with the gradients unscaled (fp16 loss scaling taken out), so twice per
+        step under SAM (its second pass recomputes them). ``model`` is the unwrapped model;
+        under FSDP2 its gradients are the rank's shards (DTensors)."""
 
     def on_step_end(self, state: TrainState) -> None:
         """Growth, pruning, stage changes. To replace the model, call
@@ -131,9 +148,7 @@ def register(cls: type[Technique]) -> type[Technique]:
     """Class decorator adding a technique to the registry under ``cls.name``."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no name")
-    if cls.name in TECHNIQUES and TECHNIQUES[cls.name] is not cls:
-        raise TypeError(f"technique '{cls.name}' is registered twice")
-    TECHNIQUES[cls.name] = cls
+    add_unique(TECHNIQUES, cls.name, cls, "technique")
     return cls
 
 
@@ -142,7 +157,8 @@ def _lookup(name: str) -> type[Technique]:
         return TECHNIQUES[name]
     except KeyError:
         known = ", ".join(sorted(TECHNIQUES)) or "none"
-        raise ConfigError(f"unknown technique '{name}'{did_you_mean(name, TECHNIQUES)}; known: {known}") from None
+        raise UnknownName(f"unknown technique '{name}'{unknown_hint(name, TECHNIQUES)}; known: {known}"
+                          f"") from None
 
 
 def validate_technique_options(names: list[str], options: dict[str, Any]) -> None:

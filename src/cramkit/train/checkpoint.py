@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, UnknownName
 from ..utils import atomic_dir, read_json, sha256_file, write_json
 
 FILES = ("model.safetensors", "state.pt")
@@ -179,14 +179,20 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     ``tokenizer_path`` and ``special_ids``.
     """
     from ..config import config_from_dict
-    from ..models import build_model
+    from ..models import ModelConfig, build_model
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
+    saved = read_json(cfg_path, CheckpointError)
     try:
-        cfg = config_from_dict(read_json(cfg_path, CheckpointError))
+        try:
+            run_model = config_from_dict(saved).model
+        except UnknownName:
+            # Trained with a plugin's technique or optimizer that is not loaded here: fine-tuning
+            # and export need the model alone, so only its section is read.
+            run_model = ModelConfig.from_dict(saved.get("model", {}), path="model")
     except ConfigError as exc:  # a damaged or edited config.json: say which file is wrong
         raise CheckpointError(f"{cfg_path}: {exc}") from None
     ckpt = latest_checkpoint(run_dir)
@@ -194,7 +200,7 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     meta_path = ckpt / "meta.json"
     meta_model = read_json(meta_path, CheckpointError).get("model_config")
     try:
-        model_cfg = type(cfg.model).from_dict(meta_model, path="model_config") if meta_model else cfg.model
+        model_cfg = ModelConfig.from_dict(meta_model, path="model_config") if meta_model else run_model
     except ConfigError as exc:
         raise CheckpointError(f"{meta_path}: {exc}") from None
     model = build_model(model_cfg)
@@ -207,6 +213,5 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
         "checkpoint": ckpt,
         "tokenizer_path": run_dir / "tokenizer.json",
         "special_ids": special,
-        "config": cfg,
     }
     return model, model_cfg, info

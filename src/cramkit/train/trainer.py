@@ -136,7 +136,6 @@ class Trainer:
         local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
         total_targets = max(par.all_sum([local_targets])[0], 1)  # over all micro-batches and ranks
         loss_sum = self._forward_backward(batches, total_targets)
-        self.scaler.unscale_(optimizer)
         self._clip()
         if skips_on_device(optimizer, self.scaler, self.device):
             loss = par.reduce_sum(loss_sum)  # the same sum, hence the same decision, on every rank
@@ -195,6 +194,9 @@ class Trainer:
                 loss = out.loss.float() * (out.num_targets / total_targets)
                 self.scaler.scale(loss * self.par.world_size).backward()
             loss_sum += loss.detach()
+        # Unscaled before the hooks: a technique reads the gradients as they are, in any
+        # precision. (SAM's closure runs this again, with loss scaling off: then a no-op.)
+        self.scaler.unscale_(self.state.optimizer)
         for t in self.techniques:
             t.on_after_backward(self.raw_model, self.state)
         return loss_sum

@@ -1,0 +1,193 @@
+"""Plugins: a technique and an optimizer kept outside the package, found through CRAMKIT_PLUGINS
+or an entry point, and runs trained with them read by commands that do not load them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cramkit import plugins
+from cramkit.cli import main
+from cramkit.optim import OPTIMIZERS
+from cramkit.schedules import LR_SCHEDULES
+from cramkit.techniques import TECHNIQUES
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# A real technique (it halves the learning rate for a share of the budget, and counts the steps
+# it did so, which a resume must restore) and an optimizer, as a researcher would write them.
+PLUGIN = textwrap.dedent('''
+    import dataclasses
+
+    import torch
+
+    from cramkit.configbase import Config, field
+    from cramkit.optim import register_optimizer
+    from cramkit.techniques import ContractCases, Technique, register
+
+
+    @dataclasses.dataclass
+    class SlowStartOptions(Config):
+        """Options of slowstart."""
+
+        fraction: float = field(0.5, help="share of the budget trained at half the learning rate")
+
+
+    @register
+    class SlowStart(Technique):
+        """Half the learning rate for the first ``fraction`` of the budget."""
+
+        name = "slowstart"
+        Options = SlowStartOptions
+
+        def __init__(self, options):
+            super().__init__(options)
+            self.slow_steps = 0
+
+        @classmethod
+        def contract_cases(cls):
+            return ContractCases(acting=("technique.slowstart.fraction=0.5",),
+                                 disabled=("technique.slowstart.fraction=0",),
+                                 misapplied=("model.layers=7",), changes_flops=False)
+
+        def on_model(self, model):
+            from cramkit.errors import ConfigError
+
+            if len(model.layers) == 7:
+                raise ConfigError("slowstart: seven layers are unlucky")
+            return model
+
+        def on_step_start(self, state):
+            if state.progress < self.options.fraction:
+                state.lr_scale *= 0.5
+                self.slow_steps += 1
+
+        def state_dict(self):
+            return {"slow_steps": self.slow_steps}
+
+        def load_state_dict(self, state):
+            self.slow_steps = state.get("slow_steps", 0)
+
+
+    @register_optimizer("plainsgd")
+    def plainsgd(groups, cfg, device):
+        return torch.optim.SGD(groups, lr=cfg.lr)
+''')
+
+
+@pytest.fixture
+def plugin_file(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "slowstart_plugin.py"
+    path.write_text(PLUGIN)
+    return path
+
+
+@pytest.fixture
+def clean_registries(monkeypatch):
+    """What a test's plugins register is gone after it: other tests list the shipped names."""
+    saved = [(table, dict(table)) for table in (TECHNIQUES, OPTIMIZERS, LR_SCHEDULES)]
+    monkeypatch.setattr(plugins, "_loaded", {})
+    yield
+    for table, content in saved:
+        table.clear()
+        table.update(content)
+
+
+def _cramkit(*args: str, plugin: Path | None, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != plugins.ENV}
+    env["PYTHONPATH"] = SRC
+    if plugin is not None:
+        env[plugins.ENV] = str(plugin)
+    return subprocess.run([sys.executable, "-m", "cramkit", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_plugin_file_adds_a_technique_and_an_optimizer_to_every_command(plugin_file, tiny_mlm_data, tmp_path,
+                                                                         monkeypatch, capsys, clean_registries):
+    run = ["data.dir=" + str(tiny_mlm_data), f"out_dir={tmp_path}", "name=run", "model.preset=tiny",
+           "model.vocab_size=512", "model.max_positions=64", "train.batch_size=8", "train.micro_batch=4",
+           "train.eval_every=0", "train.eval_batches=2", "train.progress_bar=false", "train.tensorboard=false",
+           "train.device=cpu", "finetune_demo=false", "techniques=[slowstart]", "technique.slowstart.fraction=0.5",
+           "optim.name=plainsgd"]
+    monkeypatch.setenv(plugins.ENV, str(plugin_file))
+    assert main(["show-config", "demo", *run]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["name"] == "plainsgd"
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "technique.slowstart.fraction" in capsys.readouterr().out
+    monkeypatch.delenv(plugins.ENV)
+    trained = _cramkit("pretrain", "demo", *run, "train.budget=4steps", "train.checkpoint_every=0.5",
+                       plugin=plugin_file, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    # Its state went into the checkpoints like a shipped technique's.
+    import torch
+
+    from cramkit.train.checkpoint import latest_checkpoint
+
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "state.pt", weights_only=True)
+    assert state["techniques"] == {"slowstart": {"slow_steps": 2}}
+    # Without the plugin, export and fine-tuning need only the model; a resume, which needs
+    # both, says where a plugin's names come from.
+    TECHNIQUES.pop("slowstart"), OPTIMIZERS.pop("plainsgd")  # as in a process that never loaded it
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    resumed = _cramkit("pretrain", "--resume", str(tmp_path / "run"), "train.budget=6steps", plugin=None, cwd=tmp_path)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert f"unknown optimizer 'plainsgd' (a plugin's is found once {plugins.ENV} names its module)" in resumed.stderr
+    resumed = _cramkit("pretrain", "--resume", str(tmp_path / "run"), "train.budget=6steps", plugin=plugin_file,
+                       cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "state.pt", weights_only=True)
+    # Restored (else 0): steps 5 and 6 lie past half of the larger budget, and add none.
+    assert state["techniques"] == {"slowstart": {"slow_steps": 2}}
+
+
+def test_plugins_that_cannot_be_found_are_one_line_errors(tmp_path, monkeypatch, capsys, clean_registries):
+    monkeypatch.setenv(plugins.ENV, "no_such_plugin_module")
+    assert main(["recipes"]) == 2
+    assert capsys.readouterr().err == (f"error: {plugins.ENV}: no module named 'no_such_plugin_module' "
+                                       "(a module on the Python path, or a .py file)\n")
+    monkeypatch.setenv(plugins.ENV, str(tmp_path / "missing.py"))
+    assert main(["recipes"]) == 2
+    assert "plugin file" in capsys.readouterr().err
+    # A plugin's own missing import is its author's to see, with the traceback.
+    (tmp_path / "broken.py").write_text("import no_such_dependency_of_the_plugin\n")
+    monkeypatch.setenv(plugins.ENV, str(tmp_path / "broken.py"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_of_the_plugin"):
+        plugins.load_plugins()
+
+
+def test_installed_packages_plug_in_through_entry_points(tmp_path, monkeypatch, clean_registries):
+    from importlib.metadata import EntryPoint
+
+    (tmp_path / "mylab_schedule.py").write_text(textwrap.dedent('''
+        from cramkit.schedules import register_lr
+
+        @register_lr("halfway")
+        def halfway(p, warmup=0.0, **_):
+            return 1.0 if p < 0.5 else 0.5
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(plugins.ENV, raising=False)
+    entry = EntryPoint(name="halfway", value="mylab_schedule", group=plugins.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points",
+                        lambda group: [entry] if group == plugins.ENTRY_POINT_GROUP else [])
+    assert plugins.load_plugins() == ["halfway=mylab_schedule"]
+    assert "halfway" in LR_SCHEDULES
+    assert plugins.load_plugins() == ["halfway=mylab_schedule"]  # once per process
+    from cramkit.config import load_config
+
+    assert load_config("demo", ["schedule.name=halfway"]).schedule.name == "halfway"
+
+
+def test_a_plugin_cannot_take_a_shipped_name(clean_registries):
+    from cramkit.optim import register_optimizer
+
+    with pytest.raises(TypeError, match=r"optimizer 'adamw' is registered twice \(cramkit\.optim\.optimizers"):
+        register_optimizer("adamw")(lambda groups, cfg, device: None)
+    assert OPTIMIZERS["adamw"].__module__ == "cramkit.optim.optimizers"
