@@ -7,7 +7,9 @@ from pathlib import Path
 from cramkit.config import load_config
 
 
-def tiny_config(data_dir: Path, out_dir: Path, *overrides: str, name: str = "run", arch: str = "bert"):
+def tiny_overrides(data_dir: Path, out_dir: Path, *overrides: str, name: str = "run", arch: str = "bert") -> list[str]:
+    """The ``key=value`` overrides of the demo recipe that :func:`tiny_config` applies, for a
+    command line (``cramkit pretrain demo ...``)."""
     preset = "tiny" if arch == "bert" else "tiny-gpt"
     base = [
         f"data.dir={data_dir}", f"out_dir={out_dir}", f"name={name}", f"model.preset={preset}",
@@ -16,7 +18,11 @@ def tiny_config(data_dir: Path, out_dir: Path, *overrides: str, name: str = "run
         "train.progress_bar=false", "train.tensorboard=false", "train.device=cpu", "finetune_demo=false",
         "optim.lr=3e-3", "objective.name=auto",
     ]
-    return load_config("demo", base + list(overrides))
+    return base + list(overrides)
+
+
+def tiny_config(data_dir: Path, out_dir: Path, *overrides: str, name: str = "run", arch: str = "bert"):
+    return load_config("demo", tiny_overrides(data_dir, out_dir, *overrides, name=name, arch=arch))
 
 
 # Techniques acting within a 6-step run, for the multi-process tests: layer dropping from the

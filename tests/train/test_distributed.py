@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cramkit.train.run import pretrain
 
-from .helpers import TECHNIQUE_RUNS, tiny_config
+from .helpers import TECHNIQUE_RUNS, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.multiprocess
 
@@ -81,6 +81,37 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0
     # An inf in rank 0's gradient shard only: both ranks skip (weights unchanged), both halve.
     assert res["sharded_overflow"] == [[1.0, 512.0], [1.0, 512.0]]
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+def test_the_readmes_multi_node_command_line_trains_across_two_nodes(tiny_clm_data, tmp_path):
+    """README's two-machine form (one torchrun per node, c10d rendezvous), with one process per
+    "node" on this machine: FSDP2 across the nodes follows one process's curve, and
+    only the first node's rank 0 writes the run."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    args = tiny_overrides(tiny_clm_data, tmp_path / "nodes", "train.budget=4steps", "parallel.strategy=fsdp",
+                          name="two-nodes", arch="gpt")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cramkit-test",
+         "-m", "cramkit.cli", "pretrain", "demo", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    # c10d hands out the ranks (torchrun warns that a --node-rank would be ignored): whichever
+    # node got rank 0 printed the run's summary, the other nothing of it.
+    assert sum("stopped by budget after 4 steps" in out for out in outputs) == 1, outputs
+    assert not any("node_rank is only used" in out for out in outputs)
+    assert [p.name for p in (tmp_path / "nodes").iterdir()] == ["two-nodes"]
+    single = tiny_config(tiny_clm_data, tmp_path, "train.budget=4steps", name="single", arch="gpt")
+    pretrain(single, say=lambda *_: None)
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "nodes" / "two-nodes")),
+                               torch.tensor(_losses(tmp_path / "single")), rtol=1e-4, atol=1e-5)
 
 
 def test_fsdp_root_keeps_its_parameters_gathered_for_backward():
