@@ -244,6 +244,25 @@ def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):
     assert load_config(str(folder / "other.toml")).train.budget == "9steps"
 
 
+def test_a_recipe_may_base_on_the_shipped_recipe_of_its_own_name(tmp_path, monkeypatch):
+    """Recipes are told apart by file, not by name: a user's demo.toml that bases on the shipped
+    demo was refused as extending itself; a real loop is still an error, however it is spelt."""
+    folder = tmp_path / "myrecipes"
+    folder.mkdir()
+    (folder / "demo.toml").write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("myrecipes/demo.toml")
+    assert cfg.train.budget == "7steps" and cfg.model.vocab_size == load_config("demo").model.vocab_size
+    (folder / "a.toml").write_text('base = "b.toml"\n')
+    (folder / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"^recipe '.*a\.toml' extends itself: myrecipes/a\.toml -> "
+                                          r".*b\.toml -> .*a\.toml$"):
+        load_config("myrecipes/a.toml")
+    (folder / "self.toml").write_text(f'base = "{folder / "self.toml"}"\n')  # itself, by another spelling
+    with pytest.raises(ConfigError, match="self.toml' extends itself"):
+        load_config("myrecipes/self.toml")
+
+
 def test_a_list_split_by_the_shell_says_to_drop_the_spaces():
     # `techniques=[pld, seqwarmup]` reaches the program as two arguments.
     with pytest.raises(ConfigError, match=r"override 'seqwarmup\]' is not of the form key=value: write lists "

@@ -259,14 +259,15 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = ()) -> dict[str, Any]:
+    """A recipe's table with its bases merged in. ``seen``: the chain of recipes whose bases led
+    here, each as (its resolved file, the name or path it was given as)."""
     path = Path(name_or_path)
     from_file = name_or_path.endswith(".toml") or path.is_file()
     if from_file:
         if not path.is_file():
             raise ConfigError(f"recipe file '{name_or_path}' does not exist")
-        text = read_text(path, ConfigError)
-        name = path.stem
+        name, where = path.stem, path.resolve()
     else:
         names = recipe_names()
         if name_or_path not in names:
@@ -274,10 +275,14 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
                 f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
                 f"available: {', '.join(names)}"
             )
-        text = (resources.files("cramkit") / "recipes" / f"{name_or_path}.toml").read_text()
-        name = name_or_path
-    if name in seen:
-        raise ConfigError(f"recipe '{name}' extends itself through {' -> '.join(seen)}")
+        shipped = resources.files("cramkit") / "recipes" / f"{name_or_path}.toml"
+        name, where = name_or_path, Path(str(shipped)).resolve()
+    # Files, not names: a user's demo.toml that bases on the shipped demo is two recipes, and
+    # one file reached under two spellings (a name and its path, a symlink) is still one.
+    chain = seen + ((where, name_or_path),)
+    if where in {earlier for earlier, _ in seen}:
+        raise ConfigError(f"recipe '{name_or_path}' extends itself: {' -> '.join(shown for _, shown in chain)}")
+    text = read_text(path, ConfigError) if from_file else shipped.read_text()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -292,7 +297,7 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
         if beside.is_file():
             base = str(beside)
     if base:
-        data = deep_merge(_read_recipe(base, seen + (name,)), data)
+        data = deep_merge(_read_recipe(base, chain), data)
     data["recipe"] = name
     return data
 
