@@ -263,6 +263,43 @@ def test_a_recipe_may_base_on_the_shipped_recipe_of_its_own_name(tmp_path, monke
         load_config("myrecipes/self.toml")
 
 
+def test_a_later_layer_can_switch_a_recipes_technique_off(tmp_path):
+    """A recipe's options for a technique go with it when a child recipe or the command line
+    drops it from `techniques`; options for a technique that the same recipe file, or the
+    command line, does not enable are still an error."""
+    parent = tmp_path / "pld.toml"
+    parent.write_text('base = "demo"\ntechniques = ["pld"]\n[technique.pld]\ntheta_bar = 0.3\n')
+    assert load_config(str(parent)).technique == {"pld": {"theta_bar": 0.3}}
+    cfg = load_config(str(parent), ["techniques=[]"])
+    assert cfg.techniques == [] and cfg.technique == {}
+    cfg = load_config(str(parent), ["techniques=seqwarmup"])  # a list written without brackets
+    assert cfg.techniques == ["seqwarmup"] and cfg.technique == {}
+    # Still enabled: the recipe's options stay and merge with the command line's.
+    cfg = load_config(str(parent), ["techniques=[pld,seqwarmup]", "technique.pld.gamma=2"])
+    assert cfg.technique == {"pld": {"theta_bar": 0.3, "gamma": 2}}
+    with pytest.raises(ConfigError, match="options given for technique 'pld', which is not enabled"):
+        load_config(str(parent), ["techniques=[]", "technique.pld.theta_bar=0.4"])
+
+    (tmp_path / "off.toml").write_text('base = "pld.toml"\ntechniques = []\n')
+    assert load_config(str(tmp_path / "off.toml")).technique == {}
+    (tmp_path / "kept.toml").write_text('base = "pld.toml"\n[technique.pld]\ngamma = 2.0\n')
+    assert load_config(str(tmp_path / "kept.toml")).technique == {"pld": {"theta_bar": 0.3, "gamma": 2.0}}
+    (tmp_path / "forgot.toml").write_text('base = "pld.toml"\ntechniques = []\n[technique.pld]\ngamma = 2.0\n')
+    with pytest.raises(ConfigError, match="options given for technique 'pld', which is not enabled"):
+        load_config(str(tmp_path / "forgot.toml"))
+
+
+def test_resume_can_switch_a_technique_off(tmp_path):
+    """config.json records every enabled technique's options, so no resume could leave one out."""
+    from cramkit.train.run import resume_config
+
+    saved = load_config("demo", ["techniques=[pld]"]).to_dict()
+    saved["technique"] = {"pld": {"theta_bar": 0.5, "gamma": 1.0}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert resume_config(tmp_path, ["techniques=[]"]).technique == {}
+    assert resume_config(tmp_path, []).technique == {"pld": {"theta_bar": 0.5, "gamma": 1.0}}
+
+
 def test_a_list_split_by_the_shell_says_to_drop_the_spaces():
     # `techniques=[pld, seqwarmup]` reaches the program as two arguments.
     with pytest.raises(ConfigError, match=r"override 'seqwarmup\]' is not of the form key=value: write lists "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .budget import Budget
-from .configbase import Config, apply_overrides, deep_merge, did_you_mean, field
+from .configbase import Config, apply_overrides, coerce, deep_merge, did_you_mean, field
 from .data.config import PrepareConfig
 from .distributed.config import MemoryConfig, ParallelConfig
 from .errors import ConfigError
@@ -297,9 +297,35 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = ()) -> 
         if beside.is_file():
             base = str(beside)
     if base:
-        data = deep_merge(_read_recipe(base, chain), data)
+        data = deep_merge(_options_kept(_read_recipe(base, chain), data), data)
     data["recipe"] = name
     return data
+
+
+def _options_kept(inherited: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``inherited`` without its option tables for the techniques that ``layer``, about to be
+    merged over it, leaves out of a ``techniques`` list of its own.
+
+    A recipe or command line that drops a technique from its base's list switches it off; the
+    base's options for it would otherwise be refused as options of a technique that is not
+    enabled. Options given in ``layer`` itself are kept, so that one for a misspelt or forgotten
+    technique there is still an error.
+    """
+    techniques, tables = layer.get("techniques"), inherited.get("technique")
+    if "techniques" not in layer or not isinstance(tables, dict):
+        return inherited
+    try:
+        enabled = coerce(techniques, list[str], "techniques")
+    except ConfigError:  # reported, with its path, when the merged config is validated
+        return inherited
+    return {**inherited, "technique": {name: t for name, t in tables.items() if name in enabled}}
+
+
+def apply_run_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A run config's dict (a recipe's, or a saved config.json's) with command-line ``key=value``
+    overrides applied; a ``techniques=`` among them drops the option tables of the techniques it
+    leaves out, as a recipe's own list does to its base's."""
+    return apply_overrides(_options_kept(data, apply_overrides({}, overrides)), overrides)
 
 
 def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
@@ -312,8 +338,7 @@ def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides, validate."""
-    data = _read_recipe(recipe)
-    data = apply_overrides(data, list(overrides))
+    data = apply_run_overrides(_read_recipe(recipe), overrides)
     cfg = config_from_dict(data)
     check_run_name(cfg.name)  # before data preparation can take minutes
     return cfg

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Clock, Usage, exhausted, next_due, progress
-from ..config import RunConfig, check_run_name, config_from_dict
-from ..configbase import apply_overrides
+from ..config import RunConfig, apply_run_overrides, check_run_name, config_from_dict
 from ..data.dataset import TokenDataset
 from ..data.loader import ShardLoader
 from ..data.prepare import cache_folder, cached_prepare
@@ -782,7 +781,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         config_from_dict(saved)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    merged = apply_overrides(saved, overrides)
+    merged = apply_run_overrides(saved, overrides)
     for key in ("name", "out_dir"):  # the run directory is where it is: a new name would mislabel it
         if str(merged.get(key)) != str(saved.get(key)):
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
