@@ -249,6 +249,19 @@ class RunConfig(Config):
 
         validate_technique_options(self.techniques, self.technique)
 
+    def resolved(self) -> dict[str, Any]:
+        """This config as a run's ``config.json`` records it (and ``cramkit show-config`` prints
+        it): ``to_dict()`` with every enabled technique's options written out, defaults included,
+        and so the schedule's. A later cramkit with other defaults then resumes the run as it was
+        configured (a technique's defaults once moved a resumed stacking run's doublings)."""
+        from .techniques import build_techniques
+
+        data = self.to_dict()
+        data["schedule"] = self.schedule.resolved()
+        built = build_techniques(self.techniques, self.technique)
+        data["technique"] = {**data.get("technique", {}), **{t.name: t.options.to_dict() for t in built}}
+        return data
+
 
 # ---------------------------------------------------------------- recipes
 

@@ -286,17 +286,6 @@ def _full_weights(model: torch.nn.Module, par: Parallel) -> dict:
     return ckpt.model_weights(model)
 
 
-def _resolved_config(cfg: RunConfig, techniques: list) -> dict[str, Any]:
-    """``cfg`` as ``config.json`` keeps it, with every enabled technique's options written out,
-    defaults included: a later cramkit with other defaults then resumes the run as it was
-    configured (a technique's defaults once moved a resumed stacking run's doublings). So are
-    the schedule's."""
-    data = cfg.to_dict()
-    data["schedule"] = cfg.schedule.resolved()
-    data["technique"] = {**data.get("technique", {}), **{t.name: t.options.to_dict() for t in techniques}}
-    return data
-
-
 def _checkpoint_weights(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict, dict | None, dict]:
     """``(weights, train_weights, optimizer_state)`` for a checkpoint.
 
@@ -625,7 +614,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 trainer.scaler.load_state_dict(saved["scaler"])
             _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
-            write_json(run_dir / "config.json", _resolved_config(cfg, techniques))
+            write_json(run_dir / "config.json", cfg.resolved())
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
         # and tokens then both cover the whole run, for an honest kWh per billion tokens.
         # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
