@@ -123,6 +123,57 @@ def test_ill_formed_recipe_file_is_a_clear_error(tmp_path, content, message):
         load_config(str(recipe))
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'[train]\neval_every = "0.5"\n', r"train\.eval_every: expected a number, got '0\.5' \(write 0\.5\)$"),
+        (b'[train]\ncompile = "yes"\n', r"train\.compile: expected true/false, got 'yes' \(write true\)$"),
+        (b"[train]\nbatch_size = 32.0\n", r"train\.batch_size: expected an integer, got 32\.0 \(write 32\)$"),
+        (b'[schedule]\npeak_at = "0.5"\n', r"schedule\.peak_at: '0\.5' is not a valid float \| None"),
+        (b'techniques = "pld"\n', r"techniques: expected a list, got 'pld' \(write \[\"pld\"\]\)$"),
+        (b'[optim]\nbetas = ["0.9", 0.98]\n', r"optim\.betas: \['0\.9', 0\.98\] is not a valid"),
+        (b'techniques = ["pld"]\n[technique.pld]\nseed = "3"\n', r"technique\.pld\.seed: expected an integer"),
+        (b"name = 2024\n", r"name: expected a string, got 2024"),
+    ],
+)
+def test_a_recipe_files_values_must_have_their_fields_types(tmp_path, content, message):
+    """TOML has types: the text parsing of key=value overrides ("0.5", "yes") let a quoted
+    number or a misspelt boolean through, and read 32.0 as 32."""
+    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\n')
+    for recipe in ("parent.toml", "child.toml"):  # the error names the file that holds the value
+        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': {message}"):
+            load_config(str(tmp_path / recipe))
+
+
+def test_typed_files_still_take_an_int_for_a_float_and_overrides_still_parse_text(tmp_path):
+    from cramkit.config import config_from_dict
+
+    recipe = tmp_path / "ints.toml"
+    recipe.write_text('base = "demo"\n[train]\neval_every = 1\nclip_grad = 2\n')
+    cfg = load_config(str(recipe))
+    assert cfg.train.eval_every == 1.0 and isinstance(cfg.train.eval_every, float) and cfg.train.clip_grad == 2.0
+    cfg = load_config(str(recipe), ["train.eval_every=0.5", "train.compile=yes", "train.batch_size=32.0"])
+    assert (cfg.train.eval_every, cfg.train.compile, cfg.train.batch_size) == (0.5, True, 32)
+    # A saved config.json is typed as well.
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: expected an integer, got '32' \(write 32\)$"):
+        config_from_dict({"train": {"batch_size": "32"}})
+    assert config_from_dict({"train": {"batch_size": "32"}}, strict=False).train.batch_size == 32
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipes_config_json_loads_strictly(name):
+    """What a run writes to config.json (lists for tuples, null for unset, each technique's
+    options) must load through the strict reading a resume, fine-tune or export does."""
+    from cramkit.config import config_from_dict
+    from cramkit.techniques import TECHNIQUES
+
+    for techniques in ([], *([t] for t in TECHNIQUES)):
+        cfg = load_config(name, [f"techniques=[{','.join(techniques)}]"])
+        saved = json.loads(json.dumps(cfg.resolved()))
+        assert config_from_dict(saved).resolved() == saved
+
+
 def test_config_that_is_not_a_table_is_a_clear_error():
     from cramkit.config import config_from_dict
     from cramkit.models.config import ModelConfig

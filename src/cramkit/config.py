@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .budget import Budget
-from .configbase import Config, apply_overrides, coerce, deep_merge, did_you_mean, field
+from .configbase import (
+    Config,
+    apply_overrides,
+    check_types,
+    coerce,
+    deep_merge,
+    did_you_mean,
+    field,
+)
 from .data.config import PrepareConfig
 from .distributed.config import MemoryConfig, ParallelConfig
 from .errors import ConfigError
@@ -303,6 +311,10 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = ()) -> 
     base = data.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"recipe '{name_or_path}': base must be a recipe name or path, got {base!r}")
+    try:  # each file on its own, so that the error names the file that holds the value
+        _check_types(data)
+    except ConfigError as exc:
+        raise ConfigError(f"recipe '{name_or_path}': {exc}") from None
     if base and from_file and not Path(base).is_absolute():
         # A relative base path in a recipe file means a file beside it (as includes do), so the
         # recipe works from any working directory; a shipped name or a cwd path still works.
@@ -341,6 +353,18 @@ def apply_run_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, 
     return apply_overrides(_options_kept(data, apply_overrides({}, overrides)), overrides)
 
 
+def _check_types(data: dict[str, Any]) -> None:
+    """Raise ConfigError for a value of ``data`` (a run config's table, whole or one recipe
+    file's part) that is not of its field's type, technique options included."""
+    from .techniques import TECHNIQUES
+
+    check_types(RunConfig, data)
+    tables = data.get("technique")
+    for name, table in tables.items() if isinstance(tables, dict) else ():
+        if name in TECHNIQUES and isinstance(table, dict):  # other names: refused by validation
+            check_types(TECHNIQUES[name].Options, table, f"technique.{name}")
+
+
 def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
     section = dict(section)
     preset = section.pop("preset", None)
@@ -352,7 +376,9 @@ def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides, validate."""
     data = apply_run_overrides(_read_recipe(recipe), overrides)
-    cfg = config_from_dict(data)
+    # Not strict: each recipe file was checked as it was read, and the overrides' values come
+    # as text ("0.5", "yes", "a,b").
+    cfg = config_from_dict(data, strict=False)
     check_run_name(cfg.name)  # before data preparation can take minutes
     return cfg
 
@@ -366,10 +392,17 @@ def check_run_name(name: str) -> None:
                           "'\\', not '.' or '..'); set out_dir= to put runs elsewhere")
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from a (recipe or saved) dict, resolving a model preset."""
+def config_from_dict(data: dict[str, Any], *, strict: bool = True) -> RunConfig:
+    """Build a RunConfig from a (recipe or saved) dict, resolving a model preset.
+
+    Each value must be of its field's type, as a TOML file or a config.json has it: ``"0.5"``
+    is no number there and ``32.0`` no integer. ``strict=False`` reads text as ``key=value``
+    overrides give it, for a dict with overrides applied.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"a run config must be a table of options, got {type(data).__name__}")
+    if strict:
+        _check_types(data)
     data = dict(data)
     if "model" in data:
         if not isinstance(data["model"], dict):

@@ -775,7 +775,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         if str(merged.get(key)) != str(saved.get(key)):
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
                               "copy the directory to continue it under another name")
-    cfg = config_from_dict(merged)
+    cfg = config_from_dict(merged, strict=False)  # the file was checked above; overrides are text
     unset = _unset_keys(merged, cfg.to_dict())
     if unset and int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in unset)
