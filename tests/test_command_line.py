@@ -43,6 +43,20 @@ def test_show_config_resolves_overrides(capsys):
     assert cfg["train"]["budget"] == "2h" and cfg["model"]["layers"] == 4 and cfg["model"]["hidden"] == 768
 
 
+def test_show_config_prints_what_a_run_records_in_config_json(tiny_mlm_data, tmp_path, capsys):
+    """show-config printed `"technique": {}` and `"peak_at": null` where the run's config.json
+    has every enabled technique's options and the schedule's own peak and start."""
+    args = [f"data.dir={tiny_mlm_data}", f"out_dir={tmp_path}", "name=shown", "model.vocab_size=512",
+            "train.budget=1steps", "train.micro_batch=4", "train.batch_size=4", "train.progress_bar=false",
+            "train.tensorboard=false", "finetune_demo=false", "train.eval_batches=1", "techniques=[pld]"]
+    assert main(["show-config", "demo", *args]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["technique"]["pld"]["theta_bar"] == 0.5 and shown["schedule"]["peak_at"] == 0.75
+    assert main(["pretrain", "demo", *args]) == 0
+    assert shown == json.loads((tmp_path / "shown" / "config.json").read_text())
+    assert main(["show-config", "demo", "data.dir=/no/such/data", "techniques=[stacking]"]) == 0  # no data read
+
+
 def test_recipes_lists_shipped_recipes(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out

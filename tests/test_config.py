@@ -123,6 +123,57 @@ def test_ill_formed_recipe_file_is_a_clear_error(tmp_path, content, message):
         load_config(str(recipe))
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'[train]\neval_every = "0.5"\n', r"train\.eval_every: expected a number, got '0\.5' \(write 0\.5\)$"),
+        (b'[train]\ncompile = "yes"\n', r"train\.compile: expected true/false, got 'yes' \(write true\)$"),
+        (b"[train]\nbatch_size = 32.0\n", r"train\.batch_size: expected an integer, got 32\.0 \(write 32\)$"),
+        (b'[schedule]\npeak_at = "0.5"\n', r"schedule\.peak_at: '0\.5' is not a valid float \| None"),
+        (b'techniques = "pld"\n', r"techniques: expected a list, got 'pld' \(write \[\"pld\"\]\)$"),
+        (b'[optim]\nbetas = ["0.9", 0.98]\n', r"optim\.betas: \['0\.9', 0\.98\] is not a valid"),
+        (b'techniques = ["pld"]\n[technique.pld]\nseed = "3"\n', r"technique\.pld\.seed: expected an integer"),
+        (b"name = 2024\n", r"name: expected a string, got 2024"),
+    ],
+)
+def test_a_recipe_files_values_must_have_their_fields_types(tmp_path, content, message):
+    """TOML has types: the text parsing of key=value overrides ("0.5", "yes") let a quoted
+    number or a misspelt boolean through, and read 32.0 as 32."""
+    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\n')
+    for recipe in ("parent.toml", "child.toml"):  # the error names the file that holds the value
+        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': {message}"):
+            load_config(str(tmp_path / recipe))
+
+
+def test_typed_files_still_take_an_int_for_a_float_and_overrides_still_parse_text(tmp_path):
+    from cramkit.config import config_from_dict
+
+    recipe = tmp_path / "ints.toml"
+    recipe.write_text('base = "demo"\n[train]\neval_every = 1\nclip_grad = 2\n')
+    cfg = load_config(str(recipe))
+    assert cfg.train.eval_every == 1.0 and isinstance(cfg.train.eval_every, float) and cfg.train.clip_grad == 2.0
+    cfg = load_config(str(recipe), ["train.eval_every=0.5", "train.compile=yes", "train.batch_size=32.0"])
+    assert (cfg.train.eval_every, cfg.train.compile, cfg.train.batch_size) == (0.5, True, 32)
+    # A saved config.json is typed as well.
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: expected an integer, got '32' \(write 32\)$"):
+        config_from_dict({"train": {"batch_size": "32"}})
+    assert config_from_dict({"train": {"batch_size": "32"}}, strict=False).train.batch_size == 32
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipes_config_json_loads_strictly(name):
+    """What a run writes to config.json (lists for tuples, null for unset, each technique's
+    options) must load through the strict reading a resume, fine-tune or export does."""
+    from cramkit.config import config_from_dict
+    from cramkit.techniques import TECHNIQUES
+
+    for techniques in ([], *([t] for t in TECHNIQUES)):
+        cfg = load_config(name, [f"techniques=[{','.join(techniques)}]"])
+        saved = json.loads(json.dumps(cfg.resolved()))
+        assert config_from_dict(saved).resolved() == saved
+
+
 def test_config_that_is_not_a_table_is_a_clear_error():
     from cramkit.config import config_from_dict
     from cramkit.models.config import ModelConfig
@@ -242,6 +293,62 @@ def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):
     (tmp_path / "cwd.toml").write_text('base = "demo"\n[train]\nbudget = "9steps"\n')
     (folder / "other.toml").write_text('base = "cwd.toml"\n')  # not beside it: the cwd path, as before
     assert load_config(str(folder / "other.toml")).train.budget == "9steps"
+
+
+def test_a_recipe_may_base_on_the_shipped_recipe_of_its_own_name(tmp_path, monkeypatch):
+    """Recipes are told apart by file, not by name: a user's demo.toml that bases on the shipped
+    demo was refused as extending itself; a real loop is still an error, however it is spelt."""
+    folder = tmp_path / "myrecipes"
+    folder.mkdir()
+    (folder / "demo.toml").write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("myrecipes/demo.toml")
+    assert cfg.train.budget == "7steps" and cfg.model.vocab_size == load_config("demo").model.vocab_size
+    (folder / "a.toml").write_text('base = "b.toml"\n')
+    (folder / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"^recipe '.*a\.toml' extends itself: myrecipes/a\.toml -> "
+                                          r".*b\.toml -> .*a\.toml$"):
+        load_config("myrecipes/a.toml")
+    (folder / "self.toml").write_text(f'base = "{folder / "self.toml"}"\n')  # itself, by another spelling
+    with pytest.raises(ConfigError, match="self.toml' extends itself"):
+        load_config("myrecipes/self.toml")
+
+
+def test_a_later_layer_can_switch_a_recipes_technique_off(tmp_path):
+    """A recipe's options for a technique go with it when a child recipe or the command line
+    drops it from `techniques`; options for a technique that the same recipe file, or the
+    command line, does not enable are still an error."""
+    parent = tmp_path / "pld.toml"
+    parent.write_text('base = "demo"\ntechniques = ["pld"]\n[technique.pld]\ntheta_bar = 0.3\n')
+    assert load_config(str(parent)).technique == {"pld": {"theta_bar": 0.3}}
+    cfg = load_config(str(parent), ["techniques=[]"])
+    assert cfg.techniques == [] and cfg.technique == {}
+    cfg = load_config(str(parent), ["techniques=seqwarmup"])  # a list written without brackets
+    assert cfg.techniques == ["seqwarmup"] and cfg.technique == {}
+    # Still enabled: the recipe's options stay and merge with the command line's.
+    cfg = load_config(str(parent), ["techniques=[pld,seqwarmup]", "technique.pld.gamma=2"])
+    assert cfg.technique == {"pld": {"theta_bar": 0.3, "gamma": 2}}
+    with pytest.raises(ConfigError, match="options given for technique 'pld', which is not enabled"):
+        load_config(str(parent), ["techniques=[]", "technique.pld.theta_bar=0.4"])
+
+    (tmp_path / "off.toml").write_text('base = "pld.toml"\ntechniques = []\n')
+    assert load_config(str(tmp_path / "off.toml")).technique == {}
+    (tmp_path / "kept.toml").write_text('base = "pld.toml"\n[technique.pld]\ngamma = 2.0\n')
+    assert load_config(str(tmp_path / "kept.toml")).technique == {"pld": {"theta_bar": 0.3, "gamma": 2.0}}
+    (tmp_path / "forgot.toml").write_text('base = "pld.toml"\ntechniques = []\n[technique.pld]\ngamma = 2.0\n')
+    with pytest.raises(ConfigError, match="options given for technique 'pld', which is not enabled"):
+        load_config(str(tmp_path / "forgot.toml"))
+
+
+def test_resume_can_switch_a_technique_off(tmp_path):
+    """config.json records every enabled technique's options, so no resume could leave one out."""
+    from cramkit.train.run import resume_config
+
+    saved = load_config("demo", ["techniques=[pld]"]).to_dict()
+    saved["technique"] = {"pld": {"theta_bar": 0.5, "gamma": 1.0}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert resume_config(tmp_path, ["techniques=[]"]).technique == {}
+    assert resume_config(tmp_path, []).technique == {"pld": {"theta_bar": 0.5, "gamma": 1.0}}
 
 
 def test_a_list_split_by_the_shell_says_to_drop_the_spaces():

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .budget import Budget
-from .configbase import Config, apply_overrides, deep_merge, did_you_mean, field
+from .configbase import (
+    Config,
+    apply_overrides,
+    check_types,
+    coerce,
+    deep_merge,
+    did_you_mean,
+    field,
+)
 from .data.config import PrepareConfig
 from .distributed.config import MemoryConfig, ParallelConfig
 from .errors import ConfigError
@@ -252,6 +260,19 @@ class RunConfig(Config):
 
         validate_technique_options(self.techniques, self.technique)
 
+    def resolved(self) -> dict[str, Any]:
+        """This config as a run's ``config.json`` records it (and ``cramkit show-config`` prints
+        it): ``to_dict()`` with every enabled technique's options written out, defaults included,
+        and so the schedule's. A later cramkit with other defaults then resumes the run as it was
+        configured (a technique's defaults once moved a resumed stacking run's doublings)."""
+        from .techniques import build_techniques
+
+        data = self.to_dict()
+        data["schedule"] = self.schedule.resolved()
+        built = build_techniques(self.techniques, self.technique)
+        data["technique"] = {**data.get("technique", {}), **{t.name: t.options.to_dict() for t in built}}
+        return data
+
 
 # ---------------------------------------------------------------- recipes
 
@@ -262,14 +283,15 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = ()) -> dict[str, Any]:
+    """A recipe's table with its bases merged in. ``seen``: the chain of recipes whose bases led
+    here, each as (its resolved file, the name or path it was given as)."""
     path = Path(name_or_path)
     from_file = name_or_path.endswith(".toml") or path.is_file()
     if from_file:
         if not path.is_file():
             raise ConfigError(f"recipe file '{name_or_path}' does not exist")
-        text = read_text(path, ConfigError)
-        name = path.stem
+        name, where = path.stem, path.resolve()
     else:
         names = recipe_names()
         if name_or_path not in names:
@@ -277,10 +299,14 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
                 f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
                 f"available: {', '.join(names)}"
             )
-        text = (resources.files("cramkit") / "recipes" / f"{name_or_path}.toml").read_text()
-        name = name_or_path
-    if name in seen:
-        raise ConfigError(f"recipe '{name}' extends itself through {' -> '.join(seen)}")
+        shipped = resources.files("cramkit") / "recipes" / f"{name_or_path}.toml"
+        name, where = name_or_path, Path(str(shipped)).resolve()
+    # Files, not names: a user's demo.toml that bases on the shipped demo is two recipes, and
+    # one file reached under two spellings (a name and its path, a symlink) is still one.
+    chain = seen + ((where, name_or_path),)
+    if where in {earlier for earlier, _ in seen}:
+        raise ConfigError(f"recipe '{name_or_path}' extends itself: {' -> '.join(shown for _, shown in chain)}")
+    text = read_text(path, ConfigError) if from_file else shipped.read_text()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -288,6 +314,10 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
     base = data.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"recipe '{name_or_path}': base must be a recipe name or path, got {base!r}")
+    try:  # each file on its own, so that the error names the file that holds the value
+        _check_types(data)
+    except ConfigError as exc:
+        raise ConfigError(f"recipe '{name_or_path}': {exc}") from None
     if base and from_file and not Path(base).is_absolute():
         # A relative base path in a recipe file means a file beside it (as includes do), so the
         # recipe works from any working directory; a shipped name or a cwd path still works.
@@ -295,9 +325,47 @@ def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
         if beside.is_file():
             base = str(beside)
     if base:
-        data = deep_merge(_read_recipe(base, seen + (name,)), data)
+        data = deep_merge(_options_kept(_read_recipe(base, chain), data), data)
     data["recipe"] = name
     return data
+
+
+def _options_kept(inherited: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``inherited`` without its option tables for the techniques that ``layer``, about to be
+    merged over it, leaves out of a ``techniques`` list of its own.
+
+    A recipe or command line that drops a technique from its base's list switches it off; the
+    base's options for it would otherwise be refused as options of a technique that is not
+    enabled. Options given in ``layer`` itself are kept, so that one for a misspelt or forgotten
+    technique there is still an error.
+    """
+    techniques, tables = layer.get("techniques"), inherited.get("technique")
+    if "techniques" not in layer or not isinstance(tables, dict):
+        return inherited
+    try:
+        enabled = coerce(techniques, list[str], "techniques")
+    except ConfigError:  # reported, with its path, when the merged config is validated
+        return inherited
+    return {**inherited, "technique": {name: t for name, t in tables.items() if name in enabled}}
+
+
+def apply_run_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A run config's dict (a recipe's, or a saved config.json's) with command-line ``key=value``
+    overrides applied; a ``techniques=`` among them drops the option tables of the techniques it
+    leaves out, as a recipe's own list does to its base's."""
+    return apply_overrides(_options_kept(data, apply_overrides({}, overrides)), overrides)
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """Raise ConfigError for a value of ``data`` (a run config's table, whole or one recipe
+    file's part) that is not of its field's type, technique options included."""
+    from .techniques import TECHNIQUES
+
+    check_types(RunConfig, data)
+    tables = data.get("technique")
+    for name, table in tables.items() if isinstance(tables, dict) else ():
+        if name in TECHNIQUES and isinstance(table, dict):  # other names: refused by validation
+            check_types(TECHNIQUES[name].Options, table, f"technique.{name}")
 
 
 def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
@@ -310,9 +378,10 @@ def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides, validate."""
-    data = _read_recipe(recipe)
-    data = apply_overrides(data, list(overrides))
-    cfg = config_from_dict(data)
+    data = apply_run_overrides(_read_recipe(recipe), overrides)
+    # Not strict: each recipe file was checked as it was read, and the overrides' values come
+    # as text ("0.5", "yes", "a,b").
+    cfg = config_from_dict(data, strict=False)
     check_run_name(cfg.name)  # before data preparation can take minutes
     return cfg
 
@@ -326,10 +395,17 @@ def check_run_name(name: str) -> None:
                           "'\\', not '.' or '..'); set out_dir= to put runs elsewhere")
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from a (recipe or saved) dict, resolving a model preset."""
+def config_from_dict(data: dict[str, Any], *, strict: bool = True) -> RunConfig:
+    """Build a RunConfig from a (recipe or saved) dict, resolving a model preset.
+
+    Each value must be of its field's type, as a TOML file or a config.json has it: ``"0.5"``
+    is no number there and ``32.0`` no integer. ``strict=False`` reads text as ``key=value``
+    overrides give it, for a dict with overrides applied.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"a run config must be a table of options, got {type(data).__name__}")
+    if strict:
+        _check_types(data)
     data = dict(data)
     if "model" in data:
         if not isinstance(data["model"], dict):

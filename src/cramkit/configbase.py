@@ -2,7 +2,9 @@
 
 Every config in cramkit is a dataclass deriving from :class:`Config`. Field docstrings are kept in
 ``metadata={"help": ...}`` so the CLI can print them. Loading is strict: unknown keys and values of
-the wrong type raise :class:`~cramkit.errors.ConfigError` naming the dotted path.
+the wrong type raise :class:`~cramkit.errors.ConfigError` naming the dotted path. Text, as
+``key=value`` overrides give every value, is read as the field's type (``"0.5"`` as a number);
+values that come typed, from TOML or JSON, must have that type already (:func:`check_types`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -46,8 +49,14 @@ def _type_name(tp: Any) -> str:
 Name = typing.NewType("Name", str)
 
 
-def coerce(value: Any, tp: Any, path: str) -> Any:
-    """Convert ``value`` to type ``tp`` or raise a ConfigError that names ``path``."""
+def coerce(value: Any, tp: Any, path: str, *, strict: bool = False) -> Any:
+    """Convert ``value`` to type ``tp`` or raise a ConfigError that names ``path``.
+
+    By default values may be text, as ``key=value`` overrides give them: ``"0.5"`` is a number,
+    ``"yes"`` true, ``"a,b"`` a list and None (``key=none``) the name "none". ``strict`` is for
+    values that come with types of their own (a TOML file, a config.json): each must be of
+    ``tp`` already, an int standing for a float being the one conversion.
+    """
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -55,35 +64,34 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{path}: {value!r} is not a valid {_type_name(tp)}")
+                return coerce(value, arg, path, strict=strict)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} is not a valid {_type_name(tp)}{_typed_hint(value, tp, strict)}")
     if origin is Literal:
         choices = get_args(tp)
-        if value is None and "none" in choices:  # `key=none` on the command line parses to None
+        if value is None and "none" in choices and not strict:  # `key=none` on the command line parses to None
             return "none"
         if value not in choices:
             hint = did_you_mean(str(value), [str(c) for c in choices])
             raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}{hint}")
         return value
     if origin in (list, tuple):
-        if isinstance(value, str):
+        if isinstance(value, str) and not strict:
             value = [v.strip() for v in value.split(",") if v.strip()] if value else []
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {value!r}{_typed_hint(value, tp, strict)}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-            return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(coerce(v, a, f"{path}[{i}]", strict=strict) for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
-        items = [coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, inner, f"{path}[{i}]", strict=strict) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -94,55 +102,92 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table of {tp.__name__} options, got {value!r}")
+        if strict:
+            check_types(tp, value, path)
         return tp.from_dict(value, path=path)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        if not strict and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        raise ConfigError(f"{path}: expected true/false, got {value!r}{_typed_hint(value, tp, strict)}")
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
+        # Strict, 32.0 is refused too: TOML and cramkit's JSON write whole numbers as integers,
+        # so a float here was written as one, and taking 32.0 but not 32.5 would make a float
+        # for a count an error by chance.
+        if not strict and isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if not strict and isinstance(value, str):
             try:
                 return int(float(value)) if value.strip().lower().count("e") else int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: expected an integer, got {value!r}{_typed_hint(value, tp, strict)}")
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         number = None
         if isinstance(value, (int, float)):
             number = float(value)
-        elif isinstance(value, str):
+        elif isinstance(value, str) and not strict:
             try:
                 number = float(value)
             except ValueError:
                 pass
         if number is None:
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {value!r}{_typed_hint(value, tp, strict)}")
         # `lr=nan` parses as a float, but NaN slips past every range check (all comparisons are
         # false) and infinity is no setting of any field: both would only fail deep in training.
         if not math.isfinite(number):
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return number
     if tp is Name:
-        if value is None:  # `key=none` on the command line parses to None; as a name it is "none"
+        if value is None and not strict:  # `key=none` on the command line parses to None; as a name it is "none"
             return "none"
         tp = str
     if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not strict and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {value!r}{_typed_hint(value, tp, strict)}")
         return value
     return value
+
+
+def _typed_hint(value: Any, tp: Any, strict: bool) -> str:
+    """For a value refused by a strict :func:`coerce`: " (write 0.5)", the value as the file
+    should have it, where a ``key=value`` override would have read it so; else ""."""
+    if not strict:
+        return ""
+    try:
+        typed = coerce(value, tp, "")
+    except ConfigError:
+        return ""
+    return f" (write {json.dumps(_plain(typed))})"
+
+
+def check_types(cls: type[Config], data: dict[str, Any], path: str = "") -> None:
+    """Raise ConfigError for a value of ``data``, a table of ``cls``'s options, that is not of
+    its field's type, as a strict :func:`coerce` sees it.
+
+    Nothing is built or validated, and missing fields are no error, so that one layer of a
+    config (a base recipe, say) can be checked before the others are merged over it. Unknown
+    keys are left to :meth:`Config.from_dict`, which names them with a hint.
+    """
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        tp, full = hints[key], f"{path}.{key}" if path else key
+        if isinstance(tp, type) and issubclass(tp, Config) and isinstance(value, dict):
+            check_types(tp, value, full)  # not coerce: that would build and validate a part
+        else:
+            coerce(value, tp, full, strict=True)
 
 
 def _under(path: str, message: str, fields: list[str]) -> str:

@@ -64,7 +64,10 @@ def add_parser(sub) -> None:
 
     s = sub.add_parser("show-config", help="print the resolved config of a recipe with overrides",
                        description="Print RECIPE's resolved run config as JSON, with key=value overrides "
-                                   "applied (the keys are listed in `cramkit pretrain --help`).")
+                                   "applied (the keys are listed in `cramkit pretrain --help`): what a run "
+                                   "records in its config.json, every enabled technique's options and the "
+                                   "schedule's defaults written out. Only model.document_boundary_id is left "
+                                   "unset, which a run with model.document_mask=true takes from its data.")
     s.add_argument("recipe", help="recipe name or path (see `cramkit recipes`)")
     s.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. train.budget=2h model.layers=4")
     s.set_defaults(func=run_show_config)
@@ -152,7 +155,7 @@ def _print_summary(s: dict) -> None:
 
 def run_show_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, _expand(args.overrides))
-    print(json.dumps(cfg.to_dict(), indent=2))
+    print(json.dumps(cfg.resolved(), indent=2))
     return 0
 
 

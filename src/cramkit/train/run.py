@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Clock, Usage, exhausted, next_due, progress
-from ..config import RunConfig, check_run_name, config_from_dict
-from ..configbase import apply_overrides
+from ..config import RunConfig, apply_run_overrides, check_run_name, config_from_dict
 from ..data.dataset import TokenDataset
 from ..data.loader import ShardLoader
 from ..data.prepare import cache_folder, cached_prepare
@@ -285,17 +284,6 @@ def _full_weights(model: torch.nn.Module, par: Parallel) -> dict:
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return ckpt.model_weights(model)
-
-
-def _resolved_config(cfg: RunConfig, techniques: list) -> dict[str, Any]:
-    """``cfg`` as ``config.json`` keeps it, with every enabled technique's options written out,
-    defaults included: a later cramkit with other defaults then resumes the run as it was
-    configured (a technique's defaults once moved a resumed stacking run's doublings). So are
-    the schedule's."""
-    data = cfg.to_dict()
-    data["schedule"] = cfg.schedule.resolved()
-    data["technique"] = {**data.get("technique", {}), **{t.name: t.options.to_dict() for t in techniques}}
-    return data
 
 
 def _checkpoint_weights(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict, dict | None, dict]:
@@ -626,7 +614,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 trainer.scaler.load_state_dict(saved["scaler"])
             _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
-            write_json(run_dir / "config.json", _resolved_config(cfg, techniques))
+            write_json(run_dir / "config.json", cfg.resolved())
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
         # and tokens then both cover the whole run, for an honest kWh per billion tokens.
         # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
@@ -782,12 +770,12 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         config_from_dict(saved)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    merged = apply_overrides(saved, overrides)
+    merged = apply_run_overrides(saved, overrides)
     for key in ("name", "out_dir"):  # the run directory is where it is: a new name would mislabel it
         if str(merged.get(key)) != str(saved.get(key)):
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
                               "copy the directory to continue it under another name")
-    cfg = config_from_dict(merged)
+    cfg = config_from_dict(merged, strict=False)  # the file was checked above; overrides are text
     unset = _unset_keys(merged, cfg.to_dict())
     if unset and int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in unset)
