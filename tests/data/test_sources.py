@@ -161,7 +161,7 @@ def test_hf_hub_source_offline_fails_at_once_and_streams_when_reachable(monkeypa
         tried.append(address)
         raise OSError(101, "Network is unreachable")
 
-    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(socket, "create_connection", unreachable)  # cramkit.hub's probe
     with pytest.raises(DataError, match=r"'hf:org/corpus': cannot reach the Hugging Face Hub \(huggingface.co:443: "
                                         r"Network is unreachable\).*hf-disk:PATH"):
         _texts(small_cfg(["hf:org/corpus"]))

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from cramkit.errors import DataError
+from cramkit.eval import tasks as tasks_mod
 from cramkit.eval.tasks import (
     TASKS,
     count_rows,
@@ -201,6 +202,7 @@ def test_hf_datasets_source_is_optional(monkeypatch):
         return {"train": rows * 3, "validation_matched": rows, "validation_mismatched": rows * 2}
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(tasks_mod, "hub_unreachable", lambda: None)
     data = load_task("mnli")
     assert calls == [("nyu-mll/glue", "mnli")]  # the Hub id itself, not the redirected "glue"
     assert len(data.train) == 3 and {k: len(v) for k, v in data.evals.items()} == {
@@ -209,6 +211,39 @@ def test_hf_datasets_source_is_optional(monkeypatch):
     }
     assert data.spec.labels[data.train[0].label] == "contradiction"
     assert data.train[0].text_pair == "h"
+
+
+def test_glue_from_the_hub_offline_reads_the_cache_at_once(monkeypatch):
+    """Offline, the hub client retried for half a minute before using its cache (or failing)."""
+    import sys
+    import types
+
+    config = types.ModuleType("datasets.config")
+    config.HF_HUB_OFFLINE = False
+    offline_during_load = []
+    rows = [{"sentence1": "a", "sentence2": "b", "label": 1}]
+
+    def load_dataset(name, subset):
+        offline_during_load.append(config.HF_HUB_OFFLINE)
+        if subset != "rte":
+            raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+        return {"train": rows * 2, "validation": rows}
+
+    fake = types.ModuleType("datasets")
+    fake.config, fake.load_dataset = config, load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setitem(sys.modules, "datasets.config", config)
+    monkeypatch.setattr(tasks_mod, "hub_unreachable", lambda: "huggingface.co:443: Network is unreachable")
+    data = load_task("rte")  # a cached copy: read with the cache only, and the flag put back
+    assert len(data.train) == 2 and offline_during_load == [True] and config.HF_HUB_OFFLINE is False
+    with pytest.raises(DataError, match=r"task 'mrpc': cannot reach the Hugging Face Hub \(huggingface.co:443: "
+                                        r"Network is unreachable\), and the datasets cache holds no copy of "
+                                        r"nyu-mll/glue/mrpc .*pass --data DIR"):
+        load_task("mrpc")
+    assert config.HF_HUB_OFFLINE is False
+    monkeypatch.setattr(tasks_mod, "hub_unreachable", lambda: None)  # online: the client as it is
+    load_task("rte")
+    assert offline_during_load[-1] is False
 
 
 def test_unreadable_files_are_one_line_errors_naming_file_and_line(tmp_path):

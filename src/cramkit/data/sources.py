@@ -21,6 +21,7 @@ import numpy as np
 
 from ..configbase import did_you_mean
 from ..errors import DataError
+from ..hub import hub_unreachable
 from ..utils import sha256_text
 from .config import PrepareConfig
 
@@ -412,7 +413,7 @@ class HFHubSource(Source):
 
     def documents(self) -> Iterator[Doc]:
         datasets = _import_datasets()
-        problem = _hub_unreachable()
+        problem = hub_unreachable()
         if problem:
             raise DataError(
                 f"source '{self.spec}': cannot reach the Hugging Face Hub ({problem}); hf: sources stream "
@@ -422,31 +423,6 @@ class HFHubSource(Source):
 
     def fingerprint(self) -> list[Any]:
         return [self.name, self.split]
-
-
-def _hub_unreachable(timeout: float = 5.0) -> str | None:
-    """Why the Hub's host cannot be connected to, or None when it can (or cannot be told).
-
-    Offline, the hub client retries each request for half a minute, printing every retry,
-    before it fails; a streamed dataset has no cached copy to fall back on. One connection
-    attempt tells the same in seconds. Behind a proxy (or with HF_HUB_OFFLINE set) the client
-    knows better than a direct connection would: nothing is probed."""
-    import os
-    import socket
-    from urllib.parse import urlsplit
-
-    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-    if any(os.environ.get(name) for name in (*proxies, "HF_HUB_OFFLINE")):
-        return None
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    if not url.hostname:
-        return None
-    port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as exc:
-        return f"{url.hostname}:{port}: {exc.strerror or exc}"
-    return None
 
 
 def _hf_rows(ds, field: str, where: str) -> Iterator[Doc]:

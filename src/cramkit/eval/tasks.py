@@ -33,6 +33,7 @@ from typing import Any
 
 from ..configbase import did_you_mean
 from ..errors import DataError
+from ..hub import cache_only, hub_unreachable
 from .metrics import check_metrics
 
 Column = str | int  # a header name, or a 0-based position for files without a header
@@ -551,7 +552,19 @@ def load_glue_hf(spec: TaskSpec) -> TaskData:
         raise DataError(f"task '{spec.name}' has no HF datasets counterpart")
     hf_splits = {"mnli-m": "validation_matched", "mnli-mm": "validation_mismatched"}
     # The canonical Hub id: the bare "glue" only resolves through a redirect of the Hub's.
-    ds = datasets.load_dataset(HF_GLUE_DATASET, spec.hf_name)
+    problem = hub_unreachable()
+    if problem is None:
+        ds = datasets.load_dataset(HF_GLUE_DATASET, spec.hf_name)
+    else:  # offline: a copy in the datasets cache still serves, and a missing one fails at once
+        try:
+            with cache_only():
+                ds = datasets.load_dataset(HF_GLUE_DATASET, spec.hf_name)
+        except (OSError, ValueError) as exc:  # ConnectionError(OfflineModeIsEnabled) when not cached
+            raise DataError(
+                f"task '{spec.name}': cannot reach the Hugging Face Hub ({problem}), and the datasets "
+                f"cache holds no copy of {HF_GLUE_DATASET}/{spec.hf_name} ({exc}); pass --data DIR "
+                "with the GLUE TSV files"
+            ) from None
     a, b = spec.hf_columns
 
     def convert(split) -> list[Example]:
