@@ -849,3 +849,18 @@ def test_resuming_a_run_whose_config_lacks_newer_settings_names_the_defaults_it_
     with pytest.warns(UserWarning) as w:
         resume_config(run, ["train.eval_every=0"])
     assert "keep_checkpoints" in str(w[0].message) and "eval_every" not in str(w[0].message)
+
+
+def test_a_run_whose_config_json_holds_a_count_as_a_float_still_resumes_and_exports(tiny_mlm_data, tmp_path):
+    """Earlier cramkit kept technique options as given on the command line
+    (technique.seqwarmup.start=8.0): config.json is cramkit's own file, read leniently."""
+    from cramkit.cli import main
+
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "techniques=[seqwarmup]",
+                         "technique.seqwarmup.start=8"), say=lambda *_: None)
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    saved["technique"]["seqwarmup"]["start"] = 8.0
+    (run / "config.json").write_text(json.dumps(saved))
+    assert resume_config(run, ["train.budget=3steps"]).technique["seqwarmup"]["start"] == 8.0
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0

@@ -188,7 +188,9 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     saved = read_json(cfg_path, CheckpointError)
     try:
         try:
-            run_model = config_from_dict(saved).model
+            # Not strict: cramkit wrote the file, and earlier versions kept technique options as
+            # given (100.0 for a count), which a run must still load with.
+            run_model = config_from_dict(saved, strict=False).model
         except UnknownName:
             # Trained with a plugin's technique or optimizer that is not loaded here: fine-tuning
             # and export need the model alone, so only its section is read.

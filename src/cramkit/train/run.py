@@ -767,7 +767,9 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
     saved = read_json(path, CheckpointError)
     try:  # the file alone first, so that a damaged or edited one is named as the culprit
-        config_from_dict(saved)
+        # Not strict: cramkit wrote it, and earlier versions kept technique options as given
+        # (100.0 for a count), which a run must still resume with.
+        config_from_dict(saved, strict=False)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     merged = apply_run_overrides(saved, overrides)
@@ -775,7 +777,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         if str(merged.get(key)) != str(saved.get(key)):
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
                               "copy the directory to continue it under another name")
-    cfg = config_from_dict(merged, strict=False)  # the file was checked above; overrides are text
+    cfg = config_from_dict(merged, strict=False)  # overrides are text
     unset = _unset_keys(merged, cfg.to_dict())
     if unset and int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in unset)
