@@ -232,7 +232,7 @@ class Trainer:
         # A signal the parent has us ignore (nohup, `cmd &` in a script) stays ignored.
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
                     if signal.getsignal(sig) is not signal.SIG_IGN}
-        window_tokens, window_time = 0, self.clock.elapsed
+        window_tokens, window_flops, window_time = 0, 0.0, self.clock.elapsed
         try:
             self.clock.start()
             self._update_progress()
@@ -271,13 +271,14 @@ class Trainer:
                 state.usage.tokens += step_tokens
                 state.usage.flops += fpt * step_tokens
                 window_tokens += step_tokens
+                window_flops += fpt * step_tokens
                 for t in self.techniques:
                     t.on_step_end(state)
                 self._swap_model_if_requested()
                 self._update_progress()
                 if state.step % cfg.train.log_every == 0 or exhausted(self.budget, state.usage):
-                    window_time = self._log_train(window_tokens, window_time, fpt)
-                    window_tokens = 0
+                    window_time = self._log_train(window_tokens, window_flops, window_time)
+                    window_tokens, window_flops = 0, 0.0
                 self._periodic()
             self.nonfinite.settle(state)  # the checkpoint written after training reads the counts
             # The training time is the clock when training stopped (the queued device work and
@@ -323,7 +324,7 @@ class Trainer:
         self.state.extra["val_loss"] = loss
         return loss
 
-    def _log_train(self, window_tokens: int, window_start: float, fpt: float) -> float:
+    def _log_train(self, window_tokens: int, window_flops: float, window_start: float) -> float:
         state = self.state
         # The only host reads of the training step: once per log_every steps.
         self.nonfinite.settle(state)
@@ -331,8 +332,11 @@ class Trainer:
         # Throughput from the clock read after those reads, when the device has finished the
         # window's steps (the host may run ahead of it between log steps).
         now = self.clock.elapsed
-        tps = window_tokens / max(now - window_start, 1e-9)
-        mfu = fpt * tps / self.peak_flops if self.peak_flops > 0 else 0.0
+        seconds = max(now - window_start, 1e-9)
+        tps = window_tokens / seconds
+        # The window's FLOPs, step by step: the cost per token changes within a window under
+        # layer dropping or a sequence-length warm-up, and the last step's alone misstated it.
+        mfu = window_flops / seconds / self.peak_flops if self.peak_flops > 0 else 0.0
         if mfu > 1 and not self._mfu_warned and self.par.is_main:
             self._mfu_warned = True
             warnings.warn(f"MFU {mfu:.0%}: the peak of {self.peak_flops / 1e12:.3g} TFLOP/s understates this "
