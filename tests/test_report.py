@@ -259,3 +259,35 @@ def test_reach_reads_a_null_loss_as_not_finite():
     assert reach(evals, 5.5) == 10.0  # no line from a null loss: the evaluation that reached it
     assert reach(evals, 4.0) == 30.0
     assert reach(evals[:3], 4.0) is None
+
+
+def test_a_summary_older_than_the_log_is_an_unfinished_run(runs, tmp_path):
+    """A run resumed past its summary (a resume by an older cramkit left it there, and was
+    killed) was reported with the old summary's status, steps and final loss."""
+    shutil.copytree(runs / "fast", tmp_path / "resumed")
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    last = [json.loads(line) for line in metrics.read_text().splitlines()][-1]
+    later = {**last, "type": "eval", "step": 20, "val_loss": 1.25, "elapsed": last["elapsed"] + 1}
+    metrics.write_text(metrics.read_text() + json.dumps(later) + "\n")
+    row = build_report(load_runs([tmp_path / "resumed"]))["runs"][0]
+    assert row["status"] == "unfinished" and row["steps"] == 20 and row["final_val_loss"] == 1.25
+
+
+def test_runs_scored_on_other_validation_data_or_masks_say_so(runs, tmp_path):
+    """Another sequence length of the same corpus and tokenizer, or another eval_mask_rate, made
+    a common target without a note."""
+    for name in ("other-data", "other-masks"):
+        shutil.copytree(runs / "fast", tmp_path / name)
+    manifest = json.loads((tmp_path / "other-data" / "data_manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["sha256"] = "0" * 64
+    (tmp_path / "other-data" / "data_manifest.json").write_text(json.dumps(manifest))
+    config = json.loads((tmp_path / "other-masks" / "config.json").read_text())
+    config["objective"]["eval_mask_rate"] = 0.25
+    (tmp_path / "other-masks" / "config.json").write_text(json.dumps(config))
+    assert build_report(load_runs([runs / "fast", tmp_path / "other-data"]))["notes"] == [
+        "the runs score different validation data (their data manifests list other validation shards: "
+        "another corpus, sequence length or preparation): their losses are not comparable"]
+    assert build_report(load_runs([runs / "fast", tmp_path / "other-masks"]))["notes"] == [
+        "the runs mask different shares of the validation tokens (objective.eval_mask_rate 0.15, 0.25): "
+        "a masked-LM loss depends on it"]
+    assert build_report(load_runs([runs / "fast", runs / "slow"]))["notes"] == []

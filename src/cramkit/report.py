@@ -119,6 +119,9 @@ class Run:
     #: What a validation loss is measured in: ``(objective, tokenizer sha256)`` from the run's copy
     #: of the data manifest (None for either that it does not record).
     loss_scale: tuple[str | None, str | None] = (None, None)
+    #: What it is measured on: the sha256 of each validation shard the manifest lists (None when
+    #: it lists none).
+    val_data: tuple[str, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -181,9 +184,22 @@ def load_run(path: str | Path) -> Run:
     config = read_json(path / "config.json", RunError)
     summary = read_json(path / "summary.json", RunError) if (path / "summary.json").is_file() else None
     train, evals = read_metrics(path / "metrics.jsonl")
+    if summary is not None and _is_number(summary.get("steps")) and \
+            max(r["step"] for r in train + evals) > summary["steps"]:
+        # A resume went on past it (cramkit before the resume removed it, or a copy put back):
+        # the run is its metrics', and unfinished.
+        summary = None
     manifest = read_json(path / "data_manifest.json", RunError) if (path / "data_manifest.json").is_file() else {}
     scale = (manifest.get("objective"), manifest.get("tokenizer_sha256")) if isinstance(manifest, dict) else (None, None)
-    return Run(path.resolve().name, path, config, summary, train, evals, scale)
+    return Run(path.resolve().name, path, config, summary, train, evals, scale, _val_shards(manifest))
+
+
+def _val_shards(manifest: Any) -> tuple[str, ...] | None:
+    try:
+        shards = tuple(str(s["sha256"]) for s in manifest["splits"]["val"]["shards"])
+    except (KeyError, TypeError):
+        return None
+    return shards or None
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -283,7 +299,20 @@ def comparability_notes(runs: Sequence[Run]) -> list[str]:
     if len(tokenizers) > 1:
         notes.append("the runs use different tokenizers: a loss per token of one vocabulary is not a "
                      "loss per token of another")
+    elif len({r.val_data for r in runs} - {None}) > 1:  # the same vocabulary, other text or lengths
+        notes.append("the runs score different validation data (their data manifests list other validation "
+                     "shards: another corpus, sequence length or preparation): their losses are not comparable")
+    rates = {_eval_mask_rate(r) for r in runs if r.loss_scale[0] == "mlm"} - {None}
+    if len(rates) > 1:
+        notes.append(f"the runs mask different shares of the validation tokens (objective.eval_mask_rate "
+                     f"{', '.join(f'{x:g}' for x in sorted(rates))}): a masked-LM loss depends on it")
     return notes
+
+
+def _eval_mask_rate(run: Run) -> float | None:
+    objective = run.config.get("objective")
+    rate = objective.get("eval_mask_rate") if isinstance(objective, dict) else None
+    return float(rate) if _is_number(rate) else None
 
 
 # ----------------------------------------------------------------------------------- rendering

@@ -880,3 +880,32 @@ def test_a_run_whose_config_json_holds_a_count_as_a_float_still_resumes_and_expo
     (run / "config.json").write_text(json.dumps(saved))
     assert resume_config(run, ["train.budget=3steps"]).technique["seqwarmup"]["start"] == 8.0
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+
+
+def test_a_resume_removes_the_summary_and_carries_the_closing_pause_on(tiny_mlm_data, tmp_path, monkeypatch):
+    """A resumed run kept the summary of the segment before: `cramkit report` then took a run
+    still training (or killed) for one that had finished at the old step. And the paused time
+    of that segment's final checkpoint and evaluation, which its summary counted but no
+    checkpoint holds, was lost."""
+    from .helpers import on_training_forward
+
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=4steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    summary["paused_seconds"] = 1000.0  # as if the final evaluation had taken that long
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    def fail(n, kwargs, out):
+        if n == 2:
+            raise RuntimeError("killed mid-resume")
+        return out
+
+    with monkeypatch.context() as m:
+        on_training_forward(m, fail)
+        with pytest.raises(RuntimeError, match="killed mid-resume"):
+            pretrain(resume_config(run, ["train.budget=8steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert not (run / "summary.json").exists()
+    # The summary is gone now, so a resume from here knows only the checkpoint's pause.
+    (run / "summary.json").write_text(json.dumps(summary))
+    resumed = pretrain(resume_config(run, ["train.budget=8steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert resumed["steps"] == 8 and resumed["paused_seconds"] > 1000.0

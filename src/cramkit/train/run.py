@@ -511,11 +511,15 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
                          shuffle=shuffle, epochs=None, transform=objective, pin_memory=device.type == "cuda")
     clock = Clock()
+    closing = None
     if saved:
         state.load_counters(saved["counters"])
         _reschedule(state, cfg)
         loader.load_state_dict(saved["loader"])
         clock.load_state_dict(saved["clock"])
+        closing = _closing_totals(run_dir, state.step) if par.is_main else None
+        if closing:
+            clock.paused_seconds = max(clock.paused_seconds, closing.get("paused_seconds", 0.0))
         rng = saved["rng"]
         _set_rng_state(rng[par.rank % len(rng)] if isinstance(rng, list) else rng, device)
     else:  # the start is evaluated explicitly; periodic work begins one interval in
@@ -615,11 +619,16 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.resolved())
+            # The run goes on: its summary describes a run that ended, and `cramkit report` would
+            # take it for the whole run's while this one trains (or after it was killed).
+            (run_dir / "summary.json").unlink(missing_ok=True)
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
         # and tokens then both cover the whole run, for an honest kWh per billion tokens.
         # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
         # collective: every rank calls it.
         energy_before = saved.get("energy_kwh") if saved else 0.0
+        if closing and "energy_kwh" in closing:
+            energy_before = closing["energy_kwh"]
 
         def energy_so_far() -> float | None:
             per_rank = par.gather(meter.kwh())
@@ -735,6 +744,25 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
         "final_val_loss": val_loss,
         "nonfinite_steps": st.nonfinite_total,
     }
+
+
+def _closing_totals(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """What the summary of the segment that ended at ``step`` counted after its final checkpoint
+    was written: that checkpoint's write and the final evaluation are paused time (and energy)
+    the checkpoint itself cannot hold. None when the summary is not of that step (a resume from
+    an earlier checkpoint than the last) or unreadable."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != step:
+        return None
+    out: dict[str, Any] = {}
+    if isinstance(summary.get("paused_seconds"), (int, float)):
+        out["paused_seconds"] = float(summary["paused_seconds"])
+    if "energy_kwh" in summary:  # null: an earlier segment was not metered, and stays unknown
+        out["energy_kwh"] = summary["energy_kwh"]
+    return out or None
 
 
 def _load_resumed_weights(model: torch.nn.Module, cfg: RunConfig, run_dir: Path, checkpoint: Path) -> None:
