@@ -83,11 +83,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def memory_gb(device: torch.device) -> float:
-    """Peak allocated device memory so far (GB); 0 on CPU."""
+def memory_gb(device: torch.device) -> float | None:
+    """Peak allocated device memory so far (GB); None (not measured) on CPU, where 0.0 would read
+    as a measured zero."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return 0.0
+        return round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    return None
 
 
 def auto_micro_batch(model, make_batch, device: torch.device, precision: str, cap: int, optimizer_bytes: float,

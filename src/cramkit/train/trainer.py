@@ -350,7 +350,7 @@ class Trainer:
             "elapsed": in_ms(state.usage.seconds),
             "progress": round(state.progress, 5), "loss": state.loss, "lr": state.lr,
             "batch_size": state.accumulation * self.micro_batch * self.par.world_size, "tokens_per_s": round(tps, 1),
-            "mfu": round(mfu, 4), "memory_gb": round(memory_gb(self.device), 3),
+            "mfu": round(mfu, 4), "memory_gb": memory_gb(self.device),
             "nonfinite_total": state.nonfinite_total,
         }
         self.log(record)
