@@ -47,6 +47,16 @@ FP8_PAIRS = [
     ("fp8 hidden 2048 compiled", 2048, 8, ["fp8", "compile"], 64),
 ]
 _OWN = ("fp8", "compile")
+
+
+def reference_row(name: str) -> str:
+    """The switch-cost row that ``name``'s ratio divides by: the same model, batch and compile
+    mode without the switch. A ratio over another shape or mode would mix in their effects."""
+    if name in SWITCHES:
+        return "none"
+    if name.startswith("fp8 "):
+        return "bf16 " + name.removeprefix("fp8 ")
+    return name  # a bf16 compiled row: the reference of its FP8 twin, itself compared with none
 LARGEST = {
     "nothing": [],
     "activation checkpointing": ["memory.activation_checkpointing=full"],
@@ -388,13 +398,16 @@ def main() -> None:
     print(f"device: {results['device']}, {results['date']}\n")
     cost = results.get("switch_cost", {})
     if cost:
-        print("| crammed-bert switch | tokens/s | × none | peak GB | estimated GB |\n| --- | --- | --- | --- | --- |")
-        base = cost.get("none", {}).get("tokens_per_s", 0) or 1
+        print("× ref: tokens/s over the row of the same workload without the switch (a memory switch over\n"
+              "eager 'none', an FP8 row over its bf16 compiled twin); '—' where there is none.\n")
+        print("| crammed-bert switch | tokens/s | × ref | peak GB | estimated GB |\n| --- | --- | --- | --- | --- |")
         for name, r in cost.items():
             if "error" in r:
                 print(f"| {name} | {r['error']} | | | {r.get('estimate_gb', '-')} |")
             else:
-                print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['peak_gb']:.1f} "
+                ref = cost.get(reference_row(name), {}).get("tokens_per_s")
+                ratio = f"{r['tokens_per_s'] / ref:.2f}" if ref and reference_row(name) != name else "—"
+                print(f"| {name} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gb']:.1f} "
                       f"| {r.get('estimate_gb', '-')} |")
     if results.get("largest"):
         print("\n| switches | largest model that trains | hidden × layers | above it | tokens/s "

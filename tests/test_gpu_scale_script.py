@@ -106,3 +106,16 @@ def test_the_table_gives_an_exact_size_only_when_the_next_one_failed():
     assert cells({"params": 4e9, "next_failed": 64, "stopped": "out of time"}) == (
         "≥ 4.00 B", "64 layers failed; stopped: out of time")
     assert cells({"params": 4e9, "stopped": "end of the list"}) == ("≥ 4.00 B", "stopped: end of the list")
+
+
+def test_switch_cost_ratios_divide_by_the_same_workload_without_the_switch():
+    """The "× none" column divided the compiled FP8 rows and the hidden-2048 ones by the eager
+    768 × 16 row: compile, shape and batch effects mixed into the switch's cost."""
+
+    assert gpu_scale.reference_row("ac-full") == "none"
+    for name, hidden, layers, switches, micro in gpu_scale.FP8_PAIRS:
+        if "fp8" in switches:
+            ref = next(p for p in gpu_scale.FP8_PAIRS if p[0] == gpu_scale.reference_row(name))
+            assert ref[1:3] == (hidden, layers) and ref[4] == micro and ref[3] == ["compile"]
+        else:
+            assert gpu_scale.reference_row(name) == name  # no ratio of its own
