@@ -190,13 +190,15 @@ def test_a_stopped_run_exits_130(monkeypatch, capsys):
     as everywhere else in cramkit, so that a script can tell it from a finished run."""
 
     summary = {"run_dir": "r", "stop_reason": "signal", "steps": 3, "tokens": 96, "train_seconds": 1.0,
-               "paused_seconds": 0.0, "first_train_loss": 7.0, "last_train_loss": 6.0,
+               "paused_seconds": 0.0, "first_train_loss": 7.0, "first_train_step": 2, "last_train_loss": 6.0,
                "initial_val_loss": 7.1, "final_val_loss": 6.1, "tokens_per_s": 96.0, "mfu": 0.1}
     monkeypatch.setattr("cramkit.train.run.pretrain", lambda cfg: dict(summary))
     assert main(["pretrain", "demo", "finetune_demo=false"]) == 130
     summary["stop_reason"] = "budget"
     assert main(["pretrain", "demo", "finetune_demo=false"]) == 0
-    assert "validation loss: start 7.1000  end 6.1000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validation loss: start 7.1000  end 6.1000" in out
+    assert "train loss: step 2 7.0000  end 6.0000" in out  # the first record's step, not "start"
 
 
 def test_sigterm_during_prepare_removes_the_half_written_data(tmp_path, monkeypatch, capsys):

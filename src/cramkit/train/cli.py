@@ -146,7 +146,10 @@ def _print_summary(s: dict) -> None:
     print(f"stopped by {s['stop_reason']} after {s['steps']} steps, {s['tokens']:,} tokens, "
           f"{s['train_seconds']:.1f} s of training ({s['paused_seconds']:.1f} s paused for evaluation, "
           "checkpoints and compilation)")
-    print(f"train loss: start {fmt(s['first_train_loss'])}  end {fmt(s['last_train_loss'])}")
+    # The first record's step: that loss is one step's, logged log_every steps in (a summary
+    # from before the step was recorded says so without it).
+    first = f"step {s['first_train_step']}" if s.get("first_train_step") is not None else "first logged"
+    print(f"train loss: {first} {fmt(s['first_train_loss'])}  end {fmt(s['last_train_loss'])}")
     print(f"validation loss: start {fmt(s['initial_val_loss'])}  end {fmt(s['final_val_loss'])}")
     print(f"throughput: {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}")
     if s.get("energy_kwh") is not None:

@@ -738,7 +738,9 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
         "mfu": round(st.usage.flops / peak_seconds, 4) if peak_seconds > 0 else 0.0,
         "peak_flops": peak,
         "parameters": n_params,
+        # The first logged step's loss (one step's, after log_every - 1 updates), not step 0's.
         "first_train_loss": train[0]["loss"] if train else None,
+        "first_train_step": train[0]["step"] if train else None,
         "last_train_loss": train[-1]["loss"] if train else None,
         "initial_val_loss": first_loss,
         "final_val_loss": val_loss,
