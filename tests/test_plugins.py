@@ -14,6 +14,7 @@ import pytest
 
 from cramkit import plugins
 from cramkit.cli import main
+from cramkit.errors import ConfigError
 from cramkit.optim import OPTIMIZERS
 from cramkit.schedules import LR_SCHEDULES
 from cramkit.techniques import TECHNIQUES
@@ -183,6 +184,28 @@ def test_installed_packages_plug_in_through_entry_points(tmp_path, monkeypatch, 
     from cramkit.config import load_config
 
     assert load_config("demo", ["schedule.name=halfway"]).schedule.name == "halfway"
+    # An entry point's own missing import is its author's traceback, as for CRAMKIT_PLUGINS.
+    (tmp_path / "mylab_broken.py").write_text("import no_such_dependency_of_the_plugin\n")
+    broken = EntryPoint(name="broken", value="mylab_broken", group=plugins.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda group: [broken])
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_of_the_plugin"):
+        plugins.load_plugins()
+    gone = EntryPoint(name="gone", value="mylab_uninstalled", group=plugins.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda group: [gone])
+    with pytest.raises(ConfigError, match="plugin entry point 'gone=mylab_uninstalled'.*reinstall"):
+        plugins.load_plugins()
+
+
+def test_every_registry_says_unknown_name_so_that_export_can_pass_a_plugins_over():
+    """A run trained with a plugin's schedule could not be exported without the plugin: the
+    schedule's unknown name was a plain ConfigError, which the model-only reading never saw."""
+    from cramkit.config import config_from_dict
+    from cramkit.errors import UnknownName
+
+    for section in ({"schedule": {"name": "halfway"}}, {"optim": {"name": "plainsgd"}},
+                    {"techniques": ["slowstart"]}):
+        with pytest.raises(UnknownName, match=f"a plugin's is found once {plugins.ENV} names its module"):
+            config_from_dict(section)
 
 
 def test_a_plugin_cannot_take_a_shipped_name(clean_registries):

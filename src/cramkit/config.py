@@ -24,9 +24,10 @@ from .configbase import (
 )
 from .data.config import PrepareConfig
 from .distributed.config import MemoryConfig, ParallelConfig
-from .errors import ConfigError
+from .errors import ConfigError, UnknownName
 from .models.config import ModelConfig
 from .models.presets import get_preset
+from .plugins import unknown_hint
 from .schedules import LR_SCHEDULES
 from .utils import read_text
 
@@ -209,10 +210,9 @@ class ScheduleConfig(Config):
     final: float = field(0.0, help="final multiplier of the peak")
 
     def validate(self) -> None:
-        if self.name not in LR_SCHEDULES:
-            raise ConfigError(
-                f"schedule.name: unknown schedule '{self.name}'{did_you_mean(self.name, LR_SCHEDULES)}"
-            )
+        if self.name not in LR_SCHEDULES:  # UnknownName: a plugin's, perhaps, which export needs not
+            raise UnknownName(f"schedule.name: unknown schedule '{self.name}'{unknown_hint(self.name, LR_SCHEDULES)}; "
+                              f"known: {', '.join(sorted(LR_SCHEDULES))}")
         if not 0.0 <= self.warmup < 1.0 or not (self.peak_at is None or 0.0 < self.peak_at <= 1.0):
             raise ConfigError("schedule.warmup must be in [0, 1) and schedule.peak_at in (0, 1]")
 
@@ -398,9 +398,10 @@ def check_run_name(name: str) -> None:
 def config_from_dict(data: dict[str, Any], *, strict: bool = True) -> RunConfig:
     """Build a RunConfig from a (recipe or saved) dict, resolving a model preset.
 
-    Each value must be of its field's type, as a TOML file or a config.json has it: ``"0.5"``
-    is no number there and ``32.0`` no integer. ``strict=False`` reads text as ``key=value``
-    overrides give it, for a dict with overrides applied.
+    Each value must be of its field's type, as a recipe file's must: ``"0.5"`` is no number
+    there and ``32.0`` no integer. ``strict=False`` reads text as ``key=value`` overrides give
+    it, for a dict with overrides applied, and for a run's config.json (cramkit's own file,
+    whose earlier versions kept technique options as given).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"a run config must be a table of options, got {type(data).__name__}")

@@ -3,6 +3,7 @@ the hub client's half minute of retries."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import os
@@ -21,16 +22,28 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     seconds. Behind a proxy (or with HF_HUB_OFFLINE set) the client knows better than a direct
     connection would: nothing is probed. HF_ENDPOINT names the host, as it does for the client.
     """
-    if any(os.environ.get(name) for name in (*_PROXIES, "HF_HUB_OFFLINE")):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    if offline or any(os.environ.get(name) for name in _PROXIES):
         return None
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    if not url.hostname:
-        return None
-    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:  # a malformed HF_ENDPOINT: the client's own error says more
+        return None
+    if not host:
+        return None
+    # The name lookup has no timeout of its own (a resolver that does not answer takes its
+    # retries' full length): it runs in a thread that is waited for as long as the connection.
+    lookup = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        address = lookup.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM).result(timeout)[0][4]
+        socket.create_connection(address[:2], timeout=timeout).close()
+    except concurrent.futures.TimeoutError:
+        return f"{host}:{port}: no answer within {timeout:g} s"
     except OSError as exc:
-        return f"{url.hostname}:{port}: {exc.strerror or exc}"
+        return f"{host}:{port}: {exc.strerror or exc}"
+    finally:
+        lookup.shutdown(wait=False)
     return None
 
 

@@ -58,6 +58,8 @@ def load_plugins() -> list[str]:
             try:
                 loaded = entry.load()
             except ModuleNotFoundError as exc:
+                if not _names(entry.module, exc.name):
+                    raise  # the plugin itself imports something missing: its author's traceback
                 raise ConfigError(f"plugin entry point '{key}' (group {ENTRY_POINT_GROUP}): {exc}; "
                                   "reinstall the package that declares it, or uninstall it") from None
             _loaded[key] = loaded if isinstance(loaded, ModuleType) else sys.modules[entry.module]
@@ -68,9 +70,15 @@ def _import_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+        if not _names(name, exc.name):
             raise  # the plugin itself imports something missing: its author's traceback
         raise ConfigError(f"{ENV}: no module named '{name}' (a module on the Python path, or a .py file)") from None
+
+
+def _names(module: str, missing: str | None) -> bool:
+    """Whether a ModuleNotFoundError for ``missing`` is about ``module`` itself (or a package
+    above it), not about something its code imports."""
+    return missing is not None and (module == missing or module.startswith(missing + "."))
 
 
 def _import_file(path: str) -> ModuleType:

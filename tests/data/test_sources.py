@@ -161,7 +161,9 @@ def test_hf_hub_source_offline_fails_at_once_and_streams_when_reachable(monkeypa
         tried.append(address)
         raise OSError(101, "Network is unreachable")
 
-    monkeypatch.setattr(socket, "create_connection", unreachable)  # cramkit.hub's probe
+    # cramkit.hub's probe: the name resolves (to itself, here), the connection fails.
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a: [(None, None, None, "", (host, port))])
+    monkeypatch.setattr(socket, "create_connection", unreachable)
     with pytest.raises(DataError, match=r"'hf:org/corpus': cannot reach the Hugging Face Hub \(huggingface.co:443: "
                                         r"Network is unreachable\).*hf-disk:PATH"):
         _texts(small_cfg(["hf:org/corpus"]))
@@ -177,6 +179,22 @@ def test_hf_hub_source_offline_fails_at_once_and_streams_when_reachable(monkeypa
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout: types.SimpleNamespace(close=lambda: None))
     assert _texts(small_cfg(["hf:org/corpus"])) == ["first doc", "second doc"]
+    # HF_HUB_OFFLINE=0 means online: the probe still runs. A malformed HF_ENDPOINT is the
+    # client's to report; a resolver that never answers is bounded by the probe's timeout.
+    from cramkit.hub import hub_unreachable
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert "Network is unreachable" in hub_unreachable()
+    monkeypatch.setenv("HF_ENDPOINT", "https://host:80a")
+    assert hub_unreachable() is None
+    monkeypatch.delenv("HF_ENDPOINT")
+    import threading
+
+    stuck = threading.Event()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a: stuck.wait(5) and [])
+    assert hub_unreachable(timeout=0.05) == "huggingface.co:443: no answer within 0.05 s"
+    stuck.set()
 
 
 def test_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):

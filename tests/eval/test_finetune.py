@@ -254,6 +254,11 @@ def test_evaluate_saves_fine_tuned_weights_when_asked(tiny_run, tmp_path):
     for random_init, name in ((False, "rte"), (True, "rte-random")):
         evaluate_glue(run, tmp_path / "glue", cfg=cfg, random_init=random_init, log=lambda s: None)
         assert (run / "finetune" / name / "seed-0" / "model.safetensors").is_file(), name
+        owner = json.loads((run / "finetune" / name / "seed-0" / "owner.json").read_text())
+        assert owner == {"task": "rte", "task_source": "glue", "init": "random" if random_init else "pretrained",
+                         "peft": "none"}
+    # Evaluated again, the owner writes its own weights once more.
+    evaluate_glue(run, tmp_path / "glue", cfg=cfg, log=lambda s: None)
 
 
 def test_evaluate_runs_qqp_whose_release_has_malformed_rows(tiny_run, tmp_path):
@@ -514,7 +519,7 @@ def test_saved_weights_replace_the_previous_ones_atomically(tmp_path, tiny_run, 
     finetune(backbone, task, cfg, save_dir=tmp_path / "ft")
     saved = tmp_path / "ft" / "seed-0"
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
-    assert set(before) == {"model.safetensors", "finetune_config.json"}
+    assert set(before) == {"model.safetensors", "finetune_config.json", "owner.json"}
     real = safetensors.torch.save_file
 
     def half_then_interrupt(tensors, filename, metadata=None):
@@ -578,25 +583,41 @@ def test_a_fine_tune_never_replaces_another_tasks_result_of_the_same_name(tiny_r
     import importlib
 
     from cramkit.cli import main
+    from cramkit.eval.tasks import load_task
 
     finetune_mod = importlib.import_module("cramkit.eval.finetune")  # the package's finetune is the function
-    for stem in ("reviews", "reviews-lora", "my reviews"):
+    for stem in ("reviews", "reviews-lora", "rte"):
         (tmp_path / f"{stem}.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
         (tmp_path / f"{stem}.dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
     taken = tiny_run / "eval" / "finetune-reviews-lora.json"
     taken.parent.mkdir(exist_ok=True)
-    taken.write_text(json.dumps({"task": "reviews", "init": "pretrained", "config": {"peft": "lora"}}))
+    taken.write_text(json.dumps({"task": "reviews", "task_source": "file", "init": "pretrained",
+                                 "config": {"peft": "lora"}}))
     trained = []
     monkeypatch.setattr(finetune_mod, "finetune", lambda *a, **k: trained.append(a) or {})
     assert main(["finetune", str(tiny_run), "--task", str(tmp_path / "reviews-lora.tsv"),
                  "--dev", str(tmp_path / "reviews-lora.dev.tsv")]) == 2
     err = capsys.readouterr().err
-    assert "holds the result of task 'reviews' (pretrained init, lora)" in err
-    assert "task 'reviews-lora' (pretrained init, full fine-tune)" in err and "\n" not in err.strip()
+    assert "holds the outputs of file task 'reviews' (pretrained init, lora)" in err
+    assert "file task 'reviews-lora' (pretrained init, full fine-tune)'s" in err and "\n" not in err.strip()
     assert trained == [] and json.loads(taken.read_text())["task"] == "reviews"  # nothing ran, nothing lost
-    # Names made safe for a path meet too; the owner of a result may write it again.
-    (tiny_run / "eval" / "finetune-my-reviews.json").write_text(
-        json.dumps({"task": "my-reviews", "init": "pretrained", "config": {"peft": "none"}}))
-    assert finetune_mod.name_clash(tiny_run / "eval" / "finetune-my-reviews.json", "my reviews", False)
-    assert finetune_mod.name_clash(taken, "reviews", False, "lora") is None
-    assert finetune_mod.name_clash(tiny_run / "eval" / "absent.json", "reviews", False) is None
+    # A weights folder another task saved (save=true) is refused as well, with no result file
+    # beside it: a file task rte.tsv's, before GLUE's RTE would replace it.
+    weights = tiny_run / "finetune" / "rte" / "seed-0"
+    weights.mkdir(parents=True)
+    (weights / "owner.json").write_text(json.dumps(
+        {"task": "rte", "task_source": "file", "init": "pretrained", "peft": "none"}))
+    glue = tmp_path / "glue" / "RTE"
+    glue.mkdir(parents=True)
+    for split in ("train", "dev"):
+        (glue / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    assert main(["finetune", str(tiny_run), "--task", "rte", "--data", str(tmp_path / "glue"), "save=true"]) == 2
+    assert "finetune/rte holds the outputs of file task 'rte'" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_run), "--suite", "glue", "--data", str(tmp_path / "glue"), "save=true"]) == 2
+    assert "holds the outputs of file task 'rte'" in capsys.readouterr().err and trained == []
+    # The owner of outputs may write them again; absent ones are no clash.
+    owner = finetune_mod.outputs_owner(load_task("rte", tmp_path / "glue").spec, False)
+    assert owner == {"task": "rte", "task_source": "glue", "init": "pretrained", "peft": "none"}
+    owner = {**owner, "task": "reviews", "task_source": "file", "peft": "lora"}
+    assert finetune_mod.name_clash([taken], owner) is None
+    assert finetune_mod.name_clash([tiny_run / "eval" / "absent.json", tiny_run / "nothing"], owner) is None

@@ -904,8 +904,18 @@ def test_a_resume_removes_the_summary_and_carries_the_closing_pause_on(tiny_mlm_
         on_training_forward(m, fail)
         with pytest.raises(RuntimeError, match="killed mid-resume"):
             pretrain(resume_config(run, ["train.budget=8steps"]), run_dir=run, resume=True, say=lambda *_: None)
-    assert not (run / "summary.json").exists()
-    # The summary is gone now, so a resume from here knows only the checkpoint's pause.
-    (run / "summary.json").write_text(json.dumps(summary))
+    assert not (run / "summary.json").exists()  # set aside, for the next resume from step 4
     resumed = pretrain(resume_config(run, ["train.budget=8steps"]), run_dir=run, resume=True, say=lambda *_: None)
     assert resumed["steps"] == 8 and resumed["paused_seconds"] > 1000.0
+    assert sorted(p.name for p in run.glob("*summary*")) == ["summary.json"]
+
+
+def test_resume_names_a_technique_option_its_config_json_lacks(tiny_mlm_data, tmp_path):
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "model.layers=4", "techniques=[pld]"),
+             say=lambda *_: None)
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    del saved["technique"]["pld"]["theta_bar"]  # an option added after this run was made
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=r"does not set technique\.pld\.theta_bar=0\.5 "):
+        resume_config(run, ["train.budget=3steps"])

@@ -70,6 +70,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         finetune_save_dir,
         load_backbone,
         name_clash,
+        outputs_owner,
     )
     from .metrics import to_percent
     from .tasks import load_task
@@ -90,10 +91,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
     name = finetune_name(task.spec.name, args.random_init, cfg.peft)
     out = Path(args.run_dir) / "eval" / f"finetune-{name}.json"
-    clash = name_clash(out, task.spec.name, args.random_init, cfg.peft)
+    save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init, cfg.peft) if cfg.save else None
+    clash = name_clash([out, *([save_dir] if save_dir else [])], outputs_owner(task, args.random_init, cfg.peft))
     if clash:
         raise ConfigError(clash)
-    save_dir = finetune_save_dir(args.run_dir, task.spec.name, args.random_init, cfg.peft) if cfg.save else None
     result = finetune(backbone, task, cfg, save_dir=save_dir)
     changed = changed_settings(out, result["config"])
     write_json(out, result)

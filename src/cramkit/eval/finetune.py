@@ -30,7 +30,7 @@ from .adapters import PEFT_METHODS, PeftOptions, apply_peft, parameter_counts
 from .encoding import Encoded, SpecialIds, TaskEncoder
 from .heads import POOLERS, SequenceClassifier
 from .metrics import compute_metrics, median_metrics, task_score
-from .tasks import TaskData, subsample
+from .tasks import TaskData, TaskSpec, subsample
 
 
 @dataclasses.dataclass
@@ -272,27 +272,55 @@ def changed_settings(path: Path, config: dict[str, Any]) -> list[str]:
     return changed_keys(previous, config)
 
 
-def name_clash(path: Path, task_name: str, random_init: bool, peft: str = "none") -> str | None:
-    """Why this fine-tune must not write ``path`` (None when it may): the result there belongs to
-    another task, init or PEFT method whose outputs got the same name (:func:`finetune_name`).
+def outputs_owner(task: TaskData | TaskSpec, random_init: bool, peft: str = "none") -> dict[str, str]:
+    """Whose fine-tuning outputs these are: task name and source (a GLUE task, a file...), init
+    and PEFT method. A result file and a saved weights folder record it (:func:`name_clash`)."""
+    spec = task.spec if isinstance(task, TaskData) else task
+    return {"task": spec.name, "task_source": spec.source, "init": "random" if random_init else "pretrained",
+            "peft": peft}
+
+
+def _recorded_owners(path: Path) -> list[dict[str, Any]]:
+    """The owners a result file (``task``, ``init``, ``config.peft``) or a weights folder (each
+    ``seed-N/owner.json``) records; none for what is absent or unreadable."""
+    found = []
+    files = [path] if path.suffix == ".json" else sorted(path.glob("seed-*/owner.json"))
+    for file in files:
+        try:
+            data = json.loads(file.read_text())
+            if file.name == "owner.json":
+                found.append({k: str(v) for k, v in data.items()})
+            else:
+                found.append({"task": data["task"], "init": data["init"],
+                              "peft": data["config"].get("peft", "none"),
+                              **({"task_source": data["task_source"]} if "task_source" in data else {})})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return found
+
+
+def name_clash(paths: Sequence[Path], owner: dict[str, str]) -> str | None:
+    """Why this fine-tune must not write ``paths`` (its result file, its weights folder; None
+    when it may): what is there belongs to another task, init or PEFT method whose outputs got
+    the same name (:func:`finetune_name`).
 
     A task file ``reviews-lora.tsv`` fine-tuned fully and ``reviews.tsv`` with LoRA are both
-    ``reviews-lora``, as are ``my reviews.tsv`` and ``my-reviews.tsv``: the second would replace
-    the first's result and saved weights. Checked before fine-tuning, so no work is lost."""
-    try:
-        previous = json.loads(path.read_text())
-        owner = (previous["task"], previous["init"], previous["config"].get("peft", "none"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    this = (task_name, "random" if random_init else "pretrained", peft)
-    if owner == this:
-        return None
+    ``reviews-lora``, as are ``my reviews.tsv`` and ``my-reviews.tsv``, and a file ``rte.tsv``
+    and GLUE's RTE: the second would replace the first's result and saved weights. Checked
+    before fine-tuning, so no work is lost. (An output from before sources were recorded is
+    compared by the rest.)"""
 
-    def describe(task: str, init: str, method: str) -> str:
-        return f"task '{task}' ({init} init, {'full fine-tune' if method == 'none' else method})"
+    def describe(o: dict[str, str]) -> str:
+        source = f"{o['task_source']} " if o.get("task_source") else ""
+        method = "full fine-tune" if o.get("peft", "none") == "none" else o["peft"]
+        return f"{source}task '{o['task']}' ({o['init']} init, {method})"
 
-    return (f"{path} holds the result of {describe(*owner)}, whose outputs have the same name as "
-            f"those of {describe(*this)}: rename one of the task files, or move {path} away")
+    for path in paths:
+        for previous in _recorded_owners(path):
+            if any(previous.get(k, v) != v for k, v in owner.items()):
+                return (f"{path} holds the outputs of {describe(previous)}, whose names are those of "
+                        f"{describe(owner)}'s: rename one of the task files, or move {path} away")
+    return None
 
 
 def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:
@@ -426,11 +454,11 @@ def train_one(
         preds = predict(model, encoder, data, cfg, device, regression)
         metrics[entry] = compute_metrics(spec.metrics, preds, [e.label for e in data])
     if save_dir is not None:
-        _save_finetuned(model, save_dir, cfg)
+        _save_finetuned(model, save_dir, cfg, outputs_owner(task, backbone.random_init, cfg.peft))
     return {"metrics": metrics, "parameters": counts, "steps": total}
 
 
-def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig) -> None:
+def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig, owner: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     from ..utils import atomic_dir, write_json
@@ -447,6 +475,7 @@ def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig) -> None:
 
             save_file(model_weights(model), str(tmp / "model.safetensors"))
         write_json(tmp / "finetune_config.json", cfg.to_dict())
+        write_json(tmp / "owner.json", owner)  # whose weights these are: see name_clash
 
 
 def finetune(
@@ -482,6 +511,7 @@ def finetune(
     metrics = {entry: median_metrics([r["metrics"][entry] for r in runs]) for entry in task.evals}
     return {
         "task": task.spec.name,
+        "task_source": task.spec.source,
         "init": "random" if backbone.random_init else "pretrained",
         "metrics": metrics,
         "scores": {entry: task_score(m) for entry, m in metrics.items()},

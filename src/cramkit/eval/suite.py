@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configbase import did_you_mean
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..utils import atomic_path, write_json
 from .finetune import (
     Backbone,
@@ -25,6 +25,8 @@ from .finetune import (
     finetune_name,
     finetune_save_dir,
     load_backbone,
+    name_clash,
+    outputs_owner,
 )
 from .metrics import EXCLUDED_FROM_AVERAGE, glue_average, metrics_mean, to_percent
 from .tasks import TaskSpec, get_task, glue_available, glue_missing, glue_tasks, load_task
@@ -169,6 +171,11 @@ def evaluate_glue(
     # Every task file is read (and validated) before the first fine-tune: a malformed last task
     # must fail in seconds, not after hours spent on the ones before it.
     loaded = [(spec, load_task(spec.name, data_dir)) for spec in specs]
+    for spec, _ in loaded if cfg.save else ():  # nor may a save replace another task's weights
+        save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init, cfg.peft)
+        clash = name_clash([save_dir], outputs_owner(spec, backbone.random_init, cfg.peft))
+        if clash:
+            raise ConfigError(clash)
     start = time.perf_counter()
     results = []
     for spec, task in loaded:

@@ -8,6 +8,7 @@ activation checkpointing, compile and sharding and then builds the optimizer →
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -238,8 +239,12 @@ def probe_micro_batch(cfg: RunConfig, model: torch.nn.Module | None, make_batch,
     """
     probe = model if model is not None else build_model(cfg.model).to(device)
     apply_activation_checkpointing(probe, cfg.memory)
+    # A compiled backward brings every offloaded activation back at its start (see the warning
+    # in pretrain): offloading then saves nothing at the peak, so the probe must not count on it.
+    offloads = cfg.memory.offload_activations and not cfg.train.compile
     return auto_micro_batch(probe, make_batch, device, precision, cap, optimizer_bytes,
-                            forward_context=lambda: offload_context(cfg.memory, device))
+                            forward_context=lambda: offload_context(cfg.memory, device) if offloads
+                            else contextlib.nullcontext())
 
 
 def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model, unused_parameters: bool = False):
@@ -620,8 +625,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.resolved())
             # The run goes on: its summary describes a run that ended, and `cramkit report` would
-            # take it for the whole run's while this one trains (or after it was killed).
-            (run_dir / "summary.json").unlink(missing_ok=True)
+            # take it for the whole run's while this one trains (or after it was killed). Kept
+            # aside for its closing totals, should this resume die before its first checkpoint.
+            if (run_dir / "summary.json").exists():
+                os.replace(run_dir / "summary.json", run_dir / SUMMARY_BEFORE_RESUME)
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
         # and tokens then both cover the whole run, for an honest kWh per billion tokens.
         # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
@@ -671,6 +678,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             summary["energy_kwh"] = kwh
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
             write_json(run_dir / "summary.json", summary)
+            (run_dir / SUMMARY_BEFORE_RESUME).unlink(missing_ok=True)  # this summary counts it all
         return par.gather(summary)[0]
     finally:
         bar.close()
@@ -748,16 +756,23 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
     }
 
 
+#: Where a resume puts the summary of the segment before it (``report`` reads only summary.json).
+SUMMARY_BEFORE_RESUME = ".summary-before-resume.json"
+
+
 def _closing_totals(run_dir: Path, step: int) -> dict[str, Any] | None:
     """What the summary of the segment that ended at ``step`` counted after its final checkpoint
     was written: that checkpoint's write and the final evaluation are paused time (and energy)
-    the checkpoint itself cannot hold. None when the summary is not of that step (a resume from
-    an earlier checkpoint than the last) or unreadable."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("steps") != step:
+    the checkpoint itself cannot hold. None when no summary is of that step (a resume from an
+    earlier checkpoint than the last) or readable."""
+    for name in ("summary.json", SUMMARY_BEFORE_RESUME):  # the second: a resume since died early
+        try:
+            summary = json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and summary.get("steps") == step:
+            break
+    else:
         return None
     out: dict[str, Any] = {}
     if isinstance(summary.get("paused_seconds"), (int, float)):
@@ -808,7 +823,8 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
                               "copy the directory to continue it under another name")
     cfg = config_from_dict(merged, strict=False)  # overrides are text
-    unset = _unset_keys(merged, cfg.to_dict())
+    # Against the resolved config: a technique's option added since is as unset as a field.
+    unset = _unset_keys(merged, cfg.resolved())
     if unset and int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in unset)
         warnings.warn(f"{path} does not set {shown} (an earlier cramkit wrote it): the run continues with "
