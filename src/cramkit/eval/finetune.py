@@ -91,7 +91,8 @@ class FinetuneConfig(Config):
     save: bool = field(
         False,
         help="save the fine-tuned weights of the first seed (only adapter + head with peft) "
-        "to RUN_DIR/finetune/TASK[-random]/seed-N/",
+        "to RUN_DIR/finetune/TASK[-PEFT][-random]/seed-N/, with finetune_config.json and owner.json "
+        "(task, its source, init, PEFT method: another task's folder of the same name is not replaced)",
     )
     progress: bool = field(True, help="show tqdm progress bars")
 
