@@ -139,6 +139,9 @@ def test_the_micro_batch_probe_trains_with_the_runs_memory_switches(monkeypatch,
     key, value = switch.removeprefix("memory.").split("=")
     switched = config_from_dict({"model": model_section, "memory": {key: {"true": True}.get(value, value)}})
     assert run_mod.probe_micro_batch(switched, _model(), gpu.make_batch, CUDA, "fp32", 1024, 0) > 8
+    if key == "offload_activations":  # compiled, the backward brings them all back: nothing saved
+        compiled = config_from_dict({"model": model_section, "memory": {key: True}, "train": {"compile": True}})
+        assert run_mod.probe_micro_batch(compiled, _model(), gpu.make_batch, CUDA, "fp32", 1024, 0) == 8
 
 
 def test_fp8_takes_only_linears_large_enough_to_gain():
