@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import warnings
 
@@ -919,3 +920,29 @@ def test_resume_names_a_technique_option_its_config_json_lacks(tiny_mlm_data, tm
     (run / "config.json").write_text(json.dumps(saved))
     with pytest.warns(UserWarning, match=r"does not set technique\.pld\.theta_bar=0\.5 "):
         resume_config(run, ["train.budget=3steps"])
+
+
+def test_two_runs_never_train_into_one_directory(tiny_mlm_data, tmp_path):
+    """Two torchrun jobs given one name= both found the folder empty (rank 0 writes nothing for a
+    while after making it) and trained into it: interleaved logs, each pruning the other's
+    checkpoints. So did two resumes of one run. A run holds a lock on its folder throughout."""
+    from cramkit.train.run import lock_run_dir
+
+    (tmp_path / "run").mkdir()
+    held = lock_run_dir(tmp_path / "run")  # another job, between making the folder and writing
+    try:
+        with pytest.raises(ConfigError, match="already exists; use --resume"):
+            pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+        assert (tmp_path / "run").is_dir()  # the other job's folder stays
+    finally:
+        os.close(held)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    held = lock_run_dir(tmp_path / "run")  # free again once the run has ended
+    try:
+        with pytest.raises(ConfigError, match="is in use by another cramkit run"):
+            pretrain(resume_config(tmp_path / "run", ["train.budget=3steps"]), run_dir=tmp_path / "run",
+                     resume=True, say=lambda *_: None)
+    finally:
+        os.close(held)
+    assert pretrain(resume_config(tmp_path / "run", ["train.budget=3steps"]), run_dir=tmp_path / "run",
+                    resume=True, say=lambda *_: None)["steps"] == 3

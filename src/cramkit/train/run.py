@@ -9,6 +9,7 @@ activation checkpointing, compile and sharding and then builds the optimizer →
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -188,9 +189,34 @@ def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
                 if run_dir.is_dir():
                     raise taken from None
                 raise
+    # Before it is recorded as this run's (a failed run removes what it recorded): a run that
+    # started at the same moment may have made the folder, or found it empty, first.
+    lock = lock_run_dir(run_dir, taken if cfg.name else None)
     if made is not None:
-        made.update(dir=run_dir, existed=existed)
+        made.update(dir=run_dir, existed=existed, lock=lock)
     return run_dir
+
+
+def lock_run_dir(run_dir: Path, taken: ConfigError | None = None) -> int | None:
+    """Hold an exclusive ``flock`` on ``run_dir`` for as long as the returned descriptor is open
+    (None where locks are unsupported). Two jobs given one ``name=``, or two resumes of one run,
+    otherwise both trained into one folder: logs interleaved, each pruning the other's
+    checkpoints. The kernel drops the lock when the process ends, however it ends."""
+    try:
+        import fcntl
+
+        fd = os.open(run_dir, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise taken or ConfigError(f"{run_dir} is in use by another cramkit run (resumed or training "
+                                       "now); wait for it to end") from None
+        return None  # a filesystem without locks: nothing to hold
+    return fd
 
 
 def _discard_untrained(made: dict[str, Any]) -> None:
@@ -351,6 +377,8 @@ def _shared_run_dir(cfg: RunConfig, par: Parallel, run_dir: Path | None, made: d
     if run_dir is None:
         path = str(new_run_dir(cfg, made)) if par.is_main else None
         run_dir = Path(par.gather(path)[0])
+    elif par.is_main:  # a resume: never two at once
+        made["lock"] = lock_run_dir(Path(run_dir))
     return Path(run_dir)
 
 
@@ -374,6 +402,9 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     except BaseException:
         _discard_untrained(made)
         raise
+    finally:
+        if made.get("lock") is not None:
+            os.close(made["lock"])
 
 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[[str], None],
