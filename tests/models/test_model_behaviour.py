@@ -226,3 +226,19 @@ def test_model_output_is_a_pytree_whose_leaves_are_its_tensors():
     assert [id(x) for x in leaves] == [id(loss), id(logits), id(count)]
     assert pytree.tree_unflatten(leaves, spec) == ModelOutput(loss, logits, count)
     assert pytree.tree_flatten(ModelOutput(loss=None, logits=logits, num_targets=None))[0] == [logits]
+
+
+def test_parameters_in_bf16_with_buffers_in_fp32_run_as_fsdp2_casts_them():
+    """FSDP2's mixed-precision policy (parallel.fsdp_param_dtype=bf16) casts parameters, not
+    buffers: the sinusoidal position table stayed fp32, promoted the embedding sum to fp32, and
+    the embedding norm's bf16 weight failed ("mixed dtype (CPU)") at the first forward."""
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    model = build_model(preset_config("tiny", vocab_size=256, max_positions=16, positions="sinusoidal"))
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert any(b.dtype == torch.float32 for b in model.buffers())
+    ids = torch.randint(5, 256, (2, 16))
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)

@@ -139,3 +139,20 @@ def test_fsdp_root_keeps_its_parameters_gathered_for_backward():
         assert all(p.grad is not None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_asked_for_what_this_machine_lacks_says_so(monkeypatch):
+    """Under torchrun, train.device=cuda without CUDA trained on the CPU without a word, and
+    parallel.backend=nccl was torch's traceback on every rank."""
+    from cramkit.distributed.config import ParallelConfig
+    from cramkit.distributed.parallel import init_parallel
+    from cramkit.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    for key, value in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="device 'cuda' needs CUDA"):
+        init_parallel(ParallelConfig(), "cuda")
+    with pytest.raises(ConfigError, match="parallel.backend=nccl needs CUDA GPUs"):
+        init_parallel(ParallelConfig(backend="nccl"), "auto")

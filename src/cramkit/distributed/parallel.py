@@ -114,6 +114,10 @@ def init_parallel(cfg: ParallelConfig, device_name: str, cpu_collectives: bool =
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if device_name.startswith("cuda:"):
         raise ConfigError("under torchrun leave train.device=auto or cuda: each rank uses cuda:LOCAL_RANK")
+    if device_name == "cuda" and not torch.cuda.is_available():  # as a single process says it
+        raise ConfigError("device 'cuda' needs CUDA, but no CUDA device is available")
+    if cfg.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA GPUs; leave parallel.backend=auto (gloo on CPUs)")
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

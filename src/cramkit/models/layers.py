@@ -321,7 +321,9 @@ class Embeddings(nn.Module):
         if self.token_scale != 1.0:  # skipped at 1, so the default graph is unchanged
             x = x * self.token_scale
         if self.positions is not None:
-            x = x + self.positions(input_ids.shape[1])
+            # In the tokens' dtype: FSDP2's bf16 parameters leave a sinusoidal table's fp32 buffer
+            # as it is, and the sum, promoted to fp32, then met bf16 norm weights.
+            x = x + self.positions(input_ids.shape[1]).to(x.dtype)
         if self.token_types is not None:
             # Like BERT, a missing token_type_ids means "all segment 0".
             if token_type_ids is None:
