@@ -156,3 +156,21 @@ def test_a_rank_asked_for_what_this_machine_lacks_says_so(monkeypatch):
         init_parallel(ParallelConfig(), "cuda")
     with pytest.raises(ConfigError, match="parallel.backend=nccl needs CUDA GPUs"):
         init_parallel(ParallelConfig(backend="nccl"), "auto")
+
+
+def test_resuming_a_checkpoint_without_fsdp_under_fsdp_says_which_strategy_to_use():
+    """An optimizer state saved without FSDP is keyed by parameter index; FSDP2's loader wants
+    names, and its KeyError ('state.0.step') was reported as a checkpoint of another version."""
+    from cramkit.distributed.parallel import Parallel
+    from cramkit.train.run import _format_mismatch
+
+    fsdp = Parallel(0, 2, 0, "fsdp", torch.device("cpu"), launched=True)
+    ddp = Parallel(0, 2, 0, "ddp", torch.device("cpu"), launched=True)
+    by_index = {"optimizer": {"state": {0: {"step": 1}}}, "strategy": "ddp"}
+    by_name = {"optimizer": {"state": {"layers.0.attn.qkv.weight": {"step": 1}}}, "strategy": "fsdp"}
+    assert "checkpointed with parallel.strategy=ddp, whose optimizer state FSDP2 cannot read" in \
+        _format_mismatch(by_index, fsdp)
+    assert "strategy=ddp, or one process" in _format_mismatch({"optimizer": {"state": {0: {}}}}, fsdp)
+    assert _format_mismatch(by_index, ddp) is None and _format_mismatch(by_name, fsdp) is None
+    assert _format_mismatch(by_name, ddp) is None  # FSDP2's full state loads without it
+    assert _format_mismatch({"optimizer": {"state": {}}}, fsdp) is None  # nothing to read yet

@@ -350,6 +350,18 @@ def _load_optimizer(model: torch.nn.Module, optimizer, state: dict, par: Paralle
         optimizer.load_state_dict(state)
 
 
+def _format_mismatch(saved: dict[str, Any], par: Parallel) -> str | None:
+    """Why FSDP2 cannot read the checkpoint's optimizer state, or None: one saved without FSDP
+    keys it by parameter index, FSDP2's loader by parameter name (it failed with a KeyError
+    that blamed another cramkit version). The other way round loads."""
+    keys = saved.get("optimizer", {}).get("state", {})
+    if par.strategy != "fsdp" or not any(isinstance(k, int) for k in keys):
+        return None
+    was = saved.get("strategy") or "ddp, or one process"
+    return (f"it was checkpointed with parallel.strategy={was}, whose optimizer state FSDP2 cannot read; "
+            "resume it with that strategy (memory.offload_optimizer, which needs FSDP2, then stays off)")
+
+
 def _optimizer_name(cfg: RunConfig) -> str:
     return f"sam({cfg.optim.base})" if cfg.optim.name == "sam" else cfg.optim.name
 
@@ -509,6 +521,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         say(f"auto micro-batch: {micro_batch} sequences")
     else:
         micro_batch = min(32, per_rank_batch)
+    if cfg.train.batch_size < par.world_size:  # no micro-batch could help: say what would
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the {par.world_size} ranks: "
+                          "each rank needs at least one sequence per step; raise the batch size or use fewer ranks")
     if cfg.train.batch_size % (micro_batch * par.world_size):
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
@@ -613,7 +628,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                     "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
                     "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
                     "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
-                    "world_size": par.world_size, "optim_name": _optimizer_name(cfg),
+                    "world_size": par.world_size, "strategy": par.strategy, "optim_name": _optimizer_name(cfg),
                     "energy_kwh": energy, "peak_flop_seconds": peak_flop_seconds(st),
                 }
                 if train_weights is not None:
@@ -643,6 +658,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             problem = _optimizer_mismatch(cfg, saved, state.optimizer)
             if problem:
                 raise ConfigError(f"{run_dir}: {problem}; resume without changing optim.name (or optim.base)")
+            problem = _format_mismatch(saved, par)
+            if problem:
+                raise ConfigError(f"{run_dir}: {problem}")
             try:
                 _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
             except (ValueError, KeyError) as exc:  # e.g. another number of parameter groups
