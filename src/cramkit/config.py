@@ -259,6 +259,15 @@ class RunConfig(Config):
         from .techniques import validate_technique_options
 
         validate_technique_options(self.techniques, self.technique)
+        # Before a run folder is made or data prepared (these were found only as training began).
+        if self.memory.offload_optimizer and self.parallel.strategy != "fsdp":
+            raise ConfigError("memory.offload_optimizer needs parallel.strategy=fsdp (FSDP2's CPU offload; "
+                              "under torchrun, one process is fine: torchrun --nproc-per-node 1 ...)")
+        mem = self.memory
+        if mem.activation_checkpointing == "selective" and mem.checkpoint_every > self.model.layers:
+            raise ConfigError(f"memory.checkpoint_every={mem.checkpoint_every} checkpoints no block of a "
+                              f"{self.model.layers}-layer model (selective checkpointing recomputes every k-th "
+                              "block); choose at most model.layers, or activation_checkpointing=full")
 
     def resolved(self) -> dict[str, Any]:
         """This config as a run's ``config.json`` records it (and ``cramkit show-config`` prints

@@ -283,3 +283,30 @@ def test_advice_names_the_switch_for_the_largest_part():
     assert "activations (3.0 GB)" in message and "memory.activation_checkpointing=full" in message
     state = dict(fits, optimizer_gb=40.0, total_gb=45.5)
     assert "memory.offload_optimizer=true" in advise(state, available_gb=40)
+
+
+def test_advice_never_suggests_a_switch_that_is_on_already():
+    from cramkit.distributed.config import MemoryConfig
+
+    over = {"parameters_gb": 1.0, "gradients_gb": 1.0, "optimizer_gb": 2.0, "activations_gb": 30.0,
+            "weight_copies_gb": 0.5, "total_gb": 34.5}
+    message = advise(over, 16, MemoryConfig(activation_checkpointing="full"))
+    assert "activation_checkpointing" not in message
+    assert message.endswith("try memory.offload_activations=true or a smaller train.micro_batch")
+    both = MemoryConfig(activation_checkpointing="full", offload_activations=True)
+    assert advise(over, 16, both).endswith("try a smaller train.micro_batch")
+    state = dict(over, optimizer_gb=40.0, activations_gb=1.0, total_gb=45.5)
+    offloaded = MemoryConfig(offload_optimizer=True)
+    assert advise(state, 16, offloaded).endswith("try more GPUs with FSDP")
+
+
+def test_memory_switches_that_cannot_work_are_config_errors_before_anything_runs():
+    from cramkit.config import load_config
+    from cramkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="memory.offload_optimizer needs parallel.strategy=fsdp"):
+        load_config("demo", ["memory.offload_optimizer=true"])
+    load_config("demo", ["memory.offload_optimizer=true", "parallel.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="memory.checkpoint_every=3 checkpoints no block of a 2-layer model"):
+        load_config("demo", ["model.layers=2", "memory.activation_checkpointing=selective", "memory.checkpoint_every=3"])
+    load_config("demo", ["model.layers=2", "memory.activation_checkpointing=full", "memory.checkpoint_every=3"])

@@ -144,14 +144,19 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     return out
 
 
-def advise(estimate: dict[str, float], available_gb: float) -> str | None:
-    """A sentence naming the switch that would make the run fit, or None when it fits."""
+def advise(estimate: dict[str, float], available_gb: float, cfg: MemoryConfig | None = None) -> str | None:
+    """A sentence naming the switch that would make the run fit, or None when it fits; a switch
+    ``cfg`` has on already is not suggested again."""
     if estimate["total_gb"] <= 0.9 * available_gb:
         return None
+    cfg = cfg or MemoryConfig()
     biggest = max(("activations_gb", "optimizer_gb", "parameters_gb"), key=lambda k: estimate[k])
+    activations = [s for s, on in (("memory.activation_checkpointing=full", cfg.activation_checkpointing == "full"),
+                                   ("memory.offload_activations=true", cfg.offload_activations)) if not on]
     hint = {
-        "activations_gb": "memory.activation_checkpointing=full (or a smaller train.micro_batch, or memory.offload_activations=true)",
-        "optimizer_gb": "memory.offload_optimizer=true with parallel.strategy=fsdp, or more GPUs with FSDP",
+        "activations_gb": " or ".join([*activations, "a smaller train.micro_batch"]),
+        "optimizer_gb": "more GPUs with FSDP" if cfg.offload_optimizer else
+                        "memory.offload_optimizer=true with parallel.strategy=fsdp, or more GPUs with FSDP",
         "parameters_gb": "parallel.strategy=fsdp across more GPUs",
     }[biggest]
     return (f"estimated {estimate['total_gb']:.1f} GB per device exceeds {available_gb:.1f} GB available; "

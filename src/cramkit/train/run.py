@@ -538,7 +538,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                       "(pytorch/pytorch#148222); train eager, or use memory.activation_checkpointing",
                       stacklevel=2)
     if device.type == "cuda":
-        advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9)
+        advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9, cfg.memory)
         if advice and par.is_main:
             warnings.warn(advice, stacklevel=2)
 
