@@ -159,6 +159,28 @@ def _token() -> str:
     return f"{os.getpid()}-{time.time_ns()}-{_host()}"
 
 
+def lock_exclusive(path: str | os.PathLike, *, open_flags: int = os.O_RDONLY, wait: bool = False) -> int | None:
+    """Open ``path`` and take an exclusive ``flock`` on it: the descriptor (closing it releases
+    the lock, as the end of the process does, however it ends), or None where no lock can be
+    had (no fcntl, ``path`` cannot be opened, a filesystem without locks). Without ``wait``,
+    a lock another process holds raises BlockingIOError.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(path, open_flags, 0o666)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise BlockingIOError(exc.errno, os.strerror(exc.errno), str(path)) from None
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def _new_locked_dir(new: Path, name: Path) -> Iterator[None]:
     """Make the folder ``name`` and hold an exclusive ``flock`` on it while the block runs.
@@ -171,13 +193,9 @@ def _new_locked_dir(new: Path, name: Path) -> Iterator[None]:
     new.mkdir()  # mkdir, not mkdtemp: the umask's permissions (mkdtemp's are 0700)
     fd = None
     try:
-        try:
-            import fcntl
-
-            fd = os.open(new, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a folder just made: nobody else holds it
-        except (ImportError, OSError):  # no flock here: writes work, nothing is ever cleared
-            pass
+        # A folder just made: nobody else holds it. None (no flock here): writes work, and
+        # nothing is ever cleared.
+        fd = lock_exclusive(new, wait=True)
         new.rename(name)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -195,24 +213,15 @@ def _new_locked_dir(new: Path, name: Path) -> Iterator[None]:
 def _if_abandoned(entry: Path) -> Iterator[bool]:
     """True (and the entry's lock held for the block) only when ``entry`` is a real directory
     whose lock nobody holds; False where that cannot be told (no flock, a symlink, a file)."""
+    fd = None
+    if not entry.is_symlink() and entry.is_dir():
+        with contextlib.suppress(BlockingIOError):  # held by a live writer
+            fd = lock_exclusive(entry, open_flags=os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
-        import fcntl
-
-        if entry.is_symlink() or not entry.is_dir():
-            raise OSError
-        fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except (ImportError, OSError):
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a live writer, or locks unsupported on this filesystem
-            yield False
-            return
-        yield True
+        yield fd is not None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def clear_abandoned(path: Path, every_name: bool = False) -> None:

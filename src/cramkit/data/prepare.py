@@ -58,7 +58,15 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
-from ..utils import atomic_dir, changed_keys, paths_overlap, read_json, sha256_file, write_json
+from ..utils import (
+    atomic_dir,
+    changed_keys,
+    lock_exclusive,
+    paths_overlap,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
@@ -193,25 +201,19 @@ def cached_prepare(cfg: PrepareConfig, cache_root: str | os.PathLike, **kwargs: 
 
 @contextlib.contextmanager
 def _exclusive(lock_file: Path, out: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``lock_file`` for the block (none where flock is unavailable)."""
+    """An exclusive ``flock`` on ``lock_file`` for the block (none where flock is unavailable:
+    prepare unlocked, as before)."""
+    flags = os.O_RDWR | os.O_CREAT
     try:
-        import fcntl
-
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    except (ImportError, OSError):
-        yield
-        return
+        fd = lock_exclusive(lock_file, open_flags=flags)
+    except BlockingIOError:
+        _log(f"waiting for another process preparing {out} ...")
+        fd = lock_exclusive(lock_file, open_flags=flags, wait=True)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log(f"waiting for another process preparing {out} ...")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # locks unsupported on this filesystem: prepare unlocked, as before
-            pass
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _difference(old: dict, cfg: PrepareConfig) -> str:

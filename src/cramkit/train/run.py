@@ -9,7 +9,6 @@ activation checkpointing, compile and sharding and then builds the optimizer →
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import os
@@ -42,7 +41,7 @@ from ..models.flops import count_parameters, flops_per_token
 from ..objectives import BOUNDARY_TOKENS, VAL_MASKS, boundary_token_id, build_objective
 from ..optim import build_optimizer, evaluation_weights, keeps_evaluation_weights, optimizer_states
 from ..techniques import build_techniques
-from ..utils import atomic_path, changed_keys, read_json, write_json
+from ..utils import atomic_path, changed_keys, lock_exclusive, read_json, write_json
 from . import checkpoint as ckpt
 from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
 from .energy import EnergyMeter
@@ -203,20 +202,10 @@ def lock_run_dir(run_dir: Path, taken: ConfigError | None = None) -> int | None:
     otherwise both trained into one folder: logs interleaved, each pruning the other's
     checkpoints. The kernel drops the lock when the process ends, however it ends."""
     try:
-        import fcntl
-
-        fd = os.open(run_dir, os.O_RDONLY)
-    except (ImportError, OSError):
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise taken or ConfigError(f"{run_dir} is in use by another cramkit run (resumed or training "
-                                       "now); wait for it to end") from None
-        return None  # a filesystem without locks: nothing to hold
-    return fd
+        return lock_exclusive(run_dir)
+    except BlockingIOError:
+        raise taken or ConfigError(f"{run_dir} is in use by another cramkit run (resumed or training "
+                                   "now); wait for it to end") from None
 
 
 def _discard_untrained(made: dict[str, Any]) -> None:
