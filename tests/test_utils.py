@@ -53,17 +53,25 @@ def test_atomic_dir_replaces_the_whole_directory_or_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old copy left beside it
 
 
-def test_atomic_dir_restores_the_old_version_when_the_final_rename_fails(tmp_path, monkeypatch):
-    """Without an atomic swap, the old version is moved aside before the new one is renamed
-    into place; when that second rename failed, ``path`` was absent and the old version hidden
-    as .out.old-*."""
+def _old_version_two_renames(tmp_path, monkeypatch):
+    """``tmp_path/out`` with a first version written, the atomic swap switched off (the
+    two-rename fallback of systems without renameat2), and the real ``Path.rename`` to wrap."""
     from pathlib import Path
 
     monkeypatch.setattr(utils, "_exchange", lambda a, b: False)
     target = tmp_path / "out"
     with atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("old")
-    real_rename = Path.rename
+    return target, Path.rename
+
+
+def test_atomic_dir_restores_the_old_version_when_the_final_rename_fails(tmp_path, monkeypatch):
+    """Without an atomic swap, the old version is moved aside before the new one is renamed
+    into place; when that second rename failed, ``path`` was absent and the old version hidden
+    as .out.old-*."""
+    from pathlib import Path
+
+    target, real_rename = _old_version_two_renames(tmp_path, monkeypatch)
 
     def rename(self, dest):
         if self.name.startswith(".out.tmp-"):
@@ -162,11 +170,7 @@ def test_an_interrupt_between_the_two_renames_keeps_the_previous_version(tmp_pat
     folder was missing."""
     from pathlib import Path
 
-    monkeypatch.setattr(utils, "_exchange", lambda a, b: False)
-    target = tmp_path / "out"
-    with atomic_dir(target) as tmp:
-        (tmp / "a.txt").write_text("old")
-    real_rename = Path.rename
+    target, real_rename = _old_version_two_renames(tmp_path, monkeypatch)
 
     def rename(self, dest):
         result = real_rename(self, dest)
