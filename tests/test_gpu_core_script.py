@@ -54,3 +54,17 @@ def test_a_diverged_run_reloaded_from_the_store_still_formats():
     assert math.isnan(back["pretrain_crammed"]["summary"]["final_val_loss"])
     assert f"{back['pretrain_crammed']['evals'][1]['val_loss']:.3f}" == "nan"
     assert "crammed-bert not reached" in gpu_core.time_to_target(back["pretrain_original"], back["pretrain_crammed"])
+
+
+def test_cpu_scale_overrides_make_valid_configs_of_one_shape_for_both_recipes(tiny_mlm_data):
+    """A misspelt key in the --cpu overrides would surface only minutes into a benchmark."""
+    from cramkit.config import load_config
+
+    shapes = {}
+    for name, (recipe, extra) in gpu_core.RECIPES.items():
+        cfg = load_config(recipe, [f"data.dir={tiny_mlm_data}", *extra, *gpu_core.CPU_OVERRIDES,
+                                   gpu_core.CPU_BATCH[name]])
+        model = cfg.model
+        shapes[name] = (model.hidden, model.layers, model.heads, model.intermediate, model.vocab_size)
+        assert cfg.train.device == "cpu" and not cfg.train.compile
+    assert shapes["crammed"] == shapes["original"] == (128, 8, 4, 512, 8192)

@@ -92,3 +92,31 @@ def test_a_run_cut_by_the_time_limit_is_marked_in_the_table():
     text = bench.table({"baseline": base, "vcycle": cut}, 6.0)
     assert "| vcycle (cut by signal at 4 s) | not reached |" in text
     assert "| baseline | 10.0 |" in text
+
+
+@pytest.mark.parametrize("scale", ["gpu", "cpu"], ids=["gpu-scale", "cpu-scale"])
+def test_every_run_of_each_scale_is_a_valid_config(tiny_mlm_data, tmp_path, scale):
+    """A bad override (or a V-cycle width the scale's shape cannot halve) fails before training,
+    not minutes into a benchmark whose earlier runs already spent the time."""
+    from cramkit.config import load_config
+    from cramkit.models import build_model
+    from cramkit.techniques import build_techniques
+
+    args = bench.argparse.Namespace(scale=scale, budget="60s", compile=False, seed=3)
+    common = bench.base_overrides(tiny_mlm_data, tmp_path, args)
+    for name, extra in {"baseline": [], **bench.TECHNIQUE_RUNS}.items():
+        cfg = load_config("crammed-bert", common + extra + [f"name={name}"])
+        assert cfg.train.batch_ramp == 0 and cfg.seed == 3
+        if scale == "cpu":
+            assert (cfg.train.device, cfg.model.hidden, cfg.model.layers) == ("cpu", 128, 8)
+            # The shapes the techniques build from it (the V-cycle's coarse level, stacking's
+            # shallow start) exist; a ConfigError here would come minutes into the benchmark.
+            model_cfg = cfg.model
+            for t in build_techniques(cfg.techniques, cfg.technique):
+                model_cfg = t.configure_model(model_cfg)
+            build_model(model_cfg)
+
+
+def test_smoke_and_cpu_are_two_scales(tmp_path):
+    with pytest.raises(SystemExit, match="choose one"):
+        bench.main(["--smoke", "--cpu", "--work", str(tmp_path)])
