@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from collections import Counter
 
 import pytest
@@ -483,3 +484,18 @@ def test_a_row_with_more_fields_than_the_header_is_an_error_in_a_task_file(tmp_p
         load_task(train)
     train.write_text("sentence\tlabel\ngood film\tpos\nbad\tneg\nfine\tpos\t\n")  # an empty trailing field is fine
     assert len(load_task(train).train) == 3
+
+
+@pytest.mark.parametrize(("second", "message"), [
+    ("1.0", r"train.jsonl:2: label 1.0 is a float, but the label on line 1 is an integer"),
+    ('"1"', r"train.jsonl:2: label \"1\" is a string, but the label on line 1 is an integer"),
+    ("[1]", r"train.jsonl:2: label \[1\] in column 'label' is not a string or a number"),
+])
+def test_an_inferred_label_set_refuses_a_label_column_of_mixed_types(tmp_path, second, message):
+    """JSON labels 1 and 1.0 became two classes, "1" and "1.0" (a list the class "[1]"), silently."""
+    rows = [{"sentence": "good", "label": 1}, {"sentence": "fine", "label": None}, {"sentence": "bad", "label": 0}]
+    text = "\n".join(json.dumps(r) for r in rows).replace("null", second)
+    (tmp_path / "train.jsonl").write_text(text + "\n")
+    (tmp_path / "dev.jsonl").write_text('{"sentence": "ok", "label": 1}\n')
+    with pytest.raises(DataError, match=message):
+        file_task(tmp_path / "train.jsonl")

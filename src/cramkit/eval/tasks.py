@@ -671,10 +671,24 @@ def file_task(
     )
     if not is_regression and spec.labels is None:
         seen = set()
+        first_type: tuple[type, int] | None = None
         for lineno, row in iter_rows(train, extra_fields=False):
             if row.get(label_column) is None:  # absent, or a short row's missing field
                 raise _column_error(train, lineno, label_column, row)
-            label = str(row[label_column]).strip()
+            value = row[label_column]
+            # JSON Lines labels keep their JSON type: 1 and 1.0 (or 1 and "1") would become the
+            # classes "1" and "1.0" side by side, and a list the class "[1]", without a word.
+            if not isinstance(value, (str, int, float)):
+                raise DataError(f"{train}:{lineno}: label {json.dumps(value)} in column "
+                                f"'{label_column}' is not a string or a number")
+            if first_type is None:
+                first_type = (type(value), lineno)
+            elif type(value) is not first_type[0]:
+                names = {str: "a string", bool: "a boolean", int: "an integer", float: "a float"}
+                raise DataError(f"{train}:{lineno}: label {json.dumps(value)} is {names[type(value)]}, "
+                                f"but the label on line {first_type[1]} is {names[first_type[0]]}: "
+                                f"column '{label_column}' mixes types")
+            label = str(value).strip()
             if not label:  # it would become a class of its own
                 raise DataError(f"{train}:{lineno}: empty label in column '{label_column}'")
             seen.add(label)
