@@ -499,3 +499,14 @@ def test_an_inferred_label_set_refuses_a_label_column_of_mixed_types(tmp_path, s
     (tmp_path / "dev.jsonl").write_text('{"sentence": "ok", "label": 1}\n')
     with pytest.raises(DataError, match=message):
         file_task(tmp_path / "train.jsonl")
+
+
+@pytest.mark.parametrize("name", ["my.reviews.tsv", "reviews.v1.TSV.gz"])
+def test_the_default_dev_file_has_the_training_file_s_extension_whatever_dots_its_name_has(tmp_path, name):
+    """A training file ``my.reviews.tsv`` looked for ``dev.reviews.tsv``, not the ``dev.tsv`` beside it."""
+    ext = name[name.lower().index(".tsv"):]
+    rows = b"sentence\tlabel\ngood\t1\nbad\t0\n"
+    (tmp_path / name).write_bytes(gzip.compress(rows) if ext.endswith(".gz") else rows)
+    (tmp_path / f"dev{ext}").write_bytes(gzip.compress(rows) if ext.endswith(".gz") else rows)
+    task = file_task(tmp_path / name)
+    assert [e.label for e in task.evals[task.spec.name]] == [1, 0]

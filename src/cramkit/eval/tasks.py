@@ -600,8 +600,14 @@ def load_bbc(spec: TaskSpec, data_dir: str | Path | None = None) -> TaskData:
                     {spec.name: examples(dev_docs)})
 
 
+def _extension(train: Path) -> str:
+    """The training file's type with its ``.gz``, as spelled: ``my.reviews.tsv.gz`` -> ``.tsv.gz``
+    (not everything after the first dot: the dev file beside it is ``dev.tsv.gz``)."""
+    return train.name[len(_split_type(train.name)[0]):]
+
+
 def _default_dev(train: Path) -> Path | None:
-    suffix = train.name[len(train.name.split(".")[0]) :]
+    suffix = _extension(train)
     for stem in ("dev", "validation", "valid", "test"):
         p = train.with_name(stem + suffix)
         if p.is_file() and p != train:
@@ -654,7 +660,7 @@ def file_task(
     _format(train)  # an unsupported file says so, whatever else is missing
     dev_path = Path(dev) if dev is not None else _default_dev(train)
     if dev_path is None:
-        suffix = train.name[len(train.name.split(".")[0]):]
+        suffix = _extension(train)
         raise DataError(f"{train}: no dev file to score on: pass --dev FILE, or put dev{suffix} (or "
                         f"validation{suffix}, valid{suffix}, test{suffix}) beside it")
     if metrics is None:
