@@ -510,3 +510,14 @@ def test_the_default_dev_file_has_the_training_file_s_extension_whatever_dots_it
     (tmp_path / f"dev{ext}").write_bytes(gzip.compress(rows) if ext.endswith(".gz") else rows)
     task = file_task(tmp_path / name)
     assert [e.label for e in task.evals[task.spec.name]] == [1, 0]
+
+
+@pytest.mark.parametrize(("labels", "message"), [(["0", "1", "0"], r"--labels names '0' twice \(0, 1, 0\)"),
+                                                 (["1"], r"--labels needs at least two labels, got 1")])
+def test_a_given_label_set_names_two_labels_or_more_each_once(tmp_path, labels, message):
+    """--labels 0,1,0 made a three-class head whose class 0 no example had ('0' took index 2);
+    --labels 1 a one-class head that scores 100 % by construction."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t1\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    with pytest.raises(DataError, match=message):
+        file_task(tmp_path / "train.tsv", labels=labels)

@@ -665,6 +665,13 @@ def file_task(
                         f"validation{suffix}, valid{suffix}, test{suffix}) beside it")
     if metrics is None:
         metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
+    if labels is not None and not is_regression:
+        # A label named twice kept its last index: a class no example has, and a head one wider.
+        twice = next((lab for i, lab in enumerate(labels) if lab in labels[:i]), None)
+        if twice is not None:
+            raise DataError(f"--labels names {twice!r} twice ({', '.join(labels)})")
+        if len(labels) < 2:
+            raise DataError(f"--labels needs at least two labels, got {len(labels)} ({', '.join(labels)})")
     spec = TaskSpec(
         name=name or file_task_name(train),
         source="file",
