@@ -599,7 +599,7 @@ def test_a_fine_tune_never_replaces_another_tasks_result_of_the_same_name(tiny_r
                  "--dev", str(tmp_path / "reviews-lora.dev.tsv")]) == 2
     err = capsys.readouterr().err
     assert "holds the outputs of file task 'reviews' (pretrained init, lora)" in err
-    assert "file task 'reviews-lora' (pretrained init, full fine-tune)'s" in err and "\n" not in err.strip()
+    assert "file task 'reviews-lora' from reviews-lora.tsv (pretrained init, full fine-tune)'s" in err and "\n" not in err.strip()
     assert trained == [] and json.loads(taken.read_text())["task"] == "reviews"  # nothing ran, nothing lost
     # A weights folder another task saved (save=true) is refused as well, with no result file
     # beside it: a file task rte.tsv's, before GLUE's RTE would replace it.
@@ -621,3 +621,34 @@ def test_a_fine_tune_never_replaces_another_tasks_result_of_the_same_name(tiny_r
     owner = {**owner, "task": "reviews", "task_source": "file", "peft": "lora"}
     assert finetune_mod.name_clash([taken], owner) is None
     assert finetune_mod.name_clash([tiny_run / "eval" / "absent.json", tiny_run / "nothing"], owner) is None
+
+
+def test_task_files_side_by_side_named_after_their_folder_do_not_replace_each_others_result(
+        tiny_run, tmp_path, capsys, monkeypatch):
+    """reviews/train.tsv and reviews/train.csv are both task 'reviews': the second fine-tune
+    replaced the first's eval/finetune-reviews.json without a word."""
+    import importlib
+
+    from cramkit.cli import main
+    from cramkit.eval.tasks import load_task
+
+    finetune_mod = importlib.import_module("cramkit.eval.finetune")
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    (folder / "train.csv").write_text("sentence,label\ngood,1\nbad,0\n")
+    (folder / "dev.csv").write_text("sentence,label\nfine,1\n")
+    tsv_owner = finetune_mod.outputs_owner(load_task(folder / "train.tsv"), False)
+    assert tsv_owner["task_file"] == "train.tsv"
+    taken = tiny_run / "eval" / "finetune-reviews.json"
+    taken.parent.mkdir(exist_ok=True)
+    taken.write_text(json.dumps({"task": "reviews", "task_source": "file", "task_file": "train.tsv",
+                                 "init": "pretrained", "config": {"peft": "none"}}))
+    trained = []
+    monkeypatch.setattr(finetune_mod, "finetune", lambda *a, **k: trained.append(a) or {})
+    assert main(["finetune", str(tiny_run), "--task", str(folder / "train.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the outputs of file task 'reviews' from train.tsv" in err and trained == []
+    # The same file may write its result again.
+    assert finetune_mod.name_clash([taken], tsv_owner) is None

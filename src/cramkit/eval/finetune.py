@@ -278,7 +278,7 @@ def outputs_owner(task: TaskData | TaskSpec, random_init: bool, peft: str = "non
     and PEFT method. A result file and a saved weights folder record it (:func:`name_clash`)."""
     spec = task.spec if isinstance(task, TaskData) else task
     return {"task": spec.name, "task_source": spec.source, "init": "random" if random_init else "pretrained",
-            "peft": peft}
+            "peft": peft, **({"task_file": spec.file} if spec.file else {})}
 
 
 def _recorded_owners(path: Path) -> list[dict[str, Any]]:
@@ -294,7 +294,7 @@ def _recorded_owners(path: Path) -> list[dict[str, Any]]:
             else:
                 found.append({"task": data["task"], "init": data["init"],
                               "peft": data["config"].get("peft", "none"),
-                              **({"task_source": data["task_source"]} if "task_source" in data else {})})
+                              **{k: data[k] for k in ("task_source", "task_file") if k in data}})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return found
@@ -306,7 +306,8 @@ def name_clash(paths: Sequence[Path], owner: dict[str, str]) -> str | None:
     the same name (:func:`finetune_name`).
 
     A task file ``reviews-lora.tsv`` fine-tuned fully and ``reviews.tsv`` with LoRA are both
-    ``reviews-lora``, as are ``my reviews.tsv`` and ``my-reviews.tsv``, and a file ``rte.tsv``
+    ``reviews-lora``, as are ``my reviews.tsv`` and ``my-reviews.tsv``, ``reviews/train.tsv`` and
+    ``reviews/train.csv`` (told apart by the file name recorded), and a file ``rte.tsv``
     and GLUE's RTE: the second would replace the first's result and saved weights. Checked
     before fine-tuning, so no work is lost. (An output from before sources were recorded is
     compared by the rest.)"""
@@ -314,7 +315,8 @@ def name_clash(paths: Sequence[Path], owner: dict[str, str]) -> str | None:
     def describe(o: dict[str, str]) -> str:
         source = f"{o['task_source']} " if o.get("task_source") else ""
         method = "full fine-tune" if o.get("peft", "none") == "none" else o["peft"]
-        return f"{source}task '{o['task']}' ({o['init']} init, {method})"
+        file = f" from {o['task_file']}" if o.get("task_file") else ""
+        return f"{source}task '{o['task']}'{file} ({o['init']} init, {method})"
 
     for path in paths:
         for previous in _recorded_owners(path):
@@ -513,6 +515,7 @@ def finetune(
     return {
         "task": task.spec.name,
         "task_source": task.spec.source,
+        **({"task_file": task.spec.file} if task.spec.file else {}),
         "init": "random" if backbone.random_init else "pretrained",
         "metrics": metrics,
         "scores": {entry: task_score(m) for entry, m in metrics.items()},

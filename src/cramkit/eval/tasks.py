@@ -63,6 +63,9 @@ class TaskSpec:
     hf_name: str | None = None
     hf_columns: tuple[str, str | None] | None = None
     description: str = ""
+    #: A file task's training file name (``train.tsv``): files side by side in one folder get
+    #: the folder's name as task name, and this tells their outputs apart.
+    file: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -681,6 +684,7 @@ def file_task(
         labels=tuple(labels) if labels is not None else None,
         metrics=tuple(metrics),
         is_regression=is_regression,
+        file=train.name,
     )
     if not is_regression and spec.labels is None:
         seen = set()
