@@ -521,3 +521,13 @@ def test_a_given_label_set_names_two_labels_or_more_each_once(tmp_path, labels, 
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
     with pytest.raises(DataError, match=message):
         file_task(tmp_path / "train.tsv", labels=labels)
+
+
+@pytest.mark.parametrize("text", ["", "sentence\tlabel\n"])
+def test_an_empty_training_file_says_it_has_no_examples(tmp_path, text):
+    """An empty (or header-only) training file was refused for having 'fewer than two distinct
+    labels', which sent the user looking at the labels of a file that has none."""
+    (tmp_path / "train.tsv").write_text(text)
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    with pytest.raises(DataError, match=r"train.tsv: no examples$"):
+        file_task(tmp_path / "train.tsv")

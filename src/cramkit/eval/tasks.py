@@ -709,6 +709,8 @@ def file_task(
             if not label:  # it would become a class of its own
                 raise DataError(f"{train}:{lineno}: empty label in column '{label_column}'")
             seen.add(label)
+        if not seen:  # an empty file, or a header alone: not a matter of its labels
+            raise DataError(f"{train}: no examples")
         if len(seen) < 2:
             raise DataError(f"{train}: fewer than two distinct labels in column '{label_column}'")
         spec = dataclasses.replace(spec, labels=tuple(sorted(seen)))
