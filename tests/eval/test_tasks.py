@@ -531,3 +531,13 @@ def test_an_empty_training_file_says_it_has_no_examples(tmp_path, text):
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
     with pytest.raises(DataError, match=r"train.tsv: no examples$"):
         file_task(tmp_path / "train.tsv")
+
+
+@pytest.mark.parametrize(("name", "text"), [("train.csv", "sentence,label,label\na,pos,x\nb,neg,y\n"),
+                                            ("train.tsv", "label\tsentence\tlabel\npos\ta\tx\nneg\tb\ty\n")])
+def test_a_column_named_twice_in_a_task_file_header_is_an_error(tmp_path, name, text):
+    """The second of two 'label' columns was read without a word (the labels x, y)."""
+    (tmp_path / name).write_text(text)
+    (tmp_path / ("dev" + name[5:])).write_text(text)
+    with pytest.raises(DataError, match=rf"{name}:1: column 'label' appears twice in the header"):
+        file_task(tmp_path / name)

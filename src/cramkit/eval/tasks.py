@@ -374,6 +374,10 @@ def _iter_rows(path: Path, fmt: str, has_header: bool,
         for lineno, fields in lines:
             if header is None and has_header:
                 header = [h.strip() for h in fields]
+                twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+                if twice is not None and not extra_fields:
+                    # A row's dict keeps the last of the two: the column read would be a guess.
+                    raise DataError(f"{path}:{lineno}: column '{twice}' appears twice in the header")
                 continue
             if not any(x.strip() for x in fields):
                 continue
