@@ -541,3 +541,15 @@ def test_a_column_named_twice_in_a_task_file_header_is_an_error(tmp_path, name, 
     (tmp_path / ("dev" + name[5:])).write_text(text)
     with pytest.raises(DataError, match=rf"{name}:1: column 'label' appears twice in the header"):
         file_task(tmp_path / name)
+
+
+def test_a_glue_task_named_twice_in_tasks_is_fine_tuned_once(tmp_path):
+    """`cramkit evaluate --tasks rte,RTE` fine-tuned RTE twice and listed it twice in the report."""
+    from cramkit.eval.suite import select_glue_tasks
+
+    rte = tmp_path / "RTE"
+    rte.mkdir()
+    for split in ("train", "dev"):
+        (rte / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    chosen, _ = select_glue_tasks(tmp_path, ["rte", "RTE", "r-te"])
+    assert [s.name for s in chosen] == ["rte"]

@@ -61,7 +61,8 @@ def select_glue_tasks(
                     f"task '{spec.name}': no {'/'.join(glue_missing(spec, data_dir))} file under {data_dir}/"
                     f"{spec.glue_dir}; available there: {', '.join(found) or 'none'}"
                 )
-            chosen.append(spec)
+            if spec not in chosen:  # `--tasks rte,RTE` names one task: fine-tune it once
+                chosen.append(spec)
         return chosen, {}
     chosen = [s for s in all_glue if glue_available(s, data_dir)]
     skipped = {
