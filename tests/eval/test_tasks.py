@@ -553,3 +553,13 @@ def test_a_glue_task_named_twice_in_tasks_is_fine_tuned_once(tmp_path):
         (rte / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
     chosen, _ = select_glue_tasks(tmp_path, ["rte", "RTE", "r-te"])
     assert [s.name for s in chosen] == ["rte"]
+
+
+@pytest.mark.parametrize(("name", "text"), [("train.csv", "\nsentence,label\na,pos\nb,neg\n"),
+                                            ("train.tsv", "\r\n\nsentence\tlabel\na\tpos\nb\tneg\n")])
+def test_blank_lines_before_the_header_are_skipped_like_those_after_it(tmp_path, name, text):
+    """A blank first line was taken for the header: 'row has 2 fields, the header 0'."""
+    (tmp_path / name).write_text(text)
+    (tmp_path / ("dev" + name[5:])).write_text(text)
+    task = file_task(tmp_path / name)
+    assert task.spec.labels == ("neg", "pos") and [e.text for e in task.train] == ["a", "b"]

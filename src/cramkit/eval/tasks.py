@@ -372,14 +372,14 @@ def _iter_rows(path: Path, fmt: str, has_header: bool,
             lines = ((n, line.rstrip("\r\n").split("\t")) for n, line in _lines(path, f))
         header: list[str] | None = None
         for lineno, fields in lines:
+            if not any(x.strip() for x in fields):  # blank lines, before the header too
+                continue
             if header is None and has_header:
                 header = [h.strip() for h in fields]
                 twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
                 if twice is not None and not extra_fields:
                     # A row's dict keeps the last of the two: the column read would be a guess.
                     raise DataError(f"{path}:{lineno}: column '{twice}' appears twice in the header")
-                continue
-            if not any(x.strip() for x in fields):
                 continue
             if header is None:
                 yield lineno, dict(enumerate(fields))
