@@ -308,6 +308,51 @@ def test_evaluate_checks_every_task_file_before_fine_tuning(tiny_run, tmp_path, 
     assert trained == []
 
 
+def test_an_interrupted_evaluation_keeps_the_tasks_it_scored(tiny_run, tmp_path, monkeypatch):
+    """Ctrl-C or a failure in a later task lost every finished task's score: nothing reached
+    eval/ until the end. The finished ones are in a partial report beside the full one (which an
+    interrupted rerun must not replace), and a complete run removes it."""
+    from cramkit.eval import suite
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [
+        f"{i}\tthe film {i}\tthe match\t{'entailment' if i % 2 else 'not_entailment'}" for i in range(12)
+    ]
+    for task, body in (("RTE", rows), ("WNLI", [r.replace("not_entailment", "0").replace("entailment", "1")
+                                               for r in rows])):
+        (tmp_path / "glue" / task).mkdir(parents=True)
+        (tmp_path / "glue" / task / "train.tsv").write_text("\n".join(body) + "\n")
+        (tmp_path / "glue" / task / "dev.tsv").write_text("\n".join(body[:5]) + "\n")
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 1})
+    eval_dir = run / "eval"
+    full = suite.evaluate_glue(run, tmp_path / "glue", cfg=cfg, log=lambda s: None)
+    assert not (eval_dir / "glue.partial.json").exists()
+    before = (eval_dir / "glue.json").read_text()
+
+    real = suite.finetune
+
+    def interrupted(backbone, task, *a, **k):
+        if task.spec.name == "wnli":
+            raise KeyboardInterrupt
+        return real(backbone, task, *a, **k)
+
+    monkeypatch.setattr(suite, "finetune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        suite.evaluate_glue(run, tmp_path / "glue", cfg=FinetuneConfig.from_dict({**FAST, "epochs": 2}),
+                            log=lambda s: None)
+    partial = json.loads((eval_dir / "glue.partial.json").read_text())
+    assert [t["task"] for t in partial["tasks"]] == ["rte"] and partial["remaining"] == ["wnli"]
+    assert partial["config"]["epochs"] == 2
+    assert "not yet scored: wnli" in (eval_dir / "glue.partial.md").read_text()
+    assert (eval_dir / "glue.json").read_text() == before  # the earlier complete report is intact
+
+    monkeypatch.setattr(suite, "finetune", real)
+    again = suite.evaluate_glue(run, tmp_path / "glue", cfg=cfg, log=lambda s: None)
+    assert not (eval_dir / "glue.partial.json").exists() and not (eval_dir / "glue.partial.md").exists()
+    assert again["summary"] == full["summary"]
+
+
 def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
     import argparse
 

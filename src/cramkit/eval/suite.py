@@ -138,6 +138,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items())]
+    if report.get("remaining"):
+        lines += ["", "**Partial report**: not yet scored: " + ", ".join(report["remaining"])
+                  + ". The average covers the tasks above only."]
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +167,9 @@ def evaluate_glue(
     """Fine-tune and score every selected GLUE task; write ``RUN_DIR/eval/glue[-PEFT][-random].md|json``.
 
     Returns the report dict (also written as JSON); ``report["paths"]`` names the files.
-    ``on_result`` gets each task's result as soon as it is scored (to save it at once).
+    ``on_result`` gets each task's result as soon as it is scored (to save it at once). Until
+    the last task is scored, the finished ones are in ``glue….partial.json|md`` beside it (with
+    ``remaining``), which the complete report replaces.
     """
     cfg = cfg or FinetuneConfig()
     specs, skipped = select_glue_tasks(data_dir, tasks)
@@ -177,8 +182,28 @@ def evaluate_glue(
         clash = name_clash([save_dir], outputs_owner(spec, backbone.random_init, cfg.peft))
         if clash:
             raise ConfigError(clash)
+    # A named subset gets a report of its own: `--tasks cola` after a full evaluation must not
+    # replace the full report with a one-task one.
+    named = [s.name for s in glue_tasks() if s in specs] if tasks else []  # registry order: one name per set
+    stem = finetune_name("glue" + "".join(f"-{name}" for name in named), backbone.random_init, cfg.peft)
+    eval_dir = Path(run_dir) / "eval"
     start = time.perf_counter()
     results = []
+
+    def report_of(done: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "suite": "glue",
+            "run_dir": str(run_dir),
+            "init": "random" if backbone.random_init else "pretrained",
+            "data_dir": str(data_dir),
+            "seeds": list(cfg.seeds),
+            "seconds": round(time.perf_counter() - start, 1),
+            "skipped": skipped,
+            "tasks": done,
+            "summary": summarize(done),
+            "config": cfg.to_dict(),
+        }
+
     for spec, task in loaded:
         log(f"{spec.name}: fine-tuning ({len(cfg.seeds)} seeds)")
         # finetune.save=true: where `cramkit finetune` puts them (it was silently ignored here).
@@ -189,24 +214,19 @@ def evaluate_glue(
             on_result(result)
         scores = ", ".join(f"{e} {to_percent(s):.2f}" for e, s in result["scores"].items())
         log(f"{spec.name}: {scores} ({result['seconds']:.0f} s)")
-    report = {
-        "suite": "glue",
-        "run_dir": str(run_dir),
-        "init": "random" if backbone.random_init else "pretrained",
-        "data_dir": str(data_dir),
-        "seeds": list(cfg.seeds),
-        "seconds": round(time.perf_counter() - start, 1),
-        "skipped": skipped,
-        "tasks": results,
-        "summary": summarize(results),
-        "config": cfg.to_dict(),
-    }
-    # A named subset gets a report of its own: `--tasks cola` after a full evaluation must not
-    # replace the full report with a one-task one.
-    named = [s.name for s in glue_tasks() if s in specs] if tasks else []  # registry order: one name per set
-    stem = finetune_name("glue" + "".join(f"-{name}" for name in named), backbone.random_init, cfg.peft)
-    changed = changed_settings(Path(run_dir) / "eval" / f"{stem}.json", report["config"])
-    js, md = write_report(report, Path(run_dir) / "eval", stem)
+        if len(results) < len(loaded):
+            # Each finished task is on disk at once: a Ctrl-C or a failure in a later task (hours
+            # on, in a full suite) used to lose every score. Beside the report, never over it, so
+            # that an earlier complete report with other settings survives an interrupted rerun.
+            partial = report_of(results)
+            partial["remaining"] = [s.name for s, _ in loaded[len(results):]]
+            js, _ = write_report(partial, eval_dir, f"{stem}.partial")
+            log(f"{len(results)} of {len(loaded)} tasks scored so far: {js}")
+    report = report_of(results)
+    changed = changed_settings(eval_dir / f"{stem}.json", report["config"])
+    js, md = write_report(report, eval_dir, stem)
+    for leftover in (eval_dir / f"{stem}.partial.json", eval_dir / f"{stem}.partial.md"):
+        leftover.unlink(missing_ok=True)  # the complete report supersedes it
     report["paths"] = {"json": str(js), "markdown": str(md)}
     report["replaced_settings"] = changed  # a report written with other settings was replaced
     return report
