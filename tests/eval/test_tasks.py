@@ -563,3 +563,19 @@ def test_blank_lines_before_the_header_are_skipped_like_those_after_it(tmp_path,
     (tmp_path / ("dev" + name[5:])).write_text(text)
     task = file_task(tmp_path / name)
     assert task.spec.labels == ("neg", "pos") and [e.text for e in task.train] == ["a", "b"]
+
+
+def test_scores_read_as_classes_suggest_regression_and_the_error_stays_one_short_line(tmp_path):
+    """A regression file without --regression made a class of each distinct score, and the dev
+    file's first unseen score got an error listing all of them (60 in a user's STS-B copy)."""
+    scores = [f"{i / 10:.1f}" for i in range(40)]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"s {s}\t{s}\n" for s in scores))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\ns\t1.25\n")
+    with pytest.raises(DataError, match=r"dev.tsv:2: label '1.25' is not in .*\(28 more\)\); .* --regression") as err:
+        file_task(tmp_path / "train.tsv")
+    assert len(str(err.value)) < 300
+    # Word labels: no such hint, and a short set is listed whole.
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tpos\nb\tneg\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\na\tneutral\n")
+    with pytest.raises(DataError, match=r"label 'neutral' is not in the label set of task '\w+' \(neg, pos\)$"):
+        file_task(tmp_path / "train.tsv")

@@ -480,7 +480,7 @@ def _read_examples(
             if raw not in index:
                 raise DataError(
                     f"{path}:{lineno}: label {raw!r} is not in the label set of task "
-                    f"'{spec.name}' ({', '.join(label_set)})"
+                    f"'{spec.name}' ({_shown_labels(label_set)})" + _regression_hint(label_set)
                 )
             label = index[raw]
         out.append(Example(text, pair, label))
@@ -605,6 +605,26 @@ def load_bbc(spec: TaskSpec, data_dir: str | Path | None = None) -> TaskData:
 
     return TaskData(dataclasses.replace(spec, labels=tuple(names)), examples(train_docs),
                     {spec.name: examples(dev_docs)})
+
+
+def _shown_labels(labels: Sequence[str], most: int = 12) -> str:
+    """A label set for an error line: the first ``most`` of them and how many more."""
+    shown = ", ".join(labels[:most])
+    return shown + (f", … ({len(labels) - most} more)" if len(labels) > most else "")
+
+
+def _regression_hint(labels: Sequence[str]) -> str:
+    """A hint when a classification task's labels look like a regression target's scores."""
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    if len(labels) > 12 and all(number(x) for x in labels) and any("." in x for x in labels):
+        return "; the labels are many numbers: for a regression task pass --regression"
+    return ""
 
 
 def _extension(train: Path) -> str:
