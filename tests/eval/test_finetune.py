@@ -697,3 +697,28 @@ def test_task_files_side_by_side_named_after_their_folder_do_not_replace_each_ot
     assert "holds the outputs of file task 'reviews' from train.tsv" in err and trained == []
     # The same file may write its result again.
     assert finetune_mod.name_clash([taken], tsv_owner) is None
+
+
+def test_a_file_task_rerun_with_another_dev_file_says_it_replaced_the_result(tiny_run, tmp_path, capsys):
+    """Only the fine-tuning config was compared: another --dev, --labels or column replaced
+    the result as silently as an identical rerun."""
+    import argparse
+
+    from cramkit.eval import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rows = ["sentence\tlabel"] + [f"the film {i}\t{'pos' if i % 2 else 'neg'}" for i in range(12)]
+    (tmp_path / "reviews.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
+    (tmp_path / "other.tsv").write_text("\n".join(rows[:1] + rows[5:9]) + "\n")
+    small = ["seeds=[0]", "epochs=1", "progress=false"]
+    for extra in ([], ["--dev", str(tmp_path / "other.tsv")]):
+        args = parser.parse_args(["finetune", str(run), "--task", str(tmp_path / "reviews.tsv"), *extra, *small])
+        assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "note: replaced the result there written with other settings (dev differed)" in out
+    saved = json.loads((run / "eval" / "finetune-reviews.json").read_text())
+    assert saved["task_options"] == {"dev": str(tmp_path / "other.tsv")}

@@ -96,7 +96,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if clash:
         raise ConfigError(clash)
     result = finetune(backbone, task, cfg, save_dir=save_dir)
-    changed = changed_settings(out, result["config"])
+    # A file task's flags (--dev, --labels, columns...) change the result as much as the config:
+    # a rerun with another dev file replaced the result without a note.
+    result["task_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    changed = changed_settings(out, result["config"]) + changed_settings(out, result["task_options"], "task_options")
     write_json(out, result)
     init = result["init"]
     print(
@@ -153,7 +156,7 @@ def add_parser(subparsers) -> None:
         description="Fine-tune RUN_DIR's newest checkpoint (or a random init of its shape) on "
         "a task: a registered name (bbc, cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) "
         "or a .tsv/.csv/.jsonl training file with named columns. The result goes to "
-        "RUN_DIR/eval/finetune-TASK[-PEFT][-random].json; a result there written with other settings is "
+        "RUN_DIR/eval/finetune-TASK[-PEFT][-random].json; a result there written with other settings (or a file task's other --dev, --labels, columns...) is "
         "replaced, with a note; one of another task whose name comes out the same (reviews-lora.tsv "
         "against reviews.tsv with peft=lora) is refused before fine-tuning.",
         epilog=_config_epilog(),

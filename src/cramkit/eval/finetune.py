@@ -263,14 +263,16 @@ def finetune_save_dir(run_dir: str | Path, task_name: str, random_init: bool, pe
     return Path(run_dir) / "finetune" / finetune_name(task_name, random_init, peft)
 
 
-def changed_settings(path: Path, config: dict[str, Any]) -> list[str]:
+def changed_settings(path: Path, config: dict[str, Any], section: str = "config") -> list[str]:
     """The settings in which the result already at ``path`` differs from ``config`` (empty when
-    there is none, or it was written with the same), so a replaced result does not go unseen."""
+    there is none, or it was written with the same), so a replaced result does not go unseen.
+    ``section`` is the key the result records them under; a result without it (written before
+    it was recorded) is not compared."""
     try:
-        previous = json.loads(path.read_text()).get("config", {})
-    except (OSError, ValueError, AttributeError):
+        previous = json.loads(path.read_text())[section]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return []
-    return changed_keys(previous, config)
+    return changed_keys(previous, config) if isinstance(previous, dict) else []
 
 
 def outputs_owner(task: TaskData | TaskSpec, random_init: bool, peft: str = "none") -> dict[str, str]:
