@@ -218,3 +218,16 @@ def test_force_never_replaces_a_source_or_a_file(tmp_path):
         prepare(small_cfg([f]), notes, force=True, progress=False)
     assert f.read_text() == text and notes.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "notes.txt"]
+
+
+def test_reused_tokenizer_with_other_normalisation(tmp_path):
+    """lowercase=true with a tokenizer_file that does not lowercase was recorded in the
+    manifest and silently not applied."""
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    cased = prepare(small_cfg([f]), tmp_path / "cased", progress=False) / "tokenizer.json"
+    lower = prepare(small_cfg([f], lowercase=True), tmp_path / "lower", progress=False) / "tokenizer.json"
+    # The file's own switches, or none, reuse it.
+    prepare(small_cfg([f], tokenizer_file=str(lower), lowercase=True), tmp_path / "a", progress=False)
+    prepare(small_cfg([f], tokenizer_file=str(lower)), tmp_path / "b", progress=False)
+    _fails(tmp_path, small_cfg([f], tokenizer_file=str(cased), lowercase=True),
+           "lowercase=true asks for another normalisation")

@@ -71,6 +71,7 @@ from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
 from .tokenizer import (
+    build_normalizer,
     encoding_copy,
     load_tokenizer,
     normalised_length,
@@ -240,8 +241,25 @@ def _sample_texts(cfg: PrepareConfig) -> Iterator[str]:
 
 def _get_tokenizer(cfg: PrepareConfig):
     if cfg.tokenizer_file:
-        return load_tokenizer(cfg.tokenizer_file)
+        tok = load_tokenizer(cfg.tokenizer_file)
+        _check_reused_normalisation(cfg, tok)
+        return tok
     return train_tokenizer(_sample_texts(cfg), cfg)
+
+
+def _check_reused_normalisation(cfg: PrepareConfig, tok) -> None:
+    """A reused tokenizer normalises with its own normaliser: switches that ask for another
+    normalisation would be recorded in the manifest but not applied, so they are an error."""
+    wanted = build_normalizer(cfg)
+    if wanted is None:  # nothing asked for: the file's normalisation, whatever it is
+        return
+    if tok.normalizer is None or tok.normalizer.__getstate__() != wanted.__getstate__():
+        on = ", ".join(f"{k}=true" for k, v in cfg.normalisation().items() if v)
+        raise DataError(
+            f"{on} asks for another normalisation than tokenizer_file '{cfg.tokenizer_file}' "
+            "applies (a reused tokenizer normalises as it was trained); drop these options or "
+            "train a new tokenizer"
+        )
 
 
 def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
