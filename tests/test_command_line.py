@@ -246,3 +246,20 @@ def test_sigterm_during_prepare_removes_the_half_written_data(tmp_path, monkeypa
     finally:
         signal.signal(signal.SIGTERM, original)
     assert (tmp_path / "data" / "manifest.json").is_file()
+
+
+def test_interrupt_while_starting_exits_130(monkeypatch, capsys):
+    """^C during start-up (the subcommands' imports take a second) was a KeyboardInterrupt
+    traceback; it is one line and status 130, as later on."""
+    import cramkit.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    try:
+        status = main(["prepare", "--out", "x"])
+    except KeyboardInterrupt:
+        pytest.fail("main() let the KeyboardInterrupt out (a traceback)")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     previous_format, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # ^C while the command starts (imports), before _main's handler
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = previous_format
 
