@@ -231,3 +231,12 @@ def test_reused_tokenizer_with_other_normalisation(tmp_path):
     prepare(small_cfg([f], tokenizer_file=str(lower)), tmp_path / "b", progress=False)
     _fails(tmp_path, small_cfg([f], tokenizer_file=str(cased), lowercase=True),
            "lowercase=true asks for another normalisation")
+
+
+@pytest.mark.parametrize("objective, kind", [("mlm", "bpe"), ("clm", "wordpiece")])
+def test_tokenizer_kind_without_the_objectives_special_tokens(objective, kind):
+    """tokenizer=bpe with objective=mlm (or wordpiece with clm) trained a tokenizer first and
+    only then failed: "the tokenizer has no cls/sep/mask token"."""
+    with pytest.raises(ConfigError, match=f"tokenizer: {kind} has no .* objective={objective} needs"):
+        PrepareConfig.from_dict({"objective": objective, "tokenizer": kind})
+    PrepareConfig.from_dict({"objective": objective, "tokenizer": "auto"})

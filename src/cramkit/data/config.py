@@ -108,6 +108,14 @@ class PrepareConfig(Config):
             raise ConfigError(f"val_fraction: {self.val_fraction} is not in [0, 0.5]")
         if self.vocab_size < 64 and not self.tokenizer_file:
             raise ConfigError(f"vocab_size: {self.vocab_size} is too small (at least 64)")
+        if not self.tokenizer_file and self.tokenizer not in ("auto", self.tokenizer_kind_for_objective):
+            # Only one kind has the special tokens each objective needs: found out after training.
+            raise ConfigError(
+                f"tokenizer: {self.tokenizer} has no "
+                f"{'[CLS]/[SEP]/[MASK]' if self.objective == 'mlm' else 'end-of-document'} token, "
+                f"which objective={self.objective} needs; use tokenizer="
+                f"{self.tokenizer_kind_for_objective} (or auto)"
+            )
         if self.max_token_ratio < 0:
             raise ConfigError("max_token_ratio: must be >= 0 (0 = off)")
         for name in ("order_buffer_tokens", "shard_tokens", "batch_docs"):
@@ -123,6 +131,11 @@ class PrepareConfig(Config):
         """The tokenizer actually trained: ``wordpiece`` or ``bpe``."""
         if self.tokenizer != "auto":
             return self.tokenizer
+        return self.tokenizer_kind_for_objective
+
+    @property
+    def tokenizer_kind_for_objective(self) -> str:
+        """The kind whose special tokens ``objective`` needs: ``wordpiece`` for mlm, ``bpe`` for clm."""
         return "wordpiece" if self.objective == "mlm" else "bpe"
 
     def normalisation(self) -> dict[str, bool]:
