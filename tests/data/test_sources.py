@@ -141,6 +141,16 @@ def test_hf_disk_source(tmp_path):
     assert _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"])) == ["hello world", "second doc"]
 
 
+def test_hf_disk_field_that_is_not_text(tmp_path):
+    """A numeric text_field was skipped row by row, then reported as "contains no documents"
+    (or, mixed with text, silently dropped); JSON Lines and Parquet name the field."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a doc", None], "n": [1, 2]}).save_to_disk(str(tmp_path / "hf"))
+    assert _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"])) == ["a doc"]  # None: a missing value
+    with pytest.raises(DataError, match=r"row 0: field 'n' holds int, not text"):
+        _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"], text_field="n"))
+
+
 def test_hf_hub_source_offline_fails_at_once_and_streams_when_reachable(monkeypatch):
     """Offline, the hub client retried for half a minute, printing each retry, before failing: a
     streamed dataset has no cached copy to fall back on. One connection attempt says so."""

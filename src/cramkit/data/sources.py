@@ -430,8 +430,12 @@ def _hf_rows(ds, field: str, where: str) -> Iterator[Doc]:
         if field not in row:
             raise DataError(f"{where}: row {i} has no field '{field}' (found {sorted(row)})")
         text = row[field]
-        if isinstance(text, str):
-            yield Doc(text, f"{where}:row {i}")
+        if text is None:  # a missing value, skipped as in Parquet
+            continue
+        if not isinstance(text, str):  # as in JSON Lines and Parquet: numbers or lists are no text
+            raise DataError(f"{where}: row {i}: field '{field}' holds {type(text).__name__}, "
+                            "not text; set text_field=...")
+        yield Doc(text, f"{where}:row {i}")
 
 
 # --------------------------------------------------------------------------------------------
