@@ -123,6 +123,15 @@ def test_corpus_shorter_than_one_sequence_when_dropping(tmp_path):
     _fails(tmp_path, cfg, "fewer than one sequence")
 
 
+def test_validation_split_shorter_than_one_sequence_when_dropping(tmp_path):
+    """The held-out documents' tokens were all dropped: prepare reported "val 1 docs / 0
+    sequences" and pretraining failed at its first evaluation."""
+    docs = synthetic_docs(200)
+    f = write_corpus(tmp_path / "src" / "c.txt", docs[:-1] + ["Tiny."])  # the last goes to val
+    cfg = small_cfg([f], seq_len=64, last_sequence="drop", val_fraction=1e-9)
+    _fails(tmp_path, cfg, "the validation split has .* fewer than one sequence")
+
+
 def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
     f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(50))
 

@@ -529,6 +529,13 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             f"the training split has {train.stats['content_tokens']} tokens, fewer than one "
             f"sequence of seq_len={cfg.seq_len} (last_sequence=drop); lower seq_len or add text"
         )
+    if splits["val"]["docs"] and splits["val"]["sequences"] == 0:
+        # The held-out documents were all dropped: pretraining would stop at its first evaluation.
+        raise DataError(
+            f"the validation split has {val.stats['content_tokens']} tokens ({n_val} document(s)), "
+            f"fewer than one sequence of seq_len={cfg.seq_len} (last_sequence=drop); raise "
+            "val_fraction, lower seq_len or use last_sequence=pad"
+        )
     train_order: dict[str, Any] = {"ordering": cfg.ordering, "description": ordering.description}
     if ordering.sort_sequences:
         train_order.update(ordering.sort_sequences(tmp, splits["train"], writer("train"), encoder))
