@@ -89,6 +89,9 @@ def test_vocab_larger_than_corpus(tmp_path):
            r"vocab_size=50000 is larger than this corpus supports: training stopped at \d+ tokens .*; "
            r"set vocab_size to \d+ or less, or min_frequency=1 \(now 2\), or add text")
     _fails(tmp_path, small_cfg([f], vocab_size=50_000, min_frequency=1), r"or less, or add text")
+    # A sample cut at tokenizer_sample_mb: the corpus has more text already (was "or add text").
+    _fails(tmp_path, small_cfg([f], vocab_size=50_000, min_frequency=1, tokenizer_sample_mb=0.0001),
+           r"from 1 documents in the tokenizer sample.*or less, or raise tokenizer_sample_mb \(now 0.0001\)$")
 
 
 def test_compressibility_filter_that_drops_everything_says_why(tmp_path):

@@ -130,12 +130,13 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
     norm = build_normalizer(cfg)
     if norm is not None:
         tok.normalizer = norm
-    n_texts = 0
+    n_texts = n_chars = 0
 
     def counted() -> Iterator[str]:
-        nonlocal n_texts
+        nonlocal n_texts, n_chars
         for t in sample:
             n_texts += 1
+            n_chars += len(t)
             yield t
 
     tok.train_from_iterator(counted(), trainer=trainer)
@@ -143,10 +144,13 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
         raise DataError("no documents left to train the tokenizer on (all filtered out?)")
     got = tok.get_vocab_size()
     if got < cfg.vocab_size:
+        # A sample cut at tokenizer_sample_mb is not the whole corpus: more text may exist already.
+        capped = n_chars >= cfg.tokenizer_sample_mb * 1e6
+        more = f"raise tokenizer_sample_mb (now {cfg.tokenizer_sample_mb:g})" if capped else "add text"
         raise DataError(
             f"vocab_size={cfg.vocab_size} is larger than this corpus supports: training stopped "
             f"at {got} tokens (from {n_texts} documents in the tokenizer sample); set vocab_size "
-            f"to {got} or less{_fewer_merges_hint(cfg)}, or add text"
+            f"to {got} or less{_fewer_merges_hint(cfg)}, or {more}"
         )
     if kind == "wordpiece":
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
