@@ -252,3 +252,13 @@ def test_tokenizer_kind_without_the_objectives_special_tokens(objective, kind):
     with pytest.raises(ConfigError, match=f"tokenizer: {kind} has no .* objective={objective} needs"):
         PrepareConfig.from_dict({"objective": objective, "tokenizer": kind})
     PrepareConfig.from_dict({"objective": objective, "tokenizer": "auto"})
+
+
+def test_jsonl_unpaired_surrogate(tmp_path):
+    """A JSON escape of a lone surrogate ("\\ud800") decodes to a str the tokenizer cannot encode:
+    a UnicodeEncodeError traceback from tokenizer training (a TypeError when reusing a tokenizer)."""
+    f = tmp_path / "src" / "s.jsonl"
+    f.parent.mkdir()
+    lines = [json.dumps({"text": d}) for d in synthetic_docs(20)] + ['{"text": "bad \\ud800 here"}']
+    f.write_text("\n".join(lines) + "\n")
+    _fails(tmp_path, small_cfg([f]), r"s\.jsonl:21: field 'text' is not valid Unicode \(an unpaired surrogate")

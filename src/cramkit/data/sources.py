@@ -155,6 +155,14 @@ def read_jsonl_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
         text = row[cfg.text_field]
         if not isinstance(text, str):
             raise DataError(f"{path}:{lineno}: field '{cfg.text_field}' is not a string")
+        if not text.isascii():
+            try:  # JSON may escape a lone surrogate (\ud800), which no tokenizer can encode
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: field '{cfg.text_field}' is not valid Unicode (an unpaired "
+                    f"surrogate, {text[exc.start]!r}, at character {exc.start}); fix or drop the line"
+                ) from None
         yield Doc(text, f"{path}:{lineno}", pos - consumed)
         consumed = pos
 
