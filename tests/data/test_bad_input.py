@@ -68,6 +68,21 @@ def test_jsonl_missing_field_and_invalid_json(tmp_path):
     _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:4: invalid JSON")
 
 
+def test_damaged_parquet_row_group_names_the_file(tmp_path):
+    """A readable footer over a damaged data page was "error: Corrupt snappy compressed data."
+    without the file's name (pyarrow's OSError, raised while iterating the rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "src" / "rows.parquet"
+    f.parent.mkdir()
+    pq.write_table(pa.table({"text": synthetic_docs(200)}), f, row_group_size=20, compression="snappy")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 2000] = b"A" * 2000  # the data pages, not the footer
+    f.write_bytes(bytes(data))
+    _fails(tmp_path, small_cfg([f]), r"rows\.parquet: cannot read \(after row \d+: ")
+
+
 def test_parquet_column_that_is_not_text(tmp_path):
     # Numbers were a TypeError traceback from tokenizer training; lists were taken as text.
     import pyarrow as pa

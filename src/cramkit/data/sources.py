@@ -187,7 +187,14 @@ def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
     size = path.stat().st_size
     nrows = max(1, pf.metadata.num_rows)
     row = 0
-    for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
+    batches = pf.iter_batches(columns=[cfg.text_field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as exc:  # a damaged row group: name the file
+            raise DataError(f"{path}: cannot read (after row {row}: {exc})") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if text is None:
