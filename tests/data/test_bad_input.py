@@ -66,6 +66,9 @@ def test_jsonl_missing_field_and_invalid_json(tmp_path):
     _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:11: no field 'text' \(found \['body'\]\)")
     f.write_text("\n".join(rows[:3] + ["{not json"]) + "\n")
     _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:4: invalid JSON")
+    # Valid JSON too deep for the parser was a RecursionError traceback.
+    f.write_text("\n".join(rows[:3] + ["[" * 100_000 + "]" * 100_000]) + "\n")
+    _fails(tmp_path, small_cfg([f]), r"rows\.jsonl:4: JSON nested too deeply")
 
 
 def test_damaged_parquet_row_group_names_the_file(tmp_path):

@@ -147,6 +147,8 @@ def read_jsonl_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply to read") from None
         if not isinstance(row, dict) or cfg.text_field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise DataError(
