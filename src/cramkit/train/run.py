@@ -423,6 +423,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
     _check_vocab(cfg, dataset, data_dir)
     _check_positions(cfg, dataset, data_dir)
+    if len(dataset.sequences("val")) == 0:  # found here, not at the step-0 evaluation
+        raise DataError(f"{data_dir} has no validation sequences (prepared with val_fraction=0?), and "
+                        "pretraining evaluates on them; prepare it with val_fraction > 0")
     objective_name = _objective_name(cfg, dataset)
     cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
