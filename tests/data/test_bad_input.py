@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 from data_helpers import small_cfg, synthetic_docs, write_corpus
@@ -280,3 +281,18 @@ def test_jsonl_unpaired_surrogate(tmp_path):
     lines = [json.dumps({"text": d}) for d in synthetic_docs(20)] + ['{"text": "bad \\ud800 here"}']
     f.write_text("\n".join(lines) + "\n")
     _fails(tmp_path, small_cfg([f]), r"s\.jsonl:21: field 'text' is not valid Unicode \(an unpaired surrogate")
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_out_is_the_current_folder(tmp_path, monkeypatch, absolute):
+    """--out . in an empty folder was "error: .: Device or resource busy"; its absolute path
+    swapped the dataset in under the process, whose working folder was then a deleted one."""
+    import os
+
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(DataError, match="is the current folder"):
+        prepare(small_cfg([f]), here if absolute else ".", progress=False)
+    assert os.listdir(here) == [] and Path.cwd().samefile(here) and os.path.exists(os.getcwd())
