@@ -316,6 +316,7 @@ def test_an_interrupted_evaluation_keeps_the_tasks_it_scored(tiny_run, tmp_path,
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)  # what other tests left in the shared run
     rows = ["index\tsentence1\tsentence2\tlabel"] + [
         f"{i}\tthe film {i}\tthe match\t{'entailment' if i % 2 else 'not_entailment'}" for i in range(12)
     ]
@@ -686,13 +687,15 @@ def test_task_files_side_by_side_named_after_their_folder_do_not_replace_each_ot
     (folder / "dev.csv").write_text("sentence,label\nfine,1\n")
     tsv_owner = finetune_mod.outputs_owner(load_task(folder / "train.tsv"), False)
     assert tsv_owner["task_file"] == "train.tsv"
-    taken = tiny_run / "eval" / "finetune-reviews.json"
+    run = tmp_path / "run"  # a copy: tiny_run is shared by the session's tests
+    shutil.copytree(tiny_run, run)
+    taken = run / "eval" / "finetune-reviews.json"
     taken.parent.mkdir(exist_ok=True)
     taken.write_text(json.dumps({"task": "reviews", "task_source": "file", "task_file": "train.tsv",
                                  "init": "pretrained", "config": {"peft": "none"}}))
     trained = []
     monkeypatch.setattr(finetune_mod, "finetune", lambda *a, **k: trained.append(a) or {})
-    assert main(["finetune", str(tiny_run), "--task", str(folder / "train.csv")]) == 2
+    assert main(["finetune", str(run), "--task", str(folder / "train.csv")]) == 2
     err = capsys.readouterr().err
     assert "holds the outputs of file task 'reviews' from train.tsv" in err and trained == []
     # The same file may write its result again.
@@ -710,6 +713,7 @@ def test_a_file_task_rerun_with_another_dev_file_says_it_replaced_the_result(tin
     cli.add_parser(parser.add_subparsers())
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)  # what other tests left in the shared run
     rows = ["sentence\tlabel"] + [f"the film {i}\t{'pos' if i % 2 else 'neg'}" for i in range(12)]
     (tmp_path / "reviews.tsv").write_text("\n".join(rows) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
