@@ -99,7 +99,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     # A file task's flags (--dev, --labels, columns...) change the result as much as the config:
     # a rerun with another dev file replaced the result without a note.
     result["task_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
-    changed = changed_settings(out, result["config"]) + changed_settings(out, result["task_options"], "task_options")
+    changed = changed_settings(out, result, ("config", "task_options"))
     write_json(out, result)
     init = result["init"]
     print(

@@ -263,16 +263,24 @@ def finetune_save_dir(run_dir: str | Path, task_name: str, random_init: bool, pe
     return Path(run_dir) / "finetune" / finetune_name(task_name, random_init, peft)
 
 
-def changed_settings(path: Path, config: dict[str, Any], section: str = "config") -> list[str]:
-    """The settings in which the result already at ``path`` differs from ``config`` (empty when
-    there is none, or it was written with the same), so a replaced result does not go unseen.
-    ``section`` is the key the result records them under; a result without it (written before
-    it was recorded) is not compared."""
+def changed_settings(path: Path, new: dict[str, Any], sections: Sequence[str] = ("config",)) -> list[str]:
+    """The settings in which the result already at ``path`` differs from the result or report
+    ``new`` (empty when there is none, or it was written with the same), so a replaced result
+    does not go unseen. ``sections`` are the keys that record settings. Every result records its
+    ``config``; a later section (``task_options``) that the old result lacks, written before it
+    was recorded, is not compared."""
     try:
-        previous = json.loads(path.read_text())[section]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
         return []
-    return changed_keys(previous, config) if isinstance(previous, dict) else []
+    if not isinstance(previous, dict):
+        return []
+    changed = []
+    for section in sections:
+        old = previous.get(section, {} if section == "config" else None)
+        if isinstance(old, dict):
+            changed += changed_keys(old, new[section])
+    return changed
 
 
 def outputs_owner(task: TaskData | TaskSpec, random_init: bool, peft: str = "none") -> dict[str, str]:

@@ -223,7 +223,7 @@ def evaluate_glue(
             js, _ = write_report(partial, eval_dir, f"{stem}.partial")
             log(f"{len(results)} of {len(loaded)} tasks scored so far: {js}")
     report = report_of(results)
-    changed = changed_settings(eval_dir / f"{stem}.json", report["config"])
+    changed = changed_settings(eval_dir / f"{stem}.json", report)
     js, md = write_report(report, eval_dir, stem)
     for leftover in (eval_dir / f"{stem}.partial.json", eval_dir / f"{stem}.partial.md"):
         leftover.unlink(missing_ok=True)  # the complete report supersedes it
