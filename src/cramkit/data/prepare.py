@@ -134,7 +134,7 @@ def prepare(
             "--force to rebuild it or choose another --out"
         )
     cwd = Path.cwd().resolve()
-    if out_dir.resolve() == cwd or out_dir.resolve() in cwd.parents:
+    if out_dir.resolve() in (cwd, *cwd.parents):
         # Renaming the new folder onto it fails for "." (EBUSY) and, for its absolute path, leaves
         # this process and the user's shell in the replaced (deleted) folder.
         raise DataError(f"--out {out_dir} is the current folder (or holds it); choose a folder to "

@@ -27,7 +27,7 @@ import random
 import re
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +376,7 @@ def _iter_rows(path: Path, fmt: str, has_header: bool,
                 continue
             if header is None and has_header:
                 header = [h.strip() for h in fields]
-                twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+                twice = _first_repeat(h for h in header if h)
                 if twice is not None and not extra_fields:
                     # A row's dict keeps the last of the two: the column read would be a guess.
                     raise DataError(f"{path}:{lineno}: column '{twice}' appears twice in the header")
@@ -607,6 +607,16 @@ def load_bbc(spec: TaskSpec, data_dir: str | Path | None = None) -> TaskData:
                     {spec.name: examples(dev_docs)})
 
 
+def _first_repeat(items: Iterable[str]) -> str | None:
+    """The first item that an earlier one equals, or None when all differ."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
 def _shown_labels(labels: Sequence[str], most: int = 12) -> str:
     """A label set for an error line: the first ``most`` of them and how many more."""
     shown = ", ".join(labels[:most])
@@ -694,7 +704,7 @@ def file_task(
         metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
     if labels is not None and not is_regression:
         # A label named twice kept its last index: a class no example has, and a head one wider.
-        twice = next((lab for i, lab in enumerate(labels) if lab in labels[:i]), None)
+        twice = _first_repeat(labels)
         if twice is not None:
             raise DataError(f"--labels names {twice!r} twice ({', '.join(labels)})")
         if len(labels) < 2:
