@@ -2,12 +2,17 @@
 
 Each switch must trade memory for time and change nothing else: the same gradients, the same
 parameter names (so checkpoints load either way), the same training run. The estimate printed
-before training must be of the size of what the forward pass really stores.
+before training must be of the size of what the forward pass really stores, and of the peak a
+training step really reaches.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
+import itertools
 
 import pytest
 import torch
@@ -15,8 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cramkit.distributed.config import MemoryConfig
 from cramkit.distributed.memory import (
+    _kept,
     advise,
     apply_activation_checkpointing,
+    checkpointed_blocks,
     estimate_memory,
     offload_context,
 )
@@ -188,55 +195,196 @@ def test_a_memory_switch_takes_effect_in_a_run_and_leaves_it_unchanged(switch, t
         assert len(recomputed) == 4 * 2 * blocks and not _CountingSaveOnCpu.packed
 
 
+def test_training_frees_the_logits_before_backward(tiny_mlm_data, tmp_path, monkeypatch):
+    """Backward needs no logits (the loss keeps its log-probabilities); held, they would occupy a
+    tokens x vocabulary tensor through the backward and the next micro-batch's forward."""
+    import weakref
+
+    from cramkit.models.base import TransformerLM
+
+    alive: list[bool] = []
+    forward = TransformerLM.forward
+
+    def watched(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if out.loss is not None and out.loss.requires_grad:
+            logits = weakref.ref(out.logits)
+            out.loss.register_hook(lambda grad: alive.append(logits() is not None))
+        return out
+
+    monkeypatch.setattr(TransformerLM, "forward", watched)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", name="run"), say=lambda *_: None)
+    assert alive and not any(alive)  # each training backward began with its logits gone
+
+
 # The estimate counts per token what each kind of block and head saves (measured once, written
 # as constants in memory.py). Checked here at real widths (4 blocks, vocabulary 8192, a short
-# batch): within 10 % of what the forward pass really stores, for each architecture, precision
-# and checkpointing mode. With checkpointing the backward pass also holds one block's
-# activations while it recomputes them; the estimate includes that block, so it is compared
-# against the stored tensors plus one block's worth (measured without checkpointing).
+# batch): within 10 % of what the forward pass really saves, for each architecture, precision
+# and checkpointing mode. The peak the estimate builds from it is checked further down.
 SHAPES = {"crammed-bert": 128, "bert-base": 128, "gpt2-small": 128}  # preset -> sequence length
 
 
-def _stored(name: str, precision: str, mode: str, every: int = 2, **changes) -> tuple[dict, dict]:
+def _stored(name: str, precision: str, mode: str, every: int = 2, **changes) -> tuple[dict, float, dict]:
+    """What a forward pass saved (measured), the estimate's count of it, and the estimate."""
     cfg = dataclasses.replace(preset_config(name), layers=4, vocab_size=8192, **changes)
     torch.manual_seed(0)
     model = build_model(cfg)
     memory = _memory(mode, every)
     apply_activation_checkpointing(model, memory)
-    measured = saved_bytes(model, _batch(cfg, 2, SHAPES[name]), memory, autocast=precision == "bf16")
-    estimate = estimate_memory(model, micro_batch=2, seq_len=SHAPES[name], precision=precision, cfg=memory,
-                               device_type="cpu")
-    return measured, estimate
+    seq, half = SHAPES[name], precision == "bf16"
+    measured = saved_bytes(model, _batch(cfg, 2, seq), memory, autocast=half)
+    # Besides the blocks, embeddings and head, the loss saves fp32 log-probabilities of the
+    # predicted positions (a quarter of them under sparse prediction).
+    predicted = 2 * seq * (0.25 if cfg.sparse_prediction else 1.0)
+    counted = (_kept(cfg, 2 * seq, seq, half, False, len(checkpointed_blocks(memory, cfg.layers)))
+               + 4 * predicted * cfg.vocab_size)
+    estimate = estimate_memory(model, micro_batch=2, seq_len=seq, precision=precision, cfg=memory, device_type="cpu")
+    return measured, counted, estimate
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_memory_estimate_matches_what_the_forward_pass_stores(name, precision):
-    plain, plain_estimate = _stored(name, precision, "none")
-    assert plain_estimate["activations_gb"] * 1e9 == pytest.approx(plain["activations"], rel=0.1)
-    checked, estimate = _stored(name, precision, "full")
-    recomputed = (plain["activations"] - checked["activations"]) / 4  # one block, less its input
-    assert estimate["activations_gb"] * 1e9 == pytest.approx(checked["activations"] + recomputed, rel=0.1)
-    # Autocast's half-precision weight copies (none in fp32) are counted exactly.
-    assert estimate["weight_copies_gb"] * 1e9 == pytest.approx(plain["weight_copies"], rel=1e-6)
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_memory_estimate_counts_what_the_forward_pass_saves(name, precision, mode):
+    measured, counted, estimate = _stored(name, precision, mode)
+    # 12 %: with every block checkpointed the head's few tensors weigh most, and in bf16 some of
+    # them are saved in half precision where the estimate counts fp32.
+    assert counted == pytest.approx(measured["activations"], rel=0.1 if mode == "none" else 0.12)
+    # Autocast's half-precision weight copies (none in fp32) are counted exactly. Its cache holds
+    # every one until the forward pass ends, checkpointed or not, so the count is the same then.
+    if mode == "none":
+        assert estimate["weight_copies_gb"] * 1e9 == pytest.approx(measured["weight_copies"], rel=1e-6)
 
 
 @pytest.mark.parametrize("changes", [{"dropout": 0.1}, {"attention_dropout": 0.1}, {"intermediate": 1536},
                                      {"intermediate": 6144}], ids=str)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_memory_estimate_follows_dropout_and_the_feed_forward_width(changes, precision):
-    measured, estimate = _stored("crammed-bert", precision, "none", **changes)
-    assert estimate["activations_gb"] * 1e9 == pytest.approx(measured["activations"], rel=0.1)
+    measured, counted, _ = _stored("crammed-bert", precision, "none", **changes)
+    assert counted == pytest.approx(measured["activations"], rel=0.1)
 
 
 def test_memory_estimate_of_selective_checkpointing():
-    plain, none = _stored("crammed-bert", "fp32", "none")
-    checked, estimate = _stored("crammed-bert", "fp32", "selective", every=2)  # blocks 1 and 3
-    recomputed = (plain["activations"] - checked["activations"]) / 2
-    assert estimate["activations_gb"] * 1e9 == pytest.approx(checked["activations"] + recomputed, rel=0.1)
+    measured, counted, _ = _stored("crammed-bert", "fp32", "selective", every=2)  # blocks 1 and 3
+    assert counted == pytest.approx(measured["activations"], rel=0.1)
     # Every 8th of 4 blocks: none is checkpointed, and none is recomputed either.
-    _, none_checked = _stored("crammed-bert", "fp32", "selective", every=8)
+    _, _, none = _stored("crammed-bert", "fp32", "none")
+    _, _, none_checked = _stored("crammed-bert", "fp32", "selective", every=8)
     assert none_checked["activations_gb"] == none["activations_gb"]
+
+
+class _PeakAfterEachOp(TorchDispatchMode):
+    def __init__(self, in_use):
+        super().__init__()
+        self.in_use, self.peak = in_use, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out
+
+
+def _malloc_in_use():
+    """A function giving the bytes glibc's malloc has handed out; the test skips elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("measuring the peak needs glibc's mallinfo2 (Linux, glibc 2.33 or later)")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    mallinfo2.restype = Info
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.hblkhd + info.uordblks  # mmapped chunks, and those of the main arena
+
+    return in_use
+
+
+def measured_peak(step) -> int:
+    """Bytes above the starting point at the highest point of ``step()``, sampled after every
+    operation: on the CPU, what CUDA's max_memory_allocated is on a GPU. One thread keeps every
+    allocation where mallinfo2 sees it (the main arena, or mmapped)."""
+    in_use, threads = _malloc_in_use(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step()  # the gradients exist from here on, as after training's first step
+        gc.collect()  # or a collected reference cycle could lower the peak below the start
+        peak = _PeakAfterEachOp(in_use)
+        start = in_use()
+        with peak:
+            step()
+        return peak.peak - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _training_step(model, batch, half: bool, hooks=contextlib.nullcontext):
+    def step():
+        with hooks(), torch.autocast("cpu", torch.bfloat16, enabled=half):
+            out = model(**batch)
+        loss = out.loss
+        del out  # as the trainer does
+        loss.backward()
+    return step
+
+
+class _DiskOffload:
+    """Saved tensors kept in files, as save_on_cpu keeps them in host memory: off the memory
+    measured here, as offloading takes them off the GPU."""
+
+    def __init__(self, folder):
+        self.folder, self.count = folder, itertools.count()
+
+    def __call__(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, torch.load)
+
+    def pack(self, tensor):
+        path = self.folder / str(next(self.count))
+        torch.save(tensor, path)
+        return path
+
+
+# The estimate against the measured peak of a real training step (forward and backward, the
+# gradients already there), at real widths: 4 blocks, a 4 x 128 batch, vocabulary 8192. The peak
+# falls in different places (the forward's end with autocast's weight copies, the loss's
+# backward, a recomputed block, the tied embedding's gradients at the very end) and the estimate
+# follows each within 15 % (measured 0.91 to 1.13 when written).
+@pytest.mark.parametrize(("name", "precision", "mode"), [
+    ("crammed-bert", "fp32", "none"), ("crammed-bert", "bf16", "full"), ("bert-base", "bf16", "none"),
+    ("bert-base", "fp32", "full"), ("gpt2-small", "fp32", "none"), ("gpt2-small", "bf16", "full")])
+def test_memory_estimate_follows_the_measured_peak_of_a_training_step(name, precision, mode):
+    cfg = dataclasses.replace(preset_config(name), layers=4, vocab_size=8192)
+    torch.manual_seed(0)
+    model, memory = build_model(cfg), _memory(mode)
+    apply_activation_checkpointing(model, memory)
+    peak = measured_peak(_training_step(model, _batch(cfg, 4, 128), precision == "bf16"))
+    estimate = estimate_memory(model, micro_batch=4, seq_len=128, precision=precision, cfg=memory, device_type="cpu")
+    estimated = (estimate["activations_gb"] + estimate["weight_copies_gb"]) * 1e9
+    assert 0.85 * peak < estimated < 1.15 * peak
+
+
+# Offloaded, the peak is about one block's work: a smaller vocabulary and a longer batch make
+# that the largest part. The estimate is coarser here and errs high (1.08 and 1.14 when written;
+# up to 1.46 for bert-base's unrecomputed blocks, whose backward needs less than a whole block).
+@pytest.mark.parametrize(("name", "precision", "mode"), [("crammed-bert", "bf16", "none"),
+                                                         ("gpt2-small", "fp32", "full")])
+def test_offloaded_memory_estimate_follows_the_measured_peak(name, precision, mode, tmp_path):
+    cfg = dataclasses.replace(preset_config(name), layers=4, vocab_size=1024)
+    torch.manual_seed(0)
+    model, memory = build_model(cfg), _memory(mode, offload=True)
+    apply_activation_checkpointing(model, memory)
+    step = _training_step(model, _batch(cfg, 8, 128), precision == "bf16", _DiskOffload(tmp_path))
+    peak = measured_peak(step)
+    estimate = estimate_memory(model, micro_batch=8, seq_len=128, precision=precision, cfg=memory, device_type="cpu")
+    estimated = (estimate["activations_gb"] + estimate["weight_copies_gb"]) * 1e9
+    assert 0.85 * peak < estimated < 1.5 * peak
+    kept = estimate_memory(model, micro_batch=8, seq_len=128, precision=precision, cfg=_memory(mode), device_type="cpu")
+    assert estimate["activations_gb"] < kept["activations_gb"]
 
 
 def test_attention_dropout_keeps_scores_only_off_cuda():
@@ -261,7 +409,9 @@ def test_memory_estimate_counts_training_state_and_what_each_switch_removes():
     assert sharded["weight_copies_gb"] < plain["weight_copies_gb"]
     offloaded = estimate_memory(model, micro_batch=8, seq_len=128, precision="bf16", sharded=True,
                                 cfg=MemoryConfig(offload_optimizer=True, offload_activations=True))
-    assert offloaded["optimizer_gb"] == offloaded["parameters_gb"] == offloaded["activations_gb"] == 0
+    assert offloaded["optimizer_gb"] == offloaded["parameters_gb"] == 0
+    # Offloaded activations come back a block at a time: a block's worth, not nothing.
+    assert 0 < offloaded["activations_gb"] < plain["activations_gb"] / 2
     # What stays on the device: the root and two blocks gathered, in bf16, with their gradients.
     gathered = n - 2 * sum(p.numel() for p in model.layers[0].parameters())
     assert offloaded["weight_copies_gb"] == pytest.approx(2 * gathered / 1e9)

@@ -18,15 +18,21 @@ def apply_activation_checkpointing(model: torch.nn.Module, cfg: MemoryConfig) ->
     The block's ``forward`` is replaced in place (no wrapper module), so parameter names, and
     therefore checkpoints, are unchanged. ``selective`` checkpoints every k-th block.
     """
-    if cfg.activation_checkpointing == "none":
-        return model
-    every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every
+    chosen = checkpointed_blocks(cfg, len(model.layers))
     for i, block in enumerate(model.layers):
-        if i % every == every - 1 and not getattr(block, "_cramkit_checkpointed", False):
+        if i in chosen and not getattr(block, "_cramkit_checkpointed", False):
             original = block.forward
             block.forward = functools.partial(_checkpointed, original)
             block._cramkit_checkpointed = True
     return model
+
+
+def checkpointed_blocks(cfg: MemoryConfig, layers: int) -> list[int]:
+    """Indices of the blocks that ``cfg``'s activation checkpointing recomputes in backward."""
+    if cfg.activation_checkpointing == "none":
+        return []
+    every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every
+    return [i for i in range(layers) if i % every == every - 1]
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -67,13 +73,38 @@ def _block_activations(mc, tokens: int, seq_len: int, half: bool, cuda: bool) ->
     return tokens * per_token
 
 
-def _outside_blocks(mc, tokens: int, mask_rate: float) -> float:
+def _outside_blocks(mc, tokens: int) -> float:
     # fp32 values of width h: the head's input and the final norm's (2), two more for a norm of
-    # the embeddings and two for a head transform; then the log-probabilities the loss keeps,
-    # fp32 for every predicted position (a mask_rate share under sparse prediction).
-    predicted = tokens * (mask_rate if mc.sparse_prediction else 1.0)
+    # the embeddings and two for a head transform.
     width = 2 + 2 * mc.embedding_norm + 2 * mc.head_transform
-    return tokens * mc.hidden * 4 * width + predicted * mc.vocab_size * 4
+    return tokens * mc.hidden * 4 * width
+
+
+def _kept(mc, tokens: int, seq_len: int, half: bool, cuda: bool, checkpointed: int) -> float:
+    """Bytes the forward pass saves for backward outside the loss: every block's activations, a
+    checkpointed block's input alone, and what the embeddings and head keep."""
+    block = _block_activations(mc, tokens, seq_len, half, cuda)
+    inputs = checkpointed * tokens * mc.hidden * _CHECKPOINTED_BYTES
+    return (mc.layers - checkpointed) * block + inputs + _outside_blocks(mc, tokens)
+
+
+def _loss_tensors(mc, tokens: int, mask_rate: float, half: bool) -> tuple[float, float]:
+    # Tensors of (predicted positions x vocabulary) alive at once, in bytes per element: at the
+    # end of the forward pass the logits (half under autocast), their fp32 cast for the loss and
+    # the log-probabilities; in the loss's backward the log-probabilities, their gradient and the
+    # logits' gradient, all fp32. (The logits are gone by then: the trainer drops the model's
+    # output before backward.) Under sparse prediction a mask_rate share of positions is predicted.
+    predicted = tokens * (mask_rate if mc.sparse_prediction else 1.0) * mc.vocab_size
+    return predicted * (10 if half else 8), predicted * 12
+
+
+def _embedding_gradients(mc) -> tuple[float, float]:
+    # The (vocabulary x width) embedding's gradients beyond its .grad, in fp32. Tied, the
+    # decoder's contribution waits from the head's backward until the embedding's arrives at the
+    # very end, where the two and their sum are alive at once; untied, the embedding's dense
+    # gradient is one such tensor at the end. Returns (held through backward, peak at the end).
+    size = mc.vocab_size * mc.hidden * 4
+    return (size, 3 * size) if mc.tie_embeddings else (0.0, size)
 
 
 def _linear_weights(module: torch.nn.Module) -> int:
@@ -94,11 +125,13 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     - the half-precision copies of the linear weights that autocast keeps for backward (bf16 and
       fp16); under FSDP the gathered parameters of the root and of two blocks (one computing,
       one prefetched) instead, in the training precision;
-    - activations of one micro-batch: each block's saved tensors (measured per token, see
-      ``_BLOCK_BYTES``), what the embeddings, head and loss keep (``mask_rate``: the share of
-      positions with a target under sparse prediction). Checkpointing keeps a checkpointed
-      block's input and adds one block's activations, recomputed in backward; offloading keeps
-      them in host memory. ``device_type`` decides whether attention dropout keeps its scores.
+    - activations of one micro-batch at the peak of its backward: each block's saved tensors
+      (measured per token, see ``_BLOCK_BYTES``), what the embeddings and head keep, and the
+      loss's backward (``mask_rate``: the share of positions with a target under sparse
+      prediction). Checkpointing keeps a checkpointed block's input and adds one block's
+      activations, recomputed in backward; eager offloading keeps them in host memory, leaving
+      one block's worth or the loss's backward on the device. ``device_type`` decides whether
+      attention dropout keeps its scores.
 
     FSDP is assumed with its defaults here (blocks resharded after forward, parameters gathered
     in the training precision): ``parallel.fsdp_reshard=false`` keeps every block gathered.
@@ -111,32 +144,53 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     weights = 4 * params / shard
     grads = 4 * params / shard
     optim = optimizer_states * 4 * params / shard
-    copies = 2.0 * _linear_weights(model) if half else 0.0
+    blocks = list(model.layers)
+    chosen = checkpointed_blocks(cfg, len(blocks))
+    offloaded = cfg.offload_activations and not compiled
+    copies = copies_in_backward = 0.0
+    if half:
+        # Autocast caches its half-precision weight copies until the forward pass ends. Backward
+        # keeps those saved for it: a checkpointed block's are remade when it is recomputed, and
+        # offloaded ones come back one block at a time.
+        per_block = [_linear_weights(b) for b in blocks]
+        dropped = range(len(blocks)) if offloaded else chosen
+        copies = 2.0 * _linear_weights(model)
+        copies_in_backward = copies - 2.0 * (sum(per_block[i] for i in dropped)
+                                             - max((per_block[i] for i in dropped), default=0))
     if sharded or cfg.offload_optimizer:
         # FSDP gathers the root's parameters and a block's at a time (plus one prefetched), in
         # the mixed-precision policy's dtype; autocast then makes no copies of its own.
-        blocks = list(model.layers)
         gathered = (params - sum(count_parameters(b) for b in blocks)
                     + 2 * max(map(count_parameters, blocks), default=0))
-        copies = (2 if half else 4) * gathered
+        copies = copies_in_backward = (2 if half else 4) * gathered
         if cfg.offload_optimizer:
             # FSDP2's CPU offload keeps the sharded parameters, their gradients and the optimizer
             # on the host; the device holds what is gathered and its gradients before reduction.
             weights, grads, optim = 0.0, 4.0 * gathered, 0.0
     tokens = micro_batch * seq_len
     block_act = _block_activations(mc, tokens, seq_len, half, device_type == "cuda")
-    if cfg.activation_checkpointing == "none":
-        stored = mc.layers * block_act
+    # Backward recomputes one checkpointed block at a time and holds, beside its activations,
+    # the fp32 gradients of its widest tensors: two of the feed-forward width (before and after
+    # the activation function) and two of the residual stream.
+    recomputed = block_act + tokens * 8 * (mc.intermediate + mc.hidden) if chosen else 0.0
+    loss_forward, loss_backward = _loss_tensors(mc, tokens, mask_rate, half)
+    held, at_end = _embedding_gradients(mc)
+    if offloaded:
+        # Saved tensors go to the host as the forward pass makes them and come back one backward
+        # node at a time in eager mode: about one block's worth is on the device at once. (A
+        # compiled backward unpacks every saved tensor at its start, pytorch/pytorch#148222, so
+        # then offloading saves nothing at the peak: the else branch.)
+        forward = max(block_act, loss_forward)
+        backward = max(max(block_act, recomputed) + held, loss_backward)
     else:
-        every = 1 if cfg.activation_checkpointing == "full" else cfg.checkpoint_every
-        checkpointed = mc.layers // every
-        stored = (mc.layers - checkpointed) * block_act + checkpointed * tokens * mc.hidden * _CHECKPOINTED_BYTES
-        if checkpointed:  # backward recomputes one checkpointed block at a time
-            stored += block_act
-    # Offloaded activations come back one block at a time in eager backward; a compiled backward
-    # unpacks every saved tensor at its start (pytorch/pytorch#148222), so they all return at once.
-    offloaded = cfg.offload_activations and not compiled
-    activations = 0.0 if offloaded else stored + _outside_blocks(mc, tokens, mask_rate)
+        kept = _kept(mc, tokens, seq_len, half, device_type == "cuda", len(chosen))
+        forward = kept + loss_forward
+        # The loss's backward frees its tensors before the head's backward, where a tied
+        # decoder's gradient appears, and before any recomputation.
+        backward = kept + max(loss_backward, held + recomputed)
+    # The peak comes at the end of the forward pass, in backward, or at its very end, where
+    # nearly all activations are freed; reported as the weight copies plus the rest.
+    activations = max(copies + forward, copies_in_backward + backward, at_end) - copies
     gb = 1e9
     out = {"parameters_gb": weights / gb, "gradients_gb": grads / gb, "optimizer_gb": optim / gb,
            "weight_copies_gb": copies / gb, "activations_gb": activations / gb}

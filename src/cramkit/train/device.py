@@ -104,21 +104,22 @@ def auto_micro_batch(model, make_batch, device: torch.device, precision: str, ca
     total = torch.cuda.get_device_properties(device).total_memory
     best, n = 0, 1
     while n <= cap and cap % n == 0:
-        out = None
+        out = loss = None
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             with forward_context(), autocast(device, precision):
                 out = model(**make_batch(n))
-            out.loss.backward()
+            loss, out = out.loss, None  # as the trainer does: no logits held through backward
+            loss.backward()
             peak = torch.cuda.max_memory_allocated(device)
-            del out  # the next trial's peak must not hold this one's logits
+            del loss
             model.zero_grad(set_to_none=True)
             if peak + optimizer_bytes > 0.9 * total:
                 break
             best = n
         except torch.OutOfMemoryError:
-            del out
+            out = loss = None  # free the failed trial's graph before the next command runs
             model.zero_grad(set_to_none=True)
             break
         n *= 2

@@ -192,6 +192,10 @@ class Trainer:
                 # Weight each micro-batch by its share of all targets of the step, on every rank:
                 # exactly one big batch. DDP/FSDP average gradients over ranks, hence × W.
                 loss = out.loss.float() * (out.num_targets / total_targets)
+                # Backward needs no logits (the loss keeps its log-probabilities): held, they
+                # would occupy a tokens x vocabulary tensor through this backward and the next
+                # micro-batch's forward.
+                del out
                 self.scaler.scale(loss * self.par.world_size).backward()
             loss_sum += loss.detach()
         # Unscaled before the hooks: a technique reads the gradients as they are, in any
