@@ -42,6 +42,9 @@ model, tokenizer = load_exported("{name}")   # cramkit model (eval mode), tokeni
 
 Files: `model.safetensors` (weights; tied tensors stored once), `config.json`
 (`model` = cramkit ModelConfig), `tokenizer.json` (`tokenizers` format), `special_ids.json`.
+The tokenizer `load_exported` returns reads special-token spellings inside a text (`[SEP]`,
+`[MASK]`) as plain text, as cramkit's pretraining and fine-tuning do; one loaded from
+`tokenizer.json` directly needs `tokenizer.encode_special_tokens = True` for that.
 """
 
 
@@ -289,7 +292,15 @@ def save_hf_tokenizer(
             pair=f"{cls} $A {sep} $B {sep}",
             special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
         )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, **tokens)
+    # split_special_tokens: a special token's spelling inside a text ("[MASK]", "[SEP]",
+    # "<|endoftext|>") is plain text, as in cramkit's pretraining and fine-tuning (encoding_copy).
+    # Raw text then gives the same ids here as in cramkit, and a corpus or a task that contains
+    # "[MASK]" or "[SEP]" never yields a mask or a separator the model was not trained to see
+    # there. The cost is HF's habit of writing the mask in the text: fill-mask needs
+    # tokenizer_kwargs={"split_special_tokens": False} (or the mask id put in by id).
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True, **tokens
+    )
     fast.save_pretrained(str(out))
 
 
@@ -424,6 +435,9 @@ def export(
 def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     """Load a cramkit-format export: ``(model in eval mode, tokenizers.Tokenizer)``.
 
+    The tokenizer frames inputs as the run's tokenizer.json says (``[CLS] a [SEP] (b [SEP])`` for
+    cramkit's WordPiece) and, as cramkit does, reads special-token spellings inside a text as text.
+
     HF-format exports are loaded with ``transformers`` Auto classes instead.
     """
     from safetensors.torch import load_file
@@ -452,4 +466,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
             f"{sorted(set(missing) - tied)[:5]}, unexpected {list(unexpected)[:5]}"
         )
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    # Not stored in tokenizer.json: special-token spellings in a text are text, as cramkit's own
+    # encoding reads them and as the HF export's tokenizer does (see save_hf_tokenizer).
+    tokenizer.encode_special_tokens = True
     return model.to(device).eval(), tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -296,3 +297,47 @@ def test_gpt2_export_has_special_ids_and_classifies_padded_batches(tmp_path, has
     assert logits.shape == (2, 2)
     # The padded row is scored at its last real token, as it is alone.
     torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=0)
+
+
+# Special-token spellings written inside texts, and texts around them.
+LITERAL_SPECIALS = ["a [SEP] b", "[MASK] fox", "[CLS] the [PAD] dog [UNK]", "end <|endoftext|> next",
+                    "<|pad|> the fox"]
+
+
+@pytest.mark.parametrize("preset", ["bert-base", "tiny", "gpt2-small"])
+def test_exported_tokenizers_read_special_token_spellings_as_text(tmp_path, small_tokenizer, preset):
+    """A text containing "[SEP]" or "[MASK]" is plain text to cramkit (pretraining packs and
+    fine-tuning encodes it so, lest a corpus inject separators or masks), while the exported
+    tokenizers matched it as the special token: the same raw text gave other ids, and so other
+    logits, in transformers (or through load_exported) than in cramkit."""
+    from tokenizers import Tokenizer, processors
+
+    from cramkit.eval.encoding import SpecialIds, TaskEncoder
+    from cramkit.eval.tasks import Example
+
+    causal = preset == "gpt2-small"
+    if causal:
+        tok = _bpe_tokenizer(["<|endoftext|>", "<|pad|>"])
+    else:  # framed by its post-processor, as `cramkit prepare` writes WordPiece tokenizers
+        tok = Tokenizer.from_str(small_tokenizer.to_str())
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[(s, tok.token_to_id(s)) for s in ("[CLS]", "[SEP]")])
+    special = SpecialIds.from_vocab(tok)
+    run, _ = _run(tmp_path, preset, tok)
+    (run / "data_manifest.json").write_text(json.dumps({"special_ids": dataclasses.asdict(special)}))
+    info = export(run, tmp_path / "out", log=lambda s: None)
+    encoder = TaskEncoder(tok, special, 64, causal=causal)
+    ours = [e.ids for e in encoder.encode([Example(t, None, 0) for t in LITERAL_SPECIALS])]
+    if causal:  # GPT-2's tokenizer adds no end of document: the texts' own ids are compared
+        ours = [ids[:-1] for ids in ours]
+    assert info["loadable_by_hf"] == (preset != "tiny")
+    if info["loadable_by_hf"]:
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+        assert hf_tok(LITERAL_SPECIALS)["input_ids"] == ours
+        if not causal:  # the mask token is one keyword away, for fill-mask
+            ids = hf_tok("[MASK] fox", split_special_tokens=False)["input_ids"]
+            assert ids[1] == special.mask
+    else:
+        _, native_tok = load_exported(tmp_path / "out")
+        assert [e.ids for e in native_tok.encode_batch(LITERAL_SPECIALS)] == ours
