@@ -385,6 +385,14 @@ def export(
     special = dataclasses.asdict(SpecialIds.for_run(run_dir, tokenizer))
 
     target, reasons = hf_counterpart(cfg) if format == "hf" else (None, ["format=cramkit"])
+    if target is not None:
+        try:  # the hf extra is optional: without it, a one-line error before anything is written
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"exporting as transformers {target.hf_class} needs the transformers package "
+                "(pip install 'cramkit[hf]'); --format cramkit needs only cramkit"
+            ) from None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where a parent directory should be, no permission, ...

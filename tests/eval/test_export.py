@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -341,3 +342,15 @@ def test_exported_tokenizers_read_special_token_spellings_as_text(tmp_path, smal
     else:
         _, native_tok = load_exported(tmp_path / "out")
         assert [e.ids for e in native_tok.encode_batch(LITERAL_SPECIALS)] == ours
+
+
+def test_export_without_transformers_is_a_one_line_error(tmp_path, small_tokenizer, monkeypatch):
+    """Without the hf extra an exact export died in a ModuleNotFoundError traceback; the cramkit
+    format needs no transformers and still works."""
+    run, _ = _run(tmp_path, "bert-base", small_tokenizer)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
+    with pytest.raises(ConfigError, match=r"BertForMaskedLM needs the transformers package .pip install 'cramkit\[hf\]'"):
+        export(run, tmp_path / "out", log=lambda s: None)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    export(run, tmp_path / "out", format="cramkit", log=lambda s: None)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
