@@ -354,3 +354,17 @@ def test_export_without_transformers_is_a_one_line_error(tmp_path, small_tokeniz
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     export(run, tmp_path / "out", format="cramkit", log=lambda s: None)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_export_of_a_finetuned_folder_says_what_it_is(tmp_path, small_tokenizer):
+    """Pointing export at the weights `cramkit finetune save=true` wrote (RUN/finetune/TASK/
+    seed-0, or the folders above it) was "no tokenizer.json (not a finished cramkit run)"."""
+    run, _ = _run(tmp_path, "bert-base", small_tokenizer)
+    seed = run / "finetune" / "bbc" / "seed-0"
+    seed.mkdir(parents=True)
+    (seed / "finetune_config.json").write_text("{}")
+    (seed / "model.safetensors").write_bytes(b"")
+    for folder in (seed, seed.parent, seed.parent.parent):
+        with pytest.raises(ConfigError, match=rf"holds fine-tuned weights .* \({run.resolve()}\)$"):
+            export(folder, tmp_path / "out", log=lambda s: None)
+    assert not (tmp_path / "out").exists()
