@@ -24,7 +24,7 @@ import torch
 
 from .configbase import did_you_mean
 from .errors import CheckpointError, ConfigError
-from .utils import atomic_dir, paths_overlap, write_json
+from .utils import atomic_dir, paths_overlap, read_json, write_json
 
 NATIVE_FORMAT = "cramkit"
 # Written into every export; a folder holding it is one that --force may replace.
@@ -302,6 +302,13 @@ def save_hf_tokenizer(
         tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True, **tokens
     )
     fast.save_pretrained(str(out))
+    # transformers 5 names its class TokenizersBackend, which 4.x (cramkit[hf] allows >= 4.40)
+    # cannot find, so the export would not load there; every version knows
+    # PreTrainedTokenizerFast (in 5.x an alias of TokenizersBackend).
+    config_path = out / "tokenizer_config.json"
+    config = read_json(config_path, CheckpointError)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_json(config_path, config)
 
 
 # --------------------------------------------------------------------------------------------

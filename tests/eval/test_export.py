@@ -368,3 +368,16 @@ def test_export_of_a_finetuned_folder_says_what_it_is(tmp_path, small_tokenizer)
         with pytest.raises(ConfigError, match=rf"holds fine-tuned weights .* \({run.resolve()}\)$"):
             export(folder, tmp_path / "out", log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_tokenizer_names_a_class_every_transformers_version_has(tmp_path, small_tokenizer):
+    """transformers 5 saved tokenizer_class "TokenizersBackend", a name 4.x (which cramkit[hf]
+    allows) does not know: AutoTokenizer there refused the export (checked with 4.57)."""
+    run, _ = _run(tmp_path, "bert-base", small_tokenizer)
+    export(run, tmp_path / "out", log=lambda s: None)
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["split_special_tokens"] is True
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast) and tok.is_fast
+    assert tok("a [SEP] b")["input_ids"][2] != tok.sep_token_id
