@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,3 +382,20 @@ def test_exported_tokenizer_names_a_class_every_transformers_version_has(tmp_pat
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert isinstance(tok, transformers.PreTrainedTokenizerFast) and tok.is_fast
     assert tok("a [SEP] b")["input_ids"][2] != tok.sep_token_id
+
+
+@pytest.mark.parametrize("out", [".", "absolute", ""])
+def test_export_to_the_current_folder_is_refused(tmp_path, small_tokenizer, monkeypatch, out):
+    """--out . in an empty folder was "error: .: Device or resource busy", and --out "" the
+    same; the folder's absolute path (with --force, a previous export) was swapped for the
+    export under the process and the user's shell, both left in the deleted old folder."""
+    import os
+
+    run, _ = _run(tmp_path, "tiny", small_tokenizer)
+    here = tmp_path / "here"
+    export(run, here, log=lambda s: None)
+    monkeypatch.chdir(here)
+    with pytest.raises(ConfigError, match="is the current folder"):
+        export(run, here if out == "absolute" else out, overwrite=True, log=lambda s: None)
+    assert Path.cwd().samefile(here) and os.path.exists(os.getcwd())
+    assert (here / "cramkit_export.json").is_file()
