@@ -449,6 +449,9 @@ def export(
             f"exported {run_dir} to {out} as transformers {target.hf_class} "
             f"(load with {target.auto_class}.from_pretrained and AutoTokenizer)"
         )
+        if not cfg.causal:  # HF's fill-mask examples write the mask into the text
+            log("NOTE: as in cramkit, '[MASK]' typed in a text is text; for fill-mask pass "
+                "tokenizer_kwargs={'split_special_tokens': False} (or put in the mask token's id)")
     elif format == "hf":
         log(f"NOTE: this architecture is NOT loadable by HF Auto classes: {'; '.join(reasons)}")
         log(

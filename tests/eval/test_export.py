@@ -328,7 +328,9 @@ def test_exported_tokenizers_read_special_token_spellings_as_text(tmp_path, smal
     special = SpecialIds.from_vocab(tok)
     run, _ = _run(tmp_path, preset, tok)
     (run / "data_manifest.json").write_text(json.dumps({"special_ids": dataclasses.asdict(special)}))
-    info = export(run, tmp_path / "out", log=lambda s: None)
+    said = []
+    info = export(run, tmp_path / "out", log=said.append)
+    assert any("split_special_tokens" in line for line in said) == (preset == "bert-base")
     encoder = TaskEncoder(tok, special, 64, causal=causal)
     ours = [e.ids for e in encoder.encode([Example(t, None, 0) for t in LITERAL_SPECIALS])]
     if causal:  # GPT-2's tokenizer adds no end of document: the texts' own ids are compared
