@@ -24,7 +24,7 @@ import torch
 
 from .configbase import did_you_mean
 from .errors import CheckpointError, ConfigError
-from .utils import atomic_dir, paths_overlap, read_json, write_json
+from .utils import atomic_dir, paths_overlap, read_json, refuse_current_folder, write_json
 
 NATIVE_FORMAT = "cramkit"
 # Written into every export; a folder holding it is one that --force may replace.
@@ -394,12 +394,7 @@ def export(
     # written inside it and then replace a part of it (its checkpoints).
     if paths_overlap(out, run_dir):
         raise ConfigError(f"--out {out} overlaps the run directory {run_dir}; choose another --out")
-    cwd = Path.cwd().resolve()
-    if out.resolve() == cwd or out.resolve() in cwd.parents:
-        # The export replaces --out by a rename: onto "." it fails (EBUSY), and onto the current
-        # folder's own path it leaves this process and the user's shell in the deleted old one.
-        raise ConfigError(f"--out {out} is the current folder (or holds it); choose a folder to "
-                          f"create, e.g. --out {out / 'export'}")
+    refuse_current_folder(out, ConfigError, "export")
     # --force replaces only what export itself wrote: whatever else is in a folder (another
     # run, a folder of runs, someone's files) is not ours to delete.
     if out.exists() and any(out.iterdir()):

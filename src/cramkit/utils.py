@@ -295,6 +295,16 @@ def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def refuse_current_folder(out: str | os.PathLike, error: type[CramkitError], example: str) -> None:
+    """An output folder that atomic_dir would replace must not be the current folder or hold it:
+    renaming onto "." fails (EBUSY), and onto its absolute path leaves this process and the
+    user's shell in the replaced (deleted) folder. ``example`` names a subfolder to suggest."""
+    out, cwd = Path(out), Path.cwd().resolve()
+    if out.resolve() in (cwd, *cwd.parents):
+        raise error(f"--out {out} is the current folder (or holds it); choose a folder to create, "
+                    f"e.g. --out {out / example}")
+
+
 def read_text(path: str | os.PathLike, error: type[CramkitError]) -> str:
     """A UTF-8 text file; ``error`` names the file (and line) when it cannot be read or decoded.
 

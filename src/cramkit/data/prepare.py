@@ -64,6 +64,7 @@ from ..utils import (
     lock_exclusive,
     paths_overlap,
     read_json,
+    refuse_current_folder,
     sha256_file,
     write_json,
 )
@@ -133,12 +134,7 @@ def prepare(
             f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
             "--force to rebuild it or choose another --out"
         )
-    cwd = Path.cwd().resolve()
-    if out_dir.resolve() in (cwd, *cwd.parents):
-        # Renaming the new folder onto it fails for "." (EBUSY) and, for its absolute path, leaves
-        # this process and the user's shell in the replaced (deleted) folder.
-        raise DataError(f"--out {out_dir} is the current folder (or holds it); choose a folder to "
-                        f"create, e.g. --out {out_dir / 'data'}")
+    refuse_current_folder(out_dir, DataError, "data")
     with atomic_dir(out_dir) as tmp:  # the manifest last, the whole directory at once
         manifest = _build(cfg, sources, tmp, fp, progress)
         write_json(tmp / MANIFEST, manifest)
