@@ -348,22 +348,6 @@ def _write_native(model, cfg, tokenizer, special, tmp: Path, reasons: list[str],
 FORMATS = ("hf", NATIVE_FORMAT)
 
 
-def _refuse_finetuned(run_dir: Path) -> None:
-    """A folder of weights that ``cramkit finetune save=true`` wrote (``RUN/finetune/TASK/seed-N``,
-    or a folder above it inside the run) is a natural thing to point export at, and open_run
-    would call it an unfinished run: say what it is and what export can take instead."""
-    if (run_dir / "config.json").is_file():
-        return
-    saved = [p.parent for pattern in ("finetune_config.json", "*/finetune_config.json",
-                                      "*/*/finetune_config.json") for p in run_dir.glob(pattern)]
-    if saved:
-        run = saved[0].resolve().parents[2]
-        raise ConfigError(
-            f"{run_dir} holds fine-tuned weights (cramkit finetune save=true), which export does "
-            f"not write: it exports a pretraining run, such as the one they came from ({run})"
-        )
-
-
 def export(
     run_dir: str | Path,
     out: str | Path,
@@ -405,7 +389,6 @@ def export(
             )
         if not overwrite:
             raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
-    _refuse_finetuned(run_dir)
     model, cfg, tokenizer, info = open_run(run_dir)
     special = dataclasses.asdict(SpecialIds.for_run(run_dir, tokenizer))
 

@@ -359,9 +359,12 @@ def test_export_without_transformers_is_a_one_line_error(tmp_path, small_tokeniz
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_export_of_a_finetuned_folder_says_what_it_is(tmp_path, small_tokenizer):
-    """Pointing export at the weights `cramkit finetune save=true` wrote (RUN/finetune/TASK/
-    seed-0, or the folders above it) was "no tokenizer.json (not a finished cramkit run)"."""
+def test_export_or_finetune_of_a_finetuned_folder_says_what_it_is(tmp_path, small_tokenizer):
+    """Pointing export or fine-tuning at the weights `cramkit finetune save=true` wrote (RUN/
+    finetune/TASK/seed-0, or the folders above it) was "no tokenizer.json (not a finished cramkit
+    run)"."""
+    from cramkit.eval.finetune import open_run
+
     run, _ = _run(tmp_path, "bert-base", small_tokenizer)
     seed = run / "finetune" / "bbc" / "seed-0"
     seed.mkdir(parents=True)
@@ -370,6 +373,8 @@ def test_export_of_a_finetuned_folder_says_what_it_is(tmp_path, small_tokenizer)
     for folder in (seed, seed.parent, seed.parent.parent):
         with pytest.raises(ConfigError, match=rf"holds fine-tuned weights .* \({run.resolve()}\)$"):
             export(folder, tmp_path / "out", log=lambda s: None)
+        with pytest.raises(ConfigError, match=rf"holds fine-tuned weights .* \({run.resolve()}\)$"):
+            open_run(folder)  # what finetune and evaluate open
     assert not (tmp_path / "out").exists()
 
 

@@ -200,6 +200,22 @@ def check_vocab(tokenizer, model_config, where: str = "") -> None:
         )
 
 
+def _refuse_finetuned(run_dir: Path) -> None:
+    """A folder of weights that ``cramkit finetune save=true`` wrote (``RUN/finetune/TASK/seed-N``,
+    or a folder above it inside the run) is a natural thing to point export or another fine-tune
+    at, and would otherwise be called an unfinished run: say what it is and what to use."""
+    if (run_dir / "config.json").is_file():
+        return
+    saved = [p.parent for pattern in ("finetune_config.json", "*/finetune_config.json",
+                                      "*/*/finetune_config.json") for p in run_dir.glob(pattern)]
+    if saved:
+        run = saved[0].resolve().parents[2]
+        raise ConfigError(
+            f"{run_dir} holds fine-tuned weights (cramkit finetune save=true), not a pretraining "
+            f"run: use the run they came from ({run})"
+        )
+
+
 def open_run(run_dir: str | Path):
     """The newest intact model of a pretraining run, its config and its tokenizer, checked
     against each other: ``(model, model_config, tokenizer, info)`` (``info`` as from
@@ -215,6 +231,7 @@ def open_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: run directory not found")
+    _refuse_finetuned(run_dir)
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{run_dir}: no tokenizer.json (not a finished cramkit run)")
