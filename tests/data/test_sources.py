@@ -7,6 +7,7 @@ import json
 import lzma
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from cramkit.data.sources import (
     bbc_news_documents,
     iter_documents,
     open_source,
+    open_sources,
 )
 from cramkit.errors import DataError
 
@@ -272,3 +274,20 @@ def test_normalised_length_floor_is_zero_for_a_normaliser_it_does_not_know(tmp_p
     floor, exact = normalised_length(bert, cfg)
     assert floor("a\x01b") == 0 and exact("a\x01b") == 2
     assert normalised_length(None, cfg)[0]("héllo") == 5
+
+
+def test_a_folder_source_warns_of_a_held_out_split_inside_it(tmp_path):
+    """Pointing prepare at enwiki's whole folder trained on its valid.txt.xz without a word."""
+    folder = tmp_path / "corpus"
+    (folder / "splits").mkdir(parents=True)
+    for name in ("train-00.txt", "train-01.txt", "wiki.valid.raw", "splits/test_docs.txt"):
+        (folder / name).write_text("a document\n")
+    with pytest.warns(UserWarning, match=r"includes splits/test_docs.txt, wiki.valid.raw, a held-out split"):
+        open_sources(small_cfg([folder]))
+    for name in ("wiki.valid.raw", "splits/test_docs.txt"):
+        (folder / name).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # training files alone: no warning, and none for a file named as a source
+        open_sources(small_cfg([folder]))
+        (folder / "valid.txt").write_text("held out\n")
+        open_sources(small_cfg([folder / "train-00.txt", folder / "valid.txt"]))

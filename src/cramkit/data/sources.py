@@ -13,6 +13,8 @@ import gzip
 import importlib.util
 import json
 import lzma
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -223,6 +225,15 @@ def _stat_fingerprint(files: list[Path]) -> list[Any]:
     return out
 
 
+_HELD_OUT_WORDS = {"valid", "validation", "val", "test", "dev", "heldout", "eval"}
+
+
+def _held_out_name(relative: Path) -> bool:
+    """Whether a file's name or folder says it is a validation or test split."""
+    words = {w.lower() for part in relative.parts for w in re.split(r"[._\-\s]+", part)}
+    return bool(words & _HELD_OUT_WORDS)
+
+
 class PathSource(Source):
     """A file, or every non-hidden file below a folder (sorted, so the order is stable)."""
 
@@ -241,6 +252,16 @@ class PathSource(Source):
             )
             if not self.files:
                 raise DataError(f"source '{spec}': the folder is empty")
+            held_out = [str(p.relative_to(path)) for p in self.files if _held_out_name(p.relative_to(path))]
+            if held_out:
+                # A corpus folder often ships its own validation or test split beside the training
+                # files (enwiki's valid.txt.xz, WikiText's wiki.valid.raw): trained on, it is no
+                # longer held out for whoever evaluates on it later.
+                warnings.warn(
+                    f"source '{spec}' includes {', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''}, "
+                    "a held-out split by its name, which is now training data (cramkit holds out "
+                    "val_fraction of the documents itself); list the training files as sources to "
+                    "leave it out", stacklevel=2)
         else:
             self.files = [path]
         self.path = path
