@@ -132,6 +132,11 @@ def test_config_errors_have_hints():
         PrepareConfig.from_dict({"ordering": "sorted"})
     with pytest.raises(ConfigError, match="2 weights for 1 sources"):
         PrepareConfig.from_dict({"weights": [1, 2]})
+    # A weight is a repeat count: 1e12 ran for ever.
+    for weight in (-1, 1e12):
+        with pytest.raises(ConfigError, match=r"weights: .* is not in \[0, 1000\]"):
+            PrepareConfig.from_dict({"weights": [weight]})
+    PrepareConfig.from_dict({"weights": [1000]})
 
 
 def test_too_few_documents_for_a_split(tmp_path):

@@ -11,6 +11,9 @@ from ..errors import ConfigError
 #: The smallest sequence length we accept: MLM needs [CLS] + [SEP] + at least a few tokens.
 MIN_SEQ_LEN = 8
 
+#: The largest source weight: a repeat count, so one beyond this is a typo or a runaway job.
+MAX_WEIGHT = 1000
+
 
 @dataclasses.dataclass
 class PrepareConfig(Config):
@@ -100,8 +103,12 @@ class PrepareConfig(Config):
             raise ConfigError(
                 f"weights: {len(self.weights)} weights for {len(self.sources)} sources"
             )
-        if any(w < 0 for w in self.weights):
-            raise ConfigError("weights: must be >= 0")
+        for w in self.weights:
+            # Each document is written `w` times: a huge weight would run for ever and fill the
+            # disk. (NaN and infinity are refused as numbers already.)
+            if not 0 <= w <= MAX_WEIGHT:
+                raise ConfigError(f"weights: {w} is not in [0, {MAX_WEIGHT}] (each document of the source "
+                                  "is repeated that many times)")
         if self.seq_len < MIN_SEQ_LEN:
             raise ConfigError(f"seq_len: {self.seq_len} is too small (at least {MIN_SEQ_LEN})")
         if not 0.0 <= self.val_fraction <= 0.5:
