@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,21 @@ def test_vocab_larger_than_corpus(tmp_path):
     # A sample cut at tokenizer_sample_mb: the corpus has more text already (was "or add text").
     _fails(tmp_path, small_cfg([f], vocab_size=50_000, min_frequency=1, tokenizer_sample_mb=0.0001),
            r"from 1 documents in the tokenizer sample.*or less, or raise tokenizer_sample_mb \(now 0.0001\)$")
+
+
+def test_a_tokenizer_larger_than_vocab_size_warns_why(tmp_path):
+    """WordPiece keeps every character of the corpus: hundreds of distinct ones made a vocabulary
+    over twice the 256 asked, and only the summary's size said so."""
+    chars = [chr(0x4E00 + i) for i in range(600)]
+    docs = [" ".join(chars[(7 * d + i) % 600] * (1 + i % 3) for i in range(60)) for d in range(40)]
+    f = write_corpus(tmp_path / "src" / "c.txt", docs)
+    with pytest.warns(UserWarning, match=r"the tokenizer has \d+ tokens, more than vocab_size=256: the sample "
+                                         r"holds \d+ distinct characters.*ascii_only=true"):
+        prepare(small_cfg([f]), tmp_path / "cjk", progress=False)
+    with warnings.catch_warnings():  # an ordinary corpus fits its vocab_size: no warning
+        warnings.simplefilter("error")
+        prepare(small_cfg([write_corpus(tmp_path / "src" / "en.txt", synthetic_docs(20))]), tmp_path / "en",
+                progress=False)
 
 
 def test_compressibility_filter_that_drops_everything_says_why(tmp_path):

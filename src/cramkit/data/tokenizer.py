@@ -8,6 +8,7 @@ and a ``[CLS] A [SEP] (B [SEP])`` post-processor; byte-level BPE (CLM) gets ``<|
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -152,6 +153,15 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             f"at {got} tokens (from {n_texts} documents in the tokenizer sample); set vocab_size "
             f"to {got} or less{_fewer_merges_hint(cfg)}, or {more}"
         )
+    if kind == "wordpiece" and got > cfg.vocab_size:
+        # WordPiece keeps every character of its sample, and each one's ## continuation, however
+        # small vocab_size is: a corpus of many scripts or symbols outgrows it without a word.
+        alphabet = sum(1 for t in tok.get_vocab() if len(t) == 1)
+        warnings.warn(
+            f"the tokenizer has {got} tokens, more than vocab_size={cfg.vocab_size}: the sample holds "
+            f"{alphabet} distinct characters, and WordPiece keeps each of them (and its ## form). "
+            "Models are sized to the tokenizer; to stay near vocab_size, fold characters "
+            "(ascii_only=true or strip_accents=true) or train on text in fewer scripts", stacklevel=2)
     if kind == "wordpiece":
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = TemplateProcessing(
