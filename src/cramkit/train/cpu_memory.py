@@ -1,0 +1,70 @@
+"""The peak memory of a piece of CPU work: what ``torch.cuda.max_memory_allocated`` is on a GPU.
+
+CPU tensors come from the C allocator, which keeps no peak; glibc's ``mallinfo2`` reports what
+is handed out now, and sampling it after every operator (a dispatch mode) gives the peak. It
+checks the memory estimate on a machine without a GPU (tests, ``benchmarks/memory_cpu.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def malloc_in_use() -> Callable[[], int] | None:
+    """A function giving the bytes glibc's malloc has handed out (the main arena's chunks and
+    the mmapped ones), or None off glibc 2.33+."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _Info
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.hblkhd + info.uordblks
+
+    return in_use
+
+
+class _PeakAfterEachOp(TorchDispatchMode):
+    def __init__(self, in_use: Callable[[], int]):
+        super().__init__()
+        self.in_use, self.peak = in_use, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out
+
+
+def peak_bytes(step: Callable[[], object]) -> int:
+    """Bytes above the starting point at the highest point of ``step()``, sampled after every
+    operator. ``step`` runs twice and the second run is measured, so that what the first one
+    leaves for good (gradients, optimizer state) is part of the starting point, as after a
+    training run's first step. One thread keeps every allocation where mallinfo2 sees it (the
+    main arena, or mmapped); RuntimeError off glibc."""
+    in_use = malloc_in_use()
+    if in_use is None:
+        raise RuntimeError("measuring CPU peak memory needs glibc's mallinfo2 (Linux, glibc 2.33 or later)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step()
+        gc.collect()  # or a reference cycle collected during the step could lower the peak below the start
+        peak = _PeakAfterEachOp(in_use)
+        start = in_use()
+        with peak:
+            step()
+        return peak.peak - start
+    finally:
+        torch.set_num_threads(threads)
