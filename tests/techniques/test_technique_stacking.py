@@ -59,6 +59,41 @@ def test_stack_keeps_weights_and_optimizer_state(mode):
         assert new_opt.state[param]["exp_avg"] is not opt.state[src]["exp_avg"]
 
 
+@pytest.mark.parametrize("name", ["lamb", "schedulefree", "muon", "adamw"])
+def test_original_blocks_step_as_before_a_doubling_with_any_optimizer(name):
+    """LAMB, Muon's Adam part and Schedule-Free count steps per parameter group, not per
+    parameter: carried over with the moments, or the next update of a block that was already
+    trained is that of a first step (bias correction, Schedule-Free's averaging weight)."""
+    from cramkit.config import load_config
+    from cramkit.optim import build_optimizer
+
+    cfg = load_config("demo", ["model.preset=tiny", "model.layers=2", f"optim.name={name}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"), 8)
+    ids = torch.randint(5, 1000, (2, 16))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    big = stack(model)
+    new_opt = build_optimizer(big, cfg.optim, torch.device("cpu"), 8)
+    transfer_optimizer_state(True)(model, big, opt, new_opt)
+    # The same gradient for each original and its copies, stepped by the old and new optimizer.
+    old_params = dict(model.named_parameters())
+    grads = {n: torch.randn_like(p) for n, p in old_params.items()}
+    for n, p in old_params.items():
+        p.grad = grads[n].clone()
+    for n, p in big.named_parameters():
+        p.grad = grads[n if not n.startswith("layers.") else
+                       f"layers.{int(n.split('.')[1]) % 2}.{n.split('.', 2)[2]}"].clone()
+    opt.step()
+    new_opt.step()
+    grown = dict(big.named_parameters())
+    for n, p in old_params.items():
+        torch.testing.assert_close(grown[n], p, rtol=0, atol=1e-7, msg=n)
+
+
 def test_schedule_and_configured_depth():
     # Two doublings default to Gong et al.'s compute split (3 -> 6 -> 12 for 50k/70k/280k steps).
     opts = StackingOptions.from_dict({"doublings": 2})

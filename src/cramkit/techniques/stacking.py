@@ -7,7 +7,8 @@ whole stack is put on top (block ``d + i`` starts as block ``i``), as in the pap
 Embeddings, norms and head carry over unchanged.
 
 The optimizer state of the copied blocks is copied from their sources (``optimizer=copy``) or
-started fresh (``optimizer=reset``), while the original blocks and everything else keep theirs;
+started fresh (``optimizer=reset``), while the original blocks and everything else keep theirs
+(with the counters an optimizer keeps per parameter group, such as LAMB's step count);
 ``optimizer=reset_all`` starts every parameter's state fresh, as the authors' recipe does
 (``reproduce_bert.sh`` trains each stage with fairseq's ``--reset-optimizer``).
 
@@ -119,6 +120,7 @@ def transfer_optimizer_state(copy_sources: bool, keep: bool = True):
     def transfer(old_model, new_model, old_opt, new_opt) -> None:
         if not keep:
             return
+        _transfer_group_state(old_opt, new_opt)
         depth = old_model.config.layers
         old_params = dict(old_model.named_parameters())
         for name, param in new_model.named_parameters():
@@ -133,6 +135,27 @@ def transfer_optimizer_state(copy_sources: bool, keep: bool = True):
                 }
 
     return transfer
+
+
+def _transfer_group_state(old_opt, new_opt) -> None:
+    """Carry the scalars an optimizer keeps per parameter group across a doubling.
+
+    Several optimizers count steps per group, not per parameter (LAMB's and LARS's ``step``,
+    which LAMB's bias correction reads; Schedule-Free's ``step``, ``weight_sum`` and ``lr_max``,
+    which set its averaging weight; SAM's ``sam_step``). Left at a fresh optimizer's values, the
+    moments copied below would be bias-corrected as a first step's and Schedule-Free's average
+    would restart at the doubling, so the original blocks would not keep their optimizer state.
+    Only scalars move: hyperparameters are equal in both (one config builds both optimizers),
+    and lists may be per-parameter (``stacked``), which the new model has more of.
+    """
+    old_groups, new_groups = old_opt.param_groups, new_opt.param_groups
+    if len(old_groups) != len(new_groups):  # one config groups both models' parameters alike
+        raise RuntimeError(f"stacking: the optimizer has {len(new_groups)} parameter groups after "
+                           f"the doubling and {len(old_groups)} before")
+    for old, new in zip(old_groups, new_groups):
+        for key, value in old.items():
+            if key != "params" and isinstance(value, (bool, int, float)):
+                new[key] = value
 
 
 @register
