@@ -212,6 +212,25 @@ def test_stage_table():
     VCycleOptions.from_dict({"levels": 7, "fractions": [1 / 13] * 13})
 
 
+def test_a_scheme_that_coalesces_nothing_is_refused():
+    with pytest.raises(ConfigError, match="coalesce nothing"):
+        VCycleOptions.from_dict({"width": 1, "depth": 1})
+    VCycleOptions.from_dict({"width": 1, "depth": 1, "levels": 1})  # off: nothing to coalesce
+
+
+def test_resuming_with_levels_that_lack_the_saved_stage_is_a_config_error(request, tmp_path):
+    run = (*VCYCLE_RUN, "train.checkpoint_every=0.5")
+    pretrain(tiny_config(request.getfixturevalue("tiny_mlm_data"), tmp_path, *run, name="run"), say=quiet)
+    one = ["technique.vcycle.levels=1", "technique.vcycle.fractions=[]"]
+    three = ["technique.vcycle.levels=3", "technique.vcycle.fractions=[0.2,0.2,0.2,0.2,0.2]"]
+    # Back on the full model (stage 3 of 3): one level has no stage 3, three put it on level 2.
+    # Inside the coarse level (stage 2): three levels also have it on level 1, so that resumes.
+    for step, stage, levels in ((12, 3, one), (12, 3, three), (6, 2, one)):
+        cut = interrupted_copy(tmp_path / "run", tmp_path / f"cut{step}-{levels[0][-1]}", step)
+        with pytest.raises(ConfigError, match=f"in stage {stage} of its V-cycle"):
+            pretrain(resume_config(cut, ["train.budget=24steps", *levels]), run_dir=cut, resume=True, say=quiet)
+
+
 def test_vcycle_levels_and_learning_rate_through_the_hooks():
     """Drive the hooks by hand: down at 10 %, up at 40 %, lr x2 on the coarse level."""
 

@@ -446,6 +446,11 @@ class VCycleOptions(Config):
         if self.levels < 1:
             raise ConfigError(f"technique.vcycle.levels must be >= 1, got {self.levels}")
         Scheme(self.width, self.depth)
+        if self.levels > 1 and self.width == self.depth == 1:
+            # Every level would be the full model: the level changes would only restart the
+            # optimizer and scale the learning rate, which is not a V-cycle.
+            raise ConfigError("technique.vcycle.width=1 and depth=1 coalesce nothing; set width or depth "
+                              "to 2 or more (or technique.vcycle.levels=1 to switch the V-cycle off)")
         if self.fractions:
             n = 2 * self.levels - 1
             if len(self.fractions) != n:
@@ -516,6 +521,17 @@ class VCycle(Technique):
         return cfg
 
     def configure_model(self, model_config: ModelConfig) -> ModelConfig:
+        # A resumed run's stage and saved weights come from the checkpoint: a cycle with other
+        # levels can lack that stage, or put it on a level with another number of saved models
+        # to go back up through (an IndexError mid-run otherwise).
+        if self.stage >= len(self.levels) or self.levels[self.stage] != len(self.saved):
+            where = (f"ends at stage {len(self.levels)}" if self.stage >= len(self.levels)
+                     else f"puts stage {self.stage + 1} on level {self.levels[self.stage]}")
+            raise ConfigError(
+                f"vcycle: the checkpoint is in stage {self.stage + 1} of its V-cycle, on level "
+                f"{len(self.saved)}, but technique.vcycle.levels={self.options.levels} {where}; "
+                "resume with the levels the run was saved with"
+            )
         self.base = model_config
         for level in range(self.options.levels):
             self.level_config(level)  # refuse an impossible scheme before any training
