@@ -2,12 +2,15 @@
 
 ``flops_per_token`` is the *training* cost (forward + backward = 6 FLOPs per parameter-token):
 
-    6 * (non-embedding parameters + hidden * vocab * r) + 12 * layers * seq_len * hidden
+    6 * (non-embedding parameters - head + (head + hidden * vocab) * r) + 12 * layers * seq_len * hidden
 
-with ``r`` = the masking rate under sparse prediction and 1 otherwise. The last term is the
-attention score and value matmuls (2 * 2 * L * hidden per token forward, times 3). Causal models
-are charged the full L x L attention, not half of it: that is what docs/references.md's baseline numbers
-use and what the kernels roughly pay; MFU figures stay comparable between BERT and GPT.
+with ``r`` = the masking rate under sparse prediction and 1 otherwise, and ``head`` the LM
+head's parameters other than the decoder weight (BERT 2018's transform, the decoder bias):
+sparse prediction runs the whole head on the targets only, not just the decoder. The last term
+is the attention score and value matmuls (2 * 2 * L * hidden per token forward, times 3). Causal
+models are charged the full L x L attention, not half of it: that is what docs/references.md's
+baseline numbers use and what the kernels roughly pay; MFU figures stay comparable between BERT
+and GPT.
 
 "Embedding parameters" are the token, position and token-type tables (and the sinusoidal scale),
 plus the decoder weight when it is not tied; the decoder's cost enters through its own term.
@@ -68,6 +71,12 @@ def _embedding_count(cfg: ModelConfig) -> int:
     return count
 
 
+def _head_count(cfg: ModelConfig) -> int:
+    """Parameters of the LM head other than the decoder weight (transform, decoder bias)."""
+    count = _linear(cfg.hidden, cfg.hidden, cfg.bias) + _norm(cfg) if cfg.head_transform else 0
+    return count + (cfg.vocab_size if cfg.decoder_bias else 0)
+
+
 def count_parameters_from_config(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """The parameter count that ``cfg`` implies, computed without building the model."""
     h, b = cfg.hidden, cfg.bias
@@ -82,10 +91,7 @@ def count_parameters_from_config(cfg: ModelConfig, non_embedding: bool = False) 
     )
     count = cfg.layers * block
     count += _norm(cfg) * (int(cfg.embedding_norm) + int(cfg.final_norm))
-    if cfg.head_transform:
-        count += _linear(h, h, b) + _norm(cfg)
-    if cfg.decoder_bias:
-        count += cfg.vocab_size
+    count += _head_count(cfg)
     if not non_embedding:
         count += _embedding_count(cfg)
     return count
@@ -95,11 +101,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float | None = No
     """Training FLOPs (forward + backward) per input token at sequence length ``seq_len``.
 
     ``mask_rate`` (the fraction of positions with a target) is required when
-    ``cfg.sparse_prediction`` is on, because the decoder then runs on that fraction only.
+    ``cfg.sparse_prediction`` is on, because the head (transform and decoder) then runs on that
+    fraction only.
     """
     if seq_len <= 0:
         raise ConfigError(f"seq_len must be positive, got {seq_len}")
-    decoder = cfg.hidden * cfg.vocab_size
+    head = _head_count(cfg)
+    on_targets = cfg.hidden * cfg.vocab_size + head  # the whole LM head, decoder matmul included
     if cfg.sparse_prediction:
         if mask_rate is None:
             raise ConfigError(
@@ -108,7 +116,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float | None = No
             )
         if not 0.0 <= mask_rate <= 1.0:
             raise ConfigError(f"mask_rate must be in [0, 1], got {mask_rate}")
-        decoder *= mask_rate
-    dense = count_parameters_from_config(cfg, non_embedding=True) + decoder
+        on_targets *= mask_rate
+    dense = count_parameters_from_config(cfg, non_embedding=True) - head + on_targets
     attention = 12 * cfg.layers * seq_len * cfg.hidden
     return float(6 * dense + attention)
