@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from technique_helpers import interrupted_copy, metrics, quiet, tiny_config, wei
 
 from cramkit.errors import ConfigError
 from cramkit.models import build_model
+from cramkit.models.flops import count_parameters
 from cramkit.models.presets import preset_config
 from cramkit.schedules import linear
 from cramkit.techniques.vcycle import (
@@ -229,6 +231,22 @@ def test_resuming_with_levels_that_lack_the_saved_stage_is_a_config_error(reques
         cut = interrupted_copy(tmp_path / "run", tmp_path / f"cut{step}-{levels[0][-1]}", step)
         with pytest.raises(ConfigError, match=f"in stage {stage} of its V-cycle"):
             pretrain(resume_config(cut, ["train.budget=24steps", *levels]), run_dir=cut, resume=True, say=quiet)
+
+
+@pytest.mark.parametrize("fractions", ["[0.25,0.7,0.05]", "[0.25,0.5,0.25]"])
+def test_a_run_that_ends_before_its_last_level_change_says_so(fractions, request, tmp_path):
+    # 12 steps start at k / 12: none at or past 0.95, so the way back up never comes.
+    cfg = tiny_config(request.getfixturevalue("tiny_mlm_data"), tmp_path, *VCYCLE_RUN,
+                      f"technique.vcycle.fractions={fractions}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = pretrain(cfg, say=quiet)
+    said = [str(w.message) for w in caught if "budget ran out with the model" in str(w.message)]
+    if fractions == "[0.25,0.5,0.25]":
+        assert not said
+        return
+    assert len(said) == 1 and "hidden=32" in said[0] and "model.hidden=64" in said[0], said
+    assert summary["parameters"] < count_parameters(build_model(cfg.model))
 
 
 def test_vcycle_levels_and_learning_rate_through_the_hooks():

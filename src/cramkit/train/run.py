@@ -9,6 +9,7 @@ activation checkpointing, compile and sharding and then builds the optimizer →
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -701,6 +702,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         # healthy ranks would never join the save's collectives. The last periodic checkpoint stands.
         trainer.fit()
         bar.close()
+        reshaped = _reshaped(cfg.model, trainer.raw_model.config) if trainer.stop_reason == "budget" else None
+        if reshaped and par.is_main:
+            warnings.warn(reshaped, stacklevel=2)
         with trainer.clock.paused():
             save(trainer.state)
         loader.close()
@@ -726,6 +730,26 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         loader.close()
         if log:
             log.close()
+
+
+def _reshaped(configured, ended) -> str | None:
+    """What to tell a user whose run spent its budget on another shape than ``model.*``.
+
+    Techniques change the model at budget fractions, after the first step that starts at or past
+    one; a stage edge past the last step's start is never crossed, and the run then ends on, say,
+    a V-cycle's coarse level. The checkpoint that fine-tuning and export read holds that model,
+    which ``summary.json``'s parameter count alone would not make plain.
+    """
+    fields = [f.name for f in dataclasses.fields(configured)
+              if getattr(configured, f.name) != getattr(ended, f.name)]
+    if not fields:
+        return None
+    now = ", ".join(f"{name}={getattr(ended, name)}" for name in fields)
+    wanted = ", ".join(f"model.{name}={getattr(configured, name)}" for name in fields)
+    return (f"the budget ran out with the model at {now}, not the configured {wanted}: a change of the "
+            "model that a technique had scheduled came after the last step, and the final checkpoint (which "
+            "fine-tuning and export read) holds the model the run ended with; give the technique's last "
+            "stage a larger share of the budget")
 
 
 def _check_same_data(run_dir: Path, dataset: TokenDataset, data_dir: Path) -> None:
