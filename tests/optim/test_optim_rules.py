@@ -470,3 +470,22 @@ def test_schedule_free_evaluations_and_checkpoints_leave_the_training_weights_ex
         ends.append(load_state(latest_checkpoint(tmp_path / name))["train_weights"])
     for key in ends[0]:
         torch.testing.assert_close(ends[0][key], ends[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_sams_second_pass_is_charged_in_flops(tiny_mlm_data, tmp_path):
+    """SAM runs forward and backward twice on its sharpness-aware steps: a FLOP budget and MFU
+    that charged one pass let it compute up to twice what the budget allowed."""
+    import json
+
+    def flops(name, *extra):
+        cfg = tiny_run_config(tiny_mlm_data, tmp_path, "train.budget=4steps", "train.log_every=1", *extra, name=name)
+        pretrain(cfg, say=lambda *_: None)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if r.get("type") == "train"]
+        return [b["flops"] - a["flops"] for a, b in zip([{"flops": 0}, *records], records)]
+
+    plain = flops("sgd", "optim.name=sgd")
+    assert flops("sam", "optim.name=sam", "optim.base=sgd") == [2 * f for f in plain]
+    # Every second step sharpness-aware, the others a plain step of the base optimizer.
+    assert flops("sam2", "optim.name=sam", "optim.base=sgd", "optim.sam_every=2") == [
+        f * k for f, k in zip(plain, (2, 1, 2, 1))]

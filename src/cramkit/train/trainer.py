@@ -131,6 +131,7 @@ class Trainer:
         checkpoint. Otherwise the loss is read on the host to decide.
         """
         state, optimizer, par = self.state, self.state.optimizer, self.par
+        self.passes = 0  # forward/backward passes over the batch this step: each costs its FLOPs
         batches = [locate_targets(b, self.raw_model) for b in batches]
         # Labels are still on the CPU (the copy happens per micro-batch below): no device wait.
         local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -182,6 +183,7 @@ class Trainer:
         return torch.tensor(loss_value, dtype=torch.float64)
 
     def _forward_backward(self, batches: list[Batch], total_targets: float) -> torch.Tensor:
+        self.passes += 1
         loss_sum = torch.zeros((), device=self.device)
         self.model.train()
         for i, batch in enumerate(batches):
@@ -271,6 +273,7 @@ class Trainer:
                 fpt = self._fpt
                 for t in self.techniques:
                     fpt = t.flops_per_token(fpt, state)
+                fpt *= self.passes  # an optimizer's closure (SAM's second pass) computes as much again
                 state.usage.steps += 1
                 state.usage.tokens += step_tokens
                 state.usage.flops += fpt * step_tokens
