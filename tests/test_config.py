@@ -146,6 +146,23 @@ def test_a_recipe_files_values_must_have_their_fields_types(tmp_path, content, m
             load_config(str(tmp_path / recipe))
 
 
+@pytest.mark.parametrize("content, key", [(b"[train]\nbugdet = 10\n", r"train\.bugdet' \(did you mean 'budget'\?\)"),
+                                          (b'techniques = ["pld"]\n[technique.pld]\ngama = 0.1\n',
+                                           r"technique\.pld\.gama' \(did you mean 'gamma'\?\)"),
+                                          (b"hidden = 64\n", r"hidden' \(did you mean 'model\.hidden'\?\)")])
+def test_an_unknown_key_names_the_recipe_file_that_holds_it(tmp_path, content, key):
+    """As a value of the wrong type does: the key was reported without its file, which in a
+    chain of bases the user had to hunt for."""
+    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\n[train]\nlog_every = 5\n')
+    for recipe in ("parent.toml", "child.toml"):
+        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': unknown config key '{key}$"):
+            load_config(str(tmp_path / recipe))
+    # An override's unknown key is the command line's, whatever the recipe holds.
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train\.bugdet'"):
+        load_config("demo", ["train.bugdet=3"])
+
+
 def test_typed_files_still_take_an_int_for_a_float_and_overrides_still_parse_text(tmp_path):
     from cramkit.config import config_from_dict
 

@@ -24,7 +24,7 @@ from .configbase import (
 )
 from .data.config import PrepareConfig
 from .distributed.config import MemoryConfig, ParallelConfig
-from .errors import ConfigError, UnknownName
+from .errors import ConfigError, UnknownKey, UnknownName
 from .models.config import ModelConfig
 from .models.presets import get_preset
 from .plugins import unknown_hint
@@ -292,9 +292,11 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = ()) -> dict[str, Any]:
+def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
+                 origins: dict[str, str] | None = None) -> dict[str, Any]:
     """A recipe's table with its bases merged in. ``seen``: the chain of recipes whose bases led
-    here, each as (its resolved file, the name or path it was given as)."""
+    here, each as (its resolved file, the name or path it was given as). ``origins``, when given,
+    maps each dotted key to the recipe that set it last (the file an error about it should name)."""
     path = Path(name_or_path)
     from_file = name_or_path.endswith(".toml") or path.is_file()
     if from_file:
@@ -334,9 +336,21 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = ()) -> 
         if beside.is_file():
             base = str(beside)
     if base:
-        data = deep_merge(_options_kept(_read_recipe(base, chain), data), data)
+        merged = deep_merge(_options_kept(_read_recipe(base, chain, origins), data), data)
+    if origins is not None:
+        origins.update(dict.fromkeys(_dotted_keys(data), name_or_path))
+    data = merged if base else data
     data["recipe"] = name
     return data
+
+
+def _dotted_keys(table: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in table.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def _options_kept(inherited: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
@@ -387,10 +401,17 @@ def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides, validate."""
-    data = apply_run_overrides(_read_recipe(recipe), overrides)
+    origins: dict[str, str] = {}
+    data = apply_run_overrides(_read_recipe(recipe, origins=origins), overrides)
     # Not strict: each recipe file was checked as it was read, and the overrides' values come
     # as text ("0.5", "yes", "a,b").
-    cfg = config_from_dict(data, strict=False)
+    try:
+        cfg = config_from_dict(data, strict=False)
+    except UnknownKey as exc:  # a key from a recipe file: name the file, as a wrong type does
+        overridden = any(o.partition("=")[0].strip() == exc.key for o in overrides)
+        if exc.key not in origins or overridden:
+            raise
+        raise UnknownKey(f"recipe '{origins[exc.key]}': {exc}", exc.key) from None
     check_run_name(cfg.name)  # before data preparation can take minutes
     return cfg
 

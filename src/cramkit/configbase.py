@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownKey
 
 T = TypeVar("T", bound="Config")
 
@@ -219,7 +219,7 @@ class Config:
             full = f"{path}.{key}" if path else key
             if key not in names:
                 hint = did_you_mean(key, names) or cls._in_a_section(key, hints, path)
-                raise ConfigError(f"unknown config key '{full}'{hint}")
+                raise UnknownKey(f"unknown config key '{full}'{hint}", full)
             kwargs[key] = coerce(value, hints[key], full)
         try:
             obj = cls(**kwargs)
@@ -228,7 +228,10 @@ class Config:
         try:
             obj.validate()
         except ConfigError as exc:  # its kind kept (UnknownName): a reader may pass over that one
-            raise type(exc)(_under(path, str(exc), names)) from None
+            error = type(exc)(_under(path, str(exc), names))
+            if isinstance(exc, UnknownKey):  # its dotted key: load_config names the recipe that set it
+                error.key = exc.key
+            raise error from None
         return obj
 
     @classmethod

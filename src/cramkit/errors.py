@@ -14,6 +14,14 @@ class UnknownName(ConfigError):
     plugin that is not loaded (which a run's readers that do not need it may pass over)."""
 
 
+class UnknownKey(ConfigError):
+    """A config key that no section has; ``key`` is its dotted path (``train.bugdet``)."""
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key
+
+
 class DataError(CramkitError, ValueError):
     """A source, corpus or prepared dataset that cannot be used."""
 
