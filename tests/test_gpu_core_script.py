@@ -68,3 +68,13 @@ def test_cpu_scale_overrides_make_valid_configs_of_one_shape_for_both_recipes(ti
         shapes[name] = (model.hidden, model.layers, model.heads, model.intermediate, model.vocab_size)
         assert cfg.train.device == "cpu" and not cfg.train.compile
     assert shapes["crammed"] == shapes["original"] == (128, 8, 4, 512, 8192)
+
+
+def test_a_learning_rate_sweep_of_the_2018_recipe_sets_the_target_at_its_best():
+    """--original-lrs: the lowest final loss among the runs that used their budget is the target;
+    a run cut short or diverged is passed over, however low its last loss."""
+    runs = {"original@1e-4": _run([(0, 9.0), (150, 8.0)]), "original@1e-3": _run([(0, 9.0), (150, 7.2)]),
+            "original@3e-3": _run([(0, 9.0), (150, float("nan"))]),
+            "original@1e-2": _run([(0, 9.0), (40, 6.0)], stop="signal")}
+    assert gpu_core.best_original(runs) == "original@1e-3"
+    assert gpu_core.best_original({"original": _run([(0, 9.0), (40, 8.0)], stop="signal")}) == "original"
