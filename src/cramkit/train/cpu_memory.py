@@ -50,16 +50,20 @@ class _PeakAfterEachOp(TorchDispatchMode):
 def peak_bytes(step: Callable[[], object]) -> int:
     """Bytes above the starting point at the highest point of ``step()``, sampled after every
     operator. ``step`` runs twice and the second run is measured, so that what the first one
-    leaves for good (gradients, optimizer state) is part of the starting point, as after a
-    training run's first step. One thread keeps every allocation where mallinfo2 sees it (the
-    main arena, or mmapped); RuntimeError off glibc."""
+    leaves for good (gradients, optimizer state, one-time imports) is part of the starting
+    point, as after a training run's first step. One thread keeps every allocation where
+    mallinfo2 sees it (the main arena, or mmapped); RuntimeError off glibc."""
     in_use = malloc_in_use()
     if in_use is None:
         raise RuntimeError("measuring CPU peak memory needs glibc's mallinfo2 (Linux, glibc 2.33 or later)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        step()
+        # The first run under a dispatch mode too: entering one the first time in a process
+        # imports what the mode machinery needs (sympy and mpmath among them, about 25 MB of
+        # interpreter memory that stays), which would otherwise count as the step's peak.
+        with _PeakAfterEachOp(in_use):
+            step()
         gc.collect()  # or a reference cycle collected during the step could lower the peak below the start
         peak = _PeakAfterEachOp(in_use)
         start = in_use()
