@@ -98,6 +98,17 @@ def _loss_tensors(mc, tokens: int, mask_rate: float, half: bool) -> tuple[float,
     return predicted * (10 if half else 8), predicted * 12
 
 
+def _head_backward(mc, tokens: int, mask_rate: float, half: bool) -> float:
+    # The decoder's backward: the logits' gradient (half under autocast) beside the decoder
+    # weight's fp32 gradient, (vocabulary x width), while every activation saved before the head
+    # is still there. Tied, that gradient is the one held until the embedding's arrives; untied,
+    # it too is a tensor of its own until added into a .grad that gradient accumulation has
+    # made already. (Under autocast the weight's half-precision gradient takes the place of the
+    # decoder's weight copy, freed by then.)
+    predicted = tokens * (mask_rate if mc.sparse_prediction else 1.0) * mc.vocab_size
+    return predicted * (2 if half else 4) + mc.vocab_size * mc.hidden * 4
+
+
 def _embedding_gradients(mc) -> tuple[float, float]:
     # The (vocabulary x width) embedding's gradients beyond its .grad, in fp32. Tied, the
     # decoder's contribution waits from the head's backward until the embedding's arrives at the
@@ -126,9 +137,9 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
       fp16); under FSDP the gathered parameters of the root and of two blocks (one computing,
       one prefetched) instead, in the training precision;
     - activations of one micro-batch at the peak of its backward: each block's saved tensors
-      (measured per token, see ``_BLOCK_BYTES``), what the embeddings and head keep, and the
-      loss's backward (``mask_rate``: the share of positions with a target under sparse
-      prediction). Checkpointing keeps a checkpointed block's input and adds one block's
+      (measured per token, see ``_BLOCK_BYTES``), what the embeddings and head keep, the
+      loss's backward and the decoder's weight gradient (``mask_rate``: the share of positions
+      with a target under sparse prediction). Checkpointing keeps a checkpointed block's input and adds one block's
       activations, recomputed in backward; eager offloading keeps them in host memory, leaving
       one block's worth or the loss's backward on the device. ``device_type`` decides whether
       attention dropout keeps its scores.
@@ -175,19 +186,20 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     recomputed = block_act + tokens * 8 * (mc.intermediate + mc.hidden) if chosen else 0.0
     loss_forward, loss_backward = _loss_tensors(mc, tokens, mask_rate, half)
     held, at_end = _embedding_gradients(mc)
+    head = _head_backward(mc, tokens, mask_rate, half)
     if offloaded:
         # Saved tensors go to the host as the forward pass makes them and come back one backward
         # node at a time in eager mode: about one block's worth is on the device at once. (A
         # compiled backward unpacks every saved tensor at its start, pytorch/pytorch#148222, so
         # then offloading saves nothing at the peak: the else branch.)
         forward = max(block_act, loss_forward)
-        backward = max(max(block_act, recomputed) + held, loss_backward)
+        backward = max(max(block_act, recomputed) + held, loss_backward, head)
     else:
         kept = _kept(mc, tokens, seq_len, half, device_type == "cuda", len(chosen))
         forward = kept + loss_forward
-        # The loss's backward frees its tensors before the head's backward, where a tied
-        # decoder's gradient appears, and before any recomputation.
-        backward = kept + max(loss_backward, held + recomputed)
+        # The loss's backward frees its tensors before the head's backward, where the decoder's
+        # gradient appears, and before any recomputation.
+        backward = kept + max(loss_backward, head, held + recomputed)
     # The peak comes at the end of the forward pass, in backward, or at its very end, where
     # nearly all activations are freed; reported as the weight copies plus the rest.
     activations = max(copies + forward, copies_in_backward + backward, at_end) - copies
