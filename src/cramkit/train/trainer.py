@@ -88,6 +88,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self._signalled = False  # set by the signal handler, agreed across ranks per step
         self.nonfinite = NonfiniteCounter(cfg.train.max_nonfinite)
+        self.passes = 1  # forward/backward passes of the latest step (train_step counts them)
         self._loss: torch.Tensor | None = None  # the last step's, read on the host when logged
         self._adopt(model, self.state.optimizer)
         self.state.usage.seconds = self.clock.elapsed
