@@ -27,11 +27,12 @@ import sys
 
 import torch
 
+from cramkit.bench import synthetic_batch
 from cramkit.distributed.config import MemoryConfig
 from cramkit.distributed.memory import apply_activation_checkpointing, estimate_memory
 from cramkit.models import build_model
 from cramkit.models.presets import preset_config
-from cramkit.objectives import IGNORE_INDEX, target_index
+from cramkit.objectives import target_index
 from cramkit.train.cpu_memory import peak_bytes
 from cramkit.utils import write_json
 
@@ -41,18 +42,12 @@ SHAPES = {"crammed-bert": (128, 16), "bert-base": (128, 16), "gpt2-small": (512,
 SMOKE = {"crammed-bert": (32, 2)}
 
 
-def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tokens with masked-LM targets at a quarter of the positions (BERT), or next-token
-    targets (GPT), and the target positions the data pipeline hands a sparse-prediction model."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=gen)
-    if cfg.arch == "bert":
-        labels = torch.where(torch.rand(batch, seq, generator=gen) < 0.25, ids, IGNORE_INDEX)
-    else:
-        labels = torch.cat([ids[:, 1:], torch.full((batch, 1), IGNORE_INDEX)], dim=1)
-    out = {"input_ids": ids, "labels": labels}
+def make_batch(cfg, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """``cramkit bench``'s synthetic batch, with the target positions the data pipeline hands a
+    sparse-prediction model."""
+    out = synthetic_batch(cfg.arch, cfg.vocab_size, batch, seq)
     if cfg.sparse_prediction:
-        out["target_index"] = target_index(labels)
+        out["target_index"] = target_index(out["labels"])
     return out
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cramkit.bench import BENCH_BOUNDARY, _batch, expand_targets, parse_target
+from cramkit.bench import BENCH_BOUNDARY, expand_targets, parse_target, synthetic_batch
 from cramkit.cli import main
 from cramkit.errors import ConfigError
 
@@ -86,7 +86,7 @@ def test_bad_bench_flags_are_one_line_errors(flags, message, capsys):
 
 def test_bench_batches_only_change_when_documents_are_asked_for():
     def make(doc_len):
-        return _batch("gpt", 100, 2, 64, 0.15, torch.device("cpu"), torch.Generator().manual_seed(0), doc_len)
+        return synthetic_batch("gpt", 100, 2, 64, 0.15, torch.device("cpu"), torch.Generator().manual_seed(0), doc_len)
 
     plain, docs = make(0.0), make(8.0)
     assert not (plain["input_ids"] == BENCH_BOUNDARY).any()

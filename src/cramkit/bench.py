@@ -156,8 +156,12 @@ class Result:
     baseline: str | None = None
 
 
-def _batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float, device, gen,
-           doc_len: float = 0.0) -> dict:
+def synthetic_batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float = 0.25, device="cpu",
+                    gen: torch.Generator | None = None, doc_len: float = 0.0) -> dict:
+    """Random tokens with training targets: next-token labels (``gpt``) or masked-LM labels at
+    a ``mask_rate`` share of positions (``bert``); with ``doc_len``, document boundaries at that
+    mean spacing, which predict nothing. For timing and measuring steps, not for learning."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
     tokens = torch.randint(_FIRST_CONTENT_ID, vocab, (batch, seq_len), generator=gen)
     # No boundaries (and no extra draws) unless asked, so plain benchmarks keep their batches.
     ends = torch.zeros(batch, seq_len, dtype=torch.bool)
@@ -192,7 +196,8 @@ def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: i
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     module = torch.compile(model) if compile else model
     gen = torch.Generator().manual_seed(0)
-    batches = [_batch(cfg.arch, cfg.vocab_size, batch, seq_len, mask_rate, device, gen, doc_len) for _ in range(4)]
+    batches = [synthetic_batch(cfg.arch, cfg.vocab_size, batch, seq_len, mask_rate, device, gen, doc_len)
+               for _ in range(4)]
     # As the trainer hands batches over: a sparse-prediction model gets its targets' positions
     # with the batch, so the step does not stop to find them (nonzero() is a host-device sync).
     # Found once here, before the clock; Hugging Face models take no such input and get none.

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cramkit
+from cramkit.bench import synthetic_batch
 from cramkit.distributed.config import MemoryConfig
 from cramkit.distributed.memory import (
     _kept,
@@ -29,7 +30,7 @@ from cramkit.distributed.memory import (
 )
 from cramkit.models import build_model
 from cramkit.models.presets import preset_config
-from cramkit.objectives import IGNORE_INDEX, target_index
+from cramkit.objectives import target_index
 from cramkit.train.cpu_memory import peak_bytes
 from cramkit.train.run import pretrain
 
@@ -41,15 +42,9 @@ def _memory(mode: str = "none", every: int = 2, offload: bool = False) -> Memory
 
 
 def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=gen)
-    if cfg.arch == "bert":
-        labels = torch.where(torch.rand(batch, seq, generator=gen) < 0.25, ids, IGNORE_INDEX)
-    else:
-        labels = torch.cat([ids[:, 1:], torch.full((batch, 1), IGNORE_INDEX)], dim=1)
-    out = {"input_ids": ids, "labels": labels}
+    out = synthetic_batch(cfg.arch, cfg.vocab_size, batch, seq, gen=torch.Generator().manual_seed(seed))
     if cfg.sparse_prediction:
-        out["target_index"] = target_index(labels)
+        out["target_index"] = target_index(out["labels"])
     return out
 
 
@@ -345,14 +340,20 @@ class _DiskOffload:
     ("crammed-bert", "fp32", "none"), ("crammed-bert", "bf16", "full"), ("bert-base", "bf16", "none"),
     ("bert-base", "fp32", "full"), ("gpt2-small", "fp32", "none"), ("gpt2-small", "bf16", "full")])
 def test_memory_estimate_follows_the_measured_peak_of_a_training_step(name, precision, mode):
-    cfg = dataclasses.replace(preset_config(name), layers=4, vocab_size=8192)
+    estimated, peak = _estimate_and_peak(dataclasses.replace(preset_config(name), layers=4, vocab_size=8192),
+                                         precision, mode, batch=4)
+    assert 0.85 * peak < estimated < 1.15 * peak
+
+
+def _estimate_and_peak(cfg, precision: str, mode: str, batch: int) -> tuple[float, int]:
+    """The estimate's activations and weight copies, and the measured peak, of a batch x 128 step."""
     torch.manual_seed(0)
     model, memory = build_model(cfg), _memory(mode)
     apply_activation_checkpointing(model, memory)
-    peak = measured_peak(_training_step(model, _batch(cfg, 4, 128), precision == "bf16"))
-    estimate = estimate_memory(model, micro_batch=4, seq_len=128, precision=precision, cfg=memory, device_type="cpu")
-    estimated = (estimate["activations_gb"] + estimate["weight_copies_gb"]) * 1e9
-    assert 0.85 * peak < estimated < 1.15 * peak
+    peak = measured_peak(_training_step(model, _batch(cfg, batch, 128), precision == "bf16"))
+    estimate = estimate_memory(model, micro_batch=batch, seq_len=128, precision=precision, cfg=memory,
+                               device_type="cpu")
+    return (estimate["activations_gb"] + estimate["weight_copies_gb"]) * 1e9, peak
 
 
 # Untied, the decoder's (vocabulary x width) weight gradient appears in the head's backward beside
@@ -363,12 +364,7 @@ def test_memory_estimate_follows_the_measured_peak_of_a_training_step(name, prec
 @pytest.mark.parametrize(("precision", "mode"), [("fp32", "none"), ("bf16", "none")])
 def test_memory_estimate_counts_an_untied_decoders_gradient(precision, mode):
     cfg = dataclasses.replace(preset_config("crammed-bert"), layers=4, vocab_size=8192, tie_embeddings=False)
-    torch.manual_seed(0)
-    model, memory = build_model(cfg), _memory(mode)
-    apply_activation_checkpointing(model, memory)
-    peak = measured_peak(_training_step(model, _batch(cfg, 2, 128), precision == "bf16"))
-    estimate = estimate_memory(model, micro_batch=2, seq_len=128, precision=precision, cfg=memory, device_type="cpu")
-    estimated = (estimate["activations_gb"] + estimate["weight_copies_gb"]) * 1e9
+    estimated, peak = _estimate_and_peak(cfg, precision, mode, batch=2)
     assert 0.9 * peak < estimated < 1.15 * peak
 
 
