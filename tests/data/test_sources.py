@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import lzma
@@ -11,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from data_helpers import small_cfg
+from data_helpers import small_cfg, synthetic_docs, write_corpus
 
 from cramkit.data.sources import (
     SOURCE_READERS,
@@ -278,16 +279,30 @@ def test_normalised_length_floor_is_zero_for_a_normaliser_it_does_not_know(tmp_p
 
 def test_a_folder_source_warns_of_a_held_out_split_inside_it(tmp_path):
     """Pointing prepare at enwiki's whole folder trained on its valid.txt.xz without a word."""
+    from cramkit.data.prepare import prepare
+
     folder = tmp_path / "corpus"
     (folder / "splits").mkdir(parents=True)
     for name in ("train-00.txt", "train-01.txt", "wiki.valid.raw", "splits/test_docs.txt"):
         (folder / name).write_text("a document\n")
+    (source,) = open_sources(small_cfg([folder]))
     with pytest.warns(UserWarning, match=r"includes splits/test_docs.txt, wiki.valid.raw, a held-out split"):
-        open_sources(small_cfg([folder]))
-    for name in ("wiki.valid.raw", "splits/test_docs.txt"):
-        (folder / name).unlink()
+        list(source.documents())
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # training files alone: no warning, and none for a file named as a source
-        open_sources(small_cfg([folder]))
+        warnings.simplefilter("error")  # once per source, though prepare reads it twice
+        list(source.documents())
+    cfg = small_cfg([write_corpus(folder / "train-02.txt", synthetic_docs(20))])
+    cfg = dataclasses.replace(cfg, sources=[str(folder)])
+    with pytest.warns(UserWarning, match="held-out split"):
+        prepare(cfg, tmp_path / "out", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare(cfg, tmp_path / "out", progress=False)  # reused: nothing read, nothing said again
+        for name in ("wiki.valid.raw", "splits/test_docs.txt"):
+            (folder / name).unlink()
+        # Training files alone, or a held-out file named as a source itself: no warning.
+        (source,) = open_sources(small_cfg([folder]))
+        list(source.documents())
         (folder / "valid.txt").write_text("held out\n")
-        open_sources(small_cfg([folder / "train-00.txt", folder / "valid.txt"]))
+        for source in open_sources(small_cfg([folder / "train-00.txt", folder / "valid.txt"])):
+            list(source.documents())

@@ -252,21 +252,23 @@ class PathSource(Source):
             )
             if not self.files:
                 raise DataError(f"source '{spec}': the folder is empty")
-            held_out = [str(p.relative_to(path)) for p in self.files if _held_out_name(p.relative_to(path))]
-            if held_out:
-                # A corpus folder often ships its own validation or test split beside the training
-                # files (enwiki's valid.txt.xz, WikiText's wiki.valid.raw): trained on, it is no
-                # longer held out for whoever evaluates on it later.
-                warnings.warn(
-                    f"source '{spec}' includes {', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''}, "
-                    "a held-out split by its name, which is now training data (cramkit holds out "
-                    "val_fraction of the documents itself); list the training files as sources to "
-                    "leave it out", stacklevel=2)
+            self.held_out = [str(p.relative_to(path)) for p in self.files if _held_out_name(p.relative_to(path))]
         else:
-            self.files = [path]
+            self.files, self.held_out = [path], []
         self.path = path
 
     def documents(self) -> Iterator[Doc]:
+        if self.held_out:
+            # A corpus folder often ships its own validation or test split beside the training
+            # files (enwiki's valid.txt.xz, WikiText's wiki.valid.raw): trained on, it is no
+            # longer held out for whoever evaluates on it later. Said when the files are read, so
+            # not again each time a prepared dataset is reused; and once per source.
+            held_out, self.held_out = self.held_out, []
+            warnings.warn(
+                f"source '{self.spec}' includes {', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''}, "
+                "a held-out split by its name, which is now training data (cramkit holds out "
+                "val_fraction of the documents itself); list the training files as sources to "
+                "leave it out", stacklevel=2)
         for f in self.files:
             yield from _read_any_file(f, self.cfg)
 
