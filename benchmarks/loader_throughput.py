@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENWIKI = REPO.parent / "shared" / "data" / "pretrain" / "enwiki-2015"
 
 
-def prepared(args) -> Path:
+def prepared(args, recipe) -> Path:
     if args.data:
         return Path(args.data)
     from cramkit.data.config import PrepareConfig
@@ -50,7 +50,7 @@ def prepared(args) -> Path:
     if not shard.is_file():
         sys.exit(f"error: no {shard}; pass --data PREPARED_DIR")
     # crammed-bert's data settings (WordPiece 32768, lowercase ASCII, sequence 128, curriculum order).
-    data = load_config("crammed-bert").data.prepare.to_dict() | {"sources": [str(shard)]}
+    data = recipe.data.prepare.to_dict() | {"sources": [str(shard)]}
     if args.smoke:
         data |= {"vocab_size": 1024, "max_docs": 40, "tokenizer_sample_mb": 1.0, "max_token_ratio": 0.0}
     return prepare(PrepareConfig.from_dict(data), Path(args.work) / ("smoke" if args.smoke else "enwiki-00"),
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch, args.seconds = 8, 1.0
-    dataset = TokenDataset.open(prepared(args))
     cfg = load_config("crammed-bert")
+    dataset = TokenDataset.open(prepared(args, cfg))
     o = cfg.objective
     objective = build_objective("mlm", dataset, mask_rate=o.mask_rate, mask_prob=o.mask_fraction,
                                 random_prob=o.random_fraction, seed=0)

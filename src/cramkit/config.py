@@ -335,11 +335,11 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
         beside = path.parent / base
         if beside.is_file():
             base = str(beside)
+    own = dict.fromkeys(_dotted_keys(data), name_or_path)
     if base:
-        merged = deep_merge(_options_kept(_read_recipe(base, chain, origins), data), data)
-    if origins is not None:
-        origins.update(dict.fromkeys(_dotted_keys(data), name_or_path))
-    data = merged if base else data
+        data = deep_merge(_options_kept(_read_recipe(base, chain, origins), data), data)
+    if origins is not None:  # after the bases' keys: this file's values are the ones used
+        origins.update(own)
     data["recipe"] = name
     return data
 

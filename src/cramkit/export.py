@@ -302,7 +302,7 @@ def save_hf_tokenizer(
         tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True, **tokens
     )
     fast.save_pretrained(str(out))
-    # transformers 5 names its class TokenizersBackend, which 4.x (cramkit[hf] allows >= 4.40)
+    # transformers 5 names its class TokenizersBackend, which 4.x (cramkit[hf] allows >= 4.42)
     # cannot find, so the export would not load there; every version knows
     # PreTrainedTokenizerFast (in 5.x an alias of TokenizersBackend).
     config_path = out / "tokenizer_config.json"

@@ -88,13 +88,19 @@ def _kept(mc, tokens: int, seq_len: int, half: bool, cuda: bool, checkpointed: i
     return (mc.layers - checkpointed) * block + inputs + _outside_blocks(mc, tokens)
 
 
+def _predicted_logits(mc, tokens: int, mask_rate: float) -> float:
+    """Elements of the logits: predicted positions (a mask_rate share of them under sparse
+    prediction) times the vocabulary."""
+    return tokens * (mask_rate if mc.sparse_prediction else 1.0) * mc.vocab_size
+
+
 def _loss_tensors(mc, tokens: int, mask_rate: float, half: bool) -> tuple[float, float]:
     # Tensors of (predicted positions x vocabulary) alive at once, in bytes per element: at the
     # end of the forward pass the logits (half under autocast), their fp32 cast for the loss and
     # the log-probabilities; in the loss's backward the log-probabilities, their gradient and the
     # logits' gradient, all fp32. (The logits are gone by then: the trainer drops the model's
-    # output before backward.) Under sparse prediction a mask_rate share of positions is predicted.
-    predicted = tokens * (mask_rate if mc.sparse_prediction else 1.0) * mc.vocab_size
+    # output before backward.)
+    predicted = _predicted_logits(mc, tokens, mask_rate)
     return predicted * (10 if half else 8), predicted * 12
 
 
@@ -105,8 +111,7 @@ def _head_backward(mc, tokens: int, mask_rate: float, half: bool) -> float:
     # it too is a tensor of its own until added into a .grad that gradient accumulation has
     # made already. (Under autocast the weight's half-precision gradient takes the place of the
     # decoder's weight copy, freed by then.)
-    predicted = tokens * (mask_rate if mc.sparse_prediction else 1.0) * mc.vocab_size
-    return predicted * (2 if half else 4) + mc.vocab_size * mc.hidden * 4
+    return _predicted_logits(mc, tokens, mask_rate) * (2 if half else 4) + mc.vocab_size * mc.hidden * 4
 
 
 def _embedding_gradients(mc) -> tuple[float, float]:
