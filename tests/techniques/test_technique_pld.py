@@ -177,3 +177,51 @@ def test_flops_count_executed_blocks(tiny_mlm_data, tmp_path):
     assert summary["flops"] < 20 * tokens * full
     # The block share of the model: dropping all blocks would leave the embeddings and head.
     assert 6 * per_block < full
+
+
+def _fake_block_compile(monkeypatch, calls, fail=False):
+    """``Module.compile`` as pld's ``compile_blocks`` calls it, without the compiler: the block's
+    compiled call records whether it ran with gradients (training) and can fail like a compiler."""
+
+    def compile(self, *args, **kwargs):
+        def compiled(*a, **k):
+            calls.append(("block", torch.is_grad_enabled()))
+            if fail:
+                raise RuntimeError("no compiler here")
+            return self._call_impl(*a, **k)
+
+        self._compiled_call_impl = compiled
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile)
+
+
+def test_compiled_blocks_warm_up_before_the_first_step(tiny_mlm_data, tmp_path, monkeypatch):
+    """Without train.compile, blocks compiled on their own compiled lazily in the first training
+    steps: several seconds of compilation on the budget's clock (the warm-up is outside it)."""
+    from cramkit.train.trainer import Trainer
+
+    calls = []
+    _fake_block_compile(monkeypatch, calls)
+    real_step = Trainer.train_step
+
+    def step(self, batches):
+        calls.append(("step", None))
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "model.layers=2", "techniques=[pld]",
+                      "technique.pld.compile_blocks=true", "train.compile=false")
+    pretrain(cfg, say=quiet)
+    first_step = calls.index(("step", None))
+    assert ("block", True) in calls[:first_step]  # a training forward before any step
+
+
+def test_compiled_blocks_that_fail_to_compile_train_eagerly(tiny_mlm_data, tmp_path, monkeypatch):
+    calls = []
+    _fake_block_compile(monkeypatch, calls, fail=True)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "model.layers=2", "techniques=[pld]",
+                      "technique.pld.compile_blocks=true", "train.compile=false")
+    with pytest.warns(UserWarning, match="torch.compile failed.*eager"):
+        summary = pretrain(cfg, say=quiet)
+    assert summary["steps"] == 2
+    assert len(calls) == 1  # the warm-up's first block call failed; none after it

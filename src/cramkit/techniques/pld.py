@@ -60,7 +60,8 @@ class PLDOptions(Config):
     compile_blocks: bool = field(
         False,
         help="torch.compile each block on its own, so that changing skip patterns cost no "
-        "recompilation (use with train.compile=true on a GPU)",
+        "recompilation (compiled in the warm-up, outside the budget; meant for a GPU, with or "
+        "without train.compile)",
     )
 
     def validate(self) -> None:

@@ -229,9 +229,24 @@ def _discard_untrained(made: dict[str, Any]) -> None:
             child.unlink(missing_ok=True)
 
 
+def _compiled_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that a technique's surgery compiled on their own (``Module.compile()``, e.g. pld's
+    ``compile_blocks``): they compile lazily, at their first call."""
+    return [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
 def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
     def compile_model(model: torch.nn.Module) -> torch.nn.Module:
         if not enabled:
+            parts = _compiled_parts(model)
+            if parts:  # without the warm-up they would compile in the first steps, on the clock
+                try:
+                    warm_up(model)
+                except Exception as exc:  # noqa: BLE001 - as below: fall back to eager
+                    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training "
+                                  "those modules in eager mode", stacklevel=2)
+                    for part in parts:
+                        part._compiled_call_impl = None
             return model
         try:
             compiled = torch.compile(model)
