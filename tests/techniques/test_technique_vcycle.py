@@ -290,6 +290,46 @@ def test_vcycle_levels_and_learning_rate_through_the_hooks():
     assert state.pending_model is None and tech.stage == 2
 
 
+def test_levels_change_on_the_evaluated_weights_of_schedule_free():
+    """Schedule-Free trains at y and is evaluated at its average x; the next level's optimizer
+    starts afresh, so the level is left with x (coalescing y threw the averaging away)."""
+    pytest.importorskip("pytorch_optimizer")
+    from pytorch_optimizer import ScheduleFreeAdamW
+
+    class State:
+        def __init__(self, model, optimizer):
+            self.model, self.optimizer, self.progress, self.pending_model = model, optimizer, 0.1, None
+
+        def request_model(self, model, transfer=None):
+            self.pending_model = (model, transfer)
+
+    model = _model("bert").train()
+    optimizer = ScheduleFreeAdamW(model.parameters(), lr=1e-2)
+    optimizer.train()
+    ids = torch.randint(5, model.config.vocab_size, (2, 16))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer.eval()
+    evaluated = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer.train()
+    model.load_state_dict(trained)
+    assert any(not torch.equal(trained[k], evaluated[k]) for k in trained)
+
+    tech = VCycle(VCycleOptions.from_dict({"fractions": [0.1, 0.3, 0.6], "depth": 1}))
+    tech.configure_model(model.config)
+    state = State(model, optimizer)
+    tech.on_step_end(state)
+    reference = _model("bert")
+    reference.load_state_dict(evaluated)
+    _same(state.pending_model[0], coalesce(reference, tech.scheme))
+    assert all(torch.equal(tech.saved[0][k], evaluated[k]) for k in evaluated)
+    # The old model and optimizer are left as they were: training weights y.
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+
+
 # 12 steps, stages [0.25, 0.5, 0.25]: a step starts at progress (k - 1) / 12 and a stage change
 # takes effect after the first step that starts at or past its edge, so steps 1-4 run the full
 # model, 5-10 the small one (lr x2), 11-12 the full one again.
@@ -328,8 +368,12 @@ def test_per_stage_schedule_restarts_in_every_stage(request, tmp_path):
     assert math.isclose(got[9], 2 * 0.1) and got[10] > 0.5
 
 
-def test_per_stage_schedule_resumes_to_identical_weights(request, tmp_path):
-    run = (*VCYCLE_RUN, "technique.vcycle.schedule=per_stage", "train.checkpoint_every=0.5")
+@pytest.mark.parametrize("optimizer", ["adamw", "schedulefree"])  # the latter changes level on x
+def test_per_stage_schedule_resumes_to_identical_weights(request, tmp_path, optimizer):
+    if optimizer == "schedulefree":
+        pytest.importorskip("pytorch_optimizer")
+    run = (*VCYCLE_RUN, "technique.vcycle.schedule=per_stage", "train.checkpoint_every=0.5",
+           f"optim.name={optimizer}")
     pretrain(tiny_config(request.getfixturevalue("tiny_mlm_data"), tmp_path, *run, name="full"), say=quiet)
     full = tmp_path / "full"
     cut = interrupted_copy(full, tmp_path / "cut", 6)  # inside the small level's stage

@@ -66,6 +66,7 @@ from ..errors import ConfigError
 from ..models.config import ModelConfig
 from ..models.layers import token_embedding_scale
 from ..models.registry import Registry
+from ..optim import evaluation_weights
 from .base import ContractCases, Technique, register
 from .common import full_state_dict, materialize, model_device
 
@@ -552,15 +553,19 @@ class VCycle(Technique):
         if target <= self.stage:
             return
         model = state.model
-        while self.stage < target:
-            here, there = self.levels[self.stage], self.levels[self.stage + 1]
-            if there > here:
-                self.saved.append({k: v.to("cpu", copy=True) for k, v in full_state_dict(model).items()})
-                model = coalesce(model, self.scheme)
-            else:
-                large = materialize(self.level_config(there), self.saved.pop(), model_device(model))
-                model = interpolate(large, decoalesce(model, self.scheme), self.options.alpha)
-            self.stage += 1
+        # The new level's optimizer starts afresh, so the level is left with the weights the run
+        # is evaluated with: Schedule-Free's average x, not the point y it computes gradients at
+        # (those are back in the old model after the block; the new tensors are copies).
+        with evaluation_weights(getattr(state, "optimizer", None), model):
+            while self.stage < target:
+                here, there = self.levels[self.stage], self.levels[self.stage + 1]
+                if there > here:
+                    self.saved.append({k: v.to("cpu", copy=True) for k, v in full_state_dict(model).items()})
+                    model = coalesce(model, self.scheme)
+                else:
+                    large = materialize(self.level_config(there), self.saved.pop(), model_device(model))
+                    model = interpolate(large, decoalesce(model, self.scheme), self.options.alpha)
+                self.stage += 1
         state.request_model(model, None)
 
     def state_dict(self) -> dict[str, Any]:
