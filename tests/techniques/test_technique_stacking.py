@@ -13,6 +13,7 @@ from cramkit.optim import parameter_groups
 from cramkit.techniques.stacking import (
     ProgressiveStacking,
     StackingOptions,
+    source_name,
     stack,
     transfer_optimizer_state,
 )
@@ -92,6 +93,46 @@ def test_original_blocks_step_as_before_a_doubling_with_any_optimizer(name):
     grown = dict(big.named_parameters())
     for n, p in old_params.items():
         torch.testing.assert_close(grown[n], p, rtol=0, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["reset_all", "copy"])
+def test_a_fresh_optimizer_stacks_the_evaluated_weights_of_schedule_free(mode):
+    """Schedule-Free trains at y and is evaluated at its average x. With no state carried
+    (reset_all) the deeper model starts from x; with its state carried (copy) from y, which that
+    state belongs to."""
+    pytest.importorskip("pytorch_optimizer")
+    from cramkit.config import load_config
+    from cramkit.optim import build_optimizer
+
+    cfg = load_config("demo", ["model.preset=tiny", "model.layers=2", "optim.name=schedulefree"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"), 8)
+    ids = torch.randint(5, 1000, (2, 16))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.eval()
+    evaluated = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.train()
+    model.load_state_dict(trained)
+
+    class State:
+        progress, optimizer, pending_model = 1.0, opt, None
+
+        def request_model(self, new, transfer=None):
+            self.pending_model = new
+
+    state = State()
+    state.model = model
+    ProgressiveStacking(StackingOptions.from_dict({"doublings": 1, "optimizer": mode})).on_step_end(state)
+    expected = evaluated if mode == "reset_all" else trained
+    grown = state.pending_model.state_dict()
+    assert len(grown) > len(expected)
+    assert all(torch.equal(grown[name], expected[source_name(name, 2)]) for name in grown)
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
 
 
 def test_schedule_and_configured_depth():

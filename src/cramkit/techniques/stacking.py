@@ -31,6 +31,7 @@ import torch
 from ..configbase import Config, field
 from ..errors import ConfigError
 from ..models.config import ModelConfig
+from ..optim import evaluation_weights
 from .base import ContractCases, Technique, register
 from .common import full_state_dict, materialize, model_device
 
@@ -195,8 +196,13 @@ class ProgressiveStacking(Technique):
         schedule = self.options.schedule()
         if self.done < len(schedule) and state.progress >= schedule[self.done]:
             self.done += 1
-            new_model = stack(state.model)
             mode = self.options.optimizer
+            # Without any optimizer state carried over, the deeper model starts from the weights
+            # the run is evaluated with (Schedule-Free's average x), as a V-cycle level does; the
+            # state the other modes carry belongs to the training weights (its y).
+            fresh = mode == "reset_all"
+            with evaluation_weights(getattr(state, "optimizer", None) if fresh else None, state.model):
+                new_model = stack(state.model)
             state.request_model(
                 new_model, transfer_optimizer_state(mode == "copy", keep=mode != "reset_all")
             )
