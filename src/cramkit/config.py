@@ -181,6 +181,14 @@ class OptimConfig(Config):
             raise ConfigError(f"optim.lr and optim.muon_lr must be positive, got {self.lr}, {self.muon_lr}")
         if self.weight_decay < 0:
             raise ConfigError("optim.weight_decay must be >= 0")
+        # Checked here, not left to the optimizers: torch's SGD raised a bare ValueError for a
+        # negative momentum after the run directory and data were ready, and a momentum of 1 or
+        # more (SGD, LARS, Muon's groups, which no library checks) trained on and diverged.
+        for key in ("momentum", "muon_momentum"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"optim.{key} must lie in [0, 1), got {getattr(self, key)}")
+        if self.eps < 0:
+            raise ConfigError(f"optim.eps must be >= 0, got {self.eps}")
         if self.sam_rho < 0 or self.sam_every < 1:
             raise ConfigError("optim.sam_rho must be >= 0 and optim.sam_every >= 1")
         if self.lars_trust <= 0:

@@ -65,6 +65,19 @@ def test_optimizer_misconfiguration_is_a_clear_error(name, tiny_mlm_data, tmp_pa
             tiny_run_config(tiny_mlm_data, tmp_path, *overrides)
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("momentum", -0.1, r"optim.momentum must lie in \[0, 1\), got -0.1"),  # was torch's bare ValueError
+    ("momentum", 1.5, r"optim.momentum must lie in \[0, 1\)"),  # was accepted: SGD, LARS diverge
+    ("muon_momentum", 1.0, r"optim.muon_momentum must lie in \[0, 1\)"),  # was accepted
+    ("eps", -1e-8, r"optim.eps must be >= 0"),  # was torch's bare ValueError
+])
+def test_out_of_range_momentum_and_eps_are_config_errors(field, value, message):
+    """Refused with the field's name when the config is read, not by the optimizer's
+    constructor (a ValueError and a traceback) or not at all (a momentum of 1 or more)."""
+    with pytest.raises(ConfigError, match=message):
+        OptimConfig.from_dict({"name": "muon" if field == "muon_momentum" else "sgd", field: value})
+
+
 def test_unknown_optimizer_suggests_a_name(tiny_mlm_data, tmp_path):
     with pytest.raises(ConfigError, match="unknown optimizer 'lio'.*did you mean 'lion'"):
         tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=lio")
