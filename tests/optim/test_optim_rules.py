@@ -13,6 +13,7 @@ from optim_helpers import tiny_run_config, train_losses
 from cramkit.config import OptimConfig
 from cramkit.errors import ConfigError
 from cramkit.models import build_model
+from cramkit.models.presets import get_preset
 from cramkit.optim import OPTIMIZERS, build_optimizer, lr_scale
 from cramkit.train.run import pretrain
 from cramkit.train.trainer import Trainer
@@ -250,6 +251,82 @@ def test_muon_orthogonalises_hidden_matrices_and_adamw_steps_the_rest():
     new_vec = _one_step("muon", vec, gv, kind="vector", lr=1e-3, eps=1e-12)
     # Adam's first step is lr * sign(g) once bias-corrected.
     torch.testing.assert_close(new_vec, vec - 1e-3 * torch.sign(gv), rtol=1e-5, atol=1e-7)
+
+
+def _reference_newton_schulz(G, steps=5):
+    """KellerJordan/Muon, muon.py ``zeropower_via_newtonschulz5``, in the input's dtype (the
+    reference casts to bf16; the test runs both sides in fp64 to compare to rounding)."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.mT if G.size(-2) > G.size(-1) else G
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if G.size(-2) > G.size(-1) else X
+
+
+def _reference_muon(model, batches, lr, muon_lr, wd, betas, eps, momentum=0.95):
+    """KellerJordan/Muon's ``MuonWithAuxAdam`` written out: Nesterov momentum (``muon_update``),
+    Newton-Schulz, shape factor sqrt(max(1, rows / cols)), decay p *= 1 - lr * wd, on every
+    hidden matrix, Q, K, V and a GLU's value and gate as separate matrices (modded-nanogpt);
+    bias-corrected Adam with the same decoupled decay on embeddings, the head and vectors."""
+    parts = {"qkv": 3, "up": 2 if model.config.ffn == "glu" else 1}
+    state, b1, b2 = {}, *betas
+    for t, x in enumerate(batches, start=1):
+        model.zero_grad()
+        (model(x, labels=x).loss * 1e5).backward()  # gradients far above the 1e-7 guards
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                kind = name.split(".")[-2]
+                if p.ndim == 2 and not name.startswith(("embeddings.", "head.decoder.")):
+                    buf = state.setdefault(name, torch.zeros_like(p))
+                    steps = []
+                    for g, m in zip(p.grad.chunk(parts.get(kind, 1)), buf.chunk(parts.get(kind, 1))):
+                        m.lerp_(g, 1 - momentum)
+                        u = _reference_newton_schulz(g.lerp(m, momentum))
+                        steps.append(u * max(1, g.size(-2) / g.size(-1)) ** 0.5)
+                    p.mul_(1 - muon_lr * wd).sub_(torch.cat(steps), alpha=muon_lr)
+                else:
+                    m, v = state.setdefault(name, (torch.zeros_like(p), torch.zeros_like(p)))
+                    m.lerp_(p.grad, 1 - b1)
+                    v.lerp_(p.grad.square(), 1 - b2)
+                    update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+                    decay = wd if p.ndim == 2 else 0.0  # norms and biases are never decayed
+                    p.mul_(1 - lr * decay).sub_(update, alpha=lr)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt"])
+def test_muon_matches_the_reference_implementation_over_several_steps(preset, monkeypatch):
+    """Four steps of a tiny BERT (fused qkv, GLU) and GPT (biases, learned positions) against
+    KellerJordan/Muon written out: Newton-Schulz coefficients and count, Nesterov, the shape
+    factor per part, decoupled decay, and which parameters take AdamW."""
+    from pytorch_optimizer.optimizer.muon import base
+    from pytorch_optimizer.optimizer.utils.matrix import zero_power_via_newton_schulz_5
+
+    def fp64(g, num_steps=5, weights=None, **kwargs):
+        return zero_power_via_newton_schulz_5(g, num_steps=num_steps, weights=weights, dtype=torch.float64)
+
+    monkeypatch.setattr(base, "zero_power_via_newton_schulz_5", fp64)  # bf16 in training
+    torch.manual_seed(0)
+    model = build_model({**get_preset(preset), "vocab_size": 96}).double()
+    torch.manual_seed(0)
+    start = build_model({**get_preset(preset), "vocab_size": 96}).double()
+    twin = build_model({**get_preset(preset), "vocab_size": 96}).double()
+    twin.load_state_dict(model.state_dict())
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1, eps=1e-8)
+    opt = build_optimizer(model, cfg, CPU)
+    batches = torch.randint(0, 96, (4, 2, 12), generator=torch.Generator().manual_seed(1))
+    for x in batches:
+        model.zero_grad()
+        (model(x, labels=x).loss * 1e5).backward()
+        opt.step()
+    _reference_muon(twin, batches, cfg.lr, cfg.muon_lr, cfg.weight_decay, (0.9, 0.98), cfg.eps)
+    for (name, a), b, a0 in zip(model.named_parameters(), twin.parameters(), start.parameters()):
+        assert not torch.equal(a, a0), name  # every parameter trained (none left out)
+        # Apart by ~1e-9 (rounding; the reference adds 1e-7 to the norm, the library clamps at
+        # 1e-7): another coefficient, iteration count, factor or group moves them by >= 1e-5.
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
 
 
 def _cubic(w, c):
