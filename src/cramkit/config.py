@@ -271,6 +271,11 @@ class RunConfig(Config):
         if self.memory.offload_optimizer and self.parallel.strategy != "fsdp":
             raise ConfigError("memory.offload_optimizer needs parallel.strategy=fsdp (FSDP2's CPU offload; "
                               "under torchrun, one process is fine: torchrun --nproc-per-node 1 ...)")
+        if self.optim.name == "sam" and self.train.precision == "fp16":
+            # The trainer refuses it too (for a plugin's closure optimizer), but only at the first
+            # step: after the data, the model and the initial evaluation.
+            raise ConfigError("optim.name=sam recomputes gradients inside its step, which fp16 loss "
+                              "scaling cannot follow; use train.precision=bf16 or fp32")
         mem = self.memory
         if mem.activation_checkpointing == "selective" and mem.checkpoint_every > self.model.layers:
             raise ConfigError(f"memory.checkpoint_every={mem.checkpoint_every} checkpoints no block of a "

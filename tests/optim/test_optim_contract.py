@@ -78,6 +78,13 @@ def test_out_of_range_momentum_and_eps_are_config_errors(field, value, message):
         OptimConfig.from_dict({"name": "muon" if field == "muon_momentum" else "sgd", field: value})
 
 
+def test_sam_under_fp16_is_refused_when_the_config_is_read(tiny_mlm_data, tmp_path):
+    """Not at the first step (after data, model and the initial evaluation), where the trainer
+    used to be the first to notice."""
+    with pytest.raises(ConfigError, match="optim.name=sam recomputes gradients.*fp16"):
+        tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=sam", "train.precision=fp16")
+
+
 def test_unknown_optimizer_suggests_a_name(tiny_mlm_data, tmp_path):
     with pytest.raises(ConfigError, match="unknown optimizer 'lio'.*did you mean 'lion'"):
         tiny_run_config(tiny_mlm_data, tmp_path, "optim.name=lio")
