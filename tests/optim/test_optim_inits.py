@@ -63,13 +63,14 @@ def test_init_misconfiguration_is_a_clear_error(init, tiny_mlm_data, tmp_path):
             tiny_run_config(tiny_mlm_data, tmp_path, f"model.init={init}", *overrides)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt"])  # GPT: causal, biases, learned positions
 @pytest.mark.parametrize(("init", "options"), [
     ("rezero", {"norm": "none", "residual_scale": "scalar"}),
     ("skipinit", {"residual_scale": "scalar"}),
     ("skipinit", {"residual_scale": "scalar", "norm_position": "post", "norm": "none"}),
 ])
-def test_rezero_and_skipinit_blocks_are_the_identity_at_init(init, options):
-    model = _model(init, **options)
+def test_rezero_and_skipinit_blocks_are_the_identity_at_init(init, options, preset):
+    model = build_model({**get_preset(preset), "vocab_size": 512, "init": init, **options})
     x = torch.randn(2, 16, 64)
     for block in model.layers:
         assert torch.equal(block(x), x)

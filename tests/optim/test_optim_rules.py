@@ -358,6 +358,33 @@ def test_sam_step_uses_the_gradient_at_the_ascent_point_and_every_k():
     torch.testing.assert_close(w.detach(), w1 - lr * grad(w1))
 
 
+def test_adaptive_sam_scales_the_ascent_by_the_weights():
+    """ASAM (Kwon et al. 2021, Eq. 6, with T_w = |w| and no eta offset, as davda54/sam's
+    ``adaptive=True``): e = rho * w^2 * g / ||w * g||, over all parameters together."""
+    w0, c = _tensors()
+    v0 = torch.randn(5, generator=torch.Generator().manual_seed(3))
+    lr, rho = 0.1, 0.5
+    w, v = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(v0.clone())
+    cfg = OptimConfig(name="sam", base="sgd", momentum=0.0, lr=lr, sam_rho=rho, sam_adaptive=True)
+    groups = [{"params": [w], "weight_decay": 0.0, "kind": "hidden"},
+              {"params": [v], "weight_decay": 0.0, "kind": "vector"}]
+    opt = OPTIMIZERS["sam"](groups, cfg, CPU)
+
+    def closure():
+        opt.zero_grad()
+        loss = _cubic(w, c) + (v**4).sum()
+        loss.backward()
+        return loss
+
+    closure()
+    opt.step(closure)
+    gw, gv = w0**2 + c, 4 * v0**3
+    norm = torch.cat([(w0 * gw).flatten(), v0 * gv]).norm()
+    ew, ev = rho * w0**2 * gw / norm, rho * v0**2 * gv / norm
+    torch.testing.assert_close(w.detach(), w0 - lr * ((w0 + ew) ** 2 + c))
+    torch.testing.assert_close(v.detach(), v0 - lr * 4 * (v0 + ev) ** 3)
+
+
 def test_sam_leaves_the_weights_alone_when_the_ascent_point_loss_is_not_finite():
     w0, c = _tensors()
     w = torch.nn.Parameter(w0.clone())
