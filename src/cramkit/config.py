@@ -153,7 +153,7 @@ class OptimConfig(Config):
     base: str = field("adamw", help="sam: the optimizer SAM wraps (any registered name but sam)")
     sam_rho: float = field(0.05, help="sam: radius of the ascent step")
     sam_every: int = field(1, help="sam: sharpness-aware step every k steps, plain base steps between")
-    sam_adaptive: bool = field(False, help="sam: adaptive SAM (ASAM), ascent scaled by w^2")
+    sam_adaptive: bool = field(False, help="sam: adaptive SAM (ASAM), ascent scaled by w^2 (no eta offset: zeros stay unperturbed; needs a larger sam_rho)")
     muon_lr: float = field(0.02, help="muon: peak learning rate of the hidden matrices (AdamW groups use lr)")
     muon_momentum: float = field(0.95, help="muon: momentum of the orthogonalised update")
     lars_trust: float = field(0.001, help="lars: trust coefficient eta of the layer-wise ratio")

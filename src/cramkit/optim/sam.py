@@ -7,6 +7,12 @@ there drives the base optimizer's update of w. The perturb/restore logic is pyto
 bases) and ``sam_every``: the sharpness-aware step every k steps, a plain base step otherwise,
 which cuts SAM's ~2x cost to ~(1 + 1/k)x.
 
+ASAM's operator is T_w = |w| (davda54/sam's ``adaptive=True``), not the ASAM authors'
+|w| + eta with eta = 0.01 on weights and no scaling of biases (SamsungLabs/ASAM): a parameter at
+0 (a bias, a norm's shift, a ReZero gain at initialisation) is not perturbed. ASAM's radius is
+on another scale: Kwon et al. 2021 use rho = 0.5 on CIFAR-10 where SAM uses 0.05, so set
+``sam_rho`` for it.
+
 Under data parallelism (DDP, FSDP) the first pass's gradient is already averaged over all ranks
 when the ascent point is computed, so the perturbation is the same on every rank and measures the
 sharpness of the global batch. The paper's m-sharpness (each device perturbing with its own
