@@ -191,6 +191,43 @@ def test_fp8_converts_the_qualifying_block_linears_never_the_head(monkeypatch):
         fp8.convert_fp8(wide, CUDA)
 
 
+def test_fp8_keeps_the_fused_matrices_part_counts_for_muon(monkeypatch):
+    """torchao's ``Float8Linear.from_float`` builds a new module around the same weight; the
+    ``stacked_matrices`` of the one it replaces must carry over, or Muon orthogonalises a fused
+    qkv (and a GLU's [value | gate]) as one matrix under FP8."""
+    from cramkit.optim import parameter_groups
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+
+    class Float8Linear(torch.nn.Linear):
+        @classmethod
+        def from_float(cls, mod):  # as torchao/float8/float8_linear.py does
+            with torch.device("meta"):
+                new = cls(mod.in_features, mod.out_features, bias=False)
+            new.weight, new.bias = mod.weight, mod.bias
+            return new
+
+    def convert_to_float8_training(model, module_filter_fn):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and module_filter_fn(module, name):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, Float8Linear.from_float(module))
+        return model
+
+    float8 = types.ModuleType("torchao.float8")
+    float8.convert_to_float8_training = convert_to_float8_training
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
+    with torch.device("meta"):
+        wide = build_model(preset_config("tiny", hidden=2048, heads=16, intermediate=8192, layers=1, vocab_size=4096))
+    fp8.convert_fp8(wide, CUDA)
+    block = wide.layers[0]
+    assert isinstance(block.attn.qkv, Float8Linear) and isinstance(block.ffn.up, Float8Linear)
+    hidden = next(g for g in parameter_groups(wide, 0.0) if g["kind"] == "hidden")
+    parts = {id(p): k for p, k in zip(hidden["params"], hidden["stacked"])}
+    assert parts[id(block.attn.qkv.weight)] == 3 and parts[id(block.ffn.up.weight)] == 2
+
+
 def _fake_nvml(monkeypatch, readings: list[int], fail: bool = False):
     nvml = types.ModuleType("pynvml")
 

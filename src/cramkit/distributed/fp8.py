@@ -46,5 +46,11 @@ def convert_fp8(model: torch.nn.Module, device: torch.device, everything: bool =
                       "stays in bf16", stacklevel=2)
         return model
     chosen = set(eligible)
+    # torchao builds a new module around the same weight: the fused matrices' part counts that
+    # Muon orthogonalises by (cramkit.optim.parameter_groups) would be lost with the old one.
+    stacked = {n: m.stacked_matrices for n, m in model.named_modules()
+               if n in chosen and hasattr(m, "stacked_matrices")}
     convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn in chosen)
+    for name, parts in stacked.items():
+        model.get_submodule(name).stacked_matrices = parts
     return model
