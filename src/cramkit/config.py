@@ -123,6 +123,8 @@ class TrainConfig(Config):
             raise ConfigError("train.keep_checkpoints must be >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be >= 1")
+        if self.clip_grad < 0:  # the trainer clips only above 0: a negative one was silently no clipping
+            raise ConfigError(f"train.clip_grad must be >= 0 (0 = no clipping), got {self.clip_grad}")
         if self.eval_batches < 0:
             raise ConfigError("train.eval_batches must be >= 0 (0 = the whole validation split)")
         if self.peak_tflops < 0:

@@ -78,6 +78,12 @@ def test_out_of_range_momentum_and_eps_are_config_errors(field, value, message):
         OptimConfig.from_dict({"name": "muon" if field == "muon_momentum" else "sgd", field: value})
 
 
+def test_a_negative_clip_grad_is_a_config_error(tiny_mlm_data, tmp_path):
+    """The trainer clips only for clip_grad > 0: -1 trained without clipping, silently."""
+    with pytest.raises(ConfigError, match="train.clip_grad must be >= 0"):
+        tiny_run_config(tiny_mlm_data, tmp_path, "train.clip_grad=-1")
+
+
 def test_sam_under_fp16_is_refused_when_the_config_is_read(tiny_mlm_data, tmp_path):
     """Not at the first step (after data, model and the initial evaluation), where the trainer
     used to be the first to notice."""
