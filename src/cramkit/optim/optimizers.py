@@ -120,7 +120,9 @@ class ReferenceLamb(Lamb):
       adaptation LAMB exists for, so it is removed.
     - A group with ``adam=True`` takes plain (bias-corrected) Adam steps, no trust ratio: the
       reference's ``exclude_from_layer_adaptation``, which defaults to the variables excluded
-      from weight decay (norms and biases).
+      from weight decay (norms and biases). Only those: with ``optim.decay_embeddings=false``
+      the embeddings and head, undecayed, keep their trust ratio, where the reference's default
+      would exempt them as well.
     """
 
     clamp = math.inf
