@@ -151,7 +151,7 @@ class OptimConfig(Config):
     )
     weight_decay: float = field(0.01, help="weight decay, never on norms and biases: decoupled for adamw, lion, muon, schedulefree "
                                 "and adamw8bit; L2 in the gradient for sgd and lars; inside lamb's trust ratio")
-    decay_embeddings: bool = field(True, help="apply weight decay to embedding matrices")
+    decay_embeddings: bool = field(True, help="apply weight decay to the embedding matrices and the output projection (an untied decoder)")
     base: str = field("adamw", help="sam: the optimizer SAM wraps (any registered name but sam)")
     sam_rho: float = field(0.05, help="sam: radius of the ascent step")
     sam_every: int = field(1, help="sam: sharpness-aware step every k steps, plain base steps between")
