@@ -85,6 +85,7 @@ class NonfiniteCounter:
 def check(in_row: int, limit: int, state) -> None:
     if in_row >= limit:
         raise TrainingError(
-            f"loss was not finite for {in_row} steps in a row (by step {state.step}); "
+            f"loss (or, with train.clip_grad, gradient norm) was not finite for {in_row} steps "
+            f"in a row (by step {state.step}); "
             "lower optim.lr, enable train.clip_grad, or use bf16 instead of fp16"
         )

@@ -137,8 +137,7 @@ class Trainer:
         # Labels are still on the CPU (the copy happens per micro-batch below): no device wait.
         local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
         total_targets = max(par.all_sum([local_targets])[0], 1)  # over all micro-batches and ranks
-        loss_sum = self._forward_backward(batches, total_targets)
-        self._clip()
+        loss_sum = self._clip(self._forward_backward(batches, total_targets))
         if skips_on_device(optimizer, self.scaler, self.device):
             loss = par.reduce_sum(loss_sum)  # the same sum, hence the same decision, on every rank
             finite = torch.isfinite(loss)
@@ -158,8 +157,7 @@ class Trainer:
 
             def closure() -> torch.Tensor:
                 optimizer.zero_grad(set_to_none=True)
-                second = self._forward_backward(batches, total_targets)
-                self._clip()
+                second = self._clip(self._forward_backward(batches, total_targets))
                 return par.reduce_sum(second)  # summed over ranks: all decide alike on it
 
             second = optimizer.step(closure)
@@ -208,9 +206,22 @@ class Trainer:
             t.on_after_backward(self.raw_model, self.state)
         return loss_sum
 
-    def _clip(self) -> None:
-        if self.cfg.train.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.clip_grad)
+    def _clip(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Clip the gradients to ``train.clip_grad``; returns ``loss_sum``, or NaN where their
+        norm is not finite, so that the step is skipped as one with a non-finite loss is.
+
+        A finite loss can still have an inf or NaN gradient, and clipping by a NaN norm writes
+        NaN into every gradient: the step would then ruin every weight. On the device, no wait.
+        fp16 loss scaling skips such steps itself (its overflow steps are not the run's fault).
+        """
+        if self.cfg.train.clip_grad <= 0:
+            return loss_sum
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.clip_grad)
+        if self.scaler.is_enabled():
+            return loss_sum
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; every rank gets here together
+            norm = norm.full_tensor()
+        return torch.where(torch.isfinite(norm), loss_sum, float("nan"))
 
     def _set_lr(self) -> None:
         s = self.cfg.schedule
