@@ -95,6 +95,27 @@ def test_finetune_tiny_beats_majority_on_bbc(tiny_run, bbc_task):
     assert result["eval_examples"] == {"bbc": 425}
 
 
+def test_weight_decay_never_reaches_norms_and_biases(tiny_run, bbc_task, monkeypatch):
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    backbone = load_backbone(tiny_run)
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 0.05, "seq_len": 32, "max_train_examples": 64,
+                                    "weight_decay": 0.1, "grad_clip": 1.0})  # clipping runs too
+    finetune(backbone, bbc_task, cfg)
+    groups = made[0].param_groups
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    spared = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert decayed and all(p.ndim >= 2 for p in decayed)
+    assert spared and all(p.ndim < 2 for p in spared)
+    assert all(g["weight_decay"] == 0.1 for g in groups if g["params"][0].ndim >= 2)
+
+
 def test_finetune_reports_the_per_metric_median_over_seeds(tiny_run, bbc_task, monkeypatch):
     """One seed swings by several points, so the reported metrics are each metric's median over
     the seeds, not the last (or any single) seed's."""

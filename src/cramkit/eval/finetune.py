@@ -24,6 +24,7 @@ from torch import nn
 
 from ..configbase import Config, did_you_mean, field
 from ..errors import CheckpointError, ConfigError
+from ..optim import parameter_groups
 from ..train.device import autocast, resolve_device, resolve_precision
 from ..utils import changed_keys
 from .adapters import PEFT_METHODS, PeftOptions, apply_peft, parameter_counts
@@ -43,7 +44,7 @@ class FinetuneConfig(Config):
     lr: float = field(4e-5, help="peak AdamW learning rate")
     betas: tuple[float, float] = field((0.9, 0.98), help="AdamW betas")
     eps: float = field(1e-6, help="AdamW epsilon")
-    weight_decay: float = field(0.0, help="AdamW weight decay")
+    weight_decay: float = field(0.0, help="AdamW weight decay, never on norms and biases")
     schedule: Literal["cosine", "linear", "constant"] = field(
         "cosine", help="learning-rate decay after warmup"
     )
@@ -436,8 +437,10 @@ def train_one(
     model.to(device)
     counts = parameter_counts(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    # Decay never on norms and biases, as in pretraining (cramkit.optim.parameter_groups): an
+    # ungrouped AdamW pulled LayerNorm gains toward 0 as soon as weight_decay was set.
     optimizer = torch.optim.AdamW(
-        params,
+        parameter_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
