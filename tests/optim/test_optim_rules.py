@@ -593,3 +593,23 @@ def test_sams_second_pass_is_charged_in_flops(tiny_mlm_data, tmp_path):
     # Every second step sharpness-aware, the others a plain step of the base optimizer.
     assert flops("sam2", "optim.name=sam", "optim.base=sgd", "optim.sam_every=2") == [
         f * k for f, k in zip(plain, (2, 1, 2, 1))]
+
+
+@pytest.mark.parametrize(("optim", "schedule", "warns"), [
+    ("optim.name=schedulefree", "schedule.name=linear", True),
+    ("optim.name=sam", "schedule.name=cosine", True),  # with optim.base=schedulefree below
+    ("optim.name=schedulefree", "schedule.name=constant", False),
+])
+def test_schedule_free_under_a_decaying_schedule_warns(tiny_mlm_data, tmp_path, optim, schedule, warns):
+    pytest.importorskip("pytorch_optimizer")
+    import warnings
+
+    from cramkit.train.run import pretrain
+
+    cfg = tiny_run_config(tiny_mlm_data, tmp_path, optim, "optim.base=schedulefree", schedule,
+                          "train.budget=1steps")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain(cfg, say=lambda *a, **k: None)
+    said = [str(w.message) for w in caught if "averaging replaces the decay" in str(w.message)]
+    assert len(said) == int(warns), said

@@ -537,6 +537,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
             f"{par.world_size} rank(s); choose a batch size that is, or set train.micro_batch")
     estimate = estimate_for(micro_batch)
+    averaged = cfg.optim.name == "schedulefree" or (cfg.optim.name == "sam" and cfg.optim.base == "schedulefree")
+    if averaged and cfg.schedule.name != "constant" and par.is_main:
+        warnings.warn(f"optim.name=schedulefree with schedule.name={cfg.schedule.name}: Schedule-Free's "
+                      "averaging replaces the decay, so its authors use a constant rate after warm-up; "
+                      "set schedule.name=constant (keep schedule.warmup)", stacklevel=2)
     if cfg.train.fp8 and not cfg.train.compile and par.is_main:
         warnings.warn("train.fp8 without train.compile=true: torchao's float8 linears are slower than bf16 in "
                       "eager mode (pytorch/ao#685); set train.compile=true", stacklevel=2)
