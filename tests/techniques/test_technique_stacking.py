@@ -60,15 +60,12 @@ def test_stack_keeps_weights_and_optimizer_state(mode):
         assert new_opt.state[param]["exp_avg"] is not opt.state[src]["exp_avg"]
 
 
-@pytest.mark.parametrize("name", ["lamb", "schedulefree", "muon", "adamw"])
-def test_original_blocks_step_as_before_a_doubling_with_any_optimizer(name):
-    """LAMB, Muon's Adam part and Schedule-Free count steps per parameter group, not per
-    parameter: carried over with the moments, or the next update of a block that was already
-    trained is that of a first step (bias correction, Schedule-Free's averaging weight)."""
+def _trained_two_block_model(optimizer: str):
+    """``(config, model, optimizer)``: a tiny 2-block model after three steps of ``optimizer``."""
     from cramkit.config import load_config
     from cramkit.optim import build_optimizer
 
-    cfg = load_config("demo", ["model.preset=tiny", "model.layers=2", f"optim.name={name}"])
+    cfg = load_config("demo", ["model.preset=tiny", "model.layers=2", f"optim.name={optimizer}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"), 8)
@@ -77,6 +74,17 @@ def test_original_blocks_step_as_before_a_doubling_with_any_optimizer(name):
         model(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
+    return cfg, model, opt
+
+
+@pytest.mark.parametrize("name", ["lamb", "schedulefree", "muon", "adamw"])
+def test_original_blocks_step_as_before_a_doubling_with_any_optimizer(name):
+    """LAMB, Muon's Adam part and Schedule-Free count steps per parameter group, not per
+    parameter: carried over with the moments, or the next update of a block that was already
+    trained is that of a first step (bias correction, Schedule-Free's averaging weight)."""
+    from cramkit.optim import build_optimizer
+
+    cfg, model, opt = _trained_two_block_model(name)
     big = stack(model)
     new_opt = build_optimizer(big, cfg.optim, torch.device("cpu"), 8)
     transfer_optimizer_state(True)(model, big, opt, new_opt)
@@ -101,18 +109,7 @@ def test_a_fresh_optimizer_stacks_the_evaluated_weights_of_schedule_free(mode):
     (reset_all) the deeper model starts from x; with its state carried (copy) from y, which that
     state belongs to."""
     pytest.importorskip("pytorch_optimizer")
-    from cramkit.config import load_config
-    from cramkit.optim import build_optimizer
-
-    cfg = load_config("demo", ["model.preset=tiny", "model.layers=2", "optim.name=schedulefree"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    opt = build_optimizer(model, cfg.optim, torch.device("cpu"), 8)
-    ids = torch.randint(5, 1000, (2, 16))
-    for _ in range(3):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    _, model, opt = _trained_two_block_model("schedulefree")
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     opt.eval()
     evaluated = {k: v.clone() for k, v in model.state_dict().items()}

@@ -164,20 +164,26 @@ def test_fp8_refuses_a_device_without_fp8_tensor_cores(monkeypatch):
         fp8.convert_fp8(_model(), CUDA)
 
 
-def test_fp8_converts_the_qualifying_block_linears_never_the_head(monkeypatch):
+def _fake_torchao_wide_model(monkeypatch, convert_to_float8_training):
+    """A Hopper GPU and torchao.float8 with the given conversion, as far as convert_fp8 can
+    tell; returns a (meta) model wide enough for FP8 to pay off."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    float8 = types.ModuleType("torchao.float8")
+    float8.convert_to_float8_training = convert_to_float8_training
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
+    with torch.device("meta"):
+        return build_model(preset_config("tiny", hidden=2048, heads=16, intermediate=8192, layers=1, vocab_size=4096))
+
+
+def test_fp8_converts_the_qualifying_block_linears_never_the_head(monkeypatch):
     converted = []
 
     def convert_to_float8_training(model, module_filter_fn):
         converted.extend(n for n, m in model.named_modules() if module_filter_fn(m, n))
         return model
 
-    float8 = types.ModuleType("torchao.float8")
-    float8.convert_to_float8_training = convert_to_float8_training
-    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
-    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
-    with torch.device("meta"):
-        wide = build_model(preset_config("tiny", hidden=2048, heads=16, intermediate=8192, layers=1, vocab_size=4096))
+    wide = _fake_torchao_wide_model(monkeypatch, convert_to_float8_training)
     fp8.convert_fp8(wide, CUDA)
     assert converted and all(n.startswith("layers.") for n in converted)
     assert all(fp8.worth_fp8(wide.get_submodule(n)) for n in converted)
@@ -197,8 +203,6 @@ def test_fp8_keeps_the_fused_matrices_part_counts_for_muon(monkeypatch):
     qkv (and a GLU's [value | gate]) as one matrix under FP8."""
     from cramkit.optim import parameter_groups
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-
     class Float8Linear(torch.nn.Linear):
         @classmethod
         def from_float(cls, mod):  # as torchao/float8/float8_linear.py does
@@ -214,12 +218,7 @@ def test_fp8_keeps_the_fused_matrices_part_counts_for_muon(monkeypatch):
                 setattr(model.get_submodule(parent), attr, Float8Linear.from_float(module))
         return model
 
-    float8 = types.ModuleType("torchao.float8")
-    float8.convert_to_float8_training = convert_to_float8_training
-    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
-    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
-    with torch.device("meta"):
-        wide = build_model(preset_config("tiny", hidden=2048, heads=16, intermediate=8192, layers=1, vocab_size=4096))
+    wide = _fake_torchao_wide_model(monkeypatch, convert_to_float8_training)
     fp8.convert_fp8(wide, CUDA)
     block = wide.layers[0]
     assert isinstance(block.attn.qkv, Float8Linear) and isinstance(block.ffn.up, Float8Linear)

@@ -98,14 +98,16 @@ def test_sync_free_step_equals_the_host_decided_step(tiny_mlm_data, tmp_path, mo
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_a_nonfinite_step_leaves_weights_and_optimizer_untouched(tiny_mlm_data, tmp_path):
+def _bare_trainer(data, tmp_path, fused):
+    """A Trainer over a tiny model with gradient clipping, driven step by step by the test, and
+    three micro-batches of four sequences."""
     from cramkit.data.dataset import TokenDataset
     from cramkit.objectives import build_objective
     from cramkit.optim import build_optimizer
     from cramkit.train.trainer import Trainer
 
-    cfg = tiny_config(tiny_mlm_data, tmp_path, FUSED, "train.clip_grad=0.5")
-    ds = TokenDataset.open(tiny_mlm_data)
+    cfg = tiny_config(data, tmp_path, fused, "train.clip_grad=0.5")
+    ds = TokenDataset.open(data)
     objective = build_objective("mlm", ds, seed=0)
     batches = [objective(torch.from_numpy(ds.sequences("train")[i * 4:(i + 1) * 4].astype("int64")), i)
                for i in range(3)]
@@ -116,6 +118,11 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_untouched(tiny_mlm_data, 
         techniques=[], device=torch.device("cpu"), precision="fp32", micro_batch=4, seq_len=32,
         flops_per_token=lambda m: 1.0, peak_flops=1.0,
     )
+    return model, trainer, batches
+
+
+def test_a_nonfinite_step_leaves_weights_and_optimizer_untouched(tiny_mlm_data, tmp_path):
+    model, trainer, batches = _bare_trainer(tiny_mlm_data, tmp_path, FUSED)
     trainer.train_step(batches[:1])  # a good step first, so the optimizer has state to protect
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = {k: v.clone() for k, v in trainer.state.optimizer.state[model.head.decoder.weight].items()}
@@ -134,27 +141,11 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_untouched(tiny_mlm_data, 
 @pytest.mark.parametrize("fused", ["on", "off"])  # decided on the device / on the host
 def test_a_nonfinite_gradient_under_a_finite_loss_is_skipped_too(tiny_mlm_data, tmp_path, fused):
     """Clipping by a NaN norm writes NaN into every gradient: stepped, it ruined every weight."""
-    from cramkit.data.dataset import TokenDataset
-    from cramkit.objectives import build_objective
-    from cramkit.optim import build_optimizer
-    from cramkit.train.trainer import Trainer
-
-    cfg = tiny_config(tiny_mlm_data, tmp_path, f"optim.fused={fused}", "train.clip_grad=0.5")
-    ds = TokenDataset.open(tiny_mlm_data)
-    objective = build_objective("mlm", ds, seed=0)
-    batches = [objective(torch.from_numpy(ds.sequences("train")[i * 4:(i + 1) * 4].astype("int64")), i)
-               for i in range(2)]
-    model = build_model(cfg.model)
-    trainer = Trainer(
-        cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, torch.device("cpu")),
-        train_batches=iter(()), evaluate=lambda m: 0.0, checkpoint=lambda s: None, log=lambda r: None,
-        techniques=[], device=torch.device("cpu"), precision="fp32", micro_batch=4, seq_len=32,
-        flops_per_token=lambda m: 1.0, peak_flops=1.0,
-    )
+    model, trainer, batches = _bare_trainer(tiny_mlm_data, tmp_path, f"optim.fused={fused}")
     trainer.train_step(batches[:1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = model.layers[0].ffn.down.weight.register_hook(lambda g: g * float("inf"))
-    loss = trainer.train_step(batches[1:])
+    loss = trainer.train_step(batches[1:2])
     hook.remove()
     assert not torch.isfinite(loss)
     for key, value in model.state_dict().items():
