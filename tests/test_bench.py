@@ -217,3 +217,11 @@ def test_hf_bert_flops_count_the_mlm_heads_transform_of_every_position():
     # product (1.7 % of this tiny model): taken out, the rest is the counted matrix products.
     vectors = sum(p.numel() for p in model.parameters() if p.ndim < 2)
     assert fpt - 6 * vectors == pytest.approx(counter.get_total_flops() / ids.numel(), rel=0.01)
+
+
+def test_a_gpt_target_with_sparse_prediction_is_timed(tmp_path, capsys):
+    """Its FLOP count asked for a mask rate only BERT targets passed: the row said 'failed'."""
+    out = tmp_path / "bench.json"
+    main(["bench", "cramkit:tiny-gpt,sparse_prediction=true,layers=1", "--batch", "2", "--seq-len", "16",
+          "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    assert "failed" not in capsys.readouterr().out

@@ -59,7 +59,8 @@ def family(name: str):
 @family("cramkit")
 def _cramkit(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
     model = build_model(cfg)
-    rate = mask_rate if cfg.arch == "bert" and cfg.sparse_prediction else None
+    # A causal model's random batches have a target at every position (synthetic_batch).
+    rate = (mask_rate if cfg.arch == "bert" else 1.0) if cfg.sparse_prediction else None
     return model, lambda m, b: m(**b).loss, flops_per_token(cfg, seq_len, rate)
 
 

@@ -241,6 +241,19 @@ def test_gpt_trains_on_clm_data(tiny_clm_data, tmp_path):
     assert summary["last_train_loss"] < summary["first_train_loss"]
 
 
+def test_a_gpt_with_sparse_prediction_trains_and_is_charged_its_whole_head(tiny_clm_data, tmp_path):
+    """A causal model has a target at (nearly) every position, so sparse prediction runs the head
+    on all of them; its FLOP count used to ask for an MLM mask rate and stop the run."""
+    from cramkit.models.flops import flops_per_token
+
+    cfg = tiny_config(tiny_clm_data, tmp_path, "model.sparse_prediction=true", arch="gpt")
+    summary = pretrain(cfg, say=lambda *_: None)
+    record = _metrics(tmp_path / "run")[-1]
+    per_token = flops_per_token(cfg.model.replace(sparse_prediction=False), 32)
+    assert record["flops"] == pytest.approx(per_token * record["tokens"])
+    assert summary["steps"] == 8
+
+
 def test_truncated_checkpoint_falls_back_to_previous(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.25",
                       "train.keep_checkpoints=3")

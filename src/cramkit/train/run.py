@@ -591,7 +591,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         state.next_checkpoint = cfg.train.checkpoint_every
 
     seq_len = dataset.seq_len
-    mask_rate = cfg.objective.mask_rate if objective_name == "mlm" else None
+    # Under sparse prediction the head runs on the targets only: MLM's masked share, nearly every
+    # position for CLM (1.0, as the memory estimate counts it; None would refuse a sparse GPT).
+    mask_rate = cfg.objective.mask_rate if objective_name == "mlm" else 1.0
     fpt = lambda m: flops_per_token(m.config, seq_len, mask_rate)  # noqa: E731
     # MFU is the whole system's: the tokens (and FLOPs) counted are every rank's, so the peak is
     # one device's times the number of ranks (PaLM's definition, appendix B).
