@@ -285,6 +285,25 @@ def test_reused_tokenizer_with_other_normalisation(tmp_path):
            "lowercase=true asks for another normalisation")
 
 
+def test_a_reused_gpt2_style_tokenizer_without_a_pad_token(tmp_path):
+    """GPT-2's tokenizer has <|endoftext|> and no pad token. CLM data pads only its last sequence,
+    yet every pad-less tokenizer was refused ("no pad token", no spelling, no way out); with
+    last_sequence=drop it prepares, and the export's pad fallback serves the run."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    f = write_corpus(tmp_path / "src" / "c.txt", synthetic_docs(30))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_docs(30), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "gpt2ish.json"))
+    cfg = dict(tokenizer_file=str(tmp_path / "gpt2ish.json"), objective="clm")
+    _fails(tmp_path, small_cfg([f], **cfg), r"no pad token \(pad \[PAD\] or <\|pad\|>\), needed for objective=clm to pad its last sequence \(or set last_sequence=drop\)")
+    out = prepare(small_cfg([f], last_sequence="drop", **cfg), tmp_path / "out", progress=False)
+    ids = json.loads((out / "manifest.json").read_text())["special_ids"]
+    assert ids["pad"] is None and ids["eod"] == 0
+
+
 @pytest.mark.parametrize("objective, kind", [("mlm", "bpe"), ("clm", "wordpiece")])
 def test_tokenizer_kind_without_the_objectives_special_tokens(objective, kind):
     """tokenizer=bpe with objective=mlm (or wordpiece with clm) trained a tokenizer first and

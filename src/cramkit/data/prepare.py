@@ -72,6 +72,8 @@ from .config import PrepareConfig
 from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
 from .tokenizer import (
+    BPE_SPECIALS,
+    WORDPIECE_SPECIALS,
     build_normalizer,
     encoding_copy,
     load_tokenizer,
@@ -569,11 +571,19 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
 
 
 def _check_specials(cfg: PrepareConfig, ids: dict[str, int | None]) -> None:
-    needed = ("pad", "cls", "sep", "mask") if cfg.objective == "mlm" else ("pad", "eod")
+    # CLM data uses its pad token only to fill the last sequence (packing.Packer): a reused GPT-2
+    # style tokenizer with <|endoftext|> alone prepares with last_sequence=drop.
+    needed = ("pad", "cls", "sep", "mask") if cfg.objective == "mlm" else (
+        ("pad", "eod") if cfg.last_sequence == "pad" else ("eod",))
     missing = [r for r in needed if ids[r] is None]
     if missing:
+        spellings = ", ".join(
+            f"{r} {' or '.join(n for n in (WORDPIECE_SPECIALS.get(r), BPE_SPECIALS.get(r)) if n)}"
+            for r in missing)
+        drop = " to pad its last sequence (or set last_sequence=drop)" if missing == ["pad"] and cfg.objective == "clm" else ""
         raise DataError(
-            f"the tokenizer has no {'/'.join(missing)} token, needed for objective={cfg.objective}"
+            f"the tokenizer has no {'/'.join(missing)} token ({spellings}), needed for "
+            f"objective={cfg.objective}{drop}"
         )
 
 
