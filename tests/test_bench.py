@@ -225,3 +225,16 @@ def test_a_gpt_target_with_sparse_prediction_is_timed(tmp_path, capsys):
     main(["bench", "cramkit:tiny-gpt,sparse_prediction=true,layers=1", "--batch", "2", "--seq-len", "16",
           "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])
     assert "failed" not in capsys.readouterr().out
+
+
+def test_hf_gpt2_flops_count_gpt2s_layout_whatever_the_preset():
+    """`hf-gpt2:tiny` (and `hf-gpt2` alone, whose preset is tiny) counted the FLOPs of tiny's
+    sparse-prediction BERT shape: the row failed asking for an MLM mask rate."""
+    from cramkit.bench import FAMILIES
+    from cramkit.models.flops import flops_per_token
+
+    gpt = parse_target("hf-gpt2:tiny-gpt", batch=2, seq_len=16)
+    expected = flops_per_token(gpt.cfg, 16)
+    assert FAMILIES["hf-gpt2"](gpt.cfg, 16, 0.15)[2] == expected
+    bert_shaped = parse_target("hf-gpt2:tiny,max_positions=256", batch=2, seq_len=16)
+    assert FAMILIES["hf-gpt2"](bert_shaped.cfg, 16, 0.15)[2] == expected

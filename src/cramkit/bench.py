@@ -94,8 +94,12 @@ def _hf_gpt2(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
                     # GPT-2's token 50256 is outside a smaller vocabulary (transformers warns).
                     bos_token_id=None, eos_token_id=None)
     model = GPT2LMHeadModel(hf)
+    # GPT2LMHeadModel has GPT-2's layout, whatever the preset's (tiny's gated, sparse-prediction
+    # BERT shape): count the FLOPs of that layout, with the head on every position.
+    dense = cfg.replace(arch="gpt", sparse_prediction=False, ffn="gelu", bias=True, head_transform=False,
+                        decoder_bias=False, embedding_norm=False, final_norm=True, type_vocab_size=0)
     # HF shifts labels itself; cramkit's objective shifts them beforehand.
-    return model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, flops_per_token(cfg, seq_len)
+    return model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, flops_per_token(dense, seq_len)
 
 
 #: The boundary token of the random batches; random content tokens are drawn from 5 upwards.
