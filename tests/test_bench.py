@@ -63,6 +63,9 @@ def test_bench_targets_parse_shape_and_model_keys():
     ("cramkit:tiny,batch=0", "batch must be a positive integer"),
     ("cramkit:tiny,document_mask_kernel=flexx", "document_mask_kernel"),
     ("cramkit:tiny,vocab_size=3", "vocab_size must be above 5"),  # was a torch RuntimeError
+    # Was timed without a mask under a name saying it had one.
+    ("hf-gpt2:tiny-gpt,document_mask=true", "hf-gpt2 has no document mask"),
+    ("hf-bert:tiny,document_mask=true", "hf-bert has no document mask"),
 ])
 def test_bad_bench_targets_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message):

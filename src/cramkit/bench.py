@@ -141,6 +141,10 @@ def parse_target(spec: str, *, batch: int, seq_len: int) -> Target:
     if cfg.vocab_size <= _FIRST_CONTENT_ID:
         raise ConfigError(f"bench target '{spec}': vocab_size must be above {_FIRST_CONTENT_ID} "
                           f"(random tokens are drawn from id {_FIRST_CONTENT_ID} up), got {cfg.vocab_size}")
+    if cfg.document_mask and fam in HF_ARCH:
+        # The HF models attend over the whole sequence: the row would time no mask under its name.
+        raise ConfigError(f"bench target '{spec}': {fam} has no document mask; --document-mask times "
+                          "the cramkit targets with and without it")
     if cfg.document_mask and cfg.document_boundary_id is None:
         cfg = cfg.replace(document_boundary_id=BENCH_BOUNDARY)
     return Target(spec, fam, cfg, shape.get("batch", batch), shape.get("seq_len", seq_len))
