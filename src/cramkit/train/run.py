@@ -63,11 +63,16 @@ def prepare_data(cfg: RunConfig, say: Callable[[str], None] = print) -> Path:
     """The prepared data directory of a run: ``data.dir``, or prepared (and cached) from sources."""
     if cfg.data.dir:
         return Path(cfg.data.dir)
+    # What the data must be for this model is checked before preparing it, which can take
+    # minutes and would leave a dataset the run cannot train on in the cache.
+    _check_objective(cfg, cfg.data.prepare.objective)
+    _check_sequence_length(cfg, cfg.data.prepare.seq_len, "the sequences data.prepare.seq_len asks for",
+                           "a shorter data.prepare.seq_len")
     return cached_prepare(cfg.data.prepare, cache_root(cfg))
 
 
-def _objective_name(cfg: RunConfig, dataset: TokenDataset) -> str:
-    name = cfg.objective.name if cfg.objective.name != "auto" else dataset.objective
+def _check_objective(cfg: RunConfig, data_objective: str) -> str:
+    name = cfg.objective.name if cfg.objective.name != "auto" else data_objective
     wanted = OBJECTIVE_FOR_ARCH.get(cfg.model.arch)
     if wanted and name != wanted:
         raise ConfigError(
@@ -75,6 +80,10 @@ def _objective_name(cfg: RunConfig, dataset: TokenDataset) -> str:
             f"prepare the data with objective={wanted}"
         )
     return name
+
+
+def _objective_name(cfg: RunConfig, dataset: TokenDataset) -> str:
+    return _check_objective(cfg, dataset.objective)
 
 
 def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
@@ -88,11 +97,15 @@ def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
 
 def _check_positions(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
     # Found here, not at the first forward pass (after the run directory was made and announced).
-    if cfg.model.positions != "none" and dataset.seq_len > cfg.model.max_positions:
+    _check_sequence_length(cfg, dataset.seq_len, f"the sequences in {data_dir}",
+                           "prepare data with a shorter seq_len")
+
+
+def _check_sequence_length(cfg: RunConfig, seq_len: int, what: str, shorter: str) -> None:
+    if cfg.model.positions != "none" and seq_len > cfg.model.max_positions:
         raise ConfigError(
-            f"the sequences in {data_dir} are {dataset.seq_len} tokens long, but model.max_positions is "
-            f"{cfg.model.max_positions}; set model.max_positions={dataset.seq_len} or prepare data with a "
-            "shorter seq_len"
+            f"{what} are {seq_len} tokens long, but model.max_positions is "
+            f"{cfg.model.max_positions}; set model.max_positions={seq_len} or {shorter}"
         )
 
 
