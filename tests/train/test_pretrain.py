@@ -239,14 +239,18 @@ def test_objective_must_match_architecture(tiny_clm_data, tmp_path):
     (("data.prepare.objective=mlm", "data.prepare.tokenizer=auto"), "model.arch=gpt trains with the clm objective, but the data/objective is mlm"),
     (("data.prepare.seq_len=1024",), "the sequences data.prepare.seq_len asks for are 1024 tokens long, but "
                                   "model.max_positions is 256"),
+    (("data.prepare.vocab_size=50257",), r"data.prepare.vocab_size=50257 makes a \(padded\) vocabulary of 50304, "
+                                         "but model.vocab_size is 1024"),
 ])
 def test_data_a_gpt_cannot_train_on_is_refused_before_it_is_prepared(tmp_path, overrides, message):
-    """`pretrain gpt-small model.preset=tiny-gpt` (the recipe prepares 1024-token sequences) and a
-    recipe preparing MLM data for a GPT prepared the whole corpus first (minutes on a real one),
-    left it in the cache and only then said the model could not train on it."""
+    """`pretrain gpt-small model.preset=tiny-gpt` (the recipe prepares 1024-token sequences of a
+    50257-token vocabulary) and a recipe preparing MLM data for a GPT prepared the whole corpus
+    first (minutes on a real one), left it in the cache and only then said the model could not
+    train on it."""
     from cramkit.config import load_config
 
-    cfg = load_config("gpt-small", ["model.preset=tiny-gpt", "data.prepare.seq_len=128", *overrides,
+    cfg = load_config("gpt-small", ["model.preset=tiny-gpt", "data.prepare.seq_len=128",
+                                    "data.prepare.vocab_size=1024", *overrides,
                                     f"data.cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match=message):
         pretrain(cfg, say=lambda *_: None)

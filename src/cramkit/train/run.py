@@ -28,6 +28,7 @@ from ..config import RunConfig, apply_run_overrides, check_run_name, config_from
 from ..data.dataset import TokenDataset
 from ..data.loader import ShardLoader
 from ..data.prepare import cache_folder, cached_prepare
+from ..data.tokenizer import padded_vocab_size
 from ..distributed import (
     Parallel,
     apply_activation_checkpointing,
@@ -68,7 +69,17 @@ def prepare_data(cfg: RunConfig, say: Callable[[str], None] = print) -> Path:
     _check_objective(cfg, cfg.data.prepare.objective)
     _check_sequence_length(cfg, cfg.data.prepare.seq_len, "the sequences data.prepare.seq_len asks for",
                            "a shorter data.prepare.seq_len")
-    return cached_prepare(cfg.data.prepare, cache_root(cfg))
+    p = cfg.data.prepare
+    # A trained byte-level BPE has exactly vocab_size tokens (its 258-token floor aside), or its
+    # training fails; WordPiece may keep more (data/tokenizer.py), and a reused file has its own.
+    if not p.tokenizer_file and p.tokenizer_kind == "bpe" and p.vocab_size >= 258:
+        padded = padded_vocab_size(p.vocab_size)
+        if padded != cfg.model.vocab_size:
+            raise ConfigError(
+                f"data.prepare.vocab_size={p.vocab_size} makes a (padded) vocabulary of {padded}, but "
+                f"model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size={padded} or a "
+                "matching data.prepare.vocab_size")
+    return cached_prepare(p, cache_root(cfg))
 
 
 def _check_objective(cfg: RunConfig, data_objective: str) -> str:
