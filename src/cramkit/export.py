@@ -298,8 +298,11 @@ def save_hf_tokenizer(
     # "[MASK]" or "[SEP]" never yields a mask or a separator the model was not trained to see
     # there. The cost is HF's habit of writing the mask in the text: fill-mask needs
     # tokenizer_kwargs={"split_special_tokens": False} (or the mask id put in by id).
+    # Byte-level BPE decodes text exactly; HF's clean-up (" ," -> ",", " 's" -> "'s") would alter
+    # it, and transformers 4.42-4.44 apply it when the file does not say (5.x and 4.45+ do not).
+    cleanup = {"clean_up_tokenization_spaces": False} if causal else {}
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True, **tokens
+        tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True, **cleanup, **tokens
     )
     fast.save_pretrained(str(out))
     # transformers 5 names its class TokenizersBackend, which 4.x (cramkit[hf] allows >= 4.42)

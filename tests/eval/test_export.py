@@ -301,6 +301,27 @@ def test_gpt2_export_has_special_ids_and_classifies_padded_batches(tmp_path, has
     torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=0)
 
 
+def test_gpt2_export_decodes_its_byte_level_text_exactly(tmp_path):
+    """The exported tokenizer did not say clean_up_tokenization_spaces, which transformers
+    4.42-4.44 (cramkit[hf] allows 4.42) then take as true: decode(" , ") lost the space before
+    punctuation and "it 's" became "it's", text the byte-level tokenizer encodes and decodes
+    exactly in cramkit."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox , it 's a dog !"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    run, _ = _run(tmp_path, "gpt2-small", tok, vocab_size=320)
+    export(run, tmp_path / "out", log=lambda s: None)
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["clean_up_tokenization_spaces"] is False
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    text = "Hello , world ! it 's the fox ."
+    assert hf_tok.decode(hf_tok(text)["input_ids"]) == text == tok.decode(tok.encode(text).ids)
+
+
 # Special-token spellings written inside texts, and texts around them.
 LITERAL_SPECIALS = ["a [SEP] b", "[MASK] fox", "[CLS] the [PAD] dog [UNK]", "end <|endoftext|> next",
                     "<|pad|> the fox"]
