@@ -225,3 +225,33 @@ def test_compiled_blocks_that_fail_to_compile_train_eagerly(tiny_mlm_data, tmp_p
         summary = pretrain(cfg, say=quiet)
     assert summary["steps"] == 2
     assert len(calls) == 1  # the warm-up's first block call failed; none after it
+
+
+@pytest.mark.parametrize("whole_model", [False, True])  # train.compile off (pld's blocks) / on
+def test_a_backward_that_fails_to_compile_leaves_no_gradients(monkeypatch, whole_model):
+    """The compiler lowers a backward at its first call: failing there, it has already written
+    the gradients of the layers after the failing one, which the first step would add to its own."""
+    from cramkit.train.run import _compiler
+
+    class FailsBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("backward failed to compile")
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    block = model[0]
+    block._compiled_call_impl = block._call_impl  # compiled on its own, as compile_blocks does
+    block.register_forward_hook(lambda m, args, out: FailsBackward.apply(out))
+    monkeypatch.setattr(torch, "compile", lambda m: m)
+
+    def warm_up(m):
+        m(torch.randn(2, 4)).sum().backward()
+        m.zero_grad(set_to_none=True)
+
+    with pytest.warns(UserWarning, match="torch.compile failed.*eager"):
+        _compiler(whole_model, warm_up)(model)
+    assert all(p.grad is None for p in model.parameters())

@@ -271,6 +271,10 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
                                   "those modules in eager mode", stacklevel=2)
                     for part in parts:
                         part._compiled_call_impl = None
+                    # A backward that failed to compile (it is lowered lazily, at its first call)
+                    # left the gradients of the layers it runs after: the first step would add
+                    # them to its own.
+                    model.zero_grad(set_to_none=True)
             return model
         try:
             compiled = torch.compile(model)
@@ -278,6 +282,7 @@ def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
             return compiled
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training in eager mode", stacklevel=2)
+            model.zero_grad(set_to_none=True)  # as above: no gradients of a failed backward
             return model
 
     return compile_model
