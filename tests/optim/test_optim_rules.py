@@ -613,3 +613,5 @@ def test_schedule_free_under_a_decaying_schedule_warns(tiny_mlm_data, tmp_path, 
         pretrain(cfg, say=lambda *a, **k: None)
     said = [str(w.message) for w in caught if "averaging replaces the decay" in str(w.message)]
     assert len(said) == int(warns), said
+    # The options as the user set them: under SAM, optim.name=schedulefree was not among them.
+    assert all(m.startswith(f"{optim}, optim.base=schedulefree" if "sam" in optim else optim) for m in said)

@@ -568,7 +568,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     estimate = estimate_for(micro_batch)
     averaged = cfg.optim.name == "schedulefree" or (cfg.optim.name == "sam" and cfg.optim.base == "schedulefree")
     if averaged and cfg.schedule.name != "constant" and par.is_main:
-        warnings.warn(f"optim.name=schedulefree with schedule.name={cfg.schedule.name}: Schedule-Free's "
+        chosen = "optim.name=sam, optim.base=schedulefree" if cfg.optim.name == "sam" else "optim.name=schedulefree"
+        warnings.warn(f"{chosen} with schedule.name={cfg.schedule.name}: Schedule-Free's "
                       "averaging replaces the decay, so its authors use a constant rate after warm-up; "
                       "set schedule.name=constant (keep schedule.warmup)", stacklevel=2)
     if cfg.train.fp8 and not cfg.train.compile and par.is_main:
