@@ -221,7 +221,9 @@ class Trainer:
             return loss_sum
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; every rank gets here together
             norm = norm.full_tensor()
-        return torch.where(torch.isfinite(norm), loss_sum, float("nan"))
+        # On the CPU under FSDP2's CPU offload (its gradients are there); a no-op otherwise.
+        finite = torch.isfinite(norm).to(loss_sum.device)
+        return torch.where(finite, loss_sum, float("nan"))
 
     def _set_lr(self) -> None:
         s = self.cfg.schedule
