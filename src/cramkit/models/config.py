@@ -90,8 +90,8 @@ class ModelConfig(Config):
         help="weight initialisation: 'normal' N(0, init_std) (BERT), 'gpt2' (normal, residual "
         "projections scaled by 1/sqrt(2*layers)), 'torch-default' (PyTorch's defaults), 'fixup' "
         "(needs norm=none, residual_scale=scalar), 't-fixup' (needs norm=none, "
-        "embedding_scale=sqrt_hidden), 'rezero' (needs norm=none, residual_scale=scalar), "
-        "'skipinit' (needs residual_scale=scalar)",
+        "embedding_scale=sqrt_hidden, ffn=gelu), 'rezero' (needs norm=none, residual_scale=scalar), "
+        "'skipinit' (needs residual_scale=scalar, and norm_position=pre unless norm=none)",
     )
     init_std: float = field(0.02, help="standard deviation of the normal initialisations")
     document_mask: bool = field(
