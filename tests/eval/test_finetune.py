@@ -772,3 +772,11 @@ def test_a_file_task_rerun_with_another_dev_file_says_it_replaced_the_result(tin
     assert "note: replaced the result there written with other settings (dev differed)" in out
     saved = json.loads((run / "eval" / "finetune-reviews.json").read_text())
     assert saved["task_options"] == {"dev": str(tmp_path / "other.tsv")}
+
+
+def test_finetune_options_may_carry_the_section_name_that_errors_use():
+    from cramkit.eval.cli import _finetune_config
+
+    assert _finetune_config(["finetune.head_width=1024", "lr=1e-4"]).head_width == 1024
+    with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.head_widht' \(did you mean 'head_width'"):
+        _finetune_config(["finetune.head_widht=1024"])

@@ -32,6 +32,9 @@ def _finetune_config(overrides: list[str]):
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"unexpected argument '{bad[0]}' (options are key=value overrides)")
+    # Errors name a key as finetune.KEY, so that spelling is accepted too (it was read as a table
+    # 'finetune' and refused as 'finetune.finetune').
+    overrides = [o.removeprefix("finetune.") for o in overrides]
     return FinetuneConfig.from_dict(apply_overrides({}, overrides), path="finetune")
 
 
