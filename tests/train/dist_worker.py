@@ -12,7 +12,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import TECHNIQUE_RUNS, interrupted_copy, signal_at, tiny_config  # noqa: E402
+from helpers import (  # noqa: E402
+    TECHNIQUE_RUNS,
+    interrupted_copy,
+    poison_training_gradient,
+    signal_at,
+    tiny_config,
+)
 
 from cramkit.distributed.parallel import init_parallel, leave_process_group  # noqa: E402
 from cramkit.train import checkpoint as ckpt  # noqa: E402
@@ -46,7 +52,48 @@ def sharded_overflow_agrees() -> list[float]:
     return [float(torch.equal(before, layer.weight.full_tensor())), scaler.get_scale()]
 
 
+def nonfinite_gradient(data: Path, out: Path, strategy: str) -> None:
+    """Rank 1 alone gets an inf in one element of one weight's gradient at step 2 (before DDP's
+    all-reduce / FSDP2's reduce-scatter), under train.clip_grad: every rank must skip that step,
+    with the skip decided on the host (for-loop AdamW) and on the device (fused AdamW). Each
+    rank writes what it counted and its final weights (FSDP2's gathered) for the test."""
+    from unittest import mock
+
+    import pytest
+    from safetensors.torch import save_file
+
+    from cramkit.train.trainer import Trainer
+
+    fit, trainers, counted = Trainer.fit, [], {}
+
+    def keep(self):
+        trainers.append(self)
+        return fit(self)
+
+    for fused in ("off", "on"):
+        name = f"{strategy}-fused-{fused}"
+        cfg = tiny_config(data, out, "train.budget=4steps", "train.micro_batch=0", "train.clip_grad=1.0",
+                          f"optim.fused={fused}", f"parallel.strategy={strategy}", name=name, arch="gpt")
+        with pytest.MonkeyPatch.context() as mp, mock.patch.object(Trainer, "fit", keep):
+            poison_training_gradient(mp, lambda n: n == 2 and dist.get_rank() == 1)
+            pretrain(cfg, say=lambda *_: None)
+        trainer = trainers.pop()
+        weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                   for k, v in trainer.raw_model.state_dict().items()}
+        # Cloned: the tied head and embedding share one tensor, which safetensors refuses.
+        save_file({k: v.detach().clone() for k, v in weights.items()},
+                  out / f"{name}-weights-{dist.get_rank()}.safetensors")
+        steps = sorted({float(s["step"]) for s in trainer.state.optimizer.state.values()})
+        counted[name] = {"steps": trainer.state.step, "nonfinite": trainer.state.nonfinite_total,
+                         "optimizer_steps": steps}
+    (out / f"rank-{dist.get_rank()}.json").write_text(json.dumps(counted))
+
+
 def main() -> None:
+    if sys.argv[1] == "nonfinite-gradient":
+        nonfinite_gradient(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+        leave_process_group(clean=True)
+        return
     data, out, mlm_data = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     quiet = {"say": lambda *_: None}
     # Micro-batch 2 of each rank's 4 sequences: gradient accumulation under DDP (no_sync) and

@@ -74,16 +74,25 @@ def signal_at(step: int, sig: int, rank: int | None = None):
     return mock.patch.object(Trainer, "_log_train", log_then_signal)
 
 
-def on_training_forward(monkeypatch, hook) -> None:
-    """Make ``pretrain``'s models call ``hook(n, kwargs, out)`` after each training forward pass
-    (``n`` = 1, 2, ... counts training calls only); the output passes on as ``hook`` leaves it."""
+def on_built_model(monkeypatch, fn) -> None:
+    """Make ``pretrain`` call ``fn(model)`` on each model it builds, before it is sharded."""
     import cramkit.train.run as run_module
     from cramkit.models import build_model as real_build  # not an earlier call's wrapped one
 
-    calls = {"n": 0}
-
     def build(cfg):
         model = real_build(cfg)
+        fn(model)
+        return model
+
+    monkeypatch.setattr(run_module, "build_model", build)
+
+
+def on_training_forward(monkeypatch, hook) -> None:
+    """Make ``pretrain``'s models call ``hook(n, kwargs, out)`` after each training forward pass
+    (``n`` = 1, 2, ... counts training calls only); the output passes on as ``hook`` leaves it."""
+    calls = {"n": 0}
+
+    def wrap(model):
         forward = model.forward
 
         def wrapped(*args, **kwargs):
@@ -94,9 +103,8 @@ def on_training_forward(monkeypatch, hook) -> None:
             return out
 
         model.forward = wrapped
-        return model
 
-    monkeypatch.setattr(run_module, "build_model", build)
+    on_built_model(monkeypatch, wrap)
 
 
 def poison_training_loss(monkeypatch, bad) -> None:
@@ -108,3 +116,32 @@ def poison_training_loss(monkeypatch, bad) -> None:
             out.loss = out.loss * float("nan")
 
     on_training_forward(monkeypatch, poison)
+
+
+def poison_training_gradient(monkeypatch, bad, module: str = "layers.0.ffn.down") -> None:
+    """Make ``pretrain``'s models put an inf into one element of ``module``'s weight gradient
+    on the training forward calls ``n`` (1, 2, ..., of that module) for which ``bad(n)`` is true;
+    the loss stays finite. The hook is on the weight as the forward pass uses it (under FSDP2 the
+    gathered one), so the inf is there before DDP all-reduces or FSDP2 reduce-scatters it."""
+
+    def attach(model):
+        calls = {"n": 0}
+
+        def before_forward(mod, args):
+            if not mod.training:
+                return
+            calls["n"] += 1
+            if bad(calls["n"]):
+                pending = [True]  # once: under DDP the hook stays on the weight for later steps
+
+                def poison(grad):
+                    if pending and pending.pop():
+                        grad = grad.clone()
+                        grad.view(-1)[0] = float("inf")
+                    return grad
+
+                mod.weight.register_hook(poison)
+
+        model.get_submodule(module).register_forward_pre_hook(before_forward)
+
+    on_built_model(monkeypatch, attach)

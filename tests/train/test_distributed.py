@@ -26,14 +26,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
-    out = tmp_path / "dist"
+def _two_ranks(*args) -> subprocess.CompletedProcess:
+    """dist_worker.py ``args`` on 2 ranks (torchrun, gloo), asserted to succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(Path(__file__).with_name("dist_worker.py")),
-           str(tiny_clm_data), str(out), str(tiny_mlm_data)]
+           "--master-port", str(_free_port()), str(Path(__file__).with_name("dist_worker.py")), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
+    out = tmp_path / "dist"
+    proc = _two_ranks(tiny_clm_data, out, tiny_mlm_data)
     assert "`broadcast_buffers` is deprecated" not in proc.stderr, proc.stderr[-3000:]  # DDP, torch 2.13
     res = json.loads((out / "results.json").read_text())
 
@@ -81,6 +86,30 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0
     # An inf in rank 0's gradient shard only: both ranks skip (weights unchanged), both halve.
     assert res["sharded_overflow"] == [[1.0, 512.0], [1.0, 512.0]]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(tiny_clm_data, tmp_path, strategy):
+    """An inf in rank 1's gradient only, at step 2 of 4, under train.clip_grad (the loss stays
+    finite): every rank skips that step and counts it, and both train on with the same weights.
+    DDP all-reduces the inf into every rank's gradient; under FSDP2 it lands in rank 0's shard
+    (the weight's first row), not in that of rank 1, which put it there. (The ranks agree through
+    the loss summed over them, which the norm check turns to NaN, as much as through the norm.)"""
+    out = tmp_path / "dist"
+    _two_ranks("nonfinite-gradient", tiny_clm_data, out, strategy)
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    for fused in ("off", "on"):  # the skip decided on the host / on the device
+        name = f"{strategy}-fused-{fused}"
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert (summary["steps"], summary["nonfinite_steps"]) == (4, 1), name
+        losses = _losses(out / name)  # the skipped step's loss is logged as null
+        assert losses[1] is None and all(isinstance(x, float) for x in losses[:1] + losses[2:]), (name, losses)
+        # Each rank counted the skip itself, and its optimizer stepped 3 times, not 4.
+        assert [r[name] for r in ranks] == [{"steps": 4, "nonfinite": 1, "optimizer_steps": [3.0]}] * 2, ranks
+        a, b = (load_file(out / f"{name}-weights-{r}.safetensors") for r in range(2))
+        for key in a:
+            assert torch.isfinite(a[key]).all(), (name, key)
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name} {key}")
 
 
 def _losses(run: Path) -> list[float]:
