@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 from pathlib import Path
 
@@ -328,6 +329,13 @@ class _DiskOffload:
     def pack(self, tensor):
         path = self.folder / str(next(self.count))
         torch.save(tensor, path)
+        # torch 2.9 (2.9.1 measured): torch.save's local pickler class keeps its persistent_id
+        # closure, and with it the saved storage, in a reference cycle until the cyclic collector
+        # runs (deleted since pytorch/pytorch#165204, after 2.9; 2.13 frees it at once). Left to
+        # the collector, the offloaded tensors counted in the peak: 0.71 to 0.79 of it estimated on
+        # 2.9.1, 1.14 on 2.13. The new cycle is in the young generations; collecting only those is
+        # cheap (a full collect per tensor made this test 10 times slower).
+        gc.collect(1)
         return path
 
 
