@@ -197,10 +197,14 @@ class OptimConfig(Config):
             raise ConfigError(f"optim.lars_trust must be positive, got {self.lars_trust}")
         if self.base_batch_size < 1:
             raise ConfigError(f"optim.base_batch_size must be >= 1, got {self.base_batch_size}")
-        uses_adamw = self.name == "adamw" or (self.name == "sam" and self.base == "adamw")  # the fused kernel
-        if self.fused != "auto" and not uses_adamw:
+        if self.fused != "auto" and self.rule != "adamw":  # the fused kernel
             raise ConfigError(f"optim.fused={self.fused} applies to AdamW only (optim.name=adamw, or sam with "
                               f"optim.base=adamw), not optim.name={self.name}; leave it at auto")
+
+    @property
+    def rule(self) -> str:
+        """The optimizer whose update rule moves the weights: ``base`` under SAM, which wraps it."""
+        return self.base if self.name == "sam" else self.name
 
 
 @dataclasses.dataclass

@@ -72,9 +72,8 @@ def evaluation_weights(optimizer: torch.optim.Optimizer, model: torch.nn.Module)
 def optimizer_states(cfg: OptimConfig) -> float:  # noqa: F821 - config imports this module
     """fp32 tensors per parameter that ``cfg``'s optimizer holds (see :data:`OPTIMIZER_STATES`).
     SAM holds its base optimizer's state and a copy of the weights to restore after its ascent."""
-    if cfg.name == "sam":
-        return OPTIMIZER_STATES.get(cfg.base, 2) + 1
-    return OPTIMIZER_STATES.get(cfg.name, 2)
+    states = OPTIMIZER_STATES.get(cfg.rule, 2)
+    return states + 1 if cfg.name == "sam" else states
 LR_SCALING = ("none", "linear", "sqrt")
 
 log = logging.getLogger("cramkit.optim")

@@ -204,7 +204,7 @@ class ProgressiveStacking(Technique):
             with evaluation_weights(getattr(state, "optimizer", None) if fresh else None, state.model):
                 new_model = stack(state.model)
             state.request_model(
-                new_model, transfer_optimizer_state(mode == "copy", keep=mode != "reset_all")
+                new_model, transfer_optimizer_state(mode == "copy", keep=not fresh)
             )
 
     def state_dict(self) -> dict[str, Any]:

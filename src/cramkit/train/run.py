@@ -93,10 +93,6 @@ def _check_objective(cfg: RunConfig, data_objective: str) -> str:
     return name
 
 
-def _objective_name(cfg: RunConfig, dataset: TokenDataset) -> str:
-    return _check_objective(cfg, dataset.objective)
-
-
 def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
     if cfg.model.vocab_size != dataset.vocab_size:
         raise ConfigError(
@@ -104,12 +100,6 @@ def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
             f"model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size={dataset.vocab_size} "
             "or prepare data with a matching vocab_size"
         )
-
-
-def _check_positions(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
-    # Found here, not at the first forward pass (after the run directory was made and announced).
-    _check_sequence_length(cfg, dataset.seq_len, f"the sequences in {data_dir}",
-                           "prepare data with a shorter seq_len")
 
 
 def _check_sequence_length(cfg: RunConfig, seq_len: int, what: str, shorter: str) -> None:
@@ -261,28 +251,22 @@ def _compiled_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _compiler(enabled: bool, warm_up: Callable[[torch.nn.Module], None]):
     def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-        if not enabled:
-            parts = _compiled_parts(model)
-            if parts:  # without the warm-up they would compile in the first steps, on the clock
-                try:
-                    warm_up(model)
-                except Exception as exc:  # noqa: BLE001 - as below: fall back to eager
-                    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training "
-                                  "those modules in eager mode", stacklevel=2)
-                    for part in parts:
-                        part._compiled_call_impl = None
-                    # A backward that failed to compile (it is lowered lazily, at its first call)
-                    # left the gradients of the layers it runs after: the first step would add
-                    # them to its own.
-                    model.zero_grad(set_to_none=True)
+        # Without train.compile, modules that surgery compiled still compile lazily, at their
+        # first call: the warm-up makes that happen here, not in the first steps on the clock.
+        parts = [] if enabled else _compiled_parts(model)
+        if not enabled and not parts:
             return model
         try:
-            compiled = torch.compile(model)
+            compiled = torch.compile(model) if enabled else model
             warm_up(compiled)  # compile now, outside the budget, and surface failures early
             return compiled
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training in eager mode", stacklevel=2)
-            model.zero_grad(set_to_none=True)  # as above: no gradients of a failed backward
+            for part in parts:
+                part._compiled_call_impl = None
+            # A backward that failed to compile (it is lowered lazily, at its first call) left
+            # the gradients of the layers it runs after: the first step would add them to its own.
+            model.zero_grad(set_to_none=True)
             return model
 
     return compile_model
@@ -467,11 +451,13 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     dataset = TokenDataset.open(data_dir)
     dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
     _check_vocab(cfg, dataset, data_dir)
-    _check_positions(cfg, dataset, data_dir)
+    # Found here, not at the first forward pass (after the run directory was made and announced).
+    _check_sequence_length(cfg, dataset.seq_len, f"the sequences in {data_dir}",
+                           "prepare data with a shorter seq_len")
     if len(dataset.sequences("val")) == 0:  # found here, not at the step-0 evaluation
         raise DataError(f"{data_dir} has no validation sequences (prepared with val_fraction=0?), and "
                         "pretraining evaluates on them; prepare it with val_fraction > 0")
-    objective_name = _objective_name(cfg, dataset)
+    objective_name = _check_objective(cfg, dataset.objective)
     cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
     if resume:
@@ -566,8 +552,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
             f"{par.world_size} rank(s); choose a batch size that is, or set train.micro_batch")
     estimate = estimate_for(micro_batch)
-    averaged = cfg.optim.name == "schedulefree" or (cfg.optim.name == "sam" and cfg.optim.base == "schedulefree")
-    if averaged and cfg.schedule.name != "constant" and par.is_main:
+    if cfg.optim.rule == "schedulefree" and cfg.schedule.name != "constant" and par.is_main:
         chosen = "optim.name=sam, optim.base=schedulefree" if cfg.optim.name == "sam" else "optim.name=schedulefree"
         warnings.warn(f"{chosen} with schedule.name={cfg.schedule.name}: Schedule-Free's "
                       "averaging replaces the decay, so its authors use a constant rate after warm-up; "
