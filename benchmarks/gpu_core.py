@@ -149,10 +149,15 @@ CPU_OVERRIDES = ["model.hidden=128", "model.layers=8", "model.heads=4", "model.i
 CPU_BATCH = {"crammed": "train.batch_size=128", "original": "train.batch_size=32"}
 
 
+def run_key(name: str, lr: str = "") -> str:
+    """A run's name in the results: the recipe's, ``NAME@LR`` for a learning-rate sweep's point."""
+    return f"{name}@{lr}" if lr else name
+
+
 def pretrain_run(name: str, data_dir: Path, runs: Path, seconds: int, results: dict,
                  lr: str = "") -> Path | None:
     """One recipe's run; ``lr`` (a sweep's point) names it ``NAME@LR`` and sets optim.lr."""
-    key = f"{name}@{lr}" if lr else name
+    key = run_key(name, lr)
 
     @stage(f"pretrain {key} on enwiki for {seconds} s")
     def run() -> Path:
@@ -275,7 +280,7 @@ def main() -> None:
         if name in stages and data:
             pretrain_run(name, data, work / "runs", args.seconds, results, lr)
             save()
-            key = f"{name}@{lr}" if lr else name
+            key = run_key(name, lr)
             if results.get(f"pretrain_{key}", {}).get("summary", {}).get("stop_reason") == "signal":
                 # SIGTERM (a time limit's `timeout`) stopped the run cleanly: start no other one.
                 print(f"{key} stopped by a signal (time limit): cut short; no further runs", flush=True)
@@ -285,7 +290,7 @@ def main() -> None:
     print(json.dumps(results.get("data", {}).get("splits"), default=str))
     if results.get("throughput_table"):
         print(results["throughput_table"])
-    originals = [f"original@{lr}" for lr in lrs] if lrs else ["original"]
+    originals = [run_key("original", lr) for lr in lrs or [""]]
     runs = {k: results[f"pretrain_{k}"] for k in [*originals, "crammed"] if f"pretrain_{k}" in results}
     for name, r in runs.items():
         s = r["summary"]
