@@ -32,23 +32,14 @@ from cramkit.distributed.config import MemoryConfig
 from cramkit.distributed.memory import apply_activation_checkpointing, estimate_memory
 from cramkit.models import build_model
 from cramkit.models.presets import preset_config
-from cramkit.objectives import target_index
 from cramkit.train.cpu_memory import peak_bytes
+from cramkit.train.trainer import locate_targets
 from cramkit.utils import write_json
 
 # preset -> (sequence length, micro-batch): the recipes' sequence lengths, batches of a few
 # thousand tokens.
 SHAPES = {"crammed-bert": (128, 16), "bert-base": (128, 16), "gpt2-small": (512, 4)}
 SMOKE = {"crammed-bert": (32, 2)}
-
-
-def make_batch(cfg, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    """``cramkit bench``'s synthetic batch, with the target positions the data pipeline hands a
-    sparse-prediction model."""
-    out = synthetic_batch(cfg.arch, cfg.vocab_size, batch, seq)
-    if cfg.sparse_prediction:
-        out["target_index"] = target_index(out["labels"])
-    return out
 
 
 def measure(name: str, layers: int, precision: str, mode: str, shapes: dict, vocab: int | None) -> dict:
@@ -59,7 +50,8 @@ def measure(name: str, layers: int, precision: str, mode: str, shapes: dict, voc
     model = build_model(cfg)
     memory = MemoryConfig(activation_checkpointing=mode)
     apply_activation_checkpointing(model, memory)
-    inputs = make_batch(cfg, batch, seq)
+    # cramkit bench's synthetic batch, with the target positions the trainer hands the model.
+    inputs = locate_targets(synthetic_batch(cfg.arch, cfg.vocab_size, batch, seq), model)
     half = precision == "bf16"
 
     def step(hold: bool):

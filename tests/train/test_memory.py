@@ -31,9 +31,9 @@ from cramkit.distributed.memory import (
 )
 from cramkit.models import build_model
 from cramkit.models.presets import preset_config
-from cramkit.objectives import target_index
 from cramkit.train.cpu_memory import peak_bytes
 from cramkit.train.run import pretrain
+from cramkit.train.trainer import locate_targets
 
 from .helpers import tiny_config
 
@@ -42,11 +42,11 @@ def _memory(mode: str = "none", every: int = 2, offload: bool = False) -> Memory
     return MemoryConfig(activation_checkpointing=mode, checkpoint_every=every, offload_activations=offload)
 
 
-def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _batch(model, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random training inputs for ``model``, with its target positions as the trainer hands them."""
+    cfg = model.config
     out = synthetic_batch(cfg.arch, cfg.vocab_size, batch, seq, gen=torch.Generator().manual_seed(seed))
-    if cfg.sparse_prediction:
-        out["target_index"] = target_index(out["labels"])
-    return out
+    return locate_targets(out, model)
 
 
 class _WeightCasts(TorchDispatchMode):
@@ -100,7 +100,7 @@ def test_activation_checkpointing_keeps_gradients_and_names_and_stores_less(name
     checked = _model(name, layers=4, dropout=0.1)
     memory = _memory(mode)
     apply_activation_checkpointing(checked, memory)
-    batch = _batch(base.config, 4, 32)
+    batch = _batch(base, 4, 32)
     torch.manual_seed(1)
     want = _gradients(base, batch)
     torch.manual_seed(1)
@@ -120,12 +120,12 @@ def test_selective_checkpointing_recomputes_every_kth_block():
     model = apply_activation_checkpointing(_model(layers=6), _memory("selective", every=3))
     assert [getattr(b, "_cramkit_checkpointed", False) for b in model.layers] == [False, False, True] * 2
     with torch.no_grad():  # evaluation goes through the block's own forward: nothing to recompute
-        model.eval()(**_batch(model.config, 2, 16))
+        model.eval()(**_batch(model, 2, 16))
 
 
 def test_activation_offload_keeps_gradients_and_saves_through_host_copies(monkeypatch):
     model = _model()
-    batch = _batch(model.config, 4, 32)
+    batch = _batch(model, 4, 32)
     want = _gradients(model, batch)
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", _CountingSaveOnCpu)
     _CountingSaveOnCpu.packed = []
@@ -229,7 +229,7 @@ def _stored(name: str, precision: str, mode: str, every: int = 2, **changes) -> 
     memory = _memory(mode, every)
     apply_activation_checkpointing(model, memory)
     seq, half = SHAPES[name], precision == "bf16"
-    measured = saved_bytes(model, _batch(cfg, 2, seq), memory, autocast=half)
+    measured = saved_bytes(model, _batch(model, 2, seq), memory, autocast=half)
     # Besides the blocks, embeddings and head, the loss saves fp32 log-probabilities of the
     # predicted positions (a quarter of them under sparse prediction).
     predicted = 2 * seq * (0.25 if cfg.sparse_prediction else 1.0)
@@ -358,7 +358,7 @@ def _estimate_and_peak(cfg, precision: str, mode: str, batch: int) -> tuple[floa
     torch.manual_seed(0)
     model, memory = build_model(cfg), _memory(mode)
     apply_activation_checkpointing(model, memory)
-    peak = measured_peak(_training_step(model, _batch(cfg, batch, 128), precision == "bf16"))
+    peak = measured_peak(_training_step(model, _batch(model, batch, 128), precision == "bf16"))
     estimate = estimate_memory(model, micro_batch=batch, seq_len=128, precision=precision, cfg=memory,
                                device_type="cpu")
     return (estimate["activations_gb"] + estimate["weight_copies_gb"]) * 1e9, peak
@@ -386,7 +386,7 @@ def test_offloaded_memory_estimate_follows_the_measured_peak(name, precision, mo
     torch.manual_seed(0)
     model, memory = build_model(cfg), _memory(mode, offload=True)
     apply_activation_checkpointing(model, memory)
-    step = _training_step(model, _batch(cfg, 8, 128), precision == "bf16", _DiskOffload(tmp_path))
+    step = _training_step(model, _batch(model, 8, 128), precision == "bf16", _DiskOffload(tmp_path))
     peak = measured_peak(step)
     estimate = estimate_memory(model, micro_batch=8, seq_len=128, precision=precision, cfg=memory, device_type="cpu")
     estimated = (estimate["activations_gb"] + estimate["weight_copies_gb"]) * 1e9
