@@ -263,3 +263,25 @@ def test_interrupt_while_starting_exits_130(monkeypatch, capsys):
         pytest.fail("main() let the KeyboardInterrupt out (a traceback)")
     assert status == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("argv, warned", [
+    (["pretrain", "gpt-small", "objective.mask_rate=0.3", "objective.eval_mask_rate=0.2"],
+     "objective.mask_rate, objective.eval_mask_rate: masking options only act on masked-LM runs; this causal-LM "
+     "run ignores them"),
+    (["pretrain", "demo", "model.preset=tiny-gpt", "data.prepare.objective=clm", "data.prepare.tokenizer=auto",
+      "objective.mask_rate=0.3"],
+     "objective.mask_rate: masking options only act on masked-LM runs; this causal-LM run ignores it"),
+    (["pretrain", "demo", "objective.mask_rate=0.3"], None),  # a BERT: it acts
+    # The recipe's own masking rate is not the user's doing: a GPT may run under a BERT recipe.
+    (["pretrain", "demo", "model.preset=tiny-gpt", "data.prepare.objective=clm", "data.prepare.tokenizer=auto"],
+     None),
+])
+def test_masking_options_given_to_a_causal_run_are_said_to_do_nothing(argv, warned, monkeypatch, recwarn):
+    summary = {"run_dir": "r", "stop_reason": "budget", "steps": 3, "tokens": 96, "train_seconds": 1.0,
+               "paused_seconds": 0.0, "first_train_loss": 7.0, "last_train_loss": 6.0,
+               "initial_val_loss": 7.1, "final_val_loss": 6.1, "tokens_per_s": 96.0, "mfu": 0.1}
+    monkeypatch.setattr("cramkit.train.run.pretrain", lambda cfg: dict(summary))
+    assert main([*argv, "finetune_demo=false"]) == 0
+    said = [str(w.message) for w in recwarn if "masking options" in str(w.message)]
+    assert said == ([warned] if warned else [])

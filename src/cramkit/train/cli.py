@@ -109,11 +109,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         if recipe:
             raise ConfigError("--resume takes the recipe from the run directory; give only key=value overrides")
         cfg = resume_config(Path(args.resume), overrides)
+        _warn_unused_masking(cfg, overrides)
         summary = pretrain(cfg, run_dir=Path(args.resume), resume=True)
     else:
         if not recipe:
             raise ConfigError("name a recipe (see `cramkit recipes`), e.g. `cramkit pretrain demo`")
         cfg = load_config(recipe, overrides)
+        _warn_unused_masking(cfg, overrides)
         summary = pretrain(cfg)
     # Every rank leaves together now, before rank 0's own work (the summary, the fine-tuning
     # demo): the other ranks would otherwise wait at the exit barrier for all of it, and fail
@@ -136,6 +138,25 @@ def _pretrain(args: argparse.Namespace) -> int:
               f"pretrained {r['pretrained_accuracy']:.1%}, random init {r['random_init_accuracy']:.1%}, "
               f"majority class {r['majority_baseline']:.1%}")
     return status
+
+
+def _warn_unused_masking(cfg, overrides: list[str]) -> None:
+    """Say that masking options given on the command line do nothing on a causal-LM run.
+
+    Only the command line's: the recipes set a masking rate, and a GPT may train under one.
+    """
+    import warnings
+
+    from .run import OBJECTIVE_FOR_ARCH
+
+    objective = cfg.objective.name
+    if objective == "auto":  # the data's objective; a plugin architecture on prepared data is not known here
+        objective = OBJECTIVE_FOR_ARCH.get(cfg.model.arch, None if cfg.data.dir else cfg.data.prepare.objective)
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    unused = [k for k in keys if k.startswith("objective.") and k != "objective.name"]
+    if objective == "clm" and unused and int(os.environ.get("RANK", "0")) == 0:
+        warnings.warn(f"{', '.join(unused)}: masking options only act on masked-LM runs; this causal-LM "
+                      f"run ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
 
 
 def _print_summary(s: dict) -> None:
