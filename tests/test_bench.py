@@ -241,3 +241,29 @@ def test_hf_gpt2_flops_count_gpt2s_layout_whatever_the_preset():
     assert FAMILIES["hf-gpt2"](gpt.cfg, 16, 0.15)[2] == expected
     bert_shaped = parse_target("hf-gpt2:tiny,max_positions=256", batch=2, seq_len=16)
     assert FAMILIES["hf-gpt2"](bert_shaped.cfg, 16, 0.15)[2] == expected
+
+
+@pytest.fixture
+def causal_plugin_arch(monkeypatch):
+    """An architecture registered from outside cramkit: a causal variant of the BERT class."""
+    from cramkit.models import ARCHITECTURES
+    from cramkit.models.bert import BertLM
+
+    monkeypatch.setitem(ARCHITECTURES._items, "causal-plugin", type("CausalPlugin", (BertLM,), {"causal": True}))
+    return "causal-plugin"
+
+
+def test_a_plugin_architecture_is_benched_by_its_causality(causal_plugin_arch):
+    """Its batches and its FLOPs both follow the class's ``causal``: next-token targets at every
+    position, and the head charged at all of them (once an MLM batch, charged as a causal one)."""
+    from cramkit.bench import bench_target
+    from cramkit.models.flops import flops_per_token
+
+    tokens = synthetic_batch(causal_plugin_arch, 100, 2, 16)
+    assert torch.equal(tokens["labels"][:, :-1], tokens["input_ids"][:, 1:])
+    target = f"cramkit:tiny,arch={causal_plugin_arch},sparse_prediction=true,seq_len=16,batch=2"
+    r = bench_target(target, batch=2, seq_len=16, steps=1, warmup=0, device=torch.device("cpu"),
+                     precision="fp32", compile=False, mask_rate=0.25, peak=1e12)
+    cfg = parse_target(target, batch=2, seq_len=16).cfg
+    assert r.tflops * 1e12 / r.tokens_per_s == pytest.approx(flops_per_token(cfg, 16, 1.0), rel=1e-3)
+    assert flops_per_token(cfg, 16, 1.0) > 1.1 * flops_per_token(cfg, 16, 0.25)

@@ -29,7 +29,7 @@ import torch
 
 from .configbase import apply_overrides, did_you_mean
 from .errors import ConfigError
-from .models import build_model
+from .models import ARCHITECTURES, build_model
 from .models.config import ModelConfig
 from .models.flops import flops_per_token
 from .models.presets import get_preset
@@ -60,7 +60,7 @@ def family(name: str):
 def _cramkit(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
     model = build_model(cfg)
     # A causal model's random batches have a target at every position (synthetic_batch).
-    rate = (mask_rate if cfg.arch == "bert" else 1.0) if cfg.sparse_prediction else None
+    rate = (1.0 if cfg.causal else mask_rate) if cfg.sparse_prediction else None
     return model, lambda m, b: m(**b).loss, flops_per_token(cfg, seq_len, rate)
 
 
@@ -167,8 +167,8 @@ class Result:
 
 def synthetic_batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float = 0.25, device="cpu",
                     gen: torch.Generator | None = None, doc_len: float = 0.0) -> dict:
-    """Random tokens with training targets: next-token labels (``gpt``) or masked-LM labels at
-    a ``mask_rate`` share of positions (``bert``); with ``doc_len``, document boundaries at that
+    """Random tokens with training targets: next-token labels for a causal architecture
+    (``gpt``) or masked-LM labels at a ``mask_rate`` share of positions (``bert``); with ``doc_len``, document boundaries at that
     mean spacing, which predict nothing. For timing and measuring steps, not for learning."""
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
     tokens = torch.randint(_FIRST_CONTENT_ID, vocab, (batch, seq_len), generator=gen)
@@ -178,7 +178,7 @@ def synthetic_batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: 
         ends = torch.rand(batch, seq_len, generator=gen) < 1.0 / doc_len
         tokens[ends] = BENCH_BOUNDARY
     tokens, ends = tokens.to(device), ends.to(device)
-    if arch == "gpt":
+    if ARCHITECTURES.get(arch).causal:
         labels = torch.roll(tokens, -1, dims=1)
         labels[:, -1] = -100
         labels[ends] = -100  # as the CLM objective: a boundary predicts nothing

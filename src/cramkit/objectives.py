@@ -56,6 +56,12 @@ def _special_set(special_ids: dict[str, int | None]) -> list[int]:
 BOUNDARY_TOKENS: dict[str, tuple[str, ...]] = {"mlm": ("sep",), "clm": ("eod", "sep")}
 
 
+def training_objective(model_cfg) -> str:
+    """The objective a model of ``model_cfg`` (a ModelConfig) trains with: ``clm`` for a causal
+    architecture, which may only see earlier tokens, ``mlm`` for one that attends both ways."""
+    return "clm" if model_cfg.causal else "mlm"
+
+
 def boundary_token_id(objective: str, special_ids: dict[str, int | None]) -> int | None:
     """The id of the token that ends a document in ``objective``'s packed sequences, or None
     when the tokenizer has none of the candidates."""

@@ -235,6 +235,19 @@ def test_objective_must_match_architecture(tiny_clm_data, tmp_path):
         pretrain(cfg, say=lambda *_: None)
 
 
+def test_a_registered_architecture_trains_with_the_objective_its_causality_asks(tiny_mlm_data, tmp_path,
+                                                                                 monkeypatch):
+    """One from outside cramkit too: a causal model on masked-LM data would see every answer."""
+    from cramkit.models import ARCHITECTURES
+    from cramkit.models.bert import BertLM
+
+    monkeypatch.setitem(ARCHITECTURES._items, "causal-plugin", type("CausalPlugin", (BertLM,), {"causal": True}))
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "model.arch=causal-plugin")
+    with pytest.raises(ConfigError, match="model.arch=causal-plugin trains with the clm objective, but the "
+                                          "data/objective is mlm"):
+        pretrain(cfg, say=lambda *_: None)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (("data.prepare.objective=mlm", "data.prepare.tokenizer=auto"), "model.arch=gpt trains with the clm objective, but the data/objective is mlm"),
     (("data.prepare.seq_len=1024",), "the sequences data.prepare.seq_len asks for are 1024 tokens long, but "

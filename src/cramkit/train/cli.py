@@ -147,14 +147,11 @@ def _warn_unused_masking(cfg, overrides: list[str]) -> None:
     """
     import warnings
 
-    from .run import OBJECTIVE_FOR_ARCH
+    from ..objectives import training_objective
 
-    objective = cfg.objective.name
-    if objective == "auto":  # the data's objective; a plugin architecture on prepared data is not known here
-        objective = OBJECTIVE_FOR_ARCH.get(cfg.model.arch, None if cfg.data.dir else cfg.data.prepare.objective)
     keys = [o.partition("=")[0].strip() for o in overrides]
     unused = [k for k in keys if k.startswith("objective.") and k != "objective.name"]
-    if objective == "clm" and unused and int(os.environ.get("RANK", "0")) == 0:
+    if training_objective(cfg.model) == "clm" and unused and int(os.environ.get("RANK", "0")) == 0:
         warnings.warn(f"{', '.join(unused)}: masking options only act on masked-LM runs; this causal-LM "
                       f"run ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
 

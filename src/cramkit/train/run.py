@@ -40,7 +40,13 @@ from ..distributed.memory import advise, offload_context
 from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
-from ..objectives import BOUNDARY_TOKENS, VAL_MASKS, boundary_token_id, build_objective
+from ..objectives import (
+    BOUNDARY_TOKENS,
+    VAL_MASKS,
+    boundary_token_id,
+    build_objective,
+    training_objective,
+)
 from ..optim import build_optimizer, evaluation_weights, keeps_evaluation_weights, optimizer_states
 from ..techniques import build_techniques
 from ..utils import atomic_path, changed_keys, lock_exclusive, read_json, write_json
@@ -50,8 +56,6 @@ from .energy import EnergyMeter
 from .runlog import Progress, RunLog, environment
 from .state import TrainState
 from .trainer import Trainer, in_ms, locate_targets
-
-OBJECTIVE_FOR_ARCH = {"bert": "mlm", "gpt": "clm"}
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -84,8 +88,8 @@ def prepare_data(cfg: RunConfig, say: Callable[[str], None] = print) -> Path:
 
 def _check_objective(cfg: RunConfig, data_objective: str) -> str:
     name = cfg.objective.name if cfg.objective.name != "auto" else data_objective
-    wanted = OBJECTIVE_FOR_ARCH.get(cfg.model.arch)
-    if wanted and name != wanted:
+    wanted = training_objective(cfg.model)
+    if name != wanted:
         raise ConfigError(
             f"model.arch={cfg.model.arch} trains with the {wanted} objective, but the data/objective is {name}; "
             f"prepare the data with objective={wanted}"
