@@ -7,7 +7,7 @@ import json
 
 from data_helpers import synthetic_docs, write_corpus
 
-from cramkit.data.cli import add_parser
+from cramkit.data.cli import add_parser, config_from_args
 
 
 def _parse(argv):
@@ -103,3 +103,17 @@ def test_prepare_cli_misspelt_tokenizer_kind(tmp_path, capsys):
     assert err == ("error: --tokenizer 'wordpeice': unknown tokenizer kind (did you mean 'wordpiece'?); "
                    "use auto, wordpiece, bpe or the path of a tokenizer.json\n")
     assert not (tmp_path / "d").exists()
+
+
+def test_prepare_cli_source_paths_with_an_equals_sign(tmp_path, monkeypatch):
+    # Hive-style partition folders (lang=en/) were taken for key=value options: "unknown config
+    # key 'data/lang'".
+    monkeypatch.chdir(tmp_path)
+    part = tmp_path / "data" / "lang=en"
+    write_corpus(part / "part-0.txt", synthetic_docs(5))
+    write_corpus(tmp_path / "seed=1", synthetic_docs(5))
+    args = _parse(["prepare", str(part), "data/lang=en/part-0.txt", "seed=1", "seq_len=48",
+                   "--out", str(tmp_path / "d")])
+    cfg = config_from_args(args)
+    assert cfg.sources == [str(part), "data/lang=en/part-0.txt", "seed=1"]
+    assert cfg.seq_len == 48 and cfg.seed == 0

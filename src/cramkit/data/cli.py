@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from ..errors import ConfigError, CramkitError
 from .config import PrepareConfig
 
 _KINDS = ("auto", "wordpiece", "bpe")
+#: What an option override starts with: a dotted name, then '='.
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 
 
 def _intermixed(cls: type) -> type:
@@ -64,10 +67,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def is_override(item: str) -> bool:
+    """Whether a positional ``prepare`` argument is a ``key=value`` option rather than a source.
+
+    Paths may hold '=' too (Hive-style partitions: ``data/lang=en/``): an existing path, or one
+    whose part before '=' is not a plain dotted name, is a source.
+    """
+    return bool(_OVERRIDE.match(item)) and not Path(item).expanduser().exists()
+
+
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """The PrepareConfig described by the parsed arguments (flags, then key=value overrides)."""
-    sources = [item for item in args.items if "=" not in item]
-    overrides = [item for item in args.items if "=" in item]
+    sources = [item for item in args.items if not is_override(item)]
+    overrides = [item for item in args.items if is_override(item)]
     data: dict = {}
     if sources:
         data["sources"] = sources
