@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -336,3 +337,19 @@ def test_out_is_the_current_folder(tmp_path, monkeypatch, absolute):
     with pytest.raises(DataError, match="is the current folder"):
         prepare(small_cfg([f]), here if absolute else ".", progress=False)
     assert os.listdir(here) == [] and Path.cwd().samefile(here) and os.path.exists(os.getcwd())
+
+
+@pytest.mark.parametrize("name", ["rows.json", "rows.csv", "rows.tsv.gz", "corpus.txt.bz2", "corpus.tar.gz"])
+def test_formats_no_reader_parses_are_refused_not_read_as_text(tmp_path, name):
+    # A .json or .csv file was read as plain text: the model trained on braces, quotes and field
+    # names, and the manifest looked like any other.
+    (tmp_path / name).write_text('{"text": "hello world"}\n' * 50)
+    _fails(tmp_path, small_cfg([tmp_path / name]), rf"{re.escape(name)}: cramkit does not read \.\w+ files")
+
+
+def test_a_folder_saved_with_save_to_disk_points_to_hf_disk(tmp_path):
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"\x00\x01" * 100)
+    (folder / "state.json").write_text("{}")
+    _fails(tmp_path, small_cfg([folder]), "source .*saved.*: .*arrow files; .*hf-disk:")

