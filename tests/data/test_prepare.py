@@ -381,3 +381,22 @@ def test_runs_that_need_the_same_cached_data_at_once_prepare_it_once(tmp_path, s
             t.join(60)
     assert builds == [1] and results["second"] == results["first"]
     assert TokenDataset.open(results["second"]).manifest["fingerprint"]
+
+
+def test_a_reused_tokenizer_with_unused_ids_sizes_vocab_and_dtype_by_its_largest_id(tmp_path):
+    # The vocabulary was sized by the token count: id 70000 of a 9-token tokenizer went into
+    # uint16 shards as 4464 (wrapped), beyond the model's 64 embedding rows.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "ka": 5, "lo": 6, ".": 7,
+             "mi": 70_000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.save(str(tmp_path / "tok.json"))
+    corpus = write_corpus(tmp_path / "c.txt", ["ka lo mi. mi ka", "lo lo mi", "mi mi ka lo"] * 4)
+    out = prepare(small_cfg([corpus], tokenizer_file=str(tmp_path / "tok.json"), seq_len=8, dedup=False),
+                  tmp_path / "out", progress=False)
+    ds = TokenDataset.open(out)
+    tokens = ds.sequences("train")[np.arange(ds.num_sequences("train"))]
+    assert ds.tokenizer_vocab_size == 70_001 and ds.vocab_size == 70_016
+    assert tokens.dtype == np.uint32 and tokens.max() == 70_000

@@ -76,6 +76,7 @@ from .tokenizer import (
     WORDPIECE_SPECIALS,
     build_normalizer,
     encoding_copy,
+    id_count,
     load_tokenizer,
     normalised_length,
     padded_vocab_size,
@@ -423,7 +424,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
     tok.save(str(tmp / TOKENIZER))
     ids = special_ids(tok)
     _check_specials(cfg, ids)
-    n_vocab = tok.get_vocab_size()
+    n_vocab = id_count(tok)
     padded = padded_vocab_size(n_vocab)
     dtype = token_dtype(padded)
     encoder = encoding_copy(tok)

@@ -81,6 +81,17 @@ def normalised_length(normalizer: normalizers.Normalizer | None,
     return (lambda text: len(text) if text.isascii() else len(text.encode("ascii", "ignore"))), exact
 
 
+def id_count(tok: Tokenizer) -> int:
+    """How many ids ``tok``'s tokens need: its largest id + 1.
+
+    That is its vocabulary size for the tokenizers prepare trains; a reused file may leave ids
+    unused (a token deleted, an added token at a fixed id), and then the size alone would make
+    the shards' dtype and the model's embedding too small for its largest id.
+    """
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    return max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+
+
 def padded_vocab_size(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """``n`` rounded up to a multiple of 64 (tensor-core friendly embedding rows)."""
     return -(-n // multiple) * multiple
