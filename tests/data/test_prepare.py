@@ -400,3 +400,44 @@ def test_a_reused_tokenizer_with_unused_ids_sizes_vocab_and_dtype_by_its_largest
     tokens = ds.sequences("train")[np.arange(ds.num_sequences("train"))]
     assert ds.tokenizer_vocab_size == 70_001 and ds.vocab_size == 70_016
     assert tokens.dtype == np.uint32 and tokens.max() == 70_000
+
+
+def test_a_long_document_is_encoded_in_pieces_to_the_same_tokens(tmp_path, monkeypatch):
+    # A file of one enormous line was encoded whole, and tokenizers keeps tens of bytes per
+    # character of a text it encodes: a 10 MB line peaked at 1.3 GB.
+    from cramkit.data import prepare as prepare_mod
+
+    docs = synthetic_docs(60)
+    long_doc = "  ".join(d.replace("\n", " ") for d in docs[5:])  # double spaces: no cut there
+    corpus = write_corpus(tmp_path / "c.txt", [*docs[:5], long_doc])
+    tok = str(prepare(small_cfg([corpus]), tmp_path / "first", progress=False) / "tokenizer.json")
+    ref = prepare(small_cfg([corpus], tokenizer_file=tok), tmp_path / "ref", progress=False)
+    encoded: list[int] = []
+
+    class Spy:
+        def __init__(self, encoder):
+            self.encoder = encoder
+
+        def __getattr__(self, name):
+            return getattr(self.encoder, name)
+
+        def encode_batch_fast(self, texts, **kwargs):
+            encoded.extend(len(t) for t in texts)
+            return self.encoder.encode_batch_fast(texts, **kwargs)
+
+    real = prepare_mod.encoding_copy
+    monkeypatch.setattr(prepare_mod, "encoding_copy", lambda t: Spy(real(t)))
+    monkeypatch.setattr(prepare_mod, "PIECE_CHARS", 300)
+    pieces = prepare(small_cfg([corpus], tokenizer_file=tok), tmp_path / "pieces", progress=False)
+    assert len(long_doc) > 3000 and max(encoded) <= 300
+    files = sorted(p.name for p in ref.glob("*.bin"))
+    assert files and files == sorted(p.name for p in pieces.glob("*.bin"))
+    assert all((ref / f).read_bytes() == (pieces / f).read_bytes() for f in files)
+
+
+def test_the_tokenizer_sample_stops_at_its_size_inside_a_document_and_comes_in_pieces(monkeypatch):
+    from cramkit.data import tokenizer as tokenizer_mod
+
+    monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 100)
+    sample = list(tokenizer_mod._bounded_sample(["ab " * 1000, "never read"], 1000))
+    assert "".join(sample) == ("ab " * 1000)[:1000] and max(map(len, sample)) <= 100

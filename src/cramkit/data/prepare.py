@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -73,6 +74,7 @@ from .packing import Packer, ShardWriter, token_dtype
 from .sources import Doc, Source, iter_documents, open_sources, sources_fingerprint, total_bytes
 from .tokenizer import (
     BPE_SPECIALS,
+    PIECE_CHARS,
     WORDPIECE_SPECIALS,
     build_normalizer,
     encoding_copy,
@@ -81,6 +83,7 @@ from .tokenizer import (
     normalised_length,
     padded_vocab_size,
     special_ids,
+    text_pieces,
     train_tokenizer,
 )
 
@@ -315,6 +318,29 @@ def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
         thread.join()
 
 
+def _encode(encoder, texts: list[str]) -> list[list[int] | np.ndarray]:
+    """Each text's token ids (no special tokens); a long text is encoded a few pieces at a time
+    (see :func:`text_pieces`) into a uint32 array, so memory follows the piece, not the
+    document (a list holds 36 bytes per token)."""
+    out: list[list[int] | np.ndarray] = [[] for _ in texts]
+    short = [i for i, text in enumerate(texts) if len(text) <= PIECE_CHARS]
+    encodings = encoder.encode_batch_fast([texts[i] for i in short], add_special_tokens=False)
+    for i, enc in zip(short, encodings):
+        out[i] = enc.ids  # .ids builds a new list on every access
+    for i, text in enumerate(texts):
+        if len(text) > PIECE_CHARS:
+            parts, pieces = [], text_pieces(text, PIECE_CHARS)
+            while group := list(itertools.islice(pieces, _PIECES_AT_ONCE)):
+                encodings = encoder.encode_batch_fast(group, add_special_tokens=False)
+                parts += [np.asarray(enc.ids, dtype=np.uint32) for enc in encodings]
+            out[i] = np.concatenate(parts)
+    return out
+
+
+#: Pieces of one long text encoded in one call (in parallel).
+_PIECES_AT_ONCE = 8
+
+
 class _Orderer:
     """Feeds training documents to the packer: as read, or (``random``) shuffled a bounded
     buffer of ``order_buffer_tokens`` tokens at a time."""
@@ -464,9 +490,8 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path, fp: str, progre
             repeated["tokens"] += (repeat - 1) * len(tokens)
 
     def handle(batch: list[Doc]) -> None:
-        encodings = encoder.encode_batch_fast([doc.text for doc in batch], add_special_tokens=False)
-        for doc, enc in zip(batch, encodings):
-            text, ids_list = doc.text, enc.ids  # .ids builds a new list on every access
+        for doc, ids_list in zip(batch, _encode(encoder, [doc.text for doc in batch])):
+            text = doc.text
             n = len(ids_list)
             _count(stats, "read", text, n)
             if doc.repeat == 0:

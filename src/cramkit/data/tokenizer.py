@@ -97,12 +97,43 @@ def padded_vocab_size(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
-def _bounded_sample(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+#: Texts longer than this many characters are trained on and encoded in pieces: tokenizers keeps
+#: tens of bytes per character of a text it works on (alignments, offsets, token strings), so
+#: one enormous document (a file with one line, doc_separator=file) would otherwise need many
+#: times its size in memory.
+PIECE_CHARS = 1 << 18
+
+
+def text_pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` cut into consecutive pieces of at most ``size`` characters (the whole text when it
+    is no longer).
+
+    A cut falls just before a single whitespace character that follows a non-space and precedes
+    one, where the pre-tokenizers of both tokenizer kinds split anyway: WordPiece drops the space,
+    and byte-level BPE starts the next word with it. So the pieces tokenize as the whole text does
+    (up to a normaliser that strips each piece's ends, as collapse_whitespace does). Text with no
+    such space in the second half of a piece's span is cut at ``size``.
+    """
+    start, n = 0, len(text)
+    while n - start > size:
+        end, low = start + size, start + size // 2
+        cut = text.rfind(" ", low, end)
+        while cut > low and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", low, cut)
+        if cut <= low:
+            cut = end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _bounded_sample(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The texts' first ``max_chars`` characters (the last text cut short), in pieces."""
     seen = 0
     for text in texts:
-        yield text
-        seen += len(text)
-        if seen >= max_bytes:
+        yield from text_pieces(text[: max_chars - seen], PIECE_CHARS)
+        seen += min(len(text), max_chars - seen)
+        if seen >= max_chars:
             return
 
 
