@@ -49,6 +49,16 @@ def test_binary_file(tmp_path):
     _fails(tmp_path, small_cfg([f]), r"blob\.txt:2: NUL byte")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_text_is_named_as_such_not_binary(tmp_path, encoding):
+    # Notepad's "Unicode" files were called "a binary file" (their ASCII has NUL bytes).
+    f = tmp_path / "src" / "notes.txt"
+    f.parent.mkdir()
+    text = "\n\n".join(synthetic_docs(20))
+    f.write_bytes(("\ufeff" if encoding == "utf-16-be" else "").encode(encoding) + text.encode(encoding))
+    _fails(tmp_path, small_cfg([f]), r"notes\.txt: UTF-16 or UTF-32 text .*convert the file to UTF-8")
+
+
 def test_non_utf8_names_file_and_line(tmp_path):
     docs = synthetic_docs(20)
     f = tmp_path / "src" / "latin1.txt.gz"

@@ -7,6 +7,7 @@ else is a path. Readers stream documents one at a time so memory does not grow w
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import gzip
@@ -84,11 +85,20 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+#: Byte-order marks of the wide Unicode encodings (UTF-32 LE's begins with UTF-16 LE's).
+_WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)
+
+
 def _decoded_lines(path: Path, errors: str) -> Iterator[tuple[int, str, int]]:
     """(line number, text without newline, raw bytes read so far) with clear decode errors."""
     raw, stream = _open_binary(path)
     try:
         for lineno, bline in enumerate(stream, 1):
+            if lineno == 1 and bline.startswith(_WIDE_BOMS):
+                # UTF-16 (Windows' "Unicode") is text with a NUL in every ASCII character:
+                # "a binary file" would send the user looking for the wrong problem.
+                raise DataError(f"{path}: UTF-16 or UTF-32 text (it starts with that byte-order mark); "
+                                "convert the file to UTF-8")
             if errors == "strict" and b"\x00" in bline:
                 raise DataError(f"{path}:{lineno}: NUL byte found; this looks like a binary file")
             try:
