@@ -189,6 +189,33 @@ def test_cached_prepare_keys_by_fingerprint(tmp_path, synth_corpus):
     assert a == b != c and a.name.startswith("mlm-")
 
 
+def test_options_that_cannot_change_the_output_reuse_the_data(tmp_path, synth_corpus, capsys):
+    # batch_docs (an encoding batch size), or vocab_size next to a reused tokenizer_file, made
+    # prepare refuse the folder ("prepared from other options: batch_docs=256 (now 64)") and
+    # pretraining prepare its cache entry again.
+    cfg = small_cfg([synth_corpus])
+    out = prepare(cfg, tmp_path / "d", progress=False)
+    for same in (cfg.replace(batch_docs=7), cfg.replace(order_buffer_tokens=100)):
+        assert prepare(same, out, progress=False) == out
+    tok = str(out / "tokenizer.json")
+    reused = prepare(cfg.replace(tokenizer_file=tok), tmp_path / "r", progress=False)
+    again = cfg.replace(tokenizer_file=tok, vocab_size=999, min_frequency=3, tokenizer_sample_mb=1.0)
+    assert prepare(again, reused, progress=False) == reused
+    assert capsys.readouterr().err.count("reusing") == 3
+    for other in (cfg.replace(ordering="random", order_buffer_tokens=100), cfg.replace(vocab_size=200)):
+        with pytest.raises(DataError, match="other options"):
+            prepare(other, out, progress=False)
+    # Options at their defaults hash as before, so existing datasets and cache entries stay valid.
+    import hashlib
+
+    from cramkit.data.prepare import FORMAT_VERSION, fingerprint
+    from cramkit.data.sources import open_sources, sources_fingerprint
+
+    blob = json.dumps({"format": FORMAT_VERSION, "config": cfg.to_dict(),
+                       "inputs": sources_fingerprint(open_sources(cfg))}, sort_keys=True)
+    assert fingerprint(cfg) == hashlib.sha256(blob.encode()).hexdigest()
+
+
 def test_filters_dedup_min_chars_and_compressibility(tmp_path):
     docs = synthetic_docs(80)
     docs += [docs[3], docs[5].upper(), "tiny", "x7 q9 z3 j2 w8 k1 v5 b4 m6 p0 " * 3]

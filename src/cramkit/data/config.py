@@ -93,7 +93,7 @@ class PrepareConfig(Config):
         "pad", help="the final partial sequence of each split: pad it with [PAD] or drop it"
     )
     shard_tokens: int = field(16_777_216, help="approximate tokens per .bin shard")
-    batch_docs: int = field(256, help="documents per encode_batch call")
+    batch_docs: int = field(256, help="documents per encode_batch call (memory and speed only: the output is the same)")
     max_docs: int = field(0, help="stop after this many source documents (0 = all)")
     seed: int = field(0, help="seed for the validation split, shuffling and fractional weights")
 

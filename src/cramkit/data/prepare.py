@@ -97,14 +97,31 @@ MANIFEST_FORMAT = "cramkit-tokens"
 TOKENIZER = "tokenizer.json"
 
 
+def _output_options(cfg: PrepareConfig) -> dict[str, Any]:
+    """``cfg`` as a dict, with the options that cannot change the output at their defaults.
+
+    So that a batch size for encoding, or the training options of a tokenizer that is reused
+    rather than trained, neither refuses a prepared folder nor prepares the data again; and
+    since they are set to the defaults, every other config keeps the fingerprint it had.
+    """
+    unused = ["batch_docs"]
+    if cfg.tokenizer_file:
+        unused += ["tokenizer", "vocab_size", "min_frequency", "tokenizer_sample_mb"]
+    if not _ORDERINGS[cfg.ordering].shuffle_documents:
+        unused.append("order_buffer_tokens")
+    defaults = PrepareConfig().to_dict()
+    return {**cfg.to_dict(), **{key: defaults[key] for key in unused}}
+
+
 def fingerprint(cfg: PrepareConfig, sources: list[Source] | None = None) -> str:
-    """sha256 of the exact config, the inputs' (path, size, mtime) and the format version."""
+    """sha256 of the config (the options that change the output), the inputs' (path, size,
+    mtime) and the format version."""
     sources = sources if sources is not None else open_sources(cfg)
     inputs = sources_fingerprint(sources)
     if cfg.tokenizer_file:
         inputs.append(["tokenizer_file", sha256_file(cfg.tokenizer_file)])
     blob = json.dumps(
-        {"format": FORMAT_VERSION, "config": cfg.to_dict(), "inputs": inputs}, sort_keys=True
+        {"format": FORMAT_VERSION, "config": _output_options(cfg), "inputs": inputs}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
