@@ -87,6 +87,7 @@ def test_overrides_reach_nested_fields_and_presets():
         ("data.prepare.tokenizer_sample_mb=nan", "tokenizer_sample_mb: expected a finite number"),
         ("optim.weight_decay=1e400", "optim.weight_decay: expected a finite number"),
         ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
+        ("train.max_nonfinite=0", r"train\.max_nonfinite must be >= 1"),
     ],
 )
 def test_bad_config_values_are_clear_errors(override, message):

@@ -123,6 +123,11 @@ class TrainConfig(Config):
             raise ConfigError("train.keep_checkpoints must be >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be >= 1")
+        # 0 or less made every read of the counts a failure: a run with only finite losses
+        # stopped with "not finite for 0 steps in a row" (on GPUs, at its first log line).
+        if self.max_nonfinite < 1:
+            raise ConfigError(f"train.max_nonfinite must be >= 1 (non-finite steps in a row that stop the run), "
+                              f"got {self.max_nonfinite}")
         if self.clip_grad < 0:  # the trainer clips only above 0: a negative one was silently no clipping
             raise ConfigError(f"train.clip_grad must be >= 0 (0 = no clipping), got {self.clip_grad}")
         if self.eval_batches < 0:
