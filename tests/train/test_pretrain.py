@@ -89,6 +89,26 @@ def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_resumes(tiny_ml
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_run_trains_in_a_worker_thread(tiny_mlm_data, tmp_path):
+    """A program that trains in a thread of its own (a job server, a GUI): only the main thread
+    may install signal handlers, and the trainer's attempt failed the run with a ValueError."""
+    import threading
+
+    out = {}
+
+    def work():
+        try:
+            out["summary"] = pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+        except Exception as exc:  # noqa: BLE001 - reported to the test below
+            out["error"] = exc
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert "error" not in out, out.get("error")
+    assert out["summary"]["steps"] == 2 and out["summary"]["stop_reason"] == "budget"
+
+
 def test_resume_with_larger_budget_continues_finished_run(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=4steps")
     pretrain(cfg, say=lambda *_: None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -249,9 +250,13 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until the budget is spent, a stop signal arrives, or training fails."""
         state, cfg = self.state, self.cfg
-        # A signal the parent has us ignore (nohup, `cmd &` in a script) stays ignored.
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-                    if signal.getsignal(sig) is not signal.SIG_IGN}
+        # A signal the parent has us ignore (nohup, `cmd &` in a script) stays ignored. Outside
+        # the main thread (a program that trains in a worker) signal.signal raises, and Python
+        # runs handlers in the main thread only: the host program's handlers stay in charge.
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                        if signal.getsignal(sig) is not signal.SIG_IGN}
         window_tokens, window_flops, window_time = 0, 0.0, self.clock.elapsed
         try:
             self.clock.start()
