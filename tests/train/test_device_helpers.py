@@ -340,5 +340,29 @@ def test_environment_names_the_commit_of_a_checkout_copied_without_git(monkeypat
     assert "git_commit" not in runlog.environment(torch.device("cpu"))
     monkeypatch.setenv("CRAMKIT_COMMIT", "abc1234")
     assert runlog.environment(torch.device("cpu"))["git_commit"] == "abc1234"
-    monkeypatch.setattr(runlog.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "f00d\n", ""))
+    checkout = runlog.Path(runlog.__file__).resolve().parents[3]
+    monkeypatch.setattr(runlog.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, f"{checkout}\nf00d\n", ""))
     assert runlog.environment(torch.device("cpu"))["git_commit"] == "f00d"  # git, where there is one, wins
+
+
+def test_environment_names_no_commit_of_a_repository_cramkit_is_merely_installed_in(tmp_path, monkeypatch):
+    """cramkit installed (not editable) into a virtual environment inside the user's own git
+    repository: git, asked from the installed package, finds that repository, whose commit was
+    recorded as cramkit's."""
+    import shutil
+    import subprocess
+
+    from cramkit.train import runlog
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    project = tmp_path / "project"
+    installed = project / ".venv" / "lib" / "python3" / "site-packages" / "cramkit" / "train"
+    installed.mkdir(parents=True)
+    git = ["git", "-C", str(project), "-c", "user.name=u", "-c", "user.email=u@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "the user's project"], check=True)
+    monkeypatch.setattr(runlog, "__file__", str(installed / "runlog.py"))
+    monkeypatch.delenv("CRAMKIT_COMMIT", raising=False)
+    assert "git_commit" not in runlog.environment(torch.device("cpu"))

@@ -141,9 +141,14 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["cuda"] = torch.version.cuda
     try:
         repo = Path(__file__).resolve().parents[3]
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if commit.returncode == 0:
-            env["git_commit"] = commit.stdout.strip()
+        found = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"],
+                               capture_output=True, text=True, timeout=5)
+        top, _, commit = found.stdout.strip().rpartition("\n")
+        # Only a checkout of cramkit itself: installed into a virtual environment that sits
+        # inside the user's own repository, git found that repository and its commit was
+        # recorded as cramkit's.
+        if found.returncode == 0 and top and Path(top).resolve() == repo:
+            env["git_commit"] = commit
     except (OSError, subprocess.SubprocessError):
         pass
     if "git_commit" not in env and os.environ.get("CRAMKIT_COMMIT"):
