@@ -565,6 +565,9 @@ def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_da
     with pytest.raises(ConfigError, match="trained with optim.name=adamw, not sgd"):
         pretrain(resume_config(run, ["train.budget=4steps", "optim.name=sgd"]), run_dir=run, resume=True,
                  say=lambda *_: None)
+    # The loader refused a new seed only after the model was built, naming its own state.
+    with pytest.raises(ConfigError, match=r"seed cannot change on resume \(.* trains with seed=0\)"):
+        resume_config(run, ["train.budget=4steps", "seed=1"])
     assert (run / "config.json").read_text() == before
 
 

@@ -920,7 +920,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     try:  # the file alone first, so that a damaged or edited one is named as the culprit
         # Not strict: cramkit wrote it, and earlier versions kept technique options as given
         # (100.0 for a count), which a run must still resume with.
-        config_from_dict(saved, strict=False)
+        trained = config_from_dict(saved, strict=False)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     merged = apply_run_overrides(saved, overrides)
@@ -929,6 +929,11 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
                               "copy the directory to continue it under another name")
     cfg = config_from_dict(merged, strict=False)  # overrides are text
+    if cfg.seed != trained.seed:
+        # The loader refused it later, as "loader state does not match: seed=0 in the state".
+        raise ConfigError(f"seed cannot change on resume ({run_dir} trains with seed={trained.seed}): the data "
+                          "order and the masks of the rest of the run follow it; resume without seed=, or "
+                          "start a new run")
     # Against the resolved config: a technique's option added since is as unset as a field.
     unset = _unset_keys(merged, cfg.resolved())
     if unset and int(os.environ.get("RANK", "0")) == 0:
