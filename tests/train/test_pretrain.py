@@ -121,6 +121,10 @@ def test_resume_with_larger_budget_continues_finished_run(tiny_mlm_data, tmp_pat
     # The resumed summary keeps the start of the run (it printed "validation loss: start n/a").
     assert summary["initial_val_loss"] == first["initial_val_loss"] is not None
     assert summary["first_train_loss"] == first["first_train_loss"]
+    # The resume may run elsewhere: environment.json kept the first session's alone. The
+    # refused resume above added nothing.
+    env = json.loads((run / "environment.json").read_text())
+    assert [r["step"] for r in env["resumes"]] == [4] and env["resumes"][0]["packages"] == env["packages"]
 
 
 def test_each_records_mfu_counts_the_flops_of_its_whole_window(tiny_mlm_data, tmp_path):

@@ -636,9 +636,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             raise DataError(f"{data_dir}: the validation split has no sequences to evaluate")
         return total / count
 
+    segment = {**environment(device), "world_size": par.world_size, "strategy": par.strategy,
+               "memory_estimate": estimate} if par.is_main else {}
     if not resume and par.is_main:
-        write_json(run_dir / "environment.json", {**environment(device), "world_size": par.world_size,
-                                                  "strategy": par.strategy, "memory_estimate": estimate})
+        write_json(run_dir / "environment.json", segment)
         with atomic_path(run_dir / "tokenizer.json") as tmp:
             shutil.copyfile(dataset.tokenizer_path, tmp)
         write_json(run_dir / "data_manifest.json", dataset.manifest)
@@ -707,6 +708,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             _check_budget_left(cfg, state.usage, run_dir)
         if par.is_main:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.resolved())
+            if resume:
+                _record_resume_environment(run_dir, state.step, segment)
             # The run goes on: its summary describes a run that ended, and `cramkit report` would
             # take it for the whole run's while this one trains (or after it was killed). Kept
             # aside for its closing totals, should this resume die before its first checkpoint.
@@ -771,6 +774,16 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         loader.close()
         if log:
             log.close()
+
+
+def _record_resume_environment(run_dir: Path, step: int, segment: dict[str, Any]) -> None:
+    """Add the environment of a resume to ``environment.json``'s ``resumes``, by the step it starts
+    from. A resume may run on another GPU, torch or cramkit commit, and the file described the
+    first session alone. Entries from the step on belong to a timeline this resume abandons."""
+    path = run_dir / "environment.json"
+    env = read_json(path, CheckpointError) if path.is_file() else {}
+    earlier = [r for r in env.get("resumes", []) if isinstance(r, dict) and r.get("step", 0) < step]
+    write_json(path, {**env, "resumes": [*earlier, {"step": step, **segment}]})
 
 
 def _reshaped(configured, ended) -> str | None:
