@@ -88,6 +88,8 @@ def test_overrides_reach_nested_fields_and_presets():
         ("optim.weight_decay=1e400", "optim.weight_decay: expected a finite number"),
         ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
         ("train.max_nonfinite=0", r"train\.max_nonfinite must be >= 1"),
+        ("schedule.final=-0.1", r"schedule\.final is a multiplier of the peak learning rate and must be >= 0"),
+        ("schedule.start=-1", r"schedule\.start is a multiplier"),
     ],
 )
 def test_bad_config_values_are_clear_errors(override, message):

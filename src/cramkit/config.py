@@ -234,6 +234,12 @@ class ScheduleConfig(Config):
                               f"known: {', '.join(sorted(LR_SCHEDULES))}")
         if not 0.0 <= self.warmup < 1.0 or not (self.peak_at is None or 0.0 < self.peak_at <= 1.0):
             raise ConfigError("schedule.warmup must be in [0, 1) and schedule.peak_at in (0, 1]")
+        # A negative multiplier is a negative learning rate: the optimizer then climbs the loss.
+        for key in ("start", "final"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"schedule.{key} is a multiplier of the peak learning rate and must be >= 0, "
+                                  f"got {value}")
 
     def options(self) -> dict[str, float]:
         """Keyword arguments for the schedule function; unset fields keep its defaults."""
