@@ -346,7 +346,8 @@ def test_nonfinite_losses_are_skipped_then_stop(tiny_mlm_data, tmp_path, monkeyp
 
     poison_training_loss(monkeypatch, lambda n: True)  # from now on every step is poisoned
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.max_nonfinite=3", "train.log_every=1", name="nan")
-    with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
+    # The advice fits the run: it clips already (the demo recipe's clip_grad) and trains in fp32.
+    with pytest.raises(TrainingError, match=r"not finite for 3 steps in a row \(by step \d+\); lower optim.lr$"):
         pretrain(cfg, say=lambda *_: None)
     # Its log is strict JSON (a bare NaN is rejected by jq and JavaScript): null stands for the
     # non-finite loss, and the report reads it back as NaN.
@@ -363,6 +364,13 @@ def test_nonfinite_losses_are_skipped_then_stop(tiny_mlm_data, tmp_path, monkeyp
     assert any(r.get("type") == "train" and r["loss"] is None for r in rows)
     train, _ = read_metrics(tmp_path / "nan" / "metrics.jsonl")
     assert train and all(math.isnan(r["loss"]) for r in train)
+
+
+def test_the_nonfinite_advice_names_only_what_the_run_can_change():
+    from cramkit.train.nonfinite import advice
+
+    assert advice(0.0, "fp16") == "lower optim.lr, enable train.clip_grad or use train.precision=bf16 instead of fp16"
+    assert advice(1.0, "bf16") == "lower optim.lr"
 
 
 def test_training_continues_past_one_epoch(tiny_mlm_data, tmp_path):

@@ -51,10 +51,13 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
 
 
 class NonfiniteCounter:
-    """Counts of skipped steps, kept on the device between :meth:`settle` calls."""
+    """Counts of skipped steps, kept on the device between :meth:`settle` calls.
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    ``advice`` ends the error that the limit raises (:func:`advice` words it for a run).
+    """
+
+    def __init__(self, limit: int, advice: str = "lower optim.lr") -> None:
+        self.limit, self.advice = limit, advice
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def record(self, finite: torch.Tensor, state) -> None:
@@ -79,13 +82,23 @@ class NonfiniteCounter:
         self._pending = None
         state.nonfinite_total += new
         state.nonfinite_in_row = in_row
-        check(max(worst, in_row), self.limit, state)
+        self.check(max(worst, in_row), state)
+
+    def check(self, in_row: int, state) -> None:
+        """Stop training with a TrainingError once ``in_row`` non-finite steps reach the limit."""
+        if in_row >= self.limit:
+            raise TrainingError(
+                f"loss (or, with train.clip_grad, gradient norm) was not finite for {in_row} steps "
+                f"in a row (by step {state.step}); {self.advice}"
+            )
 
 
-def check(in_row: int, limit: int, state) -> None:
-    if in_row >= limit:
-        raise TrainingError(
-            f"loss (or, with train.clip_grad, gradient norm) was not finite for {in_row} steps "
-            f"in a row (by step {state.step}); "
-            "lower optim.lr, enable train.clip_grad, or use bf16 instead of fp16"
-        )
+def advice(clip_grad: float, precision: str) -> str:
+    """What to try against repeated non-finite steps under these settings. Every run was told to
+    enable clipping and leave fp16, also with clipping on and in fp32 or bf16."""
+    tips = ["lower optim.lr"]
+    if clip_grad <= 0:
+        tips.append("enable train.clip_grad")
+    if precision == "fp16":
+        tips.append("use train.precision=bf16 instead of fp16")
+    return ", ".join(tips[:-1]) + " or " + tips[-1] if len(tips) > 1 else tips[0]

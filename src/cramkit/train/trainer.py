@@ -24,7 +24,7 @@ from ..objectives import target_index
 from ..optim import evaluation_weights
 from ..schedules import accumulation_steps, lr_factor
 from .device import autocast, memory_gb
-from .nonfinite import NonfiniteCounter, check, skips_on_device, step_unless
+from .nonfinite import NonfiniteCounter, advice, skips_on_device, step_unless
 from .state import TrainState
 
 Batch = dict[str, torch.Tensor]
@@ -88,7 +88,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.stop_reason: str | None = None
         self._signalled = False  # set by the signal handler, agreed across ranks per step
-        self.nonfinite = NonfiniteCounter(cfg.train.max_nonfinite)
+        self.nonfinite = NonfiniteCounter(cfg.train.max_nonfinite, advice(cfg.train.clip_grad, precision))
         self.passes = 1  # forward/backward passes of the latest step (train_step counts them)
         self._loss: torch.Tensor | None = None  # the last step's, read on the host when logged
         self._adopt(model, self.state.optimizer)
@@ -179,7 +179,7 @@ class Trainer:
         self.scaler.update()
         state.nonfinite_in_row += 1
         state.nonfinite_total += 1
-        check(state.nonfinite_in_row, self.cfg.train.max_nonfinite, state)
+        self.nonfinite.check(state.nonfinite_in_row, state)
         return torch.tensor(loss_value, dtype=torch.float64)
 
     def _forward_backward(self, batches: list[Batch], total_targets: float) -> torch.Tensor:
