@@ -134,7 +134,7 @@ case $part in
     rm -rf "$WORK/runs/shape"
     glue=
     if limit 120 "$PY" -m cramkit pretrain crammed-bert "data.dir=$DATA" "out_dir=$WORK/runs" name=shape \
-        train.budget=2steps train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false \
+        train.budget=2steps train.compile=false finetune_demo=false train.progress_bar=false train.tensorboard=false train.plots=false \
         train.batch_size=64 train.micro_batch=64 train.batch_ramp=0 train.eval_batches=2 \
         ${SMOKE:+model.preset=tiny train.device=cpu train.batch_size=8 train.micro_batch=8 train.eval_batches=1} \
         > "$OUT/shape.log" 2>&1; then

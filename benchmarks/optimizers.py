@@ -85,7 +85,7 @@ def _device_name(args) -> str:
 
 def _overrides(args, data: Path) -> list[str]:
     common = [f"data.dir={data}", f"out_dir={args.out}", "train.progress_bar=false",
-              "train.tensorboard=false", "train.eval_every=0", "finetune_demo=false",
+              "train.tensorboard=false", "train.plots=false", "train.eval_every=0", "finetune_demo=false",
               f"seed={args.seed}"]
     if args.gpu and args.smoke:  # the GPU sweep's recipe and data at a tiny size, on the CPU
         from cramkit.data.dataset import TokenDataset

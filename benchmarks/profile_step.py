@@ -351,7 +351,7 @@ def profile_model(name: str, args, out: Path, device: torch.device) -> dict:
         overrides += [f"data.dir={data}", f"out_dir={work}", "name=run", f"train.budget={probe.total_steps}steps",
                       f"train.micro_batch={mb}", f"train.batch_size={max(mb, 1) * acc}", "train.batch_ramp=0",
                       "train.eval_every=0", "train.checkpoint_every=0", "train.eval_batches=1",
-                      f"train.log_every={args.log_every}", "train.progress_bar=false", "train.tensorboard=false",
+                      f"train.log_every={args.log_every}", "train.progress_bar=false", "train.tensorboard=false", "train.plots=false",
                       "finetune_demo=false", f"seed={args.seed}"]
         if args.peak_tflops:
             overrides.append(f"train.peak_tflops={args.peak_tflops}")

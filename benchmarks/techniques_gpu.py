@@ -120,7 +120,7 @@ def base_overrides(data_dir: Path, work: Path, args) -> list[str]:
         # Evaluations every 5 % of the budget (3 s of 60) on the whole validation split: times to
         # the target are read off this grid, so it bounds their resolution (speed-ups ~±5 %).
         f"train.budget={args.budget}", "train.eval_every=0.05", "train.eval_batches=0", "train.checkpoint_every=0",
-        "train.progress_bar=false", "train.tensorboard=false", "finetune_demo=false",
+        "train.progress_bar=false", "train.tensorboard=false", "train.plots=false", "finetune_demo=false",
         f"train.compile={'true' if args.compile else 'false'}", f"seed={args.seed}",
     ]
     return common + SCALES[args.scale]["overrides"]

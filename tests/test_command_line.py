@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_show_config_prints_what_a_run_records_in_config_json(tiny_mlm_data, tmp
     has every enabled technique's options and the schedule's own peak and start."""
     args = [f"data.dir={tiny_mlm_data}", f"out_dir={tmp_path}", "name=shown", "model.vocab_size=512",
             "train.budget=1steps", "train.micro_batch=4", "train.batch_size=4", "train.progress_bar=false",
-            "train.tensorboard=false", "finetune_demo=false", "train.eval_batches=1", "techniques=[pld]"]
+            "train.tensorboard=false", "train.plots=false", "finetune_demo=false", "train.eval_batches=1", "techniques=[pld]"]
     assert main(["show-config", "demo", *args]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["technique"]["pld"]["theta_bar"] == 0.5 and shown["schedule"]["peak_at"] == 0.75
@@ -74,9 +75,17 @@ def test_pretrain_and_resume_through_the_cli(tiny_mlm_data, tmp_path, capsys):
     assert main(["pretrain", "demo", *base]) == 0
     out = capsys.readouterr().out
     assert "stopped by budget after 3 steps" in out and "validation loss" in out
+    plots = tmp_path / "cli" / "plots"
+    if importlib.util.find_spec("matplotlib") is None:  # the [plot] extra is optional
+        assert not plots.exists()
+    else:
+        assert sorted(p.name for p in plots.iterdir()) == [f"loss-vs-{x}.png" for x in ("flops", "time", "tokens")]
+        first = (plots / "loss-vs-tokens.png").read_bytes()
     assert main(["pretrain", "--resume", str(tmp_path / "cli"), "budget=5steps"]) == 0
     out = capsys.readouterr().out
     assert "after 5 steps" in out
+    if plots.exists():  # redrawn with the resumed steps
+        assert (plots / "loss-vs-tokens.png").read_bytes() != first
     # The resumed summary still knows where the run started.
     assert "validation loss: start n/a" not in out
     # A spent budget is one error line, not announced as a run first ("run: ...", "model: ...").
@@ -121,7 +130,7 @@ def test_pretrain_leaves_the_process_group_before_rank_0_alone_works_on(tiny_mlm
     monkeypatch.setattr(finetune, "finetune_demo", lambda *a, **k: calls.append(("demo",)) or {
         "train_examples": 1, "eval_examples": 1, "seconds": 0, "pretrained_accuracy": 1, "random_init_accuracy": 0, "majority_baseline": 0})
     argv = ["pretrain", "demo", f"data.dir={tiny_mlm_data}", "model.vocab_size=512", f"out_dir={tmp_path}",
-            "name=r", "train.budget=2steps", "train.progress_bar=false", "train.tensorboard=false",
+            "name=r", "train.budget=2steps", "train.progress_bar=false", "train.tensorboard=false", "train.plots=false",
             "train.eval_batches=1"]
     assert main(argv) == 0
     assert calls[:2] == [("leave", True), ("demo",)]
@@ -285,3 +294,16 @@ def test_masking_options_given_to_a_causal_run_are_said_to_do_nothing(argv, warn
     assert main([*argv, "finetune_demo=false"]) == 0
     said = [str(w.message) for w in recwarn if "masking options" in str(w.message)]
     assert said == ([warned] if warned else [])
+
+
+def test_a_failed_plot_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):
+    from cramkit.train import run
+
+    def broken(*_):
+        raise RuntimeError("no font")
+
+    monkeypatch.setattr("cramkit.report.load_run", lambda path: object())
+    monkeypatch.setattr("cramkit.report.write_plots", broken)
+    with pytest.warns(UserWarning, match=r"the loss plots were not written \(RuntimeError: no font\); "
+                                         r"`cramkit report .* --out .*plots` retries them"):
+        run._plot_losses(tmp_path)

@@ -113,7 +113,7 @@ def test_a_plugin_file_adds_a_technique_and_an_optimizer_to_every_command(plugin
                                                                          monkeypatch, capsys, clean_registries):
     run = ["data.dir=" + str(tiny_mlm_data), f"out_dir={tmp_path}", "name=run", "model.preset=tiny",
            "model.vocab_size=512", "model.max_positions=64", "train.batch_size=8", "train.micro_batch=4",
-           "train.eval_every=0", "train.eval_batches=2", "train.progress_bar=false", "train.tensorboard=false",
+           "train.eval_every=0", "train.eval_batches=2", "train.progress_bar=false", "train.tensorboard=false", "train.plots=false",
            "train.device=cpu", "finetune_demo=false", "techniques=[slowstart]", "technique.slowstart.fraction=0.5",
            "optim.name=plainsgd"]
     monkeypatch.setenv(plugins.ENV, str(plugin_file))

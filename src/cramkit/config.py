@@ -107,6 +107,8 @@ class TrainConfig(Config):
     peak_tflops: float = field(0.0, help="one device's peak for MFU in TFLOP/s (MFU divides by it times the number of ranks); 0 = measured at start-up (bf16 matmul on CUDA, fp16 under fp16, fp32 on CPU)")
     progress_bar: bool = field(True, help="show a live progress bar (only on a terminal)")
     tensorboard: bool = field(True, help="write TensorBoard events when tensorboard is installed")
+    plots: bool = field(True, help="at the end, plot the run's losses into RUN/plots/loss-vs-{time,tokens,flops}.png "
+                        "when matplotlib is installed (the [plot] or [dev] extra)")
 
     def validate(self) -> None:
         Budget.parse(self.budget)

@@ -273,7 +273,7 @@ def test_a_pretrained_run_passes_the_tokenizer_check(tiny_mlm_data, tmp_path, ca
 
     args = [f"data.dir={tiny_mlm_data}", f"out_dir={tmp_path}", "name=run", "model.vocab_size=512",
             "train.budget=2steps", "train.micro_batch=4", "train.batch_size=4", "train.device=cpu",
-            "train.progress_bar=false", "train.tensorboard=false", "finetune_demo=false",
+            "train.progress_bar=false", "train.tensorboard=false", "train.plots=false", "finetune_demo=false",
             "train.eval_batches=1"]
     assert main(["pretrain", "demo", *args]) == 0
     assert json.loads((tmp_path / "run" / "data_manifest.json").read_text())["tokenizer_sha256"]

@@ -768,12 +768,28 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
             write_json(run_dir / "summary.json", summary)
             (run_dir / SUMMARY_BEFORE_RESUME).unlink(missing_ok=True)  # this summary counts it all
+            if cfg.train.plots:
+                _plot_losses(run_dir)
         return par.gather(summary)[0]
     finally:
         bar.close()
         loader.close()
         if log:
             log.close()
+
+
+def _plot_losses(run_dir: Path) -> None:
+    """``cramkit report RUN --out RUN/plots``'s plots, without its tables (summary.json has the
+    numbers). A run that trained to its end is never failed by its plots."""
+    from ..report import DEFAULT_AXES, load_run, write_plots
+
+    try:
+        write_plots([load_run(run_dir)], run_dir / "plots", DEFAULT_AXES, None)
+    except ImportError:  # the optional plot extra; TensorBoard's events hold the curves too
+        pass
+    except Exception as exc:  # noqa: BLE001 (a plotting library's failure of any kind)
+        warnings.warn(f"the loss plots were not written ({type(exc).__name__}: {exc}); "
+                      f"`cramkit report {run_dir} --out {run_dir / 'plots'}` retries them", stacklevel=2)
 
 
 def _record_resume_environment(run_dir: Path, step: int, segment: dict[str, Any]) -> None:
