@@ -246,3 +246,41 @@ def test_finetune_peft_targets_default_to_the_methods_own():
     assert FinetuneConfig.from_dict(apply_overrides({}, ["peft_targets=none"])).peft_targets is None
     assert FinetuneConfig.from_dict(apply_overrides({}, ["peft_targets=attn.qkv,ffn.up"])).peft_targets == [
         "attn.qkv", "ffn.up"]
+
+
+
+@pytest.mark.parametrize(("method", "marker"), [("ia3", ".ia3_l."), ("lora", ".lora_")])
+def test_weight_decay_spares_ia3_scaling_vectors(method, marker, tiny_run, bbc_task, monkeypatch):
+    """IA3's vectors are 2-D in peft ([out, 1], [1, in]), so fine-tuning's parameter groups (which
+    spare tensors of fewer than 2 dims) decayed them toward 0 under finetune.weight_decay > 0,
+    toward switching the adapted layers off. LoRA's matrices stay decayed."""
+    import importlib
+
+    ft = importlib.import_module("cramkit.eval.finetune")  # the module; the package exports a function of that name
+    made, wrapped = [], []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append(self)
+
+    def recording_apply_peft(model, opts):
+        wrapped.append(apply_peft(model, opts))
+        return wrapped[-1]
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    monkeypatch.setattr(ft, "apply_peft", recording_apply_peft)
+    cfg = ft.FinetuneConfig.from_dict({"seeds": [0], "progress": False, "epochs": 0.05, "seq_len": 32,
+                                       "max_train_examples": 32, "max_eval_examples": 8,
+                                       "weight_decay": 0.1, "peft": method})
+    ft.finetune(ft.load_backbone(tiny_run), bbc_task, cfg)
+    decay = {id(p): g["weight_decay"] for g in made[0].param_groups for p in g["params"]}
+    assert len(decay) == sum(len(g["params"]) for g in made[0].param_groups)  # each once
+    trainable = {n: p for n, p in wrapped[0].named_parameters() if p.requires_grad}
+    assert set(decay) == {id(p) for p in trainable.values()}
+    adapter = {n: p for n, p in trainable.items() if marker in n}
+    assert adapter and all(p.ndim == 2 for p in adapter.values())
+    want = 0.0 if method == "ia3" else 0.1
+    assert {n: decay[id(p)] for n, p in adapter.items()} == {n: want for n in adapter}
+    head = trainable["base_model.model.classifier.0.modules_to_save.default.weight"]
+    assert decay[id(head)] == 0.1  # the head's matrices are decayed as before

@@ -117,17 +117,23 @@ def _ia3(peft, names: list[str], head: list[str], opts: PeftOptions):
 
 @dataclasses.dataclass(frozen=True)
 class PeftMethod:
-    """A peft method: ``build(peft, target names, head names, options)`` -> peft config, and the
-    module-name suffixes it adapts when ``finetune.peft_targets`` is not set."""
+    """A peft method: ``build(peft, target names, head names, options)`` -> peft config, the
+    module-name suffixes it adapts when ``finetune.peft_targets`` is not set, and
+    ``scaling_attrs``: the adapter layers' attributes (peft's ``adapter_layer_names``) that hold
+    scaling vectors, which weight decay must not reach (:func:`exempt_scaling_from_decay`)."""
 
     build: Callable
     default_targets: tuple[str, ...]
+    scaling_attrs: tuple[str, ...] = ()
 
 
 PEFT_METHODS: dict[str, PeftMethod] = {
     "lora": PeftMethod(_lora, DEFAULT_TARGETS),
     "loha": PeftMethod(_loha, DEFAULT_TARGETS),
-    "ia3": PeftMethod(_ia3, IA3_TARGETS),
+    # IA3's vectors are stored 2-D ([out, 1] or [1, in]), so a rule by shape takes them for
+    # matrices; they start at 1 and multiply activations, and decay toward 0 would switch the
+    # adapted layers off rather than pull them toward the frozen model.
+    "ia3": PeftMethod(_ia3, IA3_TARGETS, scaling_attrs=("ia3_l",)),
 }
 
 
@@ -152,6 +158,46 @@ def get_peft_method(name: str) -> PeftMethod:
             f"unknown peft method '{name}'{did_you_mean(name, PEFT_METHODS)}; "
             f"choose from {sorted(PEFT_METHODS)}"
         ) from None
+
+
+def scaling_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
+    """The trainable scaling vectors of ``method``'s adapter layers in ``model`` (IA3's), each
+    once; none for methods without them (LoRA, LoHa) and for ``none``."""
+    attrs = PEFT_METHODS[method].scaling_attrs if method in PEFT_METHODS else ()
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for attr in attrs:
+            holder = getattr(module, attr, None)
+            if isinstance(holder, nn.Module):  # peft keeps them in a ParameterDict per adapter
+                found.update((id(p), p) for p in holder.parameters() if p.requires_grad)
+    return list(found.values())
+
+
+def exempt_scaling_from_decay(groups: list[dict], model: nn.Module, method: str) -> list[dict]:
+    """``groups`` (from :func:`cramkit.optim.parameter_groups`) with ``method``'s scaling vectors
+    moved to the undecayed ``vector`` group; that rule exempts parameters by shape, and IA3's
+    vectors are 2-D."""
+    exempt = {id(p): p for p in scaling_parameters(model, method)}
+    if not exempt:
+        return groups
+    out = []
+    for group in groups:
+        keep = [i for i, p in enumerate(group["params"]) if id(p) not in exempt]
+        if len(keep) == len(group["params"]):
+            out.append(group)
+            continue
+        if not keep:
+            continue
+        trimmed = {**group, "params": [group["params"][i] for i in keep]}
+        if "stacked" in group:  # per-parameter list, parallel to params
+            trimmed["stacked"] = [group["stacked"][i] for i in keep]
+        out.append(trimmed)
+    at = next((i for i, g in enumerate(out) if g["kind"] == "vector"), None)
+    if at is None:
+        out.append({"params": list(exempt.values()), "weight_decay": 0.0, "kind": "vector"})
+    else:  # a new dict: the caller's groups are left as they were
+        out[at] = {**out[at], "params": [*out[at]["params"], *exempt.values()]}
+    return out
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -28,7 +28,13 @@ from ..errors import CheckpointError, ConfigError
 from ..optim import parameter_groups
 from ..train.device import autocast, resolve_device, resolve_precision
 from ..utils import changed_keys
-from .adapters import PEFT_METHODS, PeftOptions, apply_peft, parameter_counts
+from .adapters import (
+    PEFT_METHODS,
+    PeftOptions,
+    apply_peft,
+    exempt_scaling_from_decay,
+    parameter_counts,
+)
 from .encoding import Encoded, SpecialIds, TaskEncoder
 from .heads import POOLERS, SequenceClassifier
 from .metrics import compute_metrics, median_metrics, task_score
@@ -45,7 +51,9 @@ class FinetuneConfig(Config):
     lr: float = field(4e-5, help="peak AdamW learning rate")
     betas: tuple[float, float] = field((0.9, 0.98), help="AdamW betas")
     eps: float = field(1e-6, help="AdamW epsilon")
-    weight_decay: float = field(0.0, help="AdamW weight decay, never on norms and biases")
+    weight_decay: float = field(
+        0.0, help="AdamW weight decay, never on norms, biases and IA3's scaling vectors"
+    )
     schedule: Literal["cosine", "linear", "constant"] = field(
         "cosine", help="learning-rate decay after warmup"
     )
@@ -451,9 +459,11 @@ def train_one(
     counts = parameter_counts(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # Decay never on norms and biases, as in pretraining (cramkit.optim.parameter_groups): an
-    # ungrouped AdamW pulled LayerNorm gains toward 0 as soon as weight_decay was set.
+    # ungrouped AdamW pulled LayerNorm gains toward 0 as soon as weight_decay was set. Nor on
+    # IA3's scaling vectors, which that rule by shape takes for matrices.
+    groups = exempt_scaling_from_decay(parameter_groups(model, cfg.weight_decay), model, cfg.peft)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
