@@ -598,6 +598,20 @@ def test_example_limits_must_be_positive(key, value):
         FinetuneConfig.from_dict({key: value}, path="finetune")
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ({"weight_decay": -0.1}, "finetune.weight_decay must be >= 0"),
+    ({"betas": [1.5, 0.9]}, r"finetune.betas must lie in \[0, 1\)"),
+    ({"betas": [0.9, -0.1]}, r"finetune.betas must lie in \[0, 1\)"),
+    ({"grad_clip": -1.0}, "finetune.grad_clip must be >= 0"),
+])
+def test_optimizer_settings_are_checked_like_pretrainings(override, message):
+    # AdamW refused the first two with a ValueError traceback once the task and model had loaded;
+    # a negative grad_clip was silently no clipping.
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig.from_dict(override, path="finetune")
+    FinetuneConfig.from_dict({"weight_decay": 0.0, "betas": [0.0, 0.999], "grad_clip": 0.0})
+
+
 def test_saved_weights_replace_the_previous_ones_atomically(tmp_path, tiny_run, monkeypatch):
     """save=true wrote model.safetensors in place: ^C mid-write left a truncated file where
     the previous run's weights had been."""

@@ -112,6 +112,14 @@ class FinetuneConfig(Config):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
+        # As pretraining's optim and train sections check them: AdamW refused a negative decay or
+        # a beta outside [0, 1) with a traceback, and a negative clip was silently no clipping.
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"finetune.betas must lie in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"finetune.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"finetune.warmup must be in [0, 1), got {self.warmup}")
         for name in ("dropout", "attention_dropout", "peft_dropout"):
