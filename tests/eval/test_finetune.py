@@ -83,6 +83,24 @@ def test_special_token_spellings_in_text_are_text(bbc_tokenizer):
     assert bbc_tokenizer.encode("[SEP]", add_special_tokens=False).ids == [special.sep]
 
 
+def test_a_tokenizer_that_pads_or_truncates_itself_gives_the_same_inputs(bbc_tokenizer):
+    """A reused tokenizer.json may enable padding and truncation (sentence-transformers' files pad
+    to a fixed 128): encode_batch then padded every text to the longest with [PAD] ids, which
+    entered the inputs as real tokens under the attention mask, and cut texts at its max_length."""
+    from tokenizers import Tokenizer
+
+    special = SpecialIds.from_vocab(bbc_tokenizer)
+    examples = [Example("the market", "a film about music and the election", 0),
+                Example("the phone", None, 1)]
+    plain = [e.ids for e in TaskEncoder(bbc_tokenizer, special, 64, causal=False).encode(examples)]
+    padding = Tokenizer.from_str(bbc_tokenizer.to_str())
+    padding.enable_padding(pad_id=special.pad, pad_token="[PAD]", length=32)
+    padding.enable_truncation(max_length=3)
+    got = [e.ids for e in TaskEncoder(padding, special, 64, causal=False).encode(examples)]
+    assert got == plain and special.pad not in got[1]
+    assert padding.padding is not None and padding.truncation is not None  # the caller's is left as it was
+
+
 def test_finetune_tiny_beats_majority_on_bbc(tiny_run, bbc_task):
     backbone = load_backbone(tiny_run, random_init=True)
     cfg = FinetuneConfig.from_dict({**FAST, "epochs": 2, "seq_len": 64, "max_train_examples": 600})
