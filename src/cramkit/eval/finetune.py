@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configbase import Config, did_you_mean, field
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..optim import parameter_groups
 from ..train.device import autocast, resolve_device, resolve_precision
 from ..utils import changed_keys
@@ -428,6 +428,9 @@ def predict(
             batch = encoder.collate([data[i] for i in idx], regression)
             logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             logits = logits.float()
+            if not bool(torch.isfinite(logits).all()):  # the last update broke the weights
+                raise TrainingError("the fine-tuned model's outputs are not finite: training "
+                                    "diverged (lower finetune.lr, or set finetune.grad_clip=1.0)")
             values = logits.squeeze(-1).tolist() if regression else logits.argmax(-1).tolist()
             for i, v in zip(idx, values):
                 out[i] = v
@@ -504,6 +507,16 @@ def train_one(
             loss = F.mse_loss(logits.squeeze(-1), batch["labels"])
         else:
             loss = F.cross_entropy(logits, batch["labels"])
+        value = loss.item()  # read for the progress bar anyway
+        if not math.isfinite(value):
+            bar.close()
+            # The weights are no longer a model (or soon will not be): scored anyway, the
+            # argmax of nan logits is class 0 and a nan regressor correlates "0", reported as if
+            # it had trained.
+            raise TrainingError(
+                f"{spec.name} seed {seed}: fine-tuning loss is {value} at step {_step + 1} of "
+                f"{total}; training diverged (lower finetune.lr, or set finetune.grad_clip=1.0)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -511,7 +524,7 @@ def train_one(
         optimizer.step()
         scheduler.step()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
     bar.close()
     metrics = {}
     for entry, data in evals.items():
