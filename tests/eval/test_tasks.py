@@ -382,6 +382,16 @@ def test_file_task_names_keep_every_dot_but_the_file_type(tmp_path):
 
 
 @pytest.mark.shared_data
+def test_file_task_options_are_refused_for_a_glue_task_folder(glue_dir, tmp_path):
+    """`--task glue/RTE --dev mine.tsv` scored on RTE's own dev.tsv without a word (and the result
+    recorded --dev as one of its options): a GLUE folder is read in GLUE's layout."""
+    (tmp_path / "mine.tsv").write_text("sentence1\tsentence2\tlabel\na\tb\tentailment\n")
+    with pytest.raises(DataError, match=r"GLUE task 'rte'.*options do not apply to it \(given: dev, text_column\)"):
+        load_task(glue_dir / "RTE", dev=tmp_path / "mine.tsv", text_column="sentence1")
+    assert load_task(glue_dir / "RTE").spec.name == "rte"
+
+
+@pytest.mark.shared_data
 def test_a_glue_task_folder_loads_as_that_glue_task(glue_dir, tmp_path, monkeypatch):
     """`--task glue/CoLA` read CoLA's header-less train.tsv as a generic file task: its first
     sentence became a column name and the metric was accuracy instead of Matthews."""

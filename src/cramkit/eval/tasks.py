@@ -797,13 +797,21 @@ def load_task(
     """Load a task by registry name (``bbc``, GLUE names) or from a training-file path.
 
     GLUE tasks are read from ``data_dir`` when given, else from HF ``datasets`` if installed; a
-    path to a GLUE task's own folder (``glue/CoLA``) loads that GLUE task from it.
-    ``file_options`` go to :func:`file_task` for paths.
+    path to a GLUE task's own folder (``glue/CoLA``) loads that GLUE task from it (and refuses
+    ``file_options``). ``file_options`` go to :func:`file_task` for paths.
     """
     text = str(name_or_path)
     if Path(text).is_dir() and _key(text) not in TASKS:
         glue = _glue_task_in(Path(text))
         if glue is not None:
+            if file_options:
+                # Read in GLUE's layout, they would go unused: `--dev mine.tsv` scored on the
+                # folder's dev.tsv, and the result recorded the unused options as its own.
+                raise DataError(
+                    f"{text} is the folder of GLUE task '{glue.name}', read with its own columns, "
+                    f"labels, dev split and metrics: file-task options do not apply to it "
+                    f"(given: {', '.join(sorted(file_options))})"
+                )
             return _load_glue_folder(glue, Path(text))
         text = str(_training_file_in(Path(text)))
     if Path(text).suffix or Path(text).exists():
