@@ -729,6 +729,26 @@ def test_head_width_sets_the_dense_layer_and_nothing_drops_out_before_it():
         FinetuneConfig.from_dict({"head_width": -1})
 
 
+@pytest.mark.parametrize(("preset", "tied"), [("bert-base", True), ("bert-base", False), ("tiny-gpt", True)])
+def test_trainable_count_is_what_gets_a_gradient(preset, tied):
+    """The encoder's language-model head is unused by a classifier: BERT's transform and decoder
+    bias were counted as trainable (625k parameters at bert-base size) and never trained. The
+    decoder weight tied to the embeddings stays trainable, as the embeddings."""
+    from cramkit.eval.adapters import parameter_counts
+    from cramkit.eval.heads import SequenceClassifier
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    cfg = preset_config(preset, vocab_size=256, hidden=32, layers=2, heads=4, intermediate=64,
+                        max_positions=64, tie_embeddings=tied)
+    clf = SequenceClassifier(build_model(cfg), 32, 3, causal=cfg.causal)
+    x = torch.randint(5, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    clf(x, torch.ones_like(x)).sum().backward()
+    got_grad = {id(p): p for p in clf.parameters() if p.grad is not None}
+    assert parameter_counts(clf)["trainable"] == sum(p.numel() for p in got_grad.values())
+    assert clf.encoder.embeddings.tokens.weight.requires_grad
+
+
 def test_a_fine_tune_never_replaces_another_tasks_result_of_the_same_name(tiny_run, tmp_path, capsys, monkeypatch):
     """``reviews-lora.tsv`` fine-tuned fully and ``reviews.tsv`` with LoRA both write
     eval/finetune-reviews-lora.json (and one weights folder): the second replaced the first."""

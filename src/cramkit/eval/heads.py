@@ -80,6 +80,17 @@ class SequenceClassifier(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(width, num_labels),
         )
+        # The encoder's language-model head is off the classification path (forward calls
+        # ``encode``): its own tensors (BERT's transform and decoder bias, not the decoder weight
+        # tied to the embeddings) were counted as trainable and handed to the optimizer, and
+        # never got a gradient.
+        lm_head = getattr(encoder, "head", None)
+        if isinstance(lm_head, nn.Module):
+            used = {id(p) for name, p in encoder.named_parameters(remove_duplicate=False)
+                    if not name.startswith("head.")}
+            for p in lm_head.parameters():
+                if id(p) not in used:
+                    p.requires_grad_(False)
         std = getattr(getattr(encoder, "config", None), "init_std", 0.02)
         for module in self.classifier:
             if isinstance(module, nn.Linear):
