@@ -749,6 +749,20 @@ def test_trainable_count_is_what_gets_a_gradient(preset, tied):
     assert clf.encoder.embeddings.tokens.weight.requires_grad
 
 
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_seq_len_beyond_the_models_positions_is_refused_before_training(positions, tmp_path,
+                                                                       bbc_tokenizer, bbc_task):
+    """Rotary positions cover max_positions too (the model refuses longer inputs), but only
+    learned and sinusoidal ones were checked up front: a rotary model failed at the first batch
+    that long, mid-training."""
+    from cramkit.models.presets import preset_config
+
+    cfg = preset_config("tiny", vocab_size=1024, positions=positions, max_positions=32)
+    run = make_run_dir(tmp_path / positions, cfg, bbc_tokenizer)
+    with pytest.raises(ConfigError, match="finetune.seq_len 64 exceeds model.max_positions 32"):
+        finetune(load_backbone(run), bbc_task, FinetuneConfig.from_dict({**FAST, "seq_len": 64}))
+
+
 def test_a_fine_tune_never_replaces_another_tasks_result_of_the_same_name(tiny_run, tmp_path, capsys, monkeypatch):
     """``reviews-lora.tsv`` fine-tuned fully and ``reviews.tsv`` with LoRA both write
     eval/finetune-reviews-lora.json (and one weights folder): the second replaced the first."""

@@ -574,7 +574,9 @@ def finetune(
         backbone.tokenizer, backbone.special, cfg.seq_len, backbone.model_config.causal
     )
     max_pos = backbone.model_config.max_positions
-    if cfg.seq_len > max_pos and backbone.model_config.positions in ("learned", "sinusoidal"):
+    # Every position scheme but none covers max_positions only (rotary's cache too): checked by
+    # the model at the first batch that long, which may be hours into a suite.
+    if cfg.seq_len > max_pos and backbone.model_config.positions != "none":
         raise ConfigError(f"finetune.seq_len {cfg.seq_len} exceeds model.max_positions {max_pos}")
     train = encoder.encode(subsample(task.train, cfg.max_train_examples, seed=0))
     evals = {
