@@ -462,6 +462,15 @@ def test_malformed_rows_of_a_user_file_stay_an_error(tmp_path):
                   labels=["0", "1"])
 
 
+def test_labels_given_for_a_regression_task_are_an_error(tmp_path):
+    """--labels with --regression was dropped without a word: one of the two is a mistake."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\t0.5\nb\t1.5\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nc\t1.0\n")
+    with pytest.raises(DataError, match="--labels: a regression task has no classes"):
+        file_task(tmp_path / "train.tsv", labels=["0.5", "1.5"], is_regression=True)
+    assert file_task(tmp_path / "train.tsv", is_regression=True).spec.labels is None
+
+
 def test_positive_label_is_the_class_f1_scores(tmp_path):
     """F1 scores label index 1; with sorted labels duplicate/not_duplicate that is the negative
     class, and only an error text said so. --positive-label names the class to score."""

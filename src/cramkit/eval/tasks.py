@@ -706,7 +706,10 @@ def file_task(
                         f"validation{suffix}, valid{suffix}, test{suffix}) beside it")
     if metrics is None:
         metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
-    if labels is not None and not is_regression:
+    if labels is not None and is_regression:
+        # It was dropped without a word: the user meant one of the two, and the run did the other.
+        raise DataError("--labels: a regression task has no classes (drop --labels or --regression)")
+    if labels is not None:
         # A label named twice kept its last index: a class no example has, and a head one wider.
         twice = _first_repeat(labels)
         if twice is not None:
