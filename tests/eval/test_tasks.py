@@ -113,7 +113,7 @@ def test_file_tasks_tsv_csv_jsonl_gz(tmp_path):
     assert data.evals[data.spec.name][0].label == 0
 
     (tmp_path / "t.csv").write_text('text,score\n"one, two",1.5\nthree,2\n')
-    (tmp_path / "d.csv").write_text("text,score\nfour,0.5\n")
+    (tmp_path / "d.csv").write_text("text,score\nfour,0.5\nfive,3\n")  # a correlation needs two
     reg = load_task(
         tmp_path / "t.csv",
         dev=tmp_path / "d.csv",
@@ -465,10 +465,22 @@ def test_malformed_rows_of_a_user_file_stay_an_error(tmp_path):
 def test_labels_given_for_a_regression_task_are_an_error(tmp_path):
     """--labels with --regression was dropped without a word: one of the two is a mistake."""
     (tmp_path / "train.tsv").write_text("sentence\tlabel\na\t0.5\nb\t1.5\n")
-    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nc\t1.0\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nc\t1.0\nd\t2.0\n")
     with pytest.raises(DataError, match="--labels: a regression task has no classes"):
         file_task(tmp_path / "train.tsv", labels=["0.5", "1.5"], is_regression=True)
     assert file_task(tmp_path / "train.tsv", is_regression=True).spec.labels is None
+
+
+def test_a_regression_dev_file_with_one_target_is_an_error(tmp_path):
+    """HF's STS-B test split, exported beside train as test.csv (the dev file by default when
+    there is no dev), holds -1 for every hidden score: correlations on a constant target were
+    scored 0 after the whole fine-tune."""
+    (tmp_path / "train.csv").write_text("sentence,label\na,0.5\nb,4.5\n")
+    (tmp_path / "test.csv").write_text("sentence,label\nc,-1\nd,-1\n")
+    with pytest.raises(DataError, match=r"test.csv: every target is -1, so a correlation cannot score it"):
+        file_task(tmp_path / "train.csv", is_regression=True)
+    (tmp_path / "test.csv").write_text("sentence,label\nc,-1\nd,2\n")
+    assert len(file_task(tmp_path / "train.csv", is_regression=True).evals[tmp_path.name]) == 2
 
 
 def test_positive_label_is_the_class_f1_scores(tmp_path):

@@ -758,7 +758,14 @@ def file_task(
     if positive_label is not None:
         spec = dataclasses.replace(spec, labels=_with_positive_last(spec, positive_label.strip()))
     check_metrics(spec.metrics, is_regression, None if is_regression else len(spec.labels))
-    return TaskData(spec, read_examples(train, spec), {spec.name: read_examples(dev_path, spec)})
+    train_examples, dev_examples = read_examples(train, spec), read_examples(dev_path, spec)
+    targets = {e.label for e in dev_examples}
+    if is_regression and len(targets) < 2:
+        # Pearson and Spearman are undefined on a constant target, and scored 0 ("no signal")
+        # after the whole fine-tune; HF's test splits hold -1 in place of the hidden scores.
+        raise DataError(f"{dev_path}: every target is {next(iter(targets)):g}, so a correlation "
+                        "cannot score it (a test split without its scores?)")
+    return TaskData(spec, train_examples, {spec.name: dev_examples})
 
 
 def _with_positive_last(spec: TaskSpec, positive: str) -> tuple[str, ...]:
