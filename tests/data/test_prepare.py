@@ -468,3 +468,20 @@ def test_the_tokenizer_sample_stops_at_its_size_inside_a_document_and_comes_in_p
     monkeypatch.setattr(tokenizer_mod, "PIECE_CHARS", 100)
     sample = list(tokenizer_mod._bounded_sample(["ab " * 1000, "never read"], 1000))
     assert "".join(sample) == ("ab " * 1000)[:1000] and max(map(len, sample)) <= 100
+
+
+def test_a_reused_tokenizers_own_padding_and_truncation_do_not_reach_the_shards(synth_corpus, tmp_path):
+    """A tokenizer.json that pads and truncates (sentence-transformers files do) packs the same
+    tokens as the one without: no [PAD] ids as text, no document cut at its max_length."""
+    from tokenizers import Tokenizer
+
+    plain = prepare(small_cfg([synth_corpus]), tmp_path / "plain", progress=False)
+    tok = Tokenizer.from_file(str(plain / "tokenizer.json"))
+    tok.enable_padding(length=48)
+    tok.enable_truncation(max_length=6)
+    tok.save(str(tmp_path / "padding.json"))
+    reused = prepare(small_cfg([synth_corpus], tokenizer_file=str(tmp_path / "padding.json")), tmp_path / "r",
+                     progress=False)
+    a, b = TokenDataset.open(plain), TokenDataset.open(reused)
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(a.sequences(split)), np.asarray(b.sequences(split)))

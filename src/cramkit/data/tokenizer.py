@@ -234,10 +234,14 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def encoding_copy(tok: Tokenizer) -> Tokenizer:
-    """A copy for packing: no post-processor (framing is the packer's job), and special-token
-    strings in the text are encoded as plain text so a document containing '[SEP]' cannot
-    inject a separator."""
+    """A copy for packing and fine-tuning's encoder: no post-processor (framing is the caller's
+    job), no padding or truncation of its own, and special-token strings in the text are
+    encoded as plain text so a document containing '[SEP]' cannot inject a separator."""
     enc = Tokenizer.from_str(tok.to_str())
     enc.post_processor = None
+    # A reused tokenizer.json may enable both (sentence-transformers files pad to a fixed
+    # length): its [PAD] ids would be packed as text and its max_length would cut documents.
+    enc.no_padding()
+    enc.no_truncation()
     enc.encode_special_tokens = True
     return enc

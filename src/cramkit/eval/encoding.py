@@ -81,12 +81,8 @@ class TaskEncoder:
         # in scraped HTML) are text, since matched as tokens they would add separators or end
         # marks that the layout below does not have; the framing is added here, not by a
         # post-processor. A copy, so that the caller's tokenizer is left as it is.
+        # Without the tokenizer's own padding and truncation: both are done here, to seq_len.
         self.tokenizer = encoding_copy(tokenizer)
-        # Truncation to seq_len and padding (with an attention mask) are done here. A reused
-        # tokenizer.json may enable its own (sentence-transformers files pad to a fixed length):
-        # its pad ids would enter every input as real tokens, and its max_length cut texts.
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
         self.seq_len = seq_len
         self.causal = causal
         if causal:
