@@ -729,6 +729,19 @@ def test_head_width_sets_the_dense_layer_and_nothing_drops_out_before_it():
         FinetuneConfig.from_dict({"head_width": -1})
 
 
+def test_first_token_pooling_on_a_causal_model_is_said_to_see_nothing_else():
+    import warnings
+
+    from cramkit.eval.heads import get_pooler, pool_cls, pool_last
+
+    with pytest.warns(UserWarning, match="pooling=cls on a causal model pools the first token"):
+        assert get_pooler("cls", causal=True) is pool_cls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # [CLS] of a bidirectional model has read the whole input
+        assert get_pooler("auto", causal=True) is pool_last
+        assert get_pooler("cls", causal=False) is pool_cls
+
+
 @pytest.mark.parametrize(("preset", "tied"), [("bert-base", True), ("bert-base", False), ("tiny-gpt", True)])
 def test_trainable_count_is_what_gets_a_gradient(preset, tied):
     """The encoder's language-model head is unused by a classifier: BERT's transform and decoder

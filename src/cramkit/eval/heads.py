@@ -6,6 +6,7 @@ Pooling is a registry: ``cls`` (first token, BERT-style), ``mean`` (average of r
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -41,6 +42,10 @@ def get_pooler(name: str, causal: bool) -> Pooler:
     """The pooler called ``name``; ``auto`` is ``last`` for causal models and ``cls`` otherwise."""
     if name == "auto":
         name = "last" if causal else "cls"
+    elif name == "cls" and causal:
+        warnings.warn("finetune.pooling=cls on a causal model pools the first token, which has seen "
+                      "nothing but itself; pooling=last (the default for it) or mean reads the whole "
+                      "input", stacklevel=2)
     try:
         return POOLERS[name]
     except KeyError:
