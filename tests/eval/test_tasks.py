@@ -586,6 +586,20 @@ def test_a_glue_task_named_twice_in_tasks_is_fine_tuned_once(tmp_path):
     assert [s.name for s in chosen] == ["rte"]
 
 
+def test_glue_folders_are_found_in_any_case(tmp_path):
+    """`--task glue/rte` read a lower-case folder, while `--suite glue` looked for `RTE` only."""
+    from cramkit.eval.suite import select_glue_tasks
+    from cramkit.eval.tasks import load_task
+
+    rte = tmp_path / "rte"
+    rte.mkdir()
+    for split in ("train", "dev"):
+        (rte / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+    chosen, skipped = select_glue_tasks(tmp_path)
+    assert [s.name for s in chosen] == ["rte"] and "rte" not in skipped
+    assert [e.label for e in load_task("rte", tmp_path).train] == [0]
+
+
 @pytest.mark.parametrize(("name", "text"), [("train.csv", "\nsentence,label\na,pos\nb,neg\n"),
                                             ("train.tsv", "\r\n\nsentence\tlabel\na\tpos\nb\tneg\n")])
 def test_blank_lines_before_the_header_are_skipped_like_those_after_it(tmp_path, name, text):

@@ -29,7 +29,15 @@ from .finetune import (
     outputs_owner,
 )
 from .metrics import EXCLUDED_FROM_AVERAGE, glue_average, metrics_mean, to_percent
-from .tasks import TaskSpec, get_task, glue_available, glue_missing, glue_tasks, load_task
+from .tasks import (
+    TaskSpec,
+    get_task,
+    glue_available,
+    glue_folder,
+    glue_missing,
+    glue_tasks,
+    load_task,
+)
 
 Log = Callable[[str], None]
 
@@ -58,15 +66,15 @@ def select_glue_tasks(
             if not glue_available(spec, data_dir):
                 found = [s.name for s in all_glue if glue_available(s, data_dir)]
                 raise DataError(
-                    f"task '{spec.name}': no {'/'.join(glue_missing(spec, data_dir))} file under {data_dir}/"
-                    f"{spec.glue_dir}; available there: {', '.join(found) or 'none'}"
+                    f"task '{spec.name}': no {'/'.join(glue_missing(spec, data_dir))} file under "
+                    f"{glue_folder(spec, data_dir)}; available there: {', '.join(found) or 'none'}"
                 )
             if spec not in chosen:  # `--tasks rte,RTE` names one task: fine-tune it once
                 chosen.append(spec)
         return chosen, {}
     chosen = [s for s in all_glue if glue_available(s, data_dir)]
     skipped = {
-        s.name: f"no {'/'.join(glue_missing(s, data_dir))} file in {data_dir / (s.glue_dir or s.name)}"
+        s.name: f"no {'/'.join(glue_missing(s, data_dir))} file in {glue_folder(s, data_dir)}"
         for s in all_glue
         if s not in chosen
     }

@@ -515,10 +515,21 @@ def count_rows(path: str | Path, has_header: bool = True) -> int:
 # Loaders
 
 
+def glue_folder(spec: TaskSpec, data_dir: str | Path) -> Path:
+    """The folder of ``spec`` in ``data_dir``: GLUE's spelling (``CoLA``, ``SST-2``), or the one
+    folder that spells it in another case (``cola``), as ``--task PATH`` accepts any case."""
+    exact = Path(data_dir) / (spec.glue_dir or spec.name)
+    if exact.is_dir() or not Path(data_dir).is_dir():
+        return exact
+    other = [p for p in Path(data_dir).iterdir() if p.is_dir() and p.name.lower() == exact.name.lower()]
+    return other[0] if len(other) == 1 else exact
+
+
 @register_loader("glue")
 def load_glue_local(spec: TaskSpec, data_dir: str | Path) -> TaskData:
-    """A GLUE task from ``data_dir/<Task>/{train,dev...}.tsv[.gz]`` (original layout)."""
-    return _load_glue_folder(spec, Path(data_dir) / (spec.glue_dir or spec.name))
+    """A GLUE task from ``data_dir/<Task>/{train,dev...}.tsv[.gz]`` (original layout; the
+    folder's name in any case)."""
+    return _load_glue_folder(spec, glue_folder(spec, data_dir))
 
 
 def _load_glue_folder(spec: TaskSpec, folder: Path) -> TaskData:
@@ -539,7 +550,7 @@ def _load_glue_folder(spec: TaskSpec, folder: Path) -> TaskData:
 
 def glue_missing(spec: TaskSpec, data_dir: str | Path) -> list[str]:
     """The split files of ``spec`` (train, then each evaluation split) that ``data_dir`` lacks."""
-    folder = Path(data_dir) / (spec.glue_dir or spec.name)
+    folder = glue_folder(spec, data_dir)
     stems = [spec.train_stem] + [stem for _, stem in spec.eval_splits]
     return [stem for stem in stems if find_split(folder, stem) is None]
 
