@@ -242,3 +242,41 @@ def test_parameters_in_bf16_with_buffers_in_fp32_run_as_fsdp2_casts_them():
     ids = torch.randint(5, 256, (2, 16))
     out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(("preset", "positions"),
+                         [("tiny", "sinusoidal"), ("tiny", "rotary"), ("tiny-gpt", "learned")])
+@pytest.mark.parametrize("stored_once", [False, True])
+def test_tied_weights_stay_tied_after_loading_with_assign(preset, positions, stored_once):
+    """PyTorch's meta-device idiom, ``load_state_dict(assign=True)``, put a Parameter of its own
+    on the decoder (or left it on the meta device when the file stored the table once, as
+    cramkit's safetensors files do), so the decoder trained apart from the token table; the
+    sinusoidal and rotary tables, in no state dict, stayed on the meta device."""
+    cfg = small_config(preset, positions=positions)
+    trained = build_model(cfg)
+    weights = {k: v.clone() for k, v in trained.state_dict().items()}
+    if stored_once:
+        del weights["head.decoder.weight"]
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(weights, assign=True)
+    assert model.head.decoder.weight is model.embeddings.tokens.weight
+    ids, labels = mlm_batch()
+    torch.testing.assert_close(model(ids, labels=labels).loss, trained(ids, labels=labels).loss)
+    # A plain (copying) strict load of the table stored once is complete too, and stays tied.
+    plain = build_model(cfg)
+    assert not plain.load_state_dict(weights, strict=True).missing_keys
+    assert plain.head.decoder.weight is plain.embeddings.tokens.weight
+
+
+def test_an_untied_model_loads_its_decoder_as_it_was():
+    cfg = small_config(tie_embeddings=False)
+    trained = build_model(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(trained.state_dict(), assign=True)
+    assert model.head.decoder.weight is not model.embeddings.tokens.weight
+    torch.testing.assert_close(model.head.decoder.weight, trained.head.decoder.weight)
+    with pytest.raises(RuntimeError, match="head.decoder.weight"):
+        build_model(cfg).load_state_dict(
+            {k: v for k, v in trained.state_dict().items() if k != "head.decoder.weight"})

@@ -42,6 +42,35 @@ class ModelOutput:
 # gradients missed that optimizer step and leaked into the next one.
 pytree.register_dataclass(ModelOutput)
 
+_TOKENS_KEY = "embeddings.tokens.weight"
+_DECODER_KEY = "head.decoder.weight"
+
+
+def _alias_tied_decoder(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    # A tied decoder is the token table: a state dict that stores the shared tensor once (as
+    # safetensors files must) is complete, so the decoder reads the table's entry.
+    if module.config.tie_embeddings and prefix + _TOKENS_KEY in state_dict:
+        state_dict.setdefault(prefix + _DECODER_KEY, state_dict[prefix + _TOKENS_KEY])
+
+
+def _complete_after_load(module, incompatible_keys) -> None:
+    # load_state_dict(assign=True), PyTorch's idiom for materialising a meta-device model, puts
+    # a new Parameter on each module, which would train the decoder apart from the table ...
+    if module.config.tie_embeddings and module.head.decoder.weight is not module.embeddings.tokens.weight:
+        module.tie_weights()
+    # ... and leaves the fixed tables (non-persistent buffers, never in a state dict) on meta.
+    device = module.embeddings.tokens.weight.device
+    if device.type == "meta":
+        return
+    for sub in module.modules():
+        reset = getattr(sub, "reset_buffers", None)
+        meta = [name for name, b in sub.named_buffers(recurse=False) if b.is_meta]
+        if reset is not None and meta:
+            for name in meta:
+                setattr(sub, name, torch.empty_like(getattr(sub, name), device=device))
+            reset()
+
 
 class TransformerLM(nn.Module):
     """Embeddings → ``layers`` (blocks) → optional final norm → LM head.
@@ -67,9 +96,17 @@ class TransformerLM(nn.Module):
         self.head = LMHead(config)
         self.tie_weights()
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_alias_tied_decoder)
+        self.register_load_state_dict_post_hook(_complete_after_load)
 
     def tie_weights(self) -> None:
-        """Make the decoder weight the token embedding weight (when ``config.tie_embeddings``)."""
+        """Make the decoder weight the token embedding weight (when ``config.tie_embeddings``).
+
+        ``to_empty``, ``init_weights`` and ``load_state_dict`` keep the tie; a state dict that
+        holds the token table alone loads a tied model completely. ``load_state_dict(...,
+        assign=True)`` into a model built on the ``meta`` device also computes the fixed
+        position/rotary tables on the device of the loaded weights.
+        """
         if self.config.tie_embeddings:
             self.head.decoder.weight = self.embeddings.tokens.weight
 
