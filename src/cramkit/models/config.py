@@ -91,7 +91,8 @@ class ModelConfig(Config):
         "projections scaled by 1/sqrt(2*layers)), 'torch-default' (PyTorch's defaults), 'fixup' "
         "(needs norm=none, residual_scale=scalar), 't-fixup' (needs norm=none, "
         "embedding_scale=sqrt_hidden, ffn=gelu), 'rezero' (needs norm=none, residual_scale=scalar), "
-        "'skipinit' (needs residual_scale=scalar, and norm_position=pre unless norm=none)",
+        "'skipinit' (needs residual_scale=scalar; the paper's is norm-free, norm=none, and "
+        "cramkit also allows norm_position=pre)",
     )
     init_std: float = field(0.02, help="standard deviation of the normal initialisations")
     document_mask: bool = field(

@@ -283,7 +283,13 @@ def init_rezero(model: nn.Module) -> None:
 @requires(_skipinit_check)
 def init_skipinit(model: nn.Module) -> None:
     """SkipInit (De & Smith 2020): a learnable scalar at the end of each residual branch,
-    starting at 0, so that blocks are the identity at initialisation whatever the
-    normalisation; unlike ``rezero`` it keeps (pre-)norms. Other weights ``normal``."""
+    starting at 0 (the paper's alpha = 0 choice), so that every block is the identity at
+    initialisation; other weights ``normal``.
+
+    The paper proposes SkipInit to train residual networks *without* normalisation, which
+    ``model.norm=none`` gives (and then it equals ``rezero`` with one gain per branch). cramkit
+    also accepts pre-norms with it, where a zero gain still makes the block the identity; that
+    combination is cramkit's, not the paper's. Post-norms are refused: a norm on the residual
+    path would not be the identity."""
     _normal(model, model.config.init_std)
     _set_gains(model, 0.0)
