@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import VOCAB, small_config
 
 from cramkit.errors import ConfigError
 from cramkit.models import build_model
@@ -72,3 +73,47 @@ def test_sparse_prediction_needs_a_mask_rate():
         flops_per_token(preset_config("crammed-bert"), 128)
     with pytest.raises(ConfigError, match="mask_rate must be in"):
         flops_per_token(preset_config("crammed-bert"), 128, mask_rate=1.5)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("tiny", {}),  # crammed: gated FFN, sparse prediction, tied, no linear biases
+        ("tiny", {"sparse_prediction": False}),
+        ("tiny", {"ffn": "gelu"}),
+        ("tiny", {"tie_embeddings": False}),
+        ("tiny", {"positions": "rotary", "residual_scale": "scalar"}),
+        ("bert-base", {"dropout": 0.0, "attention_dropout": 0.0}),  # head transform, biases
+        ("bert-base", {"dropout": 0.0, "attention_dropout": 0.0, "sparse_prediction": True}),
+        ("tiny-gpt", {}),
+        ("tiny-gpt", {"tie_embeddings": False, "decoder_bias": True}),
+    ],
+)
+def test_flops_per_token_is_what_a_training_step_multiplies(preset, overrides):
+    """The formula against PyTorch's own count of a forward + backward pass. The counter sees
+    matrix products only, while the formula charges 6 FLOPs per parameter and token to vectors
+    too (biases, norm weights, gains): those are taken out of the formula's figure, and nothing
+    else may differ."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = small_config(preset, **overrides)
+    model = build_model(cfg)
+    batch, seq_len, targets = 2, 16, 9
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (batch, seq_len), generator=gen)
+    labels = torch.full_like(ids, -100).reshape(-1)
+    picked = torch.randperm(batch * seq_len, generator=gen)[:targets]
+    labels[picked] = ids.reshape(-1)[picked]
+    rate = targets / (batch * seq_len)
+    # The math kernel is made of matmuls the counter sees (CPU's fused SDPA kernel is not counted).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids, labels=labels.view(batch, seq_len)).loss.backward()
+    embedding_tables = ("embeddings.tokens.", "embeddings.positions.", "embeddings.token_types.")
+    vectors = 0.0
+    for name, param in model.named_parameters():
+        if param.ndim == 1 and not name.startswith(embedding_tables):
+            head_on_targets = name.startswith("head.") and cfg.sparse_prediction
+            vectors += param.numel() * (rate if head_on_targets else 1.0)
+    expected = flops_per_token(cfg, seq_len, rate if cfg.sparse_prediction else None) - 6 * vectors
+    assert counter.get_total_flops() / (batch * seq_len) == pytest.approx(expected, rel=1e-9)
