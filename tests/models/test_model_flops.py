@@ -117,3 +117,42 @@ def test_flops_per_token_is_what_a_training_step_multiplies(preset, overrides):
             vectors += param.numel() * (rate if head_on_targets else 1.0)
     expected = flops_per_token(cfg, seq_len, rate if cfg.sparse_prediction else None) - 6 * vectors
     assert counter.get_total_flops() / (batch * seq_len) == pytest.approx(expected, rel=1e-9)
+
+
+def test_counts_follow_registered_variants(monkeypatch):
+    """A new norm, feed-forward or position variant is one registration (ModelConfig's
+    docstring): the count from the config must follow what the registries build, not a list of
+    the shipped names (a gated variant was counted ungated, a new position table as none, and
+    an odd width passed validation for a gated variant other than glu)."""
+    from torch import nn
+
+    from cramkit.models.config import ModelConfig
+    from cramkit.models.layers import FFNS, NORMS, POSITIONS
+
+    class ScaleAndShift(nn.Module):
+        def __init__(self, width, eps, bias):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+            self.shift = nn.Parameter(torch.zeros(width))
+
+        def forward(self, x):
+            return x * self.weight + self.shift
+
+    class Table(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(cfg.max_positions, cfg.hidden))
+
+        def forward(self, seq_len):
+            return self.weight[:seq_len]
+
+    monkeypatch.setitem(NORMS._items, "scaleshift", ScaleAndShift)
+    monkeypatch.setitem(FFNS._items, "gated", True)
+    monkeypatch.setitem(POSITIONS._items, "table", lambda cfg: Table(cfg))
+    cfg = ModelConfig.from_dict({**small_config().to_dict(), "norm": "scaleshift", "ffn": "gated",
+                                 "positions": "table"})
+    model = build_model(cfg)
+    assert count_parameters(model) == count_parameters_from_config(cfg)
+    assert count_parameters(model, True) == count_parameters_from_config(cfg, True)
+    with pytest.raises(ConfigError, match="ffn=gated splits intermediate"):
+        cfg.replace(intermediate=63)

@@ -171,10 +171,10 @@ class ModelConfig(Config):
             raise ConfigError(
                 f"hidden ({self.hidden}) must be divisible by heads ({self.heads})"
             )
-        if self.ffn == "glu" and self.intermediate % 2:
+        if FFNS.get(self.ffn) and self.intermediate % 2:  # the registry's value: gated
             raise ConfigError(
-                f"ffn=glu splits intermediate into value and gate halves, so intermediate must be "
-                f"even, got {self.intermediate}"
+                f"ffn={self.ffn} splits intermediate into value and gate halves, so intermediate "
+                f"must be even, got {self.intermediate}"
             )
         if self.positions == "rotary" and self.head_dim % 2:
             raise ConfigError(

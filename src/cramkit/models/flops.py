@@ -18,10 +18,14 @@ plus the decoder weight when it is not tied; the decoder's cost enters through i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .config import ModelConfig
+from .layers import FFNS, POSITIONS, make_norm
 
 
 def _embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -50,12 +54,16 @@ def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
     return sum(p.numel() for p in seen.values())
 
 
+def _built_parameters(factory: Callable[[], nn.Module | None]) -> int:
+    # Counted from what the registry builds (on the meta device: no memory, no RNG), so that a
+    # registered norm or position variant is counted as it is, not by its name.
+    with torch.device("meta"):
+        module = factory()
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
 def _norm(cfg: ModelConfig) -> int:
-    if cfg.norm == "none":
-        return 0
-    # RMSNorm has no shift even when norm_bias is on.
-    has_shift = cfg.norm_shift and cfg.norm == "layernorm"
-    return cfg.hidden * (2 if has_shift else 1)
+    return _built_parameters(lambda: make_norm(cfg))
 
 
 def _linear(fan_in: int, fan_out: int, bias: bool) -> int:
@@ -65,7 +73,7 @@ def _linear(fan_in: int, fan_out: int, bias: bool) -> int:
 def _embedding_count(cfg: ModelConfig) -> int:
     h = cfg.hidden
     count = cfg.vocab_size * h + cfg.type_vocab_size * h
-    count += {"learned": cfg.max_positions * h, "sinusoidal": 1}.get(cfg.positions, 0)
+    count += _built_parameters(lambda: POSITIONS.get(cfg.positions)(cfg))
     if not cfg.tie_embeddings:
         count += cfg.vocab_size * h
     return count
@@ -80,7 +88,7 @@ def _head_count(cfg: ModelConfig) -> int:
 def count_parameters_from_config(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """The parameter count that ``cfg`` implies, computed without building the model."""
     h, b = cfg.hidden, cfg.bias
-    ffn_inner = cfg.intermediate // 2 if cfg.ffn == "glu" else cfg.intermediate
+    ffn_inner = cfg.intermediate // 2 if FFNS.get(cfg.ffn) else cfg.intermediate  # gated: halves
     block = (
         _linear(h, 3 * h, b)
         + _linear(h, h, b)
