@@ -18,6 +18,7 @@ plus the decoder weight when it is not tied; the decoder's cost enters through i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import ModelConfig
-from .layers import FFNS, POSITIONS, make_norm
+from .layers import FFNS, NORMS, POSITIONS
 
 
 def _embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -63,7 +64,14 @@ def _built_parameters(factory: Callable[[], nn.Module | None]) -> int:
 
 
 def _norm(cfg: ModelConfig) -> int:
-    return _built_parameters(lambda: make_norm(cfg))
+    return _norm_parameters(cfg.norm, cfg.hidden, cfg.norm_eps, cfg.norm_shift)
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_parameters(norm: str, hidden: int, eps: float, shift: bool) -> int:
+    # Cached by exactly what make_norm passes its factory: layer dropping counts a block's
+    # FLOPs at every step, and building even on the meta device takes ~50 µs of host time.
+    return _built_parameters(lambda: NORMS.get(norm)(hidden, eps, shift))
 
 
 def _linear(fan_in: int, fan_out: int, bias: bool) -> int:
