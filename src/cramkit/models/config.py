@@ -134,6 +134,14 @@ class ModelConfig(Config):
         return bool(ARCHITECTURES.get(self.arch).causal)
 
     @property
+    def gated(self) -> bool:
+        """Whether the feed-forward is gated (``up`` = [value | gate], its inner width halved);
+        the ``ffn`` registry says so for each variant."""
+        from .layers import FFNS
+
+        return bool(FFNS.get(self.ffn))
+
+    @property
     def norm_shift(self) -> bool:
         """Whether LayerNorms have a shift: ``norm_bias``, or ``bias`` when that is unset."""
         return self.bias if self.norm_bias is None else self.norm_bias
@@ -171,7 +179,7 @@ class ModelConfig(Config):
             raise ConfigError(
                 f"hidden ({self.hidden}) must be divisible by heads ({self.heads})"
             )
-        if FFNS.get(self.ffn) and self.intermediate % 2:  # the registry's value: gated
+        if self.gated and self.intermediate % 2:
             raise ConfigError(
                 f"ffn={self.ffn} splits intermediate into value and gate halves, so intermediate "
                 f"must be even, got {self.intermediate}"

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import ModelConfig
-from .layers import FFNS, NORMS, POSITIONS
+from .layers import NORMS, POSITIONS
 
 
 def _embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -96,7 +96,7 @@ def _head_count(cfg: ModelConfig) -> int:
 def count_parameters_from_config(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """The parameter count that ``cfg`` implies, computed without building the model."""
     h, b = cfg.hidden, cfg.bias
-    ffn_inner = cfg.intermediate // 2 if FFNS.get(cfg.ffn) else cfg.intermediate  # gated: halves
+    ffn_inner = cfg.intermediate // 2 if cfg.gated else cfg.intermediate
     block = (
         _linear(h, 3 * h, b)
         + _linear(h, h, b)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .layers import FFNS, ResidualGain
+from .layers import ResidualGain
 from .registry import INITS
 
 
@@ -188,7 +188,7 @@ def init_fixup(model: nn.Module) -> None:
 
 def _t_fixup_check(cfg) -> None:
     _need(cfg, "t-fixup", norm="none", embedding_scale="sqrt_hidden")
-    if FFNS.get(cfg.ffn):  # the registry's value: whether the feed-forward is gated
+    if cfg.gated:
         raise ConfigError(
             f"model.init=t-fixup needs an ungated feed-forward (model.ffn=gelu, got "
             f"{cfg.ffn!r}): its scaling is derived for fc2(act(fc1(x))), and a gated branch, "

@@ -124,11 +124,11 @@ class Scheme:
 def coarse_config(cfg: ModelConfig, scheme: Scheme) -> ModelConfig:
     """The architecture one level down; ConfigError when ``cfg`` cannot be coalesced so."""
     k, d = scheme.width, scheme.depth
-    glu = cfg.ffn == "glu"
-    inner = cfg.intermediate // 2 if glu else cfg.intermediate
+    gated = cfg.gated
+    inner = cfg.intermediate // 2 if gated else cfg.intermediate
     problems = [f"{name}={value} is not divisible by {factor}" for name, value, factor in (
         ("hidden", cfg.hidden, k), ("heads", cfg.heads, k),
-        ("intermediate" + (" / 2 (GLU halves)" if glu else ""), inner, k), ("layers", cfg.layers, d),
+        ("intermediate" + (" / 2 (GLU halves)" if gated else ""), inner, k), ("layers", cfg.layers, d),
     ) if value % factor]
     if problems:
         raise ConfigError(f"cannot coalesce (width {k}, depth {d}): " + "; ".join(problems))
@@ -170,7 +170,7 @@ def _qkv_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
 
 
 def _up_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
-    if cfg.ffn != "glu":
+    if not cfg.gated:
         return unit(cfg.intermediate, k)
     inner = cfg.intermediate // 2
     # [value | gate]: neurons merge inside each half, so value j still pairs with gate j.
@@ -178,7 +178,7 @@ def _up_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
 
 
 def _inner_map(cfg: ModelConfig, k: int, unit: Pairing) -> torch.Tensor:
-    inner = cfg.intermediate // 2 if cfg.ffn == "glu" else cfg.intermediate
+    inner = cfg.intermediate // 2 if cfg.gated else cfg.intermediate
     return unit(inner, k)
 
 
