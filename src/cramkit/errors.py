@@ -38,6 +38,11 @@ class RunError(CramkitError):
     """A run directory (or its metrics log or summary) that cannot be read."""
 
 
+class RankFailed(CramkitError):
+    """Under torchrun: rank 0 failed at work it does alone (preparing data, writing the run's
+    files), and this rank stops with it rather than wait for it."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt so that it unwinds like ^C (the command line's handler
     outside the training loop; the trainer's for a second signal inside it)."""

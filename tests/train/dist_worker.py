@@ -89,7 +89,67 @@ def nonfinite_gradient(data: Path, out: Path, strategy: str) -> None:
     (out / f"rank-{dist.get_rank()}.json").write_text(json.dumps(counted))
 
 
+def rank0_failures(data: Path, out: Path) -> None:
+    """Work rank 0 does alone fails (or outlasts the process group's timeout, here 8 s): the
+    other rank must stop at once with a one-line error, not wait in a collective rank 0 never
+    joins. Rank 0 stays in the group meanwhile (as a program that catches the error would), so a
+    rank left waiting would time out, not lose its connection. Each rank writes what happened."""
+    import datetime
+    import time
+    from unittest import mock
+
+    import cramkit.train.run as run_module
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=8))
+    rank = dist.get_rank()
+    if rank == 0:
+        (out / "taken").mkdir(parents=True)
+        (out / "taken" / "file").write_text("")
+    dist.barrier()
+    real_prepare = run_module.prepare_data
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(10 if rank == 0 else 0)
+        return real_prepare(*args, **kwargs)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "ckpt"))
+
+    scenarios = {
+        "bad-source": (["data.dir=", f"data.prepare.sources=[{out}/missing.txt]", "data.prepare.seq_len=32",
+                        f"data.cache_dir={out}/cache"],
+                       None),
+        "name-taken": ([], None),
+        "checkpoint-write": (["train.budget=4steps", "train.checkpoint_every=0.5"],
+                             mock.patch.object(ckpt, "save_checkpoint", full_disk) if rank == 0 else None),
+        "slow-prepare": (["train.budget=2steps"], mock.patch.object(run_module, "prepare_data", slow_prepare)),
+    }
+    results = {}
+    for name, (overrides, patch) in scenarios.items():
+        cfg = tiny_config(data, out, *overrides, name="taken" if name == "name-taken" else name)
+        start = time.monotonic()
+        try:
+            with patch or mock.patch.dict({}):
+                pretrain(cfg, say=lambda *_: None)
+            results[name] = ["ok", ""]
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test to judge
+            results[name] = [type(exc).__name__, str(exc)]
+        results[name].append(time.monotonic() - start)
+        mine = out / f"{name}-rank-{rank}.json"
+        mine.write_text(json.dumps(results[name]))
+        if rank == 0:  # until rank 1 has reported: rank 0 stays in the group meanwhile
+            other = out / f"{name}-rank-1.json"
+            deadline = time.monotonic() + 30
+            while not other.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+    (out / f"rank-{rank}.json").write_text(json.dumps(results))
+
+
 def main() -> None:
+    if sys.argv[1] == "rank0-failures":
+        rank0_failures(Path(sys.argv[2]), Path(sys.argv[3]))
+        leave_process_group(clean=True)
+        return
     if sys.argv[1] == "nonfinite-gradient":
         nonfinite_gradient(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
         leave_process_group(clean=True)

@@ -112,6 +112,27 @@ def test_a_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(tiny_clm_data
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name} {key}")
 
 
+def test_a_failure_of_rank_0_alone_stops_the_other_ranks_at_once(tiny_mlm_data, tmp_path):
+    """Rank 0 prepares the data, creates the run directory and writes checkpoints alone; the
+    other ranks waited in a barrier or gather. When that work failed they hung until the process
+    group's timeout (or died of the lost connection, with a traceback); when it outlasted the
+    timeout (a large corpus), they failed although nothing was wrong."""
+    out = tmp_path / "dist"
+    _two_ranks("rank0-failures", tiny_mlm_data, out)
+    zero, one = (json.loads((out / f"rank-{r}.json").read_text()) for r in range(2))
+    assert zero["bad-source"][:1] == ["DataError"] and "missing.txt" in zero["bad-source"][1]
+    assert zero["name-taken"][:1] == ["ConfigError"] and zero["checkpoint-write"][:1] == ["OSError"]
+    for name, what in (("bad-source", "preparing the data"), ("name-taken", "creating the run directory"),
+                       ("checkpoint-write", "writing the checkpoint of step 2")):
+        kind, message, seconds = one[name]
+        assert kind == "RankFailed" and message.startswith(f"rank 0 failed while {what}: "), (name, one[name])
+        assert message.endswith(zero[name][1]) and seconds < 6, (name, one[name])  # the timeout is 8 s
+    assert zero["slow-prepare"][:2] == one["slow-prepare"][:2] == ["ok", ""], (zero, one)
+    summary = json.loads((out / "slow-prepare" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert not (out / "bad-source").exists() and sorted(p.name for p in (out / "taken").iterdir()) == ["file"]
+
+
 def _losses(run: Path) -> list[float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["type"] == "train"]

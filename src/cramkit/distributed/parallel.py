@@ -6,14 +6,21 @@ import contextlib
 import datetime
 import inspect
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CramkitError, RankFailed, Terminated
 from .config import ParallelConfig
+
+T = TypeVar("T")
+
+#: How long the other ranks wait for rank 0's work alone (:meth:`Parallel.on_main`): preparing a
+#: large corpus can take hours, far beyond the process group's timeout. A rank that dies still
+#: ends the wait at once (its connections close).
+PATIENT_TIMEOUT = datetime.timedelta(days=7)
 
 
 class Parallel:
@@ -24,18 +31,20 @@ class Parallel:
     Host numbers (target counts, clocks, stop flags, objects) are agreed over ``control``, a gloo
     group on the CPU: under NCCL, reading the result of a collective on a device tensor would
     make the host wait for every kernel queued before it, once per step. Device tensors (the
-    loss) go over the default group and stay on the device.
+    loss) go over the default group and stay on the device. ``patient`` is a gloo group like
+    ``control`` with a long timeout, on which the other ranks wait for rank 0's work alone.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  strategy: str = "none", device: torch.device | None = None, launched: bool = False,
-                 control: Any = None) -> None:
+                 control: Any = None, patient: Any = None) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         # Under torchrun even one process joins a group, so FSDP2 (e.g. its CPU offload) works.
         self.launched = launched
         self.strategy = strategy if launched else "none"
         self.device = device or torch.device("cpu")
         self.control = control
+        self.patient = patient if patient is not None else control
 
     @property
     def is_main(self) -> bool:
@@ -82,6 +91,40 @@ class Parallel:
         if self.distributed:
             dist.barrier()
 
+    def on_main(self, work: Callable[[], T], what: str) -> T:
+        """``work()`` on rank 0 alone; its result (picklable) on every rank.
+
+        The other ranks wait for it however long it takes (up to :data:`PATIENT_TIMEOUT`). When
+        it fails, rank 0 tells them before it re-raises, and they raise :class:`RankFailed`
+        (``what``: what rank 0 was doing, for its message), or the same kind of interrupt, at
+        once: waiting in a collective that rank 0 never joins, they would otherwise hang until
+        the group's timeout, or die of a lost connection with a traceback.
+        """
+        if not self.distributed:
+            return work()
+        outcome: tuple[str, Any] | None = None
+        if self.is_main:
+            try:
+                outcome = ("done", work())
+            except BaseException as exc:
+                try:
+                    self._from_main(("failed", _describe(exc)))
+                except Exception:  # noqa: BLE001 - rank 0's own error is the one to report
+                    pass
+                raise
+        kind, value = self._from_main(outcome)
+        if kind == "failed":
+            interrupt, message = value
+            if interrupt:  # ^C or SIGTERM on rank 0: these ranks stop as interrupted too
+                raise (Terminated if interrupt == "terminated" else KeyboardInterrupt)()
+            raise RankFailed(f"rank 0 failed while {what}: {message}")
+        return value
+
+    def _from_main(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.patient)
+        return box[0]
+
     @contextlib.contextmanager
     def accumulate(self, model: torch.nn.Module, last: bool) -> Iterator[None]:
         """Skip gradient synchronisation on all but the last micro-batch of a step."""
@@ -126,20 +169,34 @@ def init_parallel(cfg: ParallelConfig, device_name: str, cpu_collectives: bool =
     timeout = datetime.timedelta(minutes=10)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout, **({"device_id": device} if use_cuda else {}))
-    return Parallel(rank, world, local, cfg.strategy, device, launched=True, control=_control_group(timeout))
+    control, patient = _control_groups(timeout)
+    return Parallel(rank, world, local, cfg.strategy, device, launched=True, control=control, patient=patient)
 
 
-_CONTROL: list[Any] = []  # [default group, its gloo control group], once made
+_CONTROL: list[Any] = []  # [default group, its gloo control group, its patient one], once made
 
 
-def _control_group(timeout: datetime.timedelta):
-    """The gloo group for host numbers, made once per default process group: every new group
-    holds sockets and threads of its own, and a process may call ``pretrain`` many times. A group
-    of its own even when the default one is gloo already: one code path, tested on CPU."""
+def _control_groups(timeout: datetime.timedelta) -> tuple[Any, Any]:
+    """The gloo groups for host numbers (``timeout``) and for waiting on rank 0
+    (:data:`PATIENT_TIMEOUT`), made once per default process group: every new group holds
+    sockets and threads of its own, and a process may call ``pretrain`` many times. Groups of
+    their own even when the default one is gloo already: one code path, tested on CPU."""
     world = dist.group.WORLD
     if not _CONTROL or _CONTROL[0] is not world:  # none yet, or the default group was remade
-        _CONTROL[:] = [world, dist.new_group(backend="gloo", timeout=timeout)]
-    return _CONTROL[1]
+        _CONTROL[:] = [world, dist.new_group(backend="gloo", timeout=timeout),
+                       dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)]
+    return _CONTROL[1], _CONTROL[2]
+
+
+def _describe(exc: BaseException) -> tuple[str | None, str]:
+    """``(interrupt, message)`` of rank 0's exception for the other ranks: ``interrupt`` is
+    "terminated" or "interrupted" for a stop signal, else None; a message as the command line
+    prints it (a cramkit error's own, else with the exception's type)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return ("terminated" if isinstance(exc, Terminated) else "interrupted"), ""
+    if isinstance(exc, (CramkitError, OSError)):
+        return None, str(exc)
+    return None, f"{type(exc).__name__}: {exc}"
 
 
 def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, precision: str,

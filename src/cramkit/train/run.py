@@ -409,18 +409,16 @@ def _optimizer_mismatch(cfg: RunConfig, saved: dict[str, Any], optimizer) -> str
 def _shared_run_dir(cfg: RunConfig, par: Parallel, run_dir: Path | None, made: dict[str, Any]) -> Path:
     # Rank 0 names and creates the directory (its timestamp); the others use the same path.
     if run_dir is None:
-        path = str(new_run_dir(cfg, made)) if par.is_main else None
-        run_dir = Path(par.gather(path)[0])
-    elif par.is_main:  # a resume: never two at once
-        made["lock"] = lock_run_dir(Path(run_dir))
+        return Path(par.on_main(lambda: str(new_run_dir(cfg, made)), "creating the run directory"))
+    # A resume: never two at once.
+    par.on_main(lambda: made.update(lock=lock_run_dir(Path(run_dir))), f"locking {run_dir}")
     return Path(run_dir)
 
 
 def _shared_data(cfg: RunConfig, par: Parallel, say) -> Path:
-    # One rank prepares (and caches); the others then find the result ready.
-    if par.is_main:
-        path = prepare_data(cfg, say)
-    par.barrier()
+    # One rank prepares (and caches); the others then find the result ready (or, on another
+    # node without that cache, prepare their own).
+    path = par.on_main(lambda: prepare_data(cfg, say), "preparing the data")
     return path if par.is_main else prepare_data(cfg, say)
 
 
@@ -638,13 +636,18 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
 
     segment = {**environment(device), "world_size": par.world_size, "strategy": par.strategy,
                "memory_estimate": estimate} if par.is_main else {}
-    if not resume and par.is_main:
-        write_json(run_dir / "environment.json", segment)
-        with atomic_path(run_dir / "tokenizer.json") as tmp:
-            shutil.copyfile(dataset.tokenizer_path, tmp)
-        write_json(run_dir / "data_manifest.json", dataset.manifest)
-    log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, resume_step=state.step if saved else None) \
-        if par.is_main else None
+    log: RunLog | None = None
+
+    def start_files() -> None:
+        nonlocal log
+        if not resume:
+            write_json(run_dir / "environment.json", segment)
+            with atomic_path(run_dir / "tokenizer.json") as tmp:
+                shutil.copyfile(dataset.tokenizer_path, tmp)
+            write_json(run_dir / "data_manifest.json", dataset.manifest)
+        log = RunLog(run_dir, tensorboard=cfg.train.tensorboard, resume_step=state.step if saved else None)
+
+    par.on_main(start_files, "writing the run's files")
     bar = Progress(cfg.train.progress_bar and par.is_main, cfg.recipe or "pretrain")
     # Whatever ends the run (an error, ^C, the budget), the loader's thread, the log's files and
     # the bar are closed here; each close is idempotent, so the normal path may close them
@@ -658,7 +661,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             weights, train_weights, optim_state = _checkpoint_weights(tr.raw_model, st.optimizer, par)
             rng = par.gather(_rng_state(device))
             energy = energy_so_far()
-            if par.is_main:
+
+            def write() -> None:
                 payload = {
                     "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
                     "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
@@ -670,7 +674,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                     payload["train_weights"] = train_weights
                 ckpt.save_checkpoint(run_dir, st.step, weights, payload, keep=cfg.train.keep_checkpoints,
                                      meta={"model_config": tr.raw_model.config.to_dict(), "tokens": st.tokens})
-            par.barrier()
+
+            par.on_main(write, f"writing the checkpoint of step {st.step}")
 
         n_params = count_parameters(full_model)
         say(f"run: {run_dir}")
@@ -706,7 +711,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             if "scaler" in saved:
                 trainer.scaler.load_state_dict(saved["scaler"])
             _check_budget_left(cfg, state.usage, run_dir)
-        if par.is_main:  # on resume only now, when every piece of saved state has loaded
+
+        def record_config() -> None:  # on resume only now, when every piece of saved state has loaded
             write_json(run_dir / "config.json", cfg.resolved())
             if resume:
                 _record_resume_environment(run_dir, state.step, segment)
@@ -715,6 +721,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             # aside for its closing totals, should this resume die before its first checkpoint.
             if (run_dir / "summary.json").exists():
                 os.replace(run_dir / "summary.json", run_dir / SUMMARY_BEFORE_RESUME)
+
+        par.on_main(record_config, "writing config.json")
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
         # and tokens then both cover the whole run, for an honest kWh per billion tokens.
         # Unknown (None) when a GPU cannot be metered, or an earlier segment was not. A
@@ -756,8 +764,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         # the model's, not the last periodic evaluation's (for a run stopped early, step 0's).
         val_loss = trainer.run_eval()
         kwh = energy_so_far()
-        summary = None
-        if par.is_main:
+
+        def write_summary() -> dict[str, Any]:
             log.close()
             # The model trained last (the one the final checkpoint holds), not the first one.
             summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak,
@@ -770,7 +778,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             (run_dir / SUMMARY_BEFORE_RESUME).unlink(missing_ok=True)  # this summary counts it all
             if cfg.train.plots:
                 _plot_losses(run_dir)
-        return par.gather(summary)[0]
+            return summary
+
+        return par.on_main(write_summary, "writing summary.json")
     finally:
         bar.close()
         loader.close()
