@@ -191,6 +191,60 @@ def test_fsdp_root_keeps_its_parameters_gathered_for_backward():
         dist.destroy_process_group()
 
 
+def test_schedule_free_evaluates_and_trains_on_under_fsdp_as_in_one_process():
+    """Schedule-Free evaluates its average x: its weights are switched and put back around every
+    evaluation and checkpoint. Under FSDP2 that restore wrote into the model's parameters, which
+    a forward pass without backward leaves gathered (plain tensors): the first evaluation crashed
+    ("mixed torch.Tensor and DTensor"). And gathered copies made with x must not serve the next
+    training step."""
+    import torch.distributed as dist
+
+    from cramkit.config import load_config
+    from cramkit.distributed.config import ParallelConfig
+    from cramkit.distributed.parallel import Parallel, shard_model
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+    from cramkit.optim import build_optimizer, evaluation_weights
+
+    optim = load_config("demo", ["optim.name=schedulefree", "schedule.name=constant"]).optim
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "labels": torch.roll(x, -1, 1)}
+
+    def train_eval_train(model) -> tuple[list[float], dict]:
+        opt = build_optimizer(model, optim, torch.device("cpu"), 8)
+        losses = []
+        for step in range(4):
+            if step == 2:
+                with evaluation_weights(opt, model), torch.no_grad():
+                    model.eval()
+                    losses.append(float(model(**batch).loss))
+                model.train()
+            out = model(**batch)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(out.loss.detach()))
+        full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v  # noqa: E731
+        return losses, {k: full(v).detach().clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(0)
+    config = preset_config("tiny-gpt", vocab_size=512, max_positions=64)
+    one = build_model(config)
+    sharded = build_model(config)
+    sharded.load_state_dict(one.state_dict())
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        par = Parallel(0, 1, 0, "fsdp", torch.device("cpu"), launched=True)
+        shard_model(sharded, par, ParallelConfig(strategy="fsdp", fsdp_reshard=False), "fp32")
+        got, got_weights = train_eval_train(sharded)
+    finally:
+        dist.destroy_process_group()
+    want, want_weights = train_eval_train(one)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=1e-6)
+    for key, value in want_weights.items():
+        torch.testing.assert_close(got_weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_a_rank_asked_for_what_this_machine_lacks_says_so(monkeypatch):
     """Under torchrun, train.device=cuda without CUDA trained on the CPU without a word, and
     parallel.backend=nccl was torch's traceback on every rank."""

@@ -244,6 +244,21 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
     return model
 
 
+def drop_gathered_parameters(model: torch.nn.Module) -> None:
+    """Free the parameters FSDP2 gathered and keeps after a forward pass without backward (the
+    root's always, the blocks' under ``parallel.fsdp_reshard=false``); a no-op without FSDP2.
+
+    The next forward pass uses such copies as they are: where the sharded weights were changed
+    outside an optimizer step (Schedule-Free's switch to its evaluation weights and back), it
+    would compute with stale ones.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def leave_process_group(clean: bool) -> None:
     """Leave torchrun's process group, if this process joined one.
 

@@ -54,19 +54,28 @@ def evaluation_weights(optimizer: torch.optim.Optimizer, model: torch.nn.Module)
     the training weights they were before. ``eval()`` then ``train()`` alone is two lerps that
     do not round-trip bit for bit, so every evaluation or checkpoint would nudge the training
     weights (a run with checkpoints would not equal one without). Costs one copy of the
-    parameters, for such optimizers only."""
+    parameters, for such optimizers only.
+
+    The weights are those the optimizer holds: under FSDP2 its shards, while the model may hold
+    gathered copies (a forward pass without backward leaves them), which are dropped on both
+    sides so that a forward pass gathers the weights as they are then."""
     if not keeps_evaluation_weights(optimizer):
         yield
         return
-    saved = [p.detach().clone() for p in model.parameters()]
+    from ..distributed.parallel import drop_gathered_parameters
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [p.detach().clone() for p in params]
     optimizer.eval()
+    drop_gathered_parameters(model)
     try:
         yield
     finally:
         optimizer.train()
         with torch.no_grad():
-            for p, s in zip(model.parameters(), saved):
+            for p, s in zip(params, saved):
                 p.copy_(s)
+        drop_gathered_parameters(model)
 
 
 def optimizer_states(cfg: OptimConfig) -> float:  # noqa: F821 - config imports this module
