@@ -2,9 +2,9 @@
 offloading, and a memory estimate.
 
 The same ``cramkit pretrain`` entry point runs single-process by default and, under ``torchrun``,
-joins the process group that torchrun's environment describes. Order of application (DESIGN.md):
-technique surgery → (FP8 conversion →) activation checkpointing → compile → DDP; FSDP2 shards
-before compiling (``fully_shard`` works in place; the compiled wrapper runs the sharded module).
+joins the process group that torchrun's environment describes. Order of application:
+technique surgery → (FP8 conversion →) activation checkpointing → DDP or FSDP2 → compile (the
+compiled wrapper runs the wrapped or sharded module; ``fully_shard`` works in place).
 """
 
 from .config import MemoryConfig, ParallelConfig
