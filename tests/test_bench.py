@@ -267,3 +267,24 @@ def test_a_plugin_architecture_is_benched_by_its_causality(causal_plugin_arch):
     cfg = parse_target(target, batch=2, seq_len=16).cfg
     assert r.tflops * 1e12 / r.tokens_per_s == pytest.approx(flops_per_token(cfg, 16, 1.0), rel=1e-3)
     assert flops_per_token(cfg, 16, 1.0) > 1.1 * flops_per_token(cfg, 16, 0.25)
+
+
+def test_hf_gpt2_runs_the_presets_gelu_through_hfs_fused_kernel():
+    """GPT2Config's default activation, gelu_new, is the tanh GELU as seven elementwise ops;
+    cramkit's gpt2-small runs PyTorch's fused one. The GPT rows' ratio, described as the same
+    architecture's implementations, credited cramkit with HF's slower activation."""
+    from transformers.activations import NewGELUActivation
+
+    from cramkit.bench import FAMILIES
+
+    t = parse_target("hf-gpt2:gpt2-small", batch=1, seq_len=8)
+    small = t.cfg.replace(layers=1, hidden=64, heads=4, intermediate=256, vocab_size=128, max_positions=16)
+    hf = FAMILIES["hf-gpt2"](small, 8, 0.15)[0]
+    assert hf.config.activation_function == "gelu_pytorch_tanh"
+    assert hf.config.layer_norm_epsilon == t.cfg.norm_eps
+    act = hf.transformer.h[0].mlp.act
+    assert not isinstance(act, NewGELUActivation)
+    x = torch.linspace(-6, 6, 101)
+    # The same function as GPT-2's own, so the row still times GPT-2.
+    assert torch.allclose(act(x), NewGELUActivation()(x), atol=1e-6)
+    assert torch.allclose(act(x), torch.nn.GELU(approximate="tanh")(x))

@@ -88,8 +88,15 @@ def _hf_bert(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
 def _hf_gpt2(cfg: ModelConfig, seq_len: int, mask_rate: float) -> Built:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from .export import HF_ACTIVATIONS
+
+    # The preset's GELU through HF's fused kernel: GPT2Config's default "gelu_new" is the same
+    # tanh GELU written as seven elementwise operations (NewGELUActivation), which cramkit's
+    # gpt2-small (nn.GELU(approximate="tanh")) does not pay, so the ratio would credit cramkit
+    # with HF's slower activation. gpt2-small exports to HF with the same mapping.
     hf = GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
                     n_inner=cfg.intermediate, n_positions=max(cfg.max_positions, seq_len),
+                    activation_function=HF_ACTIVATIONS[cfg.activation], layer_norm_epsilon=cfg.norm_eps,
                     attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                     # GPT-2's token 50256 is outside a smaller vocabulary (transformers warns).
                     bos_token_id=None, eos_token_id=None)
