@@ -186,29 +186,46 @@ def _label(r: dict, records: list[dict]) -> str:
     return f"{r['optimizer']} [{r.get('device') or 'device not recorded'}]" if several else r["optimizer"]
 
 
+def _cut(r: dict) -> bool:
+    """Whether a run stopped before its budget (the part's time limit): its loss is from less
+    training than the others'. Records from before ``stop_reason`` was kept count as full."""
+    return r.get("stop_reason") not in (None, "budget")
+
+
+def _rank(r: dict) -> tuple[int, float]:
+    """Full runs by loss, then runs cut short, then failures: a cut run's loss is no optimizer's
+    best while a full run of it exists, and where none does its row says it was cut."""
+    finite = r["val_loss"] is not None and r["val_loss"] == r["val_loss"]
+    return (2 if not finite else 1 if _cut(r) else 0, r["val_loss"] if finite else 0.0)
+
+
 def best_per_optimizer(records: list[dict]) -> list[dict]:
-    """Each optimizer's run (per device) with the lowest finite final validation loss (or its failure)."""
+    """Each optimizer's run (per device) with the lowest finite final validation loss among the
+    runs that used their whole budget (else a cut run, else its failure)."""
     best: dict[str, dict] = {}
     for r in records:
-        ok = r["val_loss"] is not None and r["val_loss"] == r["val_loss"]
         key = _label(r, records)
-        current = best.get(key)
-        if current is None or (ok and (current["val_loss"] is None or r["val_loss"] < current["val_loss"])):
+        if key not in best or _rank(r) < _rank(best[key]):
             best[key] = r
-    return sorted(best.values(), key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
+    return sorted(best.values(), key=_rank)
+
+
+def _cut_note(r: dict) -> str:
+    return f" (cut at {r['train_seconds']} s)" if _cut(r) else ""
 
 
 def table(records: list[dict]) -> str:
-    """Markdown table of the best run per optimizer, with every LR's loss for context."""
+    """Markdown table of the best run per optimizer, with every LR's loss for context; a run a
+    time limit cut short is marked wherever it appears."""
     lines = ["| optimizer | best LR | final val loss | all LRs (val loss) | steps | tokens | train s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for b in best_per_optimizer(records):
         runs = [r for r in records if _label(r, records) == _label(b, records)]
         sweep = ", ".join(
-            f"{r['lr']:g}: {r['val_loss']:.3f}" if r["val_loss"] is not None else f"{r['lr']:g}: failed"
+            f"{r['lr']:g}: {r['val_loss']:.3f}{_cut_note(r)}" if r["val_loss"] is not None else f"{r['lr']:g}: failed"
             for r in runs
         )
-        loss = f"{b['val_loss']:.3f}" if b["val_loss"] is not None else "failed"
+        loss = f"{b['val_loss']:.3f}{_cut_note(b)}" if b["val_loss"] is not None else "failed"
         lines.append(f"| {_label(b, records)} | {b['lr_key'].split('.')[-1]}={b['lr']:g} | {loss} | "
                      f"{sweep} | {b['steps']} | {b['tokens']} | {b['train_seconds']} |")
     return "\n".join(lines)
@@ -225,7 +242,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     for b in best_per_optimizer(records):
         if b["curve"]:
             t, loss = zip(*b["curve"])
-            ax.plot(t, loss, label=f"{_label(b, records)} ({b['lr_key'].split('.')[-1]}={b['lr']:g})")
+            ax.plot(t, loss, label=f"{_label(b, records)} ({b['lr_key'].split('.')[-1]}={b['lr']:g}){_cut_note(b)}")
     ax.set_xlabel("training time (s, evaluation excluded)")
     ax.set_ylabel("training loss (MLM)")
     ax.set_title(title)

@@ -32,3 +32,17 @@ def test_one_device_keeps_plain_names():
     records = [_record("adamw", 1e-3, 6.5, "H100"), _record("adamw", 2e-3, 6.4, "H100")]
     assert [b["lr"] for b in bench.best_per_optimizer(records)] == [2e-3]
     assert "| adamw | lr=0.002 | 6.400 |" in bench.table(records)
+
+
+def test_a_run_cut_by_the_time_limit_is_no_optimizers_best_and_is_marked():
+    """gpu_all.sh's limit stops the sweep's last run with SIGTERM (stop_reason "signal"): its
+    loss, from a fraction of the budget, entered the table as that optimizer's result unmarked,
+    and could be picked as the best LR over runs that trained for the whole budget."""
+    full = _record("adamw", 1e-3, 6.5, "H100") | {"stop_reason": "budget"}
+    cut = _record("adamw", 2e-3, 6.4, "H100") | {"stop_reason": "signal", "train_seconds": 4.2}
+    alone = _record("lion", 1e-4, 7.9, "H100") | {"stop_reason": "signal", "train_seconds": 3.0}
+    best = bench.best_per_optimizer([full, cut, alone])
+    assert [(b["optimizer"], b["lr"]) for b in best] == [("adamw", 1e-3), ("lion", 1e-4)]
+    table = bench.table([full, cut, alone])
+    assert "| adamw | lr=0.001 | 6.500 | 0.001: 6.500, 0.002: 6.400 (cut at 4.2 s) |" in table
+    assert "| lion | lr=0.0001 | 7.900 (cut at 3.0 s) |" in table
