@@ -98,7 +98,11 @@ def prepare_enwiki(src: str, out: Path) -> Path:
 
 
 @stage("throughput: cramkit vs Hugging Face")
-def throughput(results: dict) -> str:
+def throughput(results: dict, save=lambda: None) -> str:
+    """The four targets' rows, each stored in ``results`` and saved (``save``) as soon as it is
+    timed, with its failure if it fails: a call cut by its time limit in the fourth target keeps
+    the first three in gpu_core.json, and a target that failed is a row that says so, not a
+    table that silently lacks it."""
     from cramkit.bench import bench_target, table
     from cramkit.train.device import measure_peak_flops, release_memory
 
@@ -111,7 +115,10 @@ def throughput(results: dict) -> str:
     plan = [("hf-bert:bert-base,dropout=0,attention_dropout=0", 0.15, 256, 128),
             ("cramkit:crammed-bert", 0.25, 256, 128),
             ("hf-gpt2:gpt2-small", 0.0, 32, 1024), ("cramkit:gpt2-small", 0.0, 32, 1024)]
-    rows = []
+    rows, failed = [], []
+    # Cleared first: results.json accumulates across calls, and an earlier call's rows must not
+    # stand beside this one's.
+    results.update({"throughput": [], "throughput_failed": [], "peak_flops": peak})
     for target, rate, batch, seq in plan:
         if SMOKE:
             target, batch, seq = target.split(":")[0] + (":tiny-gpt" if "gpt" in target else ":tiny"), 8, 64
@@ -120,12 +127,16 @@ def throughput(results: dict) -> str:
                              device=device, precision=precision, compile=not SMOKE, mask_rate=rate, peak=peak)
             rows.append(r)
             print(r, flush=True)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - one target's OOM or compile error ends only that target
             traceback.print_exc()
+            failed.append({"target": target, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
         release_memory()
-    results["throughput"] = [r.__dict__ for r in rows]
-    results["peak_flops"] = peak
-    return table(rows, peak, "cpu" if SMOKE else torch.cuda.get_device_name())
+        results["throughput"] = [r.__dict__ for r in rows]
+        results["throughput_failed"] = failed
+        save()
+    lines = [table(rows, peak, "cpu" if SMOKE else torch.cuda.get_device_name())]
+    lines += [f"| {f['target']} | failed: {f['error']} |" for f in failed]
+    return "\n".join(lines)
 
 
 # docs/references.md's 150-second comparison: crammed at batch 1024 without a ramp (an 8192 batch
@@ -273,7 +284,8 @@ def main() -> None:
         write_json(out / "gpu_core.json", results, default=str)
 
     if "throughput" in stages:
-        results["throughput_table"] = throughput(results)
+        results.pop("throughput_table", None)  # an earlier call's table must not outlive a cut one
+        results["throughput_table"] = throughput(results, save)
         save()
     lrs = [lr.strip() for lr in args.original_lrs.split(",") if lr.strip()]
     for name, lr in [*(("original", lr) for lr in lrs or [""]), ("crammed", "")]:  # the target first

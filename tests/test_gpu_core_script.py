@@ -78,3 +78,28 @@ def test_a_learning_rate_sweep_of_the_2018_recipe_sets_the_target_at_its_best():
             "original@1e-2": _run([(0, 9.0), (40, 6.0)], stop="signal")}
     assert gpu_core.best_original(runs) == "original@1e-3"
     assert gpu_core.best_original({"original": _run([(0, 9.0), (40, 8.0)], stop="signal")}) == "original"
+
+
+def test_throughput_rows_are_saved_as_each_is_timed_and_a_failed_target_is_a_row(monkeypatch):
+    """The stage stored its rows only when all four were timed: part 1's time limit (330 s for
+    four compiled targets) stopping the fourth lost the three already measured from
+    gpu_core.json, and a target that raised left the table one row short without a word."""
+    import cramkit.bench as bench
+    import cramkit.train.device as device
+
+    def fake(target, **kwargs):
+        if target.startswith("hf-gpt2"):
+            raise RuntimeError("CUDA out of memory")
+        return bench.Result(target, 1.0, kwargs["batch"], kwargs["seq_len"], 100.0, 1.0, 0.5, None, 1.0, False)
+
+    monkeypatch.setattr(gpu_core, "SMOKE", True)
+    monkeypatch.setattr(bench, "bench_target", fake)
+    monkeypatch.setattr(device, "measure_peak_flops", lambda *a: 1e12)
+    results = {"throughput": [{"target": "from an earlier call"}], "throughput_table": "old"}
+    saved = []
+    table = gpu_core.throughput(results, lambda: saved.append(
+        ([r["target"] for r in results["throughput"]], [f["target"] for f in results["throughput_failed"]])))
+    assert saved == [(["hf-bert:tiny"], []), (["hf-bert:tiny", "cramkit:tiny"], []),
+                     (["hf-bert:tiny", "cramkit:tiny"], ["hf-gpt2:tiny-gpt"]),
+                     (["hf-bert:tiny", "cramkit:tiny", "cramkit:tiny-gpt"], ["hf-gpt2:tiny-gpt"])]
+    assert "| hf-gpt2:tiny-gpt | failed: RuntimeError: CUDA out of memory |" in table
