@@ -243,6 +243,18 @@ def _nan_losses(results: dict) -> dict:
     return results
 
 
+def run_header() -> dict:
+    """Device, date, commit and versions for the results file: the throughput rows compare with
+    Hugging Face transformers, whose version decides its numbers as much as torch's does."""
+    from cramkit.train.runlog import environment
+
+    cpu = SMOKE or CPU
+    return {"device": f"cpu ({torch.get_num_threads()} threads)" if cpu else torch.cuda.get_device_name(),
+            "torch": torch.__version__, "commit": os.environ.get("CRAMKIT_COMMIT"),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "environment": environment(torch.device("cpu" if cpu else "cuda"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--enwiki", default=".gpu/enwiki-2015",
@@ -270,10 +282,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     store = work / "results.json"  # accumulates across calls on a warm machine
     results: dict = _nan_losses(json.loads(store.read_text())) if store.is_file() else {}
-    device = f"cpu ({torch.get_num_threads()} threads)" if SMOKE or CPU else torch.cuda.get_device_name()
-    results.update({"device": device, "torch": torch.__version__,
-                    "commit": os.environ.get("CRAMKIT_COMMIT"),
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    results.update(run_header())
     data = prepare_enwiki(args.enwiki, work / "enwiki")
     if data:
         manifest = json.loads((data / "manifest.json").read_text())
@@ -299,6 +308,7 @@ def main() -> None:
                 break
     print("\n\n##### RESULTS #####")
     print(json.dumps({k: results.get(k) for k in ("device", "torch", "date")}, default=str))
+    print(json.dumps((results.get("environment") or {}).get("packages"), default=str))
     print(json.dumps(results.get("data", {}).get("splits"), default=str))
     if results.get("throughput_table"):
         print(results["throughput_table"])

@@ -220,12 +220,16 @@ def main(argv: list[str] | None = None) -> dict:
     out = os.environ.get("OUT")
     records = Path(args.records) if args.records else (Path(out) / "techniques_records.jsonl" if out else None)
     results: dict[str, dict] = {}
+    from cramkit.train.runlog import environment
+
+    # Versions with the numbers: the file is read long after the call that wrote it.
+    env = environment(torch.device("cpu" if args.scale != "gpu" else "cuda"))
 
     def save(final: bool) -> dict:
         """techniques.json as it stands, rewritten after every run so a cut call keeps it."""
         base = results.get("baseline", {})
         report = {"budget": args.budget, "compile": args.compile, "seed": args.seed, "data": str(data_dir),
-                  "commit": os.environ.get("CRAMKIT_COMMIT"),
+                  "commit": os.environ.get("CRAMKIT_COMMIT"), "torch": torch.__version__, "environment": env,
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                   "target_val_loss": None if _cut_short(base) else base.get("final_val_loss"), "complete": final,
                   "runs": results}

@@ -103,3 +103,15 @@ def test_throughput_rows_are_saved_as_each_is_timed_and_a_failed_target_is_a_row
                      (["hf-bert:tiny", "cramkit:tiny"], ["hf-gpt2:tiny-gpt"]),
                      (["hf-bert:tiny", "cramkit:tiny", "cramkit:tiny-gpt"], ["hf-gpt2:tiny-gpt"])]
     assert "| hf-gpt2:tiny-gpt | failed: RuntimeError: CUDA out of memory |" in table
+
+
+def test_the_results_file_names_the_transformers_version_beside_torchs(monkeypatch):
+    """gpu_core.json recorded torch's version only, while its throughput rows are ratios over
+    Hugging Face transformers models, whose version moves them as much."""
+    from importlib import metadata
+
+    monkeypatch.setattr(gpu_core, "SMOKE", True)
+    monkeypatch.setenv("CRAMKIT_COMMIT", "abc1234")
+    header = gpu_core.run_header()
+    assert header["commit"] == "abc1234" and header["torch"]
+    assert header["environment"]["packages"]["transformers"] == metadata.version("transformers")

@@ -56,6 +56,9 @@ def test_a_failing_run_is_saved_at_once_and_the_rest_go_on(tiny_mlm_data, tmp_pa
     report = bench.main(["--smoke", "--data", str(tiny_mlm_data), "--work", str(tmp_path),
                          "--runs", "pld,baseline,vcycle"])
     assert seen == [0, 1, 2]
+    # The file names the versions it was measured with, not only the commit.
+    saved = json.loads((tmp_path / "out" / "techniques.json").read_text())
+    assert saved["torch"] and "torch" in saved["environment"]["packages"]
     assert report["runs"]["pld"] == {"error": "RuntimeError: CUDA out of memory (simulated)"}
     assert set(report["runs"]) == {"pld", "baseline", "vcycle"}
 
