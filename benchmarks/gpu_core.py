@@ -124,7 +124,8 @@ def throughput(results: dict, save=lambda: None) -> str:
             target, batch, seq = target.split(":")[0] + (":tiny-gpt" if "gpt" in target else ":tiny"), 8, 64
         try:
             r = bench_target(target, batch=batch, seq_len=seq, steps=2 if SMOKE else 25, warmup=1 if SMOKE else 8,
-                             device=device, precision=precision, compile=not SMOKE, mask_rate=rate, peak=peak)
+                             device=device, precision=precision, compile=not SMOKE, mask_rate=rate, peak=peak,
+                             repeats=1 if SMOKE else 3)
             rows.append(r)
             print(r, flush=True)
         except Exception as exc:  # noqa: BLE001 - one target's OOM or compile error ends only that target

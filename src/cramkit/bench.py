@@ -1,9 +1,11 @@
 """Training-step throughput of cramkit models next to Hugging Face equivalents, in one process.
 
 ``cramkit bench`` builds each target at the same shape, runs warm-up steps (compilation
-included), then times training steps (forward, backward, AdamW step: fused and timed with CUDA
-events on a GPU, plain and timed by the wall clock on a CPU), and reports tokens/s, model
-TFLOP/s, MFU against a matmul peak measured in the same process, and peak memory. Targets are
+included, their seconds reported apart), then times ``--repeats`` back-to-back windows of
+training steps (forward, backward, AdamW step: fused and timed with CUDA events on a GPU, plain
+and timed by the wall clock on a CPU), and reports the median window's tokens/s with the range
+over windows, model TFLOP/s, MFU against a matmul peak measured in the same process, and peak
+memory. Targets are
 ``FAMILY:PRESET``: ``cramkit:crammed-bert`` is our model, ``hf-bert:bert-base`` is
 ``transformers.BertForMaskedLM`` with that preset's dimensions and ``hf-gpt2:gpt2-small`` is
 ``GPT2LMHeadModel``. FLOPs per token use one formula for every target
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -170,6 +173,8 @@ class Result:
     step_ms: float
     compiled: bool
     baseline: str | None = None
+    warmup_s: float | None = None  # the warm-up steps' wall seconds, compilation included
+    windows_tokens_per_s: list[float] | None = None  # every timed window's; tokens_per_s is their median
 
 
 def synthetic_batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: float = 0.25, device="cpu",
@@ -197,11 +202,13 @@ def synthetic_batch(arch: str, vocab: int, batch: int, seq_len: int, mask_rate: 
 
 def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device,
                  precision: str, compile: bool, mask_rate: float, peak: float, doc_len: float = 0.0,
-                 baseline: str | None = None) -> Result:
-    """Time ``steps`` training steps of one target after ``warmup`` steps.
+                 baseline: str | None = None, repeats: int = 1) -> Result:
+    """Time ``repeats`` windows of ``steps`` training steps of one target after ``warmup`` steps.
 
     ``target`` is ``FAMILY:PRESET[,KEY=VALUE...]`` (see the module docstring); ``baseline``
-    names the target the table compares this one with.
+    names the target the table compares this one with. Rates are the median window's: one
+    window of a few dozen steps moves by a few percent with clocks and co-tenants, as much as
+    the ratios between targets that the table exists to show.
     """
     parsed = parse_target(target, batch=batch, seq_len=seq_len)
     cfg, batch, seq_len = parsed.cfg, parsed.batch, parsed.seq_len
@@ -230,30 +237,38 @@ def bench_target(target: str, *, batch: int, seq_len: int, steps: int, warmup: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    t0 = time.perf_counter()
     for i in range(warmup):
         step(i)
     sync(device)
+    warmup_s = time.perf_counter() - t0
+    # Every window runs the same batches in the same order, so windows differ only by noise.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(steps):
-            step(i)
-        end.record()
+        # Back to back, synchronised once at the end: no drain between windows for the host to refill.
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            for i in range(steps):
+                step(i)
+            end.record()
         sync(device)
-        seconds = start.elapsed_time(end) / 1e3
+        windows = [start.elapsed_time(end) / 1e3 for start, end in events]
         mem = torch.cuda.max_memory_allocated(device) / 1e9
     else:
-        t0 = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        seconds = time.perf_counter() - t0
+        windows = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            windows.append(time.perf_counter() - t0)
         mem = None
+    seconds = statistics.median(windows)
     tps = batch * seq_len * steps / seconds
     # Significant digits, not decimals: a CPU's model TFLOP/s (0.004) rounded to 0.0.
     return Result(target, round(params / 1e6, 2), batch, seq_len, round(tps, 1), float(f"{fpt * tps / 1e12:.4g}"),
                   round(fpt * tps / peak, 4), None if mem is None else round(mem, 2), round(seconds / steps * 1e3, 2),
-                  compile, baseline)
+                  compile, baseline, round(warmup_s, 2), [round(batch * seq_len * steps / w, 1) for w in windows])
 
 
 #: The architecture each Hugging Face family builds, to pair a cramkit target with its counterpart.
@@ -289,18 +304,26 @@ def _reference(results: list[Result], i: int) -> float | None:
     return None
 
 
+def _spread(r: Result) -> str:
+    """The timed windows' lowest and highest tokens/s ("—" for a single window)."""
+    w = r.windows_tokens_per_s or []
+    return f"{min(w):,.0f}–{max(w):,.0f} ({len(w)} windows)" if len(w) > 1 else "—"
+
+
 def table(results: list[Result], peak: float, device_name: str) -> str:
     """A Markdown table; "× ref" is tokens/s relative to :func:`_reference`'s row, so each cramkit
     model is compared with its Hugging Face counterpart in one run ("—" where it has none)."""
     lines = [f"device: {device_name}; measured matmul peak {peak / 1e12:.3g} TFLOP/s", "",
-             "| target | params (M) | batch × seq | tokens/s | × ref | model TFLOP/s | MFU | step ms | peak mem GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| target | params (M) | batch × seq | tokens/s | × ref | model TFLOP/s | MFU | step ms | peak mem GB "
+             "| tokens/s range | warm-up s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, r in enumerate(results):
         row_ref = _reference(results, i)
         ratio = f"{r.tokens_per_s / row_ref:.2f}" if row_ref else "—"
         lines.append(f"| {r.target}{' (compiled)' if r.compiled else ''} | {r.params_m} | {r.batch} × {r.seq_len} | "
                      f"{r.tokens_per_s:,.0f} | {ratio} | {r.tflops:.3g} | {r.mfu:.1%} | "
-                     f"{r.step_ms} | {'—' if r.memory_gb is None else r.memory_gb} |")
+                     f"{r.step_ms} | {'—' if r.memory_gb is None else r.memory_gb} | {_spread(r)} | "
+                     f"{'—' if r.warmup_s is None else r.warmup_s} |")
     return "\n".join(lines)
 
 
@@ -314,6 +337,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default: 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed windows of --steps steps each; tokens/s is the median window's, and the "
+                        "table gives their range (default: 3)")
     p.add_argument("--mask-rate", type=float, default=0.15, help="MLM targets' share (sets the sparse decoder's work; default: 0.15, "
                    "where the crammed-bert recipe trains at 0.25)")
     p.add_argument("--compile", action="store_true", help="torch.compile every target")
@@ -342,7 +368,8 @@ def expand_targets(targets: list[str], document_mask: bool, *, batch: int, seq_l
 
 def run_bench(args: argparse.Namespace) -> int:
     # Checked before any timing: --steps 0 and --batch 0 used to divide by zero at the end.
-    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0)):
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0),
+                               ("--repeats", args.repeats, 1)):
         if value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     if not (math.isfinite(args.doc_len) and args.doc_len >= 0):
@@ -375,7 +402,7 @@ def run_bench(args: argparse.Namespace) -> int:
             results.append(bench_target(target, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
                                         warmup=args.warmup, device=device, precision=precision,
                                         compile=args.compile, mask_rate=args.mask_rate, peak=peak,
-                                        doc_len=args.doc_len, baseline=baseline))
+                                        doc_len=args.doc_len, baseline=baseline, repeats=args.repeats))
             print(f"{target}: {results[-1].tokens_per_s:,.0f} tokens/s", flush=True)
         except Exception as exc:  # noqa: BLE001 - one target's OOM or compile error ends only that target
             failed.append({"target": target, "baseline": baseline, "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
