@@ -109,7 +109,9 @@ case $part in
         flags=(--steps 1 --warmup 1 --device cpu)
     else
         targets=(cramkit:crammed-bert,seq_len=128,batch=256 cramkit:gpt2-small,seq_len=1024,batch=32)
-        flags=(--compile --steps 25 --warmup 8)
+        # crammed-bert's recipe masks 25 % (the bench's default is 15 %): its rows then time the
+        # step part 1's table times. The causal gpt2-small predicts every position either way.
+        flags=(--compile --steps 25 --warmup 8 --mask-rate 0.25)
     fi
     limit 575 "$PY" -m cramkit bench "${targets[@]}" --document-mask --doc-len 256 "${flags[@]}" \
         --json "$OUT/docmask.json" 2>&1 | tee "$OUT/docmask.log" || failed $? "document-mask bench"
