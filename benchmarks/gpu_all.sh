@@ -149,14 +149,16 @@ case $part in
     fi
     # Half of what is left for the two GPU-only searches (~4 probes of ~30 s each), the rest for
     # the offload probes (CPU Adam over billions of parameters: ~1-2 minutes each).
-    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest \
+    # The results name the co-tenant, and their tables withhold tokens/s measured beside it.
+    shared=(${glue:+--shared-gpu "the GLUE control's fine-tuning (glue_eval.py)"})
+    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest "${shared[@]}" \
         --largest "nothing,activation checkpointing" --deadline $(( $(left $lim) / 2 )) 2>&1 | tee "$OUT/gpu_scale_largest.log" \
         || failed $? "largest models without offload"
     # Host memory for the offload searches: MemTotal, except on the H200 machine, whose memory
     # starts small and grows on demand to 128 GiB = 137 GB (the device tool's KINDS.md / H200.md).
     host=${HOST_GB:-0}
     [ "$host" = 0 ] && [ -z "$SMOKE" ] && nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && host=137
-    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest --host-gb "$host" \
+    limit "$lim" "$PY" benchmarks/gpu_scale.py ${SMOKE:+--smoke} --parts largest --host-gb "$host" "${shared[@]}" \
         --largest "optimizer offload,both" --deadline "$(left $((lim - 15)))" 2>&1 | tee -a "$OUT/gpu_scale_largest.log" \
         || failed $? "largest models with offload"
     if [ -n "$glue" ]; then

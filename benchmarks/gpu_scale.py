@@ -331,6 +331,9 @@ def main() -> None:
     ap.add_argument("--host-gb", type=float, default=0,
                     help="host memory in GB for the offload searches (default: MemTotal; give it where the "
                          "machine's memory grows on demand, as on the H200 machine: 137 = 128 GiB)")
+    ap.add_argument("--shared-gpu", default="",
+                    help="what else runs on the GPU during the largest-model searches (gpu_all.sh part 6 "
+                         "runs the GLUE control beside them): recorded, and their tokens/s are withheld")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script itself")
     args = ap.parse_args()
     global SMOKE
@@ -373,6 +376,7 @@ def main() -> None:
             print(name, cost[name], flush=True)
             save()
     if "largest" in parts:
+        results["largest_shared_with"] = args.shared_gpu or None  # not an earlier call's
         largest = results.setdefault("largest", {})
         chosen = [x.strip() for x in args.largest.split(",") if x.strip()]
         unknown = set(chosen) - set(LARGEST)
@@ -410,22 +414,36 @@ def main() -> None:
                 print(f"| {name} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gb']:.1f} "
                       f"| {r.get('estimate_gb', '-')} |")
     if results.get("largest"):
-        print("\n| switches | largest model that trains | hidden × layers | above it | tokens/s "
-              "| GPU peak GB | estimated GB | host peak GB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name, r in results["largest"].items():
-            if r:
-                size, nxt = largest_cells(r)
-                print(f"| {name} | {size} | {r['hidden']} × {r['layers']} | "
-                      f"{nxt} | {r['tokens_per_s']:,.0f} | {r['peak_gb']:.1f} | "
-                      f"{r.get('estimate_gb', '-')} | {r.get('host_peak_gb', 0):.1f} |")
-            else:
-                print(f"| {name} | none of the sizes tried | | | | | | |")
-        # Every probe, the failed ones too: does the estimate say which sizes fit?
-        print("\n| switches | layers | estimated GB | outcome |\n| --- | --- | --- | --- |")
-        for name, rows in results.get("largest_probes", {}).items():
-            for r in rows:
-                outcome = r["error"] if "error" in r else f"trained, peak {r['peak_gb']:.1f} GB"
-                print(f"| {name} | {r['layers']} | {r.get('estimate_gb', '-')} | {outcome} |")
+        print(largest_tables(results))
+
+
+def largest_tables(results: dict) -> str:
+    """The largest-model table and every probe's outcome; when the searches shared the GPU
+    (``largest_shared_with``), a first line says so and the tokens/s column is withheld."""
+    shared = results.get("largest_shared_with")
+    lines = []
+    if shared:
+        # A co-tenant takes SMs and memory: tokens/s would read as the switches' cost, and a
+        # search may stop a size early; say so where the numbers are, not only in gpu_all.sh.
+        lines += [f"The searches shared the GPU with {shared}: tokens/s not shown (not this switch's cost), "
+                  "and a size may have failed for the memory it held.", ""]
+    lines += ["| switches | largest model that trains | hidden × layers | above it | tokens/s "
+              "| GPU peak GB | estimated GB | host peak GB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results["largest"].items():
+        if r:
+            size, nxt = largest_cells(r)
+            tps = "shared GPU" if shared else f"{r['tokens_per_s']:,.0f}"
+            lines.append(f"| {name} | {size} | {r['hidden']} × {r['layers']} | {nxt} | {tps} | {r['peak_gb']:.1f} | "
+                         f"{r.get('estimate_gb', '-')} | {r.get('host_peak_gb', 0):.1f} |")
+        else:
+            lines.append(f"| {name} | none of the sizes tried | | | | | | |")
+    # Every probe, the failed ones too: does the estimate say which sizes fit?
+    lines += ["", "| switches | layers | estimated GB | outcome |", "| --- | --- | --- | --- |"]
+    for name, rows in results.get("largest_probes", {}).items():
+        for r in rows:
+            outcome = r["error"] if "error" in r else f"trained, peak {r['peak_gb']:.1f} GB"
+            lines.append(f"| {name} | {r['layers']} | {r.get('estimate_gb', '-')} | {outcome} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,15 @@ def test_switch_cost_ratios_divide_by_the_same_workload_without_the_switch():
             assert ref[1:3] == (hidden, layers) and ref[4] == micro and ref[3] == ["compile"]
         else:
             assert gpu_scale.reference_row(name) == name  # no ratio of its own
+
+
+def test_largest_model_tokens_per_s_measured_beside_the_glue_control_are_withheld():
+    """gpu_all.sh part 6 runs the GLUE control on the same GPU as the largest-model searches;
+    their table printed tokens/s as if each switch had the GPU to itself."""
+    best = {"hidden": 4096, "layers": 8, "params": 1.4e9, "tokens_per_s": 12345.0, "peak_gb": 60.0,
+            "estimate_gb": 61.0, "host_peak_gb": 9.0, "next_failed": 12}
+    results = {"largest": {"nothing": best}, "largest_probes": {"nothing": [{"layers": 8, **best}]}}
+    assert "| 12,345 |" in gpu_scale.largest_tables(results)
+    shared = gpu_scale.largest_tables({**results, "largest_shared_with": "the GLUE control"})
+    assert shared.startswith("The searches shared the GPU with the GLUE control")
+    assert "12,345" not in shared and "| shared GPU |" in shared
