@@ -290,6 +290,12 @@ class RunConfig(Config):
         if self.memory.offload_optimizer and self.parallel.strategy != "fsdp":
             raise ConfigError("memory.offload_optimizer needs parallel.strategy=fsdp (FSDP2's CPU offload; "
                               "under torchrun, one process is fine: torchrun --nproc-per-node 1 ...)")
+        if self.parallel.strategy == "fsdp":
+            from .optim import shard_refusal
+
+            refusal = shard_refusal(self.optim)
+            if refusal:
+                raise ConfigError(refusal)
         if self.optim.name == "sam" and self.train.precision == "fp16":
             # The trainer refuses it too (for a plugin's closure optimizer), but only at the first
             # step: after the data, the model and the initial evaluation.

@@ -7,11 +7,11 @@ import pytest
 import torch
 from optim_helpers import tiny_run_config, train_and_resume
 
-from cramkit.config import OptimConfig
+from cramkit.config import OptimConfig, load_config
 from cramkit.errors import ConfigError
 from cramkit.models import build_model
 from cramkit.models.presets import get_preset
-from cramkit.optim import OPTIMIZERS, build_optimizer
+from cramkit.optim import OPTIMIZERS, WHOLE_TENSORS, build_optimizer, register_optimizer
 
 # Learning rates that suit each update rule's scale on the tiny model; a newly registered
 # optimizer runs with the defaults and only needs an entry here if those do not fit.
@@ -163,3 +163,49 @@ def test_adamw8bit_keeps_quantised_moments_and_resumes(tiny_mlm_data, tmp_path):
     optimizer.step()
     big = max((p for p in model.parameters()), key=lambda p: p.numel())
     assert type(optimizer.state[big]["exp_avg"]).__name__ == "OptimState8bit"
+
+
+# The optimizers FSDP2 refuses, with a word of each one's reason: their update needs whole tensors.
+NEED_WHOLE_TENSORS = {"lamb": "trust ratio", "lars": "trust ratio", "adamw8bit": "quantises each rank's shard"}
+
+
+def test_the_optimizers_refused_under_fsdp_are_those_that_declare_it():
+    assert sorted(WHOLE_TENSORS) == sorted(NEED_WHOLE_TENSORS)
+
+
+@pytest.mark.parametrize("name", sorted(NEED_WHOLE_TENSORS))
+def test_an_optimizer_that_needs_whole_tensors_is_refused_under_fsdp_when_the_config_is_read(name):
+    """LAMB and SAM crashed at the first step on FSDP2's shards (DTensor in-place errors), after
+    the data, the model and the initial evaluation; adamw8bit trained another update and could
+    not resume. Now the config says so, alone or as SAM's base, and DDP takes them as before."""
+    usable = "use parallel.strategy=ddp, or an optimizer that runs on shards (adamw, lion, muon, sam, schedulefree, sgd)"
+    for overrides, which in (([f"optim.name={name}"], f"optim.name={name}"),
+                             (["optim.name=sam", f"optim.base={name}"], f"optim.base={name} (which optim.name=sam wraps)")):
+        with pytest.raises(ConfigError) as info:
+            load_config("demo", [*overrides, "parallel.strategy=fsdp"])
+        message = str(info.value)
+        assert message.startswith(f"{which} cannot train under parallel.strategy=fsdp: "), message
+        assert NEED_WHOLE_TENSORS[name] in message and message.endswith(usable) and "\n" not in message
+        assert load_config("demo", [*overrides, "parallel.strategy=ddp"]).optim.rule == name
+
+
+def test_the_other_optimizers_are_accepted_under_fsdp():
+    for name in sorted(set(OPTIMIZERS) - set(NEED_WHOLE_TENSORS)):
+        assert load_config("demo", [f"optim.name={name}", "parallel.strategy=fsdp"]).optim.name == name
+
+
+def test_a_plugins_optimizer_declares_that_it_needs_whole_tensors():
+    def factory(groups, cfg, device):
+        return torch.optim.SGD(groups, lr=cfg.lr)
+
+    try:
+        register_optimizer("pernorm", whole_tensors="its norm is per matrix")(factory)
+        with pytest.raises(ConfigError, match="optim.name=pernorm cannot train under parallel.strategy=fsdp: "
+                                              "its norm is per matrix; use parallel.strategy=ddp"):
+            load_config("demo", ["optim.name=pernorm", "parallel.strategy=fsdp"])
+        OPTIMIZERS.pop("pernorm")
+        register_optimizer("pernorm")(factory)  # registered anew, without the declaration
+        load_config("demo", ["optim.name=pernorm", "parallel.strategy=fsdp"])
+    finally:
+        OPTIMIZERS.pop("pernorm", None)
+        WHOLE_TENSORS.pop("pernorm", None)

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 class ParallelConfig(Config):
     """How several processes (under torchrun) share the work."""
 
-    strategy: Literal["ddp", "fsdp"] = field("ddp", help="ddp: replicate the model; fsdp: shard it (FSDP2 fully_shard)")
+    strategy: Literal["ddp", "fsdp"] = field("ddp", help="ddp: replicate the model; fsdp: shard it (FSDP2 fully_shard; refuses lamb, lars and adamw8bit, whose updates need whole tensors)")
     backend: Literal["auto", "nccl", "gloo"] = field("auto", help="auto: nccl on CUDA, gloo on CPU")
     fsdp_reshard: bool = field(True, help="FSDP2: free gathered parameters after forward (less memory, more traffic)")
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = field(

@@ -40,6 +40,11 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {}
 #: Muon counts as 2, an upper bound: its matrices keep one momentum, its AdamW groups two.
 OPTIMIZER_STATES: dict[str, float] = {"sgd": 1, "lion": 1, "lars": 1, "adamw8bit": 0.5}
 
+#: Why an optimizer cannot train on FSDP2's shards, by name, as declared with
+#: ``register_optimizer(NAME, whole_tensors=...)``; a run with ``parallel.strategy=fsdp`` that
+#: uses one is refused with that reason before anything is built. Names not here run on shards.
+WHOLE_TENSORS: dict[str, str] = {}
+
 
 def keeps_evaluation_weights(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` evaluates other weights than it trains (Schedule-Free's averaged x,
@@ -88,7 +93,8 @@ LR_SCALING = ("none", "linear", "sqrt")
 log = logging.getLogger("cramkit.optim")
 
 
-def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+def register_optimizer(name: str, *, whole_tensors: str | None = None
+                       ) -> Callable[[OptimizerFactory], OptimizerFactory]:
     """Decorator: make ``fn(groups, cfg, device) -> Optimizer`` available as ``optim.name=NAME``.
 
     ``groups`` are :func:`parameter_groups`' (each with its ``weight_decay`` and ``kind`` set);
@@ -99,10 +105,21 @@ def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFacto
     the factory. For the memory estimate before training, set ``OPTIMIZER_STATES[NAME]`` to the
     fp32 tensors it keeps per parameter (2, Adam's, when unset). A name already registered is
     a TypeError: a plugin cannot replace a shipped optimizer unseen.
+
+    Under ``parallel.strategy=fsdp`` the parameters, gradients and states the optimizer sees are
+    each rank's shards (DTensors). An update that is elementwise, or that gathers what it needs
+    (Muon's Newton-Schulz), runs on them unchanged. One that needs whole tensors of its own (a
+    per-matrix norm, a block-wise quantisation) declares why in ``whole_tensors``, e.g. "its
+    trust ratio is per whole matrix, and FSDP2 gives each rank a shard of it": such runs are then
+    refused up front (:func:`shard_refusal`) instead of failing or computing another update.
     """
 
     def deco(fn: OptimizerFactory) -> OptimizerFactory:
         add_unique(OPTIMIZERS, name, fn, "optimizer")
+        if whole_tensors:
+            WHOLE_TENSORS[name] = whole_tensors
+        else:  # a name registered anew (a plugin reloaded) keeps no older declaration
+            WHOLE_TENSORS.pop(name, None)
         return fn
 
     return deco
@@ -196,6 +213,19 @@ def get_factory(name: str) -> OptimizerFactory:
             f"unknown optimizer '{name}'{unknown_hint(name, OPTIMIZERS)}; "
             f"known: {', '.join(sorted(OPTIMIZERS))}"
         ) from None
+
+
+def shard_refusal(cfg) -> str | None:
+    """Why ``cfg``'s optimizer (an ``OptimConfig``) cannot train under FSDP2, or None where it
+    can: the declaration of the optimizer named, or of the one SAM wraps (``optim.base``)."""
+    for which, name in ((f"optim.name={cfg.name}", cfg.name),
+                        (f"optim.base={cfg.rule} (which optim.name={cfg.name} wraps)", cfg.rule)):
+        reason = WHOLE_TENSORS.get(name)
+        if reason:
+            usable = ", ".join(sorted(n for n in OPTIMIZERS if n not in WHOLE_TENSORS))
+            return (f"{which} cannot train under parallel.strategy=fsdp: {reason}; use "
+                    f"parallel.strategy=ddp, or an optimizer that runs on shards ({usable})")
+    return None
 
 
 def build_optimizer(

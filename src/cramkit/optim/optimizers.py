@@ -61,7 +61,10 @@ def adamw(groups, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=_betas(cfg), eps=cfg.eps, fused=fused)
 
 
-@register_optimizer("adamw8bit")
+@register_optimizer("adamw8bit", whole_tensors=(
+    "torchao quantises each rank's shard of its moments on its own (a shard under 4096 values "
+    "stays in fp32, so the update depends on the number of ranks), and FSDP2's full checkpoints "
+    "cannot hold the quantised state, so the run could not resume"))
 def adamw8bit(groups, cfg, device):
     """AdamW whose two moments are stored block-wise quantised to 8 bits (torchao): 2 bytes of
     optimizer state per parameter instead of 8, at the cost of a quantise/dequantise per step.
@@ -153,7 +156,9 @@ class ReferenceLamb(Lamb):
                 group["lr"], group["eps"], group["weight_decay"] = lr, eps, weight_decay
 
 
-@register_optimizer("lamb")
+@register_optimizer("lamb", whole_tensors=(
+    "its trust ratio ||w|| / ||update|| is taken per whole matrix, and FSDP2 gives each rank a "
+    "shard of it"))
 def lamb(groups, cfg, device):
     """LAMB as in the reference (:class:`ReferenceLamb`): the direction
     r = m_hat / (sqrt(v_hat) + eps) + weight_decay * w, scaled per matrix by ||w|| / ||r||; the
@@ -168,7 +173,9 @@ def lamb(groups, cfg, device):
     return ReferenceLamb(groups, lr=cfg.lr, betas=_betas(cfg), eps=cfg.eps, weight_decouple=False)
 
 
-@register_optimizer("lars")
+@register_optimizer("lars", whole_tensors=(
+    "its trust ratio ||w|| / ||g|| is taken per whole matrix, and FSDP2 gives each rank a shard "
+    "of it"))
 def lars(groups, cfg, device):
     """LARS: momentum SGD (heavy-ball, as in You et al. 2017, Alg. 1, and the TF reference's
     ``use_nesterov=False``; ``optim.nesterov=true`` for Nesterov) whose step for each matrix is
