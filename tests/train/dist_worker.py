@@ -52,6 +52,83 @@ def sharded_overflow_agrees() -> list[float]:
     return [float(torch.equal(before, layer.weight.full_tensor())), scaler.get_scale()]
 
 
+# Each optimizer that runs on FSDP2's shards, in the settings whose sharded path differs: SAM's
+# ascent (a norm over every rank's shards), ASAM's, SAM's plain steps between; Muon's
+# Newton-Schulz on whole (and fused) matrices; Schedule-Free's state. (SAM around Muon is left
+# out: Newton-Schulz in bf16 turns the rounding-level difference of SAM's norm over shards into
+# ~1e-4 in the weights within 2 steps, as it does DDP's all-reduce against one process.)
+SHARDED_OPTIMIZERS = {
+    "adamw": [], "sgd": [], "lion": [], "muon": [], "schedulefree": ["schedule.name=constant"],
+    "sam": [], "asam": ["optim.name=sam", "optim.sam_adaptive=true"],
+    "sam-every-2": ["optim.name=sam", "optim.sam_every=2"],
+}
+
+
+def sharded_optimizers_agree() -> dict[str, list[float]]:
+    """Per optimizer of :data:`SHARDED_OPTIMIZERS`, the largest difference between the weights of
+    a model sharded by FSDP2 and those of the whole model on each rank, after each of 4 steps.
+
+    Both ranks train on the same batch, so FSDP2's averaged gradient is the whole model's: any
+    difference is the optimizer's (a norm, or a Newton-Schulz, taken over a shard instead of the
+    whole). After step 2 the sharded optimizer is rebuilt from its state as a checkpoint holds it
+    (gathered, through a weights-only file), as a resumed run does."""
+    import io
+
+    from cramkit.config import load_config
+    from cramkit.distributed.config import ParallelConfig
+    from cramkit.distributed.parallel import Parallel, shard_model
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+    from cramkit.optim import build_optimizer
+    from cramkit.train.run import _full_state, _load_optimizer
+
+    cpu = torch.device("cpu")
+    par = Parallel(dist.get_rank(), 2, dist.get_rank(), "fsdp", cpu, launched=True)
+    x = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "labels": torch.roll(x, -1, 1)}
+
+    def step(model, opt) -> None:
+        model(**batch).loss.backward()
+        if getattr(opt, "needs_closure", False):
+            def closure():
+                opt.zero_grad()
+                loss = model(**batch).loss
+                loss.backward()
+                return loss.detach()
+            opt.step(closure)
+        else:
+            opt.step()
+        opt.zero_grad()
+
+    out = {}
+    for case, overrides in SHARDED_OPTIMIZERS.items():
+        name = [] if any(o.startswith("optim.name=") for o in overrides) else [f"optim.name={case}"]
+        optim = load_config("demo", [*name, *overrides, "parallel.strategy=fsdp"]).optim  # not refused
+        torch.manual_seed(0)
+        # No biases: the key bias has no gradient but rounding noise, which Adam scales to whole
+        # steps, so SAM's rounding-level difference in its norm would show there as lr-sized.
+        config = preset_config("tiny-gpt", vocab_size=512, max_positions=64, bias=False)
+        whole, sharded = build_model(config), build_model(config)
+        sharded.load_state_dict(whole.state_dict())
+        shard_model(sharded, par, ParallelConfig(strategy="fsdp"), "fp32")
+        opts = [build_optimizer(m, optim, cpu, 8) for m in (whole, sharded)]
+        diffs = []
+        for n in range(4):
+            if n == 2:  # rank 0 gathers the state, every rank reads the file
+                buffer = io.BytesIO()
+                torch.save(_full_state(sharded, opts[1], par)[1], buffer)
+                saved = [buffer.getvalue()]
+                dist.broadcast_object_list(saved, src=0)
+                opts[1] = build_optimizer(sharded, optim, cpu, 8)
+                _load_optimizer(sharded, opts[1], torch.load(io.BytesIO(saved[0]), weights_only=True), par)
+            step(whole, opts[0])
+            step(sharded, opts[1])
+            diffs.append(max(float((a.detach().full_tensor() - b.detach()).abs().max())
+                             for a, b in zip(sharded.parameters(), whole.parameters(), strict=True)))
+        out[case] = diffs
+    return out
+
+
 def nonfinite_gradient(data: Path, out: Path, strategy: str) -> None:
     """Rank 1 alone gets an inf in one element of one weight's gradient at step 2 (before DDP's
     all-reduce / FSDP2's reduce-scatter), under train.clip_grad: every rank must skip that step,
@@ -212,7 +289,9 @@ def main() -> None:
     dist.all_gather_object(steps, summary["steps"])
     overflow = [None, None]
     dist.all_gather_object(overflow, sharded_overflow_agrees())
+    optimizers = sharded_optimizers_agree()
     if rank == 0:
+        results["sharded_optimizers"] = optimizers
         results["timed_steps"] = steps
         results["sharded_overflow"] = overflow
         results["signalled_checkpoint"] = ckpt.latest_checkpoint(out / "signalled").name

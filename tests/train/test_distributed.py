@@ -86,6 +86,15 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0
     # An inf in rank 0's gradient shard only: both ranks skip (weights unchanged), both halve.
     assert res["sharded_overflow"] == [[1.0, 512.0], [1.0, 512.0]]
+    # Every optimizer that FSDP2 does not refuse takes the whole model's steps on its shards, and
+    # goes on alike from its checkpointed state: elementwise ones and Muon (Newton-Schulz on the
+    # gathered matrix) exactly, SAM up to the rounding of its norm over shards.
+    from cramkit.optim import OPTIMIZERS, WHOLE_TENSORS
+
+    checked = res["sharded_optimizers"]
+    assert set(OPTIMIZERS) - set(WHOLE_TENSORS) <= set(checked), sorted(checked)
+    for case, diffs in checked.items():
+        assert max(diffs) <= (1e-6 if case.startswith(("sam", "asam")) else 0.0), (case, diffs)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -195,13 +195,21 @@ class StackedMuon(Muon):
     orthogonalised on its own (one batched Newton-Schulz) and gets its own shape factor
     sqrt(max(1, rows / cols)), as when Q, K and V are separate matrices (modded-nanogpt);
     orthogonalising the stack as one matrix would couple the parts' singular vectors and scale
-    all of them by the stack's height. A sharded (DTensor) matrix is orthogonalised whole.
+    all of them by the stack's height.
+
+    Under FSDP2 each rank holds a shard of rows of every matrix (a DTensor). Newton-Schulz on a
+    shard would orthogonalise another matrix, so each update is gathered whole on every rank,
+    orthogonalised (part by part) exactly as without FSDP2, and each rank keeps its own rows: the
+    same update as under DDP, at the cost of one all-gather and one whole matrix in memory at a
+    time.
     """
 
     @staticmethod
     def _orthogonalize(group, updates):
+        if any(has_dtensor and isinstance(u, DTensor) for u in updates):
+            return [_shard_like(StackedMuon._orthogonalize(group, [u.full_tensor()])[0], u) for u in updates]
         blocks = group.get("blocks", 1)
-        if blocks == 1 or any(has_dtensor and isinstance(u, DTensor) for u in updates):
+        if blocks == 1:
             return MuonBase._orthogonalize(group, updates)
         out = []
         for update in updates:
@@ -215,6 +223,11 @@ class StackedMuon(Muon):
                      / get_adjusted_lr(1.0, (rows, cols), adjusted))
             out.append(torch.cat(parts, dim=0).mul_(scale))
         return out
+
+
+def _shard_like(whole: torch.Tensor, like: DTensor) -> DTensor:
+    """``whole`` (the same on every rank) as a DTensor placed like ``like``: each rank's rows."""
+    return DTensor.from_local(whole, device_mesh=like.device_mesh).redistribute(placements=like.placements)
 
 
 @register_optimizer("muon")

@@ -18,7 +18,8 @@ when the ascent point is computed, so the perturbation is the same on every rank
 sharpness of the global batch. The paper's m-sharpness (each device perturbing with its own
 micro-batch's gradient, m = the per-device batch) would need the first pass without gradient
 synchronisation; cramkit does not do that, so ``sam_rho`` tuned per device in the paper's
-setting may not transfer.
+setting may not transfer. Under FSDP2 ||g|| is the norm over every rank's shard, the whole
+model's, so the ascent point is the one DDP computes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 from pytorch_optimizer import SAM as _LibrarySAM
 from pytorch_optimizer.base.exception import NoClosureError
+from pytorch_optimizer.optimizer.utils.matrix import DTensor, has_dtensor
 
 from ..errors import ConfigError
 from . import get_factory, keeps_evaluation_weights, register_optimizer
@@ -72,6 +74,42 @@ class SAM(_LibrarySAM):
             return loss
         self.second_step()  # restores w and steps the base optimizer
         return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save w and move to the ascent point w + rho * e / ||e|| (e = g, or |w| g for ASAM,
+        whose step is then scaled by w² elementwise), ||e|| over all parameters.
+
+        The library's version combines the per-parameter norms with in-place arithmetic, which
+        FSDP2's shards (DTensors, whose norms are partial sums over ranks) refuse; torch's
+        total norm reduces them over the ranks, so ||e|| is the whole model's, as without FSDP2,
+        and the rest is elementwise.
+        """
+        parts = [p.grad * p.abs() if group["adaptive"] else p.grad
+                 for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(parts) if parts else torch.zeros(())
+        if has_dtensor and isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        norm = norm + self.perturb_eps
+        for group in self.param_groups:
+            scale = group["rho"] / norm
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self.state[p]["old_p"] = p.clone()
+                step = p.grad * scale.to(p.dtype)
+                p.add_(step * p.square() if group["adaptive"] else step)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Back to the saved w, then the base optimizer's step with the ascent point's gradient
+        (a per-parameter copy: the library's batched one has no DTensor rule)."""
+        self._restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
     def _restore(self) -> None:

@@ -367,9 +367,32 @@ def _load_optimizer(model: torch.nn.Module, optimizer, state: dict, par: Paralle
             set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        # The loader makes an empty state with a step() on zero gradients at lr 0, without a
+        # closure, which SAM refuses ("SAM requires closure"); the closure it gets here puts the
+        # zero gradients back, as a closure recomputes them.
+        closure = getattr(optimizer, "needs_closure", False)
+        if closure:
+            step = optimizer.step
+            optimizer.step = lambda closure=None: step(closure or (lambda: _zero_gradients(optimizer)))
+        try:
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        finally:
+            if closure:
+                del optimizer.step  # the class's own again
+        # That loader hands the groups' settings back with tuples made lists, which a library may
+        # refuse (Muon's Newton-Schulz coefficients: "`weights` must be a preset name, ..."): the
+        # saved settings, as optimizer.load_state_dict() restores them without FSDP2.
+        for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+            group.update({key: value for key, value in saved.items() if key != "params"})
     else:
         optimizer.load_state_dict(state)
+
+
+def _zero_gradients(optimizer) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
 
 
 def _format_mismatch(saved: dict[str, Any], par: Parallel) -> str | None:
