@@ -17,6 +17,10 @@ SGD and Muon, heavy-ball for LARS.
 | ``muon`` | Muon on hidden matrices (fused ones per part) + AdamW on embeddings, head and vectors | pytorch_optimizer, adjusted |
 | ``schedulefree`` | Schedule-Free AdamW (Defazio et al. 2024) | pytorch_optimizer |
 | ``sam`` | SAM around any of the above (``optim.base``) | see :mod:`.sam` |
+
+Under ``parallel.strategy=fsdp``, ``lamb``, ``lars`` and ``adamw8bit`` are refused (their
+``whole_tensors`` declarations say why); the others take the same steps on FSDP2's shards as on
+whole tensors.
 """
 
 from __future__ import annotations
