@@ -233,6 +233,20 @@ def test_resuming_with_levels_that_lack_the_saved_stage_is_a_config_error(reques
             pretrain(resume_config(cut, ["train.budget=24steps", *levels]), run_dir=cut, resume=True, say=quiet)
 
 
+def test_resuming_a_coarse_level_with_another_pairing_is_a_config_error(request, tmp_path):
+    """The pairing changes no shape, so the checkpoint loaded and the way up de-coalesced with
+    the new pairing: it interpolated the saved weights with units that had never been merged."""
+    pretrain(tiny_config(request.getfixturevalue("tiny_mlm_data"), tmp_path, *VCYCLE_RUN,
+                         "train.checkpoint_every=0.5", name="run"), say=quiet)
+    strided = ["train.budget=24steps", "technique.vcycle.pairing=strided"]
+    coarse = interrupted_copy(tmp_path / "run", tmp_path / "coarse", 6)  # stage 2: saved weights
+    with pytest.raises(ConfigError, match=r"technique.vcycle.pairing=strided \(was adjacent\)"):
+        pretrain(resume_config(coarse, strided), run_dir=coarse, resume=True, say=quiet)
+    # Back on the full model nothing was coalesced with it any more: the change is harmless.
+    full = interrupted_copy(tmp_path / "run", tmp_path / "full", 12)
+    pretrain(resume_config(full, strided), run_dir=full, resume=True, say=quiet)
+
+
 @pytest.mark.parametrize("fractions", ["[0.25,0.7,0.05]", "[0.25,0.5,0.25]"])
 def test_a_run_that_ends_before_its_last_level_change_says_so(fractions, request, tmp_path):
     # 12 steps start at k / 12: none at or past 0.95, so the way back up never comes.

@@ -501,6 +501,8 @@ class VCycle(Technique):
         self.stage_schedule = STAGE_SCHEDULES.get(options.schedule)
         self.stage = 0
         self.saved: list[dict[str, torch.Tensor]] = []  # finer levels' weights, coarsest last
+        # The scheme the saved weights were coalesced with (a resumed run's, from its checkpoint).
+        self.saved_scheme: Scheme | None = None
         self.base: ModelConfig | None = None
 
     @classmethod
@@ -532,6 +534,19 @@ class VCycle(Technique):
                 f"vcycle: the checkpoint is in stage {self.stage + 1} of its V-cycle, on level "
                 f"{len(self.saved)}, but technique.vcycle.levels={self.options.levels} {where}; "
                 "resume with the levels the run was saved with"
+            )
+        if self.saved and self.saved_scheme is not None and self.saved_scheme != self.scheme:
+            # The way up de-coalesces with the current scheme and interpolates with the saved
+            # finer weights: another pairing (same shapes, so no load would fail) mixes units that
+            # never formed a group, and silently spoils the model the run returns to.
+            changed = ", ".join(f"technique.vcycle.{f.name}={getattr(self.scheme, f.name)} "
+                                f"(was {getattr(self.saved_scheme, f.name)})"
+                                for f in dataclasses.fields(Scheme)
+                                if getattr(self.scheme, f.name) != getattr(self.saved_scheme, f.name))
+            raise ConfigError(
+                f"vcycle: the checkpoint is on level {len(self.saved)} of its V-cycle, coalesced with "
+                f"another scheme than this run's ({changed}); resume with the scheme it was saved "
+                "with, at least until the V-cycle is back on the full model"
             )
         self.base = model_config
         for level in range(self.options.levels):
@@ -569,8 +584,11 @@ class VCycle(Technique):
         state.request_model(model, None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "saved": list(self.saved)}
+        return {"stage": self.stage, "saved": list(self.saved), "scheme": dataclasses.asdict(self.scheme)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stage = int(state.get("stage", 0))
         self.saved = list(state.get("saved", []))
+        # Checkpoints from before the scheme was recorded: nothing to check against.
+        scheme = state.get("scheme")
+        self.saved_scheme = Scheme(**scheme) if scheme else None
