@@ -254,6 +254,52 @@ def test_schedule_free_evaluates_and_trains_on_under_fsdp_as_in_one_process():
         torch.testing.assert_close(got_weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("optim_name", ["adamw", "schedulefree"])
+def test_a_checkpoint_of_an_optimizer_without_state_under_fsdp_changes_no_step(optim_name):
+    """A V-cycle level or a stacking doubling builds a fresh optimizer, and a checkpoint may fall
+    on that step. Under FSDP2 torch's getter first "initialised" the optimizer with a step at
+    lr 0: AdamW's step count then ran one ahead of a run without the checkpoint (another bias
+    correction), and a resumed Schedule-Free one ran one ahead of the run it continued."""
+    import torch.distributed as dist
+
+    from cramkit.config import load_config
+    from cramkit.distributed.config import ParallelConfig
+    from cramkit.distributed.parallel import Parallel, shard_model
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+    from cramkit.optim import build_optimizer
+    from cramkit.train.run import _checkpoint_weights, _load_optimizer
+
+    optim = load_config("demo", [f"optim.name={optim_name}", "schedule.name=constant"]).optim
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    config = preset_config("tiny-gpt", vocab_size=512, max_positions=64)
+    first = build_model(config)
+    models = [first] + [build_model(config) for _ in range(2)]
+    for model in models[1:]:
+        model.load_state_dict(first.state_dict())
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        par = Parallel(0, 1, 0, "fsdp", torch.device("cpu"), launched=True)
+        for model in models:
+            shard_model(model, par, ParallelConfig(strategy="fsdp"), "fp32")
+        plain, saved, resumed = models
+        optimizers = [build_optimizer(m, optim, torch.device("cpu"), 8) for m in models]
+        _, _, state = _checkpoint_weights(saved, optimizers[1], par)
+        _load_optimizer(resumed, optimizers[2], state, par)
+        for model, opt in zip(models, optimizers):
+            for _ in range(2):
+                model(input_ids=x, labels=torch.roll(x, -1, 1)).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        weights = [{k: v.full_tensor() for k, v in m.state_dict().items()} for m in models]
+    finally:
+        dist.destroy_process_group()
+    for key, value in weights[0].items():
+        assert torch.equal(weights[1][key], value), f"checkpointed: {key}"
+        assert torch.equal(weights[2][key], value), f"resumed: {key}"
+
+
 def test_a_rank_asked_for_what_this_machine_lacks_says_so(monkeypatch):
     """Under torchrun, train.device=cuda without CUDA trained on the CPU without a word, and
     parallel.backend=nccl was torch's traceback on every rank."""

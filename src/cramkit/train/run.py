@@ -9,6 +9,7 @@ activation checkpointing, compile and sharding and then builds the optimizer →
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import json
@@ -326,8 +327,30 @@ def _full_state(model: torch.nn.Module, optimizer, par: Parallel) -> tuple[dict,
     if par.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+        if not _holds_state(optimizer):
+            # torch's getter would first "initialise" it with a step at learning rate 0, which
+            # counts: Adam's bias correction and Schedule-Free's step then run one step ahead of
+            # a run without this checkpoint. An optimizer has no state after a technique rebuilt
+            # it (a V-cycle level, a doubling), when a checkpoint may well fall.
+            return _full_weights(model, par), _stateless_optimizer_state(model, optimizer)
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return ckpt.model_weights(model), optimizer.state_dict()
+
+
+def _holds_state(optimizer) -> bool:
+    """Whether an optimizer keeps any per-parameter state (not so before its first step; some
+    leave empty entries behind, e.g. Schedule-Free's ``eval()`` on a fresh one)."""
+    return any(optimizer.state.values())
+
+
+def _stateless_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The full optimizer state dict FSDP2's getter writes (parameters named, not numbered), for
+    an optimizer without per-parameter state: its group settings alone."""
+    names = {param: name for name, param in model.named_parameters()}
+    return {"state": {}, "param_groups": [
+        {**{key: copy.deepcopy(value) for key, value in group.items() if key != "params"},
+         "params": [names[param] for param in group["params"]]}
+        for group in optimizer.param_groups]}
 
 
 def _full_weights(model: torch.nn.Module, par: Parallel) -> dict:
@@ -375,7 +398,11 @@ def _load_optimizer(model: torch.nn.Module, optimizer, state: dict, par: Paralle
             step = optimizer.step
             optimizer.step = lambda closure=None: step(closure or (lambda: _zero_gradients(optimizer)))
         try:
-            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+            # Saved without per-parameter state (before its first step): the loader's empty step
+            # would leave its counts behind (Schedule-Free's group step), so the fresh optimizer
+            # gets the saved group settings alone, below, as the run that was saved had.
+            if any(state["state"].values()):
+                set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         finally:
             if closure:
                 del optimizer.step  # the class's own again
