@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from technique_helpers import metrics, quiet, tiny_config
+from technique_helpers import metrics, quiet, tiny_config, weights
 
 from cramkit.errors import ConfigError
 from cramkit.models import build_model
+from cramkit.models.layers import Block
 from cramkit.models.presets import preset_config
 from cramkit.techniques.pld import (
     PLDOptions,
@@ -155,6 +156,30 @@ def test_post_ln_model_is_refused():
         ProgressiveLayerDropping(PLDOptions()).on_model(model)
     with pytest.raises(ConfigError, match="theta_bar"):
         PLDOptions.from_dict({"theta_bar": 0.0})
+
+
+@pytest.mark.parametrize("options", [{"theta_bar": 1.0}, {"theta_bar": 0.5, "gamma": 0.0}])
+def test_pld_that_keeps_every_block_leaves_the_model_as_it_is(options):
+    """Switched off (theta stays 1) pld still made the blocks switchable: its skip loop, kept out
+    of the compiled graph, split a compiled model, which then trained other weights (float
+    rounding) than the same run without pld."""
+    model = build_model(preset_config("tiny", layers=4))
+    pld = ProgressiveLayerDropping(PLDOptions.from_dict(options))
+    assert pld.on_model(model) is model
+    assert type(model.layers) is torch.nn.ModuleList
+    assert all(type(block) is Block for block in model.layers)
+    pld.on_step_start(_State(model, progress=0.5, step=3))
+    assert pld.flops_per_token(100.0, _State(model)) == 100.0
+
+
+@pytest.mark.compile
+def test_compiled_run_with_pld_off_is_bit_identical_to_none(tiny_mlm_data, tmp_path):
+    run = ("train.budget=3steps", "train.compile=true")
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, *run, name="base"), say=quiet)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, *run, "techniques=[pld]", "technique.pld.theta_bar=1",
+                         name="off"), say=quiet)
+    base, off = weights(tmp_path / "base"), weights(tmp_path / "off")
+    assert all(torch.equal(base[key], off[key]) for key in base)
 
 
 def test_flops_count_executed_blocks(tiny_mlm_data, tmp_path):

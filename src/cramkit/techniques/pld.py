@@ -171,6 +171,12 @@ class ProgressiveLayerDropping(Technique):
             misapplied=("model.norm_position=post", "model.final_norm=false"),
         )
 
+    @property
+    def off(self) -> bool:
+        """Whether every block is kept at every step (theta(t) = 1: ``theta_bar=1`` or
+        ``gamma=0``)."""
+        return self.options.theta_bar >= 1.0 or self.options.gamma == 0
+
     def on_model(self, model: nn.Module) -> nn.Module:
         cfg = model.config
         if cfg.norm_position != "pre":
@@ -178,6 +184,11 @@ class ProgressiveLayerDropping(Technique):
                 "pld needs pre-LN blocks (model.norm_position=pre): skipping a post-LN block "
                 "would also skip its normalisation of the residual stream"
             )
+        self.model = model
+        if self.off:
+            # Every block is kept at scale 1: no surgery, so the run is the plain model's also
+            # compiled (the skip loop runs outside the compiled graph and splits it).
+            return model
         layers = model.layers
         if not isinstance(layers, SkippableLayers):
             _skippable(layers)
@@ -190,12 +201,13 @@ class ProgressiveLayerDropping(Technique):
                 block.register_buffer("pld_scale", torch.ones((), device=device), persistent=False)
                 if self.options.compile_blocks:
                     block.compile()
-        self.model = model
         return model
 
     def on_step_start(self, state) -> None:
         model = state.model if state.model is not None else self.model
         o = self.options
+        if self.off:  # on_model left the model as it was
+            return
         layers = model.layers
         probs = keep_probabilities(state.progress, len(layers), o.theta_bar, o.gamma)
         self.keep = sample_keep(probs, o.seed, state.step)
