@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +49,24 @@ def test_documented_pretrain_commands_resolve(where, command):
     args = [a for a in args if "$" not in a]
     recipe, overrides = _split_overrides(argparse.Namespace(recipe=args[0], overrides=args[1:]))
     load_config(recipe, overrides)  # raises ConfigError for an invalid combination
+
+
+def test_the_documented_plugin_runs_the_documented_command(tiny_mlm_data, tmp_path):
+    """docs/techniques.md names plugins/freeze.py in its commands: the file it shows must be one a
+    user can save and run them with."""
+    text = (ROOT / "docs" / "techniques.md").read_text()
+    code = re.search(r"```python\n(# plugins/freeze\.py.*?)```", text, flags=re.S)
+    assert code, "docs/techniques.md shows no plugins/freeze.py"
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "freeze.py").write_text(code.group(1))
+    command = re.search(r"^CRAMKIT_PLUGINS=(\S+) cramkit (pretrain .*)$", text, flags=re.M)
+    assert command and command.group(1) == "plugins/freeze.py"
+    shrink = [f"data.dir={tiny_mlm_data}", "model.vocab_size=512", "model.max_positions=64", "budget=4steps",
+              "finetune_demo=false", "name=run", "train.eval_every=0", "train.eval_batches=2",
+              "train.tensorboard=false", "train.plots=false", "train.progress_bar=false", "train.device=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CRAMKIT_PLUGINS": command.group(1)}
+    done = subprocess.run([sys.executable, "-m", "cramkit", *shlex.split(command.group(2)), *shrink], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "runs" / "run" / "config.json").read_text())
+    assert config["techniques"] == ["freeze"] and config["technique"]["freeze"]["fraction"] == 0.2
