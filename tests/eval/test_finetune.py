@@ -887,3 +887,27 @@ def test_finetune_options_may_carry_the_section_name_that_errors_use():
     assert _finetune_config(["finetune.head_width=1024", "lr=1e-4"]).head_width == 1024
     with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.head_widht' \(did you mean 'head_width'"):
         _finetune_config(["finetune.head_widht=1024"])
+
+
+def test_a_file_task_flag_that_repeats_the_default_is_not_a_changed_setting(tiny_run, tmp_path, capsys):
+    """``--text-column sentence --label-column label`` is the run without them: a rerun must not
+    say that text_column and label_column differed."""
+    import argparse
+
+    from cramkit.eval import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    rows = ["sentence\tlabel"] + [f"the film {i}\t{'pos' if i % 2 else 'neg'}" for i in range(12)]
+    (tmp_path / "reviews.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
+    small = ["seeds=[0]", "epochs=1", "progress=false"]
+    for extra in (["--text-column", "sentence", "--label-column", "label"], []):
+        args = parser.parse_args(["finetune", str(run), "--task", str(tmp_path / "reviews.tsv"), *extra, *small])
+        assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "note: replaced" not in out, out
+    assert json.loads((run / "eval" / "finetune-reviews.json").read_text())["task_options"] == {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         outputs_owner,
     )
     from .metrics import to_percent
-    from .tasks import load_task
+    from .tasks import file_task, load_task
 
     cfg = _finetune_config(args.overrides)
     given = {dest: getattr(args, dest) for dest in _FILE_TASK_OPTIONS if getattr(args, dest) not in (None, False)}
@@ -100,8 +101,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ConfigError(clash)
     result = finetune(backbone, task, cfg, save_dir=save_dir)
     # A file task's flags (--dev, --labels, columns...) change the result as much as the config:
-    # a rerun with another dev file replaced the result without a note.
-    result["task_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    # a rerun with another dev file replaced the result without a note. A flag that repeats
+    # file_task's default (--text-column sentence) changes nothing, so it is not recorded: the
+    # note would otherwise name it as a setting that differed from the same run without it.
+    defaults = {k: p.default for k, p in inspect.signature(file_task).parameters.items()}
+    result["task_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()
+                              if v != defaults.get(k, inspect.Parameter.empty)}
     changed = changed_settings(out, result, ("config", "task_options"))
     write_json(out, result)
     init = result["init"]
