@@ -269,6 +269,16 @@ def test_schedule_config_leaves_each_schedule_its_own_shape():
     assert ScheduleConfig.from_dict({"name": "cosine"}).resolved()["peak_at"] is None  # it has none
 
 
+
+def test_a_recipe_switched_to_another_schedule_gets_that_schedule_s_shape():
+    """crammed-bert wrote out the triangle's own peak_at/start, so schedule.name=one-cycle on it
+    ran the budget triangle (peak at 75 % from 25 %) instead of the README's one-cycle."""
+    for recipe in ("crammed-bert", "crammed-bert-lamb"):
+        triangle = load_config(recipe, []).schedule.resolved()
+        assert (triangle["name"], triangle["peak_at"], triangle["start"]) == ("budget-triangle", 0.75, 0.25)
+        one_cycle = load_config(recipe, ["schedule.name=one-cycle"]).schedule.resolved()
+        assert (one_cycle["peak_at"], one_cycle["start"]) == (0.3, 0.04)
+
 def test_lr_schedules_are_pure_functions_of_progress():
     # Cramming's triangle: 25 % of peak at the start, the peak at 75 %, zero at the end.
     assert lr_factor("budget-triangle", 0.0) == pytest.approx(0.25)
