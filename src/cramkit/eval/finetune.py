@@ -326,8 +326,13 @@ def changed_settings(path: Path, new: dict[str, Any], sections: Sequence[str] = 
     for section in sections:
         old = previous.get(section, {} if section == "config" else None)
         if isinstance(old, dict):
-            changed += changed_keys(old, new[section])
+            changed += [k for k in changed_keys(old, new[section]) if section != "config" or k not in _NOT_SCORED]
     return changed
+
+
+#: Fine-tuning options that change what is shown or kept, never a score: a rerun that differs
+#: only in them must not be reported as written with other settings.
+_NOT_SCORED = frozenset({"progress", "save"})
 
 
 def outputs_owner(task: TaskData | TaskSpec, random_init: bool, peft: str = "none") -> dict[str, str]:
