@@ -70,3 +70,67 @@ def test_the_documented_plugin_runs_the_documented_command(tiny_mlm_data, tmp_pa
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "runs" / "run" / "config.json").read_text())
     assert config["techniques"] == ["freeze"] and config["technique"]["freeze"]["fraction"] == 0.2
+
+
+def _other_commands(path: Path) -> list[str]:
+    """``cramkit prepare|finetune|evaluate|export|report|bench ...`` lines in the fenced code blocks
+    of ``path``, from the subcommand on."""
+    out = []
+    subcommand = r"cramkit ((?:prepare|finetune|evaluate|export|report|bench) .*)"
+    for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            m = re.search(r"(?:^|\s)" + subcommand + "$", line.split(" #", 1)[0].strip())
+            if m:
+                out.append(m.group(1))
+    return out
+
+
+def _inline_commands(path: Path) -> list[str]:
+    """``cramkit SUBCOMMAND ...`` in the inline code of ``path``'s prose: often fragments
+    (``cramkit prepare ... --tokenizer OLD/tokenizer.json``), so only their flags are checked."""
+    prose = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return [" ".join(m.split()) for m in re.findall(r"(?<!`)`cramkit ([a-z-]+ [^`]*)`", prose)]
+
+
+def _flags(parser: argparse.ArgumentParser, command: str) -> tuple[set[str], set[str]]:
+    """The flags ``command`` names and those its subcommand's parser knows (argparse also takes a
+    flag's prefix, --text-col: the docs must spell a flag whole)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command.split()[0]]
+    known = {s for action in sub._actions for s in action.option_strings}
+    return {t.split("=")[0] for t in shlex.split(command) if t.startswith("--")}, known
+
+
+def test_flags_in_the_docs_inline_commands_are_real():
+    from cramkit.cli import build_parser
+
+    parser = build_parser()
+    commands = [(path.name, cmd) for path in DOCS for cmd in _inline_commands(path)]
+    assert any(cmd.startswith("bench ") for _, cmd in commands)
+    for where, cmd in commands:
+        named, known = _flags(parser, cmd)
+        assert named <= known, f"{where}: `cramkit {cmd}` names {sorted(named - known)}"
+
+
+OTHER_CASES = [(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd in _other_commands(path)]
+
+
+def test_the_docs_show_the_other_commands():
+    assert {cmd.split()[0] for _, cmd in OTHER_CASES} >= {"prepare", "finetune", "evaluate", "export", "report"}
+
+
+@pytest.mark.parametrize(("where", "command"), OTHER_CASES)
+def test_documented_commands_use_real_flags_and_options(where, command):
+    """Every flag a documented command names is one its parser knows, and its key=value options
+    are real fine-tuning / preparation options (a user copies them)."""
+    from cramkit.cli import build_parser
+    from cramkit.data.cli import config_from_args
+    from cramkit.eval.cli import _finetune_config
+
+    parser = build_parser()
+    args = parser.parse_args(shlex.split(command))  # SystemExit(2) on an unknown flag
+    named, known = _flags(parser, command)
+    assert named <= known
+    if args.command in ("finetune", "evaluate"):
+        _finetune_config(args.overrides)
+    elif args.command == "prepare":
+        config_from_args(args)
