@@ -307,3 +307,15 @@ def test_a_failed_plot_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"the loss plots were not written \(RuntimeError: no font\); "
                                          r"`cramkit report .* --out .*plots` retries them"):
         run._plot_losses(tmp_path)
+
+
+def test_every_subcommand_s_help_says_what_it_does():
+    """`cramkit recipes --help` printed only its usage line."""
+    import argparse
+
+    from cramkit.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"recipes", "pretrain", "prepare", "finetune", "evaluate", "export", "bench", "report"} <= set(commands)
+    assert [name for name, sub in commands.items() if not sub.description] == []

@@ -72,7 +72,12 @@ def add_parser(sub) -> None:
     s.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. train.budget=2h model.layers=4")
     s.set_defaults(func=run_show_config)
 
-    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r = sub.add_parser(
+        "recipes", help="list the shipped recipes",
+        description="List the shipped recipes, one a line: name, architecture (bert or gpt), budget and "
+                    "what the recipe is for. `cramkit show-config NAME` prints one's whole config; "
+                    "`cramkit pretrain NAME` trains it.",
+    )
     r.set_defaults(func=run_recipes)
 
 
