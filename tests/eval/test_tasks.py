@@ -586,6 +586,22 @@ def test_a_glue_task_named_twice_in_tasks_is_fine_tuned_once(tmp_path):
     assert [s.name for s in chosen] == ["rte"]
 
 
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("colaa", r"^unknown GLUE task 'colaa' \(did you mean 'cola'\?\); GLUE tasks: cola, sst2, "),
+    ("data/my.tsv", r"^unknown GLUE task 'data/my.tsv'; GLUE tasks: cola, "),
+    ("bbc", r"^task 'bbc' is not a GLUE task"),
+])
+def test_evaluate_tasks_that_are_not_glue_tasks_name_the_glue_tasks(tmp_path, name, message):
+    """`cramkit evaluate --tasks data/my.tsv` said "unknown task ... (or give a path to a .tsv
+    training file)" when given one: --tasks takes GLUE task names only."""
+    from cramkit.errors import DataError
+    from cramkit.eval.suite import select_glue_tasks
+
+    with pytest.raises(DataError, match=message) as error:
+        select_glue_tasks(tmp_path, [name])
+    assert "training file" not in str(error.value)
+
 def test_glue_folders_are_found_in_any_case(tmp_path):
     """`--task glue/rte` read a lower-case folder, while `--suite glue` looked for `RTE` only."""
     from cramkit.eval.suite import select_glue_tasks

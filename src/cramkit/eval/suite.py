@@ -57,7 +57,12 @@ def select_glue_tasks(
     if names:
         chosen = []
         for name in names:
-            spec = get_task(name)
+            try:
+                spec = get_task(name)
+            except DataError:  # get_task's error offers a training file, which --tasks does not take
+                glue = [s.name for s in all_glue]
+                raise DataError(f"unknown GLUE task '{name}'{did_you_mean(name, glue)}; "
+                                f"GLUE tasks: {', '.join(glue)}") from None
             if spec.source != "glue":
                 raise DataError(
                     f"task '{name}' is not a GLUE task; GLUE tasks: "
