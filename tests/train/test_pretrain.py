@@ -460,6 +460,22 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tiny_mlm_dat
     assert pretrain(cfg, say=lambda *_: None)["steps"] == 2  # the name is free again
 
 
+
+def test_a_taken_name_offers_resume_only_when_there_is_a_checkpoint(tiny_mlm_data, tmp_path):
+    """A run killed before its first checkpoint left config.json: `name=` of it said 'use
+    --resume', and --resume then refused the run for having no checkpoints."""
+    from cramkit.train import run as run_mod
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path, name="killed")
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"stopped before its first checkpoint \(nothing to --resume\): "
+                                          "use another name= or delete it"):
+        run_mod.new_run_dir(cfg)
+    (tmp_path / "killed" / "checkpoints" / "step-00000004").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already exists; use --resume"):
+        run_mod.new_run_dir(cfg)
+
 def test_runs_started_in_the_same_second_get_their_own_directories(tiny_mlm_data, tmp_path, monkeypatch):
     """The default name has one-second resolution: a second run took the first one's (still
     empty) directory, and its early failure then deleted what the first had written there."""

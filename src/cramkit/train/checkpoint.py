@@ -119,6 +119,11 @@ def latest_checkpoint(run_dir: Path, warn=_warn) -> Path:
     warning by default: the command line prints it as ``warning: ...`` on stderr)."""
     candidates = list_checkpoints(run_dir)
     if not candidates:
+        if (Path(run_dir) / "config.json").is_file():  # a run killed before its first checkpoint
+            raise CheckpointError(f"{run_dir} has no checkpoints: the run stopped before it wrote its first one "
+                                  "(killed, or failed, before train.checkpoint_every or its end); "
+                                  f"there is nothing to continue or load: start a new run under another name= "
+                                  f"(or delete {run_dir})")
         raise CheckpointError(f"{run_dir} has no checkpoints (was the run started with cramkit pretrain?)")
     for path in reversed(candidates):
         problem = verify(path)

@@ -200,6 +200,10 @@ def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
         taken = ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
         existed = run_dir.is_dir()
         if existed and any(run_dir.iterdir()):
+            if (run_dir / "config.json").is_file() and not ckpt.list_checkpoints(run_dir):
+                # --resume, which `taken` offers, refuses a run killed before its first checkpoint
+                raise ConfigError(f"run directory {run_dir} already exists, from a run that stopped before its "
+                                  f"first checkpoint (nothing to --resume): use another name= or delete it")
             raise taken
         if not existed:
             try:
