@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -398,6 +399,11 @@ def test_a_list_split_by_the_shell_says_to_drop_the_spaces():
         load_config("demo", ["techniques=[pld]", "oops]"])
     with pytest.raises(ConfigError, match=r"^override 'oops' is not of the form key=value$"):
         load_config("demo", ["train.budget=2h", "oops"])
+    # One piece, never closed: it was read as text, `techniques=[pld` as a technique named '[pld'.
+    for args in (["techniques=[pld"], ["techniques=[pld,vcycle", "train.budget=2h"]):
+        with pytest.raises(ConfigError, match=rf"^override '{re.escape(args[0])}': the list is not closed "
+                                              rf"\(write {re.escape(args[0])}\]\)$"):
+            load_config("demo", args)
 
 
 def test_every_shipped_recipe_prepares_its_default_data_offline(tmp_path):

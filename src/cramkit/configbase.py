@@ -348,6 +348,11 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
         key = key.strip()
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
+        unclosed = value.count("[") - value.count("]")
+        # A following piece without '=' is the rest of a list the shell split: reported there.
+        if value.lstrip().startswith("[") and unclosed > 0 and "=" in (overrides[i + 1 : i + 2] or ["="])[0]:
+            # parse_value would read it as text, and `techniques=[pld` as a technique named '[pld'
+            raise ConfigError(f"override '{item}': the list is not closed (write {item}{']' * unclosed})")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
