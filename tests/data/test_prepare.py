@@ -153,6 +153,10 @@ def test_reuse_conflict_and_force(tmp_path, synth_corpus, capsys):
     before = (out / "manifest.json").read_text()
     prepare(cfg, out, progress=False)
     assert "reusing" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as env:  # another GPU's process of this machine under torchrun
+        env.setenv("LOCAL_RANK", "1")
+        prepare(cfg, out, progress=False)
+    assert capsys.readouterr().err == ""
     changed = cfg.replace(seq_len=64)
     with pytest.raises(DataError, match=r"seq_len=32 \(now 64\).*--force"):
         prepare(changed, out, progress=False)

@@ -127,7 +127,10 @@ def fingerprint(cfg: PrepareConfig, sources: list[Source] | None = None) -> str:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    # Under torchrun one process per machine reports: the others reuse what it prepared (or wait
+    # for it on the cache's lock) and would repeat its lines once per GPU.
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def prepare(
