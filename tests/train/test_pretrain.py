@@ -195,16 +195,31 @@ def test_accumulation_equals_one_big_batch(tiny_mlm_data, tmp_path):
         torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def _bare_trainer(cfg, model):
+def _bare_trainer(cfg, model, log=lambda r: None, parallel=None):
     from cramkit.optim import build_optimizer
     from cramkit.train.trainer import Trainer
 
     return Trainer(
         cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, torch.device("cpu")),
-        train_batches=iter(()), evaluate=lambda m: 0.0, checkpoint=lambda s: None, log=lambda r: None,
+        train_batches=iter(()), evaluate=lambda m: 0.0, checkpoint=lambda s: None, log=log,
         techniques=[], device=torch.device("cpu"), precision="fp32", micro_batch=4, seq_len=32,
-        flops_per_token=lambda m: 1.0, peak_flops=1.0,
+        flops_per_token=lambda m: 1.0, peak_flops=1.0, parallel=parallel,
     )
+
+
+def test_an_evaluation_record_takes_the_slowest_ranks_clock(tiny_mlm_data, tmp_path):
+    """As training records do: rank 0's own clock could read below its step's training record."""
+    from cramkit.distributed import Parallel
+
+    class SlowerElsewhere(Parallel):  # another rank's clock is 5 s ahead of this one's
+        def all_max(self, values):
+            return [v + 5.0 for v in values]
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path)
+    records = []
+    trainer = _bare_trainer(cfg, build_model(cfg.model), log=records.append, parallel=SlowerElsewhere())
+    trainer.run_eval()
+    assert records[0]["type"] == "eval" and records[0]["elapsed"] >= 5.0
 
 
 @pytest.mark.parametrize("budget", ["9steps", "1500tok", "2e8flops"])

@@ -344,9 +344,11 @@ class Trainer:
             with evaluation_weights(self.state.optimizer, self.raw_model), torch.no_grad(), \
                     autocast(self.device, self.precision):
                 loss = self.evaluate(self.model)
+            # The slowest rank's clock, as training records and the budget use: rank 0's alone
+            # could read below the same step's training record, and time-to-loss low.
+            elapsed = self.par.all_max([self.clock.elapsed])[0]
             self.log({"type": "eval", "step": self.state.step, "tokens": self.state.tokens,
-                      "flops": self.state.usage.flops, "elapsed": in_ms(self.clock.elapsed),
-                      "val_loss": loss})
+                      "flops": self.state.usage.flops, "elapsed": in_ms(elapsed), "val_loss": loss})
         self.state.extra["val_loss"] = loss
         return loss
 
