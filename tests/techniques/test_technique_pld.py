@@ -170,6 +170,8 @@ def test_pld_that_keeps_every_block_leaves_the_model_as_it_is(options):
     assert all(type(block) is Block for block in model.layers)
     pld.on_step_start(_State(model, progress=0.5, step=3))
     assert pld.flops_per_token(100.0, _State(model)) == 100.0
+    assert not pld.unused_parameters  # DDP need not search for unused parameters
+    assert ProgressiveLayerDropping(PLDOptions()).unused_parameters
 
 
 @pytest.mark.compile

@@ -154,7 +154,6 @@ class ProgressiveLayerDropping(Technique):
     name = "pld"
     Options = PLDOptions
     order = 50  # after growth (stacking, V-cycle), so it applies to the grown model
-    unused_parameters = True  # a dropped block's parameters get no gradient in that step
     options: PLDOptions
 
     def __init__(self, options: PLDOptions) -> None:
@@ -170,6 +169,12 @@ class ProgressiveLayerDropping(Technique):
             disabled=("technique.pld.theta_bar=1.0",),
             misapplied=("model.norm_position=post", "model.final_norm=false"),
         )
+
+    @property
+    def unused_parameters(self) -> bool:  # type: ignore[override]
+        """A dropped block's parameters get no gradient in that step; switched off, none is
+        dropped, and DDP need not search for unused parameters every step."""
+        return not self.off
 
     @property
     def off(self) -> bool:
