@@ -59,7 +59,8 @@ def test_compressed_text_and_origin(tmp_path, suffix, opener):
 def test_jsonl_parquet_and_folder(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
-    (folder / "a.jsonl").write_text("\n".join(json.dumps({"body": f"j{i}"}) for i in range(3)))
+    # A null is a missing value in JSON Lines as in Parquet: skipped, not an error.
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in ("j0", None, "j1", "j2")))
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -167,6 +167,8 @@ def read_jsonl_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
                 f"{path}:{lineno}: no field '{cfg.text_field}' (found {keys}); set text_field=..."
             )
         text = row[cfg.text_field]
+        if text is None:  # a missing value, skipped as Parquet's and HF datasets' nulls are
+            continue
         if not isinstance(text, str):
             raise DataError(f"{path}:{lineno}: field '{cfg.text_field}' is not a string")
         if not text.isascii():
