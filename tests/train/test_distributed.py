@@ -155,12 +155,14 @@ def test_the_readmes_multi_node_command_line_trains_across_two_nodes(tiny_clm_da
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     args = tiny_overrides(tiny_clm_data, tmp_path / "nodes", "train.budget=4steps", "parallel.strategy=fsdp",
                           name="two-nodes", arch="gpt")
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cramkit-test",
          "-m", "cramkit.cli", "pretrain", "demo", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True) for log in logs]
+    _wait_for_launchers(nodes, tmp_path / "nodes" / "two-nodes" / "summary.json")
+    outputs = [log.read_text() for log in logs]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     # c10d hands out the ranks (torchrun warns that a --node-rank would be ignored): whichever
     # node got rank 0 printed the run's summary, the other nothing of it.
@@ -171,6 +173,34 @@ def test_the_readmes_multi_node_command_line_trains_across_two_nodes(tiny_clm_da
     pretrain(single, say=lambda *_: None)
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "nodes" / "two-nodes")),
                                torch.tensor(_losses(tmp_path / "single")), rtol=1e-4, atol=1e-5)
+
+
+def _wait_for_launchers(nodes: list[subprocess.Popen], summary: Path, limit: float = 300.0,
+                        grace: float = 30.0) -> None:
+    """Wait for both torchrun launchers. Once the run has written its summary and one launcher
+    has exited 0, the other gets ``grace`` seconds: torch's elastic agents meet at an exit
+    barrier whose store the first agent may already have closed, and the second then waits out
+    the barrier's fixed 300 s (pytorch/pytorch#69520, #118891) after its worker has finished.
+    That launcher is stopped and counted as done only when its worker has exited (the barrier
+    is all it has left); a worker still running, or one that failed, fails the test."""
+    import time
+
+    def workerless(node: subprocess.Popen) -> bool:
+        children = Path(f"/proc/{node.pid}/task/{node.pid}/children")
+        return children.is_file() and not children.read_text().split()
+
+    end = time.monotonic() + limit
+    while time.monotonic() < end and any(node.poll() is None for node in nodes):
+        if summary.is_file() and any(node.poll() == 0 for node in nodes):
+            end = min(end, time.monotonic() + grace)
+        time.sleep(0.2)
+    for node in nodes:
+        if node.poll() is None:
+            barrier_only = summary.is_file() and workerless(node)
+            node.kill()
+            node.wait()
+            if barrier_only and any(other.returncode == 0 for other in nodes):
+                node.returncode = 0
 
 
 def test_fsdp_root_keeps_its_parameters_gathered_for_backward():
