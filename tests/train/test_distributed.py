@@ -179,8 +179,8 @@ def _wait_for_launchers(nodes: list[subprocess.Popen], summary: Path, limit: flo
                         grace: float = 30.0) -> None:
     """Wait for both torchrun launchers. Once the run has written its summary and one launcher
     has exited 0, the other gets ``grace`` seconds: torch's elastic agents meet at an exit
-    barrier whose store the first agent may already have closed, and the second then waits out
-    the barrier's fixed 300 s (pytorch/pytorch#69520, #118891) after its worker has finished.
+    barrier with a fixed 300 s timeout, which one agent once waited out in a loaded CI run after
+    its worker had finished (the barrier has known races: pytorch/pytorch#69520).
     That launcher is stopped and counted as done only when its worker has exited (the barrier
     is all it has left); a worker still running, or one that failed, fails the test."""
     import time
