@@ -120,7 +120,7 @@ class PeftMethod:
     """A peft method: ``build(peft, target names, head names, options)`` -> peft config, the
     module-name suffixes it adapts when ``finetune.peft_targets`` is not set, and
     ``scaling_attrs``: the adapter layers' attributes (peft's ``adapter_layer_names``) that hold
-    scaling vectors, which weight decay must not reach (:func:`exempt_scaling_from_decay`)."""
+    scaling vectors, which weight decay must not reach (:func:`scaling_parameters`)."""
 
     build: Callable
     default_targets: tuple[str, ...]
@@ -171,33 +171,6 @@ def scaling_parameters(model: nn.Module, method: str) -> list[nn.Parameter]:
             if isinstance(holder, nn.Module):  # peft keeps them in a ParameterDict per adapter
                 found.update((id(p), p) for p in holder.parameters() if p.requires_grad)
     return list(found.values())
-
-
-def exempt_scaling_from_decay(groups: list[dict], model: nn.Module, method: str) -> list[dict]:
-    """``groups`` (from :func:`cramkit.optim.parameter_groups`) with ``method``'s scaling vectors
-    moved to the undecayed ``vector`` group; that rule exempts parameters by shape, and IA3's
-    vectors are 2-D."""
-    exempt = {id(p): p for p in scaling_parameters(model, method)}
-    if not exempt:
-        return groups
-    out = []
-    for group in groups:
-        keep = [i for i, p in enumerate(group["params"]) if id(p) not in exempt]
-        if len(keep) == len(group["params"]):
-            out.append(group)
-            continue
-        if not keep:
-            continue
-        trimmed = {**group, "params": [group["params"][i] for i in keep]}
-        if "stacked" in group:  # per-parameter list, parallel to params
-            trimmed["stacked"] = [group["stacked"][i] for i in keep]
-        out.append(trimmed)
-    at = next((i for i, g in enumerate(out) if g["kind"] == "vector"), None)
-    if at is None:
-        out.append({"params": list(exempt.values()), "weight_decay": 0.0, "kind": "vector"})
-    else:  # a new dict: the caller's groups are left as they were
-        out[at] = {**out[at], "params": [*out[at]["params"], *exempt.values()]}
-    return out
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -32,8 +32,8 @@ from .adapters import (
     PEFT_METHODS,
     PeftOptions,
     apply_peft,
-    exempt_scaling_from_decay,
     parameter_counts,
+    scaling_parameters,
 )
 from .encoding import Encoded, SpecialIds, TaskEncoder
 from .heads import POOLERS, SequenceClassifier
@@ -477,7 +477,7 @@ def train_one(
     # Decay never on norms and biases, as in pretraining (cramkit.optim.parameter_groups): an
     # ungrouped AdamW pulled LayerNorm gains toward 0 as soon as weight_decay was set. Nor on
     # IA3's scaling vectors, which that rule by shape takes for matrices.
-    groups = exempt_scaling_from_decay(parameter_groups(model, cfg.weight_decay), model, cfg.peft)
+    groups = parameter_groups(model, cfg.weight_decay, vectors=scaling_parameters(model, cfg.peft))
     optimizer = torch.optim.AdamW(
         groups,
         lr=cfg.lr,

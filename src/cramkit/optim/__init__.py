@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -136,16 +136,20 @@ def _output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def parameter_groups(
-    model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True
+    model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True,
+    vectors: Iterable[torch.nn.Parameter] = (),
 ) -> list[dict]:
     """Split trainable parameters into tagged groups (tied weights counted once).
 
     Returns up to three groups, empty ones dropped, each ``{"params", "weight_decay", "kind"}``:
     ``hidden`` matrices (decayed), ``embedding`` (token/position embeddings and the output
-    projection; decayed unless ``decay_embeddings`` is false) and ``vector`` (never decayed).
+    projection; decayed unless ``decay_embeddings`` is false) and ``vector`` (never decayed):
+    tensors of fewer than 2 dimensions, and ``vectors``, scaling vectors stored as matrices (peft's
+    IA3 keeps them [out, 1] or [1, in]; decay toward 0 would switch their layers off).
     The ``hidden`` group also has ``stacked``: per parameter, how many matrices its rows stack
     (the owning module's ``stacked_matrices``, 1 where it declares none).
     """
+    vector_ids = {id(p) for p in vectors}
     embedding_ids = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
     }
@@ -162,7 +166,7 @@ def parameter_groups(
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim < 2:
+        if p.ndim < 2 or id(p) in vector_ids:
             kinds["vector"].append(p)
         elif id(p) in embedding_ids:
             kinds["embedding"].append(p)
