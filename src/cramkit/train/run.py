@@ -514,6 +514,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         raise DataError(f"{data_dir} has no validation sequences (prepared with val_fraction=0?), and "
                         "pretraining evaluates on them; prepare it with val_fraction > 0")
     objective_name = _check_objective(cfg, dataset.objective)
+    # The share of positions with a target, where sparse prediction runs the head (memory, FLOPs):
+    # MLM's masked share, nearly every position for CLM (1.0; None would refuse a sparse GPT).
+    mask_rate = cfg.objective.mask_rate if objective_name == "mlm" else 1.0
     cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
     if resume:
@@ -571,7 +574,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         return estimate_memory(full_model, micro_batch=n, seq_len=dataset.seq_len, precision=precision,
                                world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
                                optimizer_states=optimizer_states(cfg.optim),
-                               mask_rate=cfg.objective.mask_rate if objective_name == "mlm" else 1.0,
+                               mask_rate=mask_rate,
                                device_type=device.type, compiled=cfg.train.compile)
 
     # From here on the GPU works for this run: micro-batch probing and compile warm-up cost energy
@@ -662,9 +665,6 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         state.next_checkpoint = cfg.train.checkpoint_every
 
     seq_len = dataset.seq_len
-    # Under sparse prediction the head runs on the targets only: MLM's masked share, nearly every
-    # position for CLM (1.0, as the memory estimate counts it; None would refuse a sparse GPT).
-    mask_rate = cfg.objective.mask_rate if objective_name == "mlm" else 1.0
     fpt = lambda m: flops_per_token(m.config, seq_len, mask_rate)  # noqa: E731
     # MFU is the whole system's: the tokens (and FLOPs) counted are every rank's, so the peak is
     # one device's times the number of ranks (PaLM's definition, appendix B).
