@@ -67,6 +67,7 @@ from ..models.config import ModelConfig
 from ..models.layers import token_embedding_scale
 from ..models.registry import Registry
 from ..optim import evaluation_weights
+from ..utils import changed_keys
 from .base import ContractCases, Technique, register
 from .common import full_state_dict, materialize, model_device
 
@@ -539,10 +540,9 @@ class VCycle(Technique):
             # The way up de-coalesces with the current scheme and interpolates with the saved
             # finer weights: another pairing (same shapes, so no load would fail) mixes units that
             # never formed a group, and silently spoils the model the run returns to.
-            changed = ", ".join(f"technique.vcycle.{f.name}={getattr(self.scheme, f.name)} "
-                                f"(was {getattr(self.saved_scheme, f.name)})"
-                                for f in dataclasses.fields(Scheme)
-                                if getattr(self.scheme, f.name) != getattr(self.saved_scheme, f.name))
+            was, now = dataclasses.asdict(self.saved_scheme), dataclasses.asdict(self.scheme)
+            changed = ", ".join(f"technique.vcycle.{key}={now[key]} (was {was[key]})"
+                                for key in changed_keys(was, now))
             raise ConfigError(
                 f"vcycle: the checkpoint is on level {len(self.saved)} of its V-cycle, coalesced with "
                 f"another scheme than this run's ({changed}); resume with the scheme it was saved "
