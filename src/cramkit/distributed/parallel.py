@@ -244,6 +244,12 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
     return model
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or gathered whole on every rank where it is an FSDP2 DTensor (a norm over
+    shards, a sharded weight): a collective then, so every rank calls it together."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def drop_gathered_parameters(model: torch.nn.Module) -> None:
     """Free the parameters FSDP2 gathered and keeps after a forward pass without backward (the
     root's always, the blocks' under ``parallel.fsdp_reshard=false``); a no-op without FSDP2.

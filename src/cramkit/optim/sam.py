@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from pytorch_optimizer import SAM as _LibrarySAM
 from pytorch_optimizer.base.exception import NoClosureError
-from pytorch_optimizer.optimizer.utils.matrix import DTensor, has_dtensor
 
+from ..distributed.parallel import whole
 from ..errors import ConfigError
 from . import get_factory, keeps_evaluation_weights, register_optimizer
 
@@ -87,9 +87,7 @@ class SAM(_LibrarySAM):
         """
         parts = [p.grad * p.abs() if group["adaptive"] else p.grad
                  for group in self.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(parts) if parts else torch.zeros(())
-        if has_dtensor and isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = whole(torch.nn.utils.get_total_norm(parts)) if parts else torch.zeros(())
         norm = norm + self.perturb_eps
         for group in self.param_groups:
             scale = group["rho"] / norm

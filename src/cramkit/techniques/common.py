@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..distributed.parallel import whole
 from ..models import build_model
 from ..models.config import ModelConfig
 
@@ -35,12 +36,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model is built from the full tensors (and sharded again by the trainer). Gathering is a
     collective, so every rank calls this at the same step, in the same state-dict order.
     """
-    state = {name: t.detach() for name, t in model.state_dict().items()}
-    if not torch.distributed.is_available():  # a build without torch.distributed has no DTensor
-        return state
-    from torch.distributed.tensor import DTensor
-
-    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in state.items()}
+    return {name: whole(t.detach()) for name, t in model.state_dict().items()}
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Clock, exhausted, is_due, next_due, progress
-from ..distributed.parallel import Parallel
+from ..distributed.parallel import Parallel, whole
 from ..errors import ConfigError, Terminated
 from ..objectives import target_index
 from ..optim import evaluation_weights
@@ -220,8 +220,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.train.clip_grad)
         if self.scaler.is_enabled():
             return loss_sum
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; every rank gets here together
-            norm = norm.full_tensor()
+        norm = whole(norm)  # FSDP2's is a DTensor; every rank gets here together
         # On the CPU under FSDP2's CPU offload (its gradients are there); a no-op otherwise.
         finite = torch.isfinite(norm).to(loss_sum.device)
         return torch.where(finite, loss_sum, float("nan"))
