@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 import warnings
@@ -301,6 +303,18 @@ def main() -> None:
             results[f"{name}_weights"] = str(ckpt.latest_checkpoint(out / name) / "model.safetensors")
         (out / "results.json").write_text(json.dumps(results))
     leave_process_group(clean=True)  # what `cramkit pretrain` does on exit
+    if rank == 0:
+        (out / "threads.json").write_text(json.dumps(gloo_threads()))
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that gloo process groups run (Linux; else none)."""
+    tasks = Path("/proc/self/task")
+    names = []
+    for tid in os.listdir(tasks) if tasks.is_dir() else []:
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    return [n for n in names if "gloo" in n]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 from collections.abc import Callable, Iterator
@@ -266,18 +267,30 @@ def drop_gathered_parameters(model: torch.nn.Module) -> None:
 
 
 def leave_process_group(clean: bool) -> None:
-    """Leave torchrun's process group, if this process joined one.
+    """Leave torchrun's process group, if this process joined one, and stop its threads.
 
-    After a clean run every rank meets at a barrier first. Gloo's worker threads release a
-    finished collective's tensors a moment after the caller sees it complete, and that release
-    takes the GIL; a rank that went straight on to interpreter shutdown could lose that race and
-    abort (SIGABRT, "terminate called without an active exception") after a successful run.
-    Waiting at the barrier hands them the GIL. After a failure there is no barrier: the other
-    ranks may never arrive.
+    Each gloo group runs worker threads that drop a finished collective's tensors a moment
+    after the caller sees it complete, and that drop takes the GIL. A thread that asks for the
+    GIL once the interpreter is shutting down is ended in a way C++ code cannot survive: the
+    process aborts (SIGABRT, "terminate called without an active exception") after a run that
+    succeeded, and torchrun reports the rank failed. So the threads finish here, while the
+    interpreter runs: after a clean run every rank meets at a barrier in each group (waiting
+    there, a rank leaves the GIL to the threads still dropping tensors), then the groups are
+    destroyed and collected, which joins their threads. torch itself keeps the default group
+    alive once DDP or FSDP2 used it; its threads have passed the barrier and sit idle. After a
+    failure the groups are only destroyed: the other ranks may never arrive.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean:
-        dist.barrier()
+        ours = _CONTROL[1:] if _CONTROL and _CONTROL[0] is dist.group.WORLD else []
+        for group in [None, *ours]:
+            dist.barrier(group=group)
     dist.destroy_process_group()
     _CONTROL.clear()
+    if clean:
+        # Our groups (and the models and Parallel objects holding them, often in reference
+        # cycles) are freed now, not by the collector during shutdown: freeing a group joins its
+        # threads. Not after a failure: a thread may still be in a collective that no other rank
+        # will join, and joining it would wait out the group's timeout.
+        gc.collect()
