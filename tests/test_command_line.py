@@ -285,14 +285,23 @@ def test_interrupt_while_starting_exits_130(monkeypatch, capsys):
     # The recipe's own masking rate is not the user's doing: a GPT may run under a BERT recipe.
     (["pretrain", "demo", "model.preset=tiny-gpt", "data.prepare.objective=clm", "data.prepare.tokenizer=auto"],
      None),
+    (["pretrain", "demo", "parallel.fsdp_reshard=false", "parallel.fsdp_param_dtype=bf16"],
+     "parallel.fsdp_reshard, parallel.fsdp_param_dtype: FSDP2 options only act with parallel.strategy=fsdp; "
+     "this run ignores them"),
+    (["pretrain", "demo", "parallel.strategy=fsdp", "parallel.fsdp_reshard=false"], None),
+    (["pretrain", "demo", "memory.checkpoint_every=3"],
+     "memory.checkpoint_every: only selective activation checkpointing reads it; this run ignores it"),
+    (["pretrain", "demo", "memory.activation_checkpointing=full", "memory.checkpoint_every=3"],
+     "memory.checkpoint_every: only selective activation checkpointing reads it; this run ignores it"),
+    (["pretrain", "demo", "memory.activation_checkpointing=selective", "memory.checkpoint_every=2"], None),
 ])
-def test_masking_options_given_to_a_causal_run_are_said_to_do_nothing(argv, warned, monkeypatch, recwarn):
+def test_options_a_run_ignores_are_said_to_do_nothing(argv, warned, monkeypatch, recwarn):
     summary = {"run_dir": "r", "stop_reason": "budget", "steps": 3, "tokens": 96, "train_seconds": 1.0,
                "paused_seconds": 0.0, "first_train_loss": 7.0, "last_train_loss": 6.0,
                "initial_val_loss": 7.1, "final_val_loss": 6.1, "tokens_per_s": 96.0, "mfu": 0.1}
     monkeypatch.setattr("cramkit.train.run.pretrain", lambda cfg: dict(summary))
     assert main([*argv, "finetune_demo=false"]) == 0
-    said = [str(w.message) for w in recwarn if "masking options" in str(w.message)]
+    said = [str(w.message) for w in recwarn if " ignores " in str(w.message)]
     assert said == ([warned] if warned else [])
 
 

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..config import load_config, recipe_names
 from ..utils import accept_late_overrides
@@ -114,13 +116,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         if recipe:
             raise ConfigError("--resume takes the recipe from the run directory; give only key=value overrides")
         cfg = resume_config(Path(args.resume), overrides)
-        _warn_unused_masking(cfg, overrides)
+        _warn_unused_options(cfg, overrides)
         summary = pretrain(cfg, run_dir=Path(args.resume), resume=True)
     else:
         if not recipe:
             raise ConfigError("name a recipe (see `cramkit recipes`), e.g. `cramkit pretrain demo`")
         cfg = load_config(recipe, overrides)
-        _warn_unused_masking(cfg, overrides)
+        _warn_unused_options(cfg, overrides)
         summary = pretrain(cfg)
     # Every rank leaves together now, before rank 0's own work (the summary, the fine-tuning
     # demo): the other ranks would otherwise wait at the exit barrier for all of it, and fail
@@ -145,20 +147,36 @@ def _pretrain(args: argparse.Namespace) -> int:
     return status
 
 
-def _warn_unused_masking(cfg, overrides: list[str]) -> None:
-    """Say that masking options given on the command line do nothing on a causal-LM run.
+#: Command-line options a run would take and then ignore: ``(prefix, ignored(cfg), why)``. Only
+#: the command line's: recipes set such options for every run they serve (a masking rate, an
+#: FSDP policy), and a GPT may train under a BERT recipe.
+IGNORED_OPTIONS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("objective.", lambda cfg: _causal(cfg), "masking options only act on masked-LM runs; this causal-LM run"),
+    ("parallel.fsdp_", lambda cfg: cfg.parallel.strategy != "fsdp",
+     "FSDP2 options only act with parallel.strategy=fsdp; this run"),
+    ("memory.checkpoint_every", lambda cfg: cfg.memory.activation_checkpointing != "selective",
+     "only selective activation checkpointing reads it; this run"),
+]
 
-    Only the command line's: the recipes set a masking rate, and a GPT may train under one.
-    """
-    import warnings
 
+def _causal(cfg) -> bool:
     from ..objectives import training_objective
 
+    return training_objective(cfg.model) == "clm"
+
+
+def _warn_unused_options(cfg, overrides: list[str]) -> None:
+    """Say which options given on the command line this run ignores (:data:`IGNORED_OPTIONS`),
+    once (rank 0) under torchrun."""
+    import warnings
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     keys = [o.partition("=")[0].strip() for o in overrides]
-    unused = [k for k in keys if k.startswith("objective.") and k != "objective.name"]
-    if training_objective(cfg.model) == "clm" and unused and int(os.environ.get("RANK", "0")) == 0:
-        warnings.warn(f"{', '.join(unused)}: masking options only act on masked-LM runs; this causal-LM "
-                      f"run ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
+    for prefix, ignored, why in IGNORED_OPTIONS:
+        unused = [k for k in keys if k.startswith(prefix) and k != "objective.name"]
+        if unused and ignored(cfg):
+            warnings.warn(f"{', '.join(unused)}: {why} ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
 
 
 def _print_summary(s: dict) -> None:
