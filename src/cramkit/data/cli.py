@@ -78,8 +78,9 @@ def is_override(item: str) -> bool:
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """The PrepareConfig described by the parsed arguments (flags, then key=value overrides)."""
-    sources = [item for item in args.items if not is_override(item)]
-    overrides = [item for item in args.items if is_override(item)]
+    sources, overrides = [], []
+    for item in args.items:
+        (overrides if is_override(item) else sources).append(item)
     data: dict = {}
     if sources:
         data["sources"] = sources
