@@ -328,3 +328,24 @@ def test_every_subcommand_s_help_says_what_it_does():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert {"recipes", "pretrain", "prepare", "finetune", "evaluate", "export", "bench", "report"} <= set(commands)
     assert [name for name, sub in commands.items() if not sub.description] == []
+
+
+@pytest.mark.parametrize("error, local_rank, printed", [
+    ("config", "0", True), ("config", "1", False),  # every rank met it: each machine's first says it
+    ("rank0", "0", True), ("rank0", "3", False),
+    ("data", "1", True),  # may be this rank's own: always said
+])
+def test_under_torchrun_an_error_every_rank_meets_is_printed_once_per_machine(error, local_rank, printed,
+                                                                              monkeypatch, capsys):
+    from cramkit.errors import ConfigError, DataError, RankFailed
+
+    raised = {"config": ConfigError("bad key"), "rank0": RankFailed("rank 0 failed while x: y"),
+              "data": DataError("shard 3 is truncated")}[error]
+
+    def fail(cfg):
+        raise raised
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr("cramkit.train.run.pretrain", fail)
+    assert main(["pretrain", "demo", "finetune_demo=false"]) == 2
+    assert capsys.readouterr().err == (f"error: {raised}\n" if printed else "")

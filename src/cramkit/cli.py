@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import warnings
 
-from .errors import CramkitError, Terminated
+from .errors import ConfigError, CramkitError, RankFailed, Terminated
 from .utils import strict_json
 
 # Modules that register subcommands, in help order.
@@ -88,7 +89,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except CramkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not said_on_this_machine(exc):
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         # A path given on the command line that cannot be used (a file where a folder must be,
@@ -101,6 +103,14 @@ def _main(argv: list[str] | None) -> int:
     finally:
         if installed:  # None: a handler not set from Python, which getsignal cannot return
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def said_on_this_machine(exc: CramkitError) -> bool:
+    """Whether another process on this machine prints the same error: under torchrun every rank
+    meets the same mistake in a config, and rank 0's failure reaches every other rank as
+    :class:`RankFailed`, so those are printed by each machine's first process (LOCAL_RANK 0)
+    alone, not once per GPU. Any other error may be one rank's own and is always printed."""
+    return isinstance(exc, (ConfigError, RankFailed)) and int(os.environ.get("LOCAL_RANK", "0") or 0) != 0
 
 
 def describe_os_error(exc: OSError) -> str:
