@@ -264,6 +264,52 @@ def test_hf_hub_malformed_spec(spec):
                               "hf:NAME[@REVISION]:CONFIG:SPLIT")
 
 
+def test_hf_hub_spec_mistakes_are_one_line(monkeypatch, tmp_path):
+    """What ``datasets`` raises for a missing or unknown config, an unknown split or revision, said
+    in one line: the errors come from a real builder (two configs, no default), as on the Hub."""
+    datasets = pytest.importorskip("datasets")
+    from datasets.exceptions import DatasetNotFoundError
+
+    class TwoConfigs(datasets.GeneratorBasedBuilder):
+        BUILDER_CONFIGS = [datasets.BuilderConfig(name="en"), datasets.BuilderConfig(name="de")]
+
+        def _info(self):
+            return datasets.DatasetInfo(features=datasets.Features({"text": datasets.Value("string")}))
+
+        def _split_generators(self, dl_manager):
+            return [datasets.SplitGenerator(name=name) for name in ("train", "validation")]
+
+        def _generate_examples(self):
+            yield 0, {"text": f"a doc in {self.config.name}"}
+
+    def load_dataset(path, name=None, *, split, streaming, revision=None):
+        if revision not in (None, "v1"):  # datasets/load.py's message for RevisionNotFoundError
+            raise DatasetNotFoundError(f"Revision '{revision}' doesn't exist for dataset '{path}' on the Hub.")
+        return TwoConfigs(config_name=name, cache_dir=str(tmp_path)).as_streaming_dataset(split=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr("cramkit.data.sources.hub_unreachable", lambda: None)
+    assert _texts(small_cfg(["hf:org/corpus@v1:de:validation"])) == ["a doc in de"]
+    expected = {
+        "hf:org/corpus": "'hf:org/corpus': org/corpus has several configurations and none is the default: "
+                         "write hf:org/corpus:CONFIG:train with CONFIG one of en, de",
+        "hf:org/corpus@v1:test": "write hf:org/corpus@v1:CONFIG:test with CONFIG one of en, de",
+        "hf:org/corpus:fr:train": "org/corpus has no configuration 'fr'; its configurations: en, de",
+        "hf:org/corpus:en:valid": "org/corpus (en) has no split 'valid' (did you mean 'validation'?); "
+                                  "its splits: train, validation",
+        "hf:org/corpus@v2:en:train": "'hf:org/corpus@v2:en:train': Revision 'v2' doesn't exist for "
+                                     "dataset 'org/corpus' on the Hub.",
+    }
+    for spec, message in expected.items():
+        with pytest.raises(DataError) as err:
+            _texts(small_cfg([spec]))
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    # Anything else load_dataset raises is datasets' own, unchanged.
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="^other$"):
+        _texts(small_cfg(["hf:org/corpus"]))
+
+
 def test_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     # A None entry in sys.modules makes `import datasets` fail as if it were not installed.
     monkeypatch.setitem(sys.modules, "datasets", None)

@@ -7,6 +7,7 @@ else is a path. Readers stream documents one at a time so memory does not grow w
 
 from __future__ import annotations
 
+import ast
 import codecs
 import dataclasses
 import functools
@@ -518,8 +519,46 @@ class HFHubSource(Source):
                 f"source '{self.spec}': cannot reach the Hugging Face Hub ({problem}); hf: sources stream "
                 "from it. Give local files, or hf-disk:PATH for a dataset saved with save_to_disk")
         args, kwargs = self.load_arguments()
-        ds = datasets.load_dataset(*args, **kwargs)
+        try:
+            ds = datasets.load_dataset(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as exc:
+            problem = self._load_problem(exc, datasets)
+            if problem is None:
+                raise
+            raise DataError(f"source '{self.spec}': {problem}") from None
         yield from _hf_rows(ds, self.cfg.text_field, self.spec)
+
+    def _load_problem(self, exc: Exception, datasets: Any) -> str | None:
+        """One line for what ``load_dataset`` raised, when it is a mistake in the spec."""
+        # Every DatasetNotFoundError of datasets/load.py is one sentence: no such dataset or
+        # revision, or a gated one.
+        not_found = getattr(getattr(datasets, "exceptions", None), "DatasetNotFoundError", ())
+        if isinstance(exc, not_found):
+            return " ".join(str(exc).split())
+        for pattern, explain in HF_HUB_MISTAKES:
+            found = pattern.search(str(exc))
+            if found:
+                try:
+                    names = [str(n) for n in ast.literal_eval(found.group(1))]
+                except (ValueError, SyntaxError):  # not the list it should be: datasets' own error
+                    return None
+                return explain(self, names)
+        return None
+
+    def _at(self) -> str:
+        return f"@{self.revision}" if self.revision else ""
+
+    def _missing_config(self, configs: list[str]) -> str:
+        return (f"{self.name} has several configurations and none is the default: write "
+                f"hf:{self.name}{self._at()}:CONFIG:{self.split} with CONFIG one of {_listed(configs)}")
+
+    def _unknown_config(self, configs: list[str]) -> str:
+        return (f"{self.name} has no configuration '{self.config}'{did_you_mean(self.config or '', configs)}; "
+                f"its configurations: {_listed(configs)}")
+
+    def _unknown_split(self, splits: list[str]) -> str:
+        of = f"{self.name} ({self.config})" if self.config else self.name
+        return f"{of} has no split '{self.split}'{did_you_mean(self.split, splits)}; its splits: {_listed(splits)}"
 
     def fingerprint(self) -> list[Any]:
         # Config and revision only when given: the 2-part form keeps the fingerprint it always
@@ -527,6 +566,24 @@ class HFHubSource(Source):
         # data exact: a branch or tag may move, as may the dataset without a revision.)
         given = {key: value for key, value in (("config", self.config), ("revision", self.revision)) if value}
         return [self.name, self.split, given] if given else [self.name, self.split]
+
+
+def _listed(names: list[str], limit: int = 20) -> str:
+    # Some corpora have hundreds of configurations (a Wikipedia dump per language and date).
+    shown = ", ".join(names[:limit])
+    return f"{shown} ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+#: ``datasets``' ValueErrors (datasets/builder.py) for a dataset with several configurations and
+#: no default when none is named, an unknown configuration and an unknown split, each with the
+#: HFHubSource method that says what to write instead. The pattern's group is the list of the
+#: names it offers, as Python writes a list of strings (on one line: '.' stops at its end).
+HF_HUB_MISTAKES: list[tuple[re.Pattern[str], Callable[[HFHubSource, list[str]], str]]] = [
+    (re.compile(r"Config name is missing\.\s+Please pick one among the available configs: (\[.*\])"),
+     HFHubSource._missing_config),
+    (re.compile(r"BuilderConfig '.*' not found\. Available: (\[.*\])"), HFHubSource._unknown_config),
+    (re.compile(r"Bad split: .*\. Available splits: (\[.*\])"), HFHubSource._unknown_split),
+]
 
 
 def _hf_rows(ds, field: str, where: str) -> Iterator[Doc]:
