@@ -673,7 +673,7 @@ def test_saved_weights_replace_the_previous_ones_atomically(tmp_path, tiny_run, 
     finetune(backbone, task, cfg, save_dir=tmp_path / "ft")
     saved = tmp_path / "ft" / "seed-0"
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
-    assert set(before) == {"model.safetensors", "finetune_config.json", "owner.json"}
+    assert set(before) == {"model.safetensors", "finetune_config.json", "owner.json", "classifier.json"}
     real = safetensors.torch.save_file
 
     def half_then_interrupt(tensors, filename, metadata=None):

@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -177,6 +177,8 @@ class Backbone:
     tokenizer: Any
     special: SpecialIds
     run_dir: Path | None = None
+    #: The run's checkpoint folder the weights came from: what a saved PEFT adapter needs again.
+    checkpoint: Path | None = None
 
     def as_random(self) -> Backbone:
         """The same shape and tokenizer without the pretrained weights."""
@@ -242,8 +244,6 @@ def open_run(run_dir: str | Path):
 
     The model and config are set up for single inputs (fine-tuning, export): see
     :meth:`~cramkit.models.ModelConfig.for_single_inputs`."""
-    from tokenizers import Tokenizer
-
     from ..train.checkpoint import load_pretrained
 
     run_dir = Path(run_dir)
@@ -256,13 +256,24 @@ def open_run(run_dir: str | Path):
     model, model_config, info = load_pretrained(run_dir)
     info["document_mask"] = model_config.document_mask
     model_config = model.config = model_config.for_single_inputs()
+    return model, model_config, run_tokenizer(run_dir, model_config), info
+
+
+def run_tokenizer(run_dir: Path, model_config):
+    """A run's ``tokenizer.json``, checked against ``model_config``'s vocabulary and the run's
+    data manifest."""
+    from tokenizers import Tokenizer
+
+    tok_path = Path(run_dir) / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"{run_dir}: no tokenizer.json (not a finished cramkit run)")
     try:
         tokenizer = Tokenizer.from_file(str(tok_path))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise CheckpointError(f"{tok_path}: cannot read tokenizer ({exc})") from None
     check_vocab(tokenizer, model_config, str(tok_path))
-    check_tokenizer_file(run_dir, tok_path)
-    return model, model_config, tokenizer, info
+    check_tokenizer_file(Path(run_dir), tok_path)
+    return tokenizer
 
 
 def check_tokenizer_file(run_dir: Path, tok_path: Path) -> None:
@@ -394,14 +405,13 @@ def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:
     With ``random_init`` the weights are dropped and each seed starts from a fresh
     initialisation of the same shape (the "no pretraining" control).
     """
-
-
     run_dir = Path(run_dir)
-    model, model_config, tokenizer, _ = open_run(run_dir)
+    model, model_config, tokenizer, info = open_run(run_dir)
     state = None
     if not random_init:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Backbone(model_config, state, tokenizer, SpecialIds.for_run(run_dir, tokenizer), run_dir)
+    return Backbone(model_config, state, tokenizer, SpecialIds.for_run(run_dir, tokenizer), run_dir,
+                    info["checkpoint"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +424,31 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
+def batched_logits(
+    model: nn.Module,
+    encoder: TaskEncoder,
+    data: Sequence[Encoded],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``(indices into data, float32 logits)`` per evaluation batch, with the model in eval mode.
+
+    Fine-tuning's scoring and a reloaded model's predictions (:mod:`cramkit.eval.finetuned`)
+    both batch through here, so that the same examples meet the same padding and give the same
+    logits, bit for bit on the same device.
+    """
+    model.eval()
+    # Length-sorted batches waste little compute on padding; callers put results back in order.
+    order = sorted(range(len(data)), key=lambda i: len(data[i].ids))
+    with torch.no_grad(), autocast(device, resolve_precision(precision, device)):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = encoder.collate([data[i] for i in idx], regression=False)
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            yield idx, logits.float()
+
+
 def predict(
     model: nn.Module,
     encoder: TaskEncoder,
@@ -423,22 +458,14 @@ def predict(
     regression: bool,
 ) -> list:
     """Predictions (class index or float) in the order of ``data``."""
-    model.eval()
-    # Length-sorted batches waste little compute on padding; results are put back in order.
-    order = sorted(range(len(data)), key=lambda i: len(data[i].ids))
     out: list = [None] * len(data)
-    with torch.no_grad(), autocast(device, resolve_precision(cfg.precision, device)):
-        for start in range(0, len(order), cfg.eval_batch_size):
-            idx = order[start : start + cfg.eval_batch_size]
-            batch = encoder.collate([data[i] for i in idx], regression)
-            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            logits = logits.float()
-            if not bool(torch.isfinite(logits).all()):  # the last update broke the weights
-                raise TrainingError("the fine-tuned model's outputs are not finite: training "
-                                    "diverged (lower finetune.lr, or set finetune.grad_clip=1.0)")
-            values = logits.squeeze(-1).tolist() if regression else logits.argmax(-1).tolist()
-            for i, v in zip(idx, values):
-                out[i] = v
+    for idx, logits in batched_logits(model, encoder, data, cfg.eval_batch_size, device, cfg.precision):
+        if not bool(torch.isfinite(logits).all()):  # the last update broke the weights
+            raise TrainingError("the fine-tuned model's outputs are not finite: training "
+                                "diverged (lower finetune.lr, or set finetune.grad_clip=1.0)")
+        values = logits.squeeze(-1).tolist() if regression else logits.argmax(-1).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
     return out
 
 
@@ -536,15 +563,23 @@ def train_one(
         preds = predict(model, encoder, data, cfg, device, regression)
         metrics[entry] = compute_metrics(spec.metrics, preds, [e.label for e in data])
     if save_dir is not None:
-        _save_finetuned(model, save_dir, cfg, outputs_owner(task, backbone.random_init, cfg.peft))
+        from .finetuned import classifier_record
+
+        _save_finetuned(model, save_dir, cfg, outputs_owner(task, backbone.random_init, cfg.peft),
+                        classifier_record(backbone, spec, seed))
     return {"metrics": metrics, "parameters": counts, "steps": total}
 
 
-def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig, owner: dict[str, str]) -> None:
+def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig, owner: dict[str, str],
+                    classifier: dict[str, Any]) -> None:
+    """Write the weights, and what reloading them needs (``classifier``: see
+    :func:`~cramkit.eval.finetuned.classifier_record`), to the folder ``out``."""
     from safetensors.torch import save_file
 
+    from ..train.checkpoint import file_record
     from ..utils import atomic_dir, write_json
     from .adapters import save_adapters
+    from .finetuned import CLASSIFIER_FILE
 
     # The directory is replaced as a whole: a failed save leaves no half-written weights, and
     # an earlier save's files (say a full model.safetensors beside a new LoRA adapter) cannot
@@ -556,8 +591,13 @@ def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig, owner: dic
             from ..train.checkpoint import model_weights
 
             save_file(model_weights(model), str(tmp / "model.safetensors"))
+        # Sizes and checksums of the weights (and peft's adapter_config.json): a truncated or
+        # altered file is named when loading, rather than failing deep inside safetensors or
+        # loading other numbers than were trained.
+        files = {f.name: file_record(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".json")}
         write_json(tmp / "finetune_config.json", cfg.to_dict())
         write_json(tmp / "owner.json", owner)  # whose weights these are: see name_clash
+        write_json(tmp / CLASSIFIER_FILE, {**classifier, "files": files})
 
 
 def finetune(

@@ -57,7 +57,7 @@ def save_checkpoint(
     with atomic_dir(final, clear_folder=True) as tmp:
         save_file(model_weights(model), str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES}
+        files = {name: file_record(tmp / name) for name in FILES}
         write_json(tmp / "meta.json", {"step": step, "files": files, "time": time.time(), **(meta or {})})
     # Checkpoints after this step belong to a timeline that a resume abandoned; of the earlier
     # ones keep the newest keep-1 beside the one just written (never that one itself).
@@ -99,6 +99,17 @@ def verify(path: Path) -> str | None:
         not isinstance(i, dict) or "bytes" not in i or "sha256" not in i for i in files.values()
     ):
         return "meta.json does not list its files' sizes and checksums"
+    return verify_files(path, files)
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"bytes", "sha256"}`` of a file, as :func:`verify_files` checks it."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def verify_files(path: Path, files: dict[str, dict[str, Any]]) -> str | None:
+    """None when every file of ``files`` (``{name: {"bytes", "sha256"}}``) in folder ``path``
+    has its recorded size and checksum, else what is wrong with the first that has not."""
     for name, info in files.items():
         f = path / name
         if not f.is_file():

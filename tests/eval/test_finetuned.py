@@ -1,0 +1,147 @@
+"""Saved fine-tuned weights loaded back (cramkit.eval.load_finetuned): the
+reloaded classifier must give the logits the fine-tuning process itself gave before saving."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from cramkit.errors import CheckpointError, ConfigError, DataError
+from cramkit.eval import load_finetuned
+from cramkit.eval.finetune import (
+    FinetuneConfig,
+    batched_logits,
+    finetune,
+    finetune_save_dir,
+    load_backbone,
+)
+from cramkit.eval.tasks import load_task, subsample
+
+from .helpers import make_run_dir, train_wordpiece
+
+FAST = {"seeds": [0], "progress": False, "pooling": "mean", "lr": 3e-3, "device": "cpu", "epochs": 1,
+        "save": True}
+# The package's `finetune` attribute is the function; the module is what train_one looks up.
+finetune_module = importlib.import_module("cramkit.eval.finetune")
+
+
+def _record_scoring(monkeypatch) -> list[tuple[list, torch.Tensor]]:
+    """What fine-tuning's scoring (``predict``, run right before the weights are saved) gives:
+    its predictions and the trained model's logits on the same examples, per call."""
+    calls = []
+    real = finetune_module.predict
+
+    def recording(model, encoder, data, cfg, device, regression):
+        predictions = real(model, encoder, data, cfg, device, regression)
+        logits = {}
+        for idx, batch in batched_logits(model, encoder, data, cfg.eval_batch_size, device, cfg.precision):
+            logits.update(zip(idx, batch))
+        calls.append((predictions, torch.stack([logits[i] for i in range(len(data))])))
+        return predictions
+
+    monkeypatch.setattr(finetune_module, "predict", recording)
+    return calls
+
+
+def _pair_task(folder, labels=("yes", "no")):
+    """A pair task whose label order (``labels``) is not the sorted one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["premise\thypothesis\tlabel"]
+    words = ["market", "film", "match", "election", "phone", "music"]
+    for i in range(60):
+        a, b = words[i % 6], words[(i * 5 + 1) % 6]
+        rows.append(f"the {a} story\tthe {b if i % 3 else a} news\t{labels[0] if i % 3 == 0 else labels[1]}")
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    (folder / "dev.tsv").write_text("\n".join(rows[:1] + rows[1:40]) + "\n")
+    return load_task(folder / "train.tsv", text_column="premise", text_pair_column="hypothesis",
+                     labels=list(labels))
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    """A copy of the tiny run: the session's run is shared by other tests' outputs."""
+    return shutil.copytree(tiny_run, tmp_path / "run")
+
+
+@pytest.fixture
+def pair_saved(run, tmp_path, monkeypatch):
+    """A full fine-tune of a pair task saved in ``run``: (its folder, task, scoring calls)."""
+    task = _pair_task(tmp_path / "pairs")
+    calls = _record_scoring(monkeypatch)
+    save_dir = finetune_save_dir(run, task.spec.name, False)
+    finetune(load_backbone(run), task, FinetuneConfig.from_dict(FAST), save_dir=save_dir)
+    return save_dir / "seed-0", task, calls
+
+
+def test_full_fine_tune_reloads_with_its_labels_in_order(pair_saved, tmp_path):
+    folder, task, calls = pair_saved
+    (predictions, logits), = calls
+    record = json.loads((folder / "classifier.json").read_text())
+    assert record["task"]["labels"] == ["yes", "no"]  # the output order, not the sorted one
+    assert record["task"]["text_pair_column"] == "hypothesis"
+    clf = load_finetuned(folder)
+    assert clf.labels == ("yes", "no") and clf.is_pair and not clf.model.training
+    dev = [(e.text, e.text_pair) for e in task.evals[task.spec.name]]
+    got = clf.logits(dev)
+    assert torch.allclose(got, logits, atol=1e-6, rtol=0), (got - logits).abs().max()
+    assert clf.predict(dev) == [task.spec.labels[i] for i in predictions]
+    probs = clf.probabilities(dev)
+    assert probs.shape == (len(dev), 2) and torch.allclose(probs.sum(-1), torch.ones(len(dev)))
+    # The run moved, its fine-tunes with it: found as the folder the weights lie in.
+    moved = shutil.move(str(folder.parents[2]), str(tmp_path / "moved"))
+    again = load_finetuned(f"{moved}/finetune/{folder.parent.name}")  # the seed's parent: one seed
+    assert torch.equal(again.logits(dev), got)
+    with pytest.raises(DataError, match="classifies pairs of texts"):
+        again.predict(["a single text"])
+
+
+@pytest.mark.parametrize(("method", "random_init"), [("lora", False), ("lora", True), ("ia3", False)])
+def test_peft_adapter_reloads_on_its_base_weights(run, bbc_task, monkeypatch, method, random_init):
+    calls = _record_scoring(monkeypatch)
+    cfg = FinetuneConfig.from_dict({**FAST, "peft": method, "max_train_examples": 48, "max_eval_examples": 70,
+                                    "eval_batch_size": 32, "lr": 1e-2})
+    save_dir = finetune_save_dir(run, "bbc", random_init, method)
+    finetune(load_backbone(run, random_init=random_init), bbc_task, cfg, save_dir=save_dir)
+    (predictions, logits), = calls
+    clf = load_finetuned(save_dir / "seed-0")
+    dev = [e.text for e in subsample(bbc_task.evals["bbc"], 70, seed=0)]
+    got = clf.logits(dev)
+    assert torch.allclose(got, logits, atol=1e-6, rtol=0), (got - logits).abs().max()
+    assert clf.predict(dev) == [bbc_task.spec.labels[i] for i in predictions]
+    assert clf.labels == bbc_task.spec.labels
+    if not random_init:
+        # The adapter is nothing without the checkpoint it was trained on.
+        shutil.rmtree(run / "checkpoints")
+        with pytest.raises(CheckpointError, match="adapter was trained on .*step-00000001, but it is no longer"):
+            load_finetuned(save_dir / "seed-0")
+
+
+def test_regression_pairs_on_a_causal_model_reload_as_floats(tmp_path, monkeypatch):
+    from cramkit.models.presets import preset_config
+
+    rows = ["sentence1\tsentence2\tscore"]
+    words = ["market", "film", "match", "election", "phone", "music"]
+    for i in range(48):
+        rows.append(f"the {words[i % 6]} news\tthe {words[(i // 6) % 6]} story\t{float(i % 6)}")
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.tsv").write_text("\n".join(rows[:21]) + "\n")
+    tokenizer = train_wordpiece([row.replace("\t", " ") for row in rows[1:]], vocab_size=1024)
+    run = make_run_dir(tmp_path / "gpt", preset_config("tiny-gpt", vocab_size=1024), tokenizer,
+                       special_ids={"pad": 0, "unk": 1, "cls": None, "sep": 3, "mask": None, "eod": 3})
+    task = load_task(tmp_path / "train.tsv", text_column="sentence1", text_pair_column="sentence2",
+                     label_column="score", is_regression=True)
+    calls = _record_scoring(monkeypatch)
+    save_dir = finetune_save_dir(run, task.spec.name, False)
+    finetune(load_backbone(run), task, FinetuneConfig.from_dict({**FAST, "pooling": "auto"}), save_dir=save_dir)
+    (predictions, logits), = calls
+    clf = load_finetuned(save_dir)
+    assert clf.is_regression and clf.labels is None
+    got = clf.predict([(e.text, e.text_pair) for e in task.evals[task.spec.name]])
+    assert all(isinstance(v, float) for v in got)
+    assert got == pytest.approx(predictions, abs=1e-6) and got == pytest.approx(logits[:, 0].tolist(), abs=1e-6)
+    with pytest.raises(ConfigError, match="is a regression"):
+        clf.probabilities([("a", "b")])
