@@ -1,5 +1,5 @@
-"""The ``cramkit`` command line: prepare | pretrain | show-config | recipes | finetune | evaluate | export
-| bench | report.
+"""The ``cramkit`` command line: prepare | pretrain | show-config | recipes | finetune | evaluate | predict
+| export | bench | report.
 
 Every subcommand module exposes ``add_parser(subparsers)`` and sets ``func`` (returning an exit
 code); user mistakes surface as one ``error:`` line and exit status 2, never a traceback.

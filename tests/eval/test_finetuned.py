@@ -1,4 +1,4 @@
-"""Saved fine-tuned weights loaded back (cramkit.eval.load_finetuned): the
+"""Saved fine-tuned weights loaded back (cramkit.eval.load_finetuned, `cramkit predict`): the
 reloaded classifier must give the logits the fine-tuning process itself gave before saving."""
 
 from __future__ import annotations
@@ -145,3 +145,76 @@ def test_regression_pairs_on_a_causal_model_reload_as_floats(tmp_path, monkeypat
     assert got == pytest.approx(predictions, abs=1e-6) and got == pytest.approx(logits[:, 0].tolist(), abs=1e-6)
     with pytest.raises(ConfigError, match="is a regression"):
         clf.probabilities([("a", "b")])
+
+
+def test_cli_predict_writes_the_reloaded_predictions(pair_saved, tmp_path, capsys):
+    from cramkit.cli import main
+
+    folder, task, _ = pair_saved
+    clf = load_finetuned(folder)
+    source = tmp_path / "pairs" / "dev.tsv"
+    expected = clf.predict([(e.text, e.text_pair) for e in task.evals[task.spec.name]])
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(folder), "--input", str(source), "--out", str(out)]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prediction"] for r in written] == expected
+    assert [r["line"] for r in written] == list(range(2, 2 + len(expected)))
+    assert list(written[0]["probabilities"]) == ["yes", "no"]
+    assert f"{len(expected)} predictions" in capsys.readouterr().out
+    # Without --out the lines go to standard output; other column names are given by flag.
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"a": e.text, "b": e.text_pair}) + "\n"
+                               for e in task.evals[task.spec.name]))
+    assert main(["predict", str(folder), "--input", str(renamed), "--text-column", "a",
+                 "--text-pair-column", "b"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prediction"] for r in shown] == expected
+
+
+def test_cli_predict_mistakes_are_one_line_errors(pair_saved, tmp_path, capsys):
+    from cramkit.cli import main
+
+    folder, _, _ = pair_saved
+    run = folder.parents[2]
+    good = tmp_path / "pairs" / "dev.tsv"
+    single = tmp_path / "single.tsv"
+    single.write_text("premise\nthe film story\n")
+
+    def error(*argv: str) -> str:
+        assert main(["predict", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    assert "missing column 'hypothesis'" in error(str(folder), "--input", str(single))
+    assert "file not found" in error(str(folder), "--input", str(tmp_path / "absent.tsv"))
+    assert "name the file .jsonl" in error(str(folder), "--input", str(good), "--out", str(tmp_path / "p.tsv"))
+    assert "is a pretraining run, not fine-tuned weights: give one of its saved folders (finetune/pairs/seed-0)" \
+        in error(str(run), "--input", str(good))
+    assert "not found" in error(str(tmp_path / "nowhere"), "--input", str(good))
+    header = tmp_path / "header.tsv"
+    header.write_text("premise\thypothesis\n")
+    assert "no rows to predict" in error(str(folder), "--input", str(header))
+    assert "holds no fine-tuned weights" in error(str(tmp_path / "pairs"), "--input", str(good))
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert "model.safetensors has" in error(str(folder), "--input", str(good)) and "truncated" in \
+        error(str(folder), "--input", str(good))
+    weights.write_bytes(data)
+    (folder / "classifier.json").unlink()  # what saves before the label order was recorded hold
+    assert "earlier cramkit" in error(str(folder), "--input", str(good))
+
+
+def test_the_help_lists_predict(capsys):
+    from cramkit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    assert "predict" in capsys.readouterr().out
+
+
+def test_no_inputs_give_no_predictions(pair_saved):
+    folder, _, _ = pair_saved
+    clf = load_finetuned(folder)
+    assert clf.predict([]) == [] and clf.logits([]).shape == (0, 2)

@@ -1,4 +1,4 @@
-"""``cramkit finetune | evaluate | export`` subcommands.
+"""``cramkit finetune | evaluate | predict | export`` subcommands.
 
 Each handler returns an exit code; user mistakes raise CramkitError, which ``cramkit.cli`` prints
 as one ``error:`` line.
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..configbase import apply_overrides
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..utils import accept_late_overrides, write_json
 
 
@@ -144,6 +144,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Label each row of a task file with saved fine-tuned weights; JSON Lines out."""
+    from ..utils import atomic_path, paths_overlap, strict_json
+    from .finetuned import load_finetuned
+    from .tasks import read_inputs
+
+    if not Path(args.input).is_file():  # said before the model loads
+        raise DataError(f"{args.input}: file not found")
+    out = None if args.out is None else Path(args.out)
+    if out is not None:
+        if not out.name.lower().endswith(".jsonl"):
+            raise ConfigError(f"--out {out}: predictions are written as JSON Lines; name the file .jsonl")
+        if paths_overlap(out, args.input):
+            raise ConfigError(f"--out {out} is the --input file: it would be replaced by the predictions")
+    clf = load_finetuned(args.finetuned_dir, device=args.device, run_dir=args.run_dir)
+    columns = {k: v for k, v in (("text_column", args.text_column),
+                                 ("text_pair_column", args.text_pair_column)) if v is not None}
+    if args.text_pair_column is not None and not clf.is_pair:
+        raise ConfigError(f"--text-pair-column: task '{clf.task.name}' classifies single texts")
+    # A header-less layout (CoLA's) names columns by position; names given here need a header.
+    spec = dataclasses.replace(clf.task, **columns, has_header=clf.task.has_header or bool(columns))
+    rows = read_inputs(args.input, spec)
+    if not rows:  # an empty output would look like a result
+        raise DataError(f"{args.input}: no rows to predict")
+    logits = clf.logits_of([example for _, example in rows])
+    lines = []
+    for (lineno, _), row, prediction in zip(rows, logits, clf.decode(logits)):
+        record = {"line": lineno, "prediction": prediction}
+        if not clf.is_regression:
+            record["probabilities"] = dict(zip(clf.labels, row.softmax(-1).tolist()))
+        lines.append(strict_json(record) + "\n")
+    if out is None:
+        print("".join(lines), end="")
+        return 0
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(lines))
+    print(f"{len(lines)} predictions of {clf.task.name} ({clf.path}) written to {out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's newest checkpoint (transformers layout when exact)."""
     from ..export import export
@@ -153,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    """Register ``finetune``, ``evaluate`` and ``export`` on the ``cramkit`` parser."""
+    """Register ``finetune``, ``evaluate``, ``predict`` and ``export`` on the ``cramkit`` parser."""
     from .metrics import METRICS  # light (numpy); the help lists the registry, not a copy of it
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -246,6 +286,29 @@ def add_parser(subparsers) -> None:
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning options")
     p.set_defaults(func=cmd_evaluate)
     accept_late_overrides(p)
+
+    p = subparsers.add_parser(
+        "predict",
+        help="label a file's texts with weights that finetune.save=true kept",
+        description="Load the fine-tuned weights in FINETUNED_DIR (RUN_DIR/finetune/TASK[-PEFT][-random]/"
+        "seed-N, which `cramkit finetune ... finetune.save=true` writes, or a folder above it holding "
+        "one) on the pretraining run they came from, and predict each row of --input: a "
+        ".tsv/.csv/.jsonl[.gz] file read as the task's files are, with its text column (and pair "
+        "column; a label column is ignored). Writes one JSON object per row: its line number, the "
+        "prediction (a label name, or a number for regression) and, for classification, each "
+        "label's probability; to --out, else to standard output.",
+    )
+    p.add_argument("finetuned_dir", metavar="FINETUNED_DIR", help="folder of saved fine-tuned weights")
+    p.add_argument("--input", required=True, help="texts to label: .tsv, .csv or .jsonl (optionally .gz)")
+    p.add_argument("--out", default=None, help="JSON Lines file to write (atomically); default: stdout")
+    p.add_argument("--text-column", default=None, help="the text column of --input (default: the task's)")
+    p.add_argument("--text-pair-column", default=None,
+                   help="pair tasks: the second text column of --input (default: the task's)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda'...")
+    p.add_argument("--run-dir", default=None,
+                   help="the pretraining run the weights came from, when it is no longer the folder "
+                   "they lie in nor where it was when they were saved")
+    p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser(
         "export",

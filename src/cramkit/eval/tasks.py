@@ -430,6 +430,22 @@ def read_examples(
     return _read_examples(Path(path), spec, labels, limit, skip_short_rows=False)[0]
 
 
+def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
+    """``(line number, example)`` for each row of an unlabelled file in the task's layout: its
+    text column (and pair column) read as :func:`read_examples` reads them, a label column not
+    needed (ignored when there is one; the examples' labels are 0). For prediction."""
+    path = Path(path)
+    columns = (spec.text_column, spec.text_pair_column)
+    out = []
+    for lineno, row in iter_rows(path, spec.has_header, extra_fields=spec.source != "file"):
+        short = [c for c in columns if c is not None and row.get(c) is None]
+        if short:
+            raise _column_error(path, lineno, short[0], row)
+        text, pair = (None if c is None else str(row[c]).strip() for c in columns)
+        out.append((lineno, Example(text, pair, 0)))
+    return out
+
+
 def read_glue_examples(path: str | Path, spec: TaskSpec) -> tuple[list[Example], int]:
     """Like :func:`read_examples` for a file of the GLUE release, whose malformed rows (QQP's
     questions split by a newline) are skipped, as GLUE's own loaders skip them; returns the
