@@ -73,10 +73,10 @@ def test_the_documented_plugin_runs_the_documented_command(tiny_mlm_data, tmp_pa
 
 
 def _other_commands(path: Path) -> list[str]:
-    """``cramkit prepare|finetune|evaluate|export|report|bench ...`` lines in the fenced code blocks
-    of ``path``, from the subcommand on."""
+    """``cramkit prepare|finetune|evaluate|predict|export|report|bench ...`` lines in the fenced code
+    blocks of ``path``, from the subcommand on."""
     out = []
-    subcommand = r"cramkit ((?:prepare|finetune|evaluate|export|report|bench) .*)"
+    subcommand = r"cramkit ((?:prepare|finetune|evaluate|predict|export|report|bench) .*)"
     for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             m = re.search(r"(?:^|\s)" + subcommand + "$", line.split(" #", 1)[0].strip())
@@ -115,7 +115,8 @@ OTHER_CASES = [(path.relative_to(ROOT).as_posix(), cmd) for path in DOCS for cmd
 
 
 def test_the_docs_show_the_other_commands():
-    assert {cmd.split()[0] for _, cmd in OTHER_CASES} >= {"prepare", "finetune", "evaluate", "export", "report"}
+    assert {cmd.split()[0] for _, cmd in OTHER_CASES} >= {"prepare", "finetune", "evaluate", "predict", "export",
+                                                          "report"}
 
 
 @pytest.mark.parametrize(("where", "command"), OTHER_CASES)
