@@ -171,6 +171,21 @@ def test_cli_predict_writes_the_reloaded_predictions(pair_saved, tmp_path, capsy
     assert [r["prediction"] for r in shown] == expected
 
 
+def test_cli_finetune_save_then_predict(run, tmp_path, capsys):
+    """What `cramkit finetune ... save=true` keeps, `cramkit predict` uses (named by its task folder)."""
+    from cramkit.cli import main
+
+    _pair_task(tmp_path / "pairs")
+    assert main(["finetune", str(run), "--task", str(tmp_path / "pairs" / "train.tsv"), "--labels", "yes,no",
+                 "--text-column", "premise", "--text-pair-column", "hypothesis", "seeds=[0]", "epochs=1",
+                 "progress=false", "device=cpu", "save=true"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run / "finetune" / "pairs"), "--input", str(tmp_path / "pairs" / "dev.tsv"),
+                 "--device", "cpu"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(shown) == 39 and {r["prediction"] for r in shown} <= {"yes", "no"}
+
+
 def test_cli_predict_mistakes_are_one_line_errors(pair_saved, tmp_path, capsys):
     from cramkit.cli import main
 
@@ -202,6 +217,9 @@ def test_cli_predict_mistakes_are_one_line_errors(pair_saved, tmp_path, capsys):
     assert "model.safetensors has" in error(str(folder), "--input", str(good)) and "truncated" in \
         error(str(folder), "--input", str(good))
     weights.write_bytes(data)
+    record = json.loads((folder / "classifier.json").read_text())
+    (folder / "classifier.json").write_text(json.dumps({k: v for k, v in record.items() if k != "seed"}))
+    assert "classifier.json or finetune_config.json is damaged" in error(str(folder), "--input", str(good))
     (folder / "classifier.json").unlink()  # what saves before the label order was recorded hold
     assert "earlier cramkit" in error(str(folder), "--input", str(good))
 

@@ -42,9 +42,12 @@ def classifier_record(backbone: Backbone, spec: TaskSpec, seed: int) -> dict[str
     started from ``seed`` (``files``, the weights' checksums, is added once they are written)."""
     base = None
     if not backbone.random_init and backbone.checkpoint is not None:
-        meta = read_json(Path(backbone.checkpoint) / "meta.json", CheckpointError)
-        base = {"checkpoint": Path(backbone.checkpoint).name,
-                "sha256": ((meta.get("files") or {}).get("model.safetensors") or {}).get("sha256")}
+        try:
+            meta = read_json(Path(backbone.checkpoint) / "meta.json", CheckpointError)
+            sha = ((meta.get("files") or {}).get("model.safetensors") or {}).get("sha256")
+        except CheckpointError:  # pruned while fine-tuning ran: the fine-tune is kept, an adapter
+            sha = None           # is then refused when loading (its base cannot be told)
+        base = {"checkpoint": Path(backbone.checkpoint).name, "sha256": sha}
     run = None if backbone.run_dir is None else Path(backbone.run_dir).resolve()
     tokenizer = None if run is None or not (run / "tokenizer.json").is_file() else run / "tokenizer.json"
     task = {name: getattr(spec, name) for name in _TASK_FIELDS}
@@ -156,10 +159,11 @@ def load_finetuned(
     ``-random``, on the same random initialisation). ``device``: ``"cpu"``, ``"cuda"``,
     ``"auto"``...; the precision is fine-tuning's (``auto``: bf16 on CUDA).
 
-    >>> clf = load_finetuned("runs/demo/finetune/bbc/seed-0")
-    >>> clf.predict(["Shares rose after the bank's results."])   # label names
-    ['business']
-    >>> clf.probabilities(["..."])  # [N, len(clf.labels)]; clf.logits(...) before the softmax
+    Example::
+
+        clf = load_finetuned("runs/demo/finetune/bbc/seed-0")
+        clf.predict(["Shares rose after the bank's results."])  # ['business']: label names
+        clf.probabilities(texts)  # [N, len(clf.labels)]; clf.logits(texts) before the softmax
 
     Raises :class:`~cramkit.errors.ConfigError` for a folder that holds no fine-tuned weights
     (a pretraining run, say) and :class:`~cramkit.errors.CheckpointError` for damaged or
@@ -180,8 +184,9 @@ def load_finetuned(
         spec = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["task"].items()})
         model_config = ModelConfig.from_dict(record["model_config"], path="model_config")
         special = SpecialIds(**record["special_ids"])
+        seed, adapter_on_run = int(record["seed"]), cfg.peft != "none" and record["init"] == "pretrained"
         problem = verify_files(folder, record["files"])
-    except (ConfigError, KeyError, TypeError, AttributeError) as exc:
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{folder}: {CLASSIFIER_FILE} or finetune_config.json is damaged "
                               f"({type(exc).__name__}: {exc}); fine-tune again with {_SAVE_HINT}") from None
     if problem:
@@ -192,8 +197,8 @@ def load_finetuned(
     # -random PEFT base, which must be redrawn) leave the caller's random stream alone.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pooling warning was given when fine-tuning
-        encoder_model = backbone.build(cfg.dropout, cfg.attention_dropout, record["seed"])
-        if cfg.peft != "none" and record["init"] == "pretrained":
+        encoder_model = backbone.build(cfg.dropout, cfg.attention_dropout, seed)
+        if adapter_on_run:
             load_weights(encoder_model, _base_checkpoint(folder, run, record, cfg.peft))
         model: nn.Module = SequenceClassifier(
             encoder_model, model_config.hidden, spec.num_labels, cfg.pooling, cfg.dropout,
