@@ -424,6 +424,10 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
+#: What to change when a fine-tune diverges (its loss or its outputs not finite).
+DIVERGED_ADVICE = "lower finetune.lr, or set finetune.grad_clip=1.0"
+
+
 def batched_logits(
     model: nn.Module,
     encoder: TaskEncoder,
@@ -462,7 +466,7 @@ def predict(
     for idx, logits in batched_logits(model, encoder, data, cfg.eval_batch_size, device, cfg.precision):
         if not bool(torch.isfinite(logits).all()):  # the last update broke the weights
             raise TrainingError("the fine-tuned model's outputs are not finite: training "
-                                "diverged (lower finetune.lr, or set finetune.grad_clip=1.0)")
+                                f"diverged ({DIVERGED_ADVICE})")
         values = logits.squeeze(-1).tolist() if regression else logits.argmax(-1).tolist()
         for i, v in zip(idx, values):
             out[i] = v
@@ -547,7 +551,7 @@ def train_one(
             # it had trained.
             raise TrainingError(
                 f"{spec.name} seed {seed}: fine-tuning loss is {value} at step {_step + 1} of "
-                f"{total}; training diverged (lower finetune.lr, or set finetune.grad_clip=1.0)"
+                f"{total}; training diverged ({DIVERGED_ADVICE})"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
