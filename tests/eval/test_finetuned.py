@@ -236,3 +236,24 @@ def test_no_inputs_give_no_predictions(pair_saved):
     folder, _, _ = pair_saved
     clf = load_finetuned(folder)
     assert clf.predict([]) == [] and clf.logits([]).shape == (0, 2)
+
+
+def test_a_txt_input_is_one_text_per_line_for_single_text_tasks(pair_saved, tmp_path, capsys):
+    import gzip
+
+    from cramkit.cli import main
+    from cramkit.eval.tasks import TaskSpec, get_task, read_inputs
+
+    plain = tmp_path / "texts.txt"
+    plain.write_bytes(b"Shares rose.\r\n\r\n  The striker scored.  \nlast line, no newline")
+    assert [(n, e.text, e.text_pair) for n, e in read_inputs(plain, get_task("bbc"))] == [
+        (1, "Shares rose.", None), (3, "The striker scored.", None), (4, "last line, no newline", None)]
+    packed = tmp_path / "texts.TXT.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert [e.text for _, e in read_inputs(packed, get_task("bbc"))][1] == "The striker scored."
+    pairs = TaskSpec("pairs", "premise", "label", text_pair_column="hypothesis", source="file")
+    with pytest.raises(DataError, match="classifies pairs of texts, which a .txt file"):
+        read_inputs(plain, pairs)
+    folder, _, _ = pair_saved  # a pair task: its .txt input is a one-line error
+    assert main(["predict", str(folder), "--input", str(plain)]) == 2
+    assert "which a .txt file (one text per line) cannot hold" in capsys.readouterr().err

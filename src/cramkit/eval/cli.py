@@ -294,12 +294,13 @@ def add_parser(subparsers) -> None:
         "seed-N, which `cramkit finetune ... finetune.save=true` writes, or a folder above it holding "
         "one) on the pretraining run they came from, and predict each row of --input: a "
         ".tsv/.csv/.jsonl[.gz] file read as the task's files are, with its text column (and pair "
-        "column; a label column is ignored). Writes one JSON object per row: its line number, the "
+        "column; a label column is ignored), or for a single-text task a .txt[.gz] file of one text "
+        "per line (blank lines skipped). Writes one JSON object per row: its line number, the "
         "prediction (a label name, or a number for regression) and, for classification, each "
         "label's probability; to --out, else to standard output.",
     )
     p.add_argument("finetuned_dir", metavar="FINETUNED_DIR", help="folder of saved fine-tuned weights")
-    p.add_argument("--input", required=True, help="texts to label: .tsv, .csv or .jsonl (optionally .gz)")
+    p.add_argument("--input", required=True, help="texts to label: .tsv, .csv, .jsonl, or .txt with one text per line (each optionally .gz)")
     p.add_argument("--out", default=None, help="JSON Lines file to write (atomically); default: stdout")
     p.add_argument("--text-column", default=None, help="the text column of --input (default: the task's)")
     p.add_argument("--text-pair-column", default=None,

@@ -433,8 +433,13 @@ def read_examples(
 def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
     """``(line number, example)`` for each row of an unlabelled file in the task's layout: its
     text column (and pair column) read as :func:`read_examples` reads them, a label column not
-    needed (ignored when there is one; the examples' labels are 0). For prediction."""
+    needed (ignored when there is one; the examples' labels are 0). For prediction.
+
+    A ``.txt`` file (optionally ``.gz``) holds one text per line, blank lines skipped: the
+    simplest input for a single-text task; a pair task needs the columns of a task file."""
     path = Path(path)
+    if path.name.lower().removesuffix(".gz").endswith(".txt"):
+        return _plain_inputs(path, spec)
     columns = (spec.text_column, spec.text_pair_column)
     out = []
     for lineno, row in iter_rows(path, spec.has_header, extra_fields=spec.source != "file"):
@@ -444,6 +449,20 @@ def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
         text, pair = (None if c is None else str(row[c]).strip() for c in columns)
         out.append((lineno, Example(text, pair, 0)))
     return out
+
+
+def _plain_inputs(path: Path, spec: TaskSpec) -> list[tuple[int, Example]]:
+    if spec.text_pair_column is not None:
+        raise DataError(f"{path}: task '{spec.name}' classifies pairs of texts, which a .txt file (one "
+                        f"text per line) cannot hold: give a .tsv/.csv/.jsonl file with columns "
+                        f"{spec.text_column} and {spec.text_pair_column}")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with _open_text(path) as f:
+            return [(lineno, Example(line.strip(), None, 0)) for lineno, line in _lines(path, f) if line.strip()]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
 
 
 def read_glue_examples(path: str | Path, spec: TaskSpec) -> tuple[list[Example], int]:
