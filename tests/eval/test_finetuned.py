@@ -257,3 +257,21 @@ def test_a_txt_input_is_one_text_per_line_for_single_text_tasks(pair_saved, tmp_
     folder, _, _ = pair_saved  # a pair task: its .txt input is a one-line error
     assert main(["predict", str(folder), "--input", str(plain)]) == 2
     assert "which a .txt file (one text per line) cannot hold" in capsys.readouterr().err
+
+
+def test_a_row_with_more_fields_than_the_header_is_an_error_in_prediction_inputs(tmp_path):
+    """A predicted file is the user's own, also for a built-in task: a comma in an unquoted CSV
+    field (or a tab in a TSV's text) must not cut the text short without a word."""
+    from cramkit.eval.tasks import get_task, read_inputs
+
+    unquoted = tmp_path / "news.csv"
+    unquoted.write_text("text\nShares rose, then fell.\n")
+    with pytest.raises(DataError, match=r"news.csv:2: row has 2 fields, the header 1 \(a comma in an unquoted"):
+        read_inputs(unquoted, get_task("bbc"))
+    tabbed = tmp_path / "news.tsv"
+    tabbed.write_text("text\nShares rose\tthen fell.\n")
+    with pytest.raises(DataError, match=r"news.tsv:2: row has 2 fields"):
+        read_inputs(tabbed, get_task("bbc"))
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('text\n"Shares rose, then fell."\n')
+    assert [e.text for _, e in read_inputs(quoted, get_task("bbc"))] == ["Shares rose, then fell."]

@@ -433,7 +433,8 @@ def read_examples(
 def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
     """``(line number, example)`` for each row of an unlabelled file in the task's layout: its
     text column (and pair column) read as :func:`read_examples` reads them, a label column not
-    needed (ignored when there is one; the examples' labels are 0). For prediction.
+    needed (ignored when there is one; the examples' labels are 0), and a row with more fields
+    than the header an error for any task (GLUE's own .tsv files excepted). For prediction.
 
     A ``.txt`` file (optionally ``.gz``) holds one text per line, blank lines skipped: the
     simplest input for a single-text task; a pair task needs the columns of a task file."""
@@ -441,8 +442,12 @@ def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
     if path.name.lower().removesuffix(".gz").endswith(".txt"):
         return _plain_inputs(path, spec)
     columns = (spec.text_column, spec.text_pair_column)
+    # The file is the user's own, whichever task: a row with more fields than its header (a
+    # comma in an unquoted CSV field, a tab in a TSV's text) would otherwise lose the rest of
+    # its text without a word. Only a GLUE task's .tsv may have them, as GLUE's own files do.
+    extra_fields = spec.source == "glue" and _format(path) == "tsv"
     out = []
-    for lineno, row in iter_rows(path, spec.has_header, extra_fields=spec.source != "file"):
+    for lineno, row in iter_rows(path, spec.has_header, extra_fields=extra_fields):
         short = [c for c in columns if c is not None and row.get(c) is None]
         if short:
             raise _column_error(path, lineno, short[0], row)
