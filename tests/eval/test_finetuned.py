@@ -275,3 +275,27 @@ def test_a_row_with_more_fields_than_the_header_is_an_error_in_prediction_inputs
     quoted = tmp_path / "quoted.csv"
     quoted.write_text('text\n"Shares rose, then fell."\n')
     assert [e.text for _, e in read_inputs(quoted, get_task("bbc"))] == ["Shares rose, then fell."]
+
+
+def test_predict_input_type_and_columns_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """An input of no type predict reads is named with the types it reads (.txt among them), and
+    column flags for a .txt input, which has no columns, are an error, not ignored; both before
+    the weights are loaded."""
+    from cramkit.cli import main
+    from cramkit.eval import finetuned
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(finetuned, "load_finetuned", no_load)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("Shares rose.\n")
+    listing = tmp_path / "texts.json"
+    listing.write_text('["Shares rose."]\n')
+    assert main(["predict", str(tmp_path), "--input", str(listing)]) == 2
+    assert capsys.readouterr().err == (f"error: {listing}: unsupported file type (use .tsv, .csv or .jsonl, "
+                                       "or .txt with one text per line; each optionally .gz)\n")
+    for flag in ("--text-column", "--text-pair-column"):
+        assert main(["predict", str(tmp_path), "--input", str(texts), flag, "body"]) == 2
+        assert capsys.readouterr().err == (f"error: {flag}: {texts} is a .txt file, one text per line, "
+                                           "without columns\n")

@@ -148,10 +148,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Label each row of a task file with saved fine-tuned weights; JSON Lines out."""
     from ..utils import atomic_path, paths_overlap, strict_json
     from .finetuned import load_finetuned
-    from .tasks import read_inputs
+    from .tasks import input_format, read_inputs
 
-    if not Path(args.input).is_file():  # said before the model loads
+    if not Path(args.input).is_file():  # said before the model loads, as are the next
         raise DataError(f"{args.input}: file not found")
+    if input_format(args.input) == "txt":
+        for flag, given in (("--text-column", args.text_column), ("--text-pair-column", args.text_pair_column)):
+            if given is not None:
+                raise ConfigError(f"{flag}: {args.input} is a .txt file, one text per line, without columns")
     out = None if args.out is None else Path(args.out)
     if out is not None:
         if not out.name.lower().endswith(".jsonl"):

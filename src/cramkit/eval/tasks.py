@@ -439,7 +439,7 @@ def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
     A ``.txt`` file (optionally ``.gz``) holds one text per line, blank lines skipped: the
     simplest input for a single-text task; a pair task needs the columns of a task file."""
     path = Path(path)
-    if path.name.lower().removesuffix(".gz").endswith(".txt"):
+    if input_format(path) == "txt":
         return _plain_inputs(path, spec)
     columns = (spec.text_column, spec.text_pair_column)
     # The file is the user's own, whichever task: a row with more fields than its header (a
@@ -454,6 +454,19 @@ def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
         text, pair = (None if c is None else str(row[c]).strip() for c in columns)
         out.append((lineno, Example(text, pair, 0)))
     return out
+
+
+def input_format(path: str | Path) -> str:
+    """The type of a file :func:`read_inputs` reads: ``tsv``, ``csv``, ``jsonl`` or ``txt`` (each
+    optionally ``.gz``); any other is a DataError naming them."""
+    path = Path(path)
+    if path.name.lower().removesuffix(".gz").endswith(".txt"):
+        return "txt"
+    fmt = _split_type(path.name)[1]
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type (use .tsv, .csv or .jsonl, or .txt with one text "
+                        "per line; each optionally .gz)")
+    return fmt
 
 
 def _plain_inputs(path: Path, spec: TaskSpec) -> list[tuple[int, Example]]:
