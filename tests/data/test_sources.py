@@ -294,6 +294,9 @@ def test_hf_hub_spec_mistakes_are_one_line(monkeypatch, tmp_path):
         "hf:org/corpus": "'hf:org/corpus': org/corpus has several configurations and none is the default: "
                          "write hf:org/corpus:CONFIG:train with CONFIG one of en, de",
         "hf:org/corpus@v1:test": "write hf:org/corpus@v1:CONFIG:test with CONFIG one of en, de",
+        # load_dataset(NAME, CONFIG)'s order: the configuration where the split goes.
+        "hf:org/corpus@v1:de": "'hf:org/corpus@v1:de': 'de' is a configuration of org/corpus, not a split: "
+                               "write hf:org/corpus@v1:de:SPLIT (hf:org/corpus@v1:de:train for its train split)",
         "hf:org/corpus:fr:train": "org/corpus has no configuration 'fr'; its configurations: en, de",
         "hf:org/corpus:en:valid": "org/corpus (en) has no split 'valid' (did you mean 'validation'?); "
                                   "its splits: train, validation",

@@ -549,6 +549,10 @@ class HFHubSource(Source):
         return f"@{self.revision}" if self.revision else ""
 
     def _missing_config(self, configs: list[str]) -> str:
+        if self.split in configs:  # hf:NAME:CONFIG, load_dataset(NAME, CONFIG)'s order
+            return (f"'{self.split}' is a configuration of {self.name}, not a split: write "
+                    f"hf:{self.name}{self._at()}:{self.split}:SPLIT "
+                    f"(hf:{self.name}{self._at()}:{self.split}:train for its train split)")
         return (f"{self.name} has several configurations and none is the default: write "
                 f"hf:{self.name}{self._at()}:CONFIG:{self.split} with CONFIG one of {_listed(configs)}")
 
