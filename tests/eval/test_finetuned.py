@@ -299,3 +299,17 @@ def test_predict_input_type_and_columns_are_checked_before_the_model_loads(tmp_p
         assert main(["predict", str(tmp_path), "--input", str(texts), flag, "body"]) == 2
         assert capsys.readouterr().err == (f"error: {flag}: {texts} is a .txt file, one text per line, "
                                            "without columns\n")
+
+
+@pytest.mark.parametrize("change", [
+    {"base_checkpoint": "step-00000001"}, {"base_checkpoint": {"sha256": "0" * 64}}, {"run_dir": 5},
+    {"tokenizer_sha256": 5}, {"init": "scratch"}, {"files": {}},
+])
+def test_a_damaged_classifier_record_is_a_one_line_error(pair_saved, change):
+    """Any field of classifier.json of the wrong type or value is the damaged-file error, not a
+    traceback, nor (an unknown init, no files to check) weights loaded as something else."""
+    folder, _, _ = pair_saved
+    record = json.loads((folder / "classifier.json").read_text())
+    (folder / "classifier.json").write_text(json.dumps({**record, **change}))
+    with pytest.raises(CheckpointError, match="classifier.json or finetune_config.json is damaged"):
+        load_finetuned(folder)

@@ -185,6 +185,7 @@ def load_finetuned(
         model_config = ModelConfig.from_dict(record["model_config"], path="model_config")
         special = SpecialIds(**record["special_ids"])
         seed, adapter_on_run = int(record["seed"]), cfg.peft != "none" and record["init"] == "pretrained"
+        _check_record(record)
         problem = verify_files(folder, record["files"])
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{folder}: {CLASSIFIER_FILE} or finetune_config.json is damaged "
@@ -212,6 +213,22 @@ def load_finetuned(
     model.to(dev).eval()
     encoder = TaskEncoder(backbone.tokenizer, special, cfg.seq_len, model_config.causal)
     return FinetunedModel(model, spec, encoder, cfg, dev, folder, run)
+
+
+def _check_record(record: dict[str, Any]) -> None:
+    """A ValueError for a field of ``record`` that :func:`load_finetuned` reads later, outside
+    its check, and that is not what :func:`classifier_record` writes."""
+    base = record.get("base_checkpoint")
+    if base is not None and not (isinstance(base, dict) and isinstance(base.get("checkpoint"), str)
+                                 and isinstance(base.get("sha256"), (str, type(None)))):
+        raise ValueError(f"base_checkpoint is {base!r}")
+    for key in ("run_dir", "tokenizer_sha256"):
+        if not isinstance(record.get(key), (str, type(None))):
+            raise ValueError(f"{key} is {record.get(key)!r}")
+    if record["init"] not in ("pretrained", "random"):
+        raise ValueError(f"init is {record['init']!r}")
+    if not isinstance(record["files"], dict) or not record["files"]:  # nothing would be checked
+        raise ValueError(f"files is {record['files']!r}")
 
 
 def saved_folder(path: Path) -> Path:
