@@ -313,3 +313,10 @@ def test_a_damaged_classifier_record_is_a_one_line_error(pair_saved, change):
     (folder / "classifier.json").write_text(json.dumps({**record, **change}))
     with pytest.raises(CheckpointError, match="classifier.json or finetune_config.json is damaged"):
         load_finetuned(folder)
+
+
+def test_finetune_s_help_for_save_says_what_reloads_the_weights():
+    import dataclasses
+
+    save = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == "save")
+    assert "classifier.json" in save.metadata["help"] and "cramkit predict" in save.metadata["help"]

@@ -101,8 +101,10 @@ class FinetuneConfig(Config):
     save: bool = field(
         False,
         help="save the fine-tuned weights of the first seed (only adapter + head with peft) "
-        "to RUN_DIR/finetune/TASK[-PEFT][-random]/seed-N/, with finetune_config.json and owner.json "
-        "(task, its source, init, PEFT method: another task's folder of the same name is not replaced)",
+        "to RUN_DIR/finetune/TASK[-PEFT][-random]/seed-N/, with finetune_config.json, owner.json "
+        "(task, its source, init, PEFT method: another task's folder of the same name is not replaced) "
+        "and classifier.json (label order, text columns...), which `cramkit predict` and "
+        "cramkit.eval.load_finetuned reload them with",
     )
     progress: bool = field(True, help="show tqdm progress bars")
 
