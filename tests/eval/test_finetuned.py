@@ -320,3 +320,18 @@ def test_finetune_s_help_for_save_says_what_reloads_the_weights():
 
     save = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == "save")
     assert "classifier.json" in save.metadata["help"] and "cramkit predict" in save.metadata["help"]
+
+
+def test_an_adapter_whose_base_checksum_was_not_recorded_says_so(run, bbc_task):
+    """A checkpoint pruned while fine-tuning ran leaves the base's checksum unrecorded: the
+    adapter is refused for that reason, not as if its base's weights had changed."""
+    cfg = FinetuneConfig.from_dict({**FAST, "peft": "lora", "max_train_examples": 16, "max_eval_examples": 8})
+    save_dir = finetune_save_dir(run, "bbc", False, "lora")
+    finetune(load_backbone(run), bbc_task, cfg, save_dir=save_dir)
+    record_file = save_dir / "seed-0" / "classifier.json"
+    record = json.loads(record_file.read_text())
+    record["base_checkpoint"]["sha256"] = None  # what classifier_record writes then
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="its checksum was not recorded") as err:
+        load_finetuned(save_dir / "seed-0")
+    assert "not the ones it held then" not in str(err.value)

@@ -294,6 +294,9 @@ def _base_checkpoint(folder: Path, run: Path, record: dict[str, Any], method: st
 
     ckpt = run / "checkpoints" / str(base["checkpoint"])
     problem = verify(ckpt) if ckpt.is_dir() else "it is no longer there (pruned as training went on?)"
+    if problem is None and base.get("sha256") is None:  # see classifier_record
+        problem = ("its checksum was not recorded (the checkpoint was pruned while fine-tuning ran), "
+                   "so its weights cannot be told to be the ones the adapter was trained on")
     if problem is None:
         meta = read_json(ckpt / "meta.json", CheckpointError)
         if meta["files"]["model.safetensors"]["sha256"] != base.get("sha256"):
