@@ -323,8 +323,8 @@ def test_finetune_s_help_for_save_says_what_reloads_the_weights():
 
 
 def test_an_adapter_whose_base_checksum_was_not_recorded_says_so(run, bbc_task):
-    """A checkpoint pruned while fine-tuning ran leaves the base's checksum unrecorded: the
-    adapter is refused for that reason, not as if its base's weights had changed."""
+    """A Backbone built without its checkpoint's checksum leaves it unrecorded: the adapter is
+    refused for that reason, not as if its base's weights had changed."""
     cfg = FinetuneConfig.from_dict({**FAST, "peft": "lora", "max_train_examples": 16, "max_eval_examples": 8})
     save_dir = finetune_save_dir(run, "bbc", False, "lora")
     finetune(load_backbone(run), bbc_task, cfg, save_dir=save_dir)
@@ -335,3 +335,25 @@ def test_an_adapter_whose_base_checksum_was_not_recorded_says_so(run, bbc_task):
     with pytest.raises(CheckpointError, match="its checksum was not recorded") as err:
         load_finetuned(save_dir / "seed-0")
     assert "not the ones it held then" not in str(err.value)
+
+
+def test_an_adapter_s_base_is_the_checkpoint_as_it_was_loaded(run, bbc_task):
+    """A resume from an earlier step rewrites a step's checkpoint folder; when that happens
+    while a LoRA fine-tune runs, the adapter was trained on the weights loaded before, and must
+    not reload onto the new ones (their checksum is taken at loading, not at saving)."""
+    from safetensors.torch import load_file, save_file
+
+    from cramkit.train.checkpoint import file_record, latest_checkpoint
+
+    backbone = load_backbone(run)
+    ckpt = latest_checkpoint(run)
+    weights = {k: v + 0.01 for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    save_file(weights, str(ckpt / "model.safetensors"))  # rewritten whole, meta.json to match
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["model.safetensors"] = file_record(ckpt / "model.safetensors")
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    cfg = FinetuneConfig.from_dict({**FAST, "peft": "lora", "max_train_examples": 16, "max_eval_examples": 8})
+    save_dir = finetune_save_dir(run, "bbc", False, "lora")
+    finetune(backbone, bbc_task, cfg, save_dir=save_dir)
+    with pytest.raises(CheckpointError, match="its weights are not the ones it held then"):
+        load_finetuned(save_dir / "seed-0")

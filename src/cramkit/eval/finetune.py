@@ -179,8 +179,10 @@ class Backbone:
     tokenizer: Any
     special: SpecialIds
     run_dir: Path | None = None
-    #: The run's checkpoint folder the weights came from: what a saved PEFT adapter needs again.
+    #: The run's checkpoint folder the weights came from, and the checksum of its weights when
+    #: they were loaded: what a saved PEFT adapter needs again, and how to tell it is unchanged.
     checkpoint: Path | None = None
+    checkpoint_sha256: str | None = None
 
     def as_random(self) -> Backbone:
         """The same shape and tokenizer without the pretrained weights."""
@@ -413,7 +415,7 @@ def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:
     if not random_init:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Backbone(model_config, state, tokenizer, SpecialIds.for_run(run_dir, tokenizer), run_dir,
-                    info["checkpoint"])
+                    info["checkpoint"], info["weights_sha256"])
 
 
 # --------------------------------------------------------------------------------------------

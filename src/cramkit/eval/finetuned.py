@@ -42,12 +42,10 @@ def classifier_record(backbone: Backbone, spec: TaskSpec, seed: int) -> dict[str
     started from ``seed`` (``files``, the weights' checksums, is added once they are written)."""
     base = None
     if not backbone.random_init and backbone.checkpoint is not None:
-        try:
-            meta = read_json(Path(backbone.checkpoint) / "meta.json", CheckpointError)
-            sha = ((meta.get("files") or {}).get("model.safetensors") or {}).get("sha256")
-        except CheckpointError:  # pruned while fine-tuning ran: the fine-tune is kept, an adapter
-            sha = None           # is then refused when loading (its base cannot be told)
-        base = {"checkpoint": Path(backbone.checkpoint).name, "sha256": sha}
+        # The checksum of the weights as they were loaded, not as the folder holds them now: a
+        # resume from an earlier step may have rewritten it while fine-tuning ran. None for a
+        # Backbone built in Python without it; an adapter is then refused when loading.
+        base = {"checkpoint": Path(backbone.checkpoint).name, "sha256": backbone.checkpoint_sha256}
     run = None if backbone.run_dir is None else Path(backbone.run_dir).resolve()
     tokenizer = None if run is None or not (run / "tokenizer.json").is_file() else run / "tokenizer.json"
     task = {name: getattr(spec, name) for name in _TASK_FIELDS}
@@ -295,8 +293,8 @@ def _base_checkpoint(folder: Path, run: Path, record: dict[str, Any], method: st
     ckpt = run / "checkpoints" / str(base["checkpoint"])
     problem = verify(ckpt) if ckpt.is_dir() else "it is no longer there (pruned as training went on?)"
     if problem is None and base.get("sha256") is None:  # see classifier_record
-        problem = ("its checksum was not recorded (the checkpoint was pruned while fine-tuning ran), "
-                   "so its weights cannot be told to be the ones the adapter was trained on")
+        problem = ("its checksum was not recorded (a Backbone built without it), so its weights "
+                   "cannot be told to be the ones the adapter was trained on")
     if problem is None:
         meta = read_json(ckpt / "meta.json", CheckpointError)
         if meta["files"]["model.safetensors"]["sha256"] != base.get("sha256"):

@@ -192,7 +192,7 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Load the newest intact checkpoint of a pretraining run for fine-tuning or export.
 
     Returns ``(model, model_config, info)`` where ``info`` has ``run_dir``, ``checkpoint``,
-    ``tokenizer_path`` and ``special_ids``.
+    ``weights_sha256`` (the checkpoint's weights, as loaded), ``tokenizer_path`` and ``special_ids``.
     """
     from ..config import config_from_dict
     from ..models import ModelConfig, build_model
@@ -216,7 +216,8 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     ckpt = latest_checkpoint(run_dir)
     # Techniques may have changed the architecture; the checkpoint records the one it holds.
     meta_path = ckpt / "meta.json"
-    meta_model = read_json(meta_path, CheckpointError).get("model_config")
+    meta = read_json(meta_path, CheckpointError)
+    meta_model = meta.get("model_config")
     try:
         model_cfg = ModelConfig.from_dict(meta_model, path="model_config") if meta_model else run_model
     except ConfigError as exc:
@@ -229,6 +230,9 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     info = {
         "run_dir": run_dir,
         "checkpoint": ckpt,
+        # As verified when the checkpoint was chosen: what a later rewrite of the folder (a
+        # resume from an earlier step) can be told from.
+        "weights_sha256": meta["files"]["model.safetensors"]["sha256"],
         "tokenizer_path": run_dir / "tokenizer.json",
         "special_ids": special,
     }
