@@ -330,12 +330,13 @@ def test_every_subcommand_s_help_says_what_it_does():
     assert [name for name, sub in commands.items() if not sub.description] == []
 
 
-@pytest.mark.parametrize("error, local_rank, printed", [
-    ("config", "0", True), ("config", "1", False),  # every rank met it: each machine's first says it
-    ("rank0", "0", True), ("rank0", "3", False),
-    ("data", "1", True),  # may be this rank's own: always said
+@pytest.mark.parametrize("error, local_rank, printed, torchrun", [
+    ("config", "0", True, True), ("config", "1", False, True),  # every rank met it: each machine's first says it
+    ("rank0", "0", True, True), ("rank0", "3", False, True),
+    ("data", "1", True, True),  # may be this rank's own: always said
+    ("config", "1", True, False),  # a LOCAL_RANK left in the shell, outside torchrun
 ])
-def test_under_torchrun_an_error_every_rank_meets_is_printed_once_per_machine(error, local_rank, printed,
+def test_under_torchrun_an_error_every_rank_meets_is_printed_once_per_machine(error, local_rank, printed, torchrun,
                                                                               monkeypatch, capsys):
     from cramkit.errors import ConfigError, DataError, RankFailed
 
@@ -346,6 +347,11 @@ def test_under_torchrun_an_error_every_rank_meets_is_printed_once_per_machine(er
         raise raised
 
     monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setattr("cramkit.train.run.pretrain", fail)
     assert main(["pretrain", "demo", "finetune_demo=false"]) == 2
     assert capsys.readouterr().err == (f"error: {raised}\n" if printed else "")

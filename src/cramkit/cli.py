@@ -110,7 +110,10 @@ def said_on_this_machine(exc: CramkitError) -> bool:
     meets the same mistake in a config, and rank 0's failure reaches every other rank as
     :class:`RankFailed`, so those are printed by each machine's first process (LOCAL_RANK 0)
     alone, not once per GPU. Any other error may be one rank's own and is always printed."""
-    return isinstance(exc, (ConfigError, RankFailed)) and int(os.environ.get("LOCAL_RANK", "0") or 0) != 0
+    from .distributed.parallel import launched_by_torchrun
+
+    return (isinstance(exc, (ConfigError, RankFailed)) and launched_by_torchrun()
+            and int(os.environ.get("LOCAL_RANK", "0") or 0) != 0)
 
 
 def describe_os_error(exc: OSError) -> str:

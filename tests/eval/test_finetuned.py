@@ -203,6 +203,7 @@ def test_cli_predict_mistakes_are_one_line_errors(pair_saved, tmp_path, capsys):
 
     assert "missing column 'hypothesis'" in error(str(folder), "--input", str(single))
     assert "file not found" in error(str(folder), "--input", str(tmp_path / "absent.tsv"))
+    assert "a folder: give a file of texts" in error(str(folder), "--input", str(tmp_path))
     assert "name the file .jsonl" in error(str(folder), "--input", str(good), "--out", str(tmp_path / "p.tsv"))
     assert "is a pretraining run, not fine-tuned weights: give one of its saved folders (finetune/pairs/seed-0)" \
         in error(str(run), "--input", str(good))
@@ -236,6 +237,9 @@ def test_no_inputs_give_no_predictions(pair_saved):
     folder, _, _ = pair_saved
     clf = load_finetuned(folder)
     assert clf.predict([]) == [] and clf.logits([]).shape == (0, 2)
+    for wrong in (["one text"], [("a", None)], [("a", 3)], [("a", "b", "c")]):  # a pair task's inputs
+        with pytest.raises(DataError, match="give \\(text, text_pair\\) tuples of strings"):
+            clf.predict(wrong)
 
 
 def test_a_txt_input_is_one_text_per_line_for_single_text_tasks(pair_saved, tmp_path, capsys):

@@ -142,6 +142,12 @@ class Parallel:
             yield
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (or another launcher's with a world of
+    several processes)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 def init_parallel(cfg: ParallelConfig, device_name: str, cpu_collectives: bool = False) -> Parallel:
     """Join torchrun's process group when launched by torchrun, else a single-process Parallel.
 
@@ -149,12 +155,12 @@ def init_parallel(cfg: ParallelConfig, device_name: str, cpu_collectives: bool =
     gradients on the host, so clipping all-reduces a CPU tensor), which NCCL cannot do: the auto
     backend on CUDA is then ``cpu:gloo,cuda:nccl``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "TORCHELASTIC_RUN_ID" not in os.environ and world <= 1:
+    if not launched_by_torchrun():
         from ..train.device import resolve_device
 
         return Parallel(device=resolve_device(device_name))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if device_name.startswith("cuda:"):
         raise ConfigError("under torchrun leave train.device=auto or cuda: each rank uses cuda:LOCAL_RANK")

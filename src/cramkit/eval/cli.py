@@ -151,7 +151,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .tasks import input_format, read_inputs
 
     if not Path(args.input).is_file():  # said before the model loads, as are the next
-        raise DataError(f"{args.input}: file not found")
+        raise DataError(f"{args.input}: " + ("a folder: give a file of texts" if Path(args.input).is_dir()
+                                             else "file not found"))
     if input_format(args.input) == "txt":
         for flag, given in (("--text-column", args.text_column), ("--text-pair-column", args.text_pair_column)):
             if given is not None:

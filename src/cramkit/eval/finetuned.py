@@ -130,11 +130,12 @@ class FinetunedModel:
         out = []
         for i, item in enumerate(items):
             if self.is_pair:
-                if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2:
+                if (isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2
+                        or not all(isinstance(t, str) for t in item)):
                     raise DataError(f"input {i}: task '{self.task.name}' classifies pairs of texts "
                                     f"({self.task.text_column}, {self.task.text_pair_column}): give "
-                                    f"(text, text_pair) tuples, got {type(item).__name__}")
-                out.append(Example(str(item[0]).strip(), str(item[1]).strip(), 0))
+                                    f"(text, text_pair) tuples of strings, got {item!r:.80}")
+                out.append(Example(item[0].strip(), item[1].strip(), 0))
             else:
                 if not isinstance(item, str):
                     raise DataError(f"input {i}: task '{self.task.name}' classifies single texts, "
