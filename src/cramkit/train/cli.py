@@ -147,22 +147,22 @@ def _pretrain(args: argparse.Namespace) -> int:
     return status
 
 
+def _causal(cfg) -> bool:
+    from ..objectives import training_objective
+
+    return training_objective(cfg.model) == "clm"
+
+
 #: Command-line options a run would take and then ignore: ``(prefix, ignored(cfg), why)``. Only
 #: the command line's: recipes set such options for every run they serve (a masking rate, an
 #: FSDP policy), and a GPT may train under a BERT recipe.
 IGNORED_OPTIONS: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("objective.", lambda cfg: _causal(cfg), "masking options only act on masked-LM runs; this causal-LM run"),
+    ("objective.", _causal, "masking options only act on masked-LM runs; this causal-LM run"),
     ("parallel.fsdp_", lambda cfg: cfg.parallel.strategy != "fsdp",
      "FSDP2 options only act with parallel.strategy=fsdp; this run"),
     ("memory.checkpoint_every", lambda cfg: cfg.memory.activation_checkpointing != "selective",
      "only selective activation checkpointing reads it; this run"),
 ]
-
-
-def _causal(cfg) -> bool:
-    from ..objectives import training_objective
-
-    return training_objective(cfg.model) == "clm"
 
 
 def _warn_unused_options(cfg, overrides: list[str]) -> None:
