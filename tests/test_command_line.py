@@ -355,3 +355,14 @@ def test_under_torchrun_an_error_every_rank_meets_is_printed_once_per_machine(er
     monkeypatch.setattr("cramkit.train.run.pretrain", fail)
     assert main(["pretrain", "demo", "finetune_demo=false"]) == 2
     assert capsys.readouterr().err == (f"error: {raised}\n" if printed else "")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
+    """`cramkit predict ... | head -1`: the pipe closes under the output, which is no error of
+    the user's; the command stops without a word, with the status of a tool killed by SIGPIPE."""
+    def closed(cfg):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("cramkit.train.run.pretrain", closed)
+    assert main(["pretrain", "demo", "finetune_demo=false"]) == 141
+    assert capsys.readouterr().err == ""

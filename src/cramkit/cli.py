@@ -8,6 +8,7 @@ code); user mistakes surface as one ``error:`` line and exit status 2, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -92,6 +93,13 @@ def _main(argv: list[str] | None) -> int:
         if not said_on_this_machine(exc):
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # What reads the output went away (`cramkit predict ... | head`): stop quietly, as a Unix
+        # tool killed by SIGPIPE does, with its status. stdout goes to /dev/null first, or the
+        # interpreter's own flush at exit fails on the pipe again and prints a traceback.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE (13), as a shell reports it
     except OSError as exc:
         # A path given on the command line that cannot be used (a file where a folder must be,
         # no permission, a full disk) is a user's mistake as well: one line, naming the path.

@@ -171,6 +171,34 @@ def test_cli_predict_writes_the_reloaded_predictions(pair_saved, tmp_path, capsy
     assert [r["prediction"] for r in shown] == expected
 
 
+def test_cli_predict_reads_and_writes_a_chunk_at_a_time(pair_saved, tmp_path, monkeypatch, capsys):
+    """Memory follows the chunk, not the input: 39 rows in chunks of 5 give the predictions of
+    one pass; a bad row in a late chunk leaves no --out file behind, and the error names it."""
+    import cramkit.eval.cli as eval_cli
+    from cramkit.cli import main
+
+    folder, task, _ = pair_saved
+    clf = load_finetuned(folder)
+    examples = task.evals[task.spec.name]
+    expected = clf.probabilities([(e.text, e.text_pair) for e in examples])
+    monkeypatch.setattr(eval_cli, "PREDICT_CHUNK", 5)
+    scored = []
+    real = clf.logits_of
+    monkeypatch.setattr(type(clf), "logits_of", lambda self, chunk: scored.append(len(chunk)) or real(chunk))
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(folder), "--input", str(tmp_path / "pairs" / "dev.tsv"), "--out", str(out)]) == 0
+    assert scored == [5] * 7 + [4]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor([list(r["probabilities"].values()) for r in written]), expected)
+    bad = tmp_path / "bad.tsv"
+    rows = (tmp_path / "pairs" / "dev.tsv").read_text().splitlines()
+    bad.write_text("\n".join([rows[0], *rows[1:30], "only one field", *rows[30:]]) + "\n")
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--input", str(bad), "--out", str(tmp_path / "q.jsonl")]) == 2
+    assert "bad.tsv:31" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".jsonl", ".tmp")) == ["p.jsonl"]
+
+
 def test_cli_finetune_save_then_predict(run, tmp_path, capsys):
     """What `cramkit finetune ... save=true` keeps, `cramkit predict` uses (named by its task folder)."""
     from cramkit.cli import main

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import itertools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,9 +148,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Label each row of a task file with saved fine-tuned weights; JSON Lines out."""
-    from ..utils import atomic_path, paths_overlap, strict_json
+    from ..utils import atomic_path, paths_overlap
     from .finetuned import load_finetuned
-    from .tasks import input_format, read_inputs
+    from .tasks import input_format, iter_inputs
 
     if not Path(args.input).is_file():  # said before the model loads, as are the next
         raise DataError(f"{args.input}: " + ("a folder: give a file of texts" if Path(args.input).is_dir()
@@ -170,23 +172,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--text-pair-column: task '{clf.task.name}' classifies single texts")
     # A header-less layout (CoLA's) names columns by position; names given here need a header.
     spec = dataclasses.replace(clf.task, **columns, has_header=clf.task.has_header or bool(columns))
-    rows = read_inputs(args.input, spec)
-    if not rows:  # an empty output would look like a result
-        raise DataError(f"{args.input}: no rows to predict")
-    logits = clf.logits_of([example for _, example in rows])
-    lines = []
-    for (lineno, _), row, prediction in zip(rows, logits, clf.decode(logits)):
-        record = {"line": lineno, "prediction": prediction}
-        if not clf.is_regression:
-            record["probabilities"] = dict(zip(clf.labels, row.softmax(-1).tolist()))
-        lines.append(strict_json(record) + "\n")
+    rows = iter_inputs(args.input, spec)
     if out is None:
-        print("".join(lines), end="")
+        _write_predictions(clf, rows, sys.stdout, args.input)
         return 0
-    with atomic_path(out) as tmp:
-        tmp.write_text("".join(lines))
-    print(f"{len(lines)} predictions of {clf.task.name} ({clf.path}) written to {out}")
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        count = _write_predictions(clf, rows, f, args.input)
+    print(f"{count} predictions of {clf.task.name} ({clf.path}) written to {out}")
     return 0
+
+
+#: Rows read, encoded and scored at a time by `cramkit predict`: memory follows this, not the file.
+PREDICT_CHUNK = 4096
+
+
+def _write_predictions(clf, rows, f, source: str) -> int:
+    """Write one JSON line per row of ``rows`` (``(line number, example)``, read from the file
+    ``source``) to ``f``, :data:`PREDICT_CHUNK` rows at a time; return how many. No rows is an
+    error: an empty output would look like a result."""
+    from ..utils import strict_json
+
+    count = 0
+    while chunk := list(itertools.islice(rows, PREDICT_CHUNK)):
+        logits = clf.logits_of([example for _, example in chunk])
+        for (lineno, _), row, prediction in zip(chunk, logits, clf.decode(logits)):
+            record = {"line": lineno, "prediction": prediction}
+            if not clf.is_regression:
+                record["probabilities"] = dict(zip(clf.labels, row.softmax(-1).tolist()))
+            f.write(strict_json(record) + "\n")
+        count += len(chunk)
+    if not count:
+        raise DataError(f"{source}: no rows to predict")
+    return count
 
 
 def cmd_export(args: argparse.Namespace) -> int:

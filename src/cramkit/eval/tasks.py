@@ -431,33 +431,38 @@ def read_examples(
 
 
 def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
-    """``(line number, example)`` for each row of an unlabelled file in the task's layout: its
-    text column (and pair column) read as :func:`read_examples` reads them, a label column not
-    needed (ignored when there is one; the examples' labels are 0), and a row with more fields
-    than the header an error for any task (GLUE's own .tsv files excepted). For prediction.
+    """:func:`iter_inputs` as a list: every row read (and checked) at once."""
+    return list(iter_inputs(path, spec))
+
+
+def iter_inputs(path: str | Path, spec: TaskSpec) -> Iterator[tuple[int, Example]]:
+    """``(line number, example)`` for each row of an unlabelled file in the task's layout, read
+    as it is consumed: its text column (and pair column) read as :func:`read_examples` reads
+    them, a label column not needed (ignored when there is one; the examples' labels are 0), and
+    a row with more fields than the header an error for any task (GLUE's own .tsv files
+    excepted). For prediction.
 
     A ``.txt`` file (optionally ``.gz``) holds one text per line, blank lines skipped: the
     simplest input for a single-text task; a pair task needs the columns of a task file."""
     path = Path(path)
     if input_format(path) == "txt":
-        return _plain_inputs(path, spec)
+        yield from _plain_inputs(path, spec)
+        return
     columns = (spec.text_column, spec.text_pair_column)
     # The file is the user's own, whichever task: a row with more fields than its header (a
     # comma in an unquoted CSV field, a tab in a TSV's text) would otherwise lose the rest of
     # its text without a word. Only a GLUE task's .tsv may have them, as GLUE's own files do.
     extra_fields = spec.source == "glue" and _format(path) == "tsv"
-    out = []
     for lineno, row in iter_rows(path, spec.has_header, extra_fields=extra_fields):
         short = [c for c in columns if c is not None and row.get(c) is None]
         if short:
             raise _column_error(path, lineno, short[0], row)
         text, pair = (None if c is None else str(row[c]).strip() for c in columns)
-        out.append((lineno, Example(text, pair, 0)))
-    return out
+        yield lineno, Example(text, pair, 0)
 
 
 def input_format(path: str | Path) -> str:
-    """The type of a file :func:`read_inputs` reads: ``tsv``, ``csv``, ``jsonl`` or ``txt`` (each
+    """The type of a file :func:`iter_inputs` reads: ``tsv``, ``csv``, ``jsonl`` or ``txt`` (each
     optionally ``.gz``); any other is a DataError naming them."""
     path = Path(path)
     if path.name.lower().removesuffix(".gz").endswith(".txt"):
@@ -469,7 +474,7 @@ def input_format(path: str | Path) -> str:
     return fmt
 
 
-def _plain_inputs(path: Path, spec: TaskSpec) -> list[tuple[int, Example]]:
+def _plain_inputs(path: Path, spec: TaskSpec) -> Iterator[tuple[int, Example]]:
     if spec.text_pair_column is not None:
         raise DataError(f"{path}: task '{spec.name}' classifies pairs of texts, which a .txt file (one "
                         f"text per line) cannot hold: give a .tsv/.csv/.jsonl file with columns "
@@ -478,7 +483,9 @@ def _plain_inputs(path: Path, spec: TaskSpec) -> list[tuple[int, Example]]:
         raise DataError(f"{path}: file not found")
     try:
         with _open_text(path) as f:
-            return [(lineno, Example(line.strip(), None, 0)) for lineno, line in _lines(path, f) if line.strip()]
+            for lineno, line in _lines(path, f):
+                if line.strip():
+                    yield lineno, Example(line.strip(), None, 0)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
 
