@@ -303,8 +303,7 @@ def main() -> None:
             results[f"{name}_weights"] = str(ckpt.latest_checkpoint(out / name) / "model.safetensors")
         (out / "results.json").write_text(json.dumps(results))
     leave_process_group(clean=True)  # what `cramkit pretrain` does on exit
-    if rank == 0:
-        (out / "threads.json").write_text(json.dumps(gloo_threads()))
+    (out / f"threads-{rank}.json").write_text(json.dumps(gloo_threads()))
 
 
 def gloo_threads() -> list[str]:

@@ -85,8 +85,9 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     # Leaving the group stopped the threads of every gloo group cramkit made (a control and a
     # patient one: 3 threads each); only the default group's, which torch keeps once DDP or FSDP2
     # used it, remain. Threads left for the interpreter's shutdown may abort a finished rank.
-    threads = json.loads((out / "threads.json").read_text())
-    assert len(threads) <= 3, threads
+    for rank in range(2):  # CI's abort was rank 1's
+        threads = json.loads((out / f"threads-{rank}.json").read_text())
+        assert len(threads) <= 3, (rank, threads)
     # A wall-clock budget stops both ranks at the same step.
     assert res["timed_steps"][0] == res["timed_steps"][1] > 0
     # An inf in rank 0's gradient shard only: both ranks skip (weights unchanged), both halve.
