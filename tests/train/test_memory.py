@@ -324,7 +324,7 @@ class _DiskOffload:
         self.folder, self.count = folder, itertools.count()
 
     def __call__(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, torch.load)
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor):
         path = self.folder / str(next(self.count))
@@ -337,6 +337,14 @@ class _DiskOffload:
         # cheap (a full collect per tensor made this test 10 times slower).
         gc.collect(1)
         return path
+
+    @staticmethod
+    def unpack(path):
+        # Each saved tensor is read back once, in backward: its file goes then, as save_on_cpu's
+        # host copy does, so the suite leaves no gigabytes of them in pytest's kept tmp folders.
+        tensor = torch.load(path)
+        path.unlink()
+        return tensor
 
 
 # The estimate against the measured peak of a real training step (forward and backward, the
