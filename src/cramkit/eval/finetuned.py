@@ -230,6 +230,25 @@ def _check_record(record: dict[str, Any]) -> None:
         raise ValueError(f"files is {record['files']!r}")
 
 
+_SAVED_PATTERNS = ("seed-*/finetune_config.json", "*/seed-*/finetune_config.json",
+                   "finetune/*/seed-*/finetune_config.json")
+
+
+def _saved_below(path: Path) -> list[Path]:
+    """The saved fine-tunes inside ``path`` (a run, its ``finetune`` folder, a task's folder)."""
+    return sorted({p.parent for pattern in _SAVED_PATTERNS for p in path.glob(pattern)})
+
+
+def is_finetuned_folder(path: Path) -> bool:
+    """Whether ``path`` names saved fine-tuned weights as :func:`saved_folder` reads it (the
+    folder itself or a folder above it, not a pretraining run): what it resolves to, or the
+    error it gives, is :func:`saved_folder`'s."""
+    if not path.is_dir() or (path / "config.json").is_file():
+        return False
+    return (path / CLASSIFIER_FILE).is_file() or (path / "finetune_config.json").is_file() or bool(
+        _saved_below(path))
+
+
 def saved_folder(path: Path) -> Path:
     """The saved fine-tune that ``path`` names: itself, or the one folder it holds; anything
     else is an error that says what ``path`` is instead."""
@@ -243,9 +262,7 @@ def saved_folder(path: Path) -> Path:
     if (path / "finetune_config.json").is_file():
         raise CheckpointError(f"{path} was saved by an earlier cramkit, which did not record the label "
                               f"order and input layout ({CLASSIFIER_FILE}): fine-tune again with {_SAVE_HINT}")
-    saved = sorted({p.parent for pattern in ("seed-*/finetune_config.json", "*/seed-*/finetune_config.json",
-                                             "finetune/*/seed-*/finetune_config.json")
-                    for p in path.glob(pattern)})
+    saved = _saved_below(path)
     shown = ", ".join(str(p.relative_to(path)) for p in saved[:6]) + (", …" if len(saved) > 6 else "")
     if (path / "config.json").is_file():
         where = f"give one of its saved folders ({shown})" if saved else f"save some with {_SAVE_HINT}"

@@ -38,10 +38,17 @@ def pool_last(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 POOLERS: dict[str, Pooler] = {"cls": pool_cls, "mean": pool_mean, "last": pool_last}
 
 
+def resolve_pooling(name: str, causal: bool) -> str:
+    """The pooling ``name`` stands for: ``auto`` is ``last`` for causal models, ``cls`` otherwise."""
+    if name == "auto":
+        return "last" if causal else "cls"
+    return name
+
+
 def get_pooler(name: str, causal: bool) -> Pooler:
     """The pooler called ``name``; ``auto`` is ``last`` for causal models and ``cls`` otherwise."""
     if name == "auto":
-        name = "last" if causal else "cls"
+        name = resolve_pooling(name, causal)
     elif name == "cls" and causal:
         warnings.warn("finetune.pooling=cls on a causal model pools the first token, which has seen "
                       "nothing but itself; pooling=last (the default for it) or mean reads the whole "
