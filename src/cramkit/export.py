@@ -351,6 +351,28 @@ def _write_native(model, cfg, tokenizer, special, tmp: Path, reasons: list[str],
 FORMATS = ("hf", NATIVE_FORMAT)
 
 
+def _check_out(source: Path, out: Path, overwrite: bool, what: str = "run directory") -> None:
+    """Refuse an ``out`` that export must not write (or replace), before anything is loaded."""
+    if out.exists() and not out.is_dir():
+        # Not even --force: an export is a directory, and replacing a file is not what it means.
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    # Not even --force: the export would replace the run (or the folder holding it), or be
+    # written inside it and then replace a part of it (its checkpoints).
+    if paths_overlap(out, source):
+        raise ConfigError(f"--out {out} overlaps the {what} {source}; choose another --out")
+    refuse_current_folder(out, ConfigError, "export")
+    # --force replaces only what export itself wrote: whatever else is in a folder (another
+    # run, a folder of runs, someone's files) is not ours to delete.
+    if out.exists() and any(out.iterdir()):
+        if not (out / EXPORT_META).is_file():
+            raise ConfigError(
+                f"{out} exists, is not empty and is not a cramkit export; choose another --out "
+                "(--force only replaces a previous export)"
+            )
+        if not overwrite:
+            raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
+
+
 def export(
     run_dir: str | Path,
     out: str | Path,
@@ -374,24 +396,11 @@ def export(
             f"choose from {list(FORMATS)}"
         )
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and not out.is_dir():
-        # Not even --force: an export is a directory, and replacing a file is not what it means.
-        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
-    # Not even --force: the export would replace the run (or the folder holding it), or be
-    # written inside it and then replace a part of it (its checkpoints).
-    if paths_overlap(out, run_dir):
-        raise ConfigError(f"--out {out} overlaps the run directory {run_dir}; choose another --out")
-    refuse_current_folder(out, ConfigError, "export")
-    # --force replaces only what export itself wrote: whatever else is in a folder (another
-    # run, a folder of runs, someone's files) is not ours to delete.
-    if out.exists() and any(out.iterdir()):
-        if not (out / EXPORT_META).is_file():
-            raise ConfigError(
-                f"{out} exists, is not empty and is not a cramkit export; choose another --out "
-                "(--force only replaces a previous export)"
-            )
-        if not overwrite:
-            raise ConfigError(f"{out} exists and is not empty (pass --force to replace it)")
+    from .eval.finetuned import is_finetuned_folder
+
+    if is_finetuned_folder(run_dir):
+        return export_finetuned(run_dir, out, format=format, overwrite=overwrite, log=log)
+    _check_out(run_dir, out, overwrite)
     model, cfg, tokenizer, info = open_run(run_dir)
     special = dataclasses.asdict(SpecialIds.for_run(run_dir, tokenizer))
 
@@ -451,6 +460,152 @@ def export(
         "auto_class": target.auto_class if target else None,
         "loadable_by_hf": target is not None,
         "reasons": reasons,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuned classifiers (the folders ``cramkit finetune save=true`` writes)
+
+#: The one HF classifier a cramkit fine-tune can be exactly: a BERT encoder, the first token's
+#: state through dense (hidden wide) + tanh (BertPooler), dropout, a linear layer.
+FINETUNED_HF_CLASS = "BertForSequenceClassification"
+FINETUNED_AUTO_CLASS = "AutoModelForSequenceClassification"
+
+
+def finetuned_mismatches(model_config, finetune_config) -> list[str]:
+    """Why a fine-tune of ``model_config`` set up by ``finetune_config`` is not exactly
+    :data:`FINETUNED_HF_CLASS` (empty when it is)."""
+    from .eval.heads import resolve_pooling
+
+    if model_config.arch != "bert":
+        reasons = [f"arch={model_config.arch!r} ({FINETUNED_HF_CLASS} is a BERT encoder; "
+                   "transformers' other sequence classifiers have no dense + tanh pooler)"]
+    else:
+        reasons = list(hf_counterpart(model_config)[1])
+    pooling = resolve_pooling(finetune_config.pooling, model_config.causal)
+    if pooling != "cls":
+        shown = repr(pooling) if pooling == finetune_config.pooling else f"'auto' ({pooling})"
+        reasons.append(f"finetune.pooling={shown} ({FINETUNED_HF_CLASS} pools the first token)")
+    width = finetune_config.head_width or model_config.hidden
+    if width != model_config.hidden:
+        reasons.append(f"finetune.head_width={width} (BertPooler's dense layer is hidden="
+                       f"{model_config.hidden} wide)")
+    return reasons
+
+
+def _merged(clf) -> torch.nn.Module:
+    """The classifier of a :class:`~cramkit.eval.finetuned.FinetunedModel` with its PEFT adapter
+    (if any) merged into the weights: a plain SequenceClassifier."""
+    if clf.config.peft == "none":
+        return clf.model
+    try:
+        return clf.model.merge_and_unload()
+    except (AttributeError, NotImplementedError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"{clf.path}: peft cannot merge a {clf.config.peft} adapter into the weights "
+            f"({type(exc).__name__}: {exc}); `cramkit predict` and cramkit.eval.load_finetuned "
+            "use the folder as it is"
+        ) from None
+
+
+def export_finetuned(
+    path: str | Path,
+    out: str | Path,
+    format: str = "hf",
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export the fine-tuned classifier that ``cramkit finetune save=true`` saved at ``path``
+    (``RUN/finetune/TASK[-PEFT][-random]/seed-N``, or a folder above it holding one, as
+    :func:`~cramkit.eval.finetuned.load_finetuned` reads it) as transformers
+    :data:`FINETUNED_HF_CLASS`, loadable with ``AutoModelForSequenceClassification`` and
+    ``AutoTokenizer``; a PEFT adapter is merged into the weights.
+
+    Only fine-tunes that are exactly that class are exported (a BERT backbone with an exact HF
+    counterpart, cls pooling, a head as wide as the hidden size); the others are a ConfigError
+    saying why. Returns what :func:`export` returns.
+    """
+    from .eval.finetune import run_tokenizer
+    from .eval.finetuned import CLASSIFIER_FILE, load_finetuned, saved_folder
+
+    path, out = Path(path), Path(out)
+    folder = saved_folder(path)
+    as_is = (f"`cramkit predict` and cramkit.eval.load_finetuned use {folder} as it is")
+    if format != "hf":
+        raise ConfigError(f"--format {format} holds pretraining runs, not fine-tuned classifiers: "
+                          f"{as_is} (--format hf exports the ones that are exactly {FINETUNED_HF_CLASS})")
+    _check_out(path, out, overwrite, "fine-tuned folder")
+    try:  # as in export: a one-line error before anything is loaded or written
+        import transformers
+    except ImportError:
+        raise ConfigError(f"exporting as transformers {FINETUNED_HF_CLASS} needs the transformers "
+                          f"package (pip install 'cramkit[hf]'); {as_is}") from None
+    clf = load_finetuned(folder, device="cpu")
+    base = clf.model.get_base_model() if clf.config.peft != "none" else clf.model
+    model_config = base.encoder.config
+    reasons = finetuned_mismatches(model_config, clf.config)
+    if reasons:
+        raise ConfigError(f"{folder} is not exactly transformers {FINETUNED_HF_CLASS} "
+                          f"({'; '.join(reasons)}); cramkit's own export format holds pretraining "
+                          f"runs only: {as_is}")
+    model = _merged(clf)
+    special = read_json(folder / CLASSIFIER_FILE, CheckpointError)["special_ids"]
+    hf_cfg, weights = HF_COUNTERPARTS["bert"].convert(model_config, model.encoder.state_dict(), special)
+    weights = {k: v for k, v in weights.items() if not k.startswith("cls.")}  # the MLM head
+    dense, final = model.classifier[0], model.classifier[-1]
+    weights.update({
+        "bert.pooler.dense.weight": _t(dense.weight), "bert.pooler.dense.bias": _t(dense.bias),
+        "classifier.weight": _t(final.weight), "classifier.bias": _t(final.bias),
+    })
+    if clf.labels is None:
+        hf_cfg.num_labels = 1
+        hf_cfg.problem_type = "regression"
+    else:
+        hf_cfg.num_labels = len(clf.labels)
+        hf_cfg.id2label = dict(enumerate(clf.labels))
+        hf_cfg.label2id = {name: i for i, name in enumerate(clf.labels)}
+        hf_cfg.problem_type = "single_label_classification"
+    hf_cfg.classifier_dropout = clf.config.dropout
+    hf_model = getattr(transformers, FINETUNED_HF_CLASS)(hf_cfg)
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"export to {FINETUNED_HF_CLASS}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    tokenizer = run_tokenizer(clf.run_dir, model_config)
+    max_len = min(clf.config.seq_len, model_config.max_positions)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot create {out.parent} ({exc.strerror})") from None
+    with atomic_dir(out) as tmp:  # a failed export leaves --out as it was
+        hf_model.eval()
+        hf_model.save_pretrained(str(tmp))
+        save_hf_tokenizer(tokenizer, special, tmp, False, max_len)
+        write_json(
+            tmp / EXPORT_META,
+            {
+                "source_finetuned": str(folder.resolve()),
+                "source_run": str(clf.run_dir.resolve()),
+                "format": "hf",
+                "hf_class": FINETUNED_HF_CLASS,
+                "model": model_config.to_dict(),
+                "finetune": clf.config.to_dict(),
+                "task": clf.task.name,
+                "labels": None if clf.labels is None else list(clf.labels),
+                "peft_merged": clf.config.peft != "none",
+            },
+        )
+    merged = f" (its {clf.config.peft} adapter merged into the weights)" if clf.config.peft != "none" else ""
+    log(f"exported {folder}{merged} to {out} as transformers {FINETUNED_HF_CLASS} (load with "
+        f"{FINETUNED_AUTO_CLASS}.from_pretrained and AutoTokenizer)")
+    return {
+        "out": str(out),
+        "format": "hf",
+        "hf_class": FINETUNED_HF_CLASS,
+        "auto_class": FINETUNED_AUTO_CLASS,
+        "loadable_by_hf": True,
+        "reasons": [],
     }
 
 

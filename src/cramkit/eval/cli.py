@@ -207,7 +207,8 @@ def _write_predictions(clf, rows, f, source: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a run's newest checkpoint (transformers layout when exact)."""
+    """Export a run's newest checkpoint, or saved fine-tuned weights (transformers layout when
+    exact)."""
     from ..export import export
 
     export(args.run_dir, args.out, format=args.format, overwrite=args.force)
@@ -338,9 +339,13 @@ def add_parser(subparsers) -> None:
         help="export a run for transformers (or cramkit's own format)",
         description="Write RUN_DIR's newest checkpoint to --out. With --format hf, architectures "
         "with an exact transformers counterpart (BertForMaskedLM, GPT2LMHeadModel) load with "
-        "Auto classes; others are written in cramkit's format (cramkit.export.load_exported).",
+        "Auto classes; others are written in cramkit's format (cramkit.export.load_exported). "
+        "Fine-tuned weights (cramkit finetune save=true: RUN_DIR/finetune/TASK/seed-N) that are "
+        "exactly BertForSequenceClassification export as one (AutoModelForSequenceClassification), "
+        "a PEFT adapter merged in; others are refused with the reasons.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="directory written by cramkit pretrain")
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="directory written by cramkit pretrain, or fine-tuned weights (finetune save=true)")
     p.add_argument("--format", default="hf", choices=["hf", "cramkit"], help="output layout (default: hf; architectures without a Hugging Face counterpart are written as cramkit)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace a previous export at --out")

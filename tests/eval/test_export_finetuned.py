@@ -1,0 +1,126 @@
+"""Export of fine-tuned weights (`cramkit finetune save=true`) as transformers
+BertForSequenceClassification: the same logits as load_finetuned, or a one-line refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cramkit.errors import ConfigError
+from cramkit.eval import load_finetuned
+from cramkit.eval.finetune import FinetuneConfig, finetune, finetune_save_dir, load_backbone
+from cramkit.eval.tasks import load_task
+from cramkit.export import export
+
+from .helpers import make_run_dir, train_wordpiece
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = {"vocab_size": 256, "hidden": 32, "layers": 2, "heads": 4, "intermediate": 64, "max_positions": 64}
+FAST = {"seeds": [0], "progress": False, "pooling": "cls", "lr": 3e-3, "device": "cpu", "epochs": 1,
+        "save": True, "seq_len": 32, "max_train_examples": 24}
+WORDS = ["market", "film", "match", "election", "phone", "music"]
+# Output order, not the sorted one: id2label must follow it.
+LABELS = ("tech", "business", "sport")
+
+
+def _texts():
+    return [f"the {WORDS[i % 6]} story about the {WORDS[(i * 5 + 1) % 6]} news" for i in range(36)]
+
+
+def _task(folder, regression=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["text\tlabel"] + [
+        f"{t}\t{float(i % 5) if regression else LABELS[i % 3]}" for i, t in enumerate(_texts())
+    ]
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    (folder / "dev.tsv").write_text("\n".join(rows[:13]) + "\n")
+    if regression:
+        return load_task(folder / "train.tsv", text_column="text", label_column="label", is_regression=True)
+    return load_task(folder / "train.tsv", text_column="text", label_column="label", labels=list(LABELS))
+
+
+def _run(tmp_path, preset="bert-base", **overrides):
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    tokenizer = train_wordpiece(_texts(), vocab_size=200)
+    cfg = preset_config(preset, **{**SMALL, **overrides})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # move every weight off its init (norms at 1, biases at 0)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return make_run_dir(tmp_path / preset, cfg, tokenizer, model=model.eval())
+
+
+def _saved(run, task, **cfg):
+    cfg = FinetuneConfig.from_dict({**FAST, **cfg})
+    save_dir = finetune_save_dir(run, task.spec.name, False, cfg.peft)
+    finetune(load_backbone(run), task, cfg, save_dir=save_dir)
+    return save_dir / "seed-0"
+
+
+def _same_logits(folder, out):
+    clf = load_finetuned(folder)
+    texts = ["the market story", "a film about the election and the phone news", "music"]
+    ours = clf.logits(texts)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == "BertForSequenceClassification"
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(**batch).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    return clf, hf
+
+
+@pytest.mark.parametrize("peft", ["none", "lora", "loha", "ia3"])
+def test_classifier_exports_with_its_label_order(tmp_path, peft):
+    run = _run(tmp_path)
+    folder = _saved(run, _task(tmp_path / "task"), peft=peft, **({"lr": 1e-2} if peft != "none" else {}))
+    out = tmp_path / "out"
+    info = export(folder, out, log=lambda s: None)
+    assert info["loadable_by_hf"] and info["auto_class"] == "AutoModelForSequenceClassification"
+    clf, hf = _same_logits(folder, out)
+    assert hf.config.id2label == dict(enumerate(LABELS)) == dict(enumerate(clf.labels))
+    assert hf.config.label2id == {name: i for i, name in enumerate(LABELS)}
+    assert hf.config.problem_type == "single_label_classification"
+    meta = json.loads((out / "cramkit_export.json").read_text())
+    assert meta["labels"] == list(LABELS) and meta["peft_merged"] == (peft != "none")
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    # A folder above the saved one that holds only it names it, as for load_finetuned.
+    export(folder.parent, out, overwrite=True, log=lambda s: None)
+    _same_logits(folder, out)
+
+
+def test_regression_exports_as_a_regression(tmp_path):
+    run = _run(tmp_path)
+    folder = _saved(run, _task(tmp_path / "task", regression=True))
+    out = tmp_path / "out"
+    export(folder, out, log=lambda s: None)
+    _, hf = _same_logits(folder, out)
+    assert hf.config.problem_type == "regression" and hf.config.num_labels == 1
+
+
+@pytest.mark.parametrize(
+    "preset, cfg, reason",
+    [
+        ("bert-base", {"pooling": "mean"}, "finetune.pooling='mean'"),
+        ("bert-base", {"head_width": 48}, "finetune.head_width=48"),
+        ("gpt2-small", {"pooling": "auto"}, "arch='gpt'.*finetune.pooling='auto' .last."),
+    ],
+)
+def test_a_fine_tune_without_an_exact_counterpart_is_a_one_line_error(tmp_path, preset, cfg, reason):
+    overrides = {"type_vocab_size": 0} if preset.startswith("gpt") else {}
+    run = _run(tmp_path, preset, **overrides)
+    folder = _saved(run, _task(tmp_path / "task"), **cfg)
+    with pytest.raises(ConfigError, match=f"not exactly transformers BertForSequenceClassification .*{reason}") as exc:
+        export(folder, tmp_path / "out", log=lambda s: None)
+    message = str(exc.value)
+    assert "\n" not in message and "load_finetuned use" in message and "--format cramkit" not in message
+    with pytest.raises(ConfigError, match="--format cramkit holds pretraining runs"):
+        export(folder, tmp_path / "out", format="cramkit", log=lambda s: None)
+    assert not (tmp_path / "out").exists()
