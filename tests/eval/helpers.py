@@ -47,3 +47,25 @@ def make_run_dir(path: Path, model_cfg, tokenizer, special_ids: dict | None = No
         model = build_model(model_cfg)
     save_checkpoint(path, 1, model, {"step": 1})
     return path
+
+
+#: A preset shrunk to test size (export tests compare against transformers at these widths).
+SMALL_MODEL = {"vocab_size": 256, "hidden": 32, "layers": 2, "heads": 4, "intermediate": 64, "max_positions": 64}
+
+
+def perturbed_run(path: Path, preset: str, tokenizer, **overrides):
+    """A run directory at ``path`` holding ``preset`` at :data:`SMALL_MODEL` sizes (and
+    ``overrides``), every weight moved off its initial value (norms at 1 and biases at 0 would
+    hide a mistake in converting them): ``(run directory, model)``."""
+    import torch
+
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    cfg = preset_config(preset, **{**SMALL_MODEL, **overrides})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return make_run_dir(path, cfg, tokenizer, model=model.eval()), model

@@ -13,18 +13,9 @@ import torch
 from cramkit.errors import CheckpointError, ConfigError
 from cramkit.export import export, hf_counterpart, load_exported
 
-from .helpers import make_run_dir, train_wordpiece
+from .helpers import perturbed_run, train_wordpiece
 
 transformers = pytest.importorskip("transformers")
-
-SMALL = {
-    "vocab_size": 256,
-    "hidden": 32,
-    "layers": 2,
-    "heads": 4,
-    "intermediate": 64,
-    "max_positions": 64,
-}
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +28,7 @@ def small_tokenizer():
 
 
 def _run(tmp_path, preset, tokenizer, **overrides):
-    from cramkit.models import build_model
-    from cramkit.models.presets import preset_config
-
-    cfg = preset_config(preset, **{**SMALL, **overrides})
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():  # move every weight off its init (norms at 1, biases at 0)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return make_run_dir(tmp_path / preset, cfg, tokenizer, model=model.eval()), model
+    return perturbed_run(tmp_path / preset, preset, tokenizer, **overrides)
 
 
 def _inputs():

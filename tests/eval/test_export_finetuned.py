@@ -14,11 +14,10 @@ from cramkit.eval.finetune import FinetuneConfig, finetune, finetune_save_dir, l
 from cramkit.eval.tasks import load_task
 from cramkit.export import export
 
-from .helpers import make_run_dir, train_wordpiece
+from .helpers import perturbed_run, train_wordpiece
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = {"vocab_size": 256, "hidden": 32, "layers": 2, "heads": 4, "intermediate": 64, "max_positions": 64}
 FAST = {"seeds": [0], "progress": False, "pooling": "cls", "lr": 3e-3, "device": "cpu", "epochs": 1,
         "save": True, "seq_len": 32, "max_train_examples": 24}
 WORDS = ["market", "film", "match", "election", "phone", "music"]
@@ -43,17 +42,8 @@ def _task(folder, regression=False):
 
 
 def _run(tmp_path, preset="bert-base", **overrides):
-    from cramkit.models import build_model
-    from cramkit.models.presets import preset_config
-
     tokenizer = train_wordpiece(_texts(), vocab_size=200)
-    cfg = preset_config(preset, **{**SMALL, **overrides})
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    with torch.no_grad():  # move every weight off its init (norms at 1, biases at 0)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return make_run_dir(tmp_path / preset, cfg, tokenizer, model=model.eval())
+    return perturbed_run(tmp_path / preset, preset, tokenizer, **overrides)[0]
 
 
 def _saved(run, task, **cfg):
