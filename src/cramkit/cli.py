@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from .errors import ConfigError, CramkitError, RankFailed, Terminated
-from .utils import strict_json
+from .utils import first_on_machine, strict_json
 
 # Modules that register subcommands, in help order.
 COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli", "cramkit.bench",
@@ -116,12 +116,9 @@ def _main(argv: list[str] | None) -> int:
 def said_on_this_machine(exc: CramkitError) -> bool:
     """Whether another process on this machine prints the same error: under torchrun every rank
     meets the same mistake in a config, and rank 0's failure reaches every other rank as
-    :class:`RankFailed`, so those are printed by each machine's first process (LOCAL_RANK 0)
-    alone, not once per GPU. Any other error may be one rank's own and is always printed."""
-    from .distributed.parallel import launched_by_torchrun
-
-    return (isinstance(exc, (ConfigError, RankFailed)) and launched_by_torchrun()
-            and int(os.environ.get("LOCAL_RANK", "0") or 0) != 0)
+    :class:`RankFailed`, so those are printed by each machine's first process
+    (:func:`~cramkit.utils.first_on_machine`) alone, not once per GPU. Any other error may be one rank's own and is always printed."""
+    return isinstance(exc, (ConfigError, RankFailed)) and not first_on_machine()
 
 
 def describe_os_error(exc: OSError) -> str:

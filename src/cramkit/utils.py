@@ -420,3 +420,15 @@ def accept_late_overrides(parser: argparse.ArgumentParser) -> None:
             return ns, [a for a in extras if a not in late]
 
     parser.__class__ = Parser
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (or another launcher's with a world of
+    several processes)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def first_on_machine() -> bool:
+    """Whether this process speaks for its machine: always outside torchrun, else the one with
+    ``LOCAL_RANK`` 0 (under torchrun every machine's processes would repeat the same lines)."""
+    return not launched_by_torchrun() or int(os.environ.get("LOCAL_RANK", "0") or 0) == 0

@@ -155,6 +155,11 @@ def test_reuse_conflict_and_force(tmp_path, synth_corpus, capsys):
     assert "reusing" in capsys.readouterr().err
     with pytest.MonkeyPatch.context() as env:  # another GPU's process of this machine under torchrun
         env.setenv("LOCAL_RANK", "1")
+        env.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        env.delenv("WORLD_SIZE", raising=False)
+        prepare(cfg, out, progress=False)  # a LOCAL_RANK left in a shell, outside torchrun: it reports
+        assert "reusing" in capsys.readouterr().err
+        env.setenv("TORCHELASTIC_RUN_ID", "x")
         prepare(cfg, out, progress=False)
     assert capsys.readouterr().err == ""
     changed = cfg.replace(seq_len=64)

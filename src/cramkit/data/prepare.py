@@ -62,6 +62,7 @@ from ..errors import DataError
 from ..utils import (
     atomic_dir,
     changed_keys,
+    first_on_machine,
     lock_exclusive,
     paths_overlap,
     read_json,
@@ -129,7 +130,7 @@ def fingerprint(cfg: PrepareConfig, sources: list[Source] | None = None) -> str:
 def _log(msg: str) -> None:
     # Under torchrun one process per machine reports: the others reuse what it prepared (or wait
     # for it on the cache's lock) and would repeat its lines once per GPU.
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if first_on_machine():
         print(msg, file=sys.stderr, flush=True)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, CramkitError, RankFailed, Terminated
+from ..utils import launched_by_torchrun
 from .config import ParallelConfig
 
 T = TypeVar("T")
@@ -140,12 +141,6 @@ class Parallel:
             # would hold each gradient unsharded (and upcast to fp32) until the last one, i.e. a
             # whole model's fp32 gradients per GPU, which is what sharding is meant to avoid.
             yield
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is one of torchrun's workers (or another launcher's with a world of
-    several processes)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 def init_parallel(cfg: ParallelConfig, device_name: str, cpu_collectives: bool = False) -> Parallel:
