@@ -45,6 +45,22 @@ def test_text_separators(tmp_path, sep, expected):
     assert _texts(small_cfg([f], doc_separator=sep)) == expected
 
 
+@pytest.mark.parametrize("newline", ["\r\n", "\r"])
+@pytest.mark.parametrize("sep", ["blank-line", "line"])
+def test_windows_and_classic_mac_line_ends_read_as_unix(tmp_path, newline, sep):
+    # A lone CR (classic Mac OS) ends a line too: read by LF alone, such a file was one
+    # document under every separator.
+    f = tmp_path / "a.txt"
+    f.write_bytes(TEXT.replace("\n", newline).encode())
+    unix = tmp_path / "unix.txt"
+    unix.write_text(TEXT)
+    docs = list(iter_documents(small_cfg([f], doc_separator=sep)))
+    want = list(iter_documents(small_cfg([unix], doc_separator=sep)))
+    assert [d.text for d in docs] == [d.text for d in want]
+    assert [d.origin.rsplit(":", 1)[1] for d in docs] == [d.origin.rsplit(":", 1)[1] for d in want]
+    assert sum(d.nbytes for d in docs) == f.stat().st_size
+
+
 @pytest.mark.parametrize("suffix, opener", [(".gz", gzip.open), (".xz", lzma.open)])
 def test_compressed_text_and_origin(tmp_path, suffix, opener):
     f = tmp_path / f"a.txt{suffix}"

@@ -38,7 +38,8 @@ class PrepareConfig(Config):
     doc_separator: Literal["blank-line", "line", "file"] = field(
         "blank-line",
         help="document boundary in plain-text files: blank-line (one or more empty lines), "
-        "line (every line is a document) or file (a whole file is one document)",
+        "line (every line is a document) or file (a whole file is one document); a line ends "
+        "at LF, CRLF or a lone CR",
     )
     objective: Literal["mlm", "clm"] = field("mlm", help="mlm (BERT-style) or clm (GPT-style)")
     tokenizer: Literal["auto", "wordpiece", "bpe"] = field(

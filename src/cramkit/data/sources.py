@@ -90,28 +90,40 @@ def _base_suffix(path: Path) -> str:
 _WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)
 
 
-def _decoded_lines(path: Path, errors: str) -> Iterator[tuple[int, str, int]]:
-    """(line number, text without newline, raw bytes read so far) with clear decode errors."""
+def _decoded_lines(
+    path: Path, errors: str, lone_cr: bool = False
+) -> Iterator[tuple[int, str, int]]:
+    """(line number, text without newline, raw bytes read so far) with clear decode errors.
+
+    With ``lone_cr`` a carriage return alone also ends a line, as in Python's universal newlines:
+    files saved by classic Mac OS (and some exporters) use nothing else, and reading them by
+    ``\\n`` alone made the whole file one line, so one document whatever the separator.
+    """
     raw, stream = _open_binary(path)
+    lineno = 0
     try:
-        for lineno, bline in enumerate(stream, 1):
-            if lineno == 1 and bline.startswith(_WIDE_BOMS):
+        for bline in stream:
+            if lineno == 0 and bline.startswith(_WIDE_BOMS):
                 # UTF-16 (Windows' "Unicode") is text with a NUL in every ASCII character:
                 # "a binary file" would send the user looking for the wrong problem.
                 raise DataError(f"{path}: UTF-16 or UTF-32 text (it starts with that byte-order mark); "
                                 "convert the file to UTF-8")
-            if errors == "strict" and b"\x00" in bline:
-                raise DataError(f"{path}:{lineno}: NUL byte found; this looks like a binary file")
-            try:
-                line = bline.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the "
-                    "line); convert the file to UTF-8"
-                ) from None
-            if lineno == 1:
-                line = line.lstrip("\ufeff")
-            yield lineno, line.rstrip("\r\n"), raw.tell()
+            body = bline.rstrip(b"\n")
+            body = body[:-1] if body.endswith(b"\r") else body
+            for part in body.split(b"\r") if lone_cr and b"\r" in body else (body,):
+                lineno += 1
+                if errors == "strict" and b"\x00" in part:
+                    raise DataError(f"{path}:{lineno}: NUL byte found; this looks like a binary file")
+                try:
+                    line = part.decode("utf-8", errors=errors)
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the "
+                        "line); convert the file to UTF-8"
+                    ) from None
+                if lineno == 1:
+                    line = line.lstrip("\ufeff")
+                yield lineno, line, raw.tell()
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
     finally:
@@ -127,7 +139,7 @@ def read_text_file(
     lines: list[str] = []
     start = 0
     consumed = 0
-    for lineno, line, pos in _decoded_lines(path, errors):
+    for lineno, line, pos in _decoded_lines(path, errors, lone_cr=True):
         if sep == "line":
             if line.strip():
                 yield Doc(line, f"{path}:{lineno}", pos - consumed)
