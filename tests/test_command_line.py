@@ -14,7 +14,7 @@ from cramkit.cli import main
     "argv, message",
     [
         (["pretrain", "crammed-bart"], "unknown recipe 'crammed-bart'"),
-        (["pretrain", "demo", "train.budjet=1h"], "did you mean 'budget'"),
+        (["pretrain", "demo", "train.budjet=1h"], "did you mean 'train.budget'"),
         (["pretrain", "demo", "budget=abc"], "budget 'abc' is not understood"),
         (["pretrain", "demo", "techniques=[pdl]"], "did you mean 'pld'"),
         (["pretrain"], "name a recipe"),

@@ -65,8 +65,11 @@ def test_overrides_reach_nested_fields_and_presets():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.budjet=1h", "did you mean 'budget'"),
+        ("train.budjet=1h", "did you mean 'train.budget'"),
         ("trian.budget=1h", "did you mean 'train'"),
+        # A field of another section (HF's trainer keeps the learning rate with training).
+        ("train.lr=1e-3", r"unknown config key 'train\.lr' \(did you mean 'optim\.lr'\?\)$"),
+        ("data.vocab_size=64", "did you mean 'data.prepare.vocab_size'"),
         ("train.batch_size=abc", "train.batch_size: expected an integer"),
         ("train.budget=abc", "budget 'abc' is not understood"),
         ("train.precision=fp8", "not one of"),
@@ -150,9 +153,9 @@ def test_a_recipe_files_values_must_have_their_fields_types(tmp_path, content, m
             load_config(str(tmp_path / recipe))
 
 
-@pytest.mark.parametrize("content, key", [(b"[train]\nbugdet = 10\n", r"train\.bugdet' \(did you mean 'budget'\?\)"),
+@pytest.mark.parametrize("content, key", [(b"[train]\nbugdet = 10\n", r"train\.bugdet' \(did you mean 'train\.budget'\?\)"),
                                           (b'techniques = ["pld"]\n[technique.pld]\ngama = 0.1\n',
-                                           r"technique\.pld\.gama' \(did you mean 'gamma'\?\)"),
+                                           r"technique\.pld\.gama' \(did you mean 'technique\.pld\.gamma'\?\)"),
                                           (b"hidden = 64\n", r"hidden' \(did you mean 'model\.hidden'\?\)")])
 def test_an_unknown_key_names_the_recipe_file_that_holds_it(tmp_path, content, key):
     """As a value of the wrong type does: the key was reported without its file, which in a

@@ -17,6 +17,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, UnknownKey
@@ -34,10 +35,10 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory
     return dataclasses.field(**kwargs)
 
 
-def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
-    """A " (did you mean 'x'?)" hint, or an empty string when nothing is close."""
+def did_you_mean(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    """A " (did you mean 'x'?)" hint (``prefix`` before x), or an empty string when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -202,6 +203,15 @@ def _under(path: str, message: str, fields: list[str]) -> str:
     return f"{path}.{message}" if one else f"{path}: {message}"
 
 
+def _sections(cls: type, prefix: str = "") -> Iterator[tuple[str, type]]:
+    """(dotted path, config class) of every section below ``cls``, nested ones included."""
+    for name, tp in get_type_hints(cls).items():
+        if isinstance(tp, type) and issubclass(tp, Config):
+            path = f"{prefix}{name}"
+            yield path, tp
+            yield from _sections(tp, f"{path}.")
+
+
 @dataclasses.dataclass
 class Config:
     """Base of every cramkit config: strict ``from_dict``, ``to_dict`` and a ``validate`` hook."""
@@ -218,9 +228,14 @@ class Config:
         for key, value in data.items():
             full = f"{path}.{key}" if path else key
             if key not in names:
-                hint = did_you_mean(key, names) or cls._in_a_section(key, hints, path)
+                hint = did_you_mean(key, names, f"{path}." if path else "") or cls._in_a_section(key, hints, path)
                 raise UnknownKey(f"unknown config key '{full}'{hint}", full)
-            kwargs[key] = coerce(value, hints[key], full)
+            try:
+                kwargs[key] = coerce(value, hints[key], full)
+            except UnknownKey as exc:
+                if path or "(did you mean" in str(exc):
+                    raise
+                raise UnknownKey(f"{exc}{cls._in_another_section(exc.key)}", exc.key) from None
         try:
             obj = cls(**kwargs)
         except TypeError as exc:  # a required field is missing
@@ -243,6 +258,15 @@ class Config:
             return ""
         prefix = f"{path}." if path else ""
         return f" (did you mean {' or '.join(repr(prefix + h + '.' + key) for h in homes)}?)"
+
+    @classmethod
+    def _in_another_section(cls, dotted: str) -> str:
+        # `train.lr=...`: the field exists, in another section (`optim.lr`); a misspelt name
+        # within the section was hinted already, so only an exact name elsewhere is offered.
+        section, _, name = dotted.rpartition(".")
+        homes = [f"{prefix}.{name}" for prefix, tp in _sections(cls)
+                 if prefix != section and name in {f.name for f in dataclasses.fields(tp)}]
+        return f" (did you mean {' or '.join(map(repr, homes))}?)" if homes else ""
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict (tuples become lists)."""

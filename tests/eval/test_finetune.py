@@ -36,7 +36,7 @@ def test_config_defaults_are_glue_sane_and_overrides_strict():
     )
     assert (cfg.schedule, cfg.warmup, cfg.seq_len, len(cfg.seeds)) == ("cosine", 0.1, 128, 5)
     assert cfg.dropout > 0 and all(FinetuneConfig.help().values())
-    with pytest.raises(ConfigError, match="unknown config key 'finetune.lrr'.*did you mean 'lr'"):
+    with pytest.raises(ConfigError, match="unknown config key 'finetune.lrr'.*did you mean 'finetune.lr'"):
         FinetuneConfig.from_dict({"lrr": 1}, path="finetune")
 
 
@@ -507,7 +507,7 @@ def test_cli_finetune_and_evaluate(tiny_run, glue_dir, capsys):
     assert args.func(args) == 0
     assert "note: replaced the report there written with other settings (seeds differed)" in capsys.readouterr().out
 
-    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+    with pytest.raises(ConfigError, match="did you mean 'finetune.epochs'"):
         parser.parse_args(["finetune", str(tiny_run), "--task", "bbc", "epoch=1"]).func(
             parser.parse_args(["finetune", str(tiny_run), "--task", "bbc", "epoch=1"])
         )
@@ -887,7 +887,7 @@ def test_finetune_options_may_carry_the_section_name_that_errors_use():
     from cramkit.eval.cli import _finetune_config
 
     assert _finetune_config(["finetune.head_width=1024", "lr=1e-4"]).head_width == 1024
-    with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.head_widht' \(did you mean 'head_width'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'finetune\.head_widht' \(did you mean 'finetune\.head_width'"):
         _finetune_config(["finetune.head_widht=1024"])
 
 

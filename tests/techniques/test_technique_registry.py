@@ -24,7 +24,7 @@ def test_command_line_enables_techniques_with_options(tmp_path):
 def test_unknown_names_and_options_are_errors_with_hints():
     with pytest.raises(ConfigError, match="did you mean 'pld'"):
         load_config("demo", ["techniques=[pdl]"])
-    with pytest.raises(ConfigError, match="did you mean 'theta_bar'"):
+    with pytest.raises(ConfigError, match="did you mean 'technique.pld.theta_bar'"):
         load_config("demo", ["techniques=[pld]", "technique.pld.theta_bra=0.4"])
     with pytest.raises(ConfigError, match="not enabled"):
         load_config("demo", ["technique.pld.theta_bar=0.4"])
