@@ -595,6 +595,19 @@ def test_resuming_a_run_killed_while_logging_keeps_the_log_readable(tiny_mlm_dat
     assert [r["step"] for r in train][-1] == 4 and evals[-1]["step"] == 4
 
 
+def test_a_run_whose_micro_batch_was_capped_by_its_batch_resumes(tiny_mlm_data, tmp_path):
+    """micro_batch=32 with batch_size=8 trains micro-batches of 8; its resume compared the 32 of
+    config.json with the 8 of the checkpoint and refused every resume of such a run."""
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "train.micro_batch=32")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    summary = pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert summary["steps"] == 3
+    with pytest.raises(ConfigError, match="train.micro_batch=4 differs from the 8 this run was checkpointed with"):
+        pretrain(resume_config(run, ["train.budget=4steps", "train.micro_batch=4"]), run_dir=run, resume=True,
+                 say=lambda *_: None)
+
+
 def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
     """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
     loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""

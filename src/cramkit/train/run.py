@@ -583,7 +583,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
     if saved:
         micro_batch = int(saved["micro_batch"])
-        if cfg.train.micro_batch and cfg.train.micro_batch != micro_batch:
+        # Compared as the first run used it: capped at each rank's share of the batch, a
+        # micro_batch larger than that share (the demo's 32 with batch_size=16) is not a change.
+        asked = min(cfg.train.micro_batch, per_rank_batch)
+        if cfg.train.micro_batch and asked != micro_batch:
             raise ConfigError(f"train.micro_batch={cfg.train.micro_batch} differs from the {micro_batch} this run "
                               "was checkpointed with; the data position is counted in micro-batches")
         if int(saved.get("world_size", 1)) != par.world_size:
