@@ -66,6 +66,29 @@ def test_pair_encoding_layouts(bbc_tokenizer):
     )
 
 
+def test_pairs_are_cut_as_hf_tokenizers_cut_them():
+    """An exported tokenizer truncates a pair with tokenizers' longest_first: when both texts are
+    cut and the budget is odd, the one that was longer keeps the extra token (b on a tie).
+    Fine-tuning trimmed one token at a time, the first text on a tie, so (4, 3) in 5 became
+    (2, 3) here and (3, 2) in transformers: other inputs than the classifier was trained on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for budget in range(0, 14):
+        if budget:
+            tok.enable_truncation(budget, strategy="longest_first")
+        for la in range(12):
+            for lb in range(12):
+                a, b = truncate_pair([0] * la, [1] * lb, budget)
+                if budget:
+                    ids = tok.encode("a " * la, "b " * lb, add_special_tokens=False).ids
+                    expected = (ids.count(0), ids.count(1))
+                else:
+                    expected = (0, 0)
+                assert (len(a), len(b)) == expected, (la, lb, budget)
+
+
 def test_special_token_spellings_in_text_are_text(bbc_tokenizer):
     """A text containing "[SEP]" (or a causal tokenizer's end mark) must not become a real
     separator: pretraining's packing encodes such strings as text, and so does fine-tuning."""

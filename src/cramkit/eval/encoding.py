@@ -137,12 +137,18 @@ class TaskEncoder:
 
 
 def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Trim the longer of two sequences one token at a time until both fit in ``budget``."""
-    la, lb = len(a), len(b)
+    """Cut a pair to ``budget`` tokens longest-first, as HF tokenizers' ``longest_first`` does:
+    the shorter text (``a`` on a tie) keeps at most half the budget, the other the rest."""
     budget = max(budget, 0)
-    while la + lb > budget:
-        if la >= lb:
-            la -= 1
+    la, lb = len(a), len(b)
+    if la + lb > budget:
+        # Exactly tokenizers' rule, so that an exported tokenizer (tokenizer(a, b,
+        # truncation=True)) feeds the classifier the inputs it was trained on: with an odd
+        # budget the text that was longer keeps the extra token.
+        if la <= lb:
+            la = min(la, budget // 2)
+            lb = budget - la
         else:
-            lb -= 1
+            lb = min(lb, budget // 2)
+            la = budget - lb
     return list(a[:la]), list(b[:lb])
