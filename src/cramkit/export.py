@@ -280,6 +280,11 @@ def save_hf_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_str(tokenizer.to_str())
+    # A reused tokenizer.json may pad or truncate on its own, on the left; transformers takes
+    # its padding_side and truncation_side from the file, while cramkit right-pads and keeps a
+    # text's start (learned positions make left padding change the logits).
+    tok.no_padding()
+    tok.no_truncation()
     tokens = _special_tokens(tok, special)
     if causal and "pad_token" not in tokens and "eos_token" in tokens:
         # The pad id the GPT-2 config falls back to: tokenizer(..., padding=True) then works and
@@ -302,7 +307,8 @@ def save_hf_tokenizer(
     # it, and transformers 4.42-4.44 apply it when the file does not say (5.x and 4.45+ do not).
     cleanup = {"clean_up_tokenization_spaces": False} if causal else {}
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True, **cleanup, **tokens
+        tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True,
+        padding_side="right", truncation_side="right", **cleanup, **tokens
     )
     fast.save_pretrained(str(out))
     # transformers 5 names its class TokenizersBackend, which 4.x (cramkit[hf] allows >= 4.42)
@@ -613,7 +619,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     """Load a cramkit-format export: ``(model in eval mode, tokenizers.Tokenizer)``.
 
     The tokenizer frames inputs as the run's tokenizer.json says (``[CLS] a [SEP] (b [SEP])`` for
-    cramkit's WordPiece) and, as cramkit does, reads special-token spellings inside a text as text.
+    cramkit's WordPiece) and, as cramkit does, reads special-token spellings inside a text as text,
+    with no padding or truncation of its own.
 
     HF-format exports are loaded with ``transformers`` Auto classes instead.
     """
@@ -646,4 +653,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     # Not stored in tokenizer.json: special-token spellings in a text are text, as cramkit's own
     # encoding reads them and as the HF export's tokenizer does (see save_hf_tokenizer).
     tokenizer.encode_special_tokens = True
+    # Nor the padding and truncation a reused tokenizer.json may set (on the left, or to a fixed
+    # length): cramkit's inputs are neither (see save_hf_tokenizer).
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     return model.to(device).eval(), tokenizer

@@ -410,3 +410,37 @@ def test_export_to_the_current_folder_is_refused(tmp_path, small_tokenizer, monk
         export(run, here if out == "absolute" else out, overwrite=True, log=lambda s: None)
     assert Path.cwd().samefile(here) and os.path.exists(os.getcwd())
     assert (here / "cramkit_export.json").is_file()
+
+
+def test_exported_tokenizer_pads_and_cuts_on_the_right_whatever_the_runs_file_says(tmp_path, small_tokenizer):
+    """A reused tokenizer.json (data.prepare.tokenizer_file) may enable its own padding and
+    truncation, on the left; transformers reads both sides from the file, so the exported
+    tokenizer padded batches on the left (BERT's learned positions then moved: logits 0.95 off)
+    and truncation=True kept a text's end. cramkit right-pads and keeps the start."""
+    from tokenizers import Tokenizer
+
+    from cramkit.eval.encoding import SpecialIds, TaskEncoder
+    from cramkit.eval.tasks import Example
+
+    tok = Tokenizer.from_str(small_tokenizer.to_str())
+    tok.enable_padding(direction="left", pad_id=0, pad_token="[PAD]", length=16)
+    tok.enable_truncation(8, direction="left")
+    run, model = _run(tmp_path, "bert-base", tok)
+    export(run, tmp_path / "out", log=lambda s: None)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "out")).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    texts = ["the quick brown fox jumps over the lazy dog " * 8, "a dog"]
+    encoder = TaskEncoder(tok, SpecialIds.from_vocab(tok), 64, causal=False)
+    ours = encoder.collate(encoder.encode([Example(t, None, 0) for t in texts]), regression=False)
+    theirs = hf_tok(texts, padding=True, truncation=True, return_tensors="pt")
+    assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
+    keep = ours["attention_mask"].bool()
+    with torch.no_grad():
+        want = model(ours["input_ids"], attention_mask=ours["attention_mask"]).logits
+        got = hf(**theirs).logits
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-4, rtol=0)
+    export(run, tmp_path / "native", format="cramkit", log=lambda s: None)
+    _, native_tok = load_exported(tmp_path / "native")
+    short = ["the quick brown fox jumps over the lazy dog", "a dog"]  # no cut: load_exported's has none
+    assert [e.ids for e in native_tok.encode_batch(short)] == [
+        e.ids for e in small_tokenizer.encode_batch(short)]
