@@ -305,10 +305,15 @@ def save_hf_tokenizer(
     # tokenizer_kwargs={"split_special_tokens": False} (or the mask id put in by id).
     # Byte-level BPE decodes text exactly; HF's clean-up (" ," -> ",", " 's" -> "'s") would alter
     # it, and transformers 4.42-4.44 apply it when the file does not say (5.x and 4.45+ do not).
-    cleanup = {"clean_up_tokenization_spaces": False} if causal else {}
+    causal_only = {"clean_up_tokenization_spaces": False} if causal else {}
+    # transformers 4.x returns token_type_ids (zeros) by default, and GPT2Model adds
+    # wte(token_type_ids) to every position: model(**tokenizer(text)) was off cramkit's logits.
+    # GPT-2's own tokenizers name only these two; BERT's zeros are the segment cramkit uses.
+    if causal:
+        causal_only["model_input_names"] = ["input_ids", "attention_mask"]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=max_len, split_special_tokens=True,
-        padding_side="right", truncation_side="right", **cleanup, **tokens
+        padding_side="right", truncation_side="right", **causal_only, **tokens
     )
     fast.save_pretrained(str(out))
     # transformers 5 names its class TokenizersBackend, which 4.x (cramkit[hf] allows >= 4.42)

@@ -283,6 +283,30 @@ def test_gpt2_export_has_special_ids_and_classifies_padded_batches(tmp_path, has
     torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=0)
 
 
+def test_gpt2_export_tokenizer_returns_no_token_types(tmp_path):
+    """transformers 4.x's PreTrainedTokenizerFast returns token_type_ids (zeros) unless told
+    otherwise, and GPT2Model adds wte(token_type_ids) to every position: model(**tokenizer(text))
+    was 0.1 off cramkit's logits there (checked with 4.57; 5.x returns none). GPT-2's own
+    tokenizers name only input_ids and attention_mask, as the export now does."""
+    tok = _bpe_tokenizer(["<|endoftext|>", "<|pad|>"])
+    run, model = _run(tmp_path, "gpt2-small", tok)
+    special = {"pad": tok.token_to_id("<|pad|>"), "unk": None, "cls": None, "sep": None, "mask": None,
+               "eod": tok.token_to_id("<|endoftext|>")}
+    (run / "data_manifest.json").write_text(json.dumps({"special_ids": special}))
+    export(run, tmp_path / "out", log=lambda s: None)
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    batch = hf_tok(["the quick brown fox jumps", "a dog"], padding=True, return_tensors="pt")
+    assert "token_type_ids" not in batch
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        want = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = hf(**batch).logits
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-4, rtol=0)
+
+
 def test_gpt2_export_decodes_its_byte_level_text_exactly(tmp_path):
     """The exported tokenizer did not say clean_up_tokenization_spaces, which transformers
     4.42-4.44 (cramkit[hf] allows 4.42) then take as true: decode(" , ") lost the space before
