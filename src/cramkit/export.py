@@ -610,6 +610,10 @@ def export_finetuned(
     merged = f" (its {clf.config.peft} adapter merged into the weights)" if clf.config.peft != "none" else ""
     log(f"exported {folder}{merged} to {out} as transformers {FINETUNED_HF_CLASS} (load with "
         f"{FINETUNED_AUTO_CLASS}.from_pretrained and AutoTokenizer)")
+    # transformers cuts nothing unless asked (a pipeline neither): a longer text reached the
+    # classifier whole and was scored otherwise than by `cramkit predict`.
+    log(f"NOTE: cramkit cuts each input to finetune.seq_len={max_len} tokens; transformers does so only "
+        "when asked: tokenizer(..., truncation=True), or pipeline(...)(texts, truncation=True)")
     return {
         "out": str(out),
         "format": "hf",

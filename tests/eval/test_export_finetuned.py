@@ -114,3 +114,20 @@ def test_a_fine_tune_without_an_exact_counterpart_is_a_one_line_error(tmp_path, 
     with pytest.raises(ConfigError, match="--format cramkit holds pretraining runs"):
         export(folder, tmp_path / "out", format="cramkit", log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_says_that_inputs_are_cut_only_on_request(tmp_path):
+    """transformers' tokenizers and pipelines do not truncate unless asked: a text longer than
+    finetune.seq_len reached the exported classifier whole (up to 512 tokens) and got another
+    prediction than `cramkit predict` gives, which cuts it to seq_len. The export says so."""
+    folder = _saved(_run(tmp_path), _task(tmp_path / "task"), seq_len=8)
+    said = []
+    export(folder, tmp_path / "out", log=said.append)
+    assert any("8 tokens" in line and "truncation=True" in line for line in said)
+    long = " ".join(_texts()[:3])
+    clf = load_finetuned(folder)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out")).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    with torch.no_grad():
+        cut = hf(**tok([long], truncation=True, return_tensors="pt")).logits
+    torch.testing.assert_close(cut, clf.logits([long]), atol=1e-4, rtol=0)
