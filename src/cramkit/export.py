@@ -290,7 +290,11 @@ def save_hf_tokenizer(
         # The pad id the GPT-2 config falls back to: tokenizer(..., padding=True) then works and
         # pads with the id the model skips.
         tokens["pad_token"] = tokens["eos_token"]
-    if not causal and "cls_token" in tokens and "sep_token" in tokens:
+    if causal:
+        # A reused tokenizer.json's own framing (Llama's "<s> $A") would put tokens before each
+        # text that pretraining, which packs without post-processors, never fed the model.
+        tok.post_processor = None
+    elif "cls_token" in tokens and "sep_token" in tokens:
         cls, sep = tokens["cls_token"], tokens["sep_token"]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{cls} $A {sep}",

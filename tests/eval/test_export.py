@@ -307,6 +307,27 @@ def test_gpt2_export_tokenizer_returns_no_token_types(tmp_path):
     torch.testing.assert_close(got[keep], want[keep], atol=1e-4, rtol=0)
 
 
+def test_gpt2_export_tokenizer_adds_no_tokens_that_pretraining_never_saw(tmp_path):
+    """A reused tokenizer.json whose post-processor puts a <s> before every text (Llama's
+    does) kept it in the GPT-2 export: tokenizer(text) started with a token that cramkit's
+    packing, which drops post-processors, never fed the model, so every logit moved."""
+    from tokenizers import processors
+
+    from cramkit.data.tokenizer import encoding_copy
+
+    tok = _bpe_tokenizer(["<|endoftext|>", "<s>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    run, model = _run(tmp_path, "gpt2-small", tok)
+    special = {"pad": None, "unk": None, "cls": None, "sep": None, "mask": None,
+               "eod": tok.token_to_id("<|endoftext|>")}
+    (run / "data_manifest.json").write_text(json.dumps({"special_ids": special}))
+    export(run, tmp_path / "out", log=lambda s: None)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    text = "the quick brown fox"
+    assert hf_tok(text)["input_ids"] == encoding_copy(tok).encode(text).ids
+
+
 def test_gpt2_export_decodes_its_byte_level_text_exactly(tmp_path):
     """The exported tokenizer did not say clean_up_tokenization_spaces, which transformers
     4.42-4.44 (cramkit[hf] allows 4.42) then take as true: decode(" , ") lost the space before
