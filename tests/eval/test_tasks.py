@@ -131,6 +131,18 @@ def test_file_tasks_tsv_csv_jsonl_gz(tmp_path):
     assert js.spec.labels == ("0", "1") and [e.label for e in js.train] == [1, 0]
 
 
+def test_a_data_folder_that_a_task_does_not_read_is_named_in_a_warning(tmp_path, recwarn):
+    (tmp_path / "train.jsonl").write_text('{"sentence": "x", "label": 1}\n{"sentence": "y", "label": 0}\n')
+    (tmp_path / "dev.jsonl").write_text('{"sentence": "z", "label": 1}\n')
+    with pytest.warns(UserWarning, match=rf"--data {tmp_path}/glue is only read for GLUE tasks; task 'bbc'"):
+        load_task("bbc", tmp_path / "glue")
+    with pytest.warns(UserWarning, match="is only read for GLUE tasks"):
+        load_task(tmp_path / "train.jsonl", tmp_path / "glue")
+    recwarn.clear()
+    load_task(tmp_path / "train.jsonl")
+    assert not [w for w in recwarn if "only read for GLUE" in str(w.message)]
+
+
 def test_missing_column_names_file_and_line(tmp_path):
     train = tmp_path / "train.tsv"
     train.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")

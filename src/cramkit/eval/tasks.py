@@ -882,6 +882,11 @@ def load_task(
     ``file_options``). ``file_options`` go to :func:`file_task` for paths.
     """
     text = str(name_or_path)
+    if data_dir is not None and (_key(text) not in TASKS or get_task(text).source != "glue"):
+        # `--task bbc --data mine/` read the embedded articles, and a file task its own file:
+        # the folder given went unread without a word.
+        warnings.warn(f"--data {data_dir} is only read for GLUE tasks; task {text!r} does not use it",
+                      stacklevel=2)
     if Path(text).is_dir() and _key(text) not in TASKS:
         glue = _glue_task_in(Path(text))
         if glue is not None:
