@@ -388,6 +388,20 @@ def test_resume_can_switch_a_technique_off(tmp_path):
         assert resume_config(tmp_path, []).technique == {"pld": {"theta_bar": 0.5, "gamma": 1.0}}
 
 
+def test_resume_that_adds_a_technique_does_not_blame_an_earlier_cramkit(tmp_path):
+    """A technique switched on at a resume takes its defaults as in a new run: its options are not
+    settings that an earlier cramkit's config.json lacks, so no warning says they are."""
+    import warnings
+
+    from cramkit.train.run import resume_config
+
+    (tmp_path / "config.json").write_text(json.dumps(load_config("demo", ["techniques=[stacking]"]).resolved()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = resume_config(tmp_path, ["techniques=[stacking,pld]", "technique.pld.theta_bar=0.3"])
+    assert cfg.techniques == ["stacking", "pld"] and cfg.technique["pld"] == {"theta_bar": 0.3}
+
+
 def test_a_list_split_by_the_shell_says_to_drop_the_spaces():
     # `techniques=[pld, seqwarmup]` reaches the program as two arguments.
     with pytest.raises(ConfigError, match=r"override 'seqwarmup\]' is not of the form key=value: write lists "

@@ -1032,6 +1032,11 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                           "start a new run")
     # Against the resolved config: a technique's option added since is as unset as a field.
     unset = _unset_keys(merged, cfg.resolved())
+    # A technique this resume switches on was never in config.json: its defaults are chosen now,
+    # as in a new run, not missing from an older file.
+    added = set(cfg.techniques) - set(saved.get("techniques") or [])
+    unset = [(key, value) for key, value in unset
+             if not any(key.startswith(f"technique.{name}.") for name in added)]
     if unset and int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in unset)
         warnings.warn(f"{path} does not set {shown} (an earlier cramkit wrote it): the run continues with "
