@@ -252,6 +252,23 @@ def _discard_untrained(made: dict[str, Any]) -> None:
             child.unlink(missing_ok=True)
 
 
+def _undo_config(made: dict[str, Any]) -> None:
+    """Put back the ``config.json`` that a resume replaced, when the resume took no step.
+
+    Some overrides are refused only at the first step (a sequence-length warm-up that starts at
+    the data's full length): the refused setting would stay in the run's config, and the next
+    plain ``--resume`` fail on it again, though the checkpoint never trained with it.
+    """
+    before, state = made.get("config_before"), made.get("state")
+    if before is None or state is None or state.usage.steps != made.get("resumed_at"):
+        return
+    try:
+        with atomic_path(made["config_path"]) as tmp:
+            tmp.write_bytes(before)
+    except OSError:  # the resume's own error is the one to report
+        pass
+
+
 def _compiled_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Modules that a technique's surgery compiled on their own (``Module.compile()``, e.g. pld's
     ``compile_blocks``): they compile lazily, at their first call."""
@@ -487,6 +504,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
         return _pretrain(cfg, run_dir, resume, say, made)
     except BaseException:
         _discard_untrained(made)
+        _undo_config(made)
         raise
     finally:
         if made.get("lock") is not None:
@@ -770,6 +788,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             _check_budget_left(cfg, state.usage, run_dir)
 
         def record_config() -> None:  # on resume only now, when every piece of saved state has loaded
+            if resume:  # put back should this resume fail before its first step (_undo_config)
+                made.update(config_path=run_dir / "config.json", resumed_at=state.step,
+                            config_before=(run_dir / "config.json").read_bytes())
             write_json(run_dir / "config.json", cfg.resolved())
             if resume:
                 _record_resume_environment(run_dir, state.step, segment)
