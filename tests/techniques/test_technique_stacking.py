@@ -180,6 +180,21 @@ def test_run_grows_to_final_depth_and_counts_flops(tiny_mlm_data, tmp_path):
     assert estimate["parameters_gb"] == pytest.approx(4 * full / 1e9, rel=1e-12)
 
 
+def test_doublings_due_at_the_same_step_all_happen_after_it(tiny_mlm_data, tmp_path):
+    """Step 5 of 12 starts at 1/3 of the budget, past both 0.3 and 0.31: the depth is 4 from step 6
+    on, as a V-cycle passes every stage due at once. One doubling per step left step 6 at depth 2."""
+    import dataclasses
+
+    from cramkit.models.flops import flops_per_token
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=12steps", "model.layers=4", "train.batch_ramp=0",
+                      "techniques=[stacking]", "technique.stacking.at=[0.3,0.31]")
+    summary = pretrain(cfg, say=quiet)
+    per = [flops_per_token(dataclasses.replace(cfg.model, layers=n), 32, cfg.objective.mask_rate) for n in (1, 4)]
+    expected = summary["tokens"] / 12 * (5 * per[0] + 7 * per[1])
+    assert summary["flops"] == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.parametrize("mode", ["copy", "reset", "reset_all"])
 def test_a_run_carries_optimizer_state_across_each_doubling(mode, tiny_mlm_data, tmp_path, monkeypatch):
     """Through the trainer, not just the transfer function: the rebuilt optimizer must hold the

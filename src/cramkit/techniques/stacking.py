@@ -194,15 +194,22 @@ class ProgressiveStacking(Technique):
 
     def on_step_end(self, state) -> None:
         schedule = self.options.schedule()
-        if self.done < len(schedule) and state.progress >= schedule[self.done]:
-            self.done += 1
+        # Every doubling whose fraction this step's start passed, not one per step: a later one
+        # would otherwise train a step (or, at the last step, the rest of the run) too shallow.
+        due = sum(1 for at in schedule[self.done:] if state.progress >= at)
+        if due:
+            self.done += due
             mode = self.options.optimizer
             # Without any optimizer state carried over, the deeper model starts from the weights
             # the run is evaluated with (Schedule-Free's average x), as a V-cycle level does; the
             # state the other modes carry belongs to the training weights (its y).
             fresh = mode == "reset_all"
             with evaluation_weights(getattr(state, "optimizer", None) if fresh else None, state.model):
-                new_model = stack(state.model)
+                new_model = state.model
+                for _ in range(due):
+                    new_model = stack(new_model)
+            # Block i of the new model starts as block i mod (the old depth), however many
+            # doublings it went through, which is what the transfer maps.
             state.request_model(
                 new_model, transfer_optimizer_state(mode == "copy", keep=not fresh)
             )
