@@ -37,8 +37,10 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory
 
 def did_you_mean(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
     """A " (did you mean 'x'?)" hint (``prefix`` before x), or an empty string when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    # Case aside: `techniques=[PLD]` or `norm=RMSNorm` are the names in another case.
+    by_lower = {str(c).lower(): c for c in choices}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{by_lower[close[0]]}'?)" if close else ""
 
 
 def _type_name(tp: Any) -> str:

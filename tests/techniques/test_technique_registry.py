@@ -28,6 +28,11 @@ def test_unknown_names_and_options_are_errors_with_hints():
         load_config("demo", ["techniques=[pld]", "technique.pld.theta_bra=0.4"])
     with pytest.raises(ConfigError, match="not enabled"):
         load_config("demo", ["technique.pld.theta_bar=0.4"])
+    with pytest.raises(ConfigError, match="did you mean 'pld'"):  # another case is no other name
+        load_config("demo", ["techniques=[PLD]"])
+    with pytest.raises(ConfigError, match=r"^technique\.theta_bar: options go under technique\.NAME\.KEY "
+                       r"\(did you mean 'technique\.pld\.theta_bar'\?\)$"):
+        load_config("demo", ["techniques=[pld]", "technique.theta_bar=0.4"])
 
 
 def test_declared_conflicts_are_refused():

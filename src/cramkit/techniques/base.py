@@ -171,6 +171,12 @@ def validate_technique_options(names: list[str], options: dict[str, Any]) -> Non
             if other in cls.conflicts or name in _lookup(other).conflicts:
                 raise ConfigError(f"techniques '{name}' and '{other}' cannot be combined")
     for name, table in options.items():
+        if name not in TECHNIQUES and not isinstance(table, dict):
+            # `technique.theta_bar=0.5`: an option given without its technique's name.
+            owners = [t for t, c in sorted(TECHNIQUES.items()) if name in {f.name for f in dataclasses.fields(c.Options)}]
+            if owners:
+                raise ConfigError(f"technique.{name}: options go under technique.NAME.KEY (did you mean "
+                                  f"{' or '.join(repr(f'technique.{t}.{name}') for t in owners)}?)")
         cls = _lookup(name)
         if name not in names:
             raise ConfigError(f"options given for technique '{name}', which is not enabled (add it to techniques)")
