@@ -329,6 +329,26 @@ def test_hf_hub_spec_mistakes_are_one_line(monkeypatch, tmp_path):
         _texts(small_cfg(["hf:org/corpus"]))
 
 
+def test_hf_spec_of_a_local_folder_is_fingerprinted_by_its_files(tmp_path, monkeypatch):
+    """``hf:FOLDER`` makes ``datasets`` read a local folder of data files: no Hub is needed, and the
+    prepared data must follow the files (the fingerprint was the name alone, so a cached dataset was
+    reused after the files changed)."""
+    pytest.importorskip("datasets")
+    monkeypatch.setattr("cramkit.data.sources.hub_unreachable", lambda: "offline")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "first doc"}\n{"text": "second doc"}\n')
+    spec = f"hf:{folder}"
+    cfg = small_cfg([spec])
+    assert _texts(cfg) == ["first doc", "second doc"]
+    source = open_source(spec, cfg)
+    assert source.paths() == [folder]
+    before = source.fingerprint()
+    (folder / "train.jsonl").write_text('{"text": "another doc"}\n')
+    assert _texts(cfg) == ["another doc"]
+    assert open_source(spec, cfg).fingerprint() != before
+
+
 def test_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     # A None entry in sys.modules makes `import datasets` fail as if it were not installed.
     monkeypatch.setitem(sys.modules, "datasets", None)

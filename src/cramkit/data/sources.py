@@ -272,6 +272,14 @@ def _stat_fingerprint(files: list[Path]) -> list[Any]:
     return out
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` outside hidden files and folders, sorted (a stable order)."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 _HELD_OUT_WORDS = {"valid", "validation", "val", "test", "dev", "heldout", "eval"}
 
 
@@ -291,12 +299,7 @@ class PathSource(Source):
         if not path.exists():
             raise DataError(f"source '{spec}': no such file or folder")
         if path.is_dir():
-            self.files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            self.files = _visible_files(path)
             if not self.files:
                 raise DataError(f"source '{spec}': the folder is empty")
             self.held_out = [str(p.relative_to(path)) for p in self.files if _held_out_name(p.relative_to(path))]
@@ -513,11 +516,16 @@ class HFHubSource(Source):
         self.revision: str | None = revision or None
         self.config: str | None = parts[1] if len(parts) == 3 else None
         self.split: str = parts[-1] if len(parts) > 1 else "train"
+        # datasets reads an existing folder's data files itself, before asking the Hub: the
+        # prepared data then depends on those files, which the name alone does not identify.
+        folder = Path(self.name).expanduser()
+        self.local: Path | None = folder if folder.is_dir() else None
 
     def load_arguments(self) -> tuple[tuple[str, ...], dict[str, Any]]:
         """``datasets.load_dataset``'s positional and keyword arguments; config and revision only
         when the spec gives them, so that ``datasets`` applies its own defaults otherwise."""
-        args = (self.name,) if self.config is None else (self.name, self.config)
+        name = self.name if self.local is None else str(self.local)
+        args = (name,) if self.config is None else (name, self.config)
         kwargs: dict[str, Any] = {"split": self.split, "streaming": True}
         if self.revision is not None:
             kwargs["revision"] = self.revision
@@ -525,7 +533,7 @@ class HFHubSource(Source):
 
     def documents(self) -> Iterator[Doc]:
         datasets = _import_datasets()
-        problem = hub_unreachable()
+        problem = None if self.local is not None else hub_unreachable()
         if problem:
             raise DataError(
                 f"source '{self.spec}': cannot reach the Hugging Face Hub ({problem}); hf: sources stream "
@@ -581,7 +589,12 @@ class HFHubSource(Source):
         # had, so that data prepared from it before is still reused. (Only a commit makes the
         # data exact: a branch or tag may move, as may the dataset without a revision.)
         given = {key: value for key, value in (("config", self.config), ("revision", self.revision)) if value}
+        if self.local is not None:
+            given["files"] = _stat_fingerprint(_visible_files(self.local))
         return [self.name, self.split, given] if given else [self.name, self.split]
+
+    def paths(self) -> list[Path]:
+        return [self.local] if self.local is not None else []
 
 
 def _listed(names: list[str], limit: int = 20) -> str:
