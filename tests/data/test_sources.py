@@ -349,6 +349,18 @@ def test_hf_spec_of_a_local_folder_is_fingerprinted_by_its_files(tmp_path, monke
     assert open_source(spec, cfg).fingerprint() != before
 
 
+@pytest.mark.parametrize("name", ["json", "text", "parquet"])
+def test_hf_spec_of_a_datasets_builder_is_refused(tmp_path, monkeypatch, name):
+    """``hf:json`` is no Hub dataset but ``datasets``' JSON builder, which read whatever data files
+    the current folder held (a traceback when one was not JSON), outside the fingerprint."""
+    pytest.importorskip("datasets")
+    monkeypatch.setattr("cramkit.data.sources.hub_unreachable", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.jsonl").write_text('{"text": "a doc"}\n')
+    with pytest.raises(DataError, match=rf"'hf:{name}': '{name}' is a builder of datasets.*as sources"):
+        _texts(small_cfg([f"hf:{name}"]))
+
+
 def test_hf_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     # A None entry in sys.modules makes `import datasets` fail as if it were not installed.
     monkeypatch.setitem(sys.modules, "datasets", None)

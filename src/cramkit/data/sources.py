@@ -533,6 +533,13 @@ class HFHubSource(Source):
 
     def documents(self) -> Iterator[Doc]:
         datasets = _import_datasets()
+        builders = getattr(getattr(datasets, "packaged_modules", None), "_PACKAGED_DATASETS_MODULES", {})
+        if self.name in builders:
+            # load_dataset("json") is the JSON builder with no data files given: it reads those of
+            # the current folder, whatever they are, and none of them is in the fingerprint.
+            raise DataError(
+                f"source '{self.spec}': '{self.name}' is a builder of datasets, not a dataset (it reads "
+                "the current folder's data files); give the files, or their folder, as sources")
         problem = None if self.local is not None else hub_unreachable()
         if problem:
             raise DataError(
