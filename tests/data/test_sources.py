@@ -161,6 +161,19 @@ def test_hf_disk_source(tmp_path):
     assert _texts(small_cfg([f"hf-disk:{tmp_path / 'hf'}"])) == ["hello world", "second doc"]
 
 
+def test_hf_disk_folder_datasets_cannot_load_is_one_line(tmp_path):
+    """What load_from_disk raises for a folder it cannot load (an empty saved Dataset: an
+    IndexError inside datasets; a folder of plain data files) was a traceback or a line without
+    the source."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "empty"))
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "train.jsonl").write_text('{"text": "a doc"}\n')
+    for name in ("empty", "files"):
+        with pytest.raises(DataError, match=rf"^source 'hf-disk:{tmp_path / name}': datasets cannot load it \("):
+            _texts(small_cfg([f"hf-disk:{tmp_path / name}"]))
+
+
 def test_hf_disk_field_that_is_not_text(tmp_path):
     """A numeric text_field was skipped row by row, then reported as "contains no documents"
     (or, mixed with text, silently dropped); JSON Lines and Parquet name the field."""

@@ -476,7 +476,13 @@ class HFDiskSource(Source):
             raise DataError(f"source '{spec}': no such folder")
 
     def documents(self) -> Iterator[Doc]:
-        ds = _import_datasets().load_from_disk(str(self.path))
+        datasets = _import_datasets()
+        try:
+            ds = datasets.load_from_disk(str(self.path))
+        except Exception as exc:  # datasets' own errors, of many types (an empty saved Dataset: IndexError)
+            raise DataError(f"source '{self.spec}': datasets cannot load it ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())}); hf-disk: reads a folder saved with "
+                            "save_to_disk") from None
         if hasattr(ds, "keys"):
             if "train" not in ds:
                 raise DataError(f"{self.path}: no 'train' split (splits: {list(ds.keys())})")
