@@ -89,6 +89,20 @@ def test_jsonl_parquet_and_folder(tmp_path):
         _texts(small_cfg([folder / "b.parquet"]))
 
 
+def test_parquet_dictionary_encoded_text_column(tmp_path):
+    """A string column stored as a dictionary (pandas' category dtype, pyarrow's dictionary_encode)
+    is text: it was refused as "holds dictionary<values=string, ...>, not text"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.array(["p0", None, "p1", "p0 again", "p1"]).dictionary_encode()
+    pq.write_table(pa.table({"text": column}), tmp_path / "d.parquet")
+    assert _texts(small_cfg([tmp_path / "d.parquet"])) == ["p0", "p1", "p0 again", "p1"]
+    pq.write_table(pa.table({"text": pa.array([1, 2, 1]).dictionary_encode()}), tmp_path / "n.parquet")
+    with pytest.raises(DataError, match=r"column 'text' holds \S*int64\S*, not text"):
+        _texts(small_cfg([tmp_path / "n.parquet"]))
+
+
 def test_mixing_round_robin_and_max_docs(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("a0\n\na1\n\na2\n")

@@ -209,8 +209,10 @@ def read_parquet_file(path: Path, cfg: PrepareConfig) -> Iterator[Doc]:
     if cfg.text_field not in names:
         raise DataError(f"{path}: no column '{cfg.text_field}' (columns: {names})")
     kind = pf.schema_arrow.field(cfg.text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
-            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+    # A dictionary column (pandas' category dtype) of strings reads back as strings, too.
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_null(values)
+            or getattr(pa.types, "is_string_view", lambda _: False)(values)):
         # As for JSON Lines: numbers or lists are no text (and failed deep in tokenisation).
         raise DataError(f"{path}: column '{cfg.text_field}' holds {kind}, not text; set text_field=...")
     size = path.stat().st_size
