@@ -59,6 +59,15 @@ def test_utf16_text_is_named_as_such_not_binary(tmp_path, encoding):
     _fails(tmp_path, small_cfg([f]), r"notes\.txt: UTF-16 or UTF-32 text .*convert the file to UTF-8")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_text_without_byte_order_mark_is_named_as_such_not_binary(tmp_path, encoding):
+    # What Python's "utf-16-le" and iconv's UTF-16LE write: no BOM, still no binary file.
+    f = tmp_path / "src" / "notes.txt"
+    f.parent.mkdir()
+    f.write_bytes("\n\n".join(synthetic_docs(20)).encode(encoding))
+    _fails(tmp_path, small_cfg([f]), r"notes\.txt:1: .*UTF-16 text without a byte-order mark.*convert the file to UTF-8")
+
+
 def test_non_utf8_names_file_and_line(tmp_path):
     docs = synthetic_docs(20)
     f = tmp_path / "src" / "latin1.txt.gz"

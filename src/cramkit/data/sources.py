@@ -90,6 +90,17 @@ def _base_suffix(path: Path) -> str:
 _WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)
 
 
+def _looks_like_utf16(line: bytes) -> bool:
+    """Whether a line's NULs are those of mostly-ASCII UTF-16 text: the high byte of every other
+    byte, none between (a line cut at b"\\n" may start on either byte of a character)."""
+    if len(line) < 4:
+        return False
+    for nuls, other in ((line[0::2], line[1::2]), (line[1::2], line[0::2])):
+        if nuls.count(0) * 2 >= len(nuls) and other.count(0) == 0:
+            return True
+    return False
+
+
 def _decoded_lines(
     path: Path, errors: str, lone_cr: bool = False
 ) -> Iterator[tuple[int, str, int]]:
@@ -113,6 +124,9 @@ def _decoded_lines(
             for part in body.split(b"\r") if lone_cr and b"\r" in body else (body,):
                 lineno += 1
                 if errors == "strict" and b"\x00" in part:
+                    if _looks_like_utf16(part):
+                        raise DataError(f"{path}:{lineno}: NUL bytes in every other byte: UTF-16 text without "
+                                        "a byte-order mark, it seems; convert the file to UTF-8")
                     raise DataError(f"{path}:{lineno}: NUL byte found; this looks like a binary file")
                 try:
                     line = part.decode("utf-8", errors=errors)
