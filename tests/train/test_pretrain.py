@@ -293,6 +293,8 @@ def test_a_registered_architecture_trains_with_the_objective_its_causality_asks(
                                   "model.max_positions is 256"),
     (("data.prepare.vocab_size=50257",), r"data.prepare.vocab_size=50257 makes a \(padded\) vocabulary of 50304, "
                                          "but model.vocab_size is 1024"),
+    (("data.prepare.val_fraction=0",), "data.prepare.val_fraction=0 holds no documents out, and pretraining "
+                                       "evaluates on held-out sequences"),
 ])
 def test_data_a_gpt_cannot_train_on_is_refused_before_it_is_prepared(tmp_path, overrides, message):
     """`pretrain gpt-small model.preset=tiny-gpt` (the recipe prepares 1024-token sequences of a

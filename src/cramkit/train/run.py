@@ -75,6 +75,9 @@ def prepare_data(cfg: RunConfig, say: Callable[[str], None] = print) -> Path:
     _check_sequence_length(cfg, cfg.data.prepare.seq_len, "the sequences data.prepare.seq_len asks for",
                            "a shorter data.prepare.seq_len")
     p = cfg.data.prepare
+    if p.val_fraction == 0:  # the run's step-0 evaluation would refuse the data once prepared
+        raise ConfigError("data.prepare.val_fraction=0 holds no documents out, and pretraining evaluates "
+                          "on held-out sequences; set data.prepare.val_fraction > 0 (e.g. 0.01)")
     # A trained byte-level BPE has exactly vocab_size tokens (its 258-token floor aside), or its
     # training fails; WordPiece may keep more (data/tokenizer.py), and a reused file has its own.
     if not p.tokenizer_file and p.tokenizer_kind == "bpe" and p.vocab_size >= 258:
