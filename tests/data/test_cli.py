@@ -63,6 +63,16 @@ def test_prepare_cli_bad_key(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_prepare_cli_sources_given_twice_is_an_error(tmp_path, capsys):
+    # One list replaced the other: `prepare a.txt sources=[b.txt]` read b.txt alone.
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    args = _parse(["prepare", str(a), "--out", str(tmp_path / "d"), f"sources=[{b}]"])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err == (f"error: sources given twice, as arguments ({a}) and as sources=[{b}]; "
+                                       "list them all in one place\n")
+    assert not (tmp_path / "d").exists()
+
+
 def test_prepare_cli_reuse_tokenizer_file(tmp_path):
     src = write_corpus(tmp_path / "c.txt", synthetic_docs(40))
     a = _parse(

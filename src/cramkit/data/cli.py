@@ -84,6 +84,11 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         (overrides if is_override(item) else sources).append(item)
     data: dict = {}
     if sources:
+        # Both would be one list replacing the other: `prepare a.txt sources=[b.txt]` read b alone.
+        given = [o for o in overrides if o.partition("=")[0].strip() == "sources"]
+        if given:
+            raise ConfigError(f"sources given twice, as arguments ({' '.join(sources)}) and as "
+                              f"{given[0]}; list them all in one place")
         data["sources"] = sources
     flags = {
         "vocab_size": args.vocab_size,
