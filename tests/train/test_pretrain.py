@@ -610,6 +610,23 @@ def test_a_run_whose_micro_batch_was_capped_by_its_batch_resumes(tiny_mlm_data, 
                  say=lambda *_: None)
 
 
+def test_resuming_a_two_rank_run_in_one_process_names_the_ranks(tiny_mlm_data, tmp_path, monkeypatch):
+    """A 2-rank run of batch 16 trains micro-batches of 8 (each rank's share) with the default
+    micro_batch=32; resumed in one process (share 16) it was refused as 'train.micro_batch=32
+    differs from the 8 this run was checkpointed with', a setting the user never touched."""
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "train.batch_size=16", "train.micro_batch=32")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+    load = ckpt.load_state
+
+    def as_if_two_ranks(path):  # what a 2-rank checkpoint of this run holds
+        return {**load(path), "world_size": 2, "micro_batch": 8}
+
+    monkeypatch.setattr(ckpt, "load_state", as_if_two_ranks)
+    with pytest.raises(ConfigError, match=r"checkpointed with 2 rank\(s\); resume it with the same number \(now 1\)"):
+        pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
+
+
 def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
     """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
     loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""

@@ -603,6 +603,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     meter = EnergyMeter(device)
     per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
     if saved:
+        # Before the micro-batch: each rank's share of the batch, which caps it, follows the
+        # number of ranks, so another number made the demo's untouched micro_batch=32 "differ".
+        if int(saved.get("world_size", 1)) != par.world_size:
+            raise ConfigError(f"{run_dir} was checkpointed with {saved.get('world_size', 1)} rank(s); resume it "
+                              f"with the same number (now {par.world_size})")
         micro_batch = int(saved["micro_batch"])
         # Compared as the first run used it: capped at each rank's share of the batch, a
         # micro_batch larger than that share (the demo's 32 with batch_size=16) is not a change.
@@ -610,9 +615,6 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         if cfg.train.micro_batch and asked != micro_batch:
             raise ConfigError(f"train.micro_batch={cfg.train.micro_batch} differs from the {micro_batch} this run "
                               "was checkpointed with; the data position is counted in micro-batches")
-        if int(saved.get("world_size", 1)) != par.world_size:
-            raise ConfigError(f"{run_dir} was checkpointed with {saved.get('world_size', 1)} rank(s); resume it "
-                              f"with the same number (now {par.world_size})")
     elif cfg.train.micro_batch:
         micro_batch = min(cfg.train.micro_batch, per_rank_batch)
     elif device.type == "cuda":
