@@ -466,6 +466,25 @@ def test_advice_never_suggests_a_switch_that_is_on_already():
     assert advise(state, 16, offloaded).endswith("try more GPUs with FSDP")
 
 
+def test_advice_never_suggests_fsdp_to_an_optimizer_that_fsdp_refuses():
+    """crammed-bert-lamb over its GPU's memory was told to try memory.offload_optimizer=true with
+    parallel.strategy=fsdp, which the config check then refuses for lamb."""
+    from cramkit.config import load_config
+    from cramkit.train.run import _whole_tensor_optimizer
+
+    assert _whole_tensor_optimizer(load_config("crammed-bert-lamb")) == "optim.name=lamb"
+    assert _whole_tensor_optimizer(load_config("demo", ["optim.name=sam", "optim.base=lars"])) == "optim.base=lars"
+    assert _whole_tensor_optimizer(load_config("demo")) is None
+    state = {"parameters_gb": 1.0, "gradients_gb": 1.0, "optimizer_gb": 40.0, "activations_gb": 1.0,
+             "weight_copies_gb": 0.5, "total_gb": 43.5}
+    message = advise(state, 16, whole_tensors="optim.name=lamb")
+    assert "an optimizer that FSDP2 can shard instead of optim.name=lamb" in message
+    params = dict(state, parameters_gb=40.0, optimizer_gb=1.0)
+    assert "instead of optim.name=lamb" in advise(params, 16, whole_tensors="optim.name=lamb")
+    activations = dict(state, activations_gb=40.0, optimizer_gb=1.0)  # nothing FSDP about these
+    assert "optim" not in advise(activations, 16, whole_tensors="optim.name=lamb")
+
+
 def test_memory_switches_that_cannot_work_are_config_errors_before_anything_runs():
     from cramkit.config import load_config
     from cramkit.errors import ConfigError

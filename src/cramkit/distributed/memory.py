@@ -215,9 +215,11 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     return out
 
 
-def advise(estimate: dict[str, float], available_gb: float, cfg: MemoryConfig | None = None) -> str | None:
+def advise(estimate: dict[str, float], available_gb: float, cfg: MemoryConfig | None = None,
+           whole_tensors: str | None = None) -> str | None:
     """A sentence naming the switch that would make the run fit, or None when it fits; a switch
-    ``cfg`` has on already is not suggested again."""
+    ``cfg`` has on already is not suggested again. ``whole_tensors``: the optimizer setting
+    (``optim.name=lamb``) that FSDP2 refuses, whose run the FSDP switches alone cannot help."""
     if estimate["total_gb"] <= 0.9 * available_gb:
         return None
     cfg = cfg or MemoryConfig()
@@ -230,5 +232,9 @@ def advise(estimate: dict[str, float], available_gb: float, cfg: MemoryConfig | 
                         "memory.offload_optimizer=true with parallel.strategy=fsdp, or more GPUs with FSDP",
         "parameters_gb": "parallel.strategy=fsdp across more GPUs",
     }[biggest]
+    if whole_tensors and biggest != "activations_gb":
+        # Both FSDP hints would be refused by the config check for this optimizer.
+        hint = (f"an optimizer that FSDP2 can shard instead of {whole_tensors} (which needs whole tensors), "
+                f"then {hint}")
     return (f"estimated {estimate['total_gb']:.1f} GB per device exceeds {available_gb:.1f} GB available; "
             f"the largest part is {biggest.removesuffix('_gb')} ({estimate[biggest]:.1f} GB): try {hint}")

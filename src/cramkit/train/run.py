@@ -48,7 +48,13 @@ from ..objectives import (
     build_objective,
     training_objective,
 )
-from ..optim import build_optimizer, evaluation_weights, keeps_evaluation_weights, optimizer_states
+from ..optim import (
+    WHOLE_TENSORS,
+    build_optimizer,
+    evaluation_weights,
+    keeps_evaluation_weights,
+    optimizer_states,
+)
 from ..techniques import build_techniques
 from ..utils import atomic_path, changed_keys, lock_exclusive, read_json, write_json
 from . import checkpoint as ckpt
@@ -458,6 +464,14 @@ def _format_mismatch(saved: dict[str, Any], par: Parallel) -> str | None:
             "resume it with that strategy (memory.offload_optimizer, which needs FSDP2, then stays off)")
 
 
+def _whole_tensor_optimizer(cfg: RunConfig) -> str | None:
+    """``optim.name=...`` (or ``optim.base=...``) where the run's optimizer is one FSDP2 refuses."""
+    for key, name in (("optim.name", cfg.optim.name), ("optim.base", cfg.optim.rule)):
+        if name in WHOLE_TENSORS:
+            return f"{key}={name}"
+    return None
+
+
 def _optimizer_name(cfg: RunConfig) -> str:
     return f"sam({cfg.optim.base})" if cfg.optim.name == "sam" else cfg.optim.name
 
@@ -651,7 +665,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                       "(pytorch/pytorch#148222); train eager, or use memory.activation_checkpointing",
                       stacklevel=2)
     if device.type == "cuda":
-        advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9, cfg.memory)
+        advice = advise(estimate, torch.cuda.get_device_properties(device).total_memory / 1e9, cfg.memory,
+                        _whole_tensor_optimizer(cfg))
         if advice and par.is_main:
             warnings.warn(advice, stacklevel=2)
 
