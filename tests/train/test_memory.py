@@ -440,6 +440,24 @@ def test_memory_estimate_counts_training_state_and_what_each_switch_removes():
     assert compiled["activations_gb"] == pytest.approx(plain["activations_gb"])
 
 
+def test_memory_estimate_follows_the_fsdp_options():
+    """parallel.fsdp_reshard=false (every block gathered from its forward to its backward) and
+    parallel.fsdp_param_dtype=fp32 under bf16 (fp32 gathered, and autocast's own copies) printed
+    the same estimate as FSDP's defaults."""
+    model = _model("crammed-bert", layers=4, vocab_size=8192)
+    n = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def copies(**fsdp) -> float:
+        return estimate_memory(model, micro_batch=8, seq_len=128, precision="bf16", world_size=2, sharded=True,
+                               **fsdp)["weight_copies_gb"] * 1e9
+
+    assert copies() == pytest.approx(2 * (n - 2 * block))  # the root and two blocks, in bf16
+    assert copies(fsdp_reshard=False) == pytest.approx(2 * n)
+    assert copies(fsdp_param_dtype="fp32") == pytest.approx(4 * (n - 2 * block) + 2 * linear)
+
+
 def test_advice_names_the_switch_for_the_largest_part():
     fits = {"parameters_gb": 1.0, "gradients_gb": 1.0, "optimizer_gb": 2.0, "activations_gb": 3.0,
             "weight_copies_gb": 0.5, "total_gb": 7.5}

@@ -131,7 +131,8 @@ def _linear_weights(module: torch.nn.Module) -> int:
 def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, precision: str,
                     world_size: int = 1, sharded: bool = False, cfg: MemoryConfig | None = None,
                     optimizer_states: float = 2, mask_rate: float = 0.25,
-                    device_type: str = "cuda", compiled: bool = False) -> dict[str, float]:
+                    device_type: str = "cuda", compiled: bool = False,
+                    fsdp_reshard: bool = True, fsdp_param_dtype: str = "auto") -> dict[str, float]:
     """GB a training step will need on each device, by category.
 
     - parameters and gradients in fp32, ``optimizer_states`` fp32 tensors per parameter (Adam: 2;
@@ -149,8 +150,9 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
       one block's worth or the loss's backward on the device. ``device_type`` decides whether
       attention dropout keeps its scores.
 
-    FSDP is assumed with its defaults here (blocks resharded after forward, parameters gathered
-    in the training precision): ``parallel.fsdp_reshard=false`` keeps every block gathered.
+    ``fsdp_reshard`` and ``fsdp_param_dtype`` are ``parallel.*``'s: without resharding every
+    block stays gathered from its forward to its backward; parameters gathered in fp32 under
+    half-precision autocast leave autocast its own copies of the linear weights.
     """
     cfg = cfg or MemoryConfig()
     params = count_parameters(model)
@@ -176,13 +178,20 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     if sharded or cfg.offload_optimizer:
         # FSDP gathers the root's parameters and a block's at a time (plus one prefetched), in
         # the mixed-precision policy's dtype; autocast then makes no copies of its own.
-        gathered = (params - sum(count_parameters(b) for b in blocks)
-                    + 2 * max(map(count_parameters, blocks), default=0))
-        copies = copies_in_backward = (2 if half else 4) * gathered
+        root = params - sum(count_parameters(b) for b in blocks)
+        in_use = root + 2 * max(map(count_parameters, blocks), default=0)
+        gathered = in_use if fsdp_reshard else params
+        param_dtype = precision if fsdp_param_dtype == "auto" else fsdp_param_dtype
+        gathered_bytes = (2 if param_dtype in ("bf16", "fp16") else 4) * gathered
+        if half and gathered_bytes == 4 * gathered:  # fp32 gathered: autocast casts them as without FSDP
+            copies, copies_in_backward = copies + gathered_bytes, copies_in_backward + gathered_bytes
+        else:
+            copies = copies_in_backward = gathered_bytes
         if cfg.offload_optimizer:
             # FSDP2's CPU offload keeps the sharded parameters, their gradients and the optimizer
-            # on the host; the device holds what is gathered and its gradients before reduction.
-            weights, grads, optim = 0.0, 4.0 * gathered, 0.0
+            # on the host; the device holds what is gathered and the gradients before reduction,
+            # a block's at a time.
+            weights, grads, optim = 0.0, 4.0 * in_use, 0.0
     tokens = micro_batch * seq_len
     block_act = _block_activations(mc, tokens, seq_len, half, device_type == "cuda")
     # Backward recomputes one checkpointed block at a time and holds, beside its activations,

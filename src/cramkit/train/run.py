@@ -610,7 +610,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                                world_size=par.world_size, sharded=par.strategy == "fsdp", cfg=cfg.memory,
                                optimizer_states=optimizer_states(cfg.optim),
                                mask_rate=mask_rate,
-                               device_type=device.type, compiled=cfg.train.compile)
+                               device_type=device.type, compiled=cfg.train.compile,
+                               fsdp_reshard=cfg.parallel.fsdp_reshard, fsdp_param_dtype=cfg.parallel.fsdp_param_dtype)
 
     # From here on the GPU works for this run: micro-batch probing and compile warm-up cost energy
     # too, so the meter starts before them.
