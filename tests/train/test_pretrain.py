@@ -627,6 +627,19 @@ def test_resuming_a_two_rank_run_in_one_process_names_the_ranks(tiny_mlm_data, t
         pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
 
 
+def test_a_batch_that_does_not_split_over_the_ranks_says_so(tiny_mlm_data, tmp_path, monkeypatch):
+    """batch_size=16 on 3 ranks was told to 'choose a batch size that is, or set train.micro_batch'
+    (a multiple of micro-batch 5 x 3 ranks): no micro-batch divides 16 among 3 ranks."""
+    from cramkit.distributed.parallel import Parallel
+
+    # Three ranks as the checks see them (rank 0's view; no collective is reached).
+    monkeypatch.setattr("cramkit.train.run.init_parallel", lambda *a, **k: Parallel(rank=0, world_size=3))
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "train.batch_size=16", "train.micro_batch=32")
+    with pytest.raises(ConfigError, match=r"batch_size=16 does not split evenly over 3 ranks; use a multiple of 3 "
+                                          r"\(e.g. 18\)"):
+        pretrain(cfg, say=lambda *_: None)
+
+
 def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
     """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
     loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""

@@ -647,6 +647,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     if cfg.train.batch_size < par.world_size:  # no micro-batch could help: say what would
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the {par.world_size} ranks: "
                           "each rank needs at least one sequence per step; raise the batch size or use fewer ranks")
+    if cfg.train.batch_size % par.world_size:  # no micro-batch could help either
+        multiple = -(-cfg.train.batch_size // par.world_size) * par.world_size
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split evenly over {par.world_size} "
+                          f"ranks; use a multiple of {par.world_size} (e.g. {multiple}) or another number of ranks")
     if cfg.train.batch_size % (micro_batch * par.world_size):
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of micro-batch {micro_batch} × "
