@@ -640,6 +640,15 @@ def test_a_batch_that_does_not_split_over_the_ranks_says_so(tiny_mlm_data, tmp_p
         pretrain(cfg, say=lambda *_: None)
 
 
+def test_optimizer_offload_without_torchrun_is_refused_before_preparing_data(tiny_mlm_data, tmp_path, monkeypatch):
+    """It was refused by the sharding step, after the data had been prepared (minutes from
+    sources) and the run announced."""
+    monkeypatch.setattr("cramkit.train.run.prepare_data", lambda *a, **k: pytest.fail("prepared the data first"))
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "memory.offload_optimizer=true", "parallel.strategy=fsdp")
+    with pytest.raises(ConfigError, match="memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun"):
+        pretrain(cfg, say=lambda *_: None)
+
+
 def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
     """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
     loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""

@@ -531,6 +531,10 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[[str], None],
               made: dict[str, Any]) -> dict[str, Any]:
     par = init_parallel(cfg.parallel, cfg.train.device, cpu_collectives=cfg.memory.offload_optimizer)
+    if cfg.memory.offload_optimizer and not par.distributed:
+        # shard_model says the same, but only once data and run directory were made and announced.
+        raise ConfigError("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
+                          "parallel.strategy=fsdp (one process is fine: torchrun --nproc-per-node 1 ...)")
     if not par.is_main:
         say = lambda *_: None  # noqa: E731
     device = par.device
