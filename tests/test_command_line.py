@@ -294,8 +294,18 @@ def test_interrupt_while_starting_exits_130(monkeypatch, capsys):
     (["pretrain", "demo", "memory.activation_checkpointing=full", "memory.checkpoint_every=3"],
      "memory.checkpoint_every: only selective activation checkpointing reads it; this run ignores it"),
     (["pretrain", "demo", "memory.activation_checkpointing=selective", "memory.checkpoint_every=2"], None),
+    # Outside torchrun the run is one process, whatever parallel.* says (it used to be silent).
+    (["pretrain", "demo", "parallel.strategy=fsdp", "parallel.fsdp_reshard=false", "--one-process"],
+     "parallel.strategy, parallel.fsdp_reshard: parallel options only act under torchrun; this single-process "
+     "run ignores them"),
 ])
 def test_options_a_run_ignores_are_said_to_do_nothing(argv, warned, monkeypatch, recwarn):
+    if "--one-process" in argv:
+        argv = [a for a in argv if a != "--one-process"]
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # the other cases are as torchrun's rank 0
     summary = {"run_dir": "r", "stop_reason": "budget", "steps": 3, "tokens": 96, "train_seconds": 1.0,
                "paused_seconds": 0.0, "first_train_loss": 7.0, "last_train_loss": 6.0,
                "initial_val_loss": 7.1, "final_val_loss": 6.1, "tokens_per_s": 96.0, "mfu": 0.1}

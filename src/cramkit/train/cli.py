@@ -156,8 +156,16 @@ def _causal(cfg) -> bool:
 #: Command-line options a run would take and then ignore: ``(prefix, ignored(cfg), why)``. Only
 #: the command line's: recipes set such options for every run they serve (a masking rate, an
 #: FSDP policy), and a GPT may train under a BERT recipe.
+def _one_process(cfg) -> bool:
+    from ..utils import launched_by_torchrun
+
+    return not launched_by_torchrun()
+
+
 IGNORED_OPTIONS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("objective.", _causal, "masking options only act on masked-LM runs; this causal-LM run"),
+    # Before the FSDP2 rule: outside torchrun that one would name parallel.fsdp_* a second time.
+    ("parallel.", _one_process, "parallel options only act under torchrun; this single-process run"),
     ("parallel.fsdp_", lambda cfg: cfg.parallel.strategy != "fsdp",
      "FSDP2 options only act with parallel.strategy=fsdp; this run"),
     ("memory.checkpoint_every", lambda cfg: cfg.memory.activation_checkpointing != "selective",
@@ -176,6 +184,7 @@ def _warn_unused_options(cfg, overrides: list[str]) -> None:
     for prefix, ignored, why in IGNORED_OPTIONS:
         unused = [k for k in keys if k.startswith(prefix) and k != "objective.name"]
         if unused and ignored(cfg):
+            keys = [k for k in keys if k not in unused]  # each key named once
             warnings.warn(f"{', '.join(unused)}: {why} ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
 
 
