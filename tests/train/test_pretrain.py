@@ -649,6 +649,14 @@ def test_optimizer_offload_without_torchrun_is_refused_before_preparing_data(tin
         pretrain(cfg, say=lambda *_: None)
 
 
+def test_fp8_without_an_fp8_gpu_is_refused_before_preparing_data(tiny_mlm_data, tmp_path, monkeypatch):
+    """Refused when the trainer converted the model: after the data was prepared, the run
+    announced, and a warning to turn on train.compile for FP8's speed."""
+    monkeypatch.setattr("cramkit.train.run.prepare_data", lambda *a, **k: pytest.fail("prepared the data first"))
+    with pytest.raises(ConfigError, match="train.fp8 needs an NVIDIA GPU"):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.fp8=true", "train.device=cpu"), say=lambda *_: None)
+
+
 def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
     """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
     loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""

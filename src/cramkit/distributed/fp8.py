@@ -30,15 +30,22 @@ def worth_fp8(module: torch.nn.Module, everything: bool = False) -> bool:
     return everything or not (out_features <= 4096 and in_features <= 1024)
 
 
-def convert_fp8(model: torch.nn.Module, device: torch.device, everything: bool = False) -> torch.nn.Module:
-    """Swap qualifying linears (not the decoder head) for torchao's float8 training linears
-    (``everything``: every linear the kernels accept, to measure FP8 where the rule says no)."""
+def check_fp8(device: torch.device) -> None:
+    """ConfigError unless ``device`` and this installation can train FP8 linears."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError("train.fp8 needs an NVIDIA GPU with FP8 tensor cores (Ada/Hopper or newer)")
     try:
-        from torchao.float8 import convert_to_float8_training
+        import torchao.float8  # noqa: F401
     except ImportError:
         raise ConfigError("train.fp8 needs torchao: pip install 'cramkit[fp8]'") from None
+
+
+def convert_fp8(model: torch.nn.Module, device: torch.device, everything: bool = False) -> torch.nn.Module:
+    """Swap qualifying linears (not the decoder head) for torchao's float8 training linears
+    (``everything``: every linear the kernels accept, to measure FP8 where the rule says no)."""
+    check_fp8(device)
+    from torchao.float8 import convert_to_float8_training
+
     eligible = [n for n, m in model.named_modules() if worth_fp8(m, everything) and not n.startswith("head")]
     if not eligible:
         warnings.warn("train.fp8: no linear layer is large enough for FP8 to beat bf16 (torchao's rule: "

@@ -531,6 +531,10 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[[str], None],
               made: dict[str, Any]) -> dict[str, Any]:
     par = init_parallel(cfg.parallel, cfg.train.device, cpu_collectives=cfg.memory.offload_optimizer)
+    if cfg.train.fp8:  # converted when the trainer prepares the model: after data and announcement
+        from ..distributed.fp8 import check_fp8
+
+        check_fp8(par.device)
     if cfg.memory.offload_optimizer and not par.distributed:
         # shard_model says the same, but only once data and run directory were made and announced.
         raise ConfigError("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
