@@ -367,6 +367,23 @@ def test_under_torchrun_an_error_every_rank_meets_is_printed_once_per_machine(er
     assert capsys.readouterr().err == (f"error: {raised}\n" if printed else "")
 
 
+@pytest.mark.parametrize("local_rank, printed", [("0", True), ("1", False)])
+def test_commands_other_than_pretrain_refuse_torchrun(local_rank, printed, monkeypatch, tmp_path, capsys):
+    """`torchrun ... -m cramkit.cli finetune RUN` fine-tuned once per rank, each rank writing
+    the same result file and printing every line."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("cramkit.eval.cli.cmd_finetune", lambda args: pytest.fail("ran under torchrun"))
+    assert main(["finetune", str(tmp_path), "--task", "bbc"]) == 2
+    assert capsys.readouterr().err == ("error: cramkit finetune runs in one process; run it without torchrun "
+                                       "(only pretrain uses several)\n" if printed else "")
+    # A world of one process is one process: nothing to refuse.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("cramkit.eval.cli.cmd_finetune", lambda args: 0)
+    assert main(["finetune", str(tmp_path), "--task", "bbc"]) == 0
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
     """`cramkit predict ... | head -1`: the pipe closes under the output, which is no error of
     the user's; the command stops without a word, with the status of a tool killed by SIGPIPE."""

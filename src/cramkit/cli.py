@@ -16,11 +16,13 @@ import sys
 import warnings
 
 from .errors import ConfigError, CramkitError, RankFailed, Terminated
-from .utils import first_on_machine, strict_json
+from .utils import first_on_machine, launched_by_torchrun, strict_json
 
 # Modules that register subcommands, in help order.
 COMMAND_MODULES = ("cramkit.train.cli", "cramkit.data.cli", "cramkit.eval.cli", "cramkit.bench",
                    "cramkit.report")
+#: Commands that run as one of torchrun's ranks; the others work in one process.
+TORCHRUN_COMMANDS = ("pretrain",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +90,12 @@ def _main(argv: list[str] | None) -> int:
     except ValueError:  # not the main thread (an embedding program's worker): leave it be
         installed = False
     try:
+        several = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+        if several and args.command not in TORCHRUN_COMMANDS:
+            # Each rank would do the whole job on its own: N fine-tunes writing one result file,
+            # N exports racing for one folder, every line printed N times.
+            raise ConfigError(f"cramkit {args.command} runs in one process; run it without torchrun "
+                              f"(only {' and '.join(TORCHRUN_COMMANDS)} uses several)")
         return int(args.func(args) or 0)
     except CramkitError as exc:
         if not said_on_this_machine(exc):
