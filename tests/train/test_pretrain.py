@@ -1138,3 +1138,25 @@ def test_two_runs_never_train_into_one_directory(tiny_mlm_data, tmp_path):
         os.close(held)
     assert pretrain(resume_config(tmp_path / "run", ["train.budget=3steps"]), run_dir=tmp_path / "run",
                     resume=True, say=lambda *_: None)["steps"] == 3
+
+
+def test_a_resume_that_changes_the_learning_rate_trains_at_it(tiny_mlm_data, tmp_path):
+    """The optimizer's saved groups came back with the old peak (initial_lr), so the resumed
+    steps trained at the old rate while config.json and metrics.jsonl's lr said the new one."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "schedule.name=constant"), say=lambda *_: None)
+    run = tmp_path / "run"
+    pretrain(resume_config(run, ["train.budget=4steps", "optim.lr=0.01"]), run_dir=run, resume=True,
+             say=lambda *_: None)
+    assert [r["lr"] for r in _metrics(run)][-2:] == [0.01, 0.01]
+    state = torch.load(ckpt.latest_checkpoint(run) / "state.pt", weights_only=True)
+    assert {g["lr"] for g in state["optimizer"]["param_groups"]} == {0.01}
+
+
+def test_a_resume_that_changes_an_optimizer_setting_its_state_keeps_is_refused(tiny_mlm_data, tmp_path):
+    """optim.weight_decay=0.5 on resume was recorded in config.json but the saved groups' 0.01
+    trained on, without a word."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"optim.weight_decay cannot change on resume \(.* trains with 0.01\)"):
+        resume_config(run, ["train.budget=4steps", "optim.weight_decay=0.5"])
+    resume_config(run, ["train.budget=4steps", "optim.weight_decay=0.01", "optim.sam_every=2"])  # unchanged

@@ -809,6 +809,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             problem = _format_mismatch(saved, par)
             if problem:
                 raise ConfigError(f"{run_dir}: {problem}")
+            # The saved groups come back with the peak the run was trained at; the schedule
+            # multiplies each group's initial_lr every step, so a resume that sets another
+            # optim.lr (muon_lr, lr_scaling) must keep the one this config built.
+            peak_lrs = [group["initial_lr"] for group in state.optimizer.param_groups]
             try:
                 _load_optimizer(trainer.raw_model, state.optimizer, saved["optimizer"], par)
             except (ValueError, KeyError) as exc:  # e.g. another number of parameter groups
@@ -816,6 +820,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                     f"{resume_from}: its optimizer state does not fit optim.name={_optimizer_name(cfg)} as "
                     f"this cramkit builds it ({exc}); it was probably saved by another version: start a "
                     "new run, or resume with the version that wrote it") from None
+            for group, peak_lr in zip(state.optimizer.param_groups, peak_lrs, strict=True):
+                group["initial_lr"] = peak_lr
             if "scaler" in saved:
                 trainer.scaler.load_state_dict(saved["scaler"])
             _check_budget_left(cfg, state.usage, run_dir)
@@ -1084,6 +1090,14 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         raise ConfigError(f"seed cannot change on resume ({run_dir} trains with seed={trained.seed}): the data "
                           "order and the masks of the rest of the run follow it; resume without seed=, or "
                           "start a new run")
+    for key in OPTIMIZER_STATE_SETTINGS:
+        was, now = getattr(trained.optim, key), getattr(cfg.optim, key)
+        if was != now and trained.optim.name == cfg.optim.name and trained.optim.base == cfg.optim.base:
+            # optimizer.load_state_dict() restores the saved groups' settings over the new ones,
+            # so the run would train on with the old value while config.json records the new.
+            raise ConfigError(f"optim.{key} cannot change on resume ({run_dir} trains with {_shown(was)}): the "
+                              "optimizer's saved state keeps it; resume without it, or start a new run "
+                              "(optim.lr, optim.muon_lr and optim.lr_scaling may change)")
     # Against the resolved config: a technique's option added since is as unset as a field.
     unset = _unset_keys(merged, cfg.resolved())
     # A technique this resume switches on was never in config.json: its defaults are chosen now,
@@ -1098,6 +1112,15 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                       stacklevel=2)
     # Not written back here: pretrain() records it once the resume has loaded successfully.
     return cfg
+
+
+#: Optimizer settings held in its parameter groups, which a checkpoint's state brings back.
+OPTIMIZER_STATE_SETTINGS = ("betas", "eps", "momentum", "nesterov", "weight_decay", "decay_embeddings",
+                            "sam_rho", "sam_adaptive", "muon_momentum", "lars_trust")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 def _unset_keys(given: dict[str, Any], full: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
