@@ -186,6 +186,19 @@ def _warn_unused_options(cfg, overrides: list[str]) -> None:
         if unused and ignored(cfg):
             keys = [k for k in keys if k not in unused]  # each key named once
             warnings.warn(f"{', '.join(unused)}: {why} ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
+    # A schedule reads only the options its function names: schedule.warmup under the default
+    # budget-triangle went into config.json and changed nothing.
+    import inspect
+
+    from ..schedules import LR_SCHEDULES
+
+    reads = inspect.signature(LR_SCHEDULES[cfg.schedule.name]).parameters
+    unused = [k for k in keys if k.startswith("schedule.") and k != "schedule.name"
+              and k.partition(".")[2] not in reads]
+    if unused:
+        many = len(unused) > 1
+        warnings.warn(f"{', '.join(unused)}: the {cfg.schedule.name} schedule has no such option{'s' if many else ''}; "
+                      f"this run ignores {'them' if many else 'it'}", stacklevel=2)
 
 
 def _print_summary(s: dict) -> None:
