@@ -305,6 +305,14 @@ def test_interrupt_while_starting_exits_130(monkeypatch, capsys):
      "schedule.peak_at, schedule.final: the constant schedule has no such options; this run ignores them"),
     (["pretrain", "demo", "schedule.name=cosine", "schedule.warmup=0.1", "schedule.final=0.1"], None),
     (["pretrain", "demo", "schedule.start=0.1", "schedule.peak_at=0.5"], None),
+    # SAM's options without optim.name=sam, Muon's under AdamW: recorded, and nothing read them.
+    (["pretrain", "demo", "optim.base=lamb", "optim.muon_lr=0.01"],
+     "optim.base, optim.muon_lr: optim.name=adamw has no such options; this run ignores them"),
+    (["pretrain", "demo", "optim.name=sam", "optim.base=lion", "optim.eps=1e-8"],
+     "optim.eps: optim.name=sam with optim.base=lion has no such option; this run ignores it"),
+    (["pretrain", "demo", "optim.name=sam", "optim.base=muon", "optim.muon_lr=0.01", "optim.sam_rho=0.1",
+      "optim.betas=[0.9,0.95]", "optim.weight_decay=0.1", "optim.lr_scaling=sqrt"], None),
+    (["pretrain", "demo", "optim.name=sgd", "optim.momentum=0.5", "optim.nesterov=false"], None),
 ])
 def test_options_a_run_ignores_are_said_to_do_nothing(argv, warned, monkeypatch, recwarn):
     if "--one-process" in argv:

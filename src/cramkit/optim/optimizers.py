@@ -43,6 +43,23 @@ ADAM_BETAS = (0.9, 0.98)
 LION_BETAS = (0.9, 0.99)
 
 
+#: The ``optim.*`` settings each shipped optimizer reads besides those every one does (name, lr,
+#: weight_decay, decay_embeddings, lr_scaling, base_batch_size); SAM adds its own to its base's.
+#: A command-line option outside them is named as ignored. Plugins' optimizers are not listed.
+SETTINGS_READ: dict[str, set[str]] = {
+    "adamw": {"betas", "eps", "fused"},
+    "adamw8bit": {"betas", "eps"},
+    "sgd": {"momentum", "nesterov"},
+    "lion": {"betas"},
+    "lamb": {"betas", "eps"},
+    "lars": {"momentum", "nesterov", "lars_trust"},
+    "muon": {"betas", "eps", "nesterov", "muon_lr", "muon_momentum"},
+    "schedulefree": {"betas", "eps"},
+}
+COMMON_SETTINGS = {"name", "lr", "weight_decay", "decay_embeddings", "lr_scaling", "base_batch_size"}
+SAM_SETTINGS = {"base", "sam_rho", "sam_every", "sam_adaptive"}
+
+
 def _betas(cfg, default: tuple[float, float] = ADAM_BETAS) -> tuple[float, float]:
     """``optim.betas`` where the run sets it, else the optimizer's own ``default``."""
     return tuple(cfg.betas) if cfg.betas is not None else default

@@ -199,6 +199,18 @@ def _warn_unused_options(cfg, overrides: list[str]) -> None:
         many = len(unused) > 1
         warnings.warn(f"{', '.join(unused)}: the {cfg.schedule.name} schedule has no such option{'s' if many else ''}; "
                       f"this run ignores {'them' if many else 'it'}", stacklevel=2)
+    # Likewise the optimizer's settings: optim.base=lamb without optim.name=sam trained AdamW.
+    from ..optim.optimizers import COMMON_SETTINGS, SAM_SETTINGS, SETTINGS_READ
+
+    optim = cfg.optim
+    if optim.rule in SETTINGS_READ:
+        reads = COMMON_SETTINGS | SETTINGS_READ[optim.rule] | (SAM_SETTINGS if optim.name == "sam" else set())
+        unused = [k for k in keys if k.startswith("optim.") and k.partition(".")[2] not in reads]
+        if unused:
+            many = len(unused) > 1
+            which = f"optim.name=sam with optim.base={optim.base}" if optim.name == "sam" else f"optim.name={optim.name}"
+            warnings.warn(f"{', '.join(unused)}: {which} has no such option{'s' if many else ''}; "
+                          f"this run ignores {'them' if many else 'it'}", stacklevel=2)
 
 
 def _print_summary(s: dict) -> None:
