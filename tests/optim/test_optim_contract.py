@@ -209,3 +209,32 @@ def test_a_plugins_optimizer_declares_that_it_needs_whole_tensors():
     finally:
         OPTIMIZERS.pop("pernorm", None)
         WHOLE_TENSORS.pop("pernorm", None)
+
+
+class _Reads:
+    """An OptimConfig that records which fields are read (to check SETTINGS_READ against the code)."""
+
+    def __init__(self, cfg):
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self._cfg, name)
+
+
+@pytest.mark.parametrize("name", sorted(set(OPTIMIZERS) - {"sam"}))
+def test_each_optimizer_reads_only_the_settings_its_ignored_option_warning_allows(name):
+    """The command line warns about an ``optim.*`` option outside ``settings_read``: an optimizer
+    reading one more would have it called ignored, and one shipped without an entry is never checked."""
+    from cramkit.optim.optimizers import SETTINGS_READ, settings_read
+
+    assert name in SETTINGS_READ
+    cfg = OptimConfig(name=name, muon_lr=0.01)
+    reads = _Reads(cfg)
+    model = build_model(get_preset("tiny") | {"vocab_size": 64, "max_positions": 16})
+    try:
+        OPTIMIZERS[name]([{"params": list(model.parameters())}], reads, torch.device("cpu"))
+    except ConfigError as exc:  # adamw8bit without torchao
+        pytest.skip(str(exc))
+    assert reads.read <= settings_read(cfg), sorted(reads.read - settings_read(cfg))

@@ -60,6 +60,14 @@ COMMON_SETTINGS = {"name", "lr", "weight_decay", "decay_embeddings", "lr_scaling
 SAM_SETTINGS = {"base", "sam_rho", "sam_every", "sam_adaptive"}
 
 
+def settings_read(cfg) -> set[str] | None:
+    """The ``optim.*`` fields the run's optimizer reads (SAM's with its base's), or None for a
+    plugin's optimizer, which may read any."""
+    if cfg.rule not in SETTINGS_READ:
+        return None
+    return COMMON_SETTINGS | SETTINGS_READ[cfg.rule] | (SAM_SETTINGS if cfg.name == "sam" else set())
+
+
 def _betas(cfg, default: tuple[float, float] = ADAM_BETAS) -> tuple[float, float]:
     """``optim.betas`` where the run sets it, else the optimizer's own ``default``."""
     return tuple(cfg.betas) if cfg.betas is not None else default

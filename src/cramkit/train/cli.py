@@ -147,29 +147,55 @@ def _pretrain(args: argparse.Namespace) -> int:
     return status
 
 
-def _causal(cfg) -> bool:
+def _causal(cfg, key: str) -> bool:
     from ..objectives import training_objective
 
-    return training_objective(cfg.model) == "clm"
+    return key != "objective.name" and training_objective(cfg.model) == "clm"
 
 
-#: Command-line options a run would take and then ignore: ``(prefix, ignored(cfg), why)``. Only
-#: the command line's: recipes set such options for every run they serve (a masking rate, an
-#: FSDP policy), and a GPT may train under a BERT recipe.
-def _one_process(cfg) -> bool:
+def _one_process(cfg, key: str) -> bool:
     from ..utils import launched_by_torchrun
 
     return not launched_by_torchrun()
 
 
-IGNORED_OPTIONS: list[tuple[str, Callable[[Any], bool], str]] = [
+def _schedule_ignores(cfg, key: str) -> bool:
+    # A schedule reads the options its function names: schedule.warmup under the default
+    # budget-triangle went into config.json and changed nothing.
+    import inspect
+
+    from ..schedules import LR_SCHEDULES
+
+    return key != "schedule.name" and key.partition(".")[2] not in inspect.signature(
+        LR_SCHEDULES[cfg.schedule.name]).parameters
+
+
+def _optimizer_ignores(cfg, key: str) -> bool:
+    # optim.base=lamb without optim.name=sam trained AdamW without a word.
+    from ..optim.optimizers import settings_read
+
+    reads = settings_read(cfg.optim)
+    return reads is not None and key.partition(".")[2] not in reads
+
+
+def _optimizer_named(cfg) -> str:
+    o = cfg.optim
+    return f"optim.name=sam with optim.base={o.base}" if o.name == "sam" else f"optim.name={o.name}"
+
+
+#: Command-line options a run would take and then ignore: ``(prefix, ignores(cfg, key), why)``,
+#: ``why`` text or a function of the config. Only the command line's: recipes set such options
+#: for every run they serve (a masking rate, an FSDP policy), and a GPT may train under a BERT
+#: recipe. In order: a key is named by the first rule that ignores it.
+IGNORED_OPTIONS: list[tuple[str, Callable[[Any, str], bool], str | Callable[[Any], str]]] = [
     ("objective.", _causal, "masking options only act on masked-LM runs; this causal-LM run"),
-    # Before the FSDP2 rule: outside torchrun that one would name parallel.fsdp_* a second time.
     ("parallel.", _one_process, "parallel options only act under torchrun; this single-process run"),
-    ("parallel.fsdp_", lambda cfg: cfg.parallel.strategy != "fsdp",
+    ("parallel.fsdp_", lambda cfg, key: cfg.parallel.strategy != "fsdp",
      "FSDP2 options only act with parallel.strategy=fsdp; this run"),
-    ("memory.checkpoint_every", lambda cfg: cfg.memory.activation_checkpointing != "selective",
+    ("memory.checkpoint_every", lambda cfg, key: cfg.memory.activation_checkpointing != "selective",
      "only selective activation checkpointing reads it; this run"),
+    ("schedule.", _schedule_ignores, lambda cfg: f"not read by the {cfg.schedule.name} schedule; this run"),
+    ("optim.", _optimizer_ignores, lambda cfg: f"not read by {_optimizer_named(cfg)}; this run"),
 ]
 
 
@@ -181,36 +207,12 @@ def _warn_unused_options(cfg, overrides: list[str]) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     keys = [o.partition("=")[0].strip() for o in overrides]
-    for prefix, ignored, why in IGNORED_OPTIONS:
-        unused = [k for k in keys if k.startswith(prefix) and k != "objective.name"]
-        if unused and ignored(cfg):
-            keys = [k for k in keys if k not in unused]  # each key named once
-            warnings.warn(f"{', '.join(unused)}: {why} ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
-    # A schedule reads only the options its function names: schedule.warmup under the default
-    # budget-triangle went into config.json and changed nothing.
-    import inspect
-
-    from ..schedules import LR_SCHEDULES
-
-    reads = inspect.signature(LR_SCHEDULES[cfg.schedule.name]).parameters
-    unused = [k for k in keys if k.startswith("schedule.") and k != "schedule.name"
-              and k.partition(".")[2] not in reads]
-    if unused:
-        many = len(unused) > 1
-        warnings.warn(f"{', '.join(unused)}: the {cfg.schedule.name} schedule has no such option{'s' if many else ''}; "
-                      f"this run ignores {'them' if many else 'it'}", stacklevel=2)
-    # Likewise the optimizer's settings: optim.base=lamb without optim.name=sam trained AdamW.
-    from ..optim.optimizers import COMMON_SETTINGS, SAM_SETTINGS, SETTINGS_READ
-
-    optim = cfg.optim
-    if optim.rule in SETTINGS_READ:
-        reads = COMMON_SETTINGS | SETTINGS_READ[optim.rule] | (SAM_SETTINGS if optim.name == "sam" else set())
-        unused = [k for k in keys if k.startswith("optim.") and k.partition(".")[2] not in reads]
+    for prefix, ignores, why in IGNORED_OPTIONS:
+        unused = [k for k in keys if k.startswith(prefix) and ignores(cfg, k)]
         if unused:
-            many = len(unused) > 1
-            which = f"optim.name=sam with optim.base={optim.base}" if optim.name == "sam" else f"optim.name={optim.name}"
-            warnings.warn(f"{', '.join(unused)}: {which} has no such option{'s' if many else ''}; "
-                          f"this run ignores {'them' if many else 'it'}", stacklevel=2)
+            keys = [k for k in keys if k not in unused]  # each key named once
+            why = why(cfg) if callable(why) else why
+            warnings.warn(f"{', '.join(unused)}: {why} ignores {'them' if len(unused) > 1 else 'it'}", stacklevel=2)
 
 
 def _print_summary(s: dict) -> None:
