@@ -1160,3 +1160,14 @@ def test_a_resume_that_changes_an_optimizer_setting_its_state_keeps_is_refused(t
     with pytest.raises(ConfigError, match=r"optim.weight_decay cannot change on resume \(.* trains with 0.01\)"):
         resume_config(run, ["train.budget=4steps", "optim.weight_decay=0.5"])
     resume_config(run, ["train.budget=4steps", "optim.weight_decay=0.01", "optim.sam_every=2"])  # unchanged
+
+
+def test_a_resume_may_change_an_optimizer_setting_the_optimizer_does_not_read(tiny_mlm_data, tmp_path):
+    """optim.momentum on resuming an AdamW run was refused as "the optimizer's saved state keeps
+    it": AdamW neither reads nor keeps it (a new run only warns that it is ignored)."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    cfg = resume_config(run, ["train.budget=4steps", "optim.momentum=0.5", "optim.nesterov=true"])
+    assert cfg.optim.name == "adamw" and cfg.optim.momentum == 0.5
+    with pytest.raises(ConfigError, match=r"optim.betas cannot change on resume"):
+        resume_config(run, ["train.budget=4steps", "optim.betas=[0.9,0.9]"])  # AdamW keeps these

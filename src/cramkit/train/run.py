@@ -55,6 +55,7 @@ from ..optim import (
     keeps_evaluation_weights,
     optimizer_states,
 )
+from ..optim.optimizers import settings_read
 from ..techniques import build_techniques
 from ..utils import atomic_path, changed_keys, lock_exclusive, read_json, write_json
 from . import checkpoint as ckpt
@@ -1090,8 +1091,13 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         raise ConfigError(f"seed cannot change on resume ({run_dir} trains with seed={trained.seed}): the data "
                           "order and the masks of the rest of the run follow it; resume without seed=, or "
                           "start a new run")
+    # Only those the optimizer reads: one it ignores (optim.momentum under AdamW) is in no saved
+    # group, and the command line warns that the run ignores it, as in a new run.
+    reads = settings_read(cfg.optim)
     for key in OPTIMIZER_STATE_SETTINGS:
         was, now = getattr(trained.optim, key), getattr(cfg.optim, key)
+        if reads is not None and key not in reads:
+            continue
         if was != now and trained.optim.name == cfg.optim.name and trained.optim.base == cfg.optim.base:
             # optimizer.load_state_dict() restores the saved groups' settings over the new ones,
             # so the run would train on with the old value while config.json records the new.
