@@ -1126,6 +1126,9 @@ OPTIMIZER_STATE_SETTINGS = ("betas", "eps", "momentum", "nesterov", "weight_deca
 
 
 def _shown(value: Any) -> str:
+    # None is a setting left to the optimizer (betas=None: its own pair), which "null" hides.
+    if value is None:
+        return "the optimizer's default"
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
