@@ -61,12 +61,13 @@ class HFTarget:
         [Any, dict[str, torch.Tensor], dict[str, int | None]], tuple[Any, dict[str, torch.Tensor]]
     ]
 
-    def mismatches(self, cfg) -> list[str]:
-        """Why ``cfg`` is not exactly this HF architecture (empty when it is)."""
+    def mismatches(self, cfg, skip: tuple[str, ...] = ()) -> list[str]:
+        """Why ``cfg`` is not exactly this HF architecture (empty when it is), leaving out the
+        fields in ``skip``."""
         return [
             f"{name}={getattr(cfg, name)!r} ({self.explain[name]})"
             for name, ok in self.requirements.items()
-            if not ok(getattr(cfg, name))
+            if name not in skip and not ok(getattr(cfg, name))
         ]
 
 
@@ -120,6 +121,8 @@ def _bert_convert(cfg, sd: dict[str, torch.Tensor], special: dict[str, int | Non
             out[f"{dst}intermediate.dense.{kind}"] = sd[f"{src}ffn.up.{kind}"]
             out[f"{dst}output.dense.{kind}"] = sd[f"{src}ffn.down.{kind}"]
             out[f"{dst}output.LayerNorm.{kind}"] = sd[f"{src}norm2.{kind}"]
+    if "head.transform.dense.weight" not in sd:  # a classifier's encoder without the MLM head's transform
+        return hf, {k: _t(v) for k, v in out.items()}
     for kind in ("weight", "bias"):
         out[f"cls.predictions.transform.dense.{kind}"] = sd[f"head.transform.dense.{kind}"]
         out[f"cls.predictions.transform.LayerNorm.{kind}"] = sd[f"head.transform.norm.{kind}"]
@@ -199,7 +202,7 @@ _COMMON = {
 }
 _BERT = {
     **_COMMON,
-    "norm_position": (_is("post"), "BertForMaskedLM is post-LN"),
+    "norm_position": (_is("post"), "BERT is post-LN"),
     "embedding_norm": (_is(True), "BERT normalises the embeddings"),
     "final_norm": (_is(False), "BERT has no final norm"),
     "head_transform": (_is(True), "BERT's MLM head has a dense + act + norm transform"),
@@ -496,7 +499,8 @@ def finetuned_mismatches(model_config, finetune_config) -> list[str]:
         reasons = [f"arch={model_config.arch!r} ({FINETUNED_HF_CLASS} is a BERT encoder; "
                    "transformers' other sequence classifiers have no dense + tanh pooler)"]
     else:
-        reasons = list(hf_counterpart(model_config)[1])
+        # The MLM head's shape does not matter: a sequence classifier drops that head.
+        reasons = HF_COUNTERPARTS["bert"].mismatches(model_config, skip=("head_transform",))
     pooling = resolve_pooling(finetune_config.pooling, model_config.causal)
     if pooling != "cls":
         shown = repr(pooling) if pooling == finetune_config.pooling else f"'auto' ({pooling})"

@@ -86,6 +86,14 @@ def test_classifier_exports_with_its_label_order(tmp_path, peft):
     _same_logits(folder, out)
 
 
+def test_the_mlm_heads_shape_does_not_stop_a_classifier_export(tmp_path):
+    """A post-LN BERT whose MLM head has no transform is no BertForMaskedLM, but its classifier
+    is exactly BertForSequenceClassification, which has no MLM head: it was refused."""
+    folder = _saved(_run(tmp_path, head_transform=False), _task(tmp_path / "task"))
+    export(folder, tmp_path / "out", log=lambda s: None)
+    _same_logits(folder, tmp_path / "out")
+
+
 def test_regression_exports_as_a_regression(tmp_path):
     run = _run(tmp_path)
     folder = _saved(run, _task(tmp_path / "task", regression=True))
