@@ -68,6 +68,18 @@ def test_utf16_text_without_byte_order_mark_is_named_as_such_not_binary(tmp_path
     _fails(tmp_path, small_cfg([f]), r"notes\.txt:1: .*UTF-16 text without a byte-order mark.*convert the file to UTF-8")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("first, newline", [("T", "\n"), ("Title", "\r\n"), ("T", "\r\n"), ("", "\r\n")])
+def test_utf16_text_without_byte_order_mark_is_named_whatever_its_first_line(tmp_path, encoding, first, newline):
+    # Windows' CRLF: split at the lone CR, the first line's bytes before it ("T\0") or after it
+    # (a lone "\0") were too short to tell, and the file was "a binary file" again.
+    f = tmp_path / "src" / "notes.txt"
+    f.parent.mkdir()
+    text = newline.join([first, *synthetic_docs(20)])
+    f.write_bytes(text.encode(encoding))
+    _fails(tmp_path, small_cfg([f]), r"notes\.txt:\d+: .*UTF-16 text without a byte-order mark.*convert the file to UTF-8")
+
+
 def test_non_utf8_names_file_and_line(tmp_path):
     docs = synthetic_docs(20)
     f = tmp_path / "src" / "latin1.txt.gz"

@@ -101,6 +101,17 @@ def _looks_like_utf16(line: bytes) -> bool:
     return False
 
 
+def _head(path: Path, size: int = 4096) -> bytes:
+    """The first ``size`` bytes of a (possibly compressed) file: a line alone may be too short to
+    tell UTF-16 by ("T\\0" before a newline, or the "\\0" a CRLF's lone CR leaves after it)."""
+    raw, stream = _open_binary(path)
+    try:
+        return stream.read(size)
+    finally:
+        stream.close()
+        raw.close()
+
+
 def _decoded_lines(
     path: Path, errors: str, lone_cr: bool = False
 ) -> Iterator[tuple[int, str, int]]:
@@ -124,7 +135,7 @@ def _decoded_lines(
             for part in body.split(b"\r") if lone_cr and b"\r" in body else (body,):
                 lineno += 1
                 if errors == "strict" and b"\x00" in part:
-                    if _looks_like_utf16(part):
+                    if _looks_like_utf16(part) or _looks_like_utf16(_head(path)):
                         raise DataError(f"{path}:{lineno}: NUL bytes in every other byte: UTF-16 text without "
                                         "a byte-order mark, it seems; convert the file to UTF-8")
                     raise DataError(f"{path}:{lineno}: NUL byte found; this looks like a binary file")
