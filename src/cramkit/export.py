@@ -636,8 +636,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     """Load a cramkit-format export: ``(model in eval mode, tokenizers.Tokenizer)``.
 
     The tokenizer frames inputs as the run's tokenizer.json says (``[CLS] a [SEP] (b [SEP])`` for
-    cramkit's WordPiece) and, as cramkit does, reads special-token spellings inside a text as text,
-    with no padding or truncation of its own.
+    cramkit's WordPiece; a causal model's texts not at all, as in pretraining) and, as cramkit
+    does, reads special-token spellings inside a text as text, with no padding or truncation of
+    its own.
 
     HF-format exports are loaded with ``transformers`` Auto classes instead.
     """
@@ -674,4 +675,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     # length): cramkit's inputs are neither (see save_hf_tokenizer).
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    if cfg.causal:
+        # Nor a framing (Llama's "<s> $A") that pretraining, which packs without post-processors,
+        # never fed a causal model (see save_hf_tokenizer).
+        tokenizer.post_processor = None
     return model.to(device).eval(), tokenizer

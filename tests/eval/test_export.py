@@ -326,6 +326,10 @@ def test_gpt2_export_tokenizer_adds_no_tokens_that_pretraining_never_saw(tmp_pat
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     text = "the quick brown fox"
     assert hf_tok(text)["input_ids"] == encoding_copy(tok).encode(text).ids
+    # cramkit's own format too: load_exported's tokenizer kept the file's framing.
+    export(run, tmp_path / "native", format="cramkit", log=lambda s: None)
+    _, native_tok = load_exported(tmp_path / "native")
+    assert native_tok.encode(text).ids == encoding_copy(tok).encode(text).ids
 
 
 def test_gpt2_export_decodes_its_byte_level_text_exactly(tmp_path):
