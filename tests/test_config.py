@@ -70,6 +70,8 @@ def test_overrides_reach_nested_fields_and_presets():
         # A field of another section (HF's trainer keeps the learning rate with training).
         ("train.lr=1e-3", r"unknown config key 'train\.lr' \(did you mean 'optim\.lr'\?\)$"),
         ("data.vocab_size=64", "did you mean 'data.prepare.vocab_size'"),
+        # The run's own seed is a top-level field: not only data.prepare's was a home for it.
+        ("train.seed=1", r"unknown config key 'train\.seed' \(did you mean 'seed' or 'data\.prepare\.seed'\?\)$"),
         ("train.batch_size=abc", "train.batch_size: expected an integer"),
         ("train.budget=abc", "budget 'abc' is not understood"),
         ("train.precision=fp8", "not one of"),

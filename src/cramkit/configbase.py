@@ -266,8 +266,11 @@ class Config:
         # `train.lr=...`: the field exists, in another section (`optim.lr`); a misspelt name
         # within the section was hinted already, so only an exact name elsewhere is offered.
         section, _, name = dotted.rpartition(".")
-        homes = [f"{prefix}.{name}" for prefix, tp in _sections(cls)
-                 if prefix != section and name in {f.name for f in dataclasses.fields(tp)}]
+        sections = dict(_sections(cls))
+        # A top-level setting too (`train.seed` -> `seed`, the run's, before data.prepare's).
+        homes = [name] if name in {f.name for f in dataclasses.fields(cls)} and name not in sections else []
+        homes += [f"{prefix}.{name}" for prefix, tp in sections.items()
+                  if prefix != section and name in {f.name for f in dataclasses.fields(tp)}]
         return f" (did you mean {' or '.join(map(repr, homes))}?)" if homes else ""
 
     def to_dict(self) -> dict[str, Any]:
