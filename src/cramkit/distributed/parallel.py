@@ -201,6 +201,11 @@ def _describe(exc: BaseException) -> tuple[str | None, str]:
     return None, f"{type(exc).__name__}: {exc}"
 
 
+#: Why memory.offload_optimizer cannot run in a process that torchrun did not start.
+OFFLOAD_NEEDS_TORCHRUN = ("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
+                          "parallel.strategy=fsdp (one process is fine: torchrun --nproc-per-node 1 ...)")
+
+
 def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, precision: str,
                 offload_optimizer: bool = False, unused_parameters: bool = False) -> torch.nn.Module:
     """Wrap for data parallelism: DDP, or FSDP2 ``fully_shard`` on each block then the root.
@@ -210,8 +215,7 @@ def shard_model(model: torch.nn.Module, par: Parallel, cfg: ParallelConfig, prec
     """
     if not par.distributed:
         if offload_optimizer:
-            raise ConfigError("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
-                              "parallel.strategy=fsdp (one process is fine: torchrun --nproc-per-node 1 ...)")
+            raise ConfigError(OFFLOAD_NEEDS_TORCHRUN)
         return model
     if par.strategy == "ddp":
         if offload_optimizer:

@@ -38,6 +38,7 @@ from ..distributed import (
     shard_model,
 )
 from ..distributed.memory import advise, offload_context
+from ..distributed.parallel import OFFLOAD_NEEDS_TORCHRUN
 from ..errors import CheckpointError, ConfigError, CramkitError, DataError
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
@@ -538,8 +539,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         check_fp8(par.device)
     if cfg.memory.offload_optimizer and not par.distributed:
         # shard_model says the same, but only once data and run directory were made and announced.
-        raise ConfigError("memory.offload_optimizer uses FSDP2's CPU offload: run under torchrun with "
-                          "parallel.strategy=fsdp (one process is fine: torchrun --nproc-per-node 1 ...)")
+        raise ConfigError(OFFLOAD_NEEDS_TORCHRUN)
     if not par.is_main:
         say = lambda *_: None  # noqa: E731
     device = par.device
