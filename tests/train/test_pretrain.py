@@ -608,6 +608,12 @@ def test_a_run_whose_micro_batch_was_capped_by_its_batch_resumes(tiny_mlm_data, 
     with pytest.raises(ConfigError, match="train.micro_batch=4 differs from the 8 this run was checkpointed with"):
         pretrain(resume_config(run, ["train.budget=4steps", "train.micro_batch=4"]), run_dir=run, resume=True,
                  say=lambda *_: None)
+    # A larger batch keeps the micro-batch the run trains with (accumulating more), as config.json
+    # still says 32: it was refused as "train.micro_batch=32 differs from the 8".
+    summary = pretrain(resume_config(run, ["train.budget=4steps", "train.batch_size=16"]), run_dir=run, resume=True,
+                       say=lambda *_: None)
+    assert summary["steps"] == 4 and json.loads((run / "config.json").read_text())["train"]["batch_size"] == 16
+    assert _metrics(run)[-1]["batch_size"] == 16
 
 
 def test_resuming_a_two_rank_run_in_one_process_names_the_ranks(tiny_mlm_data, tmp_path, monkeypatch):

@@ -633,10 +633,12 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             raise ConfigError(f"{run_dir} was checkpointed with {saved.get('world_size', 1)} rank(s); resume it "
                               f"with the same number (now {par.world_size})")
         micro_batch = int(saved["micro_batch"])
-        # Compared as the first run used it: capped at each rank's share of the batch, a
-        # micro_batch larger than that share (the demo's 32 with batch_size=16) is not a change.
+        # Only a micro_batch this resume sets is compared, as the first run used it: capped at
+        # each rank's share of the batch. The one config.json keeps (the demo's 32, with
+        # batch_size=16 trained as 16) stays whatever the batch becomes.
+        before = read_json(run_dir / "config.json", CheckpointError).get("train", {}).get("micro_batch")
         asked = min(cfg.train.micro_batch, per_rank_batch)
-        if cfg.train.micro_batch and asked != micro_batch:
+        if cfg.train.micro_batch and cfg.train.micro_batch != before and asked != micro_batch:
             raise ConfigError(f"train.micro_batch={cfg.train.micro_batch} differs from the {micro_batch} this run "
                               "was checkpointed with; the data position is counted in micro-batches")
     elif cfg.train.micro_batch:
