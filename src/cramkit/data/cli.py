@@ -61,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="tokens per packed sequence")
     p.add_argument("--val-fraction", type=float, help="fraction of documents held out")
     p.add_argument("--objective", choices=("mlm", "clm"), help="mlm or clm")
-    p.add_argument("--force", action="store_true", help="rebuild --out from the sources: without it the same inputs and options reuse the dataset there, and other ones are refused")
+    p.add_argument("--force", action="store_true", help="rebuild the dataset in --out: without it, one there from the same inputs and options is reused, and one from other inputs refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
     p.__class__ = _intermixed(type(p))
