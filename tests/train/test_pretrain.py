@@ -682,6 +682,23 @@ def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_da
     assert (run / "config.json").read_text() == before
 
 
+@pytest.mark.parametrize("override", ["model.heads=2", "model.norm_position=post", "model.activation=gelu_tanh",
+                                      "model.norm_eps=1e-5"])
+def test_resume_refuses_a_new_architecture_whose_tensors_keep_their_shapes(tiny_mlm_data, tmp_path, override):
+    """The checkpoint loaded into the new architecture without a word (4 heads' weights read as
+    2 heads, pre-norm weights under post-norms) and config.json recorded it, so the run's export
+    and fine-tunes ran a model that had not been trained."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    before = (run / "config.json").read_text()
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key} cannot change on resume \(.* trains with {key}="):
+        resume_config(run, ["train.budget=4steps", override])
+    assert (run / "config.json").read_text() == before
+    # What only acts while training may change.
+    resume_config(run, ["train.budget=4steps", "model.dropout=0.1", "model.attention_dropout=0.1"])
+
+
 def test_resume_whose_technique_builds_another_shape_names_the_technique_not_the_model(tiny_mlm_data, tmp_path):
     """Stacking starts shallow: model.layers is unchanged, yet the model built now is not the
     checkpoint's. The hint named model.layers, a setting the user had not touched."""

@@ -1093,6 +1093,13 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         raise ConfigError(f"seed cannot change on resume ({run_dir} trains with seed={trained.seed}): the data "
                           "order and the masks of the rest of the run follow it; resume without seed=, or "
                           "start a new run")
+    for key in ARCHITECTURE_SETTINGS:
+        was, now = getattr(trained.model, key), getattr(cfg.model, key)
+        unread = (key == "rotary_base" and trained.model.positions != "rotary"
+                  or key == "norm_eps" and trained.model.norm == "none")
+        if was != now and not unread:
+            raise ConfigError(f"model.{key} cannot change on resume ({run_dir} trains with model.{key}={was}): "
+                              "the checkpoint's weights were trained for it; resume without it, or start a new run")
     # Only those the optimizer reads: one it ignores (optim.momentum under AdamW) is in no saved
     # group, and the command line warns that the run ignores it, as in a new run.
     reads = settings_read(cfg.optim)
@@ -1120,6 +1127,13 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                       stacklevel=2)
     # Not written back here: pretrain() records it once the resume has loaded successfully.
     return cfg
+
+
+#: Model settings that change what the weights compute but not their shapes, so that loading the
+#: checkpoint cannot catch a change (as it catches model.hidden): 4 heads' weights loaded as 8 heads,
+#: and config.json then told export and fine-tuning of an architecture that was never trained.
+ARCHITECTURE_SETTINGS = ("arch", "heads", "norm_position", "norm", "norm_eps", "activation", "positions",
+                         "rotary_base", "embedding_scale")
 
 
 #: Optimizer settings held in its parameter groups, which a checkpoint's state brings back.
