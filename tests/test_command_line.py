@@ -313,6 +313,15 @@ def test_interrupt_while_starting_exits_130(monkeypatch, capsys):
     (["pretrain", "demo", "optim.name=sam", "optim.base=muon", "optim.muon_lr=0.01", "optim.sam_rho=0.1",
       "optim.betas=[0.9,0.95]", "optim.weight_decay=0.1", "optim.lr_scaling=sqrt"], None),
     (["pretrain", "demo", "optim.name=sgd", "optim.momentum=0.5", "optim.nesterov=false"], None),
+    # Model options that only one architecture choice reads were recorded and did nothing.
+    (["pretrain", "demo", "model.rotary_base=500000"],
+     "model.rotary_base: only model.positions=rotary reads it; this run ignores it"),
+    (["pretrain", "demo", "model.positions=rotary", "model.rotary_base=500000"], None),
+    (["pretrain", "demo", "model.document_mask_kernel=sdpa", "model.document_boundary_id=3"],
+     "model.document_mask_kernel, model.document_boundary_id: only model.document_mask=true reads the "
+     "document-mask options; "
+     "this run ignores them"),
+    (["pretrain", "demo", "model.document_mask=true", "model.document_mask_kernel=sdpa"], None),
 ])
 def test_options_a_run_ignores_are_said_to_do_nothing(argv, warned, monkeypatch, recwarn):
     if "--one-process" in argv:

@@ -196,6 +196,11 @@ IGNORED_OPTIONS: list[tuple[str, Callable[[Any, str], bool], str | Callable[[Any
      "only selective activation checkpointing reads it; this run"),
     ("schedule.", _schedule_ignores, lambda cfg: f"not read by the {cfg.schedule.name} schedule; this run"),
     ("optim.", _optimizer_ignores, lambda cfg: f"not read by {_optimizer_named(cfg)}; this run"),
+    # Recorded in config.json as if the model used them.
+    ("model.rotary_base", lambda cfg, key: cfg.model.positions != "rotary",
+     "only model.positions=rotary reads it; this run"),
+    ("model.document_", lambda cfg, key: key != "model.document_mask" and not cfg.model.document_mask,
+     "only model.document_mask=true reads the document-mask options; this run"),
 ]
 
 
