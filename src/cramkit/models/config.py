@@ -33,7 +33,7 @@ class ModelConfig(Config):
         "halves, so the down-projection reads intermediate/2",
     )
     norm_position: Literal["pre", "post"] = field(
-        "pre", help="'pre': norm inside each residual branch (needs final_norm); 'post': BERT 2018"
+        "pre", help="'pre': norm inside each residual branch (usually with final_norm, as the residual stream is otherwise never normalised); 'post': BERT 2018"
     )
     norm: Name = field(
         "layernorm", help="normalisation layer; 'none' for inits that train without it (t-fixup, fixup, rezero)"
