@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..configbase import Config, Name, did_you_mean, field
+from ..configbase import Config, Name, field
 from ..errors import ConfigError
+from ..plugins import unknown_hint
 from .registry import ARCHITECTURES, INITS
 
 
@@ -155,7 +156,8 @@ class ModelConfig(Config):
             value = getattr(self, name)
             if value not in registry and value not in also:
                 choices = [*also, *registry.names()]
-                raise ConfigError(f"{name}: unknown {registry.kind} {value!r}{did_you_mean(str(value), choices)}; "
+                # A run trained with a plugin's name, read without the plugin, learns where it comes from.
+                raise ConfigError(f"{name}: unknown {registry.kind} {value!r}{unknown_hint(str(value), choices)}; "
                                   f"choose from {choices}")
 
         for name, registry in (("arch", ARCHITECTURES), ("init", INITS), ("norm", NORMS), ("ffn", FFNS),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from ..configbase import did_you_mean
 from ..errors import ConfigError
+from ..plugins import unknown_hint
 
 T = TypeVar("T")
 
@@ -38,7 +38,9 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            hint = did_you_mean(str(name), self._items)
+            # A run trained with a plugin's architecture, init or norm names it, and reading the
+            # run without the plugin must say where such a name comes from.
+            hint = unknown_hint(str(name), self._items)
             raise ConfigError(
                 f"unknown {self.kind} '{name}'{hint}; choose from {sorted(self._items)}"
             ) from None
