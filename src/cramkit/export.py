@@ -279,31 +279,30 @@ def save_hf_tokenizer(
     segment 0 too. Segment 1 would index an untrained row of the token-type table, or a row
     that does not exist when the model has none (``type_vocab_size=0`` exports as one row).
     """
-    from tokenizers import Tokenizer, processors
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer.from_str(tokenizer.to_str())
-    # A reused tokenizer.json may pad or truncate on its own, on the left; transformers takes
-    # its padding_side and truncation_side from the file, while cramkit right-pads and keeps a
-    # text's start (learned positions make left padding change the logits).
-    tok.no_padding()
-    tok.no_truncation()
+    from .data.tokenizer import encoding_copy
+
+    # As cramkit encodes: without a reused tokenizer.json's own padding or truncation (on the
+    # left, say: transformers takes padding_side and truncation_side from the file, and left
+    # padding moves learned positions) and without its framing (Llama's "<s> $A" before each
+    # text, which pretraining never fed a causal model); BERT's framing is set below.
+    tok = encoding_copy(tokenizer)
     tokens = _special_tokens(tok, special)
     if causal and "pad_token" not in tokens and "eos_token" in tokens:
         # The pad id the GPT-2 config falls back to: tokenizer(..., padding=True) then works and
         # pads with the id the model skips.
         tokens["pad_token"] = tokens["eos_token"]
-    if causal:
-        # A reused tokenizer.json's own framing (Llama's "<s> $A") would put tokens before each
-        # text that pretraining, which packs without post-processors, never fed the model.
-        tok.post_processor = None
-    elif "cls_token" in tokens and "sep_token" in tokens:
+    if not causal and "cls_token" in tokens and "sep_token" in tokens:
         cls, sep = tokens["cls_token"], tokens["sep_token"]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{cls} $A {sep}",
             pair=f"{cls} $A {sep} $B {sep}",
             special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
         )
+    elif not causal:
+        tok.post_processor = tokenizer.post_processor
     # split_special_tokens: a special token's spelling inside a text ("[MASK]", "[SEP]",
     # "<|endoftext|>") is plain text, as in cramkit's pretraining and fine-tuning (encoding_copy).
     # Raw text then gives the same ids here as in cramkit, and a corpus or a task that contains
@@ -645,6 +644,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
+    from .data.tokenizer import encoding_copy
     from .models import ModelConfig, build_model
 
     path = Path(path)
@@ -667,16 +667,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
             f"{path}/model.safetensors does not match config.json: missing "
             f"{sorted(set(missing) - tied)[:5]}, unexpected {list(unexpected)[:5]}"
         )
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    # Not stored in tokenizer.json: special-token spellings in a text are text, as cramkit's own
-    # encoding reads them and as the HF export's tokenizer does (see save_hf_tokenizer).
-    tokenizer.encode_special_tokens = True
-    # Nor the padding and truncation a reused tokenizer.json may set (on the left, or to a fixed
-    # length): cramkit's inputs are neither (see save_hf_tokenizer).
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    if cfg.causal:
-        # Nor a framing (Llama's "<s> $A") that pretraining, which packs without post-processors,
-        # never fed a causal model (see save_hf_tokenizer).
-        tokenizer.post_processor = None
+    saved = Tokenizer.from_file(str(path / "tokenizer.json"))
+    # As cramkit encodes (encoding_copy): special-token spellings in a text are text (not stored
+    # in tokenizer.json), and none of a reused file's padding, truncation or framing; a BERT's
+    # texts are framed as the file says, [CLS] a [SEP] (b [SEP]).
+    tokenizer = encoding_copy(saved)
+    if not cfg.causal:
+        tokenizer.post_processor = saved.post_processor
     return model.to(device).eval(), tokenizer
