@@ -121,15 +121,14 @@ def _bert_convert(cfg, sd: dict[str, torch.Tensor], special: dict[str, int | Non
             out[f"{dst}intermediate.dense.{kind}"] = sd[f"{src}ffn.up.{kind}"]
             out[f"{dst}output.dense.{kind}"] = sd[f"{src}ffn.down.{kind}"]
             out[f"{dst}output.LayerNorm.{kind}"] = sd[f"{src}norm2.{kind}"]
-    if "head.transform.dense.weight" not in sd:  # a classifier's encoder without the MLM head's transform
-        return hf, {k: _t(v) for k, v in out.items()}
-    for kind in ("weight", "bias"):
-        out[f"cls.predictions.transform.dense.{kind}"] = sd[f"head.transform.dense.{kind}"]
-        out[f"cls.predictions.transform.LayerNorm.{kind}"] = sd[f"head.transform.norm.{kind}"]
-    decoder_bias = sd.get("head.decoder.bias", torch.zeros(cfg.vocab_size))
-    out["cls.predictions.bias"] = decoder_bias
-    out["cls.predictions.decoder.bias"] = decoder_bias
-    out["cls.predictions.decoder.weight"] = sd["head.decoder.weight"]
+    if "head.transform.dense.weight" in sd:  # the MLM head (a classifier's encoder may lack its transform)
+        for kind in ("weight", "bias"):
+            out[f"cls.predictions.transform.dense.{kind}"] = sd[f"head.transform.dense.{kind}"]
+            out[f"cls.predictions.transform.LayerNorm.{kind}"] = sd[f"head.transform.norm.{kind}"]
+        decoder_bias = sd.get("head.decoder.bias", torch.zeros(cfg.vocab_size))
+        out["cls.predictions.bias"] = decoder_bias
+        out["cls.predictions.decoder.bias"] = decoder_bias
+        out["cls.predictions.decoder.weight"] = sd["head.decoder.weight"]
     return hf, {k: _t(v) for k, v in out.items()}
 
 
