@@ -219,17 +219,27 @@ def get_factory(name: str) -> OptimizerFactory:
         ) from None
 
 
+def whole_tensor_optimizer(cfg) -> tuple[str, str] | None:
+    """``(field, name)`` of ``cfg``'s optimizer (an ``OptimConfig``) when its update needs whole
+    tensors (:data:`WHOLE_TENSORS`): ``("name", ...)`` for the optimizer named, ``("base", ...)``
+    for the one SAM wraps; None when it runs on shards."""
+    for which, name in (("name", cfg.name), ("base", cfg.rule)):
+        if name in WHOLE_TENSORS:
+            return which, name
+    return None
+
+
 def shard_refusal(cfg) -> str | None:
     """Why ``cfg``'s optimizer (an ``OptimConfig``) cannot train under FSDP2, or None where it
     can: the declaration of the optimizer named, or of the one SAM wraps (``optim.base``)."""
-    for which, name in ((f"optim.name={cfg.name}", cfg.name),
-                        (f"optim.base={cfg.rule} (which optim.name={cfg.name} wraps)", cfg.rule)):
-        reason = WHOLE_TENSORS.get(name)
-        if reason:
-            usable = ", ".join(sorted(n for n in OPTIMIZERS if n not in WHOLE_TENSORS))
-            return (f"{which} cannot train under parallel.strategy=fsdp: {reason}; use "
-                    f"parallel.strategy=ddp, or an optimizer that runs on shards ({usable})")
-    return None
+    found = whole_tensor_optimizer(cfg)
+    if found is None:
+        return None
+    which, name = found
+    shown = f"optim.name={name}" if which == "name" else f"optim.base={name} (which optim.name={cfg.name} wraps)"
+    usable = ", ".join(sorted(n for n in OPTIMIZERS if n not in WHOLE_TENSORS))
+    return (f"{shown} cannot train under parallel.strategy=fsdp: {WHOLE_TENSORS[name]}; use "
+            f"parallel.strategy=ddp, or an optimizer that runs on shards ({usable})")
 
 
 def build_optimizer(

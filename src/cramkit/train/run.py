@@ -50,11 +50,11 @@ from ..objectives import (
     training_objective,
 )
 from ..optim import (
-    WHOLE_TENSORS,
     build_optimizer,
     evaluation_weights,
     keeps_evaluation_weights,
     optimizer_states,
+    whole_tensor_optimizer,
 )
 from ..optim.optimizers import settings_read
 from ..techniques import build_techniques
@@ -468,10 +468,8 @@ def _format_mismatch(saved: dict[str, Any], par: Parallel) -> str | None:
 
 def _whole_tensor_optimizer(cfg: RunConfig) -> str | None:
     """``optim.name=...`` (or ``optim.base=...``) where the run's optimizer is one FSDP2 refuses."""
-    for key, name in (("optim.name", cfg.optim.name), ("optim.base", cfg.optim.rule)):
-        if name in WHOLE_TENSORS:
-            return f"{key}={name}"
-    return None
+    found = whole_tensor_optimizer(cfg.optim)
+    return None if found is None else f"optim.{found[0]}={found[1]}"
 
 
 def _optimizer_name(cfg: RunConfig) -> str:
