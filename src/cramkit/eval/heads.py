@@ -47,12 +47,11 @@ def resolve_pooling(name: str, causal: bool) -> str:
 
 def get_pooler(name: str, causal: bool) -> Pooler:
     """The pooler called ``name``; ``auto`` is ``last`` for causal models and ``cls`` otherwise."""
-    if name == "auto":
-        name = resolve_pooling(name, causal)
-    elif name == "cls" and causal:
+    if name == "cls" and causal:  # asked for: auto never resolves to it on a causal model
         warnings.warn("finetune.pooling=cls on a causal model pools the first token, which has seen "
                       "nothing but itself; pooling=last (the default for it) or mean reads the whole "
                       "input", stacklevel=2)
+    name = resolve_pooling(name, causal)
     try:
         return POOLERS[name]
     except KeyError:
