@@ -274,18 +274,18 @@ def test_a_txt_input_is_one_text_per_line_for_single_text_tasks(pair_saved, tmp_
     import gzip
 
     from cramkit.cli import main
-    from cramkit.eval.tasks import TaskSpec, get_task, read_inputs
+    from cramkit.eval.tasks import TaskSpec, get_task, iter_inputs
 
     plain = tmp_path / "texts.txt"
     plain.write_bytes(b"Shares rose.\r\n\r\n  The striker scored.  \nlast line, no newline")
-    assert [(n, e.text, e.text_pair) for n, e in read_inputs(plain, get_task("bbc"))] == [
+    assert [(n, e.text, e.text_pair) for n, e in list(iter_inputs(plain, get_task("bbc")))] == [
         (1, "Shares rose.", None), (3, "The striker scored.", None), (4, "last line, no newline", None)]
     packed = tmp_path / "texts.TXT.gz"
     packed.write_bytes(gzip.compress(plain.read_bytes()))
-    assert [e.text for _, e in read_inputs(packed, get_task("bbc"))][1] == "The striker scored."
+    assert [e.text for _, e in list(iter_inputs(packed, get_task("bbc")))][1] == "The striker scored."
     pairs = TaskSpec("pairs", "premise", "label", text_pair_column="hypothesis", source="file")
     with pytest.raises(DataError, match="classifies pairs of texts, which a .txt file"):
-        read_inputs(plain, pairs)
+        list(iter_inputs(plain, pairs))
     folder, _, _ = pair_saved  # a pair task: its .txt input is a one-line error
     assert main(["predict", str(folder), "--input", str(plain)]) == 2
     assert "which a .txt file (one text per line) cannot hold" in capsys.readouterr().err
@@ -294,19 +294,19 @@ def test_a_txt_input_is_one_text_per_line_for_single_text_tasks(pair_saved, tmp_
 def test_a_row_with_more_fields_than_the_header_is_an_error_in_prediction_inputs(tmp_path):
     """A predicted file is the user's own, also for a built-in task: a comma in an unquoted CSV
     field (or a tab in a TSV's text) must not cut the text short without a word."""
-    from cramkit.eval.tasks import get_task, read_inputs
+    from cramkit.eval.tasks import get_task, iter_inputs
 
     unquoted = tmp_path / "news.csv"
     unquoted.write_text("text\nShares rose, then fell.\n")
     with pytest.raises(DataError, match=r"news.csv:2: row has 2 fields, the header 1 \(a comma in an unquoted"):
-        read_inputs(unquoted, get_task("bbc"))
+        list(iter_inputs(unquoted, get_task("bbc")))
     tabbed = tmp_path / "news.tsv"
     tabbed.write_text("text\nShares rose\tthen fell.\n")
     with pytest.raises(DataError, match=r"news.tsv:2: row has 2 fields"):
-        read_inputs(tabbed, get_task("bbc"))
+        list(iter_inputs(tabbed, get_task("bbc")))
     quoted = tmp_path / "quoted.csv"
     quoted.write_text('text\n"Shares rose, then fell."\n')
-    assert [e.text for _, e in read_inputs(quoted, get_task("bbc"))] == ["Shares rose, then fell."]
+    assert [e.text for _, e in list(iter_inputs(quoted, get_task("bbc")))] == ["Shares rose, then fell."]
 
 
 def test_predict_input_type_and_columns_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -430,11 +430,6 @@ def read_examples(
     return _read_examples(Path(path), spec, labels, limit, skip_short_rows=False)[0]
 
 
-def read_inputs(path: str | Path, spec: TaskSpec) -> list[tuple[int, Example]]:
-    """:func:`iter_inputs` as a list: every row read (and checked) at once."""
-    return list(iter_inputs(path, spec))
-
-
 def iter_inputs(path: str | Path, spec: TaskSpec) -> Iterator[tuple[int, Example]]:
     """``(line number, example)`` for each row of an unlabelled file in the task's layout, read
     as it is consumed: its text column (and pair column) read as :func:`read_examples` reads
