@@ -26,9 +26,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(*args) -> subprocess.CompletedProcess:
+def _launcher_env(tmp: Path) -> dict[str, str]:
+    """torchrun's environment: its agent leaves a ``torchelastic_*`` folder in the temporary
+    directory of every launch, so each test points TMPDIR into its own tmp_path (pytest prunes
+    those) rather than letting the suite pile hundreds of them into /tmp."""
+    scratch = tmp / "launcher-tmp"
+    scratch.mkdir(exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+
+
+def _two_ranks(tmp: Path, *args) -> subprocess.CompletedProcess:
     """dist_worker.py ``args`` on 2 ranks (torchrun, gloo), asserted to succeed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env = _launcher_env(tmp)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), str(Path(__file__).with_name("dist_worker.py")), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -38,7 +48,7 @@ def _two_ranks(*args) -> subprocess.CompletedProcess:
 
 def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     out = tmp_path / "dist"
-    proc = _two_ranks(tiny_clm_data, out, tiny_mlm_data)
+    proc = _two_ranks(tmp_path, tiny_clm_data, out, tiny_mlm_data)
     assert "`broadcast_buffers` is deprecated" not in proc.stderr, proc.stderr[-3000:]  # DDP, torch 2.13
     res = json.loads((out / "results.json").read_text())
 
@@ -111,7 +121,7 @@ def test_a_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(tiny_clm_data
     (the weight's first row), not in that of rank 1, which put it there. (The ranks agree through
     the loss summed over them, which the norm check turns to NaN, as much as through the norm.)"""
     out = tmp_path / "dist"
-    _two_ranks("nonfinite-gradient", tiny_clm_data, out, strategy)
+    _two_ranks(tmp_path, "nonfinite-gradient", tiny_clm_data, out, strategy)
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
     for fused in ("off", "on"):  # the skip decided on the host / on the device
         name = f"{strategy}-fused-{fused}"
@@ -133,7 +143,7 @@ def test_a_failure_of_rank_0_alone_stops_the_other_ranks_at_once(tiny_mlm_data, 
     group's timeout (or died of the lost connection, with a traceback); when it outlasted the
     timeout (a large corpus), they failed although nothing was wrong."""
     out = tmp_path / "dist"
-    _two_ranks("rank0-failures", tiny_mlm_data, out)
+    _two_ranks(tmp_path, "rank0-failures", tiny_mlm_data, out)
     zero, one = (json.loads((out / f"rank-{r}.json").read_text()) for r in range(2))
     assert zero["bad-source"][:1] == ["DataError"] and "missing.txt" in zero["bad-source"][1]
     assert zero["name-taken"][:1] == ["ConfigError"] and zero["checkpoint-write"][:1] == ["OSError"]
@@ -158,7 +168,7 @@ def test_the_readmes_multi_node_command_line_trains_across_two_nodes(tiny_clm_da
     "node" on this machine: FSDP2 across the nodes follows one process's curve, and
     only the first node's rank 0 writes the run."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env = _launcher_env(tmp_path)
     args = tiny_overrides(tiny_clm_data, tmp_path / "nodes", "train.budget=4steps", "parallel.strategy=fsdp",
                           name="two-nodes", arch="gpt")
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
