@@ -117,7 +117,7 @@ def test_a_fresh_optimizer_stacks_the_evaluated_weights_of_schedule_free(mode):
     model.load_state_dict(trained)
 
     class State:
-        progress, optimizer, pending_model = 1.0, opt, None
+        progress, optimizer, pending_model, last_step = 1.0, opt, None, False
 
         def request_model(self, new, transfer=None):
             self.pending_model = new
@@ -148,6 +148,24 @@ def test_schedule_and_configured_depth():
         tech.configure_model(preset_config("tiny", layers=6))
     with pytest.raises(ConfigError, match="increasing"):
         StackingOptions.from_dict({"doublings": 2, "at": [0.6, 0.3]})
+
+
+def test_no_doubling_on_the_step_that_spends_the_budget():
+    model, _ = _trained_model_and_optimizer()
+
+    class State:
+        progress, pending_model, last_step, model = 0.9, None, True, None
+
+        def request_model(self, new, transfer=None):
+            self.pending_model = new
+
+    state, tech = State(), ProgressiveStacking(StackingOptions.from_dict({"doublings": 1}))
+    state.model = model
+    tech.on_step_end(state)
+    assert state.pending_model is None and tech.state_dict() == {"done": 0}
+    state.last_step = False
+    tech.on_step_end(state)
+    assert len(state.pending_model.layers) == 4 and tech.state_dict() == {"done": 1}
 
 
 def test_run_grows_to_final_depth_and_counts_flops(tiny_mlm_data, tmp_path):
@@ -230,3 +248,38 @@ def test_a_run_carries_optimizer_state_across_each_doubling(mode, tiny_mlm_data,
                       "technique.stacking.at=[0.3,0.6]", f"technique.stacking.optimizer={mode}")
     pretrain(cfg, say=quiet)
     assert checked == [1, 2]  # both doublings went through the check
+
+
+def test_a_doubling_due_at_the_last_step_is_not_made_and_a_longer_resume_makes_it(tiny_mlm_data, tmp_path):
+    """Step 8 of 8 starts at 7/8, the second doubling's point: stacking after it ended the run on a
+    depth-4 model whose top two blocks (copies) were never trained, and the final evaluation, the
+    checkpoint and the summary all described that model. The run ends on the depth it trained."""
+    import dataclasses
+    import warnings
+
+    from cramkit.models.flops import count_parameters, flops_per_token
+    from cramkit.train import checkpoint as ckpt
+    from cramkit.train.run import resume_config
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "model.layers=4", "train.batch_ramp=0",
+                      "techniques=[stacking]", "technique.stacking.at=[0.25,0.875]")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = pretrain(cfg, say=quiet)
+    assert {int(k.split(".")[1]) for k in weights(run) if k.startswith("layers.")} == {0, 1}
+    saved = ckpt.load_state(ckpt.latest_checkpoint(run))
+    assert saved["techniques"]["stacking"] == {"done": 1}  # configure_model builds depth 2 on resume
+    assert summary["parameters"] == count_parameters(build_model(dataclasses.replace(cfg.model, layers=2)))
+    per = [flops_per_token(dataclasses.replace(cfg.model, layers=n), 32, cfg.objective.mask_rate) for n in (1, 2)]
+    assert summary["flops"] == pytest.approx(summary["tokens"] / 8 * (3 * per[0] + 5 * per[1]), rel=1e-9)
+    assert any("budget ran out with the model at layers=2" in str(w.message) for w in caught)
+
+    # Twice the budget: step 9 starts at 8/16, and the doubling comes after step 15 (at 14/16).
+    longer = pretrain(resume_config(run, ["train.budget=16steps"]), run_dir=run, resume=True, say=quiet)
+    assert {int(k.split(".")[1]) for k in weights(run) if k.startswith("layers.")} == {0, 1, 2, 3}
+    assert ckpt.load_state(ckpt.latest_checkpoint(run))["techniques"]["stacking"] == {"done": 2}
+    assert longer["parameters"] == count_parameters(build_model(cfg.model))
+    per4 = flops_per_token(cfg.model, 32, cfg.objective.mask_rate)
+    expected = summary["flops"] + summary["tokens"] / 8 * (7 * per[1] + per4)
+    assert longer["flops"] == pytest.approx(expected, rel=1e-9)

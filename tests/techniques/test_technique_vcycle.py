@@ -20,6 +20,7 @@ from cramkit.techniques.vcycle import (
     VCycle,
     VCycleOptions,
     coalesce,
+    coarse_config,
     decoalesce,
     default_fractions,
     interpolate,
@@ -267,6 +268,8 @@ def test_vcycle_levels_and_learning_rate_through_the_hooks():
     """Drive the hooks by hand: down at 10 %, up at 40 %, lr x2 on the coarse level."""
 
     class State:
+        last_step = False
+
         def __init__(self, model):
             self.model, self.progress, self.lr_scale, self.pending_model = model, 0.0, 1.0, None
             self.lr_progress = 0.0
@@ -281,6 +284,10 @@ def test_vcycle_levels_and_learning_rate_through_the_hooks():
     assert cfg == model.config
     state = State(model)
     state.progress = 0.1
+    state.last_step = True  # the step spends the budget: no level change nothing would train
+    tech.on_step_end(state)
+    assert state.pending_model is None and tech.stage == 0 and not tech.saved
+    state.last_step = False
     tech.on_step_end(state)
     small = state.pending_model[0]
     assert small.config.hidden == 32 and tech.level == 1 and len(tech.saved) == 1
@@ -311,6 +318,8 @@ def test_levels_change_on_the_evaluated_weights_of_schedule_free():
     from pytorch_optimizer import ScheduleFreeAdamW
 
     class State:
+        last_step = False
+
         def __init__(self, model, optimizer):
             self.model, self.optimizer, self.progress, self.pending_model = model, optimizer, 0.1, None
 
@@ -395,3 +404,29 @@ def test_per_stage_schedule_resumes_to_identical_weights(request, tmp_path, opti
     a, b = weights(full), weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["lr"] for r in metrics(cut)] == [r["lr"] for r in metrics(full)][6:]
+
+
+def test_a_level_change_due_at_the_last_step_is_not_made_and_a_longer_resume_makes_it(request, tmp_path):
+    """Step 8 of 8 starts at 7/8, the last stage's edge: de-coalescing and interpolating after it
+    ended the run on a full model that never trained a step. The run ends on the level it trained
+    (and says so), with the state to go back up on a resume with a larger budget."""
+    from cramkit.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    cfg = tiny_config(request.getfixturevalue("tiny_mlm_data"), tmp_path, *VCYCLE_RUN, "train.budget=8steps",
+                      "technique.vcycle.fractions=[0.25,0.625,0.125]")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = pretrain(cfg, say=quiet)
+    assert weights(run)["embeddings.tokens.weight"].shape[1] == 32
+    saved = ckpt.load_state(ckpt.latest_checkpoint(run))["techniques"]["vcycle"]
+    assert saved["stage"] == 1 and len(saved["saved"]) == 1
+    assert summary["parameters"] == count_parameters(build_model(coarse_config(cfg.model, Scheme(2, 2))))
+    assert any("budget ran out with the model at hidden=32" in str(w.message) for w in caught)
+
+    # Step 9 of 16 starts at 1/2, inside the coarse stage; step 15, at 7/8, goes back up.
+    longer = pretrain(resume_config(run, ["train.budget=16steps"]), run_dir=run, resume=True, say=quiet)
+    assert weights(run)["embeddings.tokens.weight"].shape[1] == 64
+    saved = ckpt.load_state(ckpt.latest_checkpoint(run))["techniques"]["vcycle"]
+    assert saved["stage"] == 2 and not saved["saved"]
+    assert longer["parameters"] == count_parameters(build_model(cfg.model))

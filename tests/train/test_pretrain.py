@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from cramkit.errors import CheckpointError, ConfigError, CramkitError, TrainingError
 from cramkit.models import build_model
+from cramkit.techniques.base import Technique
 from cramkit.train import checkpoint as ckpt
 from cramkit.train.run import pretrain, resume_config
 
@@ -87,6 +88,60 @@ def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_resumes(tiny_ml
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+class _StepEndRecorder(Technique):
+    """Records ``state.last_step`` at every ``on_step_end``; with ``swap``, requests the model it
+    has (a technique that changes the model at every step end, the last one too). Unregistered."""
+
+    name = "recorder"
+
+    def __init__(self, swap: bool = False) -> None:
+        super().__init__(None)
+        self.swap, self.seen = swap, []
+
+    def on_step_end(self, state) -> None:
+        self.seen.append((state.step, state.last_step))
+        if self.swap:
+            state.request_model(state.model)
+
+
+def _with_technique(monkeypatch, technique):
+    from cramkit.train import run as run_mod
+
+    monkeypatch.setattr(run_mod, "build_techniques", lambda names, options: [technique])
+
+
+@pytest.mark.parametrize("budget", ["5steps", "1s"])
+def test_hooks_learn_at_step_end_whether_the_step_spends_the_budget(tiny_mlm_data, tmp_path, monkeypatch,
+                                                                     budget):
+    """Before on_step_end, so that no technique changes the model after the last step; a time
+    budget too, whose end is known only once its step has run (the clock is read before the
+    hooks). Exactly the step after which the run stops for its budget."""
+    recorder = _StepEndRecorder()
+    _with_technique(monkeypatch, recorder)
+    summary = pretrain(tiny_config(tiny_mlm_data, tmp_path, f"train.budget={budget}"), say=lambda *_: None)
+    assert summary["stop_reason"] == "budget"
+    assert recorder.seen == [(k, k == summary["steps"]) for k in range(1, summary["steps"] + 1)]
+
+
+def test_a_stop_signal_is_no_last_step(tiny_mlm_data, tmp_path, monkeypatch):
+    """A stopped run resumes as if uninterrupted, so its last step's changes must be made."""
+    recorder = _StepEndRecorder()
+    _with_technique(monkeypatch, recorder)
+    with signal_at(3, signal.SIGINT), pytest.warns(UserWarning, match="finishing the step"):
+        summary = pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=10steps"), say=lambda *_: None)
+    assert summary["stop_reason"] == "signal" and summary["steps"] == 4
+    assert recorder.seen == [(k, False) for k in range(1, 5)]
+
+
+def test_a_model_requested_after_the_last_step_is_refused(tiny_mlm_data, tmp_path, monkeypatch):
+    """A technique that forgets state.last_step: the run would end on a model nothing trained."""
+    recorder = _StepEndRecorder(swap=True)
+    _with_technique(monkeypatch, recorder)
+    with pytest.raises(RuntimeError, match="after the step that spends the budget"):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=3steps"), say=lambda *_: None)
+    assert recorder.seen == [(1, False), (2, False), (3, True)]  # the swaps before it went through
 
 
 def test_a_run_trains_in_a_worker_thread(tiny_mlm_data, tmp_path):

@@ -193,6 +193,11 @@ class ProgressiveStacking(Technique):
         return dataclasses.replace(model_config, layers=depth)
 
     def on_step_end(self, state) -> None:
+        if state.last_step:
+            # Nothing would train the deeper model: the run ends on the depth it trained, and
+            # `done` (what configure_model builds on resume) counts only doublings made. A resume
+            # with a larger budget doubles after its first step that starts past the point.
+            return
         schedule = self.options.schedule()
         # Every doubling whose fraction this step's start passed, not one per step: a later one
         # would otherwise train a step (or, at the last step, the rest of the run) too shallow.

@@ -561,6 +561,10 @@ class VCycle(Technique):
                                                 self.fractions[self.stage])
 
     def on_step_end(self, state) -> None:
+        if state.last_step:
+            # Nothing would train the next level: the run ends on the level it trained, with the
+            # stage and saved weights to leave it on a resume with a larger budget.
+            return
         target = stage_at(state.progress, self.fractions)
         # The cycle only moves forward. A resume with a larger budget lowers the progress and can
         # put a finished stage ahead again; requesting the unchanged model then would rebuild the

@@ -934,8 +934,9 @@ def _reshaped(configured, ended) -> str | None:
     """What to tell a user whose run spent its budget on another shape than ``model.*``.
 
     Techniques change the model at budget fractions, after the first step that starts at or past
-    one; a stage edge past the last step's start is never crossed, and the run then ends on, say,
-    a V-cycle's coarse level. The checkpoint that fine-tuning and export read holds that model,
+    one, but never after the step that spends the budget (``state.last_step``): a stage edge at or
+    past the last step's start is not crossed, and the run then ends on, say, a V-cycle's coarse
+    level. The checkpoint that fine-tuning and export read holds that model,
     which ``summary.json``'s parameter count alone would not make plain.
     """
     fields = [f.name for f in dataclasses.fields(configured)
@@ -945,7 +946,8 @@ def _reshaped(configured, ended) -> str | None:
     now = ", ".join(f"{name}={getattr(ended, name)}" for name in fields)
     wanted = ", ".join(f"model.{name}={getattr(configured, name)}" for name in fields)
     return (f"the budget ran out with the model at {now}, not the configured {wanted}: a change of the "
-            "model that a technique had scheduled came after the last step, and the final checkpoint (which "
+            "model that a technique had scheduled was due at or after the last step's start (nothing would have "
+            "trained it), and the final checkpoint (which "
             "fine-tuning and export read) holds the model the run ended with; give the technique's last "
             "stage a larger share of the budget")
 

@@ -34,6 +34,12 @@ class TrainState:
     # on_step_start and a technique may move it (a V-cycle restarting the schedule in each stage);
     # recomputed every step from checkpointed state, so it needs no checkpointing either.
     lr_progress: float = 0.0
+    # Set by the trainer before on_step_end: this step spends the budget, so no step follows it
+    # in this run. A technique must not change the model then (``request_model``): nothing would
+    # train the change, and the final evaluation, checkpoint and summary would describe it. A stop
+    # signal does not set it: that run is meant to resume as if uninterrupted, so its checkpoint
+    # holds what an uninterrupted run has after the step. Recomputed every step: not checkpointed.
+    last_step: bool = False
     loss: float = float("nan")
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
@@ -54,7 +60,8 @@ class TrainState:
 
     def request_model(self, model: torch.nn.Module, transfer: Transfer | None = None) -> None:
         """Ask the trainer to continue with ``model`` (it rebuilds the optimizer, then calls
-        ``transfer`` so a technique can carry optimizer state across)."""
+        ``transfer`` so a technique can carry optimizer state across). Never on the
+        ``last_step``: the trainer refuses it there."""
         self.pending_model = (model, transfer)
 
     def counters(self) -> dict[str, Any]:

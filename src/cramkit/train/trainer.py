@@ -107,6 +107,13 @@ class Trainer:
     def _swap_model_if_requested(self) -> None:
         if self.state.pending_model is None:
             return
+        if self.state.last_step:  # a technique that forgot it: say so rather than end untrained
+            raise RuntimeError(
+                "a technique asked for a new model (state.request_model) after the step that spends "
+                "the budget: nothing would train it, yet the final evaluation, checkpoint and summary "
+                "would describe it; a technique's on_step_end must leave the model alone when "
+                "state.last_step is set"
+            )
         new_model, transfer = self.state.pending_model
         self.state.pending_model = None
         old_model, old_opt = self.raw_model, self.state.optimizer
@@ -234,14 +241,13 @@ class Trainer:
         peak = getattr(self.state.optimizer, "peak_lr", self.cfg.optim.lr)
         self.state.lr = peak * factor * self.state.lr_scale
 
-    def _update_progress(self) -> None:
+    def _agree_usage(self) -> None:
         # The slowest rank's clock: time budgets, schedules and periodic work stay in lockstep;
         # a stop signal on any rank stops all of them. One collective on the host, per step.
         # The signal handler only sets the local flag; stop_reason changes here, where all ranks
         # agree, so no rank leaves the loop alone.
         seconds, signalled = self.par.all_max([self.clock.elapsed, float(self._signalled)])
         self.state.usage.seconds = seconds
-        self.state.progress = progress(self.budget, self.state.usage)
         if signalled:
             self.stop_reason = "signal"
 
@@ -259,11 +265,12 @@ class Trainer:
         window_tokens, window_flops, window_time = 0, 0.0, self.clock.elapsed
         try:
             self.clock.start()
-            self._update_progress()
+            self._agree_usage()
+            state.progress = progress(self.budget, state.usage)
             while True:
-                # Usage and the stop flag were agreed across ranks by the last _update_progress
-                # (the clock stands still during evaluation and checkpoints since), so every rank
-                # reaches the same decision at the same step.
+                # Usage and the stop flag were agreed across ranks by the last _agree_usage and
+                # not read again since, so every rank reaches the same decision at the same step:
+                # the step that state.last_step announced to the hooks.
                 if exhausted(self.budget, state.usage):
                     self.stop_reason = "budget"
                     break
@@ -297,10 +304,18 @@ class Trainer:
                 state.usage.flops += fpt * step_tokens
                 window_tokens += step_tokens
                 window_flops += fpt * step_tokens
+                # Known before on_step_end, so that no technique changes the model after the last
+                # step. A time budget is known to be spent only once the step has run: the clock
+                # is read (and agreed across ranks) here rather than after the hooks, which makes
+                # last_step exact and alike on every rank for every budget kind, and the same
+                # decision as the budget check at the loop's top (usage does not change between).
+                # The time on_step_end and a model swap take counts toward the next step's check.
+                self._agree_usage()
+                state.last_step = exhausted(self.budget, state.usage)
                 for t in self.techniques:
                     t.on_step_end(state)
                 self._swap_model_if_requested()
-                self._update_progress()
+                state.progress = progress(self.budget, state.usage)
                 if state.step % cfg.train.log_every == 0 or exhausted(self.budget, state.usage):
                     window_time = self._log_train(window_tokens, window_flops, window_time)
                     window_tokens, window_flops = 0, 0.0
