@@ -135,13 +135,18 @@ def test_a_stop_signal_is_no_last_step(tiny_mlm_data, tmp_path, monkeypatch):
     assert recorder.seen == [(k, False) for k in range(1, 5)]
 
 
-def test_a_model_requested_after_the_last_step_is_refused(tiny_mlm_data, tmp_path, monkeypatch):
-    """A technique that forgets state.last_step: the run would end on a model nothing trained."""
+def test_a_model_requested_after_the_last_step_is_warned_of_and_the_run_still_finishes(tiny_mlm_data, tmp_path,
+                                                                                        monkeypatch):
+    """A (plugin) technique that ignores state.last_step: its author is told that nothing trains
+    the new model, while the user keeps the finished run and its final checkpoint."""
     recorder = _StepEndRecorder(swap=True)
     _with_technique(monkeypatch, recorder)
-    with pytest.raises(RuntimeError, match="after the step that spends the budget"):
-        pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=3steps"), say=lambda *_: None)
-    assert recorder.seen == [(1, False), (2, False), (3, True)]  # the swaps before it went through
+    with pytest.warns(UserWarning, match="after the step that spends the budget") as caught:
+        summary = pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=3steps"), say=lambda *_: None)
+    assert sum("spends the budget" in str(w.message) for w in caught) == 1  # the last step only
+    assert recorder.seen == [(1, False), (2, False), (3, True)]
+    assert summary["stop_reason"] == "budget" and summary["steps"] == 3
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000003"
 
 
 def test_a_run_trains_in_a_worker_thread(tiny_mlm_data, tmp_path):

@@ -131,7 +131,7 @@ class Technique:
 
         Not when ``state.last_step`` is set (this step spends the budget): nothing would train
         the new model, so leave the model and the state that describes it as they are (the
-        trainer refuses the request). A resume with a larger budget gets the change later."""
+        trainer warns of a request). A resume with a larger budget gets the change later."""
 
     def flops_per_token(self, base: float, state: TrainState) -> float:
         """Training FLOPs per token of the current step, given the full model's ``base``."""

@@ -60,8 +60,8 @@ class TrainState:
 
     def request_model(self, model: torch.nn.Module, transfer: Transfer | None = None) -> None:
         """Ask the trainer to continue with ``model`` (it rebuilds the optimizer, then calls
-        ``transfer`` so a technique can carry optimizer state across). Never on the
-        ``last_step``: the trainer refuses it there."""
+        ``transfer`` so a technique can carry optimizer state across). Not on the
+        ``last_step``: nothing would train the new model (the trainer warns)."""
         self.pending_model = (model, transfer)
 
     def counters(self) -> dict[str, Any]:

@@ -107,13 +107,15 @@ class Trainer:
     def _swap_model_if_requested(self) -> None:
         if self.state.pending_model is None:
             return
-        if self.state.last_step:  # a technique that forgot it: say so rather than end untrained
-            raise RuntimeError(
-                "a technique asked for a new model (state.request_model) after the step that spends "
-                "the budget: nothing would train it, yet the final evaluation, checkpoint and summary "
-                "would describe it; a technique's on_step_end must leave the model alone when "
-                "state.last_step is set"
-            )
+        if self.state.last_step and self.par.is_main:
+            # A (plugin) technique that ignores last_step. Failing here would cost the user the
+            # final checkpoint of a finished run, and dropping the request would leave the
+            # technique's state describing a model that was never built (a resume would build
+            # it): the swap goes through, and the technique's author learns what it costs.
+            warnings.warn("a technique asked for a new model (state.request_model) after the step that spends "
+                          "the budget: nothing trains it, yet the final evaluation, checkpoint and summary "
+                          "describe it; a technique's on_step_end should leave the model alone when "
+                          "state.last_step is set", stacklevel=2)
         new_model, transfer = self.state.pending_model
         self.state.pending_model = None
         old_model, old_opt = self.raw_model, self.state.optimizer
