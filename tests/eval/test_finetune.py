@@ -936,3 +936,50 @@ def test_a_rerun_that_changes_no_score_is_not_reported_as_other_settings(tiny_ru
     out = capsys.readouterr().out
     assert "note: replaced" not in out, out
     assert json.loads((run / "eval" / "finetune-reviews.json").read_text())["task_options"] == {}
+
+
+def test_a_later_seed_that_diverges_loses_nothing_and_leaves_nothing_unexplained(tiny_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """seeds=[0,1] save=true with seed 1 diverging: seed 0's weights had already replaced the
+    folder an earlier fine-tune saved (with its result file still describing the old weights),
+    or were left with no result at all. A failed invocation now writes nothing, and says which
+    seed failed and what the seeds before it scored."""
+    import importlib
+
+    from cramkit.cli import main
+    from cramkit.errors import TrainingError
+
+    finetune_mod = importlib.import_module("cramkit.eval.finetune")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    shutil.rmtree(run / "finetune", ignore_errors=True)
+    task = _file_task(tmp_path / "task")
+    args = ["finetune", str(run), "--task", str(task), "progress=false", "device=cpu", "seq_len=32",
+            "pooling=mean", "save=true"]
+    real = finetune_mod.train_one
+
+    def seed_1_diverges(backbone, encoder, train, evals, task, cfg, seed, device, save_dir=None):
+        if seed == 1:
+            raise TrainingError(f"task seed {seed}: fine-tuning loss is nan at step 1 of 1; training diverged")
+        return real(backbone, encoder, train, evals, task, cfg, seed, device, save_dir)
+
+    monkeypatch.setattr(finetune_mod, "train_one", seed_1_diverges)
+    # No earlier outputs: none are left behind by the failure either.
+    assert main([*args, "seeds=[0,1]", "epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "task seed 1: fine-tuning loss is nan" in err
+    assert "seed 0 finished (task " in err and "nothing of this fine-tune was written" in err and "left as it was" in err
+    assert not (run / "eval" / "finetune-task.json").exists() and not (run / "finetune").exists()
+
+    # An earlier fine-tune's result and weights survive a failed rerun with other settings.
+    assert main([*args, "seeds=[0]", "epochs=1"]) == 0
+    result = (run / "eval" / "finetune-task.json").read_text()
+    saved = run / "finetune" / "task" / "seed-0"
+    weights = {p.name: p.read_bytes() for p in saved.iterdir()}
+    capsys.readouterr()
+    assert main([*args, "seeds=[0,1]", "epochs=2"]) == 2
+    assert "seed 0 finished" in capsys.readouterr().err
+    assert (run / "eval" / "finetune-task.json").read_text() == result
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == weights
+    assert [p.name for p in (run / "finetune" / "task").iterdir()] == ["seed-0"]  # no temporary left

@@ -145,8 +145,7 @@ def test_saving_again_replaces_the_seed_directory(tiny_run, bbc_task, tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         finetune(backbone, bbc_task, FinetuneConfig.from_dict({**small, "peft": "lora"}),
                  save_dir=tmp_path / "ft2")
-    assert not (tmp_path / "ft2" / "seed-0").exists()
-    assert [p.name for p in (tmp_path / "ft2").iterdir()] == []
+    assert not (tmp_path / "ft2").exists()  # nor the folder made for it: nothing is left
 
 
 def _perturb_adapters(model):

@@ -7,6 +7,7 @@ betas (0.9, 0.98), eps 1e-6, no weight decay, cosine decay after 10 % warmup, se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configbase import Config, did_you_mean, field
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, CramkitError, TrainingError
 from ..optim import parameter_groups
 from ..train.device import autocast, resolve_device, resolve_precision
-from ..utils import changed_keys
+from ..utils import atomic_dir, changed_keys
 from .adapters import (
     PEFT_METHODS,
     PeftOptions,
@@ -37,7 +38,7 @@ from .adapters import (
 )
 from .encoding import Encoded, SpecialIds, TaskEncoder
 from .heads import POOLERS, SequenceClassifier
-from .metrics import compute_metrics, median_metrics, task_score
+from .metrics import compute_metrics, median_metrics, task_score, to_percent
 from .tasks import TaskData, TaskSpec, subsample
 
 
@@ -581,31 +582,28 @@ def train_one(
 def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig, owner: dict[str, str],
                     classifier: dict[str, Any]) -> None:
     """Write the weights, and what reloading them needs (``classifier``: see
-    :func:`~cramkit.eval.finetuned.classifier_record`), to the folder ``out``."""
+    :func:`~cramkit.eval.finetuned.classifier_record`), into the empty folder ``out``: the
+    staging folder that :func:`finetune` puts in place once every seed has finished."""
     from safetensors.torch import save_file
 
     from ..train.checkpoint import file_record
-    from ..utils import atomic_dir, write_json
+    from ..utils import write_json
     from .adapters import save_adapters
     from .finetuned import CLASSIFIER_FILE
 
-    # The directory is replaced as a whole: a failed save leaves no half-written weights, and
-    # an earlier save's files (say a full model.safetensors beside a new LoRA adapter) cannot
-    # linger next to a finetune_config.json that no longer describes them.
-    with atomic_dir(out) as tmp:
-        if cfg.peft != "none":
-            save_adapters(model, tmp)
-        else:
-            from ..train.checkpoint import model_weights
+    if cfg.peft != "none":
+        save_adapters(model, out)
+    else:
+        from ..train.checkpoint import model_weights
 
-            save_file(model_weights(model), str(tmp / "model.safetensors"))
-        # Sizes and checksums of the weights (and peft's adapter_config.json): a truncated or
-        # altered file is named when loading, rather than failing deep inside safetensors or
-        # loading other numbers than were trained.
-        files = {f.name: file_record(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".json")}
-        write_json(tmp / "finetune_config.json", cfg.to_dict())
-        write_json(tmp / "owner.json", owner)  # whose weights these are: see name_clash
-        write_json(tmp / CLASSIFIER_FILE, {**classifier, "files": files})
+        save_file(model_weights(model), str(out / "model.safetensors"))
+    # Sizes and checksums of the weights (and peft's adapter_config.json): a truncated or
+    # altered file is named when loading, rather than failing deep inside safetensors or
+    # loading other numbers than were trained.
+    files = {f.name: file_record(f) for f in sorted(out.iterdir()) if f.suffix in (".safetensors", ".json")}
+    write_json(out / "finetune_config.json", cfg.to_dict())
+    write_json(out / "owner.json", owner)  # whose weights these are: see name_clash
+    write_json(out / CLASSIFIER_FILE, {**classifier, "files": files})
 
 
 def finetune(
@@ -641,10 +639,25 @@ def finetune(
         warnings.warn(f"{backbone.run_dir} pretrained on {', '.join(seen)}, which holds the "
                       f"{task.spec.name} task's evaluation texts: its scores are on text it has read, "
                       "not held out", stacklevel=2)
-    runs = []
-    for i, seed in enumerate(cfg.seeds):
-        target = Path(save_dir) / f"seed-{seed}" if (save_dir and cfg.save and i == 0) else None
-        runs.append(train_one(backbone, encoder, train, evals, task, cfg, seed, device, target))
+    runs: list[dict[str, Any]] = []
+    saved = Path(save_dir) / f"seed-{cfg.seeds[0]}" if (save_dir and cfg.save) else None
+    # The first seed's weights are staged beside their folder and replace it (as a whole: no
+    # earlier save's file lingers) only once every seed has finished. A later seed that diverged
+    # or failed left them there with no result describing them, or in place of the weights an
+    # earlier fine-tune saved, whose result still described those; now it writes nothing.
+    # The folders that staging creates (RUN/finetune/NAME) are removed again when nothing lands there.
+    created = [p for p in saved.parents if not p.exists()] if saved else []
+    with _removed_if_empty(created), contextlib.ExitStack() as staged:
+        for i, seed in enumerate(cfg.seeds):
+            target = staged.enter_context(atomic_dir(saved)) if (saved and i == 0) else None
+            try:
+                runs.append(train_one(backbone, encoder, train, evals, task, cfg, seed, device, target))
+            except CramkitError as exc:
+                if not runs:
+                    raise
+                raise type(exc)(f"{exc}; {_finished(cfg.seeds, runs)}, but the result is the median of "
+                                "every seed, so nothing of this fine-tune was written"
+                                + (f" ({saved} left as it was)" if saved else "")) from None
     metrics = {entry: median_metrics([r["metrics"][entry] for r in runs]) for entry in task.evals}
     return {
         "task": task.spec.name,
@@ -667,6 +680,28 @@ def finetune(
         "seconds": round(time.perf_counter() - start, 2),
         "config": cfg.to_dict(),
     }
+
+
+@contextlib.contextmanager
+def _removed_if_empty(folders: Sequence[Path]) -> Iterator[None]:
+    """Remove ``folders`` (deepest first) that are still empty when the block fails."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another writer's), or not there
+                break
+        raise
+
+
+def _finished(seeds: Sequence[int], runs: Sequence[dict[str, Any]]) -> str:
+    """``seeds 0, 1 finished (rte 61.00, 58.50)``: the scores of the seeds before a failed one."""
+    done = seeds[: len(runs)]
+    scores = "; ".join(f"{entry} " + ", ".join(f"{to_percent(task_score(r['metrics'][entry])):.2f}" for r in runs)
+                       for entry in runs[0]["metrics"])
+    return f"seed{'s' * (len(done) > 1)} {', '.join(map(str, done))} finished ({scores})"
 
 
 def _spread(values: list[float]) -> dict[str, float]:
