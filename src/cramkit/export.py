@@ -542,8 +542,7 @@ def export_finetuned(
     counterpart, cls pooling, a head as wide as the hidden size); the others are a ConfigError
     saying why. Returns what :func:`export` returns.
     """
-    from .eval.finetune import run_tokenizer
-    from .eval.finetuned import CLASSIFIER_FILE, load_finetuned, saved_folder
+    from .eval.finetuned import load_finetuned, saved_folder
 
     path, out = Path(path), Path(out)
     folder = saved_folder(path)
@@ -566,7 +565,9 @@ def export_finetuned(
                           f"({'; '.join(reasons)}); cramkit's own export format holds pretraining "
                           f"runs only: {as_is}")
     model = _merged(clf)
-    special = read_json(folder / CLASSIFIER_FILE, CheckpointError)["special_ids"]
+    # The special ids and tokenizer that load_finetuned read and checked, not the files read
+    # again: a folder re-saved or damaged meanwhile would pair these weights with other ones.
+    special = dataclasses.asdict(clf.special)
     hf_cfg, weights = HF_COUNTERPARTS["bert"].convert(model_config, model.encoder.state_dict(), special)
     weights = {k: v for k, v in weights.items() if not k.startswith("cls.")}  # the MLM head
     dense, final = model.classifier[0], model.classifier[-1]
@@ -589,7 +590,7 @@ def export_finetuned(
         raise CheckpointError(
             f"export to {FINETUNED_HF_CLASS}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    tokenizer = run_tokenizer(clf.run_dir, model_config)
+    tokenizer = clf.tokenizer
     max_len = min(clf.config.seq_len, model_config.max_positions)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -139,3 +139,32 @@ def test_export_says_that_inputs_are_cut_only_on_request(tmp_path):
     with torch.no_grad():
         cut = hf(**tok([long], truncation=True, return_tensors="pt")).logits
     torch.testing.assert_close(cut, clf.logits([long]), atol=1e-4, rtol=0)
+
+
+def test_export_writes_what_it_loaded_without_reading_the_folder_again(tmp_path, monkeypatch):
+    """export_finetuned read classifier.json and the run's tokenizer.json a second time after
+    load_finetuned had read and checked them: a folder re-saved or damaged in between (here
+    classifier.json rewritten as ``{}``, and the run's tokenizer.json removed) failed with a
+    KeyError traceback, or could pair the loaded weights with other files. It exports what was
+    loaded."""
+    from cramkit.eval import finetuned
+
+    run = _run(tmp_path)
+    folder = _saved(run, _task(tmp_path / "task"))
+    texts = ["the market story", "a film about the election and the phone news"]
+    expected = load_finetuned(folder).logits(texts)
+    real = finetuned.load_finetuned
+
+    def then_changed(*args, **kwargs):
+        clf = real(*args, **kwargs)
+        (folder / "classifier.json").write_text("{}")
+        (run / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+        return clf
+
+    monkeypatch.setattr(finetuned, "load_finetuned", then_changed)
+    export(folder, tmp_path / "out", log=lambda s: None)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out")).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    with torch.no_grad():
+        theirs = hf(**tok(texts, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)

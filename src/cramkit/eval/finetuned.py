@@ -68,7 +68,9 @@ class FinetunedModel:
 
     ``model`` maps ``(input_ids, attention_mask)`` to logits and is in eval mode; ``task`` holds
     the label names (``task.labels``, in output order) and the text columns; ``encoder`` frames
-    and truncates inputs as fine-tuning did.
+    and truncates inputs as fine-tuning did. ``tokenizer`` (the run's, as read and checked) and
+    ``special`` (the special-token ids recorded at saving) are what ``encoder`` was built from:
+    export writes them rather than reading the files again.
     """
 
     model: nn.Module
@@ -78,6 +80,8 @@ class FinetunedModel:
     device: torch.device
     path: Path
     run_dir: Path
+    tokenizer: Any
+    special: SpecialIds
 
     @property
     def labels(self) -> tuple[str, ...] | None:
@@ -211,7 +215,7 @@ def load_finetuned(
     dev = resolve_device(str(device))
     model.to(dev).eval()
     encoder = TaskEncoder(backbone.tokenizer, special, cfg.seq_len, model_config.causal)
-    return FinetunedModel(model, spec, encoder, cfg, dev, folder, run)
+    return FinetunedModel(model, spec, encoder, cfg, dev, folder, run, backbone.tokenizer, special)
 
 
 def _check_record(record: dict[str, Any]) -> None:
