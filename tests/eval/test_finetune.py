@@ -983,3 +983,54 @@ def test_a_later_seed_that_diverges_loses_nothing_and_leaves_nothing_unexplained
     assert (run / "eval" / "finetune-task.json").read_text() == result
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == weights
     assert [p.name for p in (run / "finetune" / "task").iterdir()] == ["seed-0"]  # no temporary left
+
+
+def test_a_task_that_fails_mid_suite_is_recorded_as_failed_in_the_partial_report(tiny_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A task that diverged hours into a suite left a partial report listing it as "not yet
+    scored", as if the run had merely been interrupted, and the error did not say where the
+    tasks scored before it were. The partial report names the failed task and why, the error
+    names the partial report, and the earlier complete report is intact."""
+    from cramkit.cli import main
+    from cramkit.errors import TrainingError
+    from cramkit.eval import suite
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [
+        f"{i}\tthe film {i}\tthe match\t{'entailment' if i % 2 else 'not_entailment'}" for i in range(12)
+    ]
+    for task in ("RTE", "WNLI", "QNLI"):
+        body = rows if task != "WNLI" else [r.replace("not_entailment", "0").replace("entailment", "1") for r in rows]
+        if task == "QNLI":
+            body = [r.replace("sentence1", "question").replace("sentence2", "sentence") for r in rows]
+        (tmp_path / "glue" / task).mkdir(parents=True)
+        (tmp_path / "glue" / task / "train.tsv").write_text("\n".join(body) + "\n")
+        (tmp_path / "glue" / task / "dev.tsv").write_text("\n".join(body[:5]) + "\n")
+    args = ["evaluate", str(run), "--data", str(tmp_path / "glue"), "seeds=[0]", "epochs=1", "progress=false",
+            "device=cpu", "pooling=mean", "seq_len=32"]
+    assert main(args) == 0
+    before = (run / "eval" / "glue.json").read_text()
+    capsys.readouterr()
+    real = suite.finetune
+    order = [s.name for s in suite.glue_tasks()]
+    first, failing, last = sorted(["rte", "wnli", "qnli"], key=order.index)
+
+    def diverges(backbone, task, *a, **k):
+        if task.spec.name == failing:
+            raise TrainingError(f"{failing} seed 0: fine-tuning loss is nan at step 1 of 1; training diverged")
+        return real(backbone, task, *a, **k)
+
+    monkeypatch.setattr(suite, "finetune", diverges)
+    assert main(args) == 2
+    partial = run / "eval" / "glue.partial.json"
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"the 1 task scored before {failing} is in {partial}" in err
+    report = json.loads(partial.read_text())
+    assert [t["task"] for t in report["tasks"]] == [first]
+    assert report["failed"] == {failing: f"{failing} seed 0: fine-tuning loss is nan at step 1 of 1; training diverged"}
+    assert report["remaining"] == [last]  # never run, not the failed one
+    md = (run / "eval" / "glue.partial.md").read_text()
+    assert f"failed: {failing} ({failing} seed 0: fine-tuning loss is nan" in md and f"not yet scored: {last}" in md
+    assert (run / "eval" / "glue.json").read_text() == before

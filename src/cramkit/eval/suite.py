@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configbase import did_you_mean
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, CramkitError, DataError
 from ..utils import atomic_path, write_json
 from .finetune import (
     Backbone,
@@ -151,9 +151,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items())]
+    # .get: partial reports written before failures were recorded have no "failed".
+    said = []
+    if report.get("failed"):
+        said.append("failed: " + "; ".join(f"{k} ({v})" for k, v in report["failed"].items()))
     if report.get("remaining"):
-        lines += ["", "**Partial report**: not yet scored: " + ", ".join(report["remaining"])
-                  + ". The average covers the tasks above only."]
+        said.append("not yet scored: " + ", ".join(report["remaining"]))
+    if said:
+        lines += ["", "**Partial report**: " + "; ".join(said) + ". The average covers the tasks above only."]
     return "\n".join(lines) + "\n"
 
 
@@ -217,11 +222,24 @@ def evaluate_glue(
             "config": cfg.to_dict(),
         }
 
-    for spec, task in loaded:
+    for index, (spec, task) in enumerate(loaded):
         log(f"{spec.name}: fine-tuning ({len(cfg.seeds)} seeds)")
         # finetune.save=true: where `cramkit finetune` puts them (it was silently ignored here).
         save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init, cfg.peft) if cfg.save else None
-        result = finetune(backbone, task, cfg, save_dir=save_dir)
+        try:
+            result = finetune(backbone, task, cfg, save_dir=save_dir)
+        except CramkitError as exc:
+            if not results:
+                raise
+            # The partial report said of a task that diverged only "not yet scored", as of an
+            # interrupted one, and the error did not say where the tasks before it were.
+            partial = report_of(results)
+            partial["failed"] = {spec.name: str(exc)}
+            partial["remaining"] = [s.name for s, _ in loaded[index + 1:]]
+            js, _ = write_report(partial, eval_dir, f"{stem}.partial")
+            n = len(results)
+            raise type(exc)(f"{exc}; the {n} task{'s' * (n != 1)} scored before {spec.name} "
+                            f"{'are' if n != 1 else 'is'} in {js}") from None
         results.append(result)
         if on_result is not None:
             on_result(result)
