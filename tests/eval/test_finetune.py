@@ -1034,3 +1034,24 @@ def test_a_task_that_fails_mid_suite_is_recorded_as_failed_in_the_partial_report
     md = (run / "eval" / "glue.partial.md").read_text()
     assert f"failed: {failing} ({failing} seed 0: fine-tuning loss is nan" in md and f"not yet scored: {last}" in md
     assert (run / "eval" / "glue.json").read_text() == before
+
+
+def test_a_report_replaces_both_of_its_files_or_neither(tmp_path, monkeypatch):
+    """write_report replaced glue.json and only then wrote glue.md: a failure there (a full
+    disk) left the new JSON beside the old Markdown, and the earlier JSON report was lost."""
+    import errno
+
+    from cramkit.eval import suite
+
+    old = {"suite": "glue", "init": "pretrained", "run_dir": "r", "seeds": [0], "seconds": 1.0,
+           "tasks": [], "summary": suite.summarize([]), "config": {}}
+    suite.write_report(old, tmp_path, "glue")
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+
+    def disk_full(report):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(suite, "render_markdown", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        suite.write_report({**old, "seeds": [0, 1]}, tmp_path, "glue")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before  # no temporary left either

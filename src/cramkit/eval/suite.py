@@ -16,7 +16,7 @@ from typing import Any
 
 from ..configbase import did_you_mean
 from ..errors import ConfigError, CramkitError, DataError
-from ..utils import atomic_path, write_json
+from ..utils import atomic_path, strict_json
 from .finetune import (
     Backbone,
     FinetuneConfig,
@@ -163,12 +163,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, stem: str) -> tuple[Path, Path]:
-    """Write ``stem.json`` and ``stem.md`` atomically into ``out_dir``."""
+    """Write ``stem.json`` and ``stem.md`` atomically into ``out_dir``: both are written in full
+    before either replaces its predecessor, so a failure (a full disk) leaves the earlier pair
+    as it was rather than a new JSON report beside the old Markdown one."""
     out_dir = Path(out_dir)
     js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    write_json(js, report)
-    with atomic_path(md) as tmp:
-        tmp.write_text(render_markdown(report))
+    with atomic_path(js) as js_tmp, atomic_path(md) as md_tmp:
+        js_tmp.write_text(strict_json(report, indent=2) + "\n")
+        md_tmp.write_text(render_markdown(report))
     return js, md
 
 
