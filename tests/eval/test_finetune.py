@@ -352,8 +352,10 @@ def test_a_pretrained_run_passes_the_tokenizer_check(tiny_mlm_data, tmp_path, ca
 
 
 def test_evaluate_saves_fine_tuned_weights_when_asked(tiny_run, tmp_path):
-    """save=true was accepted by `cramkit evaluate` and silently ignored."""
+    """save=true was accepted by `cramkit evaluate` and silently ignored; the report now says
+    where the weights are."""
     import shutil
+    from pathlib import Path
 
     from cramkit.eval.suite import evaluate_glue
 
@@ -369,8 +371,11 @@ def test_evaluate_saves_fine_tuned_weights_when_asked(tiny_run, tmp_path):
     (rte / "dev.tsv").write_text("\n".join(rows[:5]) + "\n")
     cfg = FinetuneConfig.from_dict({**FAST, "epochs": 1, "save": True})
     for random_init, name in ((False, "rte"), (True, "rte-random")):
-        evaluate_glue(run, tmp_path / "glue", cfg=cfg, random_init=random_init, log=lambda s: None)
+        report = evaluate_glue(run, tmp_path / "glue", cfg=cfg, random_init=random_init, log=lambda s: None)
         assert (run / "finetune" / name / "seed-0" / "model.safetensors").is_file(), name
+        assert report["tasks"][0]["saved"] == str(run / "finetune" / name / "seed-0")
+        assert f"Weights of seed 0 saved in `{run / 'finetune' / name / 'seed-0'}`." in Path(
+            report["paths"]["markdown"]).read_text()
         owner = json.loads((run / "finetune" / name / "seed-0" / "owner.json").read_text())
         assert owner == {"task": "rte", "task_source": "glue", "init": "random" if random_init else "pretrained",
                          "peft": "none"}
@@ -976,8 +981,9 @@ def test_a_later_seed_that_diverges_loses_nothing_and_leaves_nothing_unexplained
     assert main([*args, "seeds=[0]", "epochs=1"]) == 0
     result = (run / "eval" / "finetune-task.json").read_text()
     saved = run / "finetune" / "task" / "seed-0"
+    # The result and the output say where the weights are (they said nothing of them).
+    assert json.loads(result)["saved"] == str(saved) and f"weights (seed 0): {saved}" in capsys.readouterr().out
     weights = {p.name: p.read_bytes() for p in saved.iterdir()}
-    capsys.readouterr()
     assert main([*args, "seeds=[0,1]", "epochs=2"]) == 2
     assert "seed 0 finished" in capsys.readouterr().err
     assert (run / "eval" / "finetune-task.json").read_text() == result

@@ -121,6 +121,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {to_percent(v):.2f}" for k, v in metrics.items())
         print(f"  {entry}: {shown}")
     print(f"results: {out}")
+    if result.get("saved"):
+        print(f"weights (seed {cfg.seeds[0]}): {result['saved']} (cramkit predict, cramkit export)")
     if changed:
         print(f"note: replaced the result there written with other settings ({', '.join(changed)} differed)")
     return 0

@@ -670,6 +670,8 @@ def finetune(
             entry: _spread([task_score(r["metrics"][entry]) for r in runs]) for entry in metrics
         },
         "per_seed": [{"seed": s, **r["metrics"]} for s, r in zip(cfg.seeds, runs)],
+        # Where save=true put the first seed's weights: the result said nothing of them.
+        **({"saved": str(saved)} if saved else {}),
         **({"evaluation_text_in_pretraining": seen} if seen else {}),
         "train_examples": len(train),
         "eval_examples": {entry: len(data) for entry, data in evals.items()},

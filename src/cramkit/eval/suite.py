@@ -135,6 +135,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         # .get: reports written before the count was recorded have no such key.
         for path, n in (r.get("skipped_rows") or {}).items():
             lines += [f"Skipped {n} malformed row{'s' * (n != 1)} of `{path}`.", ""]
+        if r.get("saved"):
+            lines += [f"Weights of seed {r['per_seed'][0]['seed']} saved in `{r['saved']}`.", ""]
     summary = report["summary"]
     lines += ["## Summary", "", "| entry | score |", "| --- | ---: |"]
     for entry, score in summary["scores"].items():
