@@ -1061,3 +1061,14 @@ def test_a_report_replaces_both_of_its_files_or_neither(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         suite.write_report({**old, "seeds": [0, 1]}, tmp_path, "glue")
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before  # no temporary left either
+
+
+def test_a_seed_given_twice_is_refused(tiny_run, capsys):
+    """seeds=[0,1,1] trained seed 1 twice, the same run, and counted it twice in the reported
+    "median of 3 seeds"."""
+    from cramkit.cli import main
+
+    with pytest.raises(ConfigError, match=r"finetune.seeds names seed 1 twice"):
+        FinetuneConfig.from_dict({"seeds": [0, 1, 1]}, path="finetune")
+    assert main(["finetune", str(tiny_run), "--task", "bbc", "seeds=[0,1,1]"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: finetune.seeds names seed 1 twice")

@@ -130,6 +130,10 @@ class FinetuneConfig(Config):
                 raise ConfigError(f"finetune.{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.seeds:
             raise ConfigError("finetune.seeds must name at least one seed")
+        twice = next((s for i, s in enumerate(self.seeds) if s in self.seeds[:i]), None)
+        if twice is not None:  # the same run again, counted twice in the median
+            raise ConfigError(f"finetune.seeds names seed {twice} twice: a seed gives the same run each time, "
+                              "and the median would count it twice")
         if self.seq_len < 4:
             raise ConfigError(f"finetune.seq_len must be at least 4, got {self.seq_len}")
         if self.head_width < 0:
