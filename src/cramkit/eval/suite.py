@@ -198,7 +198,17 @@ def evaluate_glue(
     backbone = backbone or load_backbone(run_dir, random_init=random_init)
     # Every task file is read (and validated) before the first fine-tune: a malformed last task
     # must fail in seconds, not after hours spent on the ones before it.
-    loaded = [(spec, load_task(spec.name, data_dir)) for spec in specs]
+    loaded = []
+    for spec in specs:
+        try:
+            loaded.append((spec, load_task(spec.name, data_dir)))
+        except DataError as exc:
+            others = [s.name for s in specs if s is not spec]
+            if tasks or not others:  # named: the user chose it
+                raise
+            # Found by looking: a task that is there but malformed stops the suite, which runs
+            # every task it finds; say how to run the others meanwhile.
+            raise DataError(f"{exc} (fix it, or leave {spec.name} out: --tasks {','.join(others)})") from None
     for spec, _ in loaded if cfg.save else ():  # nor may a save replace another task's weights
         save_dir = finetune_save_dir(run_dir, spec.name, backbone.random_init, cfg.peft)
         clash = name_clash([save_dir], outputs_owner(spec, backbone.random_init, cfg.peft))
