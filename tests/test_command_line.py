@@ -190,7 +190,7 @@ def test_a_resume_cannot_rename_the_run(tiny_mlm_data, tmp_path, capsys):
     pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
     before = (tmp_path / "run" / "config.json").read_text()
     assert main(["pretrain", "--resume", str(tmp_path / "run"), "budget=4steps", "name=other"]) == 2
-    assert "name cannot change on resume" in capsys.readouterr().err
+    assert "error: name=other differs from the run this run was checkpointed with" in capsys.readouterr().err
     assert (tmp_path / "run" / "config.json").read_text() == before
 
 

@@ -24,7 +24,7 @@ from .configbase import (
 )
 from .data.config import PrepareConfig
 from .distributed.config import MemoryConfig, ParallelConfig
-from .errors import ConfigError, UnknownKey, UnknownName
+from .errors import ConfigError, UnknownKey, UnknownName, resume_refusal
 from .models.config import ModelConfig
 from .models.presets import get_preset
 from .plugins import unknown_hint
@@ -59,9 +59,9 @@ class DataSection(Config):
             return manifest.get("config", {}).get("ordering", "random") == "random"
         wanted = self.shuffle == "on"
         if checkpointed is not None and checkpointed != wanted:
-            raise ConfigError(f"data.shuffle={self.shuffle}: this run was checkpointed "
-                              f"{'with' if checkpointed else 'without'} shuffling, and its data position counts "
-                              "in that order; resume with data.shuffle=auto (which keeps it)")
+            raise resume_refusal([("data.shuffle", self.shuffle, "on" if checkpointed else "off")],
+                                 "its data position counts in that order",
+                                 "resume with data.shuffle=auto (which keeps it)")
         return wanted
 
 

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, never a traceback."""
 
+import json
+
 
 class CramkitError(Exception):
     """A mistake the user can fix (bad input, bad config, missing file)."""
@@ -46,3 +48,24 @@ class RankFailed(CramkitError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt so that it unwinds like ^C (the command line's handler
     outside the training loop; the trainer's for a second signal inside it)."""
+
+
+def resume_refusal(changes, reason: str, advice: str, error: type[CramkitError] = ConfigError) -> CramkitError:
+    """The one wording of a resume's refusal of settings that its checkpoint fixes.
+
+    ``changes``: ``(setting, new, old)`` triples, values as the user would write them (a string is
+    shown as it is, so a caller may describe an unset value). Every refusal reads alike, so that a
+    user who met one knows where the others put the setting, its saved value, why and what to do::
+
+        seed=1 differs from the 0 this run was checkpointed with: <reason>; <advice>
+    """
+    def shown(value) -> str:
+        if isinstance(value, str):
+            return value
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+    settings = " and ".join(f"{key}={shown(new)}" for key, new, _ in changes)
+    olds = " and ".join(shown(old) for _, _, old in changes)
+    verb = "differs" if len(changes) == 1 else "differ"
+    return error(
+        f"{settings} {verb} from the {olds} this run was checkpointed with: {reason}; {advice}")

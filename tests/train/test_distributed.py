@@ -373,9 +373,12 @@ def test_resuming_a_checkpoint_without_fsdp_under_fsdp_says_which_strategy_to_us
     ddp = Parallel(0, 2, 0, "ddp", torch.device("cpu"), launched=True)
     by_index = {"optimizer": {"state": {0: {"step": 1}}}, "strategy": "ddp"}
     by_name = {"optimizer": {"state": {"layers.0.attn.qkv.weight": {"step": 1}}}, "strategy": "fsdp"}
-    assert "checkpointed with parallel.strategy=ddp, whose optimizer state FSDP2 cannot read" in \
-        _format_mismatch(by_index, fsdp)
-    assert "strategy=ddp, or one process" in _format_mismatch({"optimizer": {"state": {0: {}}}}, fsdp)
+    assert str(_format_mismatch(by_index, fsdp)).startswith(
+        "parallel.strategy=fsdp differs from the ddp this run was checkpointed with: FSDP2 cannot read")
+    # A single process's checkpoint said "parallel.strategy=none", a value no one can give.
+    assert "from the single-process training this run" in str(
+        _format_mismatch({"optimizer": {"state": {0: {}}}, "strategy": "none"}, fsdp))
+    assert "from the ddp (or single-process) training" in str(_format_mismatch({"optimizer": {"state": {0: {}}}}, fsdp))
     assert _format_mismatch(by_index, ddp) is None and _format_mismatch(by_name, fsdp) is None
     assert _format_mismatch(by_name, ddp) is None  # FSDP2's full state loads without it
     assert _format_mismatch({"optimizer": {"state": {}}}, fsdp) is None  # nothing to read yet

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 
 from ..configbase import Config, field
-from ..errors import ConfigError
+from ..errors import ConfigError, resume_refusal
 from ..models.config import ModelConfig
 from ..models.layers import token_embedding_scale
 from ..models.registry import Registry
@@ -531,23 +531,20 @@ class VCycle(Technique):
         if self.stage >= len(self.levels) or self.levels[self.stage] != len(self.saved):
             where = (f"ends at stage {len(self.levels)}" if self.stage >= len(self.levels)
                      else f"puts stage {self.stage + 1} on level {self.levels[self.stage]}")
-            raise ConfigError(
-                f"vcycle: the checkpoint is in stage {self.stage + 1} of its V-cycle, on level "
-                f"{len(self.saved)}, but technique.vcycle.levels={self.options.levels} {where}; "
-                "resume with the levels the run was saved with"
-            )
+            raise resume_refusal(
+                [("technique.vcycle.levels", self.options.levels, "V-cycle")],
+                f"the checkpoint is in stage {self.stage + 1} of its V-cycle, on level {len(self.saved)}, "
+                f"and these levels' cycle {where}", "resume with the levels the run was saved with")
         if self.saved and self.saved_scheme is not None and self.saved_scheme != self.scheme:
             # The way up de-coalesces with the current scheme and interpolates with the saved
             # finer weights: another pairing (same shapes, so no load would fail) mixes units that
             # never formed a group, and silently spoils the model the run returns to.
             was, now = dataclasses.asdict(self.saved_scheme), dataclasses.asdict(self.scheme)
-            changed = ", ".join(f"technique.vcycle.{key}={now[key]} (was {was[key]})"
-                                for key in changed_keys(was, now))
-            raise ConfigError(
-                f"vcycle: the checkpoint is on level {len(self.saved)} of its V-cycle, coalesced with "
-                f"another scheme than this run's ({changed}); resume with the scheme it was saved "
-                "with, at least until the V-cycle is back on the full model"
-            )
+            raise resume_refusal(
+                [(f"technique.vcycle.{key}", now[key], was[key]) for key in changed_keys(was, now)],
+                f"the checkpoint is on level {len(self.saved)} of its V-cycle, coalesced with that scheme",
+                "resume with the scheme it was saved with, at least until the V-cycle is back on the full "
+                "model")
         self.base = model_config
         for level in range(self.options.levels):
             self.level_config(level)  # refuse an impossible scheme before any training

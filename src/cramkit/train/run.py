@@ -39,7 +39,7 @@ from ..distributed import (
 )
 from ..distributed.memory import advise, offload_context
 from ..distributed.parallel import OFFLOAD_NEEDS_TORCHRUN
-from ..errors import CheckpointError, ConfigError, CramkitError, DataError
+from ..errors import CheckpointError, ConfigError, CramkitError, DataError, resume_refusal
 from ..models import build_model
 from ..models.flops import count_parameters, flops_per_token
 from ..objectives import (
@@ -454,16 +454,20 @@ def _zero_gradients(optimizer) -> None:
                 p.grad = torch.zeros_like(p)
 
 
-def _format_mismatch(saved: dict[str, Any], par: Parallel) -> str | None:
-    """Why FSDP2 cannot read the checkpoint's optimizer state, or None: one saved without FSDP
-    keys it by parameter index, FSDP2's loader by parameter name (it failed with a KeyError
-    that blamed another cramkit version). The other way round loads."""
+def _format_mismatch(saved: dict[str, Any], par: Parallel) -> ConfigError | None:
+    """The refusal of a resume under FSDP2 that cannot read the checkpoint's optimizer state, or
+    None: one saved without FSDP keys it by parameter index, FSDP2's loader by parameter name (it
+    failed with a KeyError that blamed another cramkit version). The other way round loads."""
     keys = saved.get("optimizer", {}).get("state", {})
     if par.strategy != "fsdp" or not any(isinstance(k, int) for k in keys):
         return None
-    was = saved.get("strategy") or "ddp, or one process"
-    return (f"it was checkpointed with parallel.strategy={was}, whose optimizer state FSDP2 cannot read; "
-            "resume it with that strategy (memory.offload_optimizer, which needs FSDP2, then stays off)")
+    # A single process records strategy "none", which is no value of parallel.strategy; a
+    # checkpoint from before strategies were recorded may be either.
+    was = {"none": "single-process training", None: "ddp (or single-process) training"}.get(
+        saved.get("strategy"), saved.get("strategy"))
+    return resume_refusal([("parallel.strategy", "fsdp", was)], "FSDP2 cannot read its optimizer state",
+                          "resume it with that strategy (memory.offload_optimizer, which needs FSDP2, then "
+                          "stays off)")
 
 
 def _whole_tensor_optimizer(cfg: RunConfig) -> str | None:
@@ -476,8 +480,8 @@ def _optimizer_name(cfg: RunConfig) -> str:
     return f"sam({cfg.optim.base})" if cfg.optim.name == "sam" else cfg.optim.name
 
 
-def _optimizer_mismatch(cfg: RunConfig, saved: dict[str, Any], optimizer) -> str | None:
-    """Why the checkpoint's optimizer state cannot go on under ``cfg.optim``, or None.
+def _optimizer_mismatch(cfg: RunConfig, saved: dict[str, Any], optimizer) -> ConfigError | None:
+    """The refusal of a checkpoint's optimizer state that cannot go on under ``cfg.optim``, or None.
 
     load_state_dict() accepts another optimizer's state (it takes the saved hyperparameters as
     they are) and the first step then fails, e.g. KeyError 'momentum' for adamw's state under
@@ -486,12 +490,15 @@ def _optimizer_mismatch(cfg: RunConfig, saved: dict[str, Any], optimizer) -> str
     groups (steps only ever add settings).
     """
     trained, now = saved.get("optim_name"), _optimizer_name(cfg)
+    advice = "resume without changing optim.name (or optim.base)"
     if trained is not None:
-        return None if trained == now else f"it was trained with optim.name={trained}, not {now}"
+        return None if trained == now else resume_refusal(
+            [("optim.name", now, trained)], f"its saved optimizer state is {trained}'s", advice)
     groups = saved["optimizer"].get("param_groups", [])
     fits = len(groups) == len(optimizer.param_groups) and all(
         set(new) - {"params"} <= set(old) for old, new in zip(groups, optimizer.param_groups))
-    return None if fits else f"its optimizer state is not one of optim.name={now}"
+    return None if fits else resume_refusal(
+        [("optim.name", now, "optimizer")], f"its saved state lacks settings that {now} keeps", advice)
 
 
 def _shared_run_dir(cfg: RunConfig, par: Parallel, run_dir: Path | None, made: dict[str, Any]) -> Path:
@@ -628,8 +635,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         # Before the micro-batch: each rank's share of the batch, which caps it, follows the
         # number of ranks, so another number made the demo's untouched micro_batch=32 "differ".
         if int(saved.get("world_size", 1)) != par.world_size:
-            raise ConfigError(f"{run_dir} was checkpointed with {saved.get('world_size', 1)} rank(s); resume it "
-                              f"with the same number (now {par.world_size})")
+            raise resume_refusal([("ranks", par.world_size, int(saved.get("world_size", 1)))],
+                                 "each rank's share of the batch and the data position follow it",
+                                 "resume it with the same number of ranks (torchrun --nproc-per-node, "
+                                 "--nnodes)")
         micro_batch = int(saved["micro_batch"])
         # Only a micro_batch this resume sets is compared, as the first run used it: capped at
         # each rank's share of the batch. The one config.json keeps (the demo's 32, with
@@ -637,8 +646,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         before = read_json(run_dir / "config.json", CheckpointError).get("train", {}).get("micro_batch")
         asked = min(cfg.train.micro_batch, per_rank_batch)
         if cfg.train.micro_batch and cfg.train.micro_batch != before and asked != micro_batch:
-            raise ConfigError(f"train.micro_batch={cfg.train.micro_batch} differs from the {micro_batch} this run "
-                              "was checkpointed with; the data position is counted in micro-batches")
+            raise resume_refusal([("train.micro_batch", cfg.train.micro_batch, micro_batch)],
+                                 "the data position is counted in micro-batches",
+                                 "resume without train.micro_batch=")
     elif cfg.train.micro_batch:
         micro_batch = min(cfg.train.micro_batch, per_rank_batch)
     elif device.type == "cuda":
@@ -804,12 +814,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         )
         trainer_ref.append(trainer)
         if saved:
-            problem = _optimizer_mismatch(cfg, saved, state.optimizer)
-            if problem:
-                raise ConfigError(f"{run_dir}: {problem}; resume without changing optim.name (or optim.base)")
-            problem = _format_mismatch(saved, par)
-            if problem:
-                raise ConfigError(f"{run_dir}: {problem}")
+            refusal = _optimizer_mismatch(cfg, saved, state.optimizer) or _format_mismatch(saved, par)
+            if refusal:
+                raise refusal
             # The saved groups come back with the peak the run was trained at; the schedule
             # multiplies each group's initial_lr every step, so a resume that sets another
             # optim.lr (muon_lr, lr_scaling) must keep the one this config built.
@@ -1056,18 +1063,19 @@ def _load_resumed_weights(model: torch.nn.Module, cfg: RunConfig, run_dir: Path,
     except ckpt.ShapeMismatch as exc:
         saved = read_json(run_dir / "config.json", CheckpointError)
         now = cfg.to_dict()
-        changed = [f"model.{k}={v} (was {saved.get('model', {}).get(k)})"
+        changed = [(f"model.{k}", v, saved.get("model", {}).get(k))
                    for k, v in now["model"].items() if saved.get("model", {}).get(k) != v]
         if saved.get("techniques") != now["techniques"]:
-            changed.append(f"techniques={now['techniques']} (was {saved.get('techniques')})")
+            changed.append(("techniques", now["techniques"], saved.get("techniques")))
         was, new = saved.get("technique") or {}, now["technique"]
-        changed += [f"technique.{name}.{key}={new.get(name, {}).get(key)} (was {was.get(name, {}).get(key)})"
+        changed += [(f"technique.{name}.{key}", new.get(name, {}).get(key), was.get(name, {}).get(key))
                     for name in sorted(set(was) | set(new))
                     for key in changed_keys(was.get(name, {}), new.get(name, {}))]
-        hint = (f"this run changed {', '.join(changed)}" if changed else
-                "the settings are those the run was saved with, so a technique builds another shape now")
-        raise CheckpointError(f"{exc}; {hint}: resume without changing the model's shape, or start a new run") \
-            from None
+        advice = "resume without changing the model's shape, or start a new run"
+        if changed:
+            raise resume_refusal(changed, str(exc), advice, CheckpointError) from None
+        raise CheckpointError(f"{exc}; the settings are those the run was saved with, so a technique builds "
+                              f"another shape now: {advice}") from None
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -1085,21 +1093,22 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     merged = apply_run_overrides(saved, overrides)
     for key in ("name", "out_dir"):  # the run directory is where it is: a new name would mislabel it
         if str(merged.get(key)) != str(saved.get(key)):
-            raise ConfigError(f"{key} cannot change on resume ({run_dir} is the run, {key}={saved.get(key)}); "
-                              "copy the directory to continue it under another name")
+            raise resume_refusal([(key, str(merged.get(key)), str(saved.get(key)))],
+                                 f"{run_dir} is the run's directory",
+                                 "copy the directory to continue it under another name")
     cfg = config_from_dict(merged, strict=False)  # overrides are text
     if cfg.seed != trained.seed:
         # The loader refused it later, as "loader state does not match: seed=0 in the state".
-        raise ConfigError(f"seed cannot change on resume ({run_dir} trains with seed={trained.seed}): the data "
-                          "order and the masks of the rest of the run follow it; resume without seed=, or "
-                          "start a new run")
+        raise resume_refusal([("seed", cfg.seed, trained.seed)],
+                             "the data order and the masks of the rest of the run follow it",
+                             "resume without seed=, or start a new run")
     for key in ARCHITECTURE_SETTINGS:
         was, now = getattr(trained.model, key), getattr(cfg.model, key)
         unread = (key == "rotary_base" and trained.model.positions != "rotary"
                   or key == "norm_eps" and trained.model.norm == "none")
         if was != now and not unread:
-            raise ConfigError(f"model.{key} cannot change on resume ({run_dir} trains with model.{key}={was}): "
-                              "the checkpoint's weights were trained for it; resume without it, or start a new run")
+            raise resume_refusal([(f"model.{key}", now, was)], "the checkpoint's weights were trained for it",
+                                 "resume without it, or start a new run")
     # Only those the optimizer reads: one it ignores (optim.momentum under AdamW) is in no saved
     # group, and the command line warns that the run ignores it, as in a new run.
     reads = settings_read(cfg.optim)
@@ -1110,9 +1119,9 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         if was != now and trained.optim.name == cfg.optim.name and trained.optim.base == cfg.optim.base:
             # optimizer.load_state_dict() restores the saved groups' settings over the new ones,
             # so the run would train on with the old value while config.json records the new.
-            raise ConfigError(f"optim.{key} cannot change on resume ({run_dir} trains with {_shown(was)}): the "
-                              "optimizer's saved state keeps it; resume without it, or start a new run "
-                              "(optim.lr, optim.muon_lr and optim.lr_scaling may change)")
+            raise resume_refusal([(f"optim.{key}", now, _shown(was))], "the optimizer's saved state keeps it",
+                                 "resume without it, or start a new run (optim.lr, optim.muon_lr and "
+                                 "optim.lr_scaling may change)")
     # Against the resolved config: a technique's option added since is as unset as a field.
     unset = _unset_keys(merged, cfg.resolved())
     # A technique this resume switches on was never in config.json: its defaults are chosen now,
@@ -1141,11 +1150,9 @@ OPTIMIZER_STATE_SETTINGS = ("betas", "eps", "momentum", "nesterov", "weight_deca
                             "sam_rho", "sam_adaptive", "muon_momentum", "lars_trust")
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any) -> Any:
     # None is a setting left to the optimizer (betas=None: its own pair), which "null" hides.
-    if value is None:
-        return "the optimizer's default"
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return "optimizer's default" if value is None else value
 
 
 def _unset_keys(given: dict[str, Any], full: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
