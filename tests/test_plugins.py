@@ -139,7 +139,9 @@ def test_a_plugin_file_adds_a_technique_and_an_optimizer_to_every_command(plugin
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
     resumed = _cramkit("pretrain", "--resume", str(tmp_path / "run"), "train.budget=6steps", plugin=None, cwd=tmp_path)
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
-    assert f"unknown optimizer 'plainsgd' (a plugin's is found once {plugins.ENV} names its module)" in resumed.stderr
+    # The run recorded the file, which is named with how to load it (it is not run unasked).
+    assert (f"unknown optimizer 'plainsgd' (this run was trained with plugin {plugin_file.resolve()}, which is not "
+            f"loaded: set {plugins.ENV}={plugin_file.resolve()})") in resumed.stderr
     resumed = _cramkit("pretrain", "--resume", str(tmp_path / "run"), "train.budget=6steps", plugin=plugin_file,
                        cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -214,3 +216,104 @@ def test_a_plugin_cannot_take_a_shipped_name(clean_registries):
     with pytest.raises(TypeError, match=r"optimizer 'adamw' is registered twice \(cramkit\.optim\.optimizers"):
         register_optimizer("adamw")(lambda groups, cfg, device: None)
     assert OPTIMIZERS["adamw"].__module__ == "cramkit.optim.optimizers"
+
+
+# A model component from a plugin: every command that builds the run's model needs it.
+INIT_PLUGIN = textwrap.dedent('''
+    import torch
+
+    from cramkit.models.registry import INITS
+
+
+    @INITS.register("halfinit")
+    def halfinit(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.01)
+''')
+
+
+@pytest.fixture
+def init_plugin(tmp_path, monkeypatch, clean_registries):
+    """``halfinit_plugin.py`` on the Python path; its module and registration go after the test."""
+    from cramkit.models.registry import INITS
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "halfinit_plugin.py").write_text(INIT_PLUGIN)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delenv(plugins.ENV, raising=False)
+    saved = dict(INITS._items)
+    yield folder / "halfinit_plugin.py"
+    _forget_plugins(monkeypatch)
+    INITS._items.clear()
+    INITS._items.update(saved)
+
+
+def _forget_plugins(monkeypatch) -> None:
+    """As a new process without the plugin: neither imported nor registered."""
+    from cramkit.models.registry import INITS
+
+    INITS._items.pop("halfinit", None)
+    for name in [n for n in sys.modules if n.endswith("halfinit_plugin")]:
+        del sys.modules[name]
+    monkeypatch.setattr(plugins, "_loaded", {})
+
+
+def _init_run(tiny_mlm_data, tmp_path) -> list[str]:
+    return ["demo", f"data.dir={tiny_mlm_data}", f"out_dir={tmp_path}", "name=run", "model.preset=tiny",
+            "model.vocab_size=512", "model.max_positions=64", "train.batch_size=8", "train.micro_batch=4",
+            "train.eval_every=0", "train.eval_batches=2", "train.progress_bar=false", "train.tensorboard=false",
+            "train.plots=false", "train.device=cpu", "finetune_demo=false", "model.init=halfinit",
+            "train.budget=2steps"]
+
+
+def test_a_run_records_its_plugin_modules_and_later_commands_import_them(init_plugin, tiny_mlm_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A run trained with a plugin's init scheme could not be exported, fine-tuned or resumed
+    without CRAMKIT_PLUGINS, and the error proposed a shipped name: "unknown init scheme
+    'halfinit' (did you mean 'normal'?)"."""
+    run = tmp_path / "run"
+    monkeypatch.setenv(plugins.ENV, "halfinit_plugin")
+    assert main(["pretrain", *_init_run(tiny_mlm_data, tmp_path)]) == 0
+    assert json.loads((run / "environment.json").read_text())["plugins"] == ["halfinit_plugin"]
+    monkeypatch.delenv(plugins.ENV)
+    _forget_plugins(monkeypatch)
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    _forget_plugins(monkeypatch)
+    assert main(["pretrain", "--resume", str(run), "train.budget=3steps"]) == 0
+    capsys.readouterr()
+    # Uninstalled since: one line that names the plugin and what to do.
+    init_plugin.rename(init_plugin.with_suffix(".gone"))
+    _forget_plugins(monkeypatch)
+    assert main(["export", str(run), "--out", str(tmp_path / "export2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown init scheme 'halfinit' (this run was trained with plugin " \
+        "halfinit_plugin, which cannot be imported here: no module named 'halfinit_plugin'" in err, err
+    assert "did you mean" not in err
+
+
+def test_a_run_trained_with_a_plugin_file_says_how_to_load_it(init_plugin, tiny_mlm_data, tmp_path, monkeypatch,
+                                                              capsys):
+    """A plugin file is code that a run directory only names: it is not run unasked, and each
+    command that needs it says how to load it."""
+    run = tmp_path / "run"
+    monkeypatch.chdir(init_plugin.parent)
+    monkeypatch.setenv(plugins.ENV, init_plugin.name)  # relative: recorded as the file it is
+    assert main(["pretrain", *_init_run(tiny_mlm_data, tmp_path)]) == 0
+    assert json.loads((run / "environment.json").read_text())["plugins"] == [str(init_plugin.resolve())]
+    monkeypatch.delenv(plugins.ENV)
+    _forget_plugins(monkeypatch)
+    capsys.readouterr()
+    hint = (f"unknown init scheme 'halfinit' (this run was trained with plugin {init_plugin.resolve()}, which "
+            f"is not loaded: set {plugins.ENV}={init_plugin.resolve()})")
+    for command in (["export", str(run), "--out", str(tmp_path / "export")],
+                    ["finetune", str(run), "--task", "bbc"],
+                    ["pretrain", "--resume", str(run), "train.budget=3steps"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and hint in err, (command, err)
+    # Named by its absolute path now, the file is the one the run recorded (not imported twice).
+    monkeypatch.setenv(plugins.ENV, str(init_plugin.resolve()))
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0

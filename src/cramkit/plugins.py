@@ -14,16 +14,25 @@ The command line imports, before it reads any option:
 
 Under ``torchrun`` every rank imports them the same way (the environment is inherited). A
 program that calls cramkit's Python API imports its plugin modules itself.
+
+A run records the plugins its process loaded (``environment.json``'s ``plugins``: module names,
+and files as absolute paths). Whatever reads the run again (a resume, fine-tuning, evaluation,
+export, prediction) imports the recorded modules that are not loaded; a recorded file is not run
+unasked (a run directory may come from someone else), and a name that only a plugin not loaded
+could have registered is an error that names the plugin and how to load it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -35,11 +44,22 @@ ENTRY_POINT_GROUP = "cramkit.plugins"
 
 
 def unknown_hint(name: str, known) -> str:
-    """What the error for ``name``, which no registry holds, adds: the close name it probably
-    misspells, or else where a plugin's name comes from."""
+    """What the error for ``name``, which no registry holds, adds: the plugins that the run being
+    read recorded and that are not loaded (the name is theirs, not a misspelling of a shipped
+    one), else the close name it probably misspells, or else where a plugin's name comes from."""
+    if _missing:
+        why = "; ".join(f"{spec}, which {reason}" for spec, (reason, _) in _missing.items())
+        todo = " and ".join(dict.fromkeys(todo for _, todo in _missing.values()))
+        plural = "s" if len(_missing) > 1 else ""
+        return f" (this run was trained with plugin{plural} {why}: {todo})"
     return did_you_mean(name, known) or f" (a plugin's is found once {ENV} names its module)"
 
+
+#: Plugins imported in this process, by what names them: a module, a file's absolute path, or
+#: an entry point's ``name=value``.
 _loaded: dict[str, ModuleType] = {}
+#: While a run is read: the plugins it recorded that are not loaded, with why and what loads them.
+_missing: dict[str, tuple[str, str]] = {}
 
 
 def load_plugins() -> list[str]:
@@ -50,8 +70,7 @@ def load_plugins() -> list[str]:
     own code propagates with its traceback, which its author needs.
     """
     for spec in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
-        if spec not in _loaded:
-            _loaded[spec] = _import_file(spec) if spec.endswith(".py") else _import_module(spec)
+        _load(spec)
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         key = f"{entry.name}={entry.value}"
         if key not in _loaded:
@@ -64,6 +83,66 @@ def load_plugins() -> list[str]:
                                   "reinstall the package that declares it, or uninstall it") from None
             _loaded[key] = loaded if isinstance(loaded, ModuleType) else sys.modules[entry.module]
     return list(_loaded)
+
+
+def _load(spec: str) -> None:
+    # A file by its absolute path: named relatively in one command and absolutely in the next (as
+    # a run records it), it is still one module, imported once.
+    if spec.endswith(".py"):
+        key = str(Path(spec).resolve())
+        if key not in _loaded:
+            _loaded[key] = _import_file(spec)
+    elif spec not in _loaded:
+        _loaded[spec] = _import_module(spec)
+
+
+def recorded() -> list[str]:
+    """The plugins loaded in this process as a run records them: module names (an entry point's
+    module) and absolute paths of files, in import order."""
+    return list(dict.fromkeys(key if key.endswith(".py") else module.__name__ for key, module in _loaded.items()))
+
+
+def run_plugins_recorded(run_dir: str | Path) -> list[str]:
+    """The plugins that ``run_dir``'s ``environment.json`` records, its resumes' included."""
+    try:
+        env = json.loads((Path(run_dir) / "environment.json").read_text())
+    except (OSError, ValueError):  # no record (an earlier cramkit's run), or a damaged one: nothing to load
+        return []
+    if not isinstance(env, dict):
+        return []
+    segments = [env, *(r for r in env.get("resumes") or [] if isinstance(r, dict))]
+    return list(dict.fromkeys(spec for segment in segments for spec in segment.get("plugins") or []
+                              if isinstance(spec, str) and spec))
+
+
+@contextlib.contextmanager
+def run_plugins(run_dir: str | Path) -> Iterator[None]:
+    """Read ``run_dir`` with the plugins it recorded: each recorded module that is not loaded is
+    imported; a recorded file is not (it runs only when ``CRAMKIT_PLUGINS`` names it). Those that
+    stay missing are named by every unknown-name error raised inside, instead of a shipped name
+    that the plugin's resembles. A run that needs none of them (export of a run trained with a
+    plugin's technique) reads as before."""
+    global _missing
+    missing: dict[str, tuple[str, str]] = {}
+    specs = run_plugins_recorded(run_dir)
+    files = [spec for spec in specs if spec.endswith(".py") and str(Path(spec).resolve()) not in _loaded]
+    here = ",".join(spec for spec in files if Path(spec).is_file())  # one setting that loads them all
+    for spec in files:
+        missing[spec] = (("is not loaded", f"set {ENV}={here}") if Path(spec).is_file()
+                         else ("is no longer at that path", f"name it where it is now in {ENV}"))
+    for spec in specs:
+        if spec.endswith(".py") or spec in _loaded or spec in {m.__name__ for m in _loaded.values()}:
+            continue
+        try:
+            _load(spec)
+        except ConfigError:  # not found here: said where a name it registered is missing
+            missing[spec] = (f"cannot be imported here: no module named '{spec}'",
+                             f"install it, or name the module that registers it in {ENV}")
+    before, _missing = _missing, missing
+    try:
+        yield
+    finally:
+        _missing = before
 
 
 def _import_module(name: str) -> ModuleType:
@@ -89,6 +168,8 @@ def _import_file(path: str) -> ModuleType:
     # look their module up in sys.modules, and two plugin files may share a stem.
     digest = hashlib.blake2b(str(file.resolve()).encode(), digest_size=4).hexdigest()
     name = f"cramkit_plugin_{digest}_{file.stem}"
+    if name in sys.modules:  # imported already (a file's registrations refuse to run twice)
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
         raise ConfigError(f"{ENV}: '{path}' cannot be imported as a Python module")

@@ -389,3 +389,21 @@ def test_an_adapter_s_base_is_the_checkpoint_as_it_was_loaded(run, bbc_task):
     finetune(backbone, bbc_task, cfg, save_dir=save_dir)
     with pytest.raises(CheckpointError, match="its weights are not the ones it held then"):
         load_finetuned(save_dir / "seed-0")
+
+
+def test_weights_of_a_run_with_a_plugin_s_init_name_the_plugin_not_a_damaged_file(pair_saved, tmp_path):
+    """A run trained with a plugin's init scheme, its fine-tuned weights reloaded without the
+    plugin: "classifier.json or finetune_config.json is damaged (... did you mean 'normal'?)"."""
+    folder, _, _ = pair_saved
+    record = json.loads((folder / "classifier.json").read_text())
+    record["model_config"]["init"] = "halfinit"
+    (folder / "classifier.json").write_text(json.dumps(record))
+    plugin = tmp_path / "halfinit_plugin.py"  # recorded, never loaded
+    run = folder.parents[2]
+    env = json.loads((run / "environment.json").read_text()) if (run / "environment.json").is_file() else {}
+    (run / "environment.json").write_text(json.dumps({**env, "plugins": [str(plugin)]}))
+    with pytest.raises(CheckpointError) as err:
+        load_finetuned(folder)
+    assert "damaged" not in str(err.value)
+    assert (f"unknown init scheme 'halfinit' (this run was trained with plugin {plugin}, which is no longer "
+            "at that path: name it where it is now in CRAMKIT_PLUGINS)") in str(err.value)

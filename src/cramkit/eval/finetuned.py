@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, UnknownName
+from ..plugins import run_plugins
 from ..utils import read_json, sha256_file
 from .encoding import SpecialIds, TaskEncoder
 from .finetune import Backbone, FinetuneConfig, batched_logits, run_tokenizer
@@ -185,17 +186,25 @@ def load_finetuned(
         cfg = FinetuneConfig.from_dict(read_json(folder / "finetune_config.json", CheckpointError),
                                        path="finetune")
         spec = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["task"].items()})
-        model_config = ModelConfig.from_dict(record["model_config"], path="model_config")
+        model_fields = record["model_config"]
         special = SpecialIds(**record["special_ids"])
         seed, adapter_on_run = int(record["seed"]), cfg.peft != "none" and record["init"] == "pretrained"
         _check_record(record)
         problem = verify_files(folder, record["files"])
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{folder}: {CLASSIFIER_FILE} or finetune_config.json is damaged "
-                              f"({type(exc).__name__}: {exc}); fine-tune again with {_SAVE_HINT}") from None
+        raise _damaged(folder, exc) from None
     if problem:
         raise CheckpointError(f"{folder}: {problem}; fine-tune again with {_SAVE_HINT}")
     run = _find_run(folder, record, run_dir)
+    # With the run's plugins: the model config may name a plugin's component (an init scheme),
+    # whose unknown name was reported as a damaged file.
+    with run_plugins(run):
+        try:
+            model_config = ModelConfig.from_dict(model_fields, path="model_config")
+        except UnknownName as exc:  # the hint names the plugin, if the run recorded it
+            raise CheckpointError(f"{folder}: {exc}") from None
+        except (ConfigError, TypeError, ValueError, AttributeError) as exc:
+            raise _damaged(folder, exc) from None
     backbone = Backbone(model_config, None, run_tokenizer(run, model_config), special, run)
     # Rebuilt as train_one builds it; the redraws of the weights that get loaded over (and the
     # -random PEFT base, which must be redrawn) leave the caller's random stream alone.
@@ -216,6 +225,11 @@ def load_finetuned(
     model.to(dev).eval()
     encoder = TaskEncoder(backbone.tokenizer, special, cfg.seq_len, model_config.causal)
     return FinetunedModel(model, spec, encoder, cfg, dev, folder, run, backbone.tokenizer, special)
+
+
+def _damaged(folder: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{folder}: {CLASSIFIER_FILE} or finetune_config.json is damaged "
+                           f"({type(exc).__name__}: {exc}); fine-tune again with {_SAVE_HINT}")
 
 
 def _check_record(record: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 from typing import Literal
 
 from ..configbase import Config, Name, field
-from ..errors import ConfigError
+from ..errors import ConfigError, UnknownName
 from ..plugins import unknown_hint
 from .registry import ARCHITECTURES, INITS
 
@@ -157,7 +157,7 @@ class ModelConfig(Config):
             if value not in registry and value not in also:
                 choices = [*also, *registry.names()]
                 # A run trained with a plugin's name, read without the plugin, learns where it comes from.
-                raise ConfigError(f"{name}: unknown {registry.kind} {value!r}{unknown_hint(str(value), choices)}; "
+                raise UnknownName(f"{name}: unknown {registry.kind} {value!r}{unknown_hint(str(value), choices)}; "
                                   f"choose from {choices}")
 
         for name, registry in (("arch", ARCHITECTURES), ("init", INITS), ("norm", NORMS), ("ffn", FFNS),

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from ..errors import ConfigError
+from ..errors import UnknownName
 from ..plugins import unknown_hint
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A named table of choices; unknown names raise ConfigError with a "did you mean" hint."""
+    """A named table of choices; unknown names raise UnknownName with a "did you mean" hint."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -34,14 +34,14 @@ class Registry(Generic[T]):
         return self.register(name)(obj)
 
     def get(self, name: str) -> T:
-        """The object registered as ``name``; ConfigError if there is none."""
+        """The object registered as ``name``; UnknownName if there is none."""
         try:
             return self._items[name]
         except KeyError:
             # A run trained with a plugin's architecture, init or norm names it, and reading the
             # run without the plugin must say where such a name comes from.
             hint = unknown_hint(str(name), self._items)
-            raise ConfigError(
+            raise UnknownName(
                 f"unknown {self.kind} '{name}'{hint}; choose from {sorted(self._items)}"
             ) from None
 

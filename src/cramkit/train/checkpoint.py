@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError, UnknownName
+from ..plugins import run_plugins
 from ..utils import atomic_dir, read_json, sha256_file, write_json
 
 FILES = ("model.safetensors", "state.pt")
@@ -193,7 +194,13 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
 
     Returns ``(model, model_config, info)`` where ``info`` has ``run_dir``, ``checkpoint``,
     ``weights_sha256`` (the checkpoint's weights, as loaded), ``tokenizer_path`` and ``special_ids``.
+    The run is read with the plugins it recorded (:func:`cramkit.plugins.run_plugins`).
     """
+    with run_plugins(run_dir):
+        return _load_pretrained(Path(run_dir), device)
+
+
+def _load_pretrained(run_dir: Path, device: str | torch.device):
     from ..config import config_from_dict
     from ..models import ModelConfig, build_model
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import plugins
 from ..budget import Budget, Clock, Usage, exhausted, next_due, progress
 from ..config import RunConfig, apply_run_overrides, check_run_name, config_from_dict
 from ..data.dataset import TokenDataset
@@ -755,6 +756,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
 
     segment = {**environment(device), "world_size": par.world_size, "strategy": par.strategy,
                "memory_estimate": estimate} if par.is_main else {}
+    if par.is_main and plugins.recorded():  # what later readers of the run import (plugins.run_plugins)
+        segment["plugins"] = plugins.recorded()
     log: RunLog | None = None
 
     def start_files() -> None:
@@ -1079,7 +1082,13 @@ def _load_resumed_weights(model: torch.nn.Module, cfg: RunConfig, run_dir: Path,
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The saved config of ``run_dir`` with ``overrides`` applied (e.g. a larger budget)."""
+    """The saved config of ``run_dir`` with ``overrides`` applied (e.g. a larger budget), read with
+    the plugins the run recorded (:func:`cramkit.plugins.run_plugins`)."""
+    with plugins.run_plugins(run_dir):
+        return _resume_config(run_dir, overrides)
+
+
+def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a cramkit run directory (no config.json)")
