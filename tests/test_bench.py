@@ -88,6 +88,33 @@ def test_bad_bench_flags_are_one_line_errors(flags, message, capsys):
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.mark.parametrize("targets", [
+    ["cramkit:tiny,seq_len=8,batch=1,document_mask=true,document_mask_kernel=flex"],
+    # The --document-mask twin of a target that chose flex, after a target that would have run.
+    ["cramkit:tiny-gpt,seq_len=8,batch=1", "cramkit:tiny,seq_len=8,batch=1,document_mask_kernel=flex",
+     "--document-mask"],
+])
+def test_a_kernel_the_device_cannot_train_with_is_refused_before_timing(targets, monkeypatch, capsys):
+    """flex_attention on the CPU: the row failed with torch's "NotImplementedError: FlexAttention
+    does not support backward on CPU. Please set the input requires_grad to False or use another
+    device", advice for torch users, after the targets before it had been timed."""
+    import cramkit.bench as bench
+
+    monkeypatch.setattr(bench, "bench_target", lambda *a, **k: pytest.fail("timed a target first"))
+    assert main(["bench", *targets, "--device", "cpu"]) == 2
+    flex = next(t for t in targets if "flex" in t)
+    assert capsys.readouterr().err == (
+        f"error: bench target '{flex}{',document_mask=true' if 'document_mask=true' not in flex else ''}': "
+        "document_mask_kernel=flex trains only on CUDA (flex_attention has no backward on cpu); use "
+        "document_mask_kernel=auto or sdpa here\n")
+
+
+def test_fp16_on_the_cpu_names_the_bench_flag(capsys):
+    """It said "train.precision=fp16 needs a CUDA device", a key bench does not have."""
+    assert main(["bench", "cramkit:tiny,seq_len=8,batch=1", "--device", "cpu", "--precision", "fp16"]) == 2
+    assert capsys.readouterr().err == "error: --precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)\n"
+
+
 def test_bench_batches_only_change_when_documents_are_asked_for():
     def make(doc_len):
         return synthetic_batch("gpt", 100, 2, 64, 0.15, torch.device("cpu"), torch.Generator().manual_seed(0), doc_len)

@@ -34,6 +34,7 @@ from .configbase import apply_overrides, did_you_mean
 from .errors import ConfigError
 from .models import ARCHITECTURES, build_model
 from .models.config import ModelConfig
+from .models.docmask import untrainable_kernel
 from .models.flops import flops_per_token
 from .models.presets import get_preset
 from .train.device import (
@@ -354,15 +355,22 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_bench)
 
 
-def expand_targets(targets: list[str], document_mask: bool, *, batch: int, seq_len: int) -> list[tuple[str, str | None]]:
-    """``(target, baseline)`` pairs to time: every target (checked now, before any timing), and
-    with ``document_mask`` a document-masked twin after each cramkit target that lacks it."""
+def expand_targets(targets: list[str], document_mask: bool, *, batch: int, seq_len: int,
+                   device: torch.device | None = None) -> list[tuple[str, str | None]]:
+    """``(target, baseline)`` pairs to time: every target (checked now, before any timing, and
+    against ``device`` when given), and with ``document_mask`` a document-masked twin after each
+    cramkit target that lacks it."""
     out: list[tuple[str, str | None]] = []
     for spec in targets:
         parsed = parse_target(spec, batch=batch, seq_len=seq_len)
         out.append((spec, None))
         if document_mask and parsed.family == "cramkit" and not parsed.cfg.document_mask:
             out.append((f"{spec},document_mask=true", spec))
+    for spec, _ in out if device is not None else []:
+        cfg = parse_target(spec, batch=batch, seq_len=seq_len).cfg
+        untrainable = untrainable_kernel(cfg.document_mask, cfg.document_mask_kernel, device)
+        if untrainable:  # a setting of the target: the user's to change, as a misspelt key is
+            raise ConfigError(f"bench target '{spec}': {untrainable}")
     return out
 
 
@@ -378,7 +386,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if not 0 < args.mask_rate <= 1:
         raise ConfigError(f"--mask-rate must be in (0, 1], got {args.mask_rate}")
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device, setting="--precision")
     peak = measure_peak_flops(device, precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: list[Result] = []
@@ -397,7 +405,8 @@ def run_bench(args: argparse.Namespace) -> int:
             write_json(args.json, {"device": name, "peak_flops": peak, "precision": precision,
                                    "environment": env, "results": [asdict(r) for r in results], "failed": failed})
 
-    for target, baseline in expand_targets(args.targets, args.document_mask, batch=args.batch, seq_len=args.seq_len):
+    targets = expand_targets(args.targets, args.document_mask, batch=args.batch, seq_len=args.seq_len, device=device)
+    for target, baseline in targets:
         try:
             results.append(bench_target(target, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
                                         warmup=args.warmup, device=device, precision=precision,

@@ -86,6 +86,21 @@ def block_mask(doc: torch.Tensor, valid: torch.Tensor | None, causal: bool):
     )
 
 
+#: Kernels that train on one device type only: flex_attention has no backward elsewhere, and
+#: failed at the first backward with torch's NotImplementedError (advice for its own users).
+_TRAINS_ONLY_ON = {"flex": "cuda"}
+
+
+def untrainable_kernel(document_mask: bool, kernel: str, device: torch.device) -> str | None:
+    """Why ``kernel`` cannot train on ``device`` (as ``document_mask_kernel=...: why; what to
+    do``, for the caller to prefix with where the setting came from), or None."""
+    needs = _TRAINS_ONLY_ON.get(kernel)
+    if not document_mask or needs is None or device.type == needs:
+        return None
+    return (f"document_mask_kernel={kernel} trains only on {needs.upper()} (flex_attention has no backward "
+            f"on {device.type}); use document_mask_kernel=auto or sdpa here")
+
+
 def resolve_kernel(name: str, device: torch.device, attention_dropout: float) -> str:
     """The concrete kernel for ``name`` (``auto`` resolved for ``device``)."""
     if name != "auto":

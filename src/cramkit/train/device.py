@@ -27,11 +27,12 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` is bf16 on GPUs that support it, fp32 elsewhere (CPU autocast rarely pays off)."""
+def resolve_precision(name: str, device: torch.device, setting: str = "train.precision") -> str:
+    """``auto`` is bf16 on GPUs that support it, fp32 elsewhere (CPU autocast rarely pays off).
+    ``setting``: where ``name`` came from, as the error names it (bench's is a flag)."""
     if name != "auto":
         if name == "fp16" and device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+            raise ConfigError(f"{setting}=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
         return name
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"

@@ -42,6 +42,7 @@ from ..distributed.memory import advise, offload_context
 from ..distributed.parallel import OFFLOAD_NEEDS_TORCHRUN
 from ..errors import CheckpointError, ConfigError, CramkitError, DataError, resume_refusal
 from ..models import build_model
+from ..models.docmask import untrainable_kernel
 from ..models.flops import count_parameters, flops_per_token
 from ..objectives import (
     BOUNDARY_TOKENS,
@@ -550,9 +551,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         say = lambda *_: None  # noqa: E731
     device = par.device
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.model.document_mask and cfg.model.document_mask_kernel == "flex" and device.type != "cuda":
-        raise ConfigError(f"model.document_mask_kernel=flex trains only on CUDA (flex_attention has no "
-                          f"backward on {device.type}); use document_mask_kernel=auto or sdpa here")
+    untrainable = untrainable_kernel(cfg.model.document_mask, cfg.model.document_mask_kernel, device)
+    if untrainable:
+        raise ConfigError(f"model.{untrainable}")
     data_dir = _shared_data(cfg, par, say)
     dataset = TokenDataset.open(data_dir)
     dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
