@@ -1077,3 +1077,30 @@ def test_a_seed_given_twice_is_refused(tiny_run, capsys):
         FinetuneConfig.from_dict({"seeds": [0, 1, 1]}, path="finetune")
     assert main(["finetune", str(tiny_run), "--task", "bbc", "seeds=[0,1,1]"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: finetune.seeds names seed 1 twice")
+
+
+def test_mean_and_last_pooling_read_only_the_real_tokens_of_a_right_padded_row():
+    from cramkit.eval.heads import pool_last, pool_mean
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    torch.testing.assert_close(pool_mean(hidden, mask), torch.stack([hidden[0].mean(0), hidden[1, :2].mean(0)]))
+    assert torch.equal(pool_last(hidden, mask), torch.stack([hidden[0, 3], hidden[1, 1]]))
+
+
+@pytest.mark.parametrize(("preset", "pooling"), [("tiny", "mean"), ("tiny-gpt", "last"), ("tiny-gpt", "mean")])
+def test_a_classifiers_logits_do_not_depend_on_the_padding_after_a_row(preset, pooling):
+    """Batches are right-padded to their longest row: a row's prediction must not change with
+    how much padding a longer neighbour puts after it (pooling over pads, or on the last pad)."""
+    from cramkit.eval.heads import SequenceClassifier
+    from cramkit.models import build_model
+    from cramkit.models.presets import preset_config
+
+    torch.manual_seed(0)
+    encoder = build_model(preset_config(preset))
+    clf = SequenceClassifier(encoder, encoder.config.hidden, 3, pooling=pooling, causal=encoder.config.causal).eval()
+    ids = torch.randint(5, 100, (1, 6))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=ids.dtype)], 1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 3, dtype=ids.dtype)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(padded, mask), clf(ids, torch.ones_like(ids)), atol=1e-5, rtol=0)
