@@ -77,3 +77,10 @@ def test_task_score_is_the_target_metric_and_median_over_seeds():
         {"accuracy": 0.2, "f1": 0.9},
     ]
     assert M.median_metrics(runs) == {"accuracy": 0.2, "f1": 0.5}
+
+
+def test_the_median_of_an_even_number_of_seeds_is_the_mean_of_the_middle_two():
+    """finetune.seeds may be any number; with 2 or 4 seeds the median is no single seed's value."""
+    runs = [{"accuracy": a, "f1": f} for a, f in ((0.1, 0.8), (0.4, 0.2), (0.2, 0.6), (0.9, 0.4))]
+    assert M.median_metrics(runs) == {"accuracy": pytest.approx(0.3), "f1": pytest.approx(0.5)}
+    assert M.median_metrics(runs[:2]) == {"accuracy": pytest.approx(0.25), "f1": pytest.approx(0.5)}
