@@ -241,7 +241,8 @@ def _fake_nvml(monkeypatch, readings: list[int], fail: bool = False):
 
 
 def test_energy_is_the_nvml_counter_difference_in_kwh(monkeypatch):
-    _fake_nvml(monkeypatch, [5_000, 5_000 + 7_200_000_000])  # millijoules: 7.2 MJ = 2 kWh
+    # The counter runs since the driver loaded: 90 MJ (25 kWh) before the run, 7.2 MJ (2 kWh) in it.
+    _fake_nvml(monkeypatch, [90_000_000_000, 90_000_000_000 + 7_200_000_000])
     meter = EnergyMeter(CUDA)
     assert meter.available and meter.kwh() == pytest.approx(2.0)
 
