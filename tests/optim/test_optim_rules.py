@@ -523,6 +523,20 @@ def test_parameter_groups_keep_norms_biases_and_optionally_embeddings_undecayed(
     assert total == len({id(p) for p in model.parameters()})  # the tied decoder counted once
 
 
+def test_an_untied_output_projection_is_grouped_with_the_embeddings():
+    """Untied, the decoder weight is a Linear, not an Embedding: found as the last Linear, it is
+    an ``embedding`` (undecayed under decay_embeddings=false, left alone by Muon), not ``hidden``."""
+    from cramkit.optim import parameter_groups
+
+    model = build_model({**get_preset("tiny"), "vocab_size": 512, "tie_embeddings": False})
+    decoder = model.head.decoder.weight
+    assert decoder is not model.embeddings.tokens.weight
+    groups = {g["kind"]: g for g in parameter_groups(model, 0.1, decay_embeddings=False)}
+    assert any(p is decoder for p in groups["embedding"]["params"])
+    assert not any(p is decoder for p in groups["hidden"]["params"])
+    assert groups["embedding"]["weight_decay"] == 0.0
+
+
 def test_schedule_free_checkpoints_the_averaged_weights_for_users_and_resumes_from_its_own(
     tiny_mlm_data, tmp_path
 ):
