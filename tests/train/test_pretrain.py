@@ -1260,3 +1260,19 @@ def test_a_resume_may_change_an_optimizer_setting_the_optimizer_does_not_read(ti
     assert cfg.optim.name == "adamw" and cfg.optim.momentum == 0.5
     with pytest.raises(ConfigError, match=r"^optim.betas=\[0.9, 0.9\] differs from the optimizer.s default this run"):
         resume_config(run, ["train.budget=4steps", "optim.betas=[0.9,0.9]"])  # AdamW keeps these
+
+
+def test_a_checkpoint_altered_in_place_falls_back_to_the_previous_one(tmp_path):
+    """Same size, other bytes (a flipped bit on disk, a file edited): only the checksum tells."""
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.arange(8, dtype=torch.float32) * step}, {"step": step})
+    older, newest = ckpt.list_checkpoints(tmp_path)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the tensor data
+    weights.write_bytes(bytes(data))
+    assert ckpt.verify(newest) == "model.safetensors does not match its checksum"
+    messages = []
+    assert ckpt.latest_checkpoint(tmp_path, warn=messages.append) == older
+    assert messages == ["skipping checkpoint step-00000002: model.safetensors does not match its checksum; "
+                        "falling back to the previous one"]
