@@ -380,6 +380,27 @@ def test_global_schedule_runs_once_over_the_budget(request, tmp_path):
     assert all(math.isclose(g, e, rel_tol=1e-9) for g, e in zip(got, expected, strict=True)), got
 
 
+def test_the_level_learning_rate_is_the_one_the_optimizer_steps_with(request, tmp_path, monkeypatch):
+    """The logged lr and the optimizer's are computed apart: a trainer that logged the level's
+    lr_scale but stepped without it passed the tests above, which read the log alone."""
+    from cramkit.train.trainer import Trainer
+
+    used, step = [], Trainer.train_step
+
+    def recording_step(self, batches):
+        used.append({g["lr"] for g in self.state.optimizer.param_groups})
+        return step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    _lr_relative_to_first_step(request, tmp_path)
+    logged = [r["lr"] for r in metrics(tmp_path / "run")]
+    assert all(len(rates) == 1 for rates in used)
+    stepped = [rates.pop() for rates in used]
+    assert stepped == pytest.approx(logged, rel=1e-12)
+    # Steps 5-10 run the small level: twice the schedule's rate at the same progress.
+    assert stepped[4] / stepped[0] == pytest.approx(2 * linear(4 / 12, final=0.1))
+
+
 def test_per_stage_schedule_restarts_in_every_stage(request, tmp_path):
     got = _lr_relative_to_first_step(request, tmp_path, "technique.vcycle.schedule=per_stage")
     expected = []
