@@ -261,6 +261,25 @@ def test_compressibility_counts_characters_of_the_normalised_text(tmp_path):
     assert "2015" not in tok.decode(_train_rows(ds).ravel().tolist())
 
 
+def test_compressibility_keeps_a_document_the_exact_length_clears_when_the_floor_cannot(tmp_path):
+    """Collapsing whitespace, the cheap floor of the normalised length is 0 (runs of spaces
+    shrink): every document then needs the exact count, and only the junk is above the ratio.
+    min_chars keeps a document of exactly that many characters ("fewer than" drops)."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits + "#$%&*+/<=>@^~"
+    junk = ["".join(rng.choice(alphabet) for _ in range(200)) for _ in range(10)]  # ~1 token a character
+    normal = synthetic_docs(40)  # under 0.4 tokens a character
+    src = write_corpus(tmp_path / "c.txt", normal + junk)
+    cfg = small_cfg([src], collapse_whitespace=True, max_token_ratio=0.6, min_chars=min(map(len, normal)))
+    s = TokenDataset.open(prepare(cfg, tmp_path / "d", progress=False)).manifest["filter_stats"]
+    assert s["compressibility"]["docs"] == 10 and s["compressibility"]["chars"] == 2000
+    assert s["too_short"]["docs"] == 0
+    assert s["kept"]["docs"] == 40
+
+
 def test_empty_documents_are_dropped_without_the_filter(tmp_path, capsys):
     src = write_corpus(tmp_path / "c.txt", synthetic_docs(20) + ["日本語の文書", "中文文档"])
     cfg = small_cfg([src], ascii_only=True, val_fraction=0.0)
