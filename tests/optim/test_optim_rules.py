@@ -358,6 +358,19 @@ def test_sam_step_uses_the_gradient_at_the_ascent_point_and_every_k():
     torch.testing.assert_close(w.detach(), w1 - lr * grad(w1))
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_sams_ascent_point_is_rho_away_whatever_the_gradients_size(scale):
+    """e = rho * g / ||g||: the radius is rho for small gradients (late in training, or clipped)
+    as for large ones; the test above has ||g|| > 1 only."""
+    w0, c = _tensors()
+    w = torch.nn.Parameter(w0.clone())
+    cfg = OptimConfig(name="sam", base="sgd", momentum=0.0, lr=0.1, sam_rho=0.05)
+    opt = OPTIMIZERS["sam"]([{"params": [w], "weight_decay": 0.0, "kind": "hidden"}], cfg, CPU)
+    (scale * _cubic(w, c)).backward()
+    opt.first_step()
+    assert float(torch.linalg.vector_norm(w.detach() - w0)) == pytest.approx(0.05, rel=1e-5)
+
+
 def test_adaptive_sam_scales_the_ascent_by_the_weights():
     """ASAM (Kwon et al. 2021, Eq. 6, with T_w = |w| and no eta offset, as davda54/sam's
     ``adaptive=True``): e = rho * w^2 * g / ||w * g||, over all parameters together."""
