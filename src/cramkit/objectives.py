@@ -11,8 +11,14 @@
   next, unrelated document from the separator is not a learnable target), and at pad positions.
   The last token of a document does predict the separator, so models learn to end documents.
 
-Both are deterministic given ``(seed, index)``: the random draws come from a ``torch.Generator``
-seeded from them, so resuming a run reproduces the masks exactly.
+An objective is called as ``objective(tokens, seq_ids)``: ``tokens`` a LongTensor ``[B, L]`` and
+``seq_ids`` each sequence's identity, a LongTensor ``[B]`` of non-negative ids (ShardLoader hands
+over ``epoch * num_sequences + row``: which sequence of the split, on which pass over it), or an
+int: the id of the first of ``B`` consecutive sequences (``start`` for ``split[start:start + B]``).
+CLM ignores it. MLM masks each sequence as a pure function of ``(seed, its id, position)``: a
+counter-based hash (:func:`_uniform_bits`), with no generator state, so a sequence gets the same
+mask in a micro-batch of 2 or of 256, at any position in it, on any rank of any number of ranks,
+and after a resume; it gets another mask on the next pass over the data (dynamic masking).
 """
 
 from __future__ import annotations
@@ -26,16 +32,51 @@ import torch
 from .errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
-# Validation masks are drawn for this many consecutive sequences at a time (see MaskedLM).
-_FIXED_BLOCK = 64
 #: How validation masks are drawn, recorded in each run's summary: ``cramkit report`` notes runs
-#: scored under another scheme (before it: one draw per batch, with the run's seed).
-VAL_MASKS = "per-sequence, seed 0"
+#: scored under another scheme (before it: "per-sequence, seed 0", generator draws for blocks of
+#: 64 sequences; before that, one draw per batch, with the run's seed).
+VAL_MASKS = "per-sequence hash, seed 0"
+_M32 = 0xFFFFFFFF
 
 
 def _seed_from(*parts: Any) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective integer hash of 32-bit values held in int64 (Wellons' hash-prospector
+    ``[16 21f0aaad 15 735a2d97 15]``). Both multipliers are below 2**31, so no product of a
+    32-bit value reaches 2**63: int64 arithmetic never overflows, on any device."""
+    x = x ^ (x >> 16)  # a new tensor: the rest works in place, never on the caller's
+    x.mul_(0x21F0AAAD).bitwise_and_(_M32)
+    x ^= x >> 15
+    x.mul_(0x735A2D97).bitwise_and_(_M32)
+    x ^= x >> 15
+    return x
+
+
+def _row_keys(keys: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """32-bit keys ``[S, B]`` for ``B`` sequences in each of ``S`` streams, from 63-bit stream keys
+    ``[S, 1]`` and 64-bit ids ``[B]``. Ids that differ only in their low 32 bits (every id below
+    2**32) never share a key within a stream."""
+    lo = _mix32((seq_ids & _M32) ^ (keys & _M32))
+    return _mix32(lo ^ _mix32((seq_ids >> 32) ^ (keys >> 32)))
+
+
+def _position_keys(length: int) -> torch.Tensor:
+    return _mix32(torch.arange(length, dtype=torch.long) ^ 0x5BD1E995)
+
+
+def _uniform_bits(row_keys: torch.Tensor, position_keys: torch.Tensor) -> torch.Tensor:
+    """32 uniform bits (int64 in [0, 2**32)) for each (row key, position key) pair, elementwise
+    with broadcasting."""
+    return _mix32(row_keys ^ position_keys)
+
+
+def _threshold(p: float) -> int:
+    """``bits < _threshold(p)`` holds with probability ``p`` (to 2**-32) for uniform 32-bit bits."""
+    return min(1 << 32, max(0, round(p * (1 << 32))))
 
 
 def target_index(labels: torch.Tensor) -> torch.Tensor:
@@ -72,11 +113,12 @@ def boundary_token_id(objective: str, special_ids: dict[str, int | None]) -> int
 
 
 class MaskedLM:
-    """BERT-style masking; see the module docstring. ``fixed=True`` is for validation: ``index``
-    is then the position of the batch's first sequence in the split, and each sequence's mask
-    depends only on ``(seed, its position)``, with a salt distinct from training. Every evaluation
-    scores the same masks, and so do runs that evaluate with other batch sizes (a mask drawn over
-    the whole batch would differ between a micro-batch of 256 and one of 1024).
+    """BERT-style masking; see the module docstring. Three independent hash streams, keyed by
+    ``(seed, fixed, stream)``: one selects positions, one picks [MASK] / random / unchanged for the
+    selected ones, one picks the random token; the last two are computed for the positions that
+    need them only. ``fixed=True`` is for validation: another salt, and the caller passes each
+    sequence's position in the split, so every evaluation scores the same masks, whatever the
+    batch size (a run's validation uses seed 0, so runs with other seeds score them too).
     """
 
     def __init__(
@@ -107,35 +149,36 @@ class MaskedLM:
             raise DataError("no non-special tokens to draw random replacements from")
         self.mask_rate, self.mask_prob, self.random_prob = mask_rate, mask_prob, random_prob
         self.seed, self.fixed = seed, fixed
+        self._keys = torch.tensor([[_seed_from("mlm-hash", seed, fixed, stream)]
+                                   for stream in ("select", "action", "token")])
+        self._select = _threshold(mask_rate)
+        self._mask = _threshold(mask_prob)
+        self._random = _threshold(mask_prob + random_prob)
 
-    def __call__(self, tokens: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor, seq_ids: torch.Tensor | int = 0) -> dict[str, torch.Tensor]:
         tokens = tokens.long()
-        if self.fixed and len(tokens):
-            # Draws per block of _FIXED_BLOCK sequences at fixed positions of the split, sliced to
-            # this batch: a sequence's mask is the same in any batch, at one generator per block.
-            first, start = divmod(int(index), _FIXED_BLOCK)
-            last = (int(index) + len(tokens) - 1) // _FIXED_BLOCK
-            blocks = [self._draws((_FIXED_BLOCK, *tokens.shape[1:]), b) for b in range(first, last + 1)]
-            select, action, pick = (torch.cat(d)[start:start + len(tokens)] for d in zip(*blocks))
+        batch, length = tokens.shape
+        if isinstance(seq_ids, torch.Tensor):
+            seq_ids = seq_ids.long().reshape(-1)
+            if len(seq_ids) != batch:
+                raise ValueError(f"{len(seq_ids)} sequence ids for a batch of {batch} sequences")
         else:
-            select, action, pick = self._draws(tokens.shape, int(index))
-        candidate = ~torch.isin(tokens, self.special)
-        selected = (select < self.mask_rate) & candidate
-        to_mask = selected & (action < self.mask_prob)
-        to_random = (
-            selected & (action >= self.mask_prob) & (action < self.mask_prob + self.random_prob)
-        )
-        inputs = tokens.clone()
-        inputs[to_mask] = self.mask_id
-        inputs[to_random] = self.random_pool[pick[to_random]]
+            seq_ids = int(seq_ids) + torch.arange(batch, dtype=torch.long)
+        positions = _position_keys(length)
+        select_keys, action_keys, token_keys = _row_keys(self._keys, seq_ids)
+        selected = _uniform_bits(select_keys[:, None], positions[None, :]) < self._select
+        selected &= ~torch.isin(tokens, self.special)
+        flat = selected.reshape(-1).nonzero().squeeze(1)
+        rows, cols = flat // length, flat % length
+        action = _uniform_bits(action_keys[rows], positions[cols])
+        inputs = tokens.reshape(-1).clone()
+        inputs[flat[action < self._mask]] = self.mask_id
+        swap = (action >= self._mask) & (action < self._random)
+        bits = _uniform_bits(token_keys[rows[swap]], positions[cols[swap]])
+        inputs[flat[swap]] = self.random_pool[(bits * len(self.random_pool)) >> 32]
+        inputs = inputs.view(batch, length)
         labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
         return {"input_ids": inputs, "labels": labels}
-
-    def _draws(self, shape: torch.Size, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Uniforms that select positions, uniforms that pick the action, random-token picks."""
-        gen = torch.Generator().manual_seed(_seed_from("mlm", self.seed, self.fixed, index))
-        return (torch.rand(shape, generator=gen), torch.rand(shape, generator=gen),
-                torch.randint(len(self.random_pool), shape, generator=gen))
 
 
 class CausalLM:
@@ -148,7 +191,7 @@ class CausalLM:
         self.eod = int(eod)
         self.pad = special_ids.get("pad")
 
-    def __call__(self, tokens: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor, seq_ids: torch.Tensor | int = 0) -> dict[str, torch.Tensor]:
         tokens = tokens.long()
         labels = torch.full_like(tokens, IGNORE_INDEX)
         labels[:, :-1] = tokens[:, 1:]
@@ -171,11 +214,12 @@ def _clm(dataset, **options: Any) -> CausalLM:
     return CausalLM(dataset.special_ids)
 
 
-#: Objective name -> builder ``(dataset, **options) -> callable(tokens, index)``.
+#: Objective name -> builder ``(dataset, **options) -> callable(tokens, seq_ids)`` (see the module
+#: docstring for ``seq_ids``).
 OBJECTIVES: dict[str, Callable[..., Any]] = {"mlm": _mlm, "clm": _clm}
 
 
-def build_objective(name: str, dataset, **options: Any) -> Callable[[torch.Tensor, int], dict]:
+def build_objective(name: str, dataset, **options: Any) -> Callable[[torch.Tensor, torch.Tensor | int], dict]:
     """The objective ``name`` for ``dataset`` (a TokenDataset or a path to one).
 
     MLM options: ``mask_rate``, ``mask_prob``, ``random_prob``, ``seed``, ``fixed``.

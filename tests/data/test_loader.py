@@ -81,20 +81,23 @@ def test_load_state_restarts_prefetch_and_across_epochs(synth_mlm):
         loader.load_state_dict({**loader.state_dict(), "seed": 99})
 
 
-def test_transform_gets_unique_global_index(synth_mlm):
+def test_transform_gets_each_sequences_id(synth_mlm):
+    """seq_ids = epoch * N + row: which sequence on which pass, unique over ranks and epochs."""
+    n = TokenDataset.open(synth_mlm).num_sequences("train")
     seen = []
-
-    def transform(tokens, index):
-        seen.append(index)
-        return {"input_ids": tokens, "index": index}
-
     for rank in range(2):
-        loader = ShardLoader(
-            synth_mlm, "train", 4, rank=rank, world_size=2, transform=transform, prefetch=0
-        )
-        out = _take(loader, 3)
-        assert [o["index"] for o in out] == [rank, 2 + rank, 4 + rank]
-    assert len(set(seen)) == 6
+        loader = ShardLoader(synth_mlm, "train", 4, rank=rank, world_size=2, epochs=2, prefetch=0,
+                             transform=lambda tokens, ids: {"input_ids": tokens, "ids": ids})
+        out = list(loader)
+        ids = torch.cat([o["ids"] for o in out])
+        assert ids.dtype == torch.long and all(len(o["ids"]) == 4 for o in out)
+        rows = [loader.epoch_indices(e) for e in range(2)]
+        assert ids.tolist() == [*rows[0].tolist(), *(rows[1] + n).tolist()]
+        view = TokenDataset.open(synth_mlm).sequences("train")
+        assert torch.equal(torch.cat([o["input_ids"] for o in out]),
+                           torch.from_numpy(view[(ids % n).numpy()].astype("int64")))
+        seen += ids.tolist()
+    assert len(set(seen)) == len(seen)
 
 
 def test_two_ranks_disjoint_and_cover_epoch(tmp_path, synth_corpus):

@@ -49,16 +49,19 @@ def test_mlm_rates_and_special_tokens(synth_mlm):
     assert abs(n_keep / n_sel - 0.1) < 0.015
 
 
-def test_mlm_deterministic_per_index_and_fixed_mode(synth_mlm):
+def test_mlm_deterministic_per_sequence_id_and_fixed_mode(synth_mlm):
     ds = TokenDataset.open(synth_mlm)
     tokens = torch.from_numpy(ds.sequences("train")[[0, 1, 2, 3]].astype("int64"))
     mlm = build_objective("mlm", ds, seed=7)
-    a, b, c = mlm(tokens, 5), mlm(tokens, 5), mlm(tokens, 6)
-    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    ids = torch.tensor([5, 6, 7, 8])
+    a, b, c = mlm(tokens, ids), mlm(tokens, 5), mlm(tokens, ids + 100)
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])  # int: first id
     assert not torch.equal(a["labels"], c["labels"])
     fixed = build_objective("mlm", ds, seed=7, fixed=True)
     assert torch.equal(fixed(tokens, 0)["labels"], fixed(tokens, 0)["labels"])
     assert not torch.equal(fixed(tokens, 0)["labels"], mlm(tokens, 0)["labels"])
+    with pytest.raises(ValueError, match="3 sequence ids for a batch of 4"):
+        mlm(tokens, ids[:3])
 
 
 def test_validation_masks_follow_the_sequence_not_the_batch_it_is_evaluated_in(synth_mlm):
@@ -66,27 +69,140 @@ def test_validation_masks_follow_the_sequence_not_the_batch_it_is_evaluated_in(s
     1024 scored the same validation split under different masks."""
     ds = TokenDataset.open(synth_mlm)
     rows = ds.sequences("train")
-    tokens = torch.from_numpy(rows[torch.arange(150) % len(rows)].astype("int64"))  # > two draw blocks
+    tokens = torch.from_numpy(rows[torch.arange(150) % len(rows)].astype("int64"))
     fixed = build_objective("mlm", ds, seed=7, fixed=True)
     whole = fixed(tokens, 0)
-    cuts = [0, 37, 100, 150]  # batches that straddle the blocks; index: the first sequence's position
+    cuts = [0, 37, 100, 150]  # index: the first sequence's position
     parts = [fixed(tokens[a:b], a) for a, b in zip(cuts, cuts[1:])]
     for key in ("labels", "input_ids"):
         assert torch.equal(whole[key], torch.cat([p[key] for p in parts]))
     assert not torch.equal(fixed(tokens[4:8], 4)["labels"], fixed(tokens[4:8], 0)["labels"])
 
 
-def test_training_masks_are_the_ones_earlier_versions_drew():
-    """Pinned: a change to the training draws would silently change every run's data, and what a
-    resumed run sees after an upgrade (the validation path changed; this one must not)."""
+def _by_id(outs: list[tuple[torch.Tensor, dict]]) -> dict[int, tuple[list, list]]:
+    return {int(i): (out["input_ids"][r].tolist(), out["labels"][r].tolist())
+            for ids, out in outs for r, i in enumerate(ids)}
+
+
+def test_a_sequences_mask_is_the_same_in_any_micro_batch_at_any_position(synth_mlm):
+    """Training masks were drawn for the whole micro-batch from (seed, step * world_size + rank):
+    a sequence was masked differently when the micro-batch size, the accumulation or the number
+    of ranks changed. Now it depends on the sequence (and epoch) alone."""
+    ds = TokenDataset.open(synth_mlm)
+    mlm = build_objective("mlm", ds, seed=3)
+    rows = torch.arange(16)
+    tokens = torch.from_numpy(ds.sequences("train")[rows.numpy()].astype("int64"))
+    ids = rows + 1000
+    whole = _by_id([(ids, mlm(tokens, ids))])
+    for size in (2, 4, 16):
+        for order in (torch.arange(16), torch.randperm(16, generator=torch.Generator().manual_seed(size))):
+            outs = [(ids[order[a:a + size]], mlm(tokens[order[a:a + size]], ids[order[a:a + size]]))
+                    for a in range(0, 16, size)]
+            assert _by_id(outs) == whole, (size, order)
+
+
+def test_the_loader_masks_a_sequence_alike_whatever_its_batch_size_and_ranks(synth_mlm):
+    """Through ShardLoader: micro-batches of 2, 4 and 16 on one process and 4 on each of 2
+    ranks mask each sequence of the first epoch the same; the next epoch masks it anew."""
+    ds = TokenDataset.open(synth_mlm)
+    mlm = build_objective("mlm", ds, seed=3, mask_rate=0.3)
+    n = ds.num_sequences("train")
+
+    def seen(batch: int, world: int = 1, sequences: int = 16) -> dict[int, tuple[list, list]]:
+        outs = []
+        for rank in range(world):
+            loader = ShardLoader(ds, "train", batch, seed=5, rank=rank, world_size=world, epochs=None,
+                                 prefetch=0)
+            for step in range(sequences // (batch * world)):
+                tokens = next(loader)
+                epoch, b = divmod(step, loader.batches_per_epoch)
+                ids = torch.from_numpy(loader.epoch_indices(epoch)[b * batch:(b + 1) * batch]) + epoch * n
+                outs.append((ids, mlm(tokens, ids)))
+                direct = ShardLoader(ds, "train", batch, seed=5, rank=rank, world_size=world, epochs=None,
+                                     prefetch=0, transform=mlm)
+                direct.load_state_dict({**direct.state_dict(), "step": step})
+                assert torch.equal(next(direct)["labels"], outs[-1][1]["labels"])  # what the loader hands over
+        return _by_id(outs)
+
+    one = seen(16)
+    assert len(one) == 16
+    for batch, world in ((2, 1), (4, 1), (4, 2)):
+        assert seen(batch, world) == one, (batch, world)
+    # The second pass over the same sequences (ids + n) draws other masks.
+    mlm_rows = torch.arange(16)
+    tokens = torch.from_numpy(ds.sequences("train")[mlm_rows.numpy()].astype("int64"))
+    assert not torch.equal(mlm(tokens, mlm_rows)["labels"], mlm(tokens, mlm_rows + n)["labels"])
+
+
+def test_mask_statistics_over_a_million_candidates():
+    """Selection at mask_rate, the 80/10/10 split, uniform random tokens over the real
+    vocabulary, no special token ever selected, and masks independent between neighbours,
+    epochs and seeds."""
+    from cramkit.objectives import MaskedLM
+
+    ids = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    pool = 64  # real vocabulary 5..68; the rows up to 128 are padding
+    mlm = MaskedLM(ids, 69, seed=11)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 5 + pool, (4096, 256), generator=gen)
+    tokens[:, 0], tokens[:, -1] = 2, 3
+    tokens[torch.rand(tokens.shape, generator=gen) < 0.02] = 0
+    special = tokens < 5
+    seq_ids = torch.arange(4096) * 7919 + 3  # any ids
+    out = mlm(tokens, seq_ids)
+    selected = out["labels"] != IGNORE_INDEX
+    assert not (selected & special).any() and torch.equal(out["input_ids"][special], tokens[special])
+    assert torch.equal(out["labels"][selected], tokens[selected])
+    candidates = int((~special).sum())
+    assert candidates > 1_000_000
+    n_sel = int(selected.sum())
+    assert abs(n_sel / candidates - 0.15) < 0.002, n_sel / candidates  # std 0.00036
+    inputs = out["input_ids"][selected]
+    masked = inputs == 4
+    changed = ~masked & (inputs != tokens[selected])
+    assert abs(float(masked.float().mean()) - 0.8) < 0.005  # std 0.001
+    # A random token equal to the original counts as unchanged: p = 0.1 * (1 - 1/64).
+    assert abs(float(changed.float().mean()) - 0.1 * (1 - 1 / pool)) < 0.004
+    # Random replacements (every one, with mask_prob 0) are uniform over the 64 real tokens.
+    drawn = MaskedLM(ids, 69, seed=11, mask_prob=0.0, random_prob=1.0)(tokens, seq_ids)
+    replaced = drawn["input_ids"][drawn["labels"] != IGNORE_INDEX]
+    counts = torch.bincount(replaced, minlength=5 + pool)[5:].double()
+    assert counts.sum() == len(replaced) and replaced.min() >= 5 and replaced.max() < 5 + pool
+    expected = len(replaced) / pool
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 63 + 6 * (2 * 63) ** 0.5, chi2  # 63 degrees of freedom
+    # No correlation between neighbouring positions or sequences: P(both) = rate**2.
+    sel = selected.float()
+    both_cand = (~special[:, 1:] & ~special[:, :-1]).float()
+    assert abs(float((sel[:, 1:] * sel[:, :-1]).sum() / both_cand.sum()) - 0.15**2) < 0.002
+    both_rows = (~special[1:] & ~special[:-1]).float()
+    assert abs(float((sel[1:] * sel[:-1]).sum() / both_rows.sum()) - 0.15**2) < 0.002
+    # Another epoch (ids + N) or another seed: an independent mask, not merely a different one.
+    for other in (mlm(tokens, seq_ids + 1_000_000), MaskedLM(ids, 69, seed=12)(tokens, seq_ids),
+                  MaskedLM(ids, 69, seed=11, fixed=True)(tokens, seq_ids)):
+        again = other["labels"] != IGNORE_INDEX
+        assert abs(float((selected & again).sum()) / candidates - 0.15**2) < 0.002
+    # Ids past 2**32 (a long run over a large corpus) mask as well.
+    big = mlm(tokens[:256], seq_ids[:256] + (5 << 32))["labels"] != IGNORE_INDEX
+    assert abs(float(big.sum()) / float((~special[:256]).sum()) - 0.15) < 0.01
+    assert not torch.equal(big, selected[:256])
+
+
+def test_training_masks_are_pinned():
+    """Pinned: a change to the masks would silently change every run's data, and what a resumed
+    run sees after an upgrade. (Updated once, on purpose, when masks became a per-sequence hash
+    instead of generator draws for a whole micro-batch.)"""
     import hashlib
 
     from cramkit.objectives import MaskedLM
 
     tokens = torch.arange(6 * 40).reshape(6, 40) % 500 + 5
-    out = MaskedLM({"mask": 4, "pad": 0, "cls": 1, "sep": 2, "unk": 3}, 512, seed=1)(tokens, 5)
-    digest = hashlib.sha256(out["input_ids"].numpy().tobytes() + out["labels"].numpy().tobytes()).hexdigest()
-    assert digest[:16] == "c1711842069f7163" and int((out["labels"] != -100).sum()) == 34
+    special = {"mask": 4, "pad": 0, "cls": 1, "sep": 2, "unk": 3}
+    pins = {False: ("7251459668cc7833", 35), True: ("0f4270c4caea9170", 37)}  # training, validation
+    for fixed, (expected, targets) in pins.items():
+        out = MaskedLM(special, 512, seed=0 if fixed else 1, fixed=fixed)(tokens, torch.arange(5, 11))
+        digest = hashlib.sha256(out["input_ids"].numpy().tobytes() + out["labels"].numpy().tobytes()).hexdigest()
+        assert digest[:16] == expected and int((out["labels"] != -100).sum()) == targets, fixed
 
 
 def test_validation_masks_do_not_follow_the_runs_seed(tiny_mlm_data, tmp_path):

@@ -185,7 +185,7 @@ def _adam_losses(init: str, steps: int, lr: float, seed: int = 0) -> list[float]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     losses = []
     for i in range(steps):
-        batch = objective(tokens[i * 16:(i + 1) * 16], i)
+        batch = objective(tokens[i * 16:(i + 1) * 16], i * 16)
         loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()

@@ -109,7 +109,7 @@ def _bare_trainer(data, tmp_path, fused):
     cfg = tiny_config(data, tmp_path, fused, "train.clip_grad=0.5")
     ds = TokenDataset.open(data)
     objective = build_objective("mlm", ds, seed=0)
-    batches = [objective(torch.from_numpy(ds.sequences("train")[i * 4:(i + 1) * 4].astype("int64")), i)
+    batches = [objective(torch.from_numpy(ds.sequences("train")[i * 4:(i + 1) * 4].astype("int64")), i * 4)
                for i in range(3)]
     model = build_model(cfg.model)
     trainer = Trainer(

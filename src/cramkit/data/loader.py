@@ -5,10 +5,14 @@ Epoch ``e`` visits the permutation ``numpy.random.default_rng((seed, e)).permuta
 truncated to ``(N // W) // batch_size`` full batches so every rank runs the same number of steps
 and no two ranks see the same sequence in an epoch.
 
-The batch ``index`` handed to ``transform`` is ``step * world_size + rank`` where ``step`` counts
-batches since the start of training (all epochs): unique over ranks and steps, and a pure
-function of the position, so a transform seeded from ``(seed, index)`` reproduces exactly after a
-resume.
+``transform(tokens, seq_ids)`` gets, beside the ``[B, L]`` tokens, each sequence's identity:
+``seq_ids[i] = epoch * N + row`` (a LongTensor ``[B]``), where ``row`` is the sequence's index in
+the split. It depends on which sequence is read on which pass over the data, never on the batch
+size, the number of ranks, the rank that reads it or its place in the batch: a transform that
+draws each sequence's randomness from ``(seed, its id)`` (as MLM masking does) treats a sequence
+alike with any micro-batch and under data parallelism, reproduces exactly after a resume, and
+draws anew on the next epoch. Ids are unique over every batch of every rank (so ``seq_ids[0]``
+also tells batches apart).
 
 A background thread prepares up to ``prefetch`` batches ahead. ``state_dict()`` records the
 position of the next batch the *consumer* will receive, never the producer's.
@@ -85,6 +89,7 @@ class _Plan:
         self.seed, self.shuffle = loader.seed, loader.shuffle
         self.rank, self.world_size = loader.rank, loader.world_size
         self.batch_size, self.batches_per_epoch = loader.batch_size, loader.batches_per_epoch
+        self.num_sequences = loader.num_sequences
         self.pin_memory = loader.pin_memory
         self._cache: tuple[int, np.ndarray] | None = None
 
@@ -105,7 +110,10 @@ class _Plan:
         epoch, b = divmod(step, self.batches_per_epoch)
         idx = self.epoch_indices(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
         tokens = torch.from_numpy(self.view[idx].astype(np.int64))
-        out = tokens if self.transform is None else self.transform(tokens, step * self.world_size + self.rank)
+        if self.transform is None:
+            out = tokens
+        else:
+            out = self.transform(tokens, torch.from_numpy(idx.astype(np.int64)) + epoch * self.num_sequences)
         return _pinned(out) if self.pin_memory else out
 
 
@@ -121,7 +129,8 @@ def _pinned(batch: Any) -> Any:
 
 
 class ShardLoader:
-    """Iterate ``transform(tokens[B, L] LongTensor, index)`` (or the tensor) over one split.
+    """Iterate ``transform(tokens[B, L] LongTensor, seq_ids[B] LongTensor)`` (or the tensor) over
+    one split; ``seq_ids`` as in the module docstring.
 
     Args:
         dataset: a :class:`TokenDataset` (or a path to one).
@@ -132,7 +141,7 @@ class ShardLoader:
         shuffle: permute sequences each epoch (off: stored order, e.g. for a curriculum).
         epochs: number of epochs, ``None`` for an infinite stream.
         prefetch: batches prepared ahead in a background thread (0 = none, synchronous).
-        transform: ``(tokens, index) -> anything``, e.g. an objective from ``build_objective``.
+        transform: ``(tokens, seq_ids) -> anything``, e.g. an objective from ``build_objective``.
         pin_memory: hand out page-locked tensors (a tensor or a dict of them) for asynchronous
             copies to a GPU; needs CUDA.
     """
@@ -149,7 +158,7 @@ class ShardLoader:
         shuffle: bool = True,
         epochs: int | None = 1,
         prefetch: int = 2,
-        transform: Callable[[torch.Tensor, int], Any] | None = None,
+        transform: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
         pin_memory: bool = False,
     ):
         if not isinstance(dataset, TokenDataset):

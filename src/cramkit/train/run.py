@@ -603,12 +603,13 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     # Validation uses the same masks at every evaluation, so losses are comparable over time.
     eval_objective = build_objective(objective_name, dataset, **_objective_options(cfg, objective_name, fixed=True))
 
-    def make_batch(n: int, index: int = 0) -> dict[str, torch.Tensor]:
+    def make_batch(n: int, first_id: int = 0) -> dict[str, torch.Tensor]:
         tokens = torch.from_numpy(dataset.sequences("train")[:n].astype("int64"))
         if tokens.shape[0] < n:
             tokens = tokens.repeat((n + tokens.shape[0] - 1) // tokens.shape[0], 1)[:n]
-        # As the trainer will hand it over, so that compiling sees the same inputs.
-        batch = locate_targets(objective(tokens, index), model)
+        # As the trainer will hand it over, so that compiling sees the same inputs; the sequences
+        # get ids first_id.. (masks follow the ids, as the loader's do).
+        batch = locate_targets(objective(tokens, first_id), model)
         return {k: v.to(device) for k, v in batch.items()}
 
     # Techniques may start from a smaller architecture than model.* (stacking starts shallow and
@@ -702,7 +703,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             compiled.train()
             # Two masks with different numbers of targets: the second makes the compiler generalise
             # over that size (sparse prediction gathers it), so training meets no recompilation.
-            batches = [make_batch(micro_batch, index) for index in (0, 1)]
+            batches = [make_batch(micro_batch, first_id) for first_id in (0, micro_batch)]
             # Then the shapes techniques give training batches (a shorter sequence, say), with
             # target positions found anew for the changed labels (locate_targets replaces them).
             batches += [locate_targets(b, model) for t in techniques for b in t.warm_up_batches(batches[0], model)]
@@ -745,8 +746,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     def evaluate(m: torch.nn.Module) -> float:
         total, count = 0.0, 0
         seqs = dataset.sequences("val")
-        for start in range(0, val_sequences, micro_batch):  # masks follow the sequence, not the batch
+        for start in range(0, val_sequences, micro_batch):
             tokens = torch.from_numpy(seqs[start:start + micro_batch].astype("int64"))
+            # Ids start..: each sequence's position in the split, so its mask follows the
+            # sequence, not the batch it is evaluated in, and is the same at every evaluation.
             batch = {k: v.to(device) for k, v in eval_objective(tokens, start).items()}
             out = m(**batch)
             total += float(out.loss) * int(out.num_targets)
