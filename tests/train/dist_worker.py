@@ -277,6 +277,10 @@ def main() -> None:
     bert = tiny_config(mlm_data, out, "train.budget=2steps", "train.micro_batch=0", "parallel.strategy=fsdp",
                        name="fsdp-bert", arch="bert")
     results["fsdp_bert_steps"] = pretrain(bert, **quiet)["steps"]
+    # MLM under DDP, micro-batch 2 of each rank's 4 sequences: each sequence keeps the mask it
+    # gets in one process's batch of 8, so the curve is one process's.
+    pretrain(tiny_config(mlm_data, out, "train.budget=4steps", "train.micro_batch=2", "parallel.strategy=ddp",
+                         name="ddp-mlm", arch="bert"), **quiet)
     # A stop signal that reaches one rank only (rank 1, after step 3): every rank stops at the
     # same step, with no rank left waiting in a collective.
     cfg = tiny_config(data, out, "train.budget=10steps", "train.micro_batch=0", name="signalled", arch="gpt")
@@ -299,6 +303,7 @@ def main() -> None:
         results["signalled_checkpoint"] = ckpt.latest_checkpoint(out / "signalled").name
         results["resumed_losses"] = losses(out / "cut")
         results["fsdp_resumed_losses"] = losses(out / "fsdp-cut")
+        results["ddp_mlm_losses"] = losses(out / "ddp-mlm")
         for name in ("cut", "ddp", "fsdp", "fsdp-cut"):
             results[f"{name}_weights"] = str(ckpt.latest_checkpoint(out / name) / "model.safetensors")
         (out / "results.json").write_text(json.dumps(results))

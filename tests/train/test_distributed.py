@@ -89,6 +89,12 @@ def test_two_ranks_match_one_process(tiny_clm_data, tiny_mlm_data, tmp_path):
     torch.testing.assert_close(torch.tensor(res["fsdp_resumed_losses"]), torch.tensor(res["fsdp"]["losses"][3:]),
                                rtol=1e-6, atol=1e-6)
     assert res["fsdp_bert_steps"] == 2
+    # MLM: masks follow the sequence, not the rank or micro-batch that reads it, so DDP over 2
+    # ranks with accumulation trains as one process on the same global batch.
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=4steps", "train.micro_batch=0", name="single-mlm"),
+             say=lambda *_: None)
+    torch.testing.assert_close(torch.tensor(res["ddp_mlm_losses"]), torch.tensor(_losses(tmp_path / "single-mlm")),
+                               rtol=1e-4, atol=1e-5)
     # A signal to one rank stops both (the summary is rank 0's), a step later, with a checkpoint.
     assert res["signalled"] == ["signal", 4] and res["signalled_checkpoint"] == "step-00000004"
     assert res["control_reused"]

@@ -235,10 +235,19 @@ def _fake_train_step_model(tiny_mlm_data):
 
 
 def test_accumulation_equals_one_big_batch(tiny_mlm_data, tmp_path):
+    """Batches as the run makes them (ShardLoader with the MLM objective as its transform): one
+    batch of 16 and four micro-batches of 4 hold the same sequences under the same masks, so
+    accumulating them is the same step. (Masks were drawn for the whole micro-batch, so a run
+    that accumulated, or whose automatic micro-batch was another, trained on other masks.)"""
+    from cramkit.data.loader import ShardLoader
 
-    _, objective, tokens = _fake_train_step_model(tiny_mlm_data)
-    big = objective(tokens, 0)
-    micro = [{k: v[i:i + 4] for k, v in big.items()} for i in range(0, 16, 4)]
+    ds, objective, _ = _fake_train_step_model(tiny_mlm_data)
+    loader = lambda n: ShardLoader(ds, "train", n, seed=0, epochs=None, prefetch=0, transform=objective)  # noqa: E731
+    big = next(loader(16))
+    small = loader(4)
+    micro = [next(small) for _ in range(4)]
+    for key in big:
+        assert torch.equal(big[key], torch.cat([m[key] for m in micro])), key
     # Micro-batches must hold different numbers of targets for the test to mean anything.
     assert len({int((m["labels"] != -100).sum()) for m in micro}) > 1
     # SGD makes the update linear in the gradient; Adam's first step is ~lr*sign(g), which turns
