@@ -36,6 +36,10 @@ IGNORE_INDEX = -100
 #: scored under another scheme (before it: "per-sequence, seed 0", generator draws for blocks of
 #: 64 sequences; before that, one draw per batch, with the run's seed).
 VAL_MASKS = "per-sequence hash, seed 0"
+#: How training masks are drawn, recorded in each MLM checkpoint: a resume of a checkpoint drawn
+#: under another scheme (before it: none recorded, generator draws per micro-batch) trains on
+#: other masks than the uninterrupted run would have, and its validation losses change scheme.
+TRAIN_MASKS = "per-sequence hash"
 _M32 = 0xFFFFFFFF
 
 

@@ -90,6 +90,24 @@ def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_resumes(tiny_ml
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+
+def test_resuming_a_checkpoint_whose_mlm_masks_were_drawn_another_way_warns(tiny_mlm_data, tmp_path, monkeypatch):
+    """Checkpoints from before masks were hashed per sequence record no scheme (None): the rest of
+    such a run trains on other masks than it would have, and its validation losses change scheme;
+    a resume of this cramkit's own checkpoint says nothing."""
+    from cramkit.train import run as run_mod
+
+    monkeypatch.setattr(run_mod, "TRAIN_MASKS", None)  # as an earlier cramkit's checkpoint
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="drew MLM masks another way \\(per micro-batch, now per-sequence hash\\)"):
+        pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    with warnings.catch_warnings():  # this cramkit's own checkpoint: no such warning
+        warnings.filterwarnings("error", message=".*drew MLM masks")
+        pretrain(resume_config(run, ["train.budget=4steps"]), run_dir=run, resume=True, say=lambda *_: None)
+
+
 class _StepEndRecorder(Technique):
     """Records ``state.last_step`` at every ``on_step_end``; with ``swap``, requests the model it
     has (a technique that changes the model at every step end, the last one too). Unregistered."""

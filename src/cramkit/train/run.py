@@ -46,6 +46,7 @@ from ..models.docmask import untrainable_kernel
 from ..models.flops import count_parameters, flops_per_token
 from ..objectives import (
     BOUNDARY_TOKENS,
+    TRAIN_MASKS,
     VAL_MASKS,
     boundary_token_id,
     build_objective,
@@ -724,6 +725,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         loader.load_state_dict(saved["loader"])
         clock.load_state_dict(saved["clock"])
         closing = _closing_totals(run_dir, state.step) if par.is_main else None
+        if objective_name == "mlm" and saved.get("masks") != TRAIN_MASKS and par.is_main:
+            warnings.warn(f"{run_dir} was checkpointed by an earlier cramkit that drew MLM masks another way "
+                          f"({saved.get('masks') or 'per micro-batch'}, now {TRAIN_MASKS}): the rest of the run "
+                          "trains on other masks than the uninterrupted run would have, and its validation "
+                          "losses, on other masks too, are not comparable with the earlier ones", stacklevel=2)
         if closing:
             clock.paused_seconds = max(clock.paused_seconds, closing.get("paused_seconds", 0.0))
         rng = saved["rng"]
@@ -795,6 +801,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                     "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
                     "world_size": par.world_size, "strategy": par.strategy, "optim_name": _optimizer_name(cfg),
                     "energy_kwh": energy, "peak_flop_seconds": peak_flop_seconds(st),
+                    "masks": TRAIN_MASKS if objective_name == "mlm" else None,
                 }
                 if train_weights is not None:
                     payload["train_weights"] = train_weights
