@@ -317,3 +317,20 @@ def test_a_run_trained_with_a_plugin_file_says_how_to_load_it(init_plugin, tiny_
     # Named by its absolute path now, the file is the one the run recorded (not imported twice).
     monkeypatch.setenv(plugins.ENV, str(init_plugin.resolve()))
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+
+
+def test_a_module_inside_the_run_directory_is_not_imported(tmp_path, monkeypatch, clean_registries):
+    """A run directory from someone else, read with it on the Python path (``python -m cramkit``
+    run from inside it), must not run a module that came with it by recording its name."""
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "ran"
+    (run / "shipped_with_run.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (run / "environment.json").write_text(json.dumps({"plugins": ["shipped_with_run"]}))
+    monkeypatch.syspath_prepend(str(run))
+    monkeypatch.chdir(run)
+    with plugins.run_plugins(run):
+        hint = plugins.unknown_hint("halfinit", ["normal"])
+    assert not marker.exists() and "shipped_with_run" not in sys.modules
+    assert "shipped_with_run, which would be imported from the run directory itself" in hint, hint
+    assert f"set {plugins.ENV}=shipped_with_run" in hint

@@ -17,8 +17,9 @@ program that calls cramkit's Python API imports its plugin modules itself.
 
 A run records the plugins its process loaded (``environment.json``'s ``plugins``: module names,
 and files as absolute paths). Whatever reads the run again (a resume, fine-tuning, evaluation,
-export, prediction) imports the recorded modules that are not loaded; a recorded file is not run
-unasked (a run directory may come from someone else), and a name that only a plugin not loaded
+export, prediction) imports the recorded modules that are not loaded, except one that would be
+imported from inside the run directory; a recorded file is not run unasked (a run directory may
+come from someone else), and a name that only a plugin not loaded
 could have registered is an error that names the plugin and how to load it.
 """
 
@@ -133,6 +134,12 @@ def run_plugins(run_dir: str | Path) -> Iterator[None]:
     for spec in specs:
         if spec.endswith(".py") or spec in _loaded or spec in {m.__name__ for m in _loaded.values()}:
             continue
+        if _found_inside(spec, Path(run_dir)):
+            # The run directory on the Python path (``python -m cramkit`` run from inside it): the
+            # recorded name would import a file that came with the directory, as good as running it.
+            missing[spec] = ("would be imported from the run directory itself",
+                             f"set {ENV}={spec} if you trust that code")
+            continue
         try:
             _load(spec)
         except ConfigError:  # not found here: said where a name it registered is missing
@@ -143,6 +150,23 @@ def run_plugins(run_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         _missing = before
+
+
+def _found_inside(name: str, folder: Path) -> bool:
+    """Whether importing module ``name`` would run a file inside ``folder``. Only the top-level
+    package is looked up (``find_spec`` of a dotted name imports its parents)."""
+    top = name.split(".")[0]
+    if top in sys.modules:  # imported already: its code has run, from wherever it came
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    places = [*(spec.submodule_search_locations or []), *([spec.origin] if spec.has_location else [])]
+    folder = folder.resolve()
+    return any(Path(place).resolve().is_relative_to(folder) for place in places)
 
 
 def _import_module(name: str) -> ModuleType:
