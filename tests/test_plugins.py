@@ -334,3 +334,18 @@ def test_a_module_inside_the_run_directory_is_not_imported(tmp_path, monkeypatch
     assert not marker.exists() and "shipped_with_run" not in sys.modules
     assert "shipped_with_run, which would be imported from the run directory itself" in hint, hint
     assert f"set {plugins.ENV}=shipped_with_run" in hint
+
+
+def test_a_recorded_module_loaded_now_as_its_file_is_not_imported_again(init_plugin, tmp_path, monkeypatch):
+    """A run trained with CRAMKIT_PLUGINS=halfinit_plugin, read with the same plugin named as
+    its file: importing the module too ran its registrations twice (a TypeError traceback)."""
+    from cramkit.models.registry import INITS
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "environment.json").write_text(json.dumps({"plugins": ["halfinit_plugin"]}))
+    monkeypatch.setenv(plugins.ENV, str(init_plugin))
+    plugins.load_plugins()
+    with plugins.run_plugins(run):
+        assert "halfinit" in INITS
+    assert "halfinit_plugin" not in sys.modules

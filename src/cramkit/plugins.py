@@ -134,6 +134,8 @@ def run_plugins(run_dir: str | Path) -> Iterator[None]:
     for spec in specs:
         if spec.endswith(".py") or spec in _loaded or spec in {m.__name__ for m in _loaded.values()}:
             continue
+        if _origin(spec) in {_origin_of(m) for m in _loaded.values()} - {None}:
+            continue  # loaded as its file under another name: importing it again registers twice
         if _found_inside(spec, Path(run_dir)):
             # The run directory on the Python path (``python -m cramkit`` run from inside it): the
             # recorded name would import a file that came with the directory, as good as running it.
@@ -150,6 +152,23 @@ def run_plugins(run_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         _missing = before
+
+
+def _origin(name: str) -> Path | None:
+    """The file module ``name`` would be imported from, without importing anything (a dotted
+    name only once its parent package is imported), or None."""
+    if "." in name and name.rpartition(".")[0] not in sys.modules:
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).resolve() if spec is not None and spec.has_location and spec.origin else None
+
+
+def _origin_of(module: ModuleType) -> Path | None:
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve() if file else None
 
 
 def _found_inside(name: str, folder: Path) -> bool:
