@@ -158,6 +158,11 @@ def test_plugins_that_cannot_be_found_are_one_line_errors(tmp_path, monkeypatch,
     monkeypatch.setenv(plugins.ENV, str(tmp_path / "missing.py"))
     assert main(["recipes"]) == 2
     assert "plugin file" in capsys.readouterr().err
+    # importlib took ".x" for a relative import: a TypeError traceback.
+    monkeypatch.setenv(plugins.ENV, ".x")
+    assert main(["recipes"]) == 2
+    assert capsys.readouterr().err == (f"error: {plugins.ENV}: '.x' is not a module name (dotted Python "
+                                       "identifiers) nor a .py file\n")
     # A plugin's own missing import is its author's to see, with the traceback.
     (tmp_path / "broken.py").write_text("import no_such_dependency_of_the_plugin\n")
     monkeypatch.setenv(plugins.ENV, str(tmp_path / "broken.py"))
@@ -349,3 +354,11 @@ def test_a_recorded_module_loaded_now_as_its_file_is_not_imported_again(init_plu
     with plugins.run_plugins(run):
         assert "halfinit" in INITS
     assert "halfinit_plugin" not in sys.modules
+
+
+def test_a_damaged_record_of_plugins_is_no_traceback(tmp_path, clean_registries):
+    """environment.json naming no module (".x", "a b"): reading the run names it as missing."""
+    (tmp_path / "environment.json").write_text(json.dumps({"plugins": [".x", "a b"]}))
+    with plugins.run_plugins(tmp_path):
+        hint = plugins.unknown_hint("halfinit", ["normal"])
+    assert ".x, which cannot be imported here" in hint and "a b, which cannot be imported here" in hint, hint

@@ -189,6 +189,10 @@ def _found_inside(name: str, folder: Path) -> bool:
 
 
 def _import_module(name: str) -> ModuleType:
+    # importlib reads ".x" as a relative import and fails with a TypeError traceback; "a b" or
+    # "x..y" are no module's name either, whether typed or read from a damaged environment.json.
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise ConfigError(f"{ENV}: '{name}' is not a module name (dotted Python identifiers) nor a .py file")
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
