@@ -51,7 +51,7 @@ def test_resume_in_new_process(synth_mlm, tmp_path):
     loader = ShardLoader(synth_mlm, "train", 4, seed=11, epochs=None, prefetch=3)
     _take(loader, n)
     state = loader.state_dict()
-    assert state["step"] == n  # prefetched batches are not counted
+    assert state["position"] == 4 * n  # sequences; prefetched batches are not counted
     loader.close()
     (tmp_path / "state.json").write_text(json.dumps(state))
     code = (
@@ -79,6 +79,57 @@ def test_load_state_restarts_prefetch_and_across_epochs(synth_mlm):
     assert loader.state_dict()["epoch"] == 1
     with pytest.raises(DataError, match="seed"):
         loader.load_state_dict({**loader.state_dict(), "seed": 99})
+
+
+def test_another_batch_size_resumes_the_same_stream_across_epochs(synth_mlm):
+    """The position counts sequences and the epoch plan is fixed by epoch_unit: a loader with
+    another batch size, built with the state's unit, goes on with the very sequences (and ids)
+    the first one would have handed out, over epoch ends too (batches of 6 from an epoch of
+    whole batches of 8 span them)."""
+    def ids(loader, sequences):
+        out = []
+        while len(out) < sequences:
+            out += next(loader)["ids"].tolist()
+        return out
+
+    make = lambda batch, **kw: ShardLoader(synth_mlm, "train", batch, seed=2, epochs=None,  # noqa: E731
+                                          transform=lambda t, i: {"input_ids": t, "ids": i}, **kw)
+    first = make(8)
+    per_epoch = first.sequences_per_epoch
+    assert per_epoch % 8 == 0 and per_epoch % 6 != 0
+    whole = ids(first, 3 * per_epoch)
+    first = make(8)
+    ids(first, per_epoch - 16)
+    state = first.state_dict()
+    assert state["epoch_unit"] == 8 and state["position"] == per_epoch - 16
+    assert ShardLoader.epoch_unit_of(state) == 8
+    for batch in (2, 6, 16):
+        later = make(batch, epoch_unit=ShardLoader.epoch_unit_of(state), prefetch=batch % 3)
+        later.load_state_dict(state)
+        got = ids(later, 2 * per_epoch)
+        assert got == whole[per_epoch - 16:per_epoch - 16 + len(got)], batch
+        assert later.state_dict()["position"] == per_epoch - 16 + len(got)
+    # The plan is the unit's: another unit is another plan, and the error says how to build it.
+    with pytest.raises(DataError, match=r"epoch_unit=8 in the state, 6 now \(build the loader with "
+                                        r"epoch_unit=ShardLoader.epoch_unit_of\(state\)\)"):
+        make(6).load_state_dict(state)
+
+
+def test_a_state_of_the_earlier_format_resumes_at_its_batch(synth_mlm):
+    """Loader states saved before positions were counted in sequences hold ``step``, the batches
+    of their batch size consumed; their epochs were whole batches of it (the epoch unit)."""
+    ref = ShardLoader(synth_mlm, "train", 4, seed=7, epochs=None, prefetch=0)
+    bpe = ref.batches_per_epoch
+    full = torch.cat(_take(ref, bpe + 5))
+    old = {"step": bpe - 2, "epoch": 0, "batch_in_epoch": bpe - 2, "seed": 7, "rank": 0, "world_size": 1,
+           "batch_size": 4, "num_sequences": ref.num_sequences, "shuffle": True}
+    assert ShardLoader.epoch_unit_of(old) == 4
+    same = ShardLoader(synth_mlm, "train", 4, seed=7, epochs=None)
+    same.load_state_dict(old)
+    assert torch.equal(torch.cat(_take(same, 7)), full[(bpe - 2) * 4:])
+    other = ShardLoader(synth_mlm, "train", 2, seed=7, epochs=None, epoch_unit=4)
+    other.load_state_dict(old)
+    assert torch.equal(torch.cat(_take(other, 14)), full[(bpe - 2) * 4:])
 
 
 def test_transform_gets_each_sequences_id(synth_mlm):

@@ -2,8 +2,17 @@
 
 Epoch ``e`` visits the permutation ``numpy.random.default_rng((seed, e)).permutation(N)`` (or
 ``0..N-1`` without shuffling). Rank ``r`` of ``W`` takes the strided slice ``perm[r::W]``,
-truncated to ``(N // W) // batch_size`` full batches so every rank runs the same number of steps
-and no two ranks see the same sequence in an epoch.
+truncated to a whole number of ``epoch_unit`` sequences (``(N // W) // epoch_unit * epoch_unit``;
+the unit is ``batch_size`` unless given) so every rank reads as many and no two ranks see the same
+sequence in an epoch.
+
+Each rank reads its epochs one after the other as one stream, and a batch is the next
+``batch_size`` sequences of it. The position (``state_dict()["position"]``) counts the sequences
+this rank has consumed since the start of epoch 0: it does not depend on the batch size, so a
+loader with another batch size (a resume on a GPU with less memory, say) built with the same
+``epoch_unit`` goes on at the same sequence of the same epoch plan and hands out the same stream.
+A batch may then span the end of one epoch and the start of the next (when ``batch_size`` does
+not divide the epoch's length); with the default unit it never does.
 
 ``transform(tokens, seq_ids)`` gets, beside the ``[B, L]`` tokens, each sequence's identity:
 ``seq_ids[i] = epoch * N + row`` (a LongTensor ``[B]``), where ``row`` is the sequence's index in
@@ -36,13 +45,14 @@ _STOP = object()
 
 
 class _Producer:
-    """A daemon thread filling a bounded queue with ``(step, batch)`` from ``make(step)``."""
+    """A daemon thread filling a bounded queue with ``(position, batch)`` from ``make(position)``,
+    for the positions ``start, start + stride, ...`` whose batch ends by ``end``."""
 
-    def __init__(self, make: Callable[[int], Any], start: int, end: int | None, depth: int):
+    def __init__(self, make: Callable[[int], Any], start: int, stride: int, end: int | None, depth: int):
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop_event = threading.Event()
         self.thread = threading.Thread(
-            target=_produce, args=(make, start, end, self.queue, self.stop_event), daemon=True
+            target=_produce, args=(make, start, stride, end, self.queue, self.stop_event), daemon=True
         )
         self.thread.start()
 
@@ -57,9 +67,9 @@ class _Producer:
             self.thread.join(timeout=0.05)
 
 
-def _produce(make, start, end, q: queue.Queue, stop: threading.Event) -> None:
+def _produce(make, start, stride, end, q: queue.Queue, stop: threading.Event) -> None:
     step = start
-    while not stop.is_set() and (end is None or step < end):
+    while not stop.is_set() and (end is None or step + stride <= end):
         try:
             item = (step, make(step), None)
         except BaseException as exc:  # hand the error to the consumer instead of dying silently
@@ -72,7 +82,7 @@ def _produce(make, start, end, q: queue.Queue, stop: threading.Event) -> None:
                 continue
         if item[2] is not None:
             return
-        step += 1
+        step += stride
     while not stop.is_set():
         try:
             q.put((step, _STOP, None), timeout=0.1)
@@ -82,13 +92,14 @@ def _produce(make, start, end, q: queue.Queue, stop: threading.Event) -> None:
 
 
 class _Plan:
-    """What batch ``step`` contains: everything the producer thread needs, without the loader."""
+    """What the batch at a position contains: everything the producer thread needs, without the
+    loader."""
 
     def __init__(self, loader: ShardLoader):
         self.view, self.transform = loader.view, loader.transform
         self.seed, self.shuffle = loader.seed, loader.shuffle
         self.rank, self.world_size = loader.rank, loader.world_size
-        self.batch_size, self.batches_per_epoch = loader.batch_size, loader.batches_per_epoch
+        self.batch_size, self.sequences_per_epoch = loader.batch_size, loader.sequences_per_epoch
         self.num_sequences = loader.num_sequences
         self.pin_memory = loader.pin_memory
         self._cache: tuple[int, np.ndarray] | None = None
@@ -102,18 +113,31 @@ class _Plan:
             perm = np.random.default_rng((self.seed, epoch)).permutation(n)
         else:
             perm = np.arange(n)
-        mine = perm[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size]
+        mine = perm[self.rank :: self.world_size][: self.sequences_per_epoch]
         self._cache = (epoch, mine)
         return mine
 
-    def make(self, step: int) -> Any:
-        epoch, b = divmod(step, self.batches_per_epoch)
-        idx = self.epoch_indices(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
+    def rows(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of the ``count`` sequences from ``position`` on, and each one's epoch."""
+        rows, epochs = [], []
+        while count > 0:
+            epoch, offset = divmod(position, self.sequences_per_epoch)
+            part = self.epoch_indices(epoch)[offset : offset + count]
+            rows.append(part)
+            epochs.append(np.full(len(part), epoch, dtype=np.int64))
+            position, count = position + len(part), count - len(part)
+        if len(rows) == 1:
+            return rows[0], epochs[0]
+        return np.concatenate(rows), np.concatenate(epochs)
+
+    def make(self, position: int) -> Any:
+        idx, epochs = self.rows(position, self.batch_size)
         tokens = torch.from_numpy(self.view[idx].astype(np.int64))
         if self.transform is None:
             out = tokens
         else:
-            out = self.transform(tokens, torch.from_numpy(idx.astype(np.int64)) + epoch * self.num_sequences)
+            ids = idx.astype(np.int64) + epochs * self.num_sequences
+            out = self.transform(tokens, torch.from_numpy(ids))
         return _pinned(out) if self.pin_memory else out
 
 
@@ -144,6 +168,10 @@ class ShardLoader:
         transform: ``(tokens, seq_ids) -> anything``, e.g. an objective from ``build_objective``.
         pin_memory: hand out page-locked tensors (a tensor or a dict of them) for asynchronous
             copies to a GPU; needs CUDA.
+        epoch_unit: each rank's epoch is a whole number of these many sequences (default
+            ``batch_size``: whole batches). It fixes the epoch plan independently of the batch
+            size: a resume with another batch size passes the state's
+            (:meth:`epoch_unit_of`).
     """
 
     def __init__(
@@ -160,6 +188,7 @@ class ShardLoader:
         prefetch: int = 2,
         transform: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
         pin_memory: bool = False,
+        epoch_unit: int | None = None,
     ):
         if not isinstance(dataset, TokenDataset):
             dataset = TokenDataset.open(dataset)
@@ -169,6 +198,9 @@ class ShardLoader:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
         if epochs is not None and epochs < 1:
             raise DataError(f"epochs must be >= 1 or None, got {epochs}")
+        epoch_unit = batch_size if epoch_unit is None else epoch_unit
+        if epoch_unit < 1:
+            raise DataError(f"epoch_unit must be >= 1, got {epoch_unit}")
         self.dataset, self.split, self.batch_size = dataset, split, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.epochs, self.prefetch, self.transform = (
@@ -177,16 +209,18 @@ class ShardLoader:
             prefetch,
             transform,
         )
-        self.pin_memory = pin_memory
+        self.pin_memory, self.epoch_unit = pin_memory, epoch_unit
         self.view = dataset.sequences(split)
         self.num_sequences = len(self.view)
-        self.batches_per_epoch = (self.num_sequences // world_size) // batch_size
-        if self.batches_per_epoch == 0:
+        self.sequences_per_epoch = (self.num_sequences // world_size) // epoch_unit * epoch_unit
+        if self.sequences_per_epoch == 0 or (epochs is not None and self.sequences_per_epoch * epochs < batch_size):
             raise DataError(
                 f"split '{split}' has {self.num_sequences} sequences: not enough for one batch of "
-                f"{batch_size} on each of {world_size} rank(s)"
+                f"{max(batch_size, epoch_unit)} on each of {world_size} rank(s)"
             )
-        self._step = 0  # next batch the consumer receives, counted over all epochs
+        # Whole batches in an epoch (with the default unit, every sequence of it is in one).
+        self.batches_per_epoch = self.sequences_per_epoch // batch_size
+        self._position = 0  # sequences this rank's consumer has received, over all epochs
         self._producer: _Producer | None = None
         self._finalizer = None
         self._plan = _Plan(self)
@@ -194,20 +228,27 @@ class ShardLoader:
     # ---- positions -------------------------------------------------------------------------
 
     def __len__(self) -> int:
+        """Batches left from the start (a last partial batch is dropped)."""
         if self.epochs is None:
             raise TypeError("an infinite ShardLoader (epochs=None) has no length")
-        return self.batches_per_epoch * self.epochs
+        return self.sequences_per_epoch * self.epochs // self.batch_size
+
+    @property
+    def position(self) -> int:
+        """Sequences this rank has handed to the consumer, counted over all epochs."""
+        return self._position
 
     @property
     def epoch(self) -> int:
-        return self._step // self.batches_per_epoch
+        """The epoch of the next sequence the consumer receives."""
+        return self._position // self.sequences_per_epoch
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's sequence indices for ``epoch`` in visiting order (full batches only)."""
+        """This rank's sequence indices for ``epoch`` in visiting order (``sequences_per_epoch``)."""
         return self._plan.epoch_indices(epoch)
 
     def _end(self) -> int | None:
-        return None if self.epochs is None else self.epochs * self.batches_per_epoch
+        return None if self.epochs is None else self.epochs * self.sequences_per_epoch
 
     # ---- iteration -------------------------------------------------------------------------
 
@@ -216,12 +257,12 @@ class ShardLoader:
 
     def __next__(self) -> Any:
         end = self._end()
-        if end is not None and self._step >= end:
+        if end is not None and self._position + self.batch_size > end:
             self.close()
             raise StopIteration
         if self.prefetch <= 0:
-            out = self._plan.make(self._step)
-            self._step += 1
+            out = self._plan.make(self._position)
+            self._position += self.batch_size
             return out
         if self._producer is None:
             self._start()
@@ -232,15 +273,15 @@ class ShardLoader:
         if item is _STOP:
             self.close()
             raise StopIteration
-        if step != self._step:  # cannot happen unless the thread was restarted wrongly
-            raise RuntimeError(f"loader out of sync: got batch {step}, expected {self._step}")
-        self._step += 1
+        if step != self._position:  # cannot happen unless the thread was restarted wrongly
+            raise RuntimeError(f"loader out of sync: got the batch at {step}, expected {self._position}")
+        self._position += self.batch_size
         return item
 
     def _start(self) -> None:
         # The thread only references the plan, never the loader, so the loader can be garbage
         # collected while it runs; the finalizer then stops the thread.
-        self._producer = _Producer(self._plan.make, self._step, self._end(), self.prefetch)
+        self._producer = _Producer(self._plan.make, self._position, self.batch_size, self._end(), self.prefetch)
         self._finalizer = weakref.finalize(self, self._producer.stop)
 
     def close(self) -> None:
@@ -259,11 +300,14 @@ class ShardLoader:
     # ---- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The position of the next batch the consumer receives (plain ints: weights_only safe)."""
+        """Where the consumer is: the sequences it has received (``position``), and the plan that
+        orders them (plain ints: weights_only safe). ``batch_size`` is a record, not part of the
+        plan: a loader with another one resumes the same stream."""
         return {
-            "step": self._step,
+            "position": self._position,
             "epoch": self.epoch,
-            "batch_in_epoch": self._step % self.batches_per_epoch,
+            "sequence_in_epoch": self._position % self.sequences_per_epoch,
+            "epoch_unit": self.epoch_unit,
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -272,16 +316,38 @@ class ShardLoader:
             "shuffle": self.shuffle,
         }
 
+    @staticmethod
+    def epoch_unit_of(state: dict[str, Any]) -> int | None:
+        """The ``epoch_unit`` of the plan ``state`` was saved from (None when it does not say).
+        A state from before positions were counted in sequences counted batches of its
+        ``batch_size``, and truncated epochs to whole ones: that is its unit."""
+        unit = state.get("epoch_unit", state.get("batch_size"))
+        return None if unit is None else int(unit)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state``'s position; the plan (seed, sizes, ranks) must match."""
-        for key in ("seed", "world_size", "batch_size", "num_sequences", "shuffle"):
+        """Resume at ``state``'s position; the plan (seed, epoch unit, sizes, ranks) must match,
+        the batch size need not.
+
+        A state of the earlier format (``step``: batches of its ``batch_size`` consumed) is read
+        as the position ``step * batch_size``."""
+        for key in ("seed", "world_size", "num_sequences", "shuffle"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(
                     f"loader state does not match: {key}={state[key]!r} in the state, "
                     f"{getattr(self, key)!r} now"
                 )
+        unit = self.epoch_unit_of(state)
+        if unit is not None and unit != self.epoch_unit:
+            raise DataError(
+                f"loader state does not match: epoch_unit={unit!r} in the state, {self.epoch_unit!r} "
+                "now (build the loader with epoch_unit=ShardLoader.epoch_unit_of(state))"
+            )
+        if "position" in state:
+            position = int(state["position"])
+        else:  # the earlier format
+            position = int(state["step"]) * int(state.get("batch_size", self.batch_size))
         self.close()
-        self._step = int(state["step"])
+        self._position = position
 
 
 def iterate_eval(
