@@ -13,7 +13,7 @@ from cramkit.budget import Budget, Clock, Usage, exhausted, progress
 from cramkit.config import load_config, recipe_names
 from cramkit.errors import ConfigError
 from cramkit.optim import build_optimizer
-from cramkit.schedules import accumulation_steps, lr_factor
+from cramkit.schedules import accumulation_steps, lr_factor, ramp_accumulation
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -316,6 +316,20 @@ def test_batch_ramp_grows_accumulation():
     # 1, 1.78, 2.56, 3.33, 4.11, 4.89, 5.67, 6.44, 7.22, 8, 8.
     steps = [accumulation_steps(p / 10, batch_size=256, micro_batch=32, ramp_fraction=0.9) for p in range(11)]
     assert steps == [1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 8]
+
+
+def test_the_batch_ramp_keeps_its_steps_with_another_micro_batch():
+    """The ramp grows in steps of the run's first micro-batch (the unit): with a micro-batch that
+    divides it, every step has the same batch; with the unit itself, accumulation_steps."""
+    for p in (i / 20 for i in range(21)):
+        assert ramp_accumulation(p, 256, 32, 32, 0.6) == accumulation_steps(p, 256, 32, 0.6)
+        for micro in (1, 8, 16):
+            assert ramp_accumulation(p, 256, micro, 32, 0.6) * micro == accumulation_steps(p, 256, 32, 0.6) * 32
+        # After the ramp any micro-batch that divides the batch: the whole batch.
+        if p >= 0.6:
+            assert ramp_accumulation(p, 256, 64, 32, 0.6) == 4
+    with pytest.raises(ValueError, match="batch of 32 sequences .* micro-batches of 64"):
+        ramp_accumulation(0.0, 256, 64, 32, 0.6)
 
 
 def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):

@@ -100,7 +100,7 @@ class TrainConfig(Config):
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
     log_every: int = field(10, help="optimizer steps between metric lines")
     eval_every: float = field(0.25, help="validation every this fraction of the budget (0 = only at the end); a new run also evaluates at step 0")
-    eval_batches: int = field(20, help="validation micro-batches per evaluation (0 = the whole split)")
+    eval_batches: int = field(20, help="validation micro-batches per evaluation, of the run's first micro-batch (0 = the whole split)")
     checkpoint_every: float = field(0.0, help="checkpoint every this fraction of the budget (0 = only at the end)")
     keep_checkpoints: int = field(2, help="complete checkpoints kept on disk")
     max_nonfinite: int = field(5, help="stop after this many non-finite losses in a row (each is skipped)")

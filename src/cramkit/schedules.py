@@ -105,3 +105,21 @@ def accumulation_steps(p: float, batch_size: int, micro_batch: int, ramp_fractio
     """
     target_max = max(1, math.ceil(batch_size / micro_batch))
     return max(1, round(ramp(p, 1.0, float(target_max), ramp_fraction)))
+
+
+def ramp_accumulation(p: float, batch_size: int, micro_batch: int, unit: int, ramp_fraction: float) -> int:
+    """Micro-batches of ``micro_batch`` sequences per optimizer step when the batch ramp grows in
+    steps of ``unit`` sequences (all counted over every rank).
+
+    The unit is the global micro-batch a run started with, which :func:`accumulation_steps` ramps
+    in; a run resumed with another micro-batch keeps it, so each step keeps the batch of the
+    uninterrupted run (``unit`` a multiple of ``micro_batch`` while the ramp lasts). With
+    ``unit == micro_batch`` this is :func:`accumulation_steps`. After the ramp, the whole batch.
+    """
+    if ramp_fraction <= 0 or p >= ramp_fraction or unit == micro_batch:
+        return accumulation_steps(p, batch_size, micro_batch, ramp_fraction)
+    sequences = accumulation_steps(p, batch_size, unit, ramp_fraction) * unit
+    if sequences % micro_batch:
+        raise ValueError(f"the batch ramp's batch of {sequences} sequences (in steps of {unit}) is not a "
+                         f"whole number of micro-batches of {micro_batch}")
+    return sequences // micro_batch

@@ -224,9 +224,45 @@ def rank0_failures(data: Path, out: Path) -> None:
     (out / f"rank-{rank}.json").write_text(json.dumps(results))
 
 
+def resume_micro_batch(data: Path, out: Path) -> None:
+    """Micro-batch 4 of each rank's 4 sequences (batch 8), interrupted at step 3 of 6 and resumed
+    with micro-batch 2 under DDP and 1 under FSDP2 (a GPU with less memory). Each rank saves the
+    tokens of every step it trains, per run, for the test to compare."""
+    from unittest import mock
+
+    from cramkit.train.trainer import Trainer
+
+    real, seen = Trainer.train_step, []
+
+    def recording(self, batches):
+        seen.append(torch.cat([b["input_ids"] for b in batches]))
+        return real(self, batches)
+
+    rank = int(os.environ["RANK"])  # the process group starts with the first run
+    common = ("train.budget=6steps", "train.checkpoint_every=0.5", "train.micro_batch=4", "optim.name=sgd",
+              "optim.lr=0.05")
+    with mock.patch.object(Trainer, "train_step", recording):
+        for strategy, micro in (("ddp", 2), ("fsdp", 1)):
+            pretrain(tiny_config(data, out, *common, f"parallel.strategy={strategy}", name=strategy),
+                     say=lambda *_: None)
+            torch.save(seen[:], out / f"{strategy}-steps-{rank}.pt")
+            seen.clear()
+            if rank == 0:
+                interrupted_copy(out / strategy, out / f"{strategy}-cut", 3)
+            dist.barrier()
+            cut = out / f"{strategy}-cut"
+            pretrain(resume_config(cut, [f"train.micro_batch={micro}"]), run_dir=cut, resume=True, say=lambda *_: None)
+            torch.save(seen[:], out / f"{strategy}-cut-steps-{rank}.pt")
+            seen.clear()
+
+
 def main() -> None:
     if sys.argv[1] == "rank0-failures":
         rank0_failures(Path(sys.argv[2]), Path(sys.argv[3]))
+        leave_process_group(clean=True)
+        return
+    if sys.argv[1] == "resume-micro-batch":
+        resume_micro_batch(Path(sys.argv[2]), Path(sys.argv[3]))
         leave_process_group(clean=True)
         return
     if sys.argv[1] == "nonfinite-gradient":

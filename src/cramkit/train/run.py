@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -331,6 +332,28 @@ def probe_micro_batch(cfg: RunConfig, model: torch.nn.Module | None, make_batch,
                             else contextlib.nullcontext())
 
 
+def resumed_micro_batch(asked: int, before: int | None, saved: int, per_rank_batch: int, ramp_unit: int | None,
+                        probe: Callable[[int], int] | None) -> int:
+    """The micro-batch a resume trains with.
+
+    The data position counts sequences and the masks follow each sequence, so a resume may change
+    the micro-batch (a GPU with less memory) and train the same steps. Only a ``train.micro_batch``
+    this resume sets (``asked``, not ``before``, config.json's) replaces the checkpoint's
+    (``saved``), as the first run used it: capped at each rank's share of the batch. The one
+    config.json keeps (the demo's 32, with batch_size=16 trained as 16) stays whatever the batch
+    becomes. The automatic one (0) is probed again where ``probe(cap)`` is given (on a GPU), as
+    this GPU may have less memory than the last one: not beyond the checkpoint's unless this
+    resume asks for auto anew, so that on the same GPU the run goes on with the micro-batch it
+    had, bit for bit; while the batch ramp lasts, within its unit (``ramp_unit``, else None).
+    """
+    if asked and asked != before:
+        return min(asked, per_rank_batch)
+    if asked or probe is None:
+        return saved
+    cap = per_rank_batch if asked != before else math.gcd(saved, per_rank_batch)
+    return probe(cap if ramp_unit is None else math.gcd(cap, ramp_unit))
+
+
 def _model_preparer(cfg: RunConfig, par: Parallel, precision: str, compile_model, unused_parameters: bool = False):
     """FP8 conversion → activation checkpointing → data-parallel wrapper → compile, re-applied
     after every model swap. The wrapper comes before compiling, as PyTorch documents for both:
@@ -635,6 +658,19 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     # too, so the meter starts before them.
     meter = EnergyMeter(device)
     per_rank_batch = max(1, cfg.train.batch_size // par.world_size)
+
+    def probed(cap: int) -> int:
+        with _private_rng(device):
+            # The optimizer's own states per device (fewer for Lion or 8-bit states, none on the
+            # device with offloading), as the memory estimate counts them.
+            n = probe_micro_batch(cfg, model if full_model is model else None, make_batch, device,
+                                  precision, cap, estimate_for(1)["optimizer_gb"] * 1e9)
+        # The smallest over the ranks: a rank with less free memory must not run another
+        # accumulation count than the others (their collectives would no longer pair up).
+        n = -int(par.all_max([-float(n)])[0])
+        say(f"auto micro-batch: {n} sequences")
+        return n
+
     if saved:
         # Before the micro-batch: each rank's share of the batch, which caps it, follows the
         # number of ranks, so another number made the demo's untouched micro_batch=32 "differ".
@@ -643,30 +679,33 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                                  "each rank's share of the batch and the data position follow it",
                                  "resume it with the same number of ranks (torchrun --nproc-per-node, "
                                  "--nnodes)")
-        micro_batch = int(saved["micro_batch"])
-        # Only a micro_batch this resume sets is compared, as the first run used it: capped at
-        # each rank's share of the batch. The one config.json keeps (the demo's 32, with
-        # batch_size=16 trained as 16) stays whatever the batch becomes.
-        before = read_json(run_dir / "config.json", CheckpointError).get("train", {}).get("micro_batch")
-        asked = min(cfg.train.micro_batch, per_rank_batch)
-        if cfg.train.micro_batch and cfg.train.micro_batch != before and asked != micro_batch:
-            raise resume_refusal([("train.micro_batch", cfg.train.micro_batch, micro_batch)],
-                                 "the data position is counted in micro-batches",
-                                 "resume without train.micro_batch=")
+        saved_micro_batch = int(saved["micro_batch"])
+        # The batch ramp grows each rank's batch in steps of the micro-batch the run started
+        # with (checkpoints from before it was recorded never changed theirs).
+        ramp_unit = int(saved.get("ramp_unit", saved_micro_batch))
+        ramping = cfg.train.batch_ramp > progress(Budget.parse(cfg.train.budget), Usage(**saved["counters"]["usage"]))
+        before = read_json(run_dir / "config.json", CheckpointError).get("train", {})
+        micro_batch = resumed_micro_batch(cfg.train.micro_batch, before.get("micro_batch"), saved_micro_batch,
+                                          per_rank_batch, ramp_unit if ramping else None,
+                                          probed if device.type == "cuda" else None)
+        if ramping and ramp_unit % micro_batch:
+            changed = ([("train.micro_batch", micro_batch, saved_micro_batch)] if micro_batch != saved_micro_batch
+                       else [("train.batch_ramp", cfg.train.batch_ramp, before.get("batch_ramp"))])
+            raise resume_refusal(changed, f"the batch ramp, not over yet, grows each rank's batch in steps of "
+                                          f"{ramp_unit} sequences (the run's first micro-batch), which must be "
+                                          "whole micro-batches",
+                                 f"resume with a micro-batch that divides {ramp_unit}, or once the ramp is over")
+        if micro_batch != saved_micro_batch:
+            say(f"micro-batch {micro_batch} sequences (checkpointed with {saved_micro_batch}): the same steps, "
+                "accumulated otherwise")
     elif cfg.train.micro_batch:
         micro_batch = min(cfg.train.micro_batch, per_rank_batch)
     elif device.type == "cuda":
-        with _private_rng(device):
-            # The optimizer's own states per device (fewer for Lion or 8-bit states, none on the
-            # device with offloading), as the memory estimate counts them.
-            micro_batch = probe_micro_batch(cfg, model if full_model is model else None, make_batch, device,
-                                            precision, per_rank_batch, estimate_for(1)["optimizer_gb"] * 1e9)
-        # The smallest over the ranks: a rank with less free memory must not run another
-        # accumulation count than the others (their collectives would no longer pair up).
-        micro_batch = -int(par.all_max([-float(micro_batch)])[0])
-        say(f"auto micro-batch: {micro_batch} sequences")
+        micro_batch = probed(per_rank_batch)
     else:
         micro_batch = min(32, per_rank_batch)
+    if not saved:
+        ramp_unit = micro_batch
     if cfg.train.batch_size < par.world_size:  # no micro-batch could help: say what would
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the {par.world_size} ranks: "
                           "each rank needs at least one sequence per step; raise the batch size or use fewer ranks")
@@ -715,8 +754,12 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                 compiled.zero_grad(set_to_none=True)
 
     state = made["state"] = TrainState()
+    # Each rank's epoch is a whole number of the run's first micro-batches (so a resume with
+    # another micro-batch keeps the epoch plan) and the position counts sequences.
+    epoch_unit = (ShardLoader.epoch_unit_of(saved["loader"]) if saved else None) or ramp_unit
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
-                         shuffle=shuffle, epochs=None, transform=objective, pin_memory=device.type == "cuda")
+                         shuffle=shuffle, epochs=None, transform=objective, pin_memory=device.type == "cuda",
+                         epoch_unit=epoch_unit)
     clock = Clock()
     closing = None
     if saved:
@@ -745,15 +788,16 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     peak = (cfg.train.peak_tflops * 1e12 or measure_peak_flops(device, precision)) * par.world_size
 
     # How many validation sequences each loss averages (the summary records it): eval_batches
-    # counts micro-batches, so runs with other micro-batches may average other prefixes.
+    # counts micro-batches, so runs with other micro-batches may average other prefixes. Those
+    # of the run's first micro-batch: a resume with another one scores its losses on the same.
     n_val = len(dataset.sequences("val"))
-    val_sequences = min(n_val, cfg.train.eval_batches * micro_batch) if cfg.train.eval_batches else n_val
+    val_sequences = min(n_val, cfg.train.eval_batches * ramp_unit) if cfg.train.eval_batches else n_val
 
     def evaluate(m: torch.nn.Module) -> float:
         total, count = 0.0, 0
         seqs = dataset.sequences("val")
         for start in range(0, val_sequences, micro_batch):
-            tokens = torch.from_numpy(seqs[start:start + micro_batch].astype("int64"))
+            tokens = torch.from_numpy(seqs[start:min(start + micro_batch, val_sequences)].astype("int64"))
             # Ids start..: each sequence's position in the split, so its mask follows the
             # sequence, not the batch it is evaluated in, and is the same at every evaluation.
             batch = {k: v.to(device) for k, v in eval_objective(tokens, start).items()}
@@ -796,7 +840,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
 
             def write() -> None:
                 payload = {
-                    "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
+                    "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch, "ramp_unit": ramp_unit,
                     "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
                     "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
                     "world_size": par.world_size, "strategy": par.strategy, "optim_name": _optimizer_name(cfg),
@@ -820,7 +864,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             cfg=cfg, model=model, optimizer_factory=lambda m: build_optimizer(m, cfg.optim, device, cfg.train.batch_size),
             train_batches=iter(loader), evaluate=evaluate, checkpoint=save,
             log=log.write if log else (lambda record: None), techniques=techniques, device=device,
-            precision=precision, micro_batch=micro_batch, seq_len=seq_len, flops_per_token=fpt,
+            precision=precision, micro_batch=micro_batch, ramp_unit=ramp_unit, seq_len=seq_len, flops_per_token=fpt,
             peak_flops=peak, state=state, clock=clock, progress_bar=bar, parallel=par,
             prepare_model=_model_preparer(cfg, par, precision, compile_model,
                                           any(t.unused_parameters for t in techniques)),

@@ -22,7 +22,7 @@ from ..distributed.parallel import Parallel, whole
 from ..errors import ConfigError, Terminated
 from ..objectives import target_index
 from ..optim import evaluation_weights
-from ..schedules import accumulation_steps, lr_factor
+from ..schedules import lr_factor, ramp_accumulation
 from .device import autocast, memory_gb
 from .nonfinite import NonfiniteCounter, advice, skips_on_device, step_unless
 from .state import TrainState
@@ -67,6 +67,7 @@ class Trainer:
         progress_bar=None,
         parallel=None,
         offload=None,
+        ramp_unit: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.budget = Budget.parse(cfg.train.budget)
@@ -75,6 +76,9 @@ class Trainer:
         self.techniques = techniques
         self.device, self.precision = device, precision
         self.micro_batch, self.seq_len = micro_batch, seq_len
+        # Each rank's share of the step the batch ramp grows by: the micro-batch the run started
+        # with, kept when a resume changes the micro-batch (each step keeps its batch).
+        self.ramp_unit = ramp_unit or micro_batch
         self.batches = train_batches
         self.evaluate, self.checkpoint, self.log = evaluate, checkpoint, log
         self.optimizer_factory = optimizer_factory
@@ -284,9 +288,9 @@ class Trainer:
                     t.on_step_start(state)
                 self._set_lr()
                 # The global micro-batch is one micro-batch on every rank.
-                state.accumulation = accumulation_steps(
+                state.accumulation = ramp_accumulation(
                     state.progress, cfg.train.batch_size, self.micro_batch * self.par.world_size,
-                    cfg.train.batch_ramp,
+                    self.ramp_unit * self.par.world_size, cfg.train.batch_ramp,
                 )
                 batches = []
                 for _ in range(state.accumulation):
