@@ -332,6 +332,16 @@ def test_the_batch_ramp_keeps_its_steps_with_another_micro_batch():
         ramp_accumulation(0.0, 256, 64, 32, 0.6)
 
 
+def test_the_batch_ramp_with_another_micro_batch_never_exceeds_the_batch():
+    """A resume may change the batch and the micro-batch together (batch 16 in steps of 8, resumed
+    as batch 12 with micro-batch 4): the unit need not divide the new batch, and the ramp then ends
+    at the batch, never above it (no step of 16 sequences on a batch of 12), nor jumps down after."""
+    for p in (i / 20 for i in range(21)):
+        assert ramp_accumulation(p, 12, 4, 8, 0.6) * 4 <= 12
+        assert ramp_accumulation(p, 8, 4, 16, 0.6) * 4 == 8  # a unit above the batch: the batch
+    assert [ramp_accumulation(p, 12, 4, 8, 0.6) * 4 for p in (0.0, 0.2, 0.59, 0.6)] == [8, 8, 12, 12]
+
+
 def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):
     """A recipe's relative `base` path is the file beside it, from any working directory."""
     folder = tmp_path / "recipes"

@@ -114,11 +114,14 @@ def ramp_accumulation(p: float, batch_size: int, micro_batch: int, unit: int, ra
     The unit is the global micro-batch a run started with, which :func:`accumulation_steps` ramps
     in; a run resumed with another micro-batch keeps it, so each step keeps the batch of the
     uninterrupted run (``unit`` a multiple of ``micro_batch`` while the ramp lasts). With
-    ``unit == micro_batch`` this is :func:`accumulation_steps`. After the ramp, the whole batch.
+    ``unit == micro_batch`` this is :func:`accumulation_steps`. After the ramp, the whole batch;
+    on it, never more (a resume that also changed the batch may leave a unit that does not
+    divide it).
     """
     if ramp_fraction <= 0 or p >= ramp_fraction or unit == micro_batch:
         return accumulation_steps(p, batch_size, micro_batch, ramp_fraction)
-    sequences = accumulation_steps(p, batch_size, unit, ramp_fraction) * unit
+    sequences = min(accumulation_steps(p, batch_size, unit, ramp_fraction) * unit,
+                    max(batch_size, micro_batch))
     if sequences % micro_batch:
         raise ValueError(f"the batch ramp's batch of {sequences} sequences (in steps of {unit}) is not a "
                          f"whole number of micro-batches of {micro_batch}")
