@@ -715,6 +715,20 @@ def test_failed_resume_leaves_the_config_unchanged(tiny_mlm_data, tmp_path):
     assert (run / "config.json").read_text() == before
 
 
+def test_a_ramp_brought_back_by_a_longer_budget_names_the_budget(tiny_mlm_data, tmp_path):
+    """After the ramp a resume takes micro-batch 8 (the ramp's step is 4); a later resume with a
+    longer budget puts the saved usage back inside the ramp: the refusal names the budget, which
+    changed, not train.batch_ramp (the same 0.25 as before)."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "train.batch_ramp=0.25"), say=lambda *_: None)
+    run = tmp_path / "run"
+    pretrain(resume_config(run, ["train.budget=3steps", "train.micro_batch=8"]), run_dir=run, resume=True,
+             say=lambda *_: None)
+    assert ckpt.load_state(ckpt.latest_checkpoint(run))["micro_batch"] == 8
+    with pytest.raises(ConfigError, match=r"^train.budget=20steps differs from the 3steps this run was checkpointed "
+                                          r"with: the batch ramp, not over yet, .* in steps of 4 sequences"):
+        pretrain(resume_config(run, ["train.budget=20steps"]), run_dir=run, resume=True, say=lambda *_: None)
+
+
 def test_resume_from_an_older_checkpoint_drops_the_abandoned_timeline(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.5")
     pretrain(cfg, say=lambda *_: None)

@@ -689,8 +689,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                                           per_rank_batch, ramp_unit if ramping else None,
                                           probed if device.type == "cuda" else None)
         if ramping and ramp_unit % micro_batch:
+            # The same micro-batch: the ramp came back, by a longer ramp or budget this resume sets.
             changed = ([("train.micro_batch", micro_batch, saved_micro_batch)] if micro_batch != saved_micro_batch
-                       else [("train.batch_ramp", cfg.train.batch_ramp, before.get("batch_ramp"))])
+                       else [("train.batch_ramp", cfg.train.batch_ramp, before.get("batch_ramp"))]
+                       if cfg.train.batch_ramp != before.get("batch_ramp")
+                       else [("train.budget", cfg.train.budget, before.get("budget"))])
             raise resume_refusal(changed, f"the batch ramp, not over yet, grows each rank's batch in steps of "
                                           f"{ramp_unit} sequences (the run's first micro-batch), which must be "
                                           "whole micro-batches",
