@@ -224,7 +224,7 @@ def test_which_micro_batch_a_resume_trains_with():
 
 def _as_earlier_format(payload: dict) -> dict:
     """A checkpoint's state as cramkit wrote it before the loader counted sequences: the loader at
-    its step in micro-batches, and no ramp unit (nor epoch unit: the micro-batch was both)."""
+    its step in micro-batches, and no epoch unit (the micro-batch was it, and the ramp's)."""
     loader = payload["loader"]
     batch = loader["batch_size"]
     assert loader["epoch_unit"] == batch == payload["micro_batch"]
@@ -232,7 +232,7 @@ def _as_earlier_format(payload: dict) -> dict:
     per_epoch = (loader["num_sequences"] // loader["world_size"]) // batch
     old = {"step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
            **{k: loader[k] for k in ("seed", "rank", "world_size", "batch_size", "num_sequences", "shuffle")}}
-    return {**{k: v for k, v in payload.items() if k != "ramp_unit"}, "loader": old}
+    return {**payload, "loader": old}
 
 
 def test_a_checkpoint_of_the_earlier_format_resumes(few_mlm_data, tmp_path, monkeypatch):

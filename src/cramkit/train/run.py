@@ -681,8 +681,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                                  "--nnodes)")
         saved_micro_batch = int(saved["micro_batch"])
         # The batch ramp grows each rank's batch in steps of the micro-batch the run started
-        # with (checkpoints from before it was recorded never changed theirs).
-        ramp_unit = int(saved.get("ramp_unit", saved_micro_batch))
+        # with, which is also the unit of the loader's epochs: its state keeps it (that of a
+        # checkpoint from before either was recorded names the micro-batch it never changed).
+        ramp_unit = ShardLoader.epoch_unit_of(saved["loader"]) or saved_micro_batch
         ramping = cfg.train.batch_ramp > progress(Budget.parse(cfg.train.budget), Usage(**saved["counters"]["usage"]))
         before = read_json(run_dir / "config.json", CheckpointError).get("train", {})
         micro_batch = resumed_micro_batch(cfg.train.micro_batch, before.get("micro_batch"), saved_micro_batch,
@@ -759,10 +760,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     state = made["state"] = TrainState()
     # Each rank's epoch is a whole number of the run's first micro-batches (so a resume with
     # another micro-batch keeps the epoch plan) and the position counts sequences.
-    epoch_unit = (ShardLoader.epoch_unit_of(saved["loader"]) if saved else None) or ramp_unit
     loader = ShardLoader(dataset, "train", micro_batch, seed=cfg.seed, rank=par.rank, world_size=par.world_size,
                          shuffle=shuffle, epochs=None, transform=objective, pin_memory=device.type == "cuda",
-                         epoch_unit=epoch_unit)
+                         epoch_unit=ramp_unit)
     clock = Clock()
     closing = None
     if saved:
@@ -843,7 +843,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
 
             def write() -> None:
                 payload = {
-                    "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch, "ramp_unit": ramp_unit,
+                    "optimizer": optim_state, "counters": st.counters(), "micro_batch": micro_batch,
                     "clock": tr.clock.state_dict(), "loader": loader.state_dict(), "rng": rng,
                     "techniques": {t.name: t.state_dict() for t in techniques}, "scaler": tr.scaler.state_dict(),
                     "world_size": par.world_size, "strategy": par.strategy, "optim_name": _optimizer_name(cfg),
