@@ -322,7 +322,7 @@ class Trainer:
                     t.on_step_end(state)
                 self._swap_model_if_requested()
                 state.progress = progress(self.budget, state.usage)
-                if state.step % cfg.train.log_every == 0 or exhausted(self.budget, state.usage):
+                if state.step % cfg.train.log_every == 0 or state.last_step:
                     window_time = self._log_train(window_tokens, window_flops, window_time)
                     window_tokens, window_flops = 0, 0.0
                 self._periodic()
@@ -342,7 +342,7 @@ class Trainer:
         state, cfg = self.state, self.cfg.train
         # A stopping run (budget spent, or a stop signal agreed on) gets its checkpoint and its
         # evaluation once, from pretrain, after the loop: none here on the same step.
-        done = exhausted(self.budget, state.usage) or self.stop_reason == "signal"
+        done = state.last_step or self.stop_reason == "signal"
         if cfg.eval_every > 0 and is_due(state.progress, state.next_eval) and not done:
             self.run_eval()
             state.next_eval = next_due(state.progress, cfg.eval_every)
