@@ -187,7 +187,9 @@ def test_data_of_an_older_format_is_named_as_such(tmp_path, synth_corpus):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest.update(format_version=1, fingerprint="0" * 64)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="older cramkit .data format 1, now 2"):
+    from cramkit.data.prepare import FORMAT_VERSION
+
+    with pytest.raises(DataError, match=f"older cramkit .data format 1, now {FORMAT_VERSION}"):
         prepare(cfg, out, progress=False)
 
 

@@ -90,8 +90,8 @@ from .tokenizer import (
 
 # In the fingerprint, so a change of what the same options produce rebuilds cached data. 2: the
 # global sequence-level curriculum, the compressibility ratio over normalised characters and the
-# "empty" filter.
-FORMAT_VERSION = 2
+# "empty" filter. 3: WordPiece vocabularies numbered deterministically (other ids than before).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 #: The manifest's ``format``: it alone marks a folder as a dataset prepare wrote.
 MANIFEST_FORMAT = "cramkit-tokens"
@@ -255,7 +255,7 @@ def _difference(old: dict, cfg: PrepareConfig) -> str:
         return f"other options: {shown}"
     if old.get("format_version") != FORMAT_VERSION:
         return (f"the same options by an older cramkit (data format {old.get('format_version')}, "
-                f"now {FORMAT_VERSION}: filters or ordering changed)")
+                f"now {FORMAT_VERSION}: what the same options produce changed)")
     return "other input files (sizes or modification times changed)"
 
 

@@ -8,6 +8,7 @@ and a ``[CLS] A [SEP] (B [SEP])`` post-processor; byte-level BPE (CLM) gets ``<|
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -137,54 +138,82 @@ def _bounded_sample(texts: Iterable[str], max_chars: int) -> Iterator[str]:
             return
 
 
+def _wordpiece(norm: normalizers.Normalizer | None) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    if norm is not None:
+        tok.normalizer = norm
+    return tok
+
+
+def _continuations(sample: list[str], norm: normalizers.Normalizer | None) -> list[str]:
+    """Every ``##c`` token the WordPiece trainer will create from ``sample``, sorted.
+
+    The trainer numbers these in the order it walks a hash map of words, which changes in every
+    process, and breaks ties between equally frequent merges by those numbers: the same corpus
+    gave another vocabulary each time (huggingface/tokenizers#1794). Handed over as special
+    tokens, they are numbered first, in this order, and the rest of training is deterministic.
+    A trainer with no room for merges finds them at the cost of one more pass over the words.
+    """
+    probe = _wordpiece(norm)
+    probe.train_from_iterator(sample, trainer=trainers.WordPieceTrainer(
+        vocab_size=1, special_tokens=["[UNK]"], show_progress=False))
+    return sorted(t for t in probe.get_vocab() if t.startswith("##") and len(t) == 3)
+
+
+def _unlisted(tok: Tokenizer, tokens: list[str]) -> Tokenizer:
+    """``tok`` with ``tokens`` kept in its vocabulary but no longer added (special) tokens, which
+    text would match verbatim and decoding would skip."""
+    data = json.loads(tok.to_str())
+    drop = set(tokens)
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in drop]
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
     """Train the configured tokenizer on (at most ``tokenizer_sample_mb`` MB of) ``texts``.
 
     ``texts`` are raw: the configured normaliser is part of the tokenizer, so training, encoding
-    and every later user of the saved file see the same normalisation. Raises DataError when the
-    corpus cannot support the requested vocabulary. Byte-level BPE never has fewer than 256 + 2
-    tokens (its byte alphabet and special tokens), whatever ``vocab_size`` asks for.
+    and every later user of the saved file see the same normalisation. The same texts and
+    options give the same ``tokenizer.json`` in every process (WordPiece reads its sample twice
+    for that, so it holds the sample in memory). Raises DataError when the corpus cannot support
+    the requested vocabulary. Byte-level BPE never has fewer than 256 + 2 tokens (its byte
+    alphabet and special tokens), whatever ``vocab_size`` asks for.
     """
-    sample = _bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6))
+    sample = list(_bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6)))
+    if not sample:
+        raise DataError("no documents left to train the tokenizer on (all filtered out?)")
+    n_texts, n_chars = len(sample), sum(map(len, sample))
+    norm = build_normalizer(cfg)
     kind = cfg.tokenizer_kind
+    continuations: list[str] = []
     if kind == "wordpiece":
-        specials = list(WORDPIECE_SPECIALS.values())
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
+        tok = _wordpiece(norm)
+        continuations = _continuations(sample, norm)
         trainer = trainers.WordPieceTrainer(
             vocab_size=cfg.vocab_size,
             min_frequency=cfg.min_frequency,
-            special_tokens=specials,
+            special_tokens=list(WORDPIECE_SPECIALS.values()) + continuations,
             show_progress=False,
         )
     else:
-        specials = list(BPE_SPECIALS.values())
+        # Byte-level BPE is deterministic already: its whole alphabet is given, in order.
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
+        if norm is not None:
+            tok.normalizer = norm
         trainer = trainers.BpeTrainer(
             vocab_size=cfg.vocab_size,
             min_frequency=cfg.min_frequency,
-            special_tokens=specials,
+            special_tokens=list(BPE_SPECIALS.values()),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-    norm = build_normalizer(cfg)
-    if norm is not None:
-        tok.normalizer = norm
-    n_texts = n_chars = 0
-
-    def counted() -> Iterator[str]:
-        nonlocal n_texts, n_chars
-        for t in sample:
-            n_texts += 1
-            n_chars += len(t)
-            yield t
-
-    tok.train_from_iterator(counted(), trainer=trainer)
-    if n_texts == 0:
-        raise DataError("no documents left to train the tokenizer on (all filtered out?)")
+    tok.train_from_iterator(sample, trainer=trainer)
+    if continuations:
+        tok = _unlisted(tok, continuations)
     got = tok.get_vocab_size()
     if got < cfg.vocab_size:
         # A sample cut at tokenizer_sample_mb is not the whole corpus: more text may exist already.
