@@ -16,8 +16,8 @@ from cramkit.optim import OPTIMIZERS, WHOLE_TENSORS, build_optimizer, register_o
 # Learning rates that suit each update rule's scale on the tiny model; a newly registered
 # optimizer runs with the defaults and only needs an entry here if those do not fit.
 SETTINGS = {
-    # 0.5 diverged on 2 of 4 fixture tokenizers (WordPiece training breaks ties differently from
-    # process to process); 0.1 lowered the validation loss by >= 0.11 on each of 4.
+    # 0.5 diverged on 2 of 4 fixture tokenizers (WordPiece training then broke ties differently
+    # in each process; it no longer does); 0.1 lowered the validation loss by >= 0.11 on each of 4.
     "sgd": ["optim.lr=0.1"],
     "lion": ["optim.lr=1e-3"],
     "lamb": ["optim.lr=1e-2"],
