@@ -53,6 +53,24 @@ def test_atomic_dir_replaces_the_whole_directory_or_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old copy left beside it
 
 
+def test_a_failed_atomic_dir_removes_the_folders_it_created_and_only_those(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "kept" / "a" / "b" / "out") as tmp:
+            (tmp / "x.txt").write_text("1")
+            raise RuntimeError("failed half-way")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    # A created folder that another writer has put something in since stays, with its parents.
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "kept" / "a" / "b" / "out"):
+            (tmp_path / "kept" / "a" / "other.txt").write_text("theirs")
+            raise RuntimeError("failed half-way")
+    assert [p.name for p in (tmp_path / "kept" / "a").iterdir()] == ["other.txt"]
+    with atomic_dir(tmp_path / "new" / "out") as tmp:
+        (tmp / "x.txt").write_text("1")
+    assert (tmp_path / "new" / "out" / "x.txt").read_text() == "1"
+
+
 def _old_version_two_renames(tmp_path, monkeypatch):
     """``tmp_path/out`` with a first version written, the atomic swap switched off (the
     two-rename fallback of systems without renameat2), and the real ``Path.rename`` to wrap."""

@@ -49,26 +49,37 @@ def atomic_dir(path: str | os.PathLike, *, clear_folder: bool = False) -> Iterat
     if there is one, with everything in it) only if the block succeeds.
 
     A failed or interrupted write leaves ``path`` as it was (absent, or the previous version),
-    and no file of a previous version survives next to the new ones. What killed writers of
+    removes the folders above it that it created, and no file of a previous version survives
+    next to the new ones. What killed writers of
     ``path`` left beside it is cleared first (:func:`clear_abandoned`); with ``clear_folder``,
     what they left for any name in its folder (a folder cramkit alone writes into, such as a
     run's checkpoints, whose next write has another name).
     """
     path = Path(path)
+    created = [p for p in path.parents if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_abandoned(path, every_name=clear_folder)
-    token = _token()
-    tmp = path.parent / f".{path.name}.tmp-{token}"
-    with _new_locked_dir(path.parent / f".{path.name}.new-{token}", tmp):
-        try:
-            yield tmp
-            _umask_modes(tmp)
-            _swap_in(tmp, path, path.parent / f".{path.name}.old-{token}")
-        finally:
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif tmp.exists() or tmp.is_symlink():  # a file the swap found at ``path``
-                tmp.unlink()
+    try:
+        clear_abandoned(path, every_name=clear_folder)
+        token = _token()
+        tmp = path.parent / f".{path.name}.tmp-{token}"
+        with _new_locked_dir(path.parent / f".{path.name}.new-{token}", tmp):
+            try:
+                yield tmp
+                _umask_modes(tmp)
+                _swap_in(tmp, path, path.parent / f".{path.name}.old-{token}")
+            finally:
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                elif tmp.exists() or tmp.is_symlink():  # a file the swap found at ``path``
+                    tmp.unlink()
+    except BaseException:
+        # A failed export to a new a/b/out leaves no empty a/b behind either.
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another writer's since), or gone
+                break
+        raise
 
 
 def _swap_in(tmp: Path, path: Path, old: Path) -> None:

@@ -649,9 +649,8 @@ def finetune(
     # earlier save's file lingers) only once every seed has finished. A later seed that diverged
     # or failed left them there with no result describing them, or in place of the weights an
     # earlier fine-tune saved, whose result still described those; now it writes nothing.
-    # The folders that staging creates (RUN/finetune/NAME) are removed again when nothing lands there.
-    created = [p for p in saved.parents if not p.exists()] if saved else []
-    with _removed_if_empty(created), contextlib.ExitStack() as staged:
+    # The folders that staging creates (RUN/finetune/NAME) go with it when nothing lands there.
+    with contextlib.ExitStack() as staged:
         for i, seed in enumerate(cfg.seeds):
             target = staged.enter_context(atomic_dir(saved)) if (saved and i == 0) else None
             try:
@@ -686,20 +685,6 @@ def finetune(
         "seconds": round(time.perf_counter() - start, 2),
         "config": cfg.to_dict(),
     }
-
-
-@contextlib.contextmanager
-def _removed_if_empty(folders: Sequence[Path]) -> Iterator[None]:
-    """Remove ``folders`` (deepest first) that are still empty when the block fails."""
-    try:
-        yield
-    except BaseException:
-        for folder in folders:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (another writer's), or not there
-                break
-        raise
 
 
 def _finished(seeds: Sequence[int], runs: Sequence[dict[str, Any]]) -> str:
