@@ -41,3 +41,22 @@ def test_continuation_tokens_stay_ordinary_vocabulary(articles):
     enc = tok.encode("unbelievably", add_special_tokens=False)
     assert len(enc.tokens) > 1 and all(t.startswith("##") for t in enc.tokens[1:])
     assert tok.decode(enc.ids) == "unbelievably"
+
+
+def test_byte_level_bpe_streams_its_sample():
+    """Only WordPiece reads its sample twice and so holds it in memory; byte-level BPE trains on
+    the texts as they come (64 M characters by default, up to 256 MB as Python strings)."""
+    import tracemalloc
+
+    def texts():
+        for i in range(2000):
+            yield " ".join(("alpha", "beta", "gamma", "delta")[(i * j) % 4] for j in range(250))
+
+    cfg = PrepareConfig(objective="clm", vocab_size=270, min_frequency=1)
+    tracemalloc.start()
+    try:
+        tokmod.train_tokenizer(texts(), cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1e6  # the sample is 2.7 MB

@@ -181,14 +181,12 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
     the requested vocabulary. Byte-level BPE never has fewer than 256 + 2 tokens (its byte
     alphabet and special tokens), whatever ``vocab_size`` asks for.
     """
-    sample = list(_bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6)))
-    if not sample:
-        raise DataError("no documents left to train the tokenizer on (all filtered out?)")
-    n_texts, n_chars = len(sample), sum(map(len, sample))
+    sample: Iterable[str] = _bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6))
     norm = build_normalizer(cfg)
     kind = cfg.tokenizer_kind
     continuations: list[str] = []
     if kind == "wordpiece":
+        sample = list(sample)  # read twice: byte-level BPE streams it
         tok = _wordpiece(norm)
         continuations = _continuations(sample, norm)
         trainer = trainers.WordPieceTrainer(
@@ -211,7 +209,18 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-    tok.train_from_iterator(sample, trainer=trainer)
+    n_texts = n_chars = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal n_texts, n_chars
+        for t in sample:
+            n_texts += 1
+            n_chars += len(t)
+            yield t
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if n_texts == 0:
+        raise DataError("no documents left to train the tokenizer on (all filtered out?)")
     if continuations:
         tok = _unlisted(tok, continuations)
     got = tok.get_vocab_size()
