@@ -29,9 +29,15 @@ def _pretrain(*roots: Path) -> list[Path]:
                 "train.plots=false", "train.eval_every=0.5", "train.eval_batches=2"]
         procs.append(subprocess.Popen([sys.executable, "-m", "cramkit", *args], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+    finally:  # a timeout or a failed first run leaves no pretrain running on past the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     return [root / "runs" / "run" for root in roots]
 
 
