@@ -21,12 +21,19 @@ def test_training_twice_gives_the_same_tokenizer(articles, objective):
     assert len(files) == 1
 
 
-def test_without_numbering_the_continuations_first_wordpiece_varies(articles, monkeypatch):
-    """The control for the test above: this corpus has the ties that made the trainer's output
-    depend on hash-map order (huggingface/tokenizers#1794), so that test can fail."""
-    monkeypatch.setattr(tokmod, "_continuations", lambda sample, norm: [])
+def test_the_tokenizers_trainer_alone_varies_on_this_corpus(articles):
+    """The control for the test above: on this corpus the trainer's output depends on hash-map
+    order (huggingface/tokenizers#1794), so that test can fail. (If a `tokenizers` release fixes
+    that, this fails and the first pass of train_wordpiece can go.)"""
+    from tokenizers import trainers
+
     cfg = PrepareConfig(objective="mlm", vocab_size=1000)
-    files = {tokmod.train_tokenizer(articles, cfg).to_str() for _ in range(4)}
+    files = set()
+    for _ in range(4):
+        tok = tokmod._wordpiece(tokmod.build_normalizer(cfg))
+        tok.train_from_iterator(articles, trainer=trainers.WordPieceTrainer(
+            vocab_size=1000, min_frequency=cfg.min_frequency, special_tokens=["[PAD]"], show_progress=False))
+        files.add(tok.to_str())
     assert len(files) > 1
 
 

@@ -13,15 +13,16 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def train_wordpiece(texts, vocab_size: int = 1024):
     """A lowercase WordPiece tokenizer trained on ``texts`` (specials get ids 0-4)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from cramkit.data.tokenizer import train_wordpiece
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS)
-    tok.train_from_iterator(texts, trainer)
-    return tok
+    # Trained as cramkit trains its own: the same tokenizer in every pytest run.
+    return train_wordpiece(tok, list(texts), vocab_size=vocab_size, min_frequency=0, specials=SPECIALS)
 
 
 def make_run_dir(path: Path, model_cfg, tokenizer, special_ids: dict | None = None, model=None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
@@ -147,21 +147,6 @@ def _wordpiece(norm: normalizers.Normalizer | None) -> Tokenizer:
     return tok
 
 
-def _continuations(sample: list[str], norm: normalizers.Normalizer | None) -> list[str]:
-    """Every ``##c`` token the WordPiece trainer will create from ``sample``, sorted.
-
-    The trainer numbers these in the order it walks a hash map of words, which changes in every
-    process, and breaks ties between equally frequent merges by those numbers: the same corpus
-    gave another vocabulary each time (huggingface/tokenizers#1794). Handed over as special
-    tokens, they are numbered first, in this order, and the rest of training is deterministic.
-    A trainer with no room for merges finds them at the cost of one more pass over the words.
-    """
-    probe = _wordpiece(norm)
-    probe.train_from_iterator(sample, trainer=trainers.WordPieceTrainer(
-        vocab_size=1, special_tokens=["[UNK]"], show_progress=False))
-    return sorted(t for t in probe.get_vocab() if t.startswith("##") and len(t) == 3)
-
-
 def _unlisted(tok: Tokenizer, tokens: list[str]) -> Tokenizer:
     """``tok`` with ``tokens`` kept in its vocabulary but no longer added (special) tokens, which
     text would match verbatim and decoding would skip."""
@@ -169,6 +154,29 @@ def _unlisted(tok: Tokenizer, tokens: list[str]) -> Tokenizer:
     drop = set(tokens)
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in drop]
     return Tokenizer.from_str(json.dumps(data))
+
+
+def train_wordpiece(tok: Tokenizer, texts: Sequence[str], *, vocab_size: int, min_frequency: int,
+                    specials: list[str]) -> Tokenizer:
+    """``tok`` (a WordPiece model with its normaliser and pre-tokenizer set) trained on ``texts``,
+    to the same ``tokenizer.json`` in every process; ``specials`` get the first ids.
+
+    The ``tokenizers`` trainer numbers the ``##c`` continuation tokens in the order it walks a
+    hash map of words, which changes in every process, and breaks ties between equally frequent
+    merges by those numbers: alone, it gave another vocabulary each time
+    (huggingface/tokenizers#1794). A first training with no room for merges finds them; handed
+    to the real one as special tokens, in sorted order, they are numbered right after
+    ``specials`` and the rest is deterministic. They then become ordinary vocabulary again. The
+    first pass costs a count of the words and their character pairs, hence ``texts`` is read
+    twice.
+    """
+    probe = Tokenizer.from_str(tok.to_str())
+    probe.train_from_iterator(texts, trainer=trainers.WordPieceTrainer(vocab_size=1, show_progress=False))
+    continuations = sorted(t for t in probe.get_vocab() if t.startswith("##") and len(t) == 3)
+    tok.train_from_iterator(texts, trainer=trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials + continuations,
+        show_progress=False))
+    return _unlisted(tok, continuations)
 
 
 def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
@@ -181,34 +189,8 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
     the requested vocabulary. Byte-level BPE never has fewer than 256 + 2 tokens (its byte
     alphabet and special tokens), whatever ``vocab_size`` asks for.
     """
-    sample: Iterable[str] = _bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6))
+    sample = _bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6))
     norm = build_normalizer(cfg)
-    kind = cfg.tokenizer_kind
-    continuations: list[str] = []
-    if kind == "wordpiece":
-        sample = list(sample)  # read twice: byte-level BPE streams it
-        tok = _wordpiece(norm)
-        continuations = _continuations(sample, norm)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size,
-            min_frequency=cfg.min_frequency,
-            special_tokens=list(WORDPIECE_SPECIALS.values()) + continuations,
-            show_progress=False,
-        )
-    else:
-        # Byte-level BPE is deterministic already: its whole alphabet is given, in order.
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        if norm is not None:
-            tok.normalizer = norm
-        trainer = trainers.BpeTrainer(
-            vocab_size=cfg.vocab_size,
-            min_frequency=cfg.min_frequency,
-            special_tokens=list(BPE_SPECIALS.values()),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
     n_texts = n_chars = 0
 
     def counted() -> Iterator[str]:
@@ -218,11 +200,26 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             n_chars += len(t)
             yield t
 
-    tok.train_from_iterator(counted(), trainer=trainer)
+    if cfg.tokenizer_kind == "wordpiece":
+        # Read twice (see train_wordpiece), so held in memory; byte-level BPE streams it.
+        tok = train_wordpiece(_wordpiece(norm), list(counted()), vocab_size=cfg.vocab_size,
+                              min_frequency=cfg.min_frequency, specials=list(WORDPIECE_SPECIALS.values()))
+    else:
+        # Byte-level BPE is deterministic already: its whole alphabet is given, in order.
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        if norm is not None:
+            tok.normalizer = norm
+        tok.train_from_iterator(counted(), trainer=trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=list(BPE_SPECIALS.values()),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ))
     if n_texts == 0:
         raise DataError("no documents left to train the tokenizer on (all filtered out?)")
-    if continuations:
-        tok = _unlisted(tok, continuations)
     got = tok.get_vocab_size()
     if got < cfg.vocab_size:
         # A sample cut at tokenizer_sample_mb is not the whole corpus: more text may exist already.
@@ -233,7 +230,7 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             f"at {got} tokens (from {n_texts} documents in the tokenizer sample); set vocab_size "
             f"to {got} or less{_fewer_merges_hint(cfg)}, or {more}"
         )
-    if kind == "wordpiece" and got > cfg.vocab_size:
+    if cfg.tokenizer_kind == "wordpiece" and got > cfg.vocab_size:
         # WordPiece keeps every character of its sample, and each one's ## continuation, however
         # small vocab_size is: a corpus of many scripts or symbols outgrows it without a word.
         alphabet = sum(1 for t in tok.get_vocab() if len(t) == 1)
@@ -242,7 +239,7 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             f"{alphabet} distinct characters, and WordPiece keeps each of them (and its ## form). "
             "Models are sized to the tokenizer; to stay near vocab_size, fold characters "
             "(ascii_only=true or strip_accents=true) or train on text in fewer scripts", stacklevel=2)
-    if kind == "wordpiece":
+    if cfg.tokenizer_kind == "wordpiece":
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = TemplateProcessing(
             single="[CLS] $A [SEP]",
