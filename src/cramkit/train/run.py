@@ -1189,6 +1189,7 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
             raise resume_refusal([(f"optim.{key}", now, _shown(was))], "the optimizer's saved state keeps it",
                                  "resume without it, or start a new run (optim.lr, optim.muon_lr and "
                                  "optim.lr_scaling may change)")
+    _check_relative_data_dir(run_dir, cfg, trained)
     # Against the resolved config: a technique's option added since is as unset as a field.
     unset = _unset_keys(merged, cfg.resolved())
     # A technique this resume switches on was never in config.json: its defaults are chosen now,
@@ -1203,6 +1204,25 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                       stacklevel=2)
     # Not written back here: pretrain() records it once the resume has loaded successfully.
     return cfg
+
+
+def _check_relative_data_dir(run_dir: Path, cfg: RunConfig, trained: RunConfig) -> None:
+    """A relative ``data.dir`` in config.json is relative to the folder the run was started from.
+    Resumed from another folder it was reported only as "not a prepared dataset (no
+    manifest.json; run cramkit prepare)", which sent the user to prepare data the run already has."""
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else None
+    if data_dir is None or data_dir.is_absolute() or cfg.data.dir != trained.data.dir or data_dir.exists():
+        return
+    hint = "resume from the folder the run was started in, or give data.dir=PATH"
+    # runs/NAME under the starting folder (out_dir/name): the data is probably beside it.
+    tail = Path(trained.out_dir or ".") / trained.name if trained.name else None
+    run = Path(os.path.abspath(run_dir))
+    if tail is not None and not tail.is_absolute() and run.parts[-len(tail.parts):] == tail.parts:
+        candidate = Path(*run.parts[:-len(tail.parts)]) / data_dir
+        if candidate.is_dir():
+            hint = f"resume from {candidate.parents[len(data_dir.parts) - 1]}, or give data.dir={candidate}"
+    raise DataError(f"{run_dir}/config.json has data.dir={cfg.data.dir}, a path relative to the folder the run "
+                    f"was started in, and there is no {cfg.data.dir} in {Path.cwd()}: {hint}")
 
 
 #: Model settings that change what the weights compute but not their shapes, so that loading the
