@@ -565,10 +565,11 @@ def test_cli_label_and_metric_lists_may_have_spaces(tmp_path, capsys):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\tpos\n")
     args = ["--task", str(tmp_path / "train.tsv"), "--labels", "neg, pos", "--metrics", "f1, accuracy"]
-    # The task loads (before the run directory is opened), so the error is about the run.
-    assert main(["finetune", str(tmp_path / "no-run"), *args]) == 2
+    # The task loads (before the run is read), so the error is about the run.
+    (tmp_path / "not-a-run").mkdir()
+    assert main(["finetune", str(tmp_path / "not-a-run"), *args]) == 2
     err = capsys.readouterr().err
-    assert "run directory not found" in err and "label set" not in err, err
+    assert "not a finished cramkit run" in err and "label set" not in err, err
 
 
 def test_file_task_options_in_the_help_say_what_f1_scores_and_how_tsv_is_read(capsys):
@@ -593,12 +594,14 @@ def test_cli_positive_label_reaches_the_file_task(tmp_path, capsys):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\tduplicate\nbad\tnot_duplicate\n")
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\tduplicate\n")
     args = ["--task", str(tmp_path / "train.tsv"), "--metrics", "f1"]
-    assert main(["finetune", str(tmp_path / "no-run"), *args, "--positive-label", "dup"]) == 2
+    not_a_run = tmp_path / "not-a-run"  # a folder: the run is read only after the task
+    not_a_run.mkdir()
+    assert main(["finetune", str(not_a_run), *args, "--positive-label", "dup"]) == 2
     assert "error: --positive-label 'dup' is not a label" in capsys.readouterr().err
-    assert main(["finetune", str(tmp_path / "no-run"), *args, "--positive-label", "duplicate"]) == 2
-    assert "run directory not found" in capsys.readouterr().err  # the task loaded
+    assert main(["finetune", str(not_a_run), *args, "--positive-label", "duplicate"]) == 2
+    assert "not a finished cramkit run" in capsys.readouterr().err  # the task loaded
     # A registered task has its own columns and labels: file-task flags there were silently lost.
-    assert main(["finetune", str(tmp_path / "no-run"), "--task", "rte", "--positive-label", "x",
+    assert main(["finetune", str(not_a_run), "--task", "rte", "--positive-label", "x",
                  "--text-column", "question"]) == 2
     err = capsys.readouterr().err
     assert "--text-column, --positive-label apply to a task given as a file; 'rte' is a registered" in err
@@ -607,8 +610,19 @@ def test_cli_positive_label_reaches_the_file_task(tmp_path, capsys):
     folder.mkdir()
     (folder / "train.tsv").write_text("text\tlabel\ngood\t1\nbad\t0\n")
     (folder / "dev.tsv").write_text("text\tlabel\nfine\t1\n")
-    assert main(["finetune", str(tmp_path / "no-run"), "--task", str(folder), "--text-column", "text"]) == 2
-    assert "run directory not found" in capsys.readouterr().err  # the task loaded
+    assert main(["finetune", str(not_a_run), "--task", str(folder), "--text-column", "text"]) == 2
+    assert "not a finished cramkit run" in capsys.readouterr().err  # the task loaded
+
+
+def test_a_missing_run_directory_is_named_before_the_task_is_loaded(tmp_path, capsys, monkeypatch):
+    """A registered task without --data comes from the Hub: a mistyped run directory used to be
+    named only after that download (offline, as an error about the Hub)."""
+    from cramkit.cli import main
+    from cramkit.eval import tasks
+
+    monkeypatch.setattr(tasks, "load_task", lambda *a, **k: pytest.fail("the task was loaded"))
+    assert main(["finetune", str(tmp_path / "no-run"), "--task", "cola"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'no-run'}: run directory not found\n"
 
 
 def _file_task(folder):

@@ -77,6 +77,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         load_backbone,
         name_clash,
         outputs_owner,
+        require_run_dir,
     )
     from .metrics import to_percent
     from .tasks import file_task, load_task
@@ -93,6 +94,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"{flags} apply to a task given as a file; '{args.task}' is a registered "
             "task with its own columns, labels and metrics"
         )
+    # Before the task, which may come from the Hub: a mistyped run directory used to surface only
+    # after that download (offline, as an error about the Hub that never named the run).
+    require_run_dir(args.run_dir)
     task = load_task(args.task, args.data, **options)
     backbone = load_backbone(args.run_dir, random_init=args.random_init)
     name = finetune_name(task.spec.name, args.random_init, cfg.peft)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 import statistics
@@ -255,9 +256,7 @@ def open_run(run_dir: str | Path):
     :meth:`~cramkit.models.ModelConfig.for_single_inputs`."""
     from ..train.checkpoint import load_pretrained
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run directory not found")
+    run_dir = require_run_dir(run_dir)
     _refuse_finetuned(run_dir)
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
@@ -406,6 +405,14 @@ def name_clash(paths: Sequence[Path], owner: dict[str, str]) -> str | None:
                 return (f"{path} holds the outputs of {describe(previous)}, whose names are those of "
                         f"{describe(owner)}'s: rename one of the task files, or move {path} away")
     return None
+
+
+def require_run_dir(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` as a Path; CheckpointError when there is no such folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    return run_dir
 
 
 def load_backbone(run_dir: str | Path, random_init: bool = False) -> Backbone:
