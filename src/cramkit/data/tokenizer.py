@@ -191,6 +191,7 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
     """
     sample = _bounded_sample(texts, int(cfg.tokenizer_sample_mb * 1e6))
     norm = build_normalizer(cfg)
+    kind = cfg.tokenizer_kind
     n_texts = n_chars = 0
 
     def counted() -> Iterator[str]:
@@ -200,7 +201,7 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             n_chars += len(t)
             yield t
 
-    if cfg.tokenizer_kind == "wordpiece":
+    if kind == "wordpiece":
         # Read twice (see train_wordpiece), so held in memory; byte-level BPE streams it.
         tok = train_wordpiece(_wordpiece(norm), list(counted()), vocab_size=cfg.vocab_size,
                               min_frequency=cfg.min_frequency, specials=list(WORDPIECE_SPECIALS.values()))
@@ -230,7 +231,7 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             f"at {got} tokens (from {n_texts} documents in the tokenizer sample); set vocab_size "
             f"to {got} or less{_fewer_merges_hint(cfg)}, or {more}"
         )
-    if cfg.tokenizer_kind == "wordpiece" and got > cfg.vocab_size:
+    if kind == "wordpiece" and got > cfg.vocab_size:
         # WordPiece keeps every character of its sample, and each one's ## continuation, however
         # small vocab_size is: a corpus of many scripts or symbols outgrows it without a word.
         alphabet = sum(1 for t in tok.get_vocab() if len(t) == 1)
@@ -239,7 +240,7 @@ def train_tokenizer(texts: Iterable[str], cfg: PrepareConfig) -> Tokenizer:
             f"{alphabet} distinct characters, and WordPiece keeps each of them (and its ## form). "
             "Models are sized to the tokenizer; to stay near vocab_size, fold characters "
             "(ascii_only=true or strip_accents=true) or train on text in fewer scripts", stacklevel=2)
-    if cfg.tokenizer_kind == "wordpiece":
+    if kind == "wordpiece":
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = TemplateProcessing(
             single="[CLS] $A [SEP]",
