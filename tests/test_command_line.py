@@ -154,6 +154,28 @@ def test_warnings_are_one_line_on_the_command_line(tmp_path):
     assert done.stderr == "warning: received SIGINT: finishing the step\n"
 
 
+def test_starting_the_command_line_imports_no_optimizer_library():
+    """Every ``cramkit`` command imports the trainer, which registers the optimizers. pytorch_optimizer
+    (with transformers behind it) took over a second of each start, ``cramkit --help`` included,
+    and of every worker process; the optimizers that use it import it when a run builds them."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, cramkit.cli, cramkit.train.run, cramkit.eval.finetune, cramkit.optim; "
+            "print(sorted(m for m in ('pytorch_optimizer', 'transformers') if m in sys.modules)); "
+            "from cramkit.optim import OPTIMIZERS; print(sorted(OPTIMIZERS))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported, names = done.stdout.splitlines()
+    assert imported == "[]"
+    assert {"lamb", "lars", "lion", "muon", "sam", "schedulefree"} <= set(ast.literal_eval(names))  # all registered
+
+
 def test_pretrain_help_lists_every_technique_option(capsys):
     """technique.NAME.KEY=VALUE options were nowhere on the command line (only in docs/)."""
     import dataclasses

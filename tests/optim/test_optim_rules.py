@@ -65,7 +65,7 @@ def test_lamb_matches_the_reference_implementation_over_several_steps(foreach, m
     here has ||w|| ~ 40, the library caps it at 10), and the vector group (no weight decay)
     without trust ratio. Both library code paths: per tensor (CPU) and batched (CUDA's)."""
     if foreach:
-        from cramkit.optim.optimizers import ReferenceLamb
+        from cramkit.optim.lamb import ReferenceLamb
 
         monkeypatch.setattr(ReferenceLamb, "_can_use_foreach", lambda self, group: True)
     g = torch.Generator().manual_seed(0)

@@ -275,4 +275,4 @@ def build_optimizer(
     return optimizer
 
 
-from . import optimizers, sam  # noqa: E402, F401  (registration)
+from . import optimizers  # noqa: E402, F401  (registration)

@@ -25,12 +25,7 @@ whole tensors.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from pytorch_optimizer import Lamb, Muon
-from pytorch_optimizer.optimizer.muon.base import MuonBase, get_adjusted_lr
-from pytorch_optimizer.optimizer.utils.matrix import DTensor, has_dtensor
 
 from ..errors import ConfigError
 from . import register_optimizer
@@ -131,65 +126,11 @@ def lion(groups, cfg, device):
     return Lion(groups, lr=cfg.lr, betas=_betas(cfg, LION_BETAS), weight_decouple=True)
 
 
-class ReferenceLamb(Lamb):
-    """pytorch_optimizer's ``Lamb`` made to take the steps of the reference implementation
-    (tensorflow_addons/optimizers/lamb.py; You et al. 2020, Alg. 2).
-
-    - Bias correction. The reference divides m by 1 - beta1^t and v by 1 - beta2^t inside the
-      direction r = m_hat / (sqrt(v_hat) + eps) + weight_decay * w; the library corrects
-      neither. Without it the Adam term of r is (1 - beta1^t) / sqrt(1 - beta2^t) times too
-      large relative to the decay: with beta2 = 0.999, 3.2-6.5x over the first 100 steps, 2x at
-      step 300, 1.3x at 1000 (with 0.98: 0.7-1.5x over the first 50); a plain Adam step
-      (``adam=True`` below) would be that much longer too. Since r / c with
-      c = sqrt(1 - beta2^t) / (1 - beta1^t) is the library's r with ``eps * sqrt(1 - beta2^t)``
-      and ``weight_decay / c``, and the trust ratio cancels the 1/c, :meth:`step` hands the
-      library those values (and ``lr * c`` to Adam groups) for the step: the reference's update
-      exactly, up to the library's eps in the trust ratio's denominator.
-    - No cap on ||w||. The library clamps ||w|| at 10 in the trust ratio, as many PyTorch LAMB
-      ports do (``weight_norm.clamp(0, 10)``); the reference and the paper have none. A BERT-base
-      matrix already has ||w|| of 15-30 at init (std 0.02), so the cap shrinks exactly the large
-      matrices' steps, by up to 3x, and unevenly across shapes: that undoes the layer-wise
-      adaptation LAMB exists for, so it is removed.
-    - A group with ``adam=True`` takes plain (bias-corrected) Adam steps, no trust ratio: the
-      reference's ``exclude_from_layer_adaptation``, which defaults to the variables excluded
-      from weight decay (norms and biases). Only those: with ``optim.decay_embeddings=false``
-      the embeddings and head, undecayed, keep their trust ratio, where the reference's default
-      would exempt them as well.
-    """
-
-    clamp = math.inf
-
-    def __init__(self, params, **kwargs) -> None:
-        super().__init__(params, **kwargs)
-        for group in self.param_groups:
-            # The library's other step-size correction (dividing by 1 - beta1^t) would come on
-            # top of the one step() folds in.
-            group["adam_debias"] = True
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One reference LAMB step (see the class docstring for how the correction is folded)."""
-        saved = [(group["lr"], group["eps"], group["weight_decay"]) for group in self.param_groups]
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            t = group.get("step", 0) + 1  # the library counts this step when it runs it
-            c1, c2 = 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
-            group["eps"] = group["eps"] * c2
-            group["weight_decay"] = group["weight_decay"] * c1 / c2
-            if group["adam"]:
-                group["lr"] = group["lr"] * c2 / c1
-        try:
-            return super().step(closure)
-        finally:  # the schedule, the logs and checkpoints see the configured values
-            for group, (lr, eps, weight_decay) in zip(self.param_groups, saved):
-                group["lr"], group["eps"], group["weight_decay"] = lr, eps, weight_decay
-
-
 @register_optimizer("lamb", whole_tensors=(
     "its trust ratio ||w|| / ||update|| is taken per whole matrix, and FSDP2 gives each rank a "
     "shard of it"))
 def lamb(groups, cfg, device):
-    """LAMB as in the reference (:class:`ReferenceLamb`): the direction
+    """LAMB as in the reference (:class:`.lamb.ReferenceLamb`): the direction
     r = m_hat / (sqrt(v_hat) + eps) + weight_decay * w, scaled per matrix by ||w|| / ||r||; the
     ``vector`` group (norms, biases, gains: no weight decay) takes plain Adam steps.
 
@@ -197,6 +138,8 @@ def lamb(groups, cfg, device):
     Without the vector exemption a parameter that starts at zero (a LayerNorm shift, a ReZero
     gain) would move by lr * ||w|| ~ lr^2 per step after its first: it would barely train.
     """
+    from .lamb import ReferenceLamb
+
     for group in groups:
         group.setdefault("adam", group.get("kind") == "vector")
     return ReferenceLamb(groups, lr=cfg.lr, betas=_betas(cfg), eps=cfg.eps, weight_decouple=False)
@@ -216,49 +159,6 @@ def lars(groups, cfg, device):
                 nesterov=_nesterov(cfg, False, cfg.momentum))
 
 
-class StackedMuon(Muon):
-    """pytorch_optimizer's ``Muon`` that orthogonalises a fused matrix part by part.
-
-    A Muon group with ``blocks=k`` holds matrices whose rows are k matrices of equal height
-    stacked (``attn.qkv`` = [q | k | v], a GLU's ``ffn.up`` = [value | gate]). Each part is
-    orthogonalised on its own (one batched Newton-Schulz) and gets its own shape factor
-    sqrt(max(1, rows / cols)), as when Q, K and V are separate matrices (modded-nanogpt);
-    orthogonalising the stack as one matrix would couple the parts' singular vectors and scale
-    all of them by the stack's height.
-
-    Under FSDP2 each rank holds a shard of rows of every matrix (a DTensor). Newton-Schulz on a
-    shard would orthogonalise another matrix, so each update is gathered whole on every rank,
-    orthogonalised (part by part) exactly as without FSDP2, and each rank keeps its own rows: the
-    same update as under DDP, at the cost of one all-gather and one whole matrix in memory at a
-    time.
-    """
-
-    @staticmethod
-    def _orthogonalize(group, updates):
-        if any(has_dtensor and isinstance(u, DTensor) for u in updates):
-            return [_shard_like(StackedMuon._orthogonalize(group, [u.full_tensor()])[0], u) for u in updates]
-        blocks = group.get("blocks", 1)
-        if blocks == 1:
-            return MuonBase._orthogonalize(group, updates)
-        out = []
-        for update in updates:
-            matrix = update.reshape(update.size(0), -1)
-            parts = MuonBase._orthogonalize(group, list(matrix.chunk(blocks, dim=0)))
-            rows, cols = matrix.shape
-            # The library scales the step by the whole stack's shape factor; each part's own
-            # is the one a separate matrix would get.
-            adjusted = group.get("use_adjusted_lr", False)
-            scale = (get_adjusted_lr(1.0, (rows // blocks, cols), adjusted)
-                     / get_adjusted_lr(1.0, (rows, cols), adjusted))
-            out.append(torch.cat(parts, dim=0).mul_(scale))
-        return out
-
-
-def _shard_like(whole: torch.Tensor, like: DTensor) -> DTensor:
-    """``whole`` (the same on every rank) as a DTensor placed like ``like``: each rank's rows."""
-    return DTensor.from_local(whole, device_mesh=like.device_mesh).redistribute(placements=like.placements)
-
-
 @register_optimizer("muon")
 def muon(groups, cfg, device):
     """Muon (orthogonalised momentum, Newton-Schulz) on the ``hidden`` groups at ``muon_lr``;
@@ -267,7 +167,7 @@ def muon(groups, cfg, device):
     A group may set ``use_muon`` itself; a Muon group holding a parameter that is not a matrix
     is a ConfigError (orthogonalising a vector is meaningless). A Muon group's matrices listed
     as stacked (``stacked``, see :func:`cramkit.optim.parameter_groups`) go to groups of their
-    own whose parts :class:`StackedMuon` orthogonalises separately.
+    own whose parts :class:`.muon.StackedMuon` orthogonalises separately.
     """
     built = []
     for group in groups:
@@ -290,6 +190,8 @@ def muon(groups, cfg, device):
             group.setdefault("betas", _betas(cfg))
             group.setdefault("eps", cfg.eps)
             built.append(group)
+    from .muon import StackedMuon
+
     return StackedMuon(built, weight_decouple=True)
 
 
@@ -312,3 +214,12 @@ def schedulefree(groups, cfg, device):
     from pytorch_optimizer import ScheduleFreeAdamW
 
     return ScheduleFreeAdamW(groups, lr=cfg.lr, betas=_betas(cfg), eps=cfg.eps)
+
+
+@register_optimizer("sam")
+def sam(groups, cfg, device):
+    """SAM with radius ``sam_rho`` around ``optim.base`` (any registered optimizer but sam); see
+    :mod:`.sam`."""
+    from .sam import build_sam
+
+    return build_sam(groups, cfg, device)

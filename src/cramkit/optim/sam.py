@@ -30,7 +30,7 @@ from pytorch_optimizer.base.exception import NoClosureError
 
 from ..distributed.parallel import whole
 from ..errors import ConfigError
-from . import get_factory, keeps_evaluation_weights, register_optimizer
+from . import get_factory, keeps_evaluation_weights
 
 
 class SAM(_LibrarySAM):
@@ -132,9 +132,10 @@ class SAM(_LibrarySAM):
         getattr(self.base_optimizer, "eval", lambda: None)()
 
 
-@register_optimizer("sam")
-def sam(groups, cfg, device):
-    """SAM with radius ``sam_rho`` around ``optim.base`` (any registered optimizer but sam)."""
+def build_sam(groups, cfg, device) -> SAM:
+    """SAM with radius ``sam_rho`` around ``optim.base`` (any registered optimizer but sam): the
+    factory behind ``optim.name=sam``, which :mod:`.optimizers` registers so that importing
+    cramkit does not import pytorch_optimizer."""
     if cfg.base == "sam":
         raise ConfigError("optim.base=sam: SAM cannot wrap itself; choose e.g. optim.base=adamw")
     base = get_factory(cfg.base)
