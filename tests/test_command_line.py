@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -136,20 +140,20 @@ def test_pretrain_leaves_the_process_group_before_rank_0_alone_works_on(tiny_mlm
     assert calls[:2] == [("leave", True), ("demo",)]
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter that imports this checkout's cramkit."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
 def test_warnings_are_one_line_on_the_command_line(tmp_path):
     """A warning (a stop signal, a compile fallback) reads ``warning: MESSAGE``, not Python's
     ``/path/trainer.py:330: UserWarning: ...`` followed by the line of source that raised it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = ("import sys, warnings; import cramkit.train.cli as t; "
             "t.run_recipes = lambda args: warnings.warn('received SIGINT: finishing the step', stacklevel=1) or 0; "
             "from cramkit.cli import main; sys.exit(main(['recipes']))")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = _python(code)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "warning: received SIGINT: finishing the step\n"
 
@@ -159,17 +163,11 @@ def test_starting_the_command_line_imports_no_optimizer_library():
     (with transformers behind it) took over a second of each start, ``cramkit --help`` included,
     and of every worker process; the optimizers that use it import it when a run builds them."""
     import ast
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     code = ("import sys, cramkit.cli, cramkit.train.run, cramkit.eval.finetune, cramkit.optim; "
             "print(sorted(m for m in ('pytorch_optimizer', 'transformers') if m in sys.modules)); "
             "from cramkit.optim import OPTIMIZERS; print(sorted(OPTIMIZERS))")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = _python(code)
     assert done.returncode == 0, done.stderr
     imported, names = done.stdout.splitlines()
     assert imported == "[]"
