@@ -96,6 +96,11 @@ def test_overrides_reach_nested_fields_and_presets():
         ("train.max_nonfinite=0", r"train\.max_nonfinite must be >= 1"),
         ("schedule.final=-0.1", r"schedule\.final is a multiplier of the peak learning rate and must be >= 0"),
         ("schedule.start=-1", r"schedule\.start is a multiplier"),
+        # numpy's generators refuse a negative seed, torch one beyond 64 bits: tracebacks once
+        # the run (or cramkit prepare) had started.
+        ("seed=-1", r"^seed must be in \[0, 2\*\*63\), got -1$"),
+        ("seed=99999999999999999999", r"^seed must be in \[0, 2\*\*63\), got 99999999999999999999$"),
+        ("data.prepare.seed=-1", r"^data\.prepare\.seed must be in \[0, 2\*\*63\), got -1$"),
     ],
 )
 def test_bad_config_values_are_clear_errors(override, message):

@@ -16,6 +16,7 @@ from .budget import Budget
 from .configbase import (
     Config,
     apply_overrides,
+    check_seed,
     check_types,
     coerce,
     deep_merge,
@@ -285,6 +286,7 @@ class RunConfig(Config):
     def validate(self) -> None:
         from .techniques import validate_technique_options
 
+        check_seed("seed", self.seed)
         validate_technique_options(self.techniques, self.technique)
         # Before a run folder is made or data prepared (these were found only as training began).
         if self.memory.offload_optimizer and self.parallel.strategy != "fsdp":

@@ -47,6 +47,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+#: Seeds lie in [0, SEED_LIMIT): numpy's generators refuse a negative seed and torch.manual_seed
+#: one beyond 64 bits, and a run adds a rank offset to its seed (both failed as tracebacks once
+#: the run had started).
+SEED_LIMIT = 2**63
+
+
+def check_seed(name: str, value: int) -> None:
+    """Raise ConfigError unless ``value`` is a seed every generator cramkit seeds accepts."""
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{name} must be in [0, 2**63), got {value}")
+
+
 #: A field whose value is a registered name (``model.norm``, ``model.positions``): a string, for
 #: which ``key=none`` means the variant called "none" rather than no value.
 Name = typing.NewType("Name", str)

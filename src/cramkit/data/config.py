@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..configbase import Config, field
+from ..configbase import Config, check_seed, field
 from ..errors import ConfigError
 
 #: The smallest sequence length we accept: MLM needs [CLS] + [SEP] + at least a few tokens.
@@ -136,6 +136,7 @@ class PrepareConfig(Config):
             raise ConfigError("tokenizer_sample_mb: must be > 0")
         if self.min_chars < 0 or self.max_docs < 0 or self.min_frequency < 0:
             raise ConfigError("min_chars, max_docs and min_frequency must be >= 0")
+        check_seed("seed", self.seed)
 
     @property
     def tokenizer_kind(self) -> str:
