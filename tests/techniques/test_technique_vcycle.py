@@ -23,6 +23,7 @@ from cramkit.techniques.vcycle import (
     coarse_config,
     decoalesce,
     default_fractions,
+    default_full_share,
     interpolate,
     stage_at,
     stage_levels,
@@ -213,6 +214,10 @@ def test_stage_table():
     with pytest.raises(ConfigError, match="no budget for the full model"):
         VCycleOptions.from_dict({"levels": 7})
     VCycleOptions.from_dict({"levels": 7, "fractions": [1 / 13] * 13})
+    # A mistyped huge count is the same error, not a MemoryError building the default table.
+    with pytest.raises(ConfigError, match="levels=1000000000000 leaves no budget for the full model"):
+        VCycleOptions.from_dict({"levels": 10**12})
+    assert [default_full_share(n) > 0 for n in range(1, 9)] == [default_fractions(n)[-1] > 0 for n in range(1, 9)]
 
 
 def test_a_scheme_that_coalesces_nothing_is_refused():

@@ -382,6 +382,12 @@ def default_fractions(levels: int) -> list[float]:
     return down + [0.25] + up + [1.0 - used]
 
 
+def default_full_share(levels: int) -> float:
+    """The full model's share of the budget in :func:`default_fractions` (its last stage),
+    computed without building the table, whose length is any number a user typed."""
+    return 1.0 if levels == 1 else 1.0 - (0.05 * (levels - 1) + 0.25 + 0.1 * (levels - 2))
+
+
 def stage_starts(fractions: list[float]) -> list[float]:
     """Budget progress at which each stage begins."""
     return [sum(fractions[:i]) for i in range(len(fractions))]
@@ -459,7 +465,7 @@ class VCycleOptions(Config):
                 raise ConfigError(f"technique.vcycle.fractions needs {n} stage fractions, got {len(self.fractions)}")
             if any(f <= 0 for f in self.fractions) or not math.isclose(sum(self.fractions), 1.0, abs_tol=1e-6):
                 raise ConfigError("technique.vcycle.fractions must be positive and sum to 1")
-        elif default_fractions(self.levels)[-1] <= 0:
+        elif default_full_share(self.levels) <= 0:  # levels=1e12: the table would not fit in memory
             # The defaults' down and up stages alone take the whole budget from 7 levels on: the
             # run would end on a coarse level and never return to the full model.
             raise ConfigError(
