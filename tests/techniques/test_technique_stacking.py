@@ -146,6 +146,11 @@ def test_schedule_and_configured_depth():
     assert tech.configure_model(cfg).layers == 6
     with pytest.raises(ConfigError, match="multiple of 4"):
         tech.configure_model(preset_config("tiny", layers=6))
+    # More doublings than the depth has bits: refused at once, not after computing 2**1e12.
+    for doublings, multiple in ((4, "16"), (10**12, r"2\*\*1000000000000")):
+        with pytest.raises(ConfigError, match=rf"layers=12 cannot be reached by doubling {doublings} times; "
+                           rf"use a multiple of {multiple}$"):
+            ProgressiveStacking(StackingOptions.from_dict({"doublings": doublings})).configure_model(cfg)
     with pytest.raises(ConfigError, match="increasing"):
         StackingOptions.from_dict({"doublings": 2, "at": [0.6, 0.3]})
 

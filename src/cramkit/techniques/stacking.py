@@ -183,11 +183,15 @@ class ProgressiveStacking(Technique):
         )
 
     def configure_model(self, model_config: ModelConfig) -> ModelConfig:
-        factor = 2 ** self.options.doublings
-        if model_config.layers % factor:
+        doublings, layers = self.options.doublings, model_config.layers
+        # Capped where it exceeds layers anyway: 2**doublings of a mistyped doublings=1e12 ran
+        # out of memory (a MemoryError traceback, after a minute, once the data was ready).
+        factor = 2 ** min(doublings, layers.bit_length())
+        if layers % factor:
+            multiple = 2**doublings if doublings <= 64 else f"2**{doublings}"
             raise ConfigError(
-                f"stacking: model.layers={model_config.layers} cannot be reached by doubling "
-                f"{self.options.doublings} times; use a multiple of {factor}"
+                f"stacking: model.layers={layers} cannot be reached by doubling "
+                f"{doublings} times; use a multiple of {multiple}"
             )
         depth = model_config.layers // factor * 2 ** self.done
         return dataclasses.replace(model_config, layers=depth)
