@@ -185,6 +185,10 @@ def test_config_errors_have_hints():
         with pytest.raises(ConfigError, match=r"weights: .* is not in \[0, 1000\]"):
             PrepareConfig.from_dict({"weights": [weight]})
     PrepareConfig.from_dict({"weights": [1000]})
+    # The tokenizer trainer reserved memory for 1e12 tokens and aborted the process (SIGABRT).
+    with pytest.raises(ConfigError, match=r"^vocab_size: 1000000000000 is too large \(at most 2\*\*24 = 16777216\)$"):
+        PrepareConfig.from_dict({"vocab_size": 10**12})
+    PrepareConfig.from_dict({"vocab_size": 2**24})
 
 
 def test_too_few_documents_for_a_split(tmp_path):

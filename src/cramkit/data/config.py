@@ -11,6 +11,11 @@ from ..errors import ConfigError
 #: The smallest sequence length we accept: MLM needs [CLS] + [SEP] + at least a few tokens.
 MIN_SEQ_LEN = 8
 
+#: The largest vocabulary trained: the tokenizers library reserves its tables for the whole
+#: vocab_size before training (some 70 bytes a token) and aborts the process, leaving its
+#: half-written folder, where it cannot; the largest vocabularies in use are about 2**18.
+MAX_VOCAB_SIZE = 2**24
+
 #: The largest source weight: a repeat count, so one beyond this is a typo or a runaway job.
 MAX_WEIGHT = 1000
 
@@ -48,7 +53,7 @@ class PrepareConfig(Config):
     tokenizer_file: str = field(
         "", help="reuse this tokenizer.json instead of training one (vocab_size is then ignored)"
     )
-    vocab_size: int = field(32768, help="tokenizer vocabulary size to train (before padding to 64)")
+    vocab_size: int = field(32768, help="tokenizer vocabulary size to train (before padding to 64), 64 to 2**24")
     min_frequency: int = field(2, help="minimum pair/word frequency for tokenizer training")
     tokenizer_sample_mb: float = field(
         64.0,
@@ -119,6 +124,8 @@ class PrepareConfig(Config):
             raise ConfigError(f"val_fraction: {self.val_fraction} is not in [0, 0.5]")
         if self.vocab_size < 64 and not self.tokenizer_file:
             raise ConfigError(f"vocab_size: {self.vocab_size} is too small (at least 64)")
+        if self.vocab_size > MAX_VOCAB_SIZE and not self.tokenizer_file:
+            raise ConfigError(f"vocab_size: {self.vocab_size} is too large (at most 2**24 = {MAX_VOCAB_SIZE})")
         if not self.tokenizer_file and self.tokenizer not in ("auto", self.tokenizer_kind_for_objective):
             # Only one kind has the special tokens each objective needs: found out after training.
             raise ConfigError(
