@@ -961,6 +961,17 @@ def test_fp8_without_an_fp8_gpu_is_refused_before_preparing_data(tiny_mlm_data, 
         pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.fp8=true", "train.device=cpu"), say=lambda *_: None)
 
 
+@pytest.mark.parametrize("override", ["model.hidden=1e12", "model.layers=1e12", "model.max_positions=1e12"])
+def test_a_model_larger_than_the_machines_memory_is_refused_before_preparing_data(tiny_mlm_data, tmp_path, monkeypatch,
+                                                                                  override):
+    """A mistyped size failed as the CPU allocator's RuntimeError traceback (hidden; max_positions
+    through the sinusoidal table), or built blocks until memory ran out (layers)."""
+    monkeypatch.setattr("cramkit.train.run.prepare_data", lambda *a, **k: pytest.fail("prepared the data first"))
+    with pytest.raises(ConfigError, match=r"^model: [\d,]+ parameters.* take [\d,]+ GB in fp32, more than this "
+                                          r"machine's [\d,]+ GB of memory; check model\.hidden, layers"):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, override), say=lambda *_: None)
+
+
 def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
     """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
     loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""

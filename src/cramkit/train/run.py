@@ -43,8 +43,10 @@ from ..distributed.memory import advise, offload_context
 from ..distributed.parallel import OFFLOAD_NEEDS_TORCHRUN
 from ..errors import CheckpointError, ConfigError, CramkitError, DataError, resume_refusal
 from ..models import build_model
+from ..models.config import ModelConfig
 from ..models.docmask import untrainable_kernel
-from ..models.flops import count_parameters, flops_per_token
+from ..models.flops import count_parameters, count_parameters_from_config, flops_per_token
+from ..models.layers import POSITIONS
 from ..objectives import (
     BOUNDARY_TOKENS,
     TRAIN_MASKS,
@@ -119,6 +121,27 @@ def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
             f"the tokenizer in {data_dir} has a (padded) vocabulary of {dataset.vocab_size}, but "
             f"model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size={dataset.vocab_size} "
             "or prepare data with a matching vocab_size"
+        )
+
+
+def _check_model_fits_host(model: ModelConfig) -> None:
+    """Refuse a model whose fp32 weights (and position table) exceed this machine's memory: it
+    is built on the host first, whatever the device. ``model.hidden=1e12`` failed as the
+    allocator's traceback, and ``model.layers=1e12`` built blocks until memory ran out."""
+    try:
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # a system that does not say: nothing to check
+        return
+    with torch.device("meta"):  # a table of max_positions rows may be a buffer, not a parameter
+        positions = POSITIONS.get(model.positions)(model)
+    table = sum(b.numel() for b in positions.buffers()) if positions is not None else 0
+    params = count_parameters_from_config(model)
+    if 4 * (params + table) > host:
+        raise ConfigError(
+            f"model: {params:,} parameters{f' and a {table:,}-value position table' if table else ''} "
+            f"take {4 * (params + table) / 1e9:,.0f} GB in fp32, more than this machine's "
+            f"{host / 1e9:,.0f} GB of memory; check model.hidden, layers, intermediate, vocab_size, "
+            "type_vocab_size and max_positions"
         )
 
 
@@ -571,6 +594,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     if cfg.memory.offload_optimizer and not par.distributed:
         # shard_model says the same, but only once data and run directory were made and announced.
         raise ConfigError(OFFLOAD_NEEDS_TORCHRUN)
+    _check_model_fits_host(cfg.model)  # before data preparation, which can take minutes
     if not par.is_main:
         say = lambda *_: None  # noqa: E731
     device = par.device
