@@ -972,6 +972,13 @@ def test_a_model_larger_than_the_machines_memory_is_refused_before_preparing_dat
         pretrain(tiny_config(tiny_mlm_data, tmp_path, override), say=lambda *_: None)
 
 
+def test_validation_masks_that_select_nothing_name_eval_mask_rate(tiny_mlm_data, tmp_path):
+    """It said 'the validation split has no sequences to evaluate' of a split that had them."""
+    with pytest.raises(ConfigError, match=r"^the validation sequences of .* have no position to predict: "
+                                          r"objective\.eval_mask_rate=1e-12 masks none of"):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "objective.eval_mask_rate=1e-12"), say=lambda *_: None)
+
+
 def test_resume_that_changes_the_model_or_optimizer_is_a_clear_error(tiny_mlm_data, tmp_path):
     """model.hidden=128 on resume was a RuntimeError (size mismatch) traceback; optim.name=sgd
     loaded adamw's state, rewrote config.json with sgd, then failed on KeyError 'momentum'."""

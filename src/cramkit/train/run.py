@@ -832,7 +832,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             total += float(out.loss) * int(out.num_targets)
             count += int(out.num_targets)
         if count == 0:
-            raise DataError(f"{data_dir}: the validation split has no sequences to evaluate")
+            # The split has sequences (checked above): none of their positions has a target.
+            raise ConfigError(f"the validation sequences of {data_dir} have no position to predict: "
+                              f"objective.eval_mask_rate={cfg.objective.eval_mask_rate} masks none of "
+                              f"{val_sequences} x {dataset.seq_len} tokens; raise it (the default is 0.15)")
         return total / count
 
     segment = {**environment(device), "world_size": par.world_size, "strategy": par.strategy,
