@@ -94,8 +94,11 @@ def test_overrides_reach_nested_fields_and_presets():
         ("optim.weight_decay=1e400", "optim.weight_decay: expected a finite number"),
         ("train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
         ("train.max_nonfinite=0", r"train\.max_nonfinite must be >= 1"),
-        ("schedule.final=-0.1", r"schedule\.final is a multiplier of the peak learning rate and must be >= 0"),
+        ("schedule.final=-0.1", r"schedule\.final is a multiplier of the peak learning rate and must be in \[0, 1\]"),
         ("schedule.start=-1", r"schedule\.start is a multiplier"),
+        # Above 1 the peak is not the peak: final=100 trained towards NaN without a word.
+        ("schedule.final=100", r"must be in \[0, 1\], got 100.0 \(to train at a higher rate, raise optim\.lr\)"),
+        ("schedule.start=1.5", r"schedule\.start is a multiplier .* got 1\.5"),
         # numpy's generators refuse a negative seed, torch one beyond 64 bits: tracebacks once
         # the run (or cramkit prepare) had started.
         ("seed=-1", r"^seed must be in \[0, 2\*\*63\), got -1$"),

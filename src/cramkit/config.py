@@ -229,7 +229,7 @@ class ScheduleConfig(Config):
     start: float | None = field(
         None, help="starting multiplier of the peak (one-cycle, budget-triangle); unset = one-cycle 0.04, budget-triangle 0.25"
     )
-    final: float = field(0.0, help="final multiplier of the peak")
+    final: float = field(0.0, help="final multiplier of the peak, in [0, 1]")
 
     def validate(self) -> None:
         if self.name not in LR_SCHEDULES:  # UnknownName: a plugin's, perhaps, which export needs not
@@ -240,9 +240,11 @@ class ScheduleConfig(Config):
         # A negative multiplier is a negative learning rate: the optimizer then climbs the loss.
         for key in ("start", "final"):
             value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ConfigError(f"schedule.{key} is a multiplier of the peak learning rate and must be >= 0, "
-                                  f"got {value}")
+            # optim.lr is the peak: a multiplier above 1 would make it not the peak, and
+            # final=100 (a typo for 0.01, say) trained towards NaN without a word.
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"schedule.{key} is a multiplier of the peak learning rate and must be in "
+                                  f"[0, 1], got {value} (to train at a higher rate, raise optim.lr)")
 
     def options(self) -> dict[str, float]:
         """Keyword arguments for the schedule function; unset fields keep its defaults."""
