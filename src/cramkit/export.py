@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -651,23 +650,36 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json (not a cramkit export)")
-    data = json.loads(cfg_path.read_text())
+    data = read_json(cfg_path, CheckpointError)  # damaged: an error naming the file, not a traceback
     if data.get("format") != NATIVE_FORMAT:
         raise CheckpointError(
             f"{path} is a transformers export; load it with transformers Auto classes "
             "(AutoModelForMaskedLM / AutoModelForCausalLM .from_pretrained)"
         )
-    cfg = ModelConfig.from_dict(data["model"], path="model")
+    try:
+        cfg = ModelConfig.from_dict(data.get("model"), path="model")
+    except ConfigError as exc:  # a damaged or hand-edited config.json
+        raise CheckpointError(f"{cfg_path}: not a cramkit export's model config ({exc}); export the run again") from None
     model = build_model(cfg)
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read {path}/model.safetensors: {exc}; export the run again") from None
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than config.json gives it
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise CheckpointError(f"{path}/model.safetensors does not match config.json: {first.rstrip('.')}") from None
     tied = {"head.decoder.weight"} if cfg.tie_embeddings else set()
     if set(missing) - tied or unexpected:
         raise CheckpointError(
             f"{path}/model.safetensors does not match config.json: missing "
             f"{sorted(set(missing) - tied)[:5]}, unexpected {list(unexpected)[:5]}"
         )
-    saved = Tokenizer.from_file(str(path / "tokenizer.json"))
+    try:
+        saved = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise CheckpointError(f"{path}/tokenizer.json: cannot read tokenizer ({exc}); export the run again") from None
     # As cramkit encodes (encoding_copy): special-token spellings in a text are text (not stored
     # in tokenizer.json), and none of a reused file's padding, truncation or framing; a BERT's
     # texts are framed as the file says, [CLS] a [SEP] (b [SEP]).

@@ -152,6 +152,33 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
         load_exported(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("name, damage, message", [
+    ("config.json", b"{\"format\": \"cram", r"config.json line 1: not valid JSON"),
+    ("config.json", b"\xff\xfe\x00garbage", r"config.json line 1: not UTF-8 text"),
+    ("config.json", b"[1, 2]", r"config.json: expected a JSON object, got list"),
+    ("config.json", b'{"format": "cramkit", "model": [1]}', r"config.json: not a cramkit export's model config"),
+    ("model.safetensors", b"\x00" * 10, r"cannot read .*model.safetensors"),
+    ("model.safetensors", None, r"cannot read .*model.safetensors"),
+    ("tokenizer.json", b"{\"version", r"tokenizer.json: cannot read tokenizer"),
+    ("config.json", "wider", r"model.safetensors does not match config.json: size mismatch"),
+])
+def test_load_exported_names_a_damaged_file(tmp_path, small_tokenizer, name, damage, message):
+    """A damaged file of a cramkit-format export is a CheckpointError naming it (the command
+    line's one-line error), not a JSONDecodeError, SafetensorError or bare Exception."""
+    run, _ = _run(tmp_path, "tiny", small_tokenizer)
+    export(run, tmp_path / "out", format="cramkit", log=lambda s: None)
+    target = tmp_path / "out" / name
+    if damage == "wider":  # valid, but not the weights' shape
+        config = json.loads(target.read_text())
+        config["model"]["intermediate"] *= 2
+        damage = json.dumps(config).encode()
+    target.unlink()
+    if damage is not None:
+        target.write_bytes(damage)
+    with pytest.raises(CheckpointError, match=message):
+        load_exported(tmp_path / "out")
+
+
 @pytest.mark.parametrize("preset", ["tiny", "bert-base"])
 def test_export_of_a_document_masked_run_attends_over_the_whole_input(tmp_path, small_tokenizer, preset):
     """Pretraining's document mask is about how sequences were packed: in an exported model a
