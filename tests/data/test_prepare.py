@@ -171,6 +171,34 @@ def test_reuse_conflict_and_force(tmp_path, synth_corpus, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda out: (out / "tokenizer.json").unlink(), r"tokenizer.json is missing"),
+    (lambda out: (out / "tokenizer.json").write_bytes(b"\x89garbage"), r"tokenizer.json does not match the sha256"),
+    (lambda out: _truncate(out / "train-00000.bin"), r"train-00000.bin is missing or truncated"),
+    (lambda out: (out / "val-00000.bin").unlink(), r"val-00000.bin is missing or truncated"),
+    (lambda out: (out / "manifest.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((out / "manifest.json").read_text()).items() if k != "splits"})),
+     r"manifest.json is damaged"),
+])
+def test_a_damaged_dataset_of_the_same_inputs_is_prepared_again_not_reused(tmp_path, synth_corpus, damage, named):
+    """Reused, a dataset with a missing or truncated file failed every run that read it, whose
+    error says to prepare it again, and preparing it again (a cache entry: every run) reused it."""
+    cfg = small_cfg([synth_corpus])
+    out = prepare(cfg, tmp_path / "d", progress=False)
+    tokens = TokenDataset.open(out).sequences("train")[:]
+    damage(out)
+    with pytest.warns(UserWarning, match=f"{named}.*; preparing it again"):
+        prepare(cfg, out, progress=False)
+    again = TokenDataset.open(out)
+    again.check_tokenizer()
+    np.testing.assert_array_equal(again.sequences("train")[:], tokens)
+    assert len(again.sequences("val")) > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
 def test_changed_input_is_detected(tmp_path):
     src = write_corpus(tmp_path / "c.txt", synthetic_docs(60))
     out = prepare(small_cfg([src]), tmp_path / "d", progress=False)

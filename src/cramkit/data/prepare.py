@@ -51,6 +51,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,13 +155,17 @@ def prepare(
     fp = fingerprint(cfg, sources)
     old = _existing_dataset(out_dir)
     if old is not None and not force:
-        if old.get("fingerprint") == fp:
+        if old.get("fingerprint") != fp:
+            raise DataError(
+                f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
+                "--force to rebuild it or choose another --out"
+            )
+        damage = _damage(out_dir, old)
+        if damage is None:
             _log(f"reusing {out_dir} (same inputs and options)")
             return out_dir
-        raise DataError(
-            f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
-            "--force to rebuild it or choose another --out"
-        )
+        # Reused, it would fail every run that reads it, and so would each "prepare it again".
+        warnings.warn(f"{out_dir} is damaged ({damage}); preparing it again", stacklevel=2)
     refuse_current_folder(out_dir, DataError, "data")
     with atomic_dir(out_dir) as tmp:  # the manifest last, the whole directory at once
         manifest = _build(cfg, sources, tmp, fp, progress)
@@ -193,6 +198,30 @@ def _existing_dataset(out_dir: Path) -> dict | None:
             f"manifest); {refuse}"
         )
     return manifest
+
+
+def _damage(out_dir: Path, manifest: dict) -> str | None:
+    """What is wrong with the files of the dataset in ``out_dir`` that ``manifest`` describes
+    (a shard missing or not of its size, the tokenizer missing or not the one the shards were
+    encoded with, a field missing); None when they can be read as TokenDataset reads them."""
+    try:
+        tokenizer = out_dir / manifest["tokenizer_file"]
+        if not tokenizer.is_file():
+            return f"{tokenizer} is missing"
+        recorded = manifest.get("tokenizer_sha256")
+        if recorded and sha256_file(tokenizer) != recorded:
+            return f"{tokenizer} does not match the sha256 that {out_dir / MANIFEST} records"
+        row_bytes = int(manifest["seq_len"]) * np.dtype(manifest["dtype"]).itemsize
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                path = out_dir / shard["file"]
+                if not path.is_file() or path.stat().st_size != int(shard["sequences"]) * row_bytes:
+                    return f"{path} is missing or truncated"
+    except OSError as exc:  # unreadable: someone's permissions, not damage to repair
+        raise DataError(f"{exc.filename}: cannot be read ({exc.strerror})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return f"{out_dir / MANIFEST} is damaged ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _check_out_dir(out_dir: Path, sources: list[Source]) -> None:
