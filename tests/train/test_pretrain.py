@@ -715,6 +715,25 @@ def test_failed_resume_leaves_the_config_unchanged(tiny_mlm_data, tmp_path):
     assert (run / "config.json").read_text() == before
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda log: log.replace("\n", "\nnot a record\n", 1), r"metrics.jsonl line 2: not valid JSON"),
+    (lambda log: log.replace("\n", "\n[1, 2]\n", 1), r"metrics.jsonl line 2: expected a JSON object, got list"),
+    (lambda log: "\udcff" + log, r"metrics.jsonl line 1: not UTF-8 text"),
+])
+def test_a_resume_onto_a_damaged_metrics_log_is_refused_before_it_trains(tiny_mlm_data, tmp_path, damage, message):
+    """The resumed run appends to metrics.jsonl and reads it back for its summary: it trained to
+    its budget, then failed with a JSONDecodeError traceback and left no summary.json."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+    run = tmp_path / "run"
+    log = run / "metrics.jsonl"
+    log.write_bytes(damage(log.read_text()).encode("utf-8", "surrogateescape"))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(CramkitError, match=message + r".*and resume again"):
+        pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
+
+
 def test_a_ramp_brought_back_by_a_longer_budget_names_the_budget(tiny_mlm_data, tmp_path):
     """After the ramp a resume takes micro-batch 8 (the ramp's step is 4); a later resume with a
     longer budget puts the saved usage back inside the ramp: the refusal names the budget, which

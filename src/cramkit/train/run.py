@@ -68,7 +68,7 @@ from ..utils import atomic_path, changed_keys, lock_exclusive, read_json, write_
 from . import checkpoint as ckpt
 from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
 from .energy import EnergyMeter
-from .runlog import Progress, RunLog, environment
+from .runlog import Progress, RunLog, check_log, environment
 from .state import TrainState
 from .trainer import Trainer, in_ms, locate_targets
 
@@ -620,6 +620,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
     if resume:
         _check_same_data(run_dir, dataset, data_dir)
+        check_log(run_dir / "metrics.jsonl")  # before anything is written, not at the summary
     # Rank 0 alone reports a damaged checkpoint (every rank looks for the newest intact one).
     resume_from = ckpt.latest_checkpoint(run_dir, **({} if par.is_main else {"warn": lambda _: None})) \
         if resume else None

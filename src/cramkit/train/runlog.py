@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_path, strict_json
+from ..errors import RunError
+from ..utils import atomic_path, read_text, strict_json
 
 
 class RunLog:
@@ -56,6 +57,31 @@ class RunLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def check_log(path: Path) -> None:
+    """Refuse to resume onto a ``metrics.jsonl`` with a line that is not a JSON object (but a
+    last one without its newline, which a killed run leaves and :class:`RunLog` cuts off).
+
+    The resumed run appends to the log and reads it back for its summary: it trained to its end,
+    then failed there with a traceback, and left no summary.json.
+    """
+    if not path.is_file():
+        return
+    advice = "repair or remove that line (or move the file away: the run then logs to a new one) and resume again"
+    try:
+        lines = read_text(path, RunError).split("\n")
+    except RunError as exc:
+        raise RunError(f"{exc}; {advice}") from None
+    for number, line in enumerate(lines[:-1], start=1):  # the last: "" or the partial line
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunError(f"{path} line {number}: not valid JSON ({exc.msg}); {advice}") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}; {advice}")
 
 
 def _drop_partial_last_line(path: Path) -> None:
