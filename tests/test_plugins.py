@@ -362,3 +362,11 @@ def test_a_damaged_record_of_plugins_is_no_traceback(tmp_path, clean_registries)
     with plugins.run_plugins(tmp_path):
         hint = plugins.unknown_hint("halfinit", ["normal"])
     assert ".x, which cannot be imported here" in hint and "a b, which cannot be imported here" in hint, hint
+
+
+@pytest.mark.parametrize("env", [{"resumes": 3}, {"plugins": 5}, {"resumes": [{"plugins": "x.py"}]}, [1, 2]])
+def test_a_record_of_plugins_of_another_shape_records_none(tmp_path, env):
+    """A damaged environment.json is read as recording no plugins (a TypeError traceback for a
+    'resumes' or 'plugins' that is not a list, from every command that reads the run)."""
+    (tmp_path / "environment.json").write_text(json.dumps(env))
+    assert plugins.run_plugins_recorded(tmp_path) == []

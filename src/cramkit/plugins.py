@@ -111,8 +111,12 @@ def run_plugins_recorded(run_dir: str | Path) -> list[str]:
         return []
     if not isinstance(env, dict):
         return []
-    segments = [env, *(r for r in env.get("resumes") or [] if isinstance(r, dict))]
-    return list(dict.fromkeys(spec for segment in segments for spec in segment.get("plugins") or []
+
+    def listed(value: object) -> list:  # a field of another type: a damaged file, nothing recorded
+        return value if isinstance(value, list) else []
+
+    segments = [env, *(r for r in listed(env.get("resumes")) if isinstance(r, dict))]
+    return list(dict.fromkeys(spec for segment in segments for spec in listed(segment.get("plugins"))
                               if isinstance(spec, str) and spec))
 
 

@@ -734,6 +734,25 @@ def test_a_resume_onto_a_damaged_metrics_log_is_refused_before_it_trains(tiny_ml
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
 
 
+@pytest.mark.parametrize("damage, message", [
+    (b"\x89\x00garbage", r"environment.json line 1: not UTF-8 text"),
+    (b'{"resumes": 3}', r"environment.json: 'resumes' is not a list"),
+])
+def test_a_resume_with_a_damaged_environment_json_is_refused_before_it_writes(tiny_mlm_data, tmp_path, damage,
+                                                                               message):
+    """Read when config.json was rewritten, a damaged environment.json failed the resume after its
+    log and TensorBoard files were opened (a TypeError traceback for a 'resumes' of another type)."""
+    pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "train.tensorboard=true"),
+             say=lambda *_: None)
+    run = tmp_path / "run"
+    (run / "environment.json").write_bytes(damage)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    with pytest.raises(CheckpointError, match=message + r".*restore it"):
+        pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (run / "environment.json").read_bytes() == damage
+
+
 def test_a_ramp_brought_back_by_a_longer_budget_names_the_budget(tiny_mlm_data, tmp_path):
     """After the ramp a resume takes micro-batch 8 (the ramp's step is 4); a later resume with a
     longer budget puts the saved usage back inside the ramp: the refusal names the budget, which

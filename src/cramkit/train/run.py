@@ -621,6 +621,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     if resume:
         _check_same_data(run_dir, dataset, data_dir)
         check_log(run_dir / "metrics.jsonl")  # before anything is written, not at the summary
+        environment_before = _saved_environment(run_dir)  # likewise, not when config.json is rewritten
     # Rank 0 alone reports a damaged checkpoint (every rank looks for the newest intact one).
     resume_from = ckpt.latest_checkpoint(run_dir, **({} if par.is_main else {"warn": lambda _: None})) \
         if resume else None
@@ -929,7 +930,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
                             config_before=(run_dir / "config.json").read_bytes())
             write_json(run_dir / "config.json", cfg.resolved())
             if resume:
-                _record_resume_environment(run_dir, state.step, segment)
+                _record_resume_environment(run_dir, state.step, segment, environment_before)
             # The run goes on: its summary describes a run that ended, and `cramkit report` would
             # take it for the whole run's while this one trains (or after it was killed). Kept
             # aside for its closing totals, should this resume die before its first checkpoint.
@@ -1016,12 +1017,26 @@ def _plot_losses(run_dir: Path) -> None:
                       f"`cramkit report {run_dir} --out {run_dir / 'plots'}` retries them", stacklevel=2)
 
 
-def _record_resume_environment(run_dir: Path, step: int, segment: dict[str, Any]) -> None:
-    """Add the environment of a resume to ``environment.json``'s ``resumes``, by the step it starts
-    from. A resume may run on another GPU, torch or cramkit commit, and the file described the
-    first session alone. Entries from the step on belong to a timeline this resume abandons."""
+def _saved_environment(run_dir: Path) -> dict[str, Any]:
+    """A resumed run's ``environment.json`` (empty when there is none), which the resume adds its
+    own entry to: damaged, it is refused before the resume writes anything."""
     path = run_dir / "environment.json"
-    env = read_json(path, CheckpointError) if path.is_file() else {}
+    advice = "restore it, or move it away to resume without the record of the earlier sessions"
+    try:
+        env = read_json(path, CheckpointError) if path.is_file() else {}
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {advice}") from None
+    if not isinstance(env.get("resumes", []), list):
+        raise CheckpointError(f"{path}: 'resumes' is not a list (the file is damaged); {advice}")
+    return env
+
+
+def _record_resume_environment(run_dir: Path, step: int, segment: dict[str, Any], env: dict[str, Any]) -> None:
+    """Add the environment of a resume to ``environment.json``'s ``resumes`` (``env``: the file as
+    :func:`_saved_environment` read it), by the step it starts from. A resume may run on another
+    GPU, torch or cramkit commit, and the file described the first session alone. Entries from the
+    step on belong to a timeline this resume abandons."""
+    path = run_dir / "environment.json"
     earlier = [r for r in env.get("resumes", []) if isinstance(r, dict) and r.get("step", 0) < step]
     write_json(path, {**env, "resumes": [*earlier, {"step": step, **segment}]})
 
