@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from cramkit.errors import ConfigError
+from cramkit.errors import CheckpointError, ConfigError
 from cramkit.eval import load_finetuned
 from cramkit.eval.finetune import FinetuneConfig, finetune, finetune_save_dir, load_backbone
 from cramkit.eval.tasks import load_task
@@ -84,6 +84,20 @@ def test_classifier_exports_with_its_label_order(tmp_path, peft):
     # A folder above the saved one that holds only it names it, as for load_finetuned.
     export(folder.parent, out, overwrite=True, log=lambda s: None)
     _same_logits(folder, out)
+
+
+@pytest.mark.parametrize("damage", ["missing", "directory"])
+def test_a_run_without_its_config_json_is_not_exported_as_its_fine_tune(tmp_path, damage):
+    """A run whose config.json was lost, holding one saved fine-tune, was taken for a folder
+    above that fine-tune: `cramkit export RUN` wrote the classifier, not the pretrained model."""
+    run = _run(tmp_path)
+    _saved(run, _task(tmp_path / "task"))
+    (run / "config.json").unlink()
+    if damage == "directory":
+        (run / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"is not a cramkit run directory \(no config.json\)"):
+        export(run, tmp_path / "out", log=lambda s: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_mlm_heads_shape_does_not_stop_a_classifier_export(tmp_path):

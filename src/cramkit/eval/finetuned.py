@@ -260,8 +260,9 @@ def _saved_below(path: Path) -> list[Path]:
 def is_finetuned_folder(path: Path) -> bool:
     """Whether ``path`` names saved fine-tuned weights as :func:`saved_folder` reads it (the
     folder itself or a folder above it, not a pretraining run): what it resolves to, or the
-    error it gives, is :func:`saved_folder`'s."""
-    if not path.is_dir() or (path / "config.json").is_file():
+    error it gives, is :func:`saved_folder`'s. A run whose config.json is lost or damaged (its
+    checkpoints are there) is a damaged run, not the fine-tune it holds."""
+    if not path.is_dir() or (path / "config.json").is_file() or (path / "checkpoints").is_dir():
         return False
     return (path / CLASSIFIER_FILE).is_file() or (path / "finetune_config.json").is_file() or bool(
         _saved_below(path))
