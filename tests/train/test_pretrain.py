@@ -737,6 +737,7 @@ def test_a_resume_onto_a_damaged_metrics_log_is_refused_before_it_trains(tiny_ml
 @pytest.mark.parametrize("damage, message", [
     (b"\x89\x00garbage", r"environment.json line 1: not UTF-8 text"),
     (b'{"resumes": 3}', r"environment.json: 'resumes' is not a list"),
+    (None, r"environment.json: cannot be read \(Is a directory\)"),
 ])
 def test_a_resume_with_a_damaged_environment_json_is_refused_before_it_writes(tiny_mlm_data, tmp_path, damage,
                                                                                message):
@@ -745,12 +746,16 @@ def test_a_resume_with_a_damaged_environment_json_is_refused_before_it_writes(ti
     pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "train.tensorboard=true"),
              say=lambda *_: None)
     run = tmp_path / "run"
-    (run / "environment.json").write_bytes(damage)
+    if damage is None:
+        (run / "environment.json").unlink()
+        (run / "environment.json").mkdir()
+    else:
+        (run / "environment.json").write_bytes(damage)
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     with pytest.raises(CheckpointError, match=message + r".*restore it"):
         pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=lambda *_: None)
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
-    assert (run / "environment.json").read_bytes() == damage
+    assert damage is None or (run / "environment.json").read_bytes() == damage
 
 
 def test_a_ramp_brought_back_by_a_longer_budget_names_the_budget(tiny_mlm_data, tmp_path):

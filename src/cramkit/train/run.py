@@ -1023,7 +1023,7 @@ def _saved_environment(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "environment.json"
     advice = "restore it, or move it away to resume without the record of the earlier sessions"
     try:
-        env = read_json(path, CheckpointError) if path.is_file() else {}
+        env = read_json(path, CheckpointError) if path.exists() else {}  # a directory: "cannot be read"
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {advice}") from None
     if not isinstance(env.get("resumes", []), list):
