@@ -56,7 +56,7 @@ def atomic_dir(path: str | os.PathLike, *, clear_folder: bool = False) -> Iterat
     run's checkpoints, whose next write has another name).
     """
     path = Path(path)
-    created = [p for p in path.parents if not p.exists()]  # deepest first
+    created = missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         clear_abandoned(path, every_name=clear_folder)
@@ -73,13 +73,25 @@ def atomic_dir(path: str | os.PathLike, *, clear_folder: bool = False) -> Iterat
                 elif tmp.exists() or tmp.is_symlink():  # a file the swap found at ``path``
                     tmp.unlink()
     except BaseException:
-        # A failed export to a new a/b/out leaves no empty a/b behind either.
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (another writer's since), or gone
-                break
+        remove_empty(created)  # a failed export to a new a/b/out leaves no empty a/b behind either
         raise
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and the folders above it that do not exist yet, deepest first: what making
+    ``folder`` creates, for :func:`remove_empty` to take back should the work in it fail."""
+    folder = Path(folder)
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first, as :func:`missing_folders` lists them) while they are
+    empty: the first one that is not (another writer's files since) ends it, with all above."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            break
 
 
 def _swap_in(tmp: Path, path: Path, old: Path) -> None:

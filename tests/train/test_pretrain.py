@@ -815,6 +815,22 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tiny_mlm_dat
     assert pretrain(cfg, say=lambda *_: None)["steps"] == 2  # the name is free again
 
 
+@pytest.mark.parametrize("name", ["run", ""])
+def test_a_failed_run_leaves_no_empty_out_dir_it_created(tiny_mlm_data, tmp_path, monkeypatch, name):
+    """out_dir=new/runs: the failed run's own folder went, but the empty new/runs it had made
+    stayed behind. Folders that hold something else since (another run's) stay."""
+    from cramkit.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "run_eval", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path / "new" / "runs", name=name), say=lambda *_: None)
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+    (tmp_path / "new" / "other").mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path / "new" / "runs", name=name), say=lambda *_: None)
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["other"]
+
+
 
 def test_a_taken_name_offers_resume_only_when_there_is_a_checkpoint(tiny_mlm_data, tmp_path):
     """A run killed before its first checkpoint left config.json: `name=` of it said 'use

@@ -64,7 +64,15 @@ from ..optim import (
 )
 from ..optim.optimizers import settings_read
 from ..techniques import build_techniques
-from ..utils import atomic_path, changed_keys, lock_exclusive, read_json, write_json
+from ..utils import (
+    atomic_path,
+    changed_keys,
+    lock_exclusive,
+    missing_folders,
+    read_json,
+    remove_empty,
+    write_json,
+)
 from . import checkpoint as ckpt
 from .device import auto_micro_batch, autocast, measure_peak_flops, resolve_precision
 from .energy import EnergyMeter
@@ -220,6 +228,8 @@ def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
     suffix when taken; an explicit ``name=`` may only be a new or empty folder.
     """
     out_dir = Path(cfg.out_dir)
+    # A run that fails before its first step removes its folder, and then these (if empty).
+    above = missing_folders(out_dir)
     if not cfg.name:
         base = f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
         for n in itertools.count(1):
@@ -254,7 +264,7 @@ def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
     # started at the same moment may have made the folder, or found it empty, first.
     lock = lock_run_dir(run_dir, taken if cfg.name else None)
     if made is not None:
-        made.update(dir=run_dir, existed=existed, lock=lock)
+        made.update(dir=run_dir, existed=existed, lock=lock, above=above)
     return run_dir
 
 
@@ -282,6 +292,7 @@ def _discard_untrained(made: dict[str, Any]) -> None:
         return
     if not made["existed"]:
         shutil.rmtree(run_dir, ignore_errors=True)
+        remove_empty(made.get("above", []))  # out_dir=new/runs: no empty new/runs left either
         return
     for child in run_dir.iterdir():  # an empty folder the user made: leave it empty
         if child.is_dir():
