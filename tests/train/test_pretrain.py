@@ -630,6 +630,43 @@ def test_truncated_checkpoint_falls_back_to_previous(tiny_mlm_data, tmp_path):
     assert summary["steps"] == 10
 
 
+def test_a_resume_refused_after_loading_its_checkpoint_leaves_the_log_and_events_as_they_were(
+        tiny_mlm_data, tmp_path, monkeypatch):
+    """The log was trimmed to the checkpoint resumed from, and TensorBoard's purge file written,
+    before the optimizer state loaded and the budget was checked: a refused resume cut the
+    records past an earlier checkpoint (damaged newest one) and added an events file each time."""
+    from cramkit.train import run as run_mod
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=8steps", "train.checkpoint_every=0.25",
+                      "train.keep_checkpoints=3", "train.tensorboard=true")
+    pretrain(cfg, say=lambda *_: None)
+    run = tmp_path / "run"
+
+    def files() -> dict:
+        return {p.relative_to(run).as_posix(): p.read_bytes() for p in [run / "metrics.jsonl", *(run / "tb").iterdir()]}
+
+    before = files()
+    with pytest.raises(CramkitError, match="already spent its budget"):  # the same budget again
+        pretrain(resume_config(run, []), run_dir=run, resume=True, say=lambda *_: None)
+    assert files() == before
+    newest = ckpt.list_checkpoints(run)[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # the resume falls back to step 6
+
+    def unfit(*args, **kwargs):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+
+    monkeypatch.setattr(run_mod, "_load_optimizer", unfit)
+    with pytest.warns(UserWarning, match="skipping checkpoint step-00000008"), \
+            pytest.raises(CheckpointError, match="its optimizer state does not fit"):
+        pretrain(resume_config(run, ["train.budget=10steps"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert files() == before
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="dropping 3 records after step 6"):  # trimmed when it trains
+        assert pretrain(resume_config(run, ["train.budget=10steps"]), run_dir=run, resume=True,
+                        say=lambda *_: None)["steps"] == 10
+    assert len(list((run / "tb").iterdir())) == len(before)  # one events file for the resume
+
+
 def test_no_intact_checkpoint_is_an_error(tmp_path):
     (tmp_path / "checkpoints" / "step-00000001").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no intact checkpoint"):

@@ -992,7 +992,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         kwh = energy_so_far()
 
         def write_summary() -> dict[str, Any]:
-            log.close()
+            log.finish()
             # The model trained last (the one the final checkpoint holds), not the first one.
             summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak,
                                peak_flop_seconds(trainer.state))

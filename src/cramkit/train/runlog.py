@@ -29,22 +29,34 @@ class RunLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._tensorboard, self._resume_step = tensorboard, resume_step
+        self._file = self._tb = None
+        self._closed = False
+
+    def _open(self) -> None:
+        """Trim the log and open it, and TensorBoard's, at the first record, not before: a resume
+        refused after the log was made (its optimizer state does not fit, its budget is spent)
+        must leave the run's files as they were, not cut the records past an earlier checkpoint
+        or add an events file."""
         _drop_partial_last_line(self.path)
-        if resume_step is not None:
-            _drop_records_after(self.path, resume_step)
+        if self._resume_step is not None:
+            _drop_records_after(self.path, self._resume_step)
         self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
+        if self._tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step: TensorBoard hides the abandoned timeline's events too.
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"),
-                                         purge_step=None if resume_step is None else resume_step + 1)
+                self._tb = SummaryWriter(str(self.path.parent / "tb"),
+                                         purge_step=None if self._resume_step is None else self._resume_step + 1)
             except Exception:  # tensorboard is an optional extra
                 self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._closed:
+            raise ValueError(f"{self.path}: the log is closed")
+        if self._file is None:
+            self._open()
         self._file.write(strict_json(record) + "\n")  # a non-finite loss as null
         self._file.flush()
         if self._tb is not None:
@@ -53,8 +65,17 @@ class RunLog:
                 if isinstance(value, (int, float)) and key not in ("step", "type"):
                     self._tb.add_scalar(f"{kind}/{key}", value, record.get("step", 0))
 
+    def finish(self) -> None:
+        """Close the log of a run that ended well: trimmed (and created) even where nothing was
+        written, as the summary reads it."""
+        if self._file is None and not self._closed:
+            self._open()
+        self.close()
+
     def close(self) -> None:
-        self._file.close()
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
