@@ -667,6 +667,40 @@ def test_a_resume_refused_after_loading_its_checkpoint_leaves_the_log_and_events
     assert len(list((run / "tb").iterdir())) == len(before)  # one events file for the resume
 
 
+def test_running_out_of_gpu_memory_says_how_to_go_on(tiny_mlm_data, tmp_path, monkeypatch):
+    """torch's OutOfMemoryError (simulated here, at the fifth step) was a traceback that said
+    nothing of the switches that fit the run, nor that its last checkpoint stands and a resume
+    may take a smaller micro-batch."""
+    from cramkit.train.trainer import Trainer
+
+    real_step, calls = Trainer.train_step, []
+
+    def step(self, batches):
+        calls.append(len(batches[0]["input_ids"]))
+        if len(calls) == 5 or self.state.usage.steps == 0 and "fresh" in str(self.cfg.name):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity\n"
+                                         "of 79.10 GiB of which 1.00 GiB is free.")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "train.checkpoint_every=0.25")
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as caught:
+        pretrain(cfg, say=lambda *_: None)
+    assert str(caught.value) == (
+        "the GPU ran out of memory while training (micro-batch 4): CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 "
+        f"has a total capacity; resume it from its last checkpoint with cramkit pretrain --resume {run} "
+        "train.micro_batch=2 or memory.activation_checkpointing=full or memory.offload_activations=true")
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    summary = pretrain(resume_config(run, ["train.micro_batch=2"]), run_dir=run, resume=True, say=lambda *_: None)
+    assert summary["steps"] == 8
+    # Before the first step there is nothing to resume, and the run leaves no folder.
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(TrainingError, match=r"\(micro-batch 4\): .*; start it again with train\.micro_batch=2 or"):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.micro_batch=4", name="fresh"), say=lambda *_: None)
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_no_intact_checkpoint_is_an_error(tmp_path):
     (tmp_path / "checkpoints" / "step-00000001").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no intact checkpoint"):

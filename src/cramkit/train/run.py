@@ -41,7 +41,14 @@ from ..distributed import (
 )
 from ..distributed.memory import advise, offload_context
 from ..distributed.parallel import OFFLOAD_NEEDS_TORCHRUN
-from ..errors import CheckpointError, ConfigError, CramkitError, DataError, resume_refusal
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    CramkitError,
+    DataError,
+    TrainingError,
+    resume_refusal,
+)
 from ..models import build_model
 from ..models.config import ModelConfig
 from ..models.docmask import untrainable_kernel
@@ -586,6 +593,10 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     made: dict[str, Any] = {}  # the new run directory and its TrainState, once they exist
     try:
         return _pretrain(cfg, run_dir, resume, say, made)
+    except torch.OutOfMemoryError as exc:
+        _discard_untrained(made)
+        _undo_config(made)
+        raise TrainingError(_out_of_memory(cfg, exc, made, run_dir if resume else made.get("dir"))) from None
     except BaseException:
         _discard_untrained(made)
         _undo_config(made)
@@ -593,6 +604,25 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     finally:
         if made.get("lock") is not None:
             os.close(made["lock"])
+
+
+def _out_of_memory(cfg: RunConfig, exc: torch.OutOfMemoryError, made: dict[str, Any], run_dir: Path | None) -> str:
+    """What to do when the GPU ran out of memory while training, the commonest way a run on a
+    new GPU or a larger preset ends: a traceback said nothing of the switches that fit it, nor
+    that the last checkpoint stands and a resume may take a smaller micro-batch."""
+    what = next((line.strip() for line in str(exc).splitlines() if line.strip()), "out of memory")
+    micro = made.get("micro_batch")
+    switches = [s for s, on in (("memory.activation_checkpointing=full", cfg.memory.activation_checkpointing == "full"),
+                                ("memory.offload_activations=true", cfg.memory.offload_activations)) if not on]
+    if micro != 1:  # None: it ran out before the micro-batch was chosen
+        switches.insert(0, f"train.micro_batch={micro // 2}" if micro else "a smaller train.micro_batch")
+    if not switches:
+        switches = ["parallel.strategy=fsdp across more GPUs, or a smaller model"]
+    if run_dir is not None and made.get("state") is not None and ckpt.list_checkpoints(run_dir):
+        again = f"resume it from its last checkpoint with cramkit pretrain --resume {run_dir} " + " or ".join(switches)
+    else:
+        again = "start it again with " + " or ".join(switches)
+    return f"the GPU ran out of memory while training{f' (micro-batch {micro})' if micro else ''}: {what[:200]}; {again}"
 
 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[[str], None],
@@ -747,6 +777,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         micro_batch = min(32, per_rank_batch)
     if not saved:
         ramp_unit = micro_batch
+    made["micro_batch"] = micro_batch  # for the advice should the GPU run out of memory
     if cfg.train.batch_size < par.world_size:  # no micro-batch could help: say what would
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is smaller than the {par.world_size} ranks: "
                           "each rank needs at least one sequence per step; raise the batch size or use fewer ranks")
