@@ -258,6 +258,16 @@ def test_cpu_memory_table_is_the_record():
                             f"{r['estimate_mb'] / r['measured_mb']:.2f}", f"{r['held_output_mb']:.0f}"]
 
 
+def test_startup_table_is_the_median_of_the_record():
+    seconds = _load("startup_cpu_2026-12-07.json")["seconds"]
+    rows = _rows(_section("Start-up: `cramkit --help`"))
+    first = statistics.median(next(iter(seconds.values())))
+    assert len(rows) == len(seconds)
+    for row, (label, values) in zip(rows, seconds.items()):
+        assert row[0].startswith(label)
+        assert row[1:] == [f"{statistics.median(values):.2f}", f"{statistics.median(values) / first:.2f}"]
+
+
 def test_loader_figures_are_the_record():
     r = _load("loader_cpu_2026-12-07.json")
     text = _flat(_section("Does the data path keep up with the GPU?"))
