@@ -437,3 +437,14 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capsys):
     monkeypatch.setattr("cramkit.train.run.pretrain", closed)
     assert main(["pretrain", "demo", "finetune_demo=false"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_running_out_of_host_memory_is_one_line(monkeypatch, capsys):
+    """prepare --seq-len 1000000000000 ended in numpy's MemoryError traceback."""
+    def huge(cfg, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("cramkit.train.run.pretrain", huge)
+    assert main(["pretrain", "demo", "finetune_demo=false"]) == 2
+    assert capsys.readouterr().err == ("error: out of memory on this machine: check the sizes this command was given "
+                                       "(model.*, seq_len, vocab_size, batch and micro-batch)\n")

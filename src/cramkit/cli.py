@@ -101,6 +101,13 @@ def _main(argv: list[str] | None) -> int:
         if not said_on_this_machine(exc):
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        # A size typed a few digits too long (prepare --seq-len 1000000000000, a rotary table of
+        # model.max_positions=1e12) that no check before caught: what was half-written is gone
+        # (the writers remove it on any exception); a traceback would add nothing for the user.
+        print("error: out of memory on this machine: check the sizes this command was given (model.*, "
+              "seq_len, vocab_size, batch and micro-batch)", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # What reads the output went away (`cramkit predict ... | head`): stop quietly, as a Unix
         # tool killed by SIGPIPE does, with its status. stdout goes to /dev/null first, or the
