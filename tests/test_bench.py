@@ -82,6 +82,9 @@ def test_bad_bench_targets_are_config_errors(spec, message):
     (["--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),  # each target failed alone
     (["--device", "tpu"], "device 'tpu' is not understood; use auto, cpu, cuda or cuda:N"),  # a RuntimeError
     (["--device", "cuda:x"], "device 'cuda:x' is not understood; use auto, cpu, cuda or cuda:N"),
+    # torch devices cramkit does not run on: tracebacks from torch (no accelerator, no MPS backend).
+    (["--device", "meta"], "device 'meta' is not understood; use auto, cpu, cuda or cuda:N"),
+    (["--device", "mps"], "device 'mps' is not understood; use auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_bench_flags_are_one_line_errors(flags, message, capsys):
     assert main(["bench", "cramkit:tiny,seq_len=8,batch=1", *flags]) == 2

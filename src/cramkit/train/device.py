@@ -20,7 +20,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:  # torch's own message lists twenty device types, most not ours
-        raise ConfigError(f"device '{name}' is not understood; use auto, cpu, cuda or cuda:N") from None
+        dev = None
+    # torch knows meta, mps, xpu...: cramkit runs on none of them (meta failed as a traceback at
+    # the first .item(), mps where torch was built without it).
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device '{name}' is not understood; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         # Not "train.device": fine-tuning (device=) and bench (--device) come here too.
         raise ConfigError(f"device '{name}' needs CUDA, but no CUDA device is available")
