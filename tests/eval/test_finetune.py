@@ -693,6 +693,14 @@ def test_example_limits_must_be_positive(key, value):
         FinetuneConfig.from_dict({key: value}, path="finetune")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seeds_are_checked_like_pretrainings(seed):
+    # 2**64 was torch.manual_seed's "Overflow when unpacking long long" traceback once the task and
+    # model had loaded; -1 (which pretraining's seed= refuses) saved its weights to seed--1/.
+    with pytest.raises(ConfigError, match=r"finetune.seeds\[1\] must be in \[0, 2\*\*63\)"):
+        FinetuneConfig.from_dict({"seeds": [0, seed]}, path="finetune")
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ({"weight_decay": -0.1}, "finetune.weight_decay must be >= 0"),
     ({"betas": [1.5, 0.9]}, r"finetune.betas must lie in \[0, 1\)"),

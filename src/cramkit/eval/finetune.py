@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configbase import Config, did_you_mean, field
+from ..configbase import Config, check_seed, did_you_mean, field
 from ..errors import CheckpointError, ConfigError, CramkitError, TrainingError
 from ..optim import parameter_groups
 from ..train.device import autocast, resolve_device, resolve_precision
@@ -131,6 +131,8 @@ class FinetuneConfig(Config):
                 raise ConfigError(f"finetune.{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.seeds:
             raise ConfigError("finetune.seeds must name at least one seed")
+        for i, seed in enumerate(self.seeds):  # as pretraining's seed: 2**64 was torch's traceback
+            check_seed(f"finetune.seeds[{i}]", seed)
         twice = next((s for i, s in enumerate(self.seeds) if s in self.seeds[:i]), None)
         if twice is not None:  # the same run again, counted twice in the median
             raise ConfigError(f"finetune.seeds names seed {twice} twice: a seed gives the same run each time, "
