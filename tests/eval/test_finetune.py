@@ -693,6 +693,14 @@ def test_example_limits_must_be_positive(key, value):
         FinetuneConfig.from_dict({key: value}, path="finetune")
 
 
+@pytest.mark.parametrize("alpha", [0, -16])
+def test_peft_alpha_must_be_positive(alpha):
+    # LoRA / LoHa scale their update by alpha / rank: at 0 the adapters got no gradient and the
+    # result, the head trained alone, was reported as peft=lora's.
+    with pytest.raises(ConfigError, match="finetune.peft_alpha must be positive"):
+        FinetuneConfig.from_dict({"peft": "lora", "peft_alpha": alpha}, path="finetune")
+
+
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_seeds_are_checked_like_pretrainings(seed):
     # 2**64 was torch.manual_seed's "Overflow when unpacking long long" traceback once the task and

@@ -112,7 +112,9 @@ class FinetuneConfig(Config):
 
     def validate(self) -> None:
         """Check ranges a user can get wrong."""
-        positive = ("epochs", "batch_size", "eval_batch_size", "lr", "eps", "seq_len", "peft_rank")
+        # peft_alpha=0 scales every LoRA / LoHa update to 0: the adapters never trained, and the
+        # result (the head alone) was reported as the method's.
+        positive = ("epochs", "batch_size", "eval_batch_size", "lr", "eps", "seq_len", "peft_rank", "peft_alpha")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
