@@ -347,6 +347,22 @@ def test_file_task_metrics_are_checked_when_the_task_is_loaded(tmp_path):
         file_task(tmp_path / "train.tsv", metrics=[])
 
 
+@pytest.mark.parametrize(("columns", "message"), [
+    ({"text_column": "label"}, "--text-column 'label' is the --label-column too: the model would read the label"),
+    ({"text_pair_column": "label"}, "--text-pair-column 'label' is the --label-column too"),
+    ({"text_column": "s", "label_column": "s"}, "--text-column 's' is the --label-column too"),
+    ({"text_pair_column": "sentence"}, "--text-pair-column 'sentence' is the --text-column too: each text would be paired"),
+])
+def test_file_task_columns_must_differ(tmp_path, columns, message):
+    """--text-column label fine-tuned on each example's label as its text, without a word."""
+    from cramkit.errors import ConfigError
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tx\nb\ty\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nc\tx\nd\ty\n")
+    with pytest.raises(ConfigError, match=message):
+        file_task(tmp_path / "train.tsv", **columns)
+
+
 def test_file_tasks_are_named_after_the_file_unless_it_only_names_the_split(tmp_path, monkeypatch):
     # Two task files side by side were both named after their folder, so the second one's
     # eval/finetune-NAME.json replaced the first one's.

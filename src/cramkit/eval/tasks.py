@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configbase import did_you_mean
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..hub import cache_only, hub_unreachable
 from .metrics import check_metrics
 
@@ -770,6 +770,14 @@ def file_task(
         suffix = _extension(train)
         raise DataError(f"{train}: no dev file to score on: pass --dev FILE, or put dev{suffix} (or "
                         f"validation{suffix}, valid{suffix}, test{suffix}) beside it")
+    # A text column that is the label column trains on each example's answer (a perfect score that
+    # means nothing), and a pair column that is the text column pairs each text with itself.
+    for flag, column, other_flag, other, why in (
+            ("--text-column", text_column, "--label-column", label_column, "the model would read the label it predicts"),
+            ("--text-pair-column", text_pair_column, "--label-column", label_column, "the model would read the label it predicts"),
+            ("--text-pair-column", text_pair_column, "--text-column", text_column, "each text would be paired with itself")):
+        if column is not None and column == other:
+            raise ConfigError(f"{flag} '{column}' is the {other_flag} too: {why}; name another column")
     if metrics is None:
         metrics = ("pearson", "spearman") if is_regression else ("accuracy",)
     if labels is not None and is_regression:
