@@ -171,6 +171,15 @@ def test_cli_prints_the_table_or_the_json(runs, tmp_path, capsys):
     assert printed == json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.parametrize("target", ["0", "-1"])
+def test_a_target_no_loss_can_reach_is_refused(tmp_path, capsys, target):
+    """--target -1 wrote a report whose every run had "not reached" the target."""
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--target", target]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --target must be above 0 (a validation loss is a cross-entropy), got {float(target)}\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_same_named_runs_are_told_apart(runs, tmp_path):
     shutil.copytree(runs / "fast", tmp_path / "other" / "fast")
     names = [r.name for r in load_runs([runs / "fast", tmp_path / "other" / "fast", runs / "fast"])]

@@ -454,6 +454,8 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, axes: Sequence
     atomically), and return the report. ``plots_skipped`` says why when there are no plots."""
     if target is not None and not math.isfinite(target):
         raise ConfigError(f"--target must be a finite loss, got {target}")
+    if target is not None and target <= 0:  # no cross-entropy reaches it: every run "not reached"
+        raise ConfigError(f"--target must be above 0 (a validation loss is a cross-entropy), got {target}")
     unknown = [a for a in axes if a not in AXES]
     if unknown:
         raise ConfigError(f"unknown axis '{unknown[0]}'; choose from {', '.join(AXES)}")
