@@ -76,6 +76,7 @@ def test_bad_bench_targets_are_config_errors(spec, message):
     (["--steps", "0"], "--steps must be >= 1, got 0"),  # was a ZeroDivisionError
     (["--steps", "-1"], "--steps must be >= 1, got -1"),  # printed a negative step time
     (["--batch", "0"], "--batch must be >= 1, got 0"),  # was a ZeroDivisionError
+    (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),  # each target failed alone, exit 1
     (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),  # statistics.median of no windows
     (["--doc-len", "nan"], "--doc-len must be a finite number >= 0, got nan"),  # was ignored

@@ -376,8 +376,8 @@ def expand_targets(targets: list[str], document_mask: bool, *, batch: int, seq_l
 
 def run_bench(args: argparse.Namespace) -> int:
     # Checked before any timing: --steps 0 and --batch 0 used to divide by zero at the end.
-    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0),
-                               ("--repeats", args.repeats, 1)):
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1),
+                               ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
         if value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     if not (math.isfinite(args.doc_len) and args.doc_len >= 0):
