@@ -113,6 +113,21 @@ def test_a_kernel_the_device_cannot_train_with_is_refused_before_timing(targets,
         "document_mask_kernel=auto or sdpa here\n")
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_timing(tmp_path, monkeypatch, capsys):
+    """--json results/ (a folder) failed with "Is a directory" only after the first target was timed,
+    and --json '' wrote nothing without a word."""
+    import cramkit.bench as bench
+
+    monkeypatch.setattr(bench, "bench_target", lambda *a, **k: pytest.fail("timed a target first"))
+    (tmp_path / "file").write_text("x")
+    for path, message in ((tmp_path, f"--json {tmp_path} is a folder: name the file to write, e.g. --json bench.json"),
+                          ("", "--json '' is empty: name the file to write, e.g. --json bench.json"),
+                          (tmp_path / "file" / "b.json", f"--json {tmp_path}/file/b.json: {tmp_path}/file is a file, "
+                                                         "not a folder")):
+        assert main(["bench", "cramkit:tiny,seq_len=8,batch=1", "--device", "cpu", "--json", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_fp16_on_the_cpu_names_the_bench_flag(capsys):
     """It said "train.precision=fp16 needs a CUDA device", a key bench does not have."""
     assert main(["bench", "cramkit:tiny,seq_len=8,batch=1", "--device", "cpu", "--precision", "fp16"]) == 2

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -385,6 +386,14 @@ def run_bench(args: argparse.Namespace) -> int:
     # A flag that every target reads is the user's mistake, not one target's failure.
     if not 0 < args.mask_rate <= 1:
         raise ConfigError(f"--mask-rate must be in (0, 1], got {args.mask_rate}")
+    if args.json is not None:  # written after the first target: a folder failed only once it was timed
+        json_path = Path(args.json)
+        if not args.json or json_path.is_dir():
+            raise ConfigError(f"--json {args.json or repr('')} is {'a folder' if args.json else 'empty'}: "
+                              "name the file to write, e.g. --json bench.json")
+        above = next((p for p in json_path.parents if p.exists() and not p.is_dir()), None)
+        if above is not None:
+            raise ConfigError(f"--json {args.json}: {above} is a file, not a folder")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device, setting="--precision")
     peak = measure_peak_flops(device, precision)
