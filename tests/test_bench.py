@@ -63,6 +63,8 @@ def test_bench_targets_parse_shape_and_model_keys():
     ("cramkit:tiny,batch=0", "batch must be a positive integer"),
     ("cramkit:tiny,document_mask_kernel=flexx", "document_mask_kernel"),
     ("cramkit:tiny,vocab_size=3", "vocab_size must be above 5"),  # was a torch RuntimeError
+    # Failed alone, once its batches were made (a minute at seq_len=100000000).
+    ("cramkit:tiny,seq_len=513", r"seq_len 513 exceeds model.max_positions \(512\); add max_positions=N"),
     # Was timed without a mask under a name saying it had one.
     ("hf-gpt2:tiny-gpt,document_mask=true", "hf-gpt2 has no document mask"),
     ("hf-bert:tiny,document_mask=true", "hf-bert has no document mask"),
