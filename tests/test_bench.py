@@ -82,6 +82,9 @@ def test_bad_bench_targets_are_config_errors(spec, message):
     (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),  # statistics.median of no windows
     (["--doc-len", "nan"], "--doc-len must be a finite number >= 0, got nan"),  # was ignored
+    # Timed as --doc-len 1 under its own name: a boundary after every token.
+    (["--doc-len", "0.5"], "--doc-len is a mean document length in tokens: 0 (one document per sequence) or at "
+                           "least 1, got 0.5"),
     (["--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),  # each target failed alone
     (["--device", "tpu"], "device 'tpu' is not understood; use auto, cpu, cuda or cuda:N"),  # a RuntimeError
     (["--device", "cuda:x"], "device 'cuda:x' is not understood; use auto, cpu, cuda or cuda:N"),

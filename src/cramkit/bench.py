@@ -389,6 +389,9 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     if not (math.isfinite(args.doc_len) and args.doc_len >= 0):
         raise ConfigError(f"--doc-len must be a finite number >= 0, got {args.doc_len}")
+    if 0 < args.doc_len < 1:  # a boundary after each token with probability 1/N: above 1, the same as 1
+        raise ConfigError(f"--doc-len is a mean document length in tokens: 0 (one document per sequence) "
+                          f"or at least 1, got {args.doc_len}")
     # A flag that every target reads is the user's mistake, not one target's failure.
     if not 0 < args.mask_rate <= 1:
         raise ConfigError(f"--mask-rate must be in (0, 1], got {args.mask_rate}")
