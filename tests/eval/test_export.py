@@ -458,6 +458,23 @@ def test_export_or_finetune_of_a_finetuned_folder_says_what_it_is(tmp_path, smal
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fmt", ["hf", "cramkit"])
+def test_export_or_finetune_of_an_export_says_what_it_is(tmp_path, small_tokenizer, fmt):
+    """An export's folder given as the run (export it again, fine-tune it) was "config.json:
+    unknown config key 'format'" (cramkit format) or "... 'add_cross_attention'" (hf): its config.json is
+    the model's."""
+    from cramkit.eval.finetune import open_run
+
+    run, _ = _run(tmp_path, "bert-base", small_tokenizer)
+    export(run, tmp_path / "out", format=fmt, log=lambda s: None)
+    message = rf"out is a cramkit export \(cramkit export --out\), not a pretraining run: use the run it was exported from \({run}\)$"
+    with pytest.raises(ConfigError, match=message):
+        export(tmp_path / "out", tmp_path / "again", log=lambda s: None)
+    with pytest.raises(ConfigError, match=message):
+        open_run(tmp_path / "out")  # what finetune and evaluate open
+    assert not (tmp_path / "again").exists()
+
+
 def test_exported_tokenizer_names_a_class_every_transformers_version_has(tmp_path, small_tokenizer):
     """transformers 5 saved tokenizer_class "TokenizersBackend", a name 4.x (which cramkit[hf]
     allows) does not know: AutoTokenizer there refused the export (checked with 4.57)."""

@@ -250,6 +250,22 @@ def _refuse_finetuned(run_dir: Path) -> None:
         )
 
 
+def _refuse_export(run_dir: Path) -> None:
+    """A folder that ``cramkit export`` wrote holds a config.json too, the model's alone: read as a
+    run's, it was "config.json: unknown config key 'format'". Say what it is and which run to use."""
+    from ..export import EXPORT_META
+
+    meta = run_dir / EXPORT_META
+    if not meta.is_file():
+        return
+    try:
+        source = json.loads(meta.read_text(encoding="utf-8")).get("source_run")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    raise ConfigError(f"{run_dir} is a cramkit export (cramkit export --out), not a pretraining run: use "
+                      + (f"the run it was exported from ({source})" if source else "the run it was exported from"))
+
+
 def open_run(run_dir: str | Path):
     """The newest intact model of a pretraining run, its config and its tokenizer, checked
     against each other: ``(model, model_config, tokenizer, info)`` (``info`` as from
@@ -262,6 +278,7 @@ def open_run(run_dir: str | Path):
 
     run_dir = require_run_dir(run_dir)
     _refuse_finetuned(run_dir)
+    _refuse_export(run_dir)
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{run_dir}: no tokenizer.json (not a finished cramkit run)")
