@@ -113,7 +113,7 @@ def test_unusable_paths_are_one_line_errors(tiny_mlm_data, tmp_path, capsys):
         (["pretrain", "demo", f"data.dir={tiny_mlm_data}", "model.vocab_size=512", f"out_dir={a_file}",
           "name=r", "train.budget=1steps", "finetune_demo=false"], f"{a_file / 'r'}: Not a directory"),
         (["bench", "cramkit:tiny", "--steps", "1", "--warmup", "0", "--batch", "1", "--seq-len", "8",
-          "--json", str(tmp_path)], f"{tmp_path}: Is a directory"),
+          "--json", str(tmp_path)], f"--json {tmp_path} is a folder: name the file to write, e.g. --json bench.json"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
