@@ -357,7 +357,7 @@ def add_parser(sub) -> None:
                    help="also time each cramkit target with model.document_mask=true, right after it")
     p.add_argument("--doc-len", type=float, default=0.0,
                    help="mean document length in tokens of the random batches (boundary tokens "
-                        "at random positions); 0 = one document per sequence")
+                        "at random positions); 0 = one document per sequence, else at least 1")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run_bench)
 

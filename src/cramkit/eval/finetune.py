@@ -90,7 +90,7 @@ class FinetuneConfig(Config):
         "none", help="parameter-efficient method through HF peft; 'none' trains every weight"
     )
     peft_rank: int = field(8, help="LoRA / LoHa rank")
-    peft_alpha: float = field(16.0, help="LoRA / LoHa scaling alpha")
+    peft_alpha: float = field(16.0, help="LoRA / LoHa scaling alpha (> 0; the update is scaled by alpha / rank)")
     peft_dropout: float = field(0.0, help="LoRA dropout / LoHa module dropout")
     peft_targets: list[str] | None = field(
         None,
