@@ -347,13 +347,18 @@ def read_text(path: str | os.PathLike, error: type[CramkitError]) -> str:
 def read_json(path: str | os.PathLike, error: type[CramkitError]) -> dict[str, Any]:
     """A JSON object from ``path``; ``error`` (a CramkitError subclass) names the file and line
     when the file is unreadable, not JSON (e.g. truncated) or not an object."""
-    text = read_text(path, error)
+    return json_object(read_text(path, error), path, error)
+
+
+def json_object(text: str, path: str | os.PathLike, error: type[CramkitError], line: int | None = None) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; ``error`` names ``path`` and the line (``line``, for one
+    line of a JSON Lines file, else the parser's) when it is not JSON or not an object."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise error(f"{path} line {line or exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}{f' line {line}' if line else ''}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -204,12 +204,13 @@ def _damage(out_dir: Path, manifest: dict) -> str | None:
     """What is wrong with the files of the dataset in ``out_dir`` that ``manifest`` describes
     (a shard missing or not of its size, the tokenizer missing or not the one the shards were
     encoded with, a field missing); None when they can be read as TokenDataset reads them."""
+    from .dataset import tokenizer_matches  # dataset imports this module
+
     try:
         tokenizer = out_dir / manifest["tokenizer_file"]
         if not tokenizer.is_file():
             return f"{tokenizer} is missing"
-        recorded = manifest.get("tokenizer_sha256")
-        if recorded and sha256_file(tokenizer) != recorded:
+        if not tokenizer_matches(tokenizer, manifest):
             return f"{tokenizer} does not match the sha256 that {out_dir / MANIFEST} records"
         row_bytes = int(manifest["seq_len"]) * np.dtype(manifest["dtype"]).itemsize
         for split in manifest["splits"].values():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import RunError
-from ..utils import atomic_path, read_text, strict_json
+from ..utils import atomic_path, json_object, read_text, strict_json
 
 
 class RunLog:
@@ -98,11 +98,9 @@ def check_log(path: Path) -> None:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RunError(f"{path} line {number}: not valid JSON ({exc.msg}); {advice}") from None
-        if not isinstance(record, dict):
-            raise RunError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}; {advice}")
+            json_object(line, path, RunError, number)
+        except RunError as exc:
+            raise RunError(f"{exc}; {advice}") from None
 
 
 def _drop_partial_last_line(path: Path) -> None:
