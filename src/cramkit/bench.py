@@ -162,7 +162,7 @@ def parse_target(spec: str, *, batch: int, seq_len: int) -> Target:
     target = Target(spec, fam, cfg, shape.get("batch", batch), shape.get("seq_len", seq_len))
     # The HF families widen their position table to the sequence; cramkit's model refuses a longer
     # one, which failed the target only once its random batches (--seq-len 100000000: a minute) were made.
-    if fam == "cramkit" and cfg.positions != "none" and target.seq_len > cfg.max_positions:
+    if fam == "cramkit" and cfg.exceeds_positions(target.seq_len):
         raise ConfigError(f"bench target '{spec}': seq_len {target.seq_len} exceeds model.max_positions "
                           f"({cfg.max_positions}); add max_positions=N to the target, or time a shorter sequence")
     return target

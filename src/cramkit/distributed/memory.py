@@ -224,6 +224,12 @@ def estimate_memory(model: torch.nn.Module, *, micro_batch: int, seq_len: int, p
     return out
 
 
+def activation_switches(cfg: MemoryConfig) -> list[str]:
+    """The settings that shrink the activations' memory which ``cfg`` does not have on yet."""
+    return [s for s, on in (("memory.activation_checkpointing=full", cfg.activation_checkpointing == "full"),
+                            ("memory.offload_activations=true", cfg.offload_activations)) if not on]
+
+
 def advise(estimate: dict[str, float], available_gb: float, cfg: MemoryConfig | None = None,
            whole_tensors: str | None = None) -> str | None:
     """A sentence naming the switch that would make the run fit, or None when it fits; a switch
@@ -233,8 +239,7 @@ def advise(estimate: dict[str, float], available_gb: float, cfg: MemoryConfig | 
         return None
     cfg = cfg or MemoryConfig()
     biggest = max(("activations_gb", "optimizer_gb", "parameters_gb"), key=lambda k: estimate[k])
-    activations = [s for s, on in (("memory.activation_checkpointing=full", cfg.activation_checkpointing == "full"),
-                                   ("memory.offload_activations=true", cfg.offload_activations)) if not on]
+    activations = activation_switches(cfg)
     hint = {
         "activations_gb": " or ".join([*activations, "a smaller train.micro_batch"]),
         "optimizer_gb": "more GPUs with FSDP" if cfg.offload_optimizer else

@@ -167,7 +167,7 @@ class TransformerLM(nn.Module):
         Pass ``attention_mask=None`` when nothing is padded: SDPA can then use its flash kernel.
         """
         seq_len = input_ids.shape[1]
-        if seq_len > self.config.max_positions and self.config.positions != "none":
+        if self.config.exceeds_positions(seq_len):
             raise ConfigError(
                 f"sequence length {seq_len} exceeds model.max_positions "
                 f"({self.config.max_positions})"

@@ -118,6 +118,11 @@ class ModelConfig(Config):
         """Width of one attention head."""
         return self.hidden // self.heads
 
+    def exceeds_positions(self, seq_len: int) -> bool:
+        """Whether a sequence of ``seq_len`` tokens is longer than the position table holds
+        (``max_positions``; no limit without positions)."""
+        return self.positions != "none" and seq_len > self.max_positions
+
     def for_single_inputs(self) -> ModelConfig:
         """This architecture for inputs that hold one example each (fine-tuning, export).
 

@@ -39,7 +39,7 @@ from ..distributed import (
     init_parallel,
     shard_model,
 )
-from ..distributed.memory import advise, offload_context
+from ..distributed.memory import activation_switches, advise, offload_context
 from ..distributed.parallel import OFFLOAD_NEEDS_TORCHRUN
 from ..errors import (
     CheckpointError,
@@ -161,7 +161,7 @@ def _check_model_fits_host(model: ModelConfig) -> None:
 
 
 def _check_sequence_length(cfg: RunConfig, seq_len: int, what: str, shorter: str) -> None:
-    if cfg.model.positions != "none" and seq_len > cfg.model.max_positions:
+    if cfg.model.exceeds_positions(seq_len):
         raise ConfigError(
             f"{what} are {seq_len} tokens long, but model.max_positions is "
             f"{cfg.model.max_positions}; set model.max_positions={seq_len} or {shorter}"
@@ -593,13 +593,11 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
     made: dict[str, Any] = {}  # the new run directory and its TrainState, once they exist
     try:
         return _pretrain(cfg, run_dir, resume, say, made)
-    except torch.OutOfMemoryError as exc:
+    except BaseException as exc:
         _discard_untrained(made)
         _undo_config(made)
-        raise TrainingError(_out_of_memory(cfg, exc, made, run_dir if resume else made.get("dir"))) from None
-    except BaseException:
-        _discard_untrained(made)
-        _undo_config(made)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise TrainingError(_out_of_memory(cfg, exc, made, run_dir if resume else made.get("dir"))) from None
         raise
     finally:
         if made.get("lock") is not None:
@@ -612,8 +610,7 @@ def _out_of_memory(cfg: RunConfig, exc: torch.OutOfMemoryError, made: dict[str, 
     that the last checkpoint stands and a resume may take a smaller micro-batch."""
     what = next((line.strip() for line in str(exc).splitlines() if line.strip()), "out of memory")
     micro = made.get("micro_batch")
-    switches = [s for s, on in (("memory.activation_checkpointing=full", cfg.memory.activation_checkpointing == "full"),
-                                ("memory.offload_activations=true", cfg.memory.offload_activations)) if not on]
+    switches = activation_switches(cfg.memory)
     if micro != 1:  # None: it ran out before the micro-batch was chosen
         switches.insert(0, f"train.micro_batch={micro // 2}" if micro else "a smaller train.micro_batch")
     if not switches:
