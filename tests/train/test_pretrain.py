@@ -1091,15 +1091,29 @@ def test_fp8_without_an_fp8_gpu_is_refused_before_preparing_data(tiny_mlm_data, 
         pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.fp8=true", "train.device=cpu"), say=lambda *_: None)
 
 
-@pytest.mark.parametrize("override", ["model.hidden=1e12", "model.layers=1e12", "model.max_positions=1e12"])
+@pytest.mark.parametrize("overrides", [["model.hidden=1e12"], ["model.layers=1e12"], ["model.max_positions=1e12"],
+                                       ["model.positions=rotary", "model.max_positions=1e12"],
+                                       ["model.positions=rotary", "model.hidden=1e12"]])
 def test_a_model_larger_than_the_machines_memory_is_refused_before_preparing_data(tiny_mlm_data, tmp_path, monkeypatch,
-                                                                                  override):
+                                                                                  overrides):
     """A mistyped size failed as the CPU allocator's RuntimeError traceback (hidden; max_positions
-    through the sinusoidal table), or built blocks until memory ran out (layers)."""
+    through the sinusoidal table, or through the rotary caches every block holds), or built blocks
+    until memory ran out (layers)."""
     monkeypatch.setattr("cramkit.train.run.prepare_data", lambda *a, **k: pytest.fail("prepared the data first"))
     with pytest.raises(ConfigError, match=r"^model: [\d,]+ parameters.* take [\d,]+ GB in fp32, more than this "
                                           r"machine's [\d,]+ GB of memory; check model\.hidden, layers"):
-        pretrain(tiny_config(tiny_mlm_data, tmp_path, override), say=lambda *_: None)
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, *overrides), say=lambda *_: None)
+
+
+def test_rotary_caches_count_towards_the_memory_check(tiny_mlm_data, tmp_path, monkeypatch):
+    """Rotary adds no parameter, but each block's attention holds max_positions x head_dim
+    cos/sin values: with 4 layers, head_dim 32 and 2**20 positions that is 4 x 2 x 16 x 2**20."""
+    monkeypatch.setattr("cramkit.train.run.prepare_data", lambda *a, **k: pytest.fail("prepared the data first"))
+    monkeypatch.setattr("os.sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 2 * 10**8)  # 0.2 GB: 0.54 GB needed
+    cfg = tiny_config(tiny_mlm_data, tmp_path, "model.positions=rotary", "model.max_positions=1048576",
+                      "model.layers=4", "model.hidden=64", "model.heads=2")
+    with pytest.raises(ConfigError, match=f" and {4 * 2 * 16 * 2**20:,} values of position tables take"):
+        pretrain(cfg, say=lambda *_: None)
 
 
 def test_validation_masks_that_select_nothing_name_eval_mask_rate(tiny_mlm_data, tmp_path):

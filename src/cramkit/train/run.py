@@ -53,7 +53,7 @@ from ..models import build_model
 from ..models.config import ModelConfig
 from ..models.docmask import untrainable_kernel
 from ..models.flops import count_parameters, count_parameters_from_config, flops_per_token
-from ..models.layers import POSITIONS
+from ..models.layers import POSITIONS, Block
 from ..objectives import (
     BOUNDARY_TOKENS,
     TRAIN_MASKS,
@@ -140,20 +140,26 @@ def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
 
 
 def _check_model_fits_host(model: ModelConfig) -> None:
-    """Refuse a model whose fp32 weights (and position table) exceed this machine's memory: it
+    """Refuse a model whose fp32 weights (and position tables) exceed this machine's memory: it
     is built on the host first, whatever the device. ``model.hidden=1e12`` failed as the
     allocator's traceback, and ``model.layers=1e12`` built blocks until memory ran out."""
     try:
         host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # a system that does not say: nothing to check
         return
-    with torch.device("meta"):  # a table of max_positions rows may be a buffer, not a parameter
-        positions = POSITIONS.get(model.positions)(model)
-    table = sum(b.numel() for b in positions.buffers()) if positions is not None else 0
     params = count_parameters_from_config(model)
+    table = 0
+    if 4 * params <= host:  # else even a meta block's sizes can overflow torch's arithmetic
+        # A table of max_positions rows may be a buffer, not a parameter: the embedding's, or
+        # rotary's cos/sin caches, which every block's attention holds.
+        with torch.device("meta"):
+            positions = POSITIONS.get(model.positions)(model)
+            block = Block(model, model.causal)
+        table = sum(b.numel() for b in positions.buffers()) if positions is not None else 0
+        table += model.layers * sum(b.numel() for b in block.buffers())
     if 4 * (params + table) > host:
         raise ConfigError(
-            f"model: {params:,} parameters{f' and a {table:,}-value position table' if table else ''} "
+            f"model: {params:,} parameters{f' and {table:,} values of position tables' if table else ''} "
             f"take {4 * (params + table) / 1e9:,.0f} GB in fp32, more than this machine's "
             f"{host / 1e9:,.0f} GB of memory; check model.hidden, layers, intermediate, vocab_size, "
             "type_vocab_size and max_positions"
