@@ -311,6 +311,14 @@ def _umask_modes(folder: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
+def host_memory() -> int | None:
+    """Bytes of physical memory on this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether ``a`` and ``b`` (resolved, so links and ``..`` count) are the same path or one
     lies inside the other: replacing either as a whole would destroy (part of) the other."""

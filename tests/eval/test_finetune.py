@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -213,8 +214,6 @@ def test_a_run_pretrained_on_the_tasks_evaluation_texts_is_flagged(tmp_path, bbc
 def test_finetune_reports_the_per_metric_median_over_seeds(tiny_run, bbc_task, monkeypatch):
     """One seed swings by several points, so the reported metrics are each metric's median over
     the seeds, not the last (or any single) seed's."""
-    import sys
-
     finetune_module = sys.modules[finetune.__module__]  # cramkit.eval.finetune is also a function
 
     per_seed = {0: {"accuracy": 0.6, "f1": 0.1}, 1: {"accuracy": 0.5, "f1": 0.6},
@@ -839,6 +838,14 @@ def test_seq_len_beyond_the_models_positions_is_refused_before_training(position
     run = make_run_dir(tmp_path / positions, cfg, bbc_tokenizer)
     with pytest.raises(ConfigError, match="finetune.seq_len 64 exceeds model.max_positions 32"):
         finetune(load_backbone(run), bbc_task, FinetuneConfig.from_dict({**FAST, "seq_len": 64}))
+
+
+def test_a_head_wider_than_the_machines_memory_is_refused_before_training(tiny_run, bbc_task, monkeypatch):
+    """finetune.head_width=1e12 was the CPU allocator's RuntimeError traceback."""
+    monkeypatch.setattr(sys.modules[finetune.__module__], "SequenceClassifier", lambda *a, **k: pytest.fail("built the head"))
+    with pytest.raises(ConfigError, match=r"^finetune\.head_width=1000000000000: the classification head's [\d,]+ "
+                                          r"weights take [\d,]+ GB in fp32, more than this machine's [\d,]+ GB"):
+        finetune(load_backbone(tiny_run), bbc_task, FinetuneConfig.from_dict({**FAST, "head_width": 10**12}))
 
 
 def test_a_fine_tune_never_replaces_another_tasks_result_of_the_same_name(tiny_run, tmp_path, capsys, monkeypatch):

@@ -29,7 +29,7 @@ from ..configbase import Config, check_seed, did_you_mean, field
 from ..errors import CheckpointError, ConfigError, CramkitError, TrainingError
 from ..optim import parameter_groups
 from ..train.device import autocast, resolve_device, resolve_precision
-from ..utils import atomic_dir, changed_keys
+from ..utils import atomic_dir, changed_keys, host_memory
 from .adapters import (
     PEFT_METHODS,
     PeftOptions,
@@ -638,6 +638,16 @@ def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig, owner: dic
     write_json(out / CLASSIFIER_FILE, {**classifier, "files": files})
 
 
+def _check_head_fits_host(cfg: FinetuneConfig, hidden: int, num_labels: int) -> None:
+    # head_width=1e12 was the allocator's traceback when the head was built.
+    host, width = host_memory(), cfg.head_width or hidden
+    values = hidden * width + width * num_labels
+    if host is not None and 4 * values > host:
+        raise ConfigError(f"finetune.head_width={cfg.head_width}: the classification head's {values:,} weights take "
+                          f"{4 * values / 1e9:,.0f} GB in fp32, more than this machine's {host / 1e9:,.0f} GB "
+                          f"of memory (0 = the model's width, {hidden})")
+
+
 def finetune(
     backbone: Backbone,
     task: TaskData,
@@ -661,6 +671,7 @@ def finetune(
     # the model at the first batch that long, which may be hours into a suite.
     if cfg.seq_len > max_pos and backbone.model_config.positions != "none":
         raise ConfigError(f"finetune.seq_len {cfg.seq_len} exceeds model.max_positions {max_pos}")
+    _check_head_fits_host(cfg, backbone.model_config.hidden, task.spec.num_labels)
     train = encoder.encode(subsample(task.train, cfg.max_train_examples, seed=0))
     evals = {
         entry: encoder.encode(subsample(data, cfg.max_eval_examples, seed=0))

@@ -74,6 +74,7 @@ from ..techniques import build_techniques
 from ..utils import (
     atomic_path,
     changed_keys,
+    host_memory,
     lock_exclusive,
     missing_folders,
     read_json,
@@ -143,9 +144,8 @@ def _check_model_fits_host(model: ModelConfig) -> None:
     """Refuse a model whose fp32 weights (and position tables) exceed this machine's memory: it
     is built on the host first, whatever the device. ``model.hidden=1e12`` failed as the
     allocator's traceback, and ``model.layers=1e12`` built blocks until memory ran out."""
-    try:
-        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # a system that does not say: nothing to check
+    host = host_memory()
+    if host is None:  # a system that does not say: nothing to check
         return
     params = count_parameters_from_config(model)
     table = 0
