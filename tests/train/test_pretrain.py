@@ -1116,6 +1116,14 @@ def test_rotary_caches_count_towards_the_memory_check(tiny_mlm_data, tmp_path, m
         pretrain(cfg, say=lambda *_: None)
 
 
+def test_a_mask_rate_that_leaves_steps_without_targets_is_refused(tiny_mlm_data, tmp_path):
+    """objective.mask_rate=1e-9 trained on zero gradients and logged a loss of 0 at every step."""
+    with pytest.raises(ConfigError, match=r"^objective\.mask_rate=1e-09 selects [\d.e-]+ positions per step on "
+                                          r"average .* use a mask_rate of at least"):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, "objective.mask_rate=1e-9"), say=lambda *_: None)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
 def test_validation_masks_that_select_nothing_name_eval_mask_rate(tiny_mlm_data, tmp_path):
     """It said 'the validation split has no sequences to evaluate' of a split that had them."""
     with pytest.raises(ConfigError, match=r"^the validation sequences of .* have no position to predict: "

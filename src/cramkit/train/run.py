@@ -174,6 +174,19 @@ def _check_sequence_length(cfg: RunConfig, seq_len: int, what: str, shorter: str
         )
 
 
+def _check_targets_per_step(cfg: RunConfig, mask_rate: float, seq_len: int) -> None:
+    """Refuse a mask rate that leaves most full-size steps with no position to predict: such a
+    step logs a loss of 0 and updates with a zero gradient (objective.mask_rate=1e-9 trained on
+    nothing and reported a perfect loss)."""
+    expected = mask_rate * seq_len * cfg.train.batch_size
+    if expected < 1:
+        raise ConfigError(
+            f"objective.mask_rate={mask_rate:g} selects {expected:.2g} positions per step on average "
+            f"(train.batch_size={cfg.train.batch_size} sequences of {seq_len} tokens), so most steps would "
+            f"have nothing to predict; use a mask_rate of at least {1 / (seq_len * cfg.train.batch_size):.2g} "
+            "(cramming uses 0.25, BERT 0.15)")
+
+
 def _with_document_boundary(cfg: RunConfig, dataset: TokenDataset, objective: str) -> RunConfig:
     """Fill ``model.document_boundary_id`` from the data's special tokens when document masking
     is on and the id is unset (the resolved config.json then records it for resume and
@@ -660,6 +673,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
     # The share of positions with a target, where sparse prediction runs the head (memory, FLOPs):
     # MLM's masked share, nearly every position for CLM (1.0; None would refuse a sparse GPT).
     mask_rate = cfg.objective.mask_rate if objective_name == "mlm" else 1.0
+    _check_targets_per_step(cfg, mask_rate, dataset.seq_len)
     cfg = _with_document_boundary(cfg, dataset, objective_name)
     run_dir = _shared_run_dir(cfg, par, run_dir, made)
     if resume:
