@@ -176,13 +176,17 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("damage, named", [
-    (lambda out: (out / "tokenizer.json").unlink(), r"tokenizer.json is missing"),
-    (lambda out: (out / "tokenizer.json").write_bytes(b"\x89garbage"), r"tokenizer.json does not match the sha256"),
-    (lambda out: _truncate(out / "train-00000.bin"), r"train-00000.bin is missing or truncated"),
-    (lambda out: (out / "val-00000.bin").unlink(), r"val-00000.bin is missing or truncated"),
+    (lambda out: (out / "tokenizer.json").unlink(), r"tokenizer.json: missing \(the dataset's tokenizer\)"),
+    (lambda out: (out / "tokenizer.json").write_bytes(b"\x89garbage"),
+     r"tokenizer.json is not the tokenizer this data was encoded with"),
+    (lambda out: _truncate(out / "train-00000.bin"), r"train-00000.bin: missing or truncated shard"),
+    (lambda out: (out / "val-00000.bin").unlink(), r"val-00000.bin: missing or truncated shard"),
     (lambda out: (out / "manifest.json").write_text(json.dumps(
         {k: v for k, v in json.loads((out / "manifest.json").read_text()).items() if k != "splits"})),
-     r"manifest.json is damaged"),
+     r"manifest.json: damaged manifest \(no splits\)"),
+    (lambda out: (out / "manifest.json").write_text(json.dumps(
+        {**json.loads((out / "manifest.json").read_text()), "seq_len": "long"})),
+     r"manifest.json: damaged manifest \(ValueError: "),
 ])
 def test_a_damaged_dataset_of_the_same_inputs_is_prepared_again_not_reused(tmp_path, synth_corpus, damage, named):
     """Reused, a dataset with a missing or truncated file failed every run that read it, whose

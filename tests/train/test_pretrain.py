@@ -1004,6 +1004,27 @@ def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_da
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: (data / "train-00000.bin").write_bytes(b"\0" * 10), r"train-00000\.bin: missing or truncated shard"),
+    (lambda data: (data / "manifest.json").write_text(json.dumps(
+        {**json.loads((data / "manifest.json").read_text()), "seq_len": "long"})),
+     r"manifest\.json: damaged manifest \(ValueError: "),
+])
+def test_a_damaged_dataset_is_named_before_the_run_directory_is_made(tiny_mlm_data, tmp_path, damage, message):
+    """A cut-short training shard was found when the loader first reached it, after the run had
+    been made and announced; a manifest field of the wrong type was a ValueError traceback."""
+    import shutil
+
+    from cramkit.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mlm_data, data)
+    damage(data)
+    with pytest.raises(DataError, match=f"{message}.*; prepare the data again"):
+        pretrain(tiny_config(data, tmp_path / "runs"), say=lambda *_: None)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resuming_a_run_killed_while_logging_keeps_the_log_readable(tiny_mlm_data, tmp_path):
     """A kill in mid-write leaves metrics.jsonl ending in half a line (the report skips it);
     the resumed run appended its records onto that line, then failed in a JSONDecodeError

@@ -16,6 +16,16 @@ _MANIFEST_KEYS = ("objective", "seq_len", "dtype", "vocab_size", "tokenizer_voca
                   "tokenizer_file", "splits")
 
 
+class DamagedDataset(DataError):
+    """A prepared dataset whose files do not match its manifest, or whose manifest is damaged.
+    ``problem`` says what is wrong without the advice, for callers that act on it themselves
+    (prepare rebuilds such a dataset)."""
+
+    def __init__(self, problem: str, advice: str = "prepare the data again") -> None:
+        super().__init__(f"{problem}; {advice}")
+        self.problem = problem
+
+
 class SequenceView:
     """An indexable ``[N, seq_len]`` view over one split's memory-mapped shards.
 
@@ -32,7 +42,7 @@ class SequenceView:
             rows = int(shard["sequences"])
             expected = rows * seq_len * dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
-                raise DataError(f"{path}: missing or truncated shard (expected {expected} bytes)")
+                raise DamagedDataset(f"{path}: missing or truncated shard (expected {expected} bytes)")
             self._maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(rows, seq_len)))
         self._starts = np.cumsum([0] + [len(m) for m in self._maps])
 
@@ -94,7 +104,7 @@ class TokenDataset:
         # Every property below reads one of these; a KeyError later would be a traceback.
         missing = [key for key in _MANIFEST_KEYS if key not in manifest]
         if missing:
-            raise DataError(f"{mpath}: damaged manifest (no {', '.join(missing)}); prepare the data again")
+            raise DamagedDataset(f"{mpath}: damaged manifest (no {', '.join(missing)})")
         return cls(path, manifest)
 
     @property
@@ -156,12 +166,24 @@ class TokenDataset:
         the manifest records it), so a swapped or damaged tokenizer.json is caught before use."""
         path = self.tokenizer_path
         if not path.is_file():
-            raise DataError(f"{path}: missing (the dataset's tokenizer); prepare the data again")
+            raise DamagedDataset(f"{path}: missing (the dataset's tokenizer)")
         if not tokenizer_matches(path, self.manifest):
-            raise DataError(
+            raise DamagedDataset(
                 f"{path} is not the tokenizer this data was encoded with (its sha256 differs from "
-                f"{self.path / MANIFEST}'s); restore it or prepare the data again"
+                f"{self.path / MANIFEST}'s)", "restore it or prepare the data again"
             )
+
+    def check_files(self) -> None:
+        """The tokenizer and every split's shards are there and whole (by size; :meth:`verify`
+        reads checksums) and the manifest's fields are of usable types: a
+        :class:`DamagedDataset` names the first thing that is not. One sha256 of the tokenizer
+        and a stat per shard."""
+        try:
+            self.check_tokenizer()
+            for split in self.splits:
+                self.sequences(split)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DamagedDataset(f"{self.path / MANIFEST}: damaged manifest ({type(exc).__name__}: {exc})") from None
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (slow on big data)."""

@@ -160,7 +160,7 @@ def prepare(
                 f"{out_dir} already holds a dataset prepared from {_difference(old, cfg)}; use "
                 "--force to rebuild it or choose another --out"
             )
-        damage = _damage(out_dir, old)
+        damage = _damage(out_dir)
         if damage is None:
             _log(f"reusing {out_dir} (same inputs and options)")
             return out_dir
@@ -200,28 +200,18 @@ def _existing_dataset(out_dir: Path) -> dict | None:
     return manifest
 
 
-def _damage(out_dir: Path, manifest: dict) -> str | None:
-    """What is wrong with the files of the dataset in ``out_dir`` that ``manifest`` describes
-    (a shard missing or not of its size, the tokenizer missing or not the one the shards were
-    encoded with, a field missing); None when they can be read as TokenDataset reads them."""
-    from .dataset import tokenizer_matches  # dataset imports this module
+def _damage(out_dir: Path) -> str | None:
+    """What is wrong with the files of the dataset in ``out_dir`` (a shard missing or not of
+    its size, the tokenizer missing or not the one the shards were encoded with, a field
+    missing); None when a run can read them: TokenDataset's own checks."""
+    from .dataset import DamagedDataset, TokenDataset  # dataset imports this module
 
     try:
-        tokenizer = out_dir / manifest["tokenizer_file"]
-        if not tokenizer.is_file():
-            return f"{tokenizer} is missing"
-        if not tokenizer_matches(tokenizer, manifest):
-            return f"{tokenizer} does not match the sha256 that {out_dir / MANIFEST} records"
-        row_bytes = int(manifest["seq_len"]) * np.dtype(manifest["dtype"]).itemsize
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                path = out_dir / shard["file"]
-                if not path.is_file() or path.stat().st_size != int(shard["sequences"]) * row_bytes:
-                    return f"{path} is missing or truncated"
+        TokenDataset.open(out_dir).check_files()
+    except DamagedDataset as exc:
+        return exc.problem
     except OSError as exc:  # unreadable: someone's permissions, not damage to repair
         raise DataError(f"{exc.filename}: cannot be read ({exc.strerror})") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return f"{out_dir / MANIFEST} is damaged ({type(exc).__name__}: {exc})"
     return None
 
 

@@ -661,7 +661,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
         raise ConfigError(f"model.{untrainable}")
     data_dir = _shared_data(cfg, par, say)
     dataset = TokenDataset.open(data_dir)
-    dataset.check_tokenizer()  # the run keeps a copy: it must be the one the tokens came from
+    # The run keeps a copy of the tokenizer: it must be the one the tokens came from. A shard
+    # missing or cut short is named here, not when the loader first reaches it.
+    dataset.check_files()
     _check_vocab(cfg, dataset, data_dir)
     # Found here, not at the first forward pass (after the run directory was made and announced).
     _check_sequence_length(cfg, dataset.seq_len, f"the sequences in {data_dir}",
