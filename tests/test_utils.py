@@ -37,6 +37,17 @@ def test_atomic_path_replaces_only_on_success_and_respects_the_umask(tmp_path):
             pass
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder that takes no new files")
+@pytest.mark.parametrize("writer", [atomic_path, atomic_dir])
+def test_a_folder_that_takes_no_files_is_reported_under_the_users_path(writer):
+    """`cramkit predict --out /proc/x.jsonl` said `error: /proc/.x.jsonl.6096-17966...tmp: No such
+    file or directory`, naming a file the user never asked for (export: a `.x.new-...` folder)."""
+    with pytest.raises(OSError) as raised:
+        with writer("/proc/x.out"):
+            pytest.fail("the block ran")
+    assert raised.value.filename == "/proc/x.out"
+
+
 def test_atomic_dir_replaces_the_whole_directory_or_nothing(tmp_path):
     target = tmp_path / "out"
     with atomic_dir(target) as tmp:

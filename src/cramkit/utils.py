@@ -32,9 +32,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():  # else os.replace fails naming the temporary file, not the user's path
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name that the block creates (not mkstemp's file, which is mode 0600 and would
-    # leave run files unreadable to the group): the file gets the umask's permissions.
+    # A fresh name made here with the umask's permissions (mkstemp's file is mode 0600 and
+    # would leave run files unreadable to the group). Made here rather than by the block so that
+    # a folder that takes no files (/proc) is reported under the user's path, not this name.
     tmp_path = path.parent / f".{path.name}.{os.getpid()}-{time.time_ns()}-{secrets.token_hex(4)}.tmp"
+    with _named_as(path):
+        tmp_path.touch(exist_ok=False)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -62,11 +65,14 @@ def atomic_dir(path: str | os.PathLike, *, clear_folder: bool = False) -> Iterat
         clear_abandoned(path, every_name=clear_folder)
         token = _token()
         tmp = path.parent / f".{path.name}.tmp-{token}"
-        with _new_locked_dir(path.parent / f".{path.name}.new-{token}", tmp):
+        with contextlib.ExitStack() as held:
+            with _named_as(path):
+                held.enter_context(_new_locked_dir(path.parent / f".{path.name}.new-{token}", tmp))
             try:
                 yield tmp
                 _umask_modes(tmp)
-                _swap_in(tmp, path, path.parent / f".{path.name}.old-{token}")
+                with _named_as(path):
+                    _swap_in(tmp, path, path.parent / f".{path.name}.old-{token}")
             finally:
                 if tmp.is_dir() and not tmp.is_symlink():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -75,6 +81,16 @@ def atomic_dir(path: str | os.PathLike, *, clear_folder: bool = False) -> Iterat
     except BaseException:
         remove_empty(created)  # a failed export to a new a/b/out leaves no empty a/b behind either
         raise
+
+
+@contextlib.contextmanager
+def _named_as(path: Path) -> Iterator[None]:
+    """An OSError raised in the block names ``path``: the temporary names beside it mean
+    nothing to the user."""
+    try:
+        yield
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
 
 
 def missing_folders(folder: str | os.PathLike) -> list[Path]:
