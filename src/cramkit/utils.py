@@ -90,6 +90,8 @@ def _named_as(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        if exc.errno is None:  # not a system call's error: nothing names a file
+            raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from None
 
 
