@@ -485,3 +485,45 @@ def test_a_path_in_a_run_name_is_refused_for_new_runs_only():
         load_config("demo", ["name=exp/run1"])
     saved = load_config("demo").to_dict()
     assert config_from_dict({**saved, "name": "exp/run1"}).name == "exp/run1"
+
+
+def test_a_missing_base_names_the_recipe_that_bases_on_it(tmp_path, monkeypatch):
+    """In a chain of bases, "recipe file 'nosuch.toml' does not exist" named no file that said
+    so, nor where it was looked for; a folder was said not to exist, and a base's `~` was not
+    expanded as a path's is elsewhere."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "parent.toml").write_text('base = "nosuch.toml"\n')
+    (folder / "child.toml").write_text('base = "parent.toml"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^recipe '.*recipes/parent\.toml': base: recipe file 'nosuch\.toml' does "
+                                          rf"not exist \(neither beside it, in {re.escape(str(folder))}, nor in "
+                                          rf"the working directory, {re.escape(str(tmp_path))}\)$"):
+        load_config("recipes/child.toml")
+    (folder / "named.toml").write_text('base = "demmo"\n')
+    with pytest.raises(ConfigError, match=r"^recipe 'recipes/named\.toml': base: unknown recipe 'demmo' \(did you mean"):
+        load_config("recipes/named.toml")
+    (folder / "shipped.toml").write_text('base = "demo.toml"\n')
+    with pytest.raises(ConfigError, match=r"named without \.toml: 'demo'"):
+        load_config("recipes/shipped.toml")
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"^recipe file 'folder\.toml' is a folder, not a TOML file$"):
+        load_config("folder.toml")
+    monkeypatch.setenv("HOME", str(folder))
+    (folder / "home.toml").write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
+    (tmp_path / "tilde.toml").write_text('base = "~/home.toml"\n')
+    assert load_config("tilde.toml").train.budget == "7steps"
+
+
+def test_a_shipped_name_is_the_shipped_recipe_whatever_files_are_around(tmp_path, monkeypatch):
+    """A file called `demo` (a script, say) in the working directory or beside a recipe was read
+    as TOML by `cramkit pretrain demo` and by `base = "demo"`; `./demo` still names the file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("#!/bin/sh\necho hello\n")
+    assert load_config("demo").recipe == "demo"
+    (tmp_path / "mine.toml").write_text('base = "demo"\n')
+    assert load_config("mine.toml").model.vocab_size == load_config("demo").model.vocab_size
+    with pytest.raises(ConfigError, match=r"^recipe '\./demo' is not valid TOML"):
+        load_config("./demo")
+    with pytest.raises(ConfigError, match=r"^recipe file '\./missing' does not exist$"):  # a path, not a name
+        load_config("./missing")

@@ -334,21 +334,43 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+class _NoRecipe(ConfigError):
+    """A recipe name or file that does not exist; a recipe whose ``base`` it is adds its own name."""
+
+
+def _is_file_spec(name_or_path: str) -> bool:
+    """Whether a recipe (or base) names a file rather than a shipped recipe.
+
+    A shipped name is always the shipped recipe: a file of that name in the working directory
+    (a script called ``demo``) was read as TOML by the README's ``cramkit pretrain demo``;
+    ``./demo`` names the file. Anything with a folder in it is a path, even one that is missing.
+    """
+    if name_or_path in recipe_names():
+        return False
+    return (name_or_path.endswith(".toml") or Path(name_or_path).expanduser().exists()
+            or any(sep in name_or_path for sep in "/\\"))
+
+
 def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
                  origins: dict[str, str] | None = None) -> dict[str, Any]:
     """A recipe's table with its bases merged in. ``seen``: the chain of recipes whose bases led
     here, each as (its resolved file, the name or path it was given as). ``origins``, when given,
     maps each dotted key to the recipe that set it last (the file an error about it should name)."""
-    path = Path(name_or_path)
-    from_file = name_or_path.endswith(".toml") or path.is_file()
+    path = Path(name_or_path).expanduser()  # `~` as the shell would expand it, for a base too
+    from_file = _is_file_spec(name_or_path)
     if from_file:
+        if path.is_dir():
+            raise _NoRecipe(f"recipe file '{name_or_path}' is a folder, not a TOML file")
         if not path.is_file():
-            raise ConfigError(f"recipe file '{name_or_path}' does not exist")
+            shipped_name = name_or_path.removesuffix(".toml")
+            hint = (f" (the shipped recipe is named without .toml: '{shipped_name}')"
+                    if shipped_name in recipe_names() else "")
+            raise _NoRecipe(f"recipe file '{name_or_path}' does not exist{hint}")
         name, where = path.stem, path.resolve()
     else:
         names = recipe_names()
         if name_or_path not in names:
-            raise ConfigError(
+            raise _NoRecipe(
                 f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
                 f"available: {', '.join(names)}"
             )
@@ -371,15 +393,22 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
         _check_types(data)
     except ConfigError as exc:
         raise ConfigError(f"recipe '{name_or_path}': {exc}") from None
-    if base and from_file and not Path(base).is_absolute():
+    looked = ""
+    if base and from_file and _is_file_spec(base) and not Path(base).expanduser().is_absolute():
         # A relative base path in a recipe file means a file beside it (as includes do), so the
         # recipe works from any working directory; a shipped name or a cwd path still works.
         beside = path.parent / base
         if beside.is_file():
             base = str(beside)
+        elif not Path(base).expanduser().exists():
+            looked = f" (neither beside it, in {path.resolve().parent}, nor in the working directory, {Path.cwd()})"
     own = dict.fromkeys(_dotted_keys(data), name_or_path)
     if base:
-        data = deep_merge(_options_kept(_read_recipe(base, chain, origins), data), data)
+        try:
+            inherited = _read_recipe(base, chain, origins)
+        except _NoRecipe as exc:  # the file whose base it is: in a chain, the user cannot guess it
+            raise ConfigError(f"recipe '{name_or_path}': base: {exc}{looked}") from None
+        data = deep_merge(_options_kept(inherited, data), data)
     if origins is not None:  # after the bases' keys: this file's values are the ones used
         origins.update(own)
     data["recipe"] = name
