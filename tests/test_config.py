@@ -527,3 +527,10 @@ def test_a_shipped_name_is_the_shipped_recipe_whatever_files_are_around(tmp_path
         load_config("./demo")
     with pytest.raises(ConfigError, match=r"^recipe file '\./missing' does not exist$"):  # a path, not a name
         load_config("./missing")
+
+
+def test_a_recipe_file_may_start_with_a_utf8_byte_order_mark(tmp_path):
+    """As Notepad saves it: refused as "Invalid statement (at line 1, column 1)"."""
+    recipe = tmp_path / "bom.toml"
+    recipe.write_bytes(b'\xef\xbb\xbfbase = "demo"\r\n[train]\r\nbudget = "7steps"\r\n')
+    assert load_config(str(recipe)).train.budget == "7steps"

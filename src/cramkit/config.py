@@ -383,7 +383,9 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
         raise ConfigError(f"recipe '{name_or_path}' extends itself: {' -> '.join(shown for _, shown in chain)}")
     text = read_text(path, ConfigError) if from_file else shipped.read_text()
     try:
-        data = tomllib.loads(text)
+        # Windows editors (Notepad) start a UTF-8 file with a byte-order mark, which tomllib
+        # refuses as "Invalid statement (at line 1, column 1)": it is no part of the text.
+        data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"recipe '{name_or_path}' is not valid TOML: {exc}") from None
     base = data.pop("base", None)
