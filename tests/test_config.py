@@ -534,3 +534,18 @@ def test_a_recipe_file_may_start_with_a_utf8_byte_order_mark(tmp_path):
     recipe = tmp_path / "bom.toml"
     recipe.write_bytes(b'\xef\xbb\xbfbase = "demo"\r\n[train]\r\nbudget = "7steps"\r\n')
     assert load_config(str(recipe)).train.budget == "7steps"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'[model]\npreset = 3\n', r"model\.preset must be a preset name, got 3$"),
+    (b'[model]\npreset = "tinyy"\n', r"unknown model preset 'tinyy' \(did you mean 'tiny'\?\)"),
+])
+def test_a_recipe_files_model_preset_error_names_the_file(tmp_path, content, message):
+    """An ill-typed or unknown preset was the one value of a recipe file whose error named no file."""
+    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\n')
+    for recipe in ("parent.toml", "child.toml"):
+        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': {message}"):
+            load_config(str(tmp_path / recipe))
+    (tmp_path / "none.toml").write_text('base = "demo"\n[model]\npreset = ""\n')  # still: no preset
+    assert load_config(str(tmp_path / "none.toml")).model.hidden != load_config("demo").model.hidden

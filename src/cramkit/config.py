@@ -458,18 +458,27 @@ def _check_types(data: dict[str, Any]) -> None:
     from .techniques import TECHNIQUES
 
     check_types(RunConfig, data)
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("preset") not in (None, ""):  # "": no preset
+        # Not a ModelConfig field, so check_types passes over it; a recipe file's preset is
+        # resolved with the merged config, where its error could no longer name the file.
+        get_preset(_preset_name(model["preset"]))
     tables = data.get("technique")
     for name, table in tables.items() if isinstance(tables, dict) else ():
         if name in TECHNIQUES and isinstance(table, dict):  # other names: refused by validation
             check_types(TECHNIQUES[name].Options, table, f"technique.{name}")
 
 
+def _preset_name(preset: Any) -> str:
+    if not isinstance(preset, str):
+        raise ConfigError(f"model.preset must be a preset name, got {preset!r}")
+    return preset
+
+
 def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
     section = dict(section)
     preset = section.pop("preset", None)
-    if preset is not None and not isinstance(preset, str):
-        raise ConfigError(f"model.preset must be a preset name, got {preset!r}")
-    return {**get_preset(preset), **section} if preset else section
+    return {**get_preset(_preset_name(preset)), **section} if preset not in (None, "") else section
 
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
