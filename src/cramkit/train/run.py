@@ -1294,6 +1294,7 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                                  "resume without it, or start a new run (optim.lr, optim.muon_lr and "
                                  "optim.lr_scaling may change)")
     _check_relative_data_dir(run_dir, cfg, trained)
+    _check_relative_sources(run_dir, cfg, trained)
     # Against the resolved config: a technique's option added since is as unset as a field.
     unset = _unset_keys(merged, cfg.resolved())
     # A technique this resume switches on was never in config.json: its defaults are chosen now,
@@ -1327,6 +1328,38 @@ def _check_relative_data_dir(run_dir: Path, cfg: RunConfig, trained: RunConfig) 
             hint = f"resume from {candidate.parents[len(data_dir.parts) - 1]}, or give data.dir={candidate}"
     raise DataError(f"{run_dir}/config.json has data.dir={cfg.data.dir}, a path relative to the folder the run "
                     f"was started in, and there is no {cfg.data.dir} in {Path.cwd()}: {hint}")
+
+
+def _check_relative_sources(run_dir: Path, cfg: RunConfig, trained: RunConfig) -> None:
+    """The relative files of ``data.prepare`` (a recipe's ``sources = ["corpus.txt"]``, its
+    ``tokenizer_file``) are, as a relative ``data.dir`` is, relative to the folder the run was
+    started from, where a resume prepares (or finds in the cache) the same data again. Resumed
+    from another folder it failed with "source 'corpus.txt': no such file or folder", naming
+    neither the run's config.json nor the data the run was trained on."""
+    from ..data.sources import SOURCE_READERS
+
+    p, was = cfg.data.prepare, trained.data.prepare
+    if cfg.data.dir:
+        return
+    paths = [("data.prepare.sources", spec) for spec in p.sources if spec in was.sources
+             and not (spec.partition(":")[1] and spec.partition(":")[0] in SOURCE_READERS)]
+    if p.tokenizer_file and p.tokenizer_file == was.tokenizer_file:
+        paths.append(("data.prepare.tokenizer_file", p.tokenizer_file))
+    missing = [(key, spec) for key, spec in paths
+               if not Path(spec).expanduser().is_absolute() and not Path(spec).expanduser().exists()]
+    if not missing:
+        return
+    key, spec = missing[0]
+    hint = "resume from the folder the run was started in"
+    manifest = run_dir / "data_manifest.json"
+    trained_on = read_json(manifest, CheckpointError) if manifest.is_file() else {}
+    fp, objective = str(trained_on.get("fingerprint", "")), (trained_on.get("config") or {}).get("objective")
+    if fp and objective:  # the prepared data sits in the cache, under the fingerprint it recorded
+        cached = cache_folder(cache_root(trained), str(objective), fp)
+        if cached.is_dir():
+            hint += f", or give data.dir={cached} (the data it was trained on)"
+    raise DataError(f"{run_dir}/config.json has {key} entry '{spec}', a path relative to the folder the run "
+                    f"was started in, and there is no {spec} in {Path.cwd()}: {hint}")
 
 
 #: Model settings that change what the weights compute but not their shapes, so that loading the
