@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import json
 import lzma
+import re
 import subprocess
 import sys
 import warnings
@@ -484,3 +485,14 @@ def test_a_folder_source_warns_of_a_held_out_split_inside_it(tmp_path):
         (folder / "valid.txt").write_text("held out\n")
         for source in open_sources(small_cfg([folder / "train-00.txt", folder / "valid.txt"])):
             list(source.documents())
+
+
+def test_a_missing_relative_source_names_the_folder_it_was_looked_for_in(tmp_path, monkeypatch):
+    """A recipe's `sources = ["corpus.txt"]` is read from the working directory, not beside the
+    recipe; run from another folder, the error said only "no such file or folder"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"^source 'corpus\.txt': no such file or folder in the working "
+                                        rf"directory, {re.escape(str(tmp_path))}$"):
+        open_source("corpus.txt", small_cfg(["corpus.txt"]))
+    with pytest.raises(DataError, match=r"^source '/nonexistent/c\.txt': no such file or folder$"):
+        open_source("/nonexistent/c.txt", small_cfg(["/nonexistent/c.txt"]))

@@ -324,7 +324,10 @@ class PathSource(Source):
         self.cfg = cfg
         path = Path(spec).expanduser()
         if not path.exists():
-            raise DataError(f"source '{spec}': no such file or folder")
+            # A relative one is read from the working directory (a recipe's too, not beside the
+            # recipe file), which the message did not say to a user who ran from another folder.
+            where = "" if path.is_absolute() else f" in the working directory, {Path.cwd()}"
+            raise DataError(f"source '{spec}': no such file or folder{where}")
         if path.is_dir():
             self.files = _visible_files(path)
             if not self.files:
