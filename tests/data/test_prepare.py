@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -547,3 +548,15 @@ def test_a_reused_tokenizers_own_padding_and_truncation_do_not_reach_the_shards(
     a, b = TokenDataset.open(plain), TokenDataset.open(reused)
     for split in ("train", "val"):
         assert np.array_equal(np.asarray(a.sequences(split)), np.asarray(b.sequences(split)))
+
+
+def test_a_missing_tokenizer_file_is_named_on_the_cached_path_too(tmp_path, monkeypatch):
+    """A run's data (a recipe's `tokenizer_file = "tok.json"`) is prepared through the cache,
+    whose fingerprint hashed the file first: "tok.json: No such file or directory", with no key
+    and no word that a relative path is read from the working directory."""
+    src = write_corpus(tmp_path / "c.txt", synthetic_docs(5))
+    monkeypatch.chdir(tmp_path)
+    for make in (lambda cfg: cached_prepare(cfg, tmp_path / "cache"), lambda cfg: prepare(cfg, tmp_path / "d")):
+        with pytest.raises(DataError, match=rf"^tokenizer_file 'tok\.json': no such file in the working "
+                                            rf"directory, {re.escape(str(tmp_path))}$"):
+            make(small_cfg([src], tokenizer_file="tok.json"))

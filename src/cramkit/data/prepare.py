@@ -115,9 +115,18 @@ def _output_options(cfg: PrepareConfig) -> dict[str, Any]:
     return {**cfg.to_dict(), **{key: defaults[key] for key in unused}}
 
 
+def _check_tokenizer_file(cfg: PrepareConfig) -> None:
+    path = Path(cfg.tokenizer_file)
+    if cfg.tokenizer_file and not path.is_file():
+        # A relative one is read from the working directory, a recipe's too (not beside it).
+        where = "" if path.is_absolute() else f" in the working directory, {Path.cwd()}"
+        raise DataError(f"tokenizer_file '{cfg.tokenizer_file}': no such file{where}")
+
+
 def fingerprint(cfg: PrepareConfig, sources: list[Source] | None = None) -> str:
     """sha256 of the config (the options that change the output), the inputs' (path, size,
     mtime) and the format version."""
+    _check_tokenizer_file(cfg)  # cached_prepare fingerprints first: its hash read the file unchecked
     sources = sources if sources is not None else open_sources(cfg)
     inputs = sources_fingerprint(sources)
     if cfg.tokenizer_file:
@@ -148,8 +157,7 @@ def prepare(
     ``force`` (then it is rebuilt). ``progress=None`` shows a bar only on a terminal.
     """
     out_dir = Path(out_dir)
-    if cfg.tokenizer_file and not Path(cfg.tokenizer_file).is_file():
-        raise DataError(f"tokenizer_file '{cfg.tokenizer_file}': no such file")
+    _check_tokenizer_file(cfg)
     sources = open_sources(cfg)
     _check_out_dir(out_dir, sources)
     fp = fingerprint(cfg, sources)
