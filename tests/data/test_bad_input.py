@@ -388,3 +388,18 @@ def test_a_folder_saved_with_save_to_disk_points_to_hf_disk(tmp_path):
     (folder / "data-00000-of-00001.arrow").write_bytes(b"\x00\x01" * 100)
     (folder / "state.json").write_text("{}")
     _fails(tmp_path, small_cfg([folder]), "source .*saved.*: .*arrow files; .*hf-disk:")
+
+
+def test_a_data_dir_that_does_not_exist_is_not_called_an_unprepared_dataset(tmp_path, monkeypatch):
+    """A recipe's `data.dir = "prepared/x"`, relative to the working directory (not the recipe),
+    run from another folder: "prepared/x: not a prepared dataset (no manifest.json; run cramkit
+    prepare)" sent the user to prepare data that exists elsewhere."""
+    from cramkit.data.dataset import TokenDataset
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"^prepared/x: no such folder in the working directory, "
+                                        rf"{re.escape(str(tmp_path))}$"):
+        TokenDataset.open("prepared/x")
+    (tmp_path / "empty").mkdir()  # a folder without a manifest is still that
+    with pytest.raises(DataError, match=r"^empty: not a prepared dataset \(no manifest\.json"):
+        TokenDataset.open("empty")

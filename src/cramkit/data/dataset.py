@@ -96,6 +96,9 @@ class TokenDataset:
         """Open a folder written by :func:`cramkit.data.prepare.prepare`."""
         path = Path(path)
         mpath = path / MANIFEST
+        if not path.exists():  # a misspelt or relative data.dir: "no manifest.json" sent users to prepare it
+            where = "" if path.is_absolute() else f" in the working directory, {Path.cwd()}"
+            raise DataError(f"{path}: no such folder{where}")
         if not mpath.is_file():
             raise DataError(f"{path}: not a prepared dataset (no {MANIFEST}; run cramkit prepare)")
         manifest = read_json(mpath, DataError)
