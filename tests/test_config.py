@@ -549,3 +549,18 @@ def test_a_recipe_files_model_preset_error_names_the_file(tmp_path, content, mes
             load_config(str(tmp_path / recipe))
     (tmp_path / "none.toml").write_text('base = "demo"\n[model]\npreset = ""\n')  # still: no preset
     assert load_config(str(tmp_path / "none.toml")).model.hidden != load_config("demo").model.hidden
+
+
+def test_a_recipe_files_own_recipe_label_is_kept(tmp_path):
+    """`recipe = "..."` (the first line of show-config's output) was replaced by the file's name
+    without a word, while `recipe=` on the command line is kept; a base's label is not inherited."""
+    (tmp_path / "parent.toml").write_text('base = "demo"\nrecipe = "labelled"\n')
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\n')
+    assert load_config(str(tmp_path / "parent.toml")).recipe == "labelled"
+    assert load_config(str(tmp_path / "child.toml")).recipe == "child"
+    assert load_config(str(tmp_path / "parent.toml"), ["recipe=cli"]).recipe == "cli"
+    # A run without name= is named after it: a path there would put the run outside out_dir.
+    (tmp_path / "path.toml").write_text('base = "demo"\nrecipe = "../elsewhere"\n')
+    with pytest.raises(ConfigError, match=r"^recipe='\.\./elsewhere': a run without name= is named after"):
+        load_config(str(tmp_path / "path.toml"))
+    assert load_config(str(tmp_path / "path.toml"), ["name=r"]).recipe == "../elsewhere"

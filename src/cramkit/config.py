@@ -405,6 +405,10 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
         elif not Path(base).expanduser().exists():
             looked = f" (neither beside it, in {path.resolve().parent}, nor in the working directory, {Path.cwd()})"
     own = dict.fromkeys(_dotted_keys(data), name_or_path)
+    # A recipe file's own `recipe` (copied from show-config, say) is its label, as `recipe=` on
+    # the command line is; it was replaced by the file's name without a word. A base's never
+    # labels the recipe that extends it.
+    label = data.get("recipe") or name
     if base:
         try:
             inherited = _read_recipe(base, chain, origins)
@@ -413,7 +417,7 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
         data = deep_merge(_options_kept(inherited, data), data)
     if origins is not None:  # after the bases' keys: this file's values are the ones used
         origins.update(own)
-    data["recipe"] = name
+    data["recipe"] = label
     return data
 
 
@@ -495,6 +499,12 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Run
             raise
         raise UnknownKey(f"recipe '{origins[exc.key]}': {exc}", exc.key) from None
     check_run_name(cfg.name)  # before data preparation can take minutes
+    if not cfg.name and cfg.recipe:  # the run is then named after it (a file's `recipe`, `recipe=`)
+        try:
+            check_run_name(cfg.recipe)
+        except ConfigError:
+            raise ConfigError(f"recipe={cfg.recipe!r}: a run without name= is named after its recipe, which must "
+                              "then be one folder name (no '/' or '\\', not '.' or '..'); set name=") from None
     return cfg
 
 
