@@ -166,7 +166,11 @@ def test_a_recipe_files_values_must_have_their_fields_types(tmp_path, content, m
 @pytest.mark.parametrize("content, key", [(b"[train]\nbugdet = 10\n", r"train\.bugdet' \(did you mean 'train\.budget'\?\)"),
                                           (b'techniques = ["pld"]\n[technique.pld]\ngama = 0.1\n',
                                            r"technique\.pld\.gama' \(did you mean 'technique\.pld\.gamma'\?\)"),
-                                          (b"hidden = 64\n", r"hidden' \(did you mean 'model\.hidden'\?\)")])
+                                          (b"hidden = 64\n", r"hidden' \(did you mean 'model\.hidden'\?\)"),
+                                          # TOML's quoted key is one name: 'train.budget' looked like the field
+                                          (b'"train.budget" = "2h"\n', r"train\.budget' \(a quoted key is one "
+                                           r"name, dots and all: write train\.budget = \.\.\. without quotes, "
+                                           r"or budget = \.\.\. under \[train\]\)")])
 def test_an_unknown_key_names_the_recipe_file_that_holds_it(tmp_path, content, key):
     """As a value of the wrong type does: the key was reported without its file, which in a
     chain of bases the user had to hunt for."""

@@ -242,7 +242,8 @@ class Config:
         for key, value in data.items():
             full = f"{path}.{key}" if path else key
             if key not in names:
-                hint = did_you_mean(key, names, f"{path}." if path else "") or cls._in_a_section(key, hints, path)
+                hint = (cls._quoted_dotted(key, path) or did_you_mean(key, names, f"{path}." if path else "")
+                        or cls._in_a_section(key, hints, path))
                 raise UnknownKey(f"unknown config key '{full}'{hint}", full)
             try:
                 kwargs[key] = coerce(value, hints[key], full)
@@ -262,6 +263,18 @@ class Config:
                 error.key = exc.key
             raise error from None
         return obj
+
+    @classmethod
+    def _quoted_dotted(cls, key: str, path: str) -> str:
+        # TOML's `"train.budget" = "2h"` is one key whose name holds a dot, which the error showed
+        # as 'train.budget', a key that exists: say why it is not that one.
+        section, _, name = key.rpartition(".")
+        sections = dict(_sections(cls))
+        if not section or section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+            return ""
+        full = f"{path}.{section}" if path else section
+        return (f" (a quoted key is one name, dots and all: write {key} = ... without quotes, or {name} = ... "
+                f"under [{full}])")
 
     @classmethod
     def _in_a_section(cls, key: str, hints: dict[str, Any], path: str) -> str:
