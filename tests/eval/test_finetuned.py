@@ -270,6 +270,19 @@ def test_no_inputs_give_no_predictions(pair_saved):
             clf.predict(wrong)
 
 
+def test_inputs_without_an_order_or_not_a_collection_are_refused(pair_saved):
+    """A dict was labelled by its keys and a set in its own order, silently; None, a number and
+    bytes were Python's "not iterable" or one input per byte. Each is a DataError; a generator
+    or a tuple of pairs still reads as a list."""
+    folder, _, _ = pair_saved
+    clf = load_finetuned(folder)
+    pairs = [("the market story", "the film news"), ("the match story", "the match news")]
+    for wrong in ({"a": "b"}, {pairs[0]}, frozenset(pairs), None, 3, b"ab"):
+        with pytest.raises(DataError, match=r"inputs: give a text or a list of \(text, text_pair\) tuples"):
+            clf.predict(wrong)
+    assert clf.predict(p for p in pairs) == clf.predict(tuple(pairs)) == clf.predict(pairs)
+
+
 def test_a_txt_input_is_one_text_per_line_for_single_text_tasks(pair_saved, tmp_path, capsys):
     import gzip
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ class FinetunedModel:
     def logits(self, inputs: str | Sequence[str] | Sequence[tuple[str, str]]) -> torch.Tensor:
         """Float32 logits on the CPU, one row per input: ``[N, len(labels)]``, ``[N, 1]`` for
         regression. ``inputs`` are texts, or ``(text, text_pair)`` pairs for a pair task; a
-        single text stands for a list of one. Texts are stripped, as task files are read."""
+        single text stands for a list of one (a dict or a set, which have no row order of their
+        own, is a DataError). Texts are stripped, as task files are read."""
         return self.logits_of(self._examples(inputs))
 
     def logits_of(self, examples: Sequence[Example]) -> torch.Tensor:
@@ -131,6 +133,13 @@ class FinetunedModel:
         return [labels[i] for i in logits.argmax(-1).tolist()]
 
     def _examples(self, inputs: str | Sequence[str] | Sequence[tuple[str, str]]) -> list[Example]:
+        # Only an ordered collection gives rows that line up with the inputs: a dict would be
+        # labelled by its keys and a set in an arbitrary order, both without a word; None, a
+        # number or bytes were Python's "not iterable" or "got int" (each byte an input).
+        if isinstance(inputs, (Mapping, AbstractSet, bytes, bytearray)) or not isinstance(inputs, (str, Iterable)):
+            raise DataError(f"inputs: give a text or a list of "
+                            f"{'(text, text_pair) tuples' if self.is_pair else 'texts'}, "
+                            f"got {type(inputs).__name__}")
         items = [inputs] if isinstance(inputs, str) else list(inputs)
         out = []
         for i, item in enumerate(items):
