@@ -638,20 +638,41 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     does, reads special-token spellings inside a text as text, with no padding or truncation of
     its own.
 
-    HF-format exports are loaded with ``transformers`` Auto classes instead.
+    HF-format exports are loaded with ``transformers`` Auto classes instead. ``device``:
+    ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``, as :func:`~cramkit.eval.load_finetuned`
+    takes it (anything else is a ConfigError).
     """
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
     from .data.tokenizer import encoding_copy
+    from .eval.finetuned import CLASSIFIER_FILE
     from .models import ModelConfig, build_model
+    from .train.device import resolve_device
 
+    # Before anything is read: "gpu" was torch's list of twenty device types, and "cuda" on a
+    # machine without one an AssertionError, once the weights had been loaded.
+    dev = resolve_device(str(device))
     path = Path(path)
     cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: export folder not found")
+    if (path / CLASSIFIER_FILE).is_file():
+        raise CheckpointError(f"{path} holds fine-tuned weights, not an export: load them with "
+                              "cramkit.eval.load_finetuned")
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json (not a cramkit export)")
     data = read_json(cfg_path, CheckpointError)  # damaged: an error naming the file, not a traceback
     if data.get("format") != NATIVE_FORMAT:
+        # A pretraining run holds a config.json too (the run's, with no "format"): it was
+        # called a transformers export.
+        if "model_type" not in data:
+            what = ("a pretraining run" if (path / "checkpoints").is_dir() else "not a cramkit export")
+            raise CheckpointError(
+                f"{path} is {what}: export a run with `cramkit export RUN_DIR --out DIR` (or "
+                "cramkit.export.export) and load DIR, or load a run's newest checkpoint with "
+                "cramkit.train.checkpoint.load_pretrained"
+            )
         raise CheckpointError(
             f"{path} is a transformers export; load it with transformers Auto classes "
             "(AutoModelForMaskedLM / AutoModelForCausalLM .from_pretrained)"
@@ -686,4 +707,4 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     tokenizer = encoding_copy(saved)
     if not cfg.causal:
         tokenizer.post_processor = saved.post_processor
-    return model.to(device).eval(), tokenizer
+    return model.to(dev).eval(), tokenizer

@@ -152,6 +152,45 @@ def test_export_refuses_bad_targets(tmp_path, small_tokenizer):
         load_exported(tmp_path / "hf")
 
 
+def test_load_exported_says_what_a_folder_that_is_no_export_is(tmp_path, small_tokenizer):
+    """A pretraining run given to load_exported was called "a transformers export"; a
+    fine-tuned folder "no config.json"."""
+    run, _ = _run(tmp_path, "tiny", small_tokenizer)
+    with pytest.raises(CheckpointError, match=r"tiny is a pretraining run: export a run with `cramkit export"):
+        load_exported(run)
+    seed = tmp_path / "finetune" / "bbc" / "seed-0"
+    seed.mkdir(parents=True)
+    (seed / "classifier.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds fine-tuned weights, not an export: load them with "
+                                              "cramkit.eval.load_finetuned"):
+        load_exported(seed)
+    with pytest.raises(CheckpointError, match="nowhere: export folder not found"):
+        load_exported(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device 'gpu' is not understood; use auto, cpu, cuda or cuda:N"),
+    ("meta", "device 'meta' is not understood"),
+    pytest.param("cuda", "device 'cuda' needs CUDA", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_load_exported_and_load_pretrained_check_the_device_as_load_finetuned_does(
+        tmp_path, small_tokenizer, device, message):
+    """A device string torch does not know was its list of twenty device types (a RuntimeError),
+    "cuda" without CUDA an AssertionError, and "auto", which load_finetuned takes, was refused."""
+    from cramkit.train.checkpoint import load_pretrained
+
+    run, _ = _run(tmp_path, "tiny", small_tokenizer)
+    export(run, tmp_path / "out", format="cramkit", log=lambda s: None)
+    for load in (load_exported, load_pretrained):
+        with pytest.raises(ConfigError, match=message):
+            load(tmp_path / "out" if load is load_exported else run, device=device)
+    model, _ = load_exported(tmp_path / "out", device="auto")
+    reference, _, _ = load_pretrained(run, device=torch.device("cpu"))
+    x, mask = _inputs()
+    assert torch.equal(model(x, attention_mask=mask).logits, reference.eval()(x, attention_mask=mask).logits)
+
+
 @pytest.mark.parametrize("name, damage, message", [
     ("config.json", b"{\"format\": \"cram", r"config.json line 1: not valid JSON"),
     ("config.json", b"\xff\xfe\x00garbage", r"config.json line 1: not UTF-8 text"),

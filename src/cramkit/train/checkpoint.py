@@ -195,7 +195,13 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
     Returns ``(model, model_config, info)`` where ``info`` has ``run_dir``, ``checkpoint``,
     ``weights_sha256`` (the checkpoint's weights, as loaded), ``tokenizer_path`` and ``special_ids``.
     The run is read with the plugins it recorded (:func:`cramkit.plugins.run_plugins`).
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (anything else is a ConfigError).
     """
+    from .device import resolve_device
+
+    # Before the checkpoint is read: "gpu" was torch's list of twenty device types, once the
+    # weights had been loaded.
+    device = resolve_device(str(device))
     with run_plugins(run_dir):
         return _load_pretrained(Path(run_dir), device)
 
