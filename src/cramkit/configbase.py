@@ -240,6 +240,8 @@ class Config:
         names = [f.name for f in dataclasses.fields(cls) if f.init]
         kwargs = {}
         for key, value in data.items():
+            if not isinstance(key, str):  # a dict built in Python: did_you_mean's .lower() failed on it
+                raise UnknownKey(f"{path or cls.__name__}: option names are strings, got {key!r}", str(key))
             full = f"{path}.{key}" if path else key
             if key not in names:
                 hint = (cls._quoted_dotted(key, path) or did_you_mean(key, names, f"{path}." if path else "")

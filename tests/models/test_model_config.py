@@ -51,6 +51,20 @@ def test_validate_runs_on_replace_and_build():
         build_model(bad)
 
 
+def test_build_model_and_from_dict_name_arguments_of_the_wrong_kind():
+    """A preset's name given to build_model was "'str' object has no attribute 'validate'", and
+    a key that is not a string in from_dict's dict "'int' object has no attribute 'lower'"."""
+    with pytest.raises(TypeError, match=r"give a ModelConfig or a dict of its fields, got str \(a preset: "
+                                        r"cramkit.models.presets.preset_config\('tiny'\)\)"):
+        build_model("tiny")
+    with pytest.raises(TypeError, match="got NoneType$"):
+        build_model(None)
+    with pytest.raises(ConfigError, match="ModelConfig: option names are strings, got 1"):
+        ModelConfig.from_dict({1: 2})
+    with pytest.raises(ConfigError, match="model: option names are strings, got 1"):
+        build_model({1: 2})
+
+
 def test_defaults_are_crammed_bert():
     # All but norm_bias: its default (none: follow model.bias) keeps configs saved before it
     # existed building what they trained; the preset sets cramming's shift explicitly.

@@ -27,11 +27,15 @@ __all__ = [
 def build_model(cfg: ModelConfig | dict[str, Any]) -> TransformerLM:
     """Build (and initialise) the model that ``cfg`` describes.
 
-    ``cfg`` may be a ModelConfig or a dict of its fields. To build without allocating memory, use
-    ``with torch.device("meta"): build_model(cfg)``, then ``model.to_empty(device=...)`` and
-    ``model.init_weights()``.
+    ``cfg`` may be a ModelConfig or a dict of its fields (a preset's shape is
+    ``presets.preset_config(name)``); anything else is a TypeError. To build without allocating
+    memory, use ``with torch.device("meta"): build_model(cfg)``, then
+    ``model.to_empty(device=...)`` and ``model.init_weights()``.
     """
     if isinstance(cfg, dict):
         cfg = ModelConfig.from_dict(cfg, path="model")
+    if not isinstance(cfg, ModelConfig):  # a preset's name was "'str' object has no attribute 'validate'"
+        hint = (f" (a preset: cramkit.models.presets.preset_config({cfg!r}))" if isinstance(cfg, str) else "")
+        raise TypeError(f"build_model: give a ModelConfig or a dict of its fields, got {type(cfg).__name__}{hint}")
     cfg.validate()
     return ARCHITECTURES.get(cfg.arch)(cfg)
