@@ -41,6 +41,33 @@ def test_config_defaults_are_glue_sane_and_overrides_strict():
         FinetuneConfig.from_dict({"lrr": 1}, path="finetune")
 
 
+def test_finetune_and_evaluate_glue_from_python_take_a_dict_and_name_wrong_arguments(tiny_run, bbc_task, tmp_path):
+    """From Python, a dict for cfg (which build_model takes for its config) was "'dict' object
+    has no attribute 'device'", a run's folder or a task's name in place of the Backbone or
+    TaskData an AttributeError from inside; evaluate_glue read tasks="rte" letter by letter and
+    ran, and overwrote, the whole suite for tasks=[] (which --tasks refuses)."""
+    from cramkit.eval import evaluate_glue
+
+    options = {**FAST, "epochs": 0.1, "max_train_examples": 8, "max_eval_examples": 8}
+    backbone = load_backbone(tiny_run)
+    as_dict = finetune(backbone, bbc_task, options)
+    assert as_dict["metrics"] == finetune(backbone, bbc_task, FinetuneConfig.from_dict(options))["metrics"]
+    with pytest.raises(ConfigError, match="unknown config key 'finetune.epoch' \\(did you mean 'finetune.epochs'"):
+        finetune(backbone, bbc_task, {"epoch": 1})
+    with pytest.raises(TypeError, match=r"cfg: give a FinetuneConfig or a dict of its fields, got list"):
+        finetune(backbone, bbc_task, [options])
+    with pytest.raises(TypeError, match=r"backbone: give a Backbone \(cramkit.eval.load_backbone\(RUN_DIR\)\), got PosixPath"):
+        finetune(tiny_run, bbc_task, options)
+    with pytest.raises(TypeError, match=r"task: give a TaskData \(cramkit.eval.load_task\(NAME_OR_FILE\)\), got str"):
+        finetune(backbone, "bbc", options)
+    with pytest.raises(TypeError, match=r"tasks: give a list of task names, e.g. \['rte'\], not a string"):
+        evaluate_glue(tiny_run, tmp_path, tasks="rte", cfg=options)
+    with pytest.raises(ConfigError, match="tasks names no task"):
+        evaluate_glue(tiny_run, tmp_path, tasks=[], cfg=options)
+    with pytest.raises(TypeError, match="cfg: give a FinetuneConfig"):
+        evaluate_glue(tiny_run, tmp_path, tasks=["rte"], cfg="fast")
+
+
 def test_lr_schedule_warmup_then_cosine():
     total = 100
     lrs = [lr_multiplier(s, total, 0.1, "cosine") for s in range(total)]

@@ -648,19 +648,41 @@ def _check_head_fits_host(cfg: FinetuneConfig, hidden: int, num_labels: int) -> 
                           f"of memory (0 = the model's width, {hidden})")
 
 
+def finetune_config(cfg: FinetuneConfig | dict[str, Any] | None) -> FinetuneConfig:
+    """``cfg`` as a FinetuneConfig: defaults for None, a dict read as ``finetune``'s options
+    (unknown keys and wrong types named, as on the command line); anything else a TypeError,
+    not an AttributeError once fine-tuning has begun."""
+    if cfg is None:
+        return FinetuneConfig()
+    if isinstance(cfg, dict):
+        return FinetuneConfig.from_dict(cfg, path="finetune")
+    if not isinstance(cfg, FinetuneConfig):
+        raise TypeError(f"cfg: give a FinetuneConfig or a dict of its fields, got {type(cfg).__name__}")
+    return cfg
+
+
 def finetune(
     backbone: Backbone,
     task: TaskData,
-    cfg: FinetuneConfig | None = None,
+    cfg: FinetuneConfig | dict[str, Any] | None = None,
     save_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune once per seed and report the per-metric median over seeds.
 
-    Returns ``{"task", "init", "metrics": {entry: {metric: median}}, "scores": {entry: score},
-    "per_seed": [...], "train_examples", "eval_examples", "skipped_rows", "parameters", "steps",
-    "seconds", "config"}`` (metric values on a 0-1 scale).
+    ``backbone`` is :func:`load_backbone`'s, ``task`` :func:`~cramkit.eval.tasks.load_task`'s;
+    ``cfg`` a FinetuneConfig or a dict of its fields (as :func:`~cramkit.models.build_model`
+    takes one), defaults for None. Returns ``{"task", "init", "metrics": {entry: {metric:
+    median}}, "scores": {entry: score}, "per_seed": [...], "train_examples", "eval_examples",
+    "skipped_rows", "parameters", "steps", "seconds", "config"}`` (metric values on a 0-1 scale).
     """
-    cfg = cfg or FinetuneConfig()
+    cfg = finetune_config(cfg)
+    # A run's folder or a task's name in their place was an AttributeError from deep inside.
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone: give a Backbone (cramkit.eval.load_backbone(RUN_DIR)), "
+                        f"got {type(backbone).__name__}")
+    if not isinstance(task, TaskData):
+        raise TypeError(f"task: give a TaskData (cramkit.eval.load_task(NAME_OR_FILE)), "
+                        f"got {type(task).__name__}")
     device = resolve_device(cfg.device)
     start = time.perf_counter()
     encoder = TaskEncoder(

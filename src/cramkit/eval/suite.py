@@ -22,6 +22,7 @@ from .finetune import (
     FinetuneConfig,
     changed_settings,
     finetune,
+    finetune_config,
     finetune_name,
     finetune_save_dir,
     load_backbone,
@@ -180,7 +181,7 @@ def evaluate_glue(
     run_dir: str | Path,
     data_dir: str | Path,
     tasks: Sequence[str] | None = None,
-    cfg: FinetuneConfig | None = None,
+    cfg: FinetuneConfig | dict[str, Any] | None = None,
     random_init: bool = False,
     backbone: Backbone | None = None,
     log: Log = print,
@@ -191,9 +192,18 @@ def evaluate_glue(
     Returns the report dict (also written as JSON); ``report["paths"]`` names the files.
     ``on_result`` gets each task's result as soon as it is scored (to save it at once). Until
     the last task is scored, the finished ones are in ``glue….partial.json|md`` beside it (with
-    ``remaining``), which the complete report replaces.
+    ``remaining``), which the complete report replaces. ``tasks``: a list of GLUE task names, or
+    None for every one found (an empty list or a bare string is an error); ``cfg``: as
+    :func:`~cramkit.eval.finetune.finetune` takes it.
     """
-    cfg = cfg or FinetuneConfig()
+    cfg = finetune_config(cfg)
+    if isinstance(tasks, str):  # read letter by letter: "unknown GLUE task 'r'"
+        raise TypeError(f"tasks: give a list of task names, e.g. [{tasks!r}], not a string")
+    tasks = None if tasks is None else list(tasks)  # once: a generator would be spent here
+    if tasks == []:
+        # As --tasks: an empty list read as "every task" would run, and overwrite, the whole
+        # suite's report when no task was meant.
+        raise ConfigError("tasks names no task; give a list of GLUE task names, or None for all")
     specs, skipped = select_glue_tasks(data_dir, tasks)
     backbone = backbone or load_backbone(run_dir, random_init=random_init)
     # Every task file is read (and validated) before the first fine-tune: a malformed last task
