@@ -486,7 +486,10 @@ def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides, validate."""
+    """Load a recipe (shipped name or TOML path), apply ``key=value`` overrides (a list of
+    strings, e.g. ``["train.budget=20steps"]``), validate."""
+    if isinstance(overrides, str):  # read letter by letter: "override 't' is not of the form key=value"
+        raise TypeError(f"overrides: give a list of 'key=value' strings, e.g. [{overrides!r}], not a string")
     origins: dict[str, str] = {}
     data = apply_run_overrides(_read_recipe(recipe, origins=origins), overrides)
     # Not strict: each recipe file was checked as it was read, and the overrides' values come

@@ -35,6 +35,22 @@ def _metrics(run_dir, kind="train"):
     return [r for r in map(json.loads, lines) if r["type"] == kind]
 
 
+def test_pretrain_and_load_config_name_arguments_of_the_wrong_kind(tmp_path, monkeypatch):
+    """From Python, a recipe's name or a dict given to pretrain was "'str' object has no
+    attribute 'parallel'", and load_config read overrides given as one string letter by letter
+    ("override 't' is not of the form key=value")."""
+    from cramkit.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    for wrong in ("demo", {"recipe": "demo"}):
+        with pytest.raises(TypeError, match=r"pretrain: give a RunConfig \(cramkit.config.load_config"):
+            pretrain(wrong)
+    assert not list(tmp_path.iterdir())  # no runs/ folder either
+    with pytest.raises(TypeError, match=r"overrides: give a list of 'key=value' strings, e.g. \['train.budget=5steps'\]"):
+        load_config("demo", "train.budget=5steps")
+    assert load_config("demo", ["train.budget=5steps"]).train.budget == "5steps"
+
+
 def test_run_directory_is_complete_and_loss_falls(tiny_mlm_data, tmp_path):
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=30steps", "train.eval_every=0.5")
     summary = pretrain(cfg, say=lambda *_: None)

@@ -608,7 +608,12 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, 
 
     Under torchrun every rank calls this; rank 0 alone writes logs and checkpoints. A new run
     that fails (or is interrupted) before its first optimizer step leaves no directory behind.
+    ``cfg`` is a RunConfig: :func:`cramkit.config.load_config` (a recipe and overrides) or
+    :func:`cramkit.config.config_from_dict` makes one.
     """
+    if not isinstance(cfg, RunConfig):  # a recipe's name or a dict was "... has no attribute 'parallel'"
+        raise TypeError(f"pretrain: give a RunConfig (cramkit.config.load_config(RECIPE, [OVERRIDES]) "
+                        f"or config_from_dict(DICT)), got {type(cfg).__name__}")
     made: dict[str, Any] = {}  # the new run directory and its TrainState, once they exist
     try:
         return _pretrain(cfg, run_dir, resume, say, made)
