@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 
 import pytest
@@ -281,6 +282,19 @@ def test_inputs_without_an_order_or_not_a_collection_are_refused(pair_saved):
         with pytest.raises(DataError, match=r"inputs: give a text or a list of \(text, text_pair\) tuples"):
             clf.predict(wrong)
     assert clf.predict(p for p in pairs) == clf.predict(tuple(pairs)) == clf.predict(pairs)
+
+
+def test_a_dataframe_is_refused_not_read_as_its_column_names(pair_saved):
+    """A pandas DataFrame iterates over its column names: a frame of two text columns was two
+    predictions, of the strings "premise" and "hypothesis", whatever its rows."""
+    pd = pytest.importorskip("pandas")
+    folder, _, _ = pair_saved
+    clf = load_finetuned(folder)
+    df = pd.DataFrame({"premise": ["the market story"] * 3, "hypothesis": ["the film news"] * 3})
+    with pytest.raises(DataError, match=re.escape("give its text columns, e.g. list(zip(df['premise'], "
+                                                  "df['hypothesis']))")):
+        clf.predict(df)
+    assert clf.predict(list(zip(df["premise"], df["hypothesis"]))) == clf.predict([("the market story", "the film news")] * 3)
 
 
 def test_a_txt_input_is_one_text_per_line_for_single_text_tasks(pair_saved, tmp_path, capsys):

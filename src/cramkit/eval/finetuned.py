@@ -140,6 +140,12 @@ class FinetunedModel:
             raise DataError(f"inputs: give a text or a list of "
                             f"{'(text, text_pair) tuples' if self.is_pair else 'texts'}, "
                             f"got {type(inputs).__name__}")
+        if hasattr(inputs, "columns") and hasattr(inputs, "iloc"):
+            # A pandas DataFrame iterates over its column names: one prediction, for "text".
+            column = (f"list(zip(df[{self.task.text_column!r}], df[{self.task.text_pair_column!r}]))"
+                      if self.is_pair else f"df[{self.task.text_column!r}]")
+            raise DataError(f"inputs: a DataFrame is read as its column names; give its text columns, "
+                            f"e.g. {column}")
         items = [inputs] if isinstance(inputs, str) else list(inputs)
         out = []
         for i, item in enumerate(items):
