@@ -1149,10 +1149,9 @@ def _check_same_data(run_dir: Path, dataset: TokenDataset, data_dir: Path) -> No
     if identity(trained) != identity(now):
         # The run's own data may still sit in the cache beside this folder, under its own
         # fingerprint (another cramkit's data format, say, prepares the same options anew).
-        fp, objective = str(trained.get("fingerprint", "")), (trained.get("config") or {}).get("objective")
-        cached = cache_folder(data_dir.parent, str(objective), fp)
+        cached = _cached_copy(trained, data_dir.parent)
         hint = (f"its data is still at {cached}: resume with data.dir={cached}"
-                if fp and objective and cached.is_dir() and cached.resolve() != data_dir.resolve()
+                if cached is not None and cached.resolve() != data_dir.resolve()
                 else "resume with that data, or start a new run")
         raise ConfigError(
             f"{data_dir} is not the data {run_dir} was trained on (its tokenizer or sequences differ "
@@ -1335,6 +1334,14 @@ def _check_relative_data_dir(run_dir: Path, cfg: RunConfig, trained: RunConfig) 
                     f"was started in, and there is no {cfg.data.dir} in {Path.cwd()}: {hint}")
 
 
+def _cached_copy(manifest: dict, root: Path) -> Path | None:
+    """The folder under the cache ``root`` that holds the data ``manifest`` (a run's
+    data_manifest.json) records, if it is there: it sits under the fingerprint it was prepared with."""
+    fp, objective = str(manifest.get("fingerprint", "")), (manifest.get("config") or {}).get("objective")
+    cached = cache_folder(root, str(objective), fp) if fp and objective else None
+    return cached if cached is not None and cached.is_dir() else None
+
+
 def _check_relative_sources(run_dir: Path, cfg: RunConfig, trained: RunConfig) -> None:
     """The relative files of ``data.prepare`` (a recipe's ``sources = ["corpus.txt"]``, its
     ``tokenizer_file``) are, as a relative ``data.dir`` is, relative to the folder the run was
@@ -1357,12 +1364,9 @@ def _check_relative_sources(run_dir: Path, cfg: RunConfig, trained: RunConfig) -
     key, spec = missing[0]
     hint = "resume from the folder the run was started in"
     manifest = run_dir / "data_manifest.json"
-    trained_on = read_json(manifest, CheckpointError) if manifest.is_file() else {}
-    fp, objective = str(trained_on.get("fingerprint", "")), (trained_on.get("config") or {}).get("objective")
-    if fp and objective:  # the prepared data sits in the cache, under the fingerprint it recorded
-        cached = cache_folder(cache_root(trained), str(objective), fp)
-        if cached.is_dir():
-            hint += f", or give data.dir={cached} (the data it was trained on)"
+    cached = _cached_copy(read_json(manifest, CheckpointError), cache_root(trained)) if manifest.is_file() else None
+    if cached is not None:
+        hint += f", or give data.dir={cached} (the data it was trained on)"
     raise DataError(f"{run_dir}/config.json has {key} entry '{spec}', a path relative to the folder the run "
                     f"was started in, and there is no {spec} in {Path.cwd()}: {hint}")
 
