@@ -306,6 +306,37 @@ def test_the_first_measurement_in_a_process_counts_only_the_step():
     assert abs(first - second) < 1e6
 
 
+def test_bf16_products_computed_in_fp32_give_the_same_peak_and_values(monkeypatch):
+    """Where the CPU has no bf16 matrix kernels, peak_bytes computes bf16 mm/addmm in fp32 (25
+    times faster there): the peak sampled between operators and the results must not change."""
+    from cramkit.train import cpu_memory
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    x = torch.randn(64, 256)
+
+    def step():
+        with torch.autocast("cpu", torch.bfloat16):
+            out = layers(x)
+        out.float().square().sum().backward()
+        return out
+
+    widened, results = [], {}
+    monkeypatch.setattr(cpu_memory, "_via_fp32", lambda *a, f=cpu_memory._via_fp32: widened.append(a[0]) or f(*a))
+    for widen in (False, True):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda w=widen: not w)
+        layers.zero_grad(set_to_none=True)
+        results[widen] = (measured_peak(step), step(), [p.grad.clone() for p in layers.parameters()])
+        assert bool(widened) == widen
+    (peak, out, grads), (wide_peak, wide_out, wide_grads) = results[False], results[True]
+    assert wide_out.dtype == out.dtype == torch.bfloat16
+    assert abs(wide_peak - peak) < 0.01 * peak
+    torch.testing.assert_close(wide_out, out)
+    for wide, real in zip(wide_grads, grads):
+        torch.testing.assert_close(wide, real, rtol=0.02, atol=0.02)
+    assert set(widened) == set(cpu_memory._PRODUCTS)  # forward addmm, backward mm
+
+
 def _training_step(model, batch, half: bool, hooks=contextlib.nullcontext):
     def step():
         with hooks(), torch.autocast("cpu", torch.bfloat16, enabled=half):
