@@ -568,3 +568,19 @@ def test_a_recipe_files_own_recipe_label_is_kept(tmp_path):
     with pytest.raises(ConfigError, match=r"^recipe='\.\./elsewhere': a run without name= is named after"):
         load_config(str(tmp_path / "path.toml"))
     assert load_config(str(tmp_path / "path.toml"), ["name=r"]).recipe == "../elsewhere"
+
+
+def test_a_base_without_toml_is_still_found_beside_the_recipe_file(tmp_path, monkeypatch):
+    """README: a base path is looked for "first beside the recipe file". `base = "common"`, a
+    file without .toml beside the recipe, was found there until _is_file_spec decided (from the
+    working directory) that it was a shipped recipe's name: "unknown recipe 'common'"."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "common").write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
+    (folder / "child.toml").write_text('base = "common"\n[optim]\nlr = 0.002\n')
+    monkeypatch.chdir(tmp_path)  # not the recipes folder
+    cfg = load_config(str(folder / "child.toml"))
+    assert cfg.train.budget == "7steps" and cfg.optim.lr == 0.002 and cfg.recipe == "child"
+    (folder / "demo").write_text('[train]\nbudget = "9steps"\n')  # a shipped name stays the shipped recipe
+    (folder / "shipped.toml").write_text('base = "demo"\n')
+    assert load_config(str(folder / "shipped.toml")).train.budget == load_config("demo").train.budget

@@ -396,13 +396,15 @@ def _read_recipe(name_or_path: str, seen: tuple[tuple[Path, str], ...] = (),
     except ConfigError as exc:
         raise ConfigError(f"recipe '{name_or_path}': {exc}") from None
     looked = ""
-    if base and from_file and _is_file_spec(base) and not Path(base).expanduser().is_absolute():
+    if base and from_file and base not in recipe_names() and not Path(base).expanduser().is_absolute():
         # A relative base path in a recipe file means a file beside it (as includes do), so the
         # recipe works from any working directory; a shipped name or a cwd path still works.
+        # Beside it first whatever its form: `base = "common"` names a file `common` there,
+        # which _is_file_spec cannot tell from a name while it is looked for in the cwd.
         beside = path.parent / base
         if beside.is_file():
             base = str(beside)
-        elif not Path(base).expanduser().exists():
+        elif _is_file_spec(base) and not Path(base).expanduser().exists():
             looked = f" (neither beside it, in {path.resolve().parent}, nor in the working directory, {Path.cwd()})"
     own = dict.fromkeys(_dotted_keys(data), name_or_path)
     # A recipe file's own `recipe` (copied from show-config, say) is its label, as `recipe=` on
