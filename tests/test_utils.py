@@ -48,6 +48,19 @@ def test_a_folder_that_takes_no_files_is_reported_under_the_users_path(writer):
     assert raised.value.filename == "/proc/x.out"
 
 
+def test_an_oserror_no_system_call_raised_keeps_its_message(tmp_path, monkeypatch):
+    """_named_as renames a system call's error after the user's path; one without an errno
+    (raised by Python code, e.g. OSError("...")) has no file to rename and was rebuilt as
+    "[Errno None] None: '<path>'", its message lost."""
+    def refuse(*_):
+        raise OSError("no swap here: the folder is on a read-only mount")
+
+    monkeypatch.setattr(utils, "_swap_in", refuse)
+    with pytest.raises(OSError, match=r"^no swap here: the folder is on a read-only mount$"):
+        with atomic_dir(tmp_path / "out"):
+            pass
+
+
 def test_atomic_dir_replaces_the_whole_directory_or_nothing(tmp_path):
     target = tmp_path / "out"
     with atomic_dir(target) as tmp:

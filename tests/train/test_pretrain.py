@@ -1026,13 +1026,17 @@ def test_a_tokenizer_that_is_not_the_datas_is_refused(tiny_mlm_data, tiny_clm_da
         {**json.loads((data / "manifest.json").read_text()), "seq_len": "long"})),
      r"manifest\.json: damaged manifest \(ValueError: "),
 ])
-def test_a_damaged_dataset_is_named_before_the_run_directory_is_made(tiny_mlm_data, tmp_path, damage, message):
+def test_a_damaged_dataset_is_named_before_the_run_directory_is_made(tiny_mlm_data, tmp_path, monkeypatch,
+                                                                    damage, message):
     """A cut-short training shard was found when the loader first reached it, after the run had
-    been made and announced; a manifest field of the wrong type was a ValueError traceback."""
+    been made and announced; a manifest field of the wrong type was a ValueError traceback. (A
+    run that fails before its first step removes its directory, so that the directory is absent
+    afterwards cannot tell "before"; making it must not be reached.)"""
     import shutil
 
     from cramkit.errors import DataError
 
+    monkeypatch.setattr("cramkit.train.run._shared_run_dir", lambda *a, **k: pytest.fail("made the run directory"))
     data = tmp_path / "data"
     shutil.copytree(tiny_mlm_data, data)
     damage(data)
