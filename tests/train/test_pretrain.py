@@ -1157,12 +1157,22 @@ def test_rotary_caches_count_towards_the_memory_check(tiny_mlm_data, tmp_path, m
         pretrain(cfg, say=lambda *_: None)
 
 
-def test_a_mask_rate_that_leaves_steps_without_targets_is_refused(tiny_mlm_data, tmp_path):
-    """objective.mask_rate=1e-9 trained on zero gradients and logged a loss of 0 at every step."""
+def test_a_mask_rate_that_leaves_steps_without_targets_is_refused(tiny_mlm_data, tmp_path, monkeypatch):
+    """objective.mask_rate=1e-9 trained on zero gradients and logged a loss of 0 at every step.
+    Refused before the run directory is made (a failed run removes it, so its absence afterwards
+    would not tell); the message gives the share of empty steps (just under one target per step,
+    it was "most steps", where it is 37%)."""
+    monkeypatch.setattr("cramkit.train.run._shared_run_dir", lambda *a, **k: pytest.fail("made the run directory"))
     with pytest.raises(ConfigError, match=r"^objective\.mask_rate=1e-09 selects [\d.e-]+ positions per step on "
-                                          r"average .* use a mask_rate of at least"):
+                                          r"average .*, so 100% of steps would have nothing to predict; use a "
+                                          r"mask_rate of at least"):
         pretrain(tiny_config(tiny_mlm_data, tmp_path, "objective.mask_rate=1e-9"), say=lambda *_: None)
-    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    from cramkit.data.dataset import TokenDataset
+
+    cfg = tiny_config(tiny_mlm_data, tmp_path)
+    just_under = 0.99 / (TokenDataset.open(tiny_mlm_data).seq_len * cfg.train.batch_size)
+    with pytest.raises(ConfigError, match=r", so 37% of steps would have nothing to predict"):
+        pretrain(tiny_config(tiny_mlm_data, tmp_path, f"objective.mask_rate={just_under!r}"), say=lambda *_: None)
 
 
 def test_validation_masks_that_select_nothing_name_eval_mask_rate(tiny_mlm_data, tmp_path):

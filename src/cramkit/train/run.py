@@ -180,10 +180,13 @@ def _check_targets_per_step(cfg: RunConfig, mask_rate: float, seq_len: int) -> N
     nothing and reported a perfect loss)."""
     expected = mask_rate * seq_len * cfg.train.batch_size
     if expected < 1:
+        # Each position is drawn on its own: a step has no target with probability (1 - rate)^n,
+        # above e^-1 = 37% here ("most" steps only below 0.69 positions per step).
+        empty = (1 - mask_rate) ** (seq_len * cfg.train.batch_size)
         raise ConfigError(
             f"objective.mask_rate={mask_rate:g} selects {expected:.2g} positions per step on average "
-            f"(train.batch_size={cfg.train.batch_size} sequences of {seq_len} tokens), so most steps would "
-            f"have nothing to predict; use a mask_rate of at least {1 / (seq_len * cfg.train.batch_size):.2g} "
+            f"(train.batch_size={cfg.train.batch_size} sequences of {seq_len} tokens), so {empty:.0%} of "
+            f"steps would have nothing to predict; use a mask_rate of at least {1 / (seq_len * cfg.train.batch_size):.2g} "
             "(cramming uses 0.25, BERT 0.15)")
 
 
