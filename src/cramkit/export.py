@@ -655,6 +655,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     dev = resolve_device(str(device))
     path = Path(path)
     cfg_path = path / "config.json"
+    if path.is_file():  # model.safetensors or config.json given for their folder: it exists
+        raise CheckpointError(f"{path} is a file: give the export's folder ({path.parent})")
     if not path.is_dir():
         raise CheckpointError(f"{path}: export folder not found")
     if (path / CLASSIFIER_FILE).is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -166,6 +167,12 @@ def test_load_exported_says_what_a_folder_that_is_no_export_is(tmp_path, small_t
         load_exported(seed)
     with pytest.raises(CheckpointError, match="nowhere: export folder not found"):
         load_exported(tmp_path / "nowhere")
+    # A file of an export exists: "export folder not found" sent the user looking for it.
+    export(run, tmp_path / "out", format="cramkit", log=lambda s: None)
+    weights = next((tmp_path / "out").glob("*.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))} is a file: give the export's folder "
+                                              rf"\({re.escape(str(tmp_path / 'out'))}\)$"):
+        load_exported(weights)
 
 
 @pytest.mark.parametrize("device, message", [
