@@ -337,6 +337,25 @@ def test_bf16_products_computed_in_fp32_give_the_same_peak_and_values(monkeypatc
     assert set(widened) == set(cpu_memory._PRODUCTS)  # forward addmm, backward mm
 
 
+def test_peak_bytes_runs_on_a_torch_built_without_onednn(monkeypatch):
+    """torch.ops.mkldnn._is_mkldnn_bf16_supported is registered only by builds with oneDNN:
+    elsewhere peak_bytes raised AttributeError, whatever the step's dtype. Such a build (or
+    oneDNN switched off) has no bf16 matrix kernels, so products are widened there."""
+    import types
+
+    from cramkit.train import cpu_memory
+
+    a = torch.ones(128, 128)
+    for setting in ("no onednn", "off"):
+        with monkeypatch.context() as patch:
+            if setting == "no onednn":
+                patch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())
+            else:
+                patch.setattr(torch.backends.mkldnn, "enabled", False)
+            assert not cpu_memory._bf16_matrix_kernels()
+            assert measured_peak(lambda: a @ a) >= 128 * 128 * 4
+
+
 def _training_step(model, batch, half: bool, hooks=contextlib.nullcontext):
     def step():
         with hooks(), torch.autocast("cpu", torch.bfloat16, enabled=half):

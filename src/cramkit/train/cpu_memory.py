@@ -51,11 +51,25 @@ def _via_fp32(func, args, kwargs):
     return func(*wide, **kwargs).to(torch.bfloat16)
 
 
+def _bf16_matrix_kernels() -> bool:
+    """Whether bf16 matrix products run on oneDNN's bf16 kernels here. The query is an operator
+    that only a build with oneDNN registers (elsewhere torch.ops.mkldnn has no such attribute,
+    and peak_bytes failed for every dtype); with oneDNN switched off, products take the slow
+    path too."""
+    mkldnn = torch.backends.mkldnn
+    if not (mkldnn.is_available() and mkldnn.enabled):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class _PeakAfterEachOp(TorchDispatchMode):
     def __init__(self, in_use: Callable[[], int]):
         super().__init__()
         self.in_use, self.peak = in_use, 0
-        self.widen = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.widen = not _bf16_matrix_kernels()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
