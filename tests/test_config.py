@@ -354,12 +354,15 @@ def test_the_batch_ramp_with_another_micro_batch_never_exceeds_the_batch():
     assert [ramp_accumulation(p, 12, 4, 8, 0.6) * 4 for p in (0.0, 0.2, 0.59, 0.6)] == [8, 8, 12, 12]
 
 
-def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch):
-    """A recipe's relative `base` path is the file beside it, from any working directory."""
+@pytest.mark.parametrize("parent", ["parent.toml", "common"])
+def test_relative_base_is_found_beside_the_recipe_file(tmp_path, monkeypatch, parent):
+    """A recipe's relative `base` path is the file beside it, from any working directory. Also
+    without .toml: `base = "common"` was found there until _is_file_spec decided (from the
+    working directory) that it was a shipped recipe's name: "unknown recipe 'common'"."""
     folder = tmp_path / "recipes"
     folder.mkdir()
-    (folder / "parent.toml").write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
-    (folder / "child.toml").write_text('base = "parent.toml"\n[optim]\nlr = 0.002\n')
+    (folder / parent).write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
+    (folder / "child.toml").write_text(f'base = "{parent}"\n[optim]\nlr = 0.002\n')
     monkeypatch.chdir(tmp_path)  # not the recipes folder
     cfg = load_config(str(folder / "child.toml"))
     assert cfg.train.budget == "7steps" and cfg.optim.lr == 0.002 and cfg.recipe == "child"
@@ -570,17 +573,8 @@ def test_a_recipe_files_own_recipe_label_is_kept(tmp_path):
     assert load_config(str(tmp_path / "path.toml"), ["name=r"]).recipe == "../elsewhere"
 
 
-def test_a_base_without_toml_is_still_found_beside_the_recipe_file(tmp_path, monkeypatch):
-    """README: a base path is looked for "first beside the recipe file". `base = "common"`, a
-    file without .toml beside the recipe, was found there until _is_file_spec decided (from the
-    working directory) that it was a shipped recipe's name: "unknown recipe 'common'"."""
-    folder = tmp_path / "recipes"
-    folder.mkdir()
-    (folder / "common").write_text('base = "demo"\n[train]\nbudget = "7steps"\n')
-    (folder / "child.toml").write_text('base = "common"\n[optim]\nlr = 0.002\n')
-    monkeypatch.chdir(tmp_path)  # not the recipes folder
-    cfg = load_config(str(folder / "child.toml"))
-    assert cfg.train.budget == "7steps" and cfg.optim.lr == 0.002 and cfg.recipe == "child"
-    (folder / "demo").write_text('[train]\nbudget = "9steps"\n')  # a shipped name stays the shipped recipe
-    (folder / "shipped.toml").write_text('base = "demo"\n')
-    assert load_config(str(folder / "shipped.toml")).train.budget == load_config("demo").train.budget
+def test_a_base_with_a_shipped_name_is_the_shipped_recipe_even_beside_a_file_of_that_name(tmp_path):
+    """Looking beside the recipe first must not turn `base = "demo"` into a file called demo."""
+    (tmp_path / "demo").write_text('[train]\nbudget = "9steps"\n')
+    (tmp_path / "shipped.toml").write_text('base = "demo"\n')
+    assert load_config(str(tmp_path / "shipped.toml")).train.budget == load_config("demo").train.budget
