@@ -682,12 +682,16 @@ SOURCE_READERS: dict[str, Callable[[str, PrepareConfig], Source]] = {
 }
 
 
+def source_reader(spec: str) -> Callable[[str, PrepareConfig], Source] | None:
+    """The reader registered for ``spec``'s ``PREFIX:``; None for a spec that is a path."""
+    prefix, sep, _ = spec.partition(":")
+    return SOURCE_READERS.get(prefix) if sep else None
+
+
 def open_source(spec: str, cfg: PrepareConfig) -> Source:
     """The reader for one spec string (validates that the input exists)."""
-    prefix, sep, _ = spec.partition(":")
-    if sep and prefix in SOURCE_READERS:
-        return SOURCE_READERS[prefix](spec, cfg)
-    return PathSource(spec, cfg)
+    reader = source_reader(spec)
+    return reader(spec, cfg) if reader is not None else PathSource(spec, cfg)
 
 
 def open_sources(cfg: PrepareConfig) -> list[Source]:

@@ -1333,8 +1333,14 @@ def _check_relative_data_dir(run_dir: Path, cfg: RunConfig, trained: RunConfig) 
         candidate = Path(*run.parts[:-len(tail.parts)]) / data_dir
         if candidate.is_dir():
             hint = f"resume from {candidate.parents[len(data_dir.parts) - 1]}, or give data.dir={candidate}"
-    raise DataError(f"{run_dir}/config.json has data.dir={cfg.data.dir}, a path relative to the folder the run "
-                    f"was started in, and there is no {cfg.data.dir} in {Path.cwd()}: {hint}")
+    raise _relative_to_start(run_dir, f"data.dir={cfg.data.dir}", cfg.data.dir, hint)
+
+
+def _relative_to_start(run_dir: Path, setting: str, path: str, hint: str) -> DataError:
+    """The error for a relative ``path`` of config.json's ``setting`` that a resume from another
+    folder than the run's first does not find."""
+    return DataError(f"{run_dir}/config.json has {setting}, a path relative to the folder the run "
+                     f"was started in, and there is no {path} in {Path.cwd()}: {hint}")
 
 
 def _cached_copy(manifest: dict, root: Path) -> Path | None:
@@ -1351,13 +1357,12 @@ def _check_relative_sources(run_dir: Path, cfg: RunConfig, trained: RunConfig) -
     started from, where a resume prepares (or finds in the cache) the same data again. Resumed
     from another folder it failed with "source 'corpus.txt': no such file or folder", naming
     neither the run's config.json nor the data the run was trained on."""
-    from ..data.sources import SOURCE_READERS
+    from ..data.sources import source_reader
 
     p, was = cfg.data.prepare, trained.data.prepare
     if cfg.data.dir:
         return
-    paths = [("data.prepare.sources", spec) for spec in p.sources if spec in was.sources
-             and not (spec.partition(":")[1] and spec.partition(":")[0] in SOURCE_READERS)]
+    paths = [("data.prepare.sources", spec) for spec in p.sources if spec in was.sources and source_reader(spec) is None]
     if p.tokenizer_file and p.tokenizer_file == was.tokenizer_file:
         paths.append(("data.prepare.tokenizer_file", p.tokenizer_file))
     missing = [(key, spec) for key, spec in paths
@@ -1370,8 +1375,7 @@ def _check_relative_sources(run_dir: Path, cfg: RunConfig, trained: RunConfig) -
     cached = _cached_copy(read_json(manifest, CheckpointError), cache_root(trained)) if manifest.is_file() else None
     if cached is not None:
         hint += f", or give data.dir={cached} (the data it was trained on)"
-    raise DataError(f"{run_dir}/config.json has {key} entry '{spec}', a path relative to the folder the run "
-                    f"was started in, and there is no {spec} in {Path.cwd()}: {hint}")
+    raise _relative_to_start(run_dir, f"{key} entry '{spec}'", spec, hint)
 
 
 #: Model settings that change what the weights compute but not their shapes, so that loading the
