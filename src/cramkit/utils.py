@@ -337,6 +337,12 @@ def host_memory() -> int | None:
         return None
 
 
+def looked_in(path: str | os.PathLike) -> str:
+    """`` in the working directory, CWD`` for a relative ``path`` that was not found there (a
+    recipe's paths are read from there, not beside the recipe file), else nothing."""
+    return "" if Path(path).is_absolute() else f" in the working directory, {Path.cwd()}"
+
+
 def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether ``a`` and ``b`` (resolved, so links and ``..`` count) are the same path or one
     lies inside the other: replacing either as a whole would destroy (part of) the other."""

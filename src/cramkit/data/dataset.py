@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..utils import read_json, sha256_file
+from ..utils import looked_in, read_json, sha256_file
 from .prepare import MANIFEST, MANIFEST_FORMAT
 
 _MANIFEST_KEYS = ("objective", "seq_len", "dtype", "vocab_size", "tokenizer_vocab_size", "special_ids",
@@ -97,8 +97,7 @@ class TokenDataset:
         path = Path(path)
         mpath = path / MANIFEST
         if not path.exists():  # a misspelt or relative data.dir: "no manifest.json" sent users to prepare it
-            where = "" if path.is_absolute() else f" in the working directory, {Path.cwd()}"
-            raise DataError(f"{path}: no such folder{where}")
+            raise DataError(f"{path}: no such folder{looked_in(path)}")
         if not mpath.is_file():
             raise DataError(f"{path}: not a prepared dataset (no {MANIFEST}; run cramkit prepare)")
         manifest = read_json(mpath, DataError)

@@ -65,6 +65,7 @@ from ..utils import (
     changed_keys,
     first_on_machine,
     lock_exclusive,
+    looked_in,
     paths_overlap,
     read_json,
     refuse_current_folder,
@@ -118,9 +119,7 @@ def _output_options(cfg: PrepareConfig) -> dict[str, Any]:
 def _check_tokenizer_file(cfg: PrepareConfig) -> None:
     path = Path(cfg.tokenizer_file)
     if cfg.tokenizer_file and not path.is_file():
-        # A relative one is read from the working directory, a recipe's too (not beside it).
-        where = "" if path.is_absolute() else f" in the working directory, {Path.cwd()}"
-        raise DataError(f"tokenizer_file '{cfg.tokenizer_file}': no such file{where}")
+        raise DataError(f"tokenizer_file '{cfg.tokenizer_file}': no such file{looked_in(path)}")
 
 
 def fingerprint(cfg: PrepareConfig, sources: list[Source] | None = None) -> str:

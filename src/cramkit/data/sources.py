@@ -26,7 +26,7 @@ import numpy as np
 from ..configbase import did_you_mean
 from ..errors import DataError
 from ..hub import hub_unreachable
-from ..utils import sha256_text
+from ..utils import looked_in, sha256_text
 from .config import PrepareConfig
 
 
@@ -324,10 +324,9 @@ class PathSource(Source):
         self.cfg = cfg
         path = Path(spec).expanduser()
         if not path.exists():
-            # A relative one is read from the working directory (a recipe's too, not beside the
-            # recipe file), which the message did not say to a user who ran from another folder.
-            where = "" if path.is_absolute() else f" in the working directory, {Path.cwd()}"
-            raise DataError(f"source '{spec}': no such file or folder{where}")
+            # Which folder a relative one was read from: a user who ran from another folder was
+            # not told.
+            raise DataError(f"source '{spec}': no such file or folder{looked_in(path)}")
         if path.is_dir():
             self.files = _visible_files(path)
             if not self.files:
