@@ -337,6 +337,15 @@ def host_memory() -> int | None:
         return None
 
 
+def beyond_host_memory(values: int) -> str | None:
+    """``take N GB in fp32, more than this machine's M GB of memory`` when ``values`` fp32
+    numbers do not fit in this machine's memory; None when they do, or the system does not say."""
+    host = host_memory()
+    if host is None or 4 * values <= host:
+        return None
+    return f"take {4 * values / 1e9:,.0f} GB in fp32, more than this machine's {host / 1e9:,.0f} GB of memory"
+
+
 def looked_in(path: str | os.PathLike) -> str:
     """`` in the working directory, CWD`` for a relative ``path`` that was not found there (a
     recipe's paths are read from there, not beside the recipe file), else nothing."""

@@ -29,7 +29,7 @@ from ..configbase import Config, check_seed, did_you_mean, field
 from ..errors import CheckpointError, ConfigError, CramkitError, TrainingError
 from ..optim import parameter_groups
 from ..train.device import autocast, resolve_device, resolve_precision
-from ..utils import atomic_dir, changed_keys, host_memory
+from ..utils import atomic_dir, beyond_host_memory, changed_keys
 from .adapters import (
     PEFT_METHODS,
     PeftOptions,
@@ -640,12 +640,12 @@ def _save_finetuned(model: nn.Module, out: Path, cfg: FinetuneConfig, owner: dic
 
 def _check_head_fits_host(cfg: FinetuneConfig, hidden: int, num_labels: int) -> None:
     # head_width=1e12 was the allocator's traceback when the head was built.
-    host, width = host_memory(), cfg.head_width or hidden
+    width = cfg.head_width or hidden
     values = hidden * width + width * num_labels
-    if host is not None and 4 * values > host:
-        raise ConfigError(f"finetune.head_width={cfg.head_width}: the classification head's {values:,} weights take "
-                          f"{4 * values / 1e9:,.0f} GB in fp32, more than this machine's {host / 1e9:,.0f} GB "
-                          f"of memory (0 = the model's width, {hidden})")
+    beyond = beyond_host_memory(values)
+    if beyond:
+        raise ConfigError(f"finetune.head_width={cfg.head_width}: the classification head's {values:,} weights "
+                          f"{beyond} (0 = the model's width, {hidden})")
 
 
 def finetune_config(cfg: FinetuneConfig | dict[str, Any] | None) -> FinetuneConfig:
@@ -688,11 +688,11 @@ def finetune(
     encoder = TaskEncoder(
         backbone.tokenizer, backbone.special, cfg.seq_len, backbone.model_config.causal
     )
-    max_pos = backbone.model_config.max_positions
     # Every position scheme but none covers max_positions only (rotary's cache too): checked by
     # the model at the first batch that long, which may be hours into a suite.
-    if cfg.seq_len > max_pos and backbone.model_config.positions != "none":
-        raise ConfigError(f"finetune.seq_len {cfg.seq_len} exceeds model.max_positions {max_pos}")
+    if backbone.model_config.exceeds_positions(cfg.seq_len):
+        raise ConfigError(f"finetune.seq_len {cfg.seq_len} exceeds model.max_positions "
+                          f"{backbone.model_config.max_positions}")
     _check_head_fits_host(cfg, backbone.model_config.hidden, task.spec.num_labels)
     train = encoder.encode(subsample(task.train, cfg.max_train_examples, seed=0))
     evals = {

@@ -73,8 +73,8 @@ from ..optim.optimizers import settings_read
 from ..techniques import build_techniques
 from ..utils import (
     atomic_path,
+    beyond_host_memory,
     changed_keys,
-    host_memory,
     lock_exclusive,
     missing_folders,
     read_json,
@@ -144,12 +144,9 @@ def _check_model_fits_host(model: ModelConfig) -> None:
     """Refuse a model whose fp32 weights (and position tables) exceed this machine's memory: it
     is built on the host first, whatever the device. ``model.hidden=1e12`` failed as the
     allocator's traceback, and ``model.layers=1e12`` built blocks until memory ran out."""
-    host = host_memory()
-    if host is None:  # a system that does not say: nothing to check
-        return
     params = count_parameters_from_config(model)
     table = 0
-    if 4 * params <= host:  # else even a meta block's sizes can overflow torch's arithmetic
+    if beyond_host_memory(params) is None:  # else even a meta block's sizes can overflow torch's arithmetic
         # A table of max_positions rows may be a buffer, not a parameter: the embedding's, or
         # rotary's cos/sin caches, which every block's attention holds.
         with torch.device("meta"):
@@ -157,12 +154,11 @@ def _check_model_fits_host(model: ModelConfig) -> None:
             block = Block(model, model.causal)
         table = sum(b.numel() for b in positions.buffers()) if positions is not None else 0
         table += model.layers * sum(b.numel() for b in block.buffers())
-    if 4 * (params + table) > host:
+    beyond = beyond_host_memory(params + table)
+    if beyond:
         raise ConfigError(
             f"model: {params:,} parameters{f' and {table:,} values of position tables' if table else ''} "
-            f"take {4 * (params + table) / 1e9:,.0f} GB in fp32, more than this machine's "
-            f"{host / 1e9:,.0f} GB of memory; check model.hidden, layers, intermediate, vocab_size, "
-            "type_vocab_size and max_positions"
+            f"{beyond}; check model.hidden, layers, intermediate, vocab_size, type_vocab_size and max_positions"
         )
 
 
