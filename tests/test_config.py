@@ -184,6 +184,31 @@ def test_an_unknown_key_names_the_recipe_file_that_holds_it(tmp_path, content, k
         load_config("demo", ["train.bugdet=3"])
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"[train]\nbatch_size = 0\n", r"train\.batch_size must be >= 1, got 0"),
+    (b'[optim]\nname = "adamm"\n', r"optim\.name: unknown optimizer 'adamm' \(did you mean 'adamw'\?\)"),
+    (b'techniques = ["pldd"]\n', r"techniques: unknown technique 'pldd' \(did you mean 'pld'\?\)"),
+    (b"[model]\nhidden = 100\nheads = 3\n", r"model\.hidden \(100\) must be divisible by heads \(3\)"),
+    (b"seed = -1\n", r"seed must be in \[0, 2\*\*63\)"),
+    (b'name = "a/b"\n', r"name='a/b': a run name is one folder name"),
+])
+def test_a_value_out_of_range_names_the_recipe_file_that_holds_it(tmp_path, content, message):
+    """Validation sees the merged config: its errors named the key only, and in a chain of bases
+    the user had to hunt for the file that held it, as for an unknown key or a wrong type."""
+    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\n[train]\nlog_every = 5\n')
+    for recipe in ("parent.toml", "child.toml"):
+        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': {message}"):
+            load_config(str(tmp_path / recipe))
+    # A bad override of a value the file holds is the command line's error, with no file named.
+    (tmp_path / "batch.toml").write_text('base = "demo"\n[train]\nbatch_size = 8\n')
+    with pytest.raises(ConfigError, match=r"^train\.batch_size must be >= 1"):
+        load_config(str(tmp_path / "batch.toml"), ["train.batch_size=0"])
+    # A shipped recipe's value is no file of the user's: an override that breaks it stays bare.
+    with pytest.raises(ConfigError, match=r"^model\.hidden \(\d+\) must be divisible by heads \(3\)$"):
+        load_config("demo", ["model.heads=3"])
+
+
 def test_typed_files_still_take_an_int_for_a_float_and_overrides_still_parse_text(tmp_path):
     from cramkit.config import config_from_dict
 

@@ -7,6 +7,7 @@ recipe to extend, and its ``[model]`` table may name a ``preset`` whose fields i
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -498,12 +499,17 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Run
     # as text ("0.5", "yes", "a,b").
     try:
         cfg = config_from_dict(data, strict=False)
+        check_run_name(cfg.name)  # before data preparation can take minutes
     except UnknownKey as exc:  # a key from a recipe file: name the file, as a wrong type does
         overridden = any(o.partition("=")[0].strip() == exc.key for o in overrides)
         if exc.key not in origins or overridden:
             raise
         raise UnknownKey(f"recipe '{origins[exc.key]}': {exc}", exc.key) from None
-    check_run_name(cfg.name)  # before data preparation can take minutes
+    except ConfigError as exc:  # a value out of range or an unknown name: likewise
+        holder = _file_that_set(str(exc), origins, overrides)
+        if holder is None:
+            raise
+        raise type(exc)(f"recipe '{holder}': {exc}") from None
     if not cfg.name and cfg.recipe:  # the run is then named after it (a file's `recipe`, `recipe=`)
         try:
             check_run_name(cfg.recipe)
@@ -511,6 +517,29 @@ def load_config(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Run
             raise ConfigError(f"recipe={cfg.recipe!r}: a run without name= is named after its recipe, which must "
                               "then be one folder name (no '/' or '\\', not '.' or '..'); set name=") from None
     return cfg
+
+
+#: A dotted option path in an error message (``train.batch_size``, ``technique.pld.theta_bar``).
+_OPTION_PATH = re.compile(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b")
+
+
+def _file_that_set(message: str, origins: dict[str, str], overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The user's recipe file that set the option a validation error names first, or None when
+    that option came from the command line, a shipped recipe or a default.
+
+    Validation sees the merged config only; in a chain of bases the user had to hunt for the
+    file that held ``batch_size = 0``. An override of any option the message names keeps the
+    error the command line's, as it was.
+    """
+    given = {o.partition("=")[0].strip() for o in overrides}
+    # A top-level option has no dot: only as the message's first word ("seed must be ...").
+    first = re.match(r"[a-z_]+(?![.\w])", message)
+    for option in ([first.group()] if first else []) + _OPTION_PATH.findall(message):
+        if option in given:
+            return None
+        if option in origins:
+            return origins[option] if _is_file_spec(origins[option]) else None
+    return None
 
 
 def check_run_name(name: str) -> None:

@@ -161,8 +161,8 @@ def _lookup(name: str) -> type[Technique]:
         return TECHNIQUES[name]
     except KeyError:
         known = ", ".join(sorted(TECHNIQUES)) or "none"
-        raise UnknownName(f"unknown technique '{name}'{unknown_hint(name, TECHNIQUES)}; known: {known}"
-                          f"") from None
+        raise UnknownName(f"techniques: unknown technique '{name}'{unknown_hint(name, TECHNIQUES)}; "
+                          f"known: {known}") from None
 
 
 def validate_technique_options(names: list[str], options: dict[str, Any]) -> None:
