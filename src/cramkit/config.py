@@ -71,7 +71,7 @@ class DataSection(Config):
 class ObjectiveConfig(Config):
     """The pretraining objective applied to each batch of packed tokens."""
 
-    name: Literal["auto", "mlm", "clm"] = field("auto", help="auto: the objective the data was prepared for")
+    name: Literal["auto", "mlm", "clm"] = field("auto", help="auto: the architecture's (mlm for bert, clm for gpt); the data must be prepared for it, and a name given must be it")
     mask_rate: float = field(0.15, help="MLM: fraction of tokens selected for prediction")
     mask_fraction: float = field(0.8, help="MLM: selected tokens replaced by [MASK]")
     random_fraction: float = field(0.1, help="MLM: selected tokens replaced by a random token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import warnings
 
@@ -582,6 +583,22 @@ def test_a_registered_architecture_trains_with_the_objective_its_causality_asks(
     with pytest.raises(ConfigError, match="model.arch=causal-plugin trains with the clm objective, but the "
                                           "data/objective is mlm"):
         pretrain(cfg, say=lambda *_: None)
+
+
+@pytest.mark.parametrize("data, arch, name, message", [
+    # A GPT told objective.name=clm trained on [CLS] ... [SEP]-framed WordPiece sequences.
+    ("tiny_mlm_data", "gpt", "clm", "model.arch=gpt trains with the clm objective, but the data/objective is mlm"),
+    ("tiny_clm_data", "bert", "mlm", "model.arch=bert trains with the mlm objective, but the data/objective is clm"),
+    # The data fits the model: advice to prepare it again would be wrong.
+    ("tiny_clm_data", "gpt", "mlm", "objective.name=mlm, but model.arch=gpt trains with the clm objective; "
+                                    "leave objective.name=auto"),
+])
+def test_an_objective_name_neither_overrides_the_data_nor_the_architecture(request, tmp_path, data, arch, name,
+                                                                           message):
+    cfg = tiny_config(request.getfixturevalue(data), tmp_path, f"objective.name={name}", arch=arch)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pretrain(cfg, say=lambda *_: None)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -121,14 +121,23 @@ def prepare_data(cfg: RunConfig, say: Callable[[str], None] = print) -> Path:
 
 
 def _check_objective(cfg: RunConfig, data_objective: str) -> str:
-    name = cfg.objective.name if cfg.objective.name != "auto" else data_objective
+    """The objective the run trains with: the architecture's, which both ``objective.name`` (when
+    set) and the data must be. Data is packed for one objective (MLM frames each sequence
+    ``[CLS] ... [SEP]`` with WordPiece; CLM ends documents with the end-of-document token), so
+    ``objective.name=clm`` does not make MLM data fit a GPT: it trained on the framing silently."""
     wanted = training_objective(cfg.model)
-    if name != wanted:
+    asked = cfg.objective.name
+    if asked not in ("auto", wanted):
         raise ConfigError(
-            f"model.arch={cfg.model.arch} trains with the {wanted} objective, but the data/objective is {name}; "
-            f"prepare the data with objective={wanted}"
+            f"objective.name={asked}, but model.arch={cfg.model.arch} trains with the {wanted} objective; "
+            "leave objective.name=auto"
         )
-    return name
+    if data_objective != wanted:
+        raise ConfigError(
+            f"model.arch={cfg.model.arch} trains with the {wanted} objective, but the data/objective is "
+            f"{data_objective}; prepare the data with objective={wanted}"
+        )
+    return wanted
 
 
 def _check_vocab(cfg: RunConfig, dataset: TokenDataset, data_dir: Path) -> None:
