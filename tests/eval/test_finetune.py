@@ -1168,3 +1168,26 @@ def test_a_classifiers_logits_do_not_depend_on_the_padding_after_a_row(preset, p
     mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 3, dtype=ids.dtype)], 1)
     with torch.no_grad():
         torch.testing.assert_close(clf(padded, mask), clf(ids, torch.ones_like(ids)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("preset", "exportable"), [("bert-base", True), ("tiny-gpt", False), ("tiny", False)])
+def test_finetune_names_cramkit_export_only_for_the_fine_tunes_it_exports(tmp_path, bbc_tokenizer, capsys,
+                                                                         preset, exportable):
+    """A saved GPT (or pre-LN BERT) fine-tune was announced as read by `cramkit export`, which
+    refuses it (export writes BertForSequenceClassification only)."""
+    from cramkit.cli import main
+    from cramkit.models.presets import preset_config
+
+    from .helpers import SMALL_MODEL
+
+    special = {"pad": 0, "unk": 1, "cls": None, "sep": 3, "mask": None, "eod": 3} if preset == "tiny-gpt" else None
+    cfg = preset_config(preset, **{**SMALL_MODEL, "vocab_size": 1024})
+    run = make_run_dir(tmp_path / "run", cfg, bbc_tokenizer, special_ids=special)
+    task = _file_task(tmp_path / "task")
+    assert main(["finetune", str(run), "--task", str(task), "progress=false", "device=cpu", "seq_len=32",
+                 "pooling=auto", "epochs=1", "seeds=[0]", "save=true"]) == 0
+    shown = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("weights (seed 0)"))
+    assert shown.endswith("(cramkit predict, cramkit export)") == exportable, shown
+    assert ("not cramkit export" in shown) != exportable, shown
+    if exportable:  # what the line promises holds
+        assert main(["export", str(run / "finetune" / "task" / "seed-0"), "--out", str(tmp_path / "hf")]) == 0

@@ -126,10 +126,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"  {entry}: {shown}")
     print(f"results: {out}")
     if result.get("saved"):
-        print(f"weights (seed {cfg.seeds[0]}): {result['saved']} (cramkit predict, cramkit export)")
+        print(f"weights (seed {cfg.seeds[0]}): {result['saved']} ({_readers_of_saved(backbone.model_config, cfg)})")
     if changed:
         print(f"note: replaced the result there written with other settings ({', '.join(changed)} differed)")
     return 0
+
+
+def _readers_of_saved(model_config, cfg) -> str:
+    """The commands that use a fine-tune's saved weights: ``cramkit predict`` always, ``cramkit
+    export`` only for a fine-tune that is exactly its transformers class (a GPT, a pre-LN BERT or
+    mean pooling it refuses; naming it for them sent users to an error)."""
+    from ..export import FINETUNED_HF_CLASS, finetuned_mismatches
+
+    if finetuned_mismatches(model_config, cfg):
+        return f"cramkit predict; not cramkit export, which writes {FINETUNED_HF_CLASS} fine-tunes only"
+    return "cramkit predict, cramkit export"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
