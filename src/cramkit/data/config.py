@@ -98,7 +98,7 @@ class PrepareConfig(Config):
         "orderings ignore it)",
     )
     last_sequence: Literal["pad", "drop"] = field(
-        "pad", help="the final partial sequence of each split: pad it with [PAD] or drop it"
+        "pad", help="the final partial sequence of each split: pad it with the pad token ([PAD], <|pad|>) or drop it"
     )
     shard_tokens: int = field(16_777_216, help="approximate tokens per .bin shard")
     batch_docs: int = field(256, help="documents per encode_batch call (memory and speed only: the output is the same)")
