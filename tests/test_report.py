@@ -122,6 +122,21 @@ def test_runs_that_average_validation_over_different_sequences_say_so(tiny_mlm_d
     assert len(notes) == 1 and notes[0].startswith("the runs drew their validation masks differently")
 
 
+def test_causal_runs_record_no_mask_scheme_and_are_not_told_they_drew_masks(tiny_clm_data, tmp_path):
+    """A causal run draws no validation masks: its summary labelled one, so a causal run from
+    before the label was recorded was reported as having "drawn its masks differently"."""
+    from cramkit.train.run import pretrain
+
+    for name in ("old", "new"):
+        pretrain(tiny_config(tiny_clm_data, tmp_path, "train.budget=2steps", name=name, arch="gpt"),
+                 say=lambda *_: None)
+    summary = json.loads((tmp_path / "new" / "summary.json").read_text())
+    assert "val_masks" not in summary and summary["val_sequences"]
+    old = tmp_path / "old" / "summary.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "val_masks"}))
+    assert build_report(load_runs([tmp_path / "old", tmp_path / "new"]))["notes"] == []
+
+
 def test_a_target_no_run_reaches_and_an_unfinished_run(runs, tmp_path):
     report = build_report(load_runs([runs / "fast", runs / "killed"]), target=0.5)
     fast, killed = report["runs"]

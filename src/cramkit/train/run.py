@@ -1060,7 +1060,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             summary = _summary(run_dir, trainer, first_loss, val_loss, count_parameters(trainer.raw_model), peak,
                                peak_flop_seconds(trainer.state))
             summary["val_sequences"] = val_sequences  # `report` notes runs that differ
-            summary["val_masks"] = VAL_MASKS
+            if objective_name == "mlm":  # a causal run draws no masks: a label would read as a scheme
+                summary["val_masks"] = VAL_MASKS
             summary["energy_kwh"] = kwh
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
             write_json(run_dir / "summary.json", summary)
