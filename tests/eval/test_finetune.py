@@ -298,6 +298,8 @@ def test_finetune_regression_and_gpt_pooling(tmp_path):
     metrics = result["metrics"][task.spec.name]
     assert set(metrics) == {"pearson", "spearman"}
     assert metrics["pearson"] > 0.5, metrics
+    # The result says which pooling auto stood for: the settings alone read "auto".
+    assert result["pooling"] == "last" and result["config"]["pooling"] == "auto"
 
 
 def test_finetune_demo_returns_both_accuracies(tiny_run):

@@ -38,7 +38,7 @@ from .adapters import (
     scaling_parameters,
 )
 from .encoding import Encoded, SpecialIds, TaskEncoder
-from .heads import POOLERS, SequenceClassifier
+from .heads import POOLERS, SequenceClassifier, resolve_pooling
 from .metrics import compute_metrics, median_metrics, task_score, to_percent
 from .tasks import TaskData, TaskSpec, subsample
 
@@ -671,7 +671,7 @@ def finetune(
 
     ``backbone`` is :func:`load_backbone`'s, ``task`` :func:`~cramkit.eval.tasks.load_task`'s;
     ``cfg`` a FinetuneConfig or a dict of its fields (as :func:`~cramkit.models.build_model`
-    takes one), defaults for None. Returns ``{"task", "init", "metrics": {entry: {metric:
+    takes one), defaults for None. Returns ``{"task", "init", "pooling", "metrics": {entry: {metric:
     median}}, "scores": {entry: score}, "per_seed": [...], "train_examples", "eval_examples",
     "skipped_rows", "parameters", "steps", "seconds", "config"}`` (metric values on a 0-1 scale).
     """
@@ -728,6 +728,9 @@ def finetune(
         "task_source": task.spec.source,
         **({"task_file": task.spec.file} if task.spec.file else {}),
         "init": "random" if backbone.random_init else "pretrained",
+        # What pooling=auto stood for on this backbone (last token for a causal one, else [CLS]):
+        # the config below keeps the setting as given.
+        "pooling": resolve_pooling(cfg.pooling, backbone.model_config.causal),
         "metrics": metrics,
         "scores": {entry: task_score(m) for entry, m in metrics.items()},
         "score_spread": {
