@@ -140,6 +140,16 @@ def test_ill_formed_recipe_file_is_a_clear_error(tmp_path, content, message):
         load_config(str(recipe))
 
 
+def _refused_naming_the_file_that_holds_it(tmp_path, content: bytes, message: str) -> None:
+    """``content`` in a recipe based on demo, read directly and through a recipe based on it:
+    the error must name that file, not the one the user ran, and match ``message``."""
+    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
+    (tmp_path / "child.toml").write_text('base = "parent.toml"\n[train]\nlog_every = 5\n')
+    for recipe in ("parent.toml", "child.toml"):
+        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': {message}"):
+            load_config(str(tmp_path / recipe))
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -156,11 +166,7 @@ def test_ill_formed_recipe_file_is_a_clear_error(tmp_path, content, message):
 def test_a_recipe_files_values_must_have_their_fields_types(tmp_path, content, message):
     """TOML has types: the text parsing of key=value overrides ("0.5", "yes") let a quoted
     number or a misspelt boolean through, and read 32.0 as 32."""
-    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
-    (tmp_path / "child.toml").write_text('base = "parent.toml"\n')
-    for recipe in ("parent.toml", "child.toml"):  # the error names the file that holds the value
-        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': {message}"):
-            load_config(str(tmp_path / recipe))
+    _refused_naming_the_file_that_holds_it(tmp_path, content, message)
 
 
 @pytest.mark.parametrize("content, key", [(b"[train]\nbugdet = 10\n", r"train\.bugdet' \(did you mean 'train\.budget'\?\)"),
@@ -174,11 +180,7 @@ def test_a_recipe_files_values_must_have_their_fields_types(tmp_path, content, m
 def test_an_unknown_key_names_the_recipe_file_that_holds_it(tmp_path, content, key):
     """As a value of the wrong type does: the key was reported without its file, which in a
     chain of bases the user had to hunt for."""
-    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
-    (tmp_path / "child.toml").write_text('base = "parent.toml"\n[train]\nlog_every = 5\n')
-    for recipe in ("parent.toml", "child.toml"):
-        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': unknown config key '{key}$"):
-            load_config(str(tmp_path / recipe))
+    _refused_naming_the_file_that_holds_it(tmp_path, content, f"unknown config key '{key}$")
     # An override's unknown key is the command line's, whatever the recipe holds.
     with pytest.raises(ConfigError, match=r"^unknown config key 'train\.bugdet'"):
         load_config("demo", ["train.bugdet=3"])
@@ -195,11 +197,7 @@ def test_an_unknown_key_names_the_recipe_file_that_holds_it(tmp_path, content, k
 def test_a_value_out_of_range_names_the_recipe_file_that_holds_it(tmp_path, content, message):
     """Validation sees the merged config: its errors named the key only, and in a chain of bases
     the user had to hunt for the file that held it, as for an unknown key or a wrong type."""
-    (tmp_path / "parent.toml").write_bytes(b'base = "demo"\n' + content)
-    (tmp_path / "child.toml").write_text('base = "parent.toml"\n[train]\nlog_every = 5\n')
-    for recipe in ("parent.toml", "child.toml"):
-        with pytest.raises(ConfigError, match=rf"^recipe '.*parent\.toml': {message}"):
-            load_config(str(tmp_path / recipe))
+    _refused_naming_the_file_that_holds_it(tmp_path, content, message)
     # A bad override of a value the file holds is the command line's error, with no file named.
     (tmp_path / "batch.toml").write_text('base = "demo"\n[train]\nbatch_size = 8\n')
     with pytest.raises(ConfigError, match=r"^train\.batch_size must be >= 1"):
