@@ -1750,3 +1750,23 @@ def test_a_checkpoint_altered_in_place_falls_back_to_the_previous_one(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path, warn=messages.append) == older
     assert messages == ["skipping checkpoint step-00000002: model.safetensors does not match its checksum; "
                         "falling back to the previous one"]
+
+
+def test_a_causal_runs_summary_gives_its_validation_perplexity(tiny_clm_data, tiny_mlm_data, tmp_path, capsys):
+    """Causal LMs are compared by perplexity, exp of the mean next-token loss in nats; a masked
+    LM's loss has no such reading, so its summary gives none."""
+    import math
+
+    from cramkit.cli import main
+    from cramkit.train.run import perplexity
+
+    gpt = tiny_config(tiny_clm_data, tmp_path, "train.budget=2steps", name="gpt", arch="gpt")
+    summary = pretrain(gpt, say=lambda *_: None)
+    assert summary["final_val_perplexity"] == pytest.approx(math.exp(summary["final_val_loss"]), rel=1e-12)
+    bert = pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", name="bert"), say=lambda *_: None)
+    assert "final_val_perplexity" not in bert
+    assert [perplexity(x) for x in (None, float("nan"), 800.0)] == [None] * 3
+    # The command line prints it beside the loss it is the exponential of.
+    assert main(["pretrain", "--resume", summary["run_dir"], "budget=3steps", "train.progress_bar=false"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("validation loss:"))
+    assert re.search(r"end (\d+\.\d{4}) \(perplexity (\d+\.\d\d)\)$", line), line

@@ -232,7 +232,9 @@ def _print_summary(s: dict) -> None:
     # from before the step was recorded says so without it).
     first = f"step {s['first_train_step']}" if s.get("first_train_step") is not None else "first logged"
     print(f"train loss: {first} {fmt(s['first_train_loss'])}  end {fmt(s['last_train_loss'])}")
-    print(f"validation loss: start {fmt(s['initial_val_loss'])}  end {fmt(s['final_val_loss'])}")
+    ppl = s.get("final_val_perplexity")  # causal runs only
+    print(f"validation loss: start {fmt(s['initial_val_loss'])}  end {fmt(s['final_val_loss'])}"
+          + (f" (perplexity {ppl:.2f})" if ppl is not None else ""))
     print(f"throughput: {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}")
     if s.get("energy_kwh") is not None:
         print(f"GPU energy: {s['energy_kwh']:.4f} kWh ({s['kwh_per_billion_tokens']:.2f} kWh per billion tokens)")

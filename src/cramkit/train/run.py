@@ -1062,6 +1062,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             summary["val_sequences"] = val_sequences  # `report` notes runs that differ
             if objective_name == "mlm":  # a causal run draws no masks: a label would read as a scheme
                 summary["val_masks"] = VAL_MASKS
+            else:  # how causal LMs are compared; a masked-LM loss has no such reading
+                summary["final_val_perplexity"] = perplexity(val_loss)
             summary["energy_kwh"] = kwh
             summary["kwh_per_billion_tokens"] = kwh / (trainer.state.tokens / 1e9) if kwh and trainer.state.tokens else None
             write_json(run_dir / "summary.json", summary)
@@ -1204,6 +1206,14 @@ def _summary(run_dir: Path, trainer: Trainer, first_loss, val_loss, n_params: in
         "final_val_loss": val_loss,
         "nonfinite_steps": st.nonfinite_total,
     }
+
+
+def perplexity(loss: float | None) -> float | None:
+    """``exp(loss)`` of a mean next-token loss in nats; None for no loss or a non-finite one,
+    which JSON cannot hold (a loss beyond exp's range is a perplexity of inf, also None)."""
+    if loss is None or not math.isfinite(loss) or loss > 700:
+        return None
+    return math.exp(loss)
 
 
 #: Where a resume puts the summary of the segment before it (``report`` reads only summary.json).
