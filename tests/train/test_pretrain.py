@@ -364,6 +364,21 @@ def test_a_stop_signal_is_no_last_step(tiny_mlm_data, tmp_path, monkeypatch):
     assert recorder.seen == [(k, False) for k in range(1, 5)]
 
 
+def test_the_step_a_stop_signal_ends_on_is_logged(tiny_mlm_data, tmp_path):
+    """Between log steps too: the training log reaches the step that the checkpoint and the
+    summary describe (its tokens, FLOPs and loss), as it does at a budget's last step. It stopped
+    at the last log step before, and the summary's last training loss was that step's."""
+    with signal_at(3, signal.SIGINT), pytest.warns(UserWarning, match="finishing the step"):
+        summary = pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=10steps", "train.log_every=3"),
+                           say=lambda *_: None)
+    assert summary["stop_reason"] == "signal" and summary["steps"] == 4
+    train = _metrics(tmp_path / "run")
+    assert [r["step"] for r in train] == [3, 4]
+    assert (train[-1]["tokens"], train[-1]["flops"]) == (summary["tokens"], summary["flops"])
+    assert train[-1]["tokens"] - train[0]["tokens"] == 8 * 32  # one step of batch 8 x seq 32
+    assert summary["last_train_loss"] == train[-1]["loss"]
+
+
 def test_a_model_requested_after_the_last_step_is_warned_of_and_the_run_still_finishes(tiny_mlm_data, tmp_path,
                                                                                         monkeypatch):
     """A (plugin) technique that ignores state.last_step: its author is told that nothing trains

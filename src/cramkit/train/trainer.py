@@ -322,7 +322,10 @@ class Trainer:
                     t.on_step_end(state)
                 self._swap_model_if_requested()
                 state.progress = progress(self.budget, state.usage)
-                if state.step % cfg.train.log_every == 0 or state.last_step:
+                # The step a stop signal ends on is logged too (stop_reason was agreed above): the
+                # log then reaches the step the checkpoint and summary describe, and its window's
+                # tokens and seconds are in a record, as a budget's last step's are.
+                if state.step % cfg.train.log_every == 0 or state.last_step or self.stop_reason == "signal":
                     window_time = self._log_train(window_tokens, window_flops, window_time)
                     window_tokens, window_flops = 0, 0.0
                 self._periodic()
