@@ -149,6 +149,22 @@ def test_a_target_no_run_reaches_and_an_unfinished_run(runs, tmp_path):
     assert "| killed | unfinished |" in table and "not reached" in table
 
 
+def test_a_run_killed_before_its_first_evaluation_has_no_final_loss_and_sets_no_target(runs, tmp_path):
+    """Its only evaluation is step 0's, of the untrained model: reported as its final loss, it
+    became the default target (the worst final loss), which every run reached at 0."""
+    shutil.copytree(runs / "fast", tmp_path / "early")
+    (tmp_path / "early" / "summary.json").unlink()
+    metrics = tmp_path / "early" / "metrics.jsonl"
+    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 2]
+    metrics.write_text("\n".join(kept) + "\n")
+    report = build_report(load_runs([runs / "fast", tmp_path / "early"]))
+    fast, early = report["runs"]
+    assert early["status"] == "unfinished" and early["steps"] == 2 and early["final_val_loss"] is None
+    assert report["target_val_loss"] == json.loads((runs / "fast" / "summary.json").read_text())["final_val_loss"]
+    assert fast["to_target"]["tokens"] > 0 and early["to_target"]["tokens"] is None
+    assert "| early | unfinished | demo | - | 2 |" in markdown({**report, "plots": [], "plots_skipped": None})
+
+
 def test_plots_are_written_with_matplotlib(runs, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"

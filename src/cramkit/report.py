@@ -221,9 +221,16 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
 
 
 def _final_val_loss(run: Run) -> float | None:
+    """A finished run's final validation loss; an unfinished run's latest one after step 0.
+
+    Step 0's scores the untrained model: a run killed before its first periodic evaluation has
+    no loss of what it trained to, and taking the initial one made the default target the
+    untrained loss, which every run "reached" at 0 s, 0 tokens and 0 FLOPs.
+    """
     if run.summary is not None and _is_number(run.summary.get("final_val_loss")):
         return float(run.summary["final_val_loss"])
-    return float(run.evals[-1]["val_loss"]) if run.evals else None
+    trained = [e for e in run.evals if e["step"] > 0]
+    return float(trained[-1]["val_loss"]) if trained else None
 
 
 def run_row(run: Run, target: float | None) -> dict[str, Any]:
