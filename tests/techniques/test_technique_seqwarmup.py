@@ -109,18 +109,20 @@ def test_compiled_run_meets_no_recompilation_while_lengths_grow(arch, tiny_mlm_d
     assert graphs["after"] == graphs["before"] > 0
 
 
-def test_a_resume_refused_at_its_first_step_leaves_the_runs_config_as_it_was(tiny_mlm_data, tmp_path):
+def test_a_resume_refused_at_its_first_step_leaves_the_run_as_it_was(tiny_mlm_data, tmp_path):
     """The start length is checked against the data at the first batch, after a resume has
     written config.json: the refused override stayed in it, and a plain ``--resume`` then failed
-    the same way."""
+    the same way. The summary it had moved aside stayed there too (`cramkit report` then called
+    the finished run unfinished), and environment.json listed a resume that never trained."""
     from cramkit.train.run import resume_config
 
     pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", "techniques=[seqwarmup]",
                          "technique.seqwarmup.start=8"), say=quiet)
     run = tmp_path / "run"
-    before = (run / "config.json").read_text()
+    files = ("config.json", "summary.json", "environment.json")
+    before = {name: (run / name).read_text() for name in files}
     with pytest.raises(ConfigError, match="start length 64 is not shorter"):
         pretrain(resume_config(run, ["train.budget=3steps", "technique.seqwarmup.start=64"]), run_dir=run,
                  resume=True, say=quiet)
-    assert (run / "config.json").read_text() == before
+    assert {name: (run / name).read_text() for name in files} == before
     assert pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=quiet)["steps"] == 3

@@ -336,18 +336,27 @@ def _discard_untrained(made: dict[str, Any]) -> None:
 
 
 def _undo_config(made: dict[str, Any]) -> None:
-    """Put back the ``config.json`` that a resume replaced, when the resume took no step.
+    """Put back the ``config.json`` and ``environment.json`` that a resume replaced, and the
+    summary it moved aside, when the resume took no step.
 
     Some overrides are refused only at the first step (a sequence-length warm-up that starts at
     the data's full length): the refused setting would stay in the run's config, and the next
-    plain ``--resume`` fail on it again, though the checkpoint never trained with it.
+    plain ``--resume`` fail on it again, though the checkpoint never trained with it. Without its
+    summary a finished run was reported as unfinished (``cramkit report``), with the MFU of its
+    last logged window, and its environment listed a resume that never trained.
     """
     before, state = made.get("config_before"), made.get("state")
     if before is None or state is None or state.usage.steps != made.get("resumed_at"):
         return
+    run_dir = made["config_path"].parent
     try:
         with atomic_path(made["config_path"]) as tmp:
             tmp.write_bytes(before)
+        if made.get("environment_before") is not None:
+            with atomic_path(run_dir / "environment.json") as tmp:
+                tmp.write_bytes(made["environment_before"])
+        if made.get("summary_moved") and not (run_dir / "summary.json").exists():
+            os.replace(run_dir / SUMMARY_BEFORE_RESUME, run_dir / "summary.json")
     except OSError:  # the resume's own error is the one to report
         pass
 
@@ -1000,8 +1009,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
 
         def record_config() -> None:  # on resume only now, when every piece of saved state has loaded
             if resume:  # put back should this resume fail before its first step (_undo_config)
+                env_path = run_dir / "environment.json"
                 made.update(config_path=run_dir / "config.json", resumed_at=state.step,
-                            config_before=(run_dir / "config.json").read_bytes())
+                            config_before=(run_dir / "config.json").read_bytes(),
+                            environment_before=env_path.read_bytes() if env_path.is_file() else None)
             write_json(run_dir / "config.json", cfg.resolved())
             if resume:
                 _record_resume_environment(run_dir, state.step, segment, environment_before)
@@ -1010,6 +1021,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, resume: bool, say: Callable[
             # aside for its closing totals, should this resume die before its first checkpoint.
             if (run_dir / "summary.json").exists():
                 os.replace(run_dir / "summary.json", run_dir / SUMMARY_BEFORE_RESUME)
+                made["summary_moved"] = True
 
         par.on_main(record_config, "writing config.json")
         # Every rank's GPU, summed, and the segments before a resume from the checkpoint: energy
