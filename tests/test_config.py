@@ -202,6 +202,10 @@ def test_a_value_out_of_range_names_the_recipe_file_that_holds_it(tmp_path, cont
     (tmp_path / "batch.toml").write_text('base = "demo"\n[train]\nbatch_size = 8\n')
     with pytest.raises(ConfigError, match=r"^train\.batch_size must be >= 1"):
         load_config(str(tmp_path / "batch.toml"), ["train.batch_size=0"])
+    # Nor when the override is of an option the message names after the one the file holds.
+    (tmp_path / "lr.toml").write_text('base = "demo"\n[optim]\nlr = 0.001\n')
+    with pytest.raises(ConfigError, match=r"^optim\.lr and optim\.muon_lr must be positive"):
+        load_config(str(tmp_path / "lr.toml"), ["optim.muon_lr=0"])
     # A shipped recipe's value is no file of the user's: an override that breaks it stays bare.
     with pytest.raises(ConfigError, match=r"^model\.hidden \(\d+\) must be divisible by heads \(3\)$"):
         load_config("demo", ["model.heads=3"])

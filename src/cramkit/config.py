@@ -534,9 +534,12 @@ def _file_that_set(message: str, origins: dict[str, str], overrides: list[str] |
     given = {o.partition("=")[0].strip() for o in overrides}
     # A top-level option has no dot: only as the message's first word ("seed must be ...").
     first = re.match(r"[a-z_]+(?![.\w])", message)
-    for option in ([first.group()] if first else []) + _OPTION_PATH.findall(message):
-        if option in given:
-            return None
+    named = ([first.group()] if first else []) + _OPTION_PATH.findall(message)
+    # All of them before any file: in "optim.lr and optim.muon_lr must be positive" the override
+    # of the second is the cause, though the first is the one a file set.
+    if given.intersection(named):
+        return None
+    for option in named:
         if option in origins:
             return origins[option] if _is_file_spec(origins[option]) else None
     return None
