@@ -125,4 +125,10 @@ def test_a_resume_refused_at_its_first_step_leaves_the_run_as_it_was(tiny_mlm_da
         pretrain(resume_config(run, ["train.budget=3steps", "technique.seqwarmup.start=64"]), run_dir=run,
                  resume=True, say=quiet)
     assert {name: (run / name).read_text() for name in files} == before
+    # A run without environment.json (from before it, or moved away) is left without one.
+    (run / "environment.json").unlink()
+    with pytest.raises(ConfigError, match="start length 64 is not shorter"):
+        pretrain(resume_config(run, ["train.budget=3steps", "technique.seqwarmup.start=64"]), run_dir=run,
+                 resume=True, say=quiet)
+    assert not (run / "environment.json").exists()
     assert pretrain(resume_config(run, ["train.budget=3steps"]), run_dir=run, resume=True, say=quiet)["steps"] == 3

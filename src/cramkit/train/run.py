@@ -355,6 +355,8 @@ def _undo_config(made: dict[str, Any]) -> None:
         if made.get("environment_before") is not None:
             with atomic_path(run_dir / "environment.json") as tmp:
                 tmp.write_bytes(made["environment_before"])
+        else:  # a run from before the file, or moved away: the resume made it, for itself alone
+            (run_dir / "environment.json").unlink(missing_ok=True)
         if made.get("summary_moved") and not (run_dir / "summary.json").exists():
             os.replace(run_dir / SUMMARY_BEFORE_RESUME, run_dir / "summary.json")
     except OSError:  # the resume's own error is the one to report
