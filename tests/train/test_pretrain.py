@@ -1718,6 +1718,24 @@ def test_two_runs_never_train_into_one_directory(tiny_mlm_data, tmp_path):
                     resume=True, say=lambda *_: None)["steps"] == 3
 
 
+def test_a_second_job_given_a_running_jobs_name_is_told_it_is_in_use(tiny_mlm_data, tmp_path):
+    """A second job given the name= of a job still training (no checkpoint yet, as with the
+    default checkpoint_every=0 until it ends) was told that folder came from a run that stopped,
+    and to delete it."""
+    from cramkit.train.run import lock_run_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")  # what a new run writes first
+    held = lock_run_dir(tmp_path / "run")  # that job, training
+    try:
+        with pytest.raises(ConfigError, match="is in use by another cramkit run") as refused:
+            pretrain(tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps"), say=lambda *_: None)
+        assert "delete" not in str(refused.value)
+        assert (tmp_path / "run" / "config.json").is_file()
+    finally:
+        os.close(held)
+
+
 def test_a_resume_that_changes_the_learning_rate_trains_at_it(tiny_mlm_data, tmp_path):
     """The optimizer's saved groups came back with the old peak (initial_lr), so the resumed
     steps trained at the old rate while config.json and metrics.jsonl's lr said the new one."""

@@ -282,6 +282,13 @@ def new_run_dir(cfg: RunConfig, made: dict[str, Any] | None = None) -> Path:
         taken = ConfigError(f"run directory {run_dir} already exists; use --resume {run_dir} or another name=")
         existed = run_dir.is_dir()
         if existed and any(run_dir.iterdir()):
+            # A job training in it now (its lock held): neither advice below fits it; "delete it"
+            # would remove a live run's folder (one without a checkpoint yet looks stopped).
+            probe = lock_run_dir(run_dir, ConfigError(
+                f"run directory {run_dir} is in use by another cramkit run (training now); use another "
+                "name=, or wait for it to end"))
+            if probe is not None:
+                os.close(probe)
             if (run_dir / "config.json").is_file() and not ckpt.list_checkpoints(run_dir):
                 # --resume, which `taken` offers, refuses a run killed before its first checkpoint
                 raise ConfigError(f"run directory {run_dir} already exists, from a run that stopped before its "
