@@ -297,8 +297,8 @@ def comparability_notes(runs: Sequence[Run]) -> list[str]:
         notes.append(f"the runs average their validation losses over different numbers of sequences "
                      f"({', '.join(f'{n:,}' for n in sorted(sizes))}; train.eval_batches counts micro-batches: "
                      "on the same data, train.eval_batches=0 evaluates the whole split in every run)")
-    # Masked-LM runs only (a run whose data manifest is lost counts as one): a causal run records
-    # no scheme, as a masked-LM run from before the field does not.
+    # Causal runs draw no masks and record no scheme: left out. A masked-LM run from before the
+    # field records none either, and counts (so does a run whose data manifest is lost).
     schemes = {r.summary.get("val_masks") for r in runs if r.summary and r.loss_scale[0] != "clm"}
     if len(schemes) > 1:
         notes.append("the runs drew their validation masks differently (runs from before cramkit recorded "
