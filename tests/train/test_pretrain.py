@@ -976,8 +976,11 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tiny_mlm_data
     cfg = tiny_config(tiny_mlm_data, tmp_path, "train.budget=2steps", name="")
     first = run_mod.new_run_dir(cfg)  # another run, just started: its directory still empty
     assert first == tmp_path / "demo-20240101-120000" and list(first.iterdir()) == []
-    second = run_mod.new_run_dir(cfg)
+    made: dict = {}
+    second = run_mod.new_run_dir(cfg, made)
     assert second == tmp_path / "demo-20240101-120000-2"
+    if made["lock"] is not None:  # that run has ended: its folder is no longer in use
+        os.close(made["lock"])
 
     def interrupted(self):
         raise KeyboardInterrupt
